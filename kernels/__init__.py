@@ -1,0 +1,1 @@
+"""Fused policy-loss kernels, installed as `copd_jax.kernels` (see setup.py)."""

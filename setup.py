@@ -1,0 +1,32 @@
+"""copd-jax: Co-Evolving Policy Distillation in JAX/Flax.
+
+`kernels/` sits at the top level (the product brief fixes the layout) but is
+installed as `copd_jax.kernels`, so it can never collide with the unrelated PyPI
+package called `kernels`.
+"""
+from setuptools import setup
+
+setup(
+    name="copd-jax",
+    version="0.1.0",
+    description="Co-Evolving Policy Distillation (CoPD) for JAX/Flax on TPU pods",
+    python_requires=">=3.10",
+    packages=["copd_jax", "copd_jax.kernels"],
+    package_dir={"copd_jax": "copd_jax", "copd_jax.kernels": "kernels"},
+    install_requires=[
+        "jax>=0.6.0",
+        "flax>=0.10.0",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11.0",
+        "grain>=0.2.10",
+        "ml_collections>=1.0.0",
+        "tensorflow-datasets>=4.9.8",  # array_record + data_source path; no tensorflow needed
+        "absl-py>=2.1.0",
+        "numpy>=1.26",
+        "tensorboardX>=2.6",  # event files without installing tensorflow
+    ],
+    extras_require={
+        "test": ["pytest>=8.0"],
+        "plots": ["matplotlib>=3.8"],
+    },
+)
