@@ -1,0 +1,52 @@
+"""Held-out accuracy per capability: greedy decoding, host-side verification."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from copd_jax import sampling, tasks, verifiers
+from copd_jax.policy_setup import RunSetup
+
+
+def decode_responses(rollout_tokens: np.ndarray, rollout_mask: np.ndarray, tokenizer) -> list[str]:
+  """tokens, mask: [N, R] -> N response strings (tokens outside the mask dropped)."""
+  return [tokenizer.decode([int(t) for t, m in zip(row, mask_row) if m])
+          for row, mask_row in zip(rollout_tokens, rollout_mask)]
+
+
+def _pad_to(examples: Sequence[tasks.Example], size: int) -> list[tasks.Example]:
+  # A fixed batch shape means one compilation; padded rows are dropped afterwards.
+  return list(examples) + [examples[-1]] * (size - len(examples))
+
+
+def greedy_responses(params: Any, setup: RunSetup, examples: Sequence[tasks.Example],
+                     max_new_tokens: int, batch_size: int) -> list[str]:
+  sampling_cfg = sampling.SamplingConfig(
+      max_new_tokens=max_new_tokens, greedy=True, stop_token_ids=(setup.tokenizer.eos_id,))
+  responses = []
+  for start in range(0, len(examples), batch_size):
+    chunk = examples[start:start + batch_size]
+    batch = setup.encode_prompts(_pad_to(chunk, batch_size))
+    rollout = sampling.generate(
+        params, setup.model_cfg, batch.tokens, batch.mask, batch.frames,
+        jax.random.key(0), sampling_cfg, 1)
+    tokens = np.asarray(rollout.tokens)[: len(chunk), 0]
+    mask = np.asarray(rollout.mask)[: len(chunk), 0]
+    responses += decode_responses(tokens, mask, setup.tokenizer)
+  return responses
+
+
+def evaluate(params: Any, setup: RunSetup, eval_sets: dict[str, list], *,
+             max_new_tokens: int, batch_size: int) -> dict[str, float]:
+  """Returns {'accuracy/<cap>': ..., 'accuracy/overall': mean over capabilities,
+  'response_chars/<cap>': mean decoded length}."""
+  metrics = {}
+  for cap, examples in eval_sets.items():
+    responses = greedy_responses(params, setup, examples, max_new_tokens, batch_size)
+    rewards = verifiers.batch_rewards(responses, [ex.answer for ex in examples])
+    metrics[f"accuracy/{cap}"] = float(np.mean(rewards))
+    metrics[f"response_chars/{cap}"] = float(np.mean([len(r) for r in responses]))
+  metrics["accuracy/overall"] = float(np.mean([metrics[f"accuracy/{c}"] for c in eval_sets]))
+  return metrics

@@ -1,0 +1,64 @@
+"""Main job: `python -m copd_jax.main --config=configs/<name>.py [--config.a.b=value]`.
+
+For method `base` it warm-starts (or reloads) the base policy, evaluates it on each
+capability's held-out set, and writes TensorBoard events, metrics.jsonl and
+summary.json under config.workdir.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (configs/*.py).",
+                                          lock_config=True)
+
+
+def run(cfg) -> dict:
+  """Runs one config end to end and returns the summary it writes."""
+  # Validate before importing jax-heavy modules or compiling anything.
+  from copd_jax import config_lib
+  config_lib.validate_config(cfg)
+
+  from copd_jax import evaluation, policy_setup, warm_start
+  from copd_jax.run_log import MetricsWriter
+
+  os.makedirs(cfg.workdir, exist_ok=True)
+  with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
+    f.write(cfg.to_json_best_effort(indent=2))
+  setup = policy_setup.build_setup(cfg)
+  eval_sets = policy_setup.held_out_sets(cfg, setup)
+  writer = MetricsWriter(cfg.workdir)
+  try:
+    start = time.perf_counter()
+    params, loaded = warm_start.get_base_policy(cfg, setup, writer)
+    warm_seconds = time.perf_counter() - start
+    print(("loaded" if loaded else "trained") + f" base policy in {warm_seconds:.1f}s "
+          f"({warm_start.base_policy_dir(cfg)})", flush=True)
+    metrics = evaluation.evaluate(params, setup, eval_sets,
+                                  max_new_tokens=cfg.sampling.max_new_tokens,
+                                  batch_size=cfg.eval.batch_size)
+    writer.write(cfg.warm_start.steps, {f"eval/{k}": v for k, v in metrics.items()})
+  finally:
+    writer.close()
+  summary = {"method": cfg.method, "seed": cfg.seed, "base_policy_loaded": loaded,
+             "warm_start_seconds": round(warm_seconds, 2),
+             "eval_examples_per_capability": cfg.eval.num_examples, **metrics}
+  with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  print("summary: " + json.dumps(summary), flush=True)
+  return summary
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

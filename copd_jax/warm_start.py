@@ -1,0 +1,121 @@
+"""SFT warm-start: trains one policy on worked solutions of all capabilities.
+
+This is the toy analog of the paper's instruction-tuned base (Qwen3-VL-4B-Instruct):
+partially competent on every capability, so RL has room to help. `warm_start.mix`
+sets how much of each capability it sees, `warm_start.steps` how long it trains.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from copd_jax import checkpoint, tasks
+from copd_jax import model as model_lib
+from copd_jax.policy_setup import RunSetup
+from copd_jax.run_log import MetricsWriter, ProgressLine
+
+
+def token_positions(mask: jax.Array) -> jax.Array:
+  """bool[B, T] -> int32[B, T]: 0-based position of each real token (left pad -> 0)."""
+  return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def sft_loss(params: Any, batch: dict, model_cfg: model_lib.ModelConfig) -> jax.Array:
+  """Mean next-token NLL over response tokens.
+
+  batch: tokens int32[B, T], mask bool[B, T], loss_mask f32[B, T] (1 where token t+1 is a
+  response token), frames f32[B, F, H, W, C].
+  """
+  tokens, mask = batch["tokens"], batch["mask"]
+  hidden = model_lib.forward_hidden(params, model_cfg, tokens, token_positions(mask), mask,
+                                    batch["frames"])
+  # The toy vocabulary is tiny, so dense logits are fine here; RL uses the fused kernels.
+  logits = model_lib.logits_from_hidden(hidden[:, :-1], model_lib.lm_head(params, model_cfg))
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+  weights = batch["loss_mask"][:, :-1]
+  return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def make_optimizer(ws: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, ws.learning_rate, warmup_steps=max(ws.warmup_steps, 1),
+      decay_steps=max(ws.steps, ws.warmup_steps + 1), end_value=ws.learning_rate * 0.1)
+  return optax.chain(optax.clip_by_global_norm(ws.grad_clip_norm),
+                     optax.adamw(schedule, weight_decay=ws.weight_decay))
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "optimizer"), donate_argnums=(0, 1))
+def sft_step(params, opt_state, batch, model_cfg, optimizer):
+  loss, grads = jax.value_and_grad(sft_loss)(params, batch, model_cfg)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, loss
+
+
+def sft_examples(cfg: ml_collections.ConfigDict, setup: RunSetup) -> Iterator[tasks.Example]:
+  weights = {cap: cfg.warm_start.mix.get(cap, 0.0) for cap in setup.capabilities}
+  return tasks.mixed_train_stream(weights, seed=cfg.tasks.seed + cfg.seed,
+                                  difficulty=dict(cfg.tasks.difficulty), **setup.example_kwargs)
+
+
+def base_policy_metadata(cfg: ml_collections.ConfigDict) -> dict:
+  """What determines the base policy; a saved base is reused only if this matches."""
+  ws = {k: v for k, v in cfg.warm_start.to_dict().items()
+        if k not in ("checkpoint_dir", "reuse_checkpoint", "log_every")}
+  return {"model": cfg.model.to_dict(), "tasks": cfg.tasks.to_dict(), "data": cfg.data.to_dict(),
+          "warm_start": ws, "seed": cfg.seed}
+
+
+def base_policy_dir(cfg: ml_collections.ConfigDict) -> str:
+  return cfg.warm_start.checkpoint_dir or os.path.join(cfg.workdir, "base_policy")
+
+
+def train_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup,
+                      writer: MetricsWriter | None = None) -> Any:
+  """Runs the SFT warm-start from a fresh init; returns float32 params."""
+  ws = cfg.warm_start
+  params = model_lib.init_params(setup.model_cfg, jax.random.key(cfg.seed))
+  optimizer = make_optimizer(ws)
+  opt_state = optimizer.init(params)
+  examples = sft_examples(cfg, setup)
+  progress = ProgressLine("warm-start", ws.steps, ws.log_every)
+  for step in range(1, ws.steps + 1):
+    batch_np = setup.encode_sft_batch([next(examples) for _ in range(ws.batch_size)])
+    batch = {k: jnp.asarray(batch_np[k]) for k in ("tokens", "mask", "loss_mask", "frames")}
+    params, opt_state, loss = sft_step(params, opt_state, batch, setup.model_cfg, optimizer)
+    if step % ws.log_every == 0 or step == ws.steps:
+      loss = float(loss)
+      if not np.isfinite(loss):
+        raise FloatingPointError(f"warm-start loss became {loss} at step {step}; "
+                                 "lower config.warm_start.learning_rate")
+      progress.update(step, int(batch_np["mask"].sum()), loss=loss)
+      if writer is not None:
+        writer.write(step, {"warm_start/loss": loss})
+    else:
+      progress.update(step, int(batch_np["mask"].sum()))
+  return params
+
+
+def get_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup,
+                    writer: MetricsWriter | None = None) -> tuple[Any, bool]:
+  """Loads a matching saved base policy or trains and saves one.
+
+  Returns (params, loaded_from_disk). A saved base made by another recipe raises
+  checkpoint.CheckpointMismatchError rather than being silently overwritten; delete it or
+  point config.warm_start.checkpoint_dir elsewhere.
+  """
+  directory = base_policy_dir(cfg)
+  metadata = base_policy_metadata(cfg)
+  if cfg.warm_start.reuse_checkpoint and checkpoint.has_policy(directory):
+    abstract = jax.eval_shape(model_lib.init_params, setup.model_cfg, jax.random.key(0))
+    return checkpoint.load_policy(directory, abstract, metadata), True
+  params = train_base_policy(cfg, setup, writer)
+  checkpoint.save_policy(directory, params, metadata)
+  return params, False
