@@ -75,6 +75,21 @@ def validate_model(m, prefix="model.") -> None:
           m.image_token_id)
 
 
+def _check_lengths_fit_tasks(cfg, caps) -> None:
+  """The generators' longest prompt/solution at these difficulties must fit the arrays."""
+  v = cfg.model.vision
+  num_vision_tokens = (v.num_frames // v.tubelet) * (v.image_size // v.patch_size) ** 2
+  need_prompt, need_response = tasks.max_lengths(
+      caps, difficulty=dict(cfg.tasks.difficulty), num_vision_tokens=num_vision_tokens,
+      image_size=v.image_size, num_frames=v.num_frames)
+  if cfg.data.max_prompt_len < need_prompt:
+    _fail("data.max_prompt_len", f"must be >= {need_prompt} (longest prompt of these tasks "
+          "at these difficulties, vision tokens included)", cfg.data.max_prompt_len)
+  if cfg.data.max_response_len < need_response:
+    _fail("data.max_response_len", f"must be >= {need_response} (longest worked solution "
+          "plus <eos> at these difficulties)", cfg.data.max_response_len)
+
+
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first invalid field of a run config."""
   if cfg.method not in KNOWN_METHODS:
@@ -103,6 +118,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
 
   _positive_int(cfg.data, "max_prompt_len", "data.")
   _positive_int(cfg.data, "max_response_len", "data.")
+  _check_lengths_fit_tasks(cfg, caps)
 
   ws = cfg.warm_start
   _positive_int(ws, "steps", "warm_start.", allow_zero=True)

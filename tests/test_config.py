@@ -30,6 +30,8 @@ def test_shipped_configs_validate():
     ("tasks.capabilities", (), r"config\.tasks\.capabilities must name at least one"),
     ("data.max_prompt_len", 0, r"config\.data\.max_prompt_len must be a positive integer"),
     ("data.max_response_len", -4, r"config\.data\.max_response_len must be a positive integer"),
+    ("data.max_response_len", 10, r"config\.data\.max_response_len must be >= "),
+    ("tasks.difficulty", dict(text=3, image=1, video=1), r"config\.data\.max_response_len must be >= 30"),
     ("warm_start.batch_size", 0, r"config\.warm_start\.batch_size must be a positive integer"),
     ("warm_start.learning_rate", -1.0, r"config\.warm_start\.learning_rate must be positive"),
     ("eval.num_examples", 0, r"config\.eval\.num_examples must be a positive integer"),

@@ -1,0 +1,718 @@
+"""The procedural toy task suite: text, image and video reasoning with one shared skill.
+
+Each capability needs its own perception -- text only, one rendered image, a short
+clip of frames -- but every worked solution ends in the same arithmetic trace format,
+so what one branch learns about adding and subtracting small numbers can help another
+(the paper's cross-capability transfer):
+
+  text   "had 5,got 3,lost 2?"   -> "5+3=8;8-2=6#6"
+  image  "how many red?"         -> "1+0+2+0=3#3"   (red shapes per grid row)
+  video  "dots in all?"          -> "1+0+2+1=4#4"   (dots per frame)
+
+Generators are pure functions of (capability, index, seed, difficulty, sizes, split):
+`make_example` is random access, so grain can wrap it as a MapDataset source. Train and
+eval partition the example space by content hash (eval keeps bucket 0, train every
+other bucket), so no train example can ever equal an eval example.
+
+Images are `image_size` square, a grid of 8x8 cells aligned with 8x8 ViT patches; each
+object fills one cell. Character lengths are token lengths under ToyTokenizer;
+`max_lengths` gives the worst case per difficulty (question <= 24 chars everywhere;
+solution <= 23 chars up to difficulty 2 at the default sizes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import numbers
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from copd_jax.tokenizer import Tokenizer
+from copd_jax.verifiers import ANSWER_MARKER
+
+CAPABILITIES = ("text", "image", "video")
+SPLITS = ("train", "eval")
+MAX_DIFFICULTY = 3
+CELL_SIZE = 8  # pixels per grid cell = the ViT patch size the images are drawn for
+MIN_IMAGE_SIZE = 32  # a 4x4 grid: room for the 10 objects of the hardest image level
+MAX_NUM_FRAMES = 9  # per-frame traces stay short
+NUM_HASH_BUCKETS = 8  # eval gets 1/8 of the example space, train the other 7/8
+EVAL_BUCKET = 0
+
+COLOURS = {  # name -> RGB in [0, 1]
+    "red": (1.0, 0.15, 0.1),
+    "green": (0.1, 0.9, 0.2),
+    "blue": (0.2, 0.35, 1.0),
+    "yellow": (1.0, 0.9, 0.1),
+}
+COLOUR_NAMES = tuple(COLOURS)
+
+
+def _shape_masks() -> dict[str, np.ndarray]:
+  """bool[CELL_SIZE, CELL_SIZE] per shape, each clearly different inside one patch."""
+  square = np.zeros((CELL_SIZE, CELL_SIZE), bool)
+  square[1:7, 1:7] = True
+  dot = np.zeros((CELL_SIZE, CELL_SIZE), bool)
+  dot[2:6, 3:5] = dot[3:5, 2:6] = True
+  cross = np.zeros((CELL_SIZE, CELL_SIZE), bool)
+  cross[3:5, 0:8] = cross[0:8, 3:5] = True
+  return {"square": square, "dot": dot, "cross": cross}
+
+
+SHAPE_MASKS = _shape_masks()
+SHAPE_NAMES = tuple(SHAPE_MASKS)
+
+
+# ---------------------------------------------------------------------------- examples
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Example:
+  """One task instance.
+
+  capability: one of CAPABILITIES.
+  question: the prompt text.
+  answer: canonical integer string (non-negative, < 100).
+  solution: the SFT target response, a worked trace ending in ANSWER_MARKER + answer.
+  frames: float32[F, H, W, 3] in [0, 1], read-only; F=1 for image, F=num_frames for
+    video, None for text.
+  """
+  capability: str
+  question: str
+  answer: str
+  solution: str
+  frames: np.ndarray | None = None
+
+  def __post_init__(self):
+    if self.capability not in CAPABILITIES:
+      raise ValueError(f"Example.capability must be one of {CAPABILITIES}, "
+                       f"got {self.capability!r}")
+    if (self.frames is None) != (self.capability == "text"):
+      raise ValueError(f"Example.frames must be None exactly for text examples; got "
+                       f"{'None' if self.frames is None else 'an array'} for a "
+                       f"{self.capability} example")
+    if self.frames is not None:
+      frames = np.array(self.frames, dtype=np.float32)  # a private copy, then frozen
+      if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"Example.frames must be float32[F, H, W, 3], got shape "
+                         f"{frames.shape}")
+      frames.setflags(write=False)
+      object.__setattr__(self, "frames", frames)
+
+  @functools.cached_property
+  def _content_hash(self) -> str:
+    digest = hashlib.sha256()
+    for part in (self.capability, self.question, self.answer, self.solution):
+      digest.update(part.encode("utf-8") + b"\x00")
+    if self.frames is not None:
+      digest.update(repr(self.frames.shape).encode("ascii"))
+      digest.update(np.ascontiguousarray(self.frames, dtype="<f4").tobytes())
+    return digest.hexdigest()[:32]
+
+  def key(self) -> str:
+    """Content hash (32 hex chars) of capability, text fields and frames."""
+    return self._content_hash
+
+  def describe(self) -> str:
+    return f"{self.capability} example {self.question!r}"
+
+
+def hash_bucket(example: Example) -> int:
+  """Which of NUM_HASH_BUCKETS the example's content falls in (EVAL_BUCKET = held out)."""
+  return int(example.key()[:8], 16) % NUM_HASH_BUCKETS
+
+
+def capability_id(capability: str) -> int:
+  _check_capability(capability)
+  return CAPABILITIES.index(capability)
+
+
+# -------------------------------------------------------------------------- validation
+
+def _check_capability(capability: str, field: str = "capability") -> None:
+  if capability not in CAPABILITIES:
+    raise ValueError(f"{field} must be one of {CAPABILITIES}, got {capability!r}")
+
+
+def _check_int(field: str, value, minimum: int, maximum: int | None = None) -> int:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise ValueError(f"{field} must be an integer, got {value!r}")
+  if value < minimum or (maximum is not None and value > maximum):
+    bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    raise ValueError(f"{field} must be {bound}, got {value}")
+  return int(value)
+
+
+def _check_generator_args(capability, difficulty, image_size, num_frames) -> None:
+  _check_capability(capability)
+  _check_int("difficulty", difficulty, 0, MAX_DIFFICULTY)
+  _check_int("image_size", image_size, MIN_IMAGE_SIZE)
+  if image_size % CELL_SIZE:
+    raise ValueError(f"image_size must be a multiple of {CELL_SIZE} (the cell/patch "
+                     f"size), got {image_size}")
+  _check_int("num_frames", num_frames, 2, MAX_NUM_FRAMES)
+
+
+# ---------------------------------------------------------------------- shared traces
+# The latent skill every capability shares: small-integer arithmetic written as below.
+
+def sum_trace(terms: Sequence[int]) -> str:
+  """[1, 0, 2] -> '1+0+2=3'; a single term is just itself ('3')."""
+  if len(terms) == 1:
+    return str(terms[0])
+  return "+".join(map(str, terms)) + f"={sum(terms)}"
+
+
+def chain_trace(start: int, op: str, terms: Sequence[int]) -> str:
+  """(3, '-', [1, 0, 1]) -> '3-1-0-1=1': one equation, one operator throughout."""
+  sign = 1 if op == "+" else -1
+  return str(start) + "".join(f"{op}{t}" for t in terms) + f"={start + sign * sum(terms)}"
+
+
+def step_trace(first: int, steps: Sequence[tuple[str, int]]) -> tuple[str, int]:
+  """(3, [('*', 4), ('+', 5)]) -> ('3*4=12;12+5=17', 17): one equation per step."""
+  apply = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+  value, equations = first, []
+  for op, operand in steps:
+    result = apply[op](value, operand)
+    equations.append(f"{value}{op}{operand}={result}")
+    value = result
+  return ";".join(equations), value
+
+
+def _solution(trace: str, answer: int) -> str:
+  return f"{trace}{ANSWER_MARKER}{answer}"
+
+
+def _int(rng: np.random.Generator, low: int, high: int) -> int:
+  """Uniform integer in [low, high], both inclusive."""
+  return int(rng.integers(low, high, endpoint=True))
+
+
+# ------------------------------------------------------------------------------- text
+
+# difficulty -> (number of terms, largest +/- operand); '*' (from difficulty 1) only
+# ever appears as the first operation, with single-digit factors, so reading left to
+# right agrees with operator precedence.
+_TEXT_LEVELS = {0: (2, 9), 1: (3, 9), 2: (3, 20), 3: (4, 20)}
+_MAX_WORD_TERMS = 3  # longer word problems would exceed the question length budget
+_WORD_FOR_OP = {"+": "got", "-": "lost"}
+
+
+def _make_text(rng: np.random.Generator, difficulty: int) -> tuple[str, str, int]:
+  """-> (question, solution, answer): '12+7-3=?' or 'had 12,got 7,lost 3?' style."""
+  num_terms, max_operand = _TEXT_LEVELS[difficulty]
+  if difficulty >= 1 and rng.random() < 1 / 3:
+    first, steps = _int(rng, 0, 9), [("*", _int(rng, 0, 9))]
+  else:
+    first, steps = _int(rng, 0, max_operand), []
+  value = first * steps[0][1] if steps else first
+  while len(steps) < num_terms - 1:
+    op = "+" if rng.random() < 0.5 else "-"
+    # Keep every intermediate value in [0, 99]: answers are small non-negative ints.
+    operand = _int(rng, 0, min(max_operand, 99 - value) if op == "+" else min(max_operand, value))
+    steps.append((op, operand))
+    value = value + operand if op == "+" else value - operand
+
+  if num_terms <= _MAX_WORD_TERMS and rng.random() < 0.5:
+    if steps[0][0] == "*":
+      head, rest = f"{first} bags of {steps[0][1]}", steps[1:]
+    else:
+      head, rest = f"had {first}", steps
+    question = head + "".join(f",{_WORD_FOR_OP[op]} {x}" for op, x in rest) + "?"
+  else:
+    question = str(first) + "".join(f"{op}{x}" for op, x in steps) + "=?"
+
+  if all(op == "+" for op, _ in steps):
+    trace = sum_trace([first] + [x for _, x in steps])  # same format as vision counts
+  else:
+    trace, _ = step_trace(first, steps)
+  return question, _solution(trace, value), value
+
+
+# ------------------------------------------------------------------------ rendering
+
+def _blank_frames(num_frames: int, image_size: int) -> np.ndarray:
+  return np.zeros((num_frames, image_size, image_size, 3), np.float32)
+
+
+def _draw(frame: np.ndarray, row: int, col: int, shape: str, colour: str,
+          brightness: float) -> None:
+  """Paints one shape into grid cell (row, col) of frame: float32[H, W, 3], in place."""
+  cell = frame[row * CELL_SIZE:(row + 1) * CELL_SIZE, col * CELL_SIZE:(col + 1) * CELL_SIZE]
+  cell[SHAPE_MASKS[shape]] = np.asarray(COLOURS[colour], np.float32) * brightness
+
+
+def _brightness(rng: np.random.Generator) -> float:
+  return float(rng.uniform(0.75, 1.0))  # small jitter: colour, not exact value, matters
+
+
+# ------------------------------------------------------------------------------ image
+
+@dataclasses.dataclass(frozen=True)
+class _ImageLevel:
+  num_colours: int  # colours present in the picture
+  min_objects: int
+  max_objects: int
+  kinds: tuple[str, ...]  # question kinds drawn uniformly
+  mixed_shapes: bool
+
+
+_IMAGE_LEVELS = {
+    0: _ImageLevel(2, 1, 4, ("count",), False),
+    1: _ImageLevel(3, 2, 6, ("count", "sum2"), True),
+    2: _ImageLevel(4, 3, 8, ("count", "sum2", "more"), True),
+    3: _ImageLevel(4, 4, 10, ("count", "sum2", "sum3", "more"), True),
+}
+
+
+def _make_image(rng: np.random.Generator, difficulty: int,
+                image_size: int) -> tuple[str, str, int, np.ndarray]:
+  """-> (question, solution, answer, frames float32[1, H, W, 3])."""
+  level = _IMAGE_LEVELS[difficulty]
+  grid = image_size // CELL_SIZE
+  palette = [COLOUR_NAMES[i] for i in rng.choice(len(COLOUR_NAMES), level.num_colours,
+                                                 replace=False)]
+  num_objects = _int(rng, level.min_objects, level.max_objects)
+  frames = _blank_frames(1, image_size)
+  row_counts = {colour: [0] * grid for colour in palette}
+  for cell in rng.choice(grid * grid, num_objects, replace=False):
+    row, col = divmod(int(cell), grid)
+    colour = palette[_int(rng, 0, len(palette) - 1)]
+    shape = SHAPE_NAMES[_int(rng, 0, len(SHAPE_NAMES) - 1)] if level.mixed_shapes else "square"
+    _draw(frames[0], row, col, shape, colour, _brightness(rng))
+    row_counts[colour][row] += 1
+  count = {colour: sum(rows) for colour, rows in row_counts.items()}
+
+  kind = level.kinds[_int(rng, 0, len(level.kinds) - 1)]
+  if kind == "count":
+    colour = palette[_int(rng, 0, len(palette) - 1)]
+    # Counting row by row writes the count as a sum -- the shared arithmetic format.
+    question, trace, answer = (f"how many {colour}?", sum_trace(row_counts[colour]),
+                               count[colour])
+  elif kind in ("sum2", "sum3"):
+    names = [palette[i] for i in rng.choice(len(palette), int(kind[-1]), replace=False)]
+    terms = [count[name] for name in names]
+    question, trace, answer = "+".join(names) + "=?", sum_trace(terms), sum(terms)
+  else:  # "more": how many more a than b, named so that the answer is >= 0
+    a, b = (palette[i] for i in rng.choice(len(palette), 2, replace=False))
+    if count[a] < count[b]:
+      a, b = b, a
+    question = f"more {a} than {b}?"
+    trace, answer = chain_trace(count[a], "-", [count[b]]), count[a] - count[b]
+  return question, _solution(trace, answer), answer, frames
+
+
+# ------------------------------------------------------------------------------ video
+
+@dataclasses.dataclass(frozen=True)
+class _VideoLevel:
+  max_dots: int  # target-colour dots per frame ("events")
+  distractor_colours: int  # other-colour dots per frame (0..2 each); > 0 names the colour
+  max_step: int  # columns a mover may move between consecutive frames
+  movers: int  # objects that move (each in its own row)
+  statics: int  # objects that stay put
+  kinds: tuple[str, ...]
+
+
+_VIDEO_LEVELS = {
+    0: _VideoLevel(2, 0, 1, 1, 0, ("dots", "distance")),
+    1: _VideoLevel(3, 0, 1, 1, 1, ("dots", "distance", "end")),
+    2: _VideoLevel(3, 1, 1, 2, 0, ("dots", "distance", "end")),
+    3: _VideoLevel(4, 2, 2, 2, 1, ("dots", "distance", "end")),
+}
+_MAX_DISTRACTOR_DOTS = 2
+
+
+def _video_dots(rng, level: _VideoLevel, frames: np.ndarray, grid: int) -> tuple[str, str, int]:
+  """Dots appear per frame; count the target-colour ones over the whole clip."""
+  colours = [COLOUR_NAMES[i] for i in rng.choice(len(COLOUR_NAMES),
+                                                 1 + level.distractor_colours, replace=False)]
+  per_frame = []
+  for frame in frames:
+    counts = [_int(rng, 0, level.max_dots)]
+    counts += [_int(rng, 0, _MAX_DISTRACTOR_DOTS) for _ in colours[1:]]
+    cells = rng.choice(grid * grid, sum(counts), replace=False)
+    owners = [colour for colour, n in zip(colours, counts) for _ in range(n)]
+    for cell, colour in zip(cells, owners):
+      row, col = divmod(int(cell), grid)
+      _draw(frame, row, col, "dot", colour, _brightness(rng))
+    per_frame.append(counts[0])
+  question = "dots in all?" if level.distractor_colours == 0 else f"{colours[0]} dots in all?"
+  return question, _solution(sum_trace(per_frame), sum(per_frame)), sum(per_frame)
+
+
+def _mover_steps(rng, num_moves: int, max_step: int, budget: int) -> list[int]:
+  """num_moves step sizes in [0, max_step] summing to <= budget (stays in the grid)."""
+  steps = []
+  for _ in range(num_moves):
+    steps.append(_int(rng, 0, min(max_step, budget - sum(steps))))
+  return [steps[i] for i in rng.permutation(num_moves)]  # no bias toward early moves
+
+
+def _video_motion(rng, level: _VideoLevel, frames: np.ndarray, grid: int,
+                  kind: str) -> tuple[str, str, int]:
+  """Movers slide horizontally, each in one direction; ask how far / where one ended."""
+  num_objects = level.movers + level.statics
+  rows = rng.choice(grid, num_objects, replace=False)
+  colours = [COLOUR_NAMES[i] for i in rng.choice(len(COLOUR_NAMES), num_objects, replace=False)]
+  tracks = []  # (colour, row, column per frame)
+  for i in range(num_objects):
+    if i < level.movers:
+      steps = _mover_steps(rng, len(frames) - 1, level.max_step, grid - 1)
+      direction = 1 if rng.random() < 0.5 else -1
+      total = sum(steps)
+      start = _int(rng, 0, grid - 1 - total) if direction > 0 else _int(rng, total, grid - 1)
+      columns = list(start + direction * np.cumsum([0] + steps))
+    else:
+      steps, direction, columns = [], 1, [_int(rng, 0, grid - 1)] * len(frames)
+    tracks.append((colours[i], int(rows[i]), [int(c) for c in columns], steps, direction))
+    brightness = _brightness(rng)
+    for frame, column in zip(frames, columns):
+      _draw(frame, int(rows[i]), int(column), "square", colours[i], brightness)
+
+  colour, _, columns, steps, direction = tracks[_int(rng, 0, level.movers - 1)]
+  if kind == "distance":
+    return (f"{colour} moved how far?", _solution(sum_trace(steps), sum(steps)), sum(steps))
+  # "end": the final column (0 = leftmost), traced from the start column.
+  trace = chain_trace(columns[0], "+" if direction > 0 else "-", steps)
+  return f"{colour} end column?", _solution(trace, columns[-1]), columns[-1]
+
+
+def _make_video(rng: np.random.Generator, difficulty: int, image_size: int,
+                num_frames: int) -> tuple[str, str, int, np.ndarray]:
+  """-> (question, solution, answer, frames float32[num_frames, H, W, 3])."""
+  level = _VIDEO_LEVELS[difficulty]
+  grid = image_size // CELL_SIZE
+  frames = _blank_frames(num_frames, image_size)
+  kind = level.kinds[_int(rng, 0, len(level.kinds) - 1)]
+  if kind == "dots":
+    question, solution, answer = _video_dots(rng, level, frames, grid)
+  else:
+    question, solution, answer = _video_motion(rng, level, frames, grid, kind)
+  return question, solution, answer, frames
+
+
+# ------------------------------------------------------------------------- generators
+
+_MAX_SPLIT_TRIES = 1000  # eval accepts 1/8 of draws; 1000 misses in a row never happen
+
+
+def _draw_example(rng, capability, difficulty, image_size, num_frames) -> Example:
+  if capability == "text":
+    question, solution, answer = _make_text(rng, difficulty)
+    frames = None
+  elif capability == "image":
+    question, solution, answer, frames = _make_image(rng, difficulty, image_size)
+  else:
+    question, solution, answer, frames = _make_video(rng, difficulty, image_size, num_frames)
+  return Example(capability, question, str(answer), solution, frames)
+
+
+def make_example(capability: str, index: int, *, seed: int, difficulty: int,
+                 image_size: int = 32, num_frames: int = 4, split: str = "train") -> Example:
+  """The index-th example of a capability's train stream or eval set.
+
+  A pure function of its arguments. Draws from an RNG keyed by (seed, capability,
+  split, index) until the example's content hash lands in the split's buckets (eval:
+  EVAL_BUCKET only; train: all others), so the two splits can never share an example.
+  """
+  _check_generator_args(capability, difficulty, image_size, num_frames)
+  _check_int("index", index, 0)
+  _check_int("seed", seed, 0)
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  rng = np.random.default_rng(
+      [int(seed), CAPABILITIES.index(capability), SPLITS.index(split), int(index)])
+  for _ in range(_MAX_SPLIT_TRIES):
+    example = _draw_example(rng, capability, difficulty, image_size, num_frames)
+    if (hash_bucket(example) == EVAL_BUCKET) == (split == "eval"):
+      return example
+  raise RuntimeError(f"no {split} example found for {capability} at index {index} "
+                     f"after {_MAX_SPLIT_TRIES} draws")
+
+
+def train_stream(capability: str, *, seed: int, difficulty: int, image_size: int = 32,
+                 num_frames: int = 4, start: int = 0) -> Iterator[Example]:
+  """Endless: make_example(capability, i, split='train') for i = start, start+1, ..."""
+  # Validate now, not at the first next(): bad config fails before anything compiles.
+  _check_generator_args(capability, difficulty, image_size, num_frames)
+  _check_int("seed", seed, 0)
+  first = _check_int("start", start, 0)
+
+  def examples():
+    index = first
+    while True:
+      yield make_example(capability, index, seed=seed, difficulty=difficulty,
+                         image_size=image_size, num_frames=num_frames, split="train")
+      index += 1
+  return examples()
+
+
+def eval_set(capability: str, n: int, *, seed: int, difficulty: int, image_size: int = 32,
+             num_frames: int = 4) -> list[Example]:
+  """The fixed held-out set: make_example(capability, i, split='eval') for i < n.
+
+  Examples are i.i.d. draws from the held-out part of the space, so in a tiny space
+  (text at difficulty 0 has ~40 held-out questions) the same content can recur.
+  """
+  _check_generator_args(capability, difficulty, image_size, num_frames)
+  _check_int("n", n, 1)
+  return [make_example(capability, i, seed=seed, difficulty=difficulty, image_size=image_size,
+                       num_frames=num_frames, split="eval") for i in range(n)]
+
+
+def _difficulty_of(difficulty: int | Mapping[str, int], capability: str) -> int:
+  if isinstance(difficulty, Mapping):
+    if capability not in difficulty:
+      raise ValueError(f"difficulty needs an entry for {capability!r}, got "
+                       f"{dict(difficulty)}")
+    return _check_int(f"difficulty[{capability!r}]", difficulty[capability], 0, MAX_DIFFICULTY)
+  return _check_int("difficulty", difficulty, 0, MAX_DIFFICULTY)
+
+
+def mixed_train_stream(weights: Mapping[str, float], *, seed: int,
+                       difficulty: int | Mapping[str, int], image_size: int = 32,
+                       num_frames: int = 4) -> Iterator[Example]:
+  """Endless mixture: each example's capability is drawn with probability ~ weights.
+
+  Each capability's examples are exactly its own train_stream, in order (the mixture
+  only interleaves them). difficulty: one level for all, or one per capability.
+  """
+  if not isinstance(weights, Mapping) or not weights:
+    raise ValueError(f"weights must be a non-empty mapping capability -> weight, got {weights!r}")
+  for capability, weight in weights.items():
+    _check_capability(capability, "weights key")
+    if (isinstance(weight, bool) or not isinstance(weight, numbers.Real)
+        or not np.isfinite(weight) or weight < 0):
+      raise ValueError(f"weights[{capability!r}] must be a finite number >= 0, got {weight!r}")
+  active = [cap for cap in CAPABILITIES if cap in weights and weights[cap] > 0]
+  if not active:
+    raise ValueError(f"weights must give some capability a positive weight, got {dict(weights)}")
+  streams = {cap: train_stream(cap, seed=seed, difficulty=_difficulty_of(difficulty, cap),
+                               image_size=image_size, num_frames=num_frames)
+             for cap in active}
+  probs = np.array([weights[cap] for cap in active], np.float64)
+  probs /= probs.sum()
+  # Tag 7 keeps the mixing RNG apart from every make_example key (those have 4 words).
+  rng = np.random.default_rng([_check_int("seed", seed, 0), 7])
+
+  def examples():
+    while True:
+      for choice in rng.choice(len(active), size=256, p=probs):
+        yield next(streams[active[choice]])
+  return examples()
+
+
+# ---------------------------------------------------------------------- length bounds
+
+def _digits(n: int) -> int:
+  return len(str(n))
+
+
+def _longest_names(k: int) -> int:
+  """Total characters of the k longest distinct colour names."""
+  return sum(sorted((len(name) for name in COLOUR_NAMES), reverse=True)[:k])
+
+
+def _sum_trace_chars(num_terms: int, max_term: int, max_total: int) -> int:
+  if num_terms == 1:
+    return _digits(max_term)
+  return num_terms * _digits(max_term) + (num_terms - 1) + 1 + _digits(max_total)
+
+
+def _solution_chars(trace_chars: int, max_answer: int) -> int:
+  return trace_chars + len(ANSWER_MARKER) + _digits(max_answer)
+
+
+def max_text_chars(capability: str, difficulty: int, *, image_size: int = 32,
+                   num_frames: int = 4) -> tuple[int, int]:
+  """Worst-case (question chars, solution chars) of a generator at a difficulty."""
+  _check_generator_args(capability, difficulty, image_size, num_frames)
+  if capability == "text":
+    terms, max_operand = _TEXT_LEVELS[difficulty]
+    d = _digits(max_operand)
+    question = terms * d + (terms - 1) + 2  # "a+b-c=?"
+    if terms <= _MAX_WORD_TERMS:
+      step = len(",lost ") + d
+      question = max(question, len("had ") + d + (terms - 1) * step + 1,
+                     len("9 bags of 9") + (terms - 2) * step + 1)
+    # Step traces: first "a-b=cc", later "cc-b=cc", joined by ';'. Sums: "a+b+c=cc".
+    steps = (2 * d + 4) + (terms - 2) * (d + 6) + (terms - 2)
+    solution = _solution_chars(max(steps, _sum_trace_chars(terms, max_operand, 99)), 99)
+  elif capability == "image":
+    level, grid = _IMAGE_LEVELS[difficulty], image_size // CELL_SIZE
+    n = level.max_objects
+    questions = {"count": len("how many ?") + _longest_names(1),
+                 "sum2": _longest_names(2) + 1 + 2, "sum3": _longest_names(3) + 2 + 2,
+                 "more": len("more  than ?") + _longest_names(2)}
+    traces = {"count": _sum_trace_chars(grid, min(grid, n), n),
+              "sum2": _sum_trace_chars(2, n, n), "sum3": _sum_trace_chars(3, n, n),
+              "more": 2 * _digits(n) + 2 + _digits(n)}
+    question = max(questions[k] for k in level.kinds)
+    solution = _solution_chars(max(traces[k] for k in level.kinds), n)
+  else:
+    level, grid = _VIDEO_LEVELS[difficulty], image_size // CELL_SIZE
+    named = _longest_names(1)
+    dots_q = len("dots in all?") + (named + 1 if level.distractor_colours else 0)
+    question = max(dots_q, len(" moved how far?") + named, len(" end column?") + named)
+    total_dots = num_frames * level.max_dots
+    moves = num_frames - 1
+    solutions = [_solution_chars(_sum_trace_chars(num_frames, level.max_dots, total_dots),
+                                 total_dots),
+                 _solution_chars(_sum_trace_chars(moves, level.max_step, grid - 1), grid - 1)]
+    if "end" in level.kinds:
+      end_trace = _digits(grid - 1) + moves * (1 + _digits(level.max_step)) + 1 + _digits(grid - 1)
+      solutions.append(_solution_chars(end_trace, grid - 1))
+    solution = max(solutions)
+  return question, solution
+
+
+def prompt_token_ids(example: Example, tokenizer: Tokenizer, num_vision_tokens: int) -> list[int]:
+  """[bos] + [image_id] * num_vision_tokens (image/video only) + encode(question)."""
+  vision = [tokenizer.image_id] * num_vision_tokens if example.frames is not None else []
+  return [tokenizer.bos_id] + vision + tokenizer.encode(example.question)
+
+
+def prompt_length(example: Example, tokenizer: Tokenizer, num_vision_tokens: int) -> int:
+  return len(prompt_token_ids(example, tokenizer, num_vision_tokens))
+
+
+def response_token_ids(example: Example, tokenizer: Tokenizer) -> list[int]:
+  """encode(solution) + [eos]: the SFT target."""
+  return tokenizer.encode(example.solution) + [tokenizer.eos_id]
+
+
+def max_lengths(capabilities: Sequence[str], *, difficulty: int | Mapping[str, int],
+                num_vision_tokens: int, image_size: int = 32,
+                num_frames: int = 4) -> tuple[int, int]:
+  """(max_prompt_len, max_response_len) in ToyTokenizer tokens that fit every example.
+
+  prompt = bos + vision placeholders (if any vision capability) + question;
+  response = solution + eos. difficulty: one level for all, or one per capability.
+  """
+  if not capabilities:
+    raise ValueError("capabilities must name at least one capability")
+  _check_int("num_vision_tokens", num_vision_tokens, 0)
+  prompt = response = 0
+  for capability in capabilities:
+    _check_capability(capability, "capabilities entry")
+    question, solution = max_text_chars(capability, _difficulty_of(difficulty, capability),
+                                        image_size=image_size, num_frames=num_frames)
+    vision = num_vision_tokens if capability != "text" else 0
+    prompt = max(prompt, 1 + vision + question)
+    response = max(response, solution + 1)
+  return prompt, response
+
+
+# --------------------------------------------------------------------------- batching
+
+@dataclasses.dataclass
+class PromptBatch:
+  """Prompts as arrays for the sampler.
+
+  tokens: int32[B, P], LEFT-padded with pad_id (every prompt ends at column P-1).
+  mask: bool[B, P], True on real tokens.
+  frames: float32[B, F, H, W, 3]; zeros for text rows, an image repeated F times.
+  capability_ids: int32[B], index into CAPABILITIES.
+  answers: B reference answers for the verifier.
+  """
+  tokens: np.ndarray
+  mask: np.ndarray
+  frames: np.ndarray
+  capability_ids: np.ndarray
+  answers: list[str]
+
+
+def _check_batch_args(examples, max_prompt_len, num_vision_tokens, num_frames,
+                      image_size) -> None:
+  if len(examples) == 0:
+    raise ValueError("examples must be non-empty")
+  _check_int("max_prompt_len", max_prompt_len, 1)
+  _check_int("num_vision_tokens", num_vision_tokens, 0)
+  _check_int("num_frames", num_frames, 1)
+  _check_int("image_size", image_size, 1)
+
+
+def _clip(example: Example, row: int, num_frames: int, image_size: int) -> np.ndarray:
+  """An example's frames as float32[num_frames, image_size, image_size, 3]."""
+  frames = example.frames
+  expected_count = 1 if example.capability == "image" else num_frames
+  if frames.shape != (expected_count, image_size, image_size, 3):
+    raise ValueError(f"examples[{row}] ({example.describe()}) has frames of shape "
+                     f"{frames.shape}; expected {(expected_count, image_size, image_size, 3)}")
+  # One vision path for all rows: an image becomes a still clip of num_frames frames.
+  return np.broadcast_to(frames, (num_frames, image_size, image_size, 3))
+
+
+def _prompt_rows(examples, tokenizer, max_prompt_len, num_vision_tokens, num_frames,
+                 image_size) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """-> left-padded tokens int32[B, P], mask bool[B, P], frames, capability_ids."""
+  batch = len(examples)
+  tokens = np.full((batch, max_prompt_len), tokenizer.pad_id, np.int32)
+  frames = np.zeros((batch, num_frames, image_size, image_size, 3), np.float32)
+  for row, example in enumerate(examples):
+    if not isinstance(example, Example):
+      raise ValueError(f"examples[{row}] must be a tasks.Example, got {type(example).__name__}")
+    if example.frames is not None:
+      if num_vision_tokens < 1:
+        raise ValueError(f"num_vision_tokens must be >= 1 to encode examples[{row}] "
+                         f"({example.describe()})")
+      frames[row] = _clip(example, row, num_frames, image_size)
+    ids = prompt_token_ids(example, tokenizer, num_vision_tokens)
+    if len(ids) > max_prompt_len:
+      raise ValueError(f"examples[{row}] ({example.describe()}) needs {len(ids)} prompt "
+                       f"tokens, more than max_prompt_len={max_prompt_len}")
+    tokens[row, max_prompt_len - len(ids):] = ids
+  capability_ids = np.array([CAPABILITIES.index(ex.capability) for ex in examples], np.int32)
+  return tokens, tokens != tokenizer.pad_id, frames, capability_ids
+
+
+def encode_prompts(examples: Sequence[Example], tokenizer: Tokenizer, *, max_prompt_len: int,
+                   num_vision_tokens: int, num_frames: int, image_size: int) -> PromptBatch:
+  """B examples -> PromptBatch with P = max_prompt_len (see PromptBatch for layout)."""
+  _check_batch_args(examples, max_prompt_len, num_vision_tokens, num_frames, image_size)
+  tokens, mask, frames, capability_ids = _prompt_rows(
+      examples, tokenizer, max_prompt_len, num_vision_tokens, num_frames, image_size)
+  return PromptBatch(tokens, mask, frames, capability_ids, [ex.answer for ex in examples])
+
+
+def encode_sft_batch(examples: Sequence[Example], tokenizer: Tokenizer, *, max_prompt_len: int,
+                     max_response_len: int, num_vision_tokens: int, num_frames: int,
+                     image_size: int) -> dict[str, np.ndarray]:
+  """B examples -> SFT arrays with T = P + R (P = max_prompt_len, R = max_response_len).
+
+  tokens: int32[B, T]: columns [0, P) the left-padded prompt, then solution + eos,
+    right-padded with pad_id.
+  mask: bool[B, T], True on real tokens.
+  loss_mask: float32[B, T], 1 at position t iff tokens[t+1] is a response token
+    (solution or eos): hidden[t] predicts tokens[t+1], so the loss is
+    sum_t loss_mask[t] * -log p(tokens[t+1] | tokens[<=t]). The last column is always 0.
+  frames: float32[B, F, H, W, 3]; capability_ids: int32[B].
+  """
+  _check_batch_args(examples, max_prompt_len, num_vision_tokens, num_frames, image_size)
+  _check_int("max_response_len", max_response_len, 1)
+  prompt_tokens, prompt_mask, frames, capability_ids = _prompt_rows(
+      examples, tokenizer, max_prompt_len, num_vision_tokens, num_frames, image_size)
+  batch = len(examples)
+  response = np.full((batch, max_response_len), tokenizer.pad_id, np.int32)
+  response_mask = np.zeros((batch, max_response_len), bool)
+  loss_mask = np.zeros((batch, max_prompt_len + max_response_len), np.float32)
+  for row, example in enumerate(examples):
+    ids = response_token_ids(example, tokenizer)
+    if len(ids) > max_response_len:
+      raise ValueError(f"examples[{row}] ({example.describe()}) needs {len(ids)} response "
+                       f"tokens (solution {example.solution!r} + eos), more than "
+                       f"max_response_len={max_response_len}")
+    response[row, :len(ids)] = ids
+    response_mask[row, :len(ids)] = True
+    # Position P-1 (last prompt token) predicts the first response token.
+    loss_mask[row, max_prompt_len - 1:max_prompt_len - 1 + len(ids)] = 1.0
+  return {
+      "tokens": np.concatenate([prompt_tokens, response], axis=1),
+      "mask": np.concatenate([prompt_mask, response_mask], axis=1),
+      "loss_mask": loss_mask,
+      "frames": frames,
+      "capability_ids": capability_ids,
+  }
