@@ -1,0 +1,88 @@
+"""Stacked experts: E policies as ONE pytree whose every leaf has a leading expert axis.
+
+Code for one expert is written once (copd_jax.model) and lifted with jax.vmap, so E
+experts cost one batched call, never a Python loop in a hot path. The stacked pytree goes
+to optax, orbax and shardings as is (shard its leading axis over the `expert` mesh axis).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from copd_jax import model as model_lib
+
+Params = model_lib.Params
+
+
+def init_stacked(cfg: model_lib.ModelConfig, keys) -> Params:
+  """Independent fresh experts, one per key. keys: PRNG keys [E] -> params with leaves [E, ...]."""
+  cfg.validate()
+  return jax.vmap(lambda key: model_lib.init_params(cfg, key))(keys)
+
+
+def broadcast_params(params: Params, num_experts: int) -> Params:
+  """E identical copies of one checkpoint (every branch starts from the shared base)."""
+  if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)) or \
+      num_experts <= 0:
+    raise ValueError(f"num_experts must be a positive integer, got {num_experts!r}")
+  return jax.tree_util.tree_map(
+      lambda x: jnp.broadcast_to(x, (num_experts,) + x.shape), params)
+
+
+def num_experts(stacked: Params) -> int:
+  """The size of the leading expert axis (all leaves must agree)."""
+  sizes = {x.shape[0] if x.ndim else None for x in jax.tree_util.tree_leaves(stacked)}
+  if len(sizes) != 1 or None in sizes:
+    raise ValueError(f"stacked params must share one leading expert axis, got sizes {sizes}")
+  return int(sizes.pop())
+
+
+def take_expert(stacked: Params, k: int) -> Params:
+  """Expert k's single-model params (leaves without the expert axis)."""
+  e = num_experts(stacked)
+  if isinstance(k, (int, np.integer)) and not -e <= k < e:
+    raise ValueError(f"expert index k={k} out of range for {e} experts")
+  return jax.tree_util.tree_map(lambda x: x[k], stacked)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def stacked_forward_hidden(stacked: Params, cfg: model_lib.ModelConfig, tokens, positions,
+                           token_mask, vision=None):
+  """Each expert's forward on its own batch, one vmapped call.
+
+  tokens, positions: int32[E, B, T]; token_mask: bool[E, B, T];
+  vision: f32[E, B, F, H, W, C] or None -> hidden f32[E, B, T, D].
+  """
+  def one_expert(params, tok, pos, mask, vis):
+    return model_lib.forward_hidden(params, cfg, tok, pos, mask, vis)
+  return jax.vmap(one_expert)(stacked, tokens, positions, token_mask, vision)
+
+
+def merge_weights(num: int, weights: Sequence[float] | None) -> np.ndarray:
+  """Validated, normalised merge weights f32[E] (uniform when `weights` is None)."""
+  if weights is None:
+    return np.full((num,), 1.0 / num, np.float32)
+  w = np.asarray(weights, dtype=np.float64)
+  if w.shape != (num,):
+    raise ValueError(f"merge weights must have one entry per expert ({num}), got shape "
+                     f"{w.shape}")
+  if not np.all(np.isfinite(w)) or np.any(w < 0):
+    raise ValueError(f"merge weights must be finite and non-negative, got {w.tolist()}")
+  if w.sum() <= 0:
+    raise ValueError(f"merge weights must not all be zero, got {w.tolist()}")
+  return (w / w.sum()).astype(np.float32)
+
+
+def merge(stacked: Params, weights: Sequence[float] | None = None) -> Params:
+  """The all-in-one policy: a weighted average of the experts' parameters (f32).
+
+  weights: None (uniform, the paper's simple merging) or E non-negative numbers, normalised
+  to sum 1. Returns single-model params.
+  """
+  w = jnp.asarray(merge_weights(num_experts(stacked), weights))
+  return jax.tree_util.tree_map(
+      lambda x: jnp.tensordot(w, x.astype(jnp.float32), axes=1), stacked)

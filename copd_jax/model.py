@@ -1,0 +1,612 @@
+"""The policy: a Qwen3-layout decoder LM with a small vision encoder (Flax linen).
+
+Everything a caller needs is a pure function of `(params, cfg, arrays)`:
+
+    params = init_params(cfg, key)                       # f32 pytree
+    hidden = forward_hidden(params, cfg, tokens, positions, token_mask, vision)
+    logits = logits_from_hidden(hidden, lm_head(params, cfg))
+
+`forward_hidden` returns final-normed hidden states rather than logits, because the fused
+loss kernels take (hidden, head) and never materialise [tokens x vocab].
+
+Sequences
+---------
+Prompts are LEFT-padded so every prompt ends in the same column and decoding starts
+together. `positions = cumsum(token_mask) - 1` clipped at 0 (see `positions_from_mask`),
+so padding never shifts rotary positions. Attention is causal and ignores padded keys;
+hidden states AT padded positions are finite but meaningless.
+
+Vision
+------
+Every vision input is a clip of exactly `VisionConfig.num_frames` frames (a still image
+is that image repeated), encoded into exactly `VisionConfig.num_tokens` embeddings. They
+replace the `image_token_id` placeholder tokens in order: the k-th placeholder of a row
+gets the k-th embedding of that row's clip. A vision prompt must therefore hold exactly
+`num_tokens` placeholders; rows without placeholders are untouched. Placeholders take
+ordinary 1-D rotary positions (no multimodal RoPE).
+
+Parameter names and the Hugging Face Qwen3 mapping
+--------------------------------------------------
+Names follow HF Qwen3 so a checkpoint maps one-to-one (`kernel` = HF `weight`
+TRANSPOSED, i.e. [in, out]; norms' `scale` = HF `weight` as is):
+
+    embed_tokens/embedding [V, D]                  <- model.embed_tokens.weight
+    layers_{i}/input_layernorm/scale [D]           <- model.layers.{i}.input_layernorm.weight
+    layers_{i}/self_attn/q_proj/kernel [D, H*Dh]   <- model.layers.{i}.self_attn.q_proj.weight.T
+    layers_{i}/self_attn/k_proj/kernel [D, K*Dh]   <- ...self_attn.k_proj.weight.T
+    layers_{i}/self_attn/v_proj/kernel [D, K*Dh]   <- ...self_attn.v_proj.weight.T
+    layers_{i}/self_attn/o_proj/kernel [H*Dh, D]   <- ...self_attn.o_proj.weight.T
+    layers_{i}/self_attn/q_norm/scale [Dh]         <- ...self_attn.q_norm.weight
+    layers_{i}/self_attn/k_norm/scale [Dh]         <- ...self_attn.k_norm.weight
+    layers_{i}/post_attention_layernorm/scale [D]  <- ...post_attention_layernorm.weight
+    layers_{i}/mlp/gate_proj/kernel [D, M]         <- ...mlp.gate_proj.weight.T
+    layers_{i}/mlp/up_proj/kernel [D, M]           <- ...mlp.up_proj.weight.T
+    layers_{i}/mlp/down_proj/kernel [M, D]         <- ...mlp.down_proj.weight.T
+    norm/scale [D]                                 <- model.norm.weight
+    lm_head/kernel [D, V]  (untied only)           <- lm_head.weight.T
+
+The vision tower loosely follows Qwen3-VL names (`visual/patch_embed`, `visual/pos_embed`,
+`visual/blocks_{i}/{norm1,qkv,proj,norm2,linear_fc1,linear_fc2}`,
+`visual/merger/{norm,linear_fc1,linear_fc2}`) but is a plain ViT over tubelets without
+spatial merging, so it does not load Qwen3-VL vision weights as is.
+
+Numerics: parameters are f32. Matmul inputs are cast to `cfg.dtype` (bf16 or f32) with f32
+accumulation (`preferred_element_type`); the residual stream, norms, softmax and rotary
+embeddings stay in f32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+# Finite (not -inf) so a query whose keys are all padding gets uniform weights, not NaN.
+_MASKED_SCORE = -1e30
+
+Params = Any  # a nested dict of f32 arrays
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _require_positive_int(owner: str, name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+    raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """A small ViT over video tubelets. Every input is a clip of `num_frames` frames."""
+  image_size: int = 32
+  patch_size: int = 8
+  channels: int = 3
+  num_frames: int = 4
+  tubelet: int = 2  # frames per video patch
+  width: int = 64
+  depth: int = 2
+  num_heads: int = 4
+  mlp_dim: int = 128
+
+  def __post_init__(self):
+    self.validate()
+
+  @property
+  def num_tokens(self) -> int:
+    """Vision embeddings per clip = placeholder tokens per vision prompt."""
+    return (self.num_frames // self.tubelet) * (self.image_size // self.patch_size) ** 2
+
+  @property
+  def patch_dim(self) -> int:
+    """Values in one tubelet: tubelet x patch x patch x channels."""
+    return self.tubelet * self.patch_size ** 2 * self.channels
+
+  def validate(self) -> None:
+    for name in ("image_size", "patch_size", "channels", "num_frames", "tubelet", "width",
+                 "depth", "num_heads", "mlp_dim"):
+      _require_positive_int("VisionConfig", name, getattr(self, name))
+    if self.image_size % self.patch_size:
+      raise ValueError(f"VisionConfig.image_size={self.image_size} must be a multiple of "
+                       f"patch_size={self.patch_size}")
+    if self.num_frames % self.tubelet:
+      raise ValueError(f"VisionConfig.num_frames={self.num_frames} must be a multiple of "
+                       f"tubelet={self.tubelet}")
+    if self.width % self.num_heads:
+      raise ValueError(f"VisionConfig.width={self.width} must be a multiple of "
+                       f"num_heads={self.num_heads}")
+
+
+def _as_plain_dict(mapping) -> dict:
+  # ml_collections.ConfigDict has to_dict(); plain mappings are copied.
+  return dict(mapping.to_dict() if hasattr(mapping, "to_dict") else mapping)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder sizes in Qwen3 terms. `vision` may be given as a dict (it is converted).
+
+  `image_token_id` is the placeholder token that vision embeddings replace; it must be a
+  valid token id when `vision` is set (-1 means "no placeholder" for text-only models).
+  Construction validates; an invalid value raises ValueError naming the field.
+  """
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  dtype: str = "float32"  # compute dtype; parameters are always f32
+  vision: VisionConfig | None = None
+  image_token_id: int = -1
+
+  def __post_init__(self):
+    if self.vision is not None and not isinstance(self.vision, VisionConfig):
+      if not (isinstance(self.vision, Mapping) or hasattr(self.vision, "to_dict")):
+        raise ValueError(f"ModelConfig.vision must be a VisionConfig, a mapping or None, "
+                         f"got {type(self.vision).__name__}")
+      vision_fields = _as_plain_dict(self.vision)
+      known = {f.name for f in dataclasses.fields(VisionConfig)}
+      unknown = sorted(set(vision_fields) - known)
+      if unknown:
+        raise ValueError(f"ModelConfig.vision has unknown fields {unknown}")
+      object.__setattr__(self, "vision", VisionConfig(**vision_fields))
+    self.validate()
+
+  @classmethod
+  def from_dict(cls, d) -> "ModelConfig":
+    """From a dict or an ml_collections ConfigDict (unknown fields raise ValueError)."""
+    fields = _as_plain_dict(d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+      raise ValueError(f"ModelConfig has no fields {unknown}")
+    return cls(**fields)
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def validate(self) -> None:
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "mlp_dim"):
+      _require_positive_int("ModelConfig", name, getattr(self, name))
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even "
+                       "(rotary embeddings rotate pairs)")
+    if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+      raise ValueError(f"ModelConfig.rope_theta must be positive, got {self.rope_theta!r}")
+    if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
+      raise ValueError(f"ModelConfig.rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
+    if not isinstance(self.tie_embeddings, (bool, np.bool_)):
+      raise ValueError(f"ModelConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+    if self.dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"ModelConfig.dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
+    if self.vision is not None:
+      if not isinstance(self.vision, VisionConfig):
+        raise ValueError(f"ModelConfig.vision must be a VisionConfig, got {self.vision!r}")
+      self.vision.validate()
+      if isinstance(self.image_token_id, bool) or not isinstance(
+          self.image_token_id, (int, np.integer)) or not 0 <= self.image_token_id < self.vocab_size:
+        raise ValueError(f"ModelConfig.image_token_id must be a token id in "
+                         f"[0, vocab_size={self.vocab_size}) when vision is set, "
+                         f"got {self.image_token_id!r}")
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class Linear(nn.Module):
+  """y = x @ kernel (+ bias); kernel f32 [in, out], matmul in `dtype`, f32 accumulation."""
+  features: int
+  dtype: Any = jnp.float32
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
+                        jnp.float32)
+    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
+                   preferred_element_type=jnp.float32)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    return y
+
+
+class RMSNorm(nn.Module):
+  """Qwen3 RMSNorm over the last axis, statistics in f32: x * rsqrt(mean(x^2) + eps) * scale."""
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    return x * scale
+
+
+def apply_rope(x, positions, theta: float):
+  """Rotary embedding, HF "rotate_half" convention (first half pairs with second half).
+
+  x: f32[B, T, N, Dh]; positions: int32[B, T] -> f32[B, T, N, Dh].
+  """
+  half = x.shape[-1] // 2
+  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  x1, x2 = x[..., :half], x[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+@flax.struct.dataclass
+class LayerCache:
+  """One layer's keys/values while decoding; the prompt prefix is stored once per prompt.
+
+  prefix_k, prefix_v: [B, K, P, Dh]  the prompts' keys/values from prefill, shared by the
+                                      G = N // B rows b*G .. b*G+G-1 of prompt b
+  k, v:               [N, K, R, Dh]  per-row slots for generated tokens
+  Heads-major layout ([.., K, slots, Dh]) so attention reads the cache without a transpose
+  on every step. All in the compute dtype.
+  """
+  prefix_k: jax.Array
+  prefix_v: jax.Array
+  k: jax.Array
+  v: jax.Array
+
+
+def _attention_weights(scores, mask):
+  """Softmax over keys in f32; masked keys get exactly zero weight."""
+  return jax.nn.softmax(jnp.where(mask, scores, _MASKED_SCORE), axis=-1)
+
+
+class Attention(nn.Module):
+  """Grouped-query attention with Qwen3 q/k RMSNorm and RoPE.
+
+  Without `cache`: the keys are this call's tokens; mask: bool[B, T, T]. Returns
+  (out f32[B, T, D], (k, v) [B, K, T, Dh]) -- the keys are what a prefill keeps.
+  With `cache` (a LayerCache): the new keys go to response slot `write_index`, queries
+  attend to the shared prefix and to the response slots; mask = (prefix_mask bool[B, P],
+  response_mask bool[N, T, R]). Returns (out, updated LayerCache). Reading the prefix
+  once per prompt rather than once per sample is what makes G samples cheap.
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache=None, write_index=None):
+    cfg, dt = self.cfg, self.cfg.compute_dtype
+    n, t, _ = x.shape
+    heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = Linear(heads * hd, dt, name="q_proj")(x).reshape(n, t, heads, hd)
+    k = Linear(kv_heads * hd, dt, name="k_proj")(x).reshape(n, t, kv_heads, hd)
+    v = Linear(kv_heads * hd, dt, name="v_proj")(x).reshape(n, t, kv_heads, hd)
+    q = apply_rope(RMSNorm(cfg.rms_norm_eps, name="q_norm")(q), positions, cfg.rope_theta)
+    k = apply_rope(RMSNorm(cfg.rms_norm_eps, name="k_norm")(k), positions, cfg.rope_theta)
+    k, v = k.astype(dt), v.astype(dt)
+    # Group query heads by the kv head they share: [N, T, K, H/K, Dh].
+    q = (q.reshape(n, t, kv_heads, heads // kv_heads, hd) * (hd ** -0.5)).astype(dt)
+    f32 = dict(preferred_element_type=jnp.float32)
+    if cache is None:
+      probs = _attention_weights(jnp.einsum("btkgd,bskd->bkgts", q, k, **f32),
+                                 mask[:, None, None])
+      out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), v, **f32)
+      new_cache = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+    else:
+      prefix_mask, response_mask = mask
+      b, p = prefix_mask.shape
+      g = n // b
+      k_resp = jax.lax.dynamic_update_slice_in_dim(cache.k, k.transpose(0, 2, 1, 3),
+                                                   write_index, axis=2)
+      v_resp = jax.lax.dynamic_update_slice_in_dim(cache.v, v.transpose(0, 2, 1, 3),
+                                                   write_index, axis=2)
+      q_by_prompt = q.reshape(b, g, t, kv_heads, heads // kv_heads, hd)
+      prefix_scores = jnp.einsum("bjtkgd,bksd->bjkgts", q_by_prompt, cache.prefix_k, **f32)
+      scores = jnp.concatenate([prefix_scores.reshape(n, kv_heads, -1, t, p),
+                                jnp.einsum("btkgd,bksd->bkgts", q, k_resp, **f32)], axis=-1)
+      row_prefix_mask = jnp.broadcast_to(jnp.repeat(prefix_mask, g, axis=0)[:, None, :],
+                                         (n, t, p))
+      full_mask = jnp.concatenate([row_prefix_mask, response_mask], axis=-1)
+      probs = _attention_weights(scores, full_mask[:, None, None]).astype(dt)
+      prefix_probs = probs[..., :p].reshape(b, g, kv_heads, -1, t, p)
+      out = (jnp.einsum("bjkgts,bksd->bjkgtd", prefix_probs, cache.prefix_v, **f32)
+             .reshape(n, kv_heads, -1, t, hd)
+             + jnp.einsum("bkgts,bksd->bkgtd", probs[..., p:], v_resp, **f32))
+      out = out.transpose(0, 3, 1, 2, 4)
+      new_cache = cache.replace(k=k_resp, v=v_resp)
+    out = Linear(cfg.d_model, dt, name="o_proj")(out.reshape(n, t, heads * hd))
+    return out, new_cache
+
+
+class SwiGLU(nn.Module):
+  """down(silu(gate(x)) * up(x))."""
+  hidden: int
+  out: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    gate = Linear(self.hidden, self.dtype, name="gate_proj")(x)
+    up = Linear(self.hidden, self.dtype, name="up_proj")(x)
+    return Linear(self.out, self.dtype, name="down_proj")(jax.nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache=None, write_index=None):
+    cfg = self.cfg
+    h, kv = Attention(cfg, name="self_attn")(
+        RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x), positions, mask, cache,
+        write_index)
+    x = x + h
+    x = x + SwiGLU(cfg.mlp_dim, cfg.d_model, cfg.compute_dtype, name="mlp")(
+        RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x))
+    return x, kv
+
+
+# --------------------------------------------------------------------------- vision
+
+
+def clip_to_tubelets(clip, vcfg: VisionConfig):
+  """f32[B, F, H, W, C] -> f32[B, N, tubelet*patch*patch*C], N = vcfg.num_tokens.
+
+  Tokens are ordered (time, row, column), i.e. all patches of the first tubelet first.
+  """
+  b = clip.shape[0]
+  t, p, c = vcfg.tubelet, vcfg.patch_size, vcfg.channels
+  nt, nh = vcfg.num_frames // t, vcfg.image_size // p
+  x = clip.reshape(b, nt, t, nh, p, nh, p, c)
+  x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)  # [B, nt, nh, nw, t, p, p, C]
+  return x.reshape(b, nt * nh * nh, t * p * p * c)
+
+
+class VisionBlock(nn.Module):
+  """Pre-norm ViT block with full (non-causal) attention."""
+  vcfg: VisionConfig
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    vcfg, dt = self.vcfg, self.dtype
+    b, n, w = x.shape
+    hd = w // vcfg.num_heads
+    h = nn.LayerNorm(dtype=jnp.float32, name="norm1")(x)
+    qkv = Linear(3 * w, dt, use_bias=True, name="qkv")(h).reshape(b, n, 3, vcfg.num_heads, hd)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", (q * hd ** -0.5).astype(dt), k.astype(dt),
+                        preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1)
+    attn = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dt), v.astype(dt),
+                      preferred_element_type=jnp.float32).reshape(b, n, w)
+    x = x + Linear(w, dt, use_bias=True, name="proj")(attn)
+    h = nn.LayerNorm(dtype=jnp.float32, name="norm2")(x)
+    h = Linear(vcfg.mlp_dim, dt, use_bias=True, name="linear_fc1")(h)
+    h = Linear(w, dt, use_bias=True, name="linear_fc2")(jax.nn.gelu(h))
+    return x + h
+
+
+class Projector(nn.Module):
+  """Vision width -> LM width ("merger" in Qwen-VL): LayerNorm, then a 2-layer GELU MLP."""
+  d_model: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.LayerNorm(dtype=jnp.float32, name="norm")(x)
+    x = Linear(self.d_model, self.dtype, use_bias=True, name="linear_fc1")(x)
+    return Linear(self.d_model, self.dtype, use_bias=True, name="linear_fc2")(jax.nn.gelu(x))
+
+
+class VisionEncoder(nn.Module):
+  """Clip f32[B, F, H, W, C] -> embeddings f32[B, num_tokens, d_model] at the LM width."""
+  vcfg: VisionConfig
+  d_model: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, clip):
+    vcfg = self.vcfg
+    # A Dense over a flattened tubelet == a Conv3d with stride equal to its kernel.
+    x = Linear(vcfg.width, self.dtype, use_bias=True, name="patch_embed")(
+        clip_to_tubelets(clip.astype(jnp.float32), vcfg))
+    x = x + self.param("pos_embed", nn.initializers.normal(0.02), (vcfg.num_tokens, vcfg.width),
+                       jnp.float32)
+    for i in range(vcfg.depth):
+      x = VisionBlock(vcfg, self.dtype, name=f"blocks_{i}")(x)
+    return Projector(self.d_model, self.dtype, name="merger")(x)
+
+
+def replace_placeholders(embeds, tokens, vision_embeds, image_token_id: int):
+  """Puts the k-th vision embedding of a row at that row's k-th placeholder token.
+
+  embeds: f32[B, T, D]; tokens: int32[B, T]; vision_embeds: f32[B, N, D] -> f32[B, T, D].
+  Rows without placeholders are unchanged. Placeholders beyond the N-th reuse the last
+  embedding (the data code guarantees exactly N per vision prompt).
+  """
+  is_placeholder = tokens == image_token_id
+  order = jnp.cumsum(is_placeholder, axis=1) - 1  # k for the k-th placeholder
+  order = jnp.clip(order, 0, vision_embeds.shape[1] - 1)
+  gathered = jnp.take_along_axis(vision_embeds, order[..., None], axis=1)
+  return jnp.where(is_placeholder[..., None], gathered.astype(embeds.dtype), embeds)
+
+
+# --------------------------------------------------------------------------- the policy
+
+
+class Policy(nn.Module):
+  """Decoder LM. `__call__` returns (final-normed hidden f32[N, T, D], per-layer cache).
+
+  tokens, positions: int32[N, T].
+  Without `cache` (training, scoring, prefill): key_mask is the token mask bool[N, T];
+  attention is causal and skips padded keys; returns each layer's (k, v) [N, K, T, Dh].
+  With `cache` (decoding; a tuple of LayerCache over layers): key_mask is the prompts'
+  prefix mask bool[B, P] with N = B*G; query t sits at response slot write_index + t and
+  sees every valid prefix key plus response slots <= its own; returns the updated cache.
+  """
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.d_model,
+                                 embedding_init=nn.initializers.normal(cfg.d_model ** -0.5),
+                                 param_dtype=jnp.float32, name="embed_tokens")
+    if cfg.vision is not None:
+      self.visual = VisionEncoder(cfg.vision, cfg.d_model, cfg.compute_dtype, name="visual")
+    self.layers = [DecoderLayer(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    self.norm = RMSNorm(cfg.rms_norm_eps, name="norm")
+    if not cfg.tie_embeddings:
+      self.lm_head = Linear(cfg.vocab_size, jnp.float32, name="lm_head")
+
+  def __call__(self, tokens, positions, key_mask, vision=None, cache=None, write_index=0):
+    cfg = self.cfg
+    x = self.embed_tokens(tokens).astype(jnp.float32)
+    if vision is not None:
+      x = replace_placeholders(x, tokens, self.visual(vision), cfg.image_token_id)
+    t = tokens.shape[1]
+    if cache is None:
+      causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]  # [T, T]
+      mask = causal[None] & key_mask[:, None, :]  # [N, T, T]
+    else:
+      num_slots = cache[0].k.shape[2]
+      query_slots = write_index + jnp.arange(t)
+      response_mask = jnp.arange(num_slots)[None, :] <= query_slots[:, None]  # [T, R]
+      mask = (key_mask, jnp.broadcast_to(response_mask, (tokens.shape[0], t, num_slots)))
+    new_cache = []
+    for i, layer in enumerate(self.layers):
+      x, layer_cache = layer(x, positions, mask, None if cache is None else cache[i],
+                             write_index)
+      new_cache.append(layer_cache)
+    return self.norm(x), tuple(new_cache)
+
+  def init_all(self, tokens, positions, key_mask, vision=None):
+    """Creates every parameter, including the untied head (unused by __call__)."""
+    hidden, _ = self(tokens, positions, key_mask, vision)
+    if not self.cfg.tie_embeddings:
+      self.lm_head(hidden)
+    return hidden
+
+
+# --------------------------------------------------------------------------- pure API
+
+
+def positions_from_mask(token_mask):
+  """bool[B, T] -> int32[B, T]: cumsum(mask) - 1 clipped at 0 (padding does not shift RoPE)."""
+  return jnp.maximum(jnp.cumsum(token_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _init(cfg: ModelConfig, key):
+  tokens = jnp.zeros((1, 2), jnp.int32)
+  vision = None
+  if cfg.vision is not None:
+    v = cfg.vision
+    vision = jnp.zeros((1, v.num_frames, v.image_size, v.image_size, v.channels), jnp.float32)
+  variables = Policy(cfg).init(key, tokens, jnp.zeros((1, 2), jnp.int32),
+                               jnp.ones((1, 2), bool), vision, method=Policy.init_all)
+  return variables["params"]
+
+
+def init_params(cfg: ModelConfig, key) -> Params:
+  """Fresh f32 parameters (a nested dict named as in the module docstring)."""
+  cfg.validate()
+  return _init(cfg, key)
+
+
+def check_inputs(cfg: ModelConfig, tokens, positions, token_mask, vision) -> None:
+  """Shape checks with errors naming the argument (runs at trace time, costs nothing)."""
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be int[B, T], got shape {tokens.shape}")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be an integer array, got dtype {tokens.dtype}")
+  for name, arr in (("positions", positions), ("token_mask", token_mask)):
+    if arr.shape != tokens.shape:
+      raise ValueError(f"{name} must have the shape of tokens {tokens.shape}, got {arr.shape}")
+  if vision is None:
+    return
+  if cfg.vision is None:
+    raise ValueError("vision was given but ModelConfig.vision is None (a text-only model)")
+  v = cfg.vision
+  want = (tokens.shape[0], v.num_frames, v.image_size, v.image_size, v.channels)
+  if tuple(vision.shape) != want:
+    raise ValueError(f"vision must be f32[B, num_frames, H, W, C] = {want}, got "
+                     f"{tuple(vision.shape)}")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def forward_hidden(params: Params, cfg: ModelConfig, tokens, positions, token_mask,
+                   vision=None):
+  """Final-normed hidden states f32[B, T, D] (hidden at t predicts token t+1).
+
+  tokens: int32[B, T]; positions: int32[B, T] (see positions_from_mask);
+  token_mask: bool[B, T] (False = padding, never attended to);
+  vision: f32[B, F, H, W, C] or None (replaces the image_token_id placeholders).
+  """
+  check_inputs(cfg, tokens, positions, token_mask, vision)
+  hidden, _ = Policy(cfg).apply({"params": params}, tokens, positions,
+                                token_mask.astype(bool), vision)
+  return hidden
+
+
+def prefill(params: Params, cfg: ModelConfig, tokens, positions, token_mask, vision=None):
+  """The prompt pass of the sampler: (hidden f32[B, P, D], per-layer (k, v) [B, K, P, Dh]).
+
+  Same inputs as forward_hidden; the keys/values become the shared prefix of a cache
+  (see init_decode_cache).
+  """
+  return Policy(cfg).apply({"params": params}, tokens, positions, token_mask.astype(bool),
+                           vision)
+
+
+def init_decode_cache(prefix_kv, num_samples: int, num_slots: int):
+  """A decode cache whose prefix is the prefill's keys, shared by `num_samples` rows each.
+
+  prefix_kv: per-layer (k, v) [B, K, P, Dh] -> tuple of LayerCache with empty response
+  slots [B*num_samples, K, num_slots, Dh]. Row b*G + j is sample j of prompt b.
+  """
+  def layer_cache(k, v):
+    b, kv_heads, _, hd = k.shape
+    empty = jnp.zeros((b * num_samples, kv_heads, num_slots, hd), k.dtype)
+    return LayerCache(prefix_k=k, prefix_v=v, k=empty, v=empty)
+  return tuple(layer_cache(k, v) for k, v in prefix_kv)
+
+
+def decode_step(params: Params, cfg: ModelConfig, tokens, positions, prefix_mask, cache,
+                write_index):
+  """Feeds tokens int32[N, T] (usually T = 1) at response slots write_index .. + T - 1.
+
+  positions: int32[N, T]; prefix_mask: bool[B, P] (the prompts' token mask, N = B*G);
+  cache: tuple of LayerCache. Returns (hidden f32[N, T, D], updated cache).
+  """
+  return Policy(cfg).apply({"params": params}, tokens, positions, prefix_mask.astype(bool),
+                           None, cache, write_index)
+
+
+def lm_head(params: Params, cfg: ModelConfig):
+  """The output projection f32[D, V]: the embedding transposed when tied."""
+  if cfg.tie_embeddings:
+    return params["embed_tokens"]["embedding"].T
+  return params["lm_head"]["kernel"]
+
+
+def logits_from_hidden(hidden, head):
+  """hidden f32[..., D] @ head f32[D, V] -> logits f32[..., V], accumulated in f32."""
+  return jnp.einsum("...d,dv->...v", hidden, head, preferred_element_type=jnp.float32)
+
+
+def count_params(params: Params) -> int:
+  """Total number of scalars in a parameter pytree."""
+  return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

@@ -1,0 +1,413 @@
+"""Jitted autoregressive sampling with a KV cache, for one policy or vmapped over experts.
+
+    rollout = generate(params, cfg, prompt_tokens, prompt_mask, vision, key, sampling, G)
+
+1. Prefill: the B left-padded prompts (and their vision clips) go through the model ONCE.
+   Their per-layer keys/values become the shared prefix of the cache: stored once per
+   prompt and read once per prompt by all G samples (model.LayerCache), never repeated G
+   times. Each of the N = B*G rows gets its own R response slots.
+2. Decode: a compiled `lax.while_loop` feeds one token per step into the fixed-size cache
+   (P prefix + R response slots) and stops early once every row has emitted a stop token.
+
+Randomness: token r of every row is drawn with `fold_in(key, r)`, so a rollout is a pure
+function of its key. `generate_by_recompute` follows the same key schedule without a cache
+(full forward each step): it is the oracle for tests and the baseline for benchmarks.
+
+Log-probs. Each sampled token carries two numbers, both over the FULL vocabulary (no
+top-k / top-p truncation), because the trainer scores tokens under the untruncated policy:
+  logprobs     = log_softmax(logits / temperature)[token]
+  raw_logprobs = log_softmax(logits)[token]          (temperature 1: what the trainer
+                                                      recomputes with forward_hidden)
+Tokens after a row's first stop token are pad (PAD_ID) with mask 0 and log-probs 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from copd_jax import model as model_lib
+
+PAD_ID = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to draw responses. top_k=0 and top_p=1.0 switch truncation off; greedy = argmax."""
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  stop_token_ids: tuple[int, ...] = ()
+  greedy: bool = False
+
+  def __post_init__(self):
+    # Lists (e.g. from a config file) become tuples so the config stays hashable for jit.
+    ids = self.stop_token_ids
+    if isinstance(ids, (int, np.integer)):
+      ids = (ids,)
+    try:
+      ids = tuple(ids)
+    except TypeError:
+      raise ValueError(f"SamplingConfig.stop_token_ids must be a sequence of token ids, "
+                       f"got {self.stop_token_ids!r}") from None
+    object.__setattr__(self, "stop_token_ids", ids)
+    self.validate()
+
+  def validate(self) -> None:
+    def is_int(v):
+      return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+    if not is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
+      raise ValueError(f"SamplingConfig.max_new_tokens must be a positive integer, got "
+                       f"{self.max_new_tokens!r}")
+    if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+      raise ValueError(f"SamplingConfig.temperature must be positive, got {self.temperature!r}")
+    if not is_int(self.top_k) or self.top_k < 0:
+      raise ValueError(f"SamplingConfig.top_k must be a non-negative integer (0 = off), got "
+                       f"{self.top_k!r}")
+    if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+      raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p!r}")
+    if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
+      raise ValueError(f"SamplingConfig.stop_token_ids must be non-negative token ids, got "
+                       f"{self.stop_token_ids!r}")
+    if not isinstance(self.greedy, (bool, np.bool_)):
+      raise ValueError(f"SamplingConfig.greedy must be a bool, got {self.greedy!r}")
+
+
+@flax.struct.dataclass
+class Rollout:
+  """G sampled responses for each of B prompts (a leading E axis when stacked).
+
+  tokens:       int32[B, G, R]  sampled tokens, PAD_ID after the first stop token
+  logprobs:     f32[B, G, R]    log_softmax(logits / temperature) at the token, untruncated
+  raw_logprobs: f32[B, G, R]    log_softmax(logits) at the token (temperature 1, untruncated)
+  mask:         f32[B, G, R]    1 up to and including the first stop token, 0 after
+  lengths:      int32[B, G]     number of response tokens (= mask.sum(-1))
+  finished:     bool[B, G]      True when the response ended with a stop token
+  """
+  tokens: jax.Array
+  logprobs: jax.Array
+  raw_logprobs: jax.Array
+  mask: jax.Array
+  lengths: jax.Array
+  finished: jax.Array
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def process_logits(logits, sampling: SamplingConfig):
+  """The distribution actually sampled from: logits/temperature, then top-k, then top-p.
+
+  logits: f32[N, V] -> f32[N, V] with excluded tokens at -inf.
+  """
+  scaled = logits.astype(jnp.float32) / sampling.temperature
+  if 0 < sampling.top_k < scaled.shape[-1]:
+    kth_largest = jax.lax.top_k(scaled, sampling.top_k)[0][..., -1:]
+    scaled = jnp.where(scaled >= kth_largest, scaled, -jnp.inf)
+  if sampling.top_p < 1.0:
+    descending = jnp.sort(scaled, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(descending, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    # Keep the smallest prefix whose mass reaches top_p (the top token is always kept).
+    keep = mass_before < sampling.top_p
+    threshold = jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True)
+    scaled = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+  return scaled
+
+
+def sample_tokens(logits, key, sampling: SamplingConfig):
+  """Draws one token per row. logits: f32[N, V] ->
+  (tokens int32[N], logprobs f32[N] at temperature, raw_logprobs f32[N] at temperature 1)."""
+  logits = logits.astype(jnp.float32)
+  if sampling.greedy:
+    tokens = jnp.argmax(logits, axis=-1)
+  else:
+    tokens = jax.random.categorical(key, process_logits(logits, sampling), axis=-1)
+  tokens = tokens.astype(jnp.int32)
+
+  def log_prob_at(lg):
+    return jnp.take_along_axis(jax.nn.log_softmax(lg, axis=-1), tokens[:, None], axis=-1)[:, 0]
+  return tokens, log_prob_at(logits / sampling.temperature), log_prob_at(logits)
+
+
+@flax.struct.dataclass
+class _Buffers:
+  """Per-row outputs under construction: [N, R] each, plus done: bool[N]."""
+  tokens: jax.Array
+  logprobs: jax.Array
+  raw_logprobs: jax.Array
+  mask: jax.Array
+  done: jax.Array
+
+
+def _empty_buffers(n: int, r: int) -> _Buffers:
+  zeros = jnp.zeros((n, r), jnp.float32)
+  return _Buffers(jnp.zeros((n, r), jnp.int32), zeros, zeros, zeros, jnp.zeros((n,), bool))
+
+
+def _sample_and_record(bufs: _Buffers, logits, key, step, sampling: SamplingConfig) -> _Buffers:
+  """Draws token `step` for every row from logits f32[N, V]; rows already done get pad."""
+  tokens, logprobs, raw = sample_tokens(logits, jax.random.fold_in(key, step), sampling)
+  live = ~bufs.done
+  tokens = jnp.where(live, tokens, PAD_ID)
+  stop_ids = jnp.asarray(sampling.stop_token_ids, jnp.int32).reshape(-1)
+  is_stop = jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1) & live
+  return _Buffers(
+      tokens=bufs.tokens.at[:, step].set(tokens),
+      logprobs=bufs.logprobs.at[:, step].set(jnp.where(live, logprobs, 0.0)),
+      raw_logprobs=bufs.raw_logprobs.at[:, step].set(jnp.where(live, raw, 0.0)),
+      mask=bufs.mask.at[:, step].set(live.astype(jnp.float32)),
+      done=bufs.done | is_stop)
+
+
+def _to_rollout(bufs: _Buffers, b: int, g: int) -> Rollout:
+  r = bufs.tokens.shape[1]
+  lengths = bufs.mask.sum(-1).astype(jnp.int32)
+  return Rollout(tokens=bufs.tokens.reshape(b, g, r), logprobs=bufs.logprobs.reshape(b, g, r),
+                 raw_logprobs=bufs.raw_logprobs.reshape(b, g, r), mask=bufs.mask.reshape(b, g, r),
+                 lengths=lengths.reshape(b, g), finished=bufs.done.reshape(b, g))
+
+
+def _keep_decoding(step, bufs: _Buffers, max_new_tokens: int):
+  """Loop predicate: tokens left to draw and some row (of any expert) still live."""
+  return (step < max_new_tokens) & ~jnp.all(bufs.done)
+
+
+# --------------------------------------------------------------------------- generate
+
+
+@flax.struct.dataclass
+class _DecodeState:
+  """What the decode loop carries for one policy (a leading E axis when stacked)."""
+  cache: tuple  # of model.LayerCache: prefix [B, P, ...] shared, response slots [N, R, ...]
+  prefix_mask: jax.Array  # bool[B, P]
+  prompt_len: jax.Array  # int32[N], real prompt tokens per row
+  bufs: _Buffers
+
+
+def _start(params, cfg, prompt_tokens, prompt_mask, vision, key, sampling, num_samples):
+  """Prefill each prompt once, share its keys with its G rows, draw token 0 of every row."""
+  prompt_mask = prompt_mask.astype(bool)
+  g = num_samples
+  hidden, prefix_kv = model_lib.prefill(params, cfg, prompt_tokens,
+                                        model_lib.positions_from_mask(prompt_mask),
+                                        prompt_mask, vision)
+  # Left padding: the last column holds every prompt's last token.
+  logits = model_lib.logits_from_hidden(hidden[:, -1], model_lib.lm_head(params, cfg))
+  n = prompt_tokens.shape[0] * g
+  bufs = _sample_and_record(_empty_buffers(n, sampling.max_new_tokens),
+                            jnp.repeat(logits, g, axis=0), key, 0, sampling)
+  return _DecodeState(
+      cache=model_lib.init_decode_cache(prefix_kv, g, sampling.max_new_tokens),
+      prefix_mask=prompt_mask,
+      prompt_len=jnp.repeat(prompt_mask.sum(-1, dtype=jnp.int32), g),
+      bufs=bufs)
+
+
+def _advance(params, cfg, state: _DecodeState, key, sampling, step) -> _DecodeState:
+  """Feed token step-1 (response slot step-1) through the model and draw token `step`."""
+  prev = jax.lax.dynamic_index_in_dim(state.bufs.tokens, step - 1, axis=1)  # [N, 1]
+  hidden, cache = model_lib.decode_step(params, cfg, prev, (state.prompt_len + step - 1)[:, None],
+                                        state.prefix_mask, state.cache, step - 1)
+  logits = model_lib.logits_from_hidden(hidden[:, 0], model_lib.lm_head(params, cfg))
+  return state.replace(cache=cache,
+                       bufs=_sample_and_record(state.bufs, logits, key, step, sampling))
+
+
+def _decode_loop(advance, state: _DecodeState, max_new_tokens: int) -> _Buffers:
+  """Runs advance(step, state) for step = 1, 2, ... while _keep_decoding."""
+  _, state = jax.lax.while_loop(
+      lambda carry: _keep_decoding(carry[0], carry[1].bufs, max_new_tokens),
+      lambda carry: (carry[0] + 1, advance(carry[0], carry[1])),
+      (jnp.int32(1), state))
+  return state.bufs
+
+
+def _generate_one(params, cfg, prompt_tokens, prompt_mask, vision, key, sampling, num_samples):
+  state = _start(params, cfg, prompt_tokens, prompt_mask, vision, key, sampling, num_samples)
+  bufs = _decode_loop(lambda step, st: _advance(params, cfg, st, key, sampling, step), state,
+                      sampling.max_new_tokens)
+  return _to_rollout(bufs, prompt_tokens.shape[0], num_samples)
+
+
+def _stacked_generate_one(stacked, cfg, prompt_tokens, prompt_mask, vision, keys, sampling,
+                          num_samples):
+  # The loop stays OUTSIDE the vmap, so its predicate is one scalar over all experts;
+  # vmapping a while_loop with a per-expert predicate would select (copy) the whole cache
+  # on every step.
+  state = jax.vmap(lambda prm, tok, m, vis, key: _start(prm, cfg, tok, m, vis, key, sampling,
+                                                        num_samples))(
+      stacked, prompt_tokens, prompt_mask, vision, keys)
+
+  def advance(step, st):
+    return jax.vmap(lambda prm, s, key: _advance(prm, cfg, s, key, sampling, step))(
+        stacked, st, keys)
+  bufs = _decode_loop(advance, state, sampling.max_new_tokens)
+  return jax.vmap(lambda bf: _to_rollout(bf, prompt_tokens.shape[1], num_samples))(bufs)
+
+
+def _generate_by_recompute_one(params, cfg, prompt_tokens, prompt_mask, vision, key, sampling,
+                               num_samples):
+  """The cache-free oracle: a full forward over [N, P+R] for every new token."""
+  b, p = prompt_tokens.shape
+  g, r = num_samples, sampling.max_new_tokens
+  n = b * g
+  head = model_lib.lm_head(params, cfg)
+  prompt_mask = jnp.repeat(prompt_mask.astype(bool), g, axis=0)
+  sequence = jnp.concatenate([jnp.repeat(prompt_tokens, g, axis=0),
+                              jnp.zeros((n, r), prompt_tokens.dtype)], axis=1)
+  vision = None if vision is None else jnp.repeat(vision, g, axis=0)
+
+  def step_fn(state):
+    step, sequence, bufs = state  # draw token `step` from the hidden at column P+step-1
+    generated = jnp.broadcast_to(jnp.arange(r)[None, :] < step, (n, r))
+    token_mask = jnp.concatenate([prompt_mask, generated], axis=1)
+    hidden = model_lib.forward_hidden(params, cfg, sequence,
+                                      model_lib.positions_from_mask(token_mask), token_mask,
+                                      vision)
+    last = jax.lax.dynamic_index_in_dim(hidden, p + step - 1, axis=1, keepdims=False)
+    bufs = _sample_and_record(bufs, model_lib.logits_from_hidden(last, head), key, step,
+                              sampling)
+    sequence = jax.lax.dynamic_update_slice_in_dim(
+        sequence, jax.lax.dynamic_index_in_dim(bufs.tokens, step, axis=1), p + step, axis=1)
+    return step + 1, sequence, bufs
+
+  _, _, bufs = jax.lax.while_loop(lambda s: _keep_decoding(s[0], s[2], r), step_fn,
+                                  (jnp.int32(0), sequence, _empty_buffers(n, r)))
+  return _to_rollout(bufs, b, g)
+
+
+_STATIC = ("cfg", "sampling", "num_samples")
+_generate_jit = jax.jit(_generate_one, static_argnames=_STATIC)
+_stacked_generate_jit = jax.jit(_stacked_generate_one, static_argnames=_STATIC)
+_generate_by_recompute_jit = jax.jit(_generate_by_recompute_one, static_argnames=_STATIC)
+
+
+def _check_generate_args(cfg, prompt_tokens, prompt_mask, vision, sampling, num_samples,
+                         lead: tuple[int, ...] = ()):
+  """Clear errors before tracing. `lead` = expected leading (expert) dims of every input."""
+  if not isinstance(cfg, model_lib.ModelConfig):
+    raise ValueError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+  if not isinstance(sampling, SamplingConfig):
+    raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+  if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or \
+      num_samples <= 0:
+    raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+  bad_stop = [t for t in sampling.stop_token_ids if t >= cfg.vocab_size]
+  if bad_stop:
+    raise ValueError(f"sampling.stop_token_ids {bad_stop} are not below vocab_size="
+                     f"{cfg.vocab_size}")
+  nd = len(lead) + 2
+  shape = tuple(prompt_tokens.shape)
+  if len(shape) != nd or shape[:len(lead)] != lead:
+    want = "[E, B, P]" if lead else "[B, P]"
+    raise ValueError(f"prompt_tokens must be int{want}, got shape {shape}")
+  if not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
+    raise ValueError(f"prompt_tokens must be an integer array, got dtype {prompt_tokens.dtype}")
+  if tuple(prompt_mask.shape) != shape:
+    raise ValueError(f"prompt_mask must have the shape of prompt_tokens {shape}, got "
+                     f"{tuple(prompt_mask.shape)}")
+  if vision is not None:
+    if cfg.vision is None:
+      raise ValueError("vision was given but ModelConfig.vision is None (a text-only model)")
+    v = cfg.vision
+    want = shape[:-1] + (v.num_frames, v.image_size, v.image_size, v.channels)
+    if tuple(vision.shape) != want:
+      raise ValueError(f"vision must be f32[{'E, ' if lead else ''}B, num_frames, H, W, C] = "
+                       f"{want}, got {tuple(vision.shape)}")
+  if not isinstance(prompt_mask, jax.core.Tracer):
+    # Concrete masks are cheap to check: prompts must be LEFT-padded and non-empty.
+    mask = np.asarray(prompt_mask).astype(bool).reshape(-1, shape[-1])
+    if np.any(mask[:, 1:] < mask[:, :-1]):
+      raise ValueError("prompt_mask must be left-padded (padding before the prompt, so every "
+                       "prompt ends in the last column)")
+    if not np.all(mask[:, -1]):
+      raise ValueError("prompt_mask has an empty prompt (a row with no tokens)")
+
+
+def generate(params, cfg: model_lib.ModelConfig, prompt_tokens, prompt_mask, vision, key,
+             sampling: SamplingConfig, num_samples: int) -> Rollout:
+  """Samples `num_samples` responses per prompt with a KV cache (jitted; cfg, sampling and
+  num_samples are static).
+
+  prompt_tokens: int32[B, P] LEFT-padded; prompt_mask: bool[B, P];
+  vision: f32[B, F, H, W, C] or None; key: a PRNG key.
+  Returns a Rollout with [B, G, R] fields (G = num_samples, R = sampling.max_new_tokens).
+  """
+  _check_generate_args(cfg, prompt_tokens, prompt_mask, vision, sampling, num_samples)
+  return _generate_jit(params, cfg, prompt_tokens, prompt_mask, vision, key, sampling,
+                       num_samples)
+
+
+def generate_by_recompute(params, cfg: model_lib.ModelConfig, prompt_tokens, prompt_mask,
+                          vision, key, sampling: SamplingConfig, num_samples: int) -> Rollout:
+  """Same contract and key schedule as `generate`, but recomputes the whole sequence for
+  every token (no cache, prompt computed per sample). An oracle and a baseline; slow."""
+  _check_generate_args(cfg, prompt_tokens, prompt_mask, vision, sampling, num_samples)
+  return _generate_by_recompute_jit(params, cfg, prompt_tokens, prompt_mask, vision, key,
+                                    sampling, num_samples)
+
+
+def stacked_generate(stacked, cfg: model_lib.ModelConfig, prompt_tokens, prompt_mask, vision,
+                     keys, sampling: SamplingConfig, num_samples: int) -> Rollout:
+  """`generate` for E experts in one vmapped call, each on its own prompts and key.
+
+  stacked: params with leading expert axis E; prompt_tokens: int32[E, B, P];
+  prompt_mask: bool[E, B, P]; vision: f32[E, B, F, H, W, C] or None; keys: PRNG keys [E].
+  Returns a Rollout with [E, B, G, R] fields. The loop runs until every expert is done.
+  """
+  e = int(jax.tree_util.tree_leaves(stacked)[0].shape[0])
+  _check_generate_args(cfg, prompt_tokens, prompt_mask, vision, sampling, num_samples, (e,))
+  if jnp.shape(keys)[:1] != (e,):
+    raise ValueError(f"keys must hold one PRNG key per expert ({e}), got shape "
+                     f"{jnp.shape(keys)}")
+  return _stacked_generate_jit(stacked, cfg, prompt_tokens, prompt_mask, vision, keys,
+                               sampling, num_samples)
+
+
+# --------------------------------------------------------------------------- re-scoring
+
+
+def rollout_to_sequences(prompt_tokens, prompt_mask, rollout: Rollout):
+  """Prompt + response as teacher-forcing input for forward_hidden.
+
+  prompt_tokens: int32[B, P] (left-padded); prompt_mask: bool[B, P]; rollout: [B, G, R].
+  Returns, with N = B*G rows ordered (prompt b, sample j) -> b*G + j and T = P + R:
+    tokens:        int32[N, T]  prompt then response (pad after the stop token)
+    positions:     int32[N, T]  cumsum(token_mask) - 1, as the sampler used
+    token_mask:    bool[N, T]   prompt tokens and valid response tokens
+    response_mask: f32[N, T]    1 at t when token t+1 is a valid response token
+
+  Off-by-one convention: hidden[:, t] predicts tokens[:, t+1]. So response token r (at
+  column P+r) is scored by the hidden at column P-1+r, and response_mask[:, P-1+r] =
+  rollout.mask[:, r]; the last column is always 0. `next_token_targets(tokens)` gives the
+  matching targets and `align_response_values` puts per-token rollout values (e.g.
+  raw_logprobs) in the same columns. Vision inputs must be repeated G times
+  (`jnp.repeat(vision, G, axis=0)`). For a stacked rollout, jax.vmap this function.
+  """
+  b, g, r = rollout.tokens.shape
+  n = b * g
+  tokens = jnp.concatenate([jnp.repeat(prompt_tokens, g, axis=0).astype(jnp.int32),
+                            rollout.tokens.reshape(n, r)], axis=1)
+  token_mask = jnp.concatenate([jnp.repeat(prompt_mask.astype(bool), g, axis=0),
+                                rollout.mask.reshape(n, r) > 0], axis=1)
+  positions = model_lib.positions_from_mask(token_mask)
+  response_mask = align_response_values(rollout.mask, prompt_tokens.shape[1])
+  return tokens, positions, token_mask, response_mask
+
+
+def next_token_targets(tokens):
+  """int32[N, T] -> int32[N, T]: targets[:, t] = tokens[:, t+1], last column PAD_ID."""
+  return jnp.concatenate([tokens[:, 1:], jnp.full_like(tokens[:, :1], PAD_ID)], axis=1)
+
+
+def align_response_values(values, prompt_length: int):
+  """Per-response-token values [B, G, R] -> f32[B*G, P+R], value r at column P-1+r (the
+  column whose hidden state predicts response token r), zeros elsewhere."""
+  b, g, r = values.shape
+  flat = values.reshape(b * g, r).astype(jnp.float32)
+  return jnp.pad(flat, ((0, 0), (prompt_length - 1, 1)))
