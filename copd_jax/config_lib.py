@@ -10,10 +10,9 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from copd_jax import tasks
+from copd_jax import default_config, schedules, tasks
 
-# Methods the main job can run. The trainer issue adds the RL methods to this tuple.
-KNOWN_METHODS = ("base",)
+KNOWN_METHODS = default_config.METHODS
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -95,8 +94,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if cfg.method not in KNOWN_METHODS:
     _fail("method", f"must be one of {KNOWN_METHODS}", cfg.method)
   _positive_int(cfg, "num_experts", "")
-  if cfg.method == "base" and cfg.num_experts != 1:
-    _fail("num_experts", "must be 1 for method 'base' (one shared base policy)", cfg.num_experts)
+  if cfg.method in ("base", "mixed_rlvr") and cfg.num_experts != 1:
+    _fail("num_experts", f"must be 1 for method {cfg.method!r} (one policy)", cfg.num_experts)
   if not isinstance(cfg.seed, numbers.Integral):
     _fail("seed", "must be an integer", cfg.seed)
 
@@ -147,3 +146,67 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if s.max_new_tokens > cfg.data.max_response_len:
     _fail("sampling.max_new_tokens", f"must not exceed data.max_response_len="
           f"{cfg.data.max_response_len}", s.max_new_tokens)
+  if cfg.method != "base":
+    if "rl" not in cfg:
+      _fail("rl", f"section is required for method {cfg.method!r}", None)
+    validate_rl(cfg)
+
+
+def _wrap(field: str, build):
+  """Builds a library object from a config node, renaming its errors to the field."""
+  try:
+    return build()
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.{field}: {e}") from None
+
+
+def validate_rl(cfg: ml_collections.ConfigDict) -> None:
+  """Checks config.rl for the RL methods (experts, mixed_rlvr, static_opd, mopd, copd)."""
+  from copd_jax import kernels, objectives  # jax-importing; only needed for RL methods
+  rl = cfg.rl
+  caps = tuple(rl.capabilities)
+  if not caps or len(set(caps)) != len(caps):
+    _fail("rl.capabilities", "must name distinct capabilities", caps)
+  for cap in caps:
+    if cap not in cfg.tasks.capabilities:
+      _fail("rl.capabilities", f"has {cap!r}, which is not in config.tasks.capabilities "
+            f"{tuple(cfg.tasks.capabilities)} (the base never saw it)", caps)
+  if cfg.method not in ("mixed_rlvr",) and cfg.num_experts != len(caps):
+    _fail("num_experts", f"must equal the number of rl.capabilities ({len(caps)}) for method "
+          f"{cfg.method!r}: one expert branch per capability", cfg.num_experts)
+  if cfg.method in ("copd", "static_opd") and len(caps) < 2:
+    _fail("rl.capabilities", f"method {cfg.method!r} needs at least two capabilities", caps)
+  for f in ("steps", "native_prompts", "samples_per_prompt", "eval_every", "eval_examples",
+            "diagnostic_prompts", "log_every"):
+    _positive_int(rl, f, "rl.")
+  _positive_int(rl, "cross_prompts", "rl.", allow_zero=True)
+  _positive_int(rl, "distill_steps", "rl.", allow_zero=True)
+  _positive_float(rl, "learning_rate", "rl.")
+  _positive_float(rl, "grad_clip_norm", "rl.")
+  _positive_float(rl, "weight_decay", "rl.", allow_zero=True)
+  if cfg.method == "copd" and rl.cross_prompts == 0 and rl.opd.topology != "none":
+    _fail("rl.cross_prompts", "must be positive for CoPD with a teacher topology", 0)
+  _wrap("rl.loss", lambda: objectives.PolicyLossConfig(**rl.loss.to_dict()))
+  _wrap("rl.kernel", lambda: kernels.KernelConfig(**rl.kernel.to_dict()))
+  opd = rl.opd
+  if opd.topology not in ("hub", "full", "none"):
+    _fail("rl.opd.topology", "must be one of ('hub', 'full', 'none')", opd.topology)
+  if opd.topology == "hub" and opd.hub not in caps:
+    _fail("rl.opd.hub", f"must be one of rl.capabilities {caps}", opd.hub)
+  _positive_float(opd, "beta", "rl.opd.", allow_zero=True)
+  _check_capability_dict(opd.branch_beta, "rl.opd.branch_beta", caps)
+  for cap in opd.branch_beta:
+    _positive_float(opd.branch_beta, cap, "rl.opd.branch_beta.", allow_zero=True)
+  _wrap("rl.opd.schedule", lambda: schedules.OPDSchedule(**opd.schedule.to_dict()))
+  _check_capability_dict(rl.merge_weights, "rl.merge_weights", caps)
+  for cap in rl.merge_weights:
+    _positive_float(rl.merge_weights, cap, "rl.merge_weights.", allow_zero=True)
+  if rl.merge_weights and sum(rl.merge_weights.values()) <= 0:
+    _fail("rl.merge_weights", "must give some branch a positive weight", dict(rl.merge_weights))
+  if cfg.method == "static_opd":
+    t, s = rl.static_opd.teacher, rl.static_opd.student
+    for name, cap in (("teacher", t), ("student", s)):
+      if cap not in caps:
+        _fail(f"rl.static_opd.{name}", f"must be one of rl.capabilities {caps}", cap)
+    if t == s:
+      _fail("rl.static_opd.student", "must differ from rl.static_opd.teacher", s)

@@ -50,3 +50,38 @@ def evaluate(params: Any, setup: RunSetup, eval_sets: dict[str, list], *,
     metrics[f"response_chars/{cap}"] = float(np.mean([len(r) for r in responses]))
   metrics["accuracy/overall"] = float(np.mean([metrics[f"accuracy/{c}"] for c in eval_sets]))
   return metrics
+
+
+def greedy_responses_stacked(stacked: Any, setup: RunSetup, examples: Sequence[tasks.Example],
+                             max_new_tokens: int, batch_size: int) -> list[list[str]]:
+  """Every branch of a stacked pytree answers the same examples, one vmapped call per
+  batch. Returns responses[branch][example]."""
+  sampling_cfg = sampling.SamplingConfig(
+      max_new_tokens=max_new_tokens, greedy=True, stop_token_ids=(setup.tokenizer.eos_id,))
+  num = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+  out: list[list[str]] = [[] for _ in range(num)]
+  for start in range(0, len(examples), batch_size):
+    chunk = examples[start:start + batch_size]
+    batch = setup.encode_prompts(_pad_to(chunk, batch_size))
+    tile = lambda x: np.broadcast_to(x, (num,) + x.shape)
+    rollout = sampling.stacked_generate(
+        stacked, setup.model_cfg, tile(batch.tokens), tile(batch.mask), tile(batch.frames),
+        jax.random.split(jax.random.key(0), num), sampling_cfg, 1)
+    tokens = np.asarray(rollout.tokens)[:, : len(chunk), 0]
+    mask = np.asarray(rollout.mask)[:, : len(chunk), 0]
+    for k in range(num):
+      out[k] += decode_responses(tokens[k], mask[k], setup.tokenizer)
+  return out
+
+
+def evaluate_stacked(stacked: Any, setup: RunSetup, eval_sets: dict[str, list], *,
+                     max_new_tokens: int, batch_size: int) -> dict[str, np.ndarray]:
+  """Held-out accuracy of every branch: {'accuracy/<cap>': f32[S], 'accuracy/overall': f32[S]}."""
+  metrics = {}
+  for cap, examples in eval_sets.items():
+    responses = greedy_responses_stacked(stacked, setup, examples, max_new_tokens, batch_size)
+    answers = [ex.answer for ex in examples]
+    metrics[f"accuracy/{cap}"] = np.array(
+        [verifiers.batch_rewards(r, answers).mean() for r in responses], np.float32)
+  metrics["accuracy/overall"] = np.mean([metrics[f"accuracy/{c}"] for c in eval_sets], axis=0)
+  return metrics

@@ -1,8 +1,9 @@
 """Main job: `python -m copd_jax.main --config=configs/<name>.py [--config.a.b=value]`.
 
-For method `base` it warm-starts (or reloads) the base policy, evaluates it on each
-capability's held-out set, and writes TensorBoard events, metrics.jsonl and
-summary.json under config.workdir.
+Every method first warm-starts (or reloads) the shared base policy. `base` then
+evaluates it on each capability's held-out set; the RL methods train their branches
+(copd_jax/methods.py) and evaluate them. TensorBoard events, metrics.jsonl, summary.json
+and the final parameters go under config.workdir.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def run(cfg) -> dict:
   with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
     f.write(cfg.to_json_best_effort(indent=2))
   setup = policy_setup.build_setup(cfg)
-  eval_sets = policy_setup.held_out_sets(cfg, setup)
+  eval_sets = policy_setup.held_out_sets(cfg, setup) if cfg.method == "base" else None
   writer = MetricsWriter(cfg.workdir)
   try:
     start = time.perf_counter()
@@ -38,15 +39,20 @@ def run(cfg) -> dict:
     warm_seconds = time.perf_counter() - start
     print(("loaded" if loaded else "trained") + f" base policy in {warm_seconds:.1f}s "
           f"({warm_start.base_policy_dir(cfg)})", flush=True)
-    metrics = evaluation.evaluate(params, setup, eval_sets,
-                                  max_new_tokens=cfg.sampling.max_new_tokens,
-                                  batch_size=cfg.eval.batch_size)
-    writer.write(cfg.warm_start.steps, {f"eval/{k}": v for k, v in metrics.items()})
+    summary = {"method": cfg.method, "seed": cfg.seed, "base_policy_loaded": loaded,
+               "warm_start_seconds": round(warm_seconds, 2),
+               "eval_examples_per_capability": cfg.eval.num_examples}
+    if cfg.method == "base":
+      metrics = evaluation.evaluate(params, setup, eval_sets,
+                                    max_new_tokens=cfg.sampling.max_new_tokens,
+                                    batch_size=cfg.eval.batch_size)
+      writer.write(cfg.warm_start.steps, {f"eval/{k}": v for k, v in metrics.items()})
+      summary.update(metrics)
+    else:
+      from copd_jax import methods
+      summary.update(methods.run_rl_method(cfg, setup, params, writer))
   finally:
     writer.close()
-  summary = {"method": cfg.method, "seed": cfg.seed, "base_policy_loaded": loaded,
-             "warm_start_seconds": round(warm_seconds, 2),
-             "eval_examples_per_capability": cfg.eval.num_examples, **metrics}
   with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   print("summary: " + json.dumps(summary), flush=True)

@@ -272,20 +272,55 @@ def _attention_weights(scores, mask):
   return jax.nn.softmax(jnp.where(mask, scores, _MASKED_SCORE), axis=-1)
 
 
+def _attend_with_shared_prefix(q, k, v, cache: LayerCache, mask):
+  """Decode-time attention: shared prompt prefix + filled response slots + the new tokens.
+
+  q: [N, T, K, H/K, Dh] (scaled); k, v: [N, T, K, Dh] the new tokens' keys/values;
+  mask = (prefix_mask bool[B, P], filled_slots bool[R], causal bool[T, T]).
+  Returns out f32[N, T, K, H/K, Dh]. One softmax spans all three key sets. The cache is
+  only read here: the caller writes the new keys afterwards (write_decode_cache), so the
+  write can sit outside any vmap (a vmapped dynamic_update_slice becomes a copying scatter).
+  """
+  prefix_mask, filled_slots, causal = mask
+  (b, p), (n, t, kv_heads, groups, hd) = prefix_mask.shape, q.shape
+  r = cache.k.shape[2]
+  g = n // b  # samples per prompt
+  f32 = dict(preferred_element_type=jnp.float32)
+  q_by_prompt = q.reshape(b, g, t, kv_heads, groups, hd)
+  scores = jnp.concatenate([
+      jnp.einsum("bjtkgd,bksd->bjkgts", q_by_prompt, cache.prefix_k, **f32)
+      .reshape(n, kv_heads, groups, t, p),
+      jnp.einsum("btkgd,bksd->bkgts", q, cache.k, **f32),
+      jnp.einsum("btkgd,bskd->bkgts", q, k, **f32)], axis=-1)
+  full_mask = jnp.concatenate([
+      jnp.broadcast_to(jnp.repeat(prefix_mask, g, axis=0)[:, None, :], (n, t, p)),
+      jnp.broadcast_to(filled_slots[None, None, :], (n, t, r)),
+      jnp.broadcast_to(causal[None], (n, t, t))], axis=-1)
+  probs = _attention_weights(scores, full_mask[:, None, None]).astype(q.dtype)
+  prefix_probs = probs[..., :p].reshape(b, g, kv_heads, groups, t, p)
+  # Heads-major outputs ("...gtd"): with the other operand order XLA:CPU emits an unfused
+  # bf16 x bf16 -> f32 dot it cannot run.
+  out = (jnp.einsum("bjkgts,bksd->bjkgtd", prefix_probs, cache.prefix_v, **f32)
+         .reshape(n, kv_heads, groups, t, hd)
+         + jnp.einsum("bkgts,bksd->bkgtd", probs[..., p:p + r], cache.v, **f32)
+         + jnp.einsum("bkgts,bskd->bkgtd", probs[..., p + r:], v, **f32))
+  return out.transpose(0, 3, 1, 2, 4)
+
+
 class Attention(nn.Module):
   """Grouped-query attention with Qwen3 q/k RMSNorm and RoPE.
 
-  Without `cache`: the keys are this call's tokens; mask: bool[B, T, T]. Returns
-  (out f32[B, T, D], (k, v) [B, K, T, Dh]) -- the keys are what a prefill keeps.
-  With `cache` (a LayerCache): the new keys go to response slot `write_index`, queries
-  attend to the shared prefix and to the response slots; mask = (prefix_mask bool[B, P],
-  response_mask bool[N, T, R]). Returns (out, updated LayerCache). Reading the prefix
-  once per prompt rather than once per sample is what makes G samples cheap.
+  Without `cache`: keys are this call's tokens; mask: bool[N, T, T].
+  With `cache` (a LayerCache, read only): keys are the shared prompt prefix, the filled
+  response slots and this call's tokens; mask as in _attend_with_shared_prefix. Reading
+  the prefix once per prompt rather than once per sample is what makes G samples cheap.
+  Returns (out f32[N, T, D], this call's (k, v) [N, K, T, Dh]) -- what a prefill keeps
+  and what a decode step writes into its cache.
   """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache=None, write_index=None):
+  def __call__(self, x, positions, mask, cache=None):
     cfg, dt = self.cfg, self.cfg.compute_dtype
     n, t, _ = x.shape
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -297,36 +332,15 @@ class Attention(nn.Module):
     k, v = k.astype(dt), v.astype(dt)
     # Group query heads by the kv head they share: [N, T, K, H/K, Dh].
     q = (q.reshape(n, t, kv_heads, heads // kv_heads, hd) * (hd ** -0.5)).astype(dt)
-    f32 = dict(preferred_element_type=jnp.float32)
     if cache is None:
+      f32 = dict(preferred_element_type=jnp.float32)
       probs = _attention_weights(jnp.einsum("btkgd,bskd->bkgts", q, k, **f32),
                                  mask[:, None, None])
       out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), v, **f32)
-      new_cache = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
     else:
-      prefix_mask, response_mask = mask
-      b, p = prefix_mask.shape
-      g = n // b
-      k_resp = jax.lax.dynamic_update_slice_in_dim(cache.k, k.transpose(0, 2, 1, 3),
-                                                   write_index, axis=2)
-      v_resp = jax.lax.dynamic_update_slice_in_dim(cache.v, v.transpose(0, 2, 1, 3),
-                                                   write_index, axis=2)
-      q_by_prompt = q.reshape(b, g, t, kv_heads, heads // kv_heads, hd)
-      prefix_scores = jnp.einsum("bjtkgd,bksd->bjkgts", q_by_prompt, cache.prefix_k, **f32)
-      scores = jnp.concatenate([prefix_scores.reshape(n, kv_heads, -1, t, p),
-                                jnp.einsum("btkgd,bksd->bkgts", q, k_resp, **f32)], axis=-1)
-      row_prefix_mask = jnp.broadcast_to(jnp.repeat(prefix_mask, g, axis=0)[:, None, :],
-                                         (n, t, p))
-      full_mask = jnp.concatenate([row_prefix_mask, response_mask], axis=-1)
-      probs = _attention_weights(scores, full_mask[:, None, None]).astype(dt)
-      prefix_probs = probs[..., :p].reshape(b, g, kv_heads, -1, t, p)
-      out = (jnp.einsum("bjkgts,bksd->bjkgtd", prefix_probs, cache.prefix_v, **f32)
-             .reshape(n, kv_heads, -1, t, hd)
-             + jnp.einsum("bkgts,bksd->bkgtd", probs[..., p:], v_resp, **f32))
-      out = out.transpose(0, 3, 1, 2, 4)
-      new_cache = cache.replace(k=k_resp, v=v_resp)
+      out = _attend_with_shared_prefix(q, k, v, cache, mask)
     out = Linear(cfg.d_model, dt, name="o_proj")(out.reshape(n, t, heads * hd))
-    return out, new_cache
+    return out, (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
 
 
 class SwiGLU(nn.Module):
@@ -347,11 +361,10 @@ class DecoderLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache=None, write_index=None):
+  def __call__(self, x, positions, mask, cache=None):
     cfg = self.cfg
     h, kv = Attention(cfg, name="self_attn")(
-        RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x), positions, mask, cache,
-        write_index)
+        RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x), positions, mask, cache)
     x = x + h
     x = x + SwiGLU(cfg.mlp_dim, cfg.d_model, cfg.compute_dtype, name="mlp")(
         RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x))
@@ -448,14 +461,16 @@ def replace_placeholders(embeds, tokens, vision_embeds, image_token_id: int):
 
 
 class Policy(nn.Module):
-  """Decoder LM. `__call__` returns (final-normed hidden f32[N, T, D], per-layer cache).
+  """Decoder LM: returns (final-normed hidden f32[N, T, D], per-layer (k, v) [N, K, T, Dh]
+  of this call's tokens).
 
   tokens, positions: int32[N, T].
   Without `cache` (training, scoring, prefill): key_mask is the token mask bool[N, T];
-  attention is causal and skips padded keys; returns each layer's (k, v) [N, K, T, Dh].
-  With `cache` (decoding; a tuple of LayerCache over layers): key_mask is the prompts'
-  prefix mask bool[B, P] with N = B*G; query t sits at response slot write_index + t and
-  sees every valid prefix key plus response slots <= its own; returns the updated cache.
+  attention is causal and skips padded keys.
+  With `cache` (decoding; a tuple of LayerCache over layers, read only): key_mask is the
+  prompts' prefix mask bool[B, P] with N = B*G; the new tokens sit at response slots
+  write_index .. write_index+T-1 and see every valid prefix key, the response slots
+  before write_index and each other causally. Write their keys with write_decode_cache.
   """
   cfg: ModelConfig
 
@@ -477,20 +492,17 @@ class Policy(nn.Module):
     if vision is not None:
       x = replace_placeholders(x, tokens, self.visual(vision), cfg.image_token_id)
     t = tokens.shape[1]
+    causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]  # [T, T]
     if cache is None:
-      causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]  # [T, T]
       mask = causal[None] & key_mask[:, None, :]  # [N, T, T]
     else:
-      num_slots = cache[0].k.shape[2]
-      query_slots = write_index + jnp.arange(t)
-      response_mask = jnp.arange(num_slots)[None, :] <= query_slots[:, None]  # [T, R]
-      mask = (key_mask, jnp.broadcast_to(response_mask, (tokens.shape[0], t, num_slots)))
-    new_cache = []
+      filled_slots = jnp.arange(cache[0].k.shape[2]) < write_index  # [R]
+      mask = (key_mask, filled_slots, causal)
+    new_kv = []
     for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, positions, mask, None if cache is None else cache[i],
-                             write_index)
-      new_cache.append(layer_cache)
-    return self.norm(x), tuple(new_cache)
+      x, kv = layer(x, positions, mask, None if cache is None else cache[i])
+      new_kv.append(kv)
+    return self.norm(x), tuple(new_kv)
 
   def init_all(self, tokens, positions, key_mask, vision=None):
     """Creates every parameter, including the untied head (unused by __call__)."""
@@ -586,13 +598,41 @@ def init_decode_cache(prefix_kv, num_samples: int, num_slots: int):
 
 def decode_step(params: Params, cfg: ModelConfig, tokens, positions, prefix_mask, cache,
                 write_index):
-  """Feeds tokens int32[N, T] (usually T = 1) at response slots write_index .. + T - 1.
+  """Runs tokens int32[N, T] (usually T = 1) that belong at response slots write_index ..
+  write_index+T-1, reading (not writing) the cache.
 
   positions: int32[N, T]; prefix_mask: bool[B, P] (the prompts' token mask, N = B*G);
-  cache: tuple of LayerCache. Returns (hidden f32[N, T, D], updated cache).
+  cache: tuple of LayerCache. Returns (hidden f32[N, T, D], per-layer new (k, v)
+  [N, K, T, Dh]); store them with write_decode_cache(cache, new_kv, write_index).
   """
+  if tokens.shape[0] % prefix_mask.shape[0]:
+    raise ValueError(f"decode_step: tokens rows ({tokens.shape[0]}) must be a multiple of "
+                     f"prefix_mask rows ({prefix_mask.shape[0]}): N = B * samples per prompt")
   return Policy(cfg).apply({"params": params}, tokens, positions, prefix_mask.astype(bool),
                            None, cache, write_index)
+
+
+def write_decode_cache(cache, new_kv, write_index):
+  """Stores each layer's new keys/values [..., K, T, Dh] at response slots write_index ..
+  write_index+T-1. Works with any leading axes (e.g. a stacked expert axis), so callers can
+  keep this in-place update outside jax.vmap."""
+  def write(slots, new):
+    return jax.lax.dynamic_update_slice_in_dim(slots, new.astype(slots.dtype), write_index,
+                                               axis=slots.ndim - 2)
+  return tuple(c.replace(k=write(c.k, k), v=write(c.v, v)) for c, (k, v) in zip(cache, new_kv))
+
+
+def cast_matmul_kernels(params: Params, cfg: ModelConfig) -> Params:
+  """Params with every layer `kernel` already in the compute dtype (norms, biases,
+  embeddings and the f32 lm_head stay as they are). Outputs are bit-identical, because
+  Linear casts its kernel to that dtype anyway; the sampler calls this once before its
+  loop so decode steps read compute-dtype weights instead of re-casting f32 ones."""
+  dt = cfg.compute_dtype
+
+  def cast(path, x):
+    names = [getattr(k, "key", None) for k in path]
+    return x.astype(dt) if names[-1] == "kernel" and "lm_head" not in names else x
+  return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def lm_head(params: Params, cfg: ModelConfig):

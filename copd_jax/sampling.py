@@ -149,19 +149,40 @@ def _empty_buffers(n: int, r: int) -> _Buffers:
   return _Buffers(jnp.zeros((n, r), jnp.int32), zeros, zeros, zeros, jnp.zeros((n,), bool))
 
 
-def _sample_and_record(bufs: _Buffers, logits, key, step, sampling: SamplingConfig) -> _Buffers:
+@flax.struct.dataclass
+class _Draw:
+  """One step's outcome per row, each [N]: the token (pad for finished rows), its log-probs,
+  whether the row was still live, and whether it is done after this token."""
+  tokens: jax.Array
+  logprobs: jax.Array
+  raw_logprobs: jax.Array
+  live: jax.Array
+  done: jax.Array
+
+
+def _draw(logits, key, step, done, sampling: SamplingConfig) -> _Draw:
   """Draws token `step` for every row from logits f32[N, V]; rows already done get pad."""
   tokens, logprobs, raw = sample_tokens(logits, jax.random.fold_in(key, step), sampling)
-  live = ~bufs.done
+  live = ~done
   tokens = jnp.where(live, tokens, PAD_ID)
   stop_ids = jnp.asarray(sampling.stop_token_ids, jnp.int32).reshape(-1)
   is_stop = jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1) & live
-  return _Buffers(
-      tokens=bufs.tokens.at[:, step].set(tokens),
-      logprobs=bufs.logprobs.at[:, step].set(jnp.where(live, logprobs, 0.0)),
-      raw_logprobs=bufs.raw_logprobs.at[:, step].set(jnp.where(live, raw, 0.0)),
-      mask=bufs.mask.at[:, step].set(live.astype(jnp.float32)),
-      done=bufs.done | is_stop)
+  return _Draw(tokens=tokens, logprobs=jnp.where(live, logprobs, 0.0),
+               raw_logprobs=jnp.where(live, raw, 0.0), live=live, done=done | is_stop)
+
+
+def _record(bufs: _Buffers, draw: _Draw, step) -> _Buffers:
+  """Writes a draw into column `step`. Any leading axes (an expert axis) work, so stacked
+  sampling keeps this in-place update outside its vmap."""
+  def put(buf, column):
+    return jax.lax.dynamic_update_index_in_dim(buf, column.astype(buf.dtype), step, axis=-1)
+  return _Buffers(tokens=put(bufs.tokens, draw.tokens), logprobs=put(bufs.logprobs, draw.logprobs),
+                  raw_logprobs=put(bufs.raw_logprobs, draw.raw_logprobs),
+                  mask=put(bufs.mask, draw.live), done=draw.done)
+
+
+def _sample_and_record(bufs: _Buffers, logits, key, step, sampling: SamplingConfig) -> _Buffers:
+  return _record(bufs, _draw(logits, key, step, bufs.done, sampling), step)
 
 
 def _to_rollout(bufs: _Buffers, b: int, g: int) -> Rollout:
@@ -183,7 +204,7 @@ def _keep_decoding(step, bufs: _Buffers, max_new_tokens: int):
 @flax.struct.dataclass
 class _DecodeState:
   """What the decode loop carries for one policy (a leading E axis when stacked)."""
-  cache: tuple  # of model.LayerCache: prefix [B, P, ...] shared, response slots [N, R, ...]
+  cache: tuple  # of model.LayerCache: prefix [B, K, P, Dh] shared, response [N, K, R, Dh]
   prefix_mask: jax.Array  # bool[B, P]
   prompt_len: jax.Array  # int32[N], real prompt tokens per row
   bufs: _Buffers
@@ -208,14 +229,26 @@ def _start(params, cfg, prompt_tokens, prompt_mask, vision, key, sampling, num_s
       bufs=bufs)
 
 
-def _advance(params, cfg, state: _DecodeState, key, sampling, step) -> _DecodeState:
-  """Feed token step-1 (response slot step-1) through the model and draw token `step`."""
-  prev = jax.lax.dynamic_index_in_dim(state.bufs.tokens, step - 1, axis=1)  # [N, 1]
-  hidden, cache = model_lib.decode_step(params, cfg, prev, (state.prompt_len + step - 1)[:, None],
-                                        state.prefix_mask, state.cache, step - 1)
+def _next_draw(params, cfg, state: _DecodeState, prev, key, sampling, step):
+  """Runs token step-1 (prev int32[N, 1], response slot step-1) and draws token `step`.
+
+  Reads the state only; returns (the new keys/values per layer, the draw). Vmappable."""
+  hidden, new_kv = model_lib.decode_step(params, cfg, prev,
+                                         (state.prompt_len + step - 1)[:, None],
+                                         state.prefix_mask, state.cache, step - 1)
   logits = model_lib.logits_from_hidden(hidden[:, 0], model_lib.lm_head(params, cfg))
-  return state.replace(cache=cache,
-                       bufs=_sample_and_record(state.bufs, logits, key, step, sampling))
+  return new_kv, _draw(logits, key, step, state.bufs.done, sampling)
+
+
+def _store(state: _DecodeState, new_kv, draw: _Draw, step) -> _DecodeState:
+  """The in-place writes of a step (works with or without a leading expert axis)."""
+  return state.replace(cache=model_lib.write_decode_cache(state.cache, new_kv, step - 1),
+                       bufs=_record(state.bufs, draw, step))
+
+
+def _previous_tokens(state: _DecodeState, step):
+  """Token step-1 of every row: int32[..., N, 1]."""
+  return jax.lax.dynamic_slice_in_dim(state.bufs.tokens, step - 1, 1, axis=-1)
 
 
 def _decode_loop(advance, state: _DecodeState, max_new_tokens: int) -> _Buffers:
@@ -228,24 +261,32 @@ def _decode_loop(advance, state: _DecodeState, max_new_tokens: int) -> _Buffers:
 
 
 def _generate_one(params, cfg, prompt_tokens, prompt_mask, vision, key, sampling, num_samples):
+  params = model_lib.cast_matmul_kernels(params, cfg)  # once, not on every decode step
   state = _start(params, cfg, prompt_tokens, prompt_mask, vision, key, sampling, num_samples)
-  bufs = _decode_loop(lambda step, st: _advance(params, cfg, st, key, sampling, step), state,
-                      sampling.max_new_tokens)
+
+  def advance(step, st):
+    new_kv, draw = _next_draw(params, cfg, st, _previous_tokens(st, step), key, sampling, step)
+    return _store(st, new_kv, draw, step)
+  bufs = _decode_loop(advance, state, sampling.max_new_tokens)
   return _to_rollout(bufs, prompt_tokens.shape[0], num_samples)
 
 
 def _stacked_generate_one(stacked, cfg, prompt_tokens, prompt_mask, vision, keys, sampling,
                           num_samples):
-  # The loop stays OUTSIDE the vmap, so its predicate is one scalar over all experts;
-  # vmapping a while_loop with a per-expert predicate would select (copy) the whole cache
-  # on every step.
+  # Only the per-expert compute is vmapped. The loop stays outside, so its predicate is one
+  # scalar (a vmapped while_loop with per-expert predicates selects -- copies -- the whole
+  # carry every step), and so do the cache/buffer writes (a vmapped dynamic_update_slice
+  # becomes a scatter that copies the cache every step).
+  stacked = model_lib.cast_matmul_kernels(stacked, cfg)
   state = jax.vmap(lambda prm, tok, m, vis, key: _start(prm, cfg, tok, m, vis, key, sampling,
                                                         num_samples))(
       stacked, prompt_tokens, prompt_mask, vision, keys)
 
   def advance(step, st):
-    return jax.vmap(lambda prm, s, key: _advance(prm, cfg, s, key, sampling, step))(
-        stacked, st, keys)
+    new_kv, draw = jax.vmap(
+        lambda prm, s, prev, key: _next_draw(prm, cfg, s, prev, key, sampling, step))(
+            stacked, st, _previous_tokens(st, step), keys)
+    return _store(st, new_kv, draw, step)
   bufs = _decode_loop(advance, state, sampling.max_new_tokens)
   return jax.vmap(lambda bf: _to_rollout(bf, prompt_tokens.shape[1], num_samples))(bufs)
 

@@ -195,6 +195,21 @@ def test_bf16_compute_stays_close_to_f32(params):
   assert np.abs(h16 - h32).max() < 0.1 and np.abs(h16 - h32).max() > 0
 
 
+def test_cast_matmul_kernels_changes_nothing_but_dtypes(params):
+  cfg16 = tiny_config(dtype="bfloat16", tie_embeddings=False)
+  p16 = M.init_params(cfg16, jax.random.key(1))
+  cast = M.cast_matmul_kernels(p16, cfg16)
+  assert cast["layers_0"]["mlp"]["up_proj"]["kernel"].dtype == jnp.bfloat16
+  assert cast["visual"]["patch_embed"]["kernel"].dtype == jnp.bfloat16
+  assert cast["lm_head"]["kernel"].dtype == jnp.float32  # logits stay f32
+  assert cast["layers_0"]["input_layernorm"]["scale"].dtype == jnp.float32
+  tokens = jax.random.randint(jax.random.key(2), (2, 6), 4, 48)
+  mask = jnp.ones((2, 6), bool)
+  pos = M.positions_from_mask(mask)
+  np.testing.assert_array_equal(M.forward_hidden(cast, cfg16, tokens, pos, mask),
+                                M.forward_hidden(p16, cfg16, tokens, pos, mask))
+
+
 def test_config_accepts_dicts_and_configdicts():
   d = dataclasses.asdict(tiny_config())
   cd = ml_collections.ConfigDict(d)

@@ -82,12 +82,18 @@ def test_cached_decode_logits_equal_full_forward(cfg, params):
                              atol=1e-5)
   cache = M.init_decode_cache(kv, g, steps)
   assert cache[0].prefix_k.shape[0] == 2 and cache[0].k.shape[:3] == (4, cfg.num_kv_heads, steps)
-  hidden, cache = _jit_decode_step(params, cfg, tokens[:, p:p + 1], pos[:, p:p + 1],
-                                   prompt_mask, cache, 0)
+  hidden, new_kv = _jit_decode_step(params, cfg, tokens[:, p:p + 1], pos[:, p:p + 1],
+                                    prompt_mask, cache, 0)
   np.testing.assert_allclose(M.logits_from_hidden(hidden[:, 0], head), full[:, p], atol=1e-5)
-  hidden, cache = _jit_decode_step(params, cfg, tokens[:, p + 1:], pos[:, p + 1:], prompt_mask,
-                                   cache, 1)
+  cache = M.write_decode_cache(cache, new_kv, 0)
+  hidden, new_kv = _jit_decode_step(params, cfg, tokens[:, p + 1:], pos[:, p + 1:],
+                                    prompt_mask, cache, 1)  # two tokens at once
   np.testing.assert_allclose(M.logits_from_hidden(hidden, head), full[:, p + 1:], atol=1e-5)
+  cache = M.write_decode_cache(cache, new_kv, 1)
+  # The cache now holds exactly the keys a prefill of all ten columns would compute.
+  _, all_kv = _jit_prefill(params, cfg, tokens, pos, mask)
+  np.testing.assert_allclose(cache[1].k, all_kv[1][0][:, :, p:], atol=1e-5)
+  np.testing.assert_allclose(cache[1].v, all_kv[1][1][:, :, p:], atol=1e-5)
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, TRUNCATED], ids=["greedy", "truncated"])

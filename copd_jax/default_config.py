@@ -1,0 +1,143 @@
+"""Default run configs: the base recipe and the RL section every method shares.
+
+The files in configs/ are thin wrappers around `get(method, preset)`, so a field means the
+same thing in every method and ablating one is a command-line override.
+"""
+import ml_collections
+
+CAPABILITIES = ("text", "image", "video")
+
+
+def toy_model() -> ml_collections.ConfigDict:
+  """A Qwen3-layout decoder small enough to train on 2 CPU cores."""
+  return ml_collections.ConfigDict(dict(
+      vocab_size=64,
+      d_model=128,
+      num_layers=4,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=32,
+      mlp_dim=384,
+      rope_theta=10_000.0,
+      rms_norm_eps=1e-6,
+      tie_embeddings=True,
+      dtype="bfloat16",  # compute dtype; parameters are always float32
+      image_token_id=3,  # ToyTokenizer's <img> placeholder
+      vision=dict(image_size=32, patch_size=8, channels=3, num_frames=4,
+                  tubelet=2, width=64, depth=2, num_heads=4, mlp_dim=128),
+  ))
+
+
+def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
+  if preset not in ("toy", "micro"):
+    raise ValueError(f"unknown config preset {preset!r}; use 'toy' or 'micro'")
+  c = ml_collections.ConfigDict()
+  c.method = "base"
+  c.seed = 0
+  c.workdir = "runs/base"
+  c.num_experts = 1
+
+  c.model = toy_model()
+
+  c.tasks = ml_collections.ConfigDict(dict(
+      capabilities=CAPABILITIES,
+      # The difficulty knob of each generator (see copd_jax/tasks.py).
+      difficulty=dict(text=2, image=2, video=2),
+      seed=1234,  # task-suite seed: train stream and held-out set derive from it
+  ))
+  c.data = ml_collections.ConfigDict(dict(max_prompt_len=64, max_response_len=24))
+
+  # SFT warm-start: the analog of the paper's instruction-tuned base. `mix` sets how
+  # much of each capability the base sees, i.e. where each capability starts.
+  c.warm_start = ml_collections.ConfigDict(dict(
+      steps=1500,
+      batch_size=48,
+      learning_rate=3e-3,
+      warmup_steps=100,
+      weight_decay=0.01,
+      grad_clip_norm=1.0,
+      mix=dict(text=1.0, image=1.0, video=1.0),
+      checkpoint_dir="",  # empty: <workdir>/base_policy
+      reuse_checkpoint=True,  # load a matching saved base instead of retraining
+      log_every=50,
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(num_examples=128, batch_size=128))
+  c.sampling = ml_collections.ConfigDict(dict(
+      temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=24))
+
+  if preset == "micro":
+    c.workdir = "runs/micro"
+    c.model.update(dict(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                        head_dim=16, mlp_dim=64, dtype="float32"))
+    c.model.vision.update(dict(width=16, depth=1, num_heads=2, mlp_dim=32))
+    c.tasks.difficulty = dict(text=1, image=1, video=1)
+    c.warm_start.update(dict(steps=4, batch_size=6, warmup_steps=1, log_every=2))
+    c.eval.update(dict(num_examples=6, batch_size=6))
+  return c
+
+
+METHODS = ("base", "experts", "mixed_rlvr", "static_opd", "mopd", "copd")
+
+
+def rl_section(preset: str) -> ml_collections.ConfigDict:
+  """Settings of the CoPD trainer shared by every RL method (see copd_jax/methods.py)."""
+  rl = ml_collections.ConfigDict(dict(
+      # Budget: `steps` is ONE expert's optimizer steps. Experts: each branch runs `steps`;
+      # mixed RLVR: one branch runs steps x number of capabilities (the sum of the
+      # experts'); CoPD: each branch runs `steps` (same sum of branch-steps).
+      # Capabilities this method trains and evaluates (the base always sees all of
+      # config.tasks.capabilities); one branch each for experts / CoPD.
+      capabilities=CAPABILITIES,
+      steps=30,
+      native_prompts=8,       # GRPO prompts per branch per step
+      samples_per_prompt=8,   # G (the paper: 8)
+      cross_prompts=4,        # per branch, on OPD steps, from its teachers' data
+      learning_rate=2e-5,
+      grad_clip_norm=1.0,
+      weight_decay=0.0,
+      scale_by_std=True,      # GRPO; False = Dr.GRPO
+      loss=dict(eps_low=0.2, eps_high=0.28, kl_coef=0.0, kl_estimator="k3",
+                entropy_coef=0.0, aggregation="token_mean", opd_student_logprob="old"),
+      kernel=dict(backend="chunked", vocab_tile=64, token_tile=1024),
+      opd=dict(
+          topology="hub",     # hub | full | none
+          hub="text",         # the paper's hub
+          beta=1.0,           # OPD rate of every branch ...
+          branch_beta={},     # ... or per capability, e.g. {'text': 0.5}: asymmetric rates
+          schedule=dict(kind="cycle", s_rl=3, s_opd=2,  # 1.5 : 1, the paper's best
+                        constant_weight=1.0, overlap_target=0.9, warmup_steps=0),
+      ),
+      merge_weights={},       # per capability branch; empty = uniform average
+      # Two-stage baselines: stage 2 length in steps, and where stage-1 experts come from.
+      distill_steps=30,
+      experts_dir="",         # a finished `experts` run's workdir to reuse; "" = train them
+      static_opd=dict(teacher="text", student="image"),
+      mopd=dict(cross_outcome_reward=False),
+      eval_every=10,
+      eval_examples=48,       # per capability, during training (final eval: eval.num_examples)
+      diagnostic_prompts=8,   # per branch, for overlap / symmetric KL
+      log_every=1,
+  ))
+  if preset == "micro":
+    rl.update(dict(steps=2, native_prompts=2, samples_per_prompt=2, cross_prompts=2,
+                   distill_steps=2, eval_every=2, eval_examples=4, diagnostic_prompts=2))
+    rl.opd.schedule.update(dict(s_rl=1, s_opd=1))
+  return rl
+
+
+def get(method: str, preset: str = "toy") -> ml_collections.ConfigDict:
+  """The config of `method` at `preset` ('toy' or 'micro')."""
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; known: {METHODS}")
+  c = base_config(preset)
+  c.method = method
+  c.workdir = f"runs/{method}" + ("_micro" if preset == "micro" else "")
+  c.warm_start.checkpoint_dir = "runs/base_policy" + ("_micro" if preset == "micro" else "")  # shared by all methods
+  c.rl = rl_section(preset)
+  if method == "static_opd":
+    c.rl.capabilities = ("text", "image")  # the paper's two-branch setting
+  # Expert branches: one per trained capability (the experts stage of static OPD and
+  # MOPD, the co-evolving branches of CoPD); 1 for base and mixed RLVR. Must match.
+  c.num_experts = 1 if method in ("base", "mixed_rlvr") else len(c.rl.capabilities)
+  return c

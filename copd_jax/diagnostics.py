@@ -1,0 +1,77 @@
+"""Behavioural diagnostics between branches (not losses): top-k overlap and symmetric KL.
+
+Overlap, the paper's definition: O(student, teacher) = mean over the student's on-policy
+states s of |TopK(pi_student(.|s)) & TopK(pi_teacher(.|s))| / K, K = 10. The states are
+the prefixes of the student's own rollouts (every response position).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from copd_jax import kernels
+from copd_jax import model as model_lib
+from copd_jax import sampling
+
+
+def top_k_overlap(ids_a, ids_b, mask):
+  """|A & B| / K averaged over masked states.
+
+  ids_a, ids_b: int32[..., K] (each row's K distinct token ids); mask: f32/bool[...].
+  Returns f32[] (0 when nothing is masked in).
+  """
+  k = ids_a.shape[-1]
+  shared = jnp.any(ids_a[..., :, None] == ids_b[..., None, :], axis=-1).sum(-1) / k
+  m = mask.astype(jnp.float32)
+  return jnp.sum(shared * m) / jnp.maximum(m.sum(), 1.0)
+
+
+def masked_mean(values, mask):
+  m = mask.astype(jnp.float32)
+  return jnp.sum(values * m) / jnp.maximum(m.sum(), 1.0)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "kernel"))
+def pairwise_diagnostics(models, cfg: model_lib.ModelConfig, tokens, positions, token_mask,
+                         response_mask, frames, *, k: int = 10,
+                         kernel: kernels.KernelConfig = kernels.KernelConfig()):
+  """Overlap and symmetric KL of every model with every student on the student's states.
+
+  models: stacked params [M] (e.g. the E branches, optionally the base appended);
+  tokens, positions: int32[S, N, T], token_mask: bool[S, N, T], response_mask: f32[S, N, T]
+  (1 at t when t+1 is a response token), frames: f32[S, N, F, H, W, C] — the rollouts of
+  S students, which are models[0:S].
+  Returns {'overlap': f32[S, M], 'sym_kl': f32[S, M]}; entry [s, m] compares student s
+  with model m on student s's own rollouts (the diagonal is 1 and 0).
+  """
+  heads = jax.vmap(lambda p: model_lib.lm_head(p, cfg))(models)
+
+  def hidden_of(params):  # one model on every student's rows -> [S, N, T, D]
+    return jax.vmap(lambda t, p, m, f: model_lib.forward_hidden(params, cfg, t, p, m, f))(
+        tokens, positions, token_mask, frames)
+
+  hidden = jax.lax.map(hidden_of, models)  # [M, S, N, T, D]; map keeps memory at one model
+  targets = jax.vmap(sampling.next_token_targets)(tokens)
+
+  def top_ids(h, head):
+    return kernels.sampled_token_logprobs(h, head, targets, kernel=kernel, top_k=k).top_k_ids
+
+  ids = jax.vmap(top_ids)(hidden, heads)  # [M, S, N, T, k]
+  num_students = tokens.shape[0]
+  student_ids = ids[jnp.arange(num_students), jnp.arange(num_students)]  # [S, N, T, k]
+  student_hidden = hidden[jnp.arange(num_students), jnp.arange(num_students)]
+  student_heads = heads[:num_students]
+
+  overlap = jax.vmap(lambda ids_m: jax.vmap(top_k_overlap)(student_ids, ids_m, response_mask))(ids)
+
+  def sym_kl(h_m, head_m):  # [S] for one model m against every student
+    def one(h_s, head_s, h_ms, mask):
+      forward = kernels.full_vocab_reverse_kl(h_s, head_s, h_ms, head_m, kernel=kernel)
+      backward = kernels.full_vocab_reverse_kl(h_ms, head_m, h_s, head_s, kernel=kernel)
+      return masked_mean(forward + backward, mask)
+    return jax.vmap(one)(student_hidden, student_heads, h_m, response_mask)
+
+  kl = jax.vmap(sym_kl)(hidden, heads)  # [M, S]
+  return {"overlap": overlap.T, "sym_kl": kl.T}

@@ -1,0 +1,319 @@
+"""Every method as stages of the one trainer (copd_jax/trainer.py), plus the run loop.
+
+| method     | stages                                                                    |
+|------------|---------------------------------------------------------------------------|
+| experts    | E branches from the base, GRPO on their own capability, beta = 0           |
+| mixed_rlvr | 1 branch, GRPO on all capabilities, E x steps                             |
+| copd       | E branches, RL/OPD cycles, live hub-and-spoke teachers, merge at the end |
+| static_opd | experts stage (2 branches); then the student expert keeps RL and distils  |
+|            | from the frozen teacher expert, one way                                   |
+| mopd       | experts stage; then a student from the base distils from all frozen       |
+|            | experts, each prompt routed to its domain's teacher                       |
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from copd_jax import checkpoint, diagnostics, evaluation, experts as experts_lib
+from copd_jax import kernels, objectives, policy_setup, sampling, schedules, tasks, trainer
+from copd_jax.policy_setup import RunSetup
+from copd_jax.run_log import MetricsWriter, ProgressLine
+
+
+# ----------------------------------------------------------------------- stage specs
+
+
+def _schedule(rl) -> schedules.OPDSchedule:
+  return schedules.OPDSchedule(**rl.opd.schedule.to_dict())
+
+
+def _branch_beta(rl, caps) -> np.ndarray:
+  return np.array([rl.opd.branch_beta.get(c, rl.opd.beta) for c in caps], np.float32)
+
+
+def _stage(rl, name, steps, student_data, teacher_data, live, topology, branch_beta,
+           schedule, native_prompts=None, cross_prompts=None, cross_outcome_reward=False):
+  return trainer.Stage(
+      name=name, steps=steps, student_data=tuple(student_data),
+      teacher_data=tuple(teacher_data), live_teachers=live,
+      topology=np.asarray(topology, np.float32), branch_beta=np.asarray(branch_beta, np.float32),
+      schedule=schedule,
+      native_prompts=rl.native_prompts if native_prompts is None else native_prompts,
+      cross_prompts=rl.cross_prompts if cross_prompts is None else cross_prompts,
+      samples_per_prompt=rl.samples_per_prompt, cross_outcome_reward=cross_outcome_reward)
+
+
+def experts_stage(rl, caps) -> trainer.Stage:
+  e = len(caps)
+  return _stage(rl, "experts", rl.steps, [(c,) for c in caps], [(c,) for c in caps], True,
+                np.zeros((e, e)), np.zeros(e), schedules.OPDSchedule(kind="none"))
+
+
+def mixed_stage(rl, caps) -> trainer.Stage:
+  return _stage(rl, "mixed_rlvr", rl.steps * len(caps), [tuple(caps)], [tuple(caps)], True,
+                np.zeros((1, 1)), np.zeros(1), schedules.OPDSchedule(kind="none"))
+
+
+def copd_stage(rl, caps) -> trainer.Stage:
+  e = len(caps)
+  hub = caps.index(rl.opd.hub) if rl.opd.topology == "hub" else 0
+  topology = schedules.topology_matrix(e, rl.opd.topology, hub=hub)
+  return _stage(rl, "copd", rl.steps, [(c,) for c in caps], [(c,) for c in caps], True,
+                topology, _branch_beta(rl, caps), _schedule(rl))
+
+
+def static_opd_stage(rl, caps) -> trainer.Stage:
+  """Student expert keeps its GRPO batch and distils one way from the frozen teacher."""
+  student, teacher = rl.static_opd.student, rl.static_opd.teacher
+  return _stage(rl, "static_opd", rl.distill_steps, [(student,)], [(teacher,)], False,
+                np.ones((1, 1)), _branch_beta(rl, [student]),
+                schedules.OPDSchedule(kind="constant"))
+
+
+def mopd_stage(rl, caps) -> trainer.Stage:
+  """A student from the base distils from every frozen expert; no native GRPO batch."""
+  e = len(caps)
+  return _stage(rl, "mopd", rl.distill_steps, [()], [(c,) for c in caps], False,
+                np.ones((1, e)), np.full(1, rl.opd.beta), schedules.OPDSchedule(kind="constant"),
+                native_prompts=0, cross_prompts=rl.native_prompts + rl.cross_prompts,
+                cross_outcome_reward=rl.mopd.cross_outcome_reward)
+
+
+# ------------------------------------------------------------------------ run context
+
+
+@dataclasses.dataclass
+class RunContext:
+  cfg: ml_collections.ConfigDict
+  setup: RunSetup
+  base_params: Any
+  eval_sets: dict            # capability -> held-out examples (during training: a prefix)
+  writer: MetricsWriter
+  global_step: int = 0       # optimizer steps over all stages (x-axis of every log)
+
+
+def update_config(cfg, setup: RunSetup) -> trainer.UpdateConfig:
+  rl = cfg.rl
+  kernel = kernels.KernelConfig(**rl.kernel.to_dict())
+  return trainer.UpdateConfig(model=setup.model_cfg,
+                              loss=objectives.PolicyLossConfig(**rl.loss.to_dict()),
+                              kernel=kernel, scale_by_std=rl.scale_by_std)
+
+
+def data_context(cfg, setup: RunSetup, seed_offset: int) -> trainer.DataContext:
+  seed = cfg.tasks.seed + cfg.seed * 1000 + seed_offset
+  streams = {c: tasks.train_stream(c, seed=seed, difficulty=cfg.tasks.difficulty[c],
+                                   **setup.example_kwargs)
+             for c in cfg.tasks.capabilities}
+  sampling_cfg = sampling.SamplingConfig(
+      max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
+      top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p,
+      stop_token_ids=(setup.tokenizer.eos_id,))
+  return trainer.DataContext(setup.tokenizer, setup.encode_prompts, streams, sampling_cfg)
+
+
+def branch_names(stage: trainer.Stage) -> list[str]:
+  return ["+".join(caps) if caps else "student" for caps in stage.student_data]
+
+
+def _log_branch_arrays(names, metrics: dict) -> dict:
+  out = {}
+  for key, value in metrics.items():
+    value = np.asarray(value)
+    if value.ndim == 0:
+      out[key] = float(value)
+    else:
+      for name, v in zip(names, value):
+        out[f"{name}/{key}"] = float(v)
+  return out
+
+
+# ------------------------------------------------------------------------ diagnostics
+
+
+def branch_diagnostics(ctx: RunContext, stage: trainer.Stage, params, rng) -> dict:
+  """Top-10 overlap and symmetric KL of each branch with every other branch and the base,
+  on the branch's own rollouts of its native prompts (PAPER.md's definition)."""
+  cfg, setup = ctx.cfg, ctx.setup
+  data = data_context(cfg, setup, seed_offset=777_000 + ctx.global_step)
+  n = cfg.rl.diagnostic_prompts
+  domains = [caps or tuple(cfg.rl.capabilities) for caps in stage.student_data]
+  batches = [setup.encode_prompts(trainer.draw_examples(data, caps, n, rng)) for caps in domains]
+  prompt_tokens, prompt_mask, frames = trainer.stack_prompt_batches(batches)
+  keys = jax.random.split(jax.random.key(ctx.global_step), stage.num_students)
+  rollout = sampling.stacked_generate(params, setup.model_cfg, prompt_tokens, prompt_mask,
+                                      frames, keys, data.sampling, 1)
+  rows = trainer.build_rows(prompt_tokens, prompt_mask, frames, rollout,
+                            np.zeros((stage.num_students, n)), np.zeros((stage.num_students, n)), 1)
+  models = jax.tree.map(lambda s, b: jnp.concatenate([s, b[None]]), params, ctx.base_params)
+  diag = diagnostics.pairwise_diagnostics(
+      models, setup.model_cfg, rows.tokens, rows.positions, rows.token_mask, rows.response_mask,
+      rows.frames, kernel=kernels.KernelConfig(**cfg.rl.kernel.to_dict()))
+  overlap, sym_kl = np.asarray(diag["overlap"]), np.asarray(diag["sym_kl"])
+  names = branch_names(stage) + ["base"]
+  out = {}
+  for s, student in enumerate(names[:-1]):
+    for m, other in enumerate(names):
+      if m != s:
+        out[f"overlap/{student}|{other}"] = float(overlap[s, m])
+        out[f"sym_kl/{student}|{other}"] = float(sym_kl[s, m])
+  pairs = [(s, m) for s in range(stage.num_students) for m in range(stage.num_students) if s != m]
+  if pairs:
+    out["overlap/branches_mean"] = float(np.mean([overlap[s, m] for s, m in pairs]))
+    out["sym_kl/branches_mean"] = float(np.mean([sym_kl[s, m] for s, m in pairs]))
+  out["overlap/with_base_mean"] = float(overlap[:, -1].mean())
+  return out
+
+
+def evaluate_branches(ctx: RunContext, stage: trainer.Stage, params, eval_sets, merge=False) -> dict:
+  """Held-out accuracy of every branch (and of the merged model when `merge`)."""
+  kwargs = dict(max_new_tokens=ctx.cfg.sampling.max_new_tokens, batch_size=ctx.cfg.eval.batch_size)
+  acc = evaluation.evaluate_stacked(params, ctx.setup, eval_sets, **kwargs)
+  out = _log_branch_arrays(branch_names(stage), acc)
+  if merge and stage.num_students > 1:
+    merged = merged_params(ctx.cfg, stage, params)
+    merged_acc = evaluation.evaluate_stacked(jax.tree.map(lambda x: x[None], merged), ctx.setup,
+                                             eval_sets, **kwargs)
+    out.update({f"merged/{k}": float(v[0]) for k, v in merged_acc.items()})
+  return out
+
+
+def merged_params(cfg, stage: trainer.Stage, params):
+  weights = None
+  if cfg.rl.merge_weights:
+    weights = [cfg.rl.merge_weights.get(c[0], 0.0) for c in stage.student_data]
+  return trainer.merge_branches(params, weights)
+
+
+# -------------------------------------------------------------------------- the loop
+
+
+def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=None, *,
+              seed_offset: int = 0, merge_at_eval: bool = False):
+  """Trains `params` (stacked [S]) through `stage`; logs every step, evaluates every
+  rl.eval_every steps (accuracy per branch, merged accuracy, overlap, symmetric KL)."""
+  cfg, rl = ctx.cfg, ctx.cfg.rl
+  ucfg = update_config(cfg, ctx.setup)
+  optimizer = trainer.make_optimizer(rl.learning_rate, rl.grad_clip_norm, rl.weight_decay)
+  opt_state = trainer.init_optimizer_state(optimizer, params)
+  data = data_context(cfg, ctx.setup, seed_offset)
+  rng = np.random.default_rng([cfg.seed, seed_offset])
+  key = jax.random.key(cfg.seed * 7919 + seed_offset)
+  assignment = trainer.cross_teacher_assignment(stage)
+  routing = trainer.teacher_routing(assignment, len(stage.teacher_data), stage.samples_per_prompt)
+  sched_state = schedules.ScheduleState()
+  names = branch_names(stage)
+  short_eval = {c: ex[: rl.eval_examples] for c, ex in ctx.eval_sets.items()}
+  progress = ProgressLine(stage.name, stage.steps, rl.log_every)
+  last_overlap = None
+
+  def evaluate_now():
+    nonlocal last_overlap
+    scalars = evaluate_branches(ctx, stage, params, short_eval, merge=merge_at_eval)
+    scalars.update(branch_diagnostics(ctx, stage, params, rng))
+    last_overlap = scalars.get("overlap/branches_mean", scalars["overlap/with_base_mean"])
+    ctx.writer.write(ctx.global_step, {f"eval/{k}": v for k, v in scalars.items()})
+
+  evaluate_now()
+  for step in range(stage.steps):
+    weight = schedules.opd_weight(stage.schedule, step, sched_state, last_overlap)
+    result = trainer.train_step(stage, step, params, opt_state, frozen_teachers, data, ucfg,
+                                optimizer, key, rng, weight, assignment, routing)
+    params, opt_state = result.params, result.opt_state
+    ctx.global_step += 1
+    scalars = _log_branch_arrays(names, result.metrics)
+    step_time = sum(v for k, v in result.metrics.items() if k.startswith("time/"))
+    scalars["throughput/rollout_tokens_per_s"] = result.rollout_tokens / max(step_time, 1e-9)
+    ctx.writer.write(ctx.global_step, {f"train/{k}": v for k, v in scalars.items()})
+    loss = float(np.mean(result.metrics["loss"]))
+    reward = float(np.mean(result.metrics["reward/native"]))
+    progress.update(step + 1, result.rollout_tokens, loss=loss, reward=reward, opd=weight)
+    if (step + 1) % rl.eval_every == 0 or step + 1 == stage.steps:
+      evaluate_now()
+  return params
+
+
+def load_or_train_experts(ctx: RunContext, caps) -> Any:
+  """Stage-1 experts for the two-stage baselines: reused from rl.experts_dir or trained."""
+  rl = ctx.cfg.rl
+  stage = experts_stage(rl, caps)
+  if rl.experts_dir:
+    directory = os.path.join(rl.experts_dir, "final_params")
+    metadata = checkpoint.read_metadata(directory)
+    stored = tuple(metadata.get("branches", ()))
+    missing = [c for c in caps if c not in stored]
+    if missing:
+      raise checkpoint.CheckpointMismatchError(
+          f"config.rl.experts_dir={rl.experts_dir} holds experts for {stored}, not {missing}")
+    abstract = jax.eval_shape(lambda p: experts_lib.broadcast_params(p, len(stored)), ctx.base_params)
+    stacked = checkpoint.load_policy(directory, abstract)
+    index = [stored.index(c) for c in caps]
+    return jax.tree.map(lambda x: x[np.array(index)], stacked)
+  params = experts_lib.broadcast_params(ctx.base_params, len(caps))
+  return run_stage(ctx, stage, params, seed_offset=1)
+
+
+def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, writer) -> dict:
+  """Runs cfg.method; returns {'final/...', 'branches': [...]} accuracies (full eval set)."""
+  caps = list(cfg.rl.capabilities)
+  eval_sets = {c: s for c, s in policy_setup.held_out_sets(cfg, setup).items() if c in caps}
+  ctx = RunContext(cfg, setup, base_params, eval_sets, writer)
+  method, rl = cfg.method, cfg.rl
+  start = time.perf_counter()
+  if method == "experts":
+    stage = experts_stage(rl, caps)
+    final = run_stage(ctx, stage, experts_lib.broadcast_params(base_params, len(caps)), seed_offset=1)
+  elif method == "mixed_rlvr":
+    stage = mixed_stage(rl, caps)
+    final = run_stage(ctx, stage, experts_lib.broadcast_params(base_params, 1), seed_offset=2)
+  elif method == "copd":
+    stage = copd_stage(rl, caps)
+    final = run_stage(ctx, stage, experts_lib.broadcast_params(base_params, len(caps)),
+                      seed_offset=3, merge_at_eval=True)
+  elif method == "static_opd":
+    teachers = load_or_train_experts(ctx, caps)
+    stage = static_opd_stage(rl, caps)
+    student_idx, teacher_idx = caps.index(rl.static_opd.student), caps.index(rl.static_opd.teacher)
+    pick = lambda i: jax.tree.map(lambda x: x[i:i + 1], teachers)
+    final = run_stage(ctx, stage, pick(student_idx), pick(teacher_idx), seed_offset=4)
+  elif method == "mopd":
+    teachers = load_or_train_experts(ctx, caps)
+    stage = mopd_stage(rl, caps)
+    final = run_stage(ctx, stage, experts_lib.broadcast_params(base_params, 1), teachers,
+                      seed_offset=5)
+  else:
+    raise ValueError(f"config.method {method!r} is not an RL method")
+  train_seconds = time.perf_counter() - start
+
+  kwargs = dict(max_new_tokens=cfg.sampling.max_new_tokens, batch_size=cfg.eval.batch_size)
+  branch_acc = evaluation.evaluate_stacked(final, setup, eval_sets, **kwargs)
+  names = branch_names(stage)
+  summary = {"train_seconds": round(train_seconds, 1), "optimizer_steps": ctx.global_step,
+             "branches": {n: {k: float(v[i]) for k, v in branch_acc.items()}
+                          for i, n in enumerate(names)}}
+  if stage.num_students > 1:
+    merged = merged_params(cfg, stage, final)
+    merged_acc = evaluation.evaluate_stacked(jax.tree.map(lambda x: x[None], merged), setup,
+                                             eval_sets, **kwargs)
+    summary["merged"] = {k: float(v[0]) for k, v in merged_acc.items()}
+  # The method's deliverable: the merged model (CoPD), the single branch (mixed RLVR,
+  # static OPD and MOPD students); experts deliver one model per capability.
+  if method == "copd":
+    summary["final"] = summary["merged"]
+  elif stage.num_students == 1:
+    summary["final"] = summary["branches"][names[0]]
+  writer.write(ctx.global_step, {f"final/{n}/{k}": v for n, d in summary["branches"].items()
+                                 for k, v in d.items()})
+  meta = {"method": method, "branches": [c[0] if len(c) == 1 else "+".join(c)
+                                         for c in stage.student_data]}
+  checkpoint.save_policy(os.path.join(cfg.workdir, "final_params"), final, meta)
+  return summary
