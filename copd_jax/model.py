@@ -9,6 +9,10 @@ Everything a caller needs is a pure function of `(params, cfg, arrays)`:
 `forward_hidden` returns final-normed hidden states rather than logits, because the fused
 loss kernels take (hidden, head) and never materialise [tokens x vocab].
 
+The sampler (copd_jax.sampling) uses three more: `prefill` (the prompt pass, returning its
+keys/values), `init_decode_cache` (those keys become a prefix shared by the G samples of
+each prompt) and `decode_step` + `write_decode_cache` (one token per row per step).
+
 Sequences
 ---------
 Prompts are LEFT-padded so every prompt ends in the same column and decoding starts
@@ -59,6 +63,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -121,6 +126,10 @@ class VisionConfig:
     if self.width % self.num_heads:
       raise ValueError(f"VisionConfig.width={self.width} must be a multiple of "
                        f"num_heads={self.num_heads}")
+
+
+def _is_real(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _as_plain_dict(mapping) -> dict:
@@ -187,9 +196,9 @@ class ModelConfig:
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even "
                        "(rotary embeddings rotate pairs)")
-    if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+    if not (_is_real(self.rope_theta) and self.rope_theta > 0):
       raise ValueError(f"ModelConfig.rope_theta must be positive, got {self.rope_theta!r}")
-    if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
+    if not (_is_real(self.rms_norm_eps) and self.rms_norm_eps > 0):
       raise ValueError(f"ModelConfig.rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
     if not isinstance(self.tie_embeddings, (bool, np.bool_)):
       raise ValueError(f"ModelConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")

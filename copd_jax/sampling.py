@@ -23,6 +23,7 @@ Tokens after a row's first stop token are pad (PAD_ID) with mask 0 and log-probs
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import flax.struct
 import jax
@@ -36,7 +37,11 @@ PAD_ID = 0
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  """How to draw responses. top_k=0 and top_p=1.0 switch truncation off; greedy = argmax."""
+  """How to draw responses. top_k=0 and top_p=1.0 switch truncation off.
+
+  greedy=True takes the argmax of the raw logits; top-k/top-p are then unused and the
+  temperature only scales the reported `logprobs`.
+  """
   max_new_tokens: int
   temperature: float = 1.0
   top_k: int = 0
@@ -56,6 +61,7 @@ class SamplingConfig:
                        f"got {self.stop_token_ids!r}") from None
     object.__setattr__(self, "stop_token_ids", ids)
     self.validate()
+    object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
 
   def validate(self) -> None:
     def is_int(v):
@@ -63,12 +69,14 @@ class SamplingConfig:
     if not is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
       raise ValueError(f"SamplingConfig.max_new_tokens must be a positive integer, got "
                        f"{self.max_new_tokens!r}")
-    if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+    def is_real(v):
+      return isinstance(v, numbers.Real) and not isinstance(v, bool)
+    if not is_real(self.temperature) or not self.temperature > 0:
       raise ValueError(f"SamplingConfig.temperature must be positive, got {self.temperature!r}")
     if not is_int(self.top_k) or self.top_k < 0:
       raise ValueError(f"SamplingConfig.top_k must be a non-negative integer (0 = off), got "
                        f"{self.top_k!r}")
-    if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+    if not is_real(self.top_p) or not 0 < self.top_p <= 1:
       raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p!r}")
     if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
       raise ValueError(f"SamplingConfig.stop_token_ids must be non-negative token ids, got "

@@ -114,7 +114,7 @@ def get_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup,
   directory = base_policy_dir(cfg)
   metadata = base_policy_metadata(cfg)
   if cfg.warm_start.reuse_checkpoint and checkpoint.has_policy(directory):
-    abstract = jax.eval_shape(model_lib.init_params, setup.model_cfg, jax.random.key(0))
+    abstract = jax.eval_shape(lambda k: model_lib.init_params(setup.model_cfg, k), jax.random.key(0))
     return checkpoint.load_policy(directory, abstract, metadata), True
   params = train_base_policy(cfg, setup, writer)
   checkpoint.save_policy(directory, params, metadata)

@@ -1,14 +1,16 @@
 """Sampler benchmark: KV cache, shared prompt prefix, vmapped experts, achieved FLOP/s.
 
-    python experiments/bench_sampler.py [--quick] [--dtype bfloat16|float32]
+    python experiments/bench_sampler.py [--quick] [--dtype float32|bfloat16]
 
 Every figure is a ratio of two variants timed side by side in this process (interleaved
 repeats, median), because the machine is shared and noisy. Prints readable lines, then ONE
 JSON object as the last line:
   kv_cache_speedup      tokens/s of `generate` (KV cache) over `generate_by_recompute`
                         (full forward every step), 64 new tokens
-  prefix_share_speedup  G=8 samples per prompt: one prefill per prompt over one prefill per
-                        sample (the prompts repeated G times); also with vision prompts
+  prefix_share_speedup  G=8 samples per prompt sharing the prompt (one prefill per prompt,
+                        the prefix's keys read once per prompt while decoding) over the
+                        prompts repeated G times (one prefill and prefix per sample); also
+                        with vision prompts
   prefill_share         fraction of a shared-prefix rollout spent in prefill
   stacked_vs_loop       E=3 experts: one stacked_generate call over a loop of 3 generate calls
   sampler_tokens_per_s, model_flops_per_token, achieved_flops_per_s, matmul_peak_flops_per_s,
@@ -88,7 +90,9 @@ def decode_flops_per_token(cfg, context: float) -> float:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="fewer repeats, fewer prompts")
-  parser.add_argument("--dtype", default="bfloat16", choices=model_lib.COMPUTE_DTYPES)
+  parser.add_argument("--dtype", default="float32", choices=model_lib.COMPUTE_DTYPES,
+                      help="compute dtype; on a 2-core CPU the small decode matmuls run "
+                      "faster in float32 (bf16 pays for conversions)")
   args = parser.parse_args()
   repeats = 3 if args.quick else 7
   batch = 4 if args.quick else 8  # prompts per expert
