@@ -264,7 +264,7 @@ def update(params: Params, opt_state, teacher_params: Params | None, rows: Rows,
     return grads, _branch_metrics(r, aux, t_lp, loss)
 
   grads, metrics = jax.vmap(one_branch)(params, rows, teacher_logprobs)
-  metrics["grad_norm"] = jax.vmap(optax.global_norm)(grads)
+  metrics["grad_norm"] = jax.vmap(optax.tree.norm)(grads)
   updates, opt_state = jax.vmap(optimizer.update)(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state, metrics
 

@@ -1,0 +1,185 @@
+"""The CoPD update: teacher routing, OPD learning signal, independence of branches,
+merge, and the overlap diagnostic."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from copd_jax import default_config, diagnostics, experts, kernels, objectives
+from copd_jax import model as model_lib
+from copd_jax import policy_setup, sampling, schedules, tasks, trainer
+
+
+@pytest.fixture(scope="module")
+def setup():
+  cfg = default_config.get("copd", "micro")
+  return cfg, policy_setup.build_setup(cfg)
+
+
+def ucfg_for(setup_obj, **loss):
+  return trainer.UpdateConfig(model=setup_obj.model_cfg,
+                              loss=objectives.PolicyLossConfig(**loss),
+                              kernel=kernels.KernelConfig(backend="chunked", vocab_tile=32,
+                                                          token_tile=64))
+
+
+def fixed_rows(setup_obj, params, caps, n_prompts=2, g=2, seed=0, opd_beta=0.0):
+  """Rollouts of each stacked branch on its capability's prompts, as trainer.Rows."""
+  batches = [setup_obj.encode_prompts(
+      [tasks.make_example(c, i, seed=seed, difficulty=1, **setup_obj.example_kwargs)
+       for i in range(n_prompts)]) for c in caps]
+  prompt_tokens, prompt_mask, frames = trainer.stack_prompt_batches(batches)
+  s = len(caps)
+  rollout = sampling.stacked_generate(
+      params, setup_obj.model_cfg, prompt_tokens, prompt_mask, frames,
+      jax.random.split(jax.random.key(seed), s),
+      sampling.SamplingConfig(max_new_tokens=6, stop_token_ids=(2,)), g)
+  return trainer.build_rows(prompt_tokens, prompt_mask, frames, rollout,
+                            np.zeros((s, n_prompts * g)), np.full((s, n_prompts * g), opd_beta), g)
+
+
+def test_cross_assignment_and_routing_hub():
+  stage = trainer.Stage(
+      name="t", steps=1, student_data=(("text",), ("image",), ("video",)),
+      teacher_data=(("text",), ("image",), ("video",)), live_teachers=True,
+      topology=schedules.topology_matrix(3, "hub", hub=0), branch_beta=np.ones(3),
+      schedule=schedules.OPDSchedule(kind="cycle"), native_prompts=2, cross_prompts=4,
+      samples_per_prompt=2)
+  assignment = trainer.cross_teacher_assignment(stage)
+  np.testing.assert_array_equal(assignment, [[1, 2, 1, 2], [0, 0, 0, 0], [0, 0, 0, 0]])
+  routing = trainer.teacher_routing(assignment, 3, samples=2)
+  # Teacher 0 (the hub) scores both spokes' 8 rows; spokes score 4 hub rows each.
+  assert routing.gather_valid.sum(1).tolist() == [16, 4, 4]
+  flat_student = routing.gather_student.reshape(-1)[routing.slot]
+  flat_row = routing.gather_row.reshape(-1)[routing.slot]
+  np.testing.assert_array_equal(flat_student, np.repeat(np.arange(3), 8).reshape(3, 8))
+  np.testing.assert_array_equal(flat_row, np.tile(np.arange(8), (3, 1)))
+
+
+def test_teacher_scoring_matches_direct_per_pair_scoring(setup):
+  cfg, s = setup
+  params = experts.init_stacked(s.model_cfg, jax.random.split(jax.random.key(1), 3))
+  rows = fixed_rows(s, params, ("text", "image", "video"))
+  # Every row is a cross row: student k's rows scored by teacher (k + 1) % 3.
+  assignment = np.array([[1, 1], [2, 2], [0, 0]], np.int32)
+  routing = trainer.teacher_routing(assignment, 3, samples=2)
+  arrays = {k: jnp.asarray(getattr(routing, k)) for k in
+            ("gather_student", "gather_row", "gather_valid", "slot")}
+  ucfg = ucfg_for(s)
+  got = trainer.score_by_teachers(params, rows, arrays, ucfg)
+  for k in range(3):
+    j = (k + 1) % 3
+    teacher = experts.take_expert(params, j)
+    hidden = model_lib.forward_hidden(teacher, s.model_cfg, rows.tokens[k], rows.positions[k],
+                                      rows.token_mask[k], rows.frames[k])
+    want = kernels.sampled_token_logprobs(hidden, model_lib.lm_head(teacher, s.model_cfg),
+                                          sampling.next_token_targets(rows.tokens[k]))
+    m = np.asarray(rows.response_mask[k]) > 0
+    np.testing.assert_allclose(np.asarray(got[k])[m], np.asarray(want)[m], atol=1e-5)
+
+
+def sampled_reverse_kl(student, teacher, rows_k, model_cfg):
+  """mean over the student's sampled tokens of log p_student - log p_teacher."""
+  def lp(p):
+    h = model_lib.forward_hidden(p, model_cfg, rows_k.tokens, rows_k.positions,
+                                 rows_k.token_mask, rows_k.frames)
+    return kernels.sampled_token_logprobs(h, model_lib.lm_head(p, model_cfg),
+                                          sampling.next_token_targets(rows_k.tokens))
+  m = rows_k.response_mask
+  return float(jnp.sum((lp(student) - lp(teacher)) * m) / jnp.sum(m))
+
+
+def test_opd_only_update_lowers_reverse_kl_to_teacher(setup):
+  cfg, s = setup
+  student = experts.init_stacked(s.model_cfg, jax.random.split(jax.random.key(2), 1))
+  teacher = experts.init_stacked(s.model_cfg, jax.random.split(jax.random.key(3), 1))
+  rows = fixed_rows(s, student, ("text",), n_prompts=4, g=2, opd_beta=1.0)
+  routing = trainer.teacher_routing(np.zeros((1, 4), np.int32), 1, samples=2)
+  arrays = {k: jnp.asarray(getattr(routing, k)) for k in
+            ("gather_student", "gather_row", "gather_valid", "slot")}
+  ucfg = ucfg_for(s)
+  optimizer = trainer.make_optimizer(3e-3, 1.0)
+  opt_state = trainer.init_optimizer_state(optimizer, student)
+  one = lambda tree: jax.tree.map(lambda x: x[0], tree)
+  before = sampled_reverse_kl(one(student), one(teacher), one(rows), s.model_cfg)
+  params = student
+  for _ in range(5):  # fixed rollouts: advantages are 0, only the OPD signal acts
+    params, opt_state, metrics = trainer.update(params, opt_state, teacher, rows, arrays,
+                                                ucfg=ucfg, optimizer=optimizer, distil=True)
+  after = sampled_reverse_kl(one(params), one(teacher), one(rows), s.model_cfg)
+  assert before > 0.1
+  assert after < 0.8 * before, (before, after)
+  assert float(metrics["opd/tokens"][0]) > 0
+
+
+def test_branches_update_independently_like_separate_runs(setup):
+  """Vmapped RL update of E branches == each branch updated alone (no cross-talk)."""
+  cfg, s = setup
+  params = experts.init_stacked(s.model_cfg, jax.random.split(jax.random.key(4), 2))
+  rows = fixed_rows(s, params, ("text", "image"))
+  rows.advantages = jnp.asarray(np.random.default_rng(0).normal(size=rows.advantages.shape),
+                                jnp.float32)
+  ucfg = ucfg_for(s)
+  # Plain SGD: Adam's normalisation would amplify float noise in near-zero gradients.
+  optimizer = optax.sgd(0.1)
+  both, _, _ = trainer.update(params, trainer.init_optimizer_state(optimizer, params), None,
+                              rows, None, ucfg=ucfg, optimizer=optimizer, distil=False)
+  for k in range(2):
+    pick = lambda tree: jax.tree.map(lambda x: x[k:k + 1], tree)
+    alone, _, _ = trainer.update(pick(params), trainer.init_optimizer_state(optimizer, pick(params)),
+                                 None, pick(rows), None, ucfg=ucfg, optimizer=optimizer,
+                                 distil=False)
+    for a, b in zip(jax.tree.leaves(pick(both)), jax.tree.leaves(alone)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  # And the update did change the parameters.
+  moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+              zip(jax.tree.leaves(both), jax.tree.leaves(params)))
+  assert moved > 1e-5
+
+
+def test_merge_of_identical_branches_is_identity(setup):
+  cfg, s = setup
+  base = model_lib.init_params(s.model_cfg, jax.random.key(5))
+  merged = trainer.merge_branches(experts.broadcast_params(base, 3))
+  for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(base)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+def brute_force_overlap(logits_a, logits_b, mask, k):
+  total, count = 0.0, 0
+  for i in range(logits_a.shape[0]):
+    if mask[i]:
+      top_a = set(np.argsort(-logits_a[i])[:k].tolist())
+      top_b = set(np.argsort(-logits_b[i])[:k].tolist())
+      total += len(top_a & top_b) / k
+      count += 1
+  return total / count
+
+
+def test_overlap_matches_brute_force_and_is_one_for_identical():
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(2, 30, 40)).astype(np.float32)
+  mask = rng.random(30) > 0.3
+  ids = lambda x: jax.lax.top_k(jnp.asarray(x), 10)[1]
+  got = float(diagnostics.top_k_overlap(ids(a), ids(b), mask))
+  assert got == pytest.approx(brute_force_overlap(a, b, mask, 10), abs=1e-6)
+  assert float(diagnostics.top_k_overlap(ids(a), ids(a), mask)) == pytest.approx(1.0)
+
+
+def test_pairwise_diagnostics_identical_policies(setup):
+  cfg, s = setup
+  base = model_lib.init_params(s.model_cfg, jax.random.key(6))
+  params = experts.broadcast_params(base, 2)
+  rows = fixed_rows(s, params, ("text", "image"))
+  models = experts.broadcast_params(base, 3)
+  diag = diagnostics.pairwise_diagnostics(models, s.model_cfg, rows.tokens, rows.positions,
+                                          rows.token_mask, rows.response_mask, rows.frames, k=10)
+  np.testing.assert_allclose(np.asarray(diag["overlap"]), 1.0, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(diag["sym_kl"]), 0.0, atol=1e-5)
+  other = model_lib.init_params(s.model_cfg, jax.random.key(7))
+  models = jax.tree.map(lambda x, y: x.at[2].set(y), models, other)
+  diag = diagnostics.pairwise_diagnostics(models, s.model_cfg, rows.tokens, rows.positions,
+                                          rows.token_mask, rows.response_mask, rows.frames, k=10)
+  assert float(diag["overlap"][0, 2]) < 1.0
+  assert float(diag["sym_kl"][0, 2]) > 1e-3
