@@ -1,0 +1,116 @@
+"""Every method config runs a few steps on the micro config; CoPD with beta = 0 is
+exactly the independent experts."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from copd_jax import config_lib, default_config, experts, methods, model as model_lib
+from copd_jax import policy_setup
+from copd_jax.run_log import MetricsWriter
+
+
+def micro(method, tmp_path, **rl):
+  cfg = default_config.get(method, "micro")
+  cfg.workdir = str(tmp_path / method)
+  cfg.rl.update(rl)
+  config_lib.validate_config(cfg)
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def base():
+  cfg = default_config.get("experts", "micro")
+  s = policy_setup.build_setup(cfg)
+  return s, model_lib.init_params(s.model_cfg, jax.random.key(0))
+
+
+def run(cfg, base):
+  s, params = base
+  writer = MetricsWriter(cfg.workdir)
+  try:
+    return methods.run_rl_method(cfg, s, params, writer)
+  finally:
+    writer.close()
+
+
+def test_every_method_runs_and_reports(tmp_path, base):
+  summaries = {}
+  summaries["experts"] = run(micro("experts", tmp_path), base)
+  experts_dir = str(tmp_path / "experts")
+  for method in ("mixed_rlvr", "copd", "mopd", "static_opd"):
+    summaries[method] = run(micro(method, tmp_path, experts_dir=experts_dir), base)
+  assert set(summaries["experts"]["branches"]) == {"text", "image", "video"}
+  assert summaries["mixed_rlvr"]["optimizer_steps"] == 3 * 2  # sum of the experts' steps
+  assert set(summaries["copd"]) >= {"merged", "final"}
+  assert summaries["mopd"]["optimizer_steps"] == 2  # experts reused, only distillation
+  assert set(summaries["static_opd"]["branches"]) == {"image"}
+  for summary in summaries.values():
+    for acc in summary["branches"].values():
+      assert 0.0 <= acc["accuracy/overall"] <= 1.0
+  # CoPD logged OPD statistics on its distillation step and overlap at evaluation.
+  records = [json.loads(l) for l in open(tmp_path / "copd" / "metrics.jsonl")]
+  keys = set().union(*records)
+  assert "train/text/opd/delta_mean" in keys
+  assert "eval/overlap/text|image" in keys and "eval/sym_kl/image|text" in keys
+  assert "eval/merged/accuracy/overall" in keys
+  assert any(r.get("train/opd_weight") == 1.0 for r in records)
+
+
+def test_copd_with_zero_beta_equals_independent_experts(tmp_path, base):
+  s, base_params = base
+  results = []
+  for method, rl in (("experts", {}), ("copd", {"opd": {"beta": 0.0}})):
+    cfg = micro(method, tmp_path)
+    cfg.rl.opd.beta = 0.0 if method == "copd" else cfg.rl.opd.beta
+    # Rewards of a random micro policy are all 0 (zero GRPO advantage); an entropy bonus
+    # makes sure the parameters really move, so equality is not vacuous.
+    cfg.rl.loss.entropy_coef = 0.01
+    writer = MetricsWriter(cfg.workdir)
+    ctx = methods.RunContext(cfg, s, base_params, {"text": []}, writer)
+    ctx.eval_sets = {c: e[:2] for c, e in policy_setup.held_out_sets(cfg, s).items()}
+    stage = (methods.experts_stage if method == "experts" else methods.copd_stage)(
+        cfg.rl, list(cfg.rl.capabilities))
+    params = experts.broadcast_params(base_params, stage.num_students)
+    results.append(methods.run_stage(ctx, stage, params, seed_offset=1))
+    writer.close()
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  changed = any(not np.array_equal(np.asarray(a), np.asarray(b)[None].repeat(3, 0))
+                for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(base_params)))
+  assert changed
+
+
+def test_reused_experts_must_cover_the_capabilities(tmp_path, base):
+  cfg = micro("experts", tmp_path)
+  cfg.rl.capabilities = ("text", "image")
+  cfg.num_experts = 2
+  run(cfg, base)
+  bad = micro("mopd", tmp_path, experts_dir=str(tmp_path / "experts"))
+  with pytest.raises(ValueError, match=r"experts_dir=.* holds experts for \('text', 'image'\), not \['video'\]"):
+    run(bad, base)
+
+
+@pytest.mark.parametrize("method, field, value, message", [
+    ("copd", "num_experts", 2, r"config\.num_experts must equal the number of rl\.capabilities"),
+    ("copd", "rl.opd.hub", "audio", r"config\.rl\.opd\.hub must be one of"),
+    ("copd", "rl.opd.topology", "ring", r"config\.rl\.opd\.topology must be one of"),
+    ("copd", "rl.opd.schedule.kind", "often", r"config\.rl\.opd\.schedule: schedule\.kind"),
+    ("copd", "rl.loss.eps_low", 1.5, r"config\.rl\.loss: PolicyLossConfig\.eps_low"),
+    ("copd", "rl.kernel.backend", "cuda", r"config\.rl\.kernel: KernelConfig\.backend"),
+    ("copd", "rl.samples_per_prompt", 0, r"config\.rl\.samples_per_prompt must be a positive"),
+    ("mixed_rlvr", "num_experts", 3, r"config\.num_experts must be 1 for method 'mixed_rlvr'"),
+    ("static_opd", "rl.static_opd.student", "text", r"config\.rl\.static_opd\.student must differ"),
+    ("static_opd", "rl.static_opd.teacher", "video", r"config\.rl\.static_opd\.teacher must be one of"),
+])
+def test_rl_config_errors_name_the_field(method, field, value, message):
+  cfg = default_config.get(method, "micro")
+  node = cfg
+  *parents, leaf = field.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate_config(cfg)
