@@ -121,6 +121,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
 
   ws = cfg.warm_start
   _positive_int(ws, "steps", "warm_start.", allow_zero=True)
+  _positive_int(ws, "seed", "warm_start.", allow_zero=True)
   _positive_int(ws, "batch_size", "warm_start.")
   _positive_int(ws, "warmup_steps", "warm_start.", allow_zero=True)
   _positive_int(ws, "log_every", "warm_start.")

@@ -413,8 +413,12 @@ def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teache
   return StepResult(params, opt_state, metrics, int(np.asarray(rollout.lengths).sum()))
 
 
+@functools.lru_cache(maxsize=None)
 def make_optimizer(learning_rate: float, grad_clip_norm: float, weight_decay: float = 0.0):
-  """Constant learning rate (the paper's), global-norm clipping per branch."""
+  """Constant learning rate (the paper's), global-norm clipping per branch.
+
+  Cached: the optimizer is a static argument of the jitted update, so equal settings must
+  give the same object, or every stage and run would recompile."""
   return optax.chain(optax.clip_by_global_norm(grad_clip_norm),
                      optax.adamw(learning_rate, weight_decay=weight_decay))
 

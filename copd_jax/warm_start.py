@@ -22,11 +22,6 @@ from copd_jax.policy_setup import RunSetup
 from copd_jax.run_log import MetricsWriter, ProgressLine
 
 
-def token_positions(mask: jax.Array) -> jax.Array:
-  """bool[B, T] -> int32[B, T]: 0-based position of each real token (left pad -> 0)."""
-  return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
-
-
 def sft_loss(params: Any, batch: dict, model_cfg: model_lib.ModelConfig) -> jax.Array:
   """Mean next-token NLL over response tokens.
 
@@ -34,7 +29,7 @@ def sft_loss(params: Any, batch: dict, model_cfg: model_lib.ModelConfig) -> jax.
   response token), frames f32[B, F, H, W, C].
   """
   tokens, mask = batch["tokens"], batch["mask"]
-  hidden = model_lib.forward_hidden(params, model_cfg, tokens, token_positions(mask), mask,
+  hidden = model_lib.forward_hidden(params, model_cfg, tokens, model_lib.positions_from_mask(mask), mask,
                                     batch["frames"])
   # The toy vocabulary is tiny, so dense logits are fine here; RL uses the fused kernels.
   logits = model_lib.logits_from_hidden(hidden[:, :-1], model_lib.lm_head(params, model_cfg))
@@ -61,16 +56,17 @@ def sft_step(params, opt_state, batch, model_cfg, optimizer):
 
 def sft_examples(cfg: ml_collections.ConfigDict, setup: RunSetup) -> Iterator[tasks.Example]:
   weights = {cap: cfg.warm_start.mix.get(cap, 0.0) for cap in setup.capabilities}
-  return tasks.mixed_train_stream(weights, seed=cfg.tasks.seed + cfg.seed,
+  return tasks.mixed_train_stream(weights, seed=cfg.tasks.seed + cfg.warm_start.seed,
                                   difficulty=dict(cfg.tasks.difficulty), **setup.example_kwargs)
 
 
 def base_policy_metadata(cfg: ml_collections.ConfigDict) -> dict:
   """What determines the base policy; a saved base is reused only if this matches."""
   ws = {k: v for k, v in cfg.warm_start.to_dict().items()
-        if k not in ("checkpoint_dir", "reuse_checkpoint", "log_every")}
+        if k not in ("checkpoint_dir", "reuse_checkpoint", "log_every", "seed")}
+  # The base has its own seed: RL runs with other config.seed values share one base.
   return {"model": cfg.model.to_dict(), "tasks": cfg.tasks.to_dict(), "data": cfg.data.to_dict(),
-          "warm_start": ws, "seed": cfg.seed}
+          "warm_start": ws, "seed": cfg.warm_start.seed}
 
 
 def base_policy_dir(cfg: ml_collections.ConfigDict) -> str:
@@ -81,7 +77,7 @@ def train_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup,
                       writer: MetricsWriter | None = None) -> Any:
   """Runs the SFT warm-start from a fresh init; returns float32 params."""
   ws = cfg.warm_start
-  params = model_lib.init_params(setup.model_cfg, jax.random.key(cfg.seed))
+  params = model_lib.init_params(setup.model_cfg, jax.random.key(ws.seed))
   optimizer = make_optimizer(ws)
   opt_state = optimizer.init(params)
   examples = sft_examples(cfg, setup)
