@@ -178,7 +178,7 @@ def validate_rl(cfg: ml_collections.ConfigDict) -> None:
   if cfg.method in ("copd", "static_opd") and len(caps) < 2:
     _fail("rl.capabilities", f"method {cfg.method!r} needs at least two capabilities", caps)
   for f in ("steps", "native_prompts", "samples_per_prompt", "eval_every", "eval_examples",
-            "diagnostic_prompts", "log_every"):
+            "diagnostic_prompts", "diagnostics_every", "log_every"):
     _positive_int(rl, f, "rl.")
   _positive_int(rl, "cross_prompts", "rl.", allow_zero=True)
   _positive_int(rl, "distill_steps", "rl.", allow_zero=True)

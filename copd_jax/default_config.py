@@ -117,12 +117,15 @@ def rl_section(preset: str) -> ml_collections.ConfigDict:
       mopd=dict(cross_outcome_reward=False),
       eval_every=10,
       eval_examples=48,       # per capability, during training (final eval: eval.num_examples)
+      diagnostics_every=5,    # steps between overlap / symmetric-KL measurements (the
+                              # adaptive schedule reacts to the latest one)
       diagnostic_prompts=8,   # per branch, for overlap / symmetric KL
       log_every=1,
   ))
   if preset == "micro":
     rl.update(dict(steps=2, native_prompts=2, samples_per_prompt=2, cross_prompts=2,
-                   distill_steps=2, eval_every=2, eval_examples=4, diagnostic_prompts=2))
+                   distill_steps=2, eval_every=2, eval_examples=4, diagnostic_prompts=2,
+                   diagnostics_every=2))
     rl.opd.schedule.update(dict(s_rl=1, s_opd=1))
   return rl
 

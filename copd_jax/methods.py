@@ -216,14 +216,18 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
   progress = ProgressLine(stage.name, stage.steps, rl.log_every)
   last_overlap = None
 
-  def evaluate_now():
+  def measure_overlap():
     nonlocal last_overlap
-    scalars = evaluate_branches(ctx, stage, params, short_eval, merge=merge_at_eval)
-    scalars.update(branch_diagnostics(ctx, stage, params, rng))
+    scalars = branch_diagnostics(ctx, stage, params, rng)
     last_overlap = scalars.get("overlap/branches_mean", scalars["overlap/with_base_mean"])
     ctx.writer.write(ctx.global_step, {f"eval/{k}": v for k, v in scalars.items()})
 
-  evaluate_now()
+  def evaluate_accuracy():
+    scalars = evaluate_branches(ctx, stage, params, short_eval, merge=merge_at_eval)
+    ctx.writer.write(ctx.global_step, {f"eval/{k}": v for k, v in scalars.items()})
+
+  evaluate_accuracy()
+  measure_overlap()
   for step in range(stage.steps):
     weight = schedules.opd_weight(stage.schedule, step, sched_state, last_overlap)
     result = trainer.train_step(stage, step, params, opt_state, frozen_teachers, data, ucfg,
@@ -237,8 +241,11 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
     loss = float(np.mean(result.metrics["loss"]))
     reward = float(np.mean(result.metrics["reward/native"]))
     progress.update(step + 1, result.rollout_tokens, loss=loss, reward=reward, opd=weight)
-    if (step + 1) % rl.eval_every == 0 or step + 1 == stage.steps:
-      evaluate_now()
+    last = step + 1 == stage.steps
+    if (step + 1) % rl.diagnostics_every == 0 or last:
+      measure_overlap()
+    if (step + 1) % rl.eval_every == 0 or last:
+      evaluate_accuracy()
   return params
 
 
