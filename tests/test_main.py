@@ -17,7 +17,8 @@ def run_main(*flags, cwd=REPO):
 
 def test_main_job_micro_trains_evaluates_and_reloads(tmp_path):
   workdir = str(tmp_path / "run")
-  flags = ["--config=configs/base.py:micro", f"--config.workdir={workdir}"]
+  flags = ["--config=configs/base.py:micro", f"--config.workdir={workdir}",
+           f"--config.warm_start.checkpoint_dir={tmp_path / 'base_policy'}"]
   first = run_main(*flags)
   assert first.returncode == 0, first.stderr[-3000:]
   assert "trained base policy" in first.stdout
@@ -53,6 +54,7 @@ def test_main_job_rejects_bad_config_before_compiling(tmp_path):
 
 
 def test_main_job_rejects_unknown_field(tmp_path):
-  result = run_main("--config=configs/base.py:micro", "--config.warm_start.stepz=3")
+  result = run_main("--config=configs/base.py:micro", f"--config.workdir={tmp_path}",
+                    "--config.warm_start.stepz=3")
   assert result.returncode != 0
   assert "stepz" in result.stderr
