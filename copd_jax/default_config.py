@@ -147,3 +147,12 @@ def get(method: str, preset: str = "toy") -> ml_collections.ConfigDict:
   # MOPD, the co-evolving branches of CoPD); 1 for base and mixed RLVR. Must match.
   c.num_experts = 1 if method in ("base", "mixed_rlvr") else len(c.rl.capabilities)
   return c
+
+
+def set_field(cfg: ml_collections.ConfigDict, dotted: str, value) -> None:
+  """cfg['a']['b']['c'] = value for dotted = 'a.b.c' (what --config.a.b.c=value does)."""
+  node = cfg
+  *parents, leaf = dotted.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value

@@ -38,12 +38,8 @@ def make_config(method: str, seed: int, workdir: str, args, **overrides):
     cfg.rl.steps = cfg.rl.distill_steps = 10
     cfg.rl.eval_every = 5
     cfg.eval.num_examples = 64
-  for dotted, value in overrides.items():
-    node = cfg
-    *parents, leaf = dotted.split("__")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  for field, value in overrides.items():  # keyword `a__b` sets config field a.b
+    default_config.set_field(cfg, field.replace("__", "."), value)
   return cfg
 
 

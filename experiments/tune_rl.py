@@ -40,15 +40,11 @@ def main():
   cfg.workdir = args.workdir
   for item in args.set:
     field, value = item.split("=", 1)
-    node = cfg
-    *parents, leaf = field.split(".")
-    for p in parents:
-      node = node[p]
     try:
       value = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       pass
-    node[leaf] = value
+    default_config.set_field(cfg, field, value)
   setup = policy_setup.build_setup(cfg)
   base, _ = warm_start.get_base_policy(cfg, setup)
   policy_setup.held_out_sets = validation_sets  # the run evaluates on validation only

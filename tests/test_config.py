@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from copd_jax import config_lib
+from copd_jax import config_lib, default_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,11 +46,7 @@ def test_shipped_configs_validate():
 ])
 def test_invalid_values_name_the_field(field, value, message):
   cfg = load_config()
-  node = cfg
-  *parents, leaf = field.split(".")
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
+  default_config.set_field(cfg, field, value)
   with pytest.raises(ValueError, match=message):
     config_lib.validate_config(cfg)
 

@@ -7,17 +7,8 @@ import pytest
 from copd_jax import experts as X
 from copd_jax import model as M
 
-IMG = 3
+from tiny_model import IMG, tiny_config
 E = 3
-
-
-def tiny_config(**overrides) -> M.ModelConfig:
-  fields = dict(vocab_size=48, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                head_dim=8, mlp_dim=64, image_token_id=IMG,
-                vision=dict(image_size=16, patch_size=8, num_frames=4, tubelet=2, width=16,
-                            depth=1, num_heads=2, mlp_dim=32))
-  fields.update(overrides)
-  return M.ModelConfig(**fields)
 
 
 @pytest.fixture(scope="module")

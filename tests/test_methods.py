@@ -107,10 +107,6 @@ def test_reused_experts_must_cover_the_capabilities(tmp_path, base):
 ])
 def test_rl_config_errors_name_the_field(method, field, value, message):
   cfg = default_config.get(method, "micro")
-  node = cfg
-  *parents, leaf = field.split(".")
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
+  default_config.set_field(cfg, field, value)
   with pytest.raises(ValueError, match=message):
     config_lib.validate_config(cfg)
