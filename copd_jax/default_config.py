@@ -119,7 +119,7 @@ def rl_section(preset: str) -> ml_collections.ConfigDict:
       mopd=dict(cross_outcome_reward=False),
       eval_every=10,
       eval_examples=48,       # per capability, during training (final eval: eval.num_examples)
-      diagnostics_every=5,    # steps between overlap / symmetric-KL measurements (the
+      diagnostics_every=1,    # steps between overlap / symmetric-KL measurements (the
                               # adaptive schedule reacts to the latest one)
       diagnostic_prompts=8,   # per branch, for overlap / symmetric KL
       log_every=1,
