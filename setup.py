@@ -16,7 +16,7 @@ setup(
     install_requires=[
         "jax>=0.6.0",
         "flax>=0.10.0",
-        "optax>=0.2.4",
+        "optax>=0.2.5",  # optax.tree_utils.tree_norm
         "orbax-checkpoint>=0.11.0",
         "grain>=0.2.10",
         "ml_collections>=1.0.0",

@@ -200,6 +200,12 @@ def validate_rl(cfg: ml_collections.ConfigDict) -> None:
     _positive_float(opd.branch_beta, cap, "rl.opd.branch_beta.", allow_zero=True)
   _wrap("rl.opd.schedule", lambda: schedules.OPDSchedule(**opd.schedule.to_dict()))
   _check_capability_dict(rl.merge_weights, "rl.merge_weights", caps)
+  if rl.merge_weights and set(rl.merge_weights) != set(caps):
+    _fail("rl.merge_weights", f"must give a weight to every branch {caps} (or be empty "
+          "for a uniform merge)", dict(rl.merge_weights))
+  if cfg.method in ("mopd", "static_opd") and not rl.opd.beta > 0:
+    _fail("rl.opd.beta", f"must be positive for method {cfg.method!r} (it only adds "
+          "distillation to the experts)", rl.opd.beta)
   for cap in rl.merge_weights:
     _positive_float(rl.merge_weights, cap, "rl.merge_weights.", allow_zero=True)
   if rl.merge_weights and sum(rl.merge_weights.values()) <= 0:

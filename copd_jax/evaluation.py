@@ -6,7 +6,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from copd_jax import sampling, tasks, verifiers
+from copd_jax import policy_setup, sampling, tasks, verifiers
 from copd_jax.policy_setup import RunSetup
 
 
@@ -24,7 +24,8 @@ def _pad_to(examples: Sequence[tasks.Example], size: int) -> list[tasks.Example]
 def greedy_responses(params: Any, setup: RunSetup, examples: Sequence[tasks.Example],
                      max_new_tokens: int, batch_size: int) -> list[str]:
   sampling_cfg = sampling.SamplingConfig(
-      max_new_tokens=max_new_tokens, greedy=True, stop_token_ids=(setup.tokenizer.eos_id,))
+      max_new_tokens=max_new_tokens, greedy=True, stop_token_ids=(setup.tokenizer.eos_id,),
+      banned_token_ids=policy_setup.never_generated_ids(setup.tokenizer))
   responses = []
   for start in range(0, len(examples), batch_size):
     chunk = examples[start:start + batch_size]
@@ -57,7 +58,8 @@ def greedy_responses_stacked(stacked: Any, setup: RunSetup, examples: Sequence[t
   """Every branch of a stacked pytree answers the same examples, one vmapped call per
   batch. Returns responses[branch][example]."""
   sampling_cfg = sampling.SamplingConfig(
-      max_new_tokens=max_new_tokens, greedy=True, stop_token_ids=(setup.tokenizer.eos_id,))
+      max_new_tokens=max_new_tokens, greedy=True, stop_token_ids=(setup.tokenizer.eos_id,),
+      banned_token_ids=policy_setup.never_generated_ids(setup.tokenizer))
   num = jax.tree_util.tree_leaves(stacked)[0].shape[0]
   out: list[list[str]] = [[] for _ in range(num)]
   for start in range(0, len(examples), batch_size):

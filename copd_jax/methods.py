@@ -104,8 +104,11 @@ class RunContext:
 def update_config(cfg, setup: RunSetup) -> trainer.UpdateConfig:
   rl = cfg.rl
   kernel = kernels.KernelConfig(**rl.kernel.to_dict())
-  return trainer.UpdateConfig(model=setup.model_cfg,
-                              loss=objectives.PolicyLossConfig(**rl.loss.to_dict()),
+  loss = rl.loss.to_dict()
+  if loss["aggregation"] == "seq_sum_constant" and loss.get("constant_normaliser") is None:
+    # Dr.GRPO's constant is the padded *response* length (rows also hold the prompt).
+    loss["constant_normaliser"] = float(cfg.sampling.max_new_tokens)
+  return trainer.UpdateConfig(model=setup.model_cfg, loss=objectives.PolicyLossConfig(**loss),
                               kernel=kernel, scale_by_std=rl.scale_by_std)
 
 
@@ -117,7 +120,8 @@ def data_context(cfg, setup: RunSetup, seed_offset: int) -> trainer.DataContext:
   sampling_cfg = sampling.SamplingConfig(
       max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
       top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p,
-      stop_token_ids=(setup.tokenizer.eos_id,))
+      stop_token_ids=(setup.tokenizer.eos_id,),
+      banned_token_ids=policy_setup.never_generated_ids(setup.tokenizer))
   return trainer.DataContext(setup.tokenizer, setup.encode_prompts, streams, sampling_cfg)
 
 
@@ -140,16 +144,20 @@ def _log_branch_arrays(names, metrics: dict) -> dict:
 # ------------------------------------------------------------------------ diagnostics
 
 
-def branch_diagnostics(ctx: RunContext, stage: trainer.Stage, params, rng) -> dict:
+def branch_diagnostics(ctx: RunContext, stage: trainer.Stage, params) -> dict:
   """Top-10 overlap and symmetric KL of each branch with every other branch and the base,
-  on the branch's own rollouts of its native prompts (PAPER.md's definition)."""
+  on the branch's own rollouts of its native prompts (PAPER.md's definition).
+
+  Uses its own prompts and keys, so how often it runs never changes the training data."""
   cfg, setup = ctx.cfg, ctx.setup
+  rng = np.random.default_rng([cfg.seed, 99, ctx.global_step])
   data = data_context(cfg, setup, seed_offset=777_000 + ctx.global_step)
   n = cfg.rl.diagnostic_prompts
   domains = [caps or tuple(cfg.rl.capabilities) for caps in stage.student_data]
   batches = [setup.encode_prompts(trainer.draw_examples(data, caps, n, rng)) for caps in domains]
   prompt_tokens, prompt_mask, frames = trainer.stack_prompt_batches(batches)
-  keys = jax.random.split(jax.random.key(ctx.global_step), stage.num_students)
+  keys = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed), ctx.global_step),
+                          stage.num_students)
   rollout = sampling.stacked_generate(params, setup.model_cfg, prompt_tokens, prompt_mask,
                                       frames, keys, data.sampling, 1)
   rows = trainer.build_rows(prompt_tokens, prompt_mask, frames, rollout,
@@ -170,6 +178,9 @@ def branch_diagnostics(ctx: RunContext, stage: trainer.Stage, params, rng) -> di
   if pairs:
     out["overlap/branches_mean"] = float(np.mean([overlap[s, m] for s, m in pairs]))
     out["sym_kl/branches_mean"] = float(np.mean([sym_kl[s, m] for s, m in pairs]))
+  if stage.live_teachers and stage.topology.any():  # the pairs that actually distil
+    linked = np.argwhere(stage.topology > 0)
+    out["overlap/linked_mean"] = float(np.mean([overlap[s, m] for s, m in linked]))
   out["overlap/with_base_mean"] = float(overlap[:, -1].mean())
   return out
 
@@ -218,8 +229,10 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
 
   def measure_overlap():
     nonlocal last_overlap
-    scalars = branch_diagnostics(ctx, stage, params, rng)
-    last_overlap = scalars.get("overlap/branches_mean", scalars["overlap/with_base_mean"])
+    scalars = branch_diagnostics(ctx, stage, params)
+    # The adaptive schedule watches the pairs that exchange (hub <-> spokes).
+    last_overlap = scalars.get("overlap/linked_mean", scalars.get(
+        "overlap/branches_mean", scalars["overlap/with_base_mean"]))
     ctx.writer.write(ctx.global_step, {f"eval/{k}": v for k, v in scalars.items()})
 
   def evaluate_accuracy():
@@ -231,7 +244,8 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
   for step in range(stage.steps):
     weight = schedules.opd_weight(stage.schedule, step, sched_state, last_overlap)
     result = trainer.train_step(stage, step, params, opt_state, frozen_teachers, data, ucfg,
-                                optimizer, key, rng, weight, assignment, routing)
+                                optimizer, key, rng, weight, assignment, routing,
+                                ref_params=ctx.base_params)
     params, opt_state = result.params, result.opt_state
     ctx.global_step += 1
     scalars = _log_branch_arrays(names, result.metrics)
@@ -239,7 +253,8 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
     scalars["throughput/rollout_tokens_per_s"] = result.rollout_tokens / max(step_time, 1e-9)
     ctx.writer.write(ctx.global_step, {f"train/{k}": v for k, v in scalars.items()})
     loss = float(np.mean(result.metrics["loss"]))
-    reward = float(np.mean(result.metrics["reward/native"]))
+    reward = float(np.mean(result.metrics["reward/native" if stage.native_prompts
+                                          else "reward/cross"]))
     progress.update(step + 1, result.rollout_tokens, loss=loss, reward=reward, opd=weight)
     last = step + 1 == stage.steps
     if (step + 1) % rl.diagnostics_every == 0 or last:
@@ -256,6 +271,10 @@ def load_or_train_experts(ctx: RunContext, caps) -> Any:
   if rl.experts_dir:
     directory = os.path.join(rl.experts_dir, "final_params")
     metadata = checkpoint.read_metadata(directory)
+    if metadata.get("method") != "experts":
+      raise checkpoint.CheckpointMismatchError(
+          f"config.rl.experts_dir={rl.experts_dir} holds a {metadata.get('method')!r} run, "
+          "not an 'experts' run")
     stored = tuple(metadata.get("branches", ()))
     missing = [c for c in caps if c not in stored]
     if missing:
@@ -270,7 +289,11 @@ def load_or_train_experts(ctx: RunContext, caps) -> Any:
 
 
 def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, writer) -> dict:
-  """Runs cfg.method; returns {'final/...', 'branches': [...]} accuracies (full eval set)."""
+  """Runs cfg.method; returns {'final/...', 'branches': [...]} accuracies (full eval set).
+
+  Methods are paired on data: the first stage of every method (experts, mixed RLVR, CoPD)
+  draws from the same prompt streams and sampling keys (seed offset 1), and every
+  distillation stage uses offset 2, so with beta = 0 CoPD *is* the experts run."""
   caps = list(cfg.rl.capabilities)
   eval_sets = {c: s for c, s in policy_setup.held_out_sets(cfg, setup).items() if c in caps}
   ctx = RunContext(cfg, setup, base_params, eval_sets, writer)
@@ -281,22 +304,22 @@ def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, 
     final = run_stage(ctx, stage, experts_lib.broadcast_params(base_params, len(caps)), seed_offset=1)
   elif method == "mixed_rlvr":
     stage = mixed_stage(rl, caps)
-    final = run_stage(ctx, stage, experts_lib.broadcast_params(base_params, 1), seed_offset=2)
+    final = run_stage(ctx, stage, experts_lib.broadcast_params(base_params, 1), seed_offset=1)
   elif method == "copd":
     stage = copd_stage(rl, caps)
     final = run_stage(ctx, stage, experts_lib.broadcast_params(base_params, len(caps)),
-                      seed_offset=3, merge_at_eval=True)
+                      seed_offset=1, merge_at_eval=True)
   elif method == "static_opd":
     teachers = load_or_train_experts(ctx, caps)
     stage = static_opd_stage(rl, caps)
     student_idx, teacher_idx = caps.index(rl.static_opd.student), caps.index(rl.static_opd.teacher)
     pick = lambda i: jax.tree.map(lambda x: x[i:i + 1], teachers)
-    final = run_stage(ctx, stage, pick(student_idx), pick(teacher_idx), seed_offset=4)
+    final = run_stage(ctx, stage, pick(student_idx), pick(teacher_idx), seed_offset=2)
   elif method == "mopd":
     teachers = load_or_train_experts(ctx, caps)
     stage = mopd_stage(rl, caps)
     final = run_stage(ctx, stage, experts_lib.broadcast_params(base_params, 1), teachers,
-                      seed_offset=5)
+                      seed_offset=2)
   else:
     raise ValueError(f"config.method {method!r} is not an RL method")
   train_seconds = time.perf_counter() - start
@@ -320,7 +343,6 @@ def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, 
     summary["final"] = summary["branches"][names[0]]
   writer.write(ctx.global_step, {f"final/{n}/{k}": v for n, d in summary["branches"].items()
                                  for k, v in d.items()})
-  meta = {"method": method, "branches": [c[0] if len(c) == 1 else "+".join(c)
-                                         for c in stage.student_data]}
+  meta = {"method": method, "branches": names}
   checkpoint.save_policy(os.path.join(cfg.workdir, "final_params"), final, meta)
   return summary

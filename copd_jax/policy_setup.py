@@ -13,6 +13,11 @@ from copd_jax import tasks
 from copd_jax.tokenizer import ToyTokenizer
 
 
+def never_generated_ids(tokenizer) -> tuple[int, ...]:
+  """Specials a response must never contain: <pad>, <bos> and the <img> placeholder."""
+  return (tokenizer.pad_id, tokenizer.bos_id, tokenizer.image_id)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSetup:
   model_cfg: model_lib.ModelConfig

@@ -48,6 +48,9 @@ class SamplingConfig:
   top_p: float = 1.0
   stop_token_ids: tuple[int, ...] = ()
   greedy: bool = False
+  # Never sampled (e.g. <pad>, <bos>, <img>: a generated placeholder would be embedded
+  # differently by the sampler and by a teacher-forced re-scoring).
+  banned_token_ids: tuple[int, ...] = ()
 
   def __post_init__(self):
     # Lists (e.g. from a config file) become tuples so the config stays hashable for jit.
@@ -60,6 +63,7 @@ class SamplingConfig:
       raise ValueError(f"SamplingConfig.stop_token_ids must be a sequence of token ids, "
                        f"got {self.stop_token_ids!r}") from None
     object.__setattr__(self, "stop_token_ids", ids)
+    object.__setattr__(self, "banned_token_ids", tuple(self.banned_token_ids))
     self.validate()
     object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
 
@@ -81,6 +85,11 @@ class SamplingConfig:
     if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
       raise ValueError(f"SamplingConfig.stop_token_ids must be non-negative token ids, got "
                        f"{self.stop_token_ids!r}")
+    if not all(is_int(t) and t >= 0 for t in self.banned_token_ids):
+      raise ValueError(f"SamplingConfig.banned_token_ids must be non-negative token ids, got "
+                       f"{self.banned_token_ids!r}")
+    if set(self.banned_token_ids) & set(self.stop_token_ids):
+      raise ValueError("SamplingConfig.banned_token_ids must not contain a stop token")
     if not isinstance(self.greedy, (bool, np.bool_)):
       raise ValueError(f"SamplingConfig.greedy must be a bool, got {self.greedy!r}")
 
@@ -131,10 +140,13 @@ def sample_tokens(logits, key, sampling: SamplingConfig):
   """Draws one token per row. logits: f32[N, V] ->
   (tokens int32[N], logprobs f32[N] at temperature, raw_logprobs f32[N] at temperature 1)."""
   logits = logits.astype(jnp.float32)
+  choice = logits
+  if sampling.banned_token_ids:
+    choice = logits.at[:, jnp.array(sampling.banned_token_ids)].set(-jnp.inf)
   if sampling.greedy:
-    tokens = jnp.argmax(logits, axis=-1)
+    tokens = jnp.argmax(choice, axis=-1)
   else:
-    tokens = jax.random.categorical(key, process_logits(logits, sampling), axis=-1)
+    tokens = jax.random.categorical(key, process_logits(choice, sampling), axis=-1)
   tokens = tokens.astype(jnp.int32)
 
   def log_prob_at(lg):
@@ -346,10 +358,10 @@ def _check_generate_args(cfg, prompt_tokens, prompt_mask, vision, sampling, num_
   if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or \
       num_samples <= 0:
     raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-  bad_stop = [t for t in sampling.stop_token_ids if t >= cfg.vocab_size]
-  if bad_stop:
-    raise ValueError(f"sampling.stop_token_ids {bad_stop} are not below vocab_size="
-                     f"{cfg.vocab_size}")
+  for name in ("stop_token_ids", "banned_token_ids"):
+    bad = [t for t in getattr(sampling, name) if t >= cfg.vocab_size]
+    if bad:
+      raise ValueError(f"sampling.{name} {bad} are not below vocab_size={cfg.vocab_size}")
   nd = len(lead) + 2
   shape = tuple(prompt_tokens.shape)
   if len(shape) != nd or shape[:len(lead)] != lead:

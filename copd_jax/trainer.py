@@ -209,7 +209,21 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
   return scores.reshape(-1, scores.shape[-1])[routing["slot"]]
 
 
-def student_loss(params: Params, rows: Rows, teacher_logprobs, ucfg: UpdateConfig):
+def reference_logprobs(ref_params: Params, rows: Rows, ucfg: UpdateConfig):
+  """Sampled-token log-probs of every student's rows under one frozen reference policy
+  (the shared base): f32[S, R, T], for the KL-to-reference penalty."""
+  ref_params = jax.lax.stop_gradient(ref_params)
+
+  def one_student(r):
+    hidden = model_lib.forward_hidden(ref_params, ucfg.model, r.tokens, r.positions,
+                                      r.token_mask, r.frames)
+    return kernels.sampled_token_logprobs(hidden, model_lib.lm_head(ref_params, ucfg.model),
+                                          sampling.next_token_targets(r.tokens),
+                                          kernel=ucfg.kernel)
+  return jax.vmap(one_student)(rows)
+
+
+def student_loss(params: Params, rows: Rows, teacher_logprobs, ref_logprobs, ucfg: UpdateConfig):
   """One student's token-mean loss on its rows. rows: Rows without the S axis."""
   hidden = model_lib.forward_hidden(params, ucfg.model, rows.tokens, rows.positions,
                                     rows.token_mask, rows.frames)
@@ -219,8 +233,8 @@ def student_loss(params: Params, rows: Rows, teacher_logprobs, ucfg: UpdateConfi
     opd_beta = rows.opd_beta[:, None] * rows.response_mask
   loss_sum, denominator, aux = kernels.sequence_policy_loss(
       hidden, head, sampling.next_token_targets(rows.tokens), rows.advantages,
-      rows.old_logprobs, rows.response_mask, teacher_logprobs=teacher_logprobs,
-      opd_beta=opd_beta, config=ucfg.loss, kernel=ucfg.kernel)
+      rows.old_logprobs, rows.response_mask, ref_logprobs=ref_logprobs,
+      teacher_logprobs=teacher_logprobs, opd_beta=opd_beta, config=ucfg.loss, kernel=ucfg.kernel)
   return objectives.mean_from_sum(loss_sum, denominator), aux
 
 
@@ -235,10 +249,12 @@ def _branch_metrics(rows: Rows, aux: dict, teacher_logprobs, loss) -> dict:
          "response_tokens": jnp.sum(m) / jnp.maximum(jnp.sum(jnp.any(m > 0, -1)), 1.0)}
   if teacher_logprobs is not None:
     cross = m * (rows.opd_beta[:, None] > 0)
-    delta = teacher_logprobs - rows.old_logprobs  # log p_teacher - log p_student
+    # The OPD advantage actually used: total advantage minus the RL part.
+    opd_advantage = aux["advantages"] - rows.advantages[:, None]
+    delta = opd_advantage / jnp.where(cross > 0, rows.opd_beta[:, None], 1.0)  # log p_t - log p_s
     out["opd/delta_mean"] = mean(delta, cross)
     out["opd/delta_std"] = jnp.sqrt(jnp.maximum(mean(delta ** 2, cross) - mean(delta, cross) ** 2, 0))
-    out["opd/advantage_mean"] = mean(delta * rows.opd_beta[:, None], cross)
+    out["opd/advantage_mean"] = mean(opd_advantage, cross)
     out["opd/tokens"] = jnp.sum(cross)
   return out
 
@@ -246,25 +262,35 @@ def _branch_metrics(rows: Rows, aux: dict, teacher_logprobs, loss) -> dict:
 # No buffer donation: with live teachers the same params arrive as `teacher_params`.
 @functools.partial(jax.jit, static_argnames=("ucfg", "optimizer", "distil"))
 def update(params: Params, opt_state, teacher_params: Params | None, rows: Rows,
-           routing: dict | None, *, ucfg: UpdateConfig, optimizer: optax.GradientTransformation,
-           distil: bool):
+           routing: dict | None, ref_params: Params | None = None, *, ucfg: UpdateConfig,
+           optimizer: optax.GradientTransformation, distil: bool):
   """One optimizer step for every student branch. Returns (params, opt_state, metrics).
 
   params, opt_state: stacked [S]; teacher_params: stacked [J] or None (live teachers:
   pass the same params — they are read before the update, under stop-gradient);
-  rows: Rows [S, R, ...]; routing: TeacherRouting fields as arrays (distil steps only).
+  rows: Rows [S, R, ...]; routing: TeacherRouting fields as arrays (distil steps only);
+  ref_params: one single-model pytree (the base), required when ucfg.loss.kl_coef > 0.
   metrics: dict of f32[S].
   """
   teacher_logprobs = None
   if distil:
     teacher_logprobs = score_by_teachers(teacher_params, rows, routing, ucfg)
+  ref_lp = None
+  if ucfg.loss.kl_coef > 0:
+    if ref_params is None:
+      raise ValueError("ref_params (the reference policy) are required when kl_coef > 0")
+    ref_lp = reference_logprobs(ref_params, rows, ucfg)
 
-  def one_branch(p, r, t_lp):
-    (loss, aux), grads = jax.value_and_grad(student_loss, has_aux=True)(p, r, t_lp, ucfg)
-    return grads, _branch_metrics(r, aux, t_lp, loss)
+  def one_branch(p, r, t_lp, ref):
+    (loss, aux), grads = jax.value_and_grad(student_loss, has_aux=True)(p, r, t_lp, ref, ucfg)
+    metrics = _branch_metrics(r, aux, t_lp, loss)
+    if ref is not None:
+      metrics["kl_to_reference"] = jnp.sum(aux["kl"] * r.response_mask) / jnp.maximum(
+          jnp.sum(r.response_mask), 1.0)
+    return grads, metrics
 
-  grads, metrics = jax.vmap(one_branch)(params, rows, teacher_logprobs)
-  metrics["grad_norm"] = jax.vmap(optax.tree.norm)(grads)
+  grads, metrics = jax.vmap(one_branch)(params, rows, teacher_logprobs, ref_lp)
+  metrics["grad_norm"] = jax.vmap(optax.tree_utils.tree_norm)(grads)
   updates, opt_state = jax.vmap(optimizer.update)(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state, metrics
 
@@ -316,11 +342,11 @@ def stack_prompt_batches(batches: Sequence[tasks.PromptBatch]):
 
 
 def group_advantages(rewards: np.ndarray, samples: int, scale_by_std: bool) -> tuple[np.ndarray, np.ndarray]:
-  """rewards f32[S, B*G] -> (advantages f32[S, B*G], zero-variance fraction f32[S])."""
+  """rewards f32[S, B*G] -> (advantages f32[S, B*G], zero-variance flags bool[S, B])."""
   s, n = rewards.shape
   grouped = rewards.reshape(s * n // samples, samples)
   adv = objectives.grpo_advantages(grouped, scale_by_std=scale_by_std)
-  zero = np.asarray(adv.zero_variance).reshape(s, -1).mean(axis=1)
+  zero = np.asarray(adv.zero_variance).reshape(s, -1)
   return np.asarray(adv.advantages).reshape(s, n), zero
 
 
@@ -348,7 +374,8 @@ class StepResult:
 
 def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teachers: Params | None,
                ctx: DataContext, ucfg: UpdateConfig, optimizer, key, rng: np.random.Generator,
-               weight: float, assignment: np.ndarray, routing: TeacherRouting) -> StepResult:
+               weight: float, assignment: np.ndarray, routing: TeacherRouting,
+               ref_params: Params | None = None) -> StepResult:
   """One CoPD step for every student (see the module docstring)."""
   beta = schedules.teacher_matrix(stage.topology, stage.branch_beta, weight)  # [S, J]
   distil = stage.distils and weight > 0
@@ -370,7 +397,7 @@ def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teache
                                rollout.mask.reshape(s * b * g, -1), ctx.tokenizer)
   answers = [ex.answer for exs in examples for ex in exs for _ in range(g)]
   rewards = verifiers.batch_rewards(responses, answers).reshape(s, b * g)
-  advantages, zero_var = group_advantages(rewards, g, ucfg.scale_by_std)
+  advantages, zero_var_all = group_advantages(rewards, g, ucfg.scale_by_std)
   row_teacher_g = np.repeat(row_teacher, g, axis=1)  # [S, B*G]
   is_native = row_teacher_g == NATIVE
   is_cross = row_teacher_g >= 0
@@ -397,8 +424,9 @@ def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teache
                       "gather_valid": jnp.asarray(routing.gather_valid),
                       "slot": jnp.asarray(slot)}
   params, opt_state, metrics = update(params, opt_state, teachers if distil else None, rows,
-                                      routing_arrays, ucfg=ucfg, optimizer=optimizer,
-                                      distil=distil)
+                                      routing_arrays,
+                                      ref_params if ucfg.loss.kl_coef > 0 else None,
+                                      ucfg=ucfg, optimizer=optimizer, distil=distil)
   metrics = jax.device_get(metrics)
   timings["time/update_s"] = time.perf_counter() - t2
 
@@ -407,7 +435,8 @@ def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teache
   metrics["reward/native"] = (rewards * native_mask).sum(1) / np.maximum(native_mask.sum(1), 1)
   if distil:
     metrics["reward/cross"] = (rewards * cross_mask).sum(1) / np.maximum(cross_mask.sum(1), 1)
-  metrics["zero_variance_groups"] = zero_var
+  if stage.native_prompts:  # fraction of native GRPO groups with equal rewards
+    metrics["zero_variance_groups"] = zero_var_all[:, :stage.native_prompts].mean(axis=1)
   metrics.update(timings)
   metrics["opd_weight"] = weight
   return StepResult(params, opt_state, metrics, int(np.asarray(rollout.lengths).sum()))

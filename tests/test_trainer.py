@@ -183,3 +183,39 @@ def test_pairwise_diagnostics_identical_policies(setup):
                                           rows.token_mask, rows.response_mask, rows.frames, k=10)
   assert float(diag["overlap"][0, 2]) < 1.0
   assert float(diag["sym_kl"][0, 2]) > 1e-3
+
+
+def test_kl_to_reference_is_zero_against_itself_and_positive_after_drift(setup):
+  cfg, s = setup
+  params = experts.init_stacked(s.model_cfg, jax.random.split(jax.random.key(8), 1))
+  rows = fixed_rows(s, params, ("text",))
+  ucfg = ucfg_for(s, kl_coef=0.1)
+  optimizer = optax.sgd(1.0)
+  reference = jax.tree.map(lambda x: x[0], params)
+  state = trainer.init_optimizer_state(optimizer, params)
+  rows.advantages = jnp.ones_like(rows.advantages)
+  moved, state, metrics = trainer.update(params, state, None, rows, None, reference, ucfg=ucfg,
+                                         optimizer=optimizer, distil=False)
+  assert abs(float(metrics["kl_to_reference"][0])) < 1e-5
+  _, _, metrics = trainer.update(moved, state, None, rows, None, reference, ucfg=ucfg,
+                                 optimizer=optimizer, distil=False)
+  assert float(metrics["kl_to_reference"][0]) > 1e-4
+  with pytest.raises(ValueError, match="ref_params"):
+    trainer.update(params, state, None, rows, None, None, ucfg=ucfg, optimizer=optimizer,
+                   distil=False)
+
+
+def test_banned_tokens_are_never_sampled(setup):
+  cfg, s = setup
+  params = experts.init_stacked(s.model_cfg, jax.random.split(jax.random.key(9), 1))
+  batch = s.encode_prompts([tasks.make_example("image", i, seed=0, difficulty=1,
+                                               **s.example_kwargs) for i in range(2)])
+  banned = policy_setup.never_generated_ids(s.tokenizer)
+  config = sampling.SamplingConfig(max_new_tokens=8, temperature=3.0, banned_token_ids=banned)
+  rollout = sampling.generate(jax.tree.map(lambda x: x[0], params), s.model_cfg, batch.tokens,
+                              batch.mask, batch.frames, jax.random.key(0), config, 16)
+  sampled = np.asarray(rollout.tokens)[np.asarray(rollout.mask) > 0]
+  assert sampled.size > 100
+  assert not np.isin(sampled, banned).any()
+  with pytest.raises(ValueError, match="banned_token_ids must not contain a stop token"):
+    sampling.SamplingConfig(max_new_tokens=4, stop_token_ids=(2,), banned_token_ids=(2,))
