@@ -32,7 +32,7 @@ SCHEDULES = {
 }
 HUBS = {f"hub = {h}": dict(rl__opd__hub=h) for h in ("text", "image", "video")}
 HUBS["full mesh"] = dict(rl__opd__topology="full")
-BETAS = {f"beta = {b}": dict(rl__opd__beta=b) for b in (0.5, 1.0, 2.0)}
+BETAS = {f"beta = {b}": dict(rl__opd__beta=b) for b in (0.5, 2.0, 8.0)}  # 1.0: the schedule sweep
 SWEEPS = {"schedule": SCHEDULES, "hub": HUBS, "beta": BETAS}
 
 
