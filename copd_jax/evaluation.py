@@ -21,38 +21,6 @@ def _pad_to(examples: Sequence[tasks.Example], size: int) -> list[tasks.Example]
   return list(examples) + [examples[-1]] * (size - len(examples))
 
 
-def greedy_responses(params: Any, setup: RunSetup, examples: Sequence[tasks.Example],
-                     max_new_tokens: int, batch_size: int) -> list[str]:
-  sampling_cfg = sampling.SamplingConfig(
-      max_new_tokens=max_new_tokens, greedy=True, stop_token_ids=(setup.tokenizer.eos_id,),
-      banned_token_ids=policy_setup.never_generated_ids(setup.tokenizer))
-  responses = []
-  for start in range(0, len(examples), batch_size):
-    chunk = examples[start:start + batch_size]
-    batch = setup.encode_prompts(_pad_to(chunk, batch_size))
-    rollout = sampling.generate(
-        params, setup.model_cfg, batch.tokens, batch.mask, batch.frames,
-        jax.random.key(0), sampling_cfg, 1)
-    tokens = np.asarray(rollout.tokens)[: len(chunk), 0]
-    mask = np.asarray(rollout.mask)[: len(chunk), 0]
-    responses += decode_responses(tokens, mask, setup.tokenizer)
-  return responses
-
-
-def evaluate(params: Any, setup: RunSetup, eval_sets: dict[str, list], *,
-             max_new_tokens: int, batch_size: int) -> dict[str, float]:
-  """Returns {'accuracy/<cap>': ..., 'accuracy/overall': mean over capabilities,
-  'response_chars/<cap>': mean decoded length}."""
-  metrics = {}
-  for cap, examples in eval_sets.items():
-    responses = greedy_responses(params, setup, examples, max_new_tokens, batch_size)
-    rewards = verifiers.batch_rewards(responses, [ex.answer for ex in examples])
-    metrics[f"accuracy/{cap}"] = float(np.mean(rewards))
-    metrics[f"response_chars/{cap}"] = float(np.mean([len(r) for r in responses]))
-  metrics["accuracy/overall"] = float(np.mean([metrics[f"accuracy/{c}"] for c in eval_sets]))
-  return metrics
-
-
 def greedy_responses_stacked(stacked: Any, setup: RunSetup, examples: Sequence[tasks.Example],
                              max_new_tokens: int, batch_size: int) -> list[list[str]]:
   """Every branch of a stacked pytree answers the same examples, one vmapped call per
@@ -78,12 +46,24 @@ def greedy_responses_stacked(stacked: Any, setup: RunSetup, examples: Sequence[t
 
 def evaluate_stacked(stacked: Any, setup: RunSetup, eval_sets: dict[str, list], *,
                      max_new_tokens: int, batch_size: int) -> dict[str, np.ndarray]:
-  """Held-out accuracy of every branch: {'accuracy/<cap>': f32[S], 'accuracy/overall': f32[S]}."""
+  """Held-out accuracy of every branch: {'accuracy/<cap>', 'accuracy/overall',
+  'response_chars/<cap>'}, each f32[S]."""
   metrics = {}
   for cap, examples in eval_sets.items():
     responses = greedy_responses_stacked(stacked, setup, examples, max_new_tokens, batch_size)
     answers = [ex.answer for ex in examples]
     metrics[f"accuracy/{cap}"] = np.array(
         [verifiers.batch_rewards(r, answers).mean() for r in responses], np.float32)
+    metrics[f"response_chars/{cap}"] = np.array(
+        [np.mean([len(x) for x in r]) for r in responses], np.float32)
   metrics["accuracy/overall"] = np.mean([metrics[f"accuracy/{c}"] for c in eval_sets], axis=0)
   return metrics
+
+
+def evaluate(params: Any, setup: RunSetup, eval_sets: dict[str, list], *,
+             max_new_tokens: int, batch_size: int) -> dict[str, float]:
+  """One policy: {'accuracy/<cap>', 'accuracy/overall', 'response_chars/<cap>'} floats."""
+  stacked = jax.tree.map(lambda x: x[None], params)
+  metrics = evaluate_stacked(stacked, setup, eval_sets, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size)
+  return {k: float(v[0]) for k, v in metrics.items()}

@@ -16,9 +16,14 @@ def load_config(name="base", preset="micro"):
   return module.get_config(preset)
 
 
-def test_shipped_configs_validate():
-  for preset in ("toy", "micro"):
-    config_lib.validate_config(load_config(preset=preset))
+def test_every_shipped_config_validates_and_names_its_method():
+  names = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py"))
+  assert names == sorted(default_config.METHODS)
+  for name in names:
+    for preset in ("toy", "micro"):
+      cfg = load_config(name, preset)
+      assert cfg.method == name
+      config_lib.validate_config(cfg)  # raises on any invalid field
 
 
 @pytest.mark.parametrize("field, value, message", [
