@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
@@ -220,7 +219,9 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
   rng = np.random.default_rng([cfg.seed, seed_offset])
   key = jax.random.key(cfg.seed * 7919 + seed_offset)
   assignment = trainer.cross_teacher_assignment(stage)
-  routing = trainer.teacher_routing(assignment, len(stage.teacher_data), stage.samples_per_prompt)
+  routing = trainer.teacher_routing(
+      assignment, len(stage.teacher_data), stage.samples_per_prompt,
+      native_rows=stage.native_prompts * stage.samples_per_prompt).as_arrays()
   sched_state = schedules.ScheduleState()
   names = branch_names(stage)
   short_eval = {c: ex[: rl.eval_examples] for c, ex in ctx.eval_sets.items()}

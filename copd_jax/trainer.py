@@ -132,19 +132,28 @@ def cross_teacher_assignment(stage: Stage) -> np.ndarray:
 class TeacherRouting:
   """Static regrouping of cross rows by teacher (computed once per stage on the host).
 
+  Rows per student are [native rows | cross rows].
   gather_student, gather_row: int32[J, M] — teacher j's m-th row is row gather_row of
-    student gather_student's cross batch; gather_valid: bool[J, M] (padding rows).
-  slot: int32[S, R_cross] — where each cross row's score lands in the flattened [J*M].
+    student gather_student's rows; gather_valid: bool[J, M] (padding rows).
+  slot: int32[S, R] — where each row's score lands in the flattened [J*M] (native rows: 0,
+    unused because their beta is 0).
   """
   gather_student: np.ndarray
   gather_row: np.ndarray
   gather_valid: np.ndarray
   slot: np.ndarray
 
+  def as_arrays(self) -> dict:
+    """The fields as device arrays, the `routing` argument of `update`."""
+    return {k: jnp.asarray(v) for k, v in dataclasses.asdict(self).items()}
 
-def teacher_routing(assignment: np.ndarray, num_teachers: int, samples: int) -> TeacherRouting:
-  """assignment: int32[S, B_cross] (per prompt) -> routing for the S x B_cross*G rows."""
+
+def teacher_routing(assignment: np.ndarray, num_teachers: int, samples: int,
+                    native_rows: int = 0) -> TeacherRouting:
+  """assignment: int32[S, B_cross] (per prompt) -> routing for rows laid out as
+  [native_rows native rows | B_cross*G cross rows] per student."""
   row_teacher = np.repeat(assignment, samples, axis=1)  # [S, R_cross]
+  row_teacher = np.pad(row_teacher, ((0, 0), (native_rows, 0)), constant_values=NATIVE)
   s, r = row_teacher.shape
   per_teacher = [np.argwhere(row_teacher == j) for j in range(num_teachers)]
   m = max(1, max(len(rows) for rows in per_teacher))
@@ -374,7 +383,7 @@ class StepResult:
 
 def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teachers: Params | None,
                ctx: DataContext, ucfg: UpdateConfig, optimizer, key, rng: np.random.Generator,
-               weight: float, assignment: np.ndarray, routing: TeacherRouting,
+               weight: float, assignment: np.ndarray, routing: dict,
                ref_params: Params | None = None) -> StepResult:
   """One CoPD step for every student (see the module docstring)."""
   beta = schedules.teacher_matrix(stage.topology, stage.branch_beta, weight)  # [S, J]
@@ -413,18 +422,8 @@ def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teache
 
   t2 = time.perf_counter()
   teachers = params if stage.live_teachers else frozen_teachers
-  routing_arrays = None
-  if distil:
-    native_rows = stage.native_prompts * g
-    slot = np.zeros((s, b * g), np.int32)
-    slot[:, native_rows:] = routing.slot
-    gather_row = routing.gather_row + native_rows
-    routing_arrays = {"gather_student": jnp.asarray(routing.gather_student),
-                      "gather_row": jnp.asarray(gather_row),
-                      "gather_valid": jnp.asarray(routing.gather_valid),
-                      "slot": jnp.asarray(slot)}
   params, opt_state, metrics = update(params, opt_state, teachers if distil else None, rows,
-                                      routing_arrays,
+                                      routing if distil else None,
                                       ref_params if ucfg.loss.kl_coef > 0 else None,
                                       ucfg=ucfg, optimizer=optimizer, distil=distil)
   metrics = jax.device_get(metrics)

@@ -1,7 +1,6 @@
 """Every method config runs a few steps on the micro config; CoPD with beta = 0 is
 exactly the independent experts."""
 import json
-import os
 
 import jax
 import numpy as np

@@ -64,8 +64,7 @@ def test_teacher_scoring_matches_direct_per_pair_scoring(setup):
   # Every row is a cross row: student k's rows scored by teacher (k + 1) % 3.
   assignment = np.array([[1, 1], [2, 2], [0, 0]], np.int32)
   routing = trainer.teacher_routing(assignment, 3, samples=2)
-  arrays = {k: jnp.asarray(getattr(routing, k)) for k in
-            ("gather_student", "gather_row", "gather_valid", "slot")}
+  arrays = routing.as_arrays()
   ucfg = ucfg_for(s)
   got = trainer.score_by_teachers(params, rows, arrays, ucfg)
   for k in range(3):
@@ -96,8 +95,7 @@ def test_opd_only_update_lowers_reverse_kl_to_teacher(setup):
   teacher = experts.init_stacked(s.model_cfg, jax.random.split(jax.random.key(3), 1))
   rows = fixed_rows(s, student, ("text",), n_prompts=4, g=2, opd_beta=1.0)
   routing = trainer.teacher_routing(np.zeros((1, 4), np.int32), 1, samples=2)
-  arrays = {k: jnp.asarray(getattr(routing, k)) for k in
-            ("gather_student", "gather_row", "gather_valid", "slot")}
+  arrays = routing.as_arrays()
   ucfg = ucfg_for(s)
   optimizer = trainer.make_optimizer(3e-3, 1.0)
   opt_state = trainer.init_optimizer_state(optimizer, student)
