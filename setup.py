@@ -24,6 +24,14 @@ setup(
         "absl-py>=2.1.0",
         "numpy>=1.26",
         "tensorboardX>=2.6",  # event files without installing tensorflow
+        # Hugging Face checkpoints, tokenizers and real datasets (copd_jax/hf_*.py,
+        # copd_jax/datasets.py); none of them pulls in torch.
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "jinja2>=3.1",        # chat templates from tokenizer_config.json
+        "math-verify>=0.7",   # math answer equivalence
+        "pyarrow>=14",        # Parquet records
+        "pillow>=10",         # image files in records
     ],
     extras_require={
         "test": ["pytest>=8.0"],

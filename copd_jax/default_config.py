@@ -45,7 +45,29 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
       difficulty=dict(text=2, image=2, video=2),
       seed=1234,  # task-suite seed: train stream and held-out set derive from it
   ))
-  c.data = ml_collections.ConfigDict(dict(max_prompt_len=64, max_response_len=24))
+  c.data = ml_collections.ConfigDict(dict(
+      max_prompt_len=64, max_response_len=24,
+      # Record files (JSONL or Parquet, copd_jax/datasets.py) per capability; empty =
+      # the built-in procedural task suite (copd_jax/tasks.py).
+      train_files={}, eval_files={},
+      shuffle_seed=0,  # grain shuffle of record datasets (procedural streams need none)
+  ))
+  # Start from a local Hugging Face checkpoint directory (copd_jax/hf_checkpoint.py)
+  # instead of the SFT warm-start; "" = the built-in toy base.
+  c.init = ml_collections.ConfigDict(dict(hf_checkpoint=""))
+
+  # Device mesh (copd_jax/parallel.py). Sizes of the named axes; one of them may be -1
+  # (= the devices left over). Branches are sharded over `expert`; inside a branch FSDP
+  # over `fsdp`, tensor parallelism over `tensor`, the batch over `data` x `fsdp`.
+  c.mesh = ml_collections.ConfigDict(dict(expert=1, data=-1, fsdp=1, tensor=1))
+  # Training-state checkpoints (orbax CheckpointManager) under <workdir>/checkpoints.
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=0,        # 0 = only at the end of a stage and on SIGTERM
+      max_to_keep=2,
+      async_save=True,
+      resume=True,          # resume from the latest checkpoint in workdir if one exists
+      save_on_sigterm=True,
+  ))
 
   # SFT warm-start: the analog of the paper's instruction-tuned base. `mix` sets how
   # much of each capability the base sees, i.e. where each capability starts.
@@ -123,6 +145,9 @@ def rl_section(preset: str) -> ml_collections.ConfigDict:
                               # adaptive schedule reacts to the latest one)
       diagnostic_prompts=8,   # per branch, for overlap / symmetric KL
       log_every=1,
+      # A step whose loss or gradients are not finite is skipped (not applied) and
+      # counted; this many in a row stop the run with an error.
+      max_nonfinite_steps_in_row=3,
   ))
   if preset == "micro":
     rl.update(dict(steps=2, native_prompts=2, samples_per_prompt=2, cross_prompts=2,
