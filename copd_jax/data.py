@@ -1,0 +1,382 @@
+"""grain input pipelines: checkpointable, per-process-sharded streams of tasks.Example.
+
+Every training stream in copd-jax is a grain `MapDataset` over a random-access source,
+turned into an `IterDataset` whose iterator has `get_state()` / `set_state()` (a small
+JSON-serialisable dict), so a checkpoint can hold the exact data position.
+
+    source (TaskSource | datasets.RecordSource | tfds_tasks.load_static_split)
+      -> seed -> [shuffle] -> repeat -> slice(shard_index::shard_count)   (MapDataset)
+      -> to_iter_dataset -> [batch]                                      (IterDataset)
+
+- Procedural task streams (TaskSource) are NOT shuffled: `tasks.make_example` is already
+  an i.i.d. draw per index, and reading index 0, 1, 2, ... reproduces
+  `tasks.train_stream` exactly, so every committed result stays reproducible.
+- Sharding is strided over the global stream: with K processes, process p reads global
+  positions p, p+K, p+2K, ...; shards are disjoint and together they are exactly the
+  unsharded stream's prefix (also across epochs, since the slice comes after repeat).
+- The warm-start mixture (`sft_examples` / `sft_batches`) reproduces
+  `tasks.mixed_train_stream` element for element, but as a random-access grain pipeline.
+"""
+from __future__ import annotations
+
+import numbers
+import threading
+import zlib
+from typing import Any, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from copd_jax import tasks
+
+TRAIN_SOURCE_LENGTH = 2**31 - 1  # "endless": far more indices than any run reads
+_MIX_BLOCK = 256  # tasks.mixed_train_stream draws capability choices 256 at a time
+_MIX_SEED_TAG = 7  # ... from default_rng([seed, 7]); kept identical here
+
+# Synchronous reads by default: examples are generated on the host in numpy (GIL-bound),
+# and the trainer asks for a few per step. Pass grain.ReadOptions(num_threads=N,
+# prefetch_buffer_size=M) to overlap generation or file reads with device work.
+SYNCHRONOUS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+
+
+# ----------------------------------------------------------------------------- sources
+
+class TaskSource:
+  """Random-access source over `tasks.make_example` for one capability and split.
+
+  source[i] == tasks.make_example(capability, i, seed=seed, difficulty=difficulty,
+  image_size=..., num_frames=..., split=split). len: TRAIN_SOURCE_LENGTH for train,
+  `num_examples` for eval (the held-out `tasks.eval_set` when read in order).
+  """
+
+  def __init__(self, capability: str, *, seed: int, difficulty: int, image_size: int = 32,
+               num_frames: int = 4, split: str = "train", num_examples: int | None = None):
+    if split not in tasks.SPLITS:
+      raise ValueError(f"TaskSource split must be one of {tasks.SPLITS}, got {split!r}")
+    # Fail now, on the config, rather than at the first read inside a training step.
+    tasks.make_example(capability, 0, seed=seed, difficulty=difficulty,
+                       image_size=image_size, num_frames=num_frames, split=split)
+    if split == "eval":
+      if num_examples is None:
+        raise ValueError("TaskSource(split='eval') needs num_examples (the eval set size)")
+      length = _check_int("num_examples", num_examples, 1)
+    else:
+      length = TRAIN_SOURCE_LENGTH if num_examples is None else _check_int(
+          "num_examples", num_examples, 1)
+    self.capability, self.split, self._length = capability, split, length
+    self._kwargs = dict(seed=seed, difficulty=difficulty, image_size=image_size,
+                        num_frames=num_frames, split=split)
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int) -> tasks.Example:
+    if not 0 <= index < self._length:
+      raise IndexError(f"TaskSource({self.capability}, {self.split}) index {index} out of "
+                       f"range [0, {self._length})")
+    return tasks.make_example(self.capability, int(index), **self._kwargs)
+
+  def __repr__(self) -> str:
+    return f"TaskSource({self.capability!r}, len={self._length}, {self._kwargs})"
+
+
+# --------------------------------------------------------------------------- pipelines
+
+def _check_int(field: str, value, minimum: int, maximum: int | None = None) -> int:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise ValueError(f"{field} must be an integer, got {value!r}")
+  if value < minimum or (maximum is not None and value > maximum):
+    bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    raise ValueError(f"{field} must be {bound}, got {value}")
+  return int(value)
+
+
+def _check_shard(shard_index: int, shard_count: int) -> None:
+  _check_int("shard_count", shard_count, 1)
+  _check_int("shard_index", shard_index, 0, shard_count - 1)
+
+
+def process_shard() -> tuple[int, int]:
+  """(shard_index, shard_count) = (jax.process_index(), jax.process_count()).
+
+  Each process of a multi-controller run reads its own disjoint slice of every stream.
+  """
+  import jax  # only here: the pipelines themselves never need jax
+  return jax.process_index(), jax.process_count()
+
+
+def _pipeline_seed(*parts: int) -> int:
+  """A grain seed in [0, 2**32) derived from several non-negative ints."""
+  return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def sharded_dataset(dataset: grain.MapDataset, *, seed: int, shuffle: bool,
+                    shard_index: int = 0, shard_count: int = 1,
+                    num_epochs: int | None = None) -> grain.MapDataset:
+  """seed -> [shuffle] -> repeat(num_epochs) -> this process's strided slice.
+
+  Shuffling reshuffles each epoch (grain reseeds per epoch). num_epochs=None: endless.
+  """
+  _check_shard(shard_index, shard_count)
+  _check_int("seed", seed, 0, 2**32 - 1)
+  if num_epochs is not None:
+    _check_int("num_epochs", num_epochs, 1)
+  if len(dataset) == 0:
+    raise ValueError(f"cannot build a pipeline over an empty source ({dataset!r})")
+  dataset = dataset.seed(seed)
+  if shuffle:
+    dataset = dataset.shuffle()
+  dataset = dataset.repeat(num_epochs)
+  return dataset.slice(slice(shard_index, None, shard_count))
+
+
+def example_iterator(source, *, seed: int, shuffle: bool, shard_index: int = 0,
+                     shard_count: int = 1, num_epochs: int | None = None,
+                     read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
+  """A checkpointable iterator over `source` (anything with __len__ and __getitem__).
+
+  Yields source[j] for this shard's positions j = shard_index, shard_index+shard_count, ...
+  of the (optionally shuffled, repeated) global order. `it.get_state()` is a JSON-able
+  dict; `fresh.set_state(state)` continues exactly where `it` stopped.
+  """
+  dataset = sharded_dataset(grain.MapDataset.source(source), seed=seed, shuffle=shuffle,
+                            shard_index=shard_index, shard_count=shard_count,
+                            num_epochs=num_epochs)
+  return iter(dataset.to_iter_dataset(read_options or SYNCHRONOUS))
+
+
+# ------------------------------------------------------------------ per-capability data
+
+def _train_files(cfg) -> dict[str, list[str]]:
+  """cfg.data.train_files as capability -> list of paths (empty: procedural tasks).
+
+  Keys are capabilities of this run (cfg.tasks.capabilities): the built-in ones or record
+  domain names such as 'math' (see tasks.Example); every one of them needs files.
+  """
+  files = cfg.data.get("train_files", None) or {}
+  if hasattr(files, "to_dict"):  # an ml_collections.ConfigDict
+    files = files.to_dict()
+  if not isinstance(files, Mapping):
+    raise ValueError(f"config.data.train_files must map capability -> path or list of "
+                     f"paths, got {files!r}")
+  out = {}
+  for cap, paths in dict(files).items():
+    if cap not in cfg.tasks.capabilities:
+      raise ValueError(f"config.data.train_files key {cap!r} is not one of this run's "
+                       f"capabilities (config.tasks.capabilities = "
+                       f"{list(cfg.tasks.capabilities)})")
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    if not paths or not all(isinstance(p, str) and p for p in paths):
+      raise ValueError(f"config.data.train_files[{cap!r}] must be a path or a non-empty "
+                       f"list of paths, got {files[cap]!r}")
+    out[cap] = paths
+  return out
+
+
+def capability_dataset(cfg, capability: str, example_kwargs: Mapping[str, Any],
+                       seed: int) -> grain.MapDataset:
+  """One capability's endless global training order (unsharded) as a MapDataset.
+
+  Procedural (cfg.data.train_files empty): TaskSource(seed=seed) read in index order,
+  i.e. exactly tasks.train_stream. Record files (cfg.data.train_files[capability]):
+  datasets.RecordSource shuffled with a seed derived from (cfg.data.shuffle_seed, seed,
+  capability) -- so two stages or two run seeds see different orders -- and repeated,
+  reshuffled every epoch.
+  """
+  files = _train_files(cfg)
+  if not files:
+    if capability not in tasks.CAPABILITIES:
+      raise ValueError(f"capability {capability!r} has no procedural generator (those are "
+                       f"{tasks.CAPABILITIES}); give its records in config.data.train_files")
+    source = TaskSource(capability, seed=seed, difficulty=cfg.tasks.difficulty[capability],
+                        **example_kwargs)
+    return grain.MapDataset.source(source).repeat()
+  if capability not in files:
+    raise ValueError(f"config.data.train_files has no entry for capability {capability!r} "
+                     f"(it names {sorted(files)}); give files for every capability in "
+                     f"config.tasks.capabilities, or none to use the procedural tasks")
+  from copd_jax import datasets  # lazily: only runs that read record files need it
+  source = datasets.RecordSource(files[capability], capability=capability)
+  shuffle_seed = _check_int("config.data.shuffle_seed", cfg.data.shuffle_seed, 0)
+  # crc32: a stable per-name number (record domains are not in tasks.CAPABILITIES).
+  grain_seed = _pipeline_seed(shuffle_seed, seed, zlib.crc32(capability.encode("utf-8")))
+  return sharded_dataset(grain.MapDataset.source(source), seed=grain_seed, shuffle=True)
+
+
+def _shard_iterator(dataset: grain.MapDataset, shard_index: int, shard_count: int,
+                    read_options) -> grain.DatasetIterator:
+  _check_shard(shard_index, shard_count)
+  dataset = dataset.slice(slice(shard_index, None, shard_count))
+  return iter(dataset.to_iter_dataset(read_options or SYNCHRONOUS))
+
+
+def make_streams(cfg, example_kwargs: Mapping[str, Any], seed: int, *, shard_index: int = 0,
+                 shard_count: int = 1,
+                 read_options: grain.ReadOptions | None = None
+                 ) -> dict[str, grain.DatasetIterator]:
+  """One endless checkpointable iterator of tasks.Example per cfg.tasks.capabilities entry.
+
+  cfg.tasks.capabilities (not cfg.rl.capabilities) because cross-capability OPD draws
+  teacher-domain prompts too, as trainer.DataContext.streams does today. seed: the task
+  seed (methods.data_context: cfg.tasks.seed + 1000 * cfg.seed + offset). With
+  shard_count=1 each stream equals tasks.train_stream(cap, seed=seed, ...) exactly.
+  """
+  return {cap: _shard_iterator(capability_dataset(cfg, cap, example_kwargs, seed),
+                               shard_index, shard_count, read_options)
+          for cap in cfg.tasks.capabilities}
+
+
+def streams_state(streams: Mapping[str, grain.DatasetIterator]) -> dict[str, dict]:
+  """capability -> iterator state (JSON-serialisable), for a checkpoint."""
+  return {cap: it.get_state() for cap, it in streams.items()}
+
+
+def restore_streams(streams: Mapping[str, grain.DatasetIterator],
+                    state: Mapping[str, Mapping]) -> None:
+  """Sets every stream to its saved position; the capabilities must match exactly."""
+  if set(streams) != set(state):
+    raise ValueError(f"data-iterator state covers capabilities {sorted(state)}, but this "
+                     f"run's streams are {sorted(streams)}")
+  for cap, it in streams.items():
+    it.set_state(dict(state[cap]))
+
+
+# ------------------------------------------------------------------------ the mixture
+
+class WeightedChoiceMap(grain.transforms.DatasetSelectionMap):
+  """Global index -> (capability slot, index within that capability's stream).
+
+  Same choices as tasks.mixed_train_stream: blocks of 256 draws from
+  default_rng([seed, 7]).choice(len(active), p=weights). The choices are a sequential
+  RNG stream, so blocks are computed in order once and memoised (10 bytes per example
+  up to the highest index read); reads are then random access and thread-safe.
+  """
+
+  def __init__(self, probs: Sequence[float], seed: int):
+    self._probs = np.asarray(probs, np.float64)
+    self._seed = seed
+    self._reset()
+
+  def _reset(self):
+    self._rng = np.random.default_rng([self._seed, _MIX_SEED_TAG])
+    self._blocks: list[tuple[np.ndarray, np.ndarray]] = []  # (slot int16[256], within int64[256])
+    self._counts = np.zeros(len(self._probs), np.int64)  # draws per slot so far
+    self._lock = threading.Lock()
+
+  def __getstate__(self):  # picklable for grain worker processes: recomputed there
+    return {"probs": self._probs, "seed": self._seed}
+
+  def __setstate__(self, state):
+    self._probs, self._seed = state["probs"], state["seed"]
+    self._reset()
+
+  def __len__(self) -> int:
+    return np.iinfo(np.int64).max
+
+  def _extend_to(self, block_index: int) -> None:
+    with self._lock:
+      while len(self._blocks) <= block_index:
+        slots = self._rng.choice(len(self._probs), size=_MIX_BLOCK, p=self._probs)
+        within = np.empty(_MIX_BLOCK, np.int64)
+        for slot in range(len(self._probs)):
+          picked = slots == slot
+          within[picked] = self._counts[slot] + np.arange(picked.sum())
+          self._counts[slot] += picked.sum()
+        self._blocks.append((slots.astype(np.int16), within))
+
+  def __getitem__(self, index: int) -> tuple[int, int]:
+    if index < 0:
+      raise IndexError(f"WeightedChoiceMap index must be >= 0, got {index}")
+    block_index, offset = divmod(int(index), _MIX_BLOCK)
+    if block_index >= len(self._blocks):
+      self._extend_to(block_index)
+    slots, within = self._blocks[block_index]
+    return int(slots[offset]), int(within[offset])
+
+
+def _mixture_weights(mix: Mapping[str, float], capabilities: Sequence[str]) -> dict[str, float]:
+  """The warm-start's {capability: weight} over the run's capabilities, validated."""
+  weights = {}
+  for cap in capabilities:
+    weight = mix.get(cap, 0.0)
+    if (isinstance(weight, bool) or not isinstance(weight, numbers.Real)
+        or not np.isfinite(weight) or weight < 0):
+      raise ValueError(f"config.warm_start.mix[{cap!r}] must be a finite number >= 0, "
+                       f"got {weight!r}")
+    weights[cap] = float(weight)
+  # Built-in capabilities outside this run are ignored (the default mix names all three);
+  # anything else is a typo.
+  unknown = set(mix) - set(tasks.CAPABILITIES) - set(capabilities)
+  if unknown:
+    raise ValueError(f"config.warm_start.mix names {sorted(unknown)}, which are not "
+                     f"capabilities of this run ({list(capabilities)})")
+  if not any(w > 0 for w in weights.values()):
+    raise ValueError(f"config.warm_start.mix gives no capability of {list(capabilities)} a "
+                     f"positive weight: {dict(mix)}")
+  return weights
+
+
+def mixture_dataset(cfg, example_kwargs: Mapping[str, Any], weights: Mapping[str, float],
+                    seed: int) -> grain.MapDataset:
+  """Endless mixture of capability_dataset(...)s, each example's capability ~ weights.
+
+  Procedurally, element i equals the i-th element of tasks.mixed_train_stream(weights,
+  seed=seed, difficulty=cfg.tasks.difficulty, **example_kwargs).
+  """
+  # Built-in capabilities first, in tasks.CAPABILITIES order (as mixed_train_stream
+  # orders them), then record domains in the order given.
+  order = [c for c in tasks.CAPABILITIES if c in weights]
+  order += [c for c in weights if c not in tasks.CAPABILITIES]
+  active = [cap for cap in order if weights[cap] > 0]
+  if not active:
+    raise ValueError(f"mixture weights must give some capability a positive weight, "
+                     f"got {dict(weights)}")
+  probs = np.array([weights[cap] for cap in active], np.float64)
+  parents = [capability_dataset(cfg, cap, example_kwargs, seed) for cap in active]
+  selection = WeightedChoiceMap(probs / probs.sum(), _check_int("seed", seed, 0))
+  return grain.MapDataset.select_from_datasets(parents, selection)
+
+
+def sft_seed(cfg) -> int:
+  """The warm-start's data seed, as warm_start.sft_examples uses it."""
+  return cfg.tasks.seed + cfg.warm_start.seed
+
+
+def sft_examples(cfg, example_kwargs: Mapping[str, Any], *, shard_index: int = 0,
+                 shard_count: int = 1,
+                 read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
+  """Checkpointable twin of warm_start.sft_examples: the same Examples in the same order
+  (shard_count=1), drawn per cfg.warm_start.mix over cfg.tasks.capabilities."""
+  weights = _mixture_weights(cfg.warm_start.mix, cfg.tasks.capabilities)
+  dataset = mixture_dataset(cfg, example_kwargs, weights, sft_seed(cfg))
+  return _shard_iterator(dataset, shard_index, shard_count, read_options)
+
+
+def sft_batches(cfg, example_kwargs: Mapping[str, Any], *, shard_index: int = 0,
+                shard_count: int = 1,
+                read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
+  """Checkpointable iterator of warm-start batches: lists of tasks.Example.
+
+  Global batch b is mixture elements [b*B, (b+1)*B) with B = cfg.warm_start.batch_size,
+  i.e. exactly `[next(sft_examples) for _ in range(B)]` as warm_start does today. Process
+  p of K gets the B/K of them at global positions p, p+K, ... (B must divide by K); the
+  K per-process batches of step b together are global batch b.
+  """
+  batch_size = _check_int("config.warm_start.batch_size", cfg.warm_start.batch_size, 1)
+  _check_shard(shard_index, shard_count)
+  if batch_size % shard_count:
+    raise ValueError(f"config.warm_start.batch_size={batch_size} must divide evenly over "
+                     f"{shard_count} processes")
+  weights = _mixture_weights(cfg.warm_start.mix, cfg.tasks.capabilities)
+  dataset = mixture_dataset(cfg, example_kwargs, weights, sft_seed(cfg))
+  dataset = dataset.slice(slice(shard_index, None, shard_count))
+  dataset = dataset.batch(batch_size // shard_count, batch_fn=list)
+  return iter(dataset.to_iter_dataset(read_options or SYNCHRONOUS))
+
+
+def eval_source(cfg, capability: str, example_kwargs: Mapping[str, Any],
+                num_examples: int) -> TaskSource:
+  """The held-out set as a random-access source: source[i] == tasks.eval_set(...)[i]."""
+  return TaskSource(capability, seed=cfg.tasks.seed,
+                    difficulty=cfg.tasks.difficulty[capability], split="eval",
+                    num_examples=num_examples, **example_kwargs)
