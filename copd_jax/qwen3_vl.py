@@ -1,0 +1,853 @@
+"""Qwen3-VL in JAX: vision tower (images + video), multimodal RoPE, DeepStack, checkpoint import.
+
+    cfg, params = load_qwen3_vl("/path/to/Qwen3-VL-4B-Instruct")        # streams safetensors
+    logits = forward(params, cfg, input_ids, attention_mask,
+                     pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+
+Architecture (learned from transformers' Qwen3VLForConditionalGeneration; our own code):
+
+Vision tower -- all patches of all images (or all videos) of a call form ONE sequence
+  `pixel_values: f32[N, C*Tp*P*P]`, ordered per image/video as the processor emits them
+  (time, merge-block row, merge-block column, row in block, column in block):
+  1. patch embedding: a Conv3d with kernel = stride = (Tp, P, P) is a linear map of the
+     flattened patch (`patch_embed/kernel [C*Tp*P*P, W]` = conv weight reshaped, transposed);
+  2. learned position embeddings `[S*S, W]` bilinearly resampled (align-corners) to each
+     grid's (h, w), added to the patch embeddings;
+  3. `depth` pre-LayerNorm ViT blocks with 2-D rotary embeddings (row and column angles,
+     half the rotary pairs each); attention is restricted to each frame of each image/video
+     (HF's cu_seqlens; a block-diagonal mask from segment ids here);
+  4. the merger: LayerNorm per patch, then each group of merge^2 consecutive patches (one
+     merge block) is concatenated and mapped by a GELU MLP to ONE LM token;
+  5. DeepStack: after the blocks listed in `deepstack_visual_indexes`, a merger whose
+     LayerNorm acts on the concatenated merge^2 patches ("post-shuffle norm") makes extra
+     LM-width features; the k-th is ADDED to the LM hidden states at the visual token
+     positions right after decoder layer k.
+
+Language model -- a Qwen3 decoder (same parameter names as copd_jax.model) whose rotary
+  angles come from 3-D position ids (t, h, w) interleaved along the frequency axis: pair j
+  uses the h position if j % 3 == 1 and j < 3*mrope_section[1], the w position if
+  j % 3 == 2 and j < 3*mrope_section[2], else the t position. Text tokens have t = h = w.
+  Image/video pad tokens are replaced in order by the merged vision embeddings.
+  `get_rope_index` (host, numpy) computes the 3-D positions exactly as HF does.
+
+Video: each temporal patch of a video (Tp frames) is its own group of pad tokens in the
+  prompt, preceded by a "<t seconds>" timestamp and <|vision_start|> (see
+  copd_jax.vision_preprocess.video_placeholder_text); its positions are those of a one-
+  frame image, the time being carried by the timestamp text.
+
+Parameters (f32; `kernel` = HF `weight` transposed):
+    embed_tokens/embedding, layers_{i}/..., norm/scale, lm_head/kernel  (as copd_jax.model)
+    visual/patch_embed/{kernel,bias}          <- model.visual.patch_embed.proj.{weight,bias}
+    visual/pos_embed [S*S, W]                 <- model.visual.pos_embed.weight
+    visual/blocks_{i}/{norm1,norm2}/{scale,bias}  <- ...blocks.{i}.{norm1,norm2}.{weight,bias}
+    visual/blocks_{i}/attn/{qkv,proj}/{kernel,bias}, .../mlp/{linear_fc1,linear_fc2}/...
+    visual/merger/{norm,linear_fc1,linear_fc2}
+    visual/deepstack_merger_list_{k}/{norm,linear_fc1,linear_fc2}
+Numerics as copd_jax.model: matmul inputs in `cfg.text.dtype`, f32 accumulation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from copd_jax import model as qwen3
+
+Params = Any
+_MASKED_SCORE = -1e30
+_VISION_ACTS = {"gelu_pytorch_tanh": True, "gelu": False}  # name -> tanh approximation?
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _positive_int(owner: str, name: str, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+    raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
+  return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionTowerConfig:
+  """Qwen3-VL vision tower sizes (HF `vision_config`)."""
+  depth: int
+  hidden_size: int
+  intermediate_size: int
+  num_heads: int
+  out_hidden_size: int
+  num_position_embeddings: int
+  deepstack_visual_indexes: tuple[int, ...]
+  in_channels: int = 3
+  patch_size: int = 16
+  temporal_patch_size: int = 2
+  spatial_merge_size: int = 2
+  hidden_act: str = "gelu_pytorch_tanh"
+  rope_theta: float = 10000.0
+  layer_norm_eps: float = 1e-6
+
+  def __post_init__(self):
+    object.__setattr__(self, "deepstack_visual_indexes",
+                       tuple(int(i) for i in self.deepstack_visual_indexes))
+    self.validate()
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def patch_dim(self) -> int:
+    """Values in one flattened patch: C * Tp * P * P (HF order: channel, time, row, col)."""
+    return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+  @property
+  def merge_unit(self) -> int:
+    return self.spatial_merge_size ** 2
+
+  @property
+  def grid_per_side(self) -> int:
+    return math.isqrt(self.num_position_embeddings)
+
+  def validate(self) -> None:
+    owner = "vision_config"
+    for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size",
+                 "num_position_embeddings", "in_channels", "patch_size", "temporal_patch_size",
+                 "spatial_merge_size"):
+      _positive_int(owner, name, getattr(self, name))
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"{owner}.hidden_size={self.hidden_size} must be a multiple of "
+                       f"num_heads={self.num_heads}")
+    if self.head_dim % 4:
+      raise ValueError(f"{owner}: head_dim = hidden_size / num_heads = {self.head_dim} must be a "
+                       "multiple of 4 (2-D rotary: row and column halves of rotary pairs)")
+    if self.grid_per_side ** 2 != self.num_position_embeddings:
+      raise ValueError(f"{owner}.num_position_embeddings={self.num_position_embeddings} must be "
+                       "a perfect square (a square grid of learned position embeddings)")
+    if self.hidden_act not in _VISION_ACTS:
+      raise ValueError(f"{owner}.hidden_act={self.hidden_act!r} is not supported; expected one "
+                       f"of {sorted(_VISION_ACTS)}")
+    bad = [i for i in self.deepstack_visual_indexes if not 0 <= i < self.depth]
+    if bad or len(set(self.deepstack_visual_indexes)) != len(self.deepstack_visual_indexes):
+      raise ValueError(f"{owner}.deepstack_visual_indexes={list(self.deepstack_visual_indexes)} "
+                       f"must be distinct block indexes in [0, depth={self.depth})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3VLConfig:
+  """A Qwen3-VL model: the text decoder (a copd_jax.model.ModelConfig without its toy vision
+  encoder), the vision tower, the interleaved-MRoPE sections and the special token ids."""
+  text: qwen3.ModelConfig
+  vision: VisionTowerConfig
+  mrope_section: tuple[int, int, int]
+  image_token_id: int
+  video_token_id: int
+  vision_start_token_id: int
+  vision_end_token_id: int
+
+  def __post_init__(self):
+    object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
+    self.validate()
+
+  def validate(self) -> None:
+    text, vision = self.text, self.vision
+    if text.vision is not None:
+      raise ValueError("Qwen3VLConfig.text must be a text-only ModelConfig (vision=None)")
+    if len(self.mrope_section) != 3 or sum(self.mrope_section) != text.head_dim // 2:
+      raise ValueError(f"text_config.rope_scaling.mrope_section={list(self.mrope_section)} must "
+                       f"be three sizes summing to head_dim/2 = {text.head_dim // 2}")
+    if vision.out_hidden_size != text.d_model:
+      raise ValueError(f"vision_config.out_hidden_size={vision.out_hidden_size} must equal "
+                       f"text_config.hidden_size={text.d_model}")
+    if len(vision.deepstack_visual_indexes) > text.num_layers:
+      raise ValueError(f"vision_config.deepstack_visual_indexes has "
+                       f"{len(vision.deepstack_visual_indexes)} entries but the decoder has only "
+                       f"{text.num_layers} layers to inject them into")
+    for name in ("image_token_id", "video_token_id", "vision_start_token_id",
+                 "vision_end_token_id"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not (
+          0 <= value < text.vocab_size):
+        raise ValueError(f"{name}={value!r} must be a token id in [0, vocab_size="
+                         f"{text.vocab_size})")
+
+  @classmethod
+  def from_hf(cls, config: Mapping[str, Any], *, dtype: str = "float32") -> "Qwen3VLConfig":
+    """From a HF Qwen3-VL config.json dict (text_config + vision_config + token ids).
+
+    Anything this implementation does not support raises ValueError naming the field.
+    `dtype` is the compute dtype (parameters stay f32).
+    """
+    if not isinstance(config, Mapping):
+      raise ValueError(f"Qwen3-VL config must be a JSON object, got {type(config).__name__}")
+    model_type = config.get("model_type")
+    if model_type not in (None, "qwen3_vl"):
+      raise ValueError(f"config.model_type={model_type!r}: expected 'qwen3_vl'")
+    for key in ("text_config", "vision_config"):
+      if not isinstance(config.get(key), Mapping):
+        raise ValueError(f"config.{key} is missing or not an object")
+    text, vis = config["text_config"], config["vision_config"]
+    text_cfg = _text_config_from_hf(text, config, dtype)
+    vision_cfg = _vision_config_from_hf(vis)
+    mrope = _rope_parameters(text).get("mrope_section")
+    if mrope is None:
+      raise ValueError("text_config.rope_scaling.mrope_section (or rope_parameters."
+                       "mrope_section) is missing")
+    token_ids = {}
+    for name, default in (("image_token_id", None), ("video_token_id", None),
+                          ("vision_start_token_id", None), ("vision_end_token_id", None)):
+      value = config.get(name, text.get(name, default))
+      if value is None:
+        raise ValueError(f"config.{name} is missing")
+      token_ids[name] = value
+    return cls(text=text_cfg, vision=vision_cfg, mrope_section=tuple(mrope), **token_ids)
+
+
+def _rope_parameters(text: Mapping[str, Any]) -> dict:
+  """transformers >= 5 writes `rope_parameters`; 4.x wrote `rope_theta` + `rope_scaling`."""
+  params = dict(text.get("rope_scaling") or {})
+  params.update(text.get("rope_parameters") or {})
+  if "rope_theta" not in params and "rope_theta" in text:
+    params["rope_theta"] = text["rope_theta"]
+  return params
+
+
+def _text_config_from_hf(text: Mapping[str, Any], top: Mapping[str, Any],
+                         dtype: str) -> qwen3.ModelConfig:
+  def need(name):
+    if name not in text:
+      raise ValueError(f"text_config.{name} is missing")
+    return text[name]
+  if text.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"text_config.hidden_act={text['hidden_act']!r} is not supported "
+                     "(only 'silu')")
+  if text.get("attention_bias", False):
+    raise ValueError("text_config.attention_bias=True is not supported (Qwen3 has no "
+                     "attention biases)")
+  rope = _rope_parameters(text)
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type != "default":
+    raise ValueError(f"text_config.rope_parameters.rope_type={rope_type!r} is not supported "
+                     "(only 'default')")
+  if rope.get("mrope_interleaved", True) is not True:
+    raise ValueError("text_config.rope_scaling.mrope_interleaved=False is not supported "
+                     "(Qwen3-VL interleaves t/h/w frequencies)")
+  if "rope_theta" not in rope:
+    raise ValueError("text_config.rope_theta (or rope_parameters.rope_theta) is missing")
+  heads = need("num_attention_heads")
+  head_dim = text.get("head_dim") or need("hidden_size") // heads
+  tie = top.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+  return qwen3.ModelConfig(
+      vocab_size=need("vocab_size"), d_model=need("hidden_size"),
+      num_layers=need("num_hidden_layers"), num_heads=heads,
+      num_kv_heads=text.get("num_key_value_heads") or heads, head_dim=head_dim,
+      mlp_dim=need("intermediate_size"), rope_theta=float(rope["rope_theta"]),
+      rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(tie),
+      dtype=dtype)
+
+
+def _vision_config_from_hf(vis: Mapping[str, Any]) -> VisionTowerConfig:
+  fields = {}
+  for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size",
+               "num_position_embeddings", "deepstack_visual_indexes"):
+    if name not in vis:
+      raise ValueError(f"vision_config.{name} is missing")
+    fields[name] = vis[name]
+  for name in ("in_channels", "patch_size", "temporal_patch_size", "spatial_merge_size",
+               "hidden_act"):
+    if name in vis:
+      fields[name] = vis[name]
+  rope = dict(vis.get("rope_parameters") or {})
+  if rope.get("rope_type", "axial") != "axial":
+    raise ValueError(f"vision_config.rope_parameters.rope_type={rope['rope_type']!r} is not "
+                     "supported (only 'axial')")
+  if "rope_theta" in rope:
+    fields["rope_theta"] = float(rope["rope_theta"])
+  for name in ("patch_size", "temporal_patch_size"):
+    if isinstance(fields.get(name), (list, tuple)):
+      raise ValueError(f"vision_config.{name}={fields[name]!r}: only a single int is supported")
+  return VisionTowerConfig(**fields)
+
+
+# --------------------------------------------------------------------------- host-side layout
+
+Grid = tuple[int, int, int]
+
+
+def grids_to_tuple(grid_thw, what: str) -> tuple[Grid, ...]:
+  """int[N, 3] (numpy, list or None) -> a hashable tuple of (t, h, w), validated."""
+  if grid_thw is None:
+    return ()
+  arr = np.asarray(grid_thw)
+  if arr.ndim != 2 or arr.shape[1] != 3 or not np.issubdtype(arr.dtype, np.integer):
+    raise ValueError(f"{what} must be int[N, 3] (t, h, w per item), got {arr.dtype}{arr.shape}")
+  if (arr <= 0).any():
+    raise ValueError(f"{what} must be positive, got {arr.tolist()}")
+  return tuple(tuple(int(v) for v in row) for row in arr)
+
+
+def _check_grids(grids: tuple[Grid, ...], vcfg: VisionTowerConfig, what: str) -> None:
+  m = vcfg.spatial_merge_size
+  for i, (_, h, w) in enumerate(grids):
+    if h % m or w % m:
+      raise ValueError(f"{what}[{i}] = {grids[i]}: h and w must be multiples of "
+                       f"spatial_merge_size={m}")
+
+
+def _bilinear_taps(pos, n: int, side: int):
+  """align_corners bilinear along one axis: target i of n -> source i * (side-1) / (n-1),
+  in f32 as HF. Returns (lower tap, upper tap, weight of the upper tap)."""
+  src = pos.astype(np.float32) * np.float32(side - 1) / np.float32(max(n - 1, 1))
+  lo = np.floor(src)
+  frac = (src - lo).astype(np.float32)
+  lo = lo.astype(np.int64)
+  return lo, np.minimum(lo + 1, side - 1), frac
+
+
+@functools.lru_cache(maxsize=64)
+def vision_layout(grids: tuple[Grid, ...], vcfg: VisionTowerConfig):
+  """Static per-patch tables for a tuple of (t, h, w) grids, in processor patch order.
+
+  Returns numpy arrays (N = sum t*h*w):
+    interp_index int32[N, 4], interp_weight f32[N, 4]: bilinear taps into pos_embed
+    rotary_rc int32[N, 2]: (row, column) of each patch for the 2-D rotary embedding
+    segment int32[N]: attention segment (one per frame of each image/video)
+  """
+  m, side = vcfg.spatial_merge_size, vcfg.grid_per_side
+  index, weight, rc, segment = [], [], [], []
+  seg = 0
+  for t, h, w in grids:
+    # Patch order within a frame: (block row, block col, row in block, col in block).
+    br, bc, ir, ic = np.meshgrid(np.arange(h // m), np.arange(w // m), np.arange(m),
+                                 np.arange(m), indexing="ij")
+    row, col = (br * m + ir).reshape(-1), (bc * m + ic).reshape(-1)
+    r0, r1, dr = _bilinear_taps(row, h, side)
+    c0, c1, dc = _bilinear_taps(col, w, side)
+    taps = np.stack([r0 * side + c0, r0 * side + c1, r1 * side + c0, r1 * side + c1], -1)
+    one = np.float32(1)
+    weights = np.stack([(one - dr) * (one - dc), (one - dr) * dc, dr * (one - dc), dr * dc], -1)
+    for _ in range(t):
+      index.append(taps)
+      weight.append(weights)
+      rc.append(np.stack([row, col], -1))
+      segment.append(np.full(h * w, seg))
+      seg += 1
+  return (np.concatenate(index).astype(np.int32), np.concatenate(weight).astype(np.float32),
+          np.concatenate(rc).astype(np.int32), np.concatenate(segment).astype(np.int32))
+
+
+def get_rope_index(cfg: Qwen3VLConfig, input_ids, attention_mask=None, image_grid_thw=None,
+                   video_grid_thw=None):
+  """3-D rotary positions, as HF Qwen3VLModel.get_rope_index (host, numpy).
+
+  input_ids: int[B, T]; attention_mask: int/bool[B, T] or None (1 = real token);
+  image_grid_thw, video_grid_thw: int[N, 3] or None (in prompt order across the batch).
+  Returns (position_ids int64[3, B, T], rope_deltas int64[B, 1]); padded positions get 0.
+  Each run of consecutive image (video) pad tokens takes the next image grid (the next
+  temporal patch of the next video): positions start + (0, row, col); text continues at
+  start + max(h, w) / merge.
+  """
+  ids = np.asarray(input_ids)
+  if ids.ndim != 2:
+    raise ValueError(f"input_ids must be int[B, T], got shape {ids.shape}")
+  mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask) != 0
+  if mask.shape != ids.shape:
+    raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+  m = cfg.vision.spatial_merge_size
+  images = list(grids_to_tuple(image_grid_thw, "image_grid_thw"))
+  # Video: one group of pad tokens per temporal patch, each positioned like a t=1 image.
+  videos = [(1, h, w) for t, h, w in grids_to_tuple(video_grid_thw, "video_grid_thw")
+            for _ in range(t)]
+  queues = {1: iter(images), 2: iter(videos)}
+  position_ids = np.zeros((3,) + ids.shape, np.int64)
+  deltas = np.zeros((ids.shape[0], 1), np.int64)
+  for b in range(ids.shape[0]):
+    row = ids[b][mask[b]]
+    kinds = np.where(row == cfg.image_token_id, 1, np.where(row == cfg.video_token_id, 2, 0))
+    pieces, pos, start = [], 0, 0
+    while start < len(row):
+      end = start
+      while end < len(row) and kinds[end] == kinds[start]:
+        end += 1
+      kind = int(kinds[start])
+      if kind == 0:
+        pieces.append(np.broadcast_to(np.arange(end - start) + pos, (3, end - start)))
+        pos += end - start
+      else:
+        what = "image_grid_thw" if kind == 1 else "video_grid_thw (one entry per frame group)"
+        grid = next(queues[kind], None)
+        if grid is None:
+          raise ValueError(f"row {b}: more runs of {'image' if kind == 1 else 'video'} pad "
+                           f"tokens than entries in {what}")
+        t, h, w = grid[0], grid[1] // m, grid[2] // m
+        if end - start != t * h * w:
+          raise ValueError(f"row {b}: a run of {end - start} "
+                           f"{'image' if kind == 1 else 'video'} pad tokens at column "
+                           f"{start} but its grid {grid} needs {t * h * w}")
+        tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
+        pieces.append(np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + pos)
+        pos += max(grid[1], grid[2]) // m
+      start = end
+    positions = np.concatenate(pieces, axis=1) if pieces else np.zeros((3, 0), np.int64)
+    position_ids[:, b, mask[b]] = positions
+    deltas[b, 0] = (positions.max() + 1 if positions.size else 0) - len(ids[b])
+  return position_ids, deltas
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def rotate_with_angles(x, angles):
+  """HF rotate_half rotary: x f32[..., N, Dh], angles f32[..., Dh/2] (broadcast over N)."""
+  half = x.shape[-1] // 2
+  cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]
+  x1, x2 = x[..., :half], x[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def mrope_angles(position_ids, head_dim: int, theta: float, mrope_section):
+  """Interleaved multimodal rotary angles.
+
+  position_ids: int[3, B, T] (t, h, w) -> f32[B, T, head_dim/2]. Pair j takes its position
+  from h if j % 3 == 1 and j < 3*section[1], from w if j % 3 == 2 and j < 3*section[2],
+  else from t.
+  """
+  half = head_dim // 2
+  inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+  j = np.arange(half)
+  axis = np.zeros(half, np.int32)
+  axis[(j % 3 == 1) & (j < 3 * mrope_section[1])] = 1
+  axis[(j % 3 == 2) & (j < 3 * mrope_section[2])] = 2
+  pos = position_ids.astype(jnp.float32)[jnp.asarray(axis)]  # [half, B, T]
+  return jnp.moveaxis(pos, 0, -1) * jnp.asarray(inv_freq, jnp.float32)
+
+
+class TextAttention(nn.Module):
+  """Qwen3 GQA attention (q/k RMSNorm) with precomputed rotary angles; names as model.py."""
+  cfg: qwen3.ModelConfig
+
+  @nn.compact
+  def __call__(self, x, angles, mask):
+    cfg, dt = self.cfg, self.cfg.compute_dtype
+    b, t, _ = x.shape
+    heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = qwen3.Linear(heads * hd, dt, name="q_proj")(x).reshape(b, t, heads, hd)
+    k = qwen3.Linear(kv_heads * hd, dt, name="k_proj")(x).reshape(b, t, kv_heads, hd)
+    v = qwen3.Linear(kv_heads * hd, dt, name="v_proj")(x).reshape(b, t, kv_heads, hd)
+    q = rotate_with_angles(qwen3.RMSNorm(cfg.rms_norm_eps, name="q_norm")(q), angles)
+    k = rotate_with_angles(qwen3.RMSNorm(cfg.rms_norm_eps, name="k_norm")(k), angles)
+    q = (q.reshape(b, t, kv_heads, heads // kv_heads, hd) * hd ** -0.5).astype(dt)
+    f32 = dict(preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt), **f32)
+    probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, _MASKED_SCORE), axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), v.astype(dt), **f32)
+    return qwen3.Linear(cfg.d_model, dt, name="o_proj")(out.reshape(b, t, heads * hd))
+
+
+class TextDecoderLayer(nn.Module):
+  cfg: qwen3.ModelConfig
+
+  @nn.compact
+  def __call__(self, x, angles, mask):
+    cfg = self.cfg
+    x = x + TextAttention(cfg, name="self_attn")(
+        qwen3.RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x), angles, mask)
+    return x + qwen3.SwiGLU(cfg.mlp_dim, cfg.d_model, cfg.compute_dtype, name="mlp")(
+        qwen3.RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x))
+
+
+class VisionAttention(nn.Module):
+  """Multi-head self-attention over all patches, restricted to each segment, 2-D rotary."""
+  vcfg: VisionTowerConfig
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, angles, same_segment):
+    vcfg, dt = self.vcfg, self.dtype
+    n, w = x.shape
+    heads, hd = vcfg.num_heads, vcfg.head_dim
+    f32 = dict(preferred_element_type=jnp.float32)
+    qkv = qwen3.Linear(3 * w, dt, use_bias=True, name="qkv")(x).reshape(n, 3, heads, hd)
+    q, k, v = (qkv[:, i] for i in range(3))
+    q = (rotate_with_angles(q, angles) * hd ** -0.5).astype(dt)
+    k = rotate_with_angles(k, angles).astype(dt)
+    scores = jnp.einsum("qhd,khd->hqk", q, k, **f32)
+    probs = jax.nn.softmax(jnp.where(same_segment[None], scores, _MASKED_SCORE), axis=-1)
+    out = jnp.einsum("hqk,khd->qhd", probs.astype(dt), v.astype(dt), **f32).reshape(n, w)
+    return qwen3.Linear(w, dt, use_bias=True, name="proj")(out)
+
+
+class VisionMLP(nn.Module):
+  vcfg: VisionTowerConfig
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    vcfg = self.vcfg
+    h = qwen3.Linear(vcfg.intermediate_size, self.dtype, use_bias=True, name="linear_fc1")(x)
+    h = jax.nn.gelu(h, approximate=_VISION_ACTS[vcfg.hidden_act])
+    return qwen3.Linear(vcfg.hidden_size, self.dtype, use_bias=True, name="linear_fc2")(h)
+
+
+class VisionBlock(nn.Module):
+  """Pre-LayerNorm ViT block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+  vcfg: VisionTowerConfig
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x, angles, same_segment):
+    vcfg = self.vcfg
+    h = nn.LayerNorm(epsilon=vcfg.layer_norm_eps, dtype=jnp.float32, name="norm1")(x)
+    x = x + VisionAttention(vcfg, self.dtype, name="attn")(h, angles, same_segment)
+    h = nn.LayerNorm(epsilon=vcfg.layer_norm_eps, dtype=jnp.float32, name="norm2")(x)
+    return x + VisionMLP(vcfg, self.dtype, name="mlp")(h)
+
+
+class PatchMerger(nn.Module):
+  """merge^2 consecutive patches -> one LM-width token: LayerNorm, concat, fc1, GELU, fc2.
+
+  `postshuffle_norm` (the DeepStack mergers) normalises the concatenated merge^2 patches;
+  the final merger normalises each patch before concatenating.
+  """
+  vcfg: VisionTowerConfig
+  dtype: Any
+  postshuffle_norm: bool
+
+  @nn.compact
+  def __call__(self, x):
+    vcfg = self.vcfg
+    merged = vcfg.hidden_size * vcfg.merge_unit
+    norm = nn.LayerNorm(epsilon=vcfg.layer_norm_eps, dtype=jnp.float32, name="norm")
+    x = norm(x.reshape(-1, merged)) if self.postshuffle_norm else norm(x).reshape(-1, merged)
+    x = qwen3.Linear(merged, self.dtype, use_bias=True, name="linear_fc1")(x)
+    return qwen3.Linear(vcfg.out_hidden_size, self.dtype, use_bias=True,
+                        name="linear_fc2")(jax.nn.gelu(x, approximate=False))
+
+
+class VisionTower(nn.Module):
+  """pixel patches f32[N, patch_dim] -> (tokens f32[N/merge^2, D], DeepStack features
+  tuple of f32[N/merge^2, D], one per deepstack_visual_indexes entry)."""
+  vcfg: VisionTowerConfig
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, patches, grids: tuple[Grid, ...]):
+    vcfg = self.vcfg
+    interp_index, interp_weight, rotary_rc, segment = vision_layout(grids, vcfg)
+    x = qwen3.Linear(vcfg.hidden_size, self.dtype, use_bias=True, name="patch_embed")(
+        patches.astype(jnp.float32))
+    pos_table = self.param("pos_embed", nn.initializers.normal(0.02),
+                           (vcfg.num_position_embeddings, vcfg.hidden_size), jnp.float32)
+    pos = jnp.einsum("nkw,nk->nw", pos_table[jnp.asarray(interp_index)],
+                     jnp.asarray(interp_weight))
+    x = x + pos
+    # Row and column angles each use head_dim/4 frequencies of the head_dim/2 rotary pairs.
+    quarter = vcfg.head_dim // 4
+    inv_freq = 1.0 / (vcfg.rope_theta ** (np.arange(quarter, dtype=np.float32) * 2
+                                          / (vcfg.head_dim // 2)))
+    angles = jnp.asarray((rotary_rc[:, :, None].astype(np.float32) * inv_freq)
+                         .reshape(len(rotary_rc), 2 * quarter))
+    segment = jnp.asarray(segment)
+    same_segment = segment[:, None] == segment[None, :]
+    deepstack = []  # in block order, as HF (the k-th is injected after decoder layer k)
+    for i in range(vcfg.depth):
+      x = VisionBlock(vcfg, self.dtype, name=f"blocks_{i}")(x, angles, same_segment)
+      if i in vcfg.deepstack_visual_indexes:
+        k = vcfg.deepstack_visual_indexes.index(i)
+        deepstack.append(PatchMerger(vcfg, self.dtype, True,
+                                     name=f"deepstack_merger_list_{k}")(x))
+    return PatchMerger(vcfg, self.dtype, False, name="merger")(x), tuple(deepstack)
+
+
+def _scatter_in_order(embeds, is_slot, values):
+  """Puts values[k] at the k-th True of is_slot (row-major over [B, T]); others unchanged.
+
+  embeds: f32[B, T, D]; is_slot: bool[B, T]; values: f32[N, D] with N = is_slot.sum().
+  """
+  order = jnp.cumsum(is_slot.reshape(-1)).reshape(is_slot.shape) - 1
+  gathered = values[jnp.clip(order, 0, values.shape[0] - 1)]
+  return jnp.where(is_slot[..., None], gathered.astype(embeds.dtype), embeds)
+
+
+def _add_in_order(hidden, is_slot, values):
+  order = jnp.cumsum(is_slot.reshape(-1)).reshape(is_slot.shape) - 1
+  gathered = values[jnp.clip(order, 0, values.shape[0] - 1)]
+  return hidden + jnp.where(is_slot[..., None], gathered.astype(hidden.dtype), 0.0)
+
+
+class Qwen3VL(nn.Module):
+  """Returns final-normed hidden states f32[B, T, D]."""
+  cfg: Qwen3VLConfig
+
+  def setup(self):
+    text = self.cfg.text
+    self.embed_tokens = nn.Embed(text.vocab_size, text.d_model,
+                                 embedding_init=nn.initializers.normal(0.02),
+                                 param_dtype=jnp.float32, name="embed_tokens")
+    self.visual = VisionTower(self.cfg.vision, text.compute_dtype, name="visual")
+    self.layers = [TextDecoderLayer(text, name=f"layers_{i}") for i in range(text.num_layers)]
+    self.norm = qwen3.RMSNorm(text.rms_norm_eps, name="norm")
+    if not text.tie_embeddings:
+      self.lm_head = qwen3.Linear(text.vocab_size, jnp.float32, name="lm_head")
+
+  def __call__(self, input_ids, attention_mask, position_ids, pixel_values, image_grids,
+               pixel_values_videos, video_grids):
+    cfg, text = self.cfg, self.cfg.text
+    x = self.embed_tokens(input_ids).astype(jnp.float32)
+    injections = []  # (is_slot bool[B, T], deepstack features per layer)
+    for patches, grids, token_id in ((pixel_values, image_grids, cfg.image_token_id),
+                                     (pixel_values_videos, video_grids, cfg.video_token_id)):
+      if patches is None:
+        continue
+      tokens, deepstack = self.visual(patches, grids)
+      is_slot = input_ids == token_id
+      x = _scatter_in_order(x, is_slot, tokens)
+      injections.append((is_slot, deepstack))
+    angles = mrope_angles(position_ids, text.head_dim, text.rope_theta, cfg.mrope_section)
+    t = input_ids.shape[1]
+    causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
+    mask = causal[None] & attention_mask.astype(bool)[:, None, :]
+    for i, layer in enumerate(self.layers):
+      x = layer(x, angles, mask)
+      for is_slot, deepstack in injections:  # DeepStack: right after decoder layer i
+        if i < len(deepstack):
+          x = _add_in_order(x, is_slot, deepstack[i])
+    return self.norm(x)
+
+  def init_all(self, *args):
+    hidden = self(*args)
+    if not self.cfg.text.tie_embeddings:
+      self.lm_head(hidden)
+    return hidden
+
+
+# --------------------------------------------------------------------------- pure API
+
+
+def init_params(cfg: Qwen3VLConfig, key) -> Params:
+  """Fresh random f32 parameters (for shapes and tests; not HF's initialisation)."""
+  m2 = cfg.vision.merge_unit
+  m = cfg.vision.spatial_merge_size
+  ids = jnp.full((1, 1), cfg.image_token_id, jnp.int32)
+  args = (ids, jnp.ones((1, 1), jnp.int32), jnp.zeros((3, 1, 1), jnp.int32),
+          jnp.zeros((m2, cfg.vision.patch_dim), jnp.float32), ((1, m, m),), None, ())
+  return jax.jit(lambda k: Qwen3VL(cfg).init(k, *args, method=Qwen3VL.init_all)["params"])(key)
+
+
+def param_shapes(cfg: Qwen3VLConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """{parameter path: shape} without allocating anything."""
+  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+  flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def lm_head(params: Params, cfg: Qwen3VLConfig):
+  """f32[D, V]: the embedding transposed when tied."""
+  if cfg.text.tie_embeddings:
+    return params["embed_tokens"]["embedding"].T
+  return params["lm_head"]["kernel"]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "image_grids", "video_grids"))
+def forward_hidden(params: Params, cfg: Qwen3VLConfig, input_ids, attention_mask, position_ids,
+                   pixel_values=None, image_grids: tuple[Grid, ...] = (),
+                   pixel_values_videos=None, video_grids: tuple[Grid, ...] = ()):
+  """Jitted core: final-normed hidden f32[B, T, D].
+
+  input_ids, attention_mask: int[B, T]; position_ids: int[3, B, T] (get_rope_index);
+  pixel_values: f32[N_img, patch_dim] with static image_grids (tuple of (t, h, w));
+  pixel_values_videos: f32[N_vid, patch_dim] with static video_grids.
+  """
+  return Qwen3VL(cfg).apply({"params": params}, input_ids, attention_mask, position_ids,
+                            pixel_values, image_grids, pixel_values_videos, video_grids)
+
+
+def check_inputs(cfg: Qwen3VLConfig, input_ids, attention_mask, pixel_values, image_grids,
+                 pixel_values_videos, video_grids) -> None:
+  """Host-side checks with errors naming the argument (before anything is compiled)."""
+  ids = np.asarray(input_ids)
+  if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"input_ids must be int[B, T], got {ids.dtype}{ids.shape}")
+  if np.asarray(attention_mask).shape != ids.shape:
+    raise ValueError(f"attention_mask must have shape {ids.shape}, got "
+                     f"{np.asarray(attention_mask).shape}")
+  m2 = cfg.vision.merge_unit
+  for name, patches, grids, token_id, grid_name in (
+      ("pixel_values", pixel_values, image_grids, cfg.image_token_id, "image_grid_thw"),
+      ("pixel_values_videos", pixel_values_videos, video_grids, cfg.video_token_id,
+       "video_grid_thw")):
+    n_slots = int((ids == token_id).sum())
+    if patches is None:
+      if grids:
+        raise ValueError(f"{grid_name} was given without {name}")
+      if n_slots:
+        raise ValueError(f"input_ids hold {n_slots} pad tokens (id {token_id}) but {name} "
+                         "is None")
+      continue
+    if not grids:
+      raise ValueError(f"{name} was given without {grid_name}")
+    _check_grids(grids, cfg.vision, grid_name)
+    want = (sum(t * h * w for t, h, w in grids), cfg.vision.patch_dim)
+    if tuple(np.shape(patches)) != want:
+      raise ValueError(f"{name} must be f32[sum(t*h*w), C*Tp*P*P] = {want} for {grid_name}="
+                       f"{list(grids)}, got {tuple(np.shape(patches))}")
+    if n_slots != want[0] // m2:
+      raise ValueError(f"input_ids hold {n_slots} pad tokens (id {token_id}) but {grid_name}="
+                       f"{list(grids)} makes {want[0] // m2} vision tokens")
+
+
+def forward(params: Params, cfg: Qwen3VLConfig, input_ids, attention_mask=None,
+            pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+            video_grid_thw=None):
+  """Logits f32[B, T, V] for a Qwen3-VL prompt batch (HF Qwen3VLForConditionalGeneration).
+
+  input_ids: int[B, T] with image/video pad tokens laid out as the HF processor does;
+  attention_mask: int[B, T] (1 = token, 0 = padding) or None; pixel_values /
+  pixel_values_videos: f32[N, C*Tp*P*P] from copd_jax.vision_preprocess; *_grid_thw:
+  int[n, 3]. Positions are computed on the host (get_rope_index), then one jitted call per
+  distinct set of grid shapes.
+  """
+  ids = np.asarray(input_ids)
+  mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+  image_grids = grids_to_tuple(image_grid_thw, "image_grid_thw")
+  video_grids = grids_to_tuple(video_grid_thw, "video_grid_thw")
+  check_inputs(cfg, ids, mask, pixel_values, image_grids, pixel_values_videos, video_grids)
+  position_ids, _ = get_rope_index(cfg, ids, mask, image_grid_thw, video_grid_thw)
+  hidden = forward_hidden(
+      params, cfg, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
+      jnp.asarray(position_ids, jnp.int32),
+      None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32), image_grids,
+      None if pixel_values_videos is None else jnp.asarray(pixel_values_videos, jnp.float32),
+      video_grids)
+  return qwen3.logits_from_hidden(hidden, lm_head(params, cfg))
+
+
+# --------------------------------------------------------------------------- checkpoint import
+
+
+def hf_name_to_path(name: str) -> tuple[tuple[str, ...], str] | None:
+  """HF tensor name -> (our parameter path, transform) or None if it is not ours.
+
+  transform: "as_is", "transpose" (Linear weight [out, in] -> kernel [in, out]) or
+  "conv_to_kernel" (Conv3d weight [W, C, Tp, P, P] -> kernel [C*Tp*P*P, W]).
+  """
+  if name == "lm_head.weight":
+    return ("lm_head", "kernel"), "transpose"
+  for prefix, root in (("model.language_model.", ()), ("model.visual.", ("visual",))):
+    if name.startswith(prefix):
+      break
+  else:
+    return None
+  parts = name[len(prefix):].split(".")
+  path: list[str] = list(root)
+  for part in parts[:-1]:
+    if part.isdigit() and path and path[-1] in ("layers", "blocks", "deepstack_merger_list"):
+      path[-1] = f"{path[-1]}_{part}"
+    else:
+      path.append(part)
+  leaf = parts[-1]
+  if path[-2:] == ["patch_embed", "proj"]:
+    path.pop()
+    return tuple(path) + (("kernel",) if leaf == "weight" else (leaf,)), (
+        "conv_to_kernel" if leaf == "weight" else "as_is")
+  if path[-1] == "pos_embed" and leaf == "weight":
+    return tuple(path), "as_is"  # a bare self.param, not an nn.Embed
+  if path[-1] == "embed_tokens" and leaf == "weight":
+    return tuple(path) + ("embedding",), "as_is"
+  if leaf == "bias":
+    return tuple(path) + ("bias",), "as_is"
+  if leaf != "weight":
+    return None
+  if "norm" in path[-1]:
+    return tuple(path) + ("scale",), "as_is"
+  return tuple(path) + ("kernel",), "transpose"
+
+
+def _transform(array: np.ndarray, how: str) -> np.ndarray:
+  if how == "transpose":
+    return array.T
+  if how == "conv_to_kernel":
+    return array.reshape(array.shape[0], -1).T
+  return array
+
+
+def _hf_shape(shape: tuple[int, ...], how: str, vcfg: VisionTowerConfig) -> tuple[int, ...]:
+  if how == "transpose":
+    return shape[::-1]
+  if how == "conv_to_kernel":
+    return (shape[1], vcfg.in_channels, vcfg.temporal_patch_size, vcfg.patch_size,
+            vcfg.patch_size)
+  return shape
+
+
+def _safetensors_files(directory: str) -> list[str]:
+  index = os.path.join(directory, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      try:
+        weight_map = json.load(f)["weight_map"]
+      except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{index}: not a safetensors index ({e})") from e
+    return sorted(set(weight_map.values()))
+  files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+  if not files:
+    raise ValueError(f"{directory}: no *.safetensors files")
+  return files
+
+
+def load_qwen3_vl(directory: str, *, dtype: str = "float32") -> tuple[Qwen3VLConfig, Params]:
+  """Reads a HF Qwen3-VL checkpoint directory (config.json + safetensors) -> (cfg, f32 params).
+
+  Tensors are streamed one at a time with the safetensors numpy API (bf16 via ml_dtypes),
+  converted to f32 and placed; the host never holds two copies of the checkpoint. `dtype`
+  is the compute dtype recorded in cfg.text.dtype. Missing, unexpected or mis-shaped
+  tensors raise ValueError naming the file and tensor.
+  """
+  from safetensors import safe_open
+  config_path = os.path.join(directory, "config.json")
+  try:
+    with open(config_path) as f:
+      config = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{config_path}: cannot read config ({e})") from e
+  try:
+    cfg = Qwen3VLConfig.from_hf(config, dtype=dtype)
+  except ValueError as e:
+    raise ValueError(f"{config_path}: {e}") from e
+  expected = param_shapes(cfg)
+  flat: dict[tuple[str, ...], jax.Array] = {}
+  for file_name in _safetensors_files(directory):
+    path_on_disk = os.path.join(directory, file_name)
+    with safe_open(path_on_disk, framework="np") as f:
+      for name in f.keys():
+        mapped = hf_name_to_path(name)
+        if mapped is None or (mapped[0] not in expected and not (
+            name == "lm_head.weight" and cfg.text.tie_embeddings)):
+          raise ValueError(f"{path_on_disk}: unexpected tensor {name!r}")
+        path, how = mapped
+        if path not in expected:
+          continue  # a tied checkpoint that still stores lm_head.weight: the embedding is used
+        want = _hf_shape(expected[path], how, cfg.vision)
+        got = tuple(f.get_slice(name).get_shape())
+        if got != want:
+          raise ValueError(f"{path_on_disk}: tensor {name!r} has shape {got}, expected {want}")
+        if path in flat:
+          raise ValueError(f"{path_on_disk}: tensor {name!r} appears in more than one file")
+        flat[path] = jnp.asarray(_transform(f.get_tensor(name), how).astype(np.float32))
+  missing = sorted(set(expected) - set(flat))
+  if missing:
+    raise ValueError(f"{directory}: checkpoint is missing tensors for "
+                     f"{['/'.join(p) for p in missing]}")
+  params: dict = {}
+  for path, value in flat.items():
+    node = params
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return cfg, params
