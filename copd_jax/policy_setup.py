@@ -1,5 +1,16 @@
 """Turns a run config into the objects every method needs: model config, tokenizer,
-the per-capability held-out sets, and array encoders bound to the config's lengths."""
+the per-capability held-out sets, and array encoders bound to the config's lengths.
+
+Two kinds of run:
+* the toy suite (default): ToyTokenizer, the config's model, procedural tasks;
+* a Hugging Face checkpoint (`config.init.hf_checkpoint`): the model config comes from its
+  config.json (hf_checkpoint.model_config_from_hf; compute dtype = config.model.dtype, the
+  rest of config.model is ignored), the tokenizer from its tokenizer files
+  (`config.init.hf_tokenizer` when set, else the checkpoint directory), prompts are
+  chat-rendered, and responses stop at the chat end token (HFTokenizer.eos_id).
+Training and held-out data come from record files (`config.data.train_files` /
+`eval_files`, copd_jax/datasets.py) when given, else from the procedural suite.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -7,28 +18,58 @@ import functools
 from typing import Callable, Sequence
 
 import ml_collections
+import numpy as np
 
+from copd_jax import datasets
 from copd_jax import model as model_lib
 from copd_jax import tasks
-from copd_jax.tokenizer import ToyTokenizer
+from copd_jax.tokenizer import Tokenizer, ToyTokenizer
 
 
 def never_generated_ids(tokenizer) -> tuple[int, ...]:
-  """Specials a response must never contain: <pad>, <bos> and the <img> placeholder."""
-  return (tokenizer.pad_id, tokenizer.bos_id, tokenizer.image_id)
+  """Specials a response must never contain: <pad>, <bos> and the <img> placeholder --
+  those the tokenizer has (an id outside the vocabulary, e.g. image_id = -1 for a
+  tokenizer without one, is skipped) and never the stop token (eos)."""
+  ids = []
+  for token in (tokenizer.pad_id, tokenizer.bos_id, tokenizer.image_id):
+    if (isinstance(token, int) and 0 <= token < tokenizer.vocab_size
+        and token != tokenizer.eos_id and token not in ids):
+      ids.append(token)
+  return tuple(ids)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSetup:
   model_cfg: model_lib.ModelConfig
-  tokenizer: ToyTokenizer
+  tokenizer: Tokenizer
   capabilities: tuple[str, ...]
   encode_prompts: Callable[[Sequence[tasks.Example]], tasks.PromptBatch]
   encode_sft_batch: Callable[[Sequence[tasks.Example]], dict]
-  example_kwargs: dict  # image_size / num_frames shared by every generator call
+  # image_size / num_frames shared by every generator call and RecordSource; both 0 for
+  # a text-only model (no vision tower: PromptBatch.frames is None).
+  example_kwargs: dict
 
 
-def build_setup(cfg: ml_collections.ConfigDict) -> RunSetup:
+def uses_record_files(cfg: ml_collections.ConfigDict) -> bool:
+  return bool(cfg.data.train_files)
+
+
+def hf_tokenizer_dir(cfg: ml_collections.ConfigDict) -> str:
+  return cfg.init.get("hf_tokenizer", "") or cfg.init.hf_checkpoint
+
+
+def _hf_model_and_tokenizer(cfg) -> tuple[model_lib.ModelConfig, Tokenizer]:
+  from copd_jax import hf_checkpoint, hf_tokenizer  # only HF runs need them
+  model_cfg = hf_checkpoint.model_config_from_hf(
+      hf_checkpoint.read_hf_config(cfg.init.hf_checkpoint), dtype=cfg.model.dtype)
+  tokenizer = hf_tokenizer.HFTokenizer(hf_tokenizer_dir(cfg), model_vocab_size=model_cfg.vocab_size)
+  if tokenizer.vocab_size != model_cfg.vocab_size:
+    raise ValueError(f"the tokenizer in {hf_tokenizer_dir(cfg)} has {tokenizer.vocab_size} ids, "
+                     f"more than the checkpoint's {model_cfg.vocab_size} embedding rows")
+  return model_cfg, tokenizer
+
+
+def _toy_model_and_tokenizer(cfg) -> tuple[model_lib.ModelConfig, Tokenizer]:
   tokenizer = ToyTokenizer()
   if cfg.model.vocab_size < tokenizer.vocab_size:
     raise ValueError(f"config.model.vocab_size must be >= the tokenizer's vocabulary "
@@ -38,10 +79,26 @@ def build_setup(cfg: ml_collections.ConfigDict) -> RunSetup:
                      f"({tokenizer.image_id}), got {cfg.model.image_token_id}")
   model_cfg = model_lib.ModelConfig(**cfg.model.to_dict())
   model_cfg.validate()
+  return model_cfg, tokenizer
+
+
+def vision_lengths(model_cfg: model_lib.ModelConfig) -> dict:
+  """num_vision_tokens / num_frames / image_size of the model (all 0 without vision)."""
   vision = model_cfg.vision
-  lengths = dict(num_vision_tokens=vision.num_tokens, num_frames=vision.num_frames,
-                 image_size=vision.image_size)
-  return RunSetup(
+  if vision is None:
+    return dict(num_vision_tokens=0, num_frames=0, image_size=0)
+  return dict(num_vision_tokens=vision.num_tokens, num_frames=vision.num_frames,
+              image_size=vision.image_size)
+
+
+def build_setup(cfg: ml_collections.ConfigDict) -> RunSetup:
+  if cfg.init.hf_checkpoint:
+    model_cfg, tokenizer = _hf_model_and_tokenizer(cfg)
+  else:
+    model_cfg, tokenizer = _toy_model_and_tokenizer(cfg)
+  lengths = vision_lengths(model_cfg)
+  example_kwargs = dict(image_size=lengths["image_size"], num_frames=lengths["num_frames"])
+  setup = RunSetup(
       model_cfg=model_cfg,
       tokenizer=tokenizer,
       capabilities=tuple(cfg.tasks.capabilities),
@@ -51,12 +108,66 @@ def build_setup(cfg: ml_collections.ConfigDict) -> RunSetup:
       encode_sft_batch=functools.partial(
           tasks.encode_sft_batch, tokenizer=tokenizer, max_prompt_len=cfg.data.max_prompt_len,
           max_response_len=cfg.data.max_response_len, **lengths),
-      example_kwargs=dict(image_size=vision.image_size, num_frames=vision.num_frames),
+      example_kwargs=example_kwargs,
   )
+  if model_cfg.vision is None:
+    pictured = [cap for cap in setup.capabilities if cap in ("image", "video")
+                and not uses_record_files(cfg)]
+    if pictured:
+      raise ValueError(f"config.tasks.capabilities has {pictured}, but the model "
+                       f"({cfg.init.hf_checkpoint or 'config.model'}) has no vision tower")
+  if uses_record_files(cfg):
+    for field in ("train_files", "eval_files"):
+      check_record_prompt_lengths(cfg, setup, field)
+  return setup
+
+
+def record_source(cfg: ml_collections.ConfigDict, setup: RunSetup, field: str,
+                  capability: str) -> datasets.RecordSource:
+  """The RecordSource of config.data.<field>[capability]; errors name the config field."""
+  files = cfg.data[field]
+  if capability not in files:
+    raise ValueError(f"config.data.{field} has no entry for capability {capability!r} "
+                     f"(it names {sorted(files)})")
+  return datasets.RecordSource(files[capability], capability=capability, **setup.example_kwargs)
+
+
+def check_record_prompt_lengths(cfg, setup: RunSetup, field: str) -> None:
+  """Every record's prompt (chat-rendered, vision placeholders included) must fit
+  config.data.max_prompt_len: a too-long prompt is an error naming the record -- never
+  silently truncated, since a cut question is a different question."""
+  num_vision_tokens = vision_lengths(setup.model_cfg)["num_vision_tokens"]
+  for capability in setup.capabilities:
+    for record in record_source(cfg, setup, field, capability).records:
+      n = len(tasks.prompt_token_ids(_prompt_only_example(record), setup.tokenizer,
+                                     num_vision_tokens))
+      if n > cfg.data.max_prompt_len:
+        raise ValueError(f"{record.where}: the prompt needs {n} tokens (chat template and "
+                         f"vision placeholders included), more than config.data."
+                         f"max_prompt_len={cfg.data.max_prompt_len}; raise it or drop the "
+                         f"record (config.data.{field}['{capability}'])")
+
+
+def _prompt_only_example(record: datasets.Record) -> tasks.Example:
+  """The record as an Example for counting prompt tokens (placeholder pixels, not decoded)."""
+  frames = None if record.modality == "text" else np.zeros((1, 1, 1, 3), np.float32)
+  return tasks.Example(record.capability, record.prompt, record.answer, record.solution,
+                       frames, verifier=record.verifier, modality=record.modality,
+                       record=record.where)
 
 
 def held_out_sets(cfg: ml_collections.ConfigDict, setup: RunSetup) -> dict[str, list]:
-  """The fixed evaluation examples of each capability (never in any train stream)."""
+  """The fixed evaluation examples of each capability (never in any train stream).
+
+  With record files: the first config.eval.num_examples records of
+  config.data.eval_files[capability], in file order. Otherwise the procedural eval split.
+  """
+  if uses_record_files(cfg):
+    sets = {}
+    for cap in setup.capabilities:
+      source = record_source(cfg, setup, "eval_files", cap)
+      sets[cap] = [source[i] for i in range(min(len(source), cfg.eval.num_examples))]
+    return sets
   return {cap: tasks.eval_set(cap, cfg.eval.num_examples, seed=cfg.tasks.seed,
                               difficulty=cfg.tasks.difficulty[cap], **setup.example_kwargs)
           for cap in setup.capabilities}

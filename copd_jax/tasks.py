@@ -29,6 +29,7 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from copd_jax import verifiers
 from copd_jax.tokenizer import Tokenizer
 from copd_jax.verifiers import ANSWER_MARKER
 
@@ -69,36 +70,52 @@ SHAPE_NAMES = tuple(SHAPE_MASKS)
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Example:
-  """One task instance.
+  """One task instance: a procedural toy example or a record from a dataset file.
 
-  capability: one of CAPABILITIES.
+  capability: one of CAPABILITIES, or -- for records (copd_jax/datasets.py) -- a domain
+    name such as 'math' or 'science' ([a-z][a-z0-9_]*), which then needs `modality`.
   question: the prompt text.
-  answer: canonical integer string (non-negative, < 100).
-  solution: the SFT target response, a worked trace ending in ANSWER_MARKER + answer.
-  frames: float32[F, H, W, 3] in [0, 1], read-only; F=1 for image, F=num_frames for
-    video, None for text.
+  answer: the reference answer, valid for `verifier` (the toy suite: a canonical
+    non-negative integer string < 100).
+  solution: the SFT target response (the toy suite: a worked trace ending in
+    ANSWER_MARKER + answer); records may leave it empty.
+  frames: float32[F, H, W, 3] in [0, 1], read-only; F=1 for an image, F=num_frames for
+    a video, None for text.
+  verifier: how a response is scored (verifiers.VERIFIERS); the toy suite's 'integer'.
+  modality: 'text', 'image' or 'video' -- which input the prompt carries. Defaults to
+    `capability` for the built-in capabilities (and must equal it).
+  record: where a record came from ('file.jsonl:12', 'file.parquet row 3'); '' for the
+    toy suite. Error messages name it.
   """
   capability: str
   question: str
   answer: str
-  solution: str
+  solution: str = ""
   frames: np.ndarray | None = None
+  verifier: str = "integer"
+  modality: str | None = None
+  record: str = ""
 
   def __post_init__(self):
-    if self.capability not in CAPABILITIES:
-      raise ValueError(f"Example.capability must be one of {CAPABILITIES}, "
-                       f"got {self.capability!r}")
-    if (self.frames is None) != (self.capability == "text"):
+    object.__setattr__(self, "modality", _check_modality(self.capability, self.modality))
+    if (self.frames is None) != (self.modality == "text"):
       raise ValueError(f"Example.frames must be None exactly for text examples; got "
                        f"{'None' if self.frames is None else 'an array'} for a "
-                       f"{self.capability} example")
+                       f"{self.modality} example{self._where()}")
     if self.frames is not None:
       frames = np.array(self.frames, dtype=np.float32)  # a private copy, then frozen
       if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"Example.frames must be float32[F, H, W, 3], got shape "
-                         f"{frames.shape}")
+                         f"{frames.shape}{self._where()}")
       frames.setflags(write=False)
       object.__setattr__(self, "frames", frames)
+    try:
+      verifiers.check_reference(self.verifier, self.answer)
+    except ValueError as e:
+      raise ValueError(f"Example.answer/verifier{self._where()}: {e}") from None
+
+  def _where(self) -> str:
+    return f" (record {self.record})" if self.record else ""
 
   @functools.cached_property
   def _content_hash(self) -> str:
@@ -108,6 +125,10 @@ class Example:
     if self.frames is not None:
       digest.update(repr(self.frames.shape).encode("ascii"))
       digest.update(np.ascontiguousarray(self.frames, dtype="<f4").tobytes())
+    # Fields added for records enter the hash only when set, so every toy example keeps
+    # its hash (and hence its train/eval split).
+    if self.verifier != "integer" or self.modality != self.capability:
+      digest.update(f"{self.verifier}\x00{self.modality}\x00".encode("utf-8"))
     return digest.hexdigest()[:32]
 
   def key(self) -> str:
@@ -115,7 +136,32 @@ class Example:
     return self._content_hash
 
   def describe(self) -> str:
-    return f"{self.capability} example {self.question!r}"
+    where = f" from {self.record}" if self.record else ""
+    return f"{self.capability} example{where} {self.question[:80]!r}"
+
+
+def is_domain_name(name) -> bool:
+  """A record domain name: lower-case letters, digits and '_', starting with a letter."""
+  return (isinstance(name, str) and 0 < len(name) <= 64 and name[0].isascii()
+          and name[0].isalpha() and name[0].islower()
+          and all(ch.isascii() and (ch.isdigit() or ch == "_" or (ch.isalpha() and ch.islower()))
+                  for ch in name))
+
+
+def _check_modality(capability, modality) -> str:
+  """The modality of an example (see Example); ValueError naming the field if invalid."""
+  if capability in CAPABILITIES:
+    if modality not in (None, capability):
+      raise ValueError(f"Example.modality of a {capability!r} example must be "
+                       f"{capability!r}, got {modality!r}")
+    return capability
+  if not is_domain_name(capability) or modality is None:
+    raise ValueError(f"Example.capability must be one of {CAPABILITIES}, or a record "
+                     f"domain name ([a-z][a-z0-9_]*) given with a modality, got "
+                     f"{capability!r} (modality {modality!r})")
+  if modality not in CAPABILITIES:
+    raise ValueError(f"Example.modality must be one of {CAPABILITIES}, got {modality!r}")
+  return modality
 
 
 def hash_bucket(example: Example) -> int:
@@ -570,9 +616,18 @@ def max_text_chars(capability: str, difficulty: int, *, image_size: int = 32,
 
 
 def prompt_token_ids(example: Example, tokenizer: Tokenizer, num_vision_tokens: int) -> list[int]:
-  """[bos] + [image_id] * num_vision_tokens (image/video only) + encode(question)."""
-  vision = [tokenizer.image_id] * num_vision_tokens if example.frames is not None else []
-  return [tokenizer.bos_id] + vision + tokenizer.encode(example.question)
+  """The prompt of an example as token ids.
+
+  A tokenizer with a chat template (one that has `prompt_token_ids(question,
+  num_vision_tokens)`, e.g. hf_tokenizer.HFTokenizer) renders the question as a user
+  turn plus the generation prompt, with its vision placeholders. Otherwise (ToyTokenizer):
+  [bos] + [image_id] * num_vision_tokens (image/video only) + encode(question).
+  """
+  vision_tokens = num_vision_tokens if example.frames is not None else 0
+  chat_prompt = getattr(tokenizer, "prompt_token_ids", None)
+  if callable(chat_prompt):
+    return list(chat_prompt(example.question, num_vision_tokens=vision_tokens))
+  return [tokenizer.bos_id] + [tokenizer.image_id] * vision_tokens + tokenizer.encode(example.question)
 
 
 def prompt_length(example: Example, tokenizer: Tokenizer, num_vision_tokens: int) -> int:
@@ -615,12 +670,14 @@ class PromptBatch:
   tokens: int32[B, P], LEFT-padded with pad_id (every prompt ends at column P-1).
   mask: bool[B, P], True on real tokens.
   frames: float32[B, F, H, W, 3]; zeros for text rows, an image repeated F times.
-  capability_ids: int32[B], index into CAPABILITIES.
+    None for a model without a vision tower (encoded with num_frames=0).
+  capability_ids: int32[B], index into CAPABILITIES of each row's modality (for the toy
+    suite that is its capability).
   answers: B reference answers for the verifier.
   """
   tokens: np.ndarray
   mask: np.ndarray
-  frames: np.ndarray
+  frames: np.ndarray | None
   capability_ids: np.ndarray
   answers: list[str]
 
@@ -631,14 +688,16 @@ def _check_batch_args(examples, max_prompt_len, num_vision_tokens, num_frames,
     raise ValueError("examples must be non-empty")
   _check_int("max_prompt_len", max_prompt_len, 1)
   _check_int("num_vision_tokens", num_vision_tokens, 0)
-  _check_int("num_frames", num_frames, 1)
-  _check_int("image_size", image_size, 1)
+  # num_frames = image_size = 0: a text-only model (no vision tower, frames None).
+  no_vision = num_frames == 0 and image_size == 0
+  _check_int("num_frames", num_frames, 0 if no_vision else 1)
+  _check_int("image_size", image_size, 0 if no_vision else 1)
 
 
 def _clip(example: Example, row: int, num_frames: int, image_size: int) -> np.ndarray:
   """An example's frames as float32[num_frames, image_size, image_size, 3]."""
   frames = example.frames
-  expected_count = 1 if example.capability == "image" else num_frames
+  expected_count = 1 if example.modality == "image" else num_frames
   if frames.shape != (expected_count, image_size, image_size, 3):
     raise ValueError(f"examples[{row}] ({example.describe()}) has frames of shape "
                      f"{frames.shape}; expected {(expected_count, image_size, image_size, 3)}")
@@ -651,11 +710,17 @@ def _prompt_rows(examples, tokenizer, max_prompt_len, num_vision_tokens, num_fra
   """-> left-padded tokens int32[B, P], mask bool[B, P], frames, capability_ids."""
   batch = len(examples)
   tokens = np.full((batch, max_prompt_len), tokenizer.pad_id, np.int32)
-  frames = np.zeros((batch, num_frames, image_size, image_size, 3), np.float32)
+  mask = np.zeros((batch, max_prompt_len), bool)
+  has_vision = num_frames > 0
+  frames = (np.zeros((batch, num_frames, image_size, image_size, 3), np.float32)
+            if has_vision else None)
   for row, example in enumerate(examples):
     if not isinstance(example, Example):
       raise ValueError(f"examples[{row}] must be a tasks.Example, got {type(example).__name__}")
     if example.frames is not None:
+      if not has_vision:
+        raise ValueError(f"examples[{row}] ({example.describe()}) has {example.modality} "
+                         "input, but the model has no vision tower")
       if num_vision_tokens < 1:
         raise ValueError(f"num_vision_tokens must be >= 1 to encode examples[{row}] "
                          f"({example.describe()})")
@@ -665,8 +730,9 @@ def _prompt_rows(examples, tokenizer, max_prompt_len, num_vision_tokens, num_fra
       raise ValueError(f"examples[{row}] ({example.describe()}) needs {len(ids)} prompt "
                        f"tokens, more than max_prompt_len={max_prompt_len}")
     tokens[row, max_prompt_len - len(ids):] = ids
-  capability_ids = np.array([CAPABILITIES.index(ex.capability) for ex in examples], np.int32)
-  return tokens, tokens != tokenizer.pad_id, frames, capability_ids
+    mask[row, max_prompt_len - len(ids):] = True
+  capability_ids = np.array([CAPABILITIES.index(ex.modality) for ex in examples], np.int32)
+  return tokens, mask, frames, capability_ids
 
 
 def encode_prompts(examples: Sequence[Example], tokenizer: Tokenizer, *, max_prompt_len: int,

@@ -1,4 +1,5 @@
-"""SFT warm-start: trains one policy on worked solutions of all capabilities.
+"""The base policy: a local Hugging Face checkpoint (config.init.hf_checkpoint), or the
+toy suite's SFT warm-start, which trains one policy on worked solutions of all capabilities.
 
 This is the toy analog of the paper's instruction-tuned base (Qwen3-VL-4B-Instruct):
 partially competent on every capability, so RL has room to help. `warm_start.mix`
@@ -99,14 +100,28 @@ def train_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup,
   return params
 
 
+def load_hf_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup) -> Any:
+  """The f32 parameters of config.init.hf_checkpoint (hf_checkpoint.load_qwen3); the
+  checkpoint must still match the model config build_setup read from it."""
+  from copd_jax import hf_checkpoint  # only HF runs need it
+  model_cfg, params = hf_checkpoint.load_qwen3(cfg.init.hf_checkpoint, dtype=setup.model_cfg.dtype)
+  if model_cfg != setup.model_cfg:
+    raise ValueError(f"{cfg.init.hf_checkpoint}: config.json changed since the run was set up "
+                     f"({model_cfg} != {setup.model_cfg})")
+  return params
+
+
 def get_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup,
                     writer: MetricsWriter | None = None) -> tuple[Any, bool]:
-  """Loads a matching saved base policy or trains and saves one.
+  """Loads config.init.hf_checkpoint if set (no SFT: the released model is the base);
+  else loads a matching saved base policy or trains and saves one.
 
   Returns (params, loaded_from_disk). A saved base made by another recipe raises
   checkpoint.CheckpointMismatchError rather than being silently overwritten; delete it or
   point config.warm_start.checkpoint_dir elsewhere.
   """
+  if cfg.init.hf_checkpoint:
+    return load_hf_base_policy(cfg, setup), True
   directory = base_policy_dir(cfg)
   metadata = base_policy_metadata(cfg)
   if cfg.warm_start.reuse_checkpoint and checkpoint.has_policy(directory):

@@ -1,0 +1,312 @@
+"""Record datasets: prompts with reference answers from JSONL or Parquet files.
+
+One record per JSONL line (a JSON object) or Parquet row:
+
+  prompt       str, required   the question shown to the model
+  answer       str, required   the reference answer (checked against `verifier` on load)
+  capability   str             the domain: 'text' / 'image' / 'video' or a domain name such
+                               as 'math' ([a-z][a-z0-9_]*). May be omitted when the source
+                               is built with capability=...; must equal it otherwise.
+  verifier     str, optional   'math' | 'choice' | 'exact' | 'integer' (verifiers.VERIFIERS);
+                               default: the source's default_verifier ('math')
+  images       list, optional  ONE still image: a file path (relative to the data file's
+                               folder, or absolute) or the encoded bytes (PNG, JPEG, ...)
+  video_frames list, optional  a clip: frame paths or bytes, in order
+  solution     str, optional   a worked solution (SFT target), '' if absent
+  id           str/int, opt.   shown in error messages with the file position
+
+Other fields are ignored (datasets carry metadata columns). A record has at most one of
+`images` / `video_frames`; that decides its modality (image / video / text).
+
+Everything is validated when the source is built -- types, the verifier and the
+answer's form for it, and every image is opened and verified with Pillow -- and a bad
+record raises ValueError naming the file and the LINE (JSONL, 1-based) or ROW (Parquet,
+0-based) and the field. Pixels are decoded only in __getitem__, so a large image dataset
+does not sit decoded in memory.
+
+Frames (float32[F, H, W, 3] in [0, 1] at the model's vision image_size): each picture is
+converted to RGB and resized to image_size x image_size (bicubic, aspect ratio not kept:
+our ViT takes square inputs). An image record gives F = 1 (tasks.encode_prompts repeats a
+still image to the model's num_frames). A video's frames are sampled to num_frames at
+evenly spaced indices when it has more, and padded by repeating its last frame when it
+has fewer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import io
+import json
+import os
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from copd_jax import tasks, verifiers
+
+JSONL_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+DEFAULT_VERIFIER = "math"
+MAX_PROMPT_CHARS = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """One validated record; pictures are kept as paths / bytes until an Example is made."""
+  where: str  # 'data/math.jsonl:12' or 'data/x.parquet row 3' (+ ' id=...')
+  prompt: str
+  answer: str
+  capability: str
+  verifier: str
+  solution: str
+  modality: str  # text | image | video
+  pictures: tuple  # of absolute paths (str) or bytes; () for text
+
+
+def resolve_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+  """A path, a comma-separated string of paths, or a list; each may be a glob pattern.
+
+  Returns the matching files, globs expanded in sorted order. A path or pattern that
+  matches nothing raises FileNotFoundError naming it.
+  """
+  if isinstance(paths, (str, os.PathLike)):
+    items = [p for p in str(paths).split(",")]
+  else:
+    items = [str(p) for p in paths]
+  items = [p.strip() for p in items]
+  if not items or not all(items):
+    raise ValueError(f"record file paths must be non-empty, got {paths!r}")
+  files = []
+  for item in items:
+    matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+    matches = [m for m in matches if os.path.isfile(m)]
+    if not matches:
+      raise FileNotFoundError(f"record file {item!r} does not exist")
+    files += matches
+  return files
+
+
+# ---------------------------------------------------------------------------- reading
+
+def _read_jsonl(path: str) -> Iterable[tuple[str, Any]]:
+  """(position, parsed object) per non-blank line; bad JSON names the line."""
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f"{path}:{number}"
+      try:
+        yield where, json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not a valid JSON object ({e.msg} at column {e.colno})") from None
+
+
+def _read_parquet(path: str) -> Iterable[tuple[str, Any]]:
+  import pyarrow.parquet as pq
+  try:
+    table = pq.read_table(path)
+  except Exception as e:  # pyarrow raises several types for unreadable files
+    raise ValueError(f"{path}: cannot read as Parquet ({e})") from None
+  for row, record in enumerate(table.to_pylist()):
+    yield f"{path} row {row}", record
+
+
+def _read_file(path: str) -> Iterable[tuple[str, Any]]:
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix in JSONL_SUFFIXES:
+    return _read_jsonl(path)
+  if suffix in PARQUET_SUFFIXES:
+    return _read_parquet(path)
+  raise ValueError(f"{path}: unknown record file type {suffix!r}; use "
+                   f"{JSONL_SUFFIXES + PARQUET_SUFFIXES}")
+
+
+# ------------------------------------------------------------------------- validation
+
+def _string_field(raw: dict, field: str, where: str, *, required: bool) -> str:
+  value = raw.get(field)
+  if value is None:
+    if required:
+      raise ValueError(f"{where}: field {field!r} is missing")
+    return ""
+  if not isinstance(value, str):
+    raise ValueError(f"{where}: field {field!r} must be a string, got "
+                     f"{type(value).__name__} {str(value)[:40]!r}")
+  return value
+
+
+def _picture_list(raw: dict, field: str, where: str, folder: str) -> tuple:
+  value = raw.get(field)
+  if value is None:
+    return ()
+  if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+    raise ValueError(f"{where}: field {field!r} must be a list of file paths or bytes, got "
+                     f"{type(value).__name__}")
+  pictures = []
+  for i, item in enumerate(value):
+    if isinstance(item, dict) and "bytes" in item:  # HF datasets' Image feature in Parquet
+      item = item["bytes"] if item["bytes"] is not None else item.get("path")
+    if isinstance(item, str) and item:
+      item = item if os.path.isabs(item) else os.path.join(folder, item)
+    elif not isinstance(item, (bytes, bytearray)) or not item:
+      raise ValueError(f"{where}: {field}[{i}] must be a file path or bytes, got "
+                       f"{type(item).__name__}")
+    _verify_picture(item, f"{where}: {field}[{i}]")
+    pictures.append(bytes(item) if isinstance(item, bytearray) else item)
+  return tuple(pictures)
+
+
+def _open_picture(item):
+  from PIL import Image
+  return Image.open(io.BytesIO(item) if isinstance(item, bytes) else item)
+
+
+def _verify_picture(item, what: str) -> None:
+  """Opens and verifies an image file or bytes with Pillow; ValueError naming `what`."""
+  try:
+    with _open_picture(item) as picture:
+      picture.verify()
+  except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError ... on bad data
+    name = item if isinstance(item, str) else f"{len(item)} bytes"
+    raise ValueError(f"{what} is not a readable image ({name}: {type(e).__name__}: {e})") from None
+
+
+def parse_record(raw, where: str, folder: str, *, capability: str | None,
+                 default_verifier: str) -> Record:
+  """Validates one raw record (a dict); ValueError naming `where` and the field."""
+  if not isinstance(raw, dict):
+    raise ValueError(f"{where}: a record must be a JSON object, got {type(raw).__name__}")
+  if raw.get("id") is not None:
+    where = f"{where} (id {str(raw['id'])[:40]})"
+  prompt = _string_field(raw, "prompt", where, required=True)
+  if not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS:
+    raise ValueError(f"{where}: field 'prompt' must be non-empty and at most "
+                     f"{MAX_PROMPT_CHARS} characters, got {len(prompt)}")
+  answer = _string_field(raw, "answer", where, required=True)
+  record_capability = _string_field(raw, "capability", where, required=capability is None)
+  if capability is not None and record_capability not in ("", capability):
+    raise ValueError(f"{where}: field 'capability' is {record_capability!r}, but this "
+                     f"source holds {capability!r} records")
+  record_capability = record_capability or capability
+  if record_capability not in tasks.CAPABILITIES and not tasks.is_domain_name(record_capability):
+    raise ValueError(f"{where}: field 'capability' must be one of {tasks.CAPABILITIES} or a "
+                     f"domain name ([a-z][a-z0-9_]*), got {record_capability!r}")
+  verifier = _string_field(raw, "verifier", where, required=False) or default_verifier
+  try:
+    verifiers.check_reference(verifier, answer)
+  except ValueError as e:
+    raise ValueError(f"{where}: field 'answer'/'verifier': {e}") from None
+  images = _picture_list(raw, "images", where, folder)
+  video = _picture_list(raw, "video_frames", where, folder)
+  if images and video:
+    raise ValueError(f"{where}: a record has 'images' or 'video_frames', not both")
+  if len(images) > 1:
+    raise ValueError(f"{where}: field 'images' has {len(images)} images; the model takes one "
+                     f"picture per prompt (use 'video_frames' for a sequence)")
+  modality = "image" if images else "video" if video else "text"
+  if record_capability in tasks.CAPABILITIES and record_capability != modality:
+    raise ValueError(f"{where}: a {record_capability!r} record needs "
+                     f"{ {'text': 'no pictures', 'image': 'one image in images', 'video': 'video_frames'}[record_capability]}"
+                     f", this one has {modality} input")
+  return Record(where=where, prompt=prompt, answer=answer, capability=record_capability,
+                verifier=verifier, solution=_string_field(raw, "solution", where, required=False),
+                modality=modality, pictures=images or video)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_records(files: tuple[str, ...], stamps: tuple, capability: str | None,
+                  default_verifier: str) -> tuple[Record, ...]:
+  # Cached on (files, modification times, ...): a run's setup checks and its data streams
+  # read the same files once.
+  del stamps
+  records = []
+  for path in files:
+    folder = os.path.dirname(os.path.abspath(path))
+    records += [parse_record(raw, where, folder, capability=capability,
+                             default_verifier=default_verifier)
+                for where, raw in _read_file(path)]
+  return tuple(records)
+
+
+def load_records(paths, *, capability: str | None = None,
+                 default_verifier: str = DEFAULT_VERIFIER) -> tuple[Record, ...]:
+  """All records of the files (see resolve_paths), validated; ValueError names file+line."""
+  if default_verifier not in verifiers.VERIFIERS:
+    raise ValueError(f"default_verifier must be one of {verifiers.VERIFIERS}, got "
+                     f"{default_verifier!r}")
+  files = tuple(resolve_paths(paths))
+  stamps = tuple((os.path.getmtime(f), os.path.getsize(f)) for f in files)
+  records = _load_records(files, stamps, capability, default_verifier)
+  if not records:
+    raise ValueError(f"record files {list(files)} hold no records")
+  return records
+
+
+# ---------------------------------------------------------------------------- frames
+
+def picture_array(item, image_size: int) -> np.ndarray:
+  """An image file path or bytes -> float32[image_size, image_size, 3] in [0, 1]."""
+  from PIL import Image
+  with _open_picture(item) as picture:
+    rgb = picture.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return np.asarray(rgb, np.float32) / 255.0
+
+
+def frame_indices(num_available: int, num_frames: int) -> np.ndarray:
+  """int[num_frames]: evenly spaced frames of a longer clip; a shorter one is padded by
+  repeating its last frame. E.g. (8, 4) -> [0, 2, 5, 7]; (2, 4) -> [0, 1, 1, 1]."""
+  if num_available >= num_frames:
+    return np.round(np.linspace(0, num_available - 1, num_frames)).astype(int)
+  return np.minimum(np.arange(num_frames), num_available - 1)
+
+
+def record_frames(record: Record, image_size: int, num_frames: int) -> np.ndarray | None:
+  """float32[F, H, W, 3] for a picture record (F = 1 for an image), None for text."""
+  if record.modality == "text":
+    return None
+  pictures = record.pictures
+  if record.modality == "video":
+    pictures = [pictures[i] for i in frame_indices(len(pictures), num_frames)]
+  return np.stack([picture_array(p, image_size) for p in pictures])
+
+
+# ---------------------------------------------------------------------------- source
+
+class RecordSource:
+  """Random-access records as tasks.Example (a grain data source: __len__, __getitem__).
+
+  paths: a path, a comma-separated string or a list of paths (globs allowed), JSONL or
+    Parquet. capability: if given, every record must be of it (records may then omit the
+    field). image_size / num_frames: the model's vision input (setup.example_kwargs);
+    needed when a record has pictures; 0 / 0 means a text-only model, which rejects
+    picture records. default_verifier: for records without a `verifier` field.
+  """
+
+  def __init__(self, paths, *, capability: str | None = None, image_size: int | None = None,
+               num_frames: int | None = None, default_verifier: str = DEFAULT_VERIFIER):
+    self.records = load_records(paths, capability=capability, default_verifier=default_verifier)
+    self.capability = capability
+    self.image_size = image_size
+    self.num_frames = num_frames
+    first_picture = next((r for r in self.records if r.modality != "text"), None)
+    if first_picture is not None:
+      if not image_size or not num_frames:
+        detail = ("the model has no vision tower" if image_size == 0 or num_frames == 0
+                  else "RecordSource needs image_size and num_frames (the model's vision "
+                       "config, setup.example_kwargs)")
+        raise ValueError(f"{first_picture.where}: a {first_picture.modality} record, but "
+                         f"{detail}")
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, index: int) -> tasks.Example:
+    record = self.records[index]
+    frames = record_frames(record, self.image_size, self.num_frames)
+    return tasks.Example(record.capability, record.prompt, record.answer, record.solution,
+                         frames, verifier=record.verifier, modality=record.modality,
+                         record=record.where)
+
+  def __repr__(self) -> str:
+    return f"RecordSource({len(self)} records, capability={self.capability!r})"
