@@ -54,7 +54,10 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
   ))
   # Start from a local Hugging Face checkpoint directory (copd_jax/hf_checkpoint.py)
   # instead of the SFT warm-start; "" = the built-in toy base.
-  c.init = ml_collections.ConfigDict(dict(hf_checkpoint=""))
+  c.init = ml_collections.ConfigDict(dict(
+      hf_checkpoint="",
+      hf_tokenizer="",  # tokenizer directory when not inside hf_checkpoint
+  ))
 
   # Device mesh (copd_jax/parallel.py). Sizes of the named axes; one of them may be -1
   # (= the devices left over). Branches are sharded over `expert`; inside a branch FSDP

@@ -421,13 +421,26 @@ def stacked_generate(stacked, cfg: model_lib.ModelConfig, prompt_tokens, prompt_
   prompt_mask: bool[E, B, P]; vision: f32[E, B, F, H, W, C] or None; keys: PRNG keys [E].
   Returns a Rollout with [E, B, G, R] fields. The loop runs until every expert is done.
   """
+  check_stacked_generate_args(stacked, cfg, prompt_tokens, prompt_mask, vision, keys, sampling,
+                              num_samples)
+  return _stacked_generate_jit(stacked, cfg, prompt_tokens, prompt_mask, vision, keys,
+                               sampling, num_samples)
+
+
+def check_stacked_generate_args(stacked, cfg, prompt_tokens, prompt_mask, vision, keys,
+                                sampling: SamplingConfig, num_samples: int) -> None:
+  """The checks of `stacked_generate`, for callers that jit `stacked_generate_body` with
+  their own shardings (copd_jax.parallel). keys: [E] PRNG keys or their uint32 key data."""
   e = int(jax.tree_util.tree_leaves(stacked)[0].shape[0])
   _check_generate_args(cfg, prompt_tokens, prompt_mask, vision, sampling, num_samples, (e,))
   if jnp.shape(keys)[:1] != (e,):
     raise ValueError(f"keys must hold one PRNG key per expert ({e}), got shape "
                      f"{jnp.shape(keys)}")
-  return _stacked_generate_jit(stacked, cfg, prompt_tokens, prompt_mask, vision, keys,
-                               sampling, num_samples)
+
+
+# The traceable body of `stacked_generate` (unjitted): same arguments, cfg / sampling /
+# num_samples must be closed over or static. copd_jax.parallel jits it with explicit shardings.
+stacked_generate_body = _stacked_generate_one
 
 
 # --------------------------------------------------------------------------- re-scoring

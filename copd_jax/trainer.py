@@ -194,18 +194,30 @@ class Rows:
 # ------------------------------------------------------------------------ the update
 
 
-def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: UpdateConfig):
+def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: UpdateConfig,
+                      placement: tuple[Callable, Callable] | None = None,
+                      cross_row_start: int = 0):
   """Sampled-token log-probs of each cross row under its teacher: f32[S, R, T].
 
   Token ids (not parameters) are regrouped by teacher: teacher j sees [M, T] rows.
+  cross_row_start (static): rows before it are native rows that no teacher reads, so only
+    rows [cross_row_start:] take part in the regroup (less to move between devices).
+  placement: optional (sources, regrouped) sharding constraints from
+    parallel.RunSharding.regroup_placement: `sources` pins the cross rows [S, Rc, ...]
+    before the gather, `regrouped` pins teacher j's rows [J, M, ...] (and the scores coming
+    back) to teacher j's devices, so the partitioner moves int tokens to the teacher rather
+    than the teacher's parameters.
   """
-  gs, gr = routing["gather_student"], routing["gather_row"]
-  pick = lambda x: x[gs, gr]  # [S, R, ...] -> [J, M, ...]
+  sources, regrouped = placement or ((lambda x: x), (lambda x: x))
+  gs = routing["gather_student"]
+  gr = jnp.maximum(routing["gather_row"] - cross_row_start, 0)  # padding rows point at 0
+  pick = lambda x: regrouped(sources(x[:, cross_row_start:])[gs, gr])  # [S, R] -> [J, M]
+  place = regrouped
   tokens, positions, frames = pick(rows.tokens), pick(rows.positions), pick(rows.frames)
   # Padding rows (a teacher with fewer rows than M) attend to their first column only,
   # so their (unused) softmax stays finite.
   only_first = jnp.zeros(tokens.shape, bool).at[..., 0].set(True)
-  mask = jnp.where(routing["gather_valid"][..., None], pick(rows.token_mask), only_first)
+  mask = place(jnp.where(routing["gather_valid"][..., None], pick(rows.token_mask), only_first))
 
   def one_teacher(params, tok, pos, msk, frm):
     hidden = model_lib.forward_hidden(params, ucfg.model, tok, pos, msk, frm)
@@ -213,8 +225,8 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
     return kernels.sampled_token_logprobs(hidden, head, sampling.next_token_targets(tok),
                                           kernel=ucfg.kernel)
 
-  scores = jax.vmap(one_teacher)(jax.lax.stop_gradient(teacher_params), tokens, positions,
-                                 mask, frames)  # [J, M, T]
+  scores = place(jax.vmap(one_teacher)(jax.lax.stop_gradient(teacher_params), tokens,
+                                       positions, mask, frames))  # [J, M, T]
   return scores.reshape(-1, scores.shape[-1])[routing["slot"]]
 
 
@@ -280,10 +292,23 @@ def update(params: Params, opt_state, teacher_params: Params | None, rows: Rows,
   rows: Rows [S, R, ...]; routing: TeacherRouting fields as arrays (distil steps only);
   ref_params: one single-model pytree (the base), required when ucfg.loss.kl_coef > 0.
   metrics: dict of f32[S].
+  Single-device jit; parallel.RunSharding.update_fn jits `update_body` with explicit
+  shardings instead.
   """
+  return update_body(params, opt_state, teacher_params, rows, routing, ref_params, ucfg=ucfg,
+                     optimizer=optimizer, distil=distil)
+
+
+def update_body(params: Params, opt_state, teacher_params: Params | None, rows: Rows,
+                routing: dict | None, ref_params: Params | None = None, *,
+                ucfg: UpdateConfig, optimizer: optax.GradientTransformation, distil: bool,
+                placement: tuple[Callable, Callable] | None = None, cross_row_start: int = 0):
+  """The traceable body of `update` (same arguments); placement and cross_row_start: see
+  score_by_teachers."""
   teacher_logprobs = None
   if distil:
-    teacher_logprobs = score_by_teachers(teacher_params, rows, routing, ucfg)
+    teacher_logprobs = score_by_teachers(teacher_params, rows, routing, ucfg, placement,
+                                         cross_row_start)
   ref_lp = None
   if ucfg.loss.kl_coef > 0:
     if ref_params is None:
@@ -384,8 +409,13 @@ class StepResult:
 def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teachers: Params | None,
                ctx: DataContext, ucfg: UpdateConfig, optimizer, key, rng: np.random.Generator,
                weight: float, assignment: np.ndarray, routing: dict,
-               ref_params: Params | None = None) -> StepResult:
-  """One CoPD step for every student (see the module docstring)."""
+               ref_params: Params | None = None, sharding=None) -> StepResult:
+  """One CoPD step for every student (see the module docstring).
+
+  sharding: a parallel.RunSharding, or None for the single-device path. With it, host
+  arrays enter as global arrays (put_global), the sampler and the update run as jitted
+  functions with explicit shardings, and rollouts / metrics come back with to_host; the
+  returned params / opt_state stay sharded on the mesh."""
   beta = schedules.teacher_matrix(stage.topology, stage.branch_beta, weight)  # [S, J]
   distil = stage.distils and weight > 0
   timings = {}
@@ -394,9 +424,17 @@ def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teache
   batches = [ctx.encode_prompts(ex) for ex in examples]
   prompt_tokens, prompt_mask, frames = stack_prompt_batches(batches)
   keys = jax.random.split(jax.random.fold_in(key, step), stage.num_students)
-  rollout = sampling.stacked_generate(params, ucfg.model, prompt_tokens, prompt_mask, frames,
-                                     keys, ctx.sampling, stage.samples_per_prompt)
-  rollout = jax.device_get(rollout)
+  if sharding is None:
+    rollout = sampling.stacked_generate(params, ucfg.model, prompt_tokens, prompt_mask, frames,
+                                       keys, ctx.sampling, stage.samples_per_prompt)
+    rollout = jax.device_get(rollout)
+  else:
+    key_data = np.asarray(jax.random.key_data(keys))  # the same on every process
+    sampling.check_stacked_generate_args(params, ucfg.model, prompt_tokens, prompt_mask,
+                                         frames, key_data, ctx.sampling,
+                                         stage.samples_per_prompt)
+    generate = sharding.generate_fn(ucfg.model, ctx.sampling, stage.samples_per_prompt)
+    rollout = sharding.to_host(generate(params, prompt_tokens, prompt_mask, frames, key_data))
   timings["time/sample_s"] = time.perf_counter() - t0
 
   t1 = time.perf_counter()
@@ -422,11 +460,19 @@ def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teache
 
   t2 = time.perf_counter()
   teachers = params if stage.live_teachers else frozen_teachers
-  params, opt_state, metrics = update(params, opt_state, teachers if distil else None, rows,
-                                      routing if distil else None,
-                                      ref_params if ucfg.loss.kl_coef > 0 else None,
-                                      ucfg=ucfg, optimizer=optimizer, distil=distil)
-  metrics = jax.device_get(metrics)
+  update_args = (params, opt_state, teachers if distil else None, rows,
+                 routing if distil else None, ref_params if ucfg.loss.kl_coef > 0 else None)
+  if sharding is None:
+    params, opt_state, metrics = update(*update_args, ucfg=ucfg, optimizer=optimizer,
+                                        distil=distil)
+    metrics = jax.device_get(metrics)
+  else:
+    # Rows and routing were built on the host: as numpy they enter through put_global.
+    update_args = update_args[:3] + jax.device_get(update_args[3:5]) + update_args[5:]
+    sharded_update = sharding.update_fn(ucfg, optimizer, distil, ucfg.loss.kl_coef > 0,
+                                        cross_row_start=stage.native_prompts * g)
+    params, opt_state, metrics = sharded_update(*update_args)
+    metrics = sharding.to_host(metrics)
   timings["time/update_s"] = time.perf_counter() - t2
 
   native_mask = is_native.astype(np.float32)
