@@ -6,6 +6,7 @@ on the command line fails in a second rather than deep inside a jitted function.
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Any, Mapping
 
 import ml_collections
@@ -100,24 +101,29 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     _fail("seed", "must be an integer", cfg.seed)
 
   validate_model(cfg.model)
+  validate_mesh(cfg)
 
   caps = tuple(cfg.tasks.capabilities)
   if not caps:
     _fail("tasks.capabilities", "must name at least one capability", caps)
+  records = validate_records_and_init(cfg)
   for cap in caps:
-    if cap not in tasks.CAPABILITIES:
-      _fail("tasks.capabilities", f"has unknown task {cap!r}; known: {tasks.CAPABILITIES}", caps)
+    if not records and cap not in tasks.CAPABILITIES:
+      _fail("tasks.capabilities", f"has unknown task {cap!r}; known: {tasks.CAPABILITIES} "
+            "(other domain names need record files in config.data.train_files)", caps)
   if len(set(caps)) != len(caps):
     _fail("tasks.capabilities", "must not repeat a capability", caps)
-  _check_capability_dict(cfg.tasks.difficulty, "tasks.difficulty", caps)
-  for cap in caps:
-    if cap not in cfg.tasks.difficulty:
-      _fail("tasks.difficulty", f"needs an entry for {cap!r}", dict(cfg.tasks.difficulty))
-    _positive_int(cfg.tasks.difficulty, cap, "tasks.difficulty.", allow_zero=True)
+  if not records:  # difficulty and the length bounds describe the procedural suite only
+    _check_capability_dict(cfg.tasks.difficulty, "tasks.difficulty", caps)
+    for cap in caps:
+      if cap not in cfg.tasks.difficulty:
+        _fail("tasks.difficulty", f"needs an entry for {cap!r}", dict(cfg.tasks.difficulty))
+      _positive_int(cfg.tasks.difficulty, cap, "tasks.difficulty.", allow_zero=True)
 
   _positive_int(cfg.data, "max_prompt_len", "data.")
   _positive_int(cfg.data, "max_response_len", "data.")
-  _check_lengths_fit_tasks(cfg, caps)
+  if not records:  # record prompts are measured against the lengths at setup
+    _check_lengths_fit_tasks(cfg, caps)
 
   ws = cfg.warm_start
   _positive_int(ws, "steps", "warm_start.", allow_zero=True)
@@ -128,14 +134,16 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   _positive_float(ws, "learning_rate", "warm_start.")
   _positive_float(ws, "weight_decay", "warm_start.", allow_zero=True)
   _positive_float(ws, "grad_clip_norm", "warm_start.")
-  _check_capability_dict(ws.mix, "warm_start.mix", caps)
-  for cap, w in ws.mix.items():
-    _positive_float(ws.mix, cap, "warm_start.mix.", allow_zero=True)
-  if sum(ws.mix.values()) <= 0:
-    _fail("warm_start.mix", "must give some capability a positive weight", dict(ws.mix))
+  if not cfg.init.hf_checkpoint:  # the SFT mix is unused when a checkpoint is the base
+    _check_capability_dict(ws.mix, "warm_start.mix", caps)
+    for cap, w in ws.mix.items():
+      _positive_float(ws.mix, cap, "warm_start.mix.", allow_zero=True)
+    if sum(ws.mix.values()) <= 0:
+      _fail("warm_start.mix", "must give some capability a positive weight", dict(ws.mix))
 
   _positive_int(cfg.eval, "num_examples", "eval.")
   _positive_int(cfg.eval, "batch_size", "eval.")
+  validate_checkpoint(cfg)
 
   s = cfg.sampling
   _positive_float(s, "temperature", "sampling.")
@@ -151,6 +159,102 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     if "rl" not in cfg:
       _fail("rl", f"section is required for method {cfg.method!r}", None)
     validate_rl(cfg)
+
+
+def validate_checkpoint(cfg: ml_collections.ConfigDict) -> None:
+  """config.checkpoint: training-state checkpoints (copd_jax/train_checkpoint.py)."""
+  if "checkpoint" not in cfg:
+    _fail("checkpoint", "section is required", None)
+  c = cfg.checkpoint
+  _positive_int(c, "every_steps", "checkpoint.", allow_zero=True)
+  _positive_int(c, "max_to_keep", "checkpoint.")
+  for flag in ("async_save", "resume", "save_on_sigterm"):
+    if not isinstance(c[flag], bool):
+      _fail(f"checkpoint.{flag}", "must be True or False", c[flag])
+
+
+def _check_dir_with(field: str, directory, required_file: str) -> None:
+  if not isinstance(directory, str):
+    _fail(field, "must be a directory path (a string)", directory)
+  if not os.path.isdir(directory):
+    _fail(field, "must be an existing directory", directory)
+  if not os.path.isfile(os.path.join(directory, required_file)):
+    _fail(field, f"must hold {required_file}", directory)
+
+
+def _check_record_files(cfg, field: str, caps) -> None:
+  """config.data.<field>: capability -> a path, comma-separated paths or globs, or a list."""
+  from copd_jax import datasets  # light: numpy + the task/verifier modules
+  files = cfg.data[field]
+  if set(files) != set(caps):
+    _fail(f"data.{field}", f"must give files for exactly config.tasks.capabilities {caps}",
+          sorted(files))
+  for cap, paths in files.items():
+    if isinstance(paths, str) or (isinstance(paths, (list, tuple))
+                                  and all(isinstance(p, str) for p in paths)):
+      try:
+        datasets.resolve_paths(paths)
+      except (OSError, ValueError) as e:
+        _fail(f"data.{field}.{cap}", f"must name existing JSONL/Parquet files ({e})", paths)
+    else:
+      _fail(f"data.{field}.{cap}", "must be a path, comma-separated paths or a list of paths",
+            paths)
+
+
+def validate_records_and_init(cfg: ml_collections.ConfigDict) -> bool:
+  """config.init.hf_checkpoint / hf_tokenizer and config.data.train_files / eval_files /
+  shuffle_seed. Returns True when the run reads record files.
+
+  Record files need a checkpoint (the toy base and ToyTokenizer only know the procedural
+  suite), train and eval files for exactly config.tasks.capabilities, and existing files.
+  With record files, capabilities may be any domain names ([a-z][a-z0-9_]*), e.g. 'math'.
+  """
+  checkpoint_dir = cfg.init.hf_checkpoint
+  if checkpoint_dir:
+    _check_dir_with("init.hf_checkpoint", checkpoint_dir, "config.json")
+    tokenizer_dir = cfg.init.get("hf_tokenizer", "") or checkpoint_dir
+    field = "init.hf_tokenizer" if cfg.init.get("hf_tokenizer", "") else "init.hf_checkpoint"
+    _check_dir_with(field, tokenizer_dir, "tokenizer.json")
+  _positive_int(cfg.data, "shuffle_seed", "data.", allow_zero=True)
+  caps = tuple(cfg.tasks.capabilities)
+  if not cfg.data.train_files:
+    if cfg.data.eval_files:
+      _fail("data.eval_files", "needs config.data.train_files as well", dict(cfg.data.eval_files))
+    return False
+  if not checkpoint_dir:
+    _fail("data.train_files", "needs config.init.hf_checkpoint (a model and tokenizer for "
+          "the records; the toy base only knows the procedural suite)", dict(cfg.data.train_files))
+  for cap in caps:
+    if not tasks.is_domain_name(cap):
+      _fail("tasks.capabilities", f"has {cap!r}; with record files (config.data.train_files) "
+            "capabilities are domain names: [a-z][a-z0-9_]*", caps)
+  _check_record_files(cfg, "train_files", caps)
+  _check_record_files(cfg, "eval_files", caps)
+  return True
+
+
+def validate_mesh(cfg: ml_collections.ConfigDict) -> None:
+  """Checks config.mesh (axes expert, data, fsdp, tensor; one may be -1): sizes, and that
+  `expert` divides config.num_experts. A pod config (a `pod` section with num_chips) is
+  checked against its slice's chip count, not this machine's devices; other configs are
+  checked against the local devices when the mesh is built (parallel.make_mesh)."""
+  if "mesh" not in cfg:
+    return
+  from copd_jax import parallel  # imports jax; only the mesh check needs it
+  mesh = dict(cfg.mesh)
+  pod = cfg.get("pod")
+  if pod is not None:
+    chips = _positive_int(pod, "num_chips", "pod.")
+    topology = pod.get("topology", "")
+    if topology:
+      dims = [int(d) for d in str(topology).lower().split("x") if d.isdigit()]
+      if not dims or len(dims) != len(str(topology).split("x")) or \
+          int(__import__("math").prod(dims)) != chips:
+        _fail("pod.topology", f"must be AxBxC chips multiplying to pod.num_chips={chips}",
+              topology)
+    parallel.mesh_shape(mesh, chips, cfg.num_experts)
+    return
+  parallel.check_mesh_config(mesh, cfg.num_experts)
 
 
 def _wrap(field: str, build):
@@ -181,6 +285,7 @@ def validate_rl(cfg: ml_collections.ConfigDict) -> None:
             "diagnostic_prompts", "diagnostics_every", "log_every"):
     _positive_int(rl, f, "rl.")
   _positive_int(rl, "cross_prompts", "rl.", allow_zero=True)
+  _positive_int(rl, "max_nonfinite_steps_in_row", "rl.")
   _positive_int(rl, "distill_steps", "rl.", allow_zero=True)
   _positive_float(rl, "learning_rate", "rl.")
   _positive_float(rl, "grad_clip_norm", "rl.")

@@ -2,8 +2,10 @@
 
 Every method first warm-starts (or reloads) the shared base policy. `base` then
 evaluates it on each capability's held-out set; the RL methods train their branches
-(copd_jax/methods.py) and evaluate them. TensorBoard events, metrics.jsonl, summary.json
-and the final parameters go under config.workdir.
+(copd_jax/methods.py) and evaluate them. TensorBoard events, metrics.jsonl, summary.json,
+the final parameters and the training checkpoints (checkpoints/<stage>/<step>) go under
+config.workdir. A killed or preempted run resumes when started again with the same command
+(config.checkpoint.resume); SIGTERM saves at the next step boundary and exits 0.
 """
 from __future__ import annotations
 
@@ -18,8 +20,13 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (configs/*
                                           lock_config=True)
 
 
-def run(cfg) -> dict:
-  """Runs one config end to end and returns the summary it writes."""
+def run(cfg) -> dict | None:
+  """Runs one config end to end and returns the summary it writes.
+
+  RL methods checkpoint their training state under <workdir>/checkpoints and resume from
+  it (config.checkpoint). On SIGTERM the run saves at the next step boundary, prints
+  `preempted: ...`, writes no summary.json and returns None (the process exits 0);
+  the same command resumes it."""
   # Validate before importing jax-heavy modules or compiling anything.
   from copd_jax import config_lib
   config_lib.validate_config(cfg)
@@ -49,8 +56,13 @@ def run(cfg) -> dict:
       writer.write(cfg.warm_start.steps, {f"eval/{k}": v for k, v in metrics.items()})
       summary.update(metrics)
     else:
-      from copd_jax import methods
-      summary.update(methods.run_rl_method(cfg, setup, params, writer))
+      from copd_jax import methods, train_checkpoint
+      try:
+        summary.update(methods.run_rl_method(cfg, setup, params, writer))
+      except train_checkpoint.Preempted as stop:
+        # Preemption is not a failure: the state is saved; rerunning resumes it.
+        print(f"preempted: {stop}", flush=True)
+        return None
   finally:
     writer.close()
   with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:

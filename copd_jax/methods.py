@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any
@@ -21,9 +22,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from orbax.checkpoint import utils as ocp_utils
 
 from copd_jax import checkpoint, diagnostics, evaluation, experts as experts_lib
-from copd_jax import kernels, objectives, policy_setup, sampling, schedules, tasks, trainer
+from copd_jax import kernels, objectives, policy_setup, sampling, schedules, trainer
+from copd_jax import train_checkpoint
 from copd_jax.policy_setup import RunSetup
 from copd_jax.run_log import MetricsWriter, ProgressLine
 
@@ -98,6 +101,19 @@ class RunContext:
   eval_sets: dict            # capability -> held-out examples (during training: a prefix)
   writer: MetricsWriter
   global_step: int = 0       # optimizer steps over all stages (x-axis of every log)
+  # Training-state checkpoints (None: no checkpoints, e.g. a unit test of one stage).
+  checkpoints: train_checkpoint.RunCheckpoints | None = None
+  stop: train_checkpoint.StopRequest | None = None  # set by SIGTERM
+  # metrics.jsonl size to rewind to before the next write (set when resuming).
+  log_rewind_offset: int | None = None
+
+  def rewind_log(self) -> None:
+    """Drops log lines a killed run wrote after the state this run resumed from."""
+    if self.log_rewind_offset is not None:
+      if not self.writer.rewind_jsonl(self.log_rewind_offset):
+        print(f"warning: metrics.jsonl is shorter than the checkpoint's offset "
+              f"{self.log_rewind_offset}; not rewinding it", flush=True)
+      self.log_rewind_offset = None
 
 
 def update_config(cfg, setup: RunSetup) -> trainer.UpdateConfig:
@@ -113,8 +129,9 @@ def update_config(cfg, setup: RunSetup) -> trainer.UpdateConfig:
 
 def data_context(cfg, setup: RunSetup, seed_offset: int) -> trainer.DataContext:
   seed = cfg.tasks.seed + cfg.seed * 1000 + seed_offset
-  streams = {c: tasks.train_stream(c, seed=seed, difficulty=cfg.tasks.difficulty[c],
-                                   **setup.example_kwargs)
+  # Checkpointable streams (get_state / set_state), so a resumed run continues them.
+  streams = {c: train_checkpoint.ResumableTrainStream(
+                 c, seed=seed, difficulty=cfg.tasks.difficulty[c], **setup.example_kwargs)
              for c in cfg.tasks.capabilities}
   sampling_cfg = sampling.SamplingConfig(
       max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
@@ -207,16 +224,29 @@ def merged_params(cfg, stage: trainer.Stage, params):
 # -------------------------------------------------------------------------- the loop
 
 
+def _nonfinite_branches(names, metrics: dict) -> list[str]:
+  """Branches whose loss or gradient norm is NaN/inf on this step."""
+  ok = np.isfinite(np.asarray(metrics["loss"])) & np.isfinite(np.asarray(metrics["grad_norm"]))
+  return [n for n, good in zip(names, np.atleast_1d(ok)) if not good]
+
+
 def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=None, *,
               seed_offset: int = 0, merge_at_eval: bool = False):
   """Trains `params` (stacked [S]) through `stage`; logs every step, evaluates every
-  rl.eval_every steps (accuracy per branch, merged accuracy, overlap, symmetric KL)."""
+  rl.eval_every steps (accuracy per branch, merged accuracy, overlap, symmetric KL).
+
+  With ctx.checkpoints: resumes from the stage's latest checkpoint (a finished stage is
+  restored, not re-run), saves every checkpoint.every_steps steps and at the end, and on
+  a stop request (SIGTERM) saves at the step boundary and raises Preempted.
+  A step whose loss or gradient norm is not finite is not applied (counted; too many in
+  a row raise NonFiniteTrainingError)."""
   cfg, rl = ctx.cfg, ctx.cfg.rl
   ucfg = update_config(cfg, ctx.setup)
   optimizer = trainer.make_optimizer(rl.learning_rate, rl.grad_clip_norm, rl.weight_decay)
   opt_state = trainer.init_optimizer_state(optimizer, params)
   data = data_context(cfg, ctx.setup, seed_offset)
   rng = np.random.default_rng([cfg.seed, seed_offset])
+  # Derived, not stored: a pure function of the seed; steps fold in their index.
   key = jax.random.key(cfg.seed * 7919 + seed_offset)
   assignment = trainer.cross_teacher_assignment(stage)
   routing = trainer.teacher_routing(
@@ -225,8 +255,40 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
   sched_state = schedules.ScheduleState()
   names = branch_names(stage)
   short_eval = {c: ex[: rl.eval_examples] for c, ex in ctx.eval_sets.items()}
-  progress = ProgressLine(stage.name, stage.steps, rl.log_every)
   last_overlap = None
+  start_step, nonfinite_total, nonfinite_in_row = 0, 0, 0
+
+  ckpt = None
+  if ctx.checkpoints is not None:
+    train_checkpoint.check_streams_checkpointable(data.streams)
+    ckpt = ctx.checkpoints.for_stage(stage.name, names)
+    abstract = jax.tree.map(ocp_utils.to_shape_dtype_struct,
+                            {"params": params, "opt_state": opt_state})
+    restored = ckpt.restore_latest(abstract)
+    if restored is not None:
+      state, host = restored
+      params, opt_state = state["params"], state["opt_state"]
+      rng.bit_generator.state = host.numpy_rng
+      sched_state = schedules.ScheduleState(**host.schedule)
+      last_overlap = host.last_overlap
+      train_checkpoint.restore_streams(data.streams, host.streams)
+      start_step, ctx.global_step = host.stage_step, host.global_step
+      nonfinite_total, nonfinite_in_row = host.nonfinite_total, host.nonfinite_in_row
+      ctx.log_rewind_offset = host.metrics_offset
+      print(f"resumed stage {stage.name} at step {start_step}/{stage.steps}"
+            + (" (finished)" if host.finished else "") + f" from {ckpt.directory}", flush=True)
+      if host.finished:
+        ckpt.close()
+        return params
+
+  def save(step: int, finished: bool):
+    host = train_checkpoint.HostState(
+        stage_step=step, global_step=ctx.global_step, finished=finished,
+        numpy_rng=rng.bit_generator.state, schedule=dataclasses.asdict(sched_state),
+        last_overlap=last_overlap, streams=train_checkpoint.streams_state(data.streams),
+        nonfinite_total=nonfinite_total, nonfinite_in_row=nonfinite_in_row,
+        metrics_offset=ctx.writer.jsonl_size())
+    ckpt.save({"params": params, "opt_state": opt_state}, host, names)
 
   def measure_overlap():
     nonlocal last_overlap
@@ -240,28 +302,65 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
     scalars = evaluate_branches(ctx, stage, params, short_eval, merge=merge_at_eval)
     ctx.writer.write(ctx.global_step, {f"eval/{k}": v for k, v in scalars.items()})
 
-  evaluate_accuracy()
-  measure_overlap()
-  for step in range(stage.steps):
-    weight = schedules.opd_weight(stage.schedule, step, sched_state, last_overlap)
-    result = trainer.train_step(stage, step, params, opt_state, frozen_teachers, data, ucfg,
-                                optimizer, key, rng, weight, assignment, routing,
-                                ref_params=ctx.base_params)
-    params, opt_state = result.params, result.opt_state
-    ctx.global_step += 1
-    scalars = _log_branch_arrays(names, result.metrics)
-    step_time = sum(v for k, v in result.metrics.items() if k.startswith("time/"))
-    scalars["throughput/rollout_tokens_per_s"] = result.rollout_tokens / max(step_time, 1e-9)
-    ctx.writer.write(ctx.global_step, {f"train/{k}": v for k, v in scalars.items()})
-    loss = float(np.mean(result.metrics["loss"]))
-    reward = float(np.mean(result.metrics["reward/native" if stage.native_prompts
-                                          else "reward/cross"]))
-    progress.update(step + 1, result.rollout_tokens, loss=loss, reward=reward, opd=weight)
-    last = step + 1 == stage.steps
-    if (step + 1) % rl.diagnostics_every == 0 or last:
-      measure_overlap()
-    if (step + 1) % rl.eval_every == 0 or last:
+  ctx.rewind_log()
+  progress = ProgressLine(stage.name, stage.steps, rl.log_every, start_step=start_step)
+  try:
+    if start_step == 0:
       evaluate_accuracy()
+      measure_overlap()
+    for step in range(start_step, stage.steps):
+      weight = schedules.opd_weight(stage.schedule, step, sched_state, last_overlap)
+      result = trainer.train_step(stage, step, params, opt_state, frozen_teachers, data, ucfg,
+                                  optimizer, key, rng, weight, assignment, routing,
+                                  ref_params=ctx.base_params)
+      bad = _nonfinite_branches(names, result.metrics)
+      if bad:
+        # Not applied: the update does not donate its inputs, so the previous params and
+        # optimizer state are still alive and stay the state.
+        nonfinite_total += 1
+        nonfinite_in_row += 1
+      else:
+        params, opt_state = result.params, result.opt_state
+        nonfinite_in_row = 0
+      ctx.global_step += 1
+      scalars = _log_branch_arrays(names, result.metrics)
+      step_time = sum(v for k, v in result.metrics.items() if k.startswith("time/"))
+      scalars["throughput/rollout_tokens_per_s"] = result.rollout_tokens / max(step_time, 1e-9)
+      scalars["nonfinite_skipped"] = float(bool(bad))
+      scalars["nonfinite_skipped_total"] = nonfinite_total
+      ctx.writer.write(ctx.global_step, {f"train/{k}": v for k, v in scalars.items()})
+      if nonfinite_in_row >= rl.max_nonfinite_steps_in_row:
+        raise train_checkpoint.NonFiniteTrainingError(
+            f"stage {stage.name}: {nonfinite_in_row} steps in a row with a non-finite loss or "
+            f"gradient norm (last: step {step + 1}, branch(es) {bad}, loss "
+            f"{np.asarray(result.metrics['loss']).tolist()}, grad_norm "
+            f"{np.asarray(result.metrics['grad_norm']).tolist()}); stopping. Lower "
+            "config.rl.learning_rate or check the data")
+      if bad:
+        print(f"warning: stage {stage.name} step {step + 1}: non-finite loss or gradient in "
+              f"branch(es) {bad}; step skipped ({nonfinite_in_row} in a row)", flush=True)
+      loss = float(np.mean(result.metrics["loss"]))
+      reward = float(np.mean(result.metrics["reward/native" if stage.native_prompts
+                                            else "reward/cross"]))
+      progress.update(step + 1, result.rollout_tokens, loss=loss, reward=reward, opd=weight)
+      last = step + 1 == stage.steps
+      if (step + 1) % rl.diagnostics_every == 0 or last:
+        measure_overlap()
+      if (step + 1) % rl.eval_every == 0 or last:
+        evaluate_accuracy()
+      if ckpt is None:
+        continue
+      stopping = ctx.stop is not None and ctx.stop.requested
+      every = ctx.checkpoints.every_steps
+      if last or stopping or (every and (step + 1) % every == 0):
+        save(step + 1, finished=last)
+      if stopping:
+        ckpt.wait()
+        raise train_checkpoint.Preempted(stage.name, step + 1, ckpt.directory,
+                                         ctx.stop.signal_name)
+  finally:
+    if ckpt is not None:
+      ckpt.close()  # waits for an asynchronous save in flight
   return params
 
 
@@ -297,9 +396,25 @@ def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, 
   distillation stage uses offset 2, so with beta = 0 CoPD *is* the experts run."""
   caps = list(cfg.rl.capabilities)
   eval_sets = {c: s for c, s in policy_setup.held_out_sets(cfg, setup).items() if c in caps}
-  ctx = RunContext(cfg, setup, base_params, eval_sets, writer)
-  method, rl = cfg.method, cfg.rl
+  checkpoints = train_checkpoint.RunCheckpoints(
+      cfg.workdir, cfg.checkpoint, method=cfg.method, num_experts=cfg.num_experts,
+      seed=cfg.seed, config_json=json.loads(cfg.to_json_best_effort()))
+  ctx = RunContext(cfg, setup, base_params, eval_sets, writer, checkpoints=checkpoints)
+  # A restart that finds no checkpoint drops what a killed run logged since RL began.
+  ctx.log_rewind_offset = checkpoints.log_start_offset(writer.jsonl_size())
   start = time.perf_counter()
+  with train_checkpoint.stop_on_signals(cfg.checkpoint.save_on_sigterm) as stop:
+    ctx.stop = stop
+    final, stage = _train_method(ctx, caps)
+  train_seconds = time.perf_counter() - start
+  ctx.rewind_log()  # every stage was restored finished: rewrite the final lines
+  return _final_report(ctx, stage, final, train_seconds)
+
+
+def _train_method(ctx: RunContext, caps) -> tuple[Any, trainer.Stage]:
+  """Runs the stages of ctx.cfg.method; returns (final stacked params, last stage)."""
+  cfg, base_params = ctx.cfg, ctx.base_params
+  method, rl = cfg.method, cfg.rl
   if method == "experts":
     stage = experts_stage(rl, caps)
     final = run_stage(ctx, stage, experts_lib.broadcast_params(base_params, len(caps)), seed_offset=1)
@@ -323,8 +438,13 @@ def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, 
                       seed_offset=2)
   else:
     raise ValueError(f"config.method {method!r} is not an RL method")
-  train_seconds = time.perf_counter() - start
+  return final, stage
 
+
+def _final_report(ctx: RunContext, stage: trainer.Stage, final, train_seconds: float) -> dict:
+  """Full-eval accuracies of the final branches (and merge); saves final_params."""
+  cfg, setup, eval_sets, writer = ctx.cfg, ctx.setup, ctx.eval_sets, ctx.writer
+  method = cfg.method
   kwargs = dict(max_new_tokens=cfg.sampling.max_new_tokens, batch_size=cfg.eval.batch_size)
   branch_acc = evaluation.evaluate_stacked(final, setup, eval_sets, **kwargs)
   names = branch_names(stage)

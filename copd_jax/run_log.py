@@ -28,7 +28,8 @@ class MetricsWriter:
   def __init__(self, workdir: str):
     os.makedirs(workdir, exist_ok=True)
     self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self._jsonl = open(self.jsonl_path, "a")
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     record = {"step": int(step)}
@@ -39,6 +40,24 @@ class MetricsWriter:
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
 
+  def jsonl_size(self) -> int:
+    """Bytes written to metrics.jsonl so far (a checkpoint stores it to rewind to)."""
+    self._jsonl.flush()
+    return os.fstat(self._jsonl.fileno()).st_size
+
+  def rewind_jsonl(self, size: int) -> bool:
+    """Drops what a killed run wrote after a checkpoint: truncates metrics.jsonl to `size`
+    bytes, so a resumed run's log equals an uninterrupted run's. TensorBoard events are
+    append-only and keep the killed run's points (TensorBoard shows the latest per step).
+
+    Returns False (and changes nothing) when the file is already shorter than `size`,
+    e.g. deleted by hand: it must never be padded."""
+    current = self.jsonl_size()
+    if current < size:
+      return False
+    os.truncate(self.jsonl_path, size)  # the file is in append mode: writes go to the end
+    return True
+
   def close(self) -> None:
     self._tb.close()
     self._jsonl.close()
@@ -47,8 +66,11 @@ class MetricsWriter:
 class ProgressLine:
   """Prints `name step/total | loss | tokens/s | eta` every `every` steps."""
 
-  def __init__(self, name: str, total_steps: int, every: int, stream=sys.stdout):
+  def __init__(self, name: str, total_steps: int, every: int, stream=sys.stdout,
+               start_step: int = 0):
+    """start_step: steps already done (a resumed stage), so the eta counts only new ones."""
     self.name, self.total, self.every, self.stream = name, total_steps, every, stream
+    self._first = start_step
     self._start = self._last_time = time.perf_counter()
     self._tokens_since = 0
 
@@ -59,7 +81,7 @@ class ProgressLine:
       return
     now = time.perf_counter()
     rate = self._tokens_since / max(now - self._last_time, 1e-9)
-    eta = (now - self._start) / step * (self.total - step)
+    eta = (now - self._start) / max(step - self._first, 1) * (self.total - step)
     parts = [f"{self.name} {step}/{self.total}"]
     parts += [f"{k} {float(v):.4f}" for k, v in scalars.items()]
     parts += [f"{rate:,.0f} tok/s", f"eta {eta:4.0f}s"]

@@ -103,9 +103,128 @@ def test_reused_experts_must_cover_the_capabilities(tmp_path, base):
     ("mixed_rlvr", "num_experts", 3, r"config\.num_experts must be 1 for method 'mixed_rlvr'"),
     ("static_opd", "rl.static_opd.student", "text", r"config\.rl\.static_opd\.student must differ"),
     ("static_opd", "rl.static_opd.teacher", "video", r"config\.rl\.static_opd\.teacher must be one of"),
+    ("copd", "checkpoint.every_steps", -1, r"config\.checkpoint\.every_steps must be a non-negative"),
+    ("copd", "checkpoint.max_to_keep", 0, r"config\.checkpoint\.max_to_keep must be a positive"),
+    ("copd", "rl.max_nonfinite_steps_in_row", 0,
+     r"config\.rl\.max_nonfinite_steps_in_row must be a positive"),
 ])
 def test_rl_config_errors_name_the_field(method, field, value, message):
   cfg = default_config.get(method, "micro")
   default_config.set_field(cfg, field, value)
   with pytest.raises(ValueError, match=message):
     config_lib.validate_config(cfg)
+
+
+# ----------------------------------------------------- non-finite steps and resuming
+
+
+def poison_steps(monkeypatch, bad_steps, branch=1):
+  """Wraps trainer.train_step: on `bad_steps` the loss of `branch` is NaN and the params
+  it returns are NaN. Returns the (params, opt_state) each call received."""
+  from copd_jax import trainer
+  real, seen = trainer.train_step, []
+
+  def poisoned(stage, step, params, opt_state, *args, **kwargs):
+    seen.append((params, opt_state))
+    result = real(stage, step, params, opt_state, *args, **kwargs)
+    if step in bad_steps:
+      loss = np.array(result.metrics["loss"], np.float32)
+      loss[branch] = np.nan
+      result.metrics["loss"] = loss
+      result.params = jax.tree.map(lambda x: x * np.nan, result.params)
+    return result
+  monkeypatch.setattr(trainer, "train_step", poisoned)
+  return seen
+
+
+def experts_ctx(tmp_path, base, **rl):
+  s, base_params = base
+  cfg = micro("experts", tmp_path, **rl)
+  cfg.rl.loss.entropy_coef = 0.01  # rewards of a random policy are 0: make params move
+  writer = MetricsWriter(cfg.workdir)
+  eval_sets = {c: e[:2] for c, e in policy_setup.held_out_sets(cfg, s).items()}
+  ctx = methods.RunContext(cfg, s, base_params, eval_sets, writer)
+  return ctx, methods.experts_stage(cfg.rl, list(cfg.rl.capabilities))
+
+
+def assert_trees_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_nonfinite_step_is_skipped_counted_and_training_continues(tmp_path, base, monkeypatch):
+  seen = poison_steps(monkeypatch, bad_steps={0})
+  ctx, stage = experts_ctx(tmp_path, base)
+  start = experts.broadcast_params(ctx.base_params, stage.num_students)
+  final = methods.run_stage(ctx, stage, start, seed_offset=1)
+  ctx.writer.close()
+  assert len(seen) == 2
+  assert_trees_equal(seen[1][0], seen[0][0])  # step 0 not applied: same params ...
+  assert_trees_equal(seen[1][1], seen[0][1])  # ... and optimizer state
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(final))
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b))  # step 1 applied
+             for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(seen[1][0])))
+  train = [r for r in map(json.loads, open(tmp_path / "experts" / "metrics.jsonl"))
+           if "train/nonfinite_skipped" in r]
+  assert [r["train/nonfinite_skipped"] for r in train] == [1.0, 0.0]
+  assert [r["train/nonfinite_skipped_total"] for r in train] == [1, 1]
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, base, monkeypatch):
+  poison_steps(monkeypatch, bad_steps={0, 1, 2})
+  ctx, stage = experts_ctx(tmp_path, base, steps=3, max_nonfinite_steps_in_row=2)
+  start = experts.broadcast_params(ctx.base_params, stage.num_students)
+  with pytest.raises(FloatingPointError,
+                     match=r"2 steps in a row .*\(last: step 2, branch\(es\) \['image'\]"):
+    methods.run_stage(ctx, stage, start, seed_offset=1)
+  ctx.writer.close()
+
+
+def crash_at_call(monkeypatch, n):
+  """Makes the n-th (1-based) trainer.train_step call raise, like a crash mid-run."""
+  from copd_jax import trainer
+  real, calls = trainer.train_step, []
+
+  def crashing(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == n:
+      raise RuntimeError("simulated crash")
+    return real(*args, **kwargs)
+  monkeypatch.setattr(trainer, "train_step", crashing)
+
+
+def static_opd_cfg(tmp_path, name):
+  cfg = micro("static_opd", tmp_path)
+  cfg.workdir = str(tmp_path / name)
+  cfg.checkpoint.every_steps = 1
+  return cfg
+
+
+def timing_free_log(workdir):
+  return [{k: v for k, v in json.loads(line).items()
+           if not k.startswith(("train/time/", "train/throughput/"))}
+          for line in open(f"{workdir}/metrics.jsonl")]
+
+
+@pytest.mark.parametrize("crash_call", [2, 4])  # stage 1 (experts) step 2 / stage 2 step 2
+def test_two_stage_method_resumes_exactly_in_either_stage(tmp_path, base, monkeypatch,
+                                                          crash_call):
+  import orbax.checkpoint as ocp
+  reference = static_opd_cfg(tmp_path, "reference")
+  want = run(reference, base)
+  cfg = static_opd_cfg(tmp_path, "crashed")
+  with monkeypatch.context() as patch:
+    crash_at_call(patch, crash_call)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+      run(cfg, base)
+  got = run(cfg, base)
+  for key in ("branches", "final", "optimizer_steps"):
+    assert got[key] == want[key]
+  assert timing_free_log(cfg.workdir) == timing_free_log(reference.workdir)
+  restore = lambda d: ocp.StandardCheckpointer().restore(f"{d}/final_params/params")
+  assert_trees_equal(restore(cfg.workdir), restore(reference.workdir))
+  # Finished stages are restored, not re-run: a third run trains nothing.
+  with monkeypatch.context() as patch:
+    crash_at_call(patch, 1)
+    assert run(cfg, base)["branches"] == want["branches"]
+  assert timing_free_log(cfg.workdir) == timing_free_log(reference.workdir)

@@ -1,0 +1,362 @@
+"""Training-state checkpoints: exact resume of a stage after preemption or a crash.
+
+Layout (one orbax CheckpointManager per stage of the method):
+
+    <workdir>/checkpoints/<stage_name>/<step>/
+        state/    params + optimizer state (stacked [S] pytrees, orbax StandardSave)
+        host/     HostState as JSON: stage step, global step, numpy Generator state of the
+                  prompt picker, schedule state, last overlap, data-stream states,
+                  non-finite counters, metrics.jsonl byte offset, finished flag
+        meta/     what the checkpoint belongs to: method, stage, branches, expert count,
+                  seed, parameter shapes (compared before anything is restored)
+        config/   the run config (JSON, for the record; not compared)
+    <workdir>/checkpoints/log_start.json   metrics.jsonl size when RL training first began
+
+`<step>` counts the optimizer steps done in that stage. orbax writes every step to
+`<step>.orbax-checkpoint-tmp-*` and renames it when complete, so a save cut short never
+replaces the last good checkpoint; leftovers are ignored (and cleaned up).
+
+The jax PRNG key is not stored: it is derived from (config.seed, stage) and folded with the
+step, so it is a pure function of the restored step.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import threading
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from copd_jax import tasks
+from copd_jax.checkpoint import CheckpointMismatchError
+
+FORMAT_VERSION = 1
+LOG_START_FILE = "log_start.json"
+
+
+class NonFiniteTrainingError(FloatingPointError):
+  """Training produced non-finite losses, gradients or parameters."""
+
+
+class Preempted(Exception):
+  """Raised at a step boundary after a stop signal (SIGTERM) once the state is saved."""
+
+  def __init__(self, stage: str, step: int, directory: str, signal_name: str):
+    self.stage, self.step, self.directory, self.signal_name = stage, step, directory, signal_name
+    super().__init__(f"received {signal_name}: saved stage {stage!r} at step {step} to "
+                     f"{directory}; run the same command again to resume")
+
+
+# ---------------------------------------------------------------- checkpointable data
+
+
+class ResumableTrainStream:
+  """The train stream of one capability (tasks.make_example(cap, i, split='train') for
+  i = start, start+1, ...) with `get_state()` / `set_state()` (the grain iterator protocol),
+  so a resumed run draws exactly the examples the killed run would have drawn next."""
+
+  def __init__(self, capability: str, *, start: int = 0, **example_kwargs):
+    self.capability = capability
+    self._kwargs = dict(example_kwargs)
+    self._reset(start)
+
+  def _reset(self, start: int) -> None:
+    self._next_index = start
+    self._examples = tasks.train_stream(self.capability, start=start, **self._kwargs)
+
+  def __iter__(self) -> "ResumableTrainStream":
+    return self
+
+  def __next__(self) -> tasks.Example:
+    example = next(self._examples)
+    self._next_index += 1
+    return example
+
+  def get_state(self) -> dict:
+    return {"capability": self.capability, "next_index": self._next_index}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    if state.get("capability") != self.capability:
+      raise CheckpointMismatchError(
+          f"data stream state is for capability {state.get('capability')!r}, "
+          f"not {self.capability!r}")
+    index = state.get("next_index")
+    if not isinstance(index, int) or index < 0:
+      raise CheckpointMismatchError(f"data stream state of {self.capability!r} has an invalid "
+                                    f"next_index {index!r}")
+    self._reset(index)
+
+
+def _json_safe(value: Any) -> Any:
+  """Numpy scalars/arrays (grain states may hold them) -> plain JSON values."""
+  def default(x):
+    if isinstance(x, (np.generic, np.ndarray)):
+      return x.tolist()
+    raise TypeError(f"{type(x).__name__} is not JSON-serialisable")
+  return json.loads(json.dumps(value, default=default))
+
+
+def check_streams_checkpointable(streams: Mapping[str, Iterator]) -> None:
+  for name, stream in streams.items():
+    if not (hasattr(stream, "get_state") and hasattr(stream, "set_state")):
+      raise TypeError(f"data stream {name!r} ({type(stream).__name__}) has no get_state/"
+                      "set_state, so its position cannot be checkpointed")
+
+
+def streams_state(streams: Mapping[str, Iterator]) -> dict:
+  """{name: {'kind': 'json'|'bytes', 'value': ...}} for streams with get_state()."""
+  out = {}
+  for name, stream in streams.items():
+    state = stream.get_state()
+    if isinstance(state, bytes):  # older grain iterators serialise to bytes
+      out[name] = {"kind": "bytes", "value": base64.b64encode(state).decode("ascii")}
+    else:
+      out[name] = {"kind": "json", "value": _json_safe(state)}
+  return out
+
+
+def restore_streams(streams: Mapping[str, Iterator], stored: Mapping[str, Any]) -> None:
+  if set(stored) != set(streams):
+    raise CheckpointMismatchError(f"checkpoint has data streams {sorted(stored)}, the run "
+                                  f"has {sorted(streams)}")
+  for name, stream in streams.items():
+    entry = stored[name]
+    value = entry["value"]
+    stream.set_state(base64.b64decode(value) if entry["kind"] == "bytes" else value)
+
+
+# ------------------------------------------------------------------------ host state
+
+
+@dataclasses.dataclass
+class HostState:
+  """Everything besides arrays that the loop needs to continue bit-exactly."""
+  stage_step: int               # optimizer steps done in this stage
+  global_step: int              # optimizer steps over all stages
+  finished: bool                # the stage ran to its end
+  numpy_rng: dict               # np.random.Generator.bit_generator.state of the prompt picker
+  schedule: dict                # dataclasses.asdict(schedules.ScheduleState)
+  last_overlap: float | None    # the latest measured branch overlap (adaptive schedule)
+  streams: dict                 # streams_state(...)
+  nonfinite_total: int = 0      # skipped non-finite steps in this stage so far
+  nonfinite_in_row: int = 0     # ... of which the most recent ones in a row
+  metrics_offset: int = 0       # metrics.jsonl size in bytes when this state was saved
+
+  def to_json(self) -> dict:
+    return _json_safe(dataclasses.asdict(self))
+
+  @classmethod
+  def from_json(cls, data: Mapping[str, Any], where: str) -> "HostState":
+    names = {f.name for f in dataclasses.fields(cls)}
+    missing = sorted(n for n in names if n not in data and
+                     cls.__dataclass_fields__[n].default is dataclasses.MISSING)
+    if missing:
+      raise CheckpointMismatchError(f"host state in {where} lacks fields {missing}")
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# ------------------------------------------------------------------- finiteness checks
+
+
+@jax.jit
+def _finite_per_branch(tree) -> jax.Array:
+  """bool[S]: every element of branch s of a stacked pytree is finite."""
+  flags = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+           for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(flags).all(axis=0)
+
+
+def nonfinite_branches(stacked_params, branch_names) -> list[str]:
+  """The names of branches whose parameters hold a NaN or inf."""
+  ok = np.asarray(_finite_per_branch(stacked_params))
+  return [name for name, good in zip(branch_names, ok) if not good]
+
+
+def param_shapes(tree) -> dict[str, list[int]]:
+  return {jax.tree_util.keystr(k): list(np.shape(v))
+          for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+# --------------------------------------------------------------------- checkpointers
+
+
+def _diff(stored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+  out = []
+  for key in expected:
+    if key == "param_shapes":
+      continue
+    if key not in stored:
+      out.append(f"{key}: missing in checkpoint (run has {expected[key]!r})")
+    elif json.dumps(stored[key]) != json.dumps(expected[key]):
+      out.append(f"{key}: checkpoint has {stored[key]!r}, run has {expected[key]!r}")
+  have, want = stored.get("param_shapes", {}), expected["param_shapes"]
+  out += [f"parameter {k}: missing in checkpoint" for k in sorted(set(want) - set(have))]
+  out += [f"parameter {k}: only in checkpoint" for k in sorted(set(have) - set(want))]
+  out += [f"parameter {k}: checkpoint shape {tuple(have[k])}, run has {tuple(want[k])}"
+          for k in sorted(set(have) & set(want)) if have[k] != want[k]]
+  return out
+
+
+class StageCheckpointer:
+  """Saves and restores one stage's training state under `directory` (orbax manager)."""
+
+  def __init__(self, directory: str, metadata: dict, config_json: dict, *, max_to_keep: int,
+               async_save: bool):
+    self.directory = os.path.abspath(directory)
+    self.metadata = _json_safe(metadata)
+    self._config = config_json
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)  # leftovers of a save cut short
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, state: dict, host: HostState, branch_names) -> None:
+    """Starts saving `state` ({'params', 'opt_state'}, stacked [S]) at host.stage_step.
+
+    Refuses (NonFiniteTrainingError) to write non-finite parameters."""
+    bad = nonfinite_branches(state["params"], branch_names)
+    if bad:
+      raise NonFiniteTrainingError(
+          f"refusing to checkpoint stage {self.metadata['stage']!r} at step {host.stage_step}: "
+          f"parameters of branch(es) {bad} are not finite")
+    meta = dict(self.metadata, param_shapes=param_shapes(state["params"]))
+    self._manager.save(host.stage_step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host.to_json()),
+        meta=ocp.args.JsonSave(meta), config=ocp.args.JsonSave(self._config)), force=True)
+
+  def restore_latest(self, abstract_state: dict) -> tuple[dict, HostState] | None:
+    """The latest saved (state, HostState), or None when this stage has no checkpoint.
+
+    abstract_state: a pytree of jax.ShapeDtypeStruct (with shardings) shaped like the
+    saved state; restored arrays take its shardings, so the mesh may differ from the
+    saver's. Raises CheckpointMismatchError naming what differs, or what is unreadable.
+    """
+    step = self._manager.latest_step()
+    if step is None:
+      return None
+    where = os.path.join(self.directory, str(step))
+    try:
+      meta = self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # truncated / foreign directory
+      raise CheckpointMismatchError(f"cannot read checkpoint metadata in {where}: {e}") from e
+    expected = dict(self.metadata, param_shapes=param_shapes(abstract_state["params"]))
+    diffs = _diff(meta or {}, expected)
+    if diffs:
+      raise CheckpointMismatchError(
+          f"training checkpoint {where} does not match this run (delete it or use another "
+          "workdir to start over):\n  " + "\n  ".join(diffs[:20]))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), host=ocp.args.JsonRestore()))
+    except Exception as e:
+      raise CheckpointMismatchError(f"cannot restore training state from {where} (truncated "
+                                    f"or corrupted files?): {type(e).__name__}: {e}") from e
+    host = HostState.from_json(restored["host"], where)
+    if host.stage_step != step:
+      raise CheckpointMismatchError(f"{where}: host state says step {host.stage_step}")
+    return dict(restored["state"]), host
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+class RunCheckpoints:
+  """The training checkpoints of one run: <workdir>/checkpoints/<stage>/.
+
+  options: the config.checkpoint section (every_steps, max_to_keep, async_save, resume,
+  save_on_sigterm). With resume off, existing checkpoints are an error rather than being
+  overwritten or silently ignored.
+  """
+
+  def __init__(self, workdir: str, options, *, method: str, num_experts: int, seed: int,
+               config_json: dict):
+    self.root = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.every_steps = int(options.every_steps)
+    self.max_to_keep = int(options.max_to_keep)
+    self.async_save = bool(options.async_save)
+    self.resume = bool(options.resume)
+    self.save_on_sigterm = bool(options.save_on_sigterm)
+    self.method, self.num_experts, self.seed = method, num_experts, seed
+    self.config_json = config_json
+    if not self.resume:
+      existing = self.existing_stages()
+      if existing:
+        raise CheckpointMismatchError(
+            f"{self.root} already holds training checkpoints for {existing} and "
+            "config.checkpoint.resume is False; delete them, use another workdir, or resume")
+
+  def existing_stages(self) -> list[str]:
+    if not os.path.isdir(self.root):
+      return []
+    return sorted(d for d in os.listdir(self.root)
+                  if os.path.isdir(os.path.join(self.root, d)) and any(
+                      name.isdigit() for name in os.listdir(os.path.join(self.root, d))))
+
+  def for_stage(self, stage_name: str, branch_names) -> StageCheckpointer:
+    metadata = {"format_version": FORMAT_VERSION, "method": self.method, "stage": stage_name,
+                "branches": list(branch_names), "num_experts": self.num_experts,
+                "seed": self.seed}
+    return StageCheckpointer(os.path.join(self.root, stage_name), metadata, self.config_json,
+                             max_to_keep=self.max_to_keep, async_save=self.async_save)
+
+  def log_start_offset(self, current_size: int) -> int:
+    """metrics.jsonl size when RL training first began in this workdir (recorded now if
+    this is the first time): a restart without any checkpoint rewinds the log to it."""
+    path = os.path.join(self.root, LOG_START_FILE)
+    if os.path.isfile(path):
+      with open(path) as f:
+        return int(json.load(f)["metrics_offset"])
+    os.makedirs(self.root, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump({"metrics_offset": current_size}, f)
+    os.replace(path + ".tmp", path)
+    return current_size
+
+
+# ---------------------------------------------------------------------- stop signals
+
+
+class StopRequest:
+  """Set by a signal handler; read by the training loop at step boundaries."""
+
+  def __init__(self):
+    self.signal_name: str | None = None
+
+  @property
+  def requested(self) -> bool:
+    return self.signal_name is not None
+
+
+@contextlib.contextmanager
+def stop_on_signals(enabled: bool, signals=(signal.SIGTERM,)):
+  """Within the block, the given signals only set the yielded StopRequest (the loop saves
+  at the next step boundary and raises Preempted); the old handlers come back after."""
+  request = StopRequest()
+  if not enabled or threading.current_thread() is not threading.main_thread():
+    yield request
+    return
+
+  def handler(signum, frame):  # only records: never save from inside a handler
+    request.signal_name = signal.Signals(signum).name
+
+  previous = {s: signal.signal(s, handler) for s in signals}
+  try:
+    yield request
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
