@@ -37,8 +37,10 @@ def save_policy(directory: str, params: Any, metadata: dict) -> None:
   os.makedirs(directory, exist_ok=True)
   params_dir = os.path.join(directory, PARAMS_SUBDIR)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(params_dir, params, force=True)
+  checkpointer.save(params_dir, params, force=True)  # every process writes its shards
   checkpointer.wait_until_finished()
+  if jax.process_index() != 0:  # one writer for the small files
+    return
   tmp = os.path.join(directory, METADATA_FILE + ".tmp")
   with open(tmp, "w") as f:
     json.dump(metadata, f, indent=2, sort_keys=True)
@@ -105,4 +107,18 @@ def load_policy(directory: str, abstract_params: Any, expected_metadata: dict | 
   if diffs:
     raise CheckpointMismatchError(
         f"parameters in {params_dir} do not match the model:\n  " + "\n  ".join(diffs[:20]))
-  return checkpointer.restore(params_dir, abstract_params)
+  return checkpointer.restore(params_dir, _with_local_default_sharding(abstract_params))
+
+
+def _with_local_default_sharding(abstract_params: Any) -> Any:
+  """Leaves without a sharding are restored onto this process's first device. (Left to
+  orbax they would go to jax.devices()[0], which another process owns in a multi-process
+  run.)"""
+  device = jax.local_devices()[0]
+
+  def one(x):
+    if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None:
+      return jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                  sharding=jax.sharding.SingleDeviceSharding(device))
+    return x
+  return jax.tree.map(one, abstract_params)

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from copd_jax import policy_setup, sampling, tasks, verifiers
+from copd_jax import parallel, policy_setup, sampling, tasks, verifiers
 from copd_jax.policy_setup import RunSetup
 
 
@@ -37,8 +37,9 @@ def greedy_responses_stacked(stacked: Any, setup: RunSetup, examples: Sequence[t
     rollout = sampling.stacked_generate(
         stacked, setup.model_cfg, tile(batch.tokens), tile(batch.mask), tile(batch.frames),
         jax.random.split(jax.random.key(0), num), sampling_cfg, 1)
-    tokens = np.asarray(rollout.tokens)[:, : len(chunk), 0]
-    mask = np.asarray(rollout.mask)[:, : len(chunk), 0]
+    rollout = parallel.to_host((rollout.tokens, rollout.mask))  # global arrays on a mesh
+    tokens = np.asarray(rollout[0])[:, : len(chunk), 0]
+    mask = np.asarray(rollout[1])[:, : len(chunk), 0]
     for k in range(num):
       out[k] += decode_responses(tokens[k], mask[k], setup.tokenizer)
   return out

@@ -16,6 +16,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from copd_jax import distributed  # defines --coordinator_address/--num_processes/--process_id
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (configs/*.py).",
                                           lock_config=True)
 
@@ -31,21 +33,28 @@ def run(cfg) -> dict | None:
   from copd_jax import config_lib
   config_lib.validate_config(cfg)
 
+  import jax
   from copd_jax import evaluation, policy_setup, warm_start
   from copd_jax.run_log import MetricsWriter
 
-  os.makedirs(cfg.workdir, exist_ok=True)
-  with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json_best_effort(indent=2))
+  # In a multi-process run every process computes the same metrics; process 0 writes the
+  # run's logs and summary, the others keep theirs under process_<i>/ (for debugging).
+  primary = jax.process_index() == 0
+  log_dir = cfg.workdir if primary else os.path.join(cfg.workdir, f"process_{jax.process_index()}")
+  os.makedirs(log_dir, exist_ok=True)
+  if primary:
+    with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2))
   setup = policy_setup.build_setup(cfg)
   eval_sets = policy_setup.held_out_sets(cfg, setup) if cfg.method == "base" else None
-  writer = MetricsWriter(cfg.workdir)
+  writer = MetricsWriter(log_dir)
   try:
     start = time.perf_counter()
     params, loaded = warm_start.get_base_policy(cfg, setup, writer)
     warm_seconds = time.perf_counter() - start
+    source = cfg.init.hf_checkpoint or warm_start.base_policy_dir(cfg)
     print(("loaded" if loaded else "trained") + f" base policy in {warm_seconds:.1f}s "
-          f"({warm_start.base_policy_dir(cfg)})", flush=True)
+          f"({source})", flush=True)
     summary = {"method": cfg.method, "seed": cfg.seed, "base_policy_loaded": loaded,
                "warm_start_seconds": round(warm_seconds, 2),
                "eval_examples_per_capability": cfg.eval.num_examples}
@@ -65,8 +74,9 @@ def run(cfg) -> dict | None:
         return None
   finally:
     writer.close()
-  with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  if primary:
+    with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
   print("summary: " + json.dumps(summary), flush=True)
   return summary
 
@@ -76,6 +86,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  distributed.initialize_from_flags()  # before any other JAX call
   run(_CONFIG.value)
 
 

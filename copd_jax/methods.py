@@ -25,7 +25,8 @@ import numpy as np
 from orbax.checkpoint import utils as ocp_utils
 
 from copd_jax import checkpoint, diagnostics, evaluation, experts as experts_lib
-from copd_jax import kernels, objectives, policy_setup, sampling, schedules, trainer
+from copd_jax import data as data_lib
+from copd_jax import kernels, objectives, parallel, policy_setup, sampling, schedules, trainer
 from copd_jax import train_checkpoint
 from copd_jax.policy_setup import RunSetup
 from copd_jax.run_log import MetricsWriter, ProgressLine
@@ -106,6 +107,8 @@ class RunContext:
   stop: train_checkpoint.StopRequest | None = None  # set by SIGTERM
   # metrics.jsonl size to rewind to before the next write (set when resuming).
   log_rewind_offset: int | None = None
+  # The device mesh and shardings (None: one device, the plain jitted path).
+  sharding: parallel.RunSharding | None = None
 
   def rewind_log(self) -> None:
     """Drops log lines a killed run wrote after the state this run resumed from."""
@@ -129,10 +132,10 @@ def update_config(cfg, setup: RunSetup) -> trainer.UpdateConfig:
 
 def data_context(cfg, setup: RunSetup, seed_offset: int) -> trainer.DataContext:
   seed = cfg.tasks.seed + cfg.seed * 1000 + seed_offset
-  # Checkpointable streams (get_state / set_state), so a resumed run continues them.
-  streams = {c: train_checkpoint.ResumableTrainStream(
-                 c, seed=seed, difficulty=cfg.tasks.difficulty[c], **setup.example_kwargs)
-             for c in cfg.tasks.capabilities}
+  # grain iterators (get_state / set_state), so a resumed run continues them. Every
+  # process draws the same global prompts (cheap, deterministic in seed and step) and
+  # moves only its own shards to its devices (parallel.put_global).
+  streams = data_lib.make_streams(cfg, setup.example_kwargs, seed)
   sampling_cfg = sampling.SamplingConfig(
       max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
       top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p,
@@ -182,6 +185,7 @@ def branch_diagnostics(ctx: RunContext, stage: trainer.Stage, params) -> dict:
   diag = diagnostics.pairwise_diagnostics(
       models, setup.model_cfg, rows.tokens, rows.positions, rows.token_mask, rows.response_mask,
       rows.frames, kernel=kernels.KernelConfig(**cfg.rl.kernel.to_dict()))
+  diag = parallel.to_host(diag)  # global arrays in a multi-process run
   overlap, sym_kl = np.asarray(diag["overlap"]), np.asarray(diag["sym_kl"])
   names = branch_names(stage) + ["base"]
   out = {}
@@ -244,6 +248,11 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
   ucfg = update_config(cfg, ctx.setup)
   optimizer = trainer.make_optimizer(rl.learning_rate, rl.grad_clip_norm, rl.weight_decay)
   opt_state = trainer.init_optimizer_state(optimizer, params)
+  if ctx.sharding is not None:  # on the mesh before the restore target is taken
+    params = ctx.sharding.shard_params(params)
+    opt_state = parallel.place(opt_state, ctx.sharding.opt_state(opt_state))
+    if frozen_teachers is not None:
+      frozen_teachers = ctx.sharding.shard_params(frozen_teachers)
   data = data_context(cfg, ctx.setup, seed_offset)
   rng = np.random.default_rng([cfg.seed, seed_offset])
   # Derived, not stored: a pure function of the seed; steps fold in their index.
@@ -312,7 +321,7 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
       weight = schedules.opd_weight(stage.schedule, step, sched_state, last_overlap)
       result = trainer.train_step(stage, step, params, opt_state, frozen_teachers, data, ucfg,
                                   optimizer, key, rng, weight, assignment, routing,
-                                  ref_params=ctx.base_params)
+                                  ref_params=ctx.base_params, sharding=ctx.sharding)
       bad = _nonfinite_branches(names, result.metrics)
       if bad:
         # Not applied: the update does not donate its inputs, so the previous params and
@@ -388,6 +397,15 @@ def load_or_train_experts(ctx: RunContext, caps) -> Any:
   return run_stage(ctx, stage, params, seed_offset=1)
 
 
+def run_sharding(cfg: ml_collections.ConfigDict) -> parallel.RunSharding | None:
+  """The run's mesh from config.mesh, or None when it spans a single device (then every
+  function runs as a plain jit on the default device, exactly as without a mesh)."""
+  sizes = parallel.check_mesh_config(cfg.mesh, cfg.num_experts)
+  if all(v == 1 for v in sizes.values()):
+    return None
+  return parallel.RunSharding.from_config(cfg.mesh, cfg.num_experts)
+
+
 def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, writer) -> dict:
   """Runs cfg.method; returns {'final/...', 'branches': [...]} accuracies (full eval set).
 
@@ -399,7 +417,11 @@ def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, 
   checkpoints = train_checkpoint.RunCheckpoints(
       cfg.workdir, cfg.checkpoint, method=cfg.method, num_experts=cfg.num_experts,
       seed=cfg.seed, config_json=json.loads(cfg.to_json_best_effort()))
-  ctx = RunContext(cfg, setup, base_params, eval_sets, writer, checkpoints=checkpoints)
+  sharding = run_sharding(cfg)
+  if sharding is not None:  # the base (reference policy, merge partner) lives on the mesh too
+    base_params = sharding.shard_params(base_params, stacked=False)
+  ctx = RunContext(cfg, setup, base_params, eval_sets, writer, checkpoints=checkpoints,
+                   sharding=sharding)
   # A restart that finds no checkpoint drops what a killed run logged since RL began.
   ctx.log_rewind_offset = checkpoints.log_start_offset(writer.jsonl_size())
   start = time.perf_counter()

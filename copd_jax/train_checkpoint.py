@@ -176,7 +176,8 @@ def _finite_per_branch(tree) -> jax.Array:
 
 def nonfinite_branches(stacked_params, branch_names) -> list[str]:
   """The names of branches whose parameters hold a NaN or inf."""
-  ok = np.asarray(_finite_per_branch(stacked_params))
+  from copd_jax import parallel  # lazily: parallel imports nothing of ours, but is heavy
+  ok = np.asarray(parallel.to_host(_finite_per_branch(stacked_params)))
   return [name for name, good in zip(branch_names, ok) if not good]
 
 
@@ -321,10 +322,11 @@ class RunCheckpoints:
     if os.path.isfile(path):
       with open(path) as f:
         return int(json.load(f)["metrics_offset"])
-    os.makedirs(self.root, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump({"metrics_offset": current_size}, f)
-    os.replace(path + ".tmp", path)
+    if jax.process_index() == 0:  # process 0 owns metrics.jsonl and this record of it
+      os.makedirs(self.root, exist_ok=True)
+      with open(path + ".tmp", "w") as f:
+        json.dump({"metrics_offset": current_size}, f)
+      os.replace(path + ".tmp", path)
     return current_size
 
 
