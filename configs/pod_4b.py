@@ -52,4 +52,11 @@ def get_config(preset: str = "toy") -> ml_collections.ConfigDict:
   # Big vocabulary: 2048-wide vocab tiles and 4096-token tiles keep the fused loss's live
   # [tokens x vocab_tile] block small (never [tokens x 151936]).
   c.rl.kernel.update(dict(backend="chunked", vocab_tile=2048, token_tile=4096))
+  # Memory: 2048 rows x 3072 tokens per branch do not fit at once. The update accumulates
+  # gradients over micro-batches of 64 rows per branch (4 rows per device on the 16-way
+  # batch axis; teacher scoring is chunked the same way) and rematerialises every decoder
+  # layer (only layer inputs are kept for the backward pass). Exact: the loss is a
+  # (sum, denominator) pair.
+  c.rl.micro_batch_rows = 64
+  c.model.remat = True
   return c

@@ -286,6 +286,7 @@ def validate_rl(cfg: ml_collections.ConfigDict) -> None:
     _positive_int(rl, f, "rl.")
   _positive_int(rl, "cross_prompts", "rl.", allow_zero=True)
   _positive_int(rl, "max_nonfinite_steps_in_row", "rl.")
+  _positive_int(rl, "micro_batch_rows", "rl.", allow_zero=True)
   _positive_int(rl, "distill_steps", "rl.", allow_zero=True)
   _positive_float(rl, "learning_rate", "rl.")
   _positive_float(rl, "grad_clip_norm", "rl.")

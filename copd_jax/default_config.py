@@ -22,6 +22,7 @@ def toy_model() -> ml_collections.ConfigDict:
       rms_norm_eps=1e-6,
       tie_embeddings=True,
       dtype="bfloat16",  # compute dtype; parameters are always float32
+      remat=False,  # rematerialise each decoder layer in the backward pass (saves memory)
       image_token_id=3,  # ToyTokenizer's <img> placeholder
       vision=dict(image_size=32, patch_size=8, channels=3, num_frames=4,
                   tubelet=2, width=64, depth=2, num_heads=4, mlp_dim=128),
@@ -153,6 +154,9 @@ def rl_section(preset: str) -> ml_collections.ConfigDict:
       # A step whose loss or gradients are not finite is skipped (not applied) and
       # counted; this many in a row stop the run with an error.
       max_nonfinite_steps_in_row=3,
+      # Rows per branch per gradient-accumulation micro-batch (0 = all rows at once).
+      # Exact: the loss is accumulated as (sum, denominator). Teacher scoring is chunked too.
+      micro_batch_rows=0,
   ))
   if preset == "micro":
     rl.update(dict(steps=2, native_prompts=2, samples_per_prompt=2, cross_prompts=2,

@@ -127,7 +127,8 @@ def update_config(cfg, setup: RunSetup) -> trainer.UpdateConfig:
     # Dr.GRPO's constant is the padded *response* length (rows also hold the prompt).
     loss["constant_normaliser"] = float(cfg.sampling.max_new_tokens)
   return trainer.UpdateConfig(model=setup.model_cfg, loss=objectives.PolicyLossConfig(**loss),
-                              kernel=kernel, scale_by_std=rl.scale_by_std)
+                              kernel=kernel, scale_by_std=rl.scale_by_std,
+                              micro_batch_rows=rl.micro_batch_rows)
 
 
 def data_context(cfg, setup: RunSetup, seed_offset: int) -> trainer.DataContext:

@@ -158,6 +158,10 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype; parameters are always f32
   vision: VisionConfig | None = None
   image_token_id: int = -1
+  # Rematerialise each decoder layer in the backward pass (jax.checkpoint via nn.remat):
+  # only layer inputs are kept, activations inside a layer are recomputed. Parameter
+  # names are unchanged.
+  remat: bool = False
 
   def __post_init__(self):
     if self.vision is not None and not isinstance(self.vision, VisionConfig):
@@ -202,6 +206,8 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
     if not isinstance(self.tie_embeddings, (bool, np.bool_)):
       raise ValueError(f"ModelConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+    if not isinstance(self.remat, (bool, np.bool_)):
+      raise ValueError(f"ModelConfig.remat must be a bool, got {self.remat!r}")
     if self.dtype not in COMPUTE_DTYPES:
       raise ValueError(f"ModelConfig.dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
     if self.vision is not None:
@@ -490,7 +496,8 @@ class Policy(nn.Module):
                                  param_dtype=jnp.float32, name="embed_tokens")
     if cfg.vision is not None:
       self.visual = VisionEncoder(cfg.vision, cfg.d_model, cfg.compute_dtype, name="visual")
-    self.layers = [DecoderLayer(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    layer = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
+    self.layers = [layer(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
     self.norm = RMSNorm(cfg.rms_norm_eps, name="norm")
     if not cfg.tie_embeddings:
       self.lm_head = Linear(cfg.vocab_size, jnp.float32, name="lm_head")

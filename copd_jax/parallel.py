@@ -30,6 +30,7 @@ A mesh axis is used at most once per array (later dimensions skip an axis alread
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Callable, Mapping, Sequence
@@ -46,6 +47,10 @@ MESH_AXES = ("expert", "data", "fsdp", "tensor")
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("expert", "expert"),           # stacked branches / teachers
     ("batch", ("data", "fsdp")),    # rollout rows, prompts
+    # Rows in the teacher-scoring exchange buffer: spread over every device of an expert
+    # group (tensor too, where rows are otherwise replicated), so each device sends
+    # only its own share across `expert`.
+    ("exchange_rows", ("data", "fsdp", "tensor")),
     ("length", None),               # sequence positions
     ("embed", "fsdp"),              # d_model of weights (FSDP shards it)
     ("mlp", "tensor"),              # SwiGLU width
@@ -243,11 +248,14 @@ def put_global(host_tree, sharding_tree):
 
 
 def to_host(tree):
-  """numpy copies of (possibly not fully addressable) global arrays."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(tree, tiled=True)
-  return jax.device_get(tree)
+  """numpy copies of (possibly not fully addressable) global arrays; other leaves (numpy,
+  process-local arrays) are copied as they are."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.device_get(x)
+  return jax.tree.map(one, tree)
 
 
 def _broadcast_prefix(prefix_tree, full_tree):
@@ -257,6 +265,15 @@ def _broadcast_prefix(prefix_tree, full_tree):
                       is_leaf=is_sharding)
 
 
+@functools.lru_cache(maxsize=None)
+def _resharder(sharding):
+  return jax.jit(lambda x: x, out_shardings=sharding)
+
+
+def _reshard(x, sharding):
+  return _resharder(sharding)(x)
+
+
 def place(tree, sharding_tree):
   """Puts every leaf on its sharding: numpy via put_global, device arrays with another
   sharding via device_put (single process), arrays already in place untouched."""
@@ -264,9 +281,15 @@ def place(tree, sharding_tree):
     if isinstance(x, jax.Array):
       if x.sharding.is_equivalent_to(sharding, x.ndim):
         return x
-      if x.is_fully_addressable:
+      if x.is_fully_addressable and sharding.is_fully_addressable:
         return jax.device_put(x, sharding)
-      return x  # a global array on another layout: jit reshards or reports it
+      if not x.is_fully_addressable:
+        # A global array on another layout: reshard on device (an identity jit; jit
+        # itself refuses committed arguments whose sharding differs from in_shardings).
+        return _reshard(x, sharding)
+      # A process-local array (e.g. the base loaded by every process) onto a mesh that
+      # spans processes: device_put cannot cross hosts, so go through host memory (every
+      # process holds the same value).
     arr = np.asarray(x)
     return jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])
   return jax.tree.map(one, tree, _broadcast_prefix(sharding_tree, tree))
@@ -362,25 +385,29 @@ class RunSharding:
     return to_host(tree)
 
   def regroup_placement(self):
-    """(sources, regrouped) constraints for trainer.score_by_teachers: the students' cross
-    rows [S, Rc, ...] are gathered over `expert` only (each device receives the rows of
-    its own batch shard from every student: int tokens, masks, frames), and teacher j's
-    regrouped rows [J, M, ...] live on teacher j's devices (expert x batch)."""
-    def sources(x):
-      axes = (None, "batch") + (None,) * (x.ndim - 2)
+    """(exchange, compute) constraints for trainer.score_by_teachers.
+
+    exchange: an exchange buffer [A, B, C, ...] (students x teachers x rows before the
+      all-to-all, teachers x students x rows after) has A on `expert` and its rows C
+      spread over the expert group's devices, so swapping A and B is an all-to-all over
+      `expert` that carries each device's own rows only.
+    compute: teacher-side rows [J, N, ...] on expert x batch, like the students' rows."""
+    def exchange(x):
+      axes = ("expert", None, "exchange_rows") + (None,) * (x.ndim - 3)
       return jax.lax.with_sharding_constraint(x, self.named(axes, x.shape))
 
-    def regrouped(x):
+    def compute(x):
       return jax.lax.with_sharding_constraint(x, self.per_branch(x.shape, batch_dims=1))
-    return sources, regrouped
+    return exchange, compute
 
   # -- jitted functions
   def update_fn(self, ucfg, optimizer, distil: bool, kl: bool,
-                cross_row_start: int = 0) -> ShardedFunction:
+                cross_row_start: int = 0, prompt_len: int = 0) -> ShardedFunction:
     """trainer.update with explicit shardings. Call as
     fn(params, opt_state, teacher_params, rows, routing, ref_params) (None where unused).
-    cross_row_start: the number of native rows per student (they are never regrouped)."""
-    key = ("update", ucfg, optimizer, distil, kl, cross_row_start)
+    cross_row_start: the number of native rows per student (they are never regrouped);
+    prompt_len: the rows' prompt columns or 0 (trainer.score_by_teachers)."""
+    key = ("update", ucfg, optimizer, distil, kl, cross_row_start, prompt_len)
     if key not in self._fns:
       from copd_jax import trainer  # trainer imports this module's users, not vice versa
 
@@ -389,7 +416,7 @@ class RunSharding:
         def fn(p, o, t, r, rt, rf):
           return trainer.update_body(p, o, t, r, rt, rf, ucfg=ucfg, optimizer=optimizer,
                                      distil=distil, placement=self.regroup_placement(),
-                                     cross_row_start=cross_row_start)
+                                     cross_row_start=cross_row_start, prompt_len=prompt_len)
         p_sh = self.stacked_params(params)
         in_sh = (p_sh, self.opt_state(opt_state),
                  None if teachers is None else self.stacked_params(teachers), self.rows(rows),
@@ -633,14 +660,17 @@ def _abstract(tree, shardings):
 
 
 def abstract_opd_update(cfg, run: RunSharding, num_layers: int | None = None,
-                        native_prompts: int | None = None, cross_prompts: int | None = None):
+                        native_prompts: int | None = None, cross_prompts: int | None = None,
+                        topology: str | None = None):
   """The CoPD OPD-step update of a run config as (ShardedFunction, abstract args): params,
   optimizer state and rows are jax.ShapeDtypeStruct with their shardings; nothing is
   allocated. Lower/compile with `fn.lower(*args).compile()`.
 
-  num_layers / native_prompts / cross_prompts override the config (cheap test lowering).
+  num_layers / native_prompts / cross_prompts / topology ('hub' or 'full') override the
+  config (cheap test lowering, traffic of another topology). Micro-batching:
+  rl.micro_batch_rows (0 when absent).
   Rows: [S, (native + cross) * G, max_prompt_len + max_response_len]; routing: the live
-  teachers' hub topology (hub = rl.opd.hub), as CoPD uses it.
+  teachers' topology (hub = rl.opd.hub), as CoPD uses it.
   """
   from copd_jax import experts, kernels, objectives, schedules, trainer
   from copd_jax import model as model_lib
@@ -651,18 +681,20 @@ def abstract_opd_update(cfg, run: RunSharding, num_layers: int | None = None,
   rl = cfg.rl
   ucfg = trainer.UpdateConfig(model=model_cfg, loss=objectives.PolicyLossConfig(**rl.loss.to_dict()),
                               kernel=kernels.KernelConfig(**rl.kernel.to_dict()),
-                              scale_by_std=rl.scale_by_std)
+                              scale_by_std=rl.scale_by_std,
+                              micro_batch_rows=int(rl.get("micro_batch_rows", 0)))
   optimizer = trainer.make_optimizer(rl.learning_rate, rl.grad_clip_norm, rl.weight_decay)
   s = cfg.num_experts
   caps = tuple(rl.capabilities)
-  hub = caps.index(rl.opd.hub) if rl.opd.topology == "hub" else 0
+  topology = topology or rl.opd.topology
+  hub = caps.index(rl.opd.hub) if topology == "hub" else 0
   native = rl.native_prompts if native_prompts is None else native_prompts
   cross = rl.cross_prompts if cross_prompts is None else cross_prompts
   g = rl.samples_per_prompt
   stage = trainer.Stage(
       name="abstract", steps=1, student_data=tuple((c,) for c in caps),
       teacher_data=tuple((c,) for c in caps), live_teachers=True,
-      topology=schedules.topology_matrix(s, rl.opd.topology, hub=hub),
+      topology=schedules.topology_matrix(s, topology, hub=hub),
       branch_beta=np.full(s, rl.opd.beta, np.float32), schedule=schedules.OPDSchedule(kind="cycle"),
       native_prompts=native, cross_prompts=cross, samples_per_prompt=g)
   routing = trainer.teacher_routing(trainer.cross_teacher_assignment(stage), s, g,
@@ -682,7 +714,8 @@ def abstract_opd_update(cfg, run: RunSharding, num_layers: int | None = None,
                       frames=sds((s, r, v.num_frames, v.image_size, v.image_size, v.channels), f32))
   routing_arrays = {k: sds(np.shape(x), np.asarray(x).dtype, sharding=run.replicated)
                     for k, x in dataclasses.asdict(routing).items()}
-  fn = run.update_fn(ucfg, optimizer, distil=True, kl=False, cross_row_start=native * g)
+  fn = run.update_fn(ucfg, optimizer, distil=True, kl=False, cross_row_start=native * g,
+                     prompt_len=cfg.data.max_prompt_len)
   a_params = _abstract(params, run.stacked_params(params))
   args = (a_params, _abstract(opt_state, run.opt_state(opt_state)), a_params,
           _abstract(rows, run.rows(rows)), routing_arrays, None)

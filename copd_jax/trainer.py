@@ -10,8 +10,8 @@ One step, for S student branches held as one stacked pytree (leading axis S):
      for B_cross prompts of its teachers' data (the cross batch, PAPER.md Phase II).
   3. Host: verifiers -> rewards -> group-normalised advantages for native rows.
   4. `update` (jitted, all branches at once):
-       a. teacher scoring: the cross rows are regrouped by teacher (token ids move to the
-          teacher, parameters stay) and every teacher scores its rows in ONE vmapped
+       a. teacher scoring: the cross rows are regrouped by teacher with an all-to-all
+          over experts (token ids move to the teacher, parameters stay) and every teacher scores its rows in ONE vmapped
           forward; the sampled-token log-probs travel back. Teachers are under
           stop-gradient: the *current* students themselves (CoPD: live teachers) or a
           frozen stacked pytree (static OPD, MOPD).
@@ -102,6 +102,15 @@ class UpdateConfig:
   loss: objectives.PolicyLossConfig
   kernel: kernels.KernelConfig
   scale_by_std: bool = True  # GRPO (True) or Dr.GRPO (False) group advantages
+  # Rows per micro-batch of the update (gradient accumulation) and of teacher / reference
+  # scoring; 0 = all rows at once. Exact: losses are (sum, denominator) pairs.
+  micro_batch_rows: int = 0
+
+  def __post_init__(self):
+    if isinstance(self.micro_batch_rows, bool) or not isinstance(
+        self.micro_batch_rows, (int, np.integer)) or self.micro_batch_rows < 0:
+      raise ValueError(f"UpdateConfig.micro_batch_rows must be an integer >= 0 (0 = all rows "
+                       f"at once), got {self.micro_batch_rows!r}")
 
 
 # ----------------------------------------------------------------------- rollout rows
@@ -130,43 +139,68 @@ def cross_teacher_assignment(stage: Stage) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class TeacherRouting:
-  """Static regrouping of cross rows by teacher (computed once per stage on the host).
+  """Static regrouping of cross rows by teacher, laid out for an all-to-all over the
+  expert axis (computed once per stage on the host).
 
-  Rows per student are [native rows | cross rows].
-  gather_student, gather_row: int32[J, M] — teacher j's m-th row is row gather_row of
-    student gather_student's rows; gather_valid: bool[J, M] (padding rows).
-  slot: int32[S, R] — where each row's score lands in the flattened [J*M] (native rows: 0,
-    unused because their beta is 0).
+  Rows per student are [native rows | cross rows], the G samples of a prompt adjacent.
+  Every student k packs the rows it sends to teacher j into slot j of a send buffer
+  [S, J, C, ...] (C = the most rows any (student, teacher) pair exchanges; a pair with
+  fewer rows is padded). Swapping the first two axes is the exchange: teacher j then holds
+  [S, C] rows, i.e. every student's rows for j, and the scores travel back the same way.
+  send_row: int32[S, J, C] — the row (index into the student's R rows) in slot (j, c);
+    padding points at the first cross row.
+  send_valid: bool[S, J, C] — False for padding.
+  send_prompt_row: int32[S, J, C // G] — the first row of each prompt in the slot (the G
+    rows of a prompt share its prompt tokens and frames, so those move once per prompt).
+  receive_slot: int32[S, R] — where each row's score lands in the student's returned
+    [J * C] scores (native rows: 0, unused because their beta is 0).
   """
-  gather_student: np.ndarray
-  gather_row: np.ndarray
-  gather_valid: np.ndarray
-  slot: np.ndarray
+  send_row: np.ndarray
+  send_valid: np.ndarray
+  send_prompt_row: np.ndarray
+  receive_slot: np.ndarray
 
   def as_arrays(self) -> dict:
     """The fields as device arrays, the `routing` argument of `update`."""
     return {k: jnp.asarray(v) for k, v in dataclasses.asdict(self).items()}
 
+  @property
+  def samples(self) -> int:
+    return self.send_row.shape[2] // self.send_prompt_row.shape[2]
+
+  def teacher_forward_rows(self) -> int:
+    """Rows the vmapped teacher forward scores per step (all teachers, padding included)."""
+    s, j, c = self.send_row.shape
+    return s * j * c
+
 
 def teacher_routing(assignment: np.ndarray, num_teachers: int, samples: int,
                     native_rows: int = 0) -> TeacherRouting:
-  """assignment: int32[S, B_cross] (per prompt) -> routing for rows laid out as
-  [native_rows native rows | B_cross*G cross rows] per student."""
-  row_teacher = np.repeat(assignment, samples, axis=1)  # [S, R_cross]
-  row_teacher = np.pad(row_teacher, ((0, 0), (native_rows, 0)), constant_values=NATIVE)
-  s, r = row_teacher.shape
-  per_teacher = [np.argwhere(row_teacher == j) for j in range(num_teachers)]
-  m = max(1, max(len(rows) for rows in per_teacher))
-  gather_student = np.zeros((num_teachers, m), np.int32)
-  gather_row = np.zeros((num_teachers, m), np.int32)
-  gather_valid = np.zeros((num_teachers, m), bool)
-  slot = np.zeros((s, r), np.int32)
-  for j, rows in enumerate(per_teacher):
-    gather_student[j, :len(rows)] = rows[:, 0]
-    gather_row[j, :len(rows)] = rows[:, 1]
-    gather_valid[j, :len(rows)] = True
-    slot[rows[:, 0], rows[:, 1]] = j * m + np.arange(len(rows))
-  return TeacherRouting(gather_student, gather_row, gather_valid, slot)
+  """assignment: int32[S, B_cross] (per prompt; NO_TEACHER for a student without teachers)
+  -> routing for rows laid out as [native_rows native rows | B_cross*G cross rows] per
+  student (cross prompt b's samples are rows native_rows + b*G .. + G - 1)."""
+  assignment = np.asarray(assignment)
+  s, b_cross = assignment.shape
+  j_count = num_teachers
+  if np.any((assignment >= j_count) | ((assignment < 0) & (assignment != NO_TEACHER))):
+    raise ValueError(f"assignment holds teacher ids outside [0, {j_count}) / NO_TEACHER: "
+                     f"{np.unique(assignment).tolist()}")
+  prompts = [[np.flatnonzero(assignment[k] == j) for j in range(j_count)] for k in range(s)]
+  cp = max([1] + [len(p) for per_k in prompts for p in per_k])  # prompts per slot
+  c = cp * samples
+  send_prompt_row = np.full((s, j_count, cp), native_rows, np.int32)
+  send_row = np.full((s, j_count, c), native_rows, np.int32)
+  send_valid = np.zeros((s, j_count, c), bool)
+  receive_slot = np.zeros((s, native_rows + b_cross * samples), np.int32)
+  for k in range(s):
+    for j in range(j_count):
+      first_rows = native_rows + prompts[k][j] * samples  # [n_prompts]
+      rows = (first_rows[:, None] + np.arange(samples)).reshape(-1)
+      send_prompt_row[k, j, :len(first_rows)] = first_rows
+      send_row[k, j, :len(rows)] = rows
+      send_valid[k, j, :len(rows)] = True
+      receive_slot[k, rows] = j * c + np.arange(len(rows))
+  return TeacherRouting(send_row, send_valid, send_prompt_row, receive_slot)
 
 
 @jax.tree_util.register_dataclass
@@ -194,58 +228,143 @@ class Rows:
 # ------------------------------------------------------------------------ the update
 
 
+def split_rows(x, size: int):
+  """x: [N, ...] -> [n, size, ...] micro-batches, n = ceil(N / size), rows past N zero.
+
+  Micro-batch i holds rows i, i + n, i + 2n, ... (strided, not contiguous): an array whose
+  row axis is block-sharded over devices stays spread over the same devices inside every
+  micro-batch, instead of one micro-batch per device group."""
+  n = -(-x.shape[0] // size)
+  pad = n * size - x.shape[0]
+  if pad:
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+  return jnp.swapaxes(x.reshape((size, n) + x.shape[1:]), 0, 1)
+
+
+def join_rows(x, count: int):
+  """The inverse of split_rows: [n, size, ...] -> [count, ...]."""
+  x = jnp.swapaxes(x, 0, 1)
+  return x.reshape((-1,) + x.shape[2:])[:count]
+
+
+def map_row_micro_batches(fn: Callable, micro_batch_rows: int, *arrays):
+  """fn over micro-batches of rows (jax.lax.map: one micro-batch live at a time), results
+  joined back. arrays: [N, ...] (None allowed); fn(*arrays) returns [rows, ...]. With
+  micro_batch_rows 0 or >= N, fn runs once on all rows."""
+  count = jax.tree_util.tree_leaves(arrays)[0].shape[0]
+  if not micro_batch_rows or micro_batch_rows >= count:
+    return fn(*arrays)
+  chunks = jax.tree.map(lambda x: split_rows(x, micro_batch_rows), arrays)
+  out = jax.lax.map(lambda chunk: fn(*chunk), chunks)
+  return jax.tree.map(lambda x: join_rows(x, count), out)
+
+
+def _sequence_logprobs(params: Params, ucfg: UpdateConfig, tokens, positions, token_mask,
+                       frames):
+  """Sampled-token log-probs f32[N, T] of rows under one model (no gradient use)."""
+  hidden = model_lib.forward_hidden(params, ucfg.model, tokens, positions, token_mask, frames)
+  return kernels.sampled_token_logprobs(hidden, model_lib.lm_head(params, ucfg.model),
+                                        sampling.next_token_targets(tokens), kernel=ucfg.kernel)
+
+
+def _identity(x):
+  return x
+
+
 def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: UpdateConfig,
                       placement: tuple[Callable, Callable] | None = None,
-                      cross_row_start: int = 0):
+                      cross_row_start: int = 0, prompt_len: int = 0):
   """Sampled-token log-probs of each cross row under its teacher: f32[S, R, T].
 
-  Token ids (not parameters) are regrouped by teacher: teacher j sees [M, T] rows.
-  cross_row_start (static): rows before it are native rows that no teacher reads, so only
-    rows [cross_row_start:] take part in the regroup (less to move between devices).
-  placement: optional (sources, regrouped) sharding constraints from
-    parallel.RunSharding.regroup_placement: `sources` pins the cross rows [S, Rc, ...]
-    before the gather, `regrouped` pins teacher j's rows [J, M, ...] (and the scores coming
-    back) to teacher j's devices, so the partitioner moves int tokens to the teacher rather
-    than the teacher's parameters.
+  The regroup is an all-to-all over the expert axis (see TeacherRouting):
+    1. each student gathers, from its OWN rows, the rows it sends to each teacher into a
+       buffer [S, J, C, ...] (a local gather: nothing crosses experts);
+    2. swapping the first two axes, [S, J, C] -> [J, S, C], is the exchange: each device
+       sends only its own rows' tokens;
+    3. teacher j scores its [S*C] rows (one vmapped forward over teachers, in
+       micro-batches of ucfg.micro_batch_rows rows);
+    4. the scores swap back [J, S, C, T'] -> [S, J, C, T'] and each student unpacks its own.
+  What crosses: token ids with the token mask packed in (-1 = masked), the frames once
+  per prompt, and f32 log-probs of the response columns. Positions are recomputed from
+  the mask on the teacher side (rows' positions are positions_from_mask(token_mask), as
+  sampling.rollout_to_sequences builds them).
+
+  cross_row_start (static): rows before it are native rows, never sent (the local gather
+    reads rows [cross_row_start:] only).
+  prompt_len (static, 0 = unknown): the prompt columns P. With it the prompt tokens move
+    once per prompt (not once per sample) and only the scores of columns >= P - 1 (the
+    ones a response token can use) travel back; columns before are 0.
+  placement: optional (exchange, compute) sharding constraints from
+    parallel.RunSharding.regroup_placement: `exchange` pins a buffer [A, B, C, ...] to
+    expert on axis A, its rows C spread over the devices of each expert group; `compute`
+    pins teacher-side rows [J, N, ...] to expert x batch.
   """
-  sources, regrouped = placement or ((lambda x: x), (lambda x: x))
-  gs = routing["gather_student"]
-  gr = jnp.maximum(routing["gather_row"] - cross_row_start, 0)  # padding rows point at 0
-  pick = lambda x: regrouped(sources(x[:, cross_row_start:])[gs, gr])  # [S, R] -> [J, M]
-  place = regrouped
-  tokens, positions, frames = pick(rows.tokens), pick(rows.positions), pick(rows.frames)
-  # Padding rows (a teacher with fewer rows than M) attend to their first column only,
-  # so their (unused) softmax stays finite.
-  only_first = jnp.zeros(tokens.shape, bool).at[..., 0].set(True)
-  mask = place(jnp.where(routing["gather_valid"][..., None], pick(rows.token_mask), only_first))
+  exchange, compute = placement or (_identity, _identity)
+  send_row, prompt_row = routing["send_row"], routing["send_prompt_row"]
+  s, j, c = send_row.shape
+  g = c // prompt_row.shape[2]
+  t = rows.tokens.shape[-1]
+  if not 0 <= prompt_len < t:
+    raise ValueError(f"prompt_len={prompt_len} must be in [0, rows' length {t})")
+  start = cross_row_start
 
-  def one_teacher(params, tok, pos, msk, frm):
-    hidden = model_lib.forward_hidden(params, ucfg.model, tok, pos, msk, frm)
-    head = model_lib.lm_head(params, ucfg.model)
-    return kernels.sampled_token_logprobs(hidden, head, sampling.next_token_targets(tok),
-                                          kernel=ucfg.kernel)
+  def local(x, index):  # x [S, R, ...], index [S, J, C'] -> [S, J, C', ...], per student
+    return jax.vmap(lambda xk, ik: jnp.take(xk, ik, axis=0))(x[:, start:],
+                                                            jnp.maximum(index - start, 0))
 
-  scores = place(jax.vmap(one_teacher)(jax.lax.stop_gradient(teacher_params), tokens,
-                                       positions, mask, frames))  # [J, M, T]
-  return scores.reshape(-1, scores.shape[-1])[routing["slot"]]
+  def swap(x):  # the all-to-all over `expert`: [A, B, ...] -> [B, A, ...]
+    return exchange(jnp.swapaxes(exchange(x), 0, 1))
+
+  def per_prompt_to_rows(x):  # [J, S, C // G, ...] -> [J, S, C, ...] (teacher side)
+    return jnp.repeat(x, g, axis=2)
+
+  packed = jnp.where(rows.token_mask, rows.tokens, -1)  # the mask travels inside the ids
+  if prompt_len:
+    prompt = per_prompt_to_rows(swap(local(packed[..., :prompt_len], prompt_row)))
+    response = swap(local(packed[..., prompt_len:], send_row))
+    packed = jnp.concatenate([prompt, response], axis=-1)  # [J, S, C, T]
+  else:
+    packed = swap(local(packed, send_row))
+  frames = None
+  if rows.frames is not None:
+    frames = per_prompt_to_rows(swap(local(rows.frames, prompt_row)))
+    frames = compute(frames.reshape((j, s * c) + frames.shape[3:]))
+  valid = jnp.swapaxes(routing["send_valid"], 0, 1)[..., None]  # [J, S, C, 1]
+  # Padding rows attend to their first column only, so their (unused) softmax stays finite.
+  mask = compute(jnp.where(valid, packed >= 0, jnp.arange(t) == 0).reshape(j, s * c, t))
+  tokens = compute(jnp.maximum(packed, 0).reshape(j, s * c, t))
+  score_from = max(prompt_len - 1, 0)
+
+  def one_teacher(params, tok, msk, frm):
+    def chunk(tk, mk, fr):
+      lp = _sequence_logprobs(params, ucfg, tk, model_lib.positions_from_mask(mk), mk, fr)
+      return lp[:, score_from:]
+    return map_row_micro_batches(chunk, ucfg.micro_batch_rows, tok, msk, frm)
+
+  scores = compute(jax.vmap(one_teacher)(jax.lax.stop_gradient(teacher_params), tokens, mask,
+                                         frames))  # [J, S*C, T - score_from]
+  scores = swap(scores.reshape(j, s, c, -1)).reshape(s, j * c, -1)  # back to the students
+  scores = jax.vmap(lambda x, slot: jnp.take(x, slot, axis=0))(scores, routing["receive_slot"])
+  return jnp.pad(scores, ((0, 0), (0, 0), (score_from, 0)))
 
 
 def reference_logprobs(ref_params: Params, rows: Rows, ucfg: UpdateConfig):
   """Sampled-token log-probs of every student's rows under one frozen reference policy
-  (the shared base): f32[S, R, T], for the KL-to-reference penalty."""
+  (the shared base): f32[S, R, T], for the KL-to-reference penalty (in micro-batches of
+  ucfg.micro_batch_rows rows)."""
   ref_params = jax.lax.stop_gradient(ref_params)
 
   def one_student(r):
-    hidden = model_lib.forward_hidden(ref_params, ucfg.model, r.tokens, r.positions,
-                                      r.token_mask, r.frames)
-    return kernels.sampled_token_logprobs(hidden, model_lib.lm_head(ref_params, ucfg.model),
-                                          sampling.next_token_targets(r.tokens),
-                                          kernel=ucfg.kernel)
+    return map_row_micro_batches(
+        functools.partial(_sequence_logprobs, ref_params, ucfg), ucfg.micro_batch_rows,
+        r.tokens, r.positions, r.token_mask, r.frames)
   return jax.vmap(one_student)(rows)
 
 
-def student_loss(params: Params, rows: Rows, teacher_logprobs, ref_logprobs, ucfg: UpdateConfig):
-  """One student's token-mean loss on its rows. rows: Rows without the S axis."""
+def student_loss_sum(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
+                     ucfg: UpdateConfig):
+  """One student's (loss_sum, (denominator, aux)) on its rows (Rows without the S axis):
+  the pair whose sums over micro-batches give the exact full-batch loss."""
   hidden = model_lib.forward_hidden(params, ucfg.model, rows.tokens, rows.positions,
                                     rows.token_mask, rows.frames)
   head = model_lib.lm_head(params, ucfg.model)
@@ -256,7 +375,43 @@ def student_loss(params: Params, rows: Rows, teacher_logprobs, ref_logprobs, ucf
       hidden, head, sampling.next_token_targets(rows.tokens), rows.advantages,
       rows.old_logprobs, rows.response_mask, ref_logprobs=ref_logprobs,
       teacher_logprobs=teacher_logprobs, opd_beta=opd_beta, config=ucfg.loss, kernel=ucfg.kernel)
+  return loss_sum, (denominator, aux)
+
+
+def student_loss(params: Params, rows: Rows, teacher_logprobs, ref_logprobs, ucfg: UpdateConfig):
+  """One student's token-mean loss on its rows. rows: Rows without the S axis."""
+  loss_sum, (denominator, aux) = student_loss_sum(params, rows, teacher_logprobs, ref_logprobs,
+                                                  ucfg)
   return objectives.mean_from_sum(loss_sum, denominator), aux
+
+
+def student_grads(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
+                  ucfg: UpdateConfig):
+  """(loss, aux of [R, T] arrays, grads) of one student, accumulated over micro-batches of
+  ucfg.micro_batch_rows rows (jax.lax.scan; only one micro-batch's activations live).
+
+  Exact: the loss is loss_sum / denominator with a denominator that does not depend on
+  the parameters, so grad = (sum of micro-batch grad(loss_sum)) / (sum of denominators)."""
+  count = rows.tokens.shape[0]
+  size = ucfg.micro_batch_rows
+  if not size or size >= count:
+    (loss, aux), grads = jax.value_and_grad(student_loss, has_aux=True)(
+        params, rows, teacher_logprobs, ref_logprobs, ucfg)
+    return loss, aux, grads
+  chunks = jax.tree.map(lambda x: split_rows(x, size), (rows, teacher_logprobs, ref_logprobs))
+
+  def accumulate(total, chunk):
+    (loss_sum, (denominator, aux)), grads = jax.value_and_grad(student_loss_sum, has_aux=True)(
+        params, *chunk, ucfg)
+    return jax.tree.map(jnp.add, total, (grads, loss_sum, denominator)), aux
+
+  zero = jnp.zeros((), jnp.float32)
+  (grad_sum, loss_sum, denominator), aux = jax.lax.scan(
+      accumulate, (jax.tree.map(jnp.zeros_like, params), zero, zero), chunks)
+  scale = jnp.where(denominator > 0, 1.0 / jnp.maximum(denominator, 1e-30), 0.0)
+  grads = jax.tree.map(lambda x: x * scale.astype(x.dtype), grad_sum)
+  aux = jax.tree.map(lambda x: join_rows(x, count), aux)
+  return objectives.mean_from_sum(loss_sum, denominator), aux, grads
 
 
 def _branch_metrics(rows: Rows, aux: dict, teacher_logprobs, loss) -> dict:
@@ -281,34 +436,37 @@ def _branch_metrics(rows: Rows, aux: dict, teacher_logprobs, loss) -> dict:
 
 
 # No buffer donation: with live teachers the same params arrive as `teacher_params`.
-@functools.partial(jax.jit, static_argnames=("ucfg", "optimizer", "distil"))
+@functools.partial(jax.jit, static_argnames=("ucfg", "optimizer", "distil", "prompt_len"))
 def update(params: Params, opt_state, teacher_params: Params | None, rows: Rows,
            routing: dict | None, ref_params: Params | None = None, *, ucfg: UpdateConfig,
-           optimizer: optax.GradientTransformation, distil: bool):
+           optimizer: optax.GradientTransformation, distil: bool, prompt_len: int = 0):
   """One optimizer step for every student branch. Returns (params, opt_state, metrics).
 
   params, opt_state: stacked [S]; teacher_params: stacked [J] or None (live teachers:
   pass the same params — they are read before the update, under stop-gradient);
   rows: Rows [S, R, ...]; routing: TeacherRouting fields as arrays (distil steps only);
   ref_params: one single-model pytree (the base), required when ucfg.loss.kl_coef > 0.
+  prompt_len: the prompt columns of rows, or 0 (see score_by_teachers).
   metrics: dict of f32[S].
   Single-device jit; parallel.RunSharding.update_fn jits `update_body` with explicit
   shardings instead.
   """
   return update_body(params, opt_state, teacher_params, rows, routing, ref_params, ucfg=ucfg,
-                     optimizer=optimizer, distil=distil)
+                     optimizer=optimizer, distil=distil, prompt_len=prompt_len)
 
 
 def update_body(params: Params, opt_state, teacher_params: Params | None, rows: Rows,
                 routing: dict | None, ref_params: Params | None = None, *,
                 ucfg: UpdateConfig, optimizer: optax.GradientTransformation, distil: bool,
-                placement: tuple[Callable, Callable] | None = None, cross_row_start: int = 0):
-  """The traceable body of `update` (same arguments); placement and cross_row_start: see
-  score_by_teachers."""
+                placement: tuple[Callable, Callable] | None = None, cross_row_start: int = 0,
+                prompt_len: int = 0):
+  """The traceable body of `update` (same arguments); placement, cross_row_start and
+  prompt_len: see score_by_teachers. Gradients accumulate over micro-batches of
+  ucfg.micro_batch_rows rows (student_grads)."""
   teacher_logprobs = None
   if distil:
     teacher_logprobs = score_by_teachers(teacher_params, rows, routing, ucfg, placement,
-                                         cross_row_start)
+                                         cross_row_start, prompt_len)
   ref_lp = None
   if ucfg.loss.kl_coef > 0:
     if ref_params is None:
@@ -316,7 +474,7 @@ def update_body(params: Params, opt_state, teacher_params: Params | None, rows: 
     ref_lp = reference_logprobs(ref_params, rows, ucfg)
 
   def one_branch(p, r, t_lp, ref):
-    (loss, aux), grads = jax.value_and_grad(student_loss, has_aux=True)(p, r, t_lp, ref, ucfg)
+    loss, aux, grads = student_grads(p, r, t_lp, ref, ucfg)
     metrics = _branch_metrics(r, aux, t_lp, loss)
     if ref is not None:
       metrics["kl_to_reference"] = jnp.sum(aux["kl"] * r.response_mask) / jnp.maximum(
@@ -371,8 +529,10 @@ def stage_prompts(stage: Stage, ctx: DataContext, distil: bool, assignment: np.n
 
 
 def stack_prompt_batches(batches: Sequence[tasks.PromptBatch]):
-  return (np.stack([b.tokens for b in batches]), np.stack([b.mask for b in batches]),
-          np.stack([b.frames for b in batches]))
+  """Per-student PromptBatches -> (tokens [S, B, P], mask [S, B, P], frames
+  [S, B, F, H, W, C] or None for a text-only model)."""
+  frames = None if batches[0].frames is None else np.stack([b.frames for b in batches])
+  return (np.stack([b.tokens for b in batches]), np.stack([b.mask for b in batches]), frames)
 
 
 def group_advantages(rewards: np.ndarray, samples: int, scale_by_std: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -395,7 +555,7 @@ def build_rows(prompt_tokens, prompt_mask, frames, rollout: sampling.Rollout,
               response_mask=response_mask, old_logprobs=old,
               advantages=jnp.asarray(advantages, jnp.float32),
               opd_beta=jnp.asarray(opd_beta, jnp.float32),
-              frames=jnp.repeat(jnp.asarray(frames), samples, axis=1))
+              frames=None if frames is None else jnp.repeat(jnp.asarray(frames), samples, axis=1))
 
 
 @dataclasses.dataclass
@@ -442,8 +602,10 @@ def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teache
   s, b = row_teacher.shape
   responses = decode_responses(rollout.tokens.reshape(s * b * g, -1),
                                rollout.mask.reshape(s * b * g, -1), ctx.tokenizer)
-  answers = [ex.answer for exs in examples for ex in exs for _ in range(g)]
-  rewards = verifiers.batch_rewards(responses, answers).reshape(s, b * g)
+  # Each example names its verifier (integer for the toy tasks; math / choice / exact for
+  # record datasets).
+  rewarded = [ex for exs in examples for ex in exs for _ in range(g)]
+  rewards = verifiers.rewards_for(responses, rewarded).reshape(s, b * g)
   advantages, zero_var_all = group_advantages(rewards, g, ucfg.scale_by_std)
   row_teacher_g = np.repeat(row_teacher, g, axis=1)  # [S, B*G]
   is_native = row_teacher_g == NATIVE
@@ -464,13 +626,14 @@ def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teache
                  routing if distil else None, ref_params if ucfg.loss.kl_coef > 0 else None)
   if sharding is None:
     params, opt_state, metrics = update(*update_args, ucfg=ucfg, optimizer=optimizer,
-                                        distil=distil)
+                                        distil=distil, prompt_len=prompt_tokens.shape[-1])
     metrics = jax.device_get(metrics)
   else:
     # Rows and routing were built on the host: as numpy they enter through put_global.
     update_args = update_args[:3] + jax.device_get(update_args[3:5]) + update_args[5:]
     sharded_update = sharding.update_fn(ucfg, optimizer, distil, ucfg.loss.kl_coef > 0,
-                                        cross_row_start=stage.native_prompts * g)
+                                        cross_row_start=stage.native_prompts * g,
+                                        prompt_len=prompt_tokens.shape[-1])
     params, opt_state, metrics = sharded_update(*update_args)
     metrics = sharding.to_host(metrics)
   timings["time/update_s"] = time.perf_counter() - t2

@@ -66,7 +66,12 @@ def base_policy_metadata(cfg: ml_collections.ConfigDict) -> dict:
   ws = {k: v for k, v in cfg.warm_start.to_dict().items()
         if k not in ("checkpoint_dir", "reuse_checkpoint", "log_every", "seed")}
   # The base has its own seed: RL runs with other config.seed values share one base.
-  return {"model": cfg.model.to_dict(), "tasks": cfg.tasks.to_dict(), "data": cfg.data.to_dict(),
+  # Only fields that change the trained weights: remat (a memory/compute trade) and the
+  # record-file fields (unused by the toy base) are left out, so adding such fields never
+  # invalidates a saved base.
+  model = {k: v for k, v in cfg.model.to_dict().items() if k != "remat"}
+  data = {k: cfg.data[k] for k in ("max_prompt_len", "max_response_len")}
+  return {"model": model, "tasks": cfg.tasks.to_dict(), "data": data,
           "warm_start": ws, "seed": cfg.warm_start.seed}
 
 

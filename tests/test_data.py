@@ -155,8 +155,11 @@ def test_sft_batches_shard_the_global_batch_and_resume(cfg):
 # (RecordSource(paths, capability=cap), random access -> tasks.Example) is installed.
 
 class FakeRecordSource:
-  def __init__(self, paths, *, capability):
+  """Stands in for datasets.RecordSource (same constructor) with made-up records."""
+
+  def __init__(self, paths, *, capability, image_size=None, num_frames=None):
     self.paths, self.capability = list(paths), capability
+    self.image_size, self.num_frames = image_size, num_frames
     if capability in tasks.CAPABILITIES:
       extra = dict(frames=None if capability == "text" else np.zeros((1, 8, 8, 3)))
     else:  # a record domain such as 'math': text input

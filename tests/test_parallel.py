@@ -1,5 +1,7 @@
 """Mesh, logical-axis shardings, the sharded update == the unsharded one, and the HLO check
 that nothing parameter-sized crosses the `expert` mesh axis in an OPD step."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,14 +76,18 @@ def opd_problem(cfg, s=2, native=2, cross=2, g=2, p=10, t=20, seed=0):
   v = cfg.vision
   response = np.zeros((s, r, t), np.float32)
   response[..., p - 1:-1] = 1
+  tokens = rng.integers(4, cfg.vocab_size, size=(s, r, t)).astype(np.int32)
+  # The G samples of a prompt share its prompt tokens and frames (as build_rows makes them).
+  tokens[:, :, :p] = np.repeat(tokens[:, ::g, :p], g, axis=1)
+  frames = rng.normal(size=(s, r // g, v.num_frames, v.image_size, v.image_size, v.channels))
   rows = trainer.Rows(
-      tokens=rng.integers(4, cfg.vocab_size, size=(s, r, t)).astype(np.int32),
+      tokens=tokens,
       positions=np.broadcast_to(np.arange(t, dtype=np.int32), (s, r, t)).copy(),
       token_mask=np.ones((s, r, t), bool), response_mask=response,
       old_logprobs=np.full((s, r, t), -3.0, np.float32),
       advantages=rng.normal(size=(s, r)).astype(np.float32),
       opd_beta=np.where(np.arange(r) >= native * g, 0.5, 0.0)[None].repeat(s, 0).astype(np.float32),
-      frames=rng.normal(size=(s, r, v.num_frames, v.image_size, v.image_size, v.channels)).astype(np.float32))
+      frames=np.repeat(frames, g, axis=1).astype(np.float32))
   assignment = np.array([[(k + 1) % s] * cross for k in range(s)], np.int32)
   routing = trainer.teacher_routing(assignment, s, g, native_rows=native * g)
   ucfg = trainer.UpdateConfig(model=cfg, loss=objectives.PolicyLossConfig(),
@@ -102,14 +108,19 @@ def unsharded_step():
   return params, rows, routing, ucfg, start, optimizer, state, want
 
 
-@pytest.mark.parametrize("mesh_cfg,num_devices", [
-    (dict(expert=1, data=1, fsdp=1, tensor=1), 1),
-    (dict(expert=2, data=2, fsdp=2, tensor=1), 8),
-    (dict(expert=2, data=1, fsdp=2, tensor=2), 8)])
-def test_sharded_update_matches_unsharded(unsharded_step, mesh_cfg, num_devices):
+@pytest.mark.parametrize("mesh_cfg,num_devices,micro_batch_rows", [
+    (dict(expert=1, data=1, fsdp=1, tensor=1), 1, 0),
+    (dict(expert=2, data=2, fsdp=2, tensor=1), 8, 0),
+    (dict(expert=2, data=1, fsdp=2, tensor=2), 8, 4)])
+def test_sharded_update_matches_unsharded(unsharded_step, mesh_cfg, num_devices,
+                                          micro_batch_rows):
+  # The oracle sends whole rows (prompt_len=0) in one batch; the sharded runs send prompts
+  # once per prompt (prompt_len=10), the last one in micro-batches of 4 rows.
   params, rows, routing, ucfg, start, optimizer, state, want = unsharded_step
+  ucfg = dataclasses.replace(ucfg, micro_batch_rows=micro_batch_rows)
   run = parallel.RunSharding(parallel.make_mesh(mesh_cfg, jax.devices()[:num_devices]))
-  fn = run.update_fn(ucfg, optimizer, distil=True, kl=False, cross_row_start=start)
+  fn = run.update_fn(ucfg, optimizer, distil=True, kl=False, cross_row_start=start,
+                     prompt_len=10)
   sharded = run.shard_params(params)
   host_routing = {k: np.asarray(v) for k, v in routing.as_arrays().items()}
   got = fn(sharded, state, sharded, rows, host_routing, None)
@@ -130,7 +141,8 @@ def test_opd_step_moves_no_parameter_sized_data_across_expert():
   run = parallel.RunSharding(parallel.make_mesh(dict(expert=2, data=2, fsdp=2, tensor=1)))
   optimizer = trainer.make_optimizer(1e-3, 1.0)
   state = trainer.init_optimizer_state(optimizer, params)
-  fn = run.update_fn(ucfg, optimizer, distil=True, kl=False, cross_row_start=start)
+  fn = run.update_fn(ucfg, optimizer, distil=True, kl=False, cross_row_start=start,
+                     prompt_len=10)
   sharded = run.shard_params(params)
   host_routing = {k: np.asarray(v) for k, v in routing.as_arrays().items()}
   hlo = fn.lower(sharded, state, sharded, rows, host_routing, None).compile().as_text()
@@ -140,6 +152,8 @@ def test_opd_step_moves_no_parameter_sized_data_across_expert():
   param_bytes_per_device = param_bytes // 4
   found = parallel.collectives_crossing_axis(hlo, run.mesh)
   assert found["count"] > 0  # the token regroup does cross (the checker sees it)
+  # ... and only as all-to-alls (each device sends its own rows), not gathers of every row.
+  assert {c.kind for c in found["collectives"]} == {"all-to-all"}, found["collectives"]
   assert found["max_bytes"] < 0.01 * param_bytes_per_device, found["collectives"]
   assert found["total_bytes"] < 0.05 * param_bytes_per_device, found["collectives"]
 

@@ -48,13 +48,26 @@ def test_cross_assignment_and_routing_hub():
       samples_per_prompt=2)
   assignment = trainer.cross_teacher_assignment(stage)
   np.testing.assert_array_equal(assignment, [[1, 2, 1, 2], [0, 0, 0, 0], [0, 0, 0, 0]])
-  routing = trainer.teacher_routing(assignment, 3, samples=2)
+  routing = trainer.teacher_routing(assignment, 3, samples=2, native_rows=4)
   # Teacher 0 (the hub) scores both spokes' 8 rows; spokes score 4 hub rows each.
-  assert routing.gather_valid.sum(1).tolist() == [16, 4, 4]
-  flat_student = routing.gather_student.reshape(-1)[routing.slot]
-  flat_row = routing.gather_row.reshape(-1)[routing.slot]
-  np.testing.assert_array_equal(flat_student, np.repeat(np.arange(3), 8).reshape(3, 8))
-  np.testing.assert_array_equal(flat_row, np.tile(np.arange(8), (3, 1)))
+  assert routing.send_valid.sum(axis=(0, 2)).tolist() == [16, 4, 4]
+  # Slots are as wide as the largest (student, teacher) pair: a spoke's 8 rows to the hub.
+  assert routing.send_row.shape == (3, 3, 8) and routing.samples == 2
+  assert routing.teacher_forward_rows() == 72
+  # Round trip: every cross row is sent once, to its own teacher, and its score comes back
+  # to it; native rows are never sent.
+  for k in range(3):
+    sent = routing.send_row[k][routing.send_valid[k]]
+    np.testing.assert_array_equal(np.sort(sent), np.arange(4, 12))
+    flat = routing.send_row[k].reshape(-1)
+    np.testing.assert_array_equal(flat[routing.receive_slot[k, 4:]], np.arange(4, 12))
+    teacher_of_slot = routing.receive_slot[k, 4:] // 8
+    np.testing.assert_array_equal(teacher_of_slot, np.repeat(assignment[k], 2))
+  # A prompt's G rows share one prompt entry (its first row), in row order.
+  np.testing.assert_array_equal(routing.send_prompt_row[0, 1, :2], [4, 8])
+  np.testing.assert_array_equal(routing.send_row[0, 1, :4], [4, 5, 8, 9])
+  with pytest.raises(ValueError, match="teacher ids outside"):
+    trainer.teacher_routing(np.array([[3]]), 3, samples=2)
 
 
 def test_teacher_scoring_matches_direct_per_pair_scoring(setup):
@@ -217,3 +230,43 @@ def test_banned_tokens_are_never_sampled(setup):
   assert not np.isin(sampled, banned).any()
   with pytest.raises(ValueError, match="banned_token_ids must not contain a stop token"):
     sampling.SamplingConfig(max_new_tokens=4, stop_token_ids=(2,), banned_token_ids=(2,))
+
+
+def test_micro_batched_remat_update_equals_full_batch(setup):
+  """Gradient accumulation over row micro-batches (with padding: 6 rows in micro-batches of
+  4), chunked teacher / reference scoring, prompt-once exchange and per-layer remat give
+  the full-batch update."""
+  import dataclasses
+  cfg, s = setup
+  params = experts.init_stacked(s.model_cfg, jax.random.split(jax.random.key(11), 2))
+  rows = fixed_rows(s, params, ("text", "image"), n_prompts=3, g=2, opd_beta=0.5)
+  rows.advantages = jnp.asarray(np.random.default_rng(1).normal(size=rows.advantages.shape),
+                                jnp.float32)
+  prompt_len = rows.tokens.shape[-1] - 6  # fixed_rows samples 6 new tokens
+  routing = trainer.teacher_routing(np.array([[1, 1, 1], [0, 0, 0]], np.int32), 2,
+                                    samples=2).as_arrays()
+  reference = jax.tree.map(lambda x: x[1], params)
+  optimizer = optax.sgd(0.1)
+  state = trainer.init_optimizer_state(optimizer, params)
+  full_cfg = ucfg_for(s, kl_coef=0.05)
+  remat_model = dataclasses.replace(s.model_cfg, remat=True)
+  micro_cfg = dataclasses.replace(full_cfg, model=remat_model, micro_batch_rows=4)
+  # Remat keeps the parameter names.
+  assert jax.tree.structure(model_lib.init_params(remat_model, jax.random.key(0))) == \
+      jax.tree.structure(jax.tree.map(lambda x: x[0], params))
+  run = lambda ucfg, p_len: trainer.update(params, state, params, rows, routing, reference,
+                                           ucfg=ucfg, optimizer=optimizer, distil=True,
+                                           prompt_len=p_len)
+  want_params, _, want = run(full_cfg, 0)
+  got_params, _, got = run(micro_cfg, prompt_len)
+  moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+              zip(jax.tree.leaves(want_params), jax.tree.leaves(params)))
+  assert moved > 1e-4
+  for a, b in zip(jax.tree.leaves(want_params), jax.tree.leaves(got_params)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)
+  assert float(np.min(want["opd/tokens"])) > 0
+  for name in want:
+    np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), rtol=1e-4,
+                               atol=1e-5, err_msg=name)
+  with pytest.raises(ValueError, match="micro_batch_rows"):
+    dataclasses.replace(full_cfg, micro_batch_rows=-1)
