@@ -82,13 +82,8 @@ class TaskSource:
 
 # --------------------------------------------------------------------------- pipelines
 
-def _check_int(field: str, value, minimum: int, maximum: int | None = None) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise ValueError(f"{field} must be an integer, got {value!r}")
-  if value < minimum or (maximum is not None and value > maximum):
-    bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-    raise ValueError(f"{field} must be {bound}, got {value}")
-  return int(value)
+# The task suite's integer check (errors name the field), shared by the data layer.
+_check_int = tasks._check_int
 
 
 def _check_shard(shard_index: int, shard_count: int) -> None:
