@@ -20,7 +20,7 @@ Rows per step per branch on an OPD step: (192 native + 64 cross prompts) x 8 sam
 2048 rows of 1024 prompt + 2048 response tokens (math-reasoning responses of the paper's
 length class); RL steps carry the 192 native prompts only.
 
-Validation here: `python -m experiments.bench_scale` (or `lower_update` below) lowers and
+Validation here: `python -m experiments.bench_scale` (or `parallel.abstract_opd_update`) lowers and
 compiles the OPD update with abstract shapes on simulated CPU devices; nothing is
 allocated. config_lib.validate_mesh checks config.mesh against config.pod.num_chips (the
 slice), not against this machine's devices.
