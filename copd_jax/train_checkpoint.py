@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from copd_jax import tasks
 from copd_jax.checkpoint import CheckpointMismatchError
 
 FORMAT_VERSION = 1
@@ -56,43 +55,6 @@ class Preempted(Exception):
 
 
 # ---------------------------------------------------------------- checkpointable data
-
-
-class ResumableTrainStream:
-  """The train stream of one capability (tasks.make_example(cap, i, split='train') for
-  i = start, start+1, ...) with `get_state()` / `set_state()` (the grain iterator protocol),
-  so a resumed run draws exactly the examples the killed run would have drawn next."""
-
-  def __init__(self, capability: str, *, start: int = 0, **example_kwargs):
-    self.capability = capability
-    self._kwargs = dict(example_kwargs)
-    self._reset(start)
-
-  def _reset(self, start: int) -> None:
-    self._next_index = start
-    self._examples = tasks.train_stream(self.capability, start=start, **self._kwargs)
-
-  def __iter__(self) -> "ResumableTrainStream":
-    return self
-
-  def __next__(self) -> tasks.Example:
-    example = next(self._examples)
-    self._next_index += 1
-    return example
-
-  def get_state(self) -> dict:
-    return {"capability": self.capability, "next_index": self._next_index}
-
-  def set_state(self, state: Mapping[str, Any]) -> None:
-    if state.get("capability") != self.capability:
-      raise CheckpointMismatchError(
-          f"data stream state is for capability {state.get('capability')!r}, "
-          f"not {self.capability!r}")
-    index = state.get("next_index")
-    if not isinstance(index, int) or index < 0:
-      raise CheckpointMismatchError(f"data stream state of {self.capability!r} has an invalid "
-                                    f"next_index {index!r}")
-    self._reset(index)
 
 
 def _json_safe(value: Any) -> Any:
