@@ -609,6 +609,15 @@ class Collective:
   def bytes_per_step(self) -> int:
     return self.bytes * self.runs
 
+  @property
+  def bytes_leaving_device_per_step(self) -> int:
+    """bytes_per_step without an all-to-all's own slot: of its g equal slots, the one a
+    device addresses to itself never leaves it. Other kinds: bytes_per_step (a bound)."""
+    g = len(self.groups[0]) if self.groups else 1
+    if self.kind.startswith("all-to-all") and g > 1:
+      return self.bytes_per_step * (g - 1) // g
+    return self.bytes_per_step
+
 
 def hlo_collectives(hlo_text: str, mesh: Mesh, axis: str = "expert") -> list[Collective]:
   """Every collective in optimized HLO text, with whether it crosses mesh `axis`.
@@ -640,9 +649,11 @@ def hlo_collectives(hlo_text: str, mesh: Mesh, axis: str = "expert") -> list[Col
 
 def collectives_crossing_axis(hlo_text: str, mesh: Mesh, axis: str = "expert") -> dict:
   """Summary of the collectives that cross `axis`: {count, total_bytes (per step, loop
-  trips included), max_bytes (largest single collective), collectives}."""
+  trips included), total_bytes_leaving_device (the same without all-to-all own slots),
+  max_bytes (largest single collective), collectives}."""
   crossing = [c for c in hlo_collectives(hlo_text, mesh, axis) if c.crosses]
   return {"count": len(crossing), "total_bytes": sum(c.bytes_per_step for c in crossing),
+          "total_bytes_leaving_device": sum(c.bytes_leaving_device_per_step for c in crossing),
           "max_bytes": max((c.bytes for c in crossing), default=0), "collectives": crossing}
 
 

@@ -10,6 +10,8 @@ set before jax is imported. Figures:
     counts included). HLO shapes are PER DEVICE, so this is what one device sends/receives
     across the expert axis in one step (max(operand, result) per collective: an upper bound;
     an all-to-all's own-slot share, which stays on the device, is counted too).
+  expert_axis_bytes_leaving_device_per_opd_step / param_to_leaving_traffic_ratio: the same
+    without each all-to-all's own slot ((g-1)/g of it leaves the device, g = group size).
   param_bytes_per_expert: f32 parameter bytes of one branch (the full model, all layers).
   param_to_expert_traffic_ratio (per device): (param_bytes_per_expert / devices per expert)
     / expert_axis_bytes_per_opd_step: what moving the parameters would cost a device vs
@@ -96,6 +98,8 @@ def measure(setting: str, num_layers: int | None, topology: str | None) -> dict:
       "param_bytes_per_expert": int(param_bytes),
       "param_bytes_per_expert_per_device": int(per_device_params),
       "param_to_expert_traffic_ratio": per_device_params / traffic,
+      "expert_axis_bytes_leaving_device_per_opd_step": int(found["total_bytes_leaving_device"]),
+      "param_to_leaving_traffic_ratio": per_device_params / max(found["total_bytes_leaving_device"], 1),
       "whole_mesh_traffic_ratio": param_bytes / (traffic * devices),
       **routing_rows(cfg, topology),
       "memory": parallel.compiled_memory_bytes(compiled),
@@ -117,6 +121,7 @@ def run_setting(setting: str, devices: int, num_layers: int | None, timeout: int
 
 TRAFFIC_KEYS = ("expert_axis_bytes_per_opd_step", "expert_axis_collective_kinds",
                 "param_bytes_per_expert", "param_to_expert_traffic_ratio",
+                "expert_axis_bytes_leaving_device_per_opd_step", "param_to_leaving_traffic_ratio",
                 "whole_mesh_traffic_ratio", "teacher_forward_rows",
                 "teacher_forward_rows_gather_layout", "cross_rows", "mesh", "rows_shape")
 
@@ -129,8 +134,9 @@ def report(r: dict) -> None:
         f"({r['expert_axis_collectives']} collectives {r['expert_axis_collective_kinds']}, "
         f"largest {r['expert_axis_largest_collective_bytes']:,}); params per expert "
         f"{r['param_bytes_per_expert']:,} B ({r['param_bytes_per_expert_per_device']:,} per "
-        f"device); ratio per device {r['param_to_expert_traffic_ratio']:.1f}, whole mesh "
-        f"{r['whole_mesh_traffic_ratio']:.1f}")
+        f"device); ratio per device {r['param_to_expert_traffic_ratio']:.1f} "
+        f"({r['param_to_leaving_traffic_ratio']:.1f} counting only bytes that leave the "
+        f"device), whole mesh {r['whole_mesh_traffic_ratio']:.1f}")
   print(f"  teacher forward rows {r['teacher_forward_rows']} (gather layout "
         f"{r['teacher_forward_rows_gather_layout']}, rows needing a score {r['cross_rows']})")
   m = r["memory"]
