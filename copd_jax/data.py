@@ -1,12 +1,15 @@
 """grain input pipelines: checkpointable, per-process-sharded streams of tasks.Example.
 
-Every training stream in copd-jax is a grain `MapDataset` over a random-access source,
-turned into an `IterDataset` whose iterator has `get_state()` / `set_state()` (a small
-JSON-serialisable dict), so a checkpoint can hold the exact data position.
+Every training stream in copd-jax is a grain `MapDataset` over a random-access source.
+The trainer reads it through an `IndexedStream` (`make_streams`): positions are reserved
+for the whole global batch on every process, and each process loads only the examples
+its devices hold. Its `get_state()` / `set_state()` (a small JSON dict, as grain's
+iterators have) let a checkpoint hold the exact data position. Batched pipelines (the
+warm-start mixture) go on to grain `IterDataset`s.
 
     source (TaskSource | datasets.RecordSource | tfds_tasks.load_static_split)
       -> seed -> [shuffle] -> repeat -> slice(shard_index::shard_count)   (MapDataset)
-      -> to_iter_dataset -> [batch]                                      (IterDataset)
+      -> IndexedStream (training)  |  to_iter_dataset -> [batch] (IterDataset)
 
 - Procedural task streams (TaskSource) are NOT shuffled: `tasks.make_example` is already
   an i.i.d. draw per index, and reading index 0, 1, 2, ... reproduces
@@ -206,19 +209,59 @@ def _shard_iterator(dataset: grain.MapDataset, shard_index: int, shard_count: in
   return iter(dataset.to_iter_dataset(read_options or SYNCHRONOUS))
 
 
+class IndexedStream:
+  """An endless stream over a random-access grain MapDataset whose positions can be
+  reserved without loading the example and loaded later by index.
+
+  The trainer reserves every prompt of a step's GLOBAL batch (so every process of a
+  multi-process run advances the same order) but each process loads only the examples
+  of the rows its devices hold. `next(stream)` reserves and loads in one go.
+  State: {"next_index": n}, the same dict as grain's DatasetIterator.get_state().
+  """
+
+  def __init__(self, dataset: grain.MapDataset, name: str = ""):
+    self._dataset = dataset
+    self._name = name
+    self._next_index = 0
+
+  def reserve(self) -> int:
+    index = self._next_index
+    self._next_index += 1
+    return index
+
+  def load(self, index: int) -> tasks.Example:
+    return self._dataset[index]
+
+  def __iter__(self) -> "IndexedStream":
+    return self
+
+  def __next__(self) -> tasks.Example:
+    return self.load(self.reserve())
+
+  def get_state(self) -> dict:
+    return {"next_index": self._next_index}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    index = state.get("next_index") if isinstance(state, Mapping) else None
+    if isinstance(index, bool) or not isinstance(index, numbers.Integral) or index < 0:
+      raise ValueError(f"stream {self._name!r}: state must be {{'next_index': n >= 0}}, "
+                       f"got {state!r}")
+    self._next_index = int(index)
+
+
 def make_streams(cfg, example_kwargs: Mapping[str, Any], seed: int, *, shard_index: int = 0,
-                 shard_count: int = 1,
-                 read_options: grain.ReadOptions | None = None
-                 ) -> dict[str, grain.DatasetIterator]:
-  """One endless checkpointable iterator of tasks.Example per cfg.tasks.capabilities entry.
+                 shard_count: int = 1) -> dict[str, IndexedStream]:
+  """One endless checkpointable stream of tasks.Example per cfg.tasks.capabilities entry.
 
   cfg.tasks.capabilities (not cfg.rl.capabilities) because cross-capability OPD draws
-  teacher-domain prompts too, as trainer.DataContext.streams does today. seed: the task
-  seed (methods.data_context: cfg.tasks.seed + 1000 * cfg.seed + offset). With
-  shard_count=1 each stream equals tasks.train_stream(cap, seed=seed, ...) exactly.
+  teacher-domain prompts too. seed: the task seed (methods.data_context:
+  cfg.tasks.seed + 1000 * cfg.seed + offset). With shard_count=1 each stream equals
+  tasks.train_stream(cap, seed=seed, ...) exactly. Streams are IndexedStreams, so a
+  multi-process run can reserve the global batch and load only its own rows.
   """
-  return {cap: _shard_iterator(capability_dataset(cfg, cap, example_kwargs, seed),
-                               shard_index, shard_count, read_options)
+  _check_shard(shard_index, shard_count)
+  return {cap: IndexedStream(capability_dataset(cfg, cap, example_kwargs, seed).slice(
+              slice(shard_index, None, shard_count)), name=cap)
           for cap in cfg.tasks.capabilities}
 
 

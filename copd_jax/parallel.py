@@ -381,6 +381,15 @@ class RunSharding:
   def put_global(self, host_tree, sharding_tree):
     return put_global(host_tree, sharding_tree)
 
+  def local_prompt_mask(self, shape: Sequence[int]) -> np.ndarray:
+    """bool[S, B]: the prompts of a [S, B, ...] batch (sharded like the sampler's prompts,
+    per_branch with one batch axis) that this process's devices hold."""
+    shape = tuple(shape)
+    mask = np.zeros(shape, bool)
+    for index in self.per_branch(shape, 1).addressable_devices_indices_map(shape).values():
+      mask[index] = True
+    return mask
+
   def to_host(self, tree):
     return to_host(tree)
 

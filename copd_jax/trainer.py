@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -495,37 +495,84 @@ class DataContext:
   """What the host loop needs to draw and encode prompts."""
   tokenizer: Any
   encode_prompts: Callable[[Sequence[tasks.Example]], tasks.PromptBatch]
-  streams: dict[str, Iterator[tasks.Example]]  # one endless train stream per capability
+  # One endless train stream per capability with reserve() / load(index) (data.IndexedStream).
+  streams: dict[str, Any]
   sampling: sampling.SamplingConfig
+
+
+ExampleRef = tuple[str, int]  # (capability, index in its stream): an example not yet loaded
+
+
+def draw_refs(ctx: DataContext, capabilities: Sequence[str], n: int,
+              rng: np.random.Generator) -> list[ExampleRef]:
+  """n positions in the train streams, each of a capability drawn uniformly from
+  `capabilities`. Reserving advances the streams without loading anything."""
+  picks = rng.integers(0, len(capabilities), size=n)
+  return [(capabilities[i], ctx.streams[capabilities[i]].reserve()) for i in picks]
+
+
+def load_example(ctx: DataContext, ref: ExampleRef) -> tasks.Example:
+  capability, index = ref
+  return ctx.streams[capability].load(index)
 
 
 def draw_examples(ctx: DataContext, capabilities: Sequence[str], n: int,
                   rng: np.random.Generator) -> list[tasks.Example]:
   """n training examples, each from a capability drawn uniformly from `capabilities`."""
-  picks = rng.integers(0, len(capabilities), size=n)
-  return [next(ctx.streams[capabilities[i]]) for i in picks]
+  return [load_example(ctx, ref) for ref in draw_refs(ctx, capabilities, n, rng)]
 
 
 def stage_prompts(stage: Stage, ctx: DataContext, distil: bool, assignment: np.ndarray,
-                  rng: np.random.Generator) -> tuple[list[list[tasks.Example]], np.ndarray]:
-  """The examples each student samples on this step, native first then cross.
+                  rng: np.random.Generator) -> tuple[list[list[ExampleRef]], np.ndarray]:
+  """The prompts each student samples on this step, native first then cross, as stream
+  positions (every process reserves the same global batch).
 
-  Returns (examples[S][B_native (+ B_cross)], row_kind int32[S, B]: NATIVE, NO_TEACHER or
-  the teacher index j of a cross prompt).
+  Returns (refs[S][B_native (+ B_cross)], row_kind int32[S, B]: NATIVE, NO_TEACHER or the
+  teacher index j of a cross prompt).
   """
   per_student, teachers = [], []
   for k, caps in enumerate(stage.student_data):
-    native = draw_examples(ctx, caps, stage.native_prompts, rng) if stage.native_prompts else []
-    row_teacher = [NATIVE] * len(native)
+    refs = draw_refs(ctx, caps, stage.native_prompts, rng) if stage.native_prompts else []
+    row_teacher = [NATIVE] * len(refs)
     if distil:
       for j in assignment[k]:
         # A student without teachers still fills its rows (masked out) to keep shapes.
         domain = stage.teacher_data[j] if j >= 0 else (caps or stage.teacher_data[0])
-        native.append(draw_examples(ctx, domain, 1, rng)[0])
+        refs.append(draw_refs(ctx, domain, 1, rng)[0])
         row_teacher.append(int(j))
-    per_student.append(native)
+    per_student.append(refs)
     teachers.append(row_teacher)
   return per_student, np.asarray(teachers, np.int32)
+
+
+def load_local_examples(ctx: DataContext, refs: Sequence[Sequence[ExampleRef]],
+                        local: np.ndarray) -> list[list[tasks.Example]]:
+  """Loads the examples of the prompts this process holds (local: bool[S, B]). The other
+  slots get a stand-in (one of the loaded examples): their encoded arrays are never read,
+  because only a process's own shards go to its devices (parallel.put_global)."""
+  loaded = {(k, b): load_example(ctx, ref) for k, row in enumerate(refs)
+            for b, ref in enumerate(row) if local[k, b]}
+  stand_in = next(iter(loaded.values()))
+  return [[loaded.get((k, b), stand_in) for b in range(len(row))] for k, row in enumerate(refs)]
+
+
+def verify_local(responses_of, examples, local_rows: np.ndarray, sharding) -> np.ndarray:
+  """Rewards f32[S, B*G] of the whole batch, each process verifying only its own rows.
+
+  responses_of(rows) -> response strings of flat row indices; examples[S][B*G] (stand-ins
+  outside local_rows); local_rows: bool[S, B*G]. Other processes' rewards arrive through
+  one small all-gather; single-process runs verify everything locally."""
+  s, n = local_rows.shape
+  flat = np.flatnonzero(local_rows.reshape(-1))
+  rewards = np.zeros(s * n, np.float32)
+  rewards[flat] = verifiers.rewards_for(responses_of(flat), [examples[i // n][i % n] for i in flat])
+  rewards = rewards.reshape(s, n)
+  if sharding is None or jax.process_count() == 1:
+    return rewards
+  from jax.experimental import multihost_utils
+  every_r, every_m = multihost_utils.process_allgather((rewards, local_rows))  # [P, S, B*G]
+  # A row held by several processes (replicated) was verified identically by each.
+  return (every_r * every_m).sum(0) / np.maximum(every_m.sum(0), 1)
 
 
 def stack_prompt_batches(batches: Sequence[tasks.PromptBatch]):
@@ -580,7 +627,11 @@ def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teache
   distil = stage.distils and weight > 0
   timings = {}
   t0 = time.perf_counter()
-  examples, row_teacher = stage_prompts(stage, ctx, distil, assignment, rng)
+  refs, row_teacher = stage_prompts(stage, ctx, distil, assignment, rng)
+  # Each process loads (and later verifies) only the prompts its devices hold.
+  local = np.ones(row_teacher.shape, bool) if sharding is None else \
+      sharding.local_prompt_mask(row_teacher.shape)
+  examples = load_local_examples(ctx, refs, local)
   batches = [ctx.encode_prompts(ex) for ex in examples]
   prompt_tokens, prompt_mask, frames = stack_prompt_batches(batches)
   keys = jax.random.split(jax.random.fold_in(key, step), stage.num_students)
@@ -600,12 +651,12 @@ def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teache
   t1 = time.perf_counter()
   g = stage.samples_per_prompt
   s, b = row_teacher.shape
-  responses = decode_responses(rollout.tokens.reshape(s * b * g, -1),
-                               rollout.mask.reshape(s * b * g, -1), ctx.tokenizer)
+  tokens, masks = rollout.tokens.reshape(s * b * g, -1), rollout.mask.reshape(s * b * g, -1)
+  responses_of = lambda rows: decode_responses(tokens[rows], masks[rows], ctx.tokenizer)
   # Each example names its verifier (integer for the toy tasks; math / choice / exact for
   # record datasets).
-  rewarded = [ex for exs in examples for ex in exs for _ in range(g)]
-  rewards = verifiers.rewards_for(responses, rewarded).reshape(s, b * g)
+  rewarded = [[ex for ex in exs for _ in range(g)] for exs in examples]  # [S][B*G]
+  rewards = verify_local(responses_of, rewarded, np.repeat(local, g, axis=1), sharding)
   advantages, zero_var_all = group_advantages(rewards, g, ucfg.scale_by_std)
   row_teacher_g = np.repeat(row_teacher, g, axis=1)  # [S, B*G]
   is_native = row_teacher_g == NATIVE
@@ -647,6 +698,9 @@ def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teache
     metrics["zero_variance_groups"] = zero_var_all[:, :stage.native_prompts].mean(axis=1)
   metrics.update(timings)
   metrics["opd_weight"] = weight
+  # Of the step's S*B prompts, how many this process loaded and verified (all of them in a
+  # single-process run; its share of the batch in a multi-process one).
+  metrics["data/prompts_loaded_by_this_process"] = float(local.sum())
   return StepResult(params, opt_state, metrics, int(np.asarray(rollout.lengths).sum()))
 
 

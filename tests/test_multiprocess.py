@@ -21,8 +21,9 @@ RUN_ARGS = [
     # Step 1 is an RL step, step 2 an OPD step (micro schedule: s_rl=1, s_opd=1).
     "--config.rl.steps=2",
 ]
-# Wall-clock fields differ between any two runs.
-UNTIMED = lambda key: not any(word in key for word in ("time", "throughput", "tok/s"))
+# Wall-clock fields differ between any two runs; the data-loading share differs by design.
+LOADED = "train/data/prompts_loaded_by_this_process"
+UNTIMED = lambda key: not any(word in key for word in ("time", "throughput", "tok/s", LOADED))
 
 
 def _free_port() -> int:
@@ -54,14 +55,15 @@ def _finish(proc, timeout=480) -> str:
   return out
 
 
-def _metrics(workdir) -> dict:
+def _metrics(workdir, keep_loaded=False) -> dict:
   out = {}
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     for line in f:
       record = json.loads(line)
       step = record.pop("step")
       out.update({(step, k): v for k, v in record.items()
-                  if UNTIMED(k) and not k.startswith("warm_start")})
+                  if (UNTIMED(k) or (keep_loaded and k == LOADED))
+                  and not k.startswith("warm_start")})
   return out
 
 
@@ -79,6 +81,14 @@ def test_two_processes_match_one_process(tmp_path):
                              f"--process_id={i}"], _env(4)) for i in range(2)]
   outs = [_finish(p) for p in procs]
   assert all("summary:" in out for out in outs)
+
+  # Each process loads and verifies only the prompts its devices hold: with mesh
+  # expert=2 x data=4 and one branch per process, half of every step's batch.
+  loaded = lambda workdir: [v for (step, k), v in _metrics(workdir, keep_loaded=True).items()
+                            if k == LOADED]
+  assert loaded(single) and all(n > 0 for n in loaded(single))
+  assert [2 * n for n in loaded(multi)] == loaded(single)
+  assert loaded(os.path.join(multi, "process_1")) == loaded(multi)
 
   one, two = _metrics(single), _metrics(multi)
   assert set(one) == set(two)
