@@ -265,13 +265,12 @@ def make_streams(cfg, example_kwargs: Mapping[str, Any], seed: int, *, shard_ind
           for cap in cfg.tasks.capabilities}
 
 
-def streams_state(streams: Mapping[str, grain.DatasetIterator]) -> dict[str, dict]:
-  """capability -> iterator state (JSON-serialisable), for a checkpoint."""
+def streams_state(streams: Mapping[str, Any]) -> dict[str, dict]:
+  """capability -> stream state (JSON-serialisable), for a checkpoint."""
   return {cap: it.get_state() for cap, it in streams.items()}
 
 
-def restore_streams(streams: Mapping[str, grain.DatasetIterator],
-                    state: Mapping[str, Mapping]) -> None:
+def restore_streams(streams: Mapping[str, Any], state: Mapping[str, Mapping]) -> None:
   """Sets every stream to its saved position; the capabilities must match exactly."""
   if set(streams) != set(state):
     raise ValueError(f"data-iterator state covers capabilities {sorted(state)}, but this "

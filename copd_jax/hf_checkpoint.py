@@ -366,7 +366,8 @@ def to_device_param(array: np.ndarray, *, transpose: bool, dtype: str = "float32
   return jax.device_put(np.asarray(array, dtype=EXPORT_DTYPES[dtype]))
 
 
-def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
+  """tree[path[0]][path[1]]... = value, creating the nested dicts."""
   for key in path[:-1]:
     tree = tree.setdefault(key, {})
   tree[path[-1]] = value
@@ -427,7 +428,7 @@ def load_qwen3(directory: str, *, dtype: str = "float32", param_dtype: str = "fl
   for spec in specs:
     # One tensor in flight: read, convert into its final array, drop the source.
     source = read_tensor(index[spec.hf_name].file, spec.hf_name)
-    _set_path(params, spec.param_path,
+    set_path(params, spec.param_path,
               to_device_param(source, transpose=spec.transpose, dtype=param_dtype))
     del source
   return cfg, params

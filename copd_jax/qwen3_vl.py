@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 from typing import Any, Mapping
@@ -786,21 +785,6 @@ def _hf_shape(shape: tuple[int, ...], how: str, vcfg: VisionTowerConfig) -> tupl
   return shape
 
 
-def _safetensors_files(directory: str) -> list[str]:
-  index = os.path.join(directory, "model.safetensors.index.json")
-  if os.path.exists(index):
-    with open(index) as f:
-      try:
-        weight_map = json.load(f)["weight_map"]
-      except (json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"{index}: not a safetensors index ({e})") from e
-    return sorted(set(weight_map.values()))
-  files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
-  if not files:
-    raise ValueError(f"{directory}: no *.safetensors files")
-  return files
-
-
 def load_qwen3_vl(directory: str, *, dtype: str = "float32") -> tuple[Qwen3VLConfig, Params]:
   """Reads a HF Qwen3-VL checkpoint directory (config.json + safetensors) -> (cfg, f32 params).
 
@@ -809,45 +793,35 @@ def load_qwen3_vl(directory: str, *, dtype: str = "float32") -> tuple[Qwen3VLCon
   is the compute dtype recorded in cfg.text.dtype. Missing, unexpected or mis-shaped
   tensors raise ValueError naming the file and tensor.
   """
-  from safetensors import safe_open
-  config_path = os.path.join(directory, "config.json")
-  try:
-    with open(config_path) as f:
-      config = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"{config_path}: cannot read config ({e})") from e
+  # The safetensors reading (headers first, then one tensor at a time) is the Qwen3 text
+  # loader's; only the name mapping and the shapes are Qwen3-VL's.
+  from copd_jax import hf_checkpoint
+  config = hf_checkpoint.read_hf_config(directory)
   try:
     cfg = Qwen3VLConfig.from_hf(config, dtype=dtype)
   except ValueError as e:
-    raise ValueError(f"{config_path}: {e}") from e
+    raise ValueError(f"{os.path.join(directory, 'config.json')}: {e}") from e
   expected = param_shapes(cfg)
-  flat: dict[tuple[str, ...], jax.Array] = {}
-  for file_name in _safetensors_files(directory):
-    path_on_disk = os.path.join(directory, file_name)
-    with safe_open(path_on_disk, framework="np") as f:
-      for name in f.keys():
-        mapped = hf_name_to_path(name)
-        if mapped is None or (mapped[0] not in expected and not (
-            name == "lm_head.weight" and cfg.text.tie_embeddings)):
-          raise ValueError(f"{path_on_disk}: unexpected tensor {name!r}")
-        path, how = mapped
-        if path not in expected:
-          continue  # a tied checkpoint that still stores lm_head.weight: the embedding is used
-        want = _hf_shape(expected[path], how, cfg.vision)
-        got = tuple(f.get_slice(name).get_shape())
-        if got != want:
-          raise ValueError(f"{path_on_disk}: tensor {name!r} has shape {got}, expected {want}")
-        if path in flat:
-          raise ValueError(f"{path_on_disk}: tensor {name!r} appears in more than one file")
-        flat[path] = jnp.asarray(_transform(f.get_tensor(name), how).astype(np.float32))
-  missing = sorted(set(expected) - set(flat))
+  index = hf_checkpoint.tensor_index(hf_checkpoint.safetensors_files(directory))
+  loads = []  # (hf name, param path, transform), checked before any data is read
+  for name, info in index.items():
+    mapped = hf_name_to_path(name)
+    if mapped is None or (mapped[0] not in expected and not (
+        name == "lm_head.weight" and cfg.text.tie_embeddings)):
+      raise ValueError(f"{info.file}: unexpected tensor {name!r}")
+    path, how = mapped
+    if path not in expected:
+      continue  # a tied checkpoint that still stores lm_head.weight: the embedding is used
+    want = _hf_shape(expected[path], how, cfg.vision)
+    if info.shape != want:
+      raise ValueError(f"{info.file}: tensor {name!r} has shape {info.shape}, expected {want}")
+    loads.append((name, path, how))
+  missing = sorted(set(expected) - {path for _, path, _ in loads})
   if missing:
     raise ValueError(f"{directory}: checkpoint is missing tensors for "
                      f"{['/'.join(p) for p in missing]}")
   params: dict = {}
-  for path, value in flat.items():
-    node = params
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
+  for name, path, how in loads:
+    array = hf_checkpoint.read_tensor(index[name].file, name)
+    hf_checkpoint.set_path(params, path, jnp.asarray(_transform(array, how).astype(np.float32)))
   return cfg, params

@@ -21,7 +21,6 @@ step, so it is a pure function of the restored step.
 """
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import json
@@ -35,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from copd_jax import data as data_lib
 from copd_jax.checkpoint import CheckpointMismatchError
 
 FORMAT_VERSION = 1
@@ -74,25 +74,17 @@ def check_streams_checkpointable(streams: Mapping[str, Iterator]) -> None:
 
 
 def streams_state(streams: Mapping[str, Iterator]) -> dict:
-  """{name: {'kind': 'json'|'bytes', 'value': ...}} for streams with get_state()."""
-  out = {}
-  for name, stream in streams.items():
-    state = stream.get_state()
-    if isinstance(state, bytes):  # older grain iterators serialise to bytes
-      out[name] = {"kind": "bytes", "value": base64.b64encode(state).decode("ascii")}
-    else:
-      out[name] = {"kind": "json", "value": _json_safe(state)}
-  return out
+  """{name: JSON state} of the data streams (copd_jax.data.streams_state, made JSON-safe)."""
+  return _json_safe(data_lib.streams_state(streams))
 
 
 def restore_streams(streams: Mapping[str, Iterator], stored: Mapping[str, Any]) -> None:
-  if set(stored) != set(streams):
-    raise CheckpointMismatchError(f"checkpoint has data streams {sorted(stored)}, the run "
-                                  f"has {sorted(streams)}")
-  for name, stream in streams.items():
-    entry = stored[name]
-    value = entry["value"]
-    stream.set_state(base64.b64decode(value) if entry["kind"] == "bytes" else value)
+  """copd_jax.data.restore_streams; a state that does not fit is a checkpoint mismatch."""
+  try:
+    data_lib.restore_streams(streams, stored)
+  except ValueError as err:
+    raise CheckpointMismatchError(f"checkpoint data streams {sorted(stored)} do not fit this "
+                                  f"run: {err}") from err
 
 
 # ------------------------------------------------------------------------ host state
