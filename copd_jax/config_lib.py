@@ -140,6 +140,11 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
       _positive_float(ws.mix, cap, "warm_start.mix.", allow_zero=True)
     if sum(ws.mix.values()) <= 0:
       _fail("warm_start.mix", "must give some capability a positive weight", dict(ws.mix))
+    _check_capability_dict(ws.flaw_rate, "warm_start.flaw_rate", caps)
+    for cap, rate in ws.flaw_rate.items():
+      _positive_float(ws.flaw_rate, cap, "warm_start.flaw_rate.", allow_zero=True)
+      if rate > 1:
+        _fail(f"warm_start.flaw_rate.{cap}", "must be a fraction in [0, 1]", rate)
 
   _positive_int(cfg.eval, "num_examples", "eval.")
   _positive_int(cfg.eval, "batch_size", "eval.")

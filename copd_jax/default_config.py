@@ -86,6 +86,10 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
       weight_decay=0.01,
       grad_clip_norm=1.0,
       mix=dict(text=1.0, image=1.0, video=1.0),
+      # Fraction of each capability's demonstrations that show its flawed procedure
+      # (copd_jax/tasks.py, FLAW_KINDS): the base samples the right procedure at
+      # temperature 1 but does not prefer it greedily, so RL has something to sharpen.
+      flaw_rate=dict(text=0.0, image=0.0, video=0.0),
       checkpoint_dir="",  # empty: <workdir>/base_policy
       reuse_checkpoint=True,  # load a matching saved base instead of retraining
       log_every=50,

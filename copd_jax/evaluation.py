@@ -46,20 +46,32 @@ def greedy_responses_stacked(stacked: Any, setup: RunSetup, examples: Sequence[t
 
 
 def evaluate_stacked(stacked: Any, setup: RunSetup, eval_sets: dict[str, list], *,
-                     max_new_tokens: int, batch_size: int) -> dict[str, np.ndarray]:
+                     max_new_tokens: int, batch_size: int, with_rewards: bool = False):
   """Held-out accuracy of every branch: {'accuracy/<cap>', 'accuracy/overall',
-  'response_chars/<cap>'}, each f32[S]."""
-  metrics = {}
+  'response_chars/<cap>'}, each f32[S].
+
+  with_rewards=True also returns the per-example rewards {cap: f32[S, N]} (same order as
+  eval_sets[cap]), which paired comparisons between methods need: (metrics, rewards)."""
+  metrics, rewards = {}, {}
   for cap, examples in eval_sets.items():
     responses = greedy_responses_stacked(stacked, setup, examples, max_new_tokens, batch_size)
     # Each example names its verifier (integer for the toy suite; math / choice / exact
     # for records).
-    metrics[f"accuracy/{cap}"] = np.array(
-        [verifiers.rewards_for(r, examples).mean() for r in responses], np.float32)
+    rewards[cap] = np.stack([verifiers.rewards_for(r, examples) for r in responses]).astype(
+        np.float32)
+    metrics[f"accuracy/{cap}"] = rewards[cap].mean(axis=1)
     metrics[f"response_chars/{cap}"] = np.array(
         [np.mean([len(x) for x in r]) for r in responses], np.float32)
   metrics["accuracy/overall"] = np.mean([metrics[f"accuracy/{c}"] for c in eval_sets], axis=0)
-  return metrics
+  return (metrics, rewards) if with_rewards else metrics
+
+
+def save_eval_rewards(path: str, rewards_by_model: dict[str, dict[str, np.ndarray]]) -> None:
+  """Writes {model name: {cap: f32[N]}} as an .npz with keys '<model>/<cap>' (0/1 per
+  held-out example, in eval-set order), for paired comparisons across runs."""
+  flat = {f"{name}/{cap}": np.asarray(r, np.float32)
+          for name, per_cap in rewards_by_model.items() for cap, r in per_cap.items()}
+  np.savez_compressed(path, **flat)
 
 
 def evaluate(params: Any, setup: RunSetup, eval_sets: dict[str, list], *,

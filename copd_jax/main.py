@@ -59,9 +59,14 @@ def run(cfg) -> dict | None:
                "warm_start_seconds": round(warm_seconds, 2),
                "eval_examples_per_capability": cfg.eval.num_examples}
     if cfg.method == "base":
-      metrics = evaluation.evaluate(params, setup, eval_sets,
-                                    max_new_tokens=cfg.sampling.max_new_tokens,
-                                    batch_size=cfg.eval.batch_size)
+      stacked = jax.tree.map(lambda x: x[None], params)
+      metrics, rewards = evaluation.evaluate_stacked(
+          stacked, setup, eval_sets, max_new_tokens=cfg.sampling.max_new_tokens,
+          batch_size=cfg.eval.batch_size, with_rewards=True)
+      metrics = {k: float(v[0]) for k, v in metrics.items()}
+      if primary:
+        evaluation.save_eval_rewards(os.path.join(cfg.workdir, "eval_rewards.npz"),
+                                     {"base": {c: r[0] for c, r in rewards.items()}})
       writer.write(cfg.warm_start.steps, {f"eval/{k}": v for k, v in metrics.items()})
       summary.update(metrics)
     else:

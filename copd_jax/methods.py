@@ -469,16 +469,20 @@ def _final_report(ctx: RunContext, stage: trainer.Stage, final, train_seconds: f
   cfg, setup, eval_sets, writer = ctx.cfg, ctx.setup, ctx.eval_sets, ctx.writer
   method = cfg.method
   kwargs = dict(max_new_tokens=cfg.sampling.max_new_tokens, batch_size=cfg.eval.batch_size)
-  branch_acc = evaluation.evaluate_stacked(final, setup, eval_sets, **kwargs)
+  branch_acc, branch_rewards = evaluation.evaluate_stacked(final, setup, eval_sets,
+                                                           with_rewards=True, **kwargs)
   names = branch_names(stage)
+  per_example = {f"branch/{n}": {c: r[i] for c, r in branch_rewards.items()}
+                 for i, n in enumerate(names)}
   summary = {"train_seconds": round(train_seconds, 1), "optimizer_steps": ctx.global_step,
              "branches": {n: {k: float(v[i]) for k, v in branch_acc.items()}
                           for i, n in enumerate(names)}}
   if stage.num_students > 1:
     merged = merged_params(cfg, stage, final)
-    merged_acc = evaluation.evaluate_stacked(jax.tree.map(lambda x: x[None], merged), setup,
-                                             eval_sets, **kwargs)
+    merged_acc, merged_rewards = evaluation.evaluate_stacked(
+        jax.tree.map(lambda x: x[None], merged), setup, eval_sets, with_rewards=True, **kwargs)
     summary["merged"] = {k: float(v[0]) for k, v in merged_acc.items()}
+    per_example["merged"] = {c: r[0] for c, r in merged_rewards.items()}
   # The method's deliverable: the merged model (CoPD), the single branch (mixed RLVR,
   # static OPD and MOPD students); experts deliver one model per capability.
   if method == "copd":
@@ -487,6 +491,8 @@ def _final_report(ctx: RunContext, stage: trainer.Stage, final, train_seconds: f
     summary["final"] = summary["branches"][names[0]]
   writer.write(ctx.global_step, {f"final/{n}/{k}": v for n, d in summary["branches"].items()
                                  for k, v in d.items()})
+  if jax.process_index() == 0:
+    evaluation.save_eval_rewards(os.path.join(cfg.workdir, "eval_rewards.npz"), per_example)
   meta = {"method": method, "branches": names}
   checkpoint.save_policy(os.path.join(cfg.workdir, "final_params"), final, meta)
   return summary

@@ -484,6 +484,11 @@ def update_body(params: Params, opt_state, teacher_params: Params | None, rows: 
   grads, metrics = jax.vmap(one_branch)(params, rows, teacher_logprobs, ref_lp)
   metrics["grad_norm"] = jax.vmap(optax.tree_utils.tree_norm)(grads)
   updates, opt_state = jax.vmap(optimizer.update)(grads, opt_state, params)
+  # How far the step moves each branch: the global norm of the update and its largest
+  # entry (RL that does not learn often moves the weights by almost nothing).
+  metrics["update_norm"] = jax.vmap(optax.tree_utils.tree_norm)(updates)
+  metrics["update_max_abs"] = jax.vmap(
+      lambda u: jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(u)])))(updates)
   return optax.apply_updates(params, updates), opt_state, metrics
 
 

@@ -57,14 +57,21 @@ def sft_step(params, opt_state, batch, model_cfg, optimizer):
 
 def sft_examples(cfg: ml_collections.ConfigDict, setup: RunSetup) -> Iterator[tasks.Example]:
   weights = {cap: cfg.warm_start.mix.get(cap, 0.0) for cap in setup.capabilities}
-  return tasks.mixed_train_stream(weights, seed=cfg.tasks.seed + cfg.warm_start.seed,
-                                  difficulty=dict(cfg.tasks.difficulty), **setup.example_kwargs)
+  seed = cfg.tasks.seed + cfg.warm_start.seed
+  examples = tasks.mixed_train_stream(weights, seed=seed, difficulty=dict(cfg.tasks.difficulty),
+                                      **setup.example_kwargs)
+  # A fraction of the demonstrations shows each capability's flawed procedure (see
+  # tasks.FLAW_KINDS): the base knows the right procedure but does not prefer it.
+  flaw_rate = {cap: cfg.warm_start.flaw_rate.get(cap, 0.0) for cap in setup.capabilities}
+  return tasks.with_flawed_demonstrations(examples, flaw_rate, seed=seed)
 
 
 def base_policy_metadata(cfg: ml_collections.ConfigDict) -> dict:
   """What determines the base policy; a saved base is reused only if this matches."""
   ws = {k: v for k, v in cfg.warm_start.to_dict().items()
         if k not in ("checkpoint_dir", "reuse_checkpoint", "log_every", "seed")}
+  if not any(ws.get("flaw_rate", {}).values()):
+    ws.pop("flaw_rate", None)  # no flawed demonstrations: a base saved before the field
   # The base has its own seed: RL runs with other config.seed values share one base.
   # Only fields that change the trained weights: remat (a memory/compute trade) and the
   # record-file fields (unused by the toy base) are left out, so adding such fields never

@@ -1,12 +1,18 @@
-"""Ablate CoPD on the toy suite: interleave schedule, hub, and beta.
+"""Ablate CoPD on the toy suite: interleave schedule, beta, hub / full mesh, branches.
 
-    python experiments/ablate.py [--seeds 0] [--quick] [--only schedule,hub,beta]
+    python experiments/ablate.py [--seeds 0,1,2] [--only schedule,beta,hub,branches]
 
 Every variant is the `copd` config with overrides (nothing else changes), from the same
-shared base; the merged model is evaluated. Writes <out>/ablation.md and ablation.json.
+shared base, at the same budget (rl.steps per branch), evaluated on the same held-out
+items as experiments/reproduce.py. The reference variant (1.5:1, beta 1, hub = text, three
+branches) IS reproduce.py's CoPD run: it is read from --runs_reproduce, not rerun. For each
+variant: merged accuracy with a 95% interval (bootstrap over seeds and items) and the
+paired difference to the reference on the same items and seeds. Resumable like
+reproduce.py. Writes <out>/ablation.md and ablation.json (last line printed: JSON).
+
 Schedules (S_RL : S_OPD): no OPD, 3:1, 1.5:1 (the paper's), 1:1, 1:2, and adaptive (an OPD
-phase of 2 steps whenever the measured branch overlap falls below 0.99; overlap measured
-every 2 steps).
+phase of 2 steps whenever the hub-spoke overlap, measured every 2 steps, falls below
+rl.opd.schedule.overlap_target).
 """
 from __future__ import annotations
 
@@ -16,59 +22,115 @@ import os
 import sys
 import time
 
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reproduce  # noqa: E402  (shares config building, running and table layout)
+import reproduce  # noqa: E402  (config building, run_or_load, intervals, tables)
+from copd_jax import stats  # noqa: E402
 
+REFERENCE = "1.5:1 / beta 1 / hub text (reference)"
 SCHEDULES = {
     "no OPD": dict(rl__opd__schedule__kind="none"),
     "3:1": dict(rl__opd__schedule__s_rl=3, rl__opd__schedule__s_opd=1),
-    "1.5:1 (paper)": dict(rl__opd__schedule__s_rl=3, rl__opd__schedule__s_opd=2),
     "1:1": dict(rl__opd__schedule__s_rl=2, rl__opd__schedule__s_opd=2),
     "1:2": dict(rl__opd__schedule__s_rl=1, rl__opd__schedule__s_opd=2),
     "adaptive": dict(rl__opd__schedule__kind="adaptive", rl__opd__schedule__s_opd=2,
-                     rl__opd__schedule__overlap_target=0.99, rl__diagnostics_every=2),
+                     rl__diagnostics_every=2),
 }
-HUBS = {f"hub = {h}": dict(rl__opd__hub=h) for h in ("text", "image", "video")}
+BETAS = {f"beta = {b}": dict(rl__opd__beta=b) for b in (0.25, 4.0)}
+HUBS = {f"hub = {h}": dict(rl__opd__hub=h) for h in ("image", "video")}
 HUBS["full mesh"] = dict(rl__opd__topology="full")
-BETAS = {f"beta = {b}": dict(rl__opd__beta=b) for b in (0.5, 2.0, 8.0)}  # 1.0: the schedule sweep
-SWEEPS = {"schedule": SCHEDULES, "hub": HUBS, "beta": BETAS}
+BRANCHES = {  # two branches: the hub (text) and one spoke
+    "2 branches (text, image)": dict(rl__capabilities=("text", "image"), num_experts=2),
+    "2 branches (text, video)": dict(rl__capabilities=("text", "video"), num_experts=2),
+}
+SWEEPS = {"schedule": SCHEDULES, "beta": BETAS, "hub": HUBS, "branches": BRANCHES}
+
+
+def variant_rewards(args, seeds, workdirs) -> dict[str, np.ndarray] | None:
+  """{cap: f32[S, N]} of a variant's merged model, or None until every seed finished."""
+  if not all(os.path.exists(os.path.join(w, "eval_rewards.npz")) for w in workdirs):
+    return None
+  per_seed = [reproduce.load_rewards(w) for w in workdirs]
+  caps = [k.split("/", 1)[1] for k in per_seed[0] if k.startswith("merged/")]
+  return {c: np.stack([r[f"merged/{c}"] for r in per_seed]) for c in caps}
+
+
+def summarize(results: dict, reference: dict) -> dict:
+  """{variant: {'capabilities', 'accuracy_points', 'minus_reference_points'}}."""
+  out = {}
+  for name, rewards in results.items():
+    caps = [c for c in reproduce.CAPS if c in rewards]
+    entry = {"capabilities": caps,
+             "accuracy_points": {c: reproduce.points(stats.mean_ci(rewards[c])) for c in caps}}
+    entry["accuracy_points"]["overall"] = reproduce.points(
+        stats.mean_ci(reproduce.overall(rewards, caps)))
+    if name != REFERENCE:
+      entry["minus_reference_points"] = {
+          c: reproduce.points(stats.paired_difference_ci(rewards[c], reference[c])) for c in caps}
+      entry["minus_reference_points"]["overall (its capabilities)"] = reproduce.points(
+          stats.paired_difference_ci(reproduce.overall(rewards, caps),
+                                     reproduce.overall(reference, caps)))
+    out[name] = entry
+  return out
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--seeds", default="0")
-  parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--only", default="schedule,hub,beta")
+  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--only", default="schedule,beta,hub,branches")
+  parser.add_argument("--eval_examples", type=int, default=1000)
   parser.add_argument("--out", default="experiments/results")
   parser.add_argument("--runs", default="runs/ablate")
-  parser.add_argument("--base_dir", default="runs/base_policy")
+  parser.add_argument("--runs_reproduce", default="runs/reproduce")
+  parser.add_argument("--base_dir", default="experiments/results/base_policy")
   args = parser.parse_args(argv)
+  args.quick = False
   seeds = [int(s) for s in args.seeds.split(",")]
   os.makedirs(args.out, exist_ok=True)
+  command = "python experiments/ablate.py " + " ".join(sys.argv[1:] if argv is None else argv)
   start = time.perf_counter()
-  results = {}
+
+  def run_variant(name, overrides, root):
+    slug = "".join(ch if ch.isalnum() else "_" for ch in name)
+    workdirs = [f"{root}/seed{s}/copd" if name == REFERENCE else f"{root}/{slug}/seed{s}"
+                for s in seeds]
+    for seed, workdir in zip(seeds, workdirs):
+      reproduce.run_or_load(reproduce.make_config("copd", seed, workdir, args, **overrides))
+    return variant_rewards(args, seeds, workdirs)
+
+  results = {REFERENCE: run_variant(REFERENCE, {}, args.runs_reproduce)}
   for sweep in args.only.split(","):
     for name, overrides in SWEEPS[sweep].items():
-      slug = "".join(ch if ch.isalnum() else "_" for ch in name)
-      results[(sweep, name)] = [
-          reproduce.run(reproduce.make_config("copd", seed, f"{args.runs}/{sweep}/{slug}/seed{seed}",
-                                              args, **overrides))
-          for seed in seeds]
-  minutes = (time.perf_counter() - start) / 60
-  command = "python experiments/ablate.py " + " ".join(sys.argv[1:] if argv is None else argv)
-  lines = [f"# CoPD ablations on the toy suite\n\nMade by `{command}` in {minutes:.0f} minutes; "
-           f"seeds {seeds}; merged-model held-out accuracy (%), mean ± std over seeds.\n"]
-  for sweep in args.only.split(","):
-    cols = [(name, [r["final"] for r in results[(sweep, name)]]) for name in SWEEPS[sweep]]
-    lines += [f"## {sweep}\n", reproduce.table(cols, reproduce.CAPS), ""]
-  with open(os.path.join(args.out, "ablation.md"), "w") as f:
-    f.write("\n".join(lines))
-  with open(os.path.join(args.out, "ablation.json"), "w") as f:
-    json.dump({"command": command, "minutes": minutes,
-               "runs": {f"{s}/{n}": v for (s, n), v in results.items()}}, f, indent=1)
-  print("\n".join(lines))
-  print(json.dumps({"minutes": round(minutes, 1), "variants": len(results), "seeds": seeds}))
+      results[name] = run_variant(name, overrides, f"{args.runs}/{sweep}")
+      summary = summarize({k: v for k, v in results.items() if v is not None},
+                          results[REFERENCE])
+      minutes = (time.perf_counter() - start) / 60
+      with open(os.path.join(args.out, "ablation.json"), "w") as f:
+        json.dump({"command": command, "minutes": round(minutes, 1), "seeds": seeds,
+                   "eval_examples_per_capability": args.eval_examples,
+                   "reference": REFERENCE, "variants": summary}, f, indent=1)
+      lines = [f"# CoPD ablations on the toy suite\n\nMade by `{command}`; seeds {seeds}; "
+               f"{args.eval_examples} held-out items per capability. Merged-model accuracy "
+               "in points: mean [95% interval]; 'minus reference' is the paired difference "
+               f"to the reference variant ({REFERENCE}) on the same items and seeds.\n"]
+      for sweep_name, variants in [("reference", {REFERENCE: {}})] + list(SWEEPS.items()):
+        rows = {n: summary[n] for n in variants if n in summary}
+        if not rows:
+          continue
+        lines.append(f"## {sweep_name}\n")
+        lines.append("| variant | capabilities | accuracy overall | minus reference overall |")
+        lines.append("|---|---|---|---|")
+        for n, e in rows.items():
+          diff = e.get("minus_reference_points", {}).get("overall (its capabilities)")
+          lines.append(f"| {n} | {','.join(e['capabilities'])} | "
+                       f"{reproduce.fmt_cell(e['accuracy_points']['overall'])} | "
+                       f"{reproduce.fmt_cell(diff) if diff else '—'} |")
+        lines.append("")
+      with open(os.path.join(args.out, "ablation.md"), "w") as f:
+        f.write("\n".join(lines))
+  print(json.dumps({"minutes": round((time.perf_counter() - start) / 60, 1),
+                    "variants": len(results), "seeds": seeds}))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,22 @@
-"""Reproduce the paper's comparison on the toy suite.
+"""Reproduce the paper's comparison on the toy suite, with intervals and paired tests.
 
     python experiments/reproduce.py [--seeds 0,1,2] [--quick] [--out experiments/results]
 
-From the one shared base policy (trained once, or reused), for every seed: three
+From one shared base policy (trained once, or reused), for every seed: the three
 single-capability experts, mixed RLVR, MOPD and CoPD (three branches, hub = text), and in
-a two-branch text + image run static OPD both ways and CoPD. Writes to --out:
-  results.md            tables laid out like the paper's (mean ± std over seeds)
-  results.json          every run's summary
-  accuracy_vs_step.png  held-out accuracy per capability against step, per method
-  overlap_vs_step.png   top-10 overlap against step: CoPD branches vs independent experts
-All runs go through copd_jax.main.run in this one process (compiled steps are reused).
+a two-branch text + image setting static OPD both ways and CoPD. Every final model is
+scored on the same held-out items (config.eval.num_examples per capability); each run
+saves its per-item rewards (eval_rewards.npz), from which this script computes
+  - mean accuracy over seeds with a 95% interval (bootstrap over seeds and items),
+  - each method's paired difference to CoPD on the same items and seeds,
+  - each expert's gain over the base on its own capability (paired, with its interval),
+  - a verdict on each of the paper's three claims (rules in `claims`).
+Writes to --out: results.md, results.json, accuracy_vs_step.png, overlap_vs_step.png.
+
+Resumable: a run whose workdir holds a summary.json is read, not rerun, and a killed run
+resumes from its checkpoints, so the same command continues where it stopped (results are
+rewritten after every run). `--quick` trains only the experts, on one seed, with shorter
+runs and a smaller eval set: a check that RL learns, in about 15 minutes.
 """
 from __future__ import annotations
 
@@ -25,176 +32,401 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from copd_jax import default_config  # noqa: E402
 from copd_jax import main as main_lib  # noqa: E402
+from copd_jax import stats  # noqa: E402
 
 CAPS = ("text", "image", "video")
+TWO = ("text", "image")
+# An "at least as good" verdict needs the interval of the difference to exclude a loss
+# bigger than this (points); "better" needs it to exclude 0.
+EQUIVALENCE_MARGIN_POINTS = 2.0
 
+
+# ------------------------------------------------------------------------------ runs
 
 def make_config(method: str, seed: int, workdir: str, args, **overrides):
   cfg = default_config.get(method, "toy")
   cfg.seed = seed
   cfg.workdir = workdir
   cfg.warm_start.checkpoint_dir = args.base_dir
+  cfg.eval.num_examples = args.eval_examples
   if args.quick:
-    cfg.rl.steps = cfg.rl.distill_steps = 10
-    cfg.rl.eval_every = 5
-    cfg.eval.num_examples = 64
+    cfg.rl.steps = cfg.rl.distill_steps = args.quick_steps
+    cfg.rl.eval_every = max(1, args.quick_steps // 4)
   for field, value in overrides.items():  # keyword `a__b` sets config field a.b
     default_config.set_field(cfg, field.replace("__", "."), value)
   return cfg
 
 
-def run(cfg) -> dict:
+def run_or_load(cfg) -> dict:
+  """The run's summary: read from its workdir when it finished before, else run it."""
+  path = os.path.join(cfg.workdir, "summary.json")
+  if os.path.exists(path):
+    with open(os.path.join(cfg.workdir, "config.json")) as f:
+      saved = json.load(f)
+    if saved != json.loads(cfg.to_json_best_effort()):
+      raise SystemExit(f"{cfg.workdir} holds a finished run of another config; pass another "
+                       "--runs directory (or delete it) to rerun")
+    with open(path) as f:
+      return json.load(f)
   start = time.perf_counter()
   summary = main_lib.run(cfg)
+  if summary is None:
+    raise SystemExit(f"{cfg.workdir}: preempted; rerun the same command to resume")
   print(f"== {cfg.method} seed {cfg.seed}: {time.perf_counter() - start:.0f}s -> {cfg.workdir}",
         flush=True)
   return summary
 
 
-def run_seed(seed: int, args) -> dict:
+def seed_runs(seed: int, args) -> dict:
+  """name -> (method, overrides) of every run of one seed, in the order they run."""
   root = os.path.join(args.runs, f"seed{seed}")
-  out = {}
-  out["experts"] = run(make_config("experts", seed, f"{root}/experts", args))
   experts_dir = f"{root}/experts"
-  out["mixed_rlvr"] = run(make_config("mixed_rlvr", seed, f"{root}/mixed_rlvr", args))
-  out["mopd"] = run(make_config("mopd", seed, f"{root}/mopd", args, rl__experts_dir=experts_dir))
-  out["copd"] = run(make_config("copd", seed, f"{root}/copd", args))
-  two = dict(rl__capabilities=("text", "image"), num_experts=2)
-  out["static_opd_text_to_image"] = run(make_config(
-      "static_opd", seed, f"{root}/static_opd_t2i", args, rl__experts_dir=experts_dir))
-  out["static_opd_image_to_text"] = run(make_config(
-      "static_opd", seed, f"{root}/static_opd_i2t", args, rl__experts_dir=experts_dir,
-      rl__static_opd__teacher="image", rl__static_opd__student="text"))
-  out["copd_2branch"] = run(make_config("copd", seed, f"{root}/copd_2branch", args, **two))
+  runs = {"experts": ("experts", {})}
+  if args.quick:
+    return {name: (m, o, f"{root}/{name}") for name, (m, o) in runs.items()}
+  two = dict(rl__capabilities=TWO, num_experts=2)
+  runs.update({
+      "mixed_rlvr": ("mixed_rlvr", {}),
+      "copd": ("copd", {}),
+      "mopd": ("mopd", dict(rl__experts_dir=experts_dir)),
+      "static_opd_t2i": ("static_opd", dict(rl__experts_dir=experts_dir)),
+      "static_opd_i2t": ("static_opd", dict(rl__experts_dir=experts_dir,
+                                            rl__static_opd__teacher="image",
+                                            rl__static_opd__student="text")),
+      "copd_2branch": ("copd", two),
+  })
+  return {name: (m, o, f"{root}/{name}") for name, (m, o) in runs.items()}
+
+
+# ------------------------------------------------------------- per-item rewards -> models
+
+def load_rewards(workdir: str) -> dict[str, np.ndarray]:
+  path = os.path.join(workdir, "eval_rewards.npz")
+  with np.load(path) as z:
+    return {k: z[k] for k in z.files}
+
+
+def model_rewards(args, seeds, done) -> dict[str, dict[str, np.ndarray]]:
+  """{model: {cap: f32[S, N]}} for every model whose runs finished on every seed
+  (the base: f32[1, N], one shared policy)."""
+  base = load_rewards(os.path.join(args.runs, "base"))
+  models = {"Base": {c: base[f"base/{c}"][None] for c in CAPS}}
+
+  def collect(name, run, key_of, caps):
+    if not all((seed, run) in done for seed in seeds):
+      return
+    per_seed = [load_rewards(os.path.join(args.runs, f"seed{s}", run)) for s in seeds]
+    models[name] = {c: np.stack([r[key_of(c)] for r in per_seed]) for c in caps}
+
+  for cap in CAPS:
+    collect(f"{cap.capitalize()} expert", "experts", lambda c, cap=cap: f"branch/{cap}/{c}", CAPS)
+  collect("Mixed RLVR", "mixed_rlvr", lambda c: f"branch/text+image+video/{c}", CAPS)
+  collect("MOPD", "mopd", lambda c: f"branch/student/{c}", CAPS)
+  collect("CoPD (merged)", "copd", lambda c: f"merged/{c}", CAPS)
+  for cap in CAPS:
+    collect(f"CoPD {cap} branch", "copd", lambda c, cap=cap: f"branch/{cap}/{c}", CAPS)
+  collect("Static OPD text→image", "static_opd_t2i", lambda c: f"branch/image/{c}", TWO)
+  collect("Static OPD image→text", "static_opd_i2t", lambda c: f"branch/text/{c}", TWO)
+  collect("CoPD 2-branch (merged)", "copd_2branch", lambda c: f"merged/{c}", TWO)
+  return models
+
+
+def overall(rewards: dict[str, np.ndarray], caps) -> np.ndarray:
+  """Items of every capability side by side: the mean is the mean of capability means
+  (every capability has the same number of items)."""
+  return np.concatenate([rewards[c] for c in caps], axis=1)
+
+
+def points(value_and_ci) -> dict:
+  value, (low, high) = value_and_ci
+  return {"mean": round(100 * value, 2), "ci95": [round(100 * low, 2), round(100 * high, 2)]}
+
+
+def accuracy_table(models, caps) -> dict:
+  """{model: {cap | 'overall': {'mean', 'ci95'}}} in points."""
+  out = {}
+  for name, rewards in models.items():
+    if not all(c in rewards for c in caps):
+      continue
+    out[name] = {c: points(stats.mean_ci(rewards[c])) for c in caps}
+    out[name]["overall"] = points(stats.mean_ci(overall(rewards, caps)))
   return out
 
 
-def mean_std(values) -> str:
-  values = 100 * np.asarray(values, np.float64)
-  return f"{values.mean():.1f} ± {values.std():.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+def paired_to(models, reference: str, caps) -> dict:
+  """{model: {cap | 'overall': paired difference model - reference}} in points."""
+  if reference not in models:
+    return {}
+  ref = models[reference]
+  out = {}
+  for name, rewards in models.items():
+    if name == reference or not all(c in rewards for c in caps):
+      continue
+    out[name] = {c: points(stats.paired_difference_ci(rewards[c], ref[c])) for c in caps}
+    out[name]["overall"] = points(stats.paired_difference_ci(overall(rewards, caps),
+                                                             overall(ref, caps)))
+  return out
 
 
-def columns_three(base: dict, per_seed: list[dict]):
-  """(column name, list over seeds of {cap: accuracy}) for the three-branch table."""
-  cols = [("Base", [base] * len(per_seed))]
-  for cap in ("image", "text", "video"):
-    cols.append((f"{cap.capitalize()} expert", [s["experts"]["branches"][cap] for s in per_seed]))
-  cols.append(("Mixed RLVR", [s["mixed_rlvr"]["final"] for s in per_seed]))
-  cols.append(("MOPD", [s["mopd"]["final"] for s in per_seed]))
-  cols.append(("CoPD (merged)", [s["copd"]["final"] for s in per_seed]))
-  for cap in ("text", "image", "video"):
-    cols.append((f"CoPD {cap} branch", [s["copd"]["branches"][cap] for s in per_seed]))
-  return cols
+def transfer_matrix(models) -> dict:
+  """{expert capability: {eval capability: gain over the base, paired}} in points."""
+  out = {}
+  for cap in CAPS:
+    name = f"{cap.capitalize()} expert"
+    if name in models:
+      out[cap] = {c: points(stats.paired_difference_ci(models[name][c], models["Base"][c]))
+                  for c in CAPS}
+  return out
 
 
-def columns_two(base: dict, per_seed: list[dict]):
-  two = lambda d: {**d, "accuracy/overall": float(np.mean([d["accuracy/text"], d["accuracy/image"]]))}
-  cols = [("Base", [two(base)] * len(per_seed))]
-  for cap in ("image", "text"):
-    cols.append((f"{cap.capitalize()} expert", [two(s["experts"]["branches"][cap]) for s in per_seed]))
-  cols.append(("Static OPD text→image", [s["static_opd_text_to_image"]["final"] for s in per_seed]))
-  cols.append(("Static OPD image→text", [s["static_opd_image_to_text"]["final"] for s in per_seed]))
-  cols.append(("CoPD (merged)", [s["copd_2branch"]["final"] for s in per_seed]))
-  return cols
+# --------------------------------------------------------------------------- claims
+
+def _diff(models, a, b, caps) -> tuple[float, float, float]:
+  """(mean, low, high) in points of a - b over `caps` (paired)."""
+  value, (low, high) = stats.paired_difference_ci(overall(models[a], caps), overall(models[b], caps))
+  return 100 * value, 100 * low, 100 * high
 
 
-def table(cols, caps) -> str:
-  head = "| capability | " + " | ".join(name for name, _ in cols) + " |"
-  sep = "|---" * (len(cols) + 1) + "|"
-  lines = [head, sep]
-  for cap in list(caps) + ["overall"]:
-    cells = [mean_std([d[f"accuracy/{cap}"] for d in runs]) for _, runs in cols]
-    best = max(range(len(cols)), key=lambda i: np.mean([d[f"accuracy/{cap}"] for d in cols[i][1]]))
-    cells[best] = f"**{cells[best]}**"
-    lines.append(f"| {cap.capitalize()} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+def claims(models) -> dict:
+  """The paper's three claims, each 'supported' / 'refuted' / 'inconclusive', with the
+  paired differences (points, 95% interval) behind the verdict. Rules:
+  (a) mixed_loses_somewhere: supported if mixed RLVR is significantly below the expert
+      on some capability (interval < 0); refuted if on every capability the interval
+      excludes a loss larger than the margin; else inconclusive.
+  (b) mopd_absorbs_less: the same test for the MOPD student against each expert.
+  (c) copd_beats_all: supported if merged CoPD is at least each expert on its own
+      capability (interval excludes a loss larger than the margin) AND significantly
+      above mixed RLVR and MOPD overall; refuted if some expert is significantly better
+      on its capability or mixed RLVR / MOPD is significantly better overall; else
+      inconclusive.
+  The margin is EQUIVALENCE_MARGIN_POINTS."""
+  margin = EQUIVALENCE_MARGIN_POINTS
+  out = {}
 
+  def loses_somewhere(student):
+    if student not in models or not all(f"{c.capitalize()} expert" in models for c in CAPS):
+      return {"verdict": "inconclusive", "why": f"{student} or an expert has not run"}
+    diffs = {c: _diff(models, student, f"{c.capitalize()} expert", [c]) for c in CAPS}
+    if any(high < 0 for _, _, high in diffs.values()):
+      verdict = "supported"
+    elif all(low > -margin for _, low, _ in diffs.values()):
+      verdict = "refuted"
+    else:
+      verdict = "inconclusive"
+    return {"verdict": verdict, "minus_expert_points": {
+        c: {"mean": round(m, 2), "ci95": [round(lo, 2), round(hi, 2)]}
+        for c, (m, lo, hi) in diffs.items()}}
+
+  out["mixed_loses_somewhere"] = loses_somewhere("Mixed RLVR")
+  out["mopd_absorbs_less"] = loses_somewhere("MOPD")
+  copd = "CoPD (merged)"
+  needed = [copd, "Mixed RLVR", "MOPD"] + [f"{c.capitalize()} expert" for c in CAPS]
+  if not all(n in models for n in needed):
+    out["copd_beats_all"] = {"verdict": "inconclusive", "why": "not every method has run"}
+  else:
+    vs_expert = {c: _diff(models, copd, f"{c.capitalize()} expert", [c]) for c in CAPS}
+    vs_mixed = _diff(models, copd, "Mixed RLVR", CAPS)
+    vs_mopd = _diff(models, copd, "MOPD", CAPS)
+    if (all(low > -margin for _, low, _ in vs_expert.values()) and vs_mixed[1] > 0
+        and vs_mopd[1] > 0):
+      verdict = "supported"
+    elif (any(high < 0 for _, _, high in vs_expert.values()) or vs_mixed[2] < 0
+          or vs_mopd[2] < 0):
+      verdict = "refuted"
+    else:
+      verdict = "inconclusive"
+    fmt = lambda d: {"mean": round(d[0], 2), "ci95": [round(d[1], 2), round(d[2], 2)]}
+    out["copd_beats_all"] = {"verdict": verdict,
+                             "minus_expert_own_points": {c: fmt(d) for c, d in vs_expert.items()},
+                             "minus_mixed_overall_points": fmt(vs_mixed),
+                             "minus_mopd_overall_points": fmt(vs_mopd)}
+  return out
+
+
+# ----------------------------------------------------------------------- reporting
 
 def read_jsonl(path):
+  if not os.path.exists(path):
+    return []
   with open(path) as f:
     return [json.loads(line) for line in f]
 
 
-def plot(args, seeds):
+def final_overlap(args, seeds, run: str) -> float | None:
+  """Mean over seeds of the last between-branch top-10 overlap logged by `run`."""
+  values = []
+  for seed in seeds:
+    recs = [r for r in read_jsonl(f"{args.runs}/seed{seed}/{run}/metrics.jsonl")
+            if "eval/overlap/branches_mean" in r]
+    if recs:
+      values.append(recs[-1]["eval/overlap/branches_mean"])
+  return float(np.mean(values)) if len(values) == len(seeds) else None
+
+
+def series(args, seeds, run: str, key: str):
+  """(steps, f64[S, T]) of a logged metric, truncated to the shortest seed."""
+  per_seed = []
+  for seed in seeds:
+    recs = [r for r in read_jsonl(f"{args.runs}/seed{seed}/{run}/metrics.jsonl") if key in r]
+    per_seed.append(([r["step"] for r in recs], [r[key] for r in recs]))
+  n = min(len(v) for _, v in per_seed) if per_seed else 0
+  if n == 0:
+    return None
+  return np.asarray(per_seed[0][0][:n]), np.asarray([v[:n] for _, v in per_seed], np.float64)
+
+
+def plot(args, seeds, out_dir):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  curves = {  # method -> (run dir, metric key pattern per capability)
-      "experts (own capability)": ("experts", "eval/{cap}/accuracy/{cap}"),
+  def band(ax, data, label):
+    if data is None:
+      return
+    steps, values = data
+    mean, std = values.mean(0), values.std(0)
+    ax.plot(steps, mean, marker="o", ms=3, label=label)
+    ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+
+  curves = {  # label -> (run, metric key pattern per capability)
+      "own expert": ("experts", "eval/{cap}/accuracy/{cap}"),
       "mixed RLVR": ("mixed_rlvr", "eval/text+image+video/accuracy/{cap}"),
       "CoPD merged": ("copd", "eval/merged/accuracy/{cap}"),
-      "MOPD student": ("mopd", "eval/student/accuracy/{cap}"),
+      "MOPD student (after its experts)": ("mopd", "eval/student/accuracy/{cap}"),
   }
   fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
   for ax, cap in zip(axes, CAPS):
-    for label, (run_dir, pattern) in curves.items():
-      key = pattern.format(cap=cap)
-      steps, values = [], []
-      for seed in seeds:
-        recs = [r for r in read_jsonl(f"{args.runs}/seed{seed}/{run_dir}/metrics.jsonl") if key in r]
-        steps.append([r["step"] for r in recs])
-        values.append([r[key] for r in recs])
-      n = min(len(v) for v in values)
-      if n == 0:
-        continue
-      ax.plot(steps[0][:n], np.mean([v[:n] for v in values], 0), marker="o", label=label)
-    ax.set_title(f"{cap}: held-out accuracy (prefix, mean over seeds)")
-    ax.set_xlabel("optimizer step (MOPD: after its experts stage)")
-  axes[0].set_ylabel("accuracy")
+    for label, (run, pattern) in curves.items():
+      band(ax, series(args, seeds, run, pattern.format(cap=cap)), label)
+    ax.set_title(f"{cap}: held-out accuracy (in-training eval subset)")
+    ax.set_xlabel("optimizer step of the run")
+  axes[0].set_ylabel(f"accuracy (mean ± std over {len(seeds)} seeds)")
   axes[0].legend()
   fig.tight_layout()
-  fig.savefig(os.path.join(args.out, "accuracy_vs_step.png"), dpi=100)
+  fig.savefig(os.path.join(out_dir, "accuracy_vs_step.png"), dpi=100)
+  plt.close(fig)
 
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for run_dir, key, label in (("copd", "eval/overlap/branches_mean", "CoPD: between branches"),
-                              ("experts", "eval/overlap/branches_mean", "experts: between branches"),
-                              ("copd", "eval/overlap/with_base_mean", "CoPD: with base"),
-                              ("experts", "eval/overlap/with_base_mean", "experts: with base")):
-    series = []
-    for seed in seeds:
-      recs = [r for r in read_jsonl(f"{args.runs}/seed{seed}/{run_dir}/metrics.jsonl") if key in r]
-      series.append(([r["step"] for r in recs], [r[key] for r in recs]))
-    n = min(len(s[1]) for s in series)
-    ax.plot(series[0][0][:n], np.mean([s[1][:n] for s in series], 0), marker="o", label=label)
+  fig, ax = plt.subplots(figsize=(8, 4))
+  for run, key, label in (("copd", "eval/overlap/branches_mean", "CoPD: between branches"),
+                          ("experts", "eval/overlap/branches_mean", "experts: between branches"),
+                          ("copd", "eval/overlap/with_base_mean", "CoPD: with base"),
+                          ("experts", "eval/overlap/with_base_mean", "experts: with base")):
+    band(ax, series(args, seeds, run, key), label)
   ax.set_xlabel("step")
-  ax.set_ylabel("top-10 overlap")
+  ax.set_ylabel(f"top-10 overlap (mean ± std over {len(seeds)} seeds)")
   ax.legend()
   fig.tight_layout()
-  fig.savefig(os.path.join(args.out, "overlap_vs_step.png"), dpi=100)
+  fig.savefig(os.path.join(out_dir, "overlap_vs_step.png"), dpi=100)
+  plt.close(fig)
+
+
+def fmt_cell(d) -> str:
+  return f"{d['mean']:.1f} [{d['ci95'][0]:.1f}, {d['ci95'][1]:.1f}]"
+
+
+def markdown_table(table: dict, caps, title: str) -> str:
+  names = list(table)
+  lines = [f"| {title} | " + " | ".join(caps) + " | overall |", "|---" * (len(caps) + 2) + "|"]
+  for name in names:
+    lines.append(f"| {name} | " + " | ".join(fmt_cell(table[name][c]) for c in list(caps) + ["overall"]) + " |")
+  return "\n".join(lines)
+
+
+def write_results(args, seeds, done, command, minutes, out_dir) -> dict:
+  models = model_rewards(args, seeds, done)
+  three = {k: v for k, v in models.items() if all(c in v for c in CAPS)}
+  two = {k: v for k, v in models.items() if k in ("Base", "Image expert", "Text expert")
+         or set(v) == set(TWO)}
+  own_gain = {c: stats.paired_difference_ci(models[f"{c.capitalize()} expert"][c],
+                                            models["Base"][c])
+              for c in CAPS if f"{c.capitalize()} expert" in models}
+  result = {
+      "command": command, "minutes": round(minutes, 1), "quick": args.quick,
+      "eval_examples_per_capability": args.eval_examples, "seeds": seeds,
+      "runs_finished": sorted(f"seed{s}/{r}" for s, r in done),
+      "expert_own_gain_points": {c: round(100 * v, 2) for c, (v, _) in own_gain.items()},
+      "expert_own_gain_ci95": {c: [round(100 * lo, 2), round(100 * hi, 2)]
+                               for c, (_, (lo, hi)) in own_gain.items()},
+      "expert_pair_overlap_final": final_overlap(args, seeds, "experts"),
+      "copd_pair_overlap_final": final_overlap(args, seeds, "copd"),
+      "transfer_matrix_points": transfer_matrix(models),
+      "accuracy_points": accuracy_table(three, CAPS),
+      "minus_copd_points": paired_to(three, "CoPD (merged)", CAPS),
+      "accuracy_points_two_branch": accuracy_table(two, TWO),
+      "minus_copd_two_branch_points": paired_to(two, "CoPD 2-branch (merged)", TWO),
+      "claims": {},
+      "claims_detail": {},
+  }
+  detail = claims(three)
+  result["claims"] = {k: v["verdict"] for k, v in detail.items()}
+  result["claims_detail"] = detail
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(result, f, indent=1)
+
+  lines = [f"# Toy-suite reproduction\n\nMade by `{command}` ({minutes:.0f} minutes of "
+           f"runs in this invocation); seeds {seeds}; {args.eval_examples} held-out items per "
+           "capability. Cells: accuracy in points, mean over seeds [95% interval, bootstrap "
+           "over seeds and items]. The base is one shared policy.\n",
+           "## Three branches (text, image, video)\n", markdown_table(result["accuracy_points"], CAPS, "model")]
+  if result["minus_copd_points"]:
+    lines += ["\n### Paired difference to merged CoPD (model − CoPD, same items and seeds)\n",
+              markdown_table(result["minus_copd_points"], CAPS, "model − CoPD")]
+  if result["transfer_matrix_points"]:
+    lines += ["\n### Transfer: each expert's gain over the base on every capability\n",
+              markdown_table({f"{k} expert": {**v, "overall": points(stats.paired_difference_ci(
+                  overall(models[f"{k.capitalize()} expert"], CAPS), overall(models["Base"], CAPS)))}
+                  for k, v in result["transfer_matrix_points"].items()}, CAPS, "expert")]
+  if len(result["accuracy_points_two_branch"]) > 3:
+    lines += ["\n## Two branches (text + image)\n",
+              markdown_table(result["accuracy_points_two_branch"], TWO, "model")]
+  lines += [f"\nExpert pair top-10 overlap at the end: {result['expert_pair_overlap_final']}; "
+            f"CoPD branches: {result['copd_pair_overlap_final']}.\n",
+            "## Claims\n", "```", json.dumps(detail, indent=1), "```",
+            "\n![accuracy](accuracy_vs_step.png)\n\n![overlap](overlap_vs_step.png)\n"]
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write("\n".join(lines))
+  try:
+    plot(args, seeds, out_dir)
+  except ImportError:
+    print("matplotlib not installed (pip install -e '.[plots]'): no plots", flush=True)
+  return result
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--quick", action="store_true", help="10 steps per stage, 64 eval examples")
-  parser.add_argument("--out", default="experiments/results")
-  parser.add_argument("--runs", default="runs/reproduce")
-  parser.add_argument("--base_dir", default="runs/base_policy")
+  parser.add_argument("--seeds", default=None, help="comma-separated; default 0,1,2 (quick: 0)")
+  parser.add_argument("--quick", action="store_true",
+                      help="experts only, one seed, --quick_steps steps, 300 eval items")
+  parser.add_argument("--quick_steps", type=int, default=30)
+  parser.add_argument("--eval_examples", type=int, default=None,
+                      help="held-out items per capability (default 1000; quick: 300)")
+  parser.add_argument("--out", default=None, help="default experiments/results[/quick]")
+  parser.add_argument("--runs", default=None, help="default runs/reproduce[_quick]")
+  parser.add_argument("--base_dir", default="experiments/results/base_policy")
   args = parser.parse_args(argv)
-  seeds = [int(s) for s in args.seeds.split(",")]
+  seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
+  args.eval_examples = args.eval_examples or (300 if args.quick else 1000)
+  args.out = args.out or ("experiments/results/quick" if args.quick else "experiments/results")
+  args.runs = args.runs or ("runs/reproduce_quick" if args.quick else "runs/reproduce")
   os.makedirs(args.out, exist_ok=True)
-  start = time.perf_counter()
-  base = run(make_config("base", 0, os.path.join(args.runs, "base"), args))
-  per_seed = [run_seed(seed, args) for seed in seeds]
-  minutes = (time.perf_counter() - start) / 60
   command = "python experiments/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump({"command": command, "minutes": minutes, "seeds": seeds, "base": base,
-               "runs": per_seed}, f, indent=1)
-  base_acc = {k: v for k, v in base.items() if k.startswith("accuracy/")}
-  text = [f"# Toy-suite reproduction\n\nMade by `{command}` in {minutes:.0f} minutes on "
-          f"this 2-core CPU; seeds {seeds}; held-out accuracy (%) on "
-          f"{base['eval_examples_per_capability']} examples per capability, mean ± std over "
-          "seeds (the base is one shared policy). Bold: best column per row.\n",
-          "## Three branches (text, image, video)\n", table(columns_three(base_acc, per_seed), CAPS),
-          "\n## Two branches (text + image)\n", table(columns_two(base_acc, per_seed), ("text", "image")),
-          "\n![accuracy](accuracy_vs_step.png)\n\n![overlap](overlap_vs_step.png)\n"]
-  with open(os.path.join(args.out, "results.md"), "w") as f:
-    f.write("\n".join(text))
-  plot(args, seeds)
-  print("\n".join(text))
-  print(json.dumps({"minutes": round(minutes, 1), "seeds": seeds}))
+  start = time.perf_counter()
+  base = run_or_load(make_config("base", 0, os.path.join(args.runs, "base"), args))
+  done = set()
+  # Method by method over all seeds, rewriting the results after each method, so an
+  # interrupted reproduction already reports every method that finished on every seed.
+  plan = {seed: seed_runs(seed, args) for seed in seeds}
+  for name in plan[seeds[0]]:
+    for seed in seeds:
+      method, overrides, workdir = plan[seed][name]
+      run_or_load(make_config(method, seed, workdir, args, **overrides))
+      done.add((seed, name))
+    result = write_results(args, seeds, done, command, (time.perf_counter() - start) / 60,
+                           args.out)
+  print(json.dumps({k: result[k] for k in ("eval_examples_per_capability", "seeds",
+                                           "expert_own_gain_points", "expert_own_gain_ci95",
+                                           "expert_pair_overlap_final", "claims")}))
+  return base
 
 
 if __name__ == "__main__":

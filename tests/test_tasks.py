@@ -422,3 +422,65 @@ def test_batching_errors_name_the_example(tok, mixed_examples):
     tasks.encode_prompts([], tok, max_prompt_len=40, **kw)
   with pytest.raises(ValueError, match="max_prompt_len"):
     tasks.encode_prompts(mixed_examples, tok, max_prompt_len=0, **kw)
+
+
+# ------------------------------------------------------------ flawed demonstrations
+
+def _with_solution(cap, solution, answer):
+  frames = None if cap == "text" else np.zeros((1 if cap == "image" else 4, 32, 32, 3), np.float32)
+  return tasks.Example(cap, "q?", answer, solution, frames)
+
+
+@pytest.mark.parametrize("cap,solution,answer,flawed", [
+    # text: every subtraction written as an addition, values carried through the steps
+    ("text", "20-7=13;13+2=15#15", "15", "20+7=27;27+2=29#29"),
+    ("text", "3*4=12;12-5=7#7", "7", "3*4=12;12+5=17#17"),
+    ("text", "12+6+16=34#34", "34", "12+6+16=34#34"),  # nothing to slip
+    # image: the last term of the count / sum is dropped
+    ("image", "1+0+2+1=4#4", "4", "1+0+2=3#3"),
+    ("image", "3+1=4#4", "4", "3#3"),
+    ("image", "3-2=1#1", "1", "3#3"),
+    # video: the first term (first frame / move / start column) is dropped
+    ("video", "1+0+3+3=7#7", "7", "0+3+3=6#6"),
+    ("video", "3-1-0-1=1#1", "1", "1-0-1=0#0"),
+])
+def test_flawed_solution_by_hand(cap, solution, answer, flawed):
+  assert tasks.flawed_solution(_with_solution(cap, solution, answer)) == flawed
+
+
+@pytest.mark.parametrize("cap", CAPS)
+def test_flawed_solutions_are_consistent_and_fit(cap):
+  # The flawed trace is arithmetic done right on the wrong procedure: every equation
+  # holds and the answer is the last result; and it fits the response budget.
+  _, longest = tasks.max_text_chars(cap, 2)
+  changed = 0
+  for ex in examples(cap, 300, difficulty=2, seed=3):
+    flawed = tasks.flawed_solution(ex)
+    trace, answer = flawed.rsplit(ANSWER_MARKER, 1)
+    for equation in trace.split(";"):
+      if "=" in equation:
+        lhs, rhs = equation.split("=")
+        terms, ops = tasks._parse_equation(lhs)
+        assert tasks._apply_ops(terms, ops) == int(rhs), flawed
+    assert answer == (trace.split(";")[-1].split("=")[-1])
+    assert len(flawed) <= longest
+    changed += reward(flawed, ex.answer) == 0
+  assert 0.3 < changed / 300 < 0.9  # the flaw usually, not always, changes the answer
+
+
+def test_with_flawed_demonstrations_rate_and_determinism():
+  stream = lambda: tasks.mixed_train_stream({"text": 1, "image": 1}, seed=2, difficulty=1)
+  rates = {"text": 0.5, "image": 0.0}
+  a = list(itertools.islice(tasks.with_flawed_demonstrations(stream(), rates, seed=4), 400))
+  b = list(itertools.islice(tasks.with_flawed_demonstrations(stream(), rates, seed=4), 400))
+  plain = list(itertools.islice(stream(), 400))
+  assert [x.solution for x in a] == [x.solution for x in b]
+  # Questions and answers are untouched; image (rate 0) keeps every solution.
+  assert [(x.question, x.answer) for x in a] == [(x.question, x.answer) for x in plain]
+  assert all(x.solution == p.solution for x, p in zip(a, plain) if x.capability == "image")
+  text = [(x, p) for x, p in zip(a, plain) if x.capability == "text"]
+  flawed = [x.solution == tasks.flawed_solution(p) != p.solution for x, p in text]
+  could = [tasks.flawed_solution(p) != p.solution for _, p in text]
+  assert 0.35 < sum(flawed) / sum(could) < 0.65
+  with pytest.raises(ValueError, match=r"flaw_rate\['text'\]"):
+    next(tasks.with_flawed_demonstrations(stream(), {"text": 1.5}, seed=0))

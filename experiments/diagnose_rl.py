@@ -1,0 +1,137 @@
+"""Does GRPO have signal on this base? Per capability, on a VALIDATION split (train-split
+examples of a stream seed no run uses, so never the eval set):
+
+  greedy_pass1     accuracy of the greedy response
+  mean_reward_t1   mean reward of `--samples` responses at temperature 1 (pass@1 at T=1)
+  pass_at_k        fraction of prompts with at least one correct response among them
+  zero_variance    fraction of prompts whose `--samples` rewards are all equal (no GRPO
+                   gradient from that group)
+
+If pass@k is far above pass@1, the right answer is usually among the samples and GRPO has
+something to sharpen. With `--rl_steps N` it also trains the experts for N steps and
+reports each step's gradient norm, update norm and largest single-weight change.
+
+    python experiments/diagnose_rl.py [--config configs/experts.py] [--examples 512] \
+        [--rl_steps 10] [--set rl.learning_rate=3e-4] [--workdir /tmp/diagnose_rl]
+
+Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+
+import numpy as np
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+from copd_jax import default_config, evaluation, policy_setup, sampling  # noqa: E402
+from copd_jax import tasks, verifiers, warm_start  # noqa: E402
+
+VALIDATION_SEED = 424242  # a train-stream seed no run draws from
+
+
+def validation_set(cfg, setup, capability: str, n: int) -> list[tasks.Example]:
+  """n train-split examples of `capability` from the validation stream seed."""
+  stream = tasks.train_stream(capability, seed=VALIDATION_SEED,
+                              difficulty=cfg.tasks.difficulty[capability], **setup.example_kwargs)
+  return [next(stream) for _ in range(n)]
+
+
+def sampled_rewards(params, setup, examples, samples: int, max_new_tokens: int,
+                    batch_size: int, seed: int) -> np.ndarray:
+  """Rewards f32[N, samples] of `samples` temperature-1 responses per example."""
+  cfg = sampling.SamplingConfig(
+      max_new_tokens=max_new_tokens, temperature=1.0, stop_token_ids=(setup.tokenizer.eos_id,),
+      banned_token_ids=policy_setup.never_generated_ids(setup.tokenizer))
+  out = []
+  for start in range(0, len(examples), batch_size):
+    chunk = list(examples[start:start + batch_size])
+    padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape
+    batch = setup.encode_prompts(padded)
+    rollout = sampling.generate(params, setup.model_cfg, batch.tokens, batch.mask, batch.frames,
+                                jax.random.key(seed + start), cfg, samples)
+    tokens = np.asarray(rollout.tokens)[: len(chunk)].reshape(len(chunk) * samples, -1)
+    mask = np.asarray(rollout.mask)[: len(chunk)].reshape(len(chunk) * samples, -1)
+    responses = evaluation.decode_responses(tokens, mask, setup.tokenizer)
+    repeated = [ex for ex in chunk for _ in range(samples)]
+    out.append(verifiers.rewards_for(responses, repeated).reshape(len(chunk), samples))
+  return np.concatenate(out).astype(np.float32)
+
+
+def signal_report(params, cfg, setup, examples_per_capability: int, samples: int) -> dict:
+  """{capability: {greedy_pass1, mean_reward_t1, pass_at_k, zero_variance}}."""
+  report = {}
+  for cap in cfg.tasks.capabilities:
+    examples = validation_set(cfg, setup, cap, examples_per_capability)
+    greedy = evaluation.greedy_responses_stacked(
+        jax.tree.map(lambda x: x[None], params), setup, examples,
+        cfg.sampling.max_new_tokens, cfg.eval.batch_size)[0]
+    rewards = sampled_rewards(params, setup, examples, samples, cfg.sampling.max_new_tokens,
+                              max(1, cfg.eval.batch_size // samples), seed=cfg.seed)
+    report[cap] = {
+        "greedy_pass1": float(verifiers.rewards_for(greedy, examples).mean()),
+        "mean_reward_t1": float(rewards.mean()),
+        f"pass_at_{samples}": float((rewards.max(axis=1) > 0).mean()),
+        "zero_variance": float((rewards.min(axis=1) == rewards.max(axis=1)).mean()),
+    }
+  return report
+
+
+def rl_step_report(cfg, setup, base, steps: int) -> dict:
+  """Trains cfg's method for `steps` steps; per-step grad / update size per branch."""
+  from copd_jax import methods
+  from copd_jax.run_log import MetricsWriter
+  cfg.rl.steps = steps
+  cfg.rl.eval_every = 10 ** 6  # no evaluation inside: only the step statistics matter
+  cfg.rl.diagnostics_every = 10 ** 6
+  cfg.checkpoint.every_steps = 0
+  writer = MetricsWriter(cfg.workdir)
+  methods.run_rl_method(cfg, setup, base, writer)
+  writer.close()
+  rows = [json.loads(line) for line in open(os.path.join(cfg.workdir, "metrics.jsonl"))]
+  # Logged per branch as train/<branch>/<metric>; averaged over branches here.
+  per_step = [r for r in rows if any(k.endswith("/grad_norm") for k in r)]
+  out = {}
+  for key in ("grad_norm", "update_norm", "update_max_abs", "reward/native"):
+    values = [[v for k, v in r.items() if k.startswith("train/") and k.endswith(f"/{key}")]
+              for r in per_step]
+    out[key] = [round(float(np.mean(v)), 6) for v in values if v]
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--method", default="experts")
+  parser.add_argument("--examples", type=int, default=512, help="per capability")
+  parser.add_argument("--samples", type=int, default=8)
+  parser.add_argument("--rl_steps", type=int, default=0)
+  parser.add_argument("--set", action="append", default=[], help="dotted.field=value")
+  parser.add_argument("--workdir", default="/tmp/diagnose_rl")
+  args = parser.parse_args()
+  cfg = default_config.get(args.method, "toy")
+  cfg.workdir = args.workdir
+  for item in args.set:
+    field, value = item.split("=", 1)
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass
+    default_config.set_field(cfg, field, value)
+  setup = policy_setup.build_setup(cfg)
+  base, _ = warm_start.get_base_policy(cfg, setup)
+  result = {"settings": args.set, "examples_per_capability": args.examples,
+            "signal": signal_report(base, cfg, setup, args.examples, args.samples)}
+  for cap, r in result["signal"].items():
+    print(cap, {k: round(v, 3) for k, v in r.items()}, flush=True)
+  if args.rl_steps:
+    result["rl_steps"] = rl_step_report(cfg, setup, base, args.rl_steps)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
