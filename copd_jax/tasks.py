@@ -10,9 +10,14 @@ so what one branch learns about adding and subtracting small numbers can help an
   video  "dots in all?"          -> "1+0+2+1=4#4"   (dots per frame)
 
 Generators are pure functions of (capability, index, seed, difficulty, sizes, split):
-`make_example` is random access, so grain can wrap it as a MapDataset source. Train and
-eval partition the example space by content hash (eval keeps bucket 0, train every
-other bucket), so no train example can ever equal an eval example.
+`make_example` is random access, so grain can wrap it as a MapDataset source. Train,
+validation and eval partition the example space by content hash (eval keeps bucket 0,
+validation bucket 1, train the other six), so no two splits can share an example.
+Hyper-parameters are chosen on validation; results are reported on eval.
+
+The base policy is SFT'd on worked solutions some of which show a flawed procedure (see
+"flawed demonstrations" below): RL's job on this suite is to make the base prefer the
+right procedure, which it can sample but does not choose greedily.
 
 Images are `image_size` square, a grid of 8x8 cells aligned with 8x8 ViT patches; each
 object fills one cell. Character lengths are token lengths under ToyTokenizer;
@@ -34,13 +39,16 @@ from copd_jax.tokenizer import Tokenizer
 from copd_jax.verifiers import ANSWER_MARKER
 
 CAPABILITIES = ("text", "image", "video")
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval", "validation")
 MAX_DIFFICULTY = 3
 CELL_SIZE = 8  # pixels per grid cell = the ViT patch size the images are drawn for
 MIN_IMAGE_SIZE = 32  # a 4x4 grid: room for the 10 objects of the hardest image level
 MAX_NUM_FRAMES = 9  # per-frame traces stay short
-NUM_HASH_BUCKETS = 8  # eval gets 1/8 of the example space, train the other 7/8
+NUM_HASH_BUCKETS = 8  # eval and validation get 1/8 of the example space each, train 6/8
 EVAL_BUCKET = 0
+VALIDATION_BUCKET = 1  # for choosing hyper-parameters: never trained on, never reported
+SPLIT_BUCKETS = {"eval": frozenset({EVAL_BUCKET}), "validation": frozenset({VALIDATION_BUCKET}),
+                 "train": frozenset(range(NUM_HASH_BUCKETS)) - {EVAL_BUCKET, VALIDATION_BUCKET}}
 
 COLOURS = {  # name -> RGB in [0, 1]
     "red": (1.0, 0.15, 0.1),
@@ -573,7 +581,8 @@ def make_example(capability: str, index: int, *, seed: int, difficulty: int,
 
   A pure function of its arguments. Draws from an RNG keyed by (seed, capability,
   split, index) until the example's content hash lands in the split's buckets (eval:
-  EVAL_BUCKET only; train: all others), so the two splits can never share an example.
+  EVAL_BUCKET only; validation: VALIDATION_BUCKET only; train: all others), so no two
+  splits can ever share an example.
   """
   _check_generator_args(capability, difficulty, image_size, num_frames)
   _check_int("index", index, 0)
@@ -584,7 +593,7 @@ def make_example(capability: str, index: int, *, seed: int, difficulty: int,
       [int(seed), CAPABILITIES.index(capability), SPLITS.index(split), int(index)])
   for _ in range(_MAX_SPLIT_TRIES):
     example = _draw_example(rng, capability, difficulty, image_size, num_frames)
-    if (hash_bucket(example) == EVAL_BUCKET) == (split == "eval"):
+    if hash_bucket(example) in SPLIT_BUCKETS[split]:
       return example
   raise RuntimeError(f"no {split} example found for {capability} at index {index} "
                      f"after {_MAX_SPLIT_TRIES} draws")
@@ -618,6 +627,16 @@ def eval_set(capability: str, n: int, *, seed: int, difficulty: int, image_size:
   _check_int("n", n, 1)
   return [make_example(capability, i, seed=seed, difficulty=difficulty, image_size=image_size,
                        num_frames=num_frames, split="eval") for i in range(n)]
+
+
+def validation_set(capability: str, n: int, *, seed: int, difficulty: int, image_size: int = 32,
+                   num_frames: int = 4) -> list[Example]:
+  """n examples of the validation split (hyper-parameter choice; disjoint from train and
+  eval): make_example(capability, i, split='validation') for i < n."""
+  _check_generator_args(capability, difficulty, image_size, num_frames)
+  _check_int("n", n, 1)
+  return [make_example(capability, i, seed=seed, difficulty=difficulty, image_size=image_size,
+                       num_frames=num_frames, split="validation") for i in range(n)]
 
 
 def _difficulty_of(difficulty: int | Mapping[str, int], capability: str) -> int:

@@ -1,5 +1,5 @@
-"""Does GRPO have signal on this base? Per capability, on a VALIDATION split (train-split
-examples of a stream seed no run uses, so never the eval set):
+"""Does GRPO have signal on this base? Per capability, on the VALIDATION split (disjoint from
+train and eval; never the eval set):
 
   greedy_pass1     accuracy of the greedy response
   mean_reward_t1   mean reward of `--samples` responses at temperature 1 (pass@1 at T=1)
@@ -32,14 +32,10 @@ import jax  # noqa: E402
 from copd_jax import default_config, evaluation, policy_setup, sampling  # noqa: E402
 from copd_jax import tasks, verifiers, warm_start  # noqa: E402
 
-VALIDATION_SEED = 424242  # a train-stream seed no run draws from
-
-
 def validation_set(cfg, setup, capability: str, n: int) -> list[tasks.Example]:
-  """n train-split examples of `capability` from the validation stream seed."""
-  stream = tasks.train_stream(capability, seed=VALIDATION_SEED,
+  """n examples of the validation split (disjoint from train and eval)."""
+  return tasks.validation_set(capability, n, seed=cfg.tasks.seed,
                               difficulty=cfg.tasks.difficulty[capability], **setup.example_kwargs)
-  return [next(stream) for _ in range(n)]
 
 
 def sampled_rewards(params, setup, examples, samples: int, max_new_tokens: int,

@@ -1,5 +1,5 @@
-"""Pick RL hyper-parameters on a VALIDATION set (train-split examples of another seed),
-never on the held-out eval set the results report.
+"""Pick RL hyper-parameters on the VALIDATION split (tasks.validation_set: disjoint from
+train and eval), never on the held-out eval set the results report.
 
     python experiments/tune_rl.py --method experts --set rl.learning_rate=3e-5 --set rl.native_prompts=16
 
@@ -17,17 +17,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from copd_jax import default_config, methods, policy_setup, tasks, warm_start  # noqa: E402
 from copd_jax.run_log import MetricsWriter  # noqa: E402
 
-VALIDATION_SEED = 424242
-
-
 def validation_sets(cfg, setup):
-  """Train-split examples from a stream seed no run uses: disjoint from the eval split."""
-  out = {}
-  for cap in cfg.rl.capabilities:
-    stream = tasks.train_stream(cap, seed=VALIDATION_SEED, difficulty=cfg.tasks.difficulty[cap],
-                                **setup.example_kwargs)
-    out[cap] = [next(stream) for _ in range(cfg.eval.num_examples)]
-  return out
+  """The validation split (tasks.validation_set): disjoint from train and eval."""
+  return {cap: tasks.validation_set(cap, cfg.eval.num_examples, seed=cfg.tasks.seed,
+                                    difficulty=cfg.tasks.difficulty[cap], **setup.example_kwargs)
+          for cap in cfg.rl.capabilities}
 
 
 def main():

@@ -70,6 +70,24 @@ def test_eval_never_overlaps_train(cap, difficulty):
     assert {ex.question for ex in train}.isdisjoint({ex.question for ex in held_out})
 
 
+@pytest.mark.parametrize("cap, difficulty", [("text", 0), ("text", 1), ("image", 1), ("video", 1)])
+def test_train_validation_eval_are_disjoint(cap, difficulty):
+  train = list(itertools.islice(tasks.train_stream(cap, seed=0, difficulty=difficulty), 2000))
+  validation = tasks.validation_set(cap, 200, seed=0, difficulty=difficulty)
+  held_out = tasks.eval_set(cap, 200, seed=0, difficulty=difficulty)
+  keys = [{ex.key() for ex in split} for split in (train, validation, held_out)]
+  assert keys[0].isdisjoint(keys[1]) and keys[0].isdisjoint(keys[2]) and keys[1].isdisjoint(keys[2])
+  assert all(tasks.hash_bucket(ex) == tasks.VALIDATION_BUCKET for ex in validation)
+  assert all(tasks.hash_bucket(ex) not in (tasks.EVAL_BUCKET, tasks.VALIDATION_BUCKET)
+             for ex in train)
+  if cap == "text":
+    questions = [{ex.question for ex in split} for split in (train, validation, held_out)]
+    assert questions[0].isdisjoint(questions[1]) and questions[1].isdisjoint(questions[2])
+  # Pure: the same call gives the same examples.
+  again = tasks.validation_set(cap, 200, seed=0, difficulty=difficulty)
+  assert all(same(a, b) for a, b in zip(validation, again))
+
+
 def test_eval_set_is_fixed_and_varied():
   a = tasks.eval_set("text", 50, seed=9, difficulty=2)
   b = tasks.eval_set("text", 50, seed=9, difficulty=2)
