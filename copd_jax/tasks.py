@@ -461,10 +461,14 @@ def _make_video(rng: np.random.Generator, difficulty: int, image_size: int,
 #          "12+7=19;19-3=16#16" -> "12+7=19;19+3=22#22"
 #   image  drops the LAST term of its count/sum (the bottom grid row, the last colour)
 #          "1+0+2+1=4#4" -> "1+0+2=3#3"
-#   video  drops the FIRST term (the first frame, the first move, the start column)
-#          "1+0+2+1=4#4" -> "0+2+1=3#3"
+#   video  counts the LAST term twice (the last frame, the last move)
+#          "1+0+2+1=4#4" -> "1+0+2+1+1=5#5"
+# A flaw that skips a frame would also stop the base from practising to perceive it, and
+# then the right procedure is no more accurate than the flawed one at temperature 1 (we
+# measured that: RL had nothing to prefer); counting the last frame twice keeps every
+# frame described, so the choice is the aggregation alone.
 
-FLAW_KINDS = {"text": "sign_slip", "image": "drop_last_term", "video": "drop_first_term"}
+FLAW_KINDS = {"text": "sign_slip", "image": "drop_last_term", "video": "repeat_last_term"}
 
 
 def _parse_equation(equation: str) -> tuple[list[int], list[str]]:
@@ -521,6 +525,14 @@ def _drop_term(trace: str, which: int) -> str:
   return _equation(terms, ops)
 
 
+def _repeat_last_term(trace: str) -> str:
+  """'1+0+2=3' -> '1+0+2+2=5': the last term once more, with the same operator."""
+  terms, ops = _parse_equation(trace)
+  if ";" in trace or len(terms) < 2:
+    return trace
+  return _equation(terms + [terms[-1]], ops + [ops[-1]])
+
+
 def flawed_solution(example: Example) -> str:
   """The example's worked solution done with its capability's flawed procedure (see
   FLAW_KINDS); the trace and the answer after ANSWER_MARKER agree with each other, so
@@ -532,8 +544,10 @@ def flawed_solution(example: Example) -> str:
   kind = FLAW_KINDS[example.capability]
   if kind == "sign_slip":
     flawed = _sign_slip(trace)
+  elif kind == "repeat_last_term":
+    flawed = _repeat_last_term(trace)
   else:
-    flawed = _drop_term(trace, -1 if kind == "drop_last_term" else 0)
+    flawed = _drop_term(trace, -1)
   last = flawed.split(";")[-1]
   answer = last.split("=")[-1] if "=" in last else last
   return f"{flawed}{ANSWER_MARKER}{answer}"

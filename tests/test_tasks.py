@@ -458,9 +458,10 @@ def _with_solution(cap, solution, answer):
     ("image", "1+0+2+1=4#4", "4", "1+0+2=3#3"),
     ("image", "3+1=4#4", "4", "3#3"),
     ("image", "3-2=1#1", "1", "3#3"),
-    # video: the first term (first frame / move / start column) is dropped
-    ("video", "1+0+3+3=7#7", "7", "0+3+3=6#6"),
-    ("video", "3-1-0-1=1#1", "1", "1-0-1=0#0"),
+    # video: the last term (last frame / move) is counted twice, same operator
+    ("video", "1+0+3+2=6#6", "6", "1+0+3+2+2=8#8"),
+    ("video", "3-1-0-1=1#1", "1", "3-1-0-1-1=0#0"),
+    ("video", "0+0+1=1#1", "1", "0+0+1+1=2#2"),
 ])
 def test_flawed_solution_by_hand(cap, solution, answer, flawed):
   assert tasks.flawed_solution(_with_solution(cap, solution, answer)) == flawed
@@ -469,8 +470,10 @@ def test_flawed_solution_by_hand(cap, solution, answer, flawed):
 @pytest.mark.parametrize("cap", CAPS)
 def test_flawed_solutions_are_consistent_and_fit(cap):
   # The flawed trace is arithmetic done right on the wrong procedure: every equation
-  # holds and the answer is the last result; and it fits the response budget.
-  _, longest = tasks.max_text_chars(cap, 2)
+  # holds and the answer is the last result; and it fits the toy configs' response
+  # budget (solution + eos).
+  from copd_jax import default_config
+  longest = default_config.base_config().data.max_response_len - 1
   changed = 0
   for ex in examples(cap, 300, difficulty=2, seed=3):
     flawed = tasks.flawed_solution(ex)
