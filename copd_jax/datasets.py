@@ -48,6 +48,9 @@ from copd_jax import tasks, verifiers
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 DEFAULT_VERIFIER = "math"
+# The fields a record may have; config.data.columns maps them to other column names.
+RECORD_FIELDS = ("prompt", "answer", "capability", "verifier", "images", "video_frames",
+                 "solution", "id")
 MAX_PROMPT_CHARS = 1 << 20
 
 
