@@ -191,11 +191,10 @@ def guarded(main: Callable) -> Callable:
   def wrapper(argv):
     try:
       return main(argv)
-    except USER_ERRORS as e:
+    except (app.UsageError, *USER_ERRORS) as e:
       if _TRACEBACK.value:
         raise
-      print(one_line(e), file=sys.stderr, flush=True)
-      print("(--traceback shows where it was raised)", file=sys.stderr, flush=True)
+      print(one_line(e) + "  (--traceback for details)", file=sys.stderr, flush=True)
       sys.exit(1)
   return wrapper
 

@@ -112,7 +112,9 @@ def run_name(cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any] = (),
 
 
 def _is_name_excluded(field: str) -> bool:
-  return field == "workdir" or field == "checkpoint.resume_changed_config"
+  """Operational overrides stay out of the name: adding --config.checkpoint.every_steps=5
+  to a command still resumes the same run."""
+  return _is_operational(field)
 
 
 def differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
