@@ -71,7 +71,8 @@ def run(cfg) -> dict | None:
     if cfg.method == "base":
       metrics = evaluation.evaluate(params, setup, eval_sets,
                                     max_new_tokens=cfg.sampling.max_new_tokens,
-                                    batch_size=cfg.eval.batch_size)
+                                    batch_size=cfg.eval.batch_size,
+                                    **evaluation.pass_at_k_kwargs(cfg))
       writer.write(cfg.warm_start.steps, {f"eval/{k}": v for k, v in metrics.items()})
       summary.update(metrics)
     else:

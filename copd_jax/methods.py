@@ -468,7 +468,9 @@ def _final_report(ctx: RunContext, stage: trainer.Stage, final, train_seconds: f
   """Full-eval accuracies of the final branches (and merge); saves final_params."""
   cfg, setup, eval_sets, writer = ctx.cfg, ctx.setup, ctx.eval_sets, ctx.writer
   method = cfg.method
-  kwargs = dict(max_new_tokens=cfg.sampling.max_new_tokens, batch_size=cfg.eval.batch_size)
+  # The final evaluation adds pass@k (config.eval.pass_samples > 0) next to greedy accuracy.
+  kwargs = dict(max_new_tokens=cfg.sampling.max_new_tokens, batch_size=cfg.eval.batch_size,
+                **evaluation.pass_at_k_kwargs(cfg))
   branch_acc = evaluation.evaluate_stacked(final, setup, eval_sets, **kwargs)
   names = branch_names(stage)
   summary = {"train_seconds": round(train_seconds, 1), "optimizer_steps": ctx.global_step,
