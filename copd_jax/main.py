@@ -30,6 +30,32 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Validate the config, print it re
                              "(run directory included) and exit 0 without running.")
 
 
+# Logged metrics TensorBoard's HPARAMS tab shows next to the hyperparameters.
+SUMMARY_METRICS = ("eval/accuracy/overall", "eval/merged/accuracy/overall")
+
+
+def make_mirror(cfg):
+  """A run_log.WandbMirror when config.log.wandb is on, else None."""
+  if "log" not in cfg or not cfg.log.wandb:
+    return None
+  from copd_jax import run_dir
+  from copd_jax.run_log import WandbMirror
+  return WandbMirror(cfg.workdir, project=cfg.log.wandb_project, mode=cfg.log.wandb_mode,
+                     name=os.path.basename(os.path.abspath(cfg.workdir)),
+                     config_json=run_dir.config_as_json(cfg))
+
+
+def log_base_completions(cfg, eval_sets, responses: dict, writer) -> None:
+  """The base's greedy responses to the first config.log.completions held-out examples
+  of every capability (copd_jax.methods.eval_completion_records)."""
+  count = int(cfg.log.completions) if "log" in cfg else 0
+  if not count:
+    return
+  from copd_jax import methods
+  writer.write_completions(cfg.warm_start.steps, "eval", methods.eval_completion_records(
+      ["base"], eval_sets, responses, count))
+
+
 def run(cfg) -> dict | None:
   """Runs one config end to end and returns the summary it writes.
 
@@ -57,7 +83,9 @@ def run(cfg) -> dict | None:
     run_dir.write_config(cfg, stored)
   setup = policy_setup.build_setup(cfg)
   eval_sets = policy_setup.held_out_sets(cfg, setup) if cfg.method == "base" else None
-  writer = MetricsWriter(log_dir)
+  writer = MetricsWriter(log_dir, mirror=make_mirror(cfg) if primary else None)
+  if primary:
+    writer.write_config(run_dir.config_as_json(cfg), metric_tags=SUMMARY_METRICS)
   try:
     start = time.perf_counter()
     params, loaded = warm_start.get_base_policy(cfg, setup, writer)
@@ -69,11 +97,13 @@ def run(cfg) -> dict | None:
                "warm_start_seconds": round(warm_seconds, 2),
                "eval_examples_per_capability": cfg.eval.num_examples}
     if cfg.method == "base":
+      responses = {}
       metrics = evaluation.evaluate(params, setup, eval_sets,
                                     max_new_tokens=cfg.sampling.max_new_tokens,
-                                    batch_size=cfg.eval.batch_size,
+                                    batch_size=cfg.eval.batch_size, responses_out=responses,
                                     **evaluation.pass_at_k_kwargs(cfg))
       writer.write(cfg.warm_start.steps, {f"eval/{k}": v for k, v in metrics.items()})
+      log_base_completions(cfg, eval_sets, responses, writer)
       summary.update(metrics)
     else:
       from copd_jax import methods, train_checkpoint
