@@ -230,7 +230,8 @@ def _check_record_files(cfg, field: str, caps) -> None:
       try:
         datasets.resolve_paths(paths)
       except (OSError, ValueError) as e:
-        _fail(f"data.{field}.{cap}", f"must name existing JSONL/Parquet files ({e})", paths)
+        _fail(f"data.{field}.{cap}", f"must name existing JSONL/Parquet files or saved "
+              f"datasets ({e})", paths)
     else:
       _fail(f"data.{field}.{cap}", "must be a path, comma-separated paths or a list of paths",
             paths)
@@ -317,6 +318,11 @@ def validate_records_and_init(cfg: ml_collections.ConfigDict) -> bool:
             "capabilities are domain names: [a-z][a-z0-9_]*", caps)
   _check_record_files(cfg, "train_files", caps)
   _check_record_files(cfg, "eval_files", caps)
+  if cfg.data.get("reader", "builtin") == "datasets":
+    try:
+      datasets.import_datasets()
+    except ValueError as e:
+      _fail("data.reader", str(e), cfg.data.reader)
   return True
 
 
