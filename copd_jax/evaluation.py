@@ -2,7 +2,7 @@
 n sampled responses per prompt with the unbiased estimator (Chen et al., 2021)."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -103,12 +103,14 @@ def greedy_responses_stacked(stacked: Any, setup: RunSetup, examples: Sequence[t
 def evaluate_stacked(stacked: Any, setup: RunSetup, eval_sets: dict[str, list], *,
                      max_new_tokens: int, batch_size: int, pass_samples: int = 0,
                      pass_k: Sequence[int] = (), pass_temperature: float = 1.0,
-                     responses_out: dict | None = None) -> dict[str, np.ndarray]:
+                     responses_out: dict | None = None,
+                     progress: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
   """Held-out accuracy of every branch: {'accuracy/<cap>', 'accuracy/overall',
   'response_chars/<cap>'}, each f32[S]; with pass_samples = n > 0 also
   {'pass@<k>/<cap>', 'pass@<k>/overall'} for every k in pass_k (n samples per prompt at
   pass_temperature, unbiased estimator). responses_out, if given, receives
-  {cap: responses[branch][example]} of the greedy decoding (for completion logs)."""
+  {cap: responses[branch][example]} of the greedy decoding (for completion logs).
+  progress, if given, is called with each capability's name once it is evaluated."""
   metrics = {}
   for cap, examples in eval_sets.items():
     responses = greedy_responses_stacked(stacked, setup, examples, max_new_tokens, batch_size)
@@ -126,6 +128,8 @@ def evaluate_stacked(stacked: Any, setup: RunSetup, eval_sets: dict[str, list], 
                                       max_new_tokens=max_new_tokens, batch_size=batch_size)
       for k in pass_k:
         metrics[f"pass@{k}/{cap}"] = mean_pass_at_k(counts, pass_samples, k)
+    if progress is not None:
+      progress(cap)
   metrics["accuracy/overall"] = np.mean([metrics[f"accuracy/{c}"] for c in eval_sets], axis=0)
   if pass_samples:
     for k in pass_k:

@@ -97,11 +97,13 @@ def run(cfg) -> dict | None:
                "warm_start_seconds": round(warm_seconds, 2),
                "eval_examples_per_capability": cfg.eval.num_examples}
     if cfg.method == "base":
+      from copd_jax.run_log import Phase
       responses = {}
-      metrics = evaluation.evaluate(params, setup, eval_sets,
-                                    max_new_tokens=cfg.sampling.max_new_tokens,
-                                    batch_size=cfg.eval.batch_size, responses_out=responses,
-                                    **evaluation.pass_at_k_kwargs(cfg))
+      with Phase("evaluation", total=len(eval_sets)) as phase:
+        metrics = evaluation.evaluate(params, setup, eval_sets,
+                                      max_new_tokens=cfg.sampling.max_new_tokens,
+                                      batch_size=cfg.eval.batch_size, responses_out=responses,
+                                      progress=phase.advance, **evaluation.pass_at_k_kwargs(cfg))
       writer.write(cfg.warm_start.steps, {f"eval/{k}": v for k, v in metrics.items()})
       log_base_completions(cfg, eval_sets, responses, writer)
       summary.update(metrics)

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -29,7 +30,7 @@ from copd_jax import data as data_lib
 from copd_jax import kernels, objectives, parallel, policy_setup, sampling, schedules, trainer
 from copd_jax import train_checkpoint
 from copd_jax.policy_setup import RunSetup
-from copd_jax.run_log import MetricsWriter, ProgressLine
+from copd_jax.run_log import MetricsWriter, Phase, ProgressLine, branch_line
 
 
 # ----------------------------------------------------------------------- stage specs
@@ -244,16 +245,28 @@ def train_completion_records(names, teacher_names, samples: list[dict], metrics:
 
 def evaluate_branches(ctx: RunContext, stage: trainer.Stage, params, eval_sets, merge=False) -> dict:
   """Held-out accuracy of every branch (and of the merged model when `merge`); logs the
-  first config.log.completions responses of every capability as completions."""
-  kwargs = dict(max_new_tokens=ctx.cfg.sampling.max_new_tokens, batch_size=ctx.cfg.eval.batch_size)
+  first config.log.completions responses of every capability as completions. The
+  terminal shows the evaluation's progress and then each branch's accuracy."""
+  merging = merge and stage.num_students > 1
+  phase = Phase(f"eval at step {ctx.global_step}", total=len(eval_sets) * (1 + merging))
+  kwargs = dict(max_new_tokens=ctx.cfg.sampling.max_new_tokens, batch_size=ctx.cfg.eval.batch_size,
+                progress=phase.advance)
   responses = {}
+  with phase:
+    out = _evaluate_branches(ctx, stage, params, eval_sets, merging, kwargs, responses)
+  overall = {k.split("/")[0]: v for k, v in out.items() if k.endswith("/accuracy/overall")}
+  print(branch_line(f"held-out accuracy at step {ctx.global_step}", overall), flush=True)
+  return out
+
+
+def _evaluate_branches(ctx, stage, params, eval_sets, merge, kwargs, responses) -> dict:
   acc = evaluation.evaluate_stacked(params, ctx.setup, eval_sets, responses_out=responses, **kwargs)
   count = completions_to_log(ctx.cfg)
   if count:
     ctx.writer.write_completions(ctx.global_step, "eval", eval_completion_records(
         branch_names(stage), eval_sets, responses, count))
   out = _log_branch_arrays(branch_names(stage), acc)
-  if merge and stage.num_students > 1:
+  if merge:
     merged = merged_params(ctx.cfg, stage, params)
     merged_acc = evaluation.evaluate_stacked(jax.tree.map(lambda x: x[None], merged), ctx.setup,
                                              eval_sets, **kwargs)
@@ -341,11 +354,14 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
         last_overlap=last_overlap, streams=train_checkpoint.streams_state(data.streams),
         nonfinite_total=nonfinite_total, nonfinite_in_row=nonfinite_in_row,
         metrics_offset=ctx.writer.jsonl_size())
-    ckpt.save({"params": params, "opt_state": opt_state}, host, names)
+    how = " (asynchronous: continues in the background)" if ctx.checkpoints.async_save else ""
+    with Phase(f"checkpoint {stage.name} step {step}{how}"):
+      ckpt.save({"params": params, "opt_state": opt_state}, host, names)
 
   def measure_overlap():
     nonlocal last_overlap
-    scalars = branch_diagnostics(ctx, stage, params)
+    with Phase(f"diagnostics (overlap, symmetric KL) at step {ctx.global_step}"):
+      scalars = branch_diagnostics(ctx, stage, params)
     # The adaptive schedule watches the pairs that exchange (hub <-> spokes).
     last_overlap = scalars.get("overlap/linked_mean", scalars.get(
         "overlap/branches_mean", scalars["overlap/with_base_mean"]))
@@ -367,10 +383,14 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
       weight = schedules.opd_weight(stage.schedule, step, sched_state, last_overlap)
       log_samples = completions_to_log(cfg) if (
           completions_every and (step + 1) % completions_every == 0) else 0
-      result = trainer.train_step(stage, step, params, opt_state, frozen_teachers, data, ucfg,
-                                  optimizer, key, rng, weight, assignment, routing,
-                                  ref_params=ctx.base_params, sharding=ctx.sharding,
-                                  log_samples=log_samples)
+      # The first step of a stage compiles the sampler and the update for its shapes.
+      compiling = Phase(f"{stage.name} step {step + 1}: compiling and running") \
+          if step == start_step else contextlib.nullcontext()
+      with compiling:
+        result = trainer.train_step(stage, step, params, opt_state, frozen_teachers, data, ucfg,
+                                    optimizer, key, rng, weight, assignment, routing,
+                                    ref_params=ctx.base_params, sharding=ctx.sharding,
+                                    log_samples=log_samples)
       bad = _nonfinite_branches(names, result.metrics)
       if bad:
         # Not applied: the update does not donate its inputs, so the previous params and
@@ -403,7 +423,13 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
       loss = float(np.mean(result.metrics["loss"]))
       reward = float(np.mean(result.metrics["reward/native" if stage.native_prompts
                                             else "reward/cross"]))
-      progress.update(step + 1, result.rollout_tokens, loss=loss, reward=reward, opd=weight)
+      per_branch = {}
+      if len(names) > 1:  # each branch's native (or cross) reward as it is measured
+        rewards = np.atleast_1d(result.metrics["reward/native" if stage.native_prompts
+                                               else "reward/cross"])
+        per_branch = {f"reward/{n}": float(r) for n, r in zip(names, rewards)}
+      progress.update(step + 1, result.rollout_tokens, loss=loss, reward=reward, **per_branch,
+                      opd=weight)
       last = step + 1 == stage.steps
       if (step + 1) % rl.diagnostics_every == 0 or last:
         measure_overlap()
@@ -521,9 +547,12 @@ def _final_report(ctx: RunContext, stage: trainer.Stage, final, train_seconds: f
   cfg, setup, eval_sets, writer = ctx.cfg, ctx.setup, ctx.eval_sets, ctx.writer
   method = cfg.method
   # The final evaluation adds pass@k (config.eval.pass_samples > 0) next to greedy accuracy.
+  merging = stage.num_students > 1
+  phase = Phase("final evaluation", total=len(eval_sets) * (1 + merging))
   kwargs = dict(max_new_tokens=cfg.sampling.max_new_tokens, batch_size=cfg.eval.batch_size,
-                **evaluation.pass_at_k_kwargs(cfg))
+                progress=phase.advance, **evaluation.pass_at_k_kwargs(cfg))
   responses = {}
+  phase.__enter__()
   branch_acc = evaluation.evaluate_stacked(final, setup, eval_sets, responses_out=responses,
                                            **kwargs)
   names = branch_names(stage)
@@ -538,6 +567,11 @@ def _final_report(ctx: RunContext, stage: trainer.Stage, final, train_seconds: f
     merged_acc = evaluation.evaluate_stacked(jax.tree.map(lambda x: x[None], merged), setup,
                                              eval_sets, **kwargs)
     summary["merged"] = {k: float(v[0]) for k, v in merged_acc.items()}
+  phase.__exit__(None, None, None)
+  print(branch_line("final held-out accuracy", {
+      **{n: d["accuracy/overall"] for n, d in summary["branches"].items()},
+      **({"merged": summary["merged"]["accuracy/overall"]} if "merged" in summary else {})}),
+      flush=True)
   # The method's deliverable: the merged model (CoPD), the single branch (mixed RLVR,
   # static OPD and MOPD students); experts deliver one model per capability.
   if method == "copd":

@@ -206,6 +206,44 @@ class WandbMirror:
     self._run.finish()
 
 
+class Phase:
+  """A long phase on the terminal: `<name> ...` when it starts, `<name> k/n | eta Ns` as
+  its parts finish (advance), `<name> done in X.Xs` at the end. Used for compilation,
+  evaluation, diagnostics and checkpoint saves. clock: seconds (injectable for tests)."""
+
+  def __init__(self, name: str, total: int = 0, stream=None, clock=time.perf_counter):
+    self.name, self.total, self.stream, self.clock = name, total, stream, clock
+    self.done = 0
+    self._start = None
+
+  def _print(self, text: str) -> None:
+    print(text, file=self.stream or sys.stdout, flush=True)
+
+  def __enter__(self) -> "Phase":
+    self._start = self.clock()
+    self._print(f"{self.name} ...")
+    return self
+
+  def advance(self, what: str = "", count: int = 1) -> None:
+    self.done += count
+    elapsed = self.clock() - self._start
+    parts = [f"{self.name} {self.done}/{self.total}" if self.total else self.name]
+    if what:
+      parts.append(what)
+    if self.total and self.done < self.total:
+      parts.append(f"eta {elapsed / self.done * (self.total - self.done):.0f}s")
+    self._print(" | ".join(parts))
+
+  def __exit__(self, *exc) -> None:
+    if exc[0] is None:
+      self._print(f"{self.name} done in {self.clock() - self._start:.1f}s")
+
+
+def branch_line(prefix: str, values: Mapping[str, float]) -> str:
+  """'prefix | text 0.312 | image 0.250': a per-branch number as it is measured."""
+  return " | ".join([prefix] + [f"{k} {float(v):.3f}" for k, v in values.items()])
+
+
 class ProgressLine:
   """Prints `name step/total | loss | tokens/s | eta` every `every` steps."""
 

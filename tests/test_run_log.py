@@ -161,23 +161,26 @@ def timing_free(curves):
 
 def test_a_crashed_and_resumed_run_logs_what_an_uninterrupted_run_logs(tmp_path, monkeypatch):
   import jax
-  from copd_jax import model as model_lib, policy_setup, trainer
+  from copd_jax import model as model_lib, policy_setup, train_checkpoint
   cfg = micro_copd(tmp_path / "reference")
   setup = policy_setup.build_setup(cfg)
   base = (setup, model_lib.init_params(setup.model_cfg, jax.random.key(0)))
   run_method(cfg, base)
 
+  # Killed after step 3 was logged (its scalars, evaluation and completions) but before
+  # its checkpoint was saved: the resumed run redoes step 3 from the checkpoint at step 2.
   crashed = micro_copd(tmp_path / "crashed")
-  real, calls = trainer.train_step, []
-  def crash_on_third_step(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == 3:
+  real_save = train_checkpoint.StageCheckpointer.save
+  def crash_saving_step_3(self, state, host, names):
+    if host.stage_step == 3:
       raise RuntimeError("simulated crash")
-    return real(*args, **kwargs)
+    return real_save(self, state, host, names)
   with monkeypatch.context() as patch:
-    patch.setattr(trainer, "train_step", crash_on_third_step)
+    patch.setattr(train_checkpoint.StageCheckpointer, "save", crash_saving_step_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
       run_method(crashed, base)
+  logged = [json.loads(l)["step"] for l in open(tmp_path / "crashed" / "metrics.jsonl")]
+  assert max(logged) == 3  # the killed run had logged step 3
   run_method(crashed, base)  # resumes from the checkpoint at step 2
 
   want = timing_free(scalar_curves(tmp_path / "reference" / "tb"))
@@ -201,3 +204,19 @@ def test_a_crashed_and_resumed_run_logs_what_an_uninterrupted_run_logs(tmp_path,
   assert {(r["step"], r["capability"], r["branch"]) for r in evals} == {
       (s, c, b) for s in (0, 3) for c in ("text", "image", "video") for b in ("text", "image", "video")}
   assert all(r["reward"] in (0.0, 1.0) for r in records)
+
+
+def test_phase_lines_show_progress_and_eta():
+  import io
+  ticks = iter([0.0, 2.0, 4.0, 6.5])  # start, after part 1, after part 2, end
+  out = io.StringIO()
+  with run_log.Phase("eval at step 3", total=3, stream=out, clock=lambda: next(ticks)) as phase:
+    phase.advance("text")
+    phase.advance("image")
+  assert out.getvalue().splitlines() == [
+      "eval at step 3 ...",
+      "eval at step 3 1/3 | text | eta 4s",   # 2 s per part, 2 parts left
+      "eval at step 3 2/3 | image | eta 2s",  # 2 s per part, 1 part left
+      "eval at step 3 done in 6.5s"]
+  assert run_log.branch_line("held-out accuracy", {"text": 0.3125, "image": 0.25}) == \
+      "held-out accuracy | text 0.312 | image 0.250"
