@@ -259,6 +259,14 @@ def evaluate_branches(ctx: RunContext, stage: trainer.Stage, params, eval_sets, 
   return out
 
 
+def merged_progress(kwargs: dict) -> dict:
+  """evaluate_stacked kwargs whose progress callback labels the merged model's parts."""
+  progress = kwargs.get("progress")
+  if progress is None:
+    return kwargs
+  return dict(kwargs, progress=lambda cap: progress(f"merged {cap}"))
+
+
 def _evaluate_branches(ctx, stage, params, eval_sets, merge, kwargs, responses) -> dict:
   acc = evaluation.evaluate_stacked(params, ctx.setup, eval_sets, responses_out=responses, **kwargs)
   count = completions_to_log(ctx.cfg)
@@ -269,7 +277,7 @@ def _evaluate_branches(ctx, stage, params, eval_sets, merge, kwargs, responses) 
   if merge:
     merged = merged_params(ctx.cfg, stage, params)
     merged_acc = evaluation.evaluate_stacked(jax.tree.map(lambda x: x[None], merged), ctx.setup,
-                                             eval_sets, **kwargs)
+                                             eval_sets, **merged_progress(kwargs))
     out.update({f"merged/{k}": float(v[0]) for k, v in merged_acc.items()})
   return out
 
@@ -565,7 +573,7 @@ def _final_report(ctx: RunContext, stage: trainer.Stage, final, train_seconds: f
   if stage.num_students > 1:
     merged = merged_params(cfg, stage, final)
     merged_acc = evaluation.evaluate_stacked(jax.tree.map(lambda x: x[None], merged), setup,
-                                             eval_sets, **kwargs)
+                                             eval_sets, **merged_progress(kwargs))
     summary["merged"] = {k: float(v[0]) for k, v in merged_acc.items()}
   phase.__exit__(None, None, None)
   print(branch_line("final held-out accuracy", {
