@@ -14,7 +14,7 @@ import importlib.util
 import json
 import os
 import sys
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from absl import app, flags
 import ml_collections
