@@ -32,9 +32,11 @@ setup(
         "math-verify>=0.7",   # math answer equivalence
         "pyarrow>=14",        # Parquet records
         "pillow>=10",         # image files in records
+        "datasets>=2.19",     # HF datasets: load_from_disk / local JSONL+Parquet, offline
     ],
     extras_require={
         "test": ["pytest>=8.0"],
         "plots": ["matplotlib>=3.8"],
+        "wandb": ["wandb>=0.17"],  # optional mirror of the logs (config.log.wandb)
     },
 )

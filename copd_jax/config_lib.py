@@ -148,6 +148,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
 
   _positive_int(cfg.eval, "num_examples", "eval.")
   _positive_int(cfg.eval, "batch_size", "eval.")
+  validate_pass_at_k(cfg)
+  validate_log(cfg)
   validate_checkpoint(cfg)
 
   s = cfg.sampling
@@ -166,6 +168,37 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     validate_rl(cfg)
 
 
+def validate_pass_at_k(cfg: ml_collections.ConfigDict) -> None:
+  """config.eval.pass_samples (n, 0 = off), pass_k (each 1 <= k <= n), pass_temperature."""
+  e = cfg.eval
+  n = _positive_int(e, "pass_samples", "eval.", allow_zero=True)
+  ks = e.pass_k
+  if not isinstance(ks, (tuple, list)) or not ks:
+    _fail("eval.pass_k", "must be a non-empty tuple of positive integers", ks)
+  for k in ks:
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
+      _fail("eval.pass_k", "must hold positive integers", ks)
+    if n and k > n:
+      _fail("eval.pass_k", f"must not exceed eval.pass_samples={n} (pass@k needs n >= k "
+            "samples)", ks)
+  _positive_float(e, "pass_temperature", "eval.")
+
+
+def validate_log(cfg: ml_collections.ConfigDict) -> None:
+  """config.log: completions, completions_every, wandb, wandb_project, wandb_mode."""
+  if "log" not in cfg:
+    return
+  log = cfg.log
+  _positive_int(log, "completions", "log.", allow_zero=True)
+  _positive_int(log, "completions_every", "log.", allow_zero=True)
+  if not isinstance(log.wandb, bool):
+    _fail("log.wandb", "must be True or False", log.wandb)
+  if log.wandb_mode not in ("offline", "online", "disabled"):
+    _fail("log.wandb_mode", "must be one of ('offline', 'online', 'disabled')", log.wandb_mode)
+  if not isinstance(log.wandb_project, str) or not log.wandb_project:
+    _fail("log.wandb_project", "must be a non-empty string", log.wandb_project)
+
+
 def validate_checkpoint(cfg: ml_collections.ConfigDict) -> None:
   """config.checkpoint: training-state checkpoints (copd_jax/train_checkpoint.py)."""
   if "checkpoint" not in cfg:
@@ -173,7 +206,9 @@ def validate_checkpoint(cfg: ml_collections.ConfigDict) -> None:
   c = cfg.checkpoint
   _positive_int(c, "every_steps", "checkpoint.", allow_zero=True)
   _positive_int(c, "max_to_keep", "checkpoint.")
-  for flag in ("async_save", "resume", "save_on_sigterm"):
+  for flag in ("async_save", "resume", "save_on_sigterm", "resume_changed_config"):
+    if flag not in c:
+      continue  # configs written before the field existed (read back by export_hf)
     if not isinstance(c[flag], bool):
       _fail(f"checkpoint.{flag}", "must be True or False", c[flag])
 
@@ -200,10 +235,52 @@ def _check_record_files(cfg, field: str, caps) -> None:
       try:
         datasets.resolve_paths(paths)
       except (OSError, ValueError) as e:
-        _fail(f"data.{field}.{cap}", f"must name existing JSONL/Parquet files ({e})", paths)
+        _fail(f"data.{field}.{cap}", f"must name existing JSONL/Parquet files or saved "
+              f"datasets ({e})", paths)
     else:
       _fail(f"data.{field}.{cap}", "must be a path, comma-separated paths or a list of paths",
             paths)
+
+
+FIXTURE_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "tests", "fixtures")
+
+
+def is_test_fixture(path: str) -> bool:
+  """True for a path inside the repository's committed test fixtures (tests/fixtures/)."""
+  if not isinstance(path, str) or not path:
+    return False
+  real = os.path.realpath(path)
+  root = os.path.realpath(FIXTURE_ROOT)
+  return real == root or real.startswith(root + os.sep)
+
+
+def _fixture_entries(cfg) -> list[tuple[str, str]]:
+  """(field, path) of every tokenizer / record-file setting that points at a fixture."""
+  out = []
+  if is_test_fixture(cfg.init.get("hf_tokenizer", "")):
+    out.append(("init.hf_tokenizer", cfg.init.hf_tokenizer))
+  for field in ("train_files", "eval_files"):
+    for cap, paths in cfg.data[field].items():
+      items = paths.split(",") if isinstance(paths, str) else list(paths)
+      out += [(f"data.{field}.{cap}", p.strip()) for p in items
+              if isinstance(p, str) and is_test_fixture(p.strip())]
+  return out
+
+
+def check_no_fixture_defaults(cfg) -> None:
+  """A real checkpoint (outside tests/fixtures/) must not run with the committed test
+  fixtures' tokenizer or records, which configs/hf_copd.py uses as defaults so that it runs
+  anywhere: a left-over default would silently train with a 330-token tokenizer or on
+  fixture records. The error names the field still pointing at the fixture."""
+  if is_test_fixture(cfg.init.hf_checkpoint):
+    return
+  for field, path in _fixture_entries(cfg):
+    hint = ("set it to the checkpoint's tokenizer directory, or '' to read the tokenizer "
+            "from config.init.hf_checkpoint" if field == "init.hf_tokenizer"
+            else "set it to your data file on the command line")
+    _fail(field, f"points at the committed test fixture while config.init.hf_checkpoint="
+          f"{cfg.init.hf_checkpoint!r} is a real checkpoint; {hint}", path)
 
 
 def validate_records_and_init(cfg: ml_collections.ConfigDict) -> bool:
@@ -220,7 +297,18 @@ def validate_records_and_init(cfg: ml_collections.ConfigDict) -> bool:
     tokenizer_dir = cfg.init.get("hf_tokenizer", "") or checkpoint_dir
     field = "init.hf_tokenizer" if cfg.init.get("hf_tokenizer", "") else "init.hf_checkpoint"
     _check_dir_with(field, tokenizer_dir, "tokenizer.json")
+    check_no_fixture_defaults(cfg)
   _positive_int(cfg.data, "shuffle_seed", "data.", allow_zero=True)
+  if cfg.data.get("reader", "builtin") not in ("builtin", "datasets"):
+    _fail("data.reader", "must be 'builtin' or 'datasets'", cfg.data.reader)
+  columns = cfg.data.get("columns", {})
+  from copd_jax import datasets  # light: numpy + the task/verifier modules
+  for name, column in columns.items():
+    if name not in datasets.RECORD_FIELDS:
+      _fail("data.columns", f"maps {name!r}, which is not a record field "
+            f"{datasets.RECORD_FIELDS}", dict(columns))
+    if not isinstance(column, str) or not column:
+      _fail(f"data.columns.{name}", "must be a column name (a non-empty string)", column)
   caps = tuple(cfg.tasks.capabilities)
   if not cfg.data.train_files:
     if cfg.data.eval_files:
@@ -235,6 +323,11 @@ def validate_records_and_init(cfg: ml_collections.ConfigDict) -> bool:
             "capabilities are domain names: [a-z][a-z0-9_]*", caps)
   _check_record_files(cfg, "train_files", caps)
   _check_record_files(cfg, "eval_files", caps)
+  if cfg.data.get("reader", "builtin") == "datasets":
+    try:
+      datasets.import_datasets()
+    except ValueError as e:
+      _fail("data.reader", str(e), cfg.data.reader)
   return True
 
 
@@ -270,10 +363,28 @@ def _wrap(field: str, build):
     raise ValueError(f"config.{field}: {e}") from None
 
 
+def check_rl_sampling(sampling) -> None:
+  """RL stages sample at temperature 1 over the full vocabulary: the loss, the old
+  log-probs and the teachers all score that distribution, so any other sampling
+  distribution would bias the gradient and make the OPD log-ratio measure another policy.
+  Other values are rejected rather than silently mis-trained."""
+  if sampling.temperature != 1.0:
+    _fail("sampling.temperature", "must be 1.0 for RL methods (the policy loss, old "
+          "log-probs and teachers score at temperature 1; eval.pass_temperature sets the "
+          "evaluation's)", sampling.temperature)
+  if sampling.top_k != 0:
+    _fail("sampling.top_k", "must be 0 (full vocabulary) for RL methods (the policy loss and "
+          "teachers score the untruncated distribution)", sampling.top_k)
+  if sampling.top_p != 1.0:
+    _fail("sampling.top_p", "must be 1.0 (no nucleus truncation) for RL methods (the policy "
+          "loss and teachers score the untruncated distribution)", sampling.top_p)
+
+
 def validate_rl(cfg: ml_collections.ConfigDict) -> None:
   """Checks config.rl for the RL methods (experts, mixed_rlvr, static_opd, mopd, copd)."""
   from copd_jax import kernels, objectives  # jax-importing; only needed for RL methods
   rl = cfg.rl
+  check_rl_sampling(cfg.sampling)
   caps = tuple(rl.capabilities)
   if not caps or len(set(caps)) != len(caps):
     _fail("rl.capabilities", "must name distinct capabilities", caps)

@@ -195,7 +195,9 @@ def capability_dataset(cfg, capability: str, example_kwargs: Mapping[str, Any],
                      f"config.tasks.capabilities, or none to use the procedural tasks")
   from copd_jax import datasets  # lazily: only runs that read record files need it
   # The model's frame sizes: image records are decoded at its resolution.
-  source = datasets.RecordSource(files[capability], capability=capability, **example_kwargs)
+  source = datasets.RecordSource(files[capability], capability=capability,
+                                 reader=cfg.data.get("reader", "builtin"),
+                                 columns=dict(cfg.data.get("columns", {})), **example_kwargs)
   shuffle_seed = _check_int("config.data.shuffle_seed", cfg.data.shuffle_seed, 0)
   # crc32: a stable per-name number (record domains are not in tasks.CAPABILITIES).
   grain_seed = _pipeline_seed(shuffle_seed, seed, zlib.crc32(capability.encode("utf-8")))

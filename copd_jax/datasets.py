@@ -18,6 +18,14 @@ One record per JSONL line (a JSON object) or Parquet row:
 Other fields are ignored (datasets carry metadata columns). A record has at most one of
 `images` / `video_frames`; that decides its modality (image / video / text).
 
+Sources: JSONL / Parquet files, read line by line (reader='builtin', the default) or
+through the Hugging Face `datasets` library (reader='datasets': load_dataset('json' |
+'parquet') on the local files); and a directory written by `Dataset.save_to_disk`, read
+with `datasets.load_from_disk` (name a split's directory of a saved DatasetDict). The
+`datasets` library runs with HF_DATASETS_OFFLINE=1: nothing is downloaded. Image
+features are read undecoded ({'bytes', 'path'}), one image column may hold a single
+image. `columns` maps record fields to other column names ({'prompt': 'question'}).
+
 Everything is validated when the source is built -- types, the verifier and the
 answer's form for it, and every image is opened and verified with Pillow -- and a bad
 record raises ValueError naming the file and the LINE (JSONL, 1-based) or ROW (Parquet,
@@ -39,7 +47,7 @@ import glob
 import io
 import json
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -48,6 +56,9 @@ from copd_jax import tasks, verifiers
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 DEFAULT_VERIFIER = "math"
+# The fields a record may have; config.data.columns maps them to other column names.
+RECORD_FIELDS = ("prompt", "answer", "capability", "verifier", "images", "video_frames",
+                 "solution", "id")
 MAX_PROMPT_CHARS = 1 << 20
 
 
@@ -64,11 +75,18 @@ class Record:
   pictures: tuple  # of absolute paths (str) or bytes; () for text
 
 
+def is_saved_dataset(path: str) -> bool:
+  """A directory written by `datasets` save_to_disk (a Dataset or a DatasetDict)."""
+  return os.path.isdir(path) and any(
+      os.path.isfile(os.path.join(path, name))
+      for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
 def resolve_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
   """A path, a comma-separated string of paths, or a list; each may be a glob pattern.
 
-  Returns the matching files, globs expanded in sorted order. A path or pattern that
-  matches nothing raises FileNotFoundError naming it.
+  Returns the matching files (and saved `datasets` directories), globs expanded in sorted
+  order. A path or pattern that matches nothing raises FileNotFoundError naming it.
   """
   if isinstance(paths, (str, os.PathLike)):
     items = [p for p in str(paths).split(",")]
@@ -80,8 +98,11 @@ def resolve_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
   files = []
   for item in items:
     matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
-    matches = [m for m in matches if os.path.isfile(m)]
+    matches = [m for m in matches if os.path.isfile(m) or is_saved_dataset(m)]
     if not matches:
+      if os.path.isdir(item):
+        raise FileNotFoundError(f"record path {item!r} is a directory but not a saved "
+                                "dataset (datasets save_to_disk)")
       raise FileNotFoundError(f"record file {item!r} does not exist")
     files += matches
   return files
@@ -112,14 +133,85 @@ def _read_parquet(path: str) -> Iterable[tuple[str, Any]]:
     yield f"{path} row {row}", record
 
 
-def _read_file(path: str) -> Iterable[tuple[str, Any]]:
+def import_datasets():
+  """The Hugging Face `datasets` module, offline (nothing is ever downloaded)."""
+  os.environ["HF_DATASETS_OFFLINE"] = "1"
+  try:
+    import datasets as hf_datasets
+  except ImportError:
+    raise ValueError("reading a saved dataset or config.data.reader='datasets' needs the "
+                     "`datasets` package (pip install datasets)") from None
+  hf_datasets.config.HF_DATASETS_OFFLINE = True
+  return hf_datasets
+
+
+def _rows_of(dataset, path: str) -> Iterable[tuple[str, Any]]:
+  """(position, row dict) of a `datasets.Dataset`, read from its arrow table: image
+  features stay undecoded ({'bytes', 'path'}), which _picture_list reads."""
+  if getattr(dataset, "_indices", None) is not None:
+    dataset = dataset.flatten_indices()
+  row = 0
+  for batch in dataset.data.to_batches():
+    for record in batch.to_pylist():
+      yield f"{path} row {row}", record
+      row += 1
+
+
+def _read_saved_dataset(path: str) -> Iterable[tuple[str, Any]]:
+  hf_datasets = import_datasets()
+  dict_file = os.path.join(path, "dataset_dict.json")
+  if os.path.isfile(dict_file):
+    with open(dict_file, encoding="utf-8") as f:
+      splits = json.load(f).get("splits", [])
+    raise ValueError(f"{path}: a saved DatasetDict with splits {splits}; name one split's "
+                     f"directory, e.g. {os.path.join(path, splits[0] if splits else 'train')}")
+  try:
+    dataset = hf_datasets.load_from_disk(path)
+  except Exception as e:  # datasets raises several types for unreadable directories
+    raise ValueError(f"{path}: cannot load with datasets.load_from_disk ({type(e).__name__}: "
+                     f"{e})") from None
+  return _rows_of(dataset, path)
+
+
+def _read_with_datasets(path: str, suffix: str) -> Iterable[tuple[str, Any]]:
+  hf_datasets = import_datasets()
+  builder = "json" if suffix in JSONL_SUFFIXES else "parquet"
+  try:
+    dataset = hf_datasets.load_dataset(builder, data_files=[os.path.abspath(path)],
+                                       split="train")
+  except Exception as e:  # arrow / datasets errors on malformed or mixed-type files
+    raise ValueError(f"{path}: cannot read with datasets.load_dataset({builder!r}) "
+                     f"({type(e).__name__}: {e})") from None
+  return _rows_of(dataset, path)
+
+
+def _read_file(path: str, reader: str = "builtin") -> Iterable[tuple[str, Any]]:
+  if is_saved_dataset(path):
+    return _read_saved_dataset(path)
   suffix = os.path.splitext(path)[1].lower()
-  if suffix in JSONL_SUFFIXES:
-    return _read_jsonl(path)
-  if suffix in PARQUET_SUFFIXES:
-    return _read_parquet(path)
-  raise ValueError(f"{path}: unknown record file type {suffix!r}; use "
-                   f"{JSONL_SUFFIXES + PARQUET_SUFFIXES}")
+  if suffix not in JSONL_SUFFIXES + PARQUET_SUFFIXES:
+    raise ValueError(f"{path}: unknown record file type {suffix!r}; use "
+                     f"{JSONL_SUFFIXES + PARQUET_SUFFIXES} or a saved dataset directory")
+  if reader == "datasets":
+    return _read_with_datasets(path, suffix)
+  if reader != "builtin":
+    raise ValueError(f"unknown record reader {reader!r}; use 'builtin' or 'datasets'")
+  return _read_jsonl(path) if suffix in JSONL_SUFFIXES else _read_parquet(path)
+
+
+def apply_columns(raw, columns: Mapping[str, str], where: str):
+  """The raw record with config.data.columns applied: field <- raw[column]. A mapped
+  column that is missing is an error naming the column and the field."""
+  if not columns or not isinstance(raw, dict):
+    return raw
+  mapped = dict(raw)
+  for field, column in columns.items():
+    mapped.pop(field, None)
+    if column in raw:
+      mapped[field] = raw[column]
+    elif field in ("prompt", "answer"):
+      raise ValueError(f"{where}: column {column!r} (config.data.columns.{field}) is missing")
+  return mapped
 
 
 # ------------------------------------------------------------------------- validation
@@ -140,6 +232,8 @@ def _picture_list(raw: dict, field: str, where: str, folder: str) -> tuple:
   value = raw.get(field)
   if value is None:
     return ()
+  if isinstance(value, dict) and "bytes" in value:  # one HF datasets Image value
+    value = [value]
   if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
     raise ValueError(f"{where}: field {field!r} must be a list of file paths or bytes, got "
                      f"{type(value).__name__}")
@@ -216,28 +310,39 @@ def parse_record(raw, where: str, folder: str, *, capability: str | None,
 
 @functools.lru_cache(maxsize=16)
 def _load_records(files: tuple[str, ...], stamps: tuple, capability: str | None,
-                  default_verifier: str) -> tuple[Record, ...]:
+                  default_verifier: str, reader: str, columns: tuple) -> tuple[Record, ...]:
   # Cached on (files, modification times, ...): a run's setup checks and its data streams
   # read the same files once.
   del stamps
   records = []
   for path in files:
-    folder = os.path.dirname(os.path.abspath(path))
-    records += [parse_record(raw, where, folder, capability=capability,
-                             default_verifier=default_verifier)
-                for where, raw in _read_file(path)]
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    records += [parse_record(apply_columns(raw, dict(columns), where), where, folder,
+                             capability=capability, default_verifier=default_verifier)
+                for where, raw in _read_file(path, reader)]
   return tuple(records)
 
 
+def _stamp(path: str) -> tuple:
+  """Modification time and size of a file, or of every file in a saved dataset directory."""
+  if os.path.isdir(path):
+    return tuple(_stamp(os.path.join(path, n)) for n in sorted(os.listdir(path))
+                 if os.path.isfile(os.path.join(path, n)))
+  return (os.path.getmtime(path), os.path.getsize(path))
+
+
 def load_records(paths, *, capability: str | None = None,
-                 default_verifier: str = DEFAULT_VERIFIER) -> tuple[Record, ...]:
-  """All records of the files (see resolve_paths), validated; ValueError names file+line."""
+                 default_verifier: str = DEFAULT_VERIFIER, reader: str = "builtin",
+                 columns: Mapping[str, str] | None = None) -> tuple[Record, ...]:
+  """All records of the files (see resolve_paths), validated; ValueError names file+line
+  (or row). reader: 'builtin' | 'datasets'; columns: record field -> column name."""
   if default_verifier not in verifiers.VERIFIERS:
     raise ValueError(f"default_verifier must be one of {verifiers.VERIFIERS}, got "
                      f"{default_verifier!r}")
   files = tuple(resolve_paths(paths))
-  stamps = tuple((os.path.getmtime(f), os.path.getsize(f)) for f in files)
-  records = _load_records(files, stamps, capability, default_verifier)
+  stamps = tuple(_stamp(f) for f in files)
+  records = _load_records(files, stamps, capability, default_verifier, reader,
+                          tuple(sorted(dict(columns or {}).items())))
   if not records:
     raise ValueError(f"record files {list(files)} hold no records")
   return records
@@ -277,15 +382,17 @@ class RecordSource:
   """Random-access records as tasks.Example (a grain data source: __len__, __getitem__).
 
   paths: a path, a comma-separated string or a list of paths (globs allowed), JSONL or
-    Parquet. capability: if given, every record must be of it (records may then omit the
-    field). image_size / num_frames: the model's vision input (setup.example_kwargs);
+    Parquet, or saved `datasets` directories. capability: if given, every record must be
+    of it (records may then omit the field). reader / columns: see load_records. image_size / num_frames: the model's vision input (setup.example_kwargs);
     needed when a record has pictures; 0 / 0 means a text-only model, which rejects
     picture records. default_verifier: for records without a `verifier` field.
   """
 
   def __init__(self, paths, *, capability: str | None = None, image_size: int | None = None,
-               num_frames: int | None = None, default_verifier: str = DEFAULT_VERIFIER):
-    self.records = load_records(paths, capability=capability, default_verifier=default_verifier)
+               num_frames: int | None = None, default_verifier: str = DEFAULT_VERIFIER,
+               reader: str = "builtin", columns: Mapping[str, str] | None = None):
+    self.records = load_records(paths, capability=capability, default_verifier=default_verifier,
+                                reader=reader, columns=columns)
     self.capability = capability
     self.image_size = image_size
     self.num_frames = num_frames

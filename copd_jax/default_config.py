@@ -53,6 +53,13 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
       # the built-in procedural task suite (copd_jax/tasks.py).
       train_files={}, eval_files={},
       shuffle_seed=0,  # grain shuffle of record datasets (procedural streams need none)
+      # How record files are read: "builtin" (JSONL lines / Parquet rows, errors name the
+      # line) or "datasets" (the Hugging Face `datasets` library, offline). A directory
+      # written by `Dataset.save_to_disk` is always read with `datasets.load_from_disk`.
+      reader="builtin",
+      # Record field -> column name in the files, e.g. {'prompt': 'question'}; unmapped
+      # fields keep their own names (copd_jax/datasets.py).
+      columns={},
   ))
   # Start from a local Hugging Face checkpoint directory (copd_jax/hf_checkpoint.py)
   # instead of the SFT warm-start; "" = the built-in toy base.
@@ -74,6 +81,9 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
       async_save=True,
       resume=True,          # resume from the latest checkpoint in workdir if one exists
       save_on_sigterm=True,
+      # A workdir belongs to one training config (copd_jax/run_dir.py): True resumes it
+      # with changed training fields on purpose (never with another method).
+      resume_changed_config=False,
   ))
 
   # SFT warm-start: the analog of the paper's instruction-tuned base. `mix` sets how
@@ -98,8 +108,21 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
       log_every=50,
   ))
 
+  # Held-out evaluation: greedy accuracy, plus pass@k from `pass_samples` samples per
+  # prompt at `pass_temperature` (0 samples = greedy accuracy only; every k <= samples).
   # 1,000 held-out items per capability: a standard error of about 1.5 points.
-  c.eval = ml_collections.ConfigDict(dict(num_examples=1000, batch_size=250))
+  c.eval = ml_collections.ConfigDict(dict(num_examples=1000, batch_size=250,
+                                          pass_samples=0, pass_k=(1,), pass_temperature=1.0))
+  # What a run reports besides scalars (copd_jax/run_log.py): sample completions at
+  # every evaluation and every `completions_every` RL steps (0 = only at evaluations),
+  # as TensorBoard text and <workdir>/completions.jsonl; optional Weights & Biases.
+  c.log = ml_collections.ConfigDict(dict(
+      completions=2,          # prompts per capability (eval) / per branch (training); 0 = off
+      completions_every=0,
+      wandb=False,            # mirror TensorBoard to wandb (pip install -e ".[wandb]")
+      wandb_project="copd-jax",
+      wandb_mode="offline",   # offline | online | disabled
+  ))
   c.sampling = ml_collections.ConfigDict(dict(
       temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=24))
 

@@ -1,7 +1,8 @@
-"""Held-out accuracy per capability: greedy decoding, host-side verification."""
+"""Held-out accuracy per capability: greedy decoding, host-side verification; pass@k from
+n sampled responses per prompt with the unbiased estimator (Chen et al., 2021)."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -19,6 +20,60 @@ def decode_responses(rollout_tokens: np.ndarray, rollout_mask: np.ndarray, token
 def _pad_to(examples: Sequence[tasks.Example], size: int) -> list[tasks.Example]:
   # A fixed batch shape means one compilation; padded rows are dropped afterwards.
   return list(examples) + [examples[-1]] * (size - len(examples))
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+  """The unbiased pass@k estimate from n samples of which c are correct:
+  1 - C(n-c, k) / C(n, k), the chance that k of the n samples, drawn without replacement,
+  hold at least one correct one. Computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i), which never
+  forms the (huge) binomials. E.g. pass_at_k(4, 1, 2) = 1 - C(3,2)/C(4,2) = 1 - 3/6 = 0.5."""
+  if not 0 <= c <= n or not 1 <= k <= n:
+    raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+  if n - c < k:
+    return 1.0
+  return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
+
+
+def mean_pass_at_k(correct_counts: np.ndarray, n: int, k: int) -> np.ndarray:
+  """correct_counts int[S, E] (branch, example) of n samples each -> f32[S]: pass@k
+  averaged over the examples."""
+  counts = np.asarray(correct_counts)
+  return np.array([[pass_at_k(n, int(c), k) for c in row] for row in counts],
+                  np.float64).mean(axis=1).astype(np.float32)
+
+
+def sampled_correct_counts(stacked: Any, setup: RunSetup, examples: Sequence[tasks.Example], *,
+                           num_samples: int, temperature: float, max_new_tokens: int,
+                           batch_size: int, seed: int = 0) -> np.ndarray:
+  """Every branch samples `num_samples` responses per example (full vocabulary at
+  `temperature`); returns int[S, E]: how many of each example's samples are correct.
+  Prompts per sampler call: batch_size // num_samples (at least 1), so a call holds about
+  batch_size rows."""
+  sampling_cfg = sampling.SamplingConfig(
+      max_new_tokens=max_new_tokens, temperature=temperature,
+      stop_token_ids=(setup.tokenizer.eos_id,),
+      banned_token_ids=policy_setup.never_generated_ids(setup.tokenizer))
+  num = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+  prompts_per_call = max(1, batch_size // num_samples)
+  counts = np.zeros((num, len(examples)), np.int64)
+  for start in range(0, len(examples), prompts_per_call):
+    chunk = examples[start:start + prompts_per_call]
+    batch = setup.encode_prompts(_pad_to(chunk, prompts_per_call))
+    tile = lambda x: None if x is None else np.broadcast_to(x, (num,) + x.shape)
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), start), num)
+    rollout = sampling.stacked_generate(
+        stacked, setup.model_cfg, tile(batch.tokens), tile(batch.mask), tile(batch.frames),
+        keys, sampling_cfg, num_samples)
+    tokens, mask = parallel.to_host((rollout.tokens, rollout.mask))
+    tokens = np.asarray(tokens)[:, : len(chunk)]  # [S, B, G, R]
+    mask = np.asarray(mask)[:, : len(chunk)]
+    repeated = [ex for ex in chunk for _ in range(num_samples)]
+    for k in range(num):
+      responses = decode_responses(tokens[k].reshape(-1, tokens.shape[-1]),
+                                   mask[k].reshape(-1, mask.shape[-1]), setup.tokenizer)
+      rewards = verifiers.rewards_for(responses, repeated).reshape(len(chunk), num_samples)
+      counts[k, start:start + len(chunk)] = (rewards > 0).sum(axis=1)
+  return counts
 
 
 def greedy_responses_stacked(stacked: Any, setup: RunSetup, examples: Sequence[tasks.Example],
@@ -46,15 +101,23 @@ def greedy_responses_stacked(stacked: Any, setup: RunSetup, examples: Sequence[t
 
 
 def evaluate_stacked(stacked: Any, setup: RunSetup, eval_sets: dict[str, list], *,
-                     max_new_tokens: int, batch_size: int, with_rewards: bool = False):
+                     max_new_tokens: int, batch_size: int, pass_samples: int = 0,
+                     pass_k: Sequence[int] = (), pass_temperature: float = 1.0,
+                     responses_out: dict | None = None, rewards_out: dict | None = None,
+                     progress: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
   """Held-out accuracy of every branch: {'accuracy/<cap>', 'accuracy/overall',
-  'response_chars/<cap>'}, each f32[S].
-
-  with_rewards=True also returns the per-example rewards {cap: f32[S, N]} (same order as
-  eval_sets[cap]), which paired comparisons between methods need: (metrics, rewards)."""
-  metrics, rewards = {}, {}
+  'response_chars/<cap>'}, each f32[S]; with pass_samples = n > 0 also
+  {'pass@<k>/<cap>', 'pass@<k>/overall'} for every k in pass_k (n samples per prompt at
+  pass_temperature, unbiased estimator). responses_out, if given, receives
+  {cap: responses[branch][example]} of the greedy decoding (for completion logs);
+  rewards_out, if given, receives the per-example rewards {cap: f32[S, N]} (eval-set
+  order), which paired comparisons between methods need.
+  progress, if given, is called with each capability's name once it is evaluated."""
+  metrics = {}
   for cap, examples in eval_sets.items():
     responses = greedy_responses_stacked(stacked, setup, examples, max_new_tokens, batch_size)
+    if responses_out is not None:
+      responses_out[cap] = responses
     # Each example names its verifier (integer for the toy suite; math / choice / exact
     # for records).
     rewards[cap] = np.stack([verifiers.rewards_for(r, examples) for r in responses]).astype(
@@ -62,8 +125,19 @@ def evaluate_stacked(stacked: Any, setup: RunSetup, eval_sets: dict[str, list], 
     metrics[f"accuracy/{cap}"] = rewards[cap].mean(axis=1)
     metrics[f"response_chars/{cap}"] = np.array(
         [np.mean([len(x) for x in r]) for r in responses], np.float32)
+    if pass_samples:
+      counts = sampled_correct_counts(stacked, setup, examples, num_samples=pass_samples,
+                                      temperature=pass_temperature,
+                                      max_new_tokens=max_new_tokens, batch_size=batch_size)
+      for k in pass_k:
+        metrics[f"pass@{k}/{cap}"] = mean_pass_at_k(counts, pass_samples, k)
+    if progress is not None:
+      progress(cap)
   metrics["accuracy/overall"] = np.mean([metrics[f"accuracy/{c}"] for c in eval_sets], axis=0)
-  return (metrics, rewards) if with_rewards else metrics
+  if pass_samples:
+    for k in pass_k:
+      metrics[f"pass@{k}/overall"] = np.mean([metrics[f"pass@{k}/{c}"] for c in eval_sets], axis=0)
+  return metrics
 
 
 def save_eval_rewards(path: str, rewards_by_model: dict[str, dict[str, np.ndarray]]) -> None:
@@ -74,10 +148,20 @@ def save_eval_rewards(path: str, rewards_by_model: dict[str, dict[str, np.ndarra
   np.savez_compressed(path, **flat)
 
 
+def pass_at_k_kwargs(cfg) -> dict:
+  """evaluate_stacked's pass@k arguments from config.eval (empty when pass_samples = 0)."""
+  e = cfg.eval
+  if not e.get("pass_samples", 0):
+    return {}
+  return dict(pass_samples=int(e.pass_samples), pass_k=tuple(int(k) for k in e.pass_k),
+              pass_temperature=float(e.pass_temperature))
+
+
 def evaluate(params: Any, setup: RunSetup, eval_sets: dict[str, list], *,
-             max_new_tokens: int, batch_size: int) -> dict[str, float]:
-  """One policy: {'accuracy/<cap>', 'accuracy/overall', 'response_chars/<cap>'} floats."""
+             max_new_tokens: int, batch_size: int, **kwargs) -> dict[str, float]:
+  """One policy: {'accuracy/<cap>', 'accuracy/overall', 'response_chars/<cap>'} floats
+  (and pass@k with evaluate_stacked's pass_* kwargs)."""
   stacked = jax.tree.map(lambda x: x[None], params)
   metrics = evaluate_stacked(stacked, setup, eval_sets, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size)
+                             batch_size=batch_size, **kwargs)
   return {k: float(v[0]) for k, v in metrics.items()}

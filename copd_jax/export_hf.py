@@ -1,7 +1,10 @@
 """Export a finished run's policy as a Hugging Face Qwen3 checkpoint directory.
 
-    python -m copd_jax.export_hf --workdir=runs/hf_copd --out=/models/copd-merged \
+    python -m copd_jax.export_hf --workdir=runs/hf_copd --out=/models/copd-merged
         [--branch=merged|<branch name>] [--dtype=bfloat16|float32]
+
+Same command-line conventions as copd_jax.main (copd_jax/cli.py): --help, one-line
+errors, --traceback.
 
 Reads <workdir>/config.json and <workdir>/final_params (written by copd_jax.main), picks
 the merged model (the CoPD deliverable: the branch average with config.rl.merge_weights)
@@ -19,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from copd_jax import checkpoint, experts, hf_checkpoint, policy_setup
+from copd_jax import checkpoint, cli, experts, hf_checkpoint, policy_setup
 from copd_jax import model as model_lib
 
 MERGED = "merged"
@@ -74,10 +77,12 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Stored
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  for name, flag in (("workdir", _WORKDIR), ("out", _OUT)):
+    if not flag.value:
+      raise app.UsageError(f"--{name} is required (see --help)")
   export_run(_WORKDIR.value, _OUT.value, branch=_BRANCH.value, dtype=_DTYPE.value)
   print(f"exported {_BRANCH.value} policy of {_WORKDIR.value} to {_OUT.value}", flush=True)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+  cli.run(main, __doc__)

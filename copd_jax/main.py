@@ -1,5 +1,10 @@
 """Main job: `python -m copd_jax.main --config=configs/<name>.py [--config.a.b=value]`.
 
+`--help` lists the chosen config's fields with their defaults and meanings; `--dry_run`
+validates, prints the resolved config (run directory included) and exits 0. Without
+`--config.workdir` the run goes to runs/<method>[-<overrides>]-<config hash>, so the
+same command resumes its own run and a changed config gets a directory of its own.
+
 Every method first warm-starts (or reloads) the shared base policy. `base` then
 evaluates it on each capability's held-out set; the RL methods train their branches
 (copd_jax/methods.py) and evaluate them. TensorBoard events, metrics.jsonl, summary.json,
@@ -16,10 +21,39 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from copd_jax import cli  # defines --traceback
 from copd_jax import distributed  # defines --coordinator_address/--num_processes/--process_id
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (configs/*.py).",
                                           lock_config=True)
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Validate the config, print it resolved "
+                             "(run directory included) and exit 0 without running.")
+
+
+# Logged metrics TensorBoard's HPARAMS tab shows next to the hyperparameters.
+SUMMARY_METRICS = ("eval/accuracy/overall", "eval/merged/accuracy/overall")
+
+
+def make_mirror(cfg):
+  """A run_log.WandbMirror when config.log.wandb is on, else None."""
+  if "log" not in cfg or not cfg.log.wandb:
+    return None
+  from copd_jax import run_dir
+  from copd_jax.run_log import WandbMirror
+  return WandbMirror(cfg.workdir, project=cfg.log.wandb_project, mode=cfg.log.wandb_mode,
+                     name=os.path.basename(os.path.abspath(cfg.workdir)),
+                     config_json=run_dir.config_as_json(cfg))
+
+
+def log_base_completions(cfg, eval_sets, responses: dict, writer) -> None:
+  """The base's greedy responses to the first config.log.completions held-out examples
+  of every capability (copd_jax.methods.eval_completion_records)."""
+  count = int(cfg.log.completions) if "log" in cfg else 0
+  if not count:
+    return
+  from copd_jax import methods
+  writer.write_completions(cfg.warm_start.steps, "eval", methods.eval_completion_records(
+      ["base"], eval_sets, responses, count))
 
 
 def run(cfg) -> dict | None:
@@ -30,8 +64,11 @@ def run(cfg) -> dict | None:
   `preempted: ...`, writes no summary.json and returns None (the process exits 0);
   the same command resumes it."""
   # Validate before importing jax-heavy modules or compiling anything.
-  from copd_jax import config_lib
+  from copd_jax import config_lib, run_dir
   config_lib.validate_config(cfg)
+  # A run directory belongs to one method and training config: checked before anything
+  # in it is written, rewound or overwritten.
+  stored = run_dir.check_workdir(cfg)
 
   import jax
   from copd_jax import evaluation, policy_setup, warm_start
@@ -43,11 +80,12 @@ def run(cfg) -> dict | None:
   log_dir = cfg.workdir if primary else os.path.join(cfg.workdir, f"process_{jax.process_index()}")
   os.makedirs(log_dir, exist_ok=True)
   if primary:
-    with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
+    run_dir.write_config(cfg, stored)
   setup = policy_setup.build_setup(cfg)
   eval_sets = policy_setup.held_out_sets(cfg, setup) if cfg.method == "base" else None
-  writer = MetricsWriter(log_dir)
+  writer = MetricsWriter(log_dir, mirror=make_mirror(cfg) if primary else None)
+  if primary:
+    writer.write_config(run_dir.config_as_json(cfg), metric_tags=SUMMARY_METRICS)
   try:
     start = time.perf_counter()
     params, loaded = warm_start.get_base_policy(cfg, setup, writer)
@@ -59,15 +97,19 @@ def run(cfg) -> dict | None:
                "warm_start_seconds": round(warm_seconds, 2),
                "eval_examples_per_capability": cfg.eval.num_examples}
     if cfg.method == "base":
-      stacked = jax.tree.map(lambda x: x[None], params)
-      metrics, rewards = evaluation.evaluate_stacked(
-          stacked, setup, eval_sets, max_new_tokens=cfg.sampling.max_new_tokens,
-          batch_size=cfg.eval.batch_size, with_rewards=True)
-      metrics = {k: float(v[0]) for k, v in metrics.items()}
-      if primary:
+      from copd_jax.run_log import Phase
+      responses, rewards = {}, {}
+      with Phase("evaluation", total=len(eval_sets)) as phase:
+        metrics = evaluation.evaluate(params, setup, eval_sets,
+                                      max_new_tokens=cfg.sampling.max_new_tokens,
+                                      batch_size=cfg.eval.batch_size, responses_out=responses,
+                                      rewards_out=rewards, progress=phase.advance,
+                                      **evaluation.pass_at_k_kwargs(cfg))
+      if primary:  # per-item rewards, for paired comparisons with the RL methods
         evaluation.save_eval_rewards(os.path.join(cfg.workdir, "eval_rewards.npz"),
                                      {"base": {c: r[0] for c, r in rewards.items()}})
       writer.write(cfg.warm_start.steps, {f"eval/{k}": v for k, v in metrics.items()})
+      log_base_completions(cfg, eval_sets, responses, writer)
       summary.update(metrics)
     else:
       from copd_jax import methods, train_checkpoint
@@ -86,15 +128,32 @@ def run(cfg) -> dict | None:
   return summary
 
 
+def dry_run(cfg) -> str:
+  """Validates cfg (fields, run directory ownership, model/tokenizer/record setup: nothing
+  compiles) and returns the resolved config as JSON."""
+  from copd_jax import config_lib, policy_setup, run_dir
+  config_lib.validate_config(cfg)
+  stored = run_dir.check_workdir(cfg)
+  policy_setup.build_setup(cfg)
+  state = "new run directory" if stored is None else "resumes the run in this directory"
+  return (cfg.to_json_best_effort(indent=2) + f"\n# workdir {cfg.workdir}: {state}; "
+          f"training config hash {run_dir.config_hash(cfg)}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  if _CONFIG.value is None:
+    raise app.UsageError("--config=configs/<method>.py is required (see --help)")
+  cfg = cli.config_from_flag("config")
+  if _DRY_RUN.value:
+    print(dry_run(cfg), flush=True)
+    return
   distributed.initialize_from_flags()  # before any other JAX call
-  run(_CONFIG.value)
+  run(cfg)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main, __doc__)

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -29,7 +30,7 @@ from copd_jax import data as data_lib
 from copd_jax import kernels, objectives, parallel, policy_setup, sampling, schedules, trainer
 from copd_jax import train_checkpoint
 from copd_jax.policy_setup import RunSetup
-from copd_jax.run_log import MetricsWriter, ProgressLine
+from copd_jax.run_log import MetricsWriter, Phase, ProgressLine, branch_line
 
 
 # ----------------------------------------------------------------------- stage specs
@@ -105,18 +106,20 @@ class RunContext:
   # Training-state checkpoints (None: no checkpoints, e.g. a unit test of one stage).
   checkpoints: train_checkpoint.RunCheckpoints | None = None
   stop: train_checkpoint.StopRequest | None = None  # set by SIGTERM
-  # metrics.jsonl size to rewind to before the next write (set when resuming).
+  # metrics.jsonl size to rewind to before the next write (set when resuming), and the
+  # first step TensorBoard and completions.jsonl drop (tensorboardX purge_step).
   log_rewind_offset: int | None = None
+  log_rewind_step: int | None = None
   # The device mesh and shardings (None: one device, the plain jitted path).
   sharding: parallel.RunSharding | None = None
 
   def rewind_log(self) -> None:
     """Drops log lines a killed run wrote after the state this run resumed from."""
     if self.log_rewind_offset is not None:
-      if not self.writer.rewind_jsonl(self.log_rewind_offset):
+      if not self.writer.rewind_jsonl(self.log_rewind_offset, self.log_rewind_step):
         print(f"warning: metrics.jsonl is shorter than the checkpoint's offset "
               f"{self.log_rewind_offset}; not rewinding it", flush=True)
-      self.log_rewind_offset = None
+      self.log_rewind_offset = self.log_rewind_step = None
 
 
 def update_config(cfg, setup: RunSetup) -> trainer.UpdateConfig:
@@ -206,15 +209,75 @@ def branch_diagnostics(ctx: RunContext, stage: trainer.Stage, params) -> dict:
   return out
 
 
+def completions_to_log(cfg) -> int:
+  """config.log.completions: prompts per capability / branch in the completion log."""
+  return int(cfg.log.completions) if "log" in cfg else 0
+
+
+def eval_completion_records(names, eval_sets, responses: dict, count: int) -> list[dict]:
+  """The first `count` held-out examples of every capability with each branch's greedy
+  response and its reward. responses: {cap: responses[branch][example]}."""
+  from copd_jax import verifiers
+  records = []
+  for cap, examples in eval_sets.items():
+    for i, ex in enumerate(examples[:count]):
+      for branch, answers in zip(names, responses[cap]):
+        records.append({"branch": branch, "capability": cap, "prompt": ex.question,
+                        "answer": str(ex.answer), "response": answers[i],
+                        "reward": float(verifiers.rewards_for([answers[i]], [ex])[0])})
+  return records
+
+
+def train_completion_records(names, teacher_names, samples: list[dict], metrics: dict) -> list[dict]:
+  """trainer.completion_samples with branch / teacher names; cross rows of an OPD step
+  carry the branch's mean teacher-student log-ratio on its cross tokens (opd/delta_mean)."""
+  delta = metrics.get("opd/delta_mean")
+  out = []
+  for sample in samples:
+    record = dict(sample, branch=names[sample["branch"]])
+    if sample["teacher"] is not None:
+      record["teacher"] = teacher_names[sample["teacher"]]
+      if delta is not None:
+        record["teacher_log_ratio"] = float(np.atleast_1d(delta)[sample["branch"]])
+    out.append(record)
+  return out
+
+
 def evaluate_branches(ctx: RunContext, stage: trainer.Stage, params, eval_sets, merge=False) -> dict:
-  """Held-out accuracy of every branch (and of the merged model when `merge`)."""
-  kwargs = dict(max_new_tokens=ctx.cfg.sampling.max_new_tokens, batch_size=ctx.cfg.eval.batch_size)
-  acc = evaluation.evaluate_stacked(params, ctx.setup, eval_sets, **kwargs)
+  """Held-out accuracy of every branch (and of the merged model when `merge`); logs the
+  first config.log.completions responses of every capability as completions. The
+  terminal shows the evaluation's progress and then each branch's accuracy."""
+  merging = merge and stage.num_students > 1
+  phase = Phase(f"eval at step {ctx.global_step}", total=len(eval_sets) * (1 + merging))
+  kwargs = dict(max_new_tokens=ctx.cfg.sampling.max_new_tokens, batch_size=ctx.cfg.eval.batch_size,
+                progress=phase.advance)
+  responses = {}
+  with phase:
+    out = _evaluate_branches(ctx, stage, params, eval_sets, merging, kwargs, responses)
+  overall = {k.split("/")[0]: v for k, v in out.items() if k.endswith("/accuracy/overall")}
+  print(branch_line(f"held-out accuracy at step {ctx.global_step}", overall), flush=True)
+  return out
+
+
+def merged_progress(kwargs: dict) -> dict:
+  """evaluate_stacked kwargs whose progress callback labels the merged model's parts."""
+  progress = kwargs.get("progress")
+  if progress is None:
+    return kwargs
+  return dict(kwargs, progress=lambda cap: progress(f"merged {cap}"))
+
+
+def _evaluate_branches(ctx, stage, params, eval_sets, merge, kwargs, responses) -> dict:
+  acc = evaluation.evaluate_stacked(params, ctx.setup, eval_sets, responses_out=responses, **kwargs)
+  count = completions_to_log(ctx.cfg)
+  if count:
+    ctx.writer.write_completions(ctx.global_step, "eval", eval_completion_records(
+        branch_names(stage), eval_sets, responses, count))
   out = _log_branch_arrays(branch_names(stage), acc)
-  if merge and stage.num_students > 1:
+  if merge:
     merged = merged_params(ctx.cfg, stage, params)
     merged_acc = evaluation.evaluate_stacked(jax.tree.map(lambda x: x[None], merged), ctx.setup,
-                                             eval_sets, **kwargs)
+                                             eval_sets, **merged_progress(kwargs))
     out.update({f"merged/{k}": float(v[0]) for k, v in merged_acc.items()})
   return out
 
@@ -285,6 +348,7 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
       start_step, ctx.global_step = host.stage_step, host.global_step
       nonfinite_total, nonfinite_in_row = host.nonfinite_total, host.nonfinite_in_row
       ctx.log_rewind_offset = host.metrics_offset
+      ctx.log_rewind_step = host.global_step + 1  # lines at the saved step are kept
       print(f"resumed stage {stage.name} at step {start_step}/{stage.steps}"
             + (" (finished)" if host.finished else "") + f" from {ckpt.directory}", flush=True)
       if host.finished:
@@ -298,11 +362,14 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
         last_overlap=last_overlap, streams=train_checkpoint.streams_state(data.streams),
         nonfinite_total=nonfinite_total, nonfinite_in_row=nonfinite_in_row,
         metrics_offset=ctx.writer.jsonl_size())
-    ckpt.save({"params": params, "opt_state": opt_state}, host, names)
+    how = " (asynchronous: continues in the background)" if ctx.checkpoints.async_save else ""
+    with Phase(f"checkpoint {stage.name} step {step}{how}"):
+      ckpt.save({"params": params, "opt_state": opt_state}, host, names)
 
   def measure_overlap():
     nonlocal last_overlap
-    scalars = branch_diagnostics(ctx, stage, params)
+    with Phase(f"diagnostics (overlap, symmetric KL) at step {ctx.global_step}"):
+      scalars = branch_diagnostics(ctx, stage, params)
     # The adaptive schedule watches the pairs that exchange (hub <-> spokes).
     last_overlap = scalars.get("overlap/linked_mean", scalars.get(
         "overlap/branches_mean", scalars["overlap/with_base_mean"]))
@@ -318,11 +385,20 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
     if start_step == 0:
       evaluate_accuracy()
       measure_overlap()
+    completions_every = int(cfg.log.completions_every) if "log" in cfg else 0
+    teacher_names = ["+".join(caps) for caps in stage.teacher_data]
     for step in range(start_step, stage.steps):
       weight = schedules.opd_weight(stage.schedule, step, sched_state, last_overlap)
-      result = trainer.train_step(stage, step, params, opt_state, frozen_teachers, data, ucfg,
-                                  optimizer, key, rng, weight, assignment, routing,
-                                  ref_params=ctx.base_params, sharding=ctx.sharding)
+      log_samples = completions_to_log(cfg) if (
+          completions_every and (step + 1) % completions_every == 0) else 0
+      # The first step of a stage compiles the sampler and the update for its shapes.
+      compiling = Phase(f"{stage.name} step {step + 1}: compiling and running") \
+          if step == start_step else contextlib.nullcontext()
+      with compiling:
+        result = trainer.train_step(stage, step, params, opt_state, frozen_teachers, data, ucfg,
+                                    optimizer, key, rng, weight, assignment, routing,
+                                    ref_params=ctx.base_params, sharding=ctx.sharding,
+                                    log_samples=log_samples)
       bad = _nonfinite_branches(names, result.metrics)
       if bad:
         # Not applied: the update does not donate its inputs, so the previous params and
@@ -339,6 +415,9 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
       scalars["nonfinite_skipped"] = float(bool(bad))
       scalars["nonfinite_skipped_total"] = nonfinite_total
       ctx.writer.write(ctx.global_step, {f"train/{k}": v for k, v in scalars.items()})
+      if result.samples:
+        ctx.writer.write_completions(ctx.global_step, "train", train_completion_records(
+            names, teacher_names, result.samples, result.metrics))
       if nonfinite_in_row >= rl.max_nonfinite_steps_in_row:
         raise train_checkpoint.NonFiniteTrainingError(
             f"stage {stage.name}: {nonfinite_in_row} steps in a row with a non-finite loss or "
@@ -352,7 +431,13 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
       loss = float(np.mean(result.metrics["loss"]))
       reward = float(np.mean(result.metrics["reward/native" if stage.native_prompts
                                             else "reward/cross"]))
-      progress.update(step + 1, result.rollout_tokens, loss=loss, reward=reward, opd=weight)
+      per_branch = {}
+      if len(names) > 1:  # each branch's native (or cross) reward as it is measured
+        rewards = np.atleast_1d(result.metrics["reward/native" if stage.native_prompts
+                                               else "reward/cross"])
+        per_branch = {f"reward/{n}": float(r) for n, r in zip(names, rewards)}
+      progress.update(step + 1, result.rollout_tokens, loss=loss, reward=reward, **per_branch,
+                      opd=weight)
       last = step + 1 == stage.steps
       if (step + 1) % rl.diagnostics_every == 0 or last:
         measure_overlap()
@@ -425,6 +510,7 @@ def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, 
                    sharding=sharding)
   # A restart that finds no checkpoint drops what a killed run logged since RL began.
   ctx.log_rewind_offset = checkpoints.log_start_offset(writer.jsonl_size())
+  ctx.log_rewind_step = 0
   start = time.perf_counter()
   with train_checkpoint.stop_on_signals(cfg.checkpoint.save_on_sigterm) as stop:
     ctx.stop = stop
@@ -468,21 +554,38 @@ def _final_report(ctx: RunContext, stage: trainer.Stage, final, train_seconds: f
   """Full-eval accuracies of the final branches (and merge); saves final_params."""
   cfg, setup, eval_sets, writer = ctx.cfg, ctx.setup, ctx.eval_sets, ctx.writer
   method = cfg.method
-  kwargs = dict(max_new_tokens=cfg.sampling.max_new_tokens, batch_size=cfg.eval.batch_size)
-  branch_acc, branch_rewards = evaluation.evaluate_stacked(final, setup, eval_sets,
-                                                           with_rewards=True, **kwargs)
+  # The final evaluation adds pass@k (config.eval.pass_samples > 0) next to greedy accuracy.
+  merging = stage.num_students > 1
+  phase = Phase("final evaluation", total=len(eval_sets) * (1 + merging))
+  kwargs = dict(max_new_tokens=cfg.sampling.max_new_tokens, batch_size=cfg.eval.batch_size,
+                progress=phase.advance, **evaluation.pass_at_k_kwargs(cfg))
+  responses, branch_rewards = {}, {}
+  phase.__enter__()
+  branch_acc = evaluation.evaluate_stacked(final, setup, eval_sets, responses_out=responses,
+                                           rewards_out=branch_rewards, **kwargs)
   names = branch_names(stage)
+  # Per-item rewards of every final model, for paired comparisons between methods.
   per_example = {f"branch/{n}": {c: r[i] for c, r in branch_rewards.items()}
                  for i, n in enumerate(names)}
+  if completions_to_log(cfg):
+    writer.write_completions(ctx.global_step, "final", eval_completion_records(
+        names, eval_sets, responses, completions_to_log(cfg)))
   summary = {"train_seconds": round(train_seconds, 1), "optimizer_steps": ctx.global_step,
              "branches": {n: {k: float(v[i]) for k, v in branch_acc.items()}
                           for i, n in enumerate(names)}}
   if stage.num_students > 1:
     merged = merged_params(cfg, stage, final)
-    merged_acc, merged_rewards = evaluation.evaluate_stacked(
-        jax.tree.map(lambda x: x[None], merged), setup, eval_sets, with_rewards=True, **kwargs)
+    merged_rewards = {}
+    merged_acc = evaluation.evaluate_stacked(jax.tree.map(lambda x: x[None], merged), setup,
+                                             eval_sets, rewards_out=merged_rewards,
+                                             **merged_progress(kwargs))
     summary["merged"] = {k: float(v[0]) for k, v in merged_acc.items()}
     per_example["merged"] = {c: r[0] for c, r in merged_rewards.items()}
+  phase.__exit__(None, None, None)
+  print(branch_line("final held-out accuracy", {
+      **{n: d["accuracy/overall"] for n, d in summary["branches"].items()},
+      **({"merged": summary["merged"]["accuracy/overall"]} if "merged" in summary else {})}),
+      flush=True)
   # The method's deliverable: the merged model (CoPD), the single branch (mixed RLVR,
   # static OPD and MOPD students); experts deliver one model per capability.
   if method == "copd":

@@ -130,7 +130,14 @@ def record_source(cfg: ml_collections.ConfigDict, setup: RunSetup, field: str,
   if capability not in files:
     raise ValueError(f"config.data.{field} has no entry for capability {capability!r} "
                      f"(it names {sorted(files)})")
-  return datasets.RecordSource(files[capability], capability=capability, **setup.example_kwargs)
+  return datasets.RecordSource(files[capability], capability=capability,
+                               **record_options(cfg), **setup.example_kwargs)
+
+
+def record_options(cfg: ml_collections.ConfigDict) -> dict:
+  """RecordSource's reader / columns from config.data (absent in older configs)."""
+  return dict(reader=cfg.data.get("reader", "builtin"),
+              columns=dict(cfg.data.get("columns", {})))
 
 
 def check_record_prompt_lengths(cfg, setup: RunSetup, field: str) -> None:

@@ -616,13 +616,45 @@ class StepResult:
   opt_state: Any
   metrics: dict  # name -> np.ndarray[S] or float
   rollout_tokens: int
+  # A few rollouts for the completion log (train_step's log_samples > 0), else empty.
+  samples: list = dataclasses.field(default_factory=list)
+
+
+def completion_samples(examples, row_teacher: np.ndarray, local: np.ndarray, responses_of,
+                       rewards: np.ndarray, samples_per_prompt: int, per_kind: int) -> list[dict]:
+  """The first sample of the first `per_kind` native and `per_kind` cross prompts of every
+  branch that this process holds: {'branch' (index), 'row' ('native' | 'cross'),
+  'teacher' (index, or None), 'prompt', 'answer', 'response', 'reward'}.
+
+  examples[S][B]; row_teacher, local: [S, B]; rewards f32[S, B*G]; responses_of(flat row
+  indices) decodes rows of the [S*B*G] rollout."""
+  s_count, b_count = row_teacher.shape
+  g = samples_per_prompt
+  out = []
+  for s in range(s_count):
+    for kind, is_kind in (("native", row_teacher[s] == NATIVE), ("cross", row_teacher[s] >= 0)):
+      picked = [b for b in np.flatnonzero(is_kind & local[s])][:per_kind]
+      if not picked:
+        continue
+      rows = [(s * b_count + b) * g for b in picked]
+      for b, row, response in zip(picked, rows, responses_of(np.array(rows))):
+        ex = examples[s][b]
+        out.append({"branch": s, "row": kind,
+                    "teacher": int(row_teacher[s, b]) if kind == "cross" else None,
+                    "prompt": ex.question, "answer": str(ex.answer), "response": response,
+                    "reward": float(rewards[s, b * g])})
+  return out
 
 
 def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teachers: Params | None,
                ctx: DataContext, ucfg: UpdateConfig, optimizer, key, rng: np.random.Generator,
                weight: float, assignment: np.ndarray, routing: dict,
-               ref_params: Params | None = None, sharding=None) -> StepResult:
+               ref_params: Params | None = None, sharding=None,
+               log_samples: int = 0) -> StepResult:
   """One CoPD step for every student (see the module docstring).
+
+  log_samples: > 0 also returns that many native and cross rollouts per branch in
+  StepResult.samples (completion_samples), for the completion log.
 
   sharding: a parallel.RunSharding, or None for the single-device path. With it, host
   arrays enter as global arrays (put_global), the sampler and the update run as jitted
@@ -706,7 +738,9 @@ def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teache
   # Of the step's S*B prompts, how many this process loaded and verified (all of them in a
   # single-process run; its share of the batch in a multi-process one).
   metrics["data/prompts_loaded_by_this_process"] = float(local.sum())
-  return StepResult(params, opt_state, metrics, int(np.asarray(rollout.lengths).sum()))
+  samples = completion_samples(examples, row_teacher, local, responses_of, rewards, g,
+                               log_samples) if log_samples else []
+  return StepResult(params, opt_state, metrics, int(np.asarray(rollout.lengths).sum()), samples)
 
 
 @functools.lru_cache(maxsize=None)

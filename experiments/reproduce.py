@@ -15,8 +15,8 @@ Writes to --out: results.md, results.json, accuracy_vs_step.png, overlap_vs_step
 
 Resumable: a run whose workdir holds a summary.json is read, not rerun, and a killed run
 resumes from its checkpoints, so the same command continues where it stopped (results are
-rewritten after every run). `--quick` trains only the experts, on one seed, with shorter
-runs and a smaller eval set: a check that RL learns, in about 15 minutes.
+rewritten after every method). `--quick` trains only the experts, on one seed, with a
+smaller eval set: a check that RL learns, in about 10 minutes.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from copd_jax import default_config  # noqa: E402
 from copd_jax import main as main_lib  # noqa: E402
-from copd_jax import stats  # noqa: E402
+from copd_jax import run_dir, stats  # noqa: E402
 
 CAPS = ("text", "image", "video")
 TWO = ("text", "image")
@@ -49,7 +49,7 @@ def make_config(method: str, seed: int, workdir: str, args, **overrides):
   cfg.workdir = workdir
   cfg.warm_start.checkpoint_dir = args.base_dir
   cfg.eval.num_examples = args.eval_examples
-  if args.quick:
+  if args.quick and args.quick_steps:
     cfg.rl.steps = cfg.rl.distill_steps = args.quick_steps
     cfg.rl.eval_every = max(1, args.quick_steps // 4)
   for field, value in overrides.items():  # keyword `a__b` sets config field a.b
@@ -61,11 +61,7 @@ def run_or_load(cfg) -> dict:
   """The run's summary: read from its workdir when it finished before, else run it."""
   path = os.path.join(cfg.workdir, "summary.json")
   if os.path.exists(path):
-    with open(os.path.join(cfg.workdir, "config.json")) as f:
-      saved = json.load(f)
-    if saved != json.loads(cfg.to_json_best_effort()):
-      raise SystemExit(f"{cfg.workdir} holds a finished run of another config; pass another "
-                       "--runs directory (or delete it) to rerun")
+    run_dir.check_workdir(cfg)  # a finished run of ANOTHER config is an error, not reused
     with open(path) as f:
       return json.load(f)
   start = time.perf_counter()
@@ -396,8 +392,9 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seeds", default=None, help="comma-separated; default 0,1,2 (quick: 0)")
   parser.add_argument("--quick", action="store_true",
-                      help="experts only, one seed, --quick_steps steps, 300 eval items")
-  parser.add_argument("--quick_steps", type=int, default=30)
+                      help="the experts only, one seed, 300 eval items (about 10 minutes)")
+  parser.add_argument("--quick_steps", type=int, default=0,
+                      help="with --quick: RL steps per expert (0 = the config's rl.steps)")
   parser.add_argument("--eval_examples", type=int, default=None,
                       help="held-out items per capability (default 1000; quick: 300)")
   parser.add_argument("--out", default=None, help="default experiments/results[/quick]")

@@ -157,7 +157,8 @@ def test_sft_batches_shard_the_global_batch_and_resume(cfg):
 class FakeRecordSource:
   """Stands in for datasets.RecordSource (same constructor) with made-up records."""
 
-  def __init__(self, paths, *, capability, image_size=None, num_frames=None):
+  def __init__(self, paths, *, capability, image_size=None, num_frames=None, reader="builtin",
+               columns=None):
     self.paths, self.capability = list(paths), capability
     self.image_size, self.num_frames = image_size, num_frames
     if capability in tasks.CAPABILITIES:

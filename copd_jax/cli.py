@@ -1,0 +1,235 @@
+"""The command-line conventions every copd_jax entry point shares (absl flags).
+
+* `--help` / `--helpfull`: the module's usage, then (with `--config=...`) every config field
+  with its default and one-line meaning (copd_jax/config_help.py), then the flags; exit 0.
+* A bad value prints one line `error: ...` naming the field and exits 1; `--traceback`
+  shows the full traceback instead.
+* `--config.rl.capabilities=text,image` is a tuple of capabilities; `num_experts`, the
+  hub and the static-OPD pair follow it unless they are overridden too.
+* Without `--config.workdir` a run is written to `runs/<run name>` (copd_jax/run_dir.py).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from typing import Any, Callable
+
+from absl import app, flags
+import ml_collections
+
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback of an error "
+                               "instead of one line.")
+HELP_FLAGS = ("-h", "-?", "--help", "--helpfull", "--helpshort", "--help=true", "--helpfull=true")
+# Errors a user fixes by changing a value or a path: printed as one line.
+USER_ERRORS = (ValueError, OSError, ArithmeticError, KeyError, TypeError)
+CAPABILITY_TUPLES = ("tasks.capabilities", "rl.capabilities")
+
+
+# --------------------------------------------------------------------------- fields
+
+
+def get_field(cfg: ml_collections.ConfigDict, dotted: str) -> Any:
+  node = cfg
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def set_field(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  *parents, leaf = dotted.split(".")
+  node = cfg
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
+def has_field(cfg: ml_collections.ConfigDict, dotted: str) -> bool:
+  try:
+    get_field(cfg, dotted)
+    return True
+  except (KeyError, AttributeError):
+    return False
+
+
+def split_commas(values) -> tuple[str, ...]:
+  """('text,image',) or 'text,image' -> ('text', 'image'): ml_collections parses a bare
+  comma list given for a tuple field as one string."""
+  if isinstance(values, str):
+    values = (values,)
+  return tuple(p.strip() for v in values for p in str(v).split(",") if p.strip())
+
+
+def derive_from_capabilities(cfg: ml_collections.ConfigDict, overridden) -> None:
+  """Fields that follow rl.capabilities when it was given on the command line and they
+  were not: num_experts (one branch per capability; 1 for base / mixed RLVR), the hub
+  (kept if still a capability, else the first) and the static-OPD teacher / student."""
+  overridden = set(overridden)
+  for field in CAPABILITY_TUPLES:
+    if field in overridden and has_field(cfg, field):
+      set_field(cfg, field, split_commas(get_field(cfg, field)))
+  if "rl" not in cfg or "rl.capabilities" not in overridden:
+    return
+  caps = tuple(cfg.rl.capabilities)
+  if not caps:
+    return
+  if "num_experts" not in overridden:
+    cfg.num_experts = 1 if cfg.method in ("base", "mixed_rlvr") else len(caps)
+  if "rl.opd.hub" not in overridden and cfg.rl.opd.hub not in caps:
+    cfg.rl.opd.hub = caps[0]
+  pair = cfg.rl.static_opd
+  if "rl.static_opd.teacher" not in overridden and pair.teacher not in caps:
+    pair.teacher = caps[0]
+  if "rl.static_opd.student" not in overridden and (pair.student not in caps
+                                                    or pair.student == pair.teacher):
+    pair.student = next((c for c in caps if c != pair.teacher), caps[0])
+
+
+# ---------------------------------------------------------------------- config files
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """The config a `--config=path.py[:arg]` names, without command-line overrides."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_copd_config_preset", path)
+  if module_spec is None:
+    raise FileNotFoundError(f"--config={spec}: {path} is not a Python config file")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _json_value(value: Any) -> str:
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  return json.dumps(value, sort_keys=True, default=str)
+
+
+def changed_overrides(cfg, preset, overridden) -> dict[str, Any]:
+  """{field: value} of the overridden fields whose final value differs from the preset."""
+  out = {}
+  for field in sorted(overridden):
+    if not has_field(cfg, field):
+      continue
+    value = get_field(cfg, field)
+    if not has_field(preset, field) or _json_value(value) != _json_value(get_field(preset, field)):
+      out[field] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+  return out
+
+
+def resolve(cfg: ml_collections.ConfigDict, spec: str, overridden) -> ml_collections.ConfigDict:
+  """The run config of a command line: capability lists split and the fields that follow
+  them derived; without an overridden workdir, workdir = <preset's parent>/<run name>."""
+  from copd_jax import run_dir
+  derive_from_capabilities(cfg, overridden)
+  if "workdir" not in overridden:
+    preset = load_config_file(spec)
+    derive_from_capabilities(preset, ())
+    preset_dir = str(preset.workdir).rstrip("/")
+    parent = os.path.dirname(preset_dir) or "runs"
+    cfg.workdir = os.path.join(parent, run_dir.run_name(
+        cfg, changed_overrides(cfg, preset, overridden),
+        prefix=os.path.basename(preset_dir) or cfg.method))
+  return cfg
+
+
+def config_from_flag(flag_name: str = "config") -> ml_collections.ConfigDict:
+  """The parsed --config of the running program, resolved (see `resolve`)."""
+  from ml_collections import config_flags
+  holder = flags.FLAGS[flag_name]
+  overridden = set(config_flags.get_override_values(holder))
+  return resolve(holder.value, config_flags.get_config_filename(holder), overridden)
+
+
+# ----------------------------------------------------------------------------- help
+
+
+def _wants_help(argv) -> bool:
+  return any(a in HELP_FLAGS for a in argv[1:])
+
+
+def help_text(argv, doc: str, modules) -> str:
+  """Usage, the config's fields (when --config is given) and the flags of `modules`."""
+  from copd_jax import config_help, run_dir
+  rest = [a for a in argv if a not in HELP_FLAGS]
+  lines = [doc.strip(), ""]
+  try:
+    flags.FLAGS(rest)
+    parsed = True
+  except flags.Error as e:
+    lines += [f"(could not read the command line: {e})", ""]
+    parsed = False
+  if parsed and "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
+    cfg = config_from_flag()
+    from ml_collections import config_flags
+    spec = config_flags.get_config_filename(flags.FLAGS["config"])
+    lines += [f"Config fields of --config={spec} (override with --config.<field>=value):"]
+    lines += config_help.describe_fields(run_dir.flatten(run_dir.config_as_json(cfg)))
+    lines += [""]
+  elif "config" in flags.FLAGS:
+    lines += ["Add --config=configs/<method>.py to list that config's fields.", ""]
+  full = "--helpfull" in argv or "--helpfull=true" in argv
+  lines += ["Flags:", flags.FLAGS.get_help() if full else
+            "\n".join(flags.FLAGS.module_help(m) for m in modules)]
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def one_line(error: BaseException) -> str:
+  """`error: <message>` (the message's own line breaks kept, type name for bare errors)."""
+  message = str(error).strip() or type(error).__name__
+  if isinstance(error, KeyError) and error.args:
+    message = f"KeyError: {error.args[0]}"
+  return f"error: {message}"
+
+
+def guarded(main: Callable) -> Callable:
+  """main(argv) that prints user errors as `error: ...` and exits 1 (--traceback: raise)."""
+  def wrapper(argv):
+    try:
+      return main(argv)
+    except (app.UsageError, *USER_ERRORS) as e:
+      if _TRACEBACK.value:
+        raise
+      print(one_line(e) + "  (--traceback for details)", file=sys.stderr, flush=True)
+      sys.exit(1)
+  return wrapper
+
+
+def _innermost_message(error: BaseException) -> str:
+  """ml_collections wraps a KeyError's message in an AttributeError: unwrap to the text."""
+  message = error
+  while isinstance(message, BaseException) and message.args:
+    message = message.args[0]
+  return str(message).replace("\n", "; ").strip()
+
+
+def parse_flags(argv) -> list[str]:
+  """flags.FLAGS(argv), with a bad flag or config override as one `error:` line, exit 1
+  (absl's own parser prints a traceback for an unknown config field)."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # flags.Error, and AttributeError/KeyError for unknown fields
+    if "--traceback" in argv:
+      raise
+    message = _innermost_message(e)
+    if isinstance(e, (AttributeError, KeyError)):
+      name = message.split(";")[0].strip("'\" ")
+      where = next((a for a in argv[1:] if f".{name}" in a.split("=")[0]), None)
+      message = f"unknown config field {name!r}" + (f" in {where}" if where else "") + \
+          (f" ({message.split(';', 1)[1].strip()})" if ";" in message else "")
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def run(main: Callable, doc: str, modules=("__main__",), argv=None) -> None:
+  """app.run(main) with the shared help and error conventions."""
+  argv = list(sys.argv if argv is None else argv)
+  if _wants_help(argv):
+    names = [sys.modules[m].__name__ if m in sys.modules else m for m in modules]
+    print(help_text(argv, doc, [*names, __name__]))
+    sys.exit(0)
+  app.run(guarded(main), argv=argv, flags_parser=parse_flags)

@@ -1,0 +1,200 @@
+"""A run directory belongs to one training config; runs get deterministic names.
+
+* `training_config(cfg)`: the fields that decide what a run computes, flattened to dotted
+  names. Everything else is operational (where files go, how often to log, checkpoint
+  cadence, the mesh, kernel tiles, evaluation sizes): it may change between a run and its
+  resume.
+* `config_hash(cfg)`: a short hash of the training config.
+* `run_name(cfg, overrides)`: `<method>[-<overrides>]-<hash>`, the directory under `runs/`
+  that a command without `--config.workdir` writes to. The same command resumes its own
+  run; a changed config gets a directory of its own.
+* `check_workdir(cfg)`: before anything is written, an existing run directory must hold a
+  run of the same method and training config. Otherwise WorkdirConfigError names the
+  differing fields. `config.checkpoint.resume_changed_config=True` resumes a run with a
+  changed training config on purpose (never with another method); the replaced
+  config.json is kept as `config.replaced.<n>.json`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import ml_collections
+
+from copd_jax.checkpoint import CheckpointMismatchError
+
+CONFIG_FILE = "config.json"
+# What a run leaves in its directory (main.run, methods.run_rl_method).
+RUN_ARTIFACTS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "final_params",
+                 "tb", "completions.jsonl")
+# Dotted prefixes of operational fields: they never change what a run computes.
+OPERATIONAL_FIELDS = (
+    "workdir", "checkpoint", "mesh", "pod", "eval", "log",
+    "warm_start.checkpoint_dir", "warm_start.reuse_checkpoint", "warm_start.log_every",
+    "rl.log_every", "rl.eval_every", "rl.eval_examples", "rl.kernel", "rl.micro_batch_rows",
+    "model.remat",
+)
+HASH_CHARS = 8
+MAX_NAME_CHARS = 120
+
+
+class WorkdirConfigError(CheckpointMismatchError):
+  """An existing run directory belongs to another method or training config."""
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{'a': {'b': 1}} -> {'a.b': 1}. An empty dict stays a leaf ({} is a value)."""
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping) and value:
+      out.update(flatten(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def _is_operational(name: str) -> bool:
+  return any(name == p or name.startswith(p + ".") for p in OPERATIONAL_FIELDS)
+
+
+def config_as_json(cfg: ml_collections.ConfigDict | Mapping) -> dict:
+  """The config as plain JSON values (tuples become lists), as config.json stores it."""
+  if isinstance(cfg, ml_collections.ConfigDict):
+    return json.loads(cfg.to_json_best_effort())
+  return json.loads(json.dumps(cfg, default=str))
+
+
+def training_config(cfg: ml_collections.ConfigDict | Mapping) -> dict[str, Any]:
+  """{dotted field: JSON value} of the fields that decide what the run computes."""
+  flat = flatten(config_as_json(cfg))
+  return {k: flat[k] for k in sorted(flat) if not _is_operational(k)}
+
+
+def config_hash(cfg: ml_collections.ConfigDict | Mapping) -> str:
+  """8 hex digits of the SHA-256 of the training config (sorted JSON)."""
+  text = json.dumps(training_config(cfg), sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
+
+
+def _name_part(text: str) -> str:
+  """Characters safe in a directory name; anything else becomes '_'."""
+  return re.sub(r"[^A-Za-z0-9._=+,-]+", "_", text).strip("_")
+
+
+def _value_text(value: Any) -> str:
+  if isinstance(value, (list, tuple)):
+    return "+".join(_value_text(v) for v in value)
+  if isinstance(value, str):
+    return os.path.basename(value.rstrip("/")) or value
+  return str(value)
+
+
+def run_name(cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any] = (),
+             prefix: str | None = None) -> str:
+  """`<prefix>[-<field=value,...>]-<hash>` for the overrides that differ from the preset.
+
+  prefix: the preset's own run name (e.g. 'copd_micro'); default cfg.method.
+  overrides: {dotted field: value} given on the command line whose value differs from the
+  config file's (workdir never counts). The hash covers the whole training config, so two
+  configs never share a name even when their readable part is cut to MAX_NAME_CHARS.
+  Example: run_name(copd micro with rl.steps=3, {'rl.steps': 3}, 'copd_micro') ->
+  'copd_micro-rl.steps=3-<8 hex>'."""
+  parts = [f"{k}={_value_text(v)}" for k, v in sorted(dict(overrides).items())
+           if not _is_name_excluded(k)]
+  label = _name_part(",".join(parts))
+  name = _name_part(prefix or cfg.method) + (f"-{label}" if label else "")
+  suffix = f"-{config_hash(cfg)}"
+  return name[:MAX_NAME_CHARS - len(suffix)].rstrip("-,_") + suffix
+
+
+def _is_name_excluded(field: str) -> bool:
+  """Operational overrides stay out of the name: adding --config.checkpoint.every_steps=5
+  to a command still resumes the same run."""
+  return _is_operational(field)
+
+
+def differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """'field: directory has X, this run has Y' for every training field that differs.
+
+  A field the stored config does not have at all (written by an older version of this
+  code, before the field existed) is not a difference."""
+  out = []
+  for key in sorted(set(stored) | set(current)):
+    if key not in stored:
+      continue
+    if key not in current:
+      out.append(f"{key}: directory has {stored[key]!r}, this run has no such field")
+    elif json.dumps(stored[key], sort_keys=True) != json.dumps(current[key], sort_keys=True):
+      out.append(f"{key}: directory has {stored[key]!r}, this run has {current[key]!r}")
+  return out
+
+
+def existing_artifacts(workdir: str) -> list[str]:
+  if not os.path.isdir(workdir):
+    return []
+  return [name for name in RUN_ARTIFACTS if os.path.exists(os.path.join(workdir, name))]
+
+
+def read_stored_config(workdir: str) -> dict | None:
+  """The config.json of a run directory, or None when the directory holds no run.
+
+  Raises WorkdirConfigError when the directory holds run files but no readable config."""
+  found = existing_artifacts(workdir)
+  if not found:
+    return None
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise WorkdirConfigError(
+        f"{workdir} holds a run ({', '.join(found)}) without {CONFIG_FILE}, so it cannot be "
+        "told whether it belongs to this config; use another config.workdir")
+  try:
+    with open(path, encoding="utf-8") as f:
+      stored = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise WorkdirConfigError(f"{path} is not readable JSON ({e}); use another "
+                             "config.workdir") from None
+  if not isinstance(stored, dict):
+    raise WorkdirConfigError(f"{path} does not hold a config (a JSON object)")
+  return stored
+
+
+def check_workdir(cfg: ml_collections.ConfigDict) -> dict | None:
+  """Raises WorkdirConfigError when cfg.workdir holds a run of another method or training
+  config (unless config.checkpoint.resume_changed_config, which never covers a method
+  change). Reads only: nothing in the directory is changed. Returns the stored config
+  (None for a new directory)."""
+  stored = read_stored_config(cfg.workdir)
+  if stored is None:
+    return None
+  if stored.get("method") != cfg.method:
+    raise WorkdirConfigError(
+        f"{cfg.workdir} holds a {stored.get('method')!r} run, not {cfg.method!r}: a run "
+        "directory belongs to one method. Use another config.workdir (or leave it unset: "
+        "each config gets a run name of its own under runs/)")
+  diffs = differences(training_config(stored), training_config(cfg))
+  if diffs and not cfg.checkpoint.get("resume_changed_config", False):
+    raise WorkdirConfigError(
+        f"{cfg.workdir} belongs to another training config; differing fields:\n  "
+        + "\n  ".join(diffs[:30]) + "\nUse another config.workdir (or leave it unset: each "
+        "config gets a run name of its own under runs/), or pass "
+        "--config.checkpoint.resume_changed_config=True to resume this run with the new "
+        "values on purpose")
+  return stored
+
+
+def write_config(cfg: ml_collections.ConfigDict, stored: dict | None) -> None:
+  """Writes <workdir>/config.json. When the training config changed on purpose
+  (resume_changed_config), the replaced file is kept as config.replaced.<n>.json."""
+  path = os.path.join(cfg.workdir, CONFIG_FILE)
+  if stored is not None and differences(training_config(stored), training_config(cfg)):
+    n = 1
+    while os.path.exists(os.path.join(cfg.workdir, f"config.replaced.{n}.json")):
+      n += 1
+    os.replace(path, os.path.join(cfg.workdir, f"config.replaced.{n}.json"))
+  with open(path + ".tmp", "w") as f:
+    f.write(cfg.to_json_best_effort(indent=2))
+  os.replace(path + ".tmp", path)
