@@ -120,9 +120,10 @@ def evaluate_stacked(stacked: Any, setup: RunSetup, eval_sets: dict[str, list], 
       responses_out[cap] = responses
     # Each example names its verifier (integer for the toy suite; math / choice / exact
     # for records).
-    rewards[cap] = np.stack([verifiers.rewards_for(r, examples) for r in responses]).astype(
-        np.float32)
-    metrics[f"accuracy/{cap}"] = rewards[cap].mean(axis=1)
+    rewards = np.stack([verifiers.rewards_for(r, examples) for r in responses]).astype(np.float32)
+    if rewards_out is not None:
+      rewards_out[cap] = rewards
+    metrics[f"accuracy/{cap}"] = rewards.mean(axis=1)
     metrics[f"response_chars/{cap}"] = np.array(
         [np.mean([len(x) for x in r]) for r in responses], np.float32)
     if pass_samples:

@@ -61,7 +61,15 @@ def run_or_load(cfg) -> dict:
   """The run's summary: read from its workdir when it finished before, else run it."""
   path = os.path.join(cfg.workdir, "summary.json")
   if os.path.exists(path):
-    run_dir.check_workdir(cfg)  # a finished run of ANOTHER config is an error, not reused
+    # A finished run of ANOTHER config is an error, not reused. Where stage-1 experts came
+    # from (reused weights or retrained from the same seed) does not make another run.
+    stored = run_dir.read_stored_config(cfg.workdir)
+    diffs = [d for d in run_dir.differences(run_dir.training_config(stored),
+                                            run_dir.training_config(cfg))
+             if not d.startswith("rl.experts_dir")]
+    if stored.get("method") != cfg.method or diffs:
+      raise SystemExit(f"{cfg.workdir} holds a finished run of another config ({diffs[:5]}); "
+                       "pass another --runs directory (or delete it) to rerun")
     with open(path) as f:
       return json.load(f)
   start = time.perf_counter()
@@ -81,13 +89,17 @@ def seed_runs(seed: int, args) -> dict:
   if args.quick:
     return {name: (m, o, f"{root}/{name}") for name, (m, o) in runs.items()}
   two = dict(rl__capabilities=TWO, num_experts=2)
+  # The two-stage baselines reuse this seed's experts when their weights are on disk; in
+  # a fresh clone (only the runs' small files are committed) they retrain them from the
+  # same seed and data streams instead.
+  reuse = (dict(rl__experts_dir=experts_dir)
+           if os.path.exists(os.path.join(experts_dir, "final_params")) else {})
   runs.update({
       "mixed_rlvr": ("mixed_rlvr", {}),
       "copd": ("copd", {}),
-      "mopd": ("mopd", dict(rl__experts_dir=experts_dir)),
-      "static_opd_t2i": ("static_opd", dict(rl__experts_dir=experts_dir)),
-      "static_opd_i2t": ("static_opd", dict(rl__experts_dir=experts_dir,
-                                            rl__static_opd__teacher="image",
+      "mopd": ("mopd", dict(reuse)),
+      "static_opd_t2i": ("static_opd", dict(reuse)),
+      "static_opd_i2t": ("static_opd", dict(reuse, rl__static_opd__teacher="image",
                                             rl__static_opd__student="text")),
       "copd_2branch": ("copd", two),
   })
@@ -398,13 +410,14 @@ def main(argv=None):
   parser.add_argument("--eval_examples", type=int, default=None,
                       help="held-out items per capability (default 1000; quick: 300)")
   parser.add_argument("--out", default=None, help="default experiments/results[/quick]")
-  parser.add_argument("--runs", default=None, help="default runs/reproduce[_quick]")
+  parser.add_argument("--runs", default=None,
+                      help="default experiments/results/runs (quick: runs/reproduce_quick)")
   parser.add_argument("--base_dir", default="experiments/results/base_policy")
   args = parser.parse_args(argv)
   seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
   args.eval_examples = args.eval_examples or (300 if args.quick else 1000)
   args.out = args.out or ("experiments/results/quick" if args.quick else "experiments/results")
-  args.runs = args.runs or ("runs/reproduce_quick" if args.quick else "runs/reproduce")
+  args.runs = args.runs or ("runs/reproduce_quick" if args.quick else "experiments/results/runs")
   os.makedirs(args.out, exist_ok=True)
   command = "python experiments/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
   start = time.perf_counter()

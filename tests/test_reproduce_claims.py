@@ -1,0 +1,66 @@
+"""The claim verdicts of experiments/reproduce.py on hand-built per-item rewards."""
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+import reproduce  # noqa: E402
+
+CAPS = reproduce.CAPS
+N = 400
+
+
+def rewards(accuracy: dict, seeds: int = 3, shift: int = 0) -> dict:
+  """{cap: f32[S, N]} with exactly round(accuracy[cap] * N) correct items per seed (the
+  first ones, rotated by `shift`), so differences between models are exact by hand."""
+  out = {}
+  for cap in CAPS:
+    row = np.zeros(N)
+    row[: int(round(accuracy[cap] * N))] = 1
+    out[cap] = np.tile(np.roll(row, shift), (seeds, 1))
+  return out
+
+
+def models(mixed, mopd, copd):
+  base = {c: 0.3 for c in CAPS}
+  m = {"Base": {c: r[:1] for c, r in rewards(base).items()}}
+  for cap in CAPS:  # each expert: 0.6 on its own capability, 0.3 elsewhere
+    m[f"{cap.capitalize()} expert"] = rewards({c: 0.6 if c == cap else 0.3 for c in CAPS})
+  m["Mixed RLVR"] = rewards(mixed)
+  m["MOPD"] = rewards(mopd)
+  m["CoPD (merged)"] = rewards(copd)
+  return m
+
+
+def test_verdicts_by_hand():
+  # Mixed loses 20 points on video, MOPD loses 10 on every capability, CoPD equals every
+  # expert on its own capability and beats both baselines overall.
+  m = models(mixed={"text": 0.6, "image": 0.6, "video": 0.4},
+             mopd={c: 0.5 for c in CAPS}, copd={c: 0.6 for c in CAPS})
+  c = reproduce.claims(m)
+  assert c["mixed_loses_somewhere"]["verdict"] == "supported"
+  assert c["mixed_loses_somewhere"]["minus_expert_points"]["video"]["mean"] == -20.0
+  assert c["mopd_absorbs_less"]["verdict"] == "supported"
+  assert c["copd_beats_all"]["verdict"] == "supported"
+  assert c["copd_beats_all"]["minus_mixed_overall_points"]["mean"] == round(100 * 0.2 / 3, 2)
+
+
+def test_refuted_verdicts():
+  # Mixed and MOPD match the experts everywhere (identical items): "loses" is refuted;
+  # mixed then beats a CoPD that stayed at the base: CoPD's claim is refuted.
+  m = models(mixed={c: 0.6 for c in CAPS}, mopd={c: 0.6 for c in CAPS},
+             copd={c: 0.3 for c in CAPS})
+  c = reproduce.claims(m)
+  assert c["mixed_loses_somewhere"]["verdict"] == "refuted"
+  assert c["mopd_absorbs_less"]["verdict"] == "refuted"
+  assert c["copd_beats_all"]["verdict"] == "refuted"
+
+
+def test_missing_runs_are_inconclusive():
+  m = models(mixed={c: 0.6 for c in CAPS}, mopd={c: 0.6 for c in CAPS},
+             copd={c: 0.6 for c in CAPS})
+  del m["MOPD"]
+  c = reproduce.claims(m)
+  assert c["mopd_absorbs_less"]["verdict"] == "inconclusive"
+  assert c["copd_beats_all"]["verdict"] == "inconclusive"
