@@ -68,6 +68,8 @@ FIELD_HELP = {
     "warm_start.weight_decay": "SFT AdamW weight decay",
     "warm_start.grad_clip_norm": "SFT global gradient-norm clip",
     "warm_start.mix": "SFT sampling weight of each capability",
+    "warm_start.flaw_rate": ("fraction of each capability's SFT demonstrations showing its "
+                             "flawed procedure (tasks.FLAW_KINDS), for RL to correct"),
     "warm_start.checkpoint_dir": "where the base is saved / reused ('' = <workdir>/base_policy)",
     "warm_start.reuse_checkpoint": "load a saved base with the same recipe instead of training",
     "warm_start.log_every": "SFT steps between log lines",
