@@ -27,6 +27,7 @@ from orbax.checkpoint import utils as ocp_utils
 from copd_jax import checkpoint, diagnostics, evaluation, experts as experts_lib
 from copd_jax import data as data_lib
 from copd_jax import kernels, objectives, parallel, policy_setup, sampling, schedules, trainer
+from copd_jax import verifiers
 from copd_jax import train_checkpoint
 from copd_jax.policy_setup import RunSetup
 from copd_jax.run_log import MetricsWriter, ProgressLine
@@ -414,6 +415,8 @@ def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, 
   draws from the same prompt streams and sampling keys (seed offset 1), and every
   distillation stage uses offset 2, so with beta = 0 CoPD *is* the experts run."""
   caps = list(cfg.rl.capabilities)
+  if "reward" in cfg:
+    verifiers.configure(verifiers.RewardConfig(**cfg.reward.to_dict()))
   eval_sets = {c: s for c, s in policy_setup.held_out_sets(cfg, setup).items() if c in caps}
   checkpoints = train_checkpoint.RunCheckpoints(
       cfg.workdir, cfg.checkpoint, method=cfg.method, num_experts=cfg.num_experts,

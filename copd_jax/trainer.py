@@ -556,16 +556,22 @@ def load_local_examples(ctx: DataContext, refs: Sequence[Sequence[ExampleRef]],
   return [[loaded.get((k, b), stand_in) for b in range(len(row))] for k, row in enumerate(refs)]
 
 
-def verify_local(responses_of, examples, local_rows: np.ndarray, sharding) -> np.ndarray:
+def verify_local(responses_of, examples, local_rows: np.ndarray, sharding,
+                 stats: dict | None = None) -> np.ndarray:
   """Rewards f32[S, B*G] of the whole batch, each process verifying only its own rows.
 
   responses_of(rows) -> response strings of flat row indices; examples[S][B*G] (stand-ins
   outside local_rows); local_rows: bool[S, B*G]. Other processes' rewards arrive through
-  one small all-gather; single-process runs verify everything locally."""
+  one small all-gather; single-process runs verify everything locally. `stats`, if given,
+  receives this process's verify/timeouts and verify/over_budget counts (answers that
+  scored 0 because of the per-answer limit or the step budget, config.reward)."""
   s, n = local_rows.shape
   flat = np.flatnonzero(local_rows.reshape(-1))
   rewards = np.zeros(s * n, np.float32)
-  rewards[flat] = verifiers.rewards_for(responses_of(flat), [examples[i // n][i % n] for i in flat])
+  rewards[flat], pool = verifiers.score(responses_of(flat), [examples[i // n][i % n] for i in flat])
+  if stats is not None:
+    stats.update({"verify/timeouts": float(pool.timeouts),
+                  "verify/over_budget": float(pool.over_budget)})
   rewards = rewards.reshape(s, n)
   if sharding is None or jax.process_count() == 1:
     return rewards
@@ -656,7 +662,9 @@ def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teache
   # Each example names its verifier (integer for the toy tasks; math / choice / exact for
   # record datasets).
   rewarded = [[ex for ex in exs for _ in range(g)] for exs in examples]  # [S][B*G]
-  rewards = verify_local(responses_of, rewarded, np.repeat(local, g, axis=1), sharding)
+  verify_stats = {}
+  rewards = verify_local(responses_of, rewarded, np.repeat(local, g, axis=1), sharding,
+                         verify_stats)
   advantages, zero_var_all = group_advantages(rewards, g, ucfg.scale_by_std)
   row_teacher_g = np.repeat(row_teacher, g, axis=1)  # [S, B*G]
   is_native = row_teacher_g == NATIVE
@@ -697,6 +705,7 @@ def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teache
   if stage.native_prompts:  # fraction of native GRPO groups with equal rewards
     metrics["zero_variance_groups"] = zero_var_all[:, :stage.native_prompts].mean(axis=1)
   metrics.update(timings)
+  metrics.update(verify_stats)
   metrics["opd_weight"] = weight
   # Of the step's S*B prompts, how many this process loaded and verified (all of them in a
   # single-process run; its share of the batch in a multi-process one).
