@@ -27,7 +27,6 @@ from orbax.checkpoint import utils as ocp_utils
 from copd_jax import checkpoint, diagnostics, evaluation, experts as experts_lib
 from copd_jax import data as data_lib
 from copd_jax import kernels, objectives, parallel, policy_setup, sampling, schedules, trainer
-from copd_jax import verifiers
 from copd_jax import train_checkpoint
 from copd_jax.policy_setup import RunSetup
 from copd_jax.run_log import MetricsWriter, ProgressLine
@@ -106,18 +105,20 @@ class RunContext:
   # Training-state checkpoints (None: no checkpoints, e.g. a unit test of one stage).
   checkpoints: train_checkpoint.RunCheckpoints | None = None
   stop: train_checkpoint.StopRequest | None = None  # set by SIGTERM
-  # metrics.jsonl size to rewind to before the next write (set when resuming).
+  # metrics.jsonl size to rewind to before the next write (set when resuming), and the
+  # first step TensorBoard and completions.jsonl drop (tensorboardX purge_step).
   log_rewind_offset: int | None = None
+  log_rewind_step: int | None = None
   # The device mesh and shardings (None: one device, the plain jitted path).
   sharding: parallel.RunSharding | None = None
 
   def rewind_log(self) -> None:
     """Drops log lines a killed run wrote after the state this run resumed from."""
     if self.log_rewind_offset is not None:
-      if not self.writer.rewind_jsonl(self.log_rewind_offset):
+      if not self.writer.rewind_jsonl(self.log_rewind_offset, self.log_rewind_step):
         print(f"warning: metrics.jsonl is shorter than the checkpoint's offset "
               f"{self.log_rewind_offset}; not rewinding it", flush=True)
-      self.log_rewind_offset = None
+      self.log_rewind_offset = self.log_rewind_step = None
 
 
 def update_config(cfg, setup: RunSetup) -> trainer.UpdateConfig:
@@ -207,10 +208,50 @@ def branch_diagnostics(ctx: RunContext, stage: trainer.Stage, params) -> dict:
   return out
 
 
+def completions_to_log(cfg) -> int:
+  """config.log.completions: prompts per capability / branch in the completion log."""
+  return int(cfg.log.completions) if "log" in cfg else 0
+
+
+def eval_completion_records(names, eval_sets, responses: dict, count: int) -> list[dict]:
+  """The first `count` held-out examples of every capability with each branch's greedy
+  response and its reward. responses: {cap: responses[branch][example]}."""
+  from copd_jax import verifiers
+  records = []
+  for cap, examples in eval_sets.items():
+    for i, ex in enumerate(examples[:count]):
+      for branch, answers in zip(names, responses[cap]):
+        records.append({"branch": branch, "capability": cap, "prompt": ex.question,
+                        "answer": str(ex.answer), "response": answers[i],
+                        "reward": float(verifiers.rewards_for([answers[i]], [ex])[0])})
+  return records
+
+
+def train_completion_records(names, teacher_names, samples: list[dict], metrics: dict) -> list[dict]:
+  """trainer.completion_samples with branch / teacher names; cross rows of an OPD step
+  carry the branch's mean teacher-student log-ratio on its cross tokens (opd/delta_mean)."""
+  delta = metrics.get("opd/delta_mean")
+  out = []
+  for sample in samples:
+    record = dict(sample, branch=names[sample["branch"]])
+    if sample["teacher"] is not None:
+      record["teacher"] = teacher_names[sample["teacher"]]
+      if delta is not None:
+        record["teacher_log_ratio"] = float(np.atleast_1d(delta)[sample["branch"]])
+    out.append(record)
+  return out
+
+
 def evaluate_branches(ctx: RunContext, stage: trainer.Stage, params, eval_sets, merge=False) -> dict:
-  """Held-out accuracy of every branch (and of the merged model when `merge`)."""
+  """Held-out accuracy of every branch (and of the merged model when `merge`); logs the
+  first config.log.completions responses of every capability as completions."""
   kwargs = dict(max_new_tokens=ctx.cfg.sampling.max_new_tokens, batch_size=ctx.cfg.eval.batch_size)
-  acc = evaluation.evaluate_stacked(params, ctx.setup, eval_sets, **kwargs)
+  responses = {}
+  acc = evaluation.evaluate_stacked(params, ctx.setup, eval_sets, responses_out=responses, **kwargs)
+  count = completions_to_log(ctx.cfg)
+  if count:
+    ctx.writer.write_completions(ctx.global_step, "eval", eval_completion_records(
+        branch_names(stage), eval_sets, responses, count))
   out = _log_branch_arrays(branch_names(stage), acc)
   if merge and stage.num_students > 1:
     merged = merged_params(ctx.cfg, stage, params)
@@ -286,6 +327,7 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
       start_step, ctx.global_step = host.stage_step, host.global_step
       nonfinite_total, nonfinite_in_row = host.nonfinite_total, host.nonfinite_in_row
       ctx.log_rewind_offset = host.metrics_offset
+      ctx.log_rewind_step = host.global_step + 1  # lines at the saved step are kept
       print(f"resumed stage {stage.name} at step {start_step}/{stage.steps}"
             + (" (finished)" if host.finished else "") + f" from {ckpt.directory}", flush=True)
       if host.finished:
@@ -319,11 +361,16 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
     if start_step == 0:
       evaluate_accuracy()
       measure_overlap()
+    completions_every = int(cfg.log.completions_every) if "log" in cfg else 0
+    teacher_names = ["+".join(caps) for caps in stage.teacher_data]
     for step in range(start_step, stage.steps):
       weight = schedules.opd_weight(stage.schedule, step, sched_state, last_overlap)
+      log_samples = completions_to_log(cfg) if (
+          completions_every and (step + 1) % completions_every == 0) else 0
       result = trainer.train_step(stage, step, params, opt_state, frozen_teachers, data, ucfg,
                                   optimizer, key, rng, weight, assignment, routing,
-                                  ref_params=ctx.base_params, sharding=ctx.sharding)
+                                  ref_params=ctx.base_params, sharding=ctx.sharding,
+                                  log_samples=log_samples)
       bad = _nonfinite_branches(names, result.metrics)
       if bad:
         # Not applied: the update does not donate its inputs, so the previous params and
@@ -340,6 +387,9 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
       scalars["nonfinite_skipped"] = float(bool(bad))
       scalars["nonfinite_skipped_total"] = nonfinite_total
       ctx.writer.write(ctx.global_step, {f"train/{k}": v for k, v in scalars.items()})
+      if result.samples:
+        ctx.writer.write_completions(ctx.global_step, "train", train_completion_records(
+            names, teacher_names, result.samples, result.metrics))
       if nonfinite_in_row >= rl.max_nonfinite_steps_in_row:
         raise train_checkpoint.NonFiniteTrainingError(
             f"stage {stage.name}: {nonfinite_in_row} steps in a row with a non-finite loss or "
@@ -415,8 +465,6 @@ def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, 
   draws from the same prompt streams and sampling keys (seed offset 1), and every
   distillation stage uses offset 2, so with beta = 0 CoPD *is* the experts run."""
   caps = list(cfg.rl.capabilities)
-  if "reward" in cfg:
-    verifiers.configure(verifiers.RewardConfig(**cfg.reward.to_dict()))
   eval_sets = {c: s for c, s in policy_setup.held_out_sets(cfg, setup).items() if c in caps}
   checkpoints = train_checkpoint.RunCheckpoints(
       cfg.workdir, cfg.checkpoint, method=cfg.method, num_experts=cfg.num_experts,
@@ -428,6 +476,7 @@ def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, 
                    sharding=sharding)
   # A restart that finds no checkpoint drops what a killed run logged since RL began.
   ctx.log_rewind_offset = checkpoints.log_start_offset(writer.jsonl_size())
+  ctx.log_rewind_step = 0
   start = time.perf_counter()
   with train_checkpoint.stop_on_signals(cfg.checkpoint.save_on_sigterm) as stop:
     ctx.stop = stop
@@ -471,9 +520,16 @@ def _final_report(ctx: RunContext, stage: trainer.Stage, final, train_seconds: f
   """Full-eval accuracies of the final branches (and merge); saves final_params."""
   cfg, setup, eval_sets, writer = ctx.cfg, ctx.setup, ctx.eval_sets, ctx.writer
   method = cfg.method
-  kwargs = dict(max_new_tokens=cfg.sampling.max_new_tokens, batch_size=cfg.eval.batch_size)
-  branch_acc = evaluation.evaluate_stacked(final, setup, eval_sets, **kwargs)
+  # The final evaluation adds pass@k (config.eval.pass_samples > 0) next to greedy accuracy.
+  kwargs = dict(max_new_tokens=cfg.sampling.max_new_tokens, batch_size=cfg.eval.batch_size,
+                **evaluation.pass_at_k_kwargs(cfg))
+  responses = {}
+  branch_acc = evaluation.evaluate_stacked(final, setup, eval_sets, responses_out=responses,
+                                           **kwargs)
   names = branch_names(stage)
+  if completions_to_log(cfg):
+    writer.write_completions(ctx.global_step, "final", eval_completion_records(
+        names, eval_sets, responses, completions_to_log(cfg)))
   summary = {"train_seconds": round(train_seconds, 1), "optimizer_steps": ctx.global_step,
              "branches": {n: {k: float(v[i]) for k, v in branch_acc.items()}
                           for i, n in enumerate(names)}}

@@ -100,9 +100,13 @@ class HostState:
   schedule: dict                # dataclasses.asdict(schedules.ScheduleState)
   last_overlap: float | None    # the latest measured branch overlap (adaptive schedule)
   streams: dict                 # streams_state(...)
-  nonfinite_total: int = 0      # skipped non-finite steps in this stage so far
-  nonfinite_in_row: int = 0     # ... of which the most recent ones in a row
+  nonfinite_total: int = 0      # skipped (non-finite) branch updates in this stage so far
+  nonfinite_in_row: int = 0     # the most any branch has skipped in a row just now
   metrics_offset: int = 0       # metrics.jsonl size in bytes when this state was saved
+  applied_per_branch: list | None = None   # updates applied per branch in this stage
+  skipped_per_branch: list | None = None   # updates skipped (non-finite) per branch
+  in_row_per_branch: list | None = None    # ... of those, the latest ones in a row
+  steps_with_skips: int = 0     # steps in which some branch's update was skipped
 
   def to_json(self) -> dict:
     return _json_safe(dataclasses.asdict(self))

@@ -483,8 +483,31 @@ def update_body(params: Params, opt_state, teacher_params: Params | None, rows: 
 
   grads, metrics = jax.vmap(one_branch)(params, rows, teacher_logprobs, ref_lp)
   metrics["grad_norm"] = jax.vmap(optax.tree_utils.tree_norm)(grads)
-  updates, opt_state = jax.vmap(optimizer.update)(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state, metrics
+  updates, new_opt_state = jax.vmap(optimizer.update)(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  # Per branch: apply the update only if its loss, gradient norm, new parameters and new
+  # optimizer state are all finite; a branch whose step is not keeps its previous state,
+  # and the other branches' updates are applied all the same.
+  applied = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+             & finite_per_branch(new_params) & finite_per_branch(new_opt_state))
+  metrics["update_applied"] = applied.astype(jnp.float32)
+  return (select_branches(applied, new_params, params),
+          select_branches(applied, new_opt_state, opt_state), metrics)
+
+
+def finite_per_branch(tree) -> jax.Array:
+  """bool[S]: every float element of branch s of a stacked pytree is finite."""
+  flags = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+           for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  s = jax.tree.leaves(tree)[0].shape[0]
+  return jnp.stack(flags).all(axis=0) if flags else jnp.ones((s,), bool)
+
+
+def select_branches(take_new, new_tree, old_tree):
+  """Branch s of new_tree where take_new[s] (bool[S]), else of old_tree (stacked [S])."""
+  def pick(new, old):
+    return jnp.where(take_new.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+  return jax.tree.map(pick, new_tree, old_tree)
 
 
 # ------------------------------------------------------------------------- host side
