@@ -41,6 +41,10 @@ FORMAT_VERSION = 1
 LOG_START_FILE = "log_start.json"
 
 
+class CheckpointCorruptError(CheckpointMismatchError):
+  """A restored array does not match the checksum stored when it was saved."""
+
+
 class NonFiniteTrainingError(FloatingPointError):
   """Training produced non-finite losses, gradients or parameters."""
 
@@ -139,6 +143,50 @@ def nonfinite_branches(stacked_params, branch_names) -> list[str]:
   return [name for name, good in zip(branch_names, ok) if not good]
 
 
+def _words(x) -> jax.Array:
+  """Any array's bytes as uint32 words (1-D): 4-byte types bitcast, 2- and 1-byte types
+  widened, 8-byte types split in two."""
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  size = jnp.dtype(x.dtype).itemsize
+  if size == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+  if size == 8:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)  # [..., 2]
+  unsigned = {2: jnp.uint16, 1: jnp.uint8}[size]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+
+
+def _array_checksum(x) -> jax.Array:
+  """uint32[2]: two position-weighted sums of the array's words, modulo 2**32. The
+  weights are odd, so any change of a single word changes both; integer sums are exact
+  in any order, so the value does not depend on sharding or device count."""
+  words = _words(x)
+  i = jnp.arange(words.shape[0], dtype=jnp.uint32)
+  return jnp.stack([jnp.sum(words * (2 * i + 1)),
+                    jnp.sum(words * ((i * jnp.uint32(2654435761)) | 1))])
+
+
+@jax.jit
+def _checksums(tree):
+  return jax.tree.map(_array_checksum, tree)
+
+
+def array_checksums(tree) -> dict[str, list[int]]:
+  """{array path: [two uint32 checksums]} of every array of a pytree (on device; only
+  the small results come to the host)."""
+  from copd_jax import parallel  # lazily: heavy
+  sums = parallel.to_host(_checksums(tree))
+  return {jax.tree_util.keystr(k): [int(v) for v in np.asarray(c)]
+          for k, c in jax.tree_util.tree_leaves_with_path(sums)}
+
+
+def checksum_mismatches(stored: Mapping[str, Any], tree) -> list[str]:
+  """Paths of the arrays of `tree` whose checksum differs from `stored` (or is missing)."""
+  now = array_checksums(tree)
+  return [k for k in now if stored.get(k) != now[k]]
+
+
 def param_shapes(tree) -> dict[str, list[int]]:
   return {jax.tree_util.keystr(k): list(np.shape(v))
           for k, v in jax.tree_util.tree_leaves_with_path(tree)}
@@ -189,21 +237,37 @@ class StageCheckpointer:
       raise NonFiniteTrainingError(
           f"refusing to checkpoint stage {self.metadata['stage']!r} at step {host.stage_step}: "
           f"parameters of branch(es) {bad} are not finite")
-    meta = dict(self.metadata, param_shapes=param_shapes(state["params"]))
+    # Checksums of what is saved (computed on device before the asynchronous write
+    # starts), verified on restore: a flipped byte on disk is named, not trained on.
+    meta = dict(self.metadata, param_shapes=param_shapes(state["params"]),
+                checksums=array_checksums(state))
     self._manager.save(host.stage_step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host.to_json()),
         meta=ocp.args.JsonSave(meta), config=ocp.args.JsonSave(self._config)), force=True)
 
-  def restore_latest(self, abstract_state: dict) -> tuple[dict, HostState] | None:
+  def restore_latest(self, abstract_state: dict, fallback_on_corrupt: bool = False
+                     ) -> tuple[dict, HostState] | None:
     """The latest saved (state, HostState), or None when this stage has no checkpoint.
 
     abstract_state: a pytree of jax.ShapeDtypeStruct (with shardings) shaped like the
     saved state; restored arrays take its shardings, so the mesh may differ from the
-    saver's. Raises CheckpointMismatchError naming what differs, or what is unreadable.
-    """
-    step = self._manager.latest_step()
-    if step is None:
-      return None
+    saver's. Raises CheckpointMismatchError naming what differs, or what is unreadable,
+    and CheckpointCorruptError naming the arrays whose checksums do not match; with
+    fallback_on_corrupt, a corrupt or unreadable step is reported and the next older
+    one is tried instead."""
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    for n, step in enumerate(steps):
+      try:
+        return self._restore_step(step, abstract_state)
+      except CheckpointMismatchError as e:
+        corrupt = isinstance(e, CheckpointCorruptError) or "cannot restore" in str(e)
+        if not (fallback_on_corrupt and corrupt) or n + 1 == len(steps):
+          raise
+        print(f"warning: {e}\nfalling back to the previous checkpoint "
+              f"(config.checkpoint.fallback_on_corrupt)", flush=True)
+    return None
+
+  def _restore_step(self, step: int, abstract_state: dict) -> tuple[dict, HostState]:
     where = os.path.join(self.directory, str(step))
     try:
       meta = self._manager.restore(step, args=ocp.args.Composite(
@@ -222,10 +286,18 @@ class StageCheckpointer:
     except Exception as e:
       raise CheckpointMismatchError(f"cannot restore training state from {where} (truncated "
                                     f"or corrupted files?): {type(e).__name__}: {e}") from e
+    state = dict(restored["state"])
+    if "checksums" in meta:  # checkpoints written before checksums existed have none
+      bad = checksum_mismatches(meta["checksums"], state)
+      if bad:
+        raise CheckpointCorruptError(
+            f"training checkpoint {where} is corrupt: the checksums of {len(bad)} array(s) "
+            f"differ from those saved: {', '.join(bad[:10])}. Delete this step to resume "
+            "from an older one, or set config.checkpoint.fallback_on_corrupt=True")
     host = HostState.from_json(restored["host"], where)
     if host.stage_step != step:
       raise CheckpointMismatchError(f"{where}: host state says step {host.stage_step}")
-    return dict(restored["state"]), host
+    return state, host
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -250,6 +322,8 @@ class RunCheckpoints:
     self.async_save = bool(options.async_save)
     self.resume = bool(options.resume)
     self.save_on_sigterm = bool(options.save_on_sigterm)
+    self.fallback_on_corrupt = bool(options.get("fallback_on_corrupt", False))
+    self.sigterm_grace_s = float(options.get("sigterm_grace_s", 120.0))
     self.method, self.num_experts, self.seed = method, num_experts, seed
     self.config_json = config_json
     if not self.resume:
