@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -28,7 +29,7 @@ from copd_jax import checkpoint, diagnostics, evaluation, experts as experts_lib
 from copd_jax import data as data_lib
 from copd_jax import kernels, objectives, parallel, policy_setup, sampling, schedules, trainer
 from copd_jax import verifiers
-from copd_jax import train_checkpoint
+from copd_jax import run_log, train_checkpoint
 from copd_jax.policy_setup import RunSetup
 from copd_jax.run_log import MetricsWriter, ProgressLine
 
@@ -414,10 +415,34 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
         ckpt.wait()
         raise train_checkpoint.Preempted(stage.name, step + 1, ckpt.directory,
                                          ctx.stop.signal_name)
+  except (run_log.LogWriteError, train_checkpoint.CheckpointWriteError) as e:
+    raise _storage_failure(e, ckpt) from e
   finally:
+    failing = sys.exc_info()[0] is not None  # an error is already on its way out
     if ckpt is not None:
-      ckpt.close()  # waits for an asynchronous save in flight
+      try:
+        ckpt.close()  # waits for an asynchronous save in flight
+      except train_checkpoint.CheckpointWriteError:
+        if not failing:  # else the error already propagating is the one to report
+          raise
   return params
+
+
+def _storage_failure(err: OSError, ckpt) -> train_checkpoint.StorageError:
+  """The error that stops a run whose log or checkpoint could not be written: it names
+  the file and the newest complete checkpoint (after letting a save in flight finish,
+  if it can), from which the same command resumes once there is space."""
+  newest = "none"
+  if ckpt is not None:
+    try:
+      ckpt.wait()
+    except train_checkpoint.CheckpointWriteError:
+      pass  # that save failed too; orbax kept the previous complete step
+    step = ckpt.latest_step()
+    newest = "none" if step is None else os.path.join(ckpt.directory, str(step))
+  return train_checkpoint.StorageError(
+      err.errno, f"{err.strerror}; stopping the run. Newest complete checkpoint: {newest} "
+      "(free space and run the same command to resume from it)", err.filename)
 
 
 def load_or_train_experts(ctx: RunContext, caps) -> Any:
@@ -474,7 +499,8 @@ def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, 
   # A restart that finds no checkpoint drops what a killed run logged since RL began.
   ctx.log_rewind_offset = checkpoints.log_start_offset(writer.jsonl_size())
   start = time.perf_counter()
-  with train_checkpoint.stop_on_signals(cfg.checkpoint.save_on_sigterm) as stop:
+  with train_checkpoint.stop_on_signals(cfg.checkpoint.save_on_sigterm,
+                                        grace_s=checkpoints.sigterm_grace_s) as stop:
     ctx.stop = stop
     final, stage = _train_method(ctx, caps)
   train_seconds = time.perf_counter() - start

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import signal
+import sys
 import threading
 from typing import Any, Iterator, Mapping
 
@@ -43,6 +45,14 @@ LOG_START_FILE = "log_start.json"
 
 class CheckpointCorruptError(CheckpointMismatchError):
   """A restored array does not match the checksum stored when it was saved."""
+
+
+class CheckpointWriteError(OSError):
+  """A training checkpoint could not be written (a full disk, ...); names the directory."""
+
+
+class StorageError(OSError):
+  """The run stopped because a log or checkpoint could not be written."""
 
 
 class NonFiniteTrainingError(FloatingPointError):
@@ -241,9 +251,24 @@ class StageCheckpointer:
     # starts), verified on restore: a flipped byte on disk is named, not trained on.
     meta = dict(self.metadata, param_shapes=param_shapes(state["params"]),
                 checksums=array_checksums(state))
-    self._manager.save(host.stage_step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host.to_json()),
-        meta=ocp.args.JsonSave(meta), config=ocp.args.JsonSave(self._config)), force=True)
+    with self._write_errors(host.stage_step):
+      self._manager.save(host.stage_step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host.to_json()),
+          meta=ocp.args.JsonSave(meta), config=ocp.args.JsonSave(self._config)), force=True)
+
+  @contextlib.contextmanager
+  def _write_errors(self, step=None):
+    """orbax reports a failed write (ENOSPC arrives as ValueError RESOURCE_EXHAUSTED from
+    tensorstore) in many types: one CheckpointWriteError naming the directory instead.
+    orbax writes into a temporary directory, so the last complete step stays intact."""
+    try:
+      yield
+    except Exception as e:
+      where = self.directory if step is None else os.path.join(self.directory, str(step))
+      detail = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+      raise CheckpointWriteError(errno.ENOSPC if "No space left" in str(e) else None,
+                                 f"cannot write the training checkpoint ({detail})",
+                                 where) from e
 
   def restore_latest(self, abstract_state: dict, fallback_on_corrupt: bool = False
                      ) -> tuple[dict, HostState] | None:
@@ -300,10 +325,12 @@ class StageCheckpointer:
     return state, host
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._write_errors():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.close()
+    with self._write_errors():
+      self._manager.close()
 
 
 class RunCheckpoints:
@@ -377,20 +404,41 @@ class StopRequest:
 
 
 @contextlib.contextmanager
-def stop_on_signals(enabled: bool, signals=(signal.SIGTERM,)):
+def stop_on_signals(enabled: bool, signals=(signal.SIGTERM,), grace_s: float = 120.0):
   """Within the block, the given signals only set the yielded StopRequest (the loop saves
-  at the next step boundary and raises Preempted); the old handlers come back after."""
+  at the next step boundary and raises Preempted); the old handlers come back after.
+
+  The process still ends in bounded time: if it has not left the block `grace_s`
+  seconds after the first signal (stuck in a write, a compile, a hung answer), or when a
+  second signal arrives, it exits at once with status 128 + signal number, without
+  saving -- the newest checkpoint on disk stays the one to resume from."""
   request = StopRequest()
   if not enabled or threading.current_thread() is not threading.main_thread():
     yield request
     return
+  done = threading.Event()
+
+  def force_exit(signum: int, why: str):
+    if done.is_set():
+      return
+    sys.stderr.write(f"{signal.Signals(signum).name}: {why}; exiting without saving (the "
+                     "newest checkpoint on disk is kept)\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
   def handler(signum, frame):  # only records: never save from inside a handler
+    if request.requested:
+      force_exit(signum, "second signal")
     request.signal_name = signal.Signals(signum).name
+    timer = threading.Timer(grace_s, force_exit, args=(
+        signum, f"the run did not reach a step boundary within {grace_s:g} s"))
+    timer.daemon = True
+    timer.start()
 
   previous = {s: signal.signal(s, handler) for s in signals}
   try:
     yield request
   finally:
+    done.set()
     for s, h in previous.items():
       signal.signal(s, h)
