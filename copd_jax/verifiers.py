@@ -497,9 +497,10 @@ class VerifierPool:
 
   `run` hands requests to idle workers; one that exceeds its per-request time limit is
   killed (the request scores 0) and a fresh worker starts in the background (spawn +
-  importing sympy takes a second or two). When the batch's budget runs out, the requests
-  still running or waiting score 0 and the busy workers are killed. Workers die with
-  this process, even on SIGKILL. Thread-safe (one batch at a time)."""
+  importing sympy takes a second or two). When the batch's budget (counted from when a
+  worker is first ready) runs out, the requests still running or waiting score 0 and the
+  busy workers are replaced. Workers die with this process, even on SIGKILL.
+  Thread-safe (one batch at a time)."""
 
   STARTUP_TIMEOUT_S = 120.0
 
@@ -550,12 +551,16 @@ class VerifierPool:
     stats = PoolStats(requests=len(requests))
     results = [failed] * len(requests)
     pending = collections.deque(range(len(requests)))
-    end = time.monotonic() + budget_s
+    # The budget runs from when a worker is first ready: starting workers (spawn and
+    # imports, bounded by STARTUP_TIMEOUT_S) does not eat the answers' time.
+    end = math.inf
     self._workers = [w for w in self._workers if w.process.is_alive() or self._kill(w)]
     while len(self._workers) < self.size and pending:
       self._workers.append(self._spawn())
     while pending or any(w.job is not None for w in self._workers):
       now = time.monotonic()
+      if end == math.inf and any(w.ready for w in self._workers):
+        end = now + budget_s
       for w in self._workers:
         if w.ready and w.job is None and pending:
           w.job, w.deadline = pending.popleft(), now + timeout_s
@@ -597,11 +602,13 @@ class VerifierPool:
           self._workers[i] = self._spawn()
           stats.restarts += 1
       if now >= end:
-        busy = [w for w in self._workers if w.job is not None]
-        stats.over_budget = len(pending) + len(busy)
-        for w in busy:
-          self._kill(w)
-        self._workers = [w for w in self._workers if w.job is None]
+        stats.over_budget = len(pending)
+        for i, w in enumerate(self._workers):
+          if w.job is not None:  # kill it; a fresh one starts while the caller goes on
+            stats.over_budget += 1
+            self._kill(w)
+            self._workers[i] = self._spawn()
+            stats.restarts += 1
         break
     return results, stats
 

@@ -669,3 +669,78 @@ def test_second_sigterm_ends_the_process_at_once():
                        timeout=120, cwd=REPO)
   assert out.stdout.strip() == "flagged" and out.returncode == 128 + signal.SIGTERM
   assert "second signal" in out.stderr
+
+
+# ------------------------------------------- 13.11 HF checkpoint and chat template errors
+
+HF_FIXTURES = os.path.join(REPO, "tests", "fixtures", "hf", "qwen3_tiny")
+
+
+def _copy_checkpoint(tmp_path, name="untied_f32"):
+  import shutil
+  target = tmp_path / name
+  shutil.copytree(os.path.join(HF_FIXTURES, name), target)
+  return target
+
+
+def test_huge_layer_count_in_config_fails_on_headers_first(tmp_path):
+  from copd_jax import hf_checkpoint
+  ckpt = _copy_checkpoint(tmp_path)
+  config = json.loads((ckpt / "config.json").read_text())
+  config["num_hidden_layers"] = 10**8
+  (ckpt / "config.json").write_text(json.dumps(config))
+  with pytest.raises(hf_checkpoint.HFCheckpointError,
+                     match=r"config\.json: 'num_hidden_layers' is 100000000, but the "
+                           r"safetensors files hold \d+ layers"):
+    hf_checkpoint.load_qwen3(str(ckpt))
+
+
+def test_non_utf8_hf_config_names_the_file(tmp_path):
+  from copd_jax import hf_checkpoint
+  ckpt = _copy_checkpoint(tmp_path)
+  (ckpt / "config.json").write_bytes(b'{"model_type": "qwen3\xff"}')
+  with pytest.raises(hf_checkpoint.HFCheckpointError, match=r"config\.json: not UTF-8"):
+    hf_checkpoint.read_hf_config(str(ckpt))
+
+
+def test_nan_weight_in_hf_checkpoint_names_the_tensor(tmp_path):
+  from safetensors.numpy import load_file, save_file
+
+  from copd_jax import hf_checkpoint
+  ckpt = _copy_checkpoint(tmp_path)
+  tensors = load_file(str(ckpt / "model.safetensors"))
+  name = "model.layers.0.mlp.up_proj.weight"
+  tensors[name] = tensors[name].copy()
+  tensors[name][1, 2] = np.nan
+  save_file(tensors, str(ckpt / "model.safetensors"))
+  with pytest.raises(hf_checkpoint.HFCheckpointError,
+                     match=rf"model\.safetensors: tensor '{re_escape(name)}' holds 1 NaN/inf"):
+    hf_checkpoint.load_qwen3(str(ckpt))
+
+
+def re_escape(text):
+  import re
+  return re.escape(text)
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+     "longer than"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursed too deeply"),
+    ("{{ 'x' * 10**9 }}", "builds a sequence"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"
+     "{% endfor %}{{ ns.s }}", "builds a sequence"),
+    ("{% for i in range(100000) %}{{ 'y' * 100 }}{% endfor %}", "output exceeds"),
+    ("{{ 7 ** 123456789 }}", "power"),
+    ("{{ messages[0].content.no_such_method() }}", "failed"),
+])
+def test_chat_template_that_loops_recurses_or_grows_raises_one_error(tmp_path, template, message):
+  import shutil
+
+  from copd_jax.hf_tokenizer import ChatTemplateError, HFTokenizer
+  directory = tmp_path / "tok"
+  shutil.copytree(os.path.join(HF_FIXTURES, "tokenizer"), directory)
+  (directory / "chat_template.jinja").write_text(template)
+  tok = HFTokenizer(str(directory))
+  with pytest.raises(ChatTemplateError, match=message):
+    tok.render_chat([{"role": "user", "content": "hi"}])
