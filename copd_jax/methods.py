@@ -323,7 +323,13 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
     ckpt = ctx.checkpoints.for_stage(stage.name, names)
     abstract = jax.tree.map(ocp_utils.to_shape_dtype_struct,
                             {"params": params, "opt_state": opt_state})
-    restored = ckpt.restore_latest(abstract, ctx.checkpoints.fallback_on_corrupt)
+    try:
+      restored = ckpt.restore_latest(abstract, ctx.checkpoints.fallback_on_corrupt)
+    except Exception:
+      # Close the manager before the error leaves: its background threads would otherwise
+      # print a traceback each at interpreter exit and bury this error.
+      ckpt.close()
+      raise
     if restored is not None:
       state, host = restored
       params, opt_state = state["params"], state["opt_state"]

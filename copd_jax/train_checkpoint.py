@@ -197,6 +197,18 @@ def checksum_mismatches(stored: Mapping[str, Any], tree) -> list[str]:
   return [k for k in now if stored.get(k) != now[k]]
 
 
+def _first_lines(err: BaseException) -> str:
+  """The first line of an error and of each error that caused it (tensorstore appends a
+  spec dump of a hundred lines that would bury the message)."""
+  parts, seen = [], set()
+  while err is not None and id(err) not in seen:
+    seen.add(id(err))
+    line = (str(err).splitlines() or [""])[0].split(" See full TensorStore details")[0]
+    parts.append(f"{type(err).__name__}: {line[:300]}")
+    err = err.__cause__ or err.__context__
+  return " <- ".join(parts)
+
+
 def param_shapes(tree) -> dict[str, list[int]]:
   return {jax.tree_util.keystr(k): list(np.shape(v))
           for k, v in jax.tree_util.tree_leaves_with_path(tree)}
@@ -310,7 +322,7 @@ class StageCheckpointer:
           state=ocp.args.StandardRestore(abstract_state), host=ocp.args.JsonRestore()))
     except Exception as e:
       raise CheckpointMismatchError(f"cannot restore training state from {where} (truncated "
-                                    f"or corrupted files?): {type(e).__name__}: {e}") from e
+                                    f"or corrupted files?): {_first_lines(e)}") from None
     state = dict(restored["state"])
     if "checksums" in meta:  # checkpoints written before checksums existed have none
       bad = checksum_mismatches(meta["checksums"], state)

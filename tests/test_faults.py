@@ -744,3 +744,32 @@ def test_chat_template_that_loops_recurses_or_grows_raises_one_error(tmp_path, t
   tok = HFTokenizer(str(directory))
   with pytest.raises(ChatTemplateError, match=message):
     tok.render_chat([{"role": "user", "content": "hi"}])
+
+
+def _truncate_state_files(step_dir):
+  for dirpath, _, files in os.walk(os.path.join(step_dir, "state")):
+    for name in files:
+      path = os.path.join(dirpath, name)
+      if os.path.getsize(path) > 1000:
+        with open(path, "r+b") as f:
+          f.truncate(500)
+
+
+def test_failed_restore_is_one_short_message_and_closes_the_manager(tmp_path, micro_base,
+                                                                    monkeypatch):
+  """A failed restore printed ~100 tracebacks (tensorstore's spec dump, then orbax threads
+  left running at exit) that buried the real message."""
+  from copd_jax import checkpoint, train_checkpoint
+  cfg = _experts_cfg(tmp_path, steps=1)
+  _run(cfg, micro_base)
+  _truncate_state_files(os.path.join(cfg.workdir, "checkpoints", "experts", "1"))
+  closed = []
+  real_close = train_checkpoint.StageCheckpointer.close
+  monkeypatch.setattr(train_checkpoint.StageCheckpointer, "close",
+                      lambda self: (closed.append(self.directory), real_close(self)))
+  with pytest.raises(checkpoint.CheckpointMismatchError) as caught:
+    _run(cfg, micro_base)
+  message = str(caught.value)
+  assert "cannot restore training state" in message and "experts/1" in message
+  assert len(message.splitlines()) == 1 and "TensorStore({" not in message
+  assert closed == [os.path.join(os.path.abspath(cfg.workdir), "checkpoints", "experts")]
