@@ -485,22 +485,23 @@ def update_body(params: Params, opt_state, teacher_params: Params | None, rows: 
   metrics["grad_norm"] = jax.vmap(optax.tree_utils.tree_norm)(grads)
   updates, new_opt_state = jax.vmap(optimizer.update)(grads, opt_state, params)
   new_params = optax.apply_updates(params, updates)
+  s = metrics["loss"].shape[0]
   # Per branch: apply the update only if its loss, gradient norm, new parameters and new
   # optimizer state are all finite; a branch whose step is not keeps its previous state,
   # and the other branches' updates are applied all the same.
   applied = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-             & finite_per_branch(new_params) & finite_per_branch(new_opt_state))
+             & finite_per_branch(new_params, s) & finite_per_branch(new_opt_state, s))
   metrics["update_applied"] = applied.astype(jnp.float32)
   return (select_branches(applied, new_params, params),
           select_branches(applied, new_opt_state, opt_state), metrics)
 
 
-def finite_per_branch(tree) -> jax.Array:
-  """bool[S]: every float element of branch s of a stacked pytree is finite."""
+def finite_per_branch(tree, num_branches: int) -> jax.Array:
+  """bool[S]: every float element of branch s of a stacked pytree is finite (True for a
+  tree without float leaves, e.g. plain SGD's empty optimizer state)."""
   flags = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
            for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  s = jax.tree.leaves(tree)[0].shape[0]
-  return jnp.stack(flags).all(axis=0) if flags else jnp.ones((s,), bool)
+  return jnp.stack(flags).all(axis=0) if flags else jnp.ones((num_branches,), bool)
 
 
 def select_branches(take_new, new_tree, old_tree):
