@@ -15,12 +15,15 @@ Prints readable lines, then ONE JSON object as the last line:
                                  CPU count)
   pool_speedup                   responses_per_s_pool / responses_per_s_1_worker
   worker_startup_s               one worker's start (spawn, imports, warm-up)
+  plugin_wait_*                  the same comparison for a reward plug-in that waits 10 ms
+                                 and uses no CPU (the pool's own overhead and scaling)
   load_average_1min              the machine's load when the run ended (the pool cannot
                                  beat 1 worker when other processes hold the cores)
 
 Pools are started and warmed before timing; each timing is the median of interleaved
 repeats (1 worker, pool, 1 worker, ...), because the machine is shared and noisy. Every
-answer in the mixed set is distinct, so no result is reused from the batch's dedup.
+timed run scores its own fresh set of distinct answers: a repeated set would be served
+from the workers' parse cache and sympy's cache, favouring whichever worker saw it.
 """
 from __future__ import annotations
 
@@ -63,8 +66,9 @@ SYMBOLIC_LABELLED = [
 ]
 
 
-def mixed_answers(n: int) -> tuple[list[str], list[tasks.Example]]:
-  """n distinct (response, example) pairs cycling through ten kinds of answer."""
+def mixed_answers(n: int, first: int = 0) -> tuple[list[str], list[tasks.Example]]:
+  """n distinct (response, example) pairs cycling through ten kinds of answer; sets with
+  different `first` share no answer (so no worker or sympy cache serves a timed run)."""
   responses, examples = [], []
 
   def math(response, answer):
@@ -75,7 +79,7 @@ def mixed_answers(n: int) -> tuple[list[str], list[tasks.Example]]:
     responses.append(response)
     examples.append(tasks.Example("bench", "q", answer, verifier=verifier, modality="text"))
 
-  k = 0
+  k = first
   while len(responses) < n:
     k += 1
     kind = k % 10
@@ -102,10 +106,22 @@ def mixed_answers(n: int) -> tuple[list[str], list[tasks.Example]]:
   return responses[:n], examples[:n]
 
 
-def timed(fn) -> float:
+def wait_reward(response, example):
+  """A reward plug-in that waits 10 ms (like a call to an external judge) and uses no
+  CPU: what the pool gains when the cores are not the limit."""
+  time.sleep(0.01)
+  return 1.0
+
+
+def plugin_throughput(workers: int, n: int = 300) -> float:
+  """Responses per second of the `wait_reward` plug-in through `workers` processes."""
+  config = verifiers.RewardConfig(fn="bench_verify:wait_reward", workers=workers)
+  examples = [tasks.Example("bench", "q", str(i), verifier="exact", modality="text")
+              for i in range(n)]
+  verifiers.rewards_for(["warm"] * workers, examples[:workers], config)  # start, warm
   start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
+  verifiers.rewards_for([str(i) for i in range(n)], examples, config)
+  return n / (time.perf_counter() - start)
 
 
 def main():
@@ -140,39 +156,50 @@ def main():
   kinds = {}
   for ex in examples:
     kinds[ex.verifier] = kinds.get(ex.verifier, 0) + 1
-  print(f"{len(responses)} mixed answers: {kinds}")
+  print(f"{len(responses)} mixed answers per timed run: {kinds}")
 
-  # Each pool is built once (shared_pool keeps one; switching configs rebuilds it), so
-  # keep our own pools: warm both, then time them interleaved.
+  # Our own pools (shared_pool keeps one), warmed, then timed interleaved.
   pools = {name: verifiers.VerifierPool(cfg.workers) for name, cfg in
            (("one", one), ("pool", pool), ("default", default))}
-  requests = [verifiers.math_request(r, ex.answer) for r, ex in zip(responses, examples)
-              if ex.verifier == "math"]
-  requests = [r for r in requests if r is not None]
+  warm_responses, warm_examples = mixed_answers(50, first=10**6)
   for p in pools.values():
-    p.run(requests[:50], timeout_s=30)  # start and warm every worker
+    p.run([r for r in (verifiers.math_request(x, ex.answer) for x, ex in
+                       zip(warm_responses, warm_examples) if ex.verifier == "math") if r],
+          timeout_s=30)  # start and warm every worker
 
-  def score_with(name):
-    # The same split as verifiers.score: cheap verifiers here, math in the pool.
-    out = [verifiers.reward_for(r, ex.answer, ex.verifier) for r, ex in zip(responses, examples)
-           if ex.verifier != "math"]
-    results, stats = pools[name].run(requests, timeout_s=default.timeout_s)
+  def score_with(name, first):
+    """Scores a fresh set the way verifiers.score does (cheap verifiers here, math in
+    the pool); returns the math results."""
+    rs, exs = mixed_answers(args.answers, first)
+    for r, ex in zip(rs, exs):
+      if ex.verifier != "math":
+        verifiers.reward_for(r, ex.answer, ex.verifier)
+    requests = [verifiers.math_request(r, ex.answer) for r, ex in zip(rs, exs)
+                if ex.verifier == "math"]
+    results, stats = pools[name].run([q for q in requests if q], timeout_s=default.timeout_s)
     assert stats.timeouts == 0 and stats.over_budget == 0, stats
-    return out, results
+    return results
 
   times = {"one": [], "pool": [], "default": []}
-  for _ in range(repeats):
-    for name in times:
-      times[name].append(timed(lambda: score_with(name)))
-  _, results = score_with("default")
-  mixed_correct = float(np.mean(results))  # every math answer in the mixed set is right
+  mixed_correct = []
+  for r in range(repeats):
+    for i, name in enumerate(times):
+      first = (r * len(times) + i) * 10 * args.answers
+      start = time.perf_counter()
+      mixed_correct += score_with(name, first)
+      times[name].append(time.perf_counter() - start)
+  mixed_correct = float(np.mean(mixed_correct))  # every math answer in the mixed sets is right
   per_s = {name: len(responses) / statistics.median(t) for name, t in times.items()}
   for p in pools.values():
     p.stop()
-  print(f"math answers correct in the mixed set: {mixed_correct:.3f}")
+  print(f"math answers correct in the mixed sets: {mixed_correct:.3f}")
   print(f"1 worker: {per_s['one']:.0f} answers/s; {args.workers} workers: "
         f"{per_s['pool']:.0f} answers/s; default config ({default.workers} workers): "
         f"{per_s['default']:.0f} answers/s; worker startup {startup:.1f} s")
+  wait_one, wait_pool = plugin_throughput(1), plugin_throughput(args.workers)
+  verifiers.shared_pool(default).stop()
+  print(f"10 ms waiting plug-in: 1 worker {wait_one:.0f}/s, {args.workers} workers "
+        f"{wait_pool:.0f}/s")
   print(json.dumps({
       "quick": args.quick, "answers": len(responses), "workers": args.workers,
       "symbolic_equivalence_accuracy": accuracy,
@@ -183,6 +210,9 @@ def main():
       "responses_per_s_pool": round(per_s["pool"], 1),
       "pool_speedup": round(per_s["pool"] / per_s["one"], 3),
       "worker_startup_s": round(startup, 2),
+      "plugin_wait_responses_per_s_1_worker": round(wait_one, 1),
+      "plugin_wait_responses_per_s_pool": round(wait_pool, 1),
+      "plugin_wait_pool_speedup": round(wait_pool / wait_one, 3),
       "cpu_count": os.cpu_count(),
       "load_average_1min": round(os.getloadavg()[0], 2),
   }))
