@@ -5,6 +5,7 @@ on the command line fails in a second rather than deep inside a jitted function.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from typing import Any, Mapping
@@ -32,8 +33,8 @@ def _positive_int(cfg: Mapping[str, Any], field: str, prefix: str, allow_zero=Fa
 
 def _positive_float(cfg, field: str, prefix: str, allow_zero=False) -> float:
   value = cfg[field]
-  if not isinstance(value, numbers.Real) or isinstance(value, bool) or value != value:
-    _fail(f"{prefix}{field}", "must be a number", value)
+  if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+    _fail(f"{prefix}{field}", "must be a finite number", value)
   if value < 0 or (value == 0 and not allow_zero):
     _fail(f"{prefix}{field}", "must be " + ("non-negative" if allow_zero else "positive"), value)
   return float(value)
@@ -90,8 +91,40 @@ def _check_lengths_fit_tasks(cfg, caps) -> None:
           "plus <eos> at these difficulties)", cfg.data.max_response_len)
 
 
+def _nonfinite_fields(node, prefix: str):
+  """(dotted name, value) of every NaN / inf float in a config (nested dicts, lists)."""
+  if isinstance(node, (ml_collections.ConfigDict, dict)):
+    for key, value in node.items():
+      yield from _nonfinite_fields(value, f"{prefix}.{key}" if prefix else str(key))
+  elif isinstance(node, (list, tuple)):
+    for i, value in enumerate(node):
+      yield from _nonfinite_fields(value, f"{prefix}[{i}]")
+  elif isinstance(node, float) and not math.isfinite(node):
+    yield prefix, node
+
+
+def validate_reward(cfg: ml_collections.ConfigDict) -> None:
+  """config.reward (copd_jax/verifiers.py): limits, pool size and an optional plug-in,
+  which must import and be callable."""
+  if "reward" not in cfg:
+    return
+  r = cfg.reward
+  _positive_float(r, "timeout_s", "reward.")
+  _positive_float(r, "step_budget_s", "reward.")
+  _positive_int(r, "workers", "reward.")
+  if not isinstance(r.fn, str):
+    _fail("reward.fn", "must be '' or 'module:function'", r.fn)
+  if r.fn:
+    from copd_jax import verifiers
+    _wrap("reward.fn", lambda: verifiers.load_plugin(r.fn))
+
+
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first invalid field of a run config."""
+  for field, value in _nonfinite_fields(cfg, ""):  # inf / NaN are never a setting
+    _fail(field, "must be a finite number", value)
+  if not isinstance(cfg.workdir, str) or not cfg.workdir.strip():
+    _fail("workdir", "must be a non-empty directory path", cfg.workdir)
   if cfg.method not in KNOWN_METHODS:
     _fail("method", f"must be one of {KNOWN_METHODS}", cfg.method)
   _positive_int(cfg, "num_experts", "")
@@ -146,6 +179,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
       if rate > 1:
         _fail(f"warm_start.flaw_rate.{cap}", "must be a fraction in [0, 1]", rate)
 
+  validate_reward(cfg)
   _positive_int(cfg.eval, "num_examples", "eval.")
   _positive_int(cfg.eval, "batch_size", "eval.")
   validate_pass_at_k(cfg)
@@ -206,11 +240,12 @@ def validate_checkpoint(cfg: ml_collections.ConfigDict) -> None:
   c = cfg.checkpoint
   _positive_int(c, "every_steps", "checkpoint.", allow_zero=True)
   _positive_int(c, "max_to_keep", "checkpoint.")
-  for flag in ("async_save", "resume", "save_on_sigterm", "resume_changed_config"):
-    if flag not in c:
-      continue  # configs written before the field existed (read back by export_hf)
-    if not isinstance(c[flag], bool):
+  for flag in ("async_save", "resume", "save_on_sigterm", "resume_changed_config",
+               "fallback_on_corrupt"):
+    if flag in c and not isinstance(c[flag], bool):
       _fail(f"checkpoint.{flag}", "must be True or False", c[flag])
+  if "sigterm_grace_s" in c:
+    _positive_float(c, "sigterm_grace_s", "checkpoint.")
 
 
 def _check_dir_with(field: str, directory, required_file: str) -> None:
@@ -402,6 +437,11 @@ def validate_rl(cfg: ml_collections.ConfigDict) -> None:
     _positive_int(rl, f, "rl.")
   _positive_int(rl, "cross_prompts", "rl.", allow_zero=True)
   _positive_int(rl, "max_nonfinite_steps_in_row", "rl.")
+  if "max_nonfinite_steps_total" in rl:
+    _positive_int(rl, "max_nonfinite_steps_total", "rl.")
+  if rl.samples_per_prompt < 2:  # one sample per group: its GRPO advantage is always 0
+    _fail("rl.samples_per_prompt", "must be at least 2 (a group of one sample has no "
+          "reward variance, so its advantage is always 0)", rl.samples_per_prompt)
   _positive_int(rl, "micro_batch_rows", "rl.", allow_zero=True)
   _positive_int(rl, "distill_steps", "rl.", allow_zero=True)
   _positive_float(rl, "learning_rate", "rl.")

@@ -112,15 +112,22 @@ def resolve_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
 
 def _read_jsonl(path: str) -> Iterable[tuple[str, Any]]:
   """(position, parsed object) per non-blank line; bad JSON names the line."""
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
+  with open(path, "rb") as f:  # bytes: a bad byte is reported with its line
+    for number, raw in enumerate(f, start=1):
+      where = f"{path}:{number}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at byte offset "
+                         f"{e.start} of the line)") from None
       if not line.strip():
         continue
-      where = f"{path}:{number}"
       try:
         yield where, json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not a valid JSON object ({e.msg} at column {e.colno})") from None
+      except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply to be a record") from None
 
 
 def _read_parquet(path: str) -> Iterable[tuple[str, Any]]:
@@ -225,6 +232,11 @@ def _string_field(raw: dict, field: str, where: str, *, required: bool) -> str:
   if not isinstance(value, str):
     raise ValueError(f"{where}: field {field!r} must be a string, got "
                      f"{type(value).__name__} {str(value)[:40]!r}")
+  try:  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer encodes
+    value.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise ValueError(f"{where}: field {field!r} holds an invalid character "
+                     f"{value[e.start]!r} at position {e.start} (a lone UTF-16 surrogate)") from None
   return value
 
 
@@ -243,6 +255,8 @@ def _picture_list(raw: dict, field: str, where: str, folder: str) -> tuple:
       item = item["bytes"] if item["bytes"] is not None else item.get("path")
     if isinstance(item, str) and item:
       item = item if os.path.isabs(item) else os.path.join(folder, item)
+      if os.path.exists(item) and not os.path.isfile(item):  # a FIFO would block forever
+        raise ValueError(f"{where}: {field}[{i}] must name a regular file, got {item!r}")
     elif not isinstance(item, (bytes, bytearray)) or not item:
       raise ValueError(f"{where}: {field}[{i}] must be a file path or bytes, got "
                        f"{type(item).__name__}")
@@ -320,6 +334,7 @@ def _load_records(files: tuple[str, ...], stamps: tuple, capability: str | None,
     records += [parse_record(apply_columns(raw, dict(columns), where), where, folder,
                              capability=capability, default_verifier=default_verifier)
                 for where, raw in _read_file(path, reader)]
+  _check_math_references_parse(records)
   return tuple(records)
 
 
@@ -329,6 +344,20 @@ def _stamp(path: str) -> tuple:
     return tuple(_stamp(os.path.join(path, n)) for n in sorted(os.listdir(path))
                  if os.path.isfile(os.path.join(path, n)))
   return (os.path.getmtime(path), os.path.getsize(path))
+
+
+def _check_math_references_parse(records: Sequence[Record]) -> None:
+  """Every 'math' reference must parse with math-verify (in the verifier workers):
+  against one that does not, every response would score 0."""
+  math_records = [r for r in records if r.verifier == "math"]
+  if not math_records:
+    return
+  bad = verifiers.unparsable_math_references([r.answer for r in math_records])
+  if bad:
+    first = math_records[bad[0]]
+    raise ValueError(f"{first.where}: field 'answer' {first.answer!r} does not parse as a "
+                     f"math expression (math-verify), so every response to it would score "
+                     f"0; {len(bad)} of {len(math_records)} math references do not parse")
 
 
 def load_records(paths, *, capability: str | None = None,

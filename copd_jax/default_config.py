@@ -84,6 +84,12 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
       # A workdir belongs to one training config (copd_jax/run_dir.py): True resumes it
       # with changed training fields on purpose (never with another method).
       resume_changed_config=False,
+      # After SIGTERM the run saves at the next step boundary; if it has not exited this
+      # many seconds later (stuck in a write, a compile, ...), it exits without saving.
+      sigterm_grace_s=120.0,
+      # A newest checkpoint that fails its checksums is an error; True = restore the
+      # newest one that passes instead.
+      fallback_on_corrupt=False,
   ))
 
   # SFT warm-start: the analog of the paper's instruction-tuned base. `mix` sets how
@@ -106,6 +112,15 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
       checkpoint_dir="",  # empty: <workdir>/base_policy
       reuse_checkpoint=True,  # load a matching saved base instead of retraining
       log_every=50,
+  ))
+
+  # Rewards (copd_jax/verifiers.py): answers are compared in sandboxed worker processes.
+  c.reward = ml_collections.ConfigDict(dict(
+      fn="",                # 'module:function' plug-in fn(response, example) -> float for
+                            # every example; "" = the verifier each example names
+      timeout_s=5.0,        # per answer; an answer over it scores 0
+      step_budget_s=300.0,  # per step (or eval batch); answers not scored by then score 0
+      workers=2,            # verifier worker processes
   ))
 
   # Held-out evaluation: greedy accuracy, plus pass@k from `pass_samples` samples per
@@ -183,9 +198,11 @@ def rl_section(preset: str) -> ml_collections.ConfigDict:
                               # adaptive schedule reacts to the latest one)
       diagnostic_prompts=8,   # per branch, for overlap / symmetric KL
       log_every=1,
-      # A step whose loss or gradients are not finite is skipped (not applied) and
-      # counted; this many in a row stop the run with an error.
+      # A branch's update whose loss, gradients or new parameters are not finite is not
+      # applied (the other branches' are) and counted; this many in a row for one
+      # branch, or this many in total in a stage, stop the run with an error.
       max_nonfinite_steps_in_row=3,
+      max_nonfinite_steps_total=10,
       # Rows per branch per gradient-accumulation micro-batch (0 = all rows at once).
       # Exact: the loss is accumulated as (sum, denominator). Teacher scoring is chunked too.
       micro_batch_rows=0,

@@ -222,10 +222,28 @@ def read_hf_config(directory: str) -> dict:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no config.json in the checkpoint directory")
   try:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
       return json.load(f)
   except json.JSONDecodeError as err:
     raise HFCheckpointError(f"{path}: not valid JSON ({err})") from err
+  except UnicodeDecodeError as err:
+    raise HFCheckpointError(f"{path}: not UTF-8 (byte offset {err.start})") from None
+  except RecursionError:
+    raise HFCheckpointError(f"{path}: JSON nested too deeply") from None
+
+
+def check_layers_present(directory: str, cfg: model_lib.ModelConfig,
+                         index: Mapping[str, "TensorInfo"] | None = None) -> None:
+  """config.json's num_hidden_layers must match the layers the safetensors headers hold:
+  checked from the headers alone, before anything sized by the config is built (a
+  config saying 10**8 layers must not allocate first and fail later)."""
+  index = tensor_index(safetensors_files(directory)) if index is None else index
+  layers = {name.split(".")[2] for name in index if name.startswith("model.layers.")}
+  present = sum(1 for layer in layers if layer.isdigit())
+  if present != cfg.num_layers:
+    raise HFCheckpointError(
+        f"{os.path.join(directory, CONFIG_FILE)}: 'num_hidden_layers' is {cfg.num_layers}, but "
+        f"the safetensors files hold {present} layers")
 
 
 # --------------------------------------------------------------------------- name mapping
@@ -419,8 +437,9 @@ def load_qwen3(directory: str, *, dtype: str = "float32", param_dtype: str = "fl
   if param_dtype not in EXPORT_DTYPES:
     raise ValueError(f"param_dtype must be one of {tuple(EXPORT_DTYPES)}, got {param_dtype!r}")
   cfg = model_config_from_hf(read_hf_config(directory), dtype=dtype)
-  specs = qwen3_tensor_specs(cfg)
   index = tensor_index(safetensors_files(directory))
+  check_layers_present(directory, cfg, index)
+  specs = qwen3_tensor_specs(cfg)
   _check_names(index, specs, cfg.tie_embeddings)
   for spec in specs:
     _check_spec(index[spec.hf_name], spec)
@@ -428,6 +447,9 @@ def load_qwen3(directory: str, *, dtype: str = "float32", param_dtype: str = "fl
   for spec in specs:
     # One tensor in flight: read, convert into its final array, drop the source.
     source = read_tensor(index[spec.hf_name].file, spec.hf_name)
+    if not np.isfinite(source).all():  # a NaN weight would only show up as a NaN loss
+      raise HFCheckpointError(f"{index[spec.hf_name].file}: tensor {spec.hf_name!r} holds "
+                              f"{int(np.size(source) - np.isfinite(source).sum())} NaN/inf values")
     set_path(params, spec.param_path,
               to_device_param(source, transpose=spec.transpose, dtype=param_dtype))
     del source

@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import time
 from typing import Any, Iterable, Mapping, Sequence
 
 import jinja2
@@ -64,9 +65,57 @@ def _strftime_now(fmt):
   return datetime.datetime.now().strftime(fmt)
 
 
+# Limits of one chat-template render: a template is a program (loops, macros, string
+# arithmetic), so one that loops, recurses or builds huge strings must fail with a
+# ChatTemplateError rather than hang, exhaust memory or abort the process.
+RENDER_TIME_LIMIT_S = 5.0
+MAX_RENDER_CHARS = 1 << 22    # output, and any string or list the template builds
+
+
+class _LimitedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+  """transformers' sandbox plus a deadline and size limits, checked at every call,
+  attribute / item access and string or list operation the template makes (a render
+  loop always does one of those or emits output, which is checked too)."""
+
+  intercepted_binops = frozenset(["*", "**", "+"])
+  deadline = float("inf")
+
+  def check_time(self):
+    if time.monotonic() > self.deadline:
+      raise ChatTemplateError(f"chat template render took longer than "
+                              f"{RENDER_TIME_LIMIT_S:g} s (a loop or recursion?)")
+
+  def call(self, __context, __obj, *args, **kwargs):
+    self.check_time()
+    return super().call(__context, __obj, *args, **kwargs)
+
+  def getattr(self, obj, attribute):
+    self.check_time()
+    return super().getattr(obj, attribute)
+
+  def getitem(self, obj, argument):
+    self.check_time()
+    return super().getitem(obj, argument)
+
+  def call_binop(self, context, operator, left, right):
+    self.check_time()
+    sized = lambda x: isinstance(x, (str, list, tuple))  # noqa: E731
+    if operator == "*" and (sized(left) or sized(right)):
+      seq, n = (left, right) if sized(left) else (right, left)
+      if isinstance(n, int) and len(seq) * max(n, 0) > MAX_RENDER_CHARS:
+        raise ChatTemplateError(f"chat template builds a sequence of {len(seq) * n} items "
+                                f"(limit {MAX_RENDER_CHARS})")
+    if operator == "+" and sized(left) and sized(right) and len(left) + len(right) > MAX_RENDER_CHARS:
+      raise ChatTemplateError(f"chat template builds a sequence over {MAX_RENDER_CHARS} items")
+    if operator == "**" and isinstance(right, int) and abs(right) > 1024:
+      raise ChatTemplateError(f"chat template computes a power with exponent {right}")
+    return super().call_binop(context, operator, left, right)
+
+
 def chat_template_environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
-  """The sandboxed Jinja environment chat templates run in (transformers' settings)."""
-  env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+  """The sandboxed Jinja environment chat templates run in (transformers' settings, plus
+  the time and size limits of _LimitedSandbox)."""
+  env = _LimitedSandbox(
       trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols],
       undefined=jinja2.Undefined)
   env.filters["tojson"] = _tojson
@@ -259,12 +308,28 @@ class HFTokenizer:
     variables.update(kwargs)
     variables.update(messages=[dict(m) for m in messages],
                      add_generation_prompt=add_generation_prompt)
+    env = self._template.environment
+    env.deadline = time.monotonic() + RENDER_TIME_LIMIT_S
     try:
-      return self._template.render(**variables)
-    except ChatTemplateError:
-      raise
-    except jinja2.TemplateError as err:  # includes sandbox SecurityError
-      raise ChatTemplateError(f"{self.directory}: chat template failed ({err})") from err
+      chunks, size = [], 0
+      for chunk in self._template.generate(**variables):
+        size += len(chunk)
+        if size > MAX_RENDER_CHARS:
+          raise ChatTemplateError(f"chat template output exceeds {MAX_RENDER_CHARS} characters")
+        env.check_time()
+        chunks.append(chunk)
+      return "".join(chunks)
+    except ChatTemplateError as err:
+      raise ChatTemplateError(f"{self.directory}: {err}") from None
+    except RecursionError:
+      raise ChatTemplateError(f"{self.directory}: chat template recursed too deeply") from None
+    except MemoryError:
+      raise ChatTemplateError(f"{self.directory}: chat template ran out of memory") from None
+    except Exception as err:  # TemplateError (incl. SecurityError), TypeError, ...: one type
+      raise ChatTemplateError(f"{self.directory}: chat template failed "
+                              f"({type(err).__name__}: {err})") from err
+    finally:
+      env.deadline = float("inf")
 
   def vision_placeholder_text(self, num_vision_tokens: int) -> str:
     """"<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>" ("" when n == 0)."""

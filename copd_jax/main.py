@@ -71,7 +71,8 @@ def run(cfg) -> dict | None:
   stored = run_dir.check_workdir(cfg)
 
   import jax
-  from copd_jax import evaluation, policy_setup, warm_start
+  from copd_jax import evaluation, policy_setup, verifiers, warm_start
+  verifiers.configure(verifiers.RewardConfig(**cfg.reward.to_dict()))
   from copd_jax.run_log import MetricsWriter
 
   # In a multi-process run every process computes the same metrics; process 0 writes the

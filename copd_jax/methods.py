@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -28,7 +29,8 @@ from orbax.checkpoint import utils as ocp_utils
 from copd_jax import checkpoint, diagnostics, evaluation, experts as experts_lib
 from copd_jax import data as data_lib
 from copd_jax import kernels, objectives, parallel, policy_setup, sampling, schedules, trainer
-from copd_jax import train_checkpoint
+from copd_jax import verifiers
+from copd_jax import run_log, train_checkpoint
 from copd_jax.policy_setup import RunSetup
 from copd_jax.run_log import MetricsWriter, Phase, ProgressLine, branch_line
 
@@ -112,6 +114,8 @@ class RunContext:
   log_rewind_step: int | None = None
   # The device mesh and shardings (None: one device, the plain jitted path).
   sharding: parallel.RunSharding | None = None
+  # stage -> (branch names, UpdateCounts) of the stages run or restored (for the summary).
+  update_counts: dict = dataclasses.field(default_factory=dict)
 
   def rewind_log(self) -> None:
     """Drops log lines a killed run wrote after the state this run resumed from."""
@@ -292,10 +296,54 @@ def merged_params(cfg, stage: trainer.Stage, params):
 # -------------------------------------------------------------------------- the loop
 
 
-def _nonfinite_branches(names, metrics: dict) -> list[str]:
-  """Branches whose loss or gradient norm is NaN/inf on this step."""
-  ok = np.isfinite(np.asarray(metrics["loss"])) & np.isfinite(np.asarray(metrics["grad_norm"]))
-  return [n for n, good in zip(names, np.atleast_1d(ok)) if not good]
+@dataclasses.dataclass
+class UpdateCounts:
+  """Per branch of a stage: updates applied, skipped as non-finite, and skipped in a row
+  just now (trainer.update applies each branch's update only when it is finite)."""
+  applied: list
+  skipped: list
+  in_row: list
+  steps_with_skips: int = 0  # steps in which some branch's update was skipped
+
+  @classmethod
+  def zeros(cls, n: int) -> "UpdateCounts":
+    return cls([0] * n, [0] * n, [0] * n)
+
+  def record(self, applied: np.ndarray) -> list[int]:
+    """applied: [S] flags of this step -> the indices of the branches skipped."""
+    bad = [k for k, ok in enumerate(np.atleast_1d(applied)) if not ok]
+    for k in range(len(self.applied)):
+      if k in bad:
+        self.skipped[k] += 1
+        self.in_row[k] += 1
+      else:
+        self.applied[k] += 1
+        self.in_row[k] = 0
+    self.steps_with_skips += bool(bad)
+    return bad
+
+  def by_branch(self, names) -> dict:
+    return {n: {"applied": a, "skipped": s}
+            for n, a, s in zip(names, self.applied, self.skipped)}
+
+
+def _check_nonfinite_budget(rl, stage, step: int, counts: UpdateCounts, bad, names, metrics):
+  """Raises NonFiniteTrainingError when a branch skipped rl.max_nonfinite_steps_in_row
+  updates in a row, or the stage skipped rl.max_nonfinite_steps_total in all."""
+  total = sum(counts.skipped)
+  limit_total = rl.get("max_nonfinite_steps_total", None)
+  in_row = max(counts.in_row)
+  if in_row < rl.max_nonfinite_steps_in_row and (limit_total is None or total < limit_total):
+    return
+  why = (f"{in_row} non-finite updates in a row for branch "
+         f"{names[counts.in_row.index(in_row)]!r}" if in_row >= rl.max_nonfinite_steps_in_row
+         else f"{total} non-finite updates in total (config.rl.max_nonfinite_steps_total="
+              f"{limit_total})")
+  raise train_checkpoint.NonFiniteTrainingError(
+      f"stage {stage.name}: {why} (last: step {step + 1}, branch(es) "
+      f"{[names[k] for k in bad]}, loss {np.asarray(metrics['loss']).tolist()}, grad_norm "
+      f"{np.asarray(metrics['grad_norm']).tolist()}); stopping. Lower "
+      "config.rl.learning_rate or check the data")
 
 
 def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=None, *,
@@ -329,7 +377,8 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
   names = branch_names(stage)
   short_eval = {c: ex[: rl.eval_examples] for c, ex in ctx.eval_sets.items()}
   last_overlap = None
-  start_step, nonfinite_total, nonfinite_in_row = 0, 0, 0
+  start_step = 0
+  counts = UpdateCounts.zeros(len(names))
 
   ckpt = None
   if ctx.checkpoints is not None:
@@ -337,7 +386,13 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
     ckpt = ctx.checkpoints.for_stage(stage.name, names)
     abstract = jax.tree.map(ocp_utils.to_shape_dtype_struct,
                             {"params": params, "opt_state": opt_state})
-    restored = ckpt.restore_latest(abstract)
+    try:
+      restored = ckpt.restore_latest(abstract, ctx.checkpoints.fallback_on_corrupt)
+    except Exception:
+      # Close the manager before the error leaves: its background threads would otherwise
+      # print a traceback each at interpreter exit and bury this error.
+      ckpt.close()
+      raise
     if restored is not None:
       state, host = restored
       params, opt_state = state["params"], state["opt_state"]
@@ -346,7 +401,12 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
       last_overlap = host.last_overlap
       train_checkpoint.restore_streams(data.streams, host.streams)
       start_step, ctx.global_step = host.stage_step, host.global_step
-      nonfinite_total, nonfinite_in_row = host.nonfinite_total, host.nonfinite_in_row
+      if host.applied_per_branch is not None:
+        counts = UpdateCounts(list(host.applied_per_branch), list(host.skipped_per_branch),
+                              list(host.in_row_per_branch), host.steps_with_skips)
+      else:  # a checkpoint from before per-branch counts
+        counts = UpdateCounts([start_step] * len(names), [0] * len(names), [0] * len(names))
+      ctx.update_counts[stage.name] = (names, counts)
       ctx.log_rewind_offset = host.metrics_offset
       ctx.log_rewind_step = host.global_step + 1  # lines at the saved step are kept
       print(f"resumed stage {stage.name} at step {start_step}/{stage.steps}"
@@ -360,8 +420,10 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
         stage_step=step, global_step=ctx.global_step, finished=finished,
         numpy_rng=rng.bit_generator.state, schedule=dataclasses.asdict(sched_state),
         last_overlap=last_overlap, streams=train_checkpoint.streams_state(data.streams),
-        nonfinite_total=nonfinite_total, nonfinite_in_row=nonfinite_in_row,
-        metrics_offset=ctx.writer.jsonl_size())
+        nonfinite_total=sum(counts.skipped), nonfinite_in_row=max(counts.in_row),
+        metrics_offset=ctx.writer.jsonl_size(), applied_per_branch=counts.applied,
+        skipped_per_branch=counts.skipped, in_row_per_branch=counts.in_row,
+        steps_with_skips=counts.steps_with_skips)
     how = " (asynchronous: continues in the background)" if ctx.checkpoints.async_save else ""
     with Phase(f"checkpoint {stage.name} step {step}{how}"):
       ckpt.save({"params": params, "opt_state": opt_state}, host, names)
@@ -399,35 +461,26 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
                                     optimizer, key, rng, weight, assignment, routing,
                                     ref_params=ctx.base_params, sharding=ctx.sharding,
                                     log_samples=log_samples)
-      bad = _nonfinite_branches(names, result.metrics)
-      if bad:
-        # Not applied: the update does not donate its inputs, so the previous params and
-        # optimizer state are still alive and stay the state.
-        nonfinite_total += 1
-        nonfinite_in_row += 1
-      else:
-        params, opt_state = result.params, result.opt_state
-        nonfinite_in_row = 0
+      # trainer.update applied each branch's update only where it was finite (a skipped
+      # branch keeps its previous params and optimizer state; the others moved on).
+      params, opt_state = result.params, result.opt_state
+      bad = counts.record(np.asarray(result.metrics["update_applied"]) > 0.5)
+      ctx.update_counts[stage.name] = (names, counts)
       ctx.global_step += 1
       scalars = _log_branch_arrays(names, result.metrics)
       step_time = sum(v for k, v in result.metrics.items() if k.startswith("time/"))
       scalars["throughput/rollout_tokens_per_s"] = result.rollout_tokens / max(step_time, 1e-9)
-      scalars["nonfinite_skipped"] = float(bool(bad))
-      scalars["nonfinite_skipped_total"] = nonfinite_total
+      scalars["nonfinite_skipped"] = float(len(bad))
+      scalars["nonfinite_skipped_total"] = float(sum(counts.skipped))
       ctx.writer.write(ctx.global_step, {f"train/{k}": v for k, v in scalars.items()})
       if result.samples:
         ctx.writer.write_completions(ctx.global_step, "train", train_completion_records(
             names, teacher_names, result.samples, result.metrics))
-      if nonfinite_in_row >= rl.max_nonfinite_steps_in_row:
-        raise train_checkpoint.NonFiniteTrainingError(
-            f"stage {stage.name}: {nonfinite_in_row} steps in a row with a non-finite loss or "
-            f"gradient norm (last: step {step + 1}, branch(es) {bad}, loss "
-            f"{np.asarray(result.metrics['loss']).tolist()}, grad_norm "
-            f"{np.asarray(result.metrics['grad_norm']).tolist()}); stopping. Lower "
-            "config.rl.learning_rate or check the data")
+      _check_nonfinite_budget(rl, stage, step, counts, bad, names, result.metrics)
       if bad:
-        print(f"warning: stage {stage.name} step {step + 1}: non-finite loss or gradient in "
-              f"branch(es) {bad}; step skipped ({nonfinite_in_row} in a row)", flush=True)
+        print(f"warning: stage {stage.name} step {step + 1}: non-finite update of "
+              f"branch(es) {[names[k] for k in bad]} not applied (the other branches' were; "
+              f"{sum(counts.skipped)} skipped in this stage)", flush=True)
       loss = float(np.mean(result.metrics["loss"]))
       reward = float(np.mean(result.metrics["reward/native" if stage.native_prompts
                                             else "reward/cross"]))
@@ -453,10 +506,34 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
         ckpt.wait()
         raise train_checkpoint.Preempted(stage.name, step + 1, ckpt.directory,
                                          ctx.stop.signal_name)
+  except (run_log.LogWriteError, train_checkpoint.CheckpointWriteError) as e:
+    raise _storage_failure(e, ckpt) from e
   finally:
+    failing = sys.exc_info()[0] is not None  # an error is already on its way out
     if ckpt is not None:
-      ckpt.close()  # waits for an asynchronous save in flight
+      try:
+        ckpt.close()  # waits for an asynchronous save in flight
+      except train_checkpoint.CheckpointWriteError:
+        if not failing:  # else the error already propagating is the one to report
+          raise
   return params
+
+
+def _storage_failure(err: OSError, ckpt) -> train_checkpoint.StorageError:
+  """The error that stops a run whose log or checkpoint could not be written: it names
+  the file and the newest complete checkpoint (after letting a save in flight finish,
+  if it can), from which the same command resumes once there is space."""
+  newest = "none"
+  if ckpt is not None:
+    try:
+      ckpt.wait()
+    except train_checkpoint.CheckpointWriteError:
+      pass  # that save failed too; orbax kept the previous complete step
+    step = ckpt.latest_step()
+    newest = "none" if step is None else os.path.join(ckpt.directory, str(step))
+  return train_checkpoint.StorageError(
+      err.errno, f"{err.strerror}; stopping the run. Newest complete checkpoint: {newest} "
+      "(free space and run the same command to resume from it)", err.filename)
 
 
 def load_or_train_experts(ctx: RunContext, caps) -> Any:
@@ -499,6 +576,8 @@ def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, 
   draws from the same prompt streams and sampling keys (seed offset 1), and every
   distillation stage uses offset 2, so with beta = 0 CoPD *is* the experts run."""
   caps = list(cfg.rl.capabilities)
+  if "reward" in cfg:
+    verifiers.configure(verifiers.RewardConfig(**cfg.reward.to_dict()))
   eval_sets = {c: s for c, s in policy_setup.held_out_sets(cfg, setup).items() if c in caps}
   checkpoints = train_checkpoint.RunCheckpoints(
       cfg.workdir, cfg.checkpoint, method=cfg.method, num_experts=cfg.num_experts,
@@ -512,7 +591,8 @@ def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, 
   ctx.log_rewind_offset = checkpoints.log_start_offset(writer.jsonl_size())
   ctx.log_rewind_step = 0
   start = time.perf_counter()
-  with train_checkpoint.stop_on_signals(cfg.checkpoint.save_on_sigterm) as stop:
+  with train_checkpoint.stop_on_signals(cfg.checkpoint.save_on_sigterm,
+                                        grace_s=checkpoints.sigterm_grace_s) as stop:
     ctx.stop = stop
     final, stage = _train_method(ctx, caps)
   train_seconds = time.perf_counter() - start
@@ -570,7 +650,13 @@ def _final_report(ctx: RunContext, stage: trainer.Stage, final, train_seconds: f
   if completions_to_log(cfg):
     writer.write_completions(ctx.global_step, "final", eval_completion_records(
         names, eval_sets, responses, completions_to_log(cfg)))
-  summary = {"train_seconds": round(train_seconds, 1), "optimizer_steps": ctx.global_step,
+  # steps: every step run; optimizer_steps: those in which every branch's update was
+  # applied; updates: per stage and branch, the updates applied and skipped (non-finite).
+  skipped_steps = sum(c.steps_with_skips for _, c in ctx.update_counts.values())
+  summary = {"train_seconds": round(train_seconds, 1), "steps": ctx.global_step,
+             "optimizer_steps": ctx.global_step - skipped_steps,
+             "updates": {stage_name: c.by_branch(branch_names_)
+                         for stage_name, (branch_names_, c) in ctx.update_counts.items()},
              "branches": {n: {k: float(v[i]) for k, v in branch_acc.items()}
                           for i, n in enumerate(names)}}
   if stage.num_students > 1:

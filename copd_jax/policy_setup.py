@@ -62,6 +62,7 @@ def _hf_model_and_tokenizer(cfg) -> tuple[model_lib.ModelConfig, Tokenizer]:
   from copd_jax import hf_checkpoint, hf_tokenizer  # only HF runs need them
   model_cfg = hf_checkpoint.model_config_from_hf(
       hf_checkpoint.read_hf_config(cfg.init.hf_checkpoint), dtype=cfg.model.dtype)
+  hf_checkpoint.check_layers_present(cfg.init.hf_checkpoint, model_cfg)  # headers only
   model_cfg = dataclasses.replace(model_cfg, remat=bool(cfg.model.get("remat", False)))
   tokenizer = hf_tokenizer.HFTokenizer(hf_tokenizer_dir(cfg), model_vocab_size=model_cfg.vocab_size)
   if tokenizer.vocab_size != model_cfg.vocab_size:

@@ -9,6 +9,88 @@ from typing import Mapping, Sequence
 
 import numpy as np
 from tensorboardX import SummaryWriter
+from tensorboardX import writer as tbx_writer
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+
+class LogWriteError(OSError):
+  """A run's log file could not be written (a full disk, ...); names the file."""
+
+
+def _raise_write_error(err: OSError, what: str, path: str):
+  raise LogWriteError(err.errno, f"cannot write {what} ({err.strerror or err})", path) from err
+
+
+class _SyncEventFileWriter:
+  """tensorboardX's EventFileWriter interface, writing in the caller's thread.
+
+  tensorboardX writes events from a background thread behind a bounded queue; when that
+  thread dies on a write error (ENOSPC) the queue fills and the next write blocks
+  forever. Here a failed write raises LogWriteError naming the event file instead."""
+
+  def __init__(self, logdir: str, filename_suffix: str = ""):
+    self._logdir = logdir
+    self.path = os.path.join(logdir, "events")
+    try:
+      os.makedirs(logdir, exist_ok=True)
+      self._writer = EventsWriter(self.path, filename_suffix)  # writes the version event
+      self.path = self._writer._file_name
+      self._writer.flush()
+    except OSError as e:
+      _raise_write_error(e, "TensorBoard events", self.path)
+    self._closed = False
+
+  def get_logdir(self) -> str:
+    return self._logdir
+
+  def _guarded(self, fn, *args):
+    try:
+      return fn(*args)
+    except OSError as e:
+      _raise_write_error(e, "TensorBoard events", self.path)
+
+  def add_event(self, event) -> None:
+    if not self._closed:
+      self._guarded(self._writer.write_event, event)
+
+  def flush(self) -> None:
+    if not self._closed:
+      self._guarded(self._writer.flush)
+
+  def close(self) -> None:
+    if not self._closed:
+      self._closed = True
+      self._guarded(self._writer.close)
+
+  def reopen(self) -> None:
+    pass
+
+
+class _SyncFileWriter(tbx_writer.FileWriter):
+  """tensorboardX's FileWriter over _SyncEventFileWriter (no thread, no queue)."""
+
+  def __init__(self, logdir, max_queue=10, flush_secs=120, filename_suffix=""):
+    del max_queue, flush_secs
+    self.event_writer = _SyncEventFileWriter(str(logdir), filename_suffix)
+    self._default_metadata = {}
+
+
+class SyncSummaryWriter(SummaryWriter):
+  """tensorboardX's SummaryWriter (same API: add_scalar, add_text, purge_step, ...) whose
+  events are written synchronously, so a write error surfaces at the call that failed."""
+
+  def _get_file_writer(self):
+    if not self._write_to_disk:
+      return super()._get_file_writer()
+    if self.all_writers is None or self.file_writer is None:
+      self.file_writer = _SyncFileWriter(self.logdir, filename_suffix=self._filename_suffix)
+      if self.purge_step is not None:
+        self.file_writer.add_event(Event(step=self.purge_step, file_version="brain.Event:2"))
+        self.file_writer.add_event(
+            Event(step=self.purge_step, session_log=SessionLog(status=SessionLog.START)))
+      self.all_writers = {self.file_writer.get_logdir(): self.file_writer}
+    return self.file_writer
 
 
 def _plain(value):
@@ -26,7 +108,9 @@ def summary_writer(logdir: str, purge_step: int | None = None) -> SummaryWriter:
   """A tensorboardX writer whose event file name is unique and sorts after earlier ones:
   tensorboardX names files by the second and opens them with 'wb', so a writer reopened
   within the same second (a resume's purge) would otherwise overwrite the last file."""
-  return SummaryWriter(logdir, purge_step=purge_step, filename_suffix=f".{time.time_ns()}")
+  # Synchronous (SyncSummaryWriter): a failed write (a full disk) raises LogWriteError
+  # naming the file instead of blocking a dead writer thread's queue.
+  return SyncSummaryWriter(logdir, purge_step=purge_step, filename_suffix=f".{time.time_ns()}")
 
 
 def flat_hparams(config_json: Mapping, prefix: str = "") -> dict:
@@ -60,7 +144,10 @@ class MetricsWriter:
   """Writes scalars to TensorBoard (tensorboardX: no tensorflow needed) and to JSONL.
 
   `<workdir>/tb/` holds the event files, `<workdir>/metrics.jsonl` one JSON object per
-  `write` call with its step. Warm-start scalars (`warm_start/...`, their own step axis)
+  `write` call with its step. Both are written synchronously and flushed at every
+  `write`: a failure (a full disk) raises LogWriteError naming the file at once, and a
+  line that could not be written whole is cut off again, so metrics.jsonl never holds a
+  partial line. Warm-start scalars (`warm_start/...`, their own step axis)
   go to the separate TensorBoard run `tb/warm_start/`, so purging the training run after
   a resume never touches them. `write_completions` logs sample responses as TensorBoard
   text and to `<workdir>/completions.jsonl`; `write_config` puts the config in the
@@ -69,14 +156,18 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir: str, mirror=None):
-    os.makedirs(workdir, exist_ok=True)
     self.workdir = workdir
+    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(self.jsonl_path, "a")
+    except OSError as e:
+      _raise_write_error(e, "the metrics log", self.jsonl_path)
     self._tb = summary_writer(os.path.join(workdir, "tb"))
     self._tb_warm_start = None
-    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-    self._jsonl = open(self.jsonl_path, "a")
     self.completions_path = os.path.join(workdir, COMPLETIONS_FILE)
     self.mirror = mirror
+    self._failed = False
 
   def _tb_for(self, tag: str):
     if not tag.startswith(WARM_START_PREFIX):
@@ -87,14 +178,43 @@ class MetricsWriter:
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     record = {"step": int(step)}
-    for name, value in scalars.items():
-      value = _plain(value)
-      record[name] = value
-      self._tb_for(name).add_scalar(name, value, int(step))
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    try:
+      used = set()
+      for name, value in scalars.items():
+        value = _plain(value)
+        record[name] = value
+        tb = self._tb_for(name)
+        tb.add_scalar(name, value, int(step))
+        used.add(id(tb))
+      for tb in (self._tb, self._tb_warm_start):
+        if tb is not None and id(tb) in used:
+          tb.flush()
+    except LogWriteError:
+      self._failed = True
+      raise
+    size = self.jsonl_size()
+    try:
+      self._jsonl.write(json.dumps(record) + "\n")
+      self._jsonl.flush()
+    except OSError as e:
+      self._failed = True
+      self._drop_partial_line(size)
+      _raise_write_error(e, "the metrics log", self.jsonl_path)
     if self.mirror is not None:
       self.mirror.scalars(int(step), record)
+
+  def _drop_partial_line(self, size: int) -> None:
+    """After a failed write: forget what the buffer holds and cut the file back to
+    `size` bytes (truncating needs no free space)."""
+    try:
+      self._jsonl.close()
+    except OSError:
+      pass  # the buffered rest of the line could not be written either
+    try:
+      os.truncate(self.jsonl_path, size)
+    except OSError:
+      pass
+    self._jsonl = open(self.jsonl_path, "a")
 
   def write_completions(self, step: int, tag: str, records: Sequence[Mapping]) -> None:
     """Sample responses at `step`: one JSON line each in completions.jsonl (with step and
@@ -158,10 +278,17 @@ class MetricsWriter:
     os.replace(self.completions_path + ".tmp", self.completions_path)
 
   def close(self) -> None:
-    self._tb.close()
+    """Closes every file; after a failed write, errors of the close are not raised again
+    (the first one, naming the file, is what the caller reports)."""
+    closers = [self._tb.close, self._jsonl.close]
     if self._tb_warm_start is not None:
-      self._tb_warm_start.close()
-    self._jsonl.close()
+      closers.append(self._tb_warm_start.close)
+    for close in closers:
+      try:
+        close()
+      except OSError:
+        if not self._failed:
+          raise
     if self.mirror is not None:
       self.mirror.close()
 
@@ -242,6 +369,7 @@ class Phase:
 def branch_line(prefix: str, values: Mapping[str, float]) -> str:
   """'prefix | text 0.312 | image 0.250': a per-branch number as it is measured."""
   return " | ".join([prefix] + [f"{k} {float(v):.3f}" for k, v in values.items()])
+
 
 
 class ProgressLine:

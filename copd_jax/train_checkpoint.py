@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import signal
+import sys
 import threading
 from typing import Any, Iterator, Mapping
 
@@ -39,6 +41,18 @@ from copd_jax.checkpoint import CheckpointMismatchError
 
 FORMAT_VERSION = 1
 LOG_START_FILE = "log_start.json"
+
+
+class CheckpointCorruptError(CheckpointMismatchError):
+  """A restored array does not match the checksum stored when it was saved."""
+
+
+class CheckpointWriteError(OSError):
+  """A training checkpoint could not be written (a full disk, ...); names the directory."""
+
+
+class StorageError(OSError):
+  """The run stopped because a log or checkpoint could not be written."""
 
 
 class NonFiniteTrainingError(FloatingPointError):
@@ -100,9 +114,13 @@ class HostState:
   schedule: dict                # dataclasses.asdict(schedules.ScheduleState)
   last_overlap: float | None    # the latest measured branch overlap (adaptive schedule)
   streams: dict                 # streams_state(...)
-  nonfinite_total: int = 0      # skipped non-finite steps in this stage so far
-  nonfinite_in_row: int = 0     # ... of which the most recent ones in a row
+  nonfinite_total: int = 0      # skipped (non-finite) branch updates in this stage so far
+  nonfinite_in_row: int = 0     # the most any branch has skipped in a row just now
   metrics_offset: int = 0       # metrics.jsonl size in bytes when this state was saved
+  applied_per_branch: list | None = None   # updates applied per branch in this stage
+  skipped_per_branch: list | None = None   # updates skipped (non-finite) per branch
+  in_row_per_branch: list | None = None    # ... of those, the latest ones in a row
+  steps_with_skips: int = 0     # steps in which some branch's update was skipped
 
   def to_json(self) -> dict:
     return _json_safe(dataclasses.asdict(self))
@@ -133,6 +151,62 @@ def nonfinite_branches(stacked_params, branch_names) -> list[str]:
   from copd_jax import parallel  # lazily: parallel imports nothing of ours, but is heavy
   ok = np.asarray(parallel.to_host(_finite_per_branch(stacked_params)))
   return [name for name, good in zip(branch_names, ok) if not good]
+
+
+def _words(x) -> jax.Array:
+  """Any array's bytes as uint32 words (1-D): 4-byte types bitcast, 2- and 1-byte types
+  widened, 8-byte types split in two."""
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  size = jnp.dtype(x.dtype).itemsize
+  if size == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+  if size == 8:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)  # [..., 2]
+  unsigned = {2: jnp.uint16, 1: jnp.uint8}[size]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+
+
+def _array_checksum(x) -> jax.Array:
+  """uint32[2]: two position-weighted sums of the array's words, modulo 2**32. The
+  weights are odd, so any change of a single word changes both; integer sums are exact
+  in any order, so the value does not depend on sharding or device count."""
+  words = _words(x)
+  i = jnp.arange(words.shape[0], dtype=jnp.uint32)
+  return jnp.stack([jnp.sum(words * (2 * i + 1)),
+                    jnp.sum(words * ((i * jnp.uint32(2654435761)) | 1))])
+
+
+@jax.jit
+def _checksums(tree):
+  return jax.tree.map(_array_checksum, tree)
+
+
+def array_checksums(tree) -> dict[str, list[int]]:
+  """{array path: [two uint32 checksums]} of every array of a pytree (on device; only
+  the small results come to the host)."""
+  from copd_jax import parallel  # lazily: heavy
+  sums = parallel.to_host(_checksums(tree))
+  return {jax.tree_util.keystr(k): [int(v) for v in np.asarray(c)]
+          for k, c in jax.tree_util.tree_leaves_with_path(sums)}
+
+
+def checksum_mismatches(stored: Mapping[str, Any], tree) -> list[str]:
+  """Paths of the arrays of `tree` whose checksum differs from `stored` (or is missing)."""
+  now = array_checksums(tree)
+  return [k for k in now if stored.get(k) != now[k]]
+
+
+def _first_lines(err: BaseException) -> str:
+  """The first line of an error and of each error that caused it (tensorstore appends a
+  spec dump of a hundred lines that would bury the message)."""
+  parts, seen = [], set()
+  while err is not None and id(err) not in seen:
+    seen.add(id(err))
+    line = (str(err).splitlines() or [""])[0].split(" See full TensorStore details")[0]
+    parts.append(f"{type(err).__name__}: {line[:300]}")
+    err = err.__cause__ or err.__context__
+  return " <- ".join(parts)
 
 
 def param_shapes(tree) -> dict[str, list[int]]:
@@ -185,21 +259,52 @@ class StageCheckpointer:
       raise NonFiniteTrainingError(
           f"refusing to checkpoint stage {self.metadata['stage']!r} at step {host.stage_step}: "
           f"parameters of branch(es) {bad} are not finite")
-    meta = dict(self.metadata, param_shapes=param_shapes(state["params"]))
-    self._manager.save(host.stage_step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host.to_json()),
-        meta=ocp.args.JsonSave(meta), config=ocp.args.JsonSave(self._config)), force=True)
+    # Checksums of what is saved (computed on device before the asynchronous write
+    # starts), verified on restore: a flipped byte on disk is named, not trained on.
+    meta = dict(self.metadata, param_shapes=param_shapes(state["params"]),
+                checksums=array_checksums(state))
+    with self._write_errors(host.stage_step):
+      self._manager.save(host.stage_step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host.to_json()),
+          meta=ocp.args.JsonSave(meta), config=ocp.args.JsonSave(self._config)), force=True)
 
-  def restore_latest(self, abstract_state: dict) -> tuple[dict, HostState] | None:
+  @contextlib.contextmanager
+  def _write_errors(self, step=None):
+    """orbax reports a failed write (ENOSPC arrives as ValueError RESOURCE_EXHAUSTED from
+    tensorstore) in many types: one CheckpointWriteError naming the directory instead.
+    orbax writes into a temporary directory, so the last complete step stays intact."""
+    try:
+      yield
+    except Exception as e:
+      where = self.directory if step is None else os.path.join(self.directory, str(step))
+      detail = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+      raise CheckpointWriteError(errno.ENOSPC if "No space left" in str(e) else None,
+                                 f"cannot write the training checkpoint ({detail})",
+                                 where) from e
+
+  def restore_latest(self, abstract_state: dict, fallback_on_corrupt: bool = False
+                     ) -> tuple[dict, HostState] | None:
     """The latest saved (state, HostState), or None when this stage has no checkpoint.
 
     abstract_state: a pytree of jax.ShapeDtypeStruct (with shardings) shaped like the
     saved state; restored arrays take its shardings, so the mesh may differ from the
-    saver's. Raises CheckpointMismatchError naming what differs, or what is unreadable.
-    """
-    step = self._manager.latest_step()
-    if step is None:
-      return None
+    saver's. Raises CheckpointMismatchError naming what differs, or what is unreadable,
+    and CheckpointCorruptError naming the arrays whose checksums do not match; with
+    fallback_on_corrupt, a corrupt or unreadable step is reported and the next older
+    one is tried instead."""
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    for n, step in enumerate(steps):
+      try:
+        return self._restore_step(step, abstract_state)
+      except CheckpointMismatchError as e:
+        corrupt = isinstance(e, CheckpointCorruptError) or "cannot restore" in str(e)
+        if not (fallback_on_corrupt and corrupt) or n + 1 == len(steps):
+          raise
+        print(f"warning: {e}\nfalling back to the previous checkpoint "
+              f"(config.checkpoint.fallback_on_corrupt)", flush=True)
+    return None
+
+  def _restore_step(self, step: int, abstract_state: dict) -> tuple[dict, HostState]:
     where = os.path.join(self.directory, str(step))
     try:
       meta = self._manager.restore(step, args=ocp.args.Composite(
@@ -217,17 +322,27 @@ class StageCheckpointer:
           state=ocp.args.StandardRestore(abstract_state), host=ocp.args.JsonRestore()))
     except Exception as e:
       raise CheckpointMismatchError(f"cannot restore training state from {where} (truncated "
-                                    f"or corrupted files?): {type(e).__name__}: {e}") from e
+                                    f"or corrupted files?): {_first_lines(e)}") from None
+    state = dict(restored["state"])
+    if "checksums" in meta:  # checkpoints written before checksums existed have none
+      bad = checksum_mismatches(meta["checksums"], state)
+      if bad:
+        raise CheckpointCorruptError(
+            f"training checkpoint {where} is corrupt: the checksums of {len(bad)} array(s) "
+            f"differ from those saved: {', '.join(bad[:10])}. Delete this step to resume "
+            "from an older one, or set config.checkpoint.fallback_on_corrupt=True")
     host = HostState.from_json(restored["host"], where)
     if host.stage_step != step:
       raise CheckpointMismatchError(f"{where}: host state says step {host.stage_step}")
-    return dict(restored["state"]), host
+    return state, host
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._write_errors():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.close()
+    with self._write_errors():
+      self._manager.close()
 
 
 class RunCheckpoints:
@@ -246,6 +361,8 @@ class RunCheckpoints:
     self.async_save = bool(options.async_save)
     self.resume = bool(options.resume)
     self.save_on_sigterm = bool(options.save_on_sigterm)
+    self.fallback_on_corrupt = bool(options.get("fallback_on_corrupt", False))
+    self.sigterm_grace_s = float(options.get("sigterm_grace_s", 120.0))
     self.method, self.num_experts, self.seed = method, num_experts, seed
     self.config_json = config_json
     if not self.resume:
@@ -299,20 +416,41 @@ class StopRequest:
 
 
 @contextlib.contextmanager
-def stop_on_signals(enabled: bool, signals=(signal.SIGTERM,)):
+def stop_on_signals(enabled: bool, signals=(signal.SIGTERM,), grace_s: float = 120.0):
   """Within the block, the given signals only set the yielded StopRequest (the loop saves
-  at the next step boundary and raises Preempted); the old handlers come back after."""
+  at the next step boundary and raises Preempted); the old handlers come back after.
+
+  The process still ends in bounded time: if it has not left the block `grace_s`
+  seconds after the first signal (stuck in a write, a compile, a hung answer), or when a
+  second signal arrives, it exits at once with status 128 + signal number, without
+  saving -- the newest checkpoint on disk stays the one to resume from."""
   request = StopRequest()
   if not enabled or threading.current_thread() is not threading.main_thread():
     yield request
     return
+  done = threading.Event()
+
+  def force_exit(signum: int, why: str):
+    if done.is_set():
+      return
+    sys.stderr.write(f"{signal.Signals(signum).name}: {why}; exiting without saving (the "
+                     "newest checkpoint on disk is kept)\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
   def handler(signum, frame):  # only records: never save from inside a handler
+    if request.requested:
+      force_exit(signum, "second signal")
     request.signal_name = signal.Signals(signum).name
+    timer = threading.Timer(grace_s, force_exit, args=(
+        signum, f"the run did not reach a step boundary within {grace_s:g} s"))
+    timer.daemon = True
+    timer.start()
 
   previous = {s: signal.signal(s, handler) for s in signals}
   try:
     yield request
   finally:
+    done.set()
     for s, h in previous.items():
       signal.signal(s, h)

@@ -483,13 +483,37 @@ def update_body(params: Params, opt_state, teacher_params: Params | None, rows: 
 
   grads, metrics = jax.vmap(one_branch)(params, rows, teacher_logprobs, ref_lp)
   metrics["grad_norm"] = jax.vmap(optax.tree_utils.tree_norm)(grads)
-  updates, opt_state = jax.vmap(optimizer.update)(grads, opt_state, params)
+  updates, new_opt_state = jax.vmap(optimizer.update)(grads, opt_state, params)
   # How far the step moves each branch: the global norm of the update and its largest
   # entry (RL that does not learn often moves the weights by almost nothing).
   metrics["update_norm"] = jax.vmap(optax.tree_utils.tree_norm)(updates)
   metrics["update_max_abs"] = jax.vmap(
       lambda u: jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(u)])))(updates)
-  return optax.apply_updates(params, updates), opt_state, metrics
+  new_params = optax.apply_updates(params, updates)
+  s = metrics["loss"].shape[0]
+  # Per branch: apply the update only if its loss, gradient norm, new parameters and new
+  # optimizer state are all finite; a branch whose step is not keeps its previous state,
+  # and the other branches' updates are applied all the same.
+  applied = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+             & finite_per_branch(new_params, s) & finite_per_branch(new_opt_state, s))
+  metrics["update_applied"] = applied.astype(jnp.float32)
+  return (select_branches(applied, new_params, params),
+          select_branches(applied, new_opt_state, opt_state), metrics)
+
+
+def finite_per_branch(tree, num_branches: int) -> jax.Array:
+  """bool[S]: every float element of branch s of a stacked pytree is finite (True for a
+  tree without float leaves, e.g. plain SGD's empty optimizer state)."""
+  flags = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+           for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(flags).all(axis=0) if flags else jnp.ones((num_branches,), bool)
+
+
+def select_branches(take_new, new_tree, old_tree):
+  """Branch s of new_tree where take_new[s] (bool[S]), else of old_tree (stacked [S])."""
+  def pick(new, old):
+    return jnp.where(take_new.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+  return jax.tree.map(pick, new_tree, old_tree)
 
 
 # ------------------------------------------------------------------------- host side
@@ -561,16 +585,22 @@ def load_local_examples(ctx: DataContext, refs: Sequence[Sequence[ExampleRef]],
   return [[loaded.get((k, b), stand_in) for b in range(len(row))] for k, row in enumerate(refs)]
 
 
-def verify_local(responses_of, examples, local_rows: np.ndarray, sharding) -> np.ndarray:
+def verify_local(responses_of, examples, local_rows: np.ndarray, sharding,
+                 stats: dict | None = None) -> np.ndarray:
   """Rewards f32[S, B*G] of the whole batch, each process verifying only its own rows.
 
   responses_of(rows) -> response strings of flat row indices; examples[S][B*G] (stand-ins
   outside local_rows); local_rows: bool[S, B*G]. Other processes' rewards arrive through
-  one small all-gather; single-process runs verify everything locally."""
+  one small all-gather; single-process runs verify everything locally. `stats`, if given,
+  receives this process's verify/timeouts and verify/over_budget counts (answers that
+  scored 0 because of the per-answer limit or the step budget, config.reward)."""
   s, n = local_rows.shape
   flat = np.flatnonzero(local_rows.reshape(-1))
   rewards = np.zeros(s * n, np.float32)
-  rewards[flat] = verifiers.rewards_for(responses_of(flat), [examples[i // n][i % n] for i in flat])
+  rewards[flat], pool = verifiers.score(responses_of(flat), [examples[i // n][i % n] for i in flat])
+  if stats is not None:
+    stats.update({"verify/timeouts": float(pool.timeouts),
+                  "verify/over_budget": float(pool.over_budget)})
   rewards = rewards.reshape(s, n)
   if sharding is None or jax.process_count() == 1:
     return rewards
@@ -693,7 +723,9 @@ def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teache
   # Each example names its verifier (integer for the toy tasks; math / choice / exact for
   # record datasets).
   rewarded = [[ex for ex in exs for _ in range(g)] for exs in examples]  # [S][B*G]
-  rewards = verify_local(responses_of, rewarded, np.repeat(local, g, axis=1), sharding)
+  verify_stats = {}
+  rewards = verify_local(responses_of, rewarded, np.repeat(local, g, axis=1), sharding,
+                         verify_stats)
   advantages, zero_var_all = group_advantages(rewards, g, ucfg.scale_by_std)
   row_teacher_g = np.repeat(row_teacher, g, axis=1)  # [S, B*G]
   is_native = row_teacher_g == NATIVE
@@ -734,6 +766,7 @@ def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teache
   if stage.native_prompts:  # fraction of native GRPO groups with equal rewards
     metrics["zero_variance_groups"] = zero_var_all[:, :stage.native_prompts].mean(axis=1)
   metrics.update(timings)
+  metrics.update(verify_stats)
   metrics["opd_weight"] = weight
   # Of the step's S*B prompts, how many this process loaded and verified (all of them in a
   # single-process run; its share of the batch in a multi-process one).

@@ -119,21 +119,24 @@ def test_rl_config_errors_name_the_field(method, field, value, message):
 
 
 def poison_steps(monkeypatch, bad_steps, branch=1):
-  """Wraps trainer.train_step: on `bad_steps` the loss of `branch` is NaN and the params
-  it returns are NaN. Returns the (params, opt_state) each call received."""
+  """Makes the GRPO advantages of `branch` NaN on `bad_steps`, so its loss (and update) is
+  not finite there; trainer.update must then keep that branch's params. Wraps
+  trainer.train_step to return the (params, opt_state) each call received."""
   from copd_jax import trainer
-  real, seen = trainer.train_step, []
+  real_train_step, real_advantages, seen = trainer.train_step, trainer.group_advantages, []
 
-  def poisoned(stage, step, params, opt_state, *args, **kwargs):
+  def poisoned_advantages(rewards, samples, scale_by_std):
+    advantages, zero = real_advantages(rewards, samples, scale_by_std)
+    if len(seen) - 1 in bad_steps:
+      advantages = np.array(advantages)
+      advantages[branch] = np.nan
+    return advantages, zero
+
+  def recording(stage, step, params, opt_state, *args, **kwargs):
     seen.append((params, opt_state))
-    result = real(stage, step, params, opt_state, *args, **kwargs)
-    if step in bad_steps:
-      loss = np.array(result.metrics["loss"], np.float32)
-      loss[branch] = np.nan
-      result.metrics["loss"] = loss
-      result.params = jax.tree.map(lambda x: x * np.nan, result.params)
-    return result
-  monkeypatch.setattr(trainer, "train_step", poisoned)
+    return real_train_step(stage, step, params, opt_state, *args, **kwargs)
+  monkeypatch.setattr(trainer, "group_advantages", poisoned_advantages)
+  monkeypatch.setattr(trainer, "train_step", recording)
   return seen
 
 
@@ -159,8 +162,13 @@ def test_nonfinite_step_is_skipped_counted_and_training_continues(tmp_path, base
   final = methods.run_stage(ctx, stage, start, seed_offset=1)
   ctx.writer.close()
   assert len(seen) == 2
-  assert_trees_equal(seen[1][0], seen[0][0])  # step 0 not applied: same params ...
-  assert_trees_equal(seen[1][1], seen[0][1])  # ... and optimizer state
+  branch = lambda tree, k: jax.tree.map(lambda x: x[k], tree)
+  # step 0 not applied to branch 1: same params and optimizer state ...
+  assert_trees_equal(branch(seen[1][0], 1), branch(seen[0][0], 1))
+  assert_trees_equal(branch(seen[1][1], 1), branch(seen[0][1], 1))
+  # ... but applied to the other branches
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+             zip(jax.tree.leaves(branch(seen[1][0], 0)), jax.tree.leaves(branch(seen[0][0], 0))))
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(final))
   assert any(not np.array_equal(np.asarray(a), np.asarray(b))  # step 1 applied
              for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(seen[1][0])))
@@ -175,7 +183,8 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, base, monkeypatch):
   ctx, stage = experts_ctx(tmp_path, base, steps=3, max_nonfinite_steps_in_row=2)
   start = experts.broadcast_params(ctx.base_params, stage.num_students)
   with pytest.raises(FloatingPointError,
-                     match=r"2 steps in a row .*\(last: step 2, branch\(es\) \['image'\]"):
+                     match=r"2 non-finite updates in a row for branch 'image' \(last: step 2, "
+                           r"branch\(es\) \['image'\]"):
     methods.run_stage(ctx, stage, start, seed_offset=1)
   ctx.writer.close()
 
