@@ -68,6 +68,18 @@ FIELD_HELP = {
     "warm_start.weight_decay": "SFT AdamW weight decay",
     "warm_start.grad_clip_norm": "SFT global gradient-norm clip",
     "warm_start.mix": "SFT sampling weight of each capability",
+    "checkpoint.sigterm_grace_s": ("after SIGTERM, seconds to reach a step boundary and save "
+                                   "before the process exits without saving"),
+    "checkpoint.fallback_on_corrupt": ("a newest checkpoint failing its checksums: False = "
+                                       "error, True = restore the newest good one"),
+    "reward": "how responses are scored (sandboxed verifier worker processes)",
+    "reward.fn": "'module:function' plug-in fn(response, example) -> float; '' = each "
+                 "example's own verifier",
+    "reward.timeout_s": "per-answer time limit in seconds (over it: reward 0)",
+    "reward.step_budget_s": "time budget in seconds for one step's (or eval batch's) answers",
+    "reward.workers": "verifier worker processes",
+    "rl.max_nonfinite_steps_total": "skipped (non-finite) updates in one stage, all "
+                                    "branches together, before the run stops",
     "warm_start.flaw_rate": ("fraction of each capability's SFT demonstrations showing its "
                              "flawed procedure (tasks.FLAW_KINDS), for RL to correct"),
     "warm_start.checkpoint_dir": "where the base is saved / reused ('' = <workdir>/base_policy)",
