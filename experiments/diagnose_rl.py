@@ -19,9 +19,9 @@ Last line: one JSON object.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -29,8 +29,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
-from copd_jax import default_config, evaluation, policy_setup, sampling  # noqa: E402
+from copd_jax import evaluation, policy_setup, sampling  # noqa: E402
 from copd_jax import tasks, verifiers, warm_start  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tune_rl  # noqa: E402  (config from --set settings)
 
 def validation_set(cfg, setup, capability: str, n: int) -> list[tasks.Example]:
   """n examples of the validation split (disjoint from train and eval)."""
@@ -109,15 +112,7 @@ def main():
   parser.add_argument("--set", action="append", default=[], help="dotted.field=value")
   parser.add_argument("--workdir", default="/tmp/diagnose_rl")
   args = parser.parse_args()
-  cfg = default_config.get(args.method, "toy")
-  cfg.workdir = args.workdir
-  for item in args.set:
-    field, value = item.split("=", 1)
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass
-    default_config.set_field(cfg, field, value)
+  cfg = tune_rl.config_from_settings(args.method, args.set, args.workdir)
   setup = policy_setup.build_setup(cfg)
   base, _ = warm_start.get_base_policy(cfg, setup)
   result = {"settings": args.set, "examples_per_capability": args.examples,

@@ -24,21 +24,28 @@ def validation_sets(cfg, setup):
           for cap in cfg.rl.capabilities}
 
 
-def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--method", default="experts")
-  parser.add_argument("--set", action="append", default=[], help="dotted.field=value")
-  parser.add_argument("--workdir", default="/tmp/tune_rl")
-  args = parser.parse_args()
-  cfg = default_config.get(args.method, "toy")
-  cfg.workdir = args.workdir
-  for item in args.set:
+def config_from_settings(method: str, settings, workdir: str):
+  """The toy config of `method` with 'dotted.field=value' settings (values parsed as
+  Python literals where they are one) and the given workdir."""
+  cfg = default_config.get(method, "toy")
+  cfg.workdir = workdir
+  for item in settings:
     field, value = item.split("=", 1)
     try:
       value = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       pass
     default_config.set_field(cfg, field, value)
+  return cfg
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--method", default="experts")
+  parser.add_argument("--set", action="append", default=[], help="dotted.field=value")
+  parser.add_argument("--workdir", default="/tmp/tune_rl")
+  args = parser.parse_args()
+  cfg = config_from_settings(args.method, args.set, args.workdir)
   setup = policy_setup.build_setup(cfg)
   base, _ = warm_start.get_base_policy(cfg, setup)
   policy_setup.held_out_sets = validation_sets  # the run evaluates on validation only
