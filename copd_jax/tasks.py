@@ -515,14 +515,12 @@ def _sign_slip(trace: str) -> str:
   return ";".join(out)
 
 
-def _drop_term(trace: str, which: int) -> str:
-  """Drops term `which` (0 = first, -1 = last) of a one-equation trace with >= 2 terms."""
+def _drop_last_term(trace: str) -> str:
+  """'1+0+2=3' -> '1+0=1': a one-equation trace without its last term (and operator)."""
   terms, ops = _parse_equation(trace)
   if ";" in trace or len(terms) < 2:
     return trace
-  del terms[which]
-  del ops[0 if which == 0 else -1]
-  return _equation(terms, ops)
+  return _equation(terms[:-1], ops[:-1])
 
 
 def _repeat_last_term(trace: str) -> str:
@@ -547,7 +545,7 @@ def flawed_solution(example: Example) -> str:
   elif kind == "repeat_last_term":
     flawed = _repeat_last_term(trace)
   else:
-    flawed = _drop_term(trace, -1)
+    flawed = _drop_last_term(trace)
   last = flawed.split(";")[-1]
   answer = last.split("=")[-1] if "=" in last else last
   return f"{flawed}{ANSWER_MARKER}{answer}"

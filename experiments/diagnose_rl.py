@@ -29,7 +29,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
-from copd_jax import evaluation, policy_setup, sampling  # noqa: E402
+from copd_jax import evaluation, policy_setup  # noqa: E402
 from copd_jax import tasks, verifiers, warm_start  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -41,27 +41,6 @@ def validation_set(cfg, setup, capability: str, n: int) -> list[tasks.Example]:
                               difficulty=cfg.tasks.difficulty[capability], **setup.example_kwargs)
 
 
-def sampled_rewards(params, setup, examples, samples: int, max_new_tokens: int,
-                    batch_size: int, seed: int) -> np.ndarray:
-  """Rewards f32[N, samples] of `samples` temperature-1 responses per example."""
-  cfg = sampling.SamplingConfig(
-      max_new_tokens=max_new_tokens, temperature=1.0, stop_token_ids=(setup.tokenizer.eos_id,),
-      banned_token_ids=policy_setup.never_generated_ids(setup.tokenizer))
-  out = []
-  for start in range(0, len(examples), batch_size):
-    chunk = list(examples[start:start + batch_size])
-    padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape
-    batch = setup.encode_prompts(padded)
-    rollout = sampling.generate(params, setup.model_cfg, batch.tokens, batch.mask, batch.frames,
-                                jax.random.key(seed + start), cfg, samples)
-    tokens = np.asarray(rollout.tokens)[: len(chunk)].reshape(len(chunk) * samples, -1)
-    mask = np.asarray(rollout.mask)[: len(chunk)].reshape(len(chunk) * samples, -1)
-    responses = evaluation.decode_responses(tokens, mask, setup.tokenizer)
-    repeated = [ex for ex in chunk for _ in range(samples)]
-    out.append(verifiers.rewards_for(responses, repeated).reshape(len(chunk), samples))
-  return np.concatenate(out).astype(np.float32)
-
-
 def signal_report(params, cfg, setup, examples_per_capability: int, samples: int) -> dict:
   """{capability: {greedy_pass1, mean_reward_t1, pass_at_k, zero_variance}}."""
   report = {}
@@ -70,13 +49,16 @@ def signal_report(params, cfg, setup, examples_per_capability: int, samples: int
     greedy = evaluation.greedy_responses_stacked(
         jax.tree.map(lambda x: x[None], params), setup, examples,
         cfg.sampling.max_new_tokens, cfg.eval.batch_size)[0]
-    rewards = sampled_rewards(params, setup, examples, samples, cfg.sampling.max_new_tokens,
-                              max(1, cfg.eval.batch_size // samples), seed=cfg.seed)
+    # Correct samples per example (0/1 rewards): all the sampled statistics follow.
+    correct = evaluation.sampled_correct_counts(
+        jax.tree.map(lambda x: x[None], params), setup, examples, num_samples=samples,
+        temperature=1.0, max_new_tokens=cfg.sampling.max_new_tokens,
+        batch_size=cfg.eval.batch_size, seed=cfg.seed)[0]
     report[cap] = {
         "greedy_pass1": float(verifiers.rewards_for(greedy, examples).mean()),
-        "mean_reward_t1": float(rewards.mean()),
-        f"pass_at_{samples}": float((rewards.max(axis=1) > 0).mean()),
-        "zero_variance": float((rewards.min(axis=1) == rewards.max(axis=1)).mean()),
+        "mean_reward_t1": float(correct.mean() / samples),
+        f"pass_at_{samples}": float((correct > 0).mean()),
+        "zero_variance": float(((correct == 0) | (correct == samples)).mean()),
     }
   return report
 

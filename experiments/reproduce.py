@@ -21,6 +21,7 @@ smaller eval set: a check that RL learns, in about 10 minutes.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -253,11 +254,19 @@ def claims(models) -> dict:
 
 # ----------------------------------------------------------------------- reporting
 
+@functools.lru_cache(maxsize=None)
+def _read_jsonl_cached(path: str, mtime_ns: int, size: int) -> tuple:
+  with open(path) as f:
+    return tuple(json.loads(line) for line in f)
+
+
 def read_jsonl(path):
+  """The records of a JSONL file ([] if absent); each version of a file is parsed once
+  however many series and overlaps a report takes from it."""
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f]
+  st = os.stat(path)
+  return _read_jsonl_cached(path, st.st_mtime_ns, st.st_size)
 
 
 def final_overlap(args, seeds, run: str) -> float | None:
