@@ -59,4 +59,7 @@ def get_config(preset: str = "toy") -> ml_collections.ConfigDict:
   # (sum, denominator) pair.
   c.rl.micro_batch_rows = 64
   c.model.remat = True
+  # Attention in blocks of 512 queries (model.in_query_blocks): a layer's live scores are
+  # [rows, heads, 512, keys], never [rows, heads, 3072, 3072].
+  c.model.attention_block = 512
   return c

@@ -25,6 +25,9 @@ FIELD_HELP = {
     "model.tie_embeddings": "LM head shares the token embedding",
     "model.dtype": "compute dtype (float32 | bfloat16); parameters stay float32",
     "model.remat": "rematerialise each decoder layer in the backward pass (saves memory)",
+    "model.attention_block": "queries per attention block; 0 = all at once. With a block no "
+                             "[T, T] score matrix is built (memory-efficient attention for "
+                             "long sequences), same values",
     "model.image_token_id": "token id of the <img> placeholder vision embeddings replace",
     "model.vision": "toy tubelet-ViT vision encoder",
     "model.vision.image_size": "input image side in pixels (a multiple of patch_size)",

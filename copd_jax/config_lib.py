@@ -443,6 +443,10 @@ def validate_rl(cfg: ml_collections.ConfigDict) -> None:
     _fail("rl.samples_per_prompt", "must be at least 2 (a group of one sample has no "
           "reward variance, so its advantage is always 0)", rl.samples_per_prompt)
   _positive_int(rl, "micro_batch_rows", "rl.", allow_zero=True)
+  if rl.micro_batch_rows % rl.samples_per_prompt:  # a micro-batch holds whole prompts
+    _fail("rl.micro_batch_rows", f"must be a multiple of rl.samples_per_prompt "
+          f"({rl.samples_per_prompt}): a micro-batch holds a prompt's samples together",
+          rl.micro_batch_rows)
   _positive_int(rl, "distill_steps", "rl.", allow_zero=True)
   _positive_float(rl, "learning_rate", "rl.")
   _positive_float(rl, "grad_clip_norm", "rl.")

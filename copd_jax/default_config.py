@@ -23,6 +23,7 @@ def toy_model() -> ml_collections.ConfigDict:
       tie_embeddings=True,
       dtype="bfloat16",  # compute dtype; parameters are always float32
       remat=False,  # rematerialise each decoder layer in the backward pass (saves memory)
+      attention_block=0,  # queries per attention block (0 = all at once; long sequences)
       image_token_id=3,  # ToyTokenizer's <img> placeholder
       vision=dict(image_size=32, patch_size=8, channels=3, num_frames=4,
                   tubelet=2, width=64, depth=2, num_heads=4, mlp_dim=128),

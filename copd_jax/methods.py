@@ -135,7 +135,8 @@ def update_config(cfg, setup: RunSetup) -> trainer.UpdateConfig:
     loss["constant_normaliser"] = float(cfg.sampling.max_new_tokens)
   return trainer.UpdateConfig(model=setup.model_cfg, loss=objectives.PolicyLossConfig(**loss),
                               kernel=kernel, scale_by_std=rl.scale_by_std,
-                              micro_batch_rows=rl.micro_batch_rows)
+                              micro_batch_rows=rl.micro_batch_rows,
+                              samples_per_prompt=rl.samples_per_prompt)
 
 
 def data_context(cfg, setup: RunSetup, seed_offset: int) -> trainer.DataContext:
@@ -414,6 +415,12 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
       if host.finished:
         ckpt.close()
         return params
+
+  if ctx.sharding is None:
+    # Committed to the device, as the update's outputs are: the first step's inputs then
+    # match every later step's, and each update program compiles once per stage, not
+    # twice (jit keys its cache on whether an argument is committed).
+    params, opt_state = jax.device_put((params, opt_state), jax.devices()[0])
 
   def save(step: int, finished: bool):
     host = train_checkpoint.HostState(

@@ -702,7 +702,8 @@ def abstract_opd_update(cfg, run: RunSharding, num_layers: int | None = None,
   ucfg = trainer.UpdateConfig(model=model_cfg, loss=objectives.PolicyLossConfig(**rl.loss.to_dict()),
                               kernel=kernels.KernelConfig(**rl.kernel.to_dict()),
                               scale_by_std=rl.scale_by_std,
-                              micro_batch_rows=int(rl.get("micro_batch_rows", 0)))
+                              micro_batch_rows=int(rl.get("micro_batch_rows", 0)),
+                              samples_per_prompt=rl.samples_per_prompt)
   optimizer = trainer.make_optimizer(rl.learning_rate, rl.grad_clip_norm, rl.weight_decay)
   s = cfg.num_experts
   caps = tuple(rl.capabilities)

@@ -105,12 +105,21 @@ class UpdateConfig:
   # Rows per micro-batch of the update (gradient accumulation) and of teacher / reference
   # scoring; 0 = all rows at once. Exact: losses are (sum, denominator) pairs.
   micro_batch_rows: int = 0
+  # G: rows b*G .. b*G+G-1 share prompt b (as build_rows lays them out). With a known
+  # prompt length the update runs each prompt once for its G rows (see _response_hidden).
+  samples_per_prompt: int = 1
 
   def __post_init__(self):
-    if isinstance(self.micro_batch_rows, bool) or not isinstance(
-        self.micro_batch_rows, (int, np.integer)) or self.micro_batch_rows < 0:
-      raise ValueError(f"UpdateConfig.micro_batch_rows must be an integer >= 0 (0 = all rows "
-                       f"at once), got {self.micro_batch_rows!r}")
+    for name in ("micro_batch_rows", "samples_per_prompt"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"UpdateConfig.{name} must be an integer >= 0, got {value!r}")
+    if self.samples_per_prompt < 1:
+      raise ValueError("UpdateConfig.samples_per_prompt must be >= 1, got 0")
+    if self.micro_batch_rows % self.samples_per_prompt:
+      raise ValueError(
+          f"UpdateConfig.micro_batch_rows ({self.micro_batch_rows}) must be a multiple of "
+          f"samples_per_prompt ({self.samples_per_prompt}): a micro-batch holds whole prompts")
 
 
 # ----------------------------------------------------------------------- rollout rows
@@ -228,43 +237,114 @@ class Rows:
 # ------------------------------------------------------------------------ the update
 
 
-def split_rows(x, size: int):
+def split_rows(x, size: int, group: int = 1):
   """x: [N, ...] -> [n, size, ...] micro-batches, n = ceil(N / size), rows past N zero.
 
   Micro-batch i holds rows i, i + n, i + 2n, ... (strided, not contiguous): an array whose
   row axis is block-sharded over devices stays spread over the same devices inside every
-  micro-batch, instead of one micro-batch per device group."""
-  n = -(-x.shape[0] // size)
-  pad = n * size - x.shape[0]
+  micro-batch, instead of one micro-batch per device group. With group = G > 1 the unit is
+  a prompt's G consecutive rows (size must be a multiple of G): groups are strided, the
+  rows of a group stay together and in order."""
+  if size % group or x.shape[0] % group:
+    raise ValueError(f"split_rows: rows ({x.shape[0]}) and micro-batch size ({size}) must be "
+                     f"multiples of the group size {group}")
+  x = x.reshape((x.shape[0] // group, group) + x.shape[1:])
+  per = size // group
+  n = -(-x.shape[0] // per)
+  pad = n * per - x.shape[0]
   if pad:
     x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-  return jnp.swapaxes(x.reshape((size, n) + x.shape[1:]), 0, 1)
+  x = jnp.swapaxes(x.reshape((per, n) + x.shape[1:]), 0, 1)  # [n, per, G, ...]
+  return x.reshape((n, size) + x.shape[3:])
 
 
-def join_rows(x, count: int):
+def join_rows(x, count: int, group: int = 1):
   """The inverse of split_rows: [n, size, ...] -> [count, ...]."""
-  x = jnp.swapaxes(x, 0, 1)
-  return x.reshape((-1,) + x.shape[2:])[:count]
+  n, size = x.shape[:2]
+  x = jnp.swapaxes(x.reshape((n, size // group, group) + x.shape[2:]), 0, 1)
+  return x.reshape((-1,) + x.shape[3:])[:count]
 
 
-def map_row_micro_batches(fn: Callable, micro_batch_rows: int, *arrays):
+def map_row_micro_batches(fn: Callable, micro_batch_rows: int, *arrays, group: int = 1):
   """fn over micro-batches of rows (jax.lax.map: one micro-batch live at a time), results
   joined back. arrays: [N, ...] (None allowed); fn(*arrays) returns [rows, ...]. With
-  micro_batch_rows 0 or >= N, fn runs once on all rows."""
+  micro_batch_rows 0 or >= N, fn runs once on all rows. group: see split_rows."""
   count = jax.tree_util.tree_leaves(arrays)[0].shape[0]
   if not micro_batch_rows or micro_batch_rows >= count:
     return fn(*arrays)
-  chunks = jax.tree.map(lambda x: split_rows(x, micro_batch_rows), arrays)
+  chunks = jax.tree.map(lambda x: split_rows(x, micro_batch_rows, group), arrays)
   out = jax.lax.map(lambda chunk: fn(*chunk), chunks)
-  return jax.tree.map(lambda x: join_rows(x, count), out)
+  return jax.tree.map(lambda x: join_rows(x, count, group), out)
+
+
+def loss_columns(x, prompt_len: int):
+  """The columns of a column-aligned row array [N, T, ...] that the loss reads: with a
+  known prompt length P, the R = T - P columns P-1 .. T-2 whose hidden states predict the
+  response tokens (the prompt columns carry no loss); with P = 0 (unknown) all T."""
+  return x[:, prompt_len - 1:-1] if prompt_len else x
+
+
+def loss_targets(tokens, prompt_len: int):
+  """int32[N, W]: the token each loss column predicts (see loss_columns)."""
+  return tokens[:, prompt_len:] if prompt_len else sampling.next_token_targets(tokens)
+
+
+def _shared_prefix_hidden(params: Params, ucfg: UpdateConfig, prompt_tokens, prompt_positions,
+                          prompt_mask, frames, tokens, positions):
+  """Hidden states f32[N, R, D] that predict the R continuation tokens of N = B*G rows.
+
+  prompt_*: [B, P] (frames [B, ...] or None); tokens, positions: int32[N, R], row b*G + j
+  continues prompt b. Each prompt runs once for its G rows
+  (model.forward_hidden_shared_prefix); the prompt's last column predicts token 0."""
+  g = tokens.shape[0] // prompt_tokens.shape[0]
+  prompt_hidden, hidden = model_lib.forward_hidden_shared_prefix(
+      params, ucfg.model, prompt_tokens, prompt_positions, prompt_mask, frames, tokens,
+      positions)
+  b, _, d = prompt_hidden.shape
+  last = jnp.broadcast_to(prompt_hidden[:, None, -1:], (b, g, 1, d)).reshape(b * g, 1, d)
+  return jnp.concatenate([last, hidden[:, :-1]], axis=1)
+
+
+def _response_hidden(params: Params, ucfg: UpdateConfig, tokens, positions, token_mask,
+                     frames, prompt_len: int):
+  """Hidden states f32[N, W, D] of the loss columns (loss_columns) of rows [N, T].
+
+  With prompt_len P > 0 the rows come in groups of G = ucfg.samples_per_prompt that share
+  their prompt (columns < P, and frames): each prompt runs once for its G rows and only
+  the response columns run per row (_shared_prefix_hidden). With P = 0 every row runs
+  whole."""
+  if not prompt_len:
+    return model_lib.forward_hidden(params, ucfg.model, tokens, positions, token_mask, frames)
+  p, g = prompt_len, ucfg.samples_per_prompt
+  first = lambda x: None if x is None else first_of_groups(x, g)  # noqa: E731
+  return _shared_prefix_hidden(params, ucfg, first(tokens[:, :p]), first(positions[:, :p]),
+                               first(token_mask[:, :p]), first(frames),
+                               tokens[:, p:], positions[:, p:])
+
+
+def first_of_groups(x, group: int):
+  """[B*G, ...] -> [B, ...]: the first row of every group of G consecutive rows. A reshape
+  and an index, not a strided slice x[::G]: on a mesh whose devices hold blocks of rows the
+  partitioner keeps this local (a strided slice made it move rows between devices)."""
+  return x.reshape((x.shape[0] // group, group) + x.shape[1:])[:, 0]
 
 
 def _sequence_logprobs(params: Params, ucfg: UpdateConfig, tokens, positions, token_mask,
-                       frames):
-  """Sampled-token log-probs f32[N, T] of rows under one model (no gradient use)."""
-  hidden = model_lib.forward_hidden(params, ucfg.model, tokens, positions, token_mask, frames)
+                       frames, prompt_len: int = 0):
+  """Sampled-token log-probs f32[N, W] of rows under one model, on the loss columns (no
+  gradient use)."""
+  hidden = _response_hidden(params, ucfg, tokens, positions, token_mask, frames, prompt_len)
   return kernels.sampled_token_logprobs(hidden, model_lib.lm_head(params, ucfg.model),
-                                        sampling.next_token_targets(tokens), kernel=ucfg.kernel)
+                                        loss_targets(tokens, prompt_len), kernel=ucfg.kernel)
+
+
+def _continuation_logprobs(params: Params, ucfg: UpdateConfig, prompt_tokens, prompt_positions,
+                           prompt_mask, frames, tokens, positions):
+  """Log-probs f32[N, R] of the continuation tokens int32[N, R] (see _shared_prefix_hidden)."""
+  hidden = _shared_prefix_hidden(params, ucfg, prompt_tokens, prompt_positions, prompt_mask,
+                                 frames, tokens, positions)
+  return kernels.sampled_token_logprobs(hidden, model_lib.lm_head(params, ucfg.model), tokens,
+                                        kernel=ucfg.kernel)
 
 
 def _identity(x):
@@ -274,7 +354,8 @@ def _identity(x):
 def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: UpdateConfig,
                       placement: tuple[Callable, Callable] | None = None,
                       cross_row_start: int = 0, prompt_len: int = 0):
-  """Sampled-token log-probs of each cross row under its teacher: f32[S, R, T].
+  """Sampled-token log-probs of each cross row under its teacher, on the loss columns:
+  f32[S, R, W] (W = T - P with prompt_len P > 0, else T; see loss_columns).
 
   The regroup is an all-to-all over the expert axis (see TeacherRouting):
     1. each student gathers, from its OWN rows, the rows it sends to each teacher into a
@@ -283,17 +364,17 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
        sends only its own rows' tokens;
     3. teacher j scores its [S*C] rows (one vmapped forward over teachers, in
        micro-batches of ucfg.micro_batch_rows rows);
-    4. the scores swap back [J, S, C, T'] -> [S, J, C, T'] and each student unpacks its own.
+    4. the scores swap back [J, S, C, W] -> [S, J, C, W] and each student unpacks its own.
   What crosses: token ids with the token mask packed in (-1 = masked), the frames once
-  per prompt, and f32 log-probs of the response columns. Positions are recomputed from
+  per prompt, and f32 log-probs of the loss columns. Positions are recomputed from
   the mask on the teacher side (rows' positions are positions_from_mask(token_mask), as
   sampling.rollout_to_sequences builds them).
 
   cross_row_start (static): rows before it are native rows, never sent (the local gather
     reads rows [cross_row_start:] only).
   prompt_len (static, 0 = unknown): the prompt columns P. With it the prompt tokens move
-    once per prompt (not once per sample) and only the scores of columns >= P - 1 (the
-    ones a response token can use) travel back; columns before are 0.
+    once per prompt (not once per sample), the teacher runs each prompt once for its G
+    rows (_response_hidden), and only the scores of the response columns travel back.
   placement: optional (exchange, compute) sharding constraints from
     parallel.RunSharding.regroup_placement: `exchange` pins a buffer [A, B, C, ...] to
     expert on axis A, its rows C spread over the devices of each expert group; `compute`
@@ -306,6 +387,9 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
   t = rows.tokens.shape[-1]
   if not 0 <= prompt_len < t:
     raise ValueError(f"prompt_len={prompt_len} must be in [0, rows' length {t})")
+  if prompt_len and g != ucfg.samples_per_prompt:
+    raise ValueError(f"routing groups {g} rows per prompt but ucfg.samples_per_prompt is "
+                     f"{ucfg.samples_per_prompt}")
   start = cross_row_start
 
   def local(x, index):  # x [S, R, ...], index [S, J, C'] -> [S, J, C', ...], per student
@@ -315,80 +399,118 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
   def swap(x):  # the all-to-all over `expert`: [A, B, ...] -> [B, A, ...]
     return exchange(jnp.swapaxes(exchange(x), 0, 1))
 
-  def per_prompt_to_rows(x):  # [J, S, C // G, ...] -> [J, S, C, ...] (teacher side)
-    return jnp.repeat(x, g, axis=2)
+  def teacher_rows(x):  # [J, S, C', ...] -> [J, S*C', ...] on the teachers' devices
+    return compute(x.reshape((j, -1) + x.shape[3:]))
 
   packed = jnp.where(rows.token_mask, rows.tokens, -1)  # the mask travels inside the ids
-  if prompt_len:
-    prompt = per_prompt_to_rows(swap(local(packed[..., :prompt_len], prompt_row)))
-    response = swap(local(packed[..., prompt_len:], send_row))
-    packed = jnp.concatenate([prompt, response], axis=-1)  # [J, S, C, T]
-  else:
-    packed = swap(local(packed, send_row))
+  valid = jnp.swapaxes(routing["send_valid"], 0, 1)  # [J, S, C]
   frames = None
-  if rows.frames is not None:
-    frames = per_prompt_to_rows(swap(local(rows.frames, prompt_row)))
-    frames = compute(frames.reshape((j, s * c) + frames.shape[3:]))
-  valid = jnp.swapaxes(routing["send_valid"], 0, 1)[..., None]  # [J, S, C, 1]
-  # Padding rows attend to their first column only, so their (unused) softmax stays finite.
-  mask = compute(jnp.where(valid, packed >= 0, jnp.arange(t) == 0).reshape(j, s * c, t))
-  tokens = compute(jnp.maximum(packed, 0).reshape(j, s * c, t))
-  score_from = max(prompt_len - 1, 0)
+  if rows.frames is not None:  # once per prompt
+    frames = teacher_rows(swap(local(rows.frames, prompt_row)))
+  if prompt_len:
+    p = prompt_len
+    prompt = swap(local(packed[..., :p], prompt_row))  # [J, S, C // G, P]
+    response = teacher_rows(swap(local(packed[..., p:], send_row)))  # [J, S*C, R]
+    # Padding slots' prompts attend to their last column only: a finite, unused softmax.
+    prompt_mask = teacher_rows(jnp.where(valid[:, :, ::g, None], prompt >= 0,
+                                         jnp.arange(p) == p - 1))
+    prompt_tokens = teacher_rows(jnp.maximum(prompt, 0))
+    response_mask = response >= 0
+    prompt_positions = model_lib.positions_from_mask(
+        prompt_mask.reshape(-1, p)).reshape(prompt_mask.shape)
+    counts = jnp.repeat(prompt_mask.sum(-1), g, axis=1)[..., None]  # [J, S*C, 1]
+    response_positions = jnp.maximum(counts + jnp.cumsum(response_mask, -1) - 1, 0)
 
-  def one_teacher(params, tok, msk, frm):
-    def chunk(tk, mk, fr):
-      lp = _sequence_logprobs(params, ucfg, tk, model_lib.positions_from_mask(mk), mk, fr)
-      return lp[:, score_from:]
-    return map_row_micro_batches(chunk, ucfg.micro_batch_rows, tok, msk, frm)
+    def one_teacher(params, p_tok, p_pos, p_msk, frm, r_tok, r_pos):
+      chunk = functools.partial(_continuation_logprobs, params, ucfg)
+      return _map_prompt_micro_batches(chunk, ucfg.micro_batch_rows, g,
+                                       (p_tok, p_pos, p_msk, frm), (r_tok, r_pos))
 
-  scores = compute(jax.vmap(one_teacher)(jax.lax.stop_gradient(teacher_params), tokens, mask,
-                                         frames))  # [J, S*C, T - score_from]
+    scores = compute(jax.vmap(one_teacher)(
+        jax.lax.stop_gradient(teacher_params), prompt_tokens, prompt_positions, prompt_mask,
+        frames, jnp.maximum(response, 0), response_positions))  # [J, S*C, R]
+  else:
+    packed = swap(local(packed, send_row))  # [J, S, C, T]
+    # Padding rows attend to their first column only, so their (unused) softmax stays finite.
+    mask = teacher_rows(jnp.where(valid[..., None], packed >= 0, jnp.arange(t) == 0))
+    tokens = teacher_rows(jnp.maximum(packed, 0))
+    if frames is not None:
+      frames = compute(jnp.repeat(frames.reshape((j, s, c // g) + frames.shape[2:]), g,
+                                  axis=2).reshape((j, s * c) + frames.shape[2:]))
+
+    def one_teacher(params, tok, msk, frm):
+      def chunk(tk, mk, fr):
+        return _sequence_logprobs(params, ucfg, tk, model_lib.positions_from_mask(mk), mk, fr)
+      return map_row_micro_batches(chunk, ucfg.micro_batch_rows, tok, msk, frm)
+
+    scores = compute(jax.vmap(one_teacher)(jax.lax.stop_gradient(teacher_params), tokens, mask,
+                                           frames))  # [J, S*C, T]
   scores = swap(scores.reshape(j, s, c, -1)).reshape(s, j * c, -1)  # back to the students
-  scores = jax.vmap(lambda x, slot: jnp.take(x, slot, axis=0))(scores, routing["receive_slot"])
-  return jnp.pad(scores, ((0, 0), (0, 0), (score_from, 0)))
+  return jax.vmap(lambda x, slot: jnp.take(x, slot, axis=0))(scores, routing["receive_slot"])
 
 
-def reference_logprobs(ref_params: Params, rows: Rows, ucfg: UpdateConfig):
+def _map_prompt_micro_batches(fn: Callable, micro_batch_rows: int, group: int,
+                              prompt_arrays: tuple, row_arrays: tuple):
+  """fn(*prompt_arrays, *row_arrays) -> [N, ...] over micro-batches of whole prompts:
+  prompt_arrays [B, ...] (None allowed), row_arrays [N = B*G, ...] (row b*G + j belongs to
+  prompt b); each micro-batch holds micro_batch_rows // G prompts and their rows."""
+  count = row_arrays[0].shape[0]
+  if not micro_batch_rows or micro_batch_rows >= count:
+    return fn(*prompt_arrays, *row_arrays)
+  per = micro_batch_rows // group
+  prompts = jax.tree.map(lambda x: split_rows(x, per), prompt_arrays)
+  rows = jax.tree.map(lambda x: split_rows(x, micro_batch_rows, group), row_arrays)
+  out = jax.lax.map(lambda chunk: fn(*chunk[0], *chunk[1]), (prompts, rows))
+  return jax.tree.map(lambda x: join_rows(x, count, group), out)
+
+
+def reference_logprobs(ref_params: Params, rows: Rows, ucfg: UpdateConfig, prompt_len: int = 0):
   """Sampled-token log-probs of every student's rows under one frozen reference policy
-  (the shared base): f32[S, R, T], for the KL-to-reference penalty (in micro-batches of
-  ucfg.micro_batch_rows rows)."""
+  (the shared base) on the loss columns: f32[S, R, W], for the KL-to-reference penalty (in
+  micro-batches of ucfg.micro_batch_rows rows)."""
   ref_params = jax.lax.stop_gradient(ref_params)
+  group = ucfg.samples_per_prompt if prompt_len else 1
 
   def one_student(r):
     return map_row_micro_batches(
-        functools.partial(_sequence_logprobs, ref_params, ucfg), ucfg.micro_batch_rows,
-        r.tokens, r.positions, r.token_mask, r.frames)
+        functools.partial(_sequence_logprobs, ref_params, ucfg, prompt_len=prompt_len),
+        ucfg.micro_batch_rows, r.tokens, r.positions, r.token_mask, r.frames, group=group)
   return jax.vmap(one_student)(rows)
 
 
 def student_loss_sum(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
-                     ucfg: UpdateConfig):
+                     ucfg: UpdateConfig, prompt_len: int = 0):
   """One student's (loss_sum, (denominator, aux)) on its rows (Rows without the S axis):
-  the pair whose sums over micro-batches give the exact full-batch loss."""
-  hidden = model_lib.forward_hidden(params, ucfg.model, rows.tokens, rows.positions,
-                                    rows.token_mask, rows.frames)
+  the pair whose sums over micro-batches give the exact full-batch loss. teacher_logprobs,
+  ref_logprobs: f32[R, W] on the loss columns (or None); aux: [R, W] arrays. Only the loss
+  columns are computed: the others have response_mask 0 and add nothing to the loss."""
+  hidden = _response_hidden(params, ucfg, rows.tokens, rows.positions, rows.token_mask,
+                            rows.frames, prompt_len)
   head = model_lib.lm_head(params, ucfg.model)
+  response_mask = loss_columns(rows.response_mask, prompt_len)
   opd_beta = None
   if teacher_logprobs is not None:
-    opd_beta = rows.opd_beta[:, None] * rows.response_mask
+    opd_beta = rows.opd_beta[:, None] * response_mask
   loss_sum, denominator, aux = kernels.sequence_policy_loss(
-      hidden, head, sampling.next_token_targets(rows.tokens), rows.advantages,
-      rows.old_logprobs, rows.response_mask, ref_logprobs=ref_logprobs,
+      hidden, head, loss_targets(rows.tokens, prompt_len), rows.advantages,
+      loss_columns(rows.old_logprobs, prompt_len), response_mask, ref_logprobs=ref_logprobs,
       teacher_logprobs=teacher_logprobs, opd_beta=opd_beta, config=ucfg.loss, kernel=ucfg.kernel)
   return loss_sum, (denominator, aux)
 
 
-def student_loss(params: Params, rows: Rows, teacher_logprobs, ref_logprobs, ucfg: UpdateConfig):
+def student_loss(params: Params, rows: Rows, teacher_logprobs, ref_logprobs, ucfg: UpdateConfig,
+                 prompt_len: int = 0):
   """One student's token-mean loss on its rows. rows: Rows without the S axis."""
   loss_sum, (denominator, aux) = student_loss_sum(params, rows, teacher_logprobs, ref_logprobs,
-                                                  ucfg)
+                                                  ucfg, prompt_len)
   return objectives.mean_from_sum(loss_sum, denominator), aux
 
 
 def student_grads(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
-                  ucfg: UpdateConfig):
-  """(loss, aux of [R, T] arrays, grads) of one student, accumulated over micro-batches of
-  ucfg.micro_batch_rows rows (jax.lax.scan; only one micro-batch's activations live).
+                  ucfg: UpdateConfig, prompt_len: int = 0):
+  """(loss, aux of [R, W] arrays, grads) of one student, accumulated over micro-batches of
+  ucfg.micro_batch_rows rows (jax.lax.scan; only one micro-batch's activations live; with
+  a prompt length, micro-batches hold whole prompts).
 
   Exact: the loss is loss_sum / denominator with a denominator that does not depend on
   the parameters, so grad = (sum of micro-batch grad(loss_sum)) / (sum of denominators)."""
@@ -396,13 +518,15 @@ def student_grads(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
   size = ucfg.micro_batch_rows
   if not size or size >= count:
     (loss, aux), grads = jax.value_and_grad(student_loss, has_aux=True)(
-        params, rows, teacher_logprobs, ref_logprobs, ucfg)
+        params, rows, teacher_logprobs, ref_logprobs, ucfg, prompt_len)
     return loss, aux, grads
-  chunks = jax.tree.map(lambda x: split_rows(x, size), (rows, teacher_logprobs, ref_logprobs))
+  group = ucfg.samples_per_prompt if prompt_len else 1
+  chunks = jax.tree.map(lambda x: split_rows(x, size, group),
+                        (rows, teacher_logprobs, ref_logprobs))
 
   def accumulate(total, chunk):
     (loss_sum, (denominator, aux)), grads = jax.value_and_grad(student_loss_sum, has_aux=True)(
-        params, *chunk, ucfg)
+        params, *chunk, ucfg, prompt_len)
     return jax.tree.map(jnp.add, total, (grads, loss_sum, denominator)), aux
 
   zero = jnp.zeros((), jnp.float32)
@@ -410,18 +534,20 @@ def student_grads(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
       accumulate, (jax.tree.map(jnp.zeros_like, params), zero, zero), chunks)
   scale = jnp.where(denominator > 0, 1.0 / jnp.maximum(denominator, 1e-30), 0.0)
   grads = jax.tree.map(lambda x: x * scale.astype(x.dtype), grad_sum)
-  aux = jax.tree.map(lambda x: join_rows(x, count), aux)
+  aux = jax.tree.map(lambda x: join_rows(x, count, group), aux)
   return objectives.mean_from_sum(loss_sum, denominator), aux, grads
 
 
-def _branch_metrics(rows: Rows, aux: dict, teacher_logprobs, loss) -> dict:
-  """Per-branch scalars from one student's rows and loss aux ([R, T] arrays)."""
-  m = rows.response_mask
+def _branch_metrics(rows: Rows, prompt_len: int, aux: dict, teacher_logprobs, loss) -> dict:
+  """Per-branch scalars from one student's rows (Rows without the S axis), its loss aux
+  ([R, W] arrays on the loss columns, see loss_columns) and loss."""
+  m = loss_columns(rows.response_mask, prompt_len)
   mean = lambda x, w=m: jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
   out = {"loss": loss, "entropy": mean(aux["entropy"]),
          "clip_fraction": mean(aux["clipped_low"] + aux["clipped_high"]),
          "ratio": mean(aux["ratio"]),
-         "sampler_logprob_gap": mean(jnp.abs(aux["logprobs"] - rows.old_logprobs)),
+         "sampler_logprob_gap": mean(jnp.abs(aux["logprobs"]
+                                             - loss_columns(rows.old_logprobs, prompt_len))),
          "response_tokens": jnp.sum(m) / jnp.maximum(jnp.sum(jnp.any(m > 0, -1)), 1.0)}
   if teacher_logprobs is not None:
     cross = m * (rows.opd_beta[:, None] > 0)
@@ -446,7 +572,9 @@ def update(params: Params, opt_state, teacher_params: Params | None, rows: Rows,
   pass the same params — they are read before the update, under stop-gradient);
   rows: Rows [S, R, ...]; routing: TeacherRouting fields as arrays (distil steps only);
   ref_params: one single-model pytree (the base), required when ucfg.loss.kl_coef > 0.
-  prompt_len: the prompt columns of rows, or 0 (see score_by_teachers).
+  prompt_len: the prompt columns P of rows, or 0. With P > 0 every prompt runs once for its
+    ucfg.samples_per_prompt rows and only the response columns go through the LM head and
+    the loss (_response_hidden): the same loss as P = 0, for a fraction of the work.
   metrics: dict of f32[S].
   Single-device jit; parallel.RunSharding.update_fn jits `update_body` with explicit
   shardings instead.
@@ -471,14 +599,14 @@ def update_body(params: Params, opt_state, teacher_params: Params | None, rows: 
   if ucfg.loss.kl_coef > 0:
     if ref_params is None:
       raise ValueError("ref_params (the reference policy) are required when kl_coef > 0")
-    ref_lp = reference_logprobs(ref_params, rows, ucfg)
+    ref_lp = reference_logprobs(ref_params, rows, ucfg, prompt_len)
 
   def one_branch(p, r, t_lp, ref):
-    loss, aux, grads = student_grads(p, r, t_lp, ref, ucfg)
-    metrics = _branch_metrics(r, aux, t_lp, loss)
+    loss, aux, grads = student_grads(p, r, t_lp, ref, ucfg, prompt_len)
+    metrics = _branch_metrics(r, prompt_len, aux, t_lp, loss)
     if ref is not None:
-      metrics["kl_to_reference"] = jnp.sum(aux["kl"] * r.response_mask) / jnp.maximum(
-          jnp.sum(r.response_mask), 1.0)
+      m = loss_columns(r.response_mask, prompt_len)
+      metrics["kl_to_reference"] = jnp.sum(aux["kl"] * m) / jnp.maximum(jnp.sum(m), 1.0)
     return grads, metrics
 
   grads, metrics = jax.vmap(one_branch)(params, rows, teacher_logprobs, ref_lp)
@@ -490,23 +618,30 @@ def update_body(params: Params, opt_state, teacher_params: Params | None, rows: 
   metrics["update_max_abs"] = jax.vmap(
       lambda u: jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(u)])))(updates)
   new_params = optax.apply_updates(params, updates)
-  s = metrics["loss"].shape[0]
   # Per branch: apply the update only if its loss, gradient norm, new parameters and new
   # optimizer state are all finite; a branch whose step is not keeps its previous state,
-  # and the other branches' updates are applied all the same.
+  # and the other branches' updates are applied all the same. Finiteness of a tree is read
+  # from its global norm (one reduction per branch): a NaN or inf anywhere makes the norm
+  # non-finite. (An element-wise isfinite over every leaf feeding the select instead made
+  # XLA:CPU compile the update 3-4x slower.) The norm also overflows for magnitudes
+  # above ~1e19, which counts as diverged too.
   applied = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-             & finite_per_branch(new_params, s) & finite_per_branch(new_opt_state, s))
+             & jnp.isfinite(float_norm_per_branch(new_params))
+             & jnp.isfinite(float_norm_per_branch(new_opt_state)))
   metrics["update_applied"] = applied.astype(jnp.float32)
   return (select_branches(applied, new_params, params),
           select_branches(applied, new_opt_state, opt_state), metrics)
 
 
-def finite_per_branch(tree, num_branches: int) -> jax.Array:
-  """bool[S]: every float element of branch s of a stacked pytree is finite (True for a
-  tree without float leaves, e.g. plain SGD's empty optimizer state)."""
-  flags = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
-           for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.stack(flags).all(axis=0) if flags else jnp.ones((num_branches,), bool)
+def float_norm_per_branch(tree) -> jax.Array:
+  """f32[S]: the global L2 norm of the float leaves of each branch of a stacked pytree
+  (0 for a tree without float leaves, e.g. plain SGD's empty optimizer state)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  squares = [jnp.sum(jnp.square(x.reshape(x.shape[0], -1).astype(jnp.float32)), axis=1)
+             for x in leaves]
+  return jnp.sqrt(sum(squares))
 
 
 def select_branches(take_new, new_tree, old_tree):
@@ -676,20 +811,37 @@ def completion_samples(examples, row_teacher: np.ndarray, local: np.ndarray, res
   return out
 
 
-def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teachers: Params | None,
-               ctx: DataContext, ucfg: UpdateConfig, optimizer, key, rng: np.random.Generator,
-               weight: float, assignment: np.ndarray, routing: dict,
-               ref_params: Params | None = None, sharding=None,
-               log_samples: int = 0) -> StepResult:
-  """One CoPD step for every student (see the module docstring).
+@dataclasses.dataclass
+class Rollouts:
+  """One step's scored rollouts of every student, ready for the update (collect_rollouts).
 
-  log_samples: > 0 also returns that many native and cross rollouts per branch in
-  StepResult.samples (completion_samples), for the completion log.
+  rows: Rows [S, B*G, P + R]; distil: whether this step distils (rows carry teacher
+  betas); prompt_len: P; rewards f32[S, B*G]; is_native / is_cross bool[S, B*G];
+  zero_variance bool[S, B] (groups with equal rewards); examples [S][B]; row_teacher,
+  local [S, B] (see stage_prompts / load_local_examples); responses_of(flat row indices)
+  decodes rows of the [S*B*G] rollout; rollout_tokens: response tokens sampled;
+  timings: seconds of sampling and verification."""
+  rows: Rows
+  distil: bool
+  prompt_len: int
+  rewards: np.ndarray
+  is_native: np.ndarray
+  is_cross: np.ndarray
+  zero_variance: np.ndarray
+  examples: list
+  row_teacher: np.ndarray
+  local: np.ndarray
+  responses_of: Callable
+  rollout_tokens: int
+  timings: dict
+  verify_stats: dict
 
-  sharding: a parallel.RunSharding, or None for the single-device path. With it, host
-  arrays enter as global arrays (put_global), the sampler and the update run as jitted
-  functions with explicit shardings, and rollouts / metrics come back with to_host; the
-  returned params / opt_state stay sharded on the mesh."""
+
+def collect_rollouts(stage: Stage, step: int, params: Params, ctx: DataContext,
+                     ucfg: UpdateConfig, key, rng: np.random.Generator, weight: float,
+                     assignment: np.ndarray, sharding=None) -> Rollouts:
+  """The rollout half of a step: draw prompts, sample G responses per prompt from every
+  student, verify them, and build the rows with their advantages and teacher betas."""
   beta = schedules.teacher_matrix(stage.topology, stage.branch_beta, weight)  # [S, J]
   distil = stage.distils and weight > 0
   timings = {}
@@ -726,7 +878,7 @@ def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teache
   verify_stats = {}
   rewards = verify_local(responses_of, rewarded, np.repeat(local, g, axis=1), sharding,
                          verify_stats)
-  advantages, zero_var_all = group_advantages(rewards, g, ucfg.scale_by_std)
+  advantages, zero_variance = group_advantages(rewards, g, ucfg.scale_by_std)
   row_teacher_g = np.repeat(row_teacher, g, axis=1)  # [S, B*G]
   is_native = row_teacher_g == NATIVE
   is_cross = row_teacher_g >= 0
@@ -739,41 +891,73 @@ def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teache
     dead = jnp.asarray(row_teacher_g == NO_TEACHER)
     rows.response_mask = jnp.where(dead[..., None], 0.0, rows.response_mask)
   timings["time/verify_s"] = time.perf_counter() - t1
+  return Rollouts(rows, distil, int(prompt_tokens.shape[-1]), rewards, is_native, is_cross,
+                  zero_variance, examples, row_teacher, local, responses_of,
+                  int(np.asarray(rollout.lengths).sum()), timings, verify_stats)
 
-  t2 = time.perf_counter()
+
+def apply_update(stage: Stage, params: Params, opt_state, frozen_teachers: Params | None,
+                 rollouts: Rollouts, ucfg: UpdateConfig, optimizer, routing: dict,
+                 ref_params: Params | None = None, sharding=None):
+  """The update half of a step: one optimizer step of every student on `rollouts`.
+  Returns (params, opt_state, metrics as host arrays f32[S])."""
+  distil, rows = rollouts.distil, rollouts.rows
   teachers = params if stage.live_teachers else frozen_teachers
   update_args = (params, opt_state, teachers if distil else None, rows,
                  routing if distil else None, ref_params if ucfg.loss.kl_coef > 0 else None)
   if sharding is None:
     params, opt_state, metrics = update(*update_args, ucfg=ucfg, optimizer=optimizer,
-                                        distil=distil, prompt_len=prompt_tokens.shape[-1])
-    metrics = jax.device_get(metrics)
-  else:
-    # Rows and routing were built on the host: as numpy they enter through put_global.
-    update_args = update_args[:3] + jax.device_get(update_args[3:5]) + update_args[5:]
-    sharded_update = sharding.update_fn(ucfg, optimizer, distil, ucfg.loss.kl_coef > 0,
-                                        cross_row_start=stage.native_prompts * g,
-                                        prompt_len=prompt_tokens.shape[-1])
-    params, opt_state, metrics = sharded_update(*update_args)
-    metrics = sharding.to_host(metrics)
-  timings["time/update_s"] = time.perf_counter() - t2
+                                        distil=distil, prompt_len=rollouts.prompt_len)
+    return params, opt_state, jax.device_get(metrics)
+  # Rows and routing were built on the host: as numpy they enter through put_global.
+  update_args = update_args[:3] + jax.device_get(update_args[3:5]) + update_args[5:]
+  sharded_update = sharding.update_fn(ucfg, optimizer, distil, ucfg.loss.kl_coef > 0,
+                                      cross_row_start=stage.native_prompts
+                                      * stage.samples_per_prompt,
+                                      prompt_len=rollouts.prompt_len)
+  params, opt_state, metrics = sharded_update(*update_args)
+  return params, opt_state, sharding.to_host(metrics)
 
-  native_mask = is_native.astype(np.float32)
-  cross_mask = is_cross.astype(np.float32)
+
+def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teachers: Params | None,
+               ctx: DataContext, ucfg: UpdateConfig, optimizer, key, rng: np.random.Generator,
+               weight: float, assignment: np.ndarray, routing: dict,
+               ref_params: Params | None = None, sharding=None,
+               log_samples: int = 0) -> StepResult:
+  """One CoPD step for every student (see the module docstring): collect_rollouts, then
+  apply_update.
+
+  log_samples: > 0 also returns that many native and cross rollouts per branch in
+  StepResult.samples (completion_samples), for the completion log.
+
+  sharding: a parallel.RunSharding, or None for the single-device path. With it, host
+  arrays enter as global arrays (put_global), the sampler and the update run as jitted
+  functions with explicit shardings, and rollouts / metrics come back with to_host; the
+  returned params / opt_state stay sharded on the mesh."""
+  got = collect_rollouts(stage, step, params, ctx, ucfg, key, rng, weight, assignment, sharding)
+  t2 = time.perf_counter()
+  params, opt_state, metrics = apply_update(stage, params, opt_state, frozen_teachers, got, ucfg,
+                                            optimizer, routing, ref_params, sharding)
+  timings = dict(got.timings, **{"time/update_s": time.perf_counter() - t2})
+
+  native_mask = got.is_native.astype(np.float32)
+  cross_mask = got.is_cross.astype(np.float32)
+  rewards = got.rewards
   metrics["reward/native"] = (rewards * native_mask).sum(1) / np.maximum(native_mask.sum(1), 1)
-  if distil:
+  if got.distil:
     metrics["reward/cross"] = (rewards * cross_mask).sum(1) / np.maximum(cross_mask.sum(1), 1)
   if stage.native_prompts:  # fraction of native GRPO groups with equal rewards
-    metrics["zero_variance_groups"] = zero_var_all[:, :stage.native_prompts].mean(axis=1)
+    metrics["zero_variance_groups"] = got.zero_variance[:, :stage.native_prompts].mean(axis=1)
   metrics.update(timings)
-  metrics.update(verify_stats)
+  metrics.update(got.verify_stats)
   metrics["opd_weight"] = weight
   # Of the step's S*B prompts, how many this process loaded and verified (all of them in a
   # single-process run; its share of the batch in a multi-process one).
-  metrics["data/prompts_loaded_by_this_process"] = float(local.sum())
-  samples = completion_samples(examples, row_teacher, local, responses_of, rewards, g,
+  metrics["data/prompts_loaded_by_this_process"] = float(got.local.sum())
+  samples = completion_samples(got.examples, got.row_teacher, got.local, got.responses_of,
+                               rewards, stage.samples_per_prompt,
                                log_samples) if log_samples else []
-  return StepResult(params, opt_state, metrics, int(np.asarray(rollout.lengths).sum()), samples)
+  return StepResult(params, opt_state, metrics, got.rollout_tokens, samples)
 
 
 @functools.lru_cache(maxsize=None)

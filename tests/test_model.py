@@ -245,3 +245,92 @@ def test_forward_input_errors(cfg, params):
   with pytest.raises(ValueError, match="text-only"):
     M.forward_hidden(M.init_params(text_cfg, jax.random.key(0)), text_cfg, tokens, pos, mask,
                      jnp.zeros((2, 4, 16, 16, 3)))
+
+
+def _naive_attention(q, k, v, mask):
+  """Plain numpy oracle: q [N, T, H, Dh] (scaled), k, v [N, S, H, Dh], mask bool[N, T, S]."""
+  scores = np.einsum("nthd,nshd->nhts", q, k)
+  scores = np.where(mask[:, None], scores, -np.inf)
+  scores = scores - scores.max(-1, keepdims=True)
+  weights = np.exp(scores)
+  weights /= weights.sum(-1, keepdims=True)
+  return np.einsum("nhts,nshd->nthd", weights, v)
+
+
+@pytest.mark.parametrize("block", [0, 3, 4, 16])
+def test_query_blocked_attention_matches_a_numpy_oracle(block):
+  rng = np.random.default_rng(0)
+  n, t, kv, groups, hd = 2, 11, 2, 2, 8
+  q = rng.normal(size=(n, t, kv, groups, hd)).astype(np.float32)
+  k = rng.normal(size=(n, t, kv, hd)).astype(np.float32)
+  v = rng.normal(size=(n, t, kv, hd)).astype(np.float32)
+  valid = np.ones((n, t), bool)
+  valid[1, :4] = False  # left padding
+  mask = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :]
+  mask[1, :4, 0] = True  # padded queries see one key (their outputs are unused)
+  got = M.in_query_blocks(lambda qb, mb: M._dense_attention(qb, k, v, mb), q, [(mask, 1)],
+                          block)
+  # The oracle over heads h = (kv head, group): query head h reads kv head h // groups.
+  want = _naive_attention(q.reshape(n, t, kv * groups, hd), np.repeat(k, groups, axis=2),
+                          np.repeat(v, groups, axis=2), mask)
+  np.testing.assert_allclose(np.asarray(got).reshape(n, t, kv * groups, hd), want, atol=1e-5)
+
+
+def test_attention_block_gives_the_same_model_values_and_gradients(cfg, params):
+  blocked = dataclasses.replace(cfg, attention_block=3)
+  rng = np.random.default_rng(1)
+  tokens = jnp.asarray(rng.integers(4, 48, (3, 10)))
+  mask = jnp.asarray(np.arange(10)[None] >= np.array([[0], [2], [5]]))
+  pos = M.positions_from_mask(mask)
+  prompt, prompt_mask, prompt_pos = tokens[:, :6], mask[:, :6], pos[:, :6]
+  cont = jnp.asarray(rng.integers(4, 48, (6, 5)))
+  cont_pos = jnp.repeat(prompt_mask.sum(1), 2)[:, None] + jnp.arange(5)
+
+  def loss(c, p):
+    full = M.forward_hidden(p, c, tokens, pos, mask)
+    _, shared = M.forward_hidden_shared_prefix(p, c, prompt, prompt_pos, prompt_mask, None,
+                                               cont, cont_pos)
+    return jnp.sum(jnp.sin(full) * mask[..., None]) + jnp.sum(jnp.cos(shared))
+
+  for fn in (lambda c: M.forward_hidden(params, c, tokens, pos, mask),
+             lambda c: M.forward_hidden_shared_prefix(params, c, prompt, prompt_pos,
+                                                      prompt_mask, None, cont, cont_pos)[1]):
+    np.testing.assert_allclose(np.asarray(fn(blocked)), np.asarray(fn(cfg)), atol=1e-5)
+  want = jax.grad(lambda p: loss(cfg, p))(params)
+  got = jax.grad(lambda p: loss(blocked, p))(params)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-4)
+
+
+def test_attention_block_builds_no_whole_sequence_score_matrix(cfg, params):
+  t = 97  # a length no other array dimension has
+  tokens = jnp.zeros((2, t), jnp.int32)
+  mask = jnp.ones((2, t), bool)
+  pos = M.positions_from_mask(mask)
+
+  def hlo(c):
+    grad = jax.jit(jax.grad(lambda p: jnp.sum(M.forward_hidden(p, c, tokens, pos, mask))))
+    return grad.lower(params).compile().as_text()
+  assert f"{t},{t}]" in hlo(cfg)  # the dense path does build [.., T, T] scores
+  assert f"{t},{t}]" not in hlo(dataclasses.replace(cfg, attention_block=16))
+
+
+def test_shared_prefix_forward_equals_whole_rows(cfg, params):
+  """Each prompt run once for its G continuations == every row [prompt | continuation]."""
+  rng = np.random.default_rng(2)
+  b, g, p, r = 2, 3, 6, 4
+  prompt = rng.integers(4, 48, (b, p))
+  prompt_mask = np.arange(p)[None] >= np.array([[0], [2]])
+  cont = rng.integers(4, 48, (b * g, r))
+  rows = np.concatenate([np.repeat(prompt, g, 0), cont], 1)
+  row_mask = np.concatenate([np.repeat(prompt_mask, g, 0), np.ones((b * g, r), bool)], 1)
+  row_pos = np.asarray(M.positions_from_mask(jnp.asarray(row_mask)))
+  whole = M.forward_hidden(params, cfg, jnp.asarray(rows), jnp.asarray(row_pos),
+                           jnp.asarray(row_mask))
+  prompt_hidden, cont_hidden = M.forward_hidden_shared_prefix(
+      params, cfg, jnp.asarray(prompt), jnp.asarray(row_pos[::g, :p]), jnp.asarray(prompt_mask),
+      None, jnp.asarray(cont), jnp.asarray(row_pos[:, p:]))
+  np.testing.assert_allclose(np.asarray(cont_hidden), np.asarray(whole[:, p:]), atol=1e-5)
+  valid = np.repeat(prompt_mask, g, 0)
+  np.testing.assert_allclose(np.asarray(jnp.repeat(prompt_hidden, g, 0))[valid],
+                             np.asarray(whole[:, :p])[valid], atol=1e-5)

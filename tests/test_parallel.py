@@ -92,7 +92,8 @@ def opd_problem(cfg, s=2, native=2, cross=2, g=2, p=10, t=20, seed=0):
   routing = trainer.teacher_routing(assignment, s, g, native_rows=native * g)
   ucfg = trainer.UpdateConfig(model=cfg, loss=objectives.PolicyLossConfig(),
                               kernel=kernels.KernelConfig(backend="chunked", vocab_tile=32,
-                                                          token_tile=64))
+                                                          token_tile=64),
+                              samples_per_prompt=g)
   return params, rows, routing, ucfg, native * g
 
 

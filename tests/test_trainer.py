@@ -34,7 +34,9 @@ def fixed_rows(setup_obj, params, caps, n_prompts=2, g=2, seed=0, opd_beta=0.0):
   rollout = sampling.stacked_generate(
       params, setup_obj.model_cfg, prompt_tokens, prompt_mask, frames,
       jax.random.split(jax.random.key(seed), s),
-      sampling.SamplingConfig(max_new_tokens=6, stop_token_ids=(2,)), g)
+      sampling.SamplingConfig(max_new_tokens=6, stop_token_ids=(2,),
+                              banned_token_ids=policy_setup.never_generated_ids(
+                                  setup_obj.tokenizer)), g)
   return trainer.build_rows(prompt_tokens, prompt_mask, frames, rollout,
                             np.zeros((s, n_prompts * g)), np.full((s, n_prompts * g), opd_beta), g)
 
@@ -250,7 +252,8 @@ def test_micro_batched_remat_update_equals_full_batch(setup):
   state = trainer.init_optimizer_state(optimizer, params)
   full_cfg = ucfg_for(s, kl_coef=0.05)
   remat_model = dataclasses.replace(s.model_cfg, remat=True)
-  micro_cfg = dataclasses.replace(full_cfg, model=remat_model, micro_batch_rows=4)
+  micro_cfg = dataclasses.replace(full_cfg, model=remat_model, micro_batch_rows=4,
+                                  samples_per_prompt=2)
   # Remat keeps the parameter names.
   assert jax.tree.structure(model_lib.init_params(remat_model, jax.random.key(0))) == \
       jax.tree.structure(jax.tree.map(lambda x: x[0], params))

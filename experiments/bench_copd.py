@@ -1,0 +1,347 @@
+"""The CoPD training step, measured: batched cross-expert scoring against a loop of per-pair
+calls, an OPD step against an RL step on the same rollouts, where a step's time goes, the
+step's useful FLOP rate against this machine's matmul peak, and compiles per stage.
+
+    python experiments/bench_copd.py [--quick] [--dtype float32]
+
+Shape (the "bench shape"): the toy suite's Qwen3-layout decoder widened to d_model 256
+(4 layers, 4 query / 2 KV heads of 64, SwiGLU 768, vocabulary 64 = the toy tokenizer's,
+tubelet ViT), three branches (text, image, video; hub = text), 16 native prompts x G = 8
+samples per branch, 8 cross prompts on OPD steps, prompts of 64 and responses of 24 tokens,
+random weights (so responses run to their full length). Everything runs through the
+library's own step (trainer.collect_rollouts + trainer.apply_update), single device.
+
+Figures (medians over repeated, interleaved runs after a warm-up; compile time excluded):
+  scoring_batched_vs_loop: one vmapped teacher call over all (student, teacher) pairs
+    (trainer.score_by_teachers, the all-to-all layout) against a loop of one jitted call per
+    pair on the same cross rows; > 1 = batched is faster. The results are checked equal.
+  opd_step_over_rl_step: a whole OPD step (sampling, verification, update with teacher
+    scoring) over the same step without distillation, on the same rollouts.
+  step_time_split: shares of an OPD step: sampling, verification, teacher scoring, the rest
+    of the update (rl_step_time_split: the same for an RL step, no scoring).
+  step_flops_per_s_over_dot_peak: useful FLOPs of an RL step per second over the f32 (or
+    --dtype) jnp.dot peak measured in this run. Useful = the matmul FLOPs the step needs:
+    sampling (each prompt prefilled once, then one token per decode step per sample), and
+    the update's forward + backward (3x forward) over each prompt once and each response.
+  compiles_per_stage: compilations of each update program over the steps of one stage
+    (RL and OPD steps are two programs; each should compile once): the largest count.
+Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from copd_jax import default_config, experts, methods, policy_setup, trainer  # noqa: E402
+from copd_jax import model as model_lib  # noqa: E402
+
+BENCH_MODEL = dict(d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
+                   mlp_dim=768)
+
+
+def cpu_name() -> str:
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    name = next((l.split(":", 1)[1].strip() for l in out.splitlines()
+                 if l.startswith("Model name")), platform.processor())
+    amx = "amx" in out.lower()
+    return f"{name}, {os.cpu_count()} cores, AMX {'yes' if amx else 'no'}"
+  except OSError:
+    return platform.processor()
+
+
+def median_seconds(fns: dict, repeats: int) -> dict:
+  """Median seconds per call of each zero-argument fn, runs interleaved (after a warm-up)."""
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def dot_peak_flops(dtype, repeats: int, size: int = 2048) -> float:
+  a = jax.random.normal(jax.random.key(0), (size, size)).astype(dtype)
+  dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+  return 2 * size ** 3 / median_seconds({"dot": lambda: dot(a, a)}, repeats)["dot"]
+
+
+# ----------------------------------------------------------------------- FLOP accounting
+
+def _per_token_flops(cfg: model_lib.ModelConfig, context: float) -> float:
+  """Forward matmul FLOPs of one decoder token attending to `context` keys (2 per MAC),
+  LM head included."""
+  d, hd = cfg.d_model, cfg.head_dim
+  projections = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * hd + cfg.num_heads * hd * d
+  per_layer = projections + 3 * d * cfg.mlp_dim + 2 * cfg.num_heads * hd * context
+  return 2.0 * (cfg.num_layers * per_layer + d * cfg.vocab_size)
+
+
+def _vision_flops(cfg: model_lib.ModelConfig) -> float:
+  """Forward FLOPs of the toy vision tower on one clip (patch embed, blocks, merger)."""
+  v = cfg.vision
+  if v is None:
+    return 0.0
+  n, w = v.num_tokens, v.width
+  block = 4 * w * w + 2 * w * v.mlp_dim + 2 * n * w  # qkv+o, MLP, attention per token
+  return 2.0 * n * (v.patch_dim * w + v.depth * block + w * cfg.d_model)
+
+
+def sampling_flops(cfg, prompts: int, samples: int, prompt_len: int, new_tokens: int) -> float:
+  prefill = prompts * (prompt_len * _per_token_flops(cfg, prompt_len / 2) + _vision_flops(cfg))
+  decode = prompts * samples * new_tokens * _per_token_flops(cfg, prompt_len + new_tokens / 2)
+  return prefill + decode
+
+
+def update_flops(cfg, prompts: int, samples: int, prompt_len: int, new_tokens: int) -> float:
+  """Forward + backward (3x forward) over each prompt once and each sample's response."""
+  forward = prompts * (prompt_len * _per_token_flops(cfg, prompt_len / 2) + _vision_flops(cfg))
+  forward += prompts * samples * new_tokens * _per_token_flops(cfg, prompt_len + new_tokens / 2)
+  return 3.0 * forward
+
+
+# ------------------------------------------------------------------------- compile count
+
+class CompileCounter(logging.Handler):
+  """Counts 'Finished XLA compilation of jit(<name>)' log records per function name."""
+
+  def __init__(self):
+    super().__init__()
+    self.counts: dict[str, int] = {}
+
+  def emit(self, record):
+    msg = record.getMessage()
+    if msg.startswith("Finished XLA compilation of jit("):
+      name = msg[len("Finished XLA compilation of jit("):].split(")", 1)[0]
+      self.counts[name] = self.counts.get(name, 0) + 1
+
+
+# --------------------------------------------------------------------------------- setup
+
+def bench_config(dtype: str):
+  cfg = default_config.get("copd")
+  cfg.model.update(dict(BENCH_MODEL, dtype=dtype))
+  cfg.workdir = "/tmp/bench_copd"
+  return cfg
+
+
+@dataclasses.dataclass
+class Bench:
+  cfg: object
+  setup: object
+  stage: trainer.Stage
+  ucfg: trainer.UpdateConfig
+  optimizer: object
+  data: trainer.DataContext
+  assignment: np.ndarray
+  routing: dict
+  key: object
+  rng: np.random.Generator
+
+
+def make_bench(dtype: str) -> Bench:
+  cfg = bench_config(dtype)
+  setup = policy_setup.build_setup(cfg)
+  caps = tuple(cfg.rl.capabilities)
+  stage = methods.copd_stage(cfg.rl, caps)
+  ucfg = methods.update_config(cfg, setup)
+  optimizer = trainer.make_optimizer(cfg.rl.learning_rate, cfg.rl.grad_clip_norm)
+  assignment = trainer.cross_teacher_assignment(stage)
+  routing = trainer.teacher_routing(
+      assignment, len(stage.teacher_data), stage.samples_per_prompt,
+      native_rows=stage.native_prompts * stage.samples_per_prompt).as_arrays()
+  return Bench(cfg, setup, stage, ucfg, optimizer, methods.data_context(cfg, setup, 0),
+               assignment, routing, jax.random.key(0), np.random.default_rng(0))
+
+
+def rollouts(b: Bench, params, step: int, weight: float) -> trainer.Rollouts:
+  return trainer.collect_rollouts(b.stage, step, params, b.data, b.ucfg, b.key, b.rng, weight,
+                                  b.assignment)
+
+
+def update_fn(b: Bench, params, opt_state, got: trainer.Rollouts):
+  return lambda: trainer.apply_update(b.stage, params, opt_state, None, got, b.ucfg,
+                                      b.optimizer, b.routing)[2]
+
+
+# --------------------------------------------------------------------- scoring vs a loop
+
+def per_pair_scoring(b: Bench, params, rows: trainer.Rows, prompt_len: int):
+  """(fn, pairs): a loop of one jitted teacher call per (student, teacher) pair over that
+  pair's cross rows (whole prompts), and the pairs [(student, teacher, row indices)]."""
+  g = b.stage.samples_per_prompt
+  native_rows = b.stage.native_prompts * g
+  pairs = []
+  for k in range(b.assignment.shape[0]):
+    for j in sorted(set(b.assignment[k].tolist())):
+      prompts = np.flatnonzero(b.assignment[k] == j)
+      idx = (native_rows + prompts[:, None] * g + np.arange(g)).reshape(-1)
+      pairs.append((k, j, idx))
+
+  @jax.jit
+  def score(teacher, tokens, positions, mask, frames):
+    return trainer._sequence_logprobs(teacher, b.ucfg, tokens, positions, mask, frames,
+                                      prompt_len)
+
+  host = jax.device_get(rows)
+  inputs = [(jax.tree.map(lambda x: x[j], params),
+             *(jnp.asarray(getattr(host, f)[k][idx]) for f in
+               ("tokens", "positions", "token_mask", "frames"))) for k, j, idx in pairs]
+
+  def loop():
+    return [score(*args) for args in inputs]
+  return loop, pairs
+
+
+def scoring_comparison(b: Bench, params, got: trainer.Rollouts, repeats: int) -> dict:
+  g = b.stage.samples_per_prompt
+  start = b.stage.native_prompts * g
+  batched = jax.jit(batched_scoring(b, start, got.prompt_len))
+  loop, pairs = per_pair_scoring(b, params, got.rows, got.prompt_len)
+  # Same numbers: the batched layout returns each cross row's score in its own row.
+  want = np.asarray(batched(params, got.rows, b.routing))
+  for (k, _, idx), lp in zip(pairs, loop()):
+    mask = np.asarray(trainer.loss_columns(got.rows.response_mask[k][idx], got.prompt_len)) > 0
+    np.testing.assert_allclose(want[k][idx][mask], np.asarray(lp)[mask], atol=2e-3, rtol=2e-3)
+  t = median_seconds({"batched": lambda: batched(params, got.rows, b.routing), "loop": loop},
+                     repeats)
+  cross_rows = sum(len(idx) for _, _, idx in pairs)
+  routing = trainer.teacher_routing(b.assignment, len(b.stage.teacher_data), g, start)
+  return {"batched_s": t["batched"], "loop_s": t["loop"], "cross_rows": cross_rows,
+          "teacher_forward_rows_batched": routing.teacher_forward_rows(),
+          "speedup": t["loop"] / t["batched"]}
+
+
+def batched_scoring(b: Bench, start: int, prompt_len: int):
+  """score_by_teachers for the stage's routing: (params, rows, routing) -> f32[S, R, W]."""
+  def score(params, rows, routing):
+    return trainer.score_by_teachers(params, rows, routing, b.ucfg, cross_row_start=start,
+                                     prompt_len=prompt_len)
+  return score
+
+
+# ---------------------------------------------------------------------------------- main
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="fewer repeats")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  args = parser.parse_args(argv)
+  repeats = 3 if args.quick else 7
+  # jax_log_compiles makes jax log every compilation; the counter takes those records (and
+  # any other jax log line) instead of the console.
+  counter = CompileCounter()
+  jax_logger = logging.getLogger("jax")
+  jax_logger.handlers = [counter]
+  jax_logger.propagate = False
+  jax.config.update("jax_log_compiles", True)
+
+  b = make_bench(args.dtype)
+  cfg, mc = b.cfg, b.setup.model_cfg
+  s, g = b.stage.num_students, b.stage.samples_per_prompt
+  p_len, r_len = cfg.data.max_prompt_len, cfg.sampling.max_new_tokens
+  params = experts.init_stacked(mc, jax.random.split(jax.random.key(1), s))
+  opt_state = trainer.init_optimizer_state(b.optimizer, params)
+  # As methods.run_stage does: committed, so every step's inputs match the first's.
+  params, opt_state = jax.device_put((params, opt_state), jax.devices()[0])
+  print(f"bench shape: {model_lib.count_params(jax.tree.map(lambda x: x[0], params)):,} params "
+        f"per branch, {s} branches, dtype {args.dtype}, {b.stage.native_prompts} native + "
+        f"{b.stage.cross_prompts} cross prompts x G={g}, prompt {p_len} + response {r_len}; "
+        f"CPU: {cpu_name()}", flush=True)
+  peak = dot_peak_flops(jnp.dtype(args.dtype), repeats)
+  print(f"jnp.dot peak ({args.dtype}, 2048^3): {peak / 1e9:.0f} GFLOP/s", flush=True)
+
+  # A stage's steps in the order CoPD runs them (RL, OPD, RL, OPD, ...), each timed whole.
+  steps = {"rl": [], "opd": []}
+  compiles = {"rl": 0, "opd": 0}
+  for step in range(2 * (repeats // 2 + 2)):
+    kind = "rl" if step % 2 == 0 else "opd"
+    before = counter.counts.get("update", 0)
+    result = trainer.train_step(b.stage, step, params, opt_state, None, b.data, b.ucfg,
+                                b.optimizer, b.key, b.rng, 0.0 if kind == "rl" else 1.0,
+                                b.assignment, b.routing)
+    params, opt_state = result.params, result.opt_state
+    steps[kind].append({k: v for k, v in result.metrics.items() if k.startswith("time/")})
+    compiles[kind] += counter.counts.get("update", 0) - before
+  print(f"update compiles over {sum(len(v) for v in steps.values())} alternating steps: "
+        f"RL program {compiles['rl']}, OPD program {compiles['opd']}", flush=True)
+
+  def phase_medians(kind):  # skip each program's first (compiling) step
+    rest = steps[kind][1:]
+    return {k: statistics.median(r[k] for r in rest) for k in rest[0]}
+  rl_t, opd_t = phase_medians("rl"), phase_medians("opd")
+
+  # The same rollouts with and without distillation.
+  got = rollouts(b, params, 10_000, 1.0)
+  rl_view = dataclasses.replace(got, distil=False)
+  t = median_seconds({"opd": update_fn(b, params, opt_state, got),
+                      "rl": update_fn(b, params, opt_state, rl_view)}, repeats)
+  sample_verify = got.timings["time/sample_s"] + got.timings["time/verify_s"]
+  opd_over_rl = (sample_verify + t["opd"]) / (sample_verify + t["rl"])
+  scoring = scoring_comparison(b, params, got, repeats)
+  print(f"[same rollouts] update with OPD {t['opd']:.2f} s, without {t['rl']:.2f} s; whole "
+        f"step ratio {opd_over_rl:.2f}", flush=True)
+  print(f"[teacher scoring] batched {scoring['batched_s'] * 1e3:.0f} ms "
+        f"({scoring['teacher_forward_rows_batched']} rows scored for {scoring['cross_rows']} "
+        f"cross rows) vs per-pair loop {scoring['loop_s'] * 1e3:.0f} ms -> "
+        f"{scoring['speedup']:.2f}x", flush=True)
+
+  opd_total = sum(opd_t.values())
+  split = {"sampling": opd_t["time/sample_s"] / opd_total,
+           "verification": opd_t["time/verify_s"] / opd_total,
+           "teacher_scoring": min(scoring["batched_s"], opd_t["time/update_s"]) / opd_total}
+  split["update"] = 1.0 - sum(split.values())
+  rl_total = sum(rl_t.values())
+  rl_split = {"sampling": rl_t["time/sample_s"] / rl_total,
+              "verification": rl_t["time/verify_s"] / rl_total,
+              "update": rl_t["time/update_s"] / rl_total}
+  n_prompts = s * b.stage.native_prompts
+  flops = (sampling_flops(mc, n_prompts, g, p_len, r_len)
+           + update_flops(mc, n_prompts, g, p_len, r_len))
+  rl_rate = flops / rl_total
+  print(f"[RL step] {rl_total:.2f} s (sampling {rl_t['time/sample_s']:.2f}, verification "
+        f"{rl_t['time/verify_s']:.2f}, update {rl_t['time/update_s']:.2f}): "
+        f"{flops / 1e9:.0f} GFLOP useful -> {rl_rate / 1e9:.0f} GFLOP/s = "
+        f"{rl_rate / peak:.2f} of the dot peak", flush=True)
+  print(f"[OPD step] {opd_total:.2f} s; shares {json.dumps({k: round(v, 3) for k, v in split.items()})}",
+        flush=True)
+  out = {
+      "bench": "copd_step", "quick": args.quick, "dtype": args.dtype, "cpu": cpu_name(),
+      "scoring_batched_vs_loop": round(scoring["speedup"], 3),
+      "opd_step_over_rl_step": round(opd_over_rl, 3),
+      "opd_update_over_rl_update": round(t["opd"] / t["rl"], 3),
+      "step_time_split": {k: round(v, 3) for k, v in split.items()},
+      "rl_step_time_split": {k: round(v, 3) for k, v in rl_split.items()},
+      "step_flops_per_s_over_dot_peak": round(rl_rate / peak, 3),
+      "dot_peak_gflops": round(peak / 1e9, 1),
+      "rl_step_s": round(rl_total, 3), "opd_step_s": round(opd_total, 3),
+      "rl_step_useful_gflop": round(flops / 1e9, 1),
+      "teacher_forward_rows": scoring["teacher_forward_rows_batched"],
+      "cross_rows": scoring["cross_rows"],
+      "compiles_per_stage": max(compiles.values()),
+      "update_compiles": compiles,
+  }
+  print(json.dumps(out))
+  return out
+
+
+if __name__ == "__main__":
+  main()
