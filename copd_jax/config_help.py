@@ -12,7 +12,8 @@ FIELD_HELP = {
     "seed": "RL seed (prompt order, sampling keys); the base has warm_start.seed",
     "workdir": "run directory; unset = runs/<method>[-<overrides>]-<config hash>",
     "num_experts": "branches trained at once; derived from rl.capabilities when unset",
-    "model": "toy Qwen3-layout decoder; with init.hf_checkpoint only dtype/remat are read",
+    "model": "toy Qwen3-layout decoder; with init.hf_checkpoint only dtype, remat and "
+             "attention_block are read",
     "model.vocab_size": "vocabulary size (>= the toy tokenizer's)",
     "model.d_model": "hidden width",
     "model.num_layers": "decoder layers",

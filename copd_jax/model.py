@@ -82,6 +82,11 @@ Params = Any  # a nested dict of f32 arrays
 # --------------------------------------------------------------------------- configs
 
 
+# ModelConfig fields that change how the model is computed, not what it computes (nor
+# its parameters): a checkpoint saved with any value serves every other value.
+EXECUTION_FIELDS = ("remat", "attention_block")
+
+
 def _require_positive_int(owner: str, name: str, value) -> None:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
     raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")

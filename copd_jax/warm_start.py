@@ -73,10 +73,10 @@ def base_policy_metadata(cfg: ml_collections.ConfigDict) -> dict:
   if not any(ws.get("flaw_rate", {}).values()):
     ws.pop("flaw_rate", None)  # no flawed demonstrations: a base saved before the field
   # The base has its own seed: RL runs with other config.seed values share one base.
-  # Only fields that change the trained weights: remat (a memory/compute trade) and the
-  # record-file fields (unused by the toy base) are left out, so adding such fields never
-  # invalidates a saved base.
-  model = {k: v for k, v in cfg.model.to_dict().items() if k != "remat"}
+  # Only fields that change the trained weights: remat and attention_block (memory/compute
+  # trades, model.EXECUTION_FIELDS) and the record-file fields (unused by the toy base)
+  # are left out, so adding such fields never invalidates a saved base.
+  model = {k: v for k, v in cfg.model.to_dict().items() if k not in model_lib.EXECUTION_FIELDS}
   data = {k: cfg.data[k] for k in ("max_prompt_len", "max_response_len")}
   return {"model": model, "tasks": cfg.tasks.to_dict(), "data": data,
           "warm_start": ws, "seed": cfg.warm_start.seed}

@@ -282,3 +282,19 @@ def test_metrics_log_rewinds_to_a_checkpoint_and_never_pads(tmp_path):
   assert not writer.rewind_jsonl(10_000)  # shorter than asked: left alone, not padded
   assert writer.jsonl_size() == os.path.getsize(tmp_path / "metrics.jsonl")
   writer.close()
+
+
+def test_base_metadata_ignores_execution_only_model_fields():
+  """remat and attention_block change how the model is computed, not its weights: a base
+  saved with (or before) any value of them is reused by a run with another value."""
+  from copd_jax import default_config, model, warm_start
+  cfg = default_config.get("base", "micro")
+  want = warm_start.base_policy_metadata(cfg)
+  for field, value in (("remat", True), ("attention_block", 16)):
+    assert field in model.EXECUTION_FIELDS
+    changed = default_config.get("base", "micro")
+    changed.model[field] = value
+    assert warm_start.base_policy_metadata(changed) == want, field
+  changed = default_config.get("base", "micro")
+  changed.model.d_model = 48  # a weight-shaping field still counts
+  assert warm_start.base_policy_metadata(changed) != want
