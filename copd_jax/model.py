@@ -60,6 +60,7 @@ embeddings stay in f32.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -532,6 +533,28 @@ def replace_placeholders(embeds, tokens, vision_embeds, image_token_id: int):
 
 # --------------------------------------------------------------------------- the policy
 
+# Set while a sharded update is traced (activation_sharding): pins the residual stream's
+# rows to the mesh's batch axes after the embedding and after every layer.
+_ACTIVATION_CONSTRAINT: list = []
+
+
+@contextlib.contextmanager
+def activation_sharding(constrain):
+  """Within this context, Policy calls constrain(x) on its residual stream x [rows, T, D]
+  after the embedding and after each layer. Used by parallel.RunSharding while tracing
+  the sharded update: without it XLA's partitioner may follow the FSDP-sharded embedding
+  table (d_model over `fsdp`) and gather every row of a micro-batch onto every device."""
+  _ACTIVATION_CONSTRAINT.append(constrain)
+  try:
+    yield
+  finally:
+    _ACTIVATION_CONSTRAINT.pop()
+
+
+def _constrain_activations(x):
+  return _ACTIVATION_CONSTRAINT[-1](x) if _ACTIVATION_CONSTRAINT else x
+
+
 
 class Policy(nn.Module):
   """Decoder LM: returns (final-normed hidden f32[N, T, D], per-layer (k, v) [N, K, T, Dh]
@@ -565,6 +588,7 @@ class Policy(nn.Module):
     x = self.embed_tokens(tokens).astype(jnp.float32)
     if vision is not None:
       x = replace_placeholders(x, tokens, self.visual(vision), cfg.image_token_id)
+    x = _constrain_activations(x)
     if cache is None:
       mask = key_mask  # [N, T]; attention adds causality
     else:
@@ -573,6 +597,7 @@ class Policy(nn.Module):
     new_kv = []
     for i, layer in enumerate(self.layers):
       x, kv = layer(x, positions, mask, None if cache is None else cache[i])
+      x = _constrain_activations(x)
       new_kv.append(kv)
     return self.norm(x), tuple(new_kv)
 

@@ -409,6 +409,16 @@ class RunSharding:
       return jax.lax.with_sharding_constraint(x, self.per_branch(x.shape, batch_dims=1))
     return exchange, compute
 
+  def constrain_rows(self, x):
+    """Rows [N, ...] of one branch, inside the update's vmap over branches (whose axis is
+    `expert`, spmd_axis_name): N over the batch axes when they divide it, the rest
+    replicated. Keeps each device's micro-batch rows its own."""
+    batch = math.prod(self.mesh.shape[a] for a in ("data", "fsdp"))
+    if batch == 1 or x.shape[0] % batch:
+      return x
+    spec = PartitionSpec(("data", "fsdp"), *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
   # -- jitted functions
   def update_fn(self, ucfg, optimizer, distil: bool, kl: bool,
                 cross_row_start: int = 0, prompt_len: int = 0) -> ShardedFunction:
@@ -420,12 +430,15 @@ class RunSharding:
     if key not in self._fns:
       from copd_jax import trainer  # trainer imports this module's users, not vice versa
 
+      from copd_jax import model as model_lib
+
       def build(args):
         params, opt_state, teachers, rows, routing, ref = args
         def fn(p, o, t, r, rt, rf):
-          return trainer.update_body(p, o, t, r, rt, rf, ucfg=ucfg, optimizer=optimizer,
-                                     distil=distil, placement=self.regroup_placement(),
-                                     cross_row_start=cross_row_start, prompt_len=prompt_len)
+          with model_lib.activation_sharding(self.constrain_rows):
+            return trainer.update_body(p, o, t, r, rt, rf, ucfg=ucfg, optimizer=optimizer,
+                                       distil=distil, placement=self.regroup_placement(),
+                                       cross_row_start=cross_row_start, prompt_len=prompt_len)
         p_sh = self.stacked_params(params)
         in_sh = (p_sh, self.opt_state(opt_state),
                  None if teachers is None else self.stacked_params(teachers), self.rows(rows),

@@ -381,6 +381,7 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
     pins teacher-side rows [J, N, ...] to expert x batch.
   """
   exchange, compute = placement or (_identity, _identity)
+  teacher_axis = "expert" if placement is not None else None  # see update_body
   send_row, prompt_row = routing["send_row"], routing["send_prompt_row"]
   s, j, c = send_row.shape
   g = c // prompt_row.shape[2]
@@ -426,7 +427,7 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
       return _map_prompt_micro_batches(chunk, ucfg.micro_batch_rows, g,
                                        (p_tok, p_pos, p_msk, frm), (r_tok, r_pos))
 
-    scores = compute(jax.vmap(one_teacher)(
+    scores = compute(jax.vmap(one_teacher, spmd_axis_name=teacher_axis)(
         jax.lax.stop_gradient(teacher_params), prompt_tokens, prompt_positions, prompt_mask,
         frames, jnp.maximum(response, 0), response_positions))  # [J, S*C, R]
   else:
@@ -443,8 +444,8 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
         return _sequence_logprobs(params, ucfg, tk, model_lib.positions_from_mask(mk), mk, fr)
       return map_row_micro_batches(chunk, ucfg.micro_batch_rows, tok, msk, frm)
 
-    scores = compute(jax.vmap(one_teacher)(jax.lax.stop_gradient(teacher_params), tokens, mask,
-                                           frames))  # [J, S*C, T]
+    scores = compute(jax.vmap(one_teacher, spmd_axis_name=teacher_axis)(
+        jax.lax.stop_gradient(teacher_params), tokens, mask, frames))  # [J, S*C, T]
   scores = swap(scores.reshape(j, s, c, -1)).reshape(s, j * c, -1)  # back to the students
   return jax.vmap(lambda x, slot: jnp.take(x, slot, axis=0))(scores, routing["receive_slot"])
 
@@ -609,7 +610,11 @@ def update_body(params: Params, opt_state, teacher_params: Params | None, rows: 
       metrics["kl_to_reference"] = jnp.sum(aux["kl"] * m) / jnp.maximum(jnp.sum(m), 1.0)
     return grads, metrics
 
-  grads, metrics = jax.vmap(one_branch)(params, rows, teacher_logprobs, ref_lp)
+  # On a mesh the branch axis is `expert`: sharding constraints inside (the activation
+  # constraint of parallel.RunSharding.constrain_rows) then keep it there.
+  branch_axis = "expert" if placement is not None else None
+  grads, metrics = jax.vmap(one_branch, spmd_axis_name=branch_axis)(params, rows,
+                                                                   teacher_logprobs, ref_lp)
   metrics["grad_norm"] = jax.vmap(optax.tree_utils.tree_norm)(grads)
   updates, new_opt_state = jax.vmap(optimizer.update)(grads, opt_state, params)
   # How far the step moves each branch: the global norm of the update and its largest

@@ -25,6 +25,9 @@ Figures (medians over repeated, interleaved runs after a warm-up; compile time e
     the update's forward + backward (3x forward) over each prompt once and each response.
   compiles_per_stage: compilations of each update program over the steps of one stage
     (RL and OPD steps are two programs; each should compile once): the largest count.
+  prompt_once_update_speedup: the same RL update with every row run whole over all its
+    columns (prompt_len 0: the update before this benchmark existed) over the update that
+    runs each prompt once for its G samples and the LM head on response columns only.
 Last line: one JSON object.
 """
 from __future__ import annotations
@@ -294,11 +297,18 @@ def main(argv=None):
   rl_view = dataclasses.replace(got, distil=False)
   t = median_seconds({"opd": update_fn(b, params, opt_state, got),
                       "rl": update_fn(b, params, opt_state, rl_view)}, repeats)
+  # Before / after the prompt-once update: the same RL update with every row run whole
+  # over all its columns (prompt_len 0, the old path) and with prompt_len P.
+  whole_rows = dataclasses.replace(rl_view, prompt_len=0)
+  t_whole = median_seconds({"whole": update_fn(b, params, opt_state, whole_rows)},
+                           repeats)["whole"]
   sample_verify = got.timings["time/sample_s"] + got.timings["time/verify_s"]
   opd_over_rl = (sample_verify + t["opd"]) / (sample_verify + t["rl"])
   scoring = scoring_comparison(b, params, got, repeats)
   print(f"[same rollouts] update with OPD {t['opd']:.2f} s, without {t['rl']:.2f} s; whole "
         f"step ratio {opd_over_rl:.2f}", flush=True)
+  print(f"[prompt once] RL update with every row whole {t_whole:.2f} s vs each prompt once "
+        f"{t['rl']:.2f} s -> {t_whole / t['rl']:.2f}x", flush=True)
   print(f"[teacher scoring] batched {scoring['batched_s'] * 1e3:.0f} ms "
         f"({scoring['teacher_forward_rows_batched']} rows scored for {scoring['cross_rows']} "
         f"cross rows) vs per-pair loop {scoring['loop_s'] * 1e3:.0f} ms -> "
@@ -328,6 +338,7 @@ def main(argv=None):
       "scoring_batched_vs_loop": round(scoring["speedup"], 3),
       "opd_step_over_rl_step": round(opd_over_rl, 3),
       "opd_update_over_rl_update": round(t["opd"] / t["rl"], 3),
+      "prompt_once_update_speedup": round(t_whole / t["rl"], 3),
       "step_time_split": {k: round(v, 3) for k, v in split.items()},
       "rl_step_time_split": {k: round(v, 3) for k, v in rl_split.items()},
       "step_flops_per_s_over_dot_peak": round(rl_rate / peak, 3),

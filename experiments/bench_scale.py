@@ -183,6 +183,10 @@ def main():
                    "/ cross-expert bytes per device; whole_mesh = one expert's param bytes / "
                    "cross-expert bytes summed over all devices",
   }
+  if pod["num_layers_compiled"] == pod["num_layers"]:
+    # A real compile of every layer, not an extrapolation.
+    result["per_device_bytes_4b_36_layers"] = int(pod["memory"]["total_bytes"])
+    result["fits_95e9"] = pod["memory"]["total_bytes"] <= 95e9
   if shallow is not None:
     layers, depth = pod["num_layers"], pod["num_layers_compiled"]
     per_layer = {k: pod["memory"][k] - shallow["memory"][k]
