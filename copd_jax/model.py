@@ -310,29 +310,24 @@ def _dense_attention(q, k, v, mask):
   return jnp.einsum("bkgts,bskd->btkgd", probs.astype(q.dtype), v, **f32)
 
 
-def in_query_blocks(attend, q, query_masks, block: int):
-  """attend(q, *query_masks) computed `block` queries at a time.
+def in_query_blocks(attend, q, block: int):
+  """attend(q, query_index) computed `block` queries at a time.
 
-  q: [N, T, ...]; query_masks: arrays whose axis `axis` (given with each: (array, axis))
-  runs over the T queries. Blocks run one after another (jax.lax.map) and each block's
-  intermediate scores are recomputed in the backward pass (jax.checkpoint), so the live
-  scores are [block, keys], never [T, keys]. Queries are padded up to a multiple of block
-  (padded queries see no key; their outputs are dropped). Returns attend's [N, T, ...]."""
+  q: [N, T, ...]; attend(q_block [N, b, ...], query_index int32[b]) -> [N, b, ...] builds
+  whatever masks it needs from the queries' indices. Blocks run one after another
+  (jax.lax.map) and each block's intermediate scores are recomputed in the backward pass
+  (jax.checkpoint), so the live scores are [block, keys], never [T, keys]. Queries are
+  padded up to a multiple of block (indices >= T; their outputs are dropped).
+  Returns attend's [N, T, ...]."""
   t = q.shape[1]
   if not block or block >= t:
-    return attend(q, *(m for m, _ in query_masks))
+    return attend(q, jnp.arange(t))
   n = -(-t // block)
-  pad = n * block - t
-
-  def blocks(x, axis):  # axis of length T -> leading [n, ...] with that axis = block
-    x = jnp.pad(x, [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)])
-    x = x.reshape(x.shape[:axis] + (n, block) + x.shape[axis + 1:])
-    return jnp.moveaxis(x, axis, 0)
-
-  q_blocks = blocks(q, 1)
-  mask_blocks = [blocks(m, axis) for m, axis in query_masks]
-  out = jax.lax.map(jax.checkpoint(lambda args: attend(args[0], *args[1])),
-                    (q_blocks, mask_blocks))  # [n, N, block, ...]
+  q_blocks = jnp.pad(q, [(0, 0), (0, n * block - t)] + [(0, 0)] * (q.ndim - 2))
+  q_blocks = jnp.moveaxis(q_blocks.reshape((q.shape[0], n, block) + q.shape[2:]), 1, 0)
+  index_blocks = jnp.arange(n * block).reshape(n, block)
+  out = jax.lax.map(jax.checkpoint(lambda args: attend(*args)),
+                    (q_blocks, index_blocks))  # [n, N, block, ...]
   out = jnp.moveaxis(out, 0, 1)
   return out.reshape((out.shape[0], n * block) + out.shape[3:])[:, :t]
 
@@ -412,7 +407,7 @@ class Attention(nn.Module):
       def attend(qb, query_index):
         return _attend_with_shared_prefix(qb, k, v, cache,
                                           (prefix_mask, filled_slots, causal(query_index)))
-    out = in_query_blocks(attend, q, [(jnp.arange(t), 0)], cfg.attention_block)
+    out = in_query_blocks(attend, q, cfg.attention_block)
     out = Linear(cfg.d_model, dt, name="o_proj")(out.reshape(n, t, heads * hd))
     return out, (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
 

@@ -52,6 +52,8 @@ import numpy as np  # noqa: E402
 
 from copd_jax import default_config, experts, methods, policy_setup, trainer  # noqa: E402
 from copd_jax import model as model_lib  # noqa: E402
+from experiments.bench_sampler import (  # noqa: E402
+    decode_flops_per_token, matmul_peak_flops, time_side_by_side)
 
 BENCH_MODEL = dict(d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
                    mlp_dim=768)
@@ -68,35 +70,7 @@ def cpu_name() -> str:
     return platform.processor()
 
 
-def median_seconds(fns: dict, repeats: int) -> dict:
-  """Median seconds per call of each zero-argument fn, runs interleaved (after a warm-up)."""
-  for fn in fns.values():
-    jax.block_until_ready(fn())
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
-
-
-def dot_peak_flops(dtype, repeats: int, size: int = 2048) -> float:
-  a = jax.random.normal(jax.random.key(0), (size, size)).astype(dtype)
-  dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-  return 2 * size ** 3 / median_seconds({"dot": lambda: dot(a, a)}, repeats)["dot"]
-
-
 # ----------------------------------------------------------------------- FLOP accounting
-
-def _per_token_flops(cfg: model_lib.ModelConfig, context: float) -> float:
-  """Forward matmul FLOPs of one decoder token attending to `context` keys (2 per MAC),
-  LM head included."""
-  d, hd = cfg.d_model, cfg.head_dim
-  projections = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * hd + cfg.num_heads * hd * d
-  per_layer = projections + 3 * d * cfg.mlp_dim + 2 * cfg.num_heads * hd * context
-  return 2.0 * (cfg.num_layers * per_layer + d * cfg.vocab_size)
-
 
 def _vision_flops(cfg: model_lib.ModelConfig) -> float:
   """Forward FLOPs of the toy vision tower on one clip (patch embed, blocks, merger)."""
@@ -108,17 +82,15 @@ def _vision_flops(cfg: model_lib.ModelConfig) -> float:
   return 2.0 * n * (v.patch_dim * w + v.depth * block + w * cfg.d_model)
 
 
-def sampling_flops(cfg, prompts: int, samples: int, prompt_len: int, new_tokens: int) -> float:
-  prefill = prompts * (prompt_len * _per_token_flops(cfg, prompt_len / 2) + _vision_flops(cfg))
-  decode = prompts * samples * new_tokens * _per_token_flops(cfg, prompt_len + new_tokens / 2)
-  return prefill + decode
-
-
-def update_flops(cfg, prompts: int, samples: int, prompt_len: int, new_tokens: int) -> float:
-  """Forward + backward (3x forward) over each prompt once and each sample's response."""
-  forward = prompts * (prompt_len * _per_token_flops(cfg, prompt_len / 2) + _vision_flops(cfg))
-  forward += prompts * samples * new_tokens * _per_token_flops(cfg, prompt_len + new_tokens / 2)
-  return 3.0 * forward
+def forward_flops(cfg, prompts: int, samples: int, prompt_len: int, new_tokens: int) -> float:
+  """One forward over each prompt once (with its clip) and each sample's response tokens:
+  what sampling does (prefill, then one token per decode step) and what the update's
+  forward does (prompt once, response columns per row)."""
+  prefill = prompts * (prompt_len * decode_flops_per_token(cfg, prompt_len / 2)
+                       + _vision_flops(cfg))
+  responses = prompts * samples * new_tokens * decode_flops_per_token(
+      cfg, prompt_len + new_tokens / 2)
+  return prefill + responses
 
 
 # ------------------------------------------------------------------------- compile count
@@ -224,7 +196,7 @@ def scoring_comparison(b: Bench, params, got: trainer.Rollouts, repeats: int) ->
   for (k, _, idx), lp in zip(pairs, loop()):
     mask = np.asarray(trainer.loss_columns(got.rows.response_mask[k][idx], got.prompt_len)) > 0
     np.testing.assert_allclose(want[k][idx][mask], np.asarray(lp)[mask], atol=2e-3, rtol=2e-3)
-  t = median_seconds({"batched": lambda: batched(params, got.rows, b.routing), "loop": loop},
+  t = time_side_by_side({"batched": lambda: batched(params, got.rows, b.routing), "loop": loop},
                      repeats)
   cross_rows = sum(len(idx) for _, _, idx in pairs)
   routing = trainer.teacher_routing(b.assignment, len(b.stage.teacher_data), g, start)
@@ -269,7 +241,7 @@ def main(argv=None):
         f"per branch, {s} branches, dtype {args.dtype}, {b.stage.native_prompts} native + "
         f"{b.stage.cross_prompts} cross prompts x G={g}, prompt {p_len} + response {r_len}; "
         f"CPU: {cpu_name()}", flush=True)
-  peak = dot_peak_flops(jnp.dtype(args.dtype), repeats)
+  peak = matmul_peak_flops(args.dtype, 2048, repeats)
   print(f"jnp.dot peak ({args.dtype}, 2048^3): {peak / 1e9:.0f} GFLOP/s", flush=True)
 
   # A stage's steps in the order CoPD runs them (RL, OPD, RL, OPD, ...), each timed whole.
@@ -295,12 +267,12 @@ def main(argv=None):
   # The same rollouts with and without distillation.
   got = rollouts(b, params, 10_000, 1.0)
   rl_view = dataclasses.replace(got, distil=False)
-  t = median_seconds({"opd": update_fn(b, params, opt_state, got),
+  t = time_side_by_side({"opd": update_fn(b, params, opt_state, got),
                       "rl": update_fn(b, params, opt_state, rl_view)}, repeats)
   # Before / after the prompt-once update: the same RL update with every row run whole
   # over all its columns (prompt_len 0, the old path) and with prompt_len P.
   whole_rows = dataclasses.replace(rl_view, prompt_len=0)
-  t_whole = median_seconds({"whole": update_fn(b, params, opt_state, whole_rows)},
+  t_whole = time_side_by_side({"whole": update_fn(b, params, opt_state, whole_rows)},
                            repeats)["whole"]
   sample_verify = got.timings["time/sample_s"] + got.timings["time/verify_s"]
   opd_over_rl = (sample_verify + t["opd"]) / (sample_verify + t["rl"])
@@ -324,8 +296,8 @@ def main(argv=None):
               "verification": rl_t["time/verify_s"] / rl_total,
               "update": rl_t["time/update_s"] / rl_total}
   n_prompts = s * b.stage.native_prompts
-  flops = (sampling_flops(mc, n_prompts, g, p_len, r_len)
-           + update_flops(mc, n_prompts, g, p_len, r_len))
+  # Sampling is one forward; the update a forward and a backward (3x a forward).
+  flops = 4.0 * forward_flops(mc, n_prompts, g, p_len, r_len)
   rl_rate = flops / rl_total
   print(f"[RL step] {rl_total:.2f} s (sampling {rl_t['time/sample_s']:.2f}, verification "
         f"{rl_t['time/verify_s']:.2f}, update {rl_t['time/update_s']:.2f}): "

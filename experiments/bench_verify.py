@@ -66,44 +66,30 @@ SYMBOLIC_LABELLED = [
 ]
 
 
+# Ten kinds of answer, k -> (response, reference answer, verifier): math equivalences the
+# symbolic checker must see through, then a choice, an exact string and an integer.
+ANSWER_KINDS = (
+    lambda k: (f"\\boxed{{x^2+{2 * k}x+{k * k}}}", f"(x+{k})^2", "math"),
+    lambda k: (f"\\boxed{{x(x+{k})}}", f"x^2+{k}x", "math"),
+    lambda k: (f"The answer is {k / 4}.", f"\\frac{{{k}}}{{4}}", "math"),
+    lambda k: (f"\\boxed{{\\frac{{{k}}}{{{k + 1}}}}}", f"\\frac{{{2 * k}}}{{{2 * k + 2}}}", "math"),
+    lambda k: (f"\\boxed{{{k}\\sqrt{{2}}}}", f"\\sqrt{{{2 * k * k}}}", "math"),
+    lambda k: (f"\\boxed{{\\{{{k}, {k + 1}\\}}}}", f"\\{{{k + 1}, {k}\\}}", "math"),
+    lambda k: (f"Answer: ({k}, {k + 2}]", f"({k},{k + 2}]", "math"),
+    lambda k: (f"The answer is ({'ABCD'[k % 4]}).", "ABCD"[k % 4], "choice"),
+    lambda k: (f"the final answer is city{k}", f"City{k}", "exact"),
+    lambda k: (f"{k}+0={k}#{k % 1000}", str(k % 1000), "integer"),
+)
+
+
 def mixed_answers(n: int, first: int = 0) -> tuple[list[str], list[tasks.Example]]:
   """n distinct (response, example) pairs cycling through ten kinds of answer; sets with
   different `first` share no answer (so no worker or sympy cache serves a timed run)."""
-  responses, examples = [], []
-
-  def math(response, answer):
-    responses.append(response)
-    examples.append(tasks.Example("math", "q", answer, verifier="math", modality="text"))
-
-  def other(response, answer, verifier):
-    responses.append(response)
-    examples.append(tasks.Example("bench", "q", answer, verifier=verifier, modality="text"))
-
-  k = first
-  while len(responses) < n:
-    k += 1
-    kind = k % 10
-    if kind == 0:
-      math(f"\\boxed{{x^2+{2 * k}x+{k * k}}}", f"(x+{k})^2")
-    elif kind == 1:
-      math(f"\\boxed{{x(x+{k})}}", f"x^2+{k}x")
-    elif kind == 2:
-      math(f"The answer is {k / 4}.", f"\\frac{{{k}}}{{4}}")
-    elif kind == 3:
-      math(f"\\boxed{{\\frac{{{k}}}{{{k + 1}}}}}", f"\\frac{{{2 * k}}}{{{2 * k + 2}}}")
-    elif kind == 4:
-      math(f"\\boxed{{{k}\\sqrt{{2}}}}", f"\\sqrt{{{2 * k * k}}}")
-    elif kind == 5:
-      math(f"\\boxed{{\\{{{k}, {k + 1}\\}}}}", f"\\{{{k + 1}, {k}\\}}")
-    elif kind == 6:
-      math(f"Answer: ({k}, {k + 2}]", f"({k},{k + 2}]")
-    elif kind == 7:
-      other(f"The answer is ({'ABCD'[k % 4]}).", "ABCD"[k % 4], "choice")
-    elif kind == 8:
-      other(f"the final answer is city{k}", f"City{k}", "exact")
-    else:
-      other(f"{k}+0={k}#{k % 1000}", str(k % 1000), "integer")
-  return responses[:n], examples[:n]
+  cases = [ANSWER_KINDS[k % 10](k) for k in range(first + 1, first + 1 + n)]
+  examples = [tasks.Example("math" if verifier == "math" else "bench", "q", answer,
+                            verifier=verifier, modality="text")
+              for _, answer, verifier in cases]
+  return [response for response, _, _ in cases], examples
 
 
 def wait_reward(response, example):

@@ -268,8 +268,9 @@ def test_query_blocked_attention_matches_a_numpy_oracle(block):
   valid[1, :4] = False  # left padding
   mask = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :]
   mask[1, :4, 0] = True  # padded queries see one key (their outputs are unused)
-  got = M.in_query_blocks(lambda qb, mb: M._dense_attention(qb, k, v, mb), q, [(mask, 1)],
-                          block)
+  got = M.in_query_blocks(
+      lambda qb, qi: M._dense_attention(qb, k, v, jnp.take(mask, qi, axis=1, mode="clip")), q,
+      block)
   # The oracle over heads h = (kv head, group): query head h reads kv head h // groups.
   want = _naive_attention(q.reshape(n, t, kv * groups, hd), np.repeat(k, groups, axis=2),
                           np.repeat(v, groups, axis=2), mask)
