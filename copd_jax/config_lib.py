@@ -12,7 +12,10 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from copd_jax import default_config, schedules, tasks
+from copd_jax import default_config
+from copd_jax.rl import schedules
+from copd_jax.data import examples
+from copd_jax.data import toy_tasks as tasks
 
 KNOWN_METHODS = default_config.METHODS
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -115,8 +118,8 @@ def validate_reward(cfg: ml_collections.ConfigDict) -> None:
   if not isinstance(r.fn, str):
     _fail("reward.fn", "must be '' or 'module:function'", r.fn)
   if r.fn:
-    from copd_jax import verifiers
-    _wrap("reward.fn", lambda: verifiers.load_plugin(r.fn))
+    from copd_jax.data import math_verifier
+    _wrap("reward.fn", lambda: math_verifier.load_plugin(r.fn))
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
@@ -259,7 +262,7 @@ def _check_dir_with(field: str, directory, required_file: str) -> None:
 
 def _check_record_files(cfg, field: str, caps) -> None:
   """config.data.<field>: capability -> a path, comma-separated paths or globs, or a list."""
-  from copd_jax import datasets  # light: numpy + the task/verifier modules
+  from copd_jax.data import records as datasets
   files = cfg.data[field]
   if set(files) != set(caps):
     _fail(f"data.{field}", f"must give files for exactly config.tasks.capabilities {caps}",
@@ -337,7 +340,7 @@ def validate_records_and_init(cfg: ml_collections.ConfigDict) -> bool:
   if cfg.data.get("reader", "builtin") not in ("builtin", "datasets"):
     _fail("data.reader", "must be 'builtin' or 'datasets'", cfg.data.reader)
   columns = cfg.data.get("columns", {})
-  from copd_jax import datasets  # light: numpy + the task/verifier modules
+  from copd_jax.data import records as datasets
   for name, column in columns.items():
     if name not in datasets.RECORD_FIELDS:
       _fail("data.columns", f"maps {name!r}, which is not a record field "
@@ -353,7 +356,7 @@ def validate_records_and_init(cfg: ml_collections.ConfigDict) -> bool:
     _fail("data.train_files", "needs config.init.hf_checkpoint (a model and tokenizer for "
           "the records; the toy base only knows the procedural suite)", dict(cfg.data.train_files))
   for cap in caps:
-    if not tasks.is_domain_name(cap):
+    if not examples.is_domain_name(cap):
       _fail("tasks.capabilities", f"has {cap!r}; with record files (config.data.train_files) "
             "capabilities are domain names: [a-z][a-z0-9_]*", caps)
   _check_record_files(cfg, "train_files", caps)
@@ -373,7 +376,7 @@ def validate_mesh(cfg: ml_collections.ConfigDict) -> None:
   checked against the local devices when the mesh is built (parallel.make_mesh)."""
   if "mesh" not in cfg:
     return
-  from copd_jax import parallel  # imports jax; only the mesh check needs it
+  from copd_jax import sharding as parallel
   mesh = dict(cfg.mesh)
   pod = cfg.get("pod")
   if pod is not None:
@@ -417,7 +420,8 @@ def check_rl_sampling(sampling) -> None:
 
 def validate_rl(cfg: ml_collections.ConfigDict) -> None:
   """Checks config.rl for the RL methods (experts, mixed_rlvr, static_opd, mopd, copd)."""
-  from copd_jax import kernels, objectives  # jax-importing; only needed for RL methods
+  from copd_jax import kernels  # jax-importing; only needed for RL methods
+  from copd_jax.rl import objectives
   rl = cfg.rl
   check_rl_sampling(cfg.sampling)
   caps = tuple(rl.capabilities)

@@ -47,12 +47,12 @@ def make_mirror(cfg):
 
 def log_base_completions(cfg, eval_sets, responses: dict, writer) -> None:
   """The base's greedy responses to the first config.log.completions held-out examples
-  of every capability (copd_jax.methods.eval_completion_records)."""
+  of every capability (copd_jax.rl.loop.eval_completion_records)."""
   count = int(cfg.log.completions) if "log" in cfg else 0
   if not count:
     return
-  from copd_jax import methods
-  writer.write_completions(cfg.warm_start.steps, "eval", methods.eval_completion_records(
+  from copd_jax.rl import loop
+  writer.write_completions(cfg.warm_start.steps, "eval", loop.eval_completion_records(
       ["base"], eval_sets, responses, count))
 
 
@@ -71,7 +71,9 @@ def run(cfg) -> dict | None:
   stored = run_dir.check_workdir(cfg)
 
   import jax
-  from copd_jax import evaluation, policy_setup, verifiers, warm_start
+  from copd_jax import policy_setup, warm_start
+  from copd_jax.rl import evaluation
+  from copd_jax.data import verifiers
   verifiers.configure(verifiers.RewardConfig(**cfg.reward.to_dict()))
   from copd_jax.run_log import MetricsWriter
 
@@ -113,7 +115,8 @@ def run(cfg) -> dict | None:
       log_base_completions(cfg, eval_sets, responses, writer)
       summary.update(metrics)
     else:
-      from copd_jax import methods, train_checkpoint
+      from copd_jax import train_checkpoint
+      from copd_jax.rl import methods
       try:
         summary.update(methods.run_rl_method(cfg, setup, params, writer))
       except train_checkpoint.Preempted as stop:

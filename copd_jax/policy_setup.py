@@ -20,10 +20,11 @@ from typing import Callable, Sequence
 import ml_collections
 import numpy as np
 
-from copd_jax import datasets
-from copd_jax import model as model_lib
-from copd_jax import tasks
-from copd_jax.tokenizer import Tokenizer, ToyTokenizer
+from copd_jax.data import records as datasets
+from copd_jax.models import model_config as model_lib
+from copd_jax.data import examples as examples_lib
+from copd_jax.data import toy_tasks as tasks
+from copd_jax.data.tokenizer import Tokenizer, ToyTokenizer
 
 
 def never_generated_ids(tokenizer) -> tuple[int, ...]:
@@ -43,8 +44,8 @@ class RunSetup:
   model_cfg: model_lib.ModelConfig
   tokenizer: Tokenizer
   capabilities: tuple[str, ...]
-  encode_prompts: Callable[[Sequence[tasks.Example]], tasks.PromptBatch]
-  encode_sft_batch: Callable[[Sequence[tasks.Example]], dict]
+  encode_prompts: Callable[[Sequence[examples_lib.Example]], examples_lib.PromptBatch]
+  encode_sft_batch: Callable[[Sequence[examples_lib.Example]], dict]
   # image_size / num_frames shared by every generator call and RecordSource; both 0 for
   # a text-only model (no vision tower: PromptBatch.frames is None).
   example_kwargs: dict
@@ -59,7 +60,8 @@ def hf_tokenizer_dir(cfg: ml_collections.ConfigDict) -> str:
 
 
 def _hf_model_and_tokenizer(cfg) -> tuple[model_lib.ModelConfig, Tokenizer]:
-  from copd_jax import hf_checkpoint, hf_tokenizer  # only HF runs need them
+  from copd_jax.models import hf_checkpoint
+  from copd_jax.data import hf_tokenizer
   model_cfg = hf_checkpoint.model_config_from_hf(
       hf_checkpoint.read_hf_config(cfg.init.hf_checkpoint), dtype=cfg.model.dtype)
   hf_checkpoint.check_layers_present(cfg.init.hf_checkpoint, model_cfg)  # headers only
@@ -106,10 +108,10 @@ def build_setup(cfg: ml_collections.ConfigDict) -> RunSetup:
       tokenizer=tokenizer,
       capabilities=tuple(cfg.tasks.capabilities),
       encode_prompts=functools.partial(
-          tasks.encode_prompts, tokenizer=tokenizer,
+          examples_lib.encode_prompts, tokenizer=tokenizer,
           max_prompt_len=cfg.data.max_prompt_len, **lengths),
       encode_sft_batch=functools.partial(
-          tasks.encode_sft_batch, tokenizer=tokenizer, max_prompt_len=cfg.data.max_prompt_len,
+          examples_lib.encode_sft_batch, tokenizer=tokenizer, max_prompt_len=cfg.data.max_prompt_len,
           max_response_len=cfg.data.max_response_len, **lengths),
       example_kwargs=example_kwargs,
   )
@@ -149,7 +151,7 @@ def check_record_prompt_lengths(cfg, setup: RunSetup, field: str) -> None:
   num_vision_tokens = vision_lengths(setup.model_cfg)["num_vision_tokens"]
   for capability in setup.capabilities:
     for record in record_source(cfg, setup, field, capability).records:
-      n = len(tasks.prompt_token_ids(_prompt_only_example(record), setup.tokenizer,
+      n = len(examples_lib.prompt_token_ids(_prompt_only_example(record), setup.tokenizer,
                                      num_vision_tokens))
       if n > cfg.data.max_prompt_len:
         raise ValueError(f"{record.where}: the prompt needs {n} tokens (chat template and "
@@ -158,10 +160,10 @@ def check_record_prompt_lengths(cfg, setup: RunSetup, field: str) -> None:
                          f"record (config.data.{field}['{capability}'])")
 
 
-def _prompt_only_example(record: datasets.Record) -> tasks.Example:
+def _prompt_only_example(record: datasets.Record) -> examples_lib.Example:
   """The record as an Example for counting prompt tokens (placeholder pixels, not decoded)."""
   frames = None if record.modality == "text" else np.zeros((1, 1, 1, 3), np.float32)
-  return tasks.Example(record.capability, record.prompt, record.answer, record.solution,
+  return examples_lib.Example(record.capability, record.prompt, record.answer, record.solution,
                        frames, verifier=record.verifier, modality=record.modality,
                        record=record.where)
 

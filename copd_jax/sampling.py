@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from copd_jax import model as model_lib
+from copd_jax.models import decoder as model_lib
+from copd_jax.models import model_config
 
 PAD_ID = 0
 
@@ -351,7 +352,7 @@ _generate_by_recompute_jit = jax.jit(_generate_by_recompute_one, static_argnames
 def _check_generate_args(cfg, prompt_tokens, prompt_mask, vision, sampling, num_samples,
                          lead: tuple[int, ...] = ()):
   """Clear errors before tracing. `lead` = expected leading (expert) dims of every input."""
-  if not isinstance(cfg, model_lib.ModelConfig):
+  if not isinstance(cfg, model_config.ModelConfig):
     raise ValueError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
   if not isinstance(sampling, SamplingConfig):
     raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
@@ -390,7 +391,7 @@ def _check_generate_args(cfg, prompt_tokens, prompt_mask, vision, sampling, num_
       raise ValueError("prompt_mask has an empty prompt (a row with no tokens)")
 
 
-def generate(params, cfg: model_lib.ModelConfig, prompt_tokens, prompt_mask, vision, key,
+def generate(params, cfg: model_config.ModelConfig, prompt_tokens, prompt_mask, vision, key,
              sampling: SamplingConfig, num_samples: int) -> Rollout:
   """Samples `num_samples` responses per prompt with a KV cache (jitted; cfg, sampling and
   num_samples are static).
@@ -404,7 +405,7 @@ def generate(params, cfg: model_lib.ModelConfig, prompt_tokens, prompt_mask, vis
                        num_samples)
 
 
-def generate_by_recompute(params, cfg: model_lib.ModelConfig, prompt_tokens, prompt_mask,
+def generate_by_recompute(params, cfg: model_config.ModelConfig, prompt_tokens, prompt_mask,
                           vision, key, sampling: SamplingConfig, num_samples: int) -> Rollout:
   """Same contract and key schedule as `generate`, but recomputes the whole sequence for
   every token (no cache, prompt computed per sample). An oracle and a baseline; slow."""
@@ -413,7 +414,7 @@ def generate_by_recompute(params, cfg: model_lib.ModelConfig, prompt_tokens, pro
                                     sampling, num_samples)
 
 
-def stacked_generate(stacked, cfg: model_lib.ModelConfig, prompt_tokens, prompt_mask, vision,
+def stacked_generate(stacked, cfg: model_config.ModelConfig, prompt_tokens, prompt_mask, vision,
                      keys, sampling: SamplingConfig, num_samples: int) -> Rollout:
   """`generate` for E experts in one vmapped call, each on its own prompts and key.
 
@@ -430,7 +431,7 @@ def stacked_generate(stacked, cfg: model_lib.ModelConfig, prompt_tokens, prompt_
 def check_stacked_generate_args(stacked, cfg, prompt_tokens, prompt_mask, vision, keys,
                                 sampling: SamplingConfig, num_samples: int) -> None:
   """The checks of `stacked_generate`, for callers that jit `stacked_generate_body` with
-  their own shardings (copd_jax.parallel). keys: [E] PRNG keys or their uint32 key data."""
+  their own shardings (copd_jax.sharding). keys: [E] PRNG keys or their uint32 key data."""
   e = int(jax.tree_util.tree_leaves(stacked)[0].shape[0])
   _check_generate_args(cfg, prompt_tokens, prompt_mask, vision, sampling, num_samples, (e,))
   if jnp.shape(keys)[:1] != (e,):
@@ -439,7 +440,7 @@ def check_stacked_generate_args(stacked, cfg, prompt_tokens, prompt_mask, vision
 
 
 # The traceable body of `stacked_generate` (unjitted): same arguments, cfg / sampling /
-# num_samples must be closed over or static. copd_jax.parallel jits it with explicit shardings.
+# num_samples must be closed over or static. copd_jax.sharding jits it with explicit shardings.
 stacked_generate_body = _stacked_generate_one
 
 

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from copd_jax import data as data_lib
+from copd_jax.data import streams as data_lib
 from copd_jax.checkpoint import CheckpointMismatchError
 
 FORMAT_VERSION = 1
@@ -88,12 +88,12 @@ def check_streams_checkpointable(streams: Mapping[str, Iterator]) -> None:
 
 
 def streams_state(streams: Mapping[str, Iterator]) -> dict:
-  """{name: JSON state} of the data streams (copd_jax.data.streams_state, made JSON-safe)."""
+  """{name: JSON state} of the data streams (copd_jax.data.streams.streams_state, made JSON-safe)."""
   return _json_safe(data_lib.streams_state(streams))
 
 
 def restore_streams(streams: Mapping[str, Iterator], stored: Mapping[str, Any]) -> None:
-  """copd_jax.data.restore_streams; a state that does not fit is a checkpoint mismatch."""
+  """copd_jax.data.streams.restore_streams; a state that does not fit is a checkpoint mismatch."""
   try:
     data_lib.restore_streams(streams, stored)
   except ValueError as err:
@@ -148,7 +148,7 @@ def _finite_per_branch(tree) -> jax.Array:
 
 def nonfinite_branches(stacked_params, branch_names) -> list[str]:
   """The names of branches whose parameters hold a NaN or inf."""
-  from copd_jax import parallel  # lazily: parallel imports nothing of ours, but is heavy
+  from copd_jax import sharding as parallel
   ok = np.asarray(parallel.to_host(_finite_per_branch(stacked_params)))
   return [name for name, good in zip(branch_names, ok) if not good]
 
@@ -185,7 +185,7 @@ def _checksums(tree):
 def array_checksums(tree) -> dict[str, list[int]]:
   """{array path: [two uint32 checksums]} of every array of a pytree (on device; only
   the small results come to the host)."""
-  from copd_jax import parallel  # lazily: heavy
+  from copd_jax import sharding as parallel
   sums = parallel.to_host(_checksums(tree))
   return {jax.tree_util.keystr(k): [int(v) for v in np.asarray(c)]
           for k, c in jax.tree_util.tree_leaves_with_path(sums)}

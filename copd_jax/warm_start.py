@@ -17,13 +17,16 @@ import ml_collections
 import numpy as np
 import optax
 
-from copd_jax import checkpoint, tasks
-from copd_jax import model as model_lib
+from copd_jax import checkpoint
+from copd_jax.data import examples as examples_lib
+from copd_jax.data import toy_tasks as tasks
+from copd_jax.models import decoder as model_lib
+from copd_jax.models import model_config
 from copd_jax.policy_setup import RunSetup
 from copd_jax.run_log import MetricsWriter, ProgressLine
 
 
-def sft_loss(params: Any, batch: dict, model_cfg: model_lib.ModelConfig) -> jax.Array:
+def sft_loss(params: Any, batch: dict, model_cfg: model_config.ModelConfig) -> jax.Array:
   """Mean next-token NLL over response tokens.
 
   batch: tokens int32[B, T], mask bool[B, T], loss_mask f32[B, T] (1 where token t+1 is a
@@ -55,7 +58,7 @@ def sft_step(params, opt_state, batch, model_cfg, optimizer):
   return optax.apply_updates(params, updates), opt_state, loss
 
 
-def sft_examples(cfg: ml_collections.ConfigDict, setup: RunSetup) -> Iterator[tasks.Example]:
+def sft_examples(cfg: ml_collections.ConfigDict, setup: RunSetup) -> Iterator[examples_lib.Example]:
   weights = {cap: cfg.warm_start.mix.get(cap, 0.0) for cap in setup.capabilities}
   seed = cfg.tasks.seed + cfg.warm_start.seed
   examples = tasks.mixed_train_stream(weights, seed=seed, difficulty=dict(cfg.tasks.difficulty),
@@ -76,7 +79,7 @@ def base_policy_metadata(cfg: ml_collections.ConfigDict) -> dict:
   # Only fields that change the trained weights: remat and attention_block (memory/compute
   # trades, model.EXECUTION_FIELDS) and the record-file fields (unused by the toy base)
   # are left out, so adding such fields never invalidates a saved base.
-  model = {k: v for k, v in cfg.model.to_dict().items() if k not in model_lib.EXECUTION_FIELDS}
+  model = {k: v for k, v in cfg.model.to_dict().items() if k not in model_config.EXECUTION_FIELDS}
   data = {k: cfg.data[k] for k in ("max_prompt_len", "max_response_len")}
   return {"model": model, "tasks": cfg.tasks.to_dict(), "data": data,
           "warm_start": ws, "seed": cfg.warm_start.seed}
@@ -115,7 +118,7 @@ def train_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup,
 def load_hf_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup) -> Any:
   """The f32 parameters of config.init.hf_checkpoint (hf_checkpoint.load_qwen3); the
   checkpoint must still match the model config build_setup read from it."""
-  from copd_jax import hf_checkpoint  # only HF runs need it
+  from copd_jax.models import hf_checkpoint
   model_cfg, params = hf_checkpoint.load_qwen3(cfg.init.hf_checkpoint, dtype=setup.model_cfg.dtype)
   if model_cfg != setup.model_cfg:
     raise ValueError(f"{cfg.init.hf_checkpoint}: config.json changed since the run was set up "

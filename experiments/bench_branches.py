@@ -5,7 +5,7 @@
 Toy shape (measured): the toy suite's decoder (f32), N branches with the same rows per
 branch (native and cross prompts x G = 8 samples, prompt 64 + response 24 tokens, random
 tokens), N = 2, 3, 4, 6, 8; for each N and topology, one OPD update (teacher scoring +
-optimizer step of every branch, trainer.update) is timed (median of repeats after a
+optimizer step of every branch, update_lib.update) is timed (median of repeats after a
 compile) and its per-process memory read from XLA's compiled memory analysis.
 4B shape (from abstract compiles, nothing allocated; skipped with --quick): configs/pod_4b.py
 with N branches on N x 64 simulated devices (expert = N, fsdp 16, tensor 4), 1 decoder
@@ -43,19 +43,25 @@ def toy_problem(n: int, topology: str, native: int, cross: int, g: int = 8, p: i
   import jax
   import jax.numpy as jnp
 
-  from copd_jax import default_config, experts, kernels, objectives, schedules, trainer
-  from copd_jax import model as model_lib
+  from copd_jax import default_config, kernels
+  from copd_jax.models import stacked as experts
+  from copd_jax.rl import objectives
+  from copd_jax.rl import schedules
+  from copd_jax.rl import rows as trainer
+  from copd_jax.rl import stages
+  from copd_jax.rl import update as update_lib
+  from copd_jax.models import model_config as model_lib
   cfg = default_config.get("copd")
   model_cfg = model_lib.ModelConfig.from_dict(dict(cfg.model.to_dict(), dtype="float32"))
   caps = ("text", "image", "video")
-  stage = trainer.Stage(
+  stage = stages.Stage(
       name="bench", steps=1, student_data=tuple((caps[i % 3],) for i in range(n)),
       teacher_data=tuple((caps[i % 3],) for i in range(n)), live_teachers=True,
       topology=schedules.topology_matrix(n, topology, hub=0),
       branch_beta=np.ones(n, np.float32), schedule=schedules.OPDSchedule(kind="cycle"),
       native_prompts=native, cross_prompts=cross, samples_per_prompt=g)
-  assignment = trainer.cross_teacher_assignment(stage)
-  routing = trainer.teacher_routing(assignment, n, g, native_rows=native * g)
+  assignment = stages.cross_teacher_assignment(stage)
+  routing = stages.teacher_routing(assignment, n, g, native_rows=native * g)
   rng = np.random.default_rng(seed)
   rows_per = (native + cross) * g
   t = p + r
@@ -78,9 +84,9 @@ def toy_problem(n: int, topology: str, native: int, cross: int, g: int = 8, p: i
   ucfg = trainer.UpdateConfig(model=model_cfg, loss=objectives.PolicyLossConfig(),
                               kernel=kernels.KernelConfig(**cfg.rl.kernel.to_dict()),
                               samples_per_prompt=g)
-  optimizer = trainer.make_optimizer(3e-4, 1.0)
+  optimizer = update_lib.make_optimizer(3e-4, 1.0)
   params = experts.init_stacked(model_cfg, jax.random.split(jax.random.key(seed), n))
-  opt_state = trainer.init_optimizer_state(optimizer, params)
+  opt_state = update_lib.init_optimizer_state(optimizer, params)
   params, opt_state = jax.device_put((params, opt_state), jax.devices()[0])
   return params, opt_state, rows, routing, ucfg, optimizer, native * g, p
 
@@ -88,18 +94,19 @@ def toy_problem(n: int, topology: str, native: int, cross: int, g: int = 8, p: i
 def measure_toy(n: int, topology: str, native: int, cross: int, repeats: int) -> dict:
   import jax
 
-  from copd_jax import parallel, trainer
+  from copd_jax.analysis import abstract_step
+  from copd_jax.rl import update as update_lib
   params, opt_state, rows, routing, ucfg, optimizer, start, p = toy_problem(
       n, topology, native, cross)
   arrays = routing.as_arrays()
   kwargs = dict(ucfg=ucfg, optimizer=optimizer, distil=True, prompt_len=p)
-  compiled = trainer.update.lower(params, opt_state, params, rows, arrays, **kwargs).compile()
-  memory = parallel.compiled_memory_bytes(compiled)
-  jax.block_until_ready(trainer.update(params, opt_state, params, rows, arrays, **kwargs))
+  compiled = update_lib.update.lower(params, opt_state, params, rows, arrays, **kwargs).compile()
+  memory = abstract_step.compiled_memory_bytes(compiled)
+  jax.block_until_ready(update_lib.update(params, opt_state, params, rows, arrays, **kwargs))
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(trainer.update(params, opt_state, params, rows, arrays, **kwargs))
+    jax.block_until_ready(update_lib.update(params, opt_state, params, rows, arrays, **kwargs))
     times.append(time.perf_counter() - t0)
   return {"n": n, "topology": topology, "step_s": float(np.median(times)),
           "peak_bytes": int(memory["total_bytes"]), "temp_bytes": int(memory["temp_bytes"]),
@@ -110,7 +117,8 @@ def measure_toy(n: int, topology: str, native: int, cross: int, repeats: int) ->
 def measure_4b_child(n: int, topology: str) -> dict:
   """Inside a subprocess whose jax sees n x 64 simulated devices."""
   from configs import pod_4b
-  from copd_jax import parallel
+  from copd_jax import sharding as parallel
+  from copd_jax.analysis import abstract_step, hlo_audit
   cfg = pod_4b.get_config()
   caps = ("text", "image", "video")
   cfg.rl.capabilities = tuple(caps[i % 3] + ("" if i < 3 else str(i)) for i in range(n))
@@ -118,10 +126,10 @@ def measure_4b_child(n: int, topology: str) -> dict:
   cfg.num_experts = n
   cfg.mesh.expert = n
   run = parallel.RunSharding(parallel.make_mesh(dict(cfg.mesh), num_branches=n))
-  fn, args = parallel.abstract_opd_update(cfg, run, num_layers=1, topology=topology)
+  fn, args = abstract_step.abstract_opd_update(cfg, run, num_layers=1, topology=topology)
   compiled = fn.lower(*args).compile()
-  found = parallel.collectives_crossing_axis(compiled.as_text(), run.mesh)
-  memory = parallel.compiled_memory_bytes(compiled)
+  found = hlo_audit.collectives_crossing_axis(compiled.as_text(), run.mesh)
+  memory = abstract_step.compiled_memory_bytes(compiled)
   return {"n": n, "topology": topology, "expert_axis_bytes_per_device": int(found["total_bytes"]),
           "peak_bytes_per_device_1_layer": int(memory["total_bytes"])}
 

@@ -9,11 +9,11 @@ Shape (the "bench shape"): the toy suite's Qwen3-layout decoder widened to d_mod
 tubelet ViT), three branches (text, image, video; hub = text), 16 native prompts x G = 8
 samples per branch, 8 cross prompts on OPD steps, prompts of 64 and responses of 24 tokens,
 random weights (so responses run to their full length). Everything runs through the
-library's own step (trainer.collect_rollouts + trainer.apply_update), single device.
+library's own step (trainer.collect_rollouts + step_lib.apply_update), single device.
 
 Figures (medians over repeated, interleaved runs after a warm-up; compile time excluded):
   scoring_batched_vs_loop: one vmapped teacher call over all (student, teacher) pairs
-    (trainer.score_by_teachers, the all-to-all layout) against a loop of one jitted call per
+    (scoring_lib.score_by_teachers, the all-to-all layout) against a loop of one jitted call per
     pair on the same cross rows; > 1 = batched is faster. The results are checked equal.
   opd_step_over_rl_step: a whole OPD step (sampling, verification, update with teacher
     scoring) over the same step without distillation, on the same rollouts.
@@ -41,7 +41,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,8 +49,18 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from copd_jax import default_config, experts, methods, policy_setup, trainer  # noqa: E402
-from copd_jax import model as model_lib  # noqa: E402
+from copd_jax import default_config, policy_setup  # noqa: E402
+from copd_jax.models import stacked as experts
+from copd_jax.rl import loop as methods
+from copd_jax.rl import stages
+from copd_jax.rl import rollout as trainer
+from copd_jax.rl import rows as rows_lib
+from copd_jax.rl import scoring as scoring_lib
+from copd_jax.rl import stages as stages_lib
+from copd_jax.rl import step as step_lib
+from copd_jax.rl import update as update_lib
+from copd_jax.models import decoder as model_lib
+from copd_jax.models import model_config
 from experiments.bench_sampler import (  # noqa: E402
     decode_flops_per_token, matmul_peak_flops, time_side_by_side)
 
@@ -72,7 +81,7 @@ def cpu_name() -> str:
 
 # ----------------------------------------------------------------------- FLOP accounting
 
-def _vision_flops(cfg: model_lib.ModelConfig) -> float:
+def _vision_flops(cfg: model_config.ModelConfig) -> float:
   """Forward FLOPs of the toy vision tower on one clip (patch embed, blocks, merger)."""
   v = cfg.vision
   if v is None:
@@ -122,8 +131,8 @@ def bench_config(dtype: str):
 class Bench:
   cfg: object
   setup: object
-  stage: trainer.Stage
-  ucfg: trainer.UpdateConfig
+  stage: stages_lib.Stage
+  ucfg: rows_lib.UpdateConfig
   optimizer: object
   data: trainer.DataContext
   assignment: np.ndarray
@@ -136,11 +145,11 @@ def make_bench(dtype: str) -> Bench:
   cfg = bench_config(dtype)
   setup = policy_setup.build_setup(cfg)
   caps = tuple(cfg.rl.capabilities)
-  stage = methods.copd_stage(cfg.rl, caps)
+  stage = stages.copd_stage(cfg.rl, caps)
   ucfg = methods.update_config(cfg, setup)
-  optimizer = trainer.make_optimizer(cfg.rl.learning_rate, cfg.rl.grad_clip_norm)
-  assignment = trainer.cross_teacher_assignment(stage)
-  routing = trainer.teacher_routing(
+  optimizer = update_lib.make_optimizer(cfg.rl.learning_rate, cfg.rl.grad_clip_norm)
+  assignment = stages_lib.cross_teacher_assignment(stage)
+  routing = stages_lib.teacher_routing(
       assignment, len(stage.teacher_data), stage.samples_per_prompt,
       native_rows=stage.native_prompts * stage.samples_per_prompt).as_arrays()
   return Bench(cfg, setup, stage, ucfg, optimizer, methods.data_context(cfg, setup, 0),
@@ -153,13 +162,13 @@ def rollouts(b: Bench, params, step: int, weight: float) -> trainer.Rollouts:
 
 
 def update_fn(b: Bench, params, opt_state, got: trainer.Rollouts):
-  return lambda: trainer.apply_update(b.stage, params, opt_state, None, got, b.ucfg,
+  return lambda: step_lib.apply_update(b.stage, params, opt_state, None, got, b.ucfg,
                                       b.optimizer, b.routing)[2]
 
 
 # --------------------------------------------------------------------- scoring vs a loop
 
-def per_pair_scoring(b: Bench, params, rows: trainer.Rows, prompt_len: int):
+def per_pair_scoring(b: Bench, params, rows: rows_lib.Rows, prompt_len: int):
   """(fn, pairs): a loop of one jitted teacher call per (student, teacher) pair over that
   pair's cross rows (whole prompts), and the pairs [(student, teacher, row indices)]."""
   g = b.stage.samples_per_prompt
@@ -173,7 +182,7 @@ def per_pair_scoring(b: Bench, params, rows: trainer.Rows, prompt_len: int):
 
   @jax.jit
   def score(teacher, tokens, positions, mask, frames):
-    return trainer._sequence_logprobs(teacher, b.ucfg, tokens, positions, mask, frames,
+    return scoring_lib._sequence_logprobs(teacher, b.ucfg, tokens, positions, mask, frames,
                                       prompt_len)
 
   host = jax.device_get(rows)
@@ -194,12 +203,12 @@ def scoring_comparison(b: Bench, params, got: trainer.Rollouts, repeats: int) ->
   # Same numbers: the batched layout returns each cross row's score in its own row.
   want = np.asarray(batched(params, got.rows, b.routing))
   for (k, _, idx), lp in zip(pairs, loop()):
-    mask = np.asarray(trainer.loss_columns(got.rows.response_mask[k][idx], got.prompt_len)) > 0
+    mask = np.asarray(rows_lib.loss_columns(got.rows.response_mask[k][idx], got.prompt_len)) > 0
     np.testing.assert_allclose(want[k][idx][mask], np.asarray(lp)[mask], atol=2e-3, rtol=2e-3)
   t = time_side_by_side({"batched": lambda: batched(params, got.rows, b.routing), "loop": loop},
                      repeats)
   cross_rows = sum(len(idx) for _, _, idx in pairs)
-  routing = trainer.teacher_routing(b.assignment, len(b.stage.teacher_data), g, start)
+  routing = stages_lib.teacher_routing(b.assignment, len(b.stage.teacher_data), g, start)
   return {"batched_s": t["batched"], "loop_s": t["loop"], "cross_rows": cross_rows,
           "teacher_forward_rows_batched": routing.teacher_forward_rows(),
           "speedup": t["loop"] / t["batched"]}
@@ -208,7 +217,7 @@ def scoring_comparison(b: Bench, params, got: trainer.Rollouts, repeats: int) ->
 def batched_scoring(b: Bench, start: int, prompt_len: int):
   """score_by_teachers for the stage's routing: (params, rows, routing) -> f32[S, R, W]."""
   def score(params, rows, routing):
-    return trainer.score_by_teachers(params, rows, routing, b.ucfg, cross_row_start=start,
+    return scoring_lib.score_by_teachers(params, rows, routing, b.ucfg, cross_row_start=start,
                                      prompt_len=prompt_len)
   return score
 
@@ -234,7 +243,7 @@ def main(argv=None):
   s, g = b.stage.num_students, b.stage.samples_per_prompt
   p_len, r_len = cfg.data.max_prompt_len, cfg.sampling.max_new_tokens
   params = experts.init_stacked(mc, jax.random.split(jax.random.key(1), s))
-  opt_state = trainer.init_optimizer_state(b.optimizer, params)
+  opt_state = update_lib.init_optimizer_state(b.optimizer, params)
   # As methods.run_stage does: committed, so every step's inputs match the first's.
   params, opt_state = jax.device_put((params, opt_state), jax.devices()[0])
   print(f"bench shape: {model_lib.count_params(jax.tree.map(lambda x: x[0], params)):,} params "
@@ -250,7 +259,7 @@ def main(argv=None):
   for step in range(2 * (repeats // 2 + 2)):
     kind = "rl" if step % 2 == 0 else "opd"
     before = counter.counts.get("update", 0)
-    result = trainer.train_step(b.stage, step, params, opt_state, None, b.data, b.ucfg,
+    result = step_lib.train_step(b.stage, step, params, opt_state, None, b.data, b.ucfg,
                                 b.optimizer, b.key, b.rng, 0.0 if kind == "rl" else 1.0,
                                 b.assignment, b.routing)
     params, opt_state = result.params, result.opt_state

@@ -1,4 +1,4 @@
-"""Benchmark: loading a HF Qwen3 checkpoint with copd_jax.hf_checkpoint.load_qwen3.
+"""Benchmark: loading a HF Qwen3 checkpoint with copd_jax.models.hf_checkpoint.load_qwen3.
 
 For the tiny committed fixture and for a synthetic Qwen3-0.6B-shaped checkpoint (vocab
 151936, hidden 1024, 28 layers, 16/8 heads, head_dim 128, mlp 3072, tied; random weights,
@@ -66,8 +66,8 @@ class _RandomTensor:
 
 def write_synthetic_checkpoint(directory: str, dims: dict, dtype: str) -> int:
   """A random Qwen3 checkpoint in HF layout; returns its safetensors bytes on disk."""
-  from copd_jax import hf_checkpoint as hfc
-  from copd_jax import model as M
+  from copd_jax.models import hf_checkpoint as hfc
+  from copd_jax.models import model_config as M
   cfg = M.ModelConfig(**dims)
   named = [(spec.hf_name, _RandomTensor(spec.hf_shape, seed))
            for seed, spec in enumerate(hfc.qwen3_tensor_specs(cfg))]
@@ -82,7 +82,7 @@ def write_synthetic_checkpoint(directory: str, dims: dict, dtype: str) -> int:
 def child(directory: str, param_dtype: str) -> None:
   """Runs in a fresh process: one load, then one raw read; prints a JSON line."""
   import jax
-  from copd_jax import hf_checkpoint as hfc
+  from copd_jax.models import hf_checkpoint as hfc
   jax.block_until_ready(jax.numpy.zeros(8) + 1)  # backend up before the baseline
   baseline = _rss_bytes("VmRSS")
   start = time.perf_counter()
@@ -111,7 +111,7 @@ def measure(directory: str, param_dtype: str) -> dict:
                         "--param_dtype", param_dtype], env=env, cwd=REPO, check=True,
                        capture_output=True, text=True)
   result = json.loads(out.stdout.strip().splitlines()[-1])
-  from copd_jax import hf_checkpoint as hfc
+  from copd_jax.models import hf_checkpoint as hfc
   disk = sum(os.path.getsize(p) for p in hfc.safetensors_files(directory))
   return dict(disk_bytes=disk, num_params=result["num_params"],
               load_s=round(result["load_s"], 3), read_s=round(result["read_s"], 3),

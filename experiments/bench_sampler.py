@@ -26,15 +26,16 @@ import time
 import jax
 import jax.numpy as jnp
 
-from copd_jax import experts
-from copd_jax import model as model_lib
+from copd_jax.models import stacked as experts
+from copd_jax.models import decoder as model_lib
+from copd_jax.models import model_config
 from copd_jax import sampling
 
 
-def toy_config(dtype: str) -> model_lib.ModelConfig:
-  return model_lib.ModelConfig(vocab_size=64, d_model=128, num_layers=4, num_heads=4,
+def toy_config(dtype: str) -> model_config.ModelConfig:
+  return model_config.ModelConfig(vocab_size=64, d_model=128, num_layers=4, num_heads=4,
                                num_kv_heads=2, head_dim=32, mlp_dim=384, dtype=dtype,
-                               vision=model_lib.VisionConfig(), image_token_id=3)
+                               vision=model_config.VisionConfig(), image_token_id=3)
 
 
 def make_prompts(key, batch: int, length: int, cfg, with_vision: bool):
@@ -90,7 +91,7 @@ def decode_flops_per_token(cfg, context: float) -> float:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="fewer repeats, fewer prompts")
-  parser.add_argument("--dtype", default="float32", choices=model_lib.COMPUTE_DTYPES,
+  parser.add_argument("--dtype", default="float32", choices=model_config.COMPUTE_DTYPES,
                       help="compute dtype; on a 2-core CPU the small decode matmuls run "
                       "faster in float32 (bf16 pays for conversions)")
   args = parser.parse_args()

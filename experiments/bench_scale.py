@@ -43,7 +43,8 @@ import time
 def routing_rows(cfg, topology: str) -> dict:
   """Teacher-forward row counts of the all-to-all layout vs the earlier gather layout."""
   import numpy as np
-  from copd_jax import schedules, trainer
+  from copd_jax.rl import schedules
+  from copd_jax.rl import stages as trainer
   rl, s = cfg.rl, cfg.num_experts
   caps = tuple(rl.capabilities)
   stage = trainer.Stage(
@@ -63,7 +64,10 @@ def routing_rows(cfg, topology: str) -> dict:
 
 def measure(setting: str, num_layers: int | None, topology: str | None) -> dict:
   """Runs inside the subprocess (jax already sees the simulated devices)."""
-  from copd_jax import default_config, parallel
+  from copd_jax import default_config
+  from copd_jax.analysis import abstract_step
+  from copd_jax.analysis import hlo_audit
+  from copd_jax import sharding as parallel
   if setting == "toy":
     cfg = default_config.get("copd", "toy")
     cfg.mesh.update(dict(expert=3, data=2, fsdp=2, tensor=1))
@@ -72,14 +76,14 @@ def measure(setting: str, num_layers: int | None, topology: str | None) -> dict:
     cfg = pod_4b.get_config()
   topology = topology or cfg.rl.opd.topology
   run = parallel.RunSharding(parallel.make_mesh(dict(cfg.mesh), num_branches=cfg.num_experts))
-  full_fn, full_args = parallel.abstract_opd_update(cfg, run, topology=topology)
-  param_bytes = parallel.tree_bytes(full_args[0]) // cfg.num_experts
-  fn, args = (full_fn, full_args) if num_layers is None else parallel.abstract_opd_update(
+  full_fn, full_args = abstract_step.abstract_opd_update(cfg, run, topology=topology)
+  param_bytes = abstract_step.tree_bytes(full_args[0]) // cfg.num_experts
+  fn, args = (full_fn, full_args) if num_layers is None else abstract_step.abstract_opd_update(
       cfg, run, num_layers=num_layers, topology=topology)
   t0 = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - t0
-  found = parallel.collectives_crossing_axis(compiled.as_text(), run.mesh)
+  found = hlo_audit.collectives_crossing_axis(compiled.as_text(), run.mesh)
   devices = int(run.mesh.devices.size)
   devices_per_expert = devices // run.mesh.shape["expert"]
   per_device_params = param_bytes / devices_per_expert
@@ -102,7 +106,7 @@ def measure(setting: str, num_layers: int | None, topology: str | None) -> dict:
       "param_to_leaving_traffic_ratio": per_device_params / max(found["total_bytes_leaving_device"], 1),
       "whole_mesh_traffic_ratio": param_bytes / (traffic * devices),
       **routing_rows(cfg, topology),
-      "memory": parallel.compiled_memory_bytes(compiled),
+      "memory": abstract_step.compiled_memory_bytes(compiled),
       "compile_s": round(compile_s, 1),
   }
 

@@ -35,7 +35,9 @@ import time
 
 import numpy as np
 
-from copd_jax import tasks, verifiers
+from copd_jax.data import examples as tasks
+from copd_jax.data import math_verifier as verifiers
+from copd_jax.data import verifiers as verifiers_lib
 
 # (response, reference, equivalent?) -- checked by hand.
 SYMBOLIC_LABELLED = [
@@ -101,12 +103,12 @@ def wait_reward(response, example):
 
 def plugin_throughput(workers: int, n: int = 300) -> float:
   """Responses per second of the `wait_reward` plug-in through `workers` processes."""
-  config = verifiers.RewardConfig(fn="bench_verify:wait_reward", workers=workers)
+  config = verifiers_lib.RewardConfig(fn="bench_verify:wait_reward", workers=workers)
   examples = [tasks.Example("bench", "q", str(i), verifier="exact", modality="text")
               for i in range(n)]
-  verifiers.rewards_for(["warm"] * workers, examples[:workers], config)  # start, warm
+  verifiers_lib.rewards_for(["warm"] * workers, examples[:workers], config)  # start, warm
   start = time.perf_counter()
-  verifiers.rewards_for([str(i) for i in range(n)], examples, config)
+  verifiers_lib.rewards_for([str(i) for i in range(n)], examples, config)
   return n / (time.perf_counter() - start)
 
 
@@ -118,20 +120,20 @@ def main():
   args = parser.parse_args()
   repeats = 3 if args.quick else 5
 
-  default = verifiers.RewardConfig()
-  one = verifiers.RewardConfig(workers=1)
-  pool = verifiers.RewardConfig(workers=args.workers)
+  default = verifiers_lib.RewardConfig()
+  one = verifiers_lib.RewardConfig(workers=1)
+  pool = verifiers_lib.RewardConfig(workers=args.workers)
 
   # Correctness first (also starts and warms the default pool).
   start = time.perf_counter()
-  verifiers.rewards_for(["\\boxed{1}"], [tasks.Example("math", "q", "1", verifier="math",
+  verifiers_lib.rewards_for(["\\boxed{1}"], [tasks.Example("math", "q", "1", verifier="math",
                                                        modality="text")], one)
   startup = time.perf_counter() - start
   responses = [r for r, _, _ in SYMBOLIC_LABELLED]
   examples = [tasks.Example("math", "q", a, verifier="math", modality="text")
               for _, a, _ in SYMBOLIC_LABELLED]
   labels = np.array([float(y) for _, _, y in SYMBOLIC_LABELLED], np.float32)
-  got = verifiers.rewards_for(responses, examples, default)
+  got = verifiers_lib.rewards_for(responses, examples, default)
   accuracy = float(np.mean(got == labels))
   for (response, answer, label), value in zip(SYMBOLIC_LABELLED, got):
     if value != label:
@@ -154,12 +156,12 @@ def main():
           timeout_s=30)  # start and warm every worker
 
   def score_with(name, first):
-    """Scores a fresh set the way verifiers.score does (cheap verifiers here, math in
+    """Scores a fresh set the way verifiers_lib.score does (cheap verifiers here, math in
     the pool); returns the math results."""
     rs, exs = mixed_answers(args.answers, first)
     for r, ex in zip(rs, exs):
       if ex.verifier != "math":
-        verifiers.reward_for(r, ex.answer, ex.verifier)
+        verifiers_lib.reward_for(r, ex.answer, ex.verifier)
     requests = [verifiers.math_request(r, ex.answer) for r, ex in zip(rs, exs)
                 if ex.verifier == "math"]
     results, stats = pools[name].run([q for q in requests if q], timeout_s=default.timeout_s)
@@ -183,7 +185,7 @@ def main():
         f"{per_s['pool']:.0f} answers/s; default config ({default.workers} workers): "
         f"{per_s['default']:.0f} answers/s; worker startup {startup:.1f} s")
   wait_one, wait_pool = plugin_throughput(1), plugin_throughput(args.workers)
-  verifiers.shared_pool(default).stop()
+  verifiers_lib.shared_pool(default).stop()
   print(f"10 ms waiting plug-in: 1 worker {wait_one:.0f}/s, {args.workers} workers "
         f"{wait_pool:.0f}/s")
   print(json.dumps({

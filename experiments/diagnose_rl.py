@@ -29,13 +29,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
-from copd_jax import evaluation, policy_setup  # noqa: E402
-from copd_jax import tasks, verifiers, warm_start  # noqa: E402
+from copd_jax import policy_setup  # noqa: E402
+from copd_jax.rl import evaluation
+from copd_jax import warm_start  # noqa: E402
+from copd_jax.data import examples as examples_lib
+from copd_jax.data import toy_tasks as tasks
+from copd_jax.data import verifiers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tune_rl  # noqa: E402  (config from --set settings)
 
-def validation_set(cfg, setup, capability: str, n: int) -> list[tasks.Example]:
+def validation_set(cfg, setup, capability: str, n: int) -> list[examples_lib.Example]:
   """n examples of the validation split (disjoint from train and eval)."""
   return tasks.validation_set(capability, n, seed=cfg.tasks.seed,
                               difficulty=cfg.tasks.difficulty[capability], **setup.example_kwargs)
@@ -65,7 +69,7 @@ def signal_report(params, cfg, setup, examples_per_capability: int, samples: int
 
 def rl_step_report(cfg, setup, base, steps: int) -> dict:
   """Trains cfg's method for `steps` steps; per-step grad / update size per branch."""
-  from copd_jax import methods
+  from copd_jax.rl import methods
   from copd_jax.run_log import MetricsWriter
   cfg.rl.steps = steps
   cfg.rl.eval_every = 10 ** 6  # no evaluation inside: only the step statistics matter

@@ -17,14 +17,14 @@ What it writes (all tiny; the whole folder stays well under 1 MB):
   reference.npz       tokens/mask/positions int[B, T] (LEFT-padded batch; padded slots hold
                       arbitrary ids, which the mask must hide) and f32 logits [B, T, V] of
                       both models, computed in float32 from the weights as stored (the bf16
-                      model is reloaded as float32). Positions follow copd_jax.model:
+                      model is reloaded as float32). Positions follow copd_jax.models.decoder:
                       positions = max(cumsum(mask) - 1, 0), passed to transformers as
                       position_ids (its default would count the padding). Logits at padded
                       positions are meaningless; tests compare mask == 1 positions only.
   tokenizer_reference.json  the transformers tokenizer's encode/decode of STRINGS and its
                       apply_chat_template output (text and ids) for CHATS.
 
-`verify-export DIR` loads an exported directory (copd_jax.hf_checkpoint.export_qwen3 of the
+`verify-export DIR` loads an exported directory (copd_jax.models.hf_checkpoint.export_qwen3 of the
 untied fixture) with transformers and prints the largest logit difference from
 reference.npz, checking that transformers accepts our export.
 """

@@ -2,7 +2,7 @@
 
 Never materialising logits: the ops take final hidden states and the LM head and
 return per-token quantities (log-prob of the sampled token, entropy, KL). The policy
-loss is then a function of those [N] vectors only (copd_jax.objectives), so its
+loss is then a function of those [N] vectors only (copd_jax.rl.objectives), so its
 gradient reaches the tiled backward pass as one coefficient per token, and every
 backend shares the same objective code.
 
@@ -17,10 +17,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from copd_jax import objectives
+from copd_jax.rl import objectives
 from copd_jax.kernels import chunked, pallas_tpu, reference
 from copd_jax.kernels.config import KernelConfig, check_lm_head_inputs, check_per_token
-from copd_jax.objectives import PolicyLossConfig
+from copd_jax.rl.objectives import PolicyLossConfig
 
 DEFAULT_KERNEL = KernelConfig()
 DEFAULT_POLICY_LOSS = PolicyLossConfig()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from copd_jax import objectives
+from copd_jax.rl import objectives
 from copd_jax.kernels import tile_math
 
 

@@ -235,8 +235,8 @@ def test_resume_off_refuses_existing_checkpoints(tmp_path):
 
 
 def test_stream_positions_round_trip_through_a_checkpoint():
-  # The run's streams are grain iterators (copd_jax.data); their positions are JSON.
-  from copd_jax import data
+  # The run's streams are grain iterators (copd_jax.data.streams); their positions are JSON.
+  from copd_jax.data import streams as data
   source = data.TaskSource("text", seed=3, difficulty=1)
   make = lambda: data.example_iterator(source, seed=0, shuffle=False)
   a = make()
@@ -287,7 +287,8 @@ def test_metrics_log_rewinds_to_a_checkpoint_and_never_pads(tmp_path):
 def test_base_metadata_ignores_execution_only_model_fields():
   """remat and attention_block change how the model is computed, not its weights: a base
   saved with (or before) any value of them is reused by a run with another value."""
-  from copd_jax import default_config, model, warm_start
+  from copd_jax import default_config, warm_start
+  from copd_jax.models import model_config as model
   cfg = default_config.get("base", "micro")
   want = warm_start.base_policy_metadata(cfg)
   for field, value in (("remat", True), ("attention_block", 16)):

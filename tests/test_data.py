@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 
 import copd_jax
-from copd_jax import data, default_config, tasks
+from copd_jax import default_config
+from copd_jax.data import streams as data
+from copd_jax.data import examples
+from copd_jax.data import toy_tasks as tasks
 
 KW = dict(image_size=32, num_frames=4)
 
 
-def same(a: tasks.Example, b: tasks.Example) -> bool:
+def same(a: examples.Example, b: examples.Example) -> bool:
   fields = (a.capability, a.question, a.answer, a.solution) == (
       b.capability, b.question, b.answer, b.solution)
   if a.frames is None or b.frames is None:
@@ -152,7 +155,7 @@ def test_sft_batches_shard_the_global_batch_and_resume(cfg):
 
 # ---------------------------------------------------------------- record-file branch
 # helper F's copd_jax/datasets.py may not exist yet: a stand-in with the agreed API
-# (RecordSource(paths, capability=cap), random access -> tasks.Example) is installed.
+# (RecordSource(paths, capability=cap), random access -> examples.Example) is installed.
 
 class FakeRecordSource:
   """Stands in for datasets.RecordSource (same constructor) with made-up records."""
@@ -165,7 +168,7 @@ class FakeRecordSource:
       extra = dict(frames=None if capability == "text" else np.zeros((1, 8, 8, 3)))
     else:  # a record domain such as 'math': text input
       extra = dict(modality="text")
-    self._examples = [tasks.Example(capability, f"{p}#{i}", str(i), f"{i}#{i}", **extra)
+    self._examples = [examples.Example(capability, f"{p}#{i}", str(i), f"{i}#{i}", **extra)
                       for p in self.paths for i in range(3)]
 
   def __len__(self):
@@ -177,9 +180,9 @@ class FakeRecordSource:
 
 @pytest.fixture
 def fake_datasets(monkeypatch):
-  module = types.ModuleType("copd_jax.datasets")
+  module = types.ModuleType("copd_jax.data.records")
   module.RecordSource = FakeRecordSource
-  monkeypatch.setitem(sys.modules, "copd_jax.datasets", module)
+  monkeypatch.setitem(sys.modules, "copd_jax.data.records", module)
   monkeypatch.setattr(copd_jax, "datasets", module, raising=False)
   return module
 
@@ -235,7 +238,7 @@ def test_record_domains_stream_and_mix(cfg, fake_datasets):
 
 @pytest.mark.parametrize("cap", tasks.CAPABILITIES)
 def test_tfds_static_split_round_trip(tmp_path, cap):
-  tfds_tasks = pytest.importorskip("copd_jax.tfds_tasks")
+  tfds_tasks = pytest.importorskip("copd_jax.data.tfds_tasks")
   name = tfds_tasks.write_static_split(tmp_path, cap, difficulty=1, seed=5, num_train=8,
                                        num_eval=4)
   assert name == f"{cap}_d1_seed5_img32_f4_train8_eval4"
@@ -253,7 +256,7 @@ def test_tfds_static_split_round_trip(tmp_path, cap):
 
 
 def test_tfds_reader_errors_name_what_is_missing(tmp_path):
-  tfds_tasks = pytest.importorskip("copd_jax.tfds_tasks")
+  tfds_tasks = pytest.importorskip("copd_jax.data.tfds_tasks")
   with pytest.raises(ValueError, match="no text datasets"):
     tfds_tasks.load_static_split(tmp_path, "text", "train")
   with pytest.raises(FileNotFoundError, match="text_d0"):
@@ -266,7 +269,7 @@ def test_tfds_reader_errors_name_what_is_missing(tmp_path):
 
 
 def test_tfds_predefined_config_reads_through_tfds_data_source(tmp_path):
-  tfds_tasks = pytest.importorskip("copd_jax.tfds_tasks")
+  tfds_tasks = pytest.importorskip("copd_jax.data.tfds_tasks")
   import tensorflow_datasets as tfds
   name = tfds_tasks.write_static_split(tmp_path, "text", difficulty=0)  # 4096 + 128, ~2 s
   assert name == "text_d0"
@@ -279,7 +282,7 @@ def test_tfds_predefined_config_reads_through_tfds_data_source(tmp_path):
 
 
 def test_static_split_source_rejects_bad_records():
-  tfds_tasks = pytest.importorskip("copd_jax.tfds_tasks")
+  tfds_tasks = pytest.importorskip("copd_jax.data.tfds_tasks")
   good = dict(index=0, capability=b"text", question=b"1+1=?", answer=b"2", solution=b"1+1=2#2")
   source = tfds_tasks.StaticSplitSource(
       [good, {**good, "capability": b"image"}, {**good, "index": 7}, {"index": 3}],

@@ -10,8 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from copd_jax import datasets, tasks, verifiers
-from copd_jax.tokenizer import ToyTokenizer
+from copd_jax.data import records as datasets
+from copd_jax.data import examples as examples_lib
+from copd_jax.data import toy_tasks as tasks
+from copd_jax.data import answers as verifiers
+from copd_jax.data import math_verifier
+from copd_jax.data import verifiers as verifiers_lib
+from copd_jax.data.tokenizer import ToyTokenizer
 
 DATA = os.path.join(os.path.dirname(__file__), "fixtures", "data")
 MB = 1 << 20
@@ -33,7 +38,7 @@ def test_jsonl_records_become_examples():
   source = datasets.RecordSource(os.path.join(DATA, "math_train.jsonl"), capability="math")
   assert len(source) == 6
   first = source[0]
-  assert isinstance(first, tasks.Example)
+  assert isinstance(first, examples_lib.Example)
   assert (first.capability, first.modality, first.verifier) == ("math", "text", "math")
   assert first.answer == "\\frac{3}{4}" and first.frames is None and first.solution == ""
   assert first.record.endswith("math_train.jsonl:1 (id m1)")
@@ -147,14 +152,14 @@ def test_missing_or_unknown_files(tmp_path):
 # ------------------------------------------------------------------------------ Example
 
 def test_example_domain_names_need_a_modality():
-  ok = tasks.Example("math", "q", "\\frac{1}{2}", verifier="math", modality="text")
+  ok = examples_lib.Example("math", "q", "\\frac{1}{2}", verifier="math", modality="text")
   assert ok.modality == "text" and ok.describe().startswith("math example")
   with pytest.raises(ValueError, match="capability"):
-    tasks.Example("math", "q", "1")  # no modality: not a built-in capability
+    examples_lib.Example("math", "q", "1")  # no modality: not a built-in capability
   with pytest.raises(ValueError, match="modality"):
-    tasks.Example("text", "q", "1", modality="image")
+    examples_lib.Example("text", "q", "1", modality="image")
   with pytest.raises(ValueError, match="verifier"):
-    tasks.Example("math", "q", "1", verifier="judge", modality="text")
+    examples_lib.Example("math", "q", "1", verifier="judge", modality="text")
   toy = tasks.make_example("text", 0, seed=0, difficulty=0)
   assert toy.verifier == "integer" and toy.modality == "text"
 
@@ -162,12 +167,12 @@ def test_example_domain_names_need_a_modality():
 def test_text_only_model_batches_have_no_frames():
   tok = ToyTokenizer()
   text = tasks.make_example("text", 0, seed=0, difficulty=0)
-  batch = tasks.encode_prompts([text], tok, max_prompt_len=32, num_vision_tokens=0,
+  batch = examples_lib.encode_prompts([text], tok, max_prompt_len=32, num_vision_tokens=0,
                                num_frames=0, image_size=0)
   assert batch.frames is None and batch.mask.sum() == 1 + len(text.question)
   image = tasks.make_example("image", 0, seed=0, difficulty=0)
   with pytest.raises(ValueError, match=r"examples\[0\].*no vision tower"):
-    tasks.encode_prompts([image], tok, max_prompt_len=64, num_vision_tokens=0, num_frames=0,
+    examples_lib.encode_prompts([image], tok, max_prompt_len=64, num_vision_tokens=0, num_frames=0,
                          image_size=0)
 
 
@@ -182,7 +187,7 @@ def test_text_only_model_batches_have_no_frames():
     ("\\boxed{\\dfrac{3}{4}}", "\\frac{3}{4}"),
 ])
 def test_math_equivalences(response, answer):
-  assert verifiers.math_equivalent(response, answer) == 1.0
+  assert math_verifier.math_equivalent(response, answer) == 1.0
 
 
 @pytest.mark.parametrize("response, answer", [
@@ -193,14 +198,14 @@ def test_math_equivalences(response, answer):
     ("\\boxed{\\frac{1}{2}", "\\frac{1}{2}"),  # unbalanced braces
 ])
 def test_math_non_equivalences(response, answer):
-  assert verifiers.math_equivalent(response, answer) == 0.0
+  assert math_verifier.math_equivalent(response, answer) == 0.0
 
 
 def test_math_timeout_scores_zero_and_the_worker_recovers():
   start = time.perf_counter()
-  assert verifiers.math_equivalent("\\boxed{9^{9^{9^{9}}}}", "7", timeout_s=0.5) == 0.0
+  assert math_verifier.math_equivalent("\\boxed{9^{9^{9^{9}}}}", "7", timeout_s=0.5) == 0.0
   assert time.perf_counter() - start < 5.0
-  assert verifiers.math_equivalent("\\boxed{7}", "7") == 1.0  # a fresh worker
+  assert math_verifier.math_equivalent("\\boxed{7}", "7") == 1.0  # a fresh worker
 
 
 def test_model_text_is_never_evaluated(tmp_path):
@@ -210,7 +215,7 @@ def test_model_text_is_never_evaluated(tmp_path):
               f"(lambda: __import__('os').system('touch {marker}'))()"]
   for payload in payloads:
     for text in (f"\\boxed{{{payload}}}", f"The answer is {payload}"):
-      assert verifiers.math_equivalent(text, "0") == 0.0
+      assert math_verifier.math_equivalent(text, "0") == 0.0
       assert verifiers.exact_reward(text, "0") == 0.0
       assert verifiers.extract_choice(text) is None
   assert not marker.exists()
@@ -219,7 +224,7 @@ def test_model_text_is_never_evaluated(tmp_path):
 def test_worker_guard_lets_only_number_literals_reach_sympy_parse_expr():
   code = ("import sympy\n"
           "from copd_jax import verifiers\n"
-          "verifiers._install_parse_expr_guard()\n"
+          "math_verifier._install_parse_expr_guard()\n"
           "assert sympy.Number('12') == 12 and float(sympy.Number('0.5')) == 0.5\n"
           "for text in (\"__import__('os')\", 'x+1', '1e5', ''):\n"
           "  try:\n"
@@ -257,7 +262,7 @@ def test_adversarial_megabyte_outputs_are_bounded():
            "(" * MB, "\\boxed{1}" + "x" * MB, "9" * MB, "\\frac{" * (MB // 6) + "1"]
   for response in nasty:
     start = time.perf_counter()
-    rewards = [verifiers.math_equivalent(response, "1", timeout_s=2.0),
+    rewards = [math_verifier.math_equivalent(response, "1", timeout_s=2.0),
                verifiers.choice_reward(response, "A"), verifiers.exact_reward(response, "1")]
     assert time.perf_counter() - start < 5.0
     assert all(r in (0.0, 1.0) for r in rewards)
@@ -265,15 +270,15 @@ def test_adversarial_megabyte_outputs_are_bounded():
 
 def test_rewards_for_dispatches_on_each_example():
   examples = [
-      tasks.Example("math", "q", "\\frac{1}{2}", verifier="math", modality="text"),
-      tasks.Example("science", "q", "B", verifier="choice", modality="text"),
-      tasks.Example("science", "q", "Mars", verifier="exact", modality="text"),
+      examples_lib.Example("math", "q", "\\frac{1}{2}", verifier="math", modality="text"),
+      examples_lib.Example("science", "q", "B", verifier="choice", modality="text"),
+      examples_lib.Example("science", "q", "Mars", verifier="exact", modality="text"),
       tasks.make_example("text", 0, seed=0, difficulty=0),
   ]
   good = ["\\boxed{0.5}", "Answer: (B)", "mars", examples[3].solution]
   bad = ["\\boxed{2}", "Answer: C", "venus", "#999"]
-  np.testing.assert_array_equal(verifiers.rewards_for(good, examples), [1, 1, 1, 1])
-  np.testing.assert_array_equal(verifiers.rewards_for(bad, examples), [0, 0, 0, 0])
-  assert verifiers.rewards_for(good, examples).dtype == np.float32
+  np.testing.assert_array_equal(verifiers_lib.rewards_for(good, examples), [1, 1, 1, 1])
+  np.testing.assert_array_equal(verifiers_lib.rewards_for(bad, examples), [0, 0, 0, 0])
+  assert verifiers_lib.rewards_for(good, examples).dtype == np.float32
   with pytest.raises(ValueError, match="same length"):
-    verifiers.rewards_for(good[:2], examples)
+    verifiers_lib.rewards_for(good[:2], examples)

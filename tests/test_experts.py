@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from copd_jax import experts as X
-from copd_jax import model as M
+from copd_jax.models import stacked as X
+from copd_jax.models import decoder as M
 
 from tiny_model import IMG, tiny_config
 E = 3

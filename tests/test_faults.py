@@ -14,13 +14,19 @@ import time
 import numpy as np
 import pytest
 
-from copd_jax import config_lib, datasets, default_config, tasks, verifiers
+from copd_jax import config_lib, default_config
+from copd_jax.data import records as datasets
+from copd_jax.data import examples as examples_lib
+from copd_jax.data import toy_tasks as tasks
+from copd_jax.data import answers as verifiers
+from copd_jax.data import math_verifier
+from copd_jax.data import verifiers as verifiers_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def math_example(answer):
-  return tasks.Example("math", "q", answer, verifier="math", modality="text")
+  return examples_lib.Example("math", "q", answer, verifier="math", modality="text")
 
 
 # ------------------------------------------------------- 13.1 symbolic answers scored 0
@@ -34,7 +40,7 @@ def math_example(answer):
     ("\\boxed{\\{2,1\\}}", "\\{1,2\\}"),
 ])
 def test_symbolic_equivalents_score_one(response, answer):
-  assert verifiers.math_equivalent(response, answer) == 1.0
+  assert math_verifier.math_equivalent(response, answer) == 1.0
 
 
 @pytest.mark.parametrize("response, answer", [
@@ -42,7 +48,7 @@ def test_symbolic_equivalents_score_one(response, answer):
     ("\\boxed{\\sin^2x-\\cos^2x}", "1"),
 ])
 def test_symbolic_non_equivalents_score_zero(response, answer):
-  assert verifiers.math_equivalent(response, answer) == 0.0
+  assert math_verifier.math_equivalent(response, answer) == 0.0
 
 
 def test_no_module_is_imported_after_the_guard():
@@ -50,8 +56,8 @@ def test_no_module_is_imported_after_the_guard():
   answers imports nothing new in the worker."""
   for response, answer in [("\\boxed{x^2+2x+1}", "(x+1)^2"), ("\\boxed{\\sin^2x+\\cos^2x}", "1"),
                            ("\\boxed{(0,1]}", "(0,1]"), ("\\boxed{\\int_0^1 x dx}", "1/2")]:
-    verifiers.math_equivalent(response, answer)
-  pool = verifiers.shared_pool()
+    math_verifier.math_equivalent(response, answer)
+  pool = verifiers_lib.shared_pool()
   late, _ = pool.run([("late_imports",)] * pool.size, timeout_s=30)
   assert late == [[]] * pool.size
 
@@ -59,8 +65,8 @@ def test_no_module_is_imported_after_the_guard():
 def test_guard_still_refuses_model_text_after_the_fix():
   code = textwrap.dedent("""
       import sympy
-      from copd_jax import verifiers
-      verifiers._install_parse_expr_guard()
+      from copd_jax.data import answers as verifiers
+      math_verifier._install_parse_expr_guard()
       assert sympy.Number('12') == 12
       import sympy.physics.units  # a module's own import-time constants are allowed
       for text in ("__import__('os')", 'x+1', 'yotta'):
@@ -84,14 +90,14 @@ def test_guard_still_refuses_model_text_after_the_fix():
 ])
 def test_answer_phrase_in_ordinary_text(response):
   assert verifiers.final_answer_text(response) == "7"
-  assert verifiers.math_equivalent(response, "7") == 1.0
+  assert math_verifier.math_equivalent(response, "7") == 1.0
   assert verifiers.exact_reward(response, "7") == 1.0
 
 
 def test_answer_phrase_keeps_decimals_and_rejects_wrong_answers():
   assert verifiers.final_answer_text("The answer is 3.5.") == "3.5"
-  assert verifiers.math_equivalent("The answer is: 3.5.", "7/2") == 1.0
-  assert verifiers.math_equivalent("The answer is 8.", "7") == 0.0
+  assert math_verifier.math_equivalent("The answer is: 3.5.", "7/2") == 1.0
+  assert math_verifier.math_equivalent("The answer is 8.", "7") == 0.0
 
 
 # ------------------------------------------------------- 13.3 bad references at load
@@ -118,21 +124,21 @@ HANG = "\\boxed{9^{9^{9^{9}}}}"  # sympy computes this power for hours
 
 
 def test_per_answer_limit_comes_from_the_config():
-  config = verifiers.RewardConfig(timeout_s=0.5, workers=1)
-  rewards, stats = verifiers.score([HANG, "\\boxed{7}"], [math_example("7")] * 2, config)
+  config = verifiers_lib.RewardConfig(timeout_s=0.5, workers=1)
+  rewards, stats = verifiers_lib.score([HANG, "\\boxed{7}"], [math_example("7")] * 2, config)
   np.testing.assert_array_equal(rewards, [0.0, 1.0])
   assert (stats.timeouts, stats.over_budget) == (1, 0)
 
 
 def test_step_budget_bounds_a_batch_of_hanging_answers():
   # Each hanging answer has a 100 s limit; the batch's 2 s budget ends all of them.
-  config = verifiers.RewardConfig(timeout_s=100.0, step_budget_s=2.0, workers=2)
+  config = verifiers_lib.RewardConfig(timeout_s=100.0, step_budget_s=2.0, workers=2)
   hanging = [f"\\boxed{{9^{{9^{{9^{{{k}}}}}}}}}" for k in range(9, 13)]
-  rewards, stats = verifiers.score(hanging, [math_example("7")] * 4, config)
+  rewards, stats = verifiers_lib.score(hanging, [math_example("7")] * 4, config)
   np.testing.assert_array_equal(rewards, [0, 0, 0, 0])
   assert stats.over_budget == 4 and stats.timeouts == 0
   # The pool recovers: the next batch is scored normally.
-  rewards, _ = verifiers.score(["\\boxed{7}"], [math_example("7")], config)
+  rewards, _ = verifiers_lib.score(["\\boxed{7}"], [math_example("7")], config)
   assert rewards.tolist() == [1.0]
 
 
@@ -159,8 +165,8 @@ def _alive(pid: int) -> bool:
 def test_worker_dies_when_its_parent_is_killed():
   code = textwrap.dedent("""
       import threading, time
-      from copd_jax import verifiers
-      pool = verifiers.VerifierPool(1)
+      from copd_jax.data import answers as verifiers
+      pool = math_verifier.VerifierPool(1)
       threading.Thread(target=pool.run, args=([("math", "7", "9^{9^{9^{9}}}")], 3600.0),
                        daemon=True).start()
       while not pool._workers or pool._workers[0].job is None:  # busy on the hanging answer
@@ -215,16 +221,16 @@ def plugin_module(tmp_path, monkeypatch):
 
 def test_plugin_reward_runs_in_a_worker_with_the_time_limit(plugin_module):
   examples = [math_example("7"), math_example("8")]
-  config = verifiers.RewardConfig(fn=f"{plugin_module}:exact", workers=1)
-  np.testing.assert_array_equal(verifiers.rewards_for(["7", "7"], examples, config), [1, 0])
-  pids = verifiers.rewards_for(["a"], examples[:1],
-                               verifiers.RewardConfig(fn=f"{plugin_module}:pid", workers=1))
+  config = verifiers_lib.RewardConfig(fn=f"{plugin_module}:exact", workers=1)
+  np.testing.assert_array_equal(verifiers_lib.rewards_for(["7", "7"], examples, config), [1, 0])
+  pids = verifiers_lib.rewards_for(["a"], examples[:1],
+                               verifiers_lib.RewardConfig(fn=f"{plugin_module}:pid", workers=1))
   assert pids[0] not in (0.0, float(os.getpid()))  # another process
-  rewards, stats = verifiers.score(["7"], examples[:1], verifiers.RewardConfig(
+  rewards, stats = verifiers_lib.score(["7"], examples[:1], verifiers_lib.RewardConfig(
       fn=f"{plugin_module}:hang", timeout_s=0.5, workers=1))
   assert rewards.tolist() == [0.0] and stats.timeouts == 1
   for fn in ("broken", "nan"):  # a failing or non-finite plug-in result scores 0
-    assert verifiers.rewards_for(["7"], examples[:1], verifiers.RewardConfig(
+    assert verifiers_lib.rewards_for(["7"], examples[:1], verifiers_lib.RewardConfig(
         fn=f"{plugin_module}:{fn}", workers=1)).tolist() == [0.0]
 
 
@@ -316,7 +322,12 @@ def test_update_with_non_finite_new_params_is_not_applied_to_that_branch_only():
   import jax
   import jax.numpy as jnp
 
-  from copd_jax import experts, kernels, objectives, policy_setup, sampling, trainer
+  from copd_jax import kernels, policy_setup, sampling
+  from copd_jax.models import stacked as experts
+  from copd_jax.rl import objectives
+  from copd_jax.rl import rollout as trainer
+  from copd_jax.rl import rows as rows_lib
+  from copd_jax.rl import update as update_lib
   cfg = default_config.get("copd", "micro")
   s = policy_setup.build_setup(cfg)
   params = experts.init_stacked(s.model_cfg, jax.random.split(jax.random.key(4), 2))
@@ -329,13 +340,13 @@ def test_update_with_non_finite_new_params_is_not_applied_to_that_branch_only():
                                       sampling.SamplingConfig(max_new_tokens=6, stop_token_ids=(2,)), 2)
   advantages = np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)
   rows = trainer.build_rows(tokens, mask, frames, rollout, advantages, np.zeros((2, 4)), 2)
-  ucfg = trainer.UpdateConfig(model=s.model_cfg, loss=objectives.PolicyLossConfig(),
+  ucfg = rows_lib.UpdateConfig(model=s.model_cfg, loss=objectives.PolicyLossConfig(),
                               kernel=kernels.KernelConfig(backend="chunked", vocab_tile=32,
                                                           token_tile=64))
   optimizer = _poison_optimizer()
-  opt_state = trainer.init_optimizer_state(optimizer, params)
+  opt_state = update_lib.init_optimizer_state(optimizer, params)
   opt_state = (opt_state[0], {"scale": jnp.array([1.0, jnp.inf])})  # branch 1 blows up
-  new_params, new_opt, metrics = trainer.update(params, opt_state, None, rows, None, ucfg=ucfg,
+  new_params, new_opt, metrics = update_lib.update(params, opt_state, None, rows, None, ucfg=ucfg,
                                                 optimizer=optimizer, distil=False)
   assert np.isfinite(np.asarray(metrics["loss"])).all()
   assert np.isfinite(np.asarray(metrics["grad_norm"])).all()
@@ -349,7 +360,7 @@ def test_update_with_non_finite_new_params_is_not_applied_to_that_branch_only():
 
 def _poison_advantages(monkeypatch, bad):
   """bad: {step: [branch, ...]}: those branches' GRPO advantages are NaN on that step."""
-  from copd_jax import trainer
+  from copd_jax.rl import rollout as trainer
   real, calls = trainer.group_advantages, []
 
   def poisoned(rewards, samples, scale_by_std):
@@ -366,7 +377,8 @@ def _poison_advantages(monkeypatch, bad):
 def micro_base():
   import jax
 
-  from copd_jax import model as model_lib, policy_setup
+  from copd_jax import policy_setup
+  from copd_jax.models import decoder as model_lib
   cfg = default_config.get("experts", "micro")
   s = policy_setup.build_setup(cfg)
   return s, model_lib.init_params(s.model_cfg, jax.random.key(0))
@@ -382,7 +394,7 @@ def _experts_cfg(tmp_path, **rl):
 
 
 def _run(cfg, micro_base):
-  from copd_jax import methods
+  from copd_jax.rl import methods
   from copd_jax.run_log import MetricsWriter
   s, params = micro_base
   writer = MetricsWriter(cfg.workdir)
@@ -614,7 +626,7 @@ def test_full_disk_during_training_stops_with_the_path_and_keeps_the_checkpoint(
         self._jsonl = _FullDisk(self._jsonl)
       super().write(step, scalars)
 
-  from copd_jax import methods
+  from copd_jax.rl import methods
   cfg = _experts_cfg(tmp_path, steps=3)
   cfg.checkpoint.every_steps = 1
   s, params = micro_base
@@ -684,7 +696,7 @@ def _copy_checkpoint(tmp_path, name="untied_f32"):
 
 
 def test_huge_layer_count_in_config_fails_on_headers_first(tmp_path):
-  from copd_jax import hf_checkpoint
+  from copd_jax.models import hf_checkpoint
   ckpt = _copy_checkpoint(tmp_path)
   config = json.loads((ckpt / "config.json").read_text())
   config["num_hidden_layers"] = 10**8
@@ -696,7 +708,7 @@ def test_huge_layer_count_in_config_fails_on_headers_first(tmp_path):
 
 
 def test_non_utf8_hf_config_names_the_file(tmp_path):
-  from copd_jax import hf_checkpoint
+  from copd_jax.models import hf_checkpoint
   ckpt = _copy_checkpoint(tmp_path)
   (ckpt / "config.json").write_bytes(b'{"model_type": "qwen3\xff"}')
   with pytest.raises(hf_checkpoint.HFCheckpointError, match=r"config\.json: not UTF-8"):
@@ -706,7 +718,7 @@ def test_non_utf8_hf_config_names_the_file(tmp_path):
 def test_nan_weight_in_hf_checkpoint_names_the_tensor(tmp_path):
   from safetensors.numpy import load_file, save_file
 
-  from copd_jax import hf_checkpoint
+  from copd_jax.models import hf_checkpoint
   ckpt = _copy_checkpoint(tmp_path)
   tensors = load_file(str(ckpt / "model.safetensors"))
   name = "model.layers.0.mlp.up_proj.weight"
@@ -737,7 +749,7 @@ def re_escape(text):
 def test_chat_template_that_loops_recurses_or_grows_raises_one_error(tmp_path, template, message):
   import shutil
 
-  from copd_jax.hf_tokenizer import ChatTemplateError, HFTokenizer
+  from copd_jax.data.hf_tokenizer import ChatTemplateError, HFTokenizer
   directory = tmp_path / "tok"
   shutil.copytree(os.path.join(HF_FIXTURES, "tokenizer"), directory)
   (directory / "chat_template.jinja").write_text(template)

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from copd_jax import config_lib, hf_checkpoint, policy_setup, warm_start
+from copd_jax import config_lib, policy_setup, warm_start
+from copd_jax.models import hf_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,7 +110,8 @@ def test_copd_micro_run_from_checkpoint_and_records(tmp_path):
   assert any(k.endswith("opd/delta_mean") for k in logged), "the run must include an OPD step"
 
   # The merged model goes back out as a HF checkpoint that loads with the same logits.
-  from copd_jax import export_hf, model as model_lib
+  from copd_jax.models import hf_export as export_hf
+  from copd_jax.models import decoder as model_lib
   out = str(tmp_path / "exported")
   export_hf.export_run(cfg.workdir, out, dtype="float32")
   _, model_cfg, merged = export_hf.load_run_policy(cfg.workdir)

@@ -15,10 +15,10 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from copd_jax import hf_checkpoint as hfc
-from copd_jax import model as M
-from copd_jax.hf_tokenizer import ChatTemplateError, HFTokenizer
-from copd_jax.tokenizer import REPLACEMENT_CHAR, Tokenizer
+from copd_jax.models import hf_checkpoint as hfc
+from copd_jax.models import decoder as M
+from copd_jax.data.hf_tokenizer import ChatTemplateError, HFTokenizer
+from copd_jax.data.tokenizer import REPLACEMENT_CHAR, Tokenizer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "qwen3_tiny")
 UNTIED = os.path.join(FIXTURES, "untied_f32")
@@ -51,7 +51,7 @@ def our_logits(cfg, params, ref):
 
 
 def assert_logits_close(ours, theirs, mask):
-  # Padded positions carry no meaning (see copd_jax.model); compare real tokens only.
+  # Padded positions carry no meaning (see copd_jax.models.decoder); compare real tokens only.
   np.testing.assert_allclose(ours[mask], theirs[mask], atol=ATOL, rtol=0)
 
 

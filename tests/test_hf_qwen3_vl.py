@@ -10,8 +10,9 @@ import shutil
 import numpy as np
 import pytest
 
-from copd_jax import qwen3_vl
-from copd_jax import vision_preprocess as vp
+from copd_jax.models import qwen3_vl
+from copd_jax.models import qwen3_vl_config
+from copd_jax.data import vision_preprocess as vp
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "qwen3_vl_tiny")
 # The fixture's processor settings: patch 8, merge 2, temporal 2, mean = std = 0.5.
@@ -114,23 +115,23 @@ def test_config_from_hf(loaded):
   legacy["text_config"]["rope_theta"] = rope.pop("rope_theta")
   legacy["text_config"]["rope_scaling"] = rope
   del legacy["vision_config"]["rope_parameters"]
-  assert qwen3_vl.Qwen3VLConfig.from_hf(legacy) == cfg
+  assert qwen3_vl_config.Qwen3VLConfig.from_hf(legacy) == cfg
   bad = json.loads(json.dumps(raw))
   bad["vision_config"]["hidden_act"] = "relu"
   with pytest.raises(ValueError, match="vision_config.hidden_act"):
-    qwen3_vl.Qwen3VLConfig.from_hf(bad)
+    qwen3_vl_config.Qwen3VLConfig.from_hf(bad)
   bad = json.loads(json.dumps(raw))
   bad["text_config"]["rope_parameters"]["mrope_section"] = [4, 2, 1]
   with pytest.raises(ValueError, match="mrope_section"):
-    qwen3_vl.Qwen3VLConfig.from_hf(bad)
+    qwen3_vl_config.Qwen3VLConfig.from_hf(bad)
   bad = json.loads(json.dumps(raw))
   bad["text_config"]["rope_parameters"]["rope_type"] = "yarn"
   with pytest.raises(ValueError, match="rope_type"):
-    qwen3_vl.Qwen3VLConfig.from_hf(bad)
+    qwen3_vl_config.Qwen3VLConfig.from_hf(bad)
   bad = json.loads(json.dumps(raw))
   del bad["video_token_id"]
   with pytest.raises(ValueError, match="video_token_id"):
-    qwen3_vl.Qwen3VLConfig.from_hf(bad)
+    qwen3_vl_config.Qwen3VLConfig.from_hf(bad)
 
 
 @pytest.mark.parametrize("kind", ["image", "video", "mixed"])

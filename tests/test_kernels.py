@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from copd_jax import objectives as obj
+from copd_jax.rl import objectives as obj
 from copd_jax.kernels import (KernelConfig, full_vocab_reverse_kl, fused_policy_loss,
                               sampled_token_logprobs, sequence_policy_loss,
                               token_logprob_entropy)
-from copd_jax.objectives import PolicyLossConfig
+from copd_jax.rl.objectives import PolicyLossConfig
 
 N, D, V = 13, 16, 70
 REFERENCE = KernelConfig("reference")

@@ -6,7 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from copd_jax import config_lib, default_config, experts, methods, model as model_lib
+from copd_jax import config_lib, default_config
+from copd_jax.models import stacked as experts
+from copd_jax.rl import loop
+from copd_jax.rl import methods
+from copd_jax.rl import stages as stages_lib
+from copd_jax.models import decoder as model_lib
 from copd_jax import policy_setup
 from copd_jax.run_log import MetricsWriter
 
@@ -68,12 +73,12 @@ def test_copd_with_zero_beta_equals_independent_experts(tmp_path, base):
     # makes sure the parameters really move, so equality is not vacuous.
     cfg.rl.loss.entropy_coef = 0.01
     writer = MetricsWriter(cfg.workdir)
-    ctx = methods.RunContext(cfg, s, base_params, {"text": []}, writer)
+    ctx = loop.RunContext(cfg, s, base_params, {"text": []}, writer)
     ctx.eval_sets = {c: e[:2] for c, e in policy_setup.held_out_sets(cfg, s).items()}
-    stage = (methods.experts_stage if method == "experts" else methods.copd_stage)(
+    stage = (stages_lib.experts_stage if method == "experts" else stages_lib.copd_stage)(
         cfg.rl, list(cfg.rl.capabilities))
     params = experts.broadcast_params(base_params, stage.num_students)
-    results.append(methods.run_stage(ctx, stage, params, seed_offset=1))
+    results.append(loop.run_stage(ctx, stage, params, seed_offset=1))
     writer.close()
   for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -120,10 +125,11 @@ def test_rl_config_errors_name_the_field(method, field, value, message):
 
 def poison_steps(monkeypatch, bad_steps, branch=1):
   """Makes the GRPO advantages of `branch` NaN on `bad_steps`, so its loss (and update) is
-  not finite there; trainer.update must then keep that branch's params. Wraps
-  trainer.train_step to return the (params, opt_state) each call received."""
-  from copd_jax import trainer
-  real_train_step, real_advantages, seen = trainer.train_step, trainer.group_advantages, []
+  not finite there; update_lib.update must then keep that branch's params. Wraps
+  step_lib.train_step to return the (params, opt_state) each call received."""
+  from copd_jax.rl import rollout as trainer
+  from copd_jax.rl import step as step_lib
+  real_train_step, real_advantages, seen = step_lib.train_step, trainer.group_advantages, []
 
   def poisoned_advantages(rewards, samples, scale_by_std):
     advantages, zero = real_advantages(rewards, samples, scale_by_std)
@@ -146,8 +152,8 @@ def experts_ctx(tmp_path, base, **rl):
   cfg.rl.loss.entropy_coef = 0.01  # rewards of a random policy are 0: make params move
   writer = MetricsWriter(cfg.workdir)
   eval_sets = {c: e[:2] for c, e in policy_setup.held_out_sets(cfg, s).items()}
-  ctx = methods.RunContext(cfg, s, base_params, eval_sets, writer)
-  return ctx, methods.experts_stage(cfg.rl, list(cfg.rl.capabilities))
+  ctx = loop.RunContext(cfg, s, base_params, eval_sets, writer)
+  return ctx, stages_lib.experts_stage(cfg.rl, list(cfg.rl.capabilities))
 
 
 def assert_trees_equal(a, b):
@@ -159,7 +165,7 @@ def test_nonfinite_step_is_skipped_counted_and_training_continues(tmp_path, base
   seen = poison_steps(monkeypatch, bad_steps={0})
   ctx, stage = experts_ctx(tmp_path, base)
   start = experts.broadcast_params(ctx.base_params, stage.num_students)
-  final = methods.run_stage(ctx, stage, start, seed_offset=1)
+  final = loop.run_stage(ctx, stage, start, seed_offset=1)
   ctx.writer.close()
   assert len(seen) == 2
   branch = lambda tree, k: jax.tree.map(lambda x: x[k], tree)
@@ -185,14 +191,14 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, base, monkeypatch):
   with pytest.raises(FloatingPointError,
                      match=r"2 non-finite updates in a row for branch 'image' \(last: step 2, "
                            r"branch\(es\) \['image'\]"):
-    methods.run_stage(ctx, stage, start, seed_offset=1)
+    loop.run_stage(ctx, stage, start, seed_offset=1)
   ctx.writer.close()
 
 
 def crash_at_call(monkeypatch, n):
-  """Makes the n-th (1-based) trainer.train_step call raise, like a crash mid-run."""
-  from copd_jax import trainer
-  real, calls = trainer.train_step, []
+  """Makes the n-th (1-based) step_lib.train_step call raise, like a crash mid-run."""
+  from copd_jax.rl import rollout as trainer
+  real, calls = step_lib.train_step, []
 
   def crashing(*args, **kwargs):
     calls.append(1)

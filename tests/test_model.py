@@ -7,7 +7,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from copd_jax import model as M
+from copd_jax.models import decoder as M
+from copd_jax.models import layers
+from copd_jax.models import model_config
+from copd_jax.models import toy_vision
 
 from tiny_model import IMG, tiny_config
 
@@ -22,7 +25,7 @@ def params(cfg):
   return M.init_params(cfg, jax.random.key(0))
 
 
-def closed_form_param_count(cfg: M.ModelConfig) -> int:
+def closed_form_param_count(cfg: model_config.ModelConfig) -> int:
   d, hd, m = cfg.d_model, cfg.head_dim, cfg.mlp_dim
   attn = d * cfg.num_heads * hd * 2 + d * cfg.num_kv_heads * hd * 2 + 2 * hd
   layer = attn + 3 * d * m + 2 * d
@@ -125,20 +128,20 @@ def test_rope_scores_depend_only_on_relative_position():
   q, k = jax.random.normal(jax.random.key(4), (2, 1, 1, 1, 8))
 
   def score(pq, pk):
-    rq = M.apply_rope(q, jnp.array([[pq]]), 10000.0)
-    rk = M.apply_rope(k, jnp.array([[pk]]), 10000.0)
+    rq = layers.apply_rope(q, jnp.array([[pq]]), 10000.0)
+    rk = layers.apply_rope(k, jnp.array([[pk]]), 10000.0)
     return float(jnp.sum(rq * rk))
   assert score(3, 1) == pytest.approx(score(10, 8), abs=1e-5)
   assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
   # Position 0 is the identity rotation.
-  np.testing.assert_allclose(M.apply_rope(q, jnp.array([[0]]), 10000.0), q)
+  np.testing.assert_allclose(layers.apply_rope(q, jnp.array([[0]]), 10000.0), q)
 
 
 def test_replace_placeholders_in_order():
   embeds = jnp.zeros((2, 6, 4))
   tokens = jnp.array([[1, IMG, 2, IMG, IMG, 5], [1, 2, 4, 5, 6, 7]])
   vision = jnp.arange(2 * 3 * 4, dtype=jnp.float32).reshape(2, 3, 4) + 1
-  out = M.replace_placeholders(embeds, tokens, vision, IMG)
+  out = toy_vision.replace_placeholders(embeds, tokens, vision, IMG)
   np.testing.assert_array_equal(out[0, 1], vision[0, 0])
   np.testing.assert_array_equal(out[0, 3], vision[0, 1])
   np.testing.assert_array_equal(out[0, 4], vision[0, 2])
@@ -167,9 +170,9 @@ def test_vision_reaches_only_placeholder_rows(cfg, params):
 
 
 def test_clip_to_tubelets_layout():
-  vcfg = M.VisionConfig(image_size=4, patch_size=2, channels=1, num_frames=2, tubelet=2)
+  vcfg = model_config.VisionConfig(image_size=4, patch_size=2, channels=1, num_frames=2, tubelet=2)
   clip = jnp.arange(2 * 4 * 4, dtype=jnp.float32).reshape(1, 2, 4, 4, 1)
-  patches = M.clip_to_tubelets(clip, vcfg)
+  patches = toy_vision.clip_to_tubelets(clip, vcfg)
   assert patches.shape == (1, vcfg.num_tokens, vcfg.patch_dim) == (1, 4, 8)
   # Tubelet (row 0, col 1): frame 0 pixels then frame 1 pixels of that 2x2 patch.
   np.testing.assert_array_equal(patches[0, 1], [2, 3, 6, 7, 18, 19, 22, 23])
@@ -204,11 +207,11 @@ def test_cast_matmul_kernels_changes_nothing_but_dtypes(params):
 def test_config_accepts_dicts_and_configdicts():
   d = dataclasses.asdict(tiny_config())
   cd = ml_collections.ConfigDict(d)
-  from_cd = M.ModelConfig(**cd.to_dict())
-  assert isinstance(from_cd.vision, M.VisionConfig)
-  assert M.ModelConfig.from_dict(cd) == from_cd == tiny_config()
+  from_cd = model_config.ModelConfig(**cd.to_dict())
+  assert isinstance(from_cd.vision, model_config.VisionConfig)
+  assert model_config.ModelConfig.from_dict(cd) == from_cd == tiny_config()
   assert from_cd.vision.num_tokens == 8
-  assert M.VisionConfig().num_tokens == 32
+  assert model_config.VisionConfig().num_tokens == 32
   hash(from_cd)  # static argument of jit
 
 
@@ -230,7 +233,7 @@ def test_config_errors_name_the_field(overrides, field):
 
 def test_from_dict_rejects_unknown_fields():
   with pytest.raises(ValueError, match="num_expert"):
-    M.ModelConfig.from_dict(dict(dataclasses.asdict(tiny_config()), num_expert=2))
+    model_config.ModelConfig.from_dict(dict(dataclasses.asdict(tiny_config()), num_expert=2))
 
 
 def test_forward_input_errors(cfg, params):

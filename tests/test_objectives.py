@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from copd_jax import objectives as obj
-from copd_jax.objectives import PolicyLossConfig
+from copd_jax.rl import objectives as obj
+from copd_jax.rl.objectives import PolicyLossConfig
 
 
 # ------------------------------------------------------------------ advantages

@@ -13,7 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from copd_jax import checkpoint, default_config, model as model_lib, policy_setup, warm_start
+from copd_jax import checkpoint, default_config, policy_setup, warm_start
+from copd_jax.models import decoder as model_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 5

@@ -146,7 +146,7 @@ def micro_copd(workdir):
 
 
 def run_method(cfg, base):
-  from copd_jax import methods
+  from copd_jax.rl import methods
   setup, params = base
   writer = MetricsWriter(cfg.workdir)
   try:
@@ -161,7 +161,8 @@ def timing_free(curves):
 
 def test_a_crashed_and_resumed_run_logs_what_an_uninterrupted_run_logs(tmp_path, monkeypatch):
   import jax
-  from copd_jax import model as model_lib, policy_setup, train_checkpoint
+  from copd_jax import policy_setup, train_checkpoint
+  from copd_jax.models import decoder as model_lib
   cfg = micro_copd(tmp_path / "reference")
   setup = policy_setup.build_setup(cfg)
   base = (setup, model_lib.init_params(setup.model_cfg, jax.random.key(0)))

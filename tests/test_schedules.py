@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from copd_jax import schedules
+from copd_jax.rl import schedules
 
 
 def test_hub_topology_connects_hub_with_spokes_only():

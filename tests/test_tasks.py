@@ -5,9 +5,10 @@ import itertools
 import numpy as np
 import pytest
 
-from copd_jax import tasks
-from copd_jax.tokenizer import ToyTokenizer
-from copd_jax.verifiers import ANSWER_MARKER, reward
+from copd_jax.data import examples as examples_lib
+from copd_jax.data import toy_tasks as tasks
+from copd_jax.data.tokenizer import ToyTokenizer
+from copd_jax.data.answers import ANSWER_MARKER, reward
 
 CAPS = tasks.CAPABILITIES
 LEVELS = range(tasks.MAX_DIFFICULTY + 1)
@@ -18,7 +19,7 @@ def examples(cap, n, *, difficulty, seed=0, split="train", **kw):
           for i in range(n)]
 
 
-def same(a: tasks.Example, b: tasks.Example) -> bool:
+def same(a: examples_lib.Example, b: examples_lib.Example) -> bool:
   fields = (a.capability, a.question, a.answer, a.solution) == (
       b.capability, b.question, b.answer, b.solution)
   if a.frames is None or b.frames is None:
@@ -64,8 +65,8 @@ def test_eval_never_overlaps_train(cap, difficulty):
   train = list(itertools.islice(tasks.train_stream(cap, seed=0, difficulty=difficulty), 2000))
   held_out = tasks.eval_set(cap, 200, seed=0, difficulty=difficulty)
   assert {ex.key() for ex in train}.isdisjoint({ex.key() for ex in held_out})
-  assert all(tasks.hash_bucket(ex) == tasks.EVAL_BUCKET for ex in held_out)
-  assert all(tasks.hash_bucket(ex) != tasks.EVAL_BUCKET for ex in train)
+  assert all(examples_lib.hash_bucket(ex) == tasks.EVAL_BUCKET for ex in held_out)
+  assert all(examples_lib.hash_bucket(ex) != tasks.EVAL_BUCKET for ex in train)
   if cap == "text":  # text has no pixels: its questions themselves are held out
     assert {ex.question for ex in train}.isdisjoint({ex.question for ex in held_out})
 
@@ -77,8 +78,8 @@ def test_train_validation_eval_are_disjoint(cap, difficulty):
   held_out = tasks.eval_set(cap, 200, seed=0, difficulty=difficulty)
   keys = [{ex.key() for ex in split} for split in (train, validation, held_out)]
   assert keys[0].isdisjoint(keys[1]) and keys[0].isdisjoint(keys[2]) and keys[1].isdisjoint(keys[2])
-  assert all(tasks.hash_bucket(ex) == tasks.VALIDATION_BUCKET for ex in validation)
-  assert all(tasks.hash_bucket(ex) not in (tasks.EVAL_BUCKET, tasks.VALIDATION_BUCKET)
+  assert all(examples_lib.hash_bucket(ex) == tasks.VALIDATION_BUCKET for ex in validation)
+  assert all(examples_lib.hash_bucket(ex) not in (tasks.EVAL_BUCKET, tasks.VALIDATION_BUCKET)
              for ex in train)
   if cap == "text":
     questions = [{ex.question for ex in split} for split in (train, validation, held_out)]
@@ -232,7 +233,7 @@ def test_frames_are_read_only_and_keyed():
     ex.frames[0, 0, 0, 0] = 1.0
   altered = np.array(ex.frames)
   altered[0, 0, 0, 0] += 0.5
-  twin = tasks.Example(ex.capability, ex.question, ex.answer, ex.solution, altered)
+  twin = examples_lib.Example(ex.capability, ex.question, ex.answer, ex.solution, altered)
   assert twin.key() != ex.key()
   assert tasks.make_example("text", 0, seed=0, difficulty=1).frames is None
 
@@ -315,13 +316,13 @@ def test_stream_validation_is_eager():
 
 def test_example_validation():
   with pytest.raises(ValueError, match="frames"):
-    tasks.Example("text", "1+1=?", "2", "1+1=2#2", np.zeros((1, 8, 8, 3)))
+    examples_lib.Example("text", "1+1=?", "2", "1+1=2#2", np.zeros((1, 8, 8, 3)))
   with pytest.raises(ValueError, match="frames"):
-    tasks.Example("image", "how many red?", "0", "0#0", None)
+    examples_lib.Example("image", "how many red?", "0", "0#0", None)
   with pytest.raises(ValueError, match="frames"):
-    tasks.Example("image", "how many red?", "0", "0#0", np.zeros((8, 8, 3)))
+    examples_lib.Example("image", "how many red?", "0", "0#0", np.zeros((8, 8, 3)))
   with pytest.raises(ValueError, match="capability"):
-    tasks.Example("smell", "?", "0", "0#0")
+    examples_lib.Example("smell", "?", "0", "0#0")
 
 
 # ---------------------------------------------------------------------- mixed stream
@@ -359,7 +360,7 @@ def mixed_examples():
 
 def test_encode_prompts_layout(tok, mixed_examples):
   P = 40
-  batch = tasks.encode_prompts(mixed_examples, tok, max_prompt_len=P, num_vision_tokens=NV,
+  batch = examples_lib.encode_prompts(mixed_examples, tok, max_prompt_len=P, num_vision_tokens=NV,
                                num_frames=F, image_size=S)
   B = len(mixed_examples)
   assert batch.tokens.shape == (B, P) and batch.tokens.dtype == np.int32
@@ -369,7 +370,7 @@ def test_encode_prompts_layout(tok, mixed_examples):
   assert batch.answers == [ex.answer for ex in mixed_examples]
   for row, ex in enumerate(mixed_examples):
     ids = batch.tokens[row]
-    length = tasks.prompt_length(ex, tok, NV)
+    length = examples_lib.prompt_length(ex, tok, NV)
     assert batch.mask[row].sum() == length
     assert not batch.mask[row, :P - length].any() and batch.mask[row, P - length:].all()
     assert (ids[:P - length] == tok.pad_id).all()  # left padding
@@ -389,9 +390,9 @@ def test_encode_prompts_layout(tok, mixed_examples):
 
 def test_encode_sft_batch_alignment(tok, mixed_examples):
   P, R = 40, 24
-  prompts = tasks.encode_prompts(mixed_examples, tok, max_prompt_len=P, num_vision_tokens=NV,
+  prompts = examples_lib.encode_prompts(mixed_examples, tok, max_prompt_len=P, num_vision_tokens=NV,
                                  num_frames=F, image_size=S)
-  sft = tasks.encode_sft_batch(mixed_examples, tok, max_prompt_len=P, max_response_len=R,
+  sft = examples_lib.encode_sft_batch(mixed_examples, tok, max_prompt_len=P, max_response_len=R,
                                num_vision_tokens=NV, num_frames=F, image_size=S)
   B = len(mixed_examples)
   assert sft["tokens"].shape == sft["mask"].shape == sft["loss_mask"].shape == (B, P + R)
@@ -406,7 +407,7 @@ def test_encode_sft_batch_alignment(tok, mixed_examples):
     assert predicts[0] == P - 1  # the last prompt token predicts the first response token
     assert np.array_equal(predicts, np.arange(P - 1, P - 1 + len(ex.solution) + 1))
     assert tok.decode(targets) == ex.solution and targets[-1] == tok.eos_id
-    assert sft["mask"][row].sum() == tasks.prompt_length(ex, tok, NV) + len(ex.solution) + 1
+    assert sft["mask"][row].sum() == examples_lib.prompt_length(ex, tok, NV) + len(ex.solution) + 1
     assert (sft["tokens"][row, predicts[-1] + 2:] == tok.pad_id).all()  # right padding
 
 
@@ -416,9 +417,9 @@ def test_max_lengths_fit_every_example(tok):
     exs = [tasks.make_example(cap, i, seed=13, difficulty=difficulty)
            for cap in CAPS for i in range(60)]
     # Raises if any prompt or response were longer than the bound.
-    tasks.encode_sft_batch(exs, tok, max_prompt_len=P, max_response_len=R,
+    examples_lib.encode_sft_batch(exs, tok, max_prompt_len=P, max_response_len=R,
                            num_vision_tokens=NV, num_frames=F, image_size=S)
-    assert max(tasks.prompt_length(ex, tok, NV) for ex in exs) >= P - 2  # and tight
+    assert max(examples_lib.prompt_length(ex, tok, NV) for ex in exs) >= P - 2  # and tight
   text_only = tasks.max_lengths(["text"], difficulty=2, num_vision_tokens=100)
   assert text_only[0] < 30  # no vision placeholders in text prompts
   assert tasks.max_lengths(CAPS, difficulty=2, num_vision_tokens=32)[1] <= 24
@@ -427,26 +428,26 @@ def test_max_lengths_fit_every_example(tok):
 def test_batching_errors_name_the_example(tok, mixed_examples):
   kw = dict(num_vision_tokens=NV, num_frames=F, image_size=S)
   with pytest.raises(ValueError, match=r"examples\[1\].*max_prompt_len"):
-    tasks.encode_prompts(mixed_examples, tok, max_prompt_len=12, **kw)
+    examples_lib.encode_prompts(mixed_examples, tok, max_prompt_len=12, **kw)
   with pytest.raises(ValueError, match=r"examples\[\d\].*max_response_len"):
-    tasks.encode_sft_batch(mixed_examples, tok, max_prompt_len=40, max_response_len=4, **kw)
+    examples_lib.encode_sft_batch(mixed_examples, tok, max_prompt_len=40, max_response_len=4, **kw)
   big = tasks.make_example("video", 0, seed=0, difficulty=0, image_size=64)
   with pytest.raises(ValueError, match=r"examples\[0\].*frames of shape"):
-    tasks.encode_prompts([big], tok, max_prompt_len=40, **kw)
+    examples_lib.encode_prompts([big], tok, max_prompt_len=40, **kw)
   with pytest.raises(ValueError, match="num_vision_tokens"):
-    tasks.encode_prompts(mixed_examples, tok, max_prompt_len=40, num_vision_tokens=0,
+    examples_lib.encode_prompts(mixed_examples, tok, max_prompt_len=40, num_vision_tokens=0,
                          num_frames=F, image_size=S)
   with pytest.raises(ValueError, match="non-empty"):
-    tasks.encode_prompts([], tok, max_prompt_len=40, **kw)
+    examples_lib.encode_prompts([], tok, max_prompt_len=40, **kw)
   with pytest.raises(ValueError, match="max_prompt_len"):
-    tasks.encode_prompts(mixed_examples, tok, max_prompt_len=0, **kw)
+    examples_lib.encode_prompts(mixed_examples, tok, max_prompt_len=0, **kw)
 
 
 # ------------------------------------------------------------ flawed demonstrations
 
 def _with_solution(cap, solution, answer):
   frames = None if cap == "text" else np.zeros((1 if cap == "image" else 4, 32, 32, 3), np.float32)
-  return tasks.Example(cap, "q?", answer, solution, frames)
+  return examples_lib.Example(cap, "q?", answer, solution, frames)
 
 
 @pytest.mark.parametrize("cap,solution,answer,flawed", [

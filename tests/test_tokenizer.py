@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from copd_jax import tasks
-from copd_jax.tokenizer import REPLACEMENT_CHAR, Tokenizer, ToyTokenizer
+from copd_jax.data import toy_tasks as tasks
+from copd_jax.data.tokenizer import REPLACEMENT_CHAR, Tokenizer, ToyTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,20 @@ import numpy as np
 import optax
 import pytest
 
-from copd_jax import default_config, diagnostics, experts, kernels, objectives
-from copd_jax import model as model_lib
-from copd_jax import policy_setup, sampling, schedules, tasks, trainer
+from copd_jax import default_config, kernels
+from copd_jax.rl import diagnostics
+from copd_jax.models import stacked as experts
+from copd_jax.rl import objectives
+from copd_jax.models import decoder as model_lib
+from copd_jax import policy_setup, sampling
+from copd_jax.rl import schedules
+from copd_jax.data import toy_tasks as tasks
+from copd_jax.models import stacked as stacked_lib
+from copd_jax.rl import rollout as trainer
+from copd_jax.rl import rows as rows_lib
+from copd_jax.rl import scoring as scoring_lib
+from copd_jax.rl import stages
+from copd_jax.rl import update as update_lib
 
 
 @pytest.fixture(scope="module")
@@ -18,14 +29,14 @@ def setup():
 
 
 def ucfg_for(setup_obj, **loss):
-  return trainer.UpdateConfig(model=setup_obj.model_cfg,
+  return rows_lib.UpdateConfig(model=setup_obj.model_cfg,
                               loss=objectives.PolicyLossConfig(**loss),
                               kernel=kernels.KernelConfig(backend="chunked", vocab_tile=32,
                                                           token_tile=64))
 
 
 def fixed_rows(setup_obj, params, caps, n_prompts=2, g=2, seed=0, opd_beta=0.0):
-  """Rollouts of each stacked branch on its capability's prompts, as trainer.Rows."""
+  """Rollouts of each stacked branch on its capability's prompts, as rows_lib.Rows."""
   batches = [setup_obj.encode_prompts(
       [tasks.make_example(c, i, seed=seed, difficulty=1, **setup_obj.example_kwargs)
        for i in range(n_prompts)]) for c in caps]
@@ -42,15 +53,15 @@ def fixed_rows(setup_obj, params, caps, n_prompts=2, g=2, seed=0, opd_beta=0.0):
 
 
 def test_cross_assignment_and_routing_hub():
-  stage = trainer.Stage(
+  stage = stages.Stage(
       name="t", steps=1, student_data=(("text",), ("image",), ("video",)),
       teacher_data=(("text",), ("image",), ("video",)), live_teachers=True,
       topology=schedules.topology_matrix(3, "hub", hub=0), branch_beta=np.ones(3),
       schedule=schedules.OPDSchedule(kind="cycle"), native_prompts=2, cross_prompts=4,
       samples_per_prompt=2)
-  assignment = trainer.cross_teacher_assignment(stage)
+  assignment = stages.cross_teacher_assignment(stage)
   np.testing.assert_array_equal(assignment, [[1, 2, 1, 2], [0, 0, 0, 0], [0, 0, 0, 0]])
-  routing = trainer.teacher_routing(assignment, 3, samples=2, native_rows=4)
+  routing = stages.teacher_routing(assignment, 3, samples=2, native_rows=4)
   # Teacher 0 (the hub) scores both spokes' 8 rows; spokes score 4 hub rows each.
   assert routing.send_valid.sum(axis=(0, 2)).tolist() == [16, 4, 4]
   # Slots are as wide as the largest (student, teacher) pair: a spoke's 8 rows to the hub.
@@ -69,7 +80,7 @@ def test_cross_assignment_and_routing_hub():
   np.testing.assert_array_equal(routing.send_prompt_row[0, 1, :2], [4, 8])
   np.testing.assert_array_equal(routing.send_row[0, 1, :4], [4, 5, 8, 9])
   with pytest.raises(ValueError, match="teacher ids outside"):
-    trainer.teacher_routing(np.array([[3]]), 3, samples=2)
+    stages.teacher_routing(np.array([[3]]), 3, samples=2)
 
 
 def test_teacher_scoring_matches_direct_per_pair_scoring(setup):
@@ -78,10 +89,10 @@ def test_teacher_scoring_matches_direct_per_pair_scoring(setup):
   rows = fixed_rows(s, params, ("text", "image", "video"))
   # Every row is a cross row: student k's rows scored by teacher (k + 1) % 3.
   assignment = np.array([[1, 1], [2, 2], [0, 0]], np.int32)
-  routing = trainer.teacher_routing(assignment, 3, samples=2)
+  routing = stages.teacher_routing(assignment, 3, samples=2)
   arrays = routing.as_arrays()
   ucfg = ucfg_for(s)
-  got = trainer.score_by_teachers(params, rows, arrays, ucfg)
+  got = scoring_lib.score_by_teachers(params, rows, arrays, ucfg)
   for k in range(3):
     j = (k + 1) % 3
     teacher = experts.take_expert(params, j)
@@ -109,16 +120,16 @@ def test_opd_only_update_lowers_reverse_kl_to_teacher(setup):
   student = experts.init_stacked(s.model_cfg, jax.random.split(jax.random.key(2), 1))
   teacher = experts.init_stacked(s.model_cfg, jax.random.split(jax.random.key(3), 1))
   rows = fixed_rows(s, student, ("text",), n_prompts=4, g=2, opd_beta=1.0)
-  routing = trainer.teacher_routing(np.zeros((1, 4), np.int32), 1, samples=2)
+  routing = stages.teacher_routing(np.zeros((1, 4), np.int32), 1, samples=2)
   arrays = routing.as_arrays()
   ucfg = ucfg_for(s)
-  optimizer = trainer.make_optimizer(3e-3, 1.0)
-  opt_state = trainer.init_optimizer_state(optimizer, student)
+  optimizer = update_lib.make_optimizer(3e-3, 1.0)
+  opt_state = update_lib.init_optimizer_state(optimizer, student)
   one = lambda tree: jax.tree.map(lambda x: x[0], tree)
   before = sampled_reverse_kl(one(student), one(teacher), one(rows), s.model_cfg)
   params = student
   for _ in range(5):  # fixed rollouts: advantages are 0, only the OPD signal acts
-    params, opt_state, metrics = trainer.update(params, opt_state, teacher, rows, arrays,
+    params, opt_state, metrics = update_lib.update(params, opt_state, teacher, rows, arrays,
                                                 ucfg=ucfg, optimizer=optimizer, distil=True)
   after = sampled_reverse_kl(one(params), one(teacher), one(rows), s.model_cfg)
   assert before > 0.1
@@ -136,11 +147,11 @@ def test_branches_update_independently_like_separate_runs(setup):
   ucfg = ucfg_for(s)
   # Plain SGD: Adam's normalisation would amplify float noise in near-zero gradients.
   optimizer = optax.sgd(0.1)
-  both, _, _ = trainer.update(params, trainer.init_optimizer_state(optimizer, params), None,
+  both, _, _ = update_lib.update(params, update_lib.init_optimizer_state(optimizer, params), None,
                               rows, None, ucfg=ucfg, optimizer=optimizer, distil=False)
   for k in range(2):
     pick = lambda tree: jax.tree.map(lambda x: x[k:k + 1], tree)
-    alone, _, _ = trainer.update(pick(params), trainer.init_optimizer_state(optimizer, pick(params)),
+    alone, _, _ = update_lib.update(pick(params), update_lib.init_optimizer_state(optimizer, pick(params)),
                                  None, pick(rows), None, ucfg=ucfg, optimizer=optimizer,
                                  distil=False)
     for a, b in zip(jax.tree.leaves(pick(both)), jax.tree.leaves(alone)):
@@ -154,7 +165,7 @@ def test_branches_update_independently_like_separate_runs(setup):
 def test_merge_of_identical_branches_is_identity(setup):
   cfg, s = setup
   base = model_lib.init_params(s.model_cfg, jax.random.key(5))
-  merged = trainer.merge_branches(experts.broadcast_params(base, 3))
+  merged = stacked_lib.merge(experts.broadcast_params(base, 3))
   for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(base)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
 
@@ -205,16 +216,16 @@ def test_kl_to_reference_is_zero_against_itself_and_positive_after_drift(setup):
   ucfg = ucfg_for(s, kl_coef=0.1)
   optimizer = optax.sgd(1.0)
   reference = jax.tree.map(lambda x: x[0], params)
-  state = trainer.init_optimizer_state(optimizer, params)
+  state = update_lib.init_optimizer_state(optimizer, params)
   rows.advantages = jnp.ones_like(rows.advantages)
-  moved, state, metrics = trainer.update(params, state, None, rows, None, reference, ucfg=ucfg,
+  moved, state, metrics = update_lib.update(params, state, None, rows, None, reference, ucfg=ucfg,
                                          optimizer=optimizer, distil=False)
   assert abs(float(metrics["kl_to_reference"][0])) < 1e-5
-  _, _, metrics = trainer.update(moved, state, None, rows, None, reference, ucfg=ucfg,
+  _, _, metrics = update_lib.update(moved, state, None, rows, None, reference, ucfg=ucfg,
                                  optimizer=optimizer, distil=False)
   assert float(metrics["kl_to_reference"][0]) > 1e-4
   with pytest.raises(ValueError, match="ref_params"):
-    trainer.update(params, state, None, rows, None, None, ucfg=ucfg, optimizer=optimizer,
+    update_lib.update(params, state, None, rows, None, None, ucfg=ucfg, optimizer=optimizer,
                    distil=False)
 
 
@@ -245,11 +256,11 @@ def test_micro_batched_remat_update_equals_full_batch(setup):
   rows.advantages = jnp.asarray(np.random.default_rng(1).normal(size=rows.advantages.shape),
                                 jnp.float32)
   prompt_len = rows.tokens.shape[-1] - 6  # fixed_rows samples 6 new tokens
-  routing = trainer.teacher_routing(np.array([[1, 1, 1], [0, 0, 0]], np.int32), 2,
+  routing = stages.teacher_routing(np.array([[1, 1, 1], [0, 0, 0]], np.int32), 2,
                                     samples=2).as_arrays()
   reference = jax.tree.map(lambda x: x[1], params)
   optimizer = optax.sgd(0.1)
-  state = trainer.init_optimizer_state(optimizer, params)
+  state = update_lib.init_optimizer_state(optimizer, params)
   full_cfg = ucfg_for(s, kl_coef=0.05)
   remat_model = dataclasses.replace(s.model_cfg, remat=True)
   micro_cfg = dataclasses.replace(full_cfg, model=remat_model, micro_batch_rows=4,
@@ -257,7 +268,7 @@ def test_micro_batched_remat_update_equals_full_batch(setup):
   # Remat keeps the parameter names.
   assert jax.tree.structure(model_lib.init_params(remat_model, jax.random.key(0))) == \
       jax.tree.structure(jax.tree.map(lambda x: x[0], params))
-  run = lambda ucfg, p_len: trainer.update(params, state, params, rows, routing, reference,
+  run = lambda ucfg, p_len: update_lib.update(params, state, params, rows, routing, reference,
                                            ucfg=ucfg, optimizer=optimizer, distil=True,
                                            prompt_len=p_len)
   want_params, _, want = run(full_cfg, 0)

@@ -5,8 +5,8 @@ import time
 import numpy as np
 import pytest
 
-from copd_jax import verifiers
-from copd_jax.verifiers import ANSWER_MARKER, batch_rewards, extract_answer, reward
+from copd_jax.data import answers as verifiers
+from copd_jax.data.answers import ANSWER_MARKER, batch_rewards, extract_answer, reward
 
 MB = 1 << 20
 

@@ -1,5 +1,5 @@
 """The tiny model config shared by the model, experts and sampling tests."""
-from copd_jax import model as M
+from copd_jax.models import model_config as M
 
 IMG = 3  # placeholder token id in the tiny config
 

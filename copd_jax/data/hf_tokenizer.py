@@ -23,28 +23,41 @@ image_id: `<|image_pad|>` (the placeholder a vision embedding replaces), -1 if a
 vocab_size: max(token id) + 1 of the tokenizer, or the model's embedding rows when
   given and larger (released Qwen3 pads its embedding to 151936 rows).
 """
-from __future__ import annotations
 
+from __future__ import annotations
 import datetime
 import json
 import os
 import time
 from typing import Any, Iterable, Mapping, Sequence
-
 import jinja2
 import jinja2.ext
 import jinja2.sandbox
 import tokenizers
+from copd_jax.data.tokenizer import REPLACEMENT_CHAR
 
-from copd_jax.tokenizer import REPLACEMENT_CHAR
 
 TOKENIZER_FILE = "tokenizer.json"
+
+
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
 IM_END = "<|im_end|>"
+
+
 END_OF_TEXT = "<|endoftext|>"
+
+
 IMAGE_PAD = "<|image_pad|>"
+
+
 VISION_START = "<|vision_start|>"
+
+
 VISION_END = "<|vision_end|>"
 
 
@@ -69,6 +82,8 @@ def _strftime_now(fmt):
 # arithmetic), so one that loops, recurses or builds huge strings must fail with a
 # ChatTemplateError rather than hang, exhaust memory or abort the process.
 RENDER_TIME_LIMIT_S = 5.0
+
+
 MAX_RENDER_CHARS = 1 << 22    # output, and any string or list the template builds
 
 
@@ -150,7 +165,7 @@ def _read_chat_template(directory: str, config: Mapping) -> str | None:
 
 
 class HFTokenizer:
-  """Implements copd_jax.tokenizer.Tokenizer for a HF tokenizer directory (see module doc).
+  """Implements copd_jax.data.tokenizer.Tokenizer for a HF tokenizer directory (see module doc).
 
   directory: holds tokenizer.json (required) and tokenizer_config.json (optional, for
     special tokens and the chat template).

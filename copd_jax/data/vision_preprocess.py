@@ -23,12 +23,11 @@ frame-group pad tokens + <|vision_end|> (what HF's processor puts in place of on
 Inputs: uint8 arrays (0..255) or float arrays on the same 0..255 scale (HF rescales both
 by 1/255). Frame sampling from a video file (fps) is the caller's job.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 import dataclasses
 import math
 from typing import Any, Mapping, Sequence
-
 import numpy as np
 
 

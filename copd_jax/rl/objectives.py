@@ -11,21 +11,26 @@ Shapes: `N` tokens (flattened), `B` sequences of `T` positions, `V` vocabulary,
 
 Sign convention: every `*_loss` is a quantity to *minimise*.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
+
 
 # Log-ratios are clamped before `exp` so a stale or mismatched sampler log-prob
 # cannot overflow the importance ratio to inf (the clamped region has zero gradient,
 # which the PPO clip would give there anyway).
 MAX_LOG_RATIO = 20.0
 
+
 KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_sum_constant")
+
+
 OPD_STUDENT_LOGPROBS = ("old", "current")
 
 

@@ -6,7 +6,7 @@ No torch at run time. A Qwen3 (text) checkpoint directory holds
     model.safetensors                    all tensors, or
     model.safetensors.index.json         {"weight_map": {tensor name: shard file}} plus
     model-0000k-of-0000n.safetensors     the shards it names
-    tokenizer.json, tokenizer_config.json, ...   (see copd_jax.hf_tokenizer)
+    tokenizer.json, tokenizer_config.json, ...   (see copd_jax.data.hf_tokenizer)
 
 Public API
 ----------
@@ -16,7 +16,7 @@ Public API
 Helpers other importers reuse (e.g. Qwen3-VL): `safetensors_files`, `tensor_index`,
 `read_tensor`, `iter_tensors`, `to_param_array`, `to_device_param`, `write_safetensors_shards`.
 
-Name mapping (see copd_jax.model's docstring; D = d_model, H/K = query/kv heads,
+Name mapping (see copd_jax.models.decoder's docstring; D = d_model, H/K = query/kv heads,
 Dh = head_dim, M = mlp_dim, V = vocab_size)
 -----------------------------------------------------------------------------
     model.embed_tokens.weight [V, D]                 -> embed_tokens/embedding [V, D]
@@ -34,8 +34,8 @@ into its final array and handed to jax before the next one is read, so the host 
 holds the checkpoint twice (experiments/bench_import.py measures peak RSS / size on disk).
 Tensors that are safe to drop are listed in IGNORED_TENSOR_SUFFIXES and logged.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 import functools
 import json
 import logging
@@ -43,37 +43,48 @@ import math
 import os
 import shutil
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple
-
 import jax
 import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
+from copd_jax.models import model_config as model_lib
 
-from copd_jax import model as model_lib
 
 log = logging.getLogger(__name__)
 
+
 CONFIG_FILE = "config.json"
+
+
 SINGLE_FILE = "model.safetensors"
+
+
 INDEX_FILE = "model.safetensors.index.json"
+
+
 # Buffers some exporters save that carry no learned weights (recomputed from the config).
 IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
 # Files copied next to an export when a tokenizer directory is given (those that exist).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
                    "added_tokens.json", "generation_config.json")
+
+
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
 # safetensors dtype tags we can convert to float parameters.
 FLOAT_TENSOR_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 
 class HFCheckpointError(ValueError):
   """A Hugging Face checkpoint directory cannot be read as the model it claims to be."""
-
-
-# --------------------------------------------------------------------------- config
 
 
 def _hf_int(config: Mapping, field: str, default=None) -> int:
@@ -246,9 +257,6 @@ def check_layers_present(directory: str, cfg: model_lib.ModelConfig,
         f"the safetensors files hold {present} layers")
 
 
-# --------------------------------------------------------------------------- name mapping
-
-
 class TensorSpec(NamedTuple):
   """One HF tensor and where it lives in our pytree.
 
@@ -288,9 +296,6 @@ def qwen3_tensor_specs(cfg: model_lib.ModelConfig) -> list[TensorSpec]:
   if not cfg.tie_embeddings:
     specs.append(TensorSpec("lm_head.weight", ("lm_head", "kernel"), (v, d), True))
   return specs
-
-
-# --------------------------------------------------------------------------- reading
 
 
 def safetensors_files(directory: str) -> list[str]:
@@ -430,7 +435,7 @@ def load_qwen3(directory: str, *, dtype: str = "float32", param_dtype: str = "fl
   dtype: ModelConfig's compute dtype. param_dtype: the parameters' storage dtype, "float32"
   (what init_params gives and training expects) or "bfloat16" (half the host/device memory,
   e.g. for a frozen teacher; the model casts matmul inputs anyway).
-  params is a nested dict of jax arrays named as in copd_jax.model. Every header is
+  params is a nested dict of jax arrays named as in copd_jax.models.decoder. Every header is
   checked (names, shapes, dtypes) before any tensor data is read; errors name the file
   and tensor. Tensors are then streamed one at a time (see the module docstring).
   """
@@ -454,9 +459,6 @@ def load_qwen3(directory: str, *, dtype: str = "float32", param_dtype: str = "fl
               to_device_param(source, transpose=spec.transpose, dtype=param_dtype))
     del source
   return cfg, params
-
-
-# --------------------------------------------------------------------------- export
 
 
 def _param_at(params: Mapping, path: tuple[str, ...]):

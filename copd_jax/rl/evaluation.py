@@ -1,20 +1,16 @@
 """Held-out accuracy per capability: greedy decoding, host-side verification; pass@k from
 n sampled responses per prompt with the unbiased estimator (Chen et al., 2021)."""
+
 from __future__ import annotations
-
 from typing import Any, Callable, Sequence
-
 import jax
 import numpy as np
-
-from copd_jax import parallel, policy_setup, sampling, tasks, verifiers
+from copd_jax import policy_setup, sampling
+from copd_jax import sharding as parallel
+from copd_jax.data import examples as tasks
+from copd_jax.data import verifiers
 from copd_jax.policy_setup import RunSetup
-
-
-def decode_responses(rollout_tokens: np.ndarray, rollout_mask: np.ndarray, tokenizer) -> list[str]:
-  """tokens, mask: [N, R] -> N response strings (tokens outside the mask dropped)."""
-  return [tokenizer.decode([int(t) for t, m in zip(row, mask_row) if m])
-          for row, mask_row in zip(rollout_tokens, rollout_mask)]
+from copd_jax.data.examples import decode_responses
 
 
 def _pad_to(examples: Sequence[tasks.Example], size: int) -> list[tasks.Example]:

@@ -5,9 +5,10 @@ Everything downstream (task batching, the sampler's stop tokens, evaluation) tal
 task suite. A wrapper around a HF `tokenizers` JSON file can implement the same
 protocol later (its <img> placeholder would be the model's image/video pad token).
 """
-from __future__ import annotations
 
+from __future__ import annotations
 from typing import Iterable, Protocol, runtime_checkable
+
 
 # decode() writes this for ids it cannot map to text (<unk>, out of range, not an int).
 REPLACEMENT_CHAR = "\ufffd"

@@ -1,4 +1,4 @@
-"""grain input pipelines: checkpointable, per-process-sharded streams of tasks.Example.
+"""grain input pipelines: checkpointable, per-process-sharded streams of examples_lib.Example.
 
 Every training stream in copd-jax is a grain `MapDataset` over a random-access source.
 The trainer reads it through an `IndexedStream` (`make_streams`): positions are reserved
@@ -20,29 +20,32 @@ warm-start mixture) go on to grain `IterDataset`s.
 - The warm-start mixture (`sft_examples` / `sft_batches`) reproduces
   `tasks.mixed_train_stream` element for element, but as a random-access grain pipeline.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 import numbers
 import threading
 import zlib
 from typing import Any, Mapping, Sequence
-
 import grain
 import numpy as np
+from copd_jax.data import examples as examples_lib
+from copd_jax.data import toy_tasks as tasks
 
-from copd_jax import tasks
 
 TRAIN_SOURCE_LENGTH = 2**31 - 1  # "endless": far more indices than any run reads
+
+
 _MIX_BLOCK = 256  # tasks.mixed_train_stream draws capability choices 256 at a time
+
+
 _MIX_SEED_TAG = 7  # ... from default_rng([seed, 7]); kept identical here
+
 
 # Synchronous reads by default: examples are generated on the host in numpy (GIL-bound),
 # and the trainer asks for a few per step. Pass grain.ReadOptions(num_threads=N,
 # prefetch_buffer_size=M) to overlap generation or file reads with device work.
 SYNCHRONOUS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
-
-# ----------------------------------------------------------------------------- sources
 
 class TaskSource:
   """Random-access source over `tasks.make_example` for one capability and split.
@@ -73,7 +76,7 @@ class TaskSource:
   def __len__(self) -> int:
     return self._length
 
-  def __getitem__(self, index: int) -> tasks.Example:
+  def __getitem__(self, index: int) -> examples_lib.Example:
     if not 0 <= index < self._length:
       raise IndexError(f"TaskSource({self.capability}, {self.split}) index {index} out of "
                        f"range [0, {self._length})")
@@ -83,10 +86,8 @@ class TaskSource:
     return f"TaskSource({self.capability!r}, len={self._length}, {self._kwargs})"
 
 
-# --------------------------------------------------------------------------- pipelines
-
 # The task suite's integer check (errors name the field), shared by the data layer.
-_check_int = tasks._check_int
+_check_int = examples_lib._check_int
 
 
 def _check_shard(shard_index: int, shard_count: int) -> None:
@@ -143,13 +144,11 @@ def example_iterator(source, *, seed: int, shuffle: bool, shard_index: int = 0,
   return iter(dataset.to_iter_dataset(read_options or SYNCHRONOUS))
 
 
-# ------------------------------------------------------------------ per-capability data
-
 def _train_files(cfg) -> dict[str, list[str]]:
   """cfg.data.train_files as capability -> list of paths (empty: procedural tasks).
 
   Keys are capabilities of this run (cfg.tasks.capabilities): the built-in ones or record
-  domain names such as 'math' (see tasks.Example); every one of them needs files.
+  domain names such as 'math' (see examples_lib.Example); every one of them needs files.
   """
   files = cfg.data.get("train_files", None) or {}
   if hasattr(files, "to_dict"):  # an ml_collections.ConfigDict
@@ -193,7 +192,7 @@ def capability_dataset(cfg, capability: str, example_kwargs: Mapping[str, Any],
     raise ValueError(f"config.data.train_files has no entry for capability {capability!r} "
                      f"(it names {sorted(files)}); give files for every capability in "
                      f"config.tasks.capabilities, or none to use the procedural tasks")
-  from copd_jax import datasets  # lazily: only runs that read record files need it
+  from copd_jax.data import records as datasets
   # The model's frame sizes: image records are decoded at its resolution.
   source = datasets.RecordSource(files[capability], capability=capability,
                                  reader=cfg.data.get("reader", "builtin"),
@@ -231,13 +230,13 @@ class IndexedStream:
     self._next_index += 1
     return index
 
-  def load(self, index: int) -> tasks.Example:
+  def load(self, index: int) -> examples_lib.Example:
     return self._dataset[index]
 
   def __iter__(self) -> "IndexedStream":
     return self
 
-  def __next__(self) -> tasks.Example:
+  def __next__(self) -> examples_lib.Example:
     return self.load(self.reserve())
 
   def get_state(self) -> dict:
@@ -253,7 +252,7 @@ class IndexedStream:
 
 def make_streams(cfg, example_kwargs: Mapping[str, Any], seed: int, *, shard_index: int = 0,
                  shard_count: int = 1) -> dict[str, IndexedStream]:
-  """One endless checkpointable stream of tasks.Example per cfg.tasks.capabilities entry.
+  """One endless checkpointable stream of examples_lib.Example per cfg.tasks.capabilities entry.
 
   cfg.tasks.capabilities (not cfg.rl.capabilities) because cross-capability OPD draws
   teacher-domain prompts too. seed: the task seed (methods.data_context:
@@ -280,8 +279,6 @@ def restore_streams(streams: Mapping[str, Any], state: Mapping[str, Mapping]) ->
   for cap, it in streams.items():
     it.set_state(dict(state[cap]))
 
-
-# ------------------------------------------------------------------------ the mixture
 
 class WeightedChoiceMap(grain.transforms.DatasetSelectionMap):
   """Global index -> (capability slot, index within that capability's stream).
@@ -395,7 +392,7 @@ def sft_examples(cfg, example_kwargs: Mapping[str, Any], *, shard_index: int = 0
 def sft_batches(cfg, example_kwargs: Mapping[str, Any], *, shard_index: int = 0,
                 shard_count: int = 1,
                 read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
-  """Checkpointable iterator of warm-start batches: lists of tasks.Example.
+  """Checkpointable iterator of warm-start batches: lists of examples_lib.Example.
 
   Global batch b is mixture elements [b*B, (b+1)*B) with B = cfg.warm_start.batch_size,
   i.e. exactly `[next(sft_examples) for _ in range(B)]` as warm_start does today. Process

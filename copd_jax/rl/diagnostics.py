@@ -4,15 +4,14 @@ Overlap, the paper's definition: O(student, teacher) = mean over the student's o
 states s of |TopK(pi_student(.|s)) & TopK(pi_teacher(.|s))| / K, K = 10. The states are
 the prefixes of the student's own rollouts (every response position).
 """
+
 from __future__ import annotations
-
 import functools
-
 import jax
 import jax.numpy as jnp
-
 from copd_jax import kernels
-from copd_jax import model as model_lib
+from copd_jax.models import decoder as model_lib
+from copd_jax.models import model_config
 from copd_jax import sampling
 
 
@@ -34,7 +33,7 @@ def masked_mean(values, mask):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "k", "kernel"))
-def pairwise_diagnostics(models, cfg: model_lib.ModelConfig, tokens, positions, token_mask,
+def pairwise_diagnostics(models, cfg: model_config.ModelConfig, tokens, positions, token_mask,
                          response_mask, frames, *, k: int = 10,
                          kernel: kernels.KernelConfig = kernels.KernelConfig()):
   """Overlap and symmetric KL of every model with every student on the student's states.

@@ -1,6 +1,6 @@
 """Export a finished run's policy as a Hugging Face Qwen3 checkpoint directory.
 
-    python -m copd_jax.export_hf --workdir=runs/hf_copd --out=/models/copd-merged
+    python -m copd_jax.models.hf_export --workdir=runs/hf_copd --out=/models/copd-merged
         [--branch=merged|<branch name>] [--dtype=bfloat16|float32]
 
 Same command-line conventions as copd_jax.main (copd_jax/cli.py): --help, one-line
@@ -12,18 +12,19 @@ or one branch, and writes config.json + safetensors (+ the run's tokenizer files
 `transformers` and the usual evaluation tools load. Only text models export (a
 Qwen3ForCausalLM holds no vision tower; see hf_checkpoint.export_qwen3).
 """
-from __future__ import annotations
 
+from __future__ import annotations
 import json
 import os
-
 from absl import app, flags
 import jax
 import ml_collections
 import numpy as np
+from copd_jax import checkpoint, cli, policy_setup
+from copd_jax.models import stacked as experts
+from copd_jax.models import hf_checkpoint
+from copd_jax.models import decoder as model_lib
 
-from copd_jax import checkpoint, cli, experts, hf_checkpoint, policy_setup
-from copd_jax import model as model_lib
 
 MERGED = "merged"
 
@@ -69,8 +70,14 @@ def export_run(workdir: str, out_dir: str, *, branch: str = MERGED, dtype: str =
 
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's workdir.")
+
+
 _OUT = flags.DEFINE_string("out", None, "Directory to write the HF checkpoint to.")
+
+
 _BRANCH = flags.DEFINE_string("branch", MERGED, "'merged' or a branch name.")
+
+
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Stored dtype.")
 
 

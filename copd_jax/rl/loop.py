@@ -1,100 +1,31 @@
-"""Every method as stages of the one trainer (copd_jax/trainer.py), plus the run loop.
-
-| method     | stages                                                                    |
-|------------|---------------------------------------------------------------------------|
-| experts    | E branches from the base, GRPO on their own capability, beta = 0           |
-| mixed_rlvr | 1 branch, GRPO on all capabilities, E x steps                             |
-| copd       | E branches, RL/OPD cycles, live hub-and-spoke teachers, merge at the end |
-| static_opd | experts stage (2 branches); then the student expert keeps RL and distils  |
-|            | from the frozen teacher expert, one way                                   |
-| mopd       | experts stage; then a student from the base distils from all frozen       |
-|            | experts, each prompt routed to its domain's teacher                       |
-"""
+"""Runs a stage top to bottom: steps, evaluation, diagnostics, logs and checkpoints."""
 from __future__ import annotations
-
 import contextlib
 import dataclasses
-import json
 import os
 import sys
-import time
 from typing import Any
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from orbax.checkpoint import utils as ocp_utils
-
-from copd_jax import checkpoint, diagnostics, evaluation, experts as experts_lib
-from copd_jax import data as data_lib
-from copd_jax import kernels, objectives, parallel, policy_setup, sampling, schedules, trainer
-from copd_jax import verifiers
+from copd_jax.rl import diagnostics
+from copd_jax.rl import evaluation
+from copd_jax.data import streams as data_lib
+from copd_jax import kernels, policy_setup, sampling
+from copd_jax.rl import objectives
+from copd_jax import sharding as parallel
+from copd_jax.rl import schedules
+from copd_jax.models import stacked as stacked_lib
+from copd_jax.rl import rollout as trainer
+from copd_jax.rl import rows as rows_lib
+from copd_jax.rl import stages as stages_lib
+from copd_jax.rl import step as step_lib
+from copd_jax.rl import update as update_lib
 from copd_jax import run_log, train_checkpoint
 from copd_jax.policy_setup import RunSetup
 from copd_jax.run_log import MetricsWriter, Phase, ProgressLine, branch_line
-
-
-# ----------------------------------------------------------------------- stage specs
-
-
-def _schedule(rl) -> schedules.OPDSchedule:
-  return schedules.OPDSchedule(**rl.opd.schedule.to_dict())
-
-
-def _branch_beta(rl, caps) -> np.ndarray:
-  return np.array([rl.opd.branch_beta.get(c, rl.opd.beta) for c in caps], np.float32)
-
-
-def _stage(rl, name, steps, student_data, teacher_data, live, topology, branch_beta,
-           schedule, native_prompts=None, cross_prompts=None, cross_outcome_reward=False):
-  return trainer.Stage(
-      name=name, steps=steps, student_data=tuple(student_data),
-      teacher_data=tuple(teacher_data), live_teachers=live,
-      topology=np.asarray(topology, np.float32), branch_beta=np.asarray(branch_beta, np.float32),
-      schedule=schedule,
-      native_prompts=rl.native_prompts if native_prompts is None else native_prompts,
-      cross_prompts=rl.cross_prompts if cross_prompts is None else cross_prompts,
-      samples_per_prompt=rl.samples_per_prompt, cross_outcome_reward=cross_outcome_reward)
-
-
-def experts_stage(rl, caps) -> trainer.Stage:
-  e = len(caps)
-  return _stage(rl, "experts", rl.steps, [(c,) for c in caps], [(c,) for c in caps], True,
-                np.zeros((e, e)), np.zeros(e), schedules.OPDSchedule(kind="none"))
-
-
-def mixed_stage(rl, caps) -> trainer.Stage:
-  return _stage(rl, "mixed_rlvr", rl.steps * len(caps), [tuple(caps)], [tuple(caps)], True,
-                np.zeros((1, 1)), np.zeros(1), schedules.OPDSchedule(kind="none"))
-
-
-def copd_stage(rl, caps) -> trainer.Stage:
-  e = len(caps)
-  hub = caps.index(rl.opd.hub) if rl.opd.topology == "hub" else 0
-  topology = schedules.topology_matrix(e, rl.opd.topology, hub=hub)
-  return _stage(rl, "copd", rl.steps, [(c,) for c in caps], [(c,) for c in caps], True,
-                topology, _branch_beta(rl, caps), _schedule(rl))
-
-
-def static_opd_stage(rl, caps) -> trainer.Stage:
-  """Student expert keeps its GRPO batch and distils one way from the frozen teacher."""
-  student, teacher = rl.static_opd.student, rl.static_opd.teacher
-  return _stage(rl, "static_opd", rl.distill_steps, [(student,)], [(teacher,)], False,
-                np.ones((1, 1)), _branch_beta(rl, [student]),
-                schedules.OPDSchedule(kind="constant"))
-
-
-def mopd_stage(rl, caps) -> trainer.Stage:
-  """A student from the base distils from every frozen expert; no native GRPO batch."""
-  e = len(caps)
-  return _stage(rl, "mopd", rl.distill_steps, [()], [(c,) for c in caps], False,
-                np.ones((1, e)), np.full(1, rl.opd.beta), schedules.OPDSchedule(kind="constant"),
-                native_prompts=0, cross_prompts=rl.native_prompts + rl.cross_prompts,
-                cross_outcome_reward=rl.mopd.cross_outcome_reward)
-
-
-# ------------------------------------------------------------------------ run context
 
 
 @dataclasses.dataclass
@@ -126,14 +57,14 @@ class RunContext:
       self.log_rewind_offset = self.log_rewind_step = None
 
 
-def update_config(cfg, setup: RunSetup) -> trainer.UpdateConfig:
+def update_config(cfg, setup: RunSetup) -> rows_lib.UpdateConfig:
   rl = cfg.rl
   kernel = kernels.KernelConfig(**rl.kernel.to_dict())
   loss = rl.loss.to_dict()
   if loss["aggregation"] == "seq_sum_constant" and loss.get("constant_normaliser") is None:
     # Dr.GRPO's constant is the padded *response* length (rows also hold the prompt).
     loss["constant_normaliser"] = float(cfg.sampling.max_new_tokens)
-  return trainer.UpdateConfig(model=setup.model_cfg, loss=objectives.PolicyLossConfig(**loss),
+  return rows_lib.UpdateConfig(model=setup.model_cfg, loss=objectives.PolicyLossConfig(**loss),
                               kernel=kernel, scale_by_std=rl.scale_by_std,
                               micro_batch_rows=rl.micro_batch_rows,
                               samples_per_prompt=rl.samples_per_prompt)
@@ -153,7 +84,7 @@ def data_context(cfg, setup: RunSetup, seed_offset: int) -> trainer.DataContext:
   return trainer.DataContext(setup.tokenizer, setup.encode_prompts, streams, sampling_cfg)
 
 
-def branch_names(stage: trainer.Stage) -> list[str]:
+def branch_names(stage: stages_lib.Stage) -> list[str]:
   return ["+".join(caps) if caps else "student" for caps in stage.student_data]
 
 
@@ -169,10 +100,7 @@ def _log_branch_arrays(names, metrics: dict) -> dict:
   return out
 
 
-# ------------------------------------------------------------------------ diagnostics
-
-
-def branch_diagnostics(ctx: RunContext, stage: trainer.Stage, params) -> dict:
+def branch_diagnostics(ctx: RunContext, stage: stages_lib.Stage, params) -> dict:
   """Top-10 overlap and symmetric KL of each branch with every other branch and the base,
   on the branch's own rollouts of its native prompts (PAPER.md's definition).
 
@@ -222,7 +150,7 @@ def completions_to_log(cfg) -> int:
 def eval_completion_records(names, eval_sets, responses: dict, count: int) -> list[dict]:
   """The first `count` held-out examples of every capability with each branch's greedy
   response and its reward. responses: {cap: responses[branch][example]}."""
-  from copd_jax import verifiers
+  from copd_jax.data import verifiers
   records = []
   for cap, examples in eval_sets.items():
     for i, ex in enumerate(examples[:count]):
@@ -248,7 +176,7 @@ def train_completion_records(names, teacher_names, samples: list[dict], metrics:
   return out
 
 
-def evaluate_branches(ctx: RunContext, stage: trainer.Stage, params, eval_sets, merge=False) -> dict:
+def evaluate_branches(ctx: RunContext, stage: stages_lib.Stage, params, eval_sets, merge=False) -> dict:
   """Held-out accuracy of every branch (and of the merged model when `merge`); logs the
   first config.log.completions responses of every capability as completions. The
   terminal shows the evaluation's progress and then each branch's accuracy."""
@@ -287,20 +215,17 @@ def _evaluate_branches(ctx, stage, params, eval_sets, merge, kwargs, responses) 
   return out
 
 
-def merged_params(cfg, stage: trainer.Stage, params):
+def merged_params(cfg, stage: stages_lib.Stage, params):
   weights = None
   if cfg.rl.merge_weights:
     weights = [cfg.rl.merge_weights.get(c[0], 0.0) for c in stage.student_data]
-  return trainer.merge_branches(params, weights)
-
-
-# -------------------------------------------------------------------------- the loop
+  return stacked_lib.merge(params, weights)
 
 
 @dataclasses.dataclass
 class UpdateCounts:
   """Per branch of a stage: updates applied, skipped as non-finite, and skipped in a row
-  just now (trainer.update applies each branch's update only when it is finite)."""
+  just now (update_lib.update applies each branch's update only when it is finite)."""
   applied: list
   skipped: list
   in_row: list
@@ -347,7 +272,7 @@ def _check_nonfinite_budget(rl, stage, step: int, counts: UpdateCounts, bad, nam
       "config.rl.learning_rate or check the data")
 
 
-def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=None, *,
+def run_stage(ctx: RunContext, stage: stages_lib.Stage, params, frozen_teachers=None, *,
               seed_offset: int = 0, merge_at_eval: bool = False):
   """Trains `params` (stacked [S]) through `stage`; logs every step, evaluates every
   rl.eval_every steps (accuracy per branch, merged accuracy, overlap, symmetric KL).
@@ -359,8 +284,8 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
   a row raise NonFiniteTrainingError)."""
   cfg, rl = ctx.cfg, ctx.cfg.rl
   ucfg = update_config(cfg, ctx.setup)
-  optimizer = trainer.make_optimizer(rl.learning_rate, rl.grad_clip_norm, rl.weight_decay)
-  opt_state = trainer.init_optimizer_state(optimizer, params)
+  optimizer = update_lib.make_optimizer(rl.learning_rate, rl.grad_clip_norm, rl.weight_decay)
+  opt_state = update_lib.init_optimizer_state(optimizer, params)
   if ctx.sharding is not None:  # on the mesh before the restore target is taken
     params = ctx.sharding.shard_params(params)
     opt_state = parallel.place(opt_state, ctx.sharding.opt_state(opt_state))
@@ -370,8 +295,8 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
   rng = np.random.default_rng([cfg.seed, seed_offset])
   # Derived, not stored: a pure function of the seed; steps fold in their index.
   key = jax.random.key(cfg.seed * 7919 + seed_offset)
-  assignment = trainer.cross_teacher_assignment(stage)
-  routing = trainer.teacher_routing(
+  assignment = stages_lib.cross_teacher_assignment(stage)
+  routing = stages_lib.teacher_routing(
       assignment, len(stage.teacher_data), stage.samples_per_prompt,
       native_rows=stage.native_prompts * stage.samples_per_prompt).as_arrays()
   sched_state = schedules.ScheduleState()
@@ -464,11 +389,11 @@ def run_stage(ctx: RunContext, stage: trainer.Stage, params, frozen_teachers=Non
       compiling = Phase(f"{stage.name} step {step + 1}: compiling and running") \
           if step == start_step else contextlib.nullcontext()
       with compiling:
-        result = trainer.train_step(stage, step, params, opt_state, frozen_teachers, data, ucfg,
+        result = step_lib.train_step(stage, step, params, opt_state, frozen_teachers, data, ucfg,
                                     optimizer, key, rng, weight, assignment, routing,
                                     ref_params=ctx.base_params, sharding=ctx.sharding,
                                     log_samples=log_samples)
-      # trainer.update applied each branch's update only where it was finite (a skipped
+      # update_lib.update applied each branch's update only where it was finite (a skipped
       # branch keeps its previous params and optimizer state; the others moved on).
       params, opt_state = result.params, result.opt_state
       bad = counts.record(np.asarray(result.metrics["update_applied"]) > 0.5)
@@ -541,154 +466,3 @@ def _storage_failure(err: OSError, ckpt) -> train_checkpoint.StorageError:
   return train_checkpoint.StorageError(
       err.errno, f"{err.strerror}; stopping the run. Newest complete checkpoint: {newest} "
       "(free space and run the same command to resume from it)", err.filename)
-
-
-def load_or_train_experts(ctx: RunContext, caps) -> Any:
-  """Stage-1 experts for the two-stage baselines: reused from rl.experts_dir or trained."""
-  rl = ctx.cfg.rl
-  stage = experts_stage(rl, caps)
-  if rl.experts_dir:
-    directory = os.path.join(rl.experts_dir, "final_params")
-    metadata = checkpoint.read_metadata(directory)
-    if metadata.get("method") != "experts":
-      raise checkpoint.CheckpointMismatchError(
-          f"config.rl.experts_dir={rl.experts_dir} holds a {metadata.get('method')!r} run, "
-          "not an 'experts' run")
-    stored = tuple(metadata.get("branches", ()))
-    missing = [c for c in caps if c not in stored]
-    if missing:
-      raise checkpoint.CheckpointMismatchError(
-          f"config.rl.experts_dir={rl.experts_dir} holds experts for {stored}, not {missing}")
-    abstract = jax.eval_shape(lambda p: experts_lib.broadcast_params(p, len(stored)), ctx.base_params)
-    stacked = checkpoint.load_policy(directory, abstract)
-    index = [stored.index(c) for c in caps]
-    return jax.tree.map(lambda x: x[np.array(index)], stacked)
-  params = experts_lib.broadcast_params(ctx.base_params, len(caps))
-  return run_stage(ctx, stage, params, seed_offset=1)
-
-
-def run_sharding(cfg: ml_collections.ConfigDict) -> parallel.RunSharding | None:
-  """The run's mesh from config.mesh, or None when it spans a single device (then every
-  function runs as a plain jit on the default device, exactly as without a mesh)."""
-  sizes = parallel.check_mesh_config(cfg.mesh, cfg.num_experts)
-  if all(v == 1 for v in sizes.values()):
-    return None
-  return parallel.RunSharding.from_config(cfg.mesh, cfg.num_experts)
-
-
-def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, writer) -> dict:
-  """Runs cfg.method; returns {'final/...', 'branches': [...]} accuracies (full eval set).
-
-  Methods are paired on data: the first stage of every method (experts, mixed RLVR, CoPD)
-  draws from the same prompt streams and sampling keys (seed offset 1), and every
-  distillation stage uses offset 2, so with beta = 0 CoPD *is* the experts run."""
-  caps = list(cfg.rl.capabilities)
-  if "reward" in cfg:
-    verifiers.configure(verifiers.RewardConfig(**cfg.reward.to_dict()))
-  eval_sets = {c: s for c, s in policy_setup.held_out_sets(cfg, setup).items() if c in caps}
-  checkpoints = train_checkpoint.RunCheckpoints(
-      cfg.workdir, cfg.checkpoint, method=cfg.method, num_experts=cfg.num_experts,
-      seed=cfg.seed, config_json=json.loads(cfg.to_json_best_effort()))
-  sharding = run_sharding(cfg)
-  if sharding is not None:  # the base (reference policy, merge partner) lives on the mesh too
-    base_params = sharding.shard_params(base_params, stacked=False)
-  ctx = RunContext(cfg, setup, base_params, eval_sets, writer, checkpoints=checkpoints,
-                   sharding=sharding)
-  # A restart that finds no checkpoint drops what a killed run logged since RL began.
-  ctx.log_rewind_offset = checkpoints.log_start_offset(writer.jsonl_size())
-  ctx.log_rewind_step = 0
-  start = time.perf_counter()
-  with train_checkpoint.stop_on_signals(cfg.checkpoint.save_on_sigterm,
-                                        grace_s=checkpoints.sigterm_grace_s) as stop:
-    ctx.stop = stop
-    final, stage = _train_method(ctx, caps)
-  train_seconds = time.perf_counter() - start
-  ctx.rewind_log()  # every stage was restored finished: rewrite the final lines
-  return _final_report(ctx, stage, final, train_seconds)
-
-
-def _train_method(ctx: RunContext, caps) -> tuple[Any, trainer.Stage]:
-  """Runs the stages of ctx.cfg.method; returns (final stacked params, last stage)."""
-  cfg, base_params = ctx.cfg, ctx.base_params
-  method, rl = cfg.method, cfg.rl
-  if method == "experts":
-    stage = experts_stage(rl, caps)
-    final = run_stage(ctx, stage, experts_lib.broadcast_params(base_params, len(caps)), seed_offset=1)
-  elif method == "mixed_rlvr":
-    stage = mixed_stage(rl, caps)
-    final = run_stage(ctx, stage, experts_lib.broadcast_params(base_params, 1), seed_offset=1)
-  elif method == "copd":
-    stage = copd_stage(rl, caps)
-    final = run_stage(ctx, stage, experts_lib.broadcast_params(base_params, len(caps)),
-                      seed_offset=1, merge_at_eval=True)
-  elif method == "static_opd":
-    teachers = load_or_train_experts(ctx, caps)
-    stage = static_opd_stage(rl, caps)
-    student_idx, teacher_idx = caps.index(rl.static_opd.student), caps.index(rl.static_opd.teacher)
-    pick = lambda i: jax.tree.map(lambda x: x[i:i + 1], teachers)
-    final = run_stage(ctx, stage, pick(student_idx), pick(teacher_idx), seed_offset=2)
-  elif method == "mopd":
-    teachers = load_or_train_experts(ctx, caps)
-    stage = mopd_stage(rl, caps)
-    final = run_stage(ctx, stage, experts_lib.broadcast_params(base_params, 1), teachers,
-                      seed_offset=2)
-  else:
-    raise ValueError(f"config.method {method!r} is not an RL method")
-  return final, stage
-
-
-def _final_report(ctx: RunContext, stage: trainer.Stage, final, train_seconds: float) -> dict:
-  """Full-eval accuracies of the final branches (and merge); saves final_params."""
-  cfg, setup, eval_sets, writer = ctx.cfg, ctx.setup, ctx.eval_sets, ctx.writer
-  method = cfg.method
-  # The final evaluation adds pass@k (config.eval.pass_samples > 0) next to greedy accuracy.
-  merging = stage.num_students > 1
-  phase = Phase("final evaluation", total=len(eval_sets) * (1 + merging))
-  kwargs = dict(max_new_tokens=cfg.sampling.max_new_tokens, batch_size=cfg.eval.batch_size,
-                progress=phase.advance, **evaluation.pass_at_k_kwargs(cfg))
-  responses, branch_rewards = {}, {}
-  phase.__enter__()
-  branch_acc = evaluation.evaluate_stacked(final, setup, eval_sets, responses_out=responses,
-                                           rewards_out=branch_rewards, **kwargs)
-  names = branch_names(stage)
-  # Per-item rewards of every final model, for paired comparisons between methods.
-  per_example = {f"branch/{n}": {c: r[i] for c, r in branch_rewards.items()}
-                 for i, n in enumerate(names)}
-  if completions_to_log(cfg):
-    writer.write_completions(ctx.global_step, "final", eval_completion_records(
-        names, eval_sets, responses, completions_to_log(cfg)))
-  # steps: every step run; optimizer_steps: those in which every branch's update was
-  # applied; updates: per stage and branch, the updates applied and skipped (non-finite).
-  skipped_steps = sum(c.steps_with_skips for _, c in ctx.update_counts.values())
-  summary = {"train_seconds": round(train_seconds, 1), "steps": ctx.global_step,
-             "optimizer_steps": ctx.global_step - skipped_steps,
-             "updates": {stage_name: c.by_branch(branch_names_)
-                         for stage_name, (branch_names_, c) in ctx.update_counts.items()},
-             "branches": {n: {k: float(v[i]) for k, v in branch_acc.items()}
-                          for i, n in enumerate(names)}}
-  if stage.num_students > 1:
-    merged = merged_params(cfg, stage, final)
-    merged_rewards = {}
-    merged_acc = evaluation.evaluate_stacked(jax.tree.map(lambda x: x[None], merged), setup,
-                                             eval_sets, rewards_out=merged_rewards,
-                                             **merged_progress(kwargs))
-    summary["merged"] = {k: float(v[0]) for k, v in merged_acc.items()}
-    per_example["merged"] = {c: r[0] for c, r in merged_rewards.items()}
-  phase.__exit__(None, None, None)
-  print(branch_line("final held-out accuracy", {
-      **{n: d["accuracy/overall"] for n, d in summary["branches"].items()},
-      **({"merged": summary["merged"]["accuracy/overall"]} if "merged" in summary else {})}),
-      flush=True)
-  # The method's deliverable: the merged model (CoPD), the single branch (mixed RLVR,
-  # static OPD and MOPD students); experts deliver one model per capability.
-  if method == "copd":
-    summary["final"] = summary["merged"]
-  elif stage.num_students == 1:
-    summary["final"] = summary["branches"][names[0]]
-  writer.write(ctx.global_step, {f"final/{n}/{k}": v for n, d in summary["branches"].items()
-                                 for k, v in d.items()})
-  if jax.process_index() == 0:
-    evaluation.save_eval_rewards(os.path.join(cfg.workdir, "eval_rewards.npz"), per_example)
-  meta = {"method": method, "branches": names}
-  checkpoint.save_policy(os.path.join(cfg.workdir, "final_params"), final, meta)
-  return summary

@@ -1,27 +1,28 @@
 """Stacked experts: E policies as ONE pytree whose every leaf has a leading expert axis.
 
-Code for one expert is written once (copd_jax.model) and lifted with jax.vmap, so E
+Code for one expert is written once (copd_jax.models.decoder) and lifted with jax.vmap, so E
 experts cost one batched call, never a Python loop in a hot path. The stacked pytree goes
 to optax, orbax and shardings as is (shard its leading axis over the `expert` mesh axis).
 """
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from copd_jax import model as model_lib
+from copd_jax.models import decoder
+from copd_jax.models.model_config import ModelConfig
 
-Params = model_lib.Params
+Params = Any  # a nested dict of f32 arrays
 
 
-def init_stacked(cfg: model_lib.ModelConfig, keys) -> Params:
+def init_stacked(cfg: ModelConfig, keys) -> Params:
   """Independent fresh experts, one per key. keys: PRNG keys [E] -> params with leaves [E, ...]."""
   cfg.validate()
-  return jax.vmap(lambda key: model_lib.init_params(cfg, key))(keys)
+  return jax.vmap(lambda key: decoder.init_params(cfg, key))(keys)
 
 
 def broadcast_params(params: Params, num_experts: int) -> Params:
@@ -50,7 +51,7 @@ def take_expert(stacked: Params, k: int) -> Params:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def stacked_forward_hidden(stacked: Params, cfg: model_lib.ModelConfig, tokens, positions,
+def stacked_forward_hidden(stacked: Params, cfg: ModelConfig, tokens, positions,
                            token_mask, vision=None):
   """Each expert's forward on its own batch, one vmapped call.
 
@@ -58,7 +59,7 @@ def stacked_forward_hidden(stacked: Params, cfg: model_lib.ModelConfig, tokens, 
   vision: f32[E, B, F, H, W, C] or None -> hidden f32[E, B, T, D].
   """
   def one_expert(params, tok, pos, mask, vis):
-    return model_lib.forward_hidden(params, cfg, tok, pos, mask, vis)
+    return decoder.forward_hidden(params, cfg, tok, pos, mask, vis)
   return jax.vmap(one_expert)(stacked, tokens, positions, token_mask, vision)
 
 

@@ -58,227 +58,26 @@ Numerics: parameters are f32. Matmul inputs are cast to `cfg.dtype` (bf16 or f32
 accumulation (`preferred_element_type`); the residual stream, norms, softmax and rotary
 embeddings stay in f32.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 import contextlib
-import dataclasses
 import functools
 import math
-import numbers
-from typing import Any, Mapping
-
+from typing import Any
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
+from copd_jax.models.layers import Linear, RMSNorm, SwiGLU, rope_angles, rotate_with_angles
+from copd_jax.models.model_config import ModelConfig
+from copd_jax.models.toy_vision import VisionEncoder, replace_placeholders
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
+
 # Finite (not -inf) so a query whose keys are all padding gets uniform weights, not NaN.
 _MASKED_SCORE = -1e30
 
+
 Params = Any  # a nested dict of f32 arrays
-
-
-# --------------------------------------------------------------------------- configs
-
-
-# ModelConfig fields that change how the model is computed, not what it computes (nor
-# its parameters): a checkpoint saved with any value serves every other value.
-EXECUTION_FIELDS = ("remat", "attention_block")
-
-
-def _require_positive_int(owner: str, name: str, value) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-    raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class VisionConfig:
-  """A small ViT over video tubelets. Every input is a clip of `num_frames` frames."""
-  image_size: int = 32
-  patch_size: int = 8
-  channels: int = 3
-  num_frames: int = 4
-  tubelet: int = 2  # frames per video patch
-  width: int = 64
-  depth: int = 2
-  num_heads: int = 4
-  mlp_dim: int = 128
-
-  def __post_init__(self):
-    self.validate()
-
-  @property
-  def num_tokens(self) -> int:
-    """Vision embeddings per clip = placeholder tokens per vision prompt."""
-    return (self.num_frames // self.tubelet) * (self.image_size // self.patch_size) ** 2
-
-  @property
-  def patch_dim(self) -> int:
-    """Values in one tubelet: tubelet x patch x patch x channels."""
-    return self.tubelet * self.patch_size ** 2 * self.channels
-
-  def validate(self) -> None:
-    for name in ("image_size", "patch_size", "channels", "num_frames", "tubelet", "width",
-                 "depth", "num_heads", "mlp_dim"):
-      _require_positive_int("VisionConfig", name, getattr(self, name))
-    if self.image_size % self.patch_size:
-      raise ValueError(f"VisionConfig.image_size={self.image_size} must be a multiple of "
-                       f"patch_size={self.patch_size}")
-    if self.num_frames % self.tubelet:
-      raise ValueError(f"VisionConfig.num_frames={self.num_frames} must be a multiple of "
-                       f"tubelet={self.tubelet}")
-    if self.width % self.num_heads:
-      raise ValueError(f"VisionConfig.width={self.width} must be a multiple of "
-                       f"num_heads={self.num_heads}")
-
-
-def _is_real(value) -> bool:
-  return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _as_plain_dict(mapping) -> dict:
-  # ml_collections.ConfigDict has to_dict(); plain mappings are copied.
-  return dict(mapping.to_dict() if hasattr(mapping, "to_dict") else mapping)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Decoder sizes in Qwen3 terms. `vision` may be given as a dict (it is converted).
-
-  `image_token_id` is the placeholder token that vision embeddings replace; it must be a
-  valid token id when `vision` is set (-1 means "no placeholder" for text-only models).
-  Construction validates; an invalid value raises ValueError naming the field.
-  """
-  vocab_size: int
-  d_model: int
-  num_layers: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  mlp_dim: int
-  rope_theta: float = 10000.0
-  rms_norm_eps: float = 1e-6
-  tie_embeddings: bool = True
-  dtype: str = "float32"  # compute dtype; parameters are always f32
-  vision: VisionConfig | None = None
-  image_token_id: int = -1
-  # Rematerialise each decoder layer in the backward pass (jax.checkpoint via nn.remat):
-  # only layer inputs are kept, activations inside a layer are recomputed. Parameter
-  # names are unchanged.
-  remat: bool = False
-  # Queries per attention block (0 = all at once). With a block, attention runs block by
-  # block of queries, each block's scores [block, keys] rematerialised in the backward
-  # pass, so no [T, T] score matrix of a whole sequence is ever built: the memory-efficient
-  # attention for long sequences (training and teacher scoring). Same values.
-  attention_block: int = 0
-
-  def __post_init__(self):
-    if self.vision is not None and not isinstance(self.vision, VisionConfig):
-      if not (isinstance(self.vision, Mapping) or hasattr(self.vision, "to_dict")):
-        raise ValueError(f"ModelConfig.vision must be a VisionConfig, a mapping or None, "
-                         f"got {type(self.vision).__name__}")
-      vision_fields = _as_plain_dict(self.vision)
-      known = {f.name for f in dataclasses.fields(VisionConfig)}
-      unknown = sorted(set(vision_fields) - known)
-      if unknown:
-        raise ValueError(f"ModelConfig.vision has unknown fields {unknown}")
-      object.__setattr__(self, "vision", VisionConfig(**vision_fields))
-    self.validate()
-
-  @classmethod
-  def from_dict(cls, d) -> "ModelConfig":
-    """From a dict or an ml_collections ConfigDict (unknown fields raise ValueError)."""
-    fields = _as_plain_dict(d)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-      raise ValueError(f"ModelConfig has no fields {unknown}")
-    return cls(**fields)
-
-  @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  def validate(self) -> None:
-    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
-                 "head_dim", "mlp_dim"):
-      _require_positive_int("ModelConfig", name, getattr(self, name))
-    if isinstance(self.attention_block, bool) or not isinstance(self.attention_block, int) \
-        or self.attention_block < 0:
-      raise ValueError(f"ModelConfig.attention_block must be an integer >= 0 (0 = no "
-                       f"blocking), got {self.attention_block!r}")
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
-                       f"num_kv_heads={self.num_kv_heads}")
-    if self.head_dim % 2:
-      raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even "
-                       "(rotary embeddings rotate pairs)")
-    if not (_is_real(self.rope_theta) and self.rope_theta > 0):
-      raise ValueError(f"ModelConfig.rope_theta must be positive, got {self.rope_theta!r}")
-    if not (_is_real(self.rms_norm_eps) and self.rms_norm_eps > 0):
-      raise ValueError(f"ModelConfig.rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
-    if not isinstance(self.tie_embeddings, (bool, np.bool_)):
-      raise ValueError(f"ModelConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
-    if not isinstance(self.remat, (bool, np.bool_)):
-      raise ValueError(f"ModelConfig.remat must be a bool, got {self.remat!r}")
-    if self.dtype not in COMPUTE_DTYPES:
-      raise ValueError(f"ModelConfig.dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
-    if self.vision is not None:
-      if not isinstance(self.vision, VisionConfig):
-        raise ValueError(f"ModelConfig.vision must be a VisionConfig, got {self.vision!r}")
-      self.vision.validate()
-      if isinstance(self.image_token_id, bool) or not isinstance(
-          self.image_token_id, (int, np.integer)) or not 0 <= self.image_token_id < self.vocab_size:
-        raise ValueError(f"ModelConfig.image_token_id must be a token id in "
-                         f"[0, vocab_size={self.vocab_size}) when vision is set, "
-                         f"got {self.image_token_id!r}")
-
-
-# --------------------------------------------------------------------------- layers
-
-
-class Linear(nn.Module):
-  """y = x @ kernel (+ bias); kernel f32 [in, out], matmul in `dtype`, f32 accumulation."""
-  features: int
-  dtype: Any = jnp.float32
-  use_bias: bool = False
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
-                        jnp.float32)
-    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
-                   preferred_element_type=jnp.float32)
-    if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    return y
-
-
-class RMSNorm(nn.Module):
-  """Qwen3 RMSNorm over the last axis, statistics in f32: x * rsqrt(mean(x^2) + eps) * scale."""
-  eps: float = 1e-6
-
-  @nn.compact
-  def __call__(self, x):
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-    x = x.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-    return x * scale
-
-
-def apply_rope(x, positions, theta: float):
-  """Rotary embedding, HF "rotate_half" convention (first half pairs with second half).
-
-  x: f32[B, T, N, Dh]; positions: int32[B, T] -> f32[B, T, N, Dh].
-  """
-  half = x.shape[-1] // 2
-  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
-  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
-  x1, x2 = x[..., :half], x[..., half:]
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 @flax.struct.dataclass
@@ -381,15 +180,15 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache=None):
+  def __call__(self, x, angles, mask, cache=None):
     cfg, dt = self.cfg, self.cfg.compute_dtype
     n, t, _ = x.shape
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q = Linear(heads * hd, dt, name="q_proj")(x).reshape(n, t, heads, hd)
     k = Linear(kv_heads * hd, dt, name="k_proj")(x).reshape(n, t, kv_heads, hd)
     v = Linear(kv_heads * hd, dt, name="v_proj")(x).reshape(n, t, kv_heads, hd)
-    q = apply_rope(RMSNorm(cfg.rms_norm_eps, name="q_norm")(q), positions, cfg.rope_theta)
-    k = apply_rope(RMSNorm(cfg.rms_norm_eps, name="k_norm")(k), positions, cfg.rope_theta)
+    q = rotate_with_angles(RMSNorm(cfg.rms_norm_eps, name="q_norm")(q), angles)
+    k = rotate_with_angles(RMSNorm(cfg.rms_norm_eps, name="k_norm")(k), angles)
     k, v = k.astype(dt), v.astype(dt)
     # Group query heads by the kv head they share: [N, T, K, H/K, Dh].
     q = (q.reshape(n, t, kv_heads, heads // kv_heads, hd) * (hd ** -0.5)).astype(dt)
@@ -412,121 +211,20 @@ class Attention(nn.Module):
     return out, (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
 
 
-class SwiGLU(nn.Module):
-  """down(silu(gate(x)) * up(x))."""
-  hidden: int
-  out: int
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x):
-    gate = Linear(self.hidden, self.dtype, name="gate_proj")(x)
-    up = Linear(self.hidden, self.dtype, name="up_proj")(x)
-    return Linear(self.out, self.dtype, name="down_proj")(jax.nn.silu(gate) * up)
-
-
 class DecoderLayer(nn.Module):
   """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache=None):
+  def __call__(self, x, angles, mask, cache=None):
     cfg = self.cfg
     h, kv = Attention(cfg, name="self_attn")(
-        RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x), positions, mask, cache)
+        RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x), angles, mask, cache)
     x = x + h
     x = x + SwiGLU(cfg.mlp_dim, cfg.d_model, cfg.compute_dtype, name="mlp")(
         RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x))
     return x, kv
 
-
-# --------------------------------------------------------------------------- vision
-
-
-def clip_to_tubelets(clip, vcfg: VisionConfig):
-  """f32[B, F, H, W, C] -> f32[B, N, tubelet*patch*patch*C], N = vcfg.num_tokens.
-
-  Tokens are ordered (time, row, column), i.e. all patches of the first tubelet first.
-  """
-  b = clip.shape[0]
-  t, p, c = vcfg.tubelet, vcfg.patch_size, vcfg.channels
-  nt, nh = vcfg.num_frames // t, vcfg.image_size // p
-  x = clip.reshape(b, nt, t, nh, p, nh, p, c)
-  x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)  # [B, nt, nh, nw, t, p, p, C]
-  return x.reshape(b, nt * nh * nh, t * p * p * c)
-
-
-class VisionBlock(nn.Module):
-  """Pre-norm ViT block with full (non-causal) attention."""
-  vcfg: VisionConfig
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x):
-    vcfg, dt = self.vcfg, self.dtype
-    b, n, w = x.shape
-    hd = w // vcfg.num_heads
-    h = nn.LayerNorm(dtype=jnp.float32, name="norm1")(x)
-    qkv = Linear(3 * w, dt, use_bias=True, name="qkv")(h).reshape(b, n, 3, vcfg.num_heads, hd)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    scores = jnp.einsum("bqhd,bkhd->bhqk", (q * hd ** -0.5).astype(dt), k.astype(dt),
-                        preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(scores, axis=-1)
-    attn = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dt), v.astype(dt),
-                      preferred_element_type=jnp.float32).reshape(b, n, w)
-    x = x + Linear(w, dt, use_bias=True, name="proj")(attn)
-    h = nn.LayerNorm(dtype=jnp.float32, name="norm2")(x)
-    h = Linear(vcfg.mlp_dim, dt, use_bias=True, name="linear_fc1")(h)
-    h = Linear(w, dt, use_bias=True, name="linear_fc2")(jax.nn.gelu(h))
-    return x + h
-
-
-class Projector(nn.Module):
-  """Vision width -> LM width ("merger" in Qwen-VL): LayerNorm, then a 2-layer GELU MLP."""
-  d_model: int
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.LayerNorm(dtype=jnp.float32, name="norm")(x)
-    x = Linear(self.d_model, self.dtype, use_bias=True, name="linear_fc1")(x)
-    return Linear(self.d_model, self.dtype, use_bias=True, name="linear_fc2")(jax.nn.gelu(x))
-
-
-class VisionEncoder(nn.Module):
-  """Clip f32[B, F, H, W, C] -> embeddings f32[B, num_tokens, d_model] at the LM width."""
-  vcfg: VisionConfig
-  d_model: int
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, clip):
-    vcfg = self.vcfg
-    # A Dense over a flattened tubelet == a Conv3d with stride equal to its kernel.
-    x = Linear(vcfg.width, self.dtype, use_bias=True, name="patch_embed")(
-        clip_to_tubelets(clip.astype(jnp.float32), vcfg))
-    x = x + self.param("pos_embed", nn.initializers.normal(0.02), (vcfg.num_tokens, vcfg.width),
-                       jnp.float32)
-    for i in range(vcfg.depth):
-      x = VisionBlock(vcfg, self.dtype, name=f"blocks_{i}")(x)
-    return Projector(self.d_model, self.dtype, name="merger")(x)
-
-
-def replace_placeholders(embeds, tokens, vision_embeds, image_token_id: int):
-  """Puts the k-th vision embedding of a row at that row's k-th placeholder token.
-
-  embeds: f32[B, T, D]; tokens: int32[B, T]; vision_embeds: f32[B, N, D] -> f32[B, T, D].
-  Rows without placeholders are unchanged. Placeholders beyond the N-th reuse the last
-  embedding (the data code guarantees exactly N per vision prompt).
-  """
-  is_placeholder = tokens == image_token_id
-  order = jnp.cumsum(is_placeholder, axis=1) - 1  # k for the k-th placeholder
-  order = jnp.clip(order, 0, vision_embeds.shape[1] - 1)
-  gathered = jnp.take_along_axis(vision_embeds, order[..., None], axis=1)
-  return jnp.where(is_placeholder[..., None], gathered.astype(embeds.dtype), embeds)
-
-
-# --------------------------------------------------------------------------- the policy
 
 # Set while a sharded update is traced (activation_sharding): pins the residual stream's
 # rows to the mesh's batch axes after the embedding and after every layer.
@@ -550,39 +248,44 @@ def _constrain_activations(x):
   return _ACTIVATION_CONSTRAINT[-1](x) if _ACTIVATION_CONSTRAINT else x
 
 
+class Decoder(nn.Module):
+  """The Qwen3 decoder every policy shares: token embedding, decoder layers over rotary
+  angles the caller computes, final norm, and (untied) LM head. Subclasses add their
+  inputs: Policy (1-D positions, optional toy vision tower) and models.qwen3_vl.Qwen3VL
+  (multimodal positions, the Qwen3-VL vision tower, DeepStack features).
 
-class Policy(nn.Module):
-  """Decoder LM: returns (final-normed hidden f32[N, T, D], per-layer (k, v) [N, K, T, Dh]
-  of this call's tokens).
-
-  tokens, positions: int32[N, T].
-  Without `cache` (training, scoring, prefill): key_mask is the token mask bool[N, T];
-  attention is causal and skips padded keys.
-  With `cache` (decoding; a tuple of LayerCache over layers, read only): key_mask is the
-  prompts' prefix mask bool[B, P] with N = B*G; the new tokens sit at response slots
-  write_index .. write_index+T-1 and see every valid prefix key, the response slots
-  before write_index and each other causally. Write their keys with write_decode_cache.
+  embedding_std: the std of the random embedding init (None: d_model ** -0.5).
   """
   cfg: ModelConfig
+  embedding_std: float | None = None
 
   def setup(self):
     cfg = self.cfg
+    std = cfg.d_model ** -0.5 if self.embedding_std is None else self.embedding_std
     self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.d_model,
-                                 embedding_init=nn.initializers.normal(cfg.d_model ** -0.5),
+                                 embedding_init=nn.initializers.normal(std),
                                  param_dtype=jnp.float32, name="embed_tokens")
-    if cfg.vision is not None:
-      self.visual = VisionEncoder(cfg.vision, cfg.d_model, cfg.compute_dtype, name="visual")
     layer = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
     self.layers = [layer(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
     self.norm = RMSNorm(cfg.rms_norm_eps, name="norm")
     if not cfg.tie_embeddings:
       self.lm_head = Linear(cfg.vocab_size, jnp.float32, name="lm_head")
 
-  def __call__(self, tokens, positions, key_mask, vision=None, cache=None, write_index=0):
-    cfg = self.cfg
-    x = self.embed_tokens(tokens).astype(jnp.float32)
-    if vision is not None:
-      x = replace_placeholders(x, tokens, self.visual(vision), cfg.image_token_id)
+  def embed(self, tokens):
+    """int32[N, T] -> f32[N, T, D]."""
+    return self.embed_tokens(tokens).astype(jnp.float32)
+
+  def decode(self, x, angles, key_mask, cache=None, write_index=0, after_layer=None):
+    """The layers over input embeddings x f32[N, T, D] with rotary angles f32[N, T, Dh/2].
+
+    Without `cache`: key_mask bool[N, T]; attention is causal and skips padded keys.
+    With `cache` (a tuple of LayerCache over layers, read only): key_mask is the prompts'
+    prefix mask bool[B, P] with N = B*G; the new tokens sit at response slots
+    write_index .. write_index+T-1 and see every valid prefix key, the response slots
+    before write_index and each other causally.
+    after_layer(i, x) -> x, if given, runs after layer i (DeepStack adds features there).
+    Returns (final-normed hidden f32[N, T, D], per-layer (k, v) [N, K, T, Dh]).
+    """
     x = _constrain_activations(x)
     if cache is None:
       mask = key_mask  # [N, T]; attention adds causality
@@ -591,10 +294,36 @@ class Policy(nn.Module):
       mask = (key_mask, filled_slots)
     new_kv = []
     for i, layer in enumerate(self.layers):
-      x, kv = layer(x, positions, mask, None if cache is None else cache[i])
+      x, kv = layer(x, angles, mask, None if cache is None else cache[i])
+      if after_layer is not None:
+        x = after_layer(i, x)
       x = _constrain_activations(x)
       new_kv.append(kv)
     return self.norm(x), tuple(new_kv)
+
+
+class Policy(Decoder):
+  """The text policy (Qwen3, or the toy model with its tubelet vision tower): returns
+  (final-normed hidden f32[N, T, D], per-layer (k, v) [N, K, T, Dh] of this call's tokens).
+
+  tokens, positions: int32[N, T]; key_mask and cache as in Decoder.decode; vision:
+  f32[N, F, H, W, C] or None (replaces the image_token_id placeholders). Write the new
+  tokens' keys into a cache with write_decode_cache.
+  """
+
+  def setup(self):
+    super().setup()
+    if self.cfg.vision is not None:
+      self.visual = VisionEncoder(self.cfg.vision, self.cfg.d_model, self.cfg.compute_dtype,
+                                  name="visual")
+
+  def __call__(self, tokens, positions, key_mask, vision=None, cache=None, write_index=0):
+    cfg = self.cfg
+    x = self.embed(tokens)
+    if vision is not None:
+      x = replace_placeholders(x, tokens, self.visual(vision), cfg.image_token_id)
+    angles = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+    return self.decode(x, angles, key_mask, cache, write_index)
 
   def init_all(self, tokens, positions, key_mask, vision=None):
     """Creates every parameter, including the untied head (unused by __call__)."""
@@ -602,9 +331,6 @@ class Policy(nn.Module):
     if not self.cfg.tie_embeddings:
       self.lm_head(hidden)
     return hidden
-
-
-# --------------------------------------------------------------------------- pure API
 
 
 def positions_from_mask(token_mask):

@@ -34,13 +34,13 @@ does not sit decoded in memory.
 
 Frames (float32[F, H, W, 3] in [0, 1] at the model's vision image_size): each picture is
 converted to RGB and resized to image_size x image_size (bicubic, aspect ratio not kept:
-our ViT takes square inputs). An image record gives F = 1 (tasks.encode_prompts repeats a
+our ViT takes square inputs). An image record gives F = 1 (examples.encode_prompts repeats a
 still image to the model's num_frames). A video's frames are sampled to num_frames at
 evenly spaced indices when it has more, and padded by repeating its last frame when it
 has fewer.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 import dataclasses
 import functools
 import glob
@@ -48,17 +48,28 @@ import io
 import json
 import os
 from typing import Any, Iterable, Mapping, Sequence
-
 import numpy as np
+from copd_jax.data import examples
+from copd_jax.data import toy_tasks as tasks
+from copd_jax.data import answers as verifiers
+from copd_jax.data import math_verifier
+from copd_jax.data import verifiers as verifiers_lib
 
-from copd_jax import tasks, verifiers
 
 JSONL_SUFFIXES = (".jsonl", ".json")
+
+
 PARQUET_SUFFIXES = (".parquet",)
+
+
 DEFAULT_VERIFIER = "math"
+
+
 # The fields a record may have; config.data.columns maps them to other column names.
 RECORD_FIELDS = ("prompt", "answer", "capability", "verifier", "images", "video_frames",
                  "solution", "id")
+
+
 MAX_PROMPT_CHARS = 1 << 20
 
 
@@ -107,8 +118,6 @@ def resolve_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
     files += matches
   return files
 
-
-# ---------------------------------------------------------------------------- reading
 
 def _read_jsonl(path: str) -> Iterable[tuple[str, Any]]:
   """(position, parsed object) per non-blank line; bad JSON names the line."""
@@ -221,8 +230,6 @@ def apply_columns(raw, columns: Mapping[str, str], where: str):
   return mapped
 
 
-# ------------------------------------------------------------------------- validation
-
 def _string_field(raw: dict, field: str, where: str, *, required: bool) -> str:
   value = raw.get(field)
   if value is None:
@@ -297,12 +304,12 @@ def parse_record(raw, where: str, folder: str, *, capability: str | None,
     raise ValueError(f"{where}: field 'capability' is {record_capability!r}, but this "
                      f"source holds {capability!r} records")
   record_capability = record_capability or capability
-  if record_capability not in tasks.CAPABILITIES and not tasks.is_domain_name(record_capability):
+  if record_capability not in tasks.CAPABILITIES and not examples.is_domain_name(record_capability):
     raise ValueError(f"{where}: field 'capability' must be one of {tasks.CAPABILITIES} or a "
                      f"domain name ([a-z][a-z0-9_]*), got {record_capability!r}")
   verifier = _string_field(raw, "verifier", where, required=False) or default_verifier
   try:
-    verifiers.check_reference(verifier, answer)
+    verifiers_lib.check_reference(verifier, answer)
   except ValueError as e:
     raise ValueError(f"{where}: field 'answer'/'verifier': {e}") from None
   images = _picture_list(raw, "images", where, folder)
@@ -352,7 +359,7 @@ def _check_math_references_parse(records: Sequence[Record]) -> None:
   math_records = [r for r in records if r.verifier == "math"]
   if not math_records:
     return
-  bad = verifiers.unparsable_math_references([r.answer for r in math_records])
+  bad = math_verifier.unparsable_math_references([r.answer for r in math_records])
   if bad:
     first = math_records[bad[0]]
     raise ValueError(f"{first.where}: field 'answer' {first.answer!r} does not parse as a "
@@ -376,8 +383,6 @@ def load_records(paths, *, capability: str | None = None,
     raise ValueError(f"record files {list(files)} hold no records")
   return records
 
-
-# ---------------------------------------------------------------------------- frames
 
 def picture_array(item, image_size: int) -> np.ndarray:
   """An image file path or bytes -> float32[image_size, image_size, 3] in [0, 1]."""
@@ -405,10 +410,8 @@ def record_frames(record: Record, image_size: int, num_frames: int) -> np.ndarra
   return np.stack([picture_array(p, image_size) for p in pictures])
 
 
-# ---------------------------------------------------------------------------- source
-
 class RecordSource:
-  """Random-access records as tasks.Example (a grain data source: __len__, __getitem__).
+  """Random-access records as examples.Example (a grain data source: __len__, __getitem__).
 
   paths: a path, a comma-separated string or a list of paths (globs allowed), JSONL or
     Parquet, or saved `datasets` directories. capability: if given, every record must be
@@ -437,10 +440,10 @@ class RecordSource:
   def __len__(self) -> int:
     return len(self.records)
 
-  def __getitem__(self, index: int) -> tasks.Example:
+  def __getitem__(self, index: int) -> examples.Example:
     record = self.records[index]
     frames = record_frames(record, self.image_size, self.num_frames)
-    return tasks.Example(record.capability, record.prompt, record.answer, record.solution,
+    return examples.Example(record.capability, record.prompt, record.answer, record.solution,
                          frames, verifier=record.verifier, modality=record.modality,
                          record=record.where)
 

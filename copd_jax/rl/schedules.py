@@ -6,13 +6,15 @@ The matrix is the product of a *topology* (which pairs exchange at all), per-bra
 *rates* (asymmetric beta_k) and a *schedule* (when OPD is on). It is computed on the host
 and fed to the jitted step as data, so changing it never recompiles.
 """
+
 from __future__ import annotations
-
 import dataclasses
-
 import numpy as np
 
+
 TOPOLOGIES = ("none", "hub", "full", "one_way")
+
+
 SCHEDULES = ("none", "cycle", "constant", "adaptive")
 
 

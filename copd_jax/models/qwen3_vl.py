@@ -23,7 +23,7 @@ Vision tower -- all patches of all images (or all videos) of a call form ONE seq
      LM-width features; the k-th is ADDED to the LM hidden states at the visual token
      positions right after decoder layer k.
 
-Language model -- a Qwen3 decoder (same parameter names as copd_jax.model) whose rotary
+Language model -- a Qwen3 decoder (same parameter names as copd_jax.models.decoder) whose rotary
   angles come from 3-D position ids (t, h, w) interleaved along the frequency axis: pair j
   uses the h position if j % 3 == 1 and j < 3*mrope_section[1], the w position if
   j % 3 == 2 and j < 3*mrope_section[2], else the t position. Text tokens have t = h = w.
@@ -32,271 +32,39 @@ Language model -- a Qwen3 decoder (same parameter names as copd_jax.model) whose
 
 Video: each temporal patch of a video (Tp frames) is its own group of pad tokens in the
   prompt, preceded by a "<t seconds>" timestamp and <|vision_start|> (see
-  copd_jax.vision_preprocess.video_placeholder_text); its positions are those of a one-
+  copd_jax.data.vision_preprocess.video_placeholder_text); its positions are those of a one-
   frame image, the time being carried by the timestamp text.
 
 Parameters (f32; `kernel` = HF `weight` transposed):
-    embed_tokens/embedding, layers_{i}/..., norm/scale, lm_head/kernel  (as copd_jax.model)
+    embed_tokens/embedding, layers_{i}/..., norm/scale, lm_head/kernel  (as copd_jax.models.decoder)
     visual/patch_embed/{kernel,bias}          <- model.visual.patch_embed.proj.{weight,bias}
     visual/pos_embed [S*S, W]                 <- model.visual.pos_embed.weight
     visual/blocks_{i}/{norm1,norm2}/{scale,bias}  <- ...blocks.{i}.{norm1,norm2}.{weight,bias}
     visual/blocks_{i}/attn/{qkv,proj}/{kernel,bias}, .../mlp/{linear_fc1,linear_fc2}/...
     visual/merger/{norm,linear_fc1,linear_fc2}
     visual/deepstack_merger_list_{k}/{norm,linear_fc1,linear_fc2}
-Numerics as copd_jax.model: matmul inputs in `cfg.text.dtype`, f32 accumulation.
+Numerics as copd_jax.models.decoder: matmul inputs in `cfg.text.dtype`, f32 accumulation.
 """
+
 from __future__ import annotations
-
-import dataclasses
 import functools
-import math
 import os
-from typing import Any, Mapping
-
+from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from copd_jax.models import decoder
+from copd_jax.models import layers
+from copd_jax.models import model_config
+from copd_jax.models.layers import mrope_angles, rotate_with_angles
+from copd_jax.models.qwen3_vl_config import Grid, Qwen3VLConfig, VisionTowerConfig, _VISION_ACTS, _check_grids, grids_to_tuple
 
-from copd_jax import model as qwen3
 
 Params = Any
+
+
 _MASKED_SCORE = -1e30
-_VISION_ACTS = {"gelu_pytorch_tanh": True, "gelu": False}  # name -> tanh approximation?
-
-
-# --------------------------------------------------------------------------- configs
-
-
-def _positive_int(owner: str, name: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-    raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
-  return int(value)
-
-
-@dataclasses.dataclass(frozen=True)
-class VisionTowerConfig:
-  """Qwen3-VL vision tower sizes (HF `vision_config`)."""
-  depth: int
-  hidden_size: int
-  intermediate_size: int
-  num_heads: int
-  out_hidden_size: int
-  num_position_embeddings: int
-  deepstack_visual_indexes: tuple[int, ...]
-  in_channels: int = 3
-  patch_size: int = 16
-  temporal_patch_size: int = 2
-  spatial_merge_size: int = 2
-  hidden_act: str = "gelu_pytorch_tanh"
-  rope_theta: float = 10000.0
-  layer_norm_eps: float = 1e-6
-
-  def __post_init__(self):
-    object.__setattr__(self, "deepstack_visual_indexes",
-                       tuple(int(i) for i in self.deepstack_visual_indexes))
-    self.validate()
-
-  @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_heads
-
-  @property
-  def patch_dim(self) -> int:
-    """Values in one flattened patch: C * Tp * P * P (HF order: channel, time, row, col)."""
-    return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
-
-  @property
-  def merge_unit(self) -> int:
-    return self.spatial_merge_size ** 2
-
-  @property
-  def grid_per_side(self) -> int:
-    return math.isqrt(self.num_position_embeddings)
-
-  def validate(self) -> None:
-    owner = "vision_config"
-    for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size",
-                 "num_position_embeddings", "in_channels", "patch_size", "temporal_patch_size",
-                 "spatial_merge_size"):
-      _positive_int(owner, name, getattr(self, name))
-    if self.hidden_size % self.num_heads:
-      raise ValueError(f"{owner}.hidden_size={self.hidden_size} must be a multiple of "
-                       f"num_heads={self.num_heads}")
-    if self.head_dim % 4:
-      raise ValueError(f"{owner}: head_dim = hidden_size / num_heads = {self.head_dim} must be a "
-                       "multiple of 4 (2-D rotary: row and column halves of rotary pairs)")
-    if self.grid_per_side ** 2 != self.num_position_embeddings:
-      raise ValueError(f"{owner}.num_position_embeddings={self.num_position_embeddings} must be "
-                       "a perfect square (a square grid of learned position embeddings)")
-    if self.hidden_act not in _VISION_ACTS:
-      raise ValueError(f"{owner}.hidden_act={self.hidden_act!r} is not supported; expected one "
-                       f"of {sorted(_VISION_ACTS)}")
-    bad = [i for i in self.deepstack_visual_indexes if not 0 <= i < self.depth]
-    if bad or len(set(self.deepstack_visual_indexes)) != len(self.deepstack_visual_indexes):
-      raise ValueError(f"{owner}.deepstack_visual_indexes={list(self.deepstack_visual_indexes)} "
-                       f"must be distinct block indexes in [0, depth={self.depth})")
-
-
-@dataclasses.dataclass(frozen=True)
-class Qwen3VLConfig:
-  """A Qwen3-VL model: the text decoder (a copd_jax.model.ModelConfig without its toy vision
-  encoder), the vision tower, the interleaved-MRoPE sections and the special token ids."""
-  text: qwen3.ModelConfig
-  vision: VisionTowerConfig
-  mrope_section: tuple[int, int, int]
-  image_token_id: int
-  video_token_id: int
-  vision_start_token_id: int
-  vision_end_token_id: int
-
-  def __post_init__(self):
-    object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
-    self.validate()
-
-  def validate(self) -> None:
-    text, vision = self.text, self.vision
-    if text.vision is not None:
-      raise ValueError("Qwen3VLConfig.text must be a text-only ModelConfig (vision=None)")
-    if len(self.mrope_section) != 3 or sum(self.mrope_section) != text.head_dim // 2:
-      raise ValueError(f"text_config.rope_scaling.mrope_section={list(self.mrope_section)} must "
-                       f"be three sizes summing to head_dim/2 = {text.head_dim // 2}")
-    if vision.out_hidden_size != text.d_model:
-      raise ValueError(f"vision_config.out_hidden_size={vision.out_hidden_size} must equal "
-                       f"text_config.hidden_size={text.d_model}")
-    if len(vision.deepstack_visual_indexes) > text.num_layers:
-      raise ValueError(f"vision_config.deepstack_visual_indexes has "
-                       f"{len(vision.deepstack_visual_indexes)} entries but the decoder has only "
-                       f"{text.num_layers} layers to inject them into")
-    for name in ("image_token_id", "video_token_id", "vision_start_token_id",
-                 "vision_end_token_id"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not (
-          0 <= value < text.vocab_size):
-        raise ValueError(f"{name}={value!r} must be a token id in [0, vocab_size="
-                         f"{text.vocab_size})")
-
-  @classmethod
-  def from_hf(cls, config: Mapping[str, Any], *, dtype: str = "float32") -> "Qwen3VLConfig":
-    """From a HF Qwen3-VL config.json dict (text_config + vision_config + token ids).
-
-    Anything this implementation does not support raises ValueError naming the field.
-    `dtype` is the compute dtype (parameters stay f32).
-    """
-    if not isinstance(config, Mapping):
-      raise ValueError(f"Qwen3-VL config must be a JSON object, got {type(config).__name__}")
-    model_type = config.get("model_type")
-    if model_type not in (None, "qwen3_vl"):
-      raise ValueError(f"config.model_type={model_type!r}: expected 'qwen3_vl'")
-    for key in ("text_config", "vision_config"):
-      if not isinstance(config.get(key), Mapping):
-        raise ValueError(f"config.{key} is missing or not an object")
-    text, vis = config["text_config"], config["vision_config"]
-    text_cfg = _text_config_from_hf(text, config, dtype)
-    vision_cfg = _vision_config_from_hf(vis)
-    mrope = _rope_parameters(text).get("mrope_section")
-    if mrope is None:
-      raise ValueError("text_config.rope_scaling.mrope_section (or rope_parameters."
-                       "mrope_section) is missing")
-    token_ids = {}
-    for name, default in (("image_token_id", None), ("video_token_id", None),
-                          ("vision_start_token_id", None), ("vision_end_token_id", None)):
-      value = config.get(name, text.get(name, default))
-      if value is None:
-        raise ValueError(f"config.{name} is missing")
-      token_ids[name] = value
-    return cls(text=text_cfg, vision=vision_cfg, mrope_section=tuple(mrope), **token_ids)
-
-
-def _rope_parameters(text: Mapping[str, Any]) -> dict:
-  """transformers >= 5 writes `rope_parameters`; 4.x wrote `rope_theta` + `rope_scaling`."""
-  params = dict(text.get("rope_scaling") or {})
-  params.update(text.get("rope_parameters") or {})
-  if "rope_theta" not in params and "rope_theta" in text:
-    params["rope_theta"] = text["rope_theta"]
-  return params
-
-
-def _text_config_from_hf(text: Mapping[str, Any], top: Mapping[str, Any],
-                         dtype: str) -> qwen3.ModelConfig:
-  def need(name):
-    if name not in text:
-      raise ValueError(f"text_config.{name} is missing")
-    return text[name]
-  if text.get("hidden_act", "silu") != "silu":
-    raise ValueError(f"text_config.hidden_act={text['hidden_act']!r} is not supported "
-                     "(only 'silu')")
-  if text.get("attention_bias", False):
-    raise ValueError("text_config.attention_bias=True is not supported (Qwen3 has no "
-                     "attention biases)")
-  rope = _rope_parameters(text)
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
-  if rope_type != "default":
-    raise ValueError(f"text_config.rope_parameters.rope_type={rope_type!r} is not supported "
-                     "(only 'default')")
-  if rope.get("mrope_interleaved", True) is not True:
-    raise ValueError("text_config.rope_scaling.mrope_interleaved=False is not supported "
-                     "(Qwen3-VL interleaves t/h/w frequencies)")
-  if "rope_theta" not in rope:
-    raise ValueError("text_config.rope_theta (or rope_parameters.rope_theta) is missing")
-  heads = need("num_attention_heads")
-  head_dim = text.get("head_dim") or need("hidden_size") // heads
-  tie = top.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-  return qwen3.ModelConfig(
-      vocab_size=need("vocab_size"), d_model=need("hidden_size"),
-      num_layers=need("num_hidden_layers"), num_heads=heads,
-      num_kv_heads=text.get("num_key_value_heads") or heads, head_dim=head_dim,
-      mlp_dim=need("intermediate_size"), rope_theta=float(rope["rope_theta"]),
-      rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(tie),
-      dtype=dtype)
-
-
-def _vision_config_from_hf(vis: Mapping[str, Any]) -> VisionTowerConfig:
-  fields = {}
-  for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size",
-               "num_position_embeddings", "deepstack_visual_indexes"):
-    if name not in vis:
-      raise ValueError(f"vision_config.{name} is missing")
-    fields[name] = vis[name]
-  for name in ("in_channels", "patch_size", "temporal_patch_size", "spatial_merge_size",
-               "hidden_act"):
-    if name in vis:
-      fields[name] = vis[name]
-  rope = dict(vis.get("rope_parameters") or {})
-  if rope.get("rope_type", "axial") != "axial":
-    raise ValueError(f"vision_config.rope_parameters.rope_type={rope['rope_type']!r} is not "
-                     "supported (only 'axial')")
-  if "rope_theta" in rope:
-    fields["rope_theta"] = float(rope["rope_theta"])
-  for name in ("patch_size", "temporal_patch_size"):
-    if isinstance(fields.get(name), (list, tuple)):
-      raise ValueError(f"vision_config.{name}={fields[name]!r}: only a single int is supported")
-  return VisionTowerConfig(**fields)
-
-
-# --------------------------------------------------------------------------- host-side layout
-
-Grid = tuple[int, int, int]
-
-
-def grids_to_tuple(grid_thw, what: str) -> tuple[Grid, ...]:
-  """int[N, 3] (numpy, list or None) -> a hashable tuple of (t, h, w), validated."""
-  if grid_thw is None:
-    return ()
-  arr = np.asarray(grid_thw)
-  if arr.ndim != 2 or arr.shape[1] != 3 or not np.issubdtype(arr.dtype, np.integer):
-    raise ValueError(f"{what} must be int[N, 3] (t, h, w per item), got {arr.dtype}{arr.shape}")
-  if (arr <= 0).any():
-    raise ValueError(f"{what} must be positive, got {arr.tolist()}")
-  return tuple(tuple(int(v) for v in row) for row in arr)
-
-
-def _check_grids(grids: tuple[Grid, ...], vcfg: VisionTowerConfig, what: str) -> None:
-  m = vcfg.spatial_merge_size
-  for i, (_, h, w) in enumerate(grids):
-    if h % m or w % m:
-      raise ValueError(f"{what}[{i}] = {grids[i]}: h and w must be multiples of "
-                       f"spatial_merge_size={m}")
 
 
 def _bilinear_taps(pos, n: int, side: int):
@@ -399,68 +167,6 @@ def get_rope_index(cfg: Qwen3VLConfig, input_ids, attention_mask=None, image_gri
   return position_ids, deltas
 
 
-# --------------------------------------------------------------------------- layers
-
-
-def rotate_with_angles(x, angles):
-  """HF rotate_half rotary: x f32[..., N, Dh], angles f32[..., Dh/2] (broadcast over N)."""
-  half = x.shape[-1] // 2
-  cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]
-  x1, x2 = x[..., :half], x[..., half:]
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-def mrope_angles(position_ids, head_dim: int, theta: float, mrope_section):
-  """Interleaved multimodal rotary angles.
-
-  position_ids: int[3, B, T] (t, h, w) -> f32[B, T, head_dim/2]. Pair j takes its position
-  from h if j % 3 == 1 and j < 3*section[1], from w if j % 3 == 2 and j < 3*section[2],
-  else from t.
-  """
-  half = head_dim // 2
-  inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
-  j = np.arange(half)
-  axis = np.zeros(half, np.int32)
-  axis[(j % 3 == 1) & (j < 3 * mrope_section[1])] = 1
-  axis[(j % 3 == 2) & (j < 3 * mrope_section[2])] = 2
-  pos = position_ids.astype(jnp.float32)[jnp.asarray(axis)]  # [half, B, T]
-  return jnp.moveaxis(pos, 0, -1) * jnp.asarray(inv_freq, jnp.float32)
-
-
-class TextAttention(nn.Module):
-  """Qwen3 GQA attention (q/k RMSNorm) with precomputed rotary angles; names as model.py."""
-  cfg: qwen3.ModelConfig
-
-  @nn.compact
-  def __call__(self, x, angles, mask):
-    cfg, dt = self.cfg, self.cfg.compute_dtype
-    b, t, _ = x.shape
-    heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = qwen3.Linear(heads * hd, dt, name="q_proj")(x).reshape(b, t, heads, hd)
-    k = qwen3.Linear(kv_heads * hd, dt, name="k_proj")(x).reshape(b, t, kv_heads, hd)
-    v = qwen3.Linear(kv_heads * hd, dt, name="v_proj")(x).reshape(b, t, kv_heads, hd)
-    q = rotate_with_angles(qwen3.RMSNorm(cfg.rms_norm_eps, name="q_norm")(q), angles)
-    k = rotate_with_angles(qwen3.RMSNorm(cfg.rms_norm_eps, name="k_norm")(k), angles)
-    q = (q.reshape(b, t, kv_heads, heads // kv_heads, hd) * hd ** -0.5).astype(dt)
-    f32 = dict(preferred_element_type=jnp.float32)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt), **f32)
-    probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, _MASKED_SCORE), axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), v.astype(dt), **f32)
-    return qwen3.Linear(cfg.d_model, dt, name="o_proj")(out.reshape(b, t, heads * hd))
-
-
-class TextDecoderLayer(nn.Module):
-  cfg: qwen3.ModelConfig
-
-  @nn.compact
-  def __call__(self, x, angles, mask):
-    cfg = self.cfg
-    x = x + TextAttention(cfg, name="self_attn")(
-        qwen3.RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x), angles, mask)
-    return x + qwen3.SwiGLU(cfg.mlp_dim, cfg.d_model, cfg.compute_dtype, name="mlp")(
-        qwen3.RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x))
-
-
 class VisionAttention(nn.Module):
   """Multi-head self-attention over all patches, restricted to each segment, 2-D rotary."""
   vcfg: VisionTowerConfig
@@ -472,14 +178,14 @@ class VisionAttention(nn.Module):
     n, w = x.shape
     heads, hd = vcfg.num_heads, vcfg.head_dim
     f32 = dict(preferred_element_type=jnp.float32)
-    qkv = qwen3.Linear(3 * w, dt, use_bias=True, name="qkv")(x).reshape(n, 3, heads, hd)
+    qkv = layers.Linear(3 * w, dt, use_bias=True, name="qkv")(x).reshape(n, 3, heads, hd)
     q, k, v = (qkv[:, i] for i in range(3))
     q = (rotate_with_angles(q, angles) * hd ** -0.5).astype(dt)
     k = rotate_with_angles(k, angles).astype(dt)
     scores = jnp.einsum("qhd,khd->hqk", q, k, **f32)
     probs = jax.nn.softmax(jnp.where(same_segment[None], scores, _MASKED_SCORE), axis=-1)
     out = jnp.einsum("hqk,khd->qhd", probs.astype(dt), v.astype(dt), **f32).reshape(n, w)
-    return qwen3.Linear(w, dt, use_bias=True, name="proj")(out)
+    return layers.Linear(w, dt, use_bias=True, name="proj")(out)
 
 
 class VisionMLP(nn.Module):
@@ -489,9 +195,9 @@ class VisionMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     vcfg = self.vcfg
-    h = qwen3.Linear(vcfg.intermediate_size, self.dtype, use_bias=True, name="linear_fc1")(x)
+    h = layers.Linear(vcfg.intermediate_size, self.dtype, use_bias=True, name="linear_fc1")(x)
     h = jax.nn.gelu(h, approximate=_VISION_ACTS[vcfg.hidden_act])
-    return qwen3.Linear(vcfg.hidden_size, self.dtype, use_bias=True, name="linear_fc2")(h)
+    return layers.Linear(vcfg.hidden_size, self.dtype, use_bias=True, name="linear_fc2")(h)
 
 
 class VisionBlock(nn.Module):
@@ -524,8 +230,8 @@ class PatchMerger(nn.Module):
     merged = vcfg.hidden_size * vcfg.merge_unit
     norm = nn.LayerNorm(epsilon=vcfg.layer_norm_eps, dtype=jnp.float32, name="norm")
     x = norm(x.reshape(-1, merged)) if self.postshuffle_norm else norm(x).reshape(-1, merged)
-    x = qwen3.Linear(merged, self.dtype, use_bias=True, name="linear_fc1")(x)
-    return qwen3.Linear(vcfg.out_hidden_size, self.dtype, use_bias=True,
+    x = layers.Linear(merged, self.dtype, use_bias=True, name="linear_fc1")(x)
+    return layers.Linear(vcfg.out_hidden_size, self.dtype, use_bias=True,
                         name="linear_fc2")(jax.nn.gelu(x, approximate=False))
 
 
@@ -539,7 +245,7 @@ class VisionTower(nn.Module):
   def __call__(self, patches, grids: tuple[Grid, ...]):
     vcfg = self.vcfg
     interp_index, interp_weight, rotary_rc, segment = vision_layout(grids, vcfg)
-    x = qwen3.Linear(vcfg.hidden_size, self.dtype, use_bias=True, name="patch_embed")(
+    x = layers.Linear(vcfg.hidden_size, self.dtype, use_bias=True, name="patch_embed")(
         patches.astype(jnp.float32))
     pos_table = self.param("pos_embed", nn.initializers.normal(0.02),
                            (vcfg.num_position_embeddings, vcfg.hidden_size), jnp.float32)
@@ -580,53 +286,51 @@ def _add_in_order(hidden, is_slot, values):
   return hidden + jnp.where(is_slot[..., None], gathered.astype(hidden.dtype), 0.0)
 
 
-class Qwen3VL(nn.Module):
-  """Returns final-normed hidden states f32[B, T, D]."""
-  cfg: Qwen3VLConfig
+class Qwen3VL(decoder.Decoder):
+  """The shared Qwen3 decoder (cfg: the text config) with the Qwen3-VL vision tower:
+  vision tokens replace the image / video pad tokens, rotary angles come from 3-D
+  (t, h, w) positions, and DeepStack features are added to the vision tokens' hidden
+  states right after the first decoder layers. Returns final-normed hidden f32[B, T, D].
+  """
+  vl: Qwen3VLConfig | None = None
+  embedding_std: float | None = 0.02
 
   def setup(self):
-    text = self.cfg.text
-    self.embed_tokens = nn.Embed(text.vocab_size, text.d_model,
-                                 embedding_init=nn.initializers.normal(0.02),
-                                 param_dtype=jnp.float32, name="embed_tokens")
-    self.visual = VisionTower(self.cfg.vision, text.compute_dtype, name="visual")
-    self.layers = [TextDecoderLayer(text, name=f"layers_{i}") for i in range(text.num_layers)]
-    self.norm = qwen3.RMSNorm(text.rms_norm_eps, name="norm")
-    if not text.tie_embeddings:
-      self.lm_head = qwen3.Linear(text.vocab_size, jnp.float32, name="lm_head")
+    super().setup()
+    self.visual = VisionTower(self.vl.vision, self.cfg.compute_dtype, name="visual")
 
   def __call__(self, input_ids, attention_mask, position_ids, pixel_values, image_grids,
                pixel_values_videos, video_grids):
-    cfg, text = self.cfg, self.cfg.text
-    x = self.embed_tokens(input_ids).astype(jnp.float32)
+    vl, text = self.vl, self.cfg
+    x = self.embed(input_ids)
     injections = []  # (is_slot bool[B, T], deepstack features per layer)
-    for patches, grids, token_id in ((pixel_values, image_grids, cfg.image_token_id),
-                                     (pixel_values_videos, video_grids, cfg.video_token_id)):
+    for patches, grids, token_id in ((pixel_values, image_grids, vl.image_token_id),
+                                     (pixel_values_videos, video_grids, vl.video_token_id)):
       if patches is None:
         continue
       tokens, deepstack = self.visual(patches, grids)
       is_slot = input_ids == token_id
       x = _scatter_in_order(x, is_slot, tokens)
       injections.append((is_slot, deepstack))
-    angles = mrope_angles(position_ids, text.head_dim, text.rope_theta, cfg.mrope_section)
-    t = input_ids.shape[1]
-    causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
-    mask = causal[None] & attention_mask.astype(bool)[:, None, :]
-    for i, layer in enumerate(self.layers):
-      x = layer(x, angles, mask)
-      for is_slot, deepstack in injections:  # DeepStack: right after decoder layer i
+
+    def add_deepstack(i, hidden):  # DeepStack: right after decoder layer i
+      for is_slot, deepstack in injections:
         if i < len(deepstack):
-          x = _add_in_order(x, is_slot, deepstack[i])
-    return self.norm(x)
+          hidden = _add_in_order(hidden, is_slot, deepstack[i])
+      return hidden
+    angles = mrope_angles(position_ids, text.head_dim, text.rope_theta, vl.mrope_section)
+    hidden, _ = self.decode(x, angles, attention_mask.astype(bool), after_layer=add_deepstack)
+    return hidden
 
   def init_all(self, *args):
     hidden = self(*args)
-    if not self.cfg.text.tie_embeddings:
+    if not self.cfg.tie_embeddings:
       self.lm_head(hidden)
     return hidden
 
 
-# --------------------------------------------------------------------------- pure API
+def _module(cfg: Qwen3VLConfig) -> Qwen3VL:
+  return Qwen3VL(cfg.text, vl=cfg)
 
 
 def init_params(cfg: Qwen3VLConfig, key) -> Params:
@@ -636,7 +340,7 @@ def init_params(cfg: Qwen3VLConfig, key) -> Params:
   ids = jnp.full((1, 1), cfg.image_token_id, jnp.int32)
   args = (ids, jnp.ones((1, 1), jnp.int32), jnp.zeros((3, 1, 1), jnp.int32),
           jnp.zeros((m2, cfg.vision.patch_dim), jnp.float32), ((1, m, m),), None, ())
-  return jax.jit(lambda k: Qwen3VL(cfg).init(k, *args, method=Qwen3VL.init_all)["params"])(key)
+  return jax.jit(lambda k: _module(cfg).init(k, *args, method=Qwen3VL.init_all)["params"])(key)
 
 
 def param_shapes(cfg: Qwen3VLConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -663,7 +367,7 @@ def forward_hidden(params: Params, cfg: Qwen3VLConfig, input_ids, attention_mask
   pixel_values: f32[N_img, patch_dim] with static image_grids (tuple of (t, h, w));
   pixel_values_videos: f32[N_vid, patch_dim] with static video_grids.
   """
-  return Qwen3VL(cfg).apply({"params": params}, input_ids, attention_mask, position_ids,
+  return _module(cfg).apply({"params": params}, input_ids, attention_mask, position_ids,
                             pixel_values, image_grids, pixel_values_videos, video_grids)
 
 
@@ -708,7 +412,7 @@ def forward(params: Params, cfg: Qwen3VLConfig, input_ids, attention_mask=None,
 
   input_ids: int[B, T] with image/video pad tokens laid out as the HF processor does;
   attention_mask: int[B, T] (1 = token, 0 = padding) or None; pixel_values /
-  pixel_values_videos: f32[N, C*Tp*P*P] from copd_jax.vision_preprocess; *_grid_thw:
+  pixel_values_videos: f32[N, C*Tp*P*P] from copd_jax.data.vision_preprocess; *_grid_thw:
   int[n, 3]. Positions are computed on the host (get_rope_index), then one jitted call per
   distinct set of grid shapes.
   """
@@ -724,10 +428,7 @@ def forward(params: Params, cfg: Qwen3VLConfig, input_ids, attention_mask=None,
       None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32), image_grids,
       None if pixel_values_videos is None else jnp.asarray(pixel_values_videos, jnp.float32),
       video_grids)
-  return qwen3.logits_from_hidden(hidden, lm_head(params, cfg))
-
-
-# --------------------------------------------------------------------------- checkpoint import
+  return decoder.logits_from_hidden(hidden, lm_head(params, cfg))
 
 
 def hf_name_to_path(name: str) -> tuple[tuple[str, ...], str] | None:
@@ -795,7 +496,7 @@ def load_qwen3_vl(directory: str, *, dtype: str = "float32") -> tuple[Qwen3VLCon
   """
   # The safetensors reading (headers first, then one tensor at a time) is the Qwen3 text
   # loader's; only the name mapping and the shapes are Qwen3-VL's.
-  from copd_jax import hf_checkpoint
+  from copd_jax.models import hf_checkpoint
   config = hf_checkpoint.read_hf_config(directory)
   try:
     cfg = Qwen3VLConfig.from_hf(config, dtype=dtype)

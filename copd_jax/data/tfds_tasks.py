@@ -17,23 +17,27 @@ Splits (one builder config per capability + difficulty + seed + sizes):
 Features: index (int64, the make_example index), capability, question, answer, solution
 (text) and, for image and video configs only, frames float32[F, H, W, 3] (F = 1 for
 image, num_frames for video). Text configs have no frames feature at all (not a zero
-tensor), matching tasks.Example.frames = None. Records are stored in index order
+tensor), matching examples_lib.Example.frames = None. Records are stored in index order
 (disable_shuffling), so source[i] is example i.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 import dataclasses
 import os
 from typing import Any
-
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+from copd_jax.data import examples as examples_lib
+from copd_jax.data import toy_tasks as tasks
 
-from copd_jax import tasks
 
 DATASET_NAME = "copd_tasks"  # tfds' snake_case name of CopdTasks
+
+
 FILE_FORMAT = "array_record"  # random access without tensorflow
+
+
 DEFAULTS = dict(seed=1234, image_size=32, num_frames=4, num_train=4096, num_eval=128)
 
 
@@ -166,7 +170,7 @@ def _config_dirs(data_dir: str, capability: str) -> list[str]:
 
 
 class StaticSplitSource:
-  """Random-access source of tasks.Example over one written split (plugs into
+  """Random-access source of examples_lib.Example over one written split (plugs into
   data.example_iterator). Each record is checked as it is read; a bad one raises an
   error naming the dataset directory, split and index."""
 
@@ -176,7 +180,7 @@ class StaticSplitSource:
   def __len__(self) -> int:
     return len(self._records)
 
-  def __getitem__(self, index: int) -> tasks.Example:
+  def __getitem__(self, index: int) -> examples_lib.Example:
     record = self._records[index]
     try:
       text = {k: _text(record[k]) for k in ("capability", "question", "answer", "solution")}
@@ -184,7 +188,7 @@ class StaticSplitSource:
         raise ValueError(f"capability {text['capability']!r}, expected {self.capability!r}")
       if int(record["index"]) != index:  # records are written in index order
         raise ValueError(f"holds example {int(record['index'])}, expected {index}")
-      return tasks.Example(frames=record.get("frames"), **text)
+      return examples_lib.Example(frames=record.get("frames"), **text)
     except KeyError as err:
       raise ValueError(f"{self._where}: bad record {index}: missing field {err}") from err
     except (ValueError, UnicodeDecodeError) as err:

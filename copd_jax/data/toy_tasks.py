@@ -24,31 +24,40 @@ object fills one cell. Character lengths are token lengths under ToyTokenizer;
 `max_lengths` gives the worst case per difficulty (question <= 24 chars everywhere;
 solution <= 23 chars up to difficulty 2 at the default sizes).
 """
-from __future__ import annotations
 
+from __future__ import annotations
 import dataclasses
-import functools
-import hashlib
 import numbers
 from typing import Iterator, Mapping, Sequence
-
 import numpy as np
+from copd_jax.data.answers import ANSWER_MARKER
+from copd_jax.data.examples import Example, hash_bucket
+from copd_jax.data.examples import CAPABILITIES, SPLIT_BUCKETS, SPLITS, _check_int
 
-from copd_jax import verifiers
-from copd_jax.tokenizer import Tokenizer
-from copd_jax.verifiers import ANSWER_MARKER
 
-CAPABILITIES = ("text", "image", "video")
-SPLITS = ("train", "eval", "validation")
+
+
+
+
 MAX_DIFFICULTY = 3
+
+
 CELL_SIZE = 8  # pixels per grid cell = the ViT patch size the images are drawn for
+
+
 MIN_IMAGE_SIZE = 32  # a 4x4 grid: room for the 10 objects of the hardest image level
+
+
 MAX_NUM_FRAMES = 9  # per-frame traces stay short
-NUM_HASH_BUCKETS = 8  # eval and validation get 1/8 of the example space each, train 6/8
-EVAL_BUCKET = 0
-VALIDATION_BUCKET = 1  # for choosing hyper-parameters: never trained on, never reported
-SPLIT_BUCKETS = {"eval": frozenset({EVAL_BUCKET}), "validation": frozenset({VALIDATION_BUCKET}),
-                 "train": frozenset(range(NUM_HASH_BUCKETS)) - {EVAL_BUCKET, VALIDATION_BUCKET}}
+
+
+
+
+
+
+
+
+
 
 COLOURS = {  # name -> RGB in [0, 1]
     "red": (1.0, 0.15, 0.1),
@@ -56,6 +65,8 @@ COLOURS = {  # name -> RGB in [0, 1]
     "blue": (0.2, 0.35, 1.0),
     "yellow": (1.0, 0.9, 0.1),
 }
+
+
 COLOUR_NAMES = tuple(COLOURS)
 
 
@@ -71,110 +82,9 @@ def _shape_masks() -> dict[str, np.ndarray]:
 
 
 SHAPE_MASKS = _shape_masks()
+
+
 SHAPE_NAMES = tuple(SHAPE_MASKS)
-
-
-# ---------------------------------------------------------------------------- examples
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Example:
-  """One task instance: a procedural toy example or a record from a dataset file.
-
-  capability: one of CAPABILITIES, or -- for records (copd_jax/datasets.py) -- a domain
-    name such as 'math' or 'science' ([a-z][a-z0-9_]*), which then needs `modality`.
-  question: the prompt text.
-  answer: the reference answer, valid for `verifier` (the toy suite: a canonical
-    non-negative integer string < 100).
-  solution: the SFT target response (the toy suite: a worked trace ending in
-    ANSWER_MARKER + answer); records may leave it empty.
-  frames: float32[F, H, W, 3] in [0, 1], read-only; F=1 for an image, F=num_frames for
-    a video, None for text.
-  verifier: how a response is scored (verifiers.VERIFIERS); the toy suite's 'integer'.
-  modality: 'text', 'image' or 'video' -- which input the prompt carries. Defaults to
-    `capability` for the built-in capabilities (and must equal it).
-  record: where a record came from ('file.jsonl:12', 'file.parquet row 3'); '' for the
-    toy suite. Error messages name it.
-  """
-  capability: str
-  question: str
-  answer: str
-  solution: str = ""
-  frames: np.ndarray | None = None
-  verifier: str = "integer"
-  modality: str | None = None
-  record: str = ""
-
-  def __post_init__(self):
-    object.__setattr__(self, "modality", _check_modality(self.capability, self.modality))
-    if (self.frames is None) != (self.modality == "text"):
-      raise ValueError(f"Example.frames must be None exactly for text examples; got "
-                       f"{'None' if self.frames is None else 'an array'} for a "
-                       f"{self.modality} example{self._where()}")
-    if self.frames is not None:
-      frames = np.array(self.frames, dtype=np.float32)  # a private copy, then frozen
-      if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"Example.frames must be float32[F, H, W, 3], got shape "
-                         f"{frames.shape}{self._where()}")
-      frames.setflags(write=False)
-      object.__setattr__(self, "frames", frames)
-    try:
-      verifiers.check_reference(self.verifier, self.answer)
-    except ValueError as e:
-      raise ValueError(f"Example.answer/verifier{self._where()}: {e}") from None
-
-  def _where(self) -> str:
-    return f" (record {self.record})" if self.record else ""
-
-  @functools.cached_property
-  def _content_hash(self) -> str:
-    digest = hashlib.sha256()
-    for part in (self.capability, self.question, self.answer, self.solution):
-      digest.update(part.encode("utf-8") + b"\x00")
-    if self.frames is not None:
-      digest.update(repr(self.frames.shape).encode("ascii"))
-      digest.update(np.ascontiguousarray(self.frames, dtype="<f4").tobytes())
-    # Fields added for records enter the hash only when set, so every toy example keeps
-    # its hash (and hence its train/eval split).
-    if self.verifier != "integer" or self.modality != self.capability:
-      digest.update(f"{self.verifier}\x00{self.modality}\x00".encode("utf-8"))
-    return digest.hexdigest()[:32]
-
-  def key(self) -> str:
-    """Content hash (32 hex chars) of capability, text fields and frames."""
-    return self._content_hash
-
-  def describe(self) -> str:
-    where = f" from {self.record}" if self.record else ""
-    return f"{self.capability} example{where} {self.question[:80]!r}"
-
-
-def is_domain_name(name) -> bool:
-  """A record domain name: lower-case letters, digits and '_', starting with a letter."""
-  return (isinstance(name, str) and 0 < len(name) <= 64 and name[0].isascii()
-          and name[0].isalpha() and name[0].islower()
-          and all(ch.isascii() and (ch.isdigit() or ch == "_" or (ch.isalpha() and ch.islower()))
-                  for ch in name))
-
-
-def _check_modality(capability, modality) -> str:
-  """The modality of an example (see Example); ValueError naming the field if invalid."""
-  if capability in CAPABILITIES:
-    if modality not in (None, capability):
-      raise ValueError(f"Example.modality of a {capability!r} example must be "
-                       f"{capability!r}, got {modality!r}")
-    return capability
-  if not is_domain_name(capability) or modality is None:
-    raise ValueError(f"Example.capability must be one of {CAPABILITIES}, or a record "
-                     f"domain name ([a-z][a-z0-9_]*) given with a modality, got "
-                     f"{capability!r} (modality {modality!r})")
-  if modality not in CAPABILITIES:
-    raise ValueError(f"Example.modality must be one of {CAPABILITIES}, got {modality!r}")
-  return modality
-
-
-def hash_bucket(example: Example) -> int:
-  """Which of NUM_HASH_BUCKETS the example's content falls in (EVAL_BUCKET = held out)."""
-  return int(example.key()[:8], 16) % NUM_HASH_BUCKETS
 
 
 def capability_id(capability: str) -> int:
@@ -182,20 +92,11 @@ def capability_id(capability: str) -> int:
   return CAPABILITIES.index(capability)
 
 
-# -------------------------------------------------------------------------- validation
-
 def _check_capability(capability: str, field: str = "capability") -> None:
   if capability not in CAPABILITIES:
     raise ValueError(f"{field} must be one of {CAPABILITIES}, got {capability!r}")
 
 
-def _check_int(field: str, value, minimum: int, maximum: int | None = None) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise ValueError(f"{field} must be an integer, got {value!r}")
-  if value < minimum or (maximum is not None and value > maximum):
-    bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-    raise ValueError(f"{field} must be {bound}, got {value}")
-  return int(value)
 
 
 def _check_generator_args(capability, difficulty, image_size, num_frames) -> None:
@@ -207,9 +108,6 @@ def _check_generator_args(capability, difficulty, image_size, num_frames) -> Non
                      f"size), got {image_size}")
   _check_int("num_frames", num_frames, 2, MAX_NUM_FRAMES)
 
-
-# ---------------------------------------------------------------------- shared traces
-# The latent skill every capability shares: small-integer arithmetic written as below.
 
 def sum_trace(terms: Sequence[int]) -> str:
   """[1, 0, 2] -> '1+0+2=3'; a single term is just itself ('3')."""
@@ -244,13 +142,15 @@ def _int(rng: np.random.Generator, low: int, high: int) -> int:
   return int(rng.integers(low, high, endpoint=True))
 
 
-# ------------------------------------------------------------------------------- text
-
 # difficulty -> (number of terms, largest +/- operand); '*' (from difficulty 1) only
 # ever appears as the first operation, with single-digit factors, so reading left to
 # right agrees with operator precedence.
 _TEXT_LEVELS = {0: (2, 9), 1: (3, 9), 2: (3, 20), 3: (4, 20)}
+
+
 _MAX_WORD_TERMS = 3  # longer word problems would exceed the question length budget
+
+
 _WORD_FOR_OP = {"+": "got", "-": "lost"}
 
 
@@ -285,8 +185,6 @@ def _make_text(rng: np.random.Generator, difficulty: int) -> tuple[str, str, int
   return question, _solution(trace, value), value
 
 
-# ------------------------------------------------------------------------ rendering
-
 def _blank_frames(num_frames: int, image_size: int) -> np.ndarray:
   return np.zeros((num_frames, image_size, image_size, 3), np.float32)
 
@@ -301,8 +199,6 @@ def _draw(frame: np.ndarray, row: int, col: int, shape: str, colour: str,
 def _brightness(rng: np.random.Generator) -> float:
   return float(rng.uniform(0.75, 1.0))  # small jitter: colour, not exact value, matters
 
-
-# ------------------------------------------------------------------------------ image
 
 @dataclasses.dataclass(frozen=True)
 class _ImageLevel:
@@ -358,8 +254,6 @@ def _make_image(rng: np.random.Generator, difficulty: int,
   return question, _solution(trace, answer), answer, frames
 
 
-# ------------------------------------------------------------------------------ video
-
 @dataclasses.dataclass(frozen=True)
 class _VideoLevel:
   max_dots: int  # target-colour dots per frame ("events")
@@ -376,6 +270,8 @@ _VIDEO_LEVELS = {
     2: _VideoLevel(3, 1, 1, 2, 0, ("dots", "distance", "end")),
     3: _VideoLevel(4, 2, 2, 2, 1, ("dots", "distance", "end")),
 }
+
+
 _MAX_DISTRACTOR_DOTS = 2
 
 
@@ -447,26 +343,6 @@ def _make_video(rng: np.random.Generator, difficulty: int, image_size: int,
     question, solution, answer = _video_motion(rng, level, frames, grid, kind)
   return question, solution, answer, frames
 
-
-# ------------------------------------------------------------------ flawed demonstrations
-# The base policy is SFT'd on worked solutions, a fraction of which demonstrate a
-# capability-specific WRONG procedure (consistently carried through to a wrong answer).
-# The base then knows both procedures: at temperature 1 it often samples the right one
-# (high pass@k), while greedy decoding follows whichever its demonstrations favoured. RL
-# with verifiable rewards can sharpen that choice -- and each capability's flaw is its own,
-# so experts learn different things. The flaws act on the worked trace only; questions,
-# answers (the references) and the train/eval split are untouched.
-#
-#   text   sign slip: every subtraction step is written as an addition
-#          "12+7=19;19-3=16#16" -> "12+7=19;19+3=22#22"
-#   image  drops the LAST term of its count/sum (the bottom grid row, the last colour)
-#          "1+0+2+1=4#4" -> "1+0+2=3#3"
-#   video  counts the LAST term twice (the last frame, the last move)
-#          "1+0+2+1=4#4" -> "1+0+2+1+1=5#5"
-# A flaw that skips a frame would also stop the base from practising to perceive it, and
-# then the right procedure is no more accurate than the flawed one at temperature 1 (we
-# measured that: RL had nothing to prefer); counting the last frame twice keeps every
-# frame described, so the choice is the aggregation alone.
 
 FLAW_KINDS = {"text": "sign_slip", "image": "drop_last_term", "video": "repeat_last_term"}
 
@@ -570,8 +446,6 @@ def with_flawed_demonstrations(examples: Iterator[Example], flaw_rate: Mapping[s
       yield example
   return demonstrations()
 
-
-# ------------------------------------------------------------------------- generators
 
 _MAX_SPLIT_TRIES = 1000  # eval accepts 1/8 of draws; 1000 misses in a row never happen
 
@@ -693,8 +567,6 @@ def mixed_train_stream(weights: Mapping[str, float], *, seed: int,
   return examples()
 
 
-# ---------------------------------------------------------------------- length bounds
-
 def _digits(n: int) -> int:
   return len(str(n))
 
@@ -757,30 +629,6 @@ def max_text_chars(capability: str, difficulty: int, *, image_size: int = 32,
   return question, solution
 
 
-def prompt_token_ids(example: Example, tokenizer: Tokenizer, num_vision_tokens: int) -> list[int]:
-  """The prompt of an example as token ids.
-
-  A tokenizer with a chat template (one that has `prompt_token_ids(question,
-  num_vision_tokens)`, e.g. hf_tokenizer.HFTokenizer) renders the question as a user
-  turn plus the generation prompt, with its vision placeholders. Otherwise (ToyTokenizer):
-  [bos] + [image_id] * num_vision_tokens (image/video only) + encode(question).
-  """
-  vision_tokens = num_vision_tokens if example.frames is not None else 0
-  chat_prompt = getattr(tokenizer, "prompt_token_ids", None)
-  if callable(chat_prompt):
-    return list(chat_prompt(example.question, num_vision_tokens=vision_tokens))
-  return [tokenizer.bos_id] + [tokenizer.image_id] * vision_tokens + tokenizer.encode(example.question)
-
-
-def prompt_length(example: Example, tokenizer: Tokenizer, num_vision_tokens: int) -> int:
-  return len(prompt_token_ids(example, tokenizer, num_vision_tokens))
-
-
-def response_token_ids(example: Example, tokenizer: Tokenizer) -> list[int]:
-  """encode(solution) + [eos]: the SFT target."""
-  return tokenizer.encode(example.solution) + [tokenizer.eos_id]
-
-
 def max_lengths(capabilities: Sequence[str], *, difficulty: int | Mapping[str, int],
                 num_vision_tokens: int, image_size: int = 32,
                 num_frames: int = 4) -> tuple[int, int]:
@@ -801,126 +649,3 @@ def max_lengths(capabilities: Sequence[str], *, difficulty: int | Mapping[str, i
     prompt = max(prompt, 1 + vision + question)
     response = max(response, solution + 1)
   return prompt, response
-
-
-# --------------------------------------------------------------------------- batching
-
-@dataclasses.dataclass
-class PromptBatch:
-  """Prompts as arrays for the sampler.
-
-  tokens: int32[B, P], LEFT-padded with pad_id (every prompt ends at column P-1).
-  mask: bool[B, P], True on real tokens.
-  frames: float32[B, F, H, W, 3]; zeros for text rows, an image repeated F times.
-    None for a model without a vision tower (encoded with num_frames=0).
-  capability_ids: int32[B], index into CAPABILITIES of each row's modality (for the toy
-    suite that is its capability).
-  answers: B reference answers for the verifier.
-  """
-  tokens: np.ndarray
-  mask: np.ndarray
-  frames: np.ndarray | None
-  capability_ids: np.ndarray
-  answers: list[str]
-
-
-def _check_batch_args(examples, max_prompt_len, num_vision_tokens, num_frames,
-                      image_size) -> None:
-  if len(examples) == 0:
-    raise ValueError("examples must be non-empty")
-  _check_int("max_prompt_len", max_prompt_len, 1)
-  _check_int("num_vision_tokens", num_vision_tokens, 0)
-  # num_frames = image_size = 0: a text-only model (no vision tower, frames None).
-  no_vision = num_frames == 0 and image_size == 0
-  _check_int("num_frames", num_frames, 0 if no_vision else 1)
-  _check_int("image_size", image_size, 0 if no_vision else 1)
-
-
-def _clip(example: Example, row: int, num_frames: int, image_size: int) -> np.ndarray:
-  """An example's frames as float32[num_frames, image_size, image_size, 3]."""
-  frames = example.frames
-  expected_count = 1 if example.modality == "image" else num_frames
-  if frames.shape != (expected_count, image_size, image_size, 3):
-    raise ValueError(f"examples[{row}] ({example.describe()}) has frames of shape "
-                     f"{frames.shape}; expected {(expected_count, image_size, image_size, 3)}")
-  # One vision path for all rows: an image becomes a still clip of num_frames frames.
-  return np.broadcast_to(frames, (num_frames, image_size, image_size, 3))
-
-
-def _prompt_rows(examples, tokenizer, max_prompt_len, num_vision_tokens, num_frames,
-                 image_size) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """-> left-padded tokens int32[B, P], mask bool[B, P], frames, capability_ids."""
-  batch = len(examples)
-  tokens = np.full((batch, max_prompt_len), tokenizer.pad_id, np.int32)
-  mask = np.zeros((batch, max_prompt_len), bool)
-  has_vision = num_frames > 0
-  frames = (np.zeros((batch, num_frames, image_size, image_size, 3), np.float32)
-            if has_vision else None)
-  for row, example in enumerate(examples):
-    if not isinstance(example, Example):
-      raise ValueError(f"examples[{row}] must be a tasks.Example, got {type(example).__name__}")
-    if example.frames is not None:
-      if not has_vision:
-        raise ValueError(f"examples[{row}] ({example.describe()}) has {example.modality} "
-                         "input, but the model has no vision tower")
-      if num_vision_tokens < 1:
-        raise ValueError(f"num_vision_tokens must be >= 1 to encode examples[{row}] "
-                         f"({example.describe()})")
-      frames[row] = _clip(example, row, num_frames, image_size)
-    ids = prompt_token_ids(example, tokenizer, num_vision_tokens)
-    if len(ids) > max_prompt_len:
-      raise ValueError(f"examples[{row}] ({example.describe()}) needs {len(ids)} prompt "
-                       f"tokens, more than max_prompt_len={max_prompt_len}")
-    tokens[row, max_prompt_len - len(ids):] = ids
-    mask[row, max_prompt_len - len(ids):] = True
-  capability_ids = np.array([CAPABILITIES.index(ex.modality) for ex in examples], np.int32)
-  return tokens, mask, frames, capability_ids
-
-
-def encode_prompts(examples: Sequence[Example], tokenizer: Tokenizer, *, max_prompt_len: int,
-                   num_vision_tokens: int, num_frames: int, image_size: int) -> PromptBatch:
-  """B examples -> PromptBatch with P = max_prompt_len (see PromptBatch for layout)."""
-  _check_batch_args(examples, max_prompt_len, num_vision_tokens, num_frames, image_size)
-  tokens, mask, frames, capability_ids = _prompt_rows(
-      examples, tokenizer, max_prompt_len, num_vision_tokens, num_frames, image_size)
-  return PromptBatch(tokens, mask, frames, capability_ids, [ex.answer for ex in examples])
-
-
-def encode_sft_batch(examples: Sequence[Example], tokenizer: Tokenizer, *, max_prompt_len: int,
-                     max_response_len: int, num_vision_tokens: int, num_frames: int,
-                     image_size: int) -> dict[str, np.ndarray]:
-  """B examples -> SFT arrays with T = P + R (P = max_prompt_len, R = max_response_len).
-
-  tokens: int32[B, T]: columns [0, P) the left-padded prompt, then solution + eos,
-    right-padded with pad_id.
-  mask: bool[B, T], True on real tokens.
-  loss_mask: float32[B, T], 1 at position t iff tokens[t+1] is a response token
-    (solution or eos): hidden[t] predicts tokens[t+1], so the loss is
-    sum_t loss_mask[t] * -log p(tokens[t+1] | tokens[<=t]). The last column is always 0.
-  frames: float32[B, F, H, W, 3]; capability_ids: int32[B].
-  """
-  _check_batch_args(examples, max_prompt_len, num_vision_tokens, num_frames, image_size)
-  _check_int("max_response_len", max_response_len, 1)
-  prompt_tokens, prompt_mask, frames, capability_ids = _prompt_rows(
-      examples, tokenizer, max_prompt_len, num_vision_tokens, num_frames, image_size)
-  batch = len(examples)
-  response = np.full((batch, max_response_len), tokenizer.pad_id, np.int32)
-  response_mask = np.zeros((batch, max_response_len), bool)
-  loss_mask = np.zeros((batch, max_prompt_len + max_response_len), np.float32)
-  for row, example in enumerate(examples):
-    ids = response_token_ids(example, tokenizer)
-    if len(ids) > max_response_len:
-      raise ValueError(f"examples[{row}] ({example.describe()}) needs {len(ids)} response "
-                       f"tokens (solution {example.solution!r} + eos), more than "
-                       f"max_response_len={max_response_len}")
-    response[row, :len(ids)] = ids
-    response_mask[row, :len(ids)] = True
-    # Position P-1 (last prompt token) predicts the first response token.
-    loss_mask[row, max_prompt_len - 1:max_prompt_len - 1 + len(ids)] = 1.0
-  return {
-      "tokens": np.concatenate([prompt_tokens, response], axis=1),
-      "mask": np.concatenate([prompt_mask, response_mask], axis=1),
-      "loss_mask": loss_mask,
-      "frames": frames,
-      "capability_ids": capability_ids,
-  }

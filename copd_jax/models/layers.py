@@ -1,0 +1,90 @@
+"""Building blocks shared by every model: Linear, RMSNorm, SwiGLU and rotary angles (1-D and multimodal)."""
+from __future__ import annotations
+from typing import Any
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+
+class Linear(nn.Module):
+  """y = x @ kernel (+ bias); kernel f32 [in, out], matmul in `dtype`, f32 accumulation."""
+  features: int
+  dtype: Any = jnp.float32
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
+                        jnp.float32)
+    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
+                   preferred_element_type=jnp.float32)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    return y
+
+
+class RMSNorm(nn.Module):
+  """Qwen3 RMSNorm over the last axis, statistics in f32: x * rsqrt(mean(x^2) + eps) * scale."""
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    return x * scale
+
+
+def rope_angles(positions, head_dim: int, theta: float):
+  """1-D rotary angles: positions int32[B, T] -> f32[B, T, head_dim/2]."""
+  half = head_dim // 2
+  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+  return positions.astype(jnp.float32)[..., None] * inv_freq
+
+
+def apply_rope(x, positions, theta: float):
+  """Rotary embedding, HF "rotate_half" convention (first half pairs with second half).
+
+  x: f32[B, T, N, Dh]; positions: int32[B, T] -> f32[B, T, N, Dh].
+  """
+  return rotate_with_angles(x, rope_angles(positions, x.shape[-1], theta))
+
+
+class SwiGLU(nn.Module):
+  """down(silu(gate(x)) * up(x))."""
+  hidden: int
+  out: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    gate = Linear(self.hidden, self.dtype, name="gate_proj")(x)
+    up = Linear(self.hidden, self.dtype, name="up_proj")(x)
+    return Linear(self.out, self.dtype, name="down_proj")(jax.nn.silu(gate) * up)
+
+
+def rotate_with_angles(x, angles):
+  """HF rotate_half rotary: x f32[..., N, Dh], angles f32[..., Dh/2] (broadcast over N)."""
+  half = x.shape[-1] // 2
+  cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]
+  x1, x2 = x[..., :half], x[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def mrope_angles(position_ids, head_dim: int, theta: float, mrope_section):
+  """Interleaved multimodal rotary angles.
+
+  position_ids: int[3, B, T] (t, h, w) -> f32[B, T, head_dim/2]. Pair j takes its position
+  from h if j % 3 == 1 and j < 3*section[1], from w if j % 3 == 2 and j < 3*section[2],
+  else from t.
+  """
+  half = head_dim // 2
+  inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+  j = np.arange(half)
+  axis = np.zeros(half, np.int32)
+  axis[(j % 3 == 1) & (j < 3 * mrope_section[1])] = 1
+  axis[(j % 3 == 2) & (j < 3 * mrope_section[2])] = 2
+  pos = position_ids.astype(jnp.float32)[jnp.asarray(axis)]  # [half, B, T]
+  return jnp.moveaxis(pos, 0, -1) * jnp.asarray(inv_freq, jnp.float32)

@@ -1,0 +1,163 @@
+"""Model configuration: the decoder's sizes (ModelConfig) and the toy vision tower's (VisionConfig)."""
+from __future__ import annotations
+import dataclasses
+import numbers
+from typing import Mapping
+import jax.numpy as jnp
+import numpy as np
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+# ModelConfig fields that change how the model is computed, not what it computes (nor
+# its parameters): a checkpoint saved with any value serves every other value.
+EXECUTION_FIELDS = ("remat", "attention_block")
+
+
+def _require_positive_int(owner: str, name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+    raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """A small ViT over video tubelets. Every input is a clip of `num_frames` frames."""
+  image_size: int = 32
+  patch_size: int = 8
+  channels: int = 3
+  num_frames: int = 4
+  tubelet: int = 2  # frames per video patch
+  width: int = 64
+  depth: int = 2
+  num_heads: int = 4
+  mlp_dim: int = 128
+
+  def __post_init__(self):
+    self.validate()
+
+  @property
+  def num_tokens(self) -> int:
+    """Vision embeddings per clip = placeholder tokens per vision prompt."""
+    return (self.num_frames // self.tubelet) * (self.image_size // self.patch_size) ** 2
+
+  @property
+  def patch_dim(self) -> int:
+    """Values in one tubelet: tubelet x patch x patch x channels."""
+    return self.tubelet * self.patch_size ** 2 * self.channels
+
+  def validate(self) -> None:
+    for name in ("image_size", "patch_size", "channels", "num_frames", "tubelet", "width",
+                 "depth", "num_heads", "mlp_dim"):
+      _require_positive_int("VisionConfig", name, getattr(self, name))
+    if self.image_size % self.patch_size:
+      raise ValueError(f"VisionConfig.image_size={self.image_size} must be a multiple of "
+                       f"patch_size={self.patch_size}")
+    if self.num_frames % self.tubelet:
+      raise ValueError(f"VisionConfig.num_frames={self.num_frames} must be a multiple of "
+                       f"tubelet={self.tubelet}")
+    if self.width % self.num_heads:
+      raise ValueError(f"VisionConfig.width={self.width} must be a multiple of "
+                       f"num_heads={self.num_heads}")
+
+
+def _is_real(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _as_plain_dict(mapping) -> dict:
+  # ml_collections.ConfigDict has to_dict(); plain mappings are copied.
+  return dict(mapping.to_dict() if hasattr(mapping, "to_dict") else mapping)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder sizes in Qwen3 terms. `vision` may be given as a dict (it is converted).
+
+  `image_token_id` is the placeholder token that vision embeddings replace; it must be a
+  valid token id when `vision` is set (-1 means "no placeholder" for text-only models).
+  Construction validates; an invalid value raises ValueError naming the field.
+  """
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  dtype: str = "float32"  # compute dtype; parameters are always f32
+  vision: VisionConfig | None = None
+  image_token_id: int = -1
+  # Rematerialise each decoder layer in the backward pass (jax.checkpoint via nn.remat):
+  # only layer inputs are kept, activations inside a layer are recomputed. Parameter
+  # names are unchanged.
+  remat: bool = False
+  # Queries per attention block (0 = all at once). With a block, attention runs block by
+  # block of queries, each block's scores [block, keys] rematerialised in the backward
+  # pass, so no [T, T] score matrix of a whole sequence is ever built: the memory-efficient
+  # attention for long sequences (training and teacher scoring). Same values.
+  attention_block: int = 0
+
+  def __post_init__(self):
+    if self.vision is not None and not isinstance(self.vision, VisionConfig):
+      if not (isinstance(self.vision, Mapping) or hasattr(self.vision, "to_dict")):
+        raise ValueError(f"ModelConfig.vision must be a VisionConfig, a mapping or None, "
+                         f"got {type(self.vision).__name__}")
+      vision_fields = _as_plain_dict(self.vision)
+      known = {f.name for f in dataclasses.fields(VisionConfig)}
+      unknown = sorted(set(vision_fields) - known)
+      if unknown:
+        raise ValueError(f"ModelConfig.vision has unknown fields {unknown}")
+      object.__setattr__(self, "vision", VisionConfig(**vision_fields))
+    self.validate()
+
+  @classmethod
+  def from_dict(cls, d) -> "ModelConfig":
+    """From a dict or an ml_collections ConfigDict (unknown fields raise ValueError)."""
+    fields = _as_plain_dict(d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+      raise ValueError(f"ModelConfig has no fields {unknown}")
+    return cls(**fields)
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def validate(self) -> None:
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "mlp_dim"):
+      _require_positive_int("ModelConfig", name, getattr(self, name))
+    if isinstance(self.attention_block, bool) or not isinstance(self.attention_block, int) \
+        or self.attention_block < 0:
+      raise ValueError(f"ModelConfig.attention_block must be an integer >= 0 (0 = no "
+                       f"blocking), got {self.attention_block!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even "
+                       "(rotary embeddings rotate pairs)")
+    if not (_is_real(self.rope_theta) and self.rope_theta > 0):
+      raise ValueError(f"ModelConfig.rope_theta must be positive, got {self.rope_theta!r}")
+    if not (_is_real(self.rms_norm_eps) and self.rms_norm_eps > 0):
+      raise ValueError(f"ModelConfig.rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
+    if not isinstance(self.tie_embeddings, (bool, np.bool_)):
+      raise ValueError(f"ModelConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+    if not isinstance(self.remat, (bool, np.bool_)):
+      raise ValueError(f"ModelConfig.remat must be a bool, got {self.remat!r}")
+    if self.dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"ModelConfig.dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
+    if self.vision is not None:
+      if not isinstance(self.vision, VisionConfig):
+        raise ValueError(f"ModelConfig.vision must be a VisionConfig, got {self.vision!r}")
+      self.vision.validate()
+      if isinstance(self.image_token_id, bool) or not isinstance(
+          self.image_token_id, (int, np.integer)) or not 0 <= self.image_token_id < self.vocab_size:
+        raise ValueError(f"ModelConfig.image_token_id must be a token id in "
+                         f"[0, vocab_size={self.vocab_size}) when vision is set, "
+                         f"got {self.image_token_id!r}")

@@ -1,0 +1,276 @@
+"""The CoPD trainer. Every method (experts, mixed RLVR, static OPD, MOPD, CoPD) is a
+`Stage` of this one loop; `copd_jax.rl.methods` says which stages a method runs.
+
+One step, for S student branches held as one stacked pytree (leading axis S):
+
+  1. beta[k, j] = the teacher matrix for this step (`schedules`): topology x per-branch
+     rate x schedule weight. It is data, not code: no recompilation when it changes.
+  2. Sampling, one vmapped call over students: branch k draws G responses for B_native
+     prompts of its own data (its GRPO batch) and, when its row of beta is non-zero,
+     for B_cross prompts of its teachers' data (the cross batch, PAPER.md Phase II).
+  3. Host: verifiers -> rewards -> group-normalised advantages for native rows.
+  4. `update` (jitted, all branches at once):
+       a. teacher scoring: the cross rows are regrouped by teacher with an all-to-all
+          over experts (token ids move to the teacher, parameters stay) and every teacher scores its rows in ONE vmapped
+          forward; the sampled-token log-probs travel back. Teachers are under
+          stop-gradient: the *current* students themselves (CoPD: live teachers) or a
+          frozen stacked pytree (static OPD, MOPD).
+       b. per-branch loss, vmapped over S: token-mean clipped PG with advantage
+          A_rl + beta * (log p_teacher(y_t) - log p_student(y_t)) (fused LM-head loss,
+          never [tokens x vocab]);
+       c. optax update vmapped over S.
+
+Nothing here loops over experts in Python inside the step.
+"""
+
+from __future__ import annotations
+import dataclasses
+import time
+from typing import Any, Callable, Sequence
+import jax
+import jax.numpy as jnp
+import numpy as np
+from copd_jax import sampling
+from copd_jax.rl import objectives
+from copd_jax.rl import schedules
+from copd_jax.data import examples as tasks
+from copd_jax.data import verifiers
+from copd_jax.data.examples import decode_responses
+from copd_jax.rl.rows import Rows, UpdateConfig
+from copd_jax.rl.stages import NATIVE, NO_TEACHER, Stage
+
+
+Params = Any
+
+
+@dataclasses.dataclass
+class DataContext:
+  """What the host loop needs to draw and encode prompts."""
+  tokenizer: Any
+  encode_prompts: Callable[[Sequence[tasks.Example]], tasks.PromptBatch]
+  # One endless train stream per capability with reserve() / load(index) (data.IndexedStream).
+  streams: dict[str, Any]
+  sampling: sampling.SamplingConfig
+
+
+ExampleRef = tuple[str, int]  # (capability, index in its stream): an example not yet loaded
+
+
+def draw_refs(ctx: DataContext, capabilities: Sequence[str], n: int,
+              rng: np.random.Generator) -> list[ExampleRef]:
+  """n positions in the train streams, each of a capability drawn uniformly from
+  `capabilities`. Reserving advances the streams without loading anything."""
+  picks = rng.integers(0, len(capabilities), size=n)
+  return [(capabilities[i], ctx.streams[capabilities[i]].reserve()) for i in picks]
+
+
+def load_example(ctx: DataContext, ref: ExampleRef) -> tasks.Example:
+  capability, index = ref
+  return ctx.streams[capability].load(index)
+
+
+def draw_examples(ctx: DataContext, capabilities: Sequence[str], n: int,
+                  rng: np.random.Generator) -> list[tasks.Example]:
+  """n training examples, each from a capability drawn uniformly from `capabilities`."""
+  return [load_example(ctx, ref) for ref in draw_refs(ctx, capabilities, n, rng)]
+
+
+def stage_prompts(stage: Stage, ctx: DataContext, distil: bool, assignment: np.ndarray,
+                  rng: np.random.Generator) -> tuple[list[list[ExampleRef]], np.ndarray]:
+  """The prompts each student samples on this step, native first then cross, as stream
+  positions (every process reserves the same global batch).
+
+  Returns (refs[S][B_native (+ B_cross)], row_kind int32[S, B]: NATIVE, NO_TEACHER or the
+  teacher index j of a cross prompt).
+  """
+  per_student, teachers = [], []
+  for k, caps in enumerate(stage.student_data):
+    refs = draw_refs(ctx, caps, stage.native_prompts, rng) if stage.native_prompts else []
+    row_teacher = [NATIVE] * len(refs)
+    if distil:
+      for j in assignment[k]:
+        # A student without teachers still fills its rows (masked out) to keep shapes.
+        domain = stage.teacher_data[j] if j >= 0 else (caps or stage.teacher_data[0])
+        refs.append(draw_refs(ctx, domain, 1, rng)[0])
+        row_teacher.append(int(j))
+    per_student.append(refs)
+    teachers.append(row_teacher)
+  return per_student, np.asarray(teachers, np.int32)
+
+
+def load_local_examples(ctx: DataContext, refs: Sequence[Sequence[ExampleRef]],
+                        local: np.ndarray) -> list[list[tasks.Example]]:
+  """Loads the examples of the prompts this process holds (local: bool[S, B]). The other
+  slots get a stand-in (one of the loaded examples): their encoded arrays are never read,
+  because only a process's own shards go to its devices (parallel.put_global)."""
+  loaded = {(k, b): load_example(ctx, ref) for k, row in enumerate(refs)
+            for b, ref in enumerate(row) if local[k, b]}
+  stand_in = next(iter(loaded.values()))
+  return [[loaded.get((k, b), stand_in) for b in range(len(row))] for k, row in enumerate(refs)]
+
+
+def verify_local(responses_of, examples, local_rows: np.ndarray, sharding,
+                 stats: dict | None = None) -> np.ndarray:
+  """Rewards f32[S, B*G] of the whole batch, each process verifying only its own rows.
+
+  responses_of(rows) -> response strings of flat row indices; examples[S][B*G] (stand-ins
+  outside local_rows); local_rows: bool[S, B*G]. Other processes' rewards arrive through
+  one small all-gather; single-process runs verify everything locally. `stats`, if given,
+  receives this process's verify/timeouts and verify/over_budget counts (answers that
+  scored 0 because of the per-answer limit or the step budget, config.reward)."""
+  s, n = local_rows.shape
+  flat = np.flatnonzero(local_rows.reshape(-1))
+  rewards = np.zeros(s * n, np.float32)
+  rewards[flat], pool = verifiers.score(responses_of(flat), [examples[i // n][i % n] for i in flat])
+  if stats is not None:
+    stats.update({"verify/timeouts": float(pool.timeouts),
+                  "verify/over_budget": float(pool.over_budget)})
+  rewards = rewards.reshape(s, n)
+  if sharding is None or jax.process_count() == 1:
+    return rewards
+  from jax.experimental import multihost_utils
+  every_r, every_m = multihost_utils.process_allgather((rewards, local_rows))  # [P, S, B*G]
+  # A row held by several processes (replicated) was verified identically by each.
+  return (every_r * every_m).sum(0) / np.maximum(every_m.sum(0), 1)
+
+
+def stack_prompt_batches(batches: Sequence[tasks.PromptBatch]):
+  """Per-student PromptBatches -> (tokens [S, B, P], mask [S, B, P], frames
+  [S, B, F, H, W, C] or None for a text-only model)."""
+  frames = None if batches[0].frames is None else np.stack([b.frames for b in batches])
+  return (np.stack([b.tokens for b in batches]), np.stack([b.mask for b in batches]), frames)
+
+
+def group_advantages(rewards: np.ndarray, samples: int, scale_by_std: bool) -> tuple[np.ndarray, np.ndarray]:
+  """rewards f32[S, B*G] -> (advantages f32[S, B*G], zero-variance flags bool[S, B])."""
+  s, n = rewards.shape
+  grouped = rewards.reshape(s * n // samples, samples)
+  adv = objectives.grpo_advantages(grouped, scale_by_std=scale_by_std)
+  zero = np.asarray(adv.zero_variance).reshape(s, -1)
+  return np.asarray(adv.advantages).reshape(s, n), zero
+
+
+def build_rows(prompt_tokens, prompt_mask, frames, rollout: sampling.Rollout,
+               advantages, opd_beta, samples: int) -> Rows:
+  """Stacked prompts [S, B, P] + rollout [S, B, G, R] -> Rows [S, B*G, P+R]."""
+  tokens, positions, token_mask, response_mask = jax.vmap(sampling.rollout_to_sequences)(
+      prompt_tokens, prompt_mask, rollout)
+  old = jax.vmap(sampling.align_response_values, in_axes=(0, None))(
+      rollout.raw_logprobs, prompt_tokens.shape[-1])
+  return Rows(tokens=tokens, positions=positions, token_mask=token_mask,
+              response_mask=response_mask, old_logprobs=old,
+              advantages=jnp.asarray(advantages, jnp.float32),
+              opd_beta=jnp.asarray(opd_beta, jnp.float32),
+              frames=None if frames is None else jnp.repeat(jnp.asarray(frames), samples, axis=1))
+
+
+def completion_samples(examples, row_teacher: np.ndarray, local: np.ndarray, responses_of,
+                       rewards: np.ndarray, samples_per_prompt: int, per_kind: int) -> list[dict]:
+  """The first sample of the first `per_kind` native and `per_kind` cross prompts of every
+  branch that this process holds: {'branch' (index), 'row' ('native' | 'cross'),
+  'teacher' (index, or None), 'prompt', 'answer', 'response', 'reward'}.
+
+  examples[S][B]; row_teacher, local: [S, B]; rewards f32[S, B*G]; responses_of(flat row
+  indices) decodes rows of the [S*B*G] rollout."""
+  s_count, b_count = row_teacher.shape
+  g = samples_per_prompt
+  out = []
+  for s in range(s_count):
+    for kind, is_kind in (("native", row_teacher[s] == NATIVE), ("cross", row_teacher[s] >= 0)):
+      picked = [b for b in np.flatnonzero(is_kind & local[s])][:per_kind]
+      if not picked:
+        continue
+      rows = [(s * b_count + b) * g for b in picked]
+      for b, row, response in zip(picked, rows, responses_of(np.array(rows))):
+        ex = examples[s][b]
+        out.append({"branch": s, "row": kind,
+                    "teacher": int(row_teacher[s, b]) if kind == "cross" else None,
+                    "prompt": ex.question, "answer": str(ex.answer), "response": response,
+                    "reward": float(rewards[s, b * g])})
+  return out
+
+
+@dataclasses.dataclass
+class Rollouts:
+  """One step's scored rollouts of every student, ready for the update (collect_rollouts).
+
+  rows: Rows [S, B*G, P + R]; distil: whether this step distils (rows carry teacher
+  betas); prompt_len: P; rewards f32[S, B*G]; is_native / is_cross bool[S, B*G];
+  zero_variance bool[S, B] (groups with equal rewards); examples [S][B]; row_teacher,
+  local [S, B] (see stage_prompts / load_local_examples); responses_of(flat row indices)
+  decodes rows of the [S*B*G] rollout; rollout_tokens: response tokens sampled;
+  timings: seconds of sampling and verification; verify_stats: the verifier's counters
+  (verify_local)."""
+  rows: Rows
+  distil: bool
+  prompt_len: int
+  rewards: np.ndarray
+  is_native: np.ndarray
+  is_cross: np.ndarray
+  zero_variance: np.ndarray
+  examples: list
+  row_teacher: np.ndarray
+  local: np.ndarray
+  responses_of: Callable
+  rollout_tokens: int
+  timings: dict
+  verify_stats: dict
+
+
+def collect_rollouts(stage: Stage, step: int, params: Params, ctx: DataContext,
+                     ucfg: UpdateConfig, key, rng: np.random.Generator, weight: float,
+                     assignment: np.ndarray, sharding=None) -> Rollouts:
+  """The rollout half of a step: draw prompts, sample G responses per prompt from every
+  student, verify them, and build the rows with their advantages and teacher betas."""
+  beta = schedules.teacher_matrix(stage.topology, stage.branch_beta, weight)  # [S, J]
+  distil = stage.distils and weight > 0
+  timings = {}
+  t0 = time.perf_counter()
+  refs, row_teacher = stage_prompts(stage, ctx, distil, assignment, rng)
+  # Each process loads (and later verifies) only the prompts its devices hold.
+  local = np.ones(row_teacher.shape, bool) if sharding is None else \
+      sharding.local_prompt_mask(row_teacher.shape)
+  examples = load_local_examples(ctx, refs, local)
+  batches = [ctx.encode_prompts(ex) for ex in examples]
+  prompt_tokens, prompt_mask, frames = stack_prompt_batches(batches)
+  keys = jax.random.split(jax.random.fold_in(key, step), stage.num_students)
+  if sharding is None:
+    rollout = sampling.stacked_generate(params, ucfg.model, prompt_tokens, prompt_mask, frames,
+                                       keys, ctx.sampling, stage.samples_per_prompt)
+    rollout = jax.device_get(rollout)
+  else:
+    key_data = np.asarray(jax.random.key_data(keys))  # the same on every process
+    sampling.check_stacked_generate_args(params, ucfg.model, prompt_tokens, prompt_mask,
+                                         frames, key_data, ctx.sampling,
+                                         stage.samples_per_prompt)
+    generate = sharding.generate_fn(ucfg.model, ctx.sampling, stage.samples_per_prompt)
+    rollout = sharding.to_host(generate(params, prompt_tokens, prompt_mask, frames, key_data))
+  timings["time/sample_s"] = time.perf_counter() - t0
+
+  t1 = time.perf_counter()
+  g = stage.samples_per_prompt
+  s, b = row_teacher.shape
+  tokens, masks = rollout.tokens.reshape(s * b * g, -1), rollout.mask.reshape(s * b * g, -1)
+  responses_of = lambda rows: decode_responses(tokens[rows], masks[rows], ctx.tokenizer)
+  # Each example names its verifier (integer for the toy tasks; math / choice / exact for
+  # record datasets).
+  rewarded = [[ex for ex in exs for _ in range(g)] for exs in examples]  # [S][B*G]
+  verify_stats = {}
+  rewards = verify_local(responses_of, rewarded, np.repeat(local, g, axis=1), sharding,
+                         verify_stats)
+  advantages, zero_variance = group_advantages(rewards, g, ucfg.scale_by_std)
+  row_teacher_g = np.repeat(row_teacher, g, axis=1)  # [S, B*G]
+  is_native = row_teacher_g == NATIVE
+  is_cross = row_teacher_g >= 0
+  if not stage.cross_outcome_reward:
+    advantages = np.where(is_native, advantages, 0.0)
+  opd_beta = np.where(is_cross, beta[np.arange(s)[:, None], np.maximum(row_teacher_g, 0)], 0.0)
+  rows = build_rows(prompt_tokens, prompt_mask, frames, rollout, advantages, opd_beta, g)
+  if distil:
+    # Cross slots of students without a teacher carry nothing: mask them out.
+    dead = jnp.asarray(row_teacher_g == NO_TEACHER)
+    rows.response_mask = jnp.where(dead[..., None], 0.0, rows.response_mask)
+  timings["time/verify_s"] = time.perf_counter() - t1
+  return Rollouts(rows, distil, int(prompt_tokens.shape[-1]), rewards, is_native, is_cross,
+                  zero_variance, examples, row_teacher, local, responses_of,
+                  int(np.asarray(rollout.lengths).sum()), timings, verify_stats)

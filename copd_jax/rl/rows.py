@@ -1,0 +1,118 @@
+"""The update's typed batch (Rows), its configuration (UpdateConfig) and row / column helpers."""
+from __future__ import annotations
+import dataclasses
+from typing import Callable
+import jax
+import jax.numpy as jnp
+import numpy as np
+from copd_jax import kernels, sampling
+from copd_jax.rl import objectives
+from copd_jax.models import model_config as model_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+  """Static settings of the jitted update (hashable)."""
+  model: model_lib.ModelConfig
+  loss: objectives.PolicyLossConfig
+  kernel: kernels.KernelConfig
+  scale_by_std: bool = True  # GRPO (True) or Dr.GRPO (False) group advantages
+  # Rows per micro-batch of the update (gradient accumulation) and of teacher / reference
+  # scoring; 0 = all rows at once. Exact: losses are (sum, denominator) pairs.
+  micro_batch_rows: int = 0
+  # G: rows b*G .. b*G+G-1 share prompt b (as build_rows lays them out). With a known
+  # prompt length the update runs each prompt once for its G rows (see _response_hidden).
+  samples_per_prompt: int = 1
+
+  def __post_init__(self):
+    for name in ("micro_batch_rows", "samples_per_prompt"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"UpdateConfig.{name} must be an integer >= 0, got {value!r}")
+    if self.samples_per_prompt < 1:
+      raise ValueError("UpdateConfig.samples_per_prompt must be >= 1, got 0")
+    if self.micro_batch_rows % self.samples_per_prompt:
+      raise ValueError(
+          f"UpdateConfig.micro_batch_rows ({self.micro_batch_rows}) must be a multiple of "
+          f"samples_per_prompt ({self.samples_per_prompt}): a micro-batch holds whole prompts")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Rows:
+  """Scored-rollout rows of every student: prompt + response, ready for teacher forcing.
+
+  Leading axes [S, R] (R = rows per student). T = P + max_new_tokens.
+  tokens, positions: int32[S, R, T]; token_mask: bool[S, R, T];
+  response_mask: f32[S, R, T] (1 at t when token t+1 is a response token);
+  old_logprobs: f32[S, R, T] (the sampler's, aligned like response_mask);
+  advantages: f32[S, R] (RL advantage of the row); opd_beta: f32[S, R] (beta of the
+  row's teacher, 0 for native rows); frames: f32[S, R, F, H, W, C].
+  """
+  tokens: jax.Array
+  positions: jax.Array
+  token_mask: jax.Array
+  response_mask: jax.Array
+  old_logprobs: jax.Array
+  advantages: jax.Array
+  opd_beta: jax.Array
+  frames: jax.Array
+
+
+def split_rows(x, size: int, group: int = 1):
+  """x: [N, ...] -> [n, size, ...] micro-batches, n = ceil(N / size), rows past N zero.
+
+  Micro-batch i holds rows i, i + n, i + 2n, ... (strided, not contiguous): an array whose
+  row axis is block-sharded over devices stays spread over the same devices inside every
+  micro-batch, instead of one micro-batch per device group. With group = G > 1 the unit is
+  a prompt's G consecutive rows (size must be a multiple of G): groups are strided, the
+  rows of a group stay together and in order."""
+  if size % group or x.shape[0] % group:
+    raise ValueError(f"split_rows: rows ({x.shape[0]}) and micro-batch size ({size}) must be "
+                     f"multiples of the group size {group}")
+  x = x.reshape((x.shape[0] // group, group) + x.shape[1:])
+  per = size // group
+  n = -(-x.shape[0] // per)
+  pad = n * per - x.shape[0]
+  if pad:
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+  x = jnp.swapaxes(x.reshape((per, n) + x.shape[1:]), 0, 1)  # [n, per, G, ...]
+  return x.reshape((n, size) + x.shape[3:])
+
+
+def join_rows(x, count: int, group: int = 1):
+  """The inverse of split_rows: [n, size, ...] -> [count, ...]."""
+  n, size = x.shape[:2]
+  x = jnp.swapaxes(x.reshape((n, size // group, group) + x.shape[2:]), 0, 1)
+  return x.reshape((-1,) + x.shape[3:])[:count]
+
+
+def map_row_micro_batches(fn: Callable, micro_batch_rows: int, *arrays, group: int = 1):
+  """fn over micro-batches of rows (jax.lax.map: one micro-batch live at a time), results
+  joined back. arrays: [N, ...] (None allowed); fn(*arrays) returns [rows, ...]. With
+  micro_batch_rows 0 or >= N, fn runs once on all rows. group: see split_rows."""
+  count = jax.tree_util.tree_leaves(arrays)[0].shape[0]
+  if not micro_batch_rows or micro_batch_rows >= count:
+    return fn(*arrays)
+  chunks = jax.tree.map(lambda x: split_rows(x, micro_batch_rows, group), arrays)
+  out = jax.lax.map(lambda chunk: fn(*chunk), chunks)
+  return jax.tree.map(lambda x: join_rows(x, count, group), out)
+
+
+def loss_columns(x, prompt_len: int):
+  """The columns of a column-aligned row array [N, T, ...] that the loss reads: with a
+  known prompt length P, the R = T - P columns P-1 .. T-2 whose hidden states predict the
+  response tokens (the prompt columns carry no loss); with P = 0 (unknown) all T."""
+  return x[:, prompt_len - 1:-1] if prompt_len else x
+
+
+def loss_targets(tokens, prompt_len: int):
+  """int32[N, W]: the token each loss column predicts (see loss_columns)."""
+  return tokens[:, prompt_len:] if prompt_len else sampling.next_token_targets(tokens)
+
+
+def first_of_groups(x, group: int):
+  """[B*G, ...] -> [B, ...]: the first row of every group of G consecutive rows. A reshape
+  and an index, not a strided slice x[::G]: on a mesh whose devices hold blocks of rows the
+  partitioner keeps this local (a strided slice made it move rows between devices)."""
+  return x.reshape((x.shape[0] // group, group) + x.shape[1:])[:, 0]

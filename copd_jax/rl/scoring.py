@@ -1,0 +1,193 @@
+"""Teacher-forced log-probabilities: students, the reference and batched cross-expert teachers."""
+from __future__ import annotations
+import functools
+from typing import Callable
+import jax
+import jax.numpy as jnp
+from copd_jax import kernels
+from copd_jax.models import decoder as model_lib
+from copd_jax.rl.rollout import Params
+from copd_jax.rl.rows import Rows, UpdateConfig, first_of_groups, join_rows, loss_targets, map_row_micro_batches, split_rows
+
+
+def _shared_prefix_hidden(params: Params, ucfg: UpdateConfig, prompt_tokens, prompt_positions,
+                          prompt_mask, frames, tokens, positions):
+  """Hidden states f32[N, R, D] that predict the R continuation tokens of N = B*G rows.
+
+  prompt_*: [B, P] (frames [B, ...] or None); tokens, positions: int32[N, R], row b*G + j
+  continues prompt b. Each prompt runs once for its G rows
+  (model.forward_hidden_shared_prefix); the prompt's last column predicts token 0."""
+  g = tokens.shape[0] // prompt_tokens.shape[0]
+  prompt_hidden, hidden = model_lib.forward_hidden_shared_prefix(
+      params, ucfg.model, prompt_tokens, prompt_positions, prompt_mask, frames, tokens,
+      positions)
+  b, _, d = prompt_hidden.shape
+  last = jnp.broadcast_to(prompt_hidden[:, None, -1:], (b, g, 1, d)).reshape(b * g, 1, d)
+  return jnp.concatenate([last, hidden[:, :-1]], axis=1)
+
+
+def _response_hidden(params: Params, ucfg: UpdateConfig, tokens, positions, token_mask,
+                     frames, prompt_len: int):
+  """Hidden states f32[N, W, D] of the loss columns (loss_columns) of rows [N, T].
+
+  With prompt_len P > 0 the rows come in groups of G = ucfg.samples_per_prompt that share
+  their prompt (columns < P, and frames): each prompt runs once for its G rows and only
+  the response columns run per row (_shared_prefix_hidden). With P = 0 every row runs
+  whole."""
+  if not prompt_len:
+    return model_lib.forward_hidden(params, ucfg.model, tokens, positions, token_mask, frames)
+  p, g = prompt_len, ucfg.samples_per_prompt
+  first = lambda x: None if x is None else first_of_groups(x, g)  # noqa: E731
+  return _shared_prefix_hidden(params, ucfg, first(tokens[:, :p]), first(positions[:, :p]),
+                               first(token_mask[:, :p]), first(frames),
+                               tokens[:, p:], positions[:, p:])
+
+
+def _sequence_logprobs(params: Params, ucfg: UpdateConfig, tokens, positions, token_mask,
+                       frames, prompt_len: int = 0):
+  """Sampled-token log-probs f32[N, W] of rows under one model, on the loss columns (no
+  gradient use)."""
+  hidden = _response_hidden(params, ucfg, tokens, positions, token_mask, frames, prompt_len)
+  return kernels.sampled_token_logprobs(hidden, model_lib.lm_head(params, ucfg.model),
+                                        loss_targets(tokens, prompt_len), kernel=ucfg.kernel)
+
+
+def _continuation_logprobs(params: Params, ucfg: UpdateConfig, prompt_tokens, prompt_positions,
+                           prompt_mask, frames, tokens, positions):
+  """Log-probs f32[N, R] of the continuation tokens int32[N, R] (see _shared_prefix_hidden)."""
+  hidden = _shared_prefix_hidden(params, ucfg, prompt_tokens, prompt_positions, prompt_mask,
+                                 frames, tokens, positions)
+  return kernels.sampled_token_logprobs(hidden, model_lib.lm_head(params, ucfg.model), tokens,
+                                        kernel=ucfg.kernel)
+
+
+def _identity(x):
+  return x
+
+
+def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: UpdateConfig,
+                      placement: tuple[Callable, Callable] | None = None,
+                      cross_row_start: int = 0, prompt_len: int = 0):
+  """Sampled-token log-probs of each cross row under its teacher, on the loss columns:
+  f32[S, R, W] (W = T - P with prompt_len P > 0, else T; see loss_columns).
+
+  The regroup is an all-to-all over the expert axis (see TeacherRouting):
+    1. each student gathers, from its OWN rows, the rows it sends to each teacher into a
+       buffer [S, J, C, ...] (a local gather: nothing crosses experts);
+    2. swapping the first two axes, [S, J, C] -> [J, S, C], is the exchange: each device
+       sends only its own rows' tokens;
+    3. teacher j scores its [S*C] rows (one vmapped forward over teachers, in
+       micro-batches of ucfg.micro_batch_rows rows);
+    4. the scores swap back [J, S, C, W] -> [S, J, C, W] and each student unpacks its own.
+  What crosses: token ids with the token mask packed in (-1 = masked), the frames once
+  per prompt, and f32 log-probs of the loss columns. Positions are recomputed from
+  the mask on the teacher side (rows' positions are positions_from_mask(token_mask), as
+  sampling.rollout_to_sequences builds them).
+
+  cross_row_start (static): rows before it are native rows, never sent (the local gather
+    reads rows [cross_row_start:] only).
+  prompt_len (static, 0 = unknown): the prompt columns P. With it the prompt tokens move
+    once per prompt (not once per sample), the teacher runs each prompt once for its G
+    rows (_response_hidden), and only the scores of the response columns travel back.
+  placement: optional (exchange, compute) sharding constraints from
+    parallel.RunSharding.regroup_placement: `exchange` pins a buffer [A, B, C, ...] to
+    expert on axis A, its rows C spread over the devices of each expert group; `compute`
+    pins teacher-side rows [J, N, ...] to expert x batch.
+  """
+  exchange, compute = placement or (_identity, _identity)
+  teacher_axis = "expert" if placement is not None else None  # see update_body
+  send_row, prompt_row = routing["send_row"], routing["send_prompt_row"]
+  s, j, c = send_row.shape
+  g = c // prompt_row.shape[2]
+  t = rows.tokens.shape[-1]
+  if not 0 <= prompt_len < t:
+    raise ValueError(f"prompt_len={prompt_len} must be in [0, rows' length {t})")
+  if prompt_len and g != ucfg.samples_per_prompt:
+    raise ValueError(f"routing groups {g} rows per prompt but ucfg.samples_per_prompt is "
+                     f"{ucfg.samples_per_prompt}")
+  start = cross_row_start
+
+  def local(x, index):  # x [S, R, ...], index [S, J, C'] -> [S, J, C', ...], per student
+    return jax.vmap(lambda xk, ik: jnp.take(xk, ik, axis=0))(x[:, start:],
+                                                            jnp.maximum(index - start, 0))
+
+  def swap(x):  # the all-to-all over `expert`: [A, B, ...] -> [B, A, ...]
+    return exchange(jnp.swapaxes(exchange(x), 0, 1))
+
+  def teacher_rows(x):  # [J, S, C', ...] -> [J, S*C', ...] on the teachers' devices
+    return compute(x.reshape((j, -1) + x.shape[3:]))
+
+  packed = jnp.where(rows.token_mask, rows.tokens, -1)  # the mask travels inside the ids
+  valid = jnp.swapaxes(routing["send_valid"], 0, 1)  # [J, S, C]
+  frames = None
+  if rows.frames is not None:  # once per prompt
+    frames = teacher_rows(swap(local(rows.frames, prompt_row)))
+  if prompt_len:
+    p = prompt_len
+    prompt = swap(local(packed[..., :p], prompt_row))  # [J, S, C // G, P]
+    response = teacher_rows(swap(local(packed[..., p:], send_row)))  # [J, S*C, R]
+    # Padding slots' prompts attend to their last column only: a finite, unused softmax.
+    prompt_mask = teacher_rows(jnp.where(valid[:, :, ::g, None], prompt >= 0,
+                                         jnp.arange(p) == p - 1))
+    prompt_tokens = teacher_rows(jnp.maximum(prompt, 0))
+    response_mask = response >= 0
+    prompt_positions = model_lib.positions_from_mask(
+        prompt_mask.reshape(-1, p)).reshape(prompt_mask.shape)
+    counts = jnp.repeat(prompt_mask.sum(-1), g, axis=1)[..., None]  # [J, S*C, 1]
+    response_positions = jnp.maximum(counts + jnp.cumsum(response_mask, -1) - 1, 0)
+
+    def one_teacher(params, p_tok, p_pos, p_msk, frm, r_tok, r_pos):
+      chunk = functools.partial(_continuation_logprobs, params, ucfg)
+      return _map_prompt_micro_batches(chunk, ucfg.micro_batch_rows, g,
+                                       (p_tok, p_pos, p_msk, frm), (r_tok, r_pos))
+
+    scores = compute(jax.vmap(one_teacher, spmd_axis_name=teacher_axis)(
+        jax.lax.stop_gradient(teacher_params), prompt_tokens, prompt_positions, prompt_mask,
+        frames, jnp.maximum(response, 0), response_positions))  # [J, S*C, R]
+  else:
+    packed = swap(local(packed, send_row))  # [J, S, C, T]
+    # Padding rows attend to their first column only, so their (unused) softmax stays finite.
+    mask = teacher_rows(jnp.where(valid[..., None], packed >= 0, jnp.arange(t) == 0))
+    tokens = teacher_rows(jnp.maximum(packed, 0))
+    if frames is not None:
+      frames = compute(jnp.repeat(frames.reshape((j, s, c // g) + frames.shape[2:]), g,
+                                  axis=2).reshape((j, s * c) + frames.shape[2:]))
+
+    def one_teacher(params, tok, msk, frm):
+      def chunk(tk, mk, fr):
+        return _sequence_logprobs(params, ucfg, tk, model_lib.positions_from_mask(mk), mk, fr)
+      return map_row_micro_batches(chunk, ucfg.micro_batch_rows, tok, msk, frm)
+
+    scores = compute(jax.vmap(one_teacher, spmd_axis_name=teacher_axis)(
+        jax.lax.stop_gradient(teacher_params), tokens, mask, frames))  # [J, S*C, T]
+  scores = swap(scores.reshape(j, s, c, -1)).reshape(s, j * c, -1)  # back to the students
+  return jax.vmap(lambda x, slot: jnp.take(x, slot, axis=0))(scores, routing["receive_slot"])
+
+
+def _map_prompt_micro_batches(fn: Callable, micro_batch_rows: int, group: int,
+                              prompt_arrays: tuple, row_arrays: tuple):
+  """fn(*prompt_arrays, *row_arrays) -> [N, ...] over micro-batches of whole prompts:
+  prompt_arrays [B, ...] (None allowed), row_arrays [N = B*G, ...] (row b*G + j belongs to
+  prompt b); each micro-batch holds micro_batch_rows // G prompts and their rows."""
+  count = row_arrays[0].shape[0]
+  if not micro_batch_rows or micro_batch_rows >= count:
+    return fn(*prompt_arrays, *row_arrays)
+  per = micro_batch_rows // group
+  prompts = jax.tree.map(lambda x: split_rows(x, per), prompt_arrays)
+  rows = jax.tree.map(lambda x: split_rows(x, micro_batch_rows, group), row_arrays)
+  out = jax.lax.map(lambda chunk: fn(*chunk[0], *chunk[1]), (prompts, rows))
+  return jax.tree.map(lambda x: join_rows(x, count, group), out)
+
+
+def reference_logprobs(ref_params: Params, rows: Rows, ucfg: UpdateConfig, prompt_len: int = 0):
+  """Sampled-token log-probs of every student's rows under one frozen reference policy
+  (the shared base) on the loss columns: f32[S, R, W], for the KL-to-reference penalty (in
+  micro-batches of ucfg.micro_batch_rows rows)."""
+  ref_params = jax.lax.stop_gradient(ref_params)
+  group = ucfg.samples_per_prompt if prompt_len else 1
+
+  def one_student(r):
+    return map_row_micro_batches(
+        functools.partial(_sequence_logprobs, ref_params, ucfg, prompt_len=prompt_len),
+        ucfg.micro_batch_rows, r.tokens, r.positions, r.token_mask, r.frames, group=group)
+  return jax.vmap(one_student)(rows)

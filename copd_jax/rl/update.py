@@ -1,0 +1,204 @@
+"""The device half of a step: losses, gradients and one optimizer step of every branch."""
+from __future__ import annotations
+import functools
+from typing import Callable
+import jax
+import jax.numpy as jnp
+import optax
+from copd_jax import kernels
+from copd_jax.rl import objectives
+from copd_jax.models import decoder as model_lib
+from copd_jax.rl.rollout import Params
+from copd_jax.rl.rows import Rows, UpdateConfig, join_rows, loss_columns, loss_targets, split_rows
+from copd_jax.rl.scoring import _response_hidden, reference_logprobs, score_by_teachers
+
+
+def student_loss_sum(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
+                     ucfg: UpdateConfig, prompt_len: int = 0):
+  """One student's (loss_sum, (denominator, aux)) on its rows (Rows without the S axis):
+  the pair whose sums over micro-batches give the exact full-batch loss. teacher_logprobs,
+  ref_logprobs: f32[R, W] on the loss columns (or None); aux: [R, W] arrays. Only the loss
+  columns are computed: the others have response_mask 0 and add nothing to the loss."""
+  hidden = _response_hidden(params, ucfg, rows.tokens, rows.positions, rows.token_mask,
+                            rows.frames, prompt_len)
+  head = model_lib.lm_head(params, ucfg.model)
+  response_mask = loss_columns(rows.response_mask, prompt_len)
+  opd_beta = None
+  if teacher_logprobs is not None:
+    opd_beta = rows.opd_beta[:, None] * response_mask
+  loss_sum, denominator, aux = kernels.sequence_policy_loss(
+      hidden, head, loss_targets(rows.tokens, prompt_len), rows.advantages,
+      loss_columns(rows.old_logprobs, prompt_len), response_mask, ref_logprobs=ref_logprobs,
+      teacher_logprobs=teacher_logprobs, opd_beta=opd_beta, config=ucfg.loss, kernel=ucfg.kernel)
+  return loss_sum, (denominator, aux)
+
+
+def student_loss(params: Params, rows: Rows, teacher_logprobs, ref_logprobs, ucfg: UpdateConfig,
+                 prompt_len: int = 0):
+  """One student's token-mean loss on its rows. rows: Rows without the S axis."""
+  loss_sum, (denominator, aux) = student_loss_sum(params, rows, teacher_logprobs, ref_logprobs,
+                                                  ucfg, prompt_len)
+  return objectives.mean_from_sum(loss_sum, denominator), aux
+
+
+def student_grads(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
+                  ucfg: UpdateConfig, prompt_len: int = 0):
+  """(loss, aux of [R, W] arrays, grads) of one student, accumulated over micro-batches of
+  ucfg.micro_batch_rows rows (jax.lax.scan; only one micro-batch's activations live; with
+  a prompt length, micro-batches hold whole prompts).
+
+  Exact: the loss is loss_sum / denominator with a denominator that does not depend on
+  the parameters, so grad = (sum of micro-batch grad(loss_sum)) / (sum of denominators)."""
+  count = rows.tokens.shape[0]
+  size = ucfg.micro_batch_rows
+  if not size or size >= count:
+    (loss, aux), grads = jax.value_and_grad(student_loss, has_aux=True)(
+        params, rows, teacher_logprobs, ref_logprobs, ucfg, prompt_len)
+    return loss, aux, grads
+  group = ucfg.samples_per_prompt if prompt_len else 1
+  chunks = jax.tree.map(lambda x: split_rows(x, size, group),
+                        (rows, teacher_logprobs, ref_logprobs))
+
+  def accumulate(total, chunk):
+    (loss_sum, (denominator, aux)), grads = jax.value_and_grad(student_loss_sum, has_aux=True)(
+        params, *chunk, ucfg, prompt_len)
+    return jax.tree.map(jnp.add, total, (grads, loss_sum, denominator)), aux
+
+  zero = jnp.zeros((), jnp.float32)
+  (grad_sum, loss_sum, denominator), aux = jax.lax.scan(
+      accumulate, (jax.tree.map(jnp.zeros_like, params), zero, zero), chunks)
+  scale = jnp.where(denominator > 0, 1.0 / jnp.maximum(denominator, 1e-30), 0.0)
+  grads = jax.tree.map(lambda x: x * scale.astype(x.dtype), grad_sum)
+  aux = jax.tree.map(lambda x: join_rows(x, count, group), aux)
+  return objectives.mean_from_sum(loss_sum, denominator), aux, grads
+
+
+def _branch_metrics(rows: Rows, prompt_len: int, aux: dict, teacher_logprobs, loss) -> dict:
+  """Per-branch scalars from one student's rows (Rows without the S axis), its loss aux
+  ([R, W] arrays on the loss columns, see loss_columns) and loss."""
+  m = loss_columns(rows.response_mask, prompt_len)
+  mean = lambda x, w=m: jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
+  out = {"loss": loss, "entropy": mean(aux["entropy"]),
+         "clip_fraction": mean(aux["clipped_low"] + aux["clipped_high"]),
+         "ratio": mean(aux["ratio"]),
+         "sampler_logprob_gap": mean(jnp.abs(aux["logprobs"]
+                                             - loss_columns(rows.old_logprobs, prompt_len))),
+         "response_tokens": jnp.sum(m) / jnp.maximum(jnp.sum(jnp.any(m > 0, -1)), 1.0)}
+  if teacher_logprobs is not None:
+    cross = m * (rows.opd_beta[:, None] > 0)
+    # The OPD advantage actually used: total advantage minus the RL part.
+    opd_advantage = aux["advantages"] - rows.advantages[:, None]
+    delta = opd_advantage / jnp.where(cross > 0, rows.opd_beta[:, None], 1.0)  # log p_t - log p_s
+    out["opd/delta_mean"] = mean(delta, cross)
+    out["opd/delta_std"] = jnp.sqrt(jnp.maximum(mean(delta ** 2, cross) - mean(delta, cross) ** 2, 0))
+    out["opd/advantage_mean"] = mean(opd_advantage, cross)
+    out["opd/tokens"] = jnp.sum(cross)
+  return out
+
+
+# No buffer donation: with live teachers the same params arrive as `teacher_params`.
+@functools.partial(jax.jit, static_argnames=("ucfg", "optimizer", "distil", "prompt_len"))
+def update(params: Params, opt_state, teacher_params: Params | None, rows: Rows,
+           routing: dict | None, ref_params: Params | None = None, *, ucfg: UpdateConfig,
+           optimizer: optax.GradientTransformation, distil: bool, prompt_len: int = 0):
+  """One optimizer step for every student branch. Returns (params, opt_state, metrics).
+
+  params, opt_state: stacked [S]; teacher_params: stacked [J] or None (live teachers:
+  pass the same params — they are read before the update, under stop-gradient);
+  rows: Rows [S, R, ...]; routing: TeacherRouting fields as arrays (distil steps only);
+  ref_params: one single-model pytree (the base), required when ucfg.loss.kl_coef > 0.
+  prompt_len: the prompt columns P of rows, or 0. With P > 0 every prompt runs once for its
+    ucfg.samples_per_prompt rows and only the response columns go through the LM head and
+    the loss (_response_hidden): the same loss as P = 0, for a fraction of the work.
+  metrics: dict of f32[S].
+  Single-device jit; parallel.RunSharding.update_fn jits `update_body` with explicit
+  shardings instead.
+  """
+  return update_body(params, opt_state, teacher_params, rows, routing, ref_params, ucfg=ucfg,
+                     optimizer=optimizer, distil=distil, prompt_len=prompt_len)
+
+
+def update_body(params: Params, opt_state, teacher_params: Params | None, rows: Rows,
+                routing: dict | None, ref_params: Params | None = None, *,
+                ucfg: UpdateConfig, optimizer: optax.GradientTransformation, distil: bool,
+                placement: tuple[Callable, Callable] | None = None, cross_row_start: int = 0,
+                prompt_len: int = 0):
+  """The traceable body of `update` (same arguments); placement, cross_row_start and
+  prompt_len: see score_by_teachers. Gradients accumulate over micro-batches of
+  ucfg.micro_batch_rows rows (student_grads)."""
+  teacher_logprobs = None
+  if distil:
+    teacher_logprobs = score_by_teachers(teacher_params, rows, routing, ucfg, placement,
+                                         cross_row_start, prompt_len)
+  ref_lp = None
+  if ucfg.loss.kl_coef > 0:
+    if ref_params is None:
+      raise ValueError("ref_params (the reference policy) are required when kl_coef > 0")
+    ref_lp = reference_logprobs(ref_params, rows, ucfg, prompt_len)
+
+  def one_branch(p, r, t_lp, ref):
+    loss, aux, grads = student_grads(p, r, t_lp, ref, ucfg, prompt_len)
+    metrics = _branch_metrics(r, prompt_len, aux, t_lp, loss)
+    if ref is not None:
+      m = loss_columns(r.response_mask, prompt_len)
+      metrics["kl_to_reference"] = jnp.sum(aux["kl"] * m) / jnp.maximum(jnp.sum(m), 1.0)
+    return grads, metrics
+
+  # On a mesh the branch axis is `expert`: sharding constraints inside (the activation
+  # constraint of parallel.RunSharding.constrain_rows) then keep it there.
+  branch_axis = "expert" if placement is not None else None
+  grads, metrics = jax.vmap(one_branch, spmd_axis_name=branch_axis)(params, rows,
+                                                                   teacher_logprobs, ref_lp)
+  metrics["grad_norm"] = jax.vmap(optax.tree_utils.tree_norm)(grads)
+  updates, new_opt_state = jax.vmap(optimizer.update)(grads, opt_state, params)
+  # How far the step moves each branch: the global norm of the update and its largest
+  # entry (RL that does not learn often moves the weights by almost nothing).
+  metrics["update_norm"] = jax.vmap(optax.tree_utils.tree_norm)(updates)
+  metrics["update_max_abs"] = jax.vmap(
+      lambda u: jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(u)])))(updates)
+  new_params = optax.apply_updates(params, updates)
+  # Per branch: apply the update only if its loss, gradient norm, new parameters and new
+  # optimizer state are all finite; a branch whose step is not keeps its previous state,
+  # and the other branches' updates are applied all the same. Finiteness of a tree is read
+  # from its global norm (one reduction per branch): a NaN or inf anywhere makes the norm
+  # non-finite. (An element-wise isfinite over every leaf feeding the select instead made
+  # XLA:CPU compile the update 3-4x slower.) The norm also overflows for magnitudes
+  # above ~1e19, which counts as diverged too.
+  applied = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+             & jnp.isfinite(float_norm_per_branch(new_params))
+             & jnp.isfinite(float_norm_per_branch(new_opt_state)))
+  metrics["update_applied"] = applied.astype(jnp.float32)
+  return (select_branches(applied, new_params, params),
+          select_branches(applied, new_opt_state, opt_state), metrics)
+
+
+def float_norm_per_branch(tree) -> jax.Array:
+  """f32[S]: the global L2 norm of the float leaves of each branch of a stacked pytree
+  (0 for a tree without float leaves, e.g. plain SGD's empty optimizer state)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  squares = [jnp.sum(jnp.square(x.reshape(x.shape[0], -1).astype(jnp.float32)), axis=1)
+             for x in leaves]
+  return jnp.sqrt(sum(squares))
+
+
+def select_branches(take_new, new_tree, old_tree):
+  """Branch s of new_tree where take_new[s] (bool[S]), else of old_tree (stacked [S])."""
+  def pick(new, old):
+    return jnp.where(take_new.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+  return jax.tree.map(pick, new_tree, old_tree)
+
+
+@functools.lru_cache(maxsize=None)
+def make_optimizer(learning_rate: float, grad_clip_norm: float, weight_decay: float = 0.0):
+  """Constant learning rate (the paper's), global-norm clipping per branch.
+
+  Cached: the optimizer is a static argument of the jitted update, so equal settings must
+  give the same object, or every stage and run would recompile."""
+  return optax.chain(optax.clip_by_global_norm(grad_clip_norm),
+                     optax.adamw(learning_rate, weight_decay=weight_decay))
+
+
+def init_optimizer_state(optimizer, params: Params):
+  return jax.vmap(optimizer.init)(params)
