@@ -32,6 +32,7 @@ import numpy as np
 
 from copd_jax.models import decoder as model_lib
 from copd_jax.models import model_config
+from copd_jax.sharding import RunSharding, ShardedFunction
 
 PAD_ID = 0
 
@@ -486,3 +487,23 @@ def align_response_values(values, prompt_length: int):
   b, g, r = values.shape
   flat = values.reshape(b * g, r).astype(jnp.float32)
   return jnp.pad(flat, ((0, 0), (prompt_length - 1, 1)))
+
+
+def sharded_generate(run: RunSharding, cfg: model_config.ModelConfig, sampling: SamplingConfig,
+                     num_samples: int) -> ShardedFunction:
+  """stacked_generate jitted with explicit shardings on run's mesh (built once per
+  setting). Call as fn(params, prompt_tokens [S, B, P], prompt_mask, vision or None,
+  key_data uint32[S, 2]) -> Rollout [S, B, G, R] sharded expert x batch."""
+  def build(args):
+    params, tokens, mask, vision, key_data = args
+
+    def fn(p, tok, msk, vis, kd):
+      return stacked_generate_body(p, cfg, tok, msk, vis, jax.random.wrap_key_data(kd),
+                                   sampling, num_samples)
+    in_sh = (run.stacked_params(params), run.per_branch(tokens.shape, 1),
+             run.per_branch(mask.shape, 1),
+             None if vision is None else run.per_branch(vision.shape, 1),
+             run.per_branch(key_data.shape))
+    out_sh = run.per_branch(tuple(tokens.shape[:2]) + (num_samples, 1), 1)
+    return fn, in_sh, out_sh
+  return run.jitted(("generate", cfg, sampling, num_samples), build)

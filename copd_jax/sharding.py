@@ -1,11 +1,12 @@
-"""Device mesh, logical-axis sharding rules, and the sharded jitted update and sampler.
+"""Device mesh, logical-axis sharding rules, placement, and jitted functions with explicit
+shardings (ShardedFunction; the update and the sampler build theirs here).
 
 One code path runs on 1 CPU device, on 8 simulated devices and on a pod slice:
 
     mesh = make_mesh(cfg.mesh)                       # axes expert, data, fsdp, tensor
     run = RunSharding(mesh)
     params = run.shard_params(params)                # stacked [S, ...] -> expert x fsdp/tensor
-    update = run.update_fn(ucfg, optimizer, distil=True, kl=False)
+    update = rl.update.sharded_update(run, ucfg, optimizer, distil=True, kl=False)
     params, opt_state, metrics = update(params, opt_state, teachers, rows, routing, None)
 
 Mesh axes
@@ -407,55 +408,9 @@ class RunSharding:
     return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
   # -- jitted functions
-  def update_fn(self, ucfg, optimizer, distil: bool, kl: bool,
-                cross_row_start: int = 0, prompt_len: int = 0) -> ShardedFunction:
-    """update_lib.update with explicit shardings. Call as
-    fn(params, opt_state, teacher_params, rows, routing, ref_params) (None where unused).
-    cross_row_start: the number of native rows per student (they are never regrouped);
-    prompt_len: the rows' prompt columns or 0 (scoring_lib.score_by_teachers)."""
-    key = ("update", ucfg, optimizer, distil, kl, cross_row_start, prompt_len)
+  def jitted(self, key: tuple, build: Callable) -> ShardedFunction:
+    """The ShardedFunction for `key`, built once per run (build as in ShardedFunction);
+    key[0] names it. rl.update.sharded_update and sampling.sharded_generate use it."""
     if key not in self._fns:
-      from copd_jax.rl import update as update_lib
-
-      from copd_jax.models import decoder as model_lib
-
-      def build(args):
-        params, opt_state, teachers, rows, routing, ref = args
-        def fn(p, o, t, r, rt, rf):
-          with model_lib.activation_sharding(self.constrain_rows):
-            return update_lib.update_body(p, o, t, r, rt, rf, ucfg=ucfg, optimizer=optimizer,
-                                       distil=distil, placement=self.regroup_placement(),
-                                       cross_row_start=cross_row_start, prompt_len=prompt_len)
-        p_sh = self.stacked_params(params)
-        in_sh = (p_sh, self.opt_state(opt_state),
-                 None if teachers is None else self.stacked_params(teachers), self.rows(rows),
-                 None if routing is None else self.replicated,
-                 None if ref is None else self.stacked_params(ref, stacked=False))
-        s = jax.tree_util.tree_leaves(params)[0].shape[0]
-        metrics_sh = self.per_branch((s,))
-        return fn, in_sh, (p_sh, self.opt_state(opt_state), metrics_sh)
-      self._fns[key] = ShardedFunction(build, "update")
-    return self._fns[key]
-
-  def generate_fn(self, model_cfg, sampling_cfg, num_samples: int) -> ShardedFunction:
-    """sampling.stacked_generate with explicit shardings. Call as
-    fn(params, prompt_tokens [S, B, P], prompt_mask, frames or None, key_data uint32[S, 2])
-    -> Rollout [S, B, G, R] sharded expert x batch."""
-    key = ("generate", model_cfg, sampling_cfg, num_samples)
-    if key not in self._fns:
-      from copd_jax import sampling
-
-      def build(args):
-        params, tokens, mask, frames, key_data = args
-        def fn(p, tok, msk, frm, kd):
-          return sampling.stacked_generate_body(p, model_cfg, tok, msk, frm,
-                                                jax.random.wrap_key_data(kd), sampling_cfg,
-                                                num_samples)
-        in_sh = (self.stacked_params(params), self.per_branch(tokens.shape, 1),
-                 self.per_branch(mask.shape, 1),
-                 None if frames is None else self.per_branch(frames.shape, 1),
-                 self.per_branch(key_data.shape))
-        out_sh = self.per_branch(tuple(tokens.shape[:2]) + (num_samples, 1), 1)
-        return fn, in_sh, out_sh
-      self._fns[key] = ShardedFunction(build, "generate")
+      self._fns[key] = ShardedFunction(build, key[0])
     return self._fns[key]

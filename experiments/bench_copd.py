@@ -51,7 +51,7 @@ import numpy as np  # noqa: E402
 
 from copd_jax import default_config, policy_setup  # noqa: E402
 from copd_jax.models import stacked as experts
-from copd_jax.rl import loop as methods
+from copd_jax.rl import loop
 from copd_jax.rl import stages
 from copd_jax.rl import rollout as trainer
 from copd_jax.rl import rows as rows_lib
@@ -146,14 +146,19 @@ def make_bench(dtype: str) -> Bench:
   setup = policy_setup.build_setup(cfg)
   caps = tuple(cfg.rl.capabilities)
   stage = stages.copd_stage(cfg.rl, caps)
-  ucfg = methods.update_config(cfg, setup)
+  ucfg = rows_lib.update_config(cfg, setup.model_cfg)
   optimizer = update_lib.make_optimizer(cfg.rl.learning_rate, cfg.rl.grad_clip_norm)
   assignment = stages_lib.cross_teacher_assignment(stage)
   routing = stages_lib.teacher_routing(
       assignment, len(stage.teacher_data), stage.samples_per_prompt,
       native_rows=stage.native_prompts * stage.samples_per_prompt).as_arrays()
-  return Bench(cfg, setup, stage, ucfg, optimizer, methods.data_context(cfg, setup, 0),
+  return Bench(cfg, setup, stage, ucfg, optimizer, loop.data_context(cfg, setup, 0),
                assignment, routing, jax.random.key(0), np.random.default_rng(0))
+
+
+def step_plan(b: Bench) -> step_lib.StepPlan:
+  return step_lib.StepPlan(stage=b.stage, data=b.data, ucfg=b.ucfg, optimizer=b.optimizer,
+                           key=b.key, assignment=b.assignment, routing=b.routing)
 
 
 def rollouts(b: Bench, params, step: int, weight: float) -> trainer.Rollouts:
@@ -162,8 +167,8 @@ def rollouts(b: Bench, params, step: int, weight: float) -> trainer.Rollouts:
 
 
 def update_fn(b: Bench, params, opt_state, got: trainer.Rollouts):
-  return lambda: step_lib.apply_update(b.stage, params, opt_state, None, got, b.ucfg,
-                                      b.optimizer, b.routing)[2]
+  state = step_lib.TrainState(params, opt_state)
+  return lambda: step_lib.apply_update(step_plan(b), state, got)[1]
 
 
 # --------------------------------------------------------------------- scoring vs a loop
@@ -259,10 +264,9 @@ def main(argv=None):
   for step in range(2 * (repeats // 2 + 2)):
     kind = "rl" if step % 2 == 0 else "opd"
     before = counter.counts.get("update", 0)
-    result = step_lib.train_step(b.stage, step, params, opt_state, None, b.data, b.ucfg,
-                                b.optimizer, b.key, b.rng, 0.0 if kind == "rl" else 1.0,
-                                b.assignment, b.routing)
-    params, opt_state = result.params, result.opt_state
+    result = step_lib.train_step(step_plan(b), step_lib.TrainState(params, opt_state), step,
+                                 0.0 if kind == "rl" else 1.0, b.rng)
+    params, opt_state = result.state.params, result.state.opt_state
     steps[kind].append({k: v for k, v in result.metrics.items() if k.startswith("time/")})
     compiles[kind] += counter.counts.get("update", 0) - before
   print(f"update compiles over {sum(len(v) for v in steps.values())} alternating steps: "

@@ -138,11 +138,11 @@ def poison_steps(monkeypatch, bad_steps, branch=1):
       advantages[branch] = np.nan
     return advantages, zero
 
-  def recording(stage, step, params, opt_state, *args, **kwargs):
-    seen.append((params, opt_state))
-    return real_train_step(stage, step, params, opt_state, *args, **kwargs)
+  def recording(plan, state, *args, **kwargs):
+    seen.append((state.params, state.opt_state))
+    return real_train_step(plan, state, *args, **kwargs)
   monkeypatch.setattr(trainer, "group_advantages", poisoned_advantages)
-  monkeypatch.setattr(trainer, "train_step", recording)
+  monkeypatch.setattr(step_lib, "train_step", recording)
   return seen
 
 
@@ -197,7 +197,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, base, monkeypatch):
 
 def crash_at_call(monkeypatch, n):
   """Makes the n-th (1-based) step_lib.train_step call raise, like a crash mid-run."""
-  from copd_jax.rl import rollout as trainer
+  from copd_jax.rl import step as step_lib
   real, calls = step_lib.train_step, []
 
   def crashing(*args, **kwargs):
@@ -205,7 +205,7 @@ def crash_at_call(monkeypatch, n):
     if len(calls) == n:
       raise RuntimeError("simulated crash")
     return real(*args, **kwargs)
-  monkeypatch.setattr(trainer, "train_step", crashing)
+  monkeypatch.setattr(step_lib, "train_step", crashing)
 
 
 def static_opd_cfg(tmp_path, name):

@@ -128,7 +128,7 @@ def test_sharded_update_matches_unsharded(unsharded_step, mesh_cfg, num_devices,
   params, rows, routing, ucfg, start, optimizer, state, want = unsharded_step
   ucfg = dataclasses.replace(ucfg, micro_batch_rows=micro_batch_rows)
   run = parallel.RunSharding(parallel.make_mesh(mesh_cfg, jax.devices()[:num_devices]))
-  fn = run.update_fn(ucfg, optimizer, distil=True, kl=False, cross_row_start=start,
+  fn = update_lib.sharded_update(run, ucfg, optimizer, distil=True, kl=False, cross_row_start=start,
                      prompt_len=10)
   sharded = run.shard_params(params)
   host_routing = {k: np.asarray(v) for k, v in routing.as_arrays().items()}
@@ -150,7 +150,7 @@ def test_opd_step_moves_no_parameter_sized_data_across_expert():
   run = parallel.RunSharding(parallel.make_mesh(dict(expert=2, data=2, fsdp=2, tensor=1)))
   optimizer = update_lib.make_optimizer(1e-3, 1.0)
   state = update_lib.init_optimizer_state(optimizer, params)
-  fn = run.update_fn(ucfg, optimizer, distil=True, kl=False, cross_row_start=start,
+  fn = update_lib.sharded_update(run, ucfg, optimizer, distil=True, kl=False, cross_row_start=start,
                      prompt_len=10)
   sharded = run.shard_params(params)
   host_routing = {k: np.asarray(v) for k, v in routing.as_arrays().items()}

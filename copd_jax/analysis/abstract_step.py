@@ -6,6 +6,11 @@ import jax
 import jax.experimental.mesh_utils
 import jax.numpy as jnp
 import numpy as np
+from copd_jax.models import model_config
+from copd_jax.models import stacked as experts
+from copd_jax.rl import rows as rows_lib
+from copd_jax.rl import schedules, stages
+from copd_jax.rl import update as update_lib
 from copd_jax.sharding import RunSharding
 
 
@@ -32,38 +37,24 @@ def abstract_opd_update(cfg, run: RunSharding, num_layers: int | None = None,
   Rows: [S, (native + cross) * G, max_prompt_len + max_response_len]; routing: the live
   teachers' topology (hub = rl.opd.hub), as CoPD uses it.
   """
-  from copd_jax import kernels
-  from copd_jax.models import stacked as experts
-  from copd_jax.rl import objectives
-  from copd_jax.rl import schedules
-  from copd_jax.rl import rows as trainer
-  from copd_jax.rl import stages
-  from copd_jax.rl import update as update_lib
-  from copd_jax.models import model_config as model_lib
   model_fields = cfg.model.to_dict()
   if num_layers is not None:
     model_fields["num_layers"] = int(num_layers)
-  model_cfg = model_lib.ModelConfig.from_dict(model_fields)
+  model_cfg = model_config.ModelConfig.from_dict(model_fields)
   rl = cfg.rl
-  ucfg = trainer.UpdateConfig(model=model_cfg, loss=objectives.PolicyLossConfig(**rl.loss.to_dict()),
-                              kernel=kernels.KernelConfig(**rl.kernel.to_dict()),
-                              scale_by_std=rl.scale_by_std,
-                              micro_batch_rows=int(rl.get("micro_batch_rows", 0)),
-                              samples_per_prompt=rl.samples_per_prompt)
+  # The run's own builders, so this lowering cannot drift from what training compiles.
+  ucfg = rows_lib.update_config(cfg, model_cfg)
   optimizer = update_lib.make_optimizer(rl.learning_rate, rl.grad_clip_norm, rl.weight_decay)
   s = cfg.num_experts
   caps = tuple(rl.capabilities)
+  stage = stages.copd_stage(rl, caps)
   topology = topology or rl.opd.topology
   hub = caps.index(rl.opd.hub) if topology == "hub" else 0
   native = rl.native_prompts if native_prompts is None else native_prompts
   cross = rl.cross_prompts if cross_prompts is None else cross_prompts
   g = rl.samples_per_prompt
-  stage = stages.Stage(
-      name="abstract", steps=1, student_data=tuple((c,) for c in caps),
-      teacher_data=tuple((c,) for c in caps), live_teachers=True,
-      topology=schedules.topology_matrix(s, topology, hub=hub),
-      branch_beta=np.full(s, rl.opd.beta, np.float32), schedule=schedules.OPDSchedule(kind="cycle"),
-      native_prompts=native, cross_prompts=cross, samples_per_prompt=g)
+  stage = dataclasses.replace(stage, topology=schedules.topology_matrix(s, topology, hub=hub),
+                              native_prompts=native, cross_prompts=cross)
   routing = stages.teacher_routing(stages.cross_teacher_assignment(stage), s, g,
                                     native_rows=native * g)
   params = jax.eval_shape(lambda k: experts.init_stacked(model_cfg, k),
@@ -74,14 +65,14 @@ def abstract_opd_update(cfg, run: RunSharding, num_layers: int | None = None,
   v = model_cfg.vision
   f32, i32 = jnp.float32, jnp.int32
   sds = jax.ShapeDtypeStruct
-  rows = trainer.Rows(tokens=sds((s, r, t), i32), positions=sds((s, r, t), i32),
+  rows = rows_lib.Rows(tokens=sds((s, r, t), i32), positions=sds((s, r, t), i32),
                       token_mask=sds((s, r, t), jnp.bool_), response_mask=sds((s, r, t), f32),
                       old_logprobs=sds((s, r, t), f32), advantages=sds((s, r), f32),
                       opd_beta=sds((s, r), f32),
                       frames=sds((s, r, v.num_frames, v.image_size, v.image_size, v.channels), f32))
   routing_arrays = {k: sds(np.shape(x), np.asarray(x).dtype, sharding=run.replicated)
                     for k, x in dataclasses.asdict(routing).items()}
-  fn = run.update_fn(ucfg, optimizer, distil=True, kl=False, cross_row_start=native * g,
+  fn = update_lib.sharded_update(run, ucfg, optimizer, distil=True, kl=False, cross_row_start=native * g,
                      prompt_len=cfg.data.max_prompt_len)
   a_params = _abstract(params, run.stacked_params(params))
   args = (a_params, _abstract(opt_state, run.opt_state(opt_state)), a_params,

@@ -56,7 +56,6 @@ import jax.numpy as jnp
 import numpy as np
 from copd_jax.models import decoder
 from copd_jax.models import layers
-from copd_jax.models import model_config
 from copd_jax.models.layers import mrope_angles, rotate_with_angles
 from copd_jax.models.qwen3_vl_config import Grid, Qwen3VLConfig, VisionTowerConfig, _VISION_ACTS, _check_grids, grids_to_tuple
 

@@ -14,7 +14,6 @@ from copd_jax.rl import diagnostics
 from copd_jax.rl import evaluation
 from copd_jax.data import streams as data_lib
 from copd_jax import kernels, policy_setup, sampling
-from copd_jax.rl import objectives
 from copd_jax import sharding as parallel
 from copd_jax.rl import schedules
 from copd_jax.models import stacked as stacked_lib
@@ -55,19 +54,6 @@ class RunContext:
         print(f"warning: metrics.jsonl is shorter than the checkpoint's offset "
               f"{self.log_rewind_offset}; not rewinding it", flush=True)
       self.log_rewind_offset = self.log_rewind_step = None
-
-
-def update_config(cfg, setup: RunSetup) -> rows_lib.UpdateConfig:
-  rl = cfg.rl
-  kernel = kernels.KernelConfig(**rl.kernel.to_dict())
-  loss = rl.loss.to_dict()
-  if loss["aggregation"] == "seq_sum_constant" and loss.get("constant_normaliser") is None:
-    # Dr.GRPO's constant is the padded *response* length (rows also hold the prompt).
-    loss["constant_normaliser"] = float(cfg.sampling.max_new_tokens)
-  return rows_lib.UpdateConfig(model=setup.model_cfg, loss=objectives.PolicyLossConfig(**loss),
-                              kernel=kernel, scale_by_std=rl.scale_by_std,
-                              micro_batch_rows=rl.micro_batch_rows,
-                              samples_per_prompt=rl.samples_per_prompt)
 
 
 def data_context(cfg, setup: RunSetup, seed_offset: int) -> trainer.DataContext:
@@ -283,7 +269,7 @@ def run_stage(ctx: RunContext, stage: stages_lib.Stage, params, frozen_teachers=
   A step whose loss or gradient norm is not finite is not applied (counted; too many in
   a row raise NonFiniteTrainingError)."""
   cfg, rl = ctx.cfg, ctx.cfg.rl
-  ucfg = update_config(cfg, ctx.setup)
+  ucfg = rows_lib.update_config(cfg, ctx.setup.model_cfg)
   optimizer = update_lib.make_optimizer(rl.learning_rate, rl.grad_clip_norm, rl.weight_decay)
   opt_state = update_lib.init_optimizer_state(optimizer, params)
   if ctx.sharding is not None:  # on the mesh before the restore target is taken
@@ -381,6 +367,10 @@ def run_stage(ctx: RunContext, stage: stages_lib.Stage, params, frozen_teachers=
       measure_overlap()
     completions_every = int(cfg.log.completions_every) if "log" in cfg else 0
     teacher_names = ["+".join(caps) for caps in stage.teacher_data]
+    plan = step_lib.StepPlan(stage=stage, data=data, ucfg=ucfg, optimizer=optimizer, key=key,
+                             assignment=assignment, routing=routing,
+                             frozen_teachers=frozen_teachers, ref_params=ctx.base_params,
+                             sharding=ctx.sharding)
     for step in range(start_step, stage.steps):
       weight = schedules.opd_weight(stage.schedule, step, sched_state, last_overlap)
       log_samples = completions_to_log(cfg) if (
@@ -389,13 +379,11 @@ def run_stage(ctx: RunContext, stage: stages_lib.Stage, params, frozen_teachers=
       compiling = Phase(f"{stage.name} step {step + 1}: compiling and running") \
           if step == start_step else contextlib.nullcontext()
       with compiling:
-        result = step_lib.train_step(stage, step, params, opt_state, frozen_teachers, data, ucfg,
-                                    optimizer, key, rng, weight, assignment, routing,
-                                    ref_params=ctx.base_params, sharding=ctx.sharding,
-                                    log_samples=log_samples)
+        result = step_lib.train_step(plan, step_lib.TrainState(params, opt_state), step, weight,
+                                     rng, log_samples)
       # update_lib.update applied each branch's update only where it was finite (a skipped
       # branch keeps its previous params and optimizer state; the others moved on).
-      params, opt_state = result.params, result.opt_state
+      params, opt_state = result.state.params, result.state.opt_state
       bad = counts.record(np.asarray(result.metrics["update_applied"]) > 0.5)
       ctx.update_counts[stage.name] = (names, counts)
       ctx.global_step += 1

@@ -97,34 +97,51 @@ def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, 
   return _final_report(ctx, stage, final, train_seconds)
 
 
+def _train_experts(ctx: RunContext, caps):
+  stage = experts_stage(ctx.cfg.rl, caps)
+  params = experts_lib.broadcast_params(ctx.base_params, len(caps))
+  return run_stage(ctx, stage, params, seed_offset=1), stage
+
+
+def _train_mixed_rlvr(ctx: RunContext, caps):
+  stage = mixed_stage(ctx.cfg.rl, caps)
+  params = experts_lib.broadcast_params(ctx.base_params, 1)
+  return run_stage(ctx, stage, params, seed_offset=1), stage
+
+
+def _train_copd(ctx: RunContext, caps):
+  stage = copd_stage(ctx.cfg.rl, caps)
+  params = experts_lib.broadcast_params(ctx.base_params, len(caps))
+  return run_stage(ctx, stage, params, seed_offset=1, merge_at_eval=True), stage
+
+
+def _train_static_opd(ctx: RunContext, caps):
+  rl = ctx.cfg.rl
+  teachers = load_or_train_experts(ctx, caps)
+  stage = static_opd_stage(rl, caps)
+  pick = lambda cap: jax.tree.map(lambda x: x[caps.index(cap):caps.index(cap) + 1], teachers)
+  final = run_stage(ctx, stage, pick(rl.static_opd.student), pick(rl.static_opd.teacher),
+                    seed_offset=2)
+  return final, stage
+
+
+def _train_mopd(ctx: RunContext, caps):
+  teachers = load_or_train_experts(ctx, caps)
+  stage = mopd_stage(ctx.cfg.rl, caps)
+  params = experts_lib.broadcast_params(ctx.base_params, 1)
+  return run_stage(ctx, stage, params, teachers, seed_offset=2), stage
+
+
+# config.method -> train(ctx, capabilities) -> (final stacked params, last stage).
+METHODS = {"experts": _train_experts, "mixed_rlvr": _train_mixed_rlvr, "copd": _train_copd,
+           "static_opd": _train_static_opd, "mopd": _train_mopd}
+
+
 def _train_method(ctx: RunContext, caps) -> tuple[Any, stages_lib.Stage]:
   """Runs the stages of ctx.cfg.method; returns (final stacked params, last stage)."""
-  cfg, base_params = ctx.cfg, ctx.base_params
-  method, rl = cfg.method, cfg.rl
-  if method == "experts":
-    stage = experts_stage(rl, caps)
-    final = run_stage(ctx, stage, experts_lib.broadcast_params(base_params, len(caps)), seed_offset=1)
-  elif method == "mixed_rlvr":
-    stage = mixed_stage(rl, caps)
-    final = run_stage(ctx, stage, experts_lib.broadcast_params(base_params, 1), seed_offset=1)
-  elif method == "copd":
-    stage = copd_stage(rl, caps)
-    final = run_stage(ctx, stage, experts_lib.broadcast_params(base_params, len(caps)),
-                      seed_offset=1, merge_at_eval=True)
-  elif method == "static_opd":
-    teachers = load_or_train_experts(ctx, caps)
-    stage = static_opd_stage(rl, caps)
-    student_idx, teacher_idx = caps.index(rl.static_opd.student), caps.index(rl.static_opd.teacher)
-    pick = lambda i: jax.tree.map(lambda x: x[i:i + 1], teachers)
-    final = run_stage(ctx, stage, pick(student_idx), pick(teacher_idx), seed_offset=2)
-  elif method == "mopd":
-    teachers = load_or_train_experts(ctx, caps)
-    stage = mopd_stage(rl, caps)
-    final = run_stage(ctx, stage, experts_lib.broadcast_params(base_params, 1), teachers,
-                      seed_offset=2)
-  else:
-    raise ValueError(f"config.method {method!r} is not an RL method")
-  return final, stage
+  if ctx.cfg.method not in METHODS:
+    raise ValueError(f"config.method {ctx.cfg.method!r} is not an RL method")
+  return METHODS[ctx.cfg.method](ctx, caps)
 
 
 def _final_report(ctx: RunContext, stage: stages_lib.Stage, final, train_seconds: float) -> dict:

@@ -243,7 +243,8 @@ def collect_rollouts(stage: Stage, step: int, params: Params, ctx: DataContext,
     sampling.check_stacked_generate_args(params, ucfg.model, prompt_tokens, prompt_mask,
                                          frames, key_data, ctx.sampling,
                                          stage.samples_per_prompt)
-    generate = sharding.generate_fn(ucfg.model, ctx.sampling, stage.samples_per_prompt)
+    generate = sampling.sharded_generate(sharding, ucfg.model, ctx.sampling,
+                                         stage.samples_per_prompt)
     rollout = sharding.to_host(generate(params, prompt_tokens, prompt_mask, frames, key_data))
   timings["time/sample_s"] = time.perf_counter() - t0
 

@@ -116,3 +116,18 @@ def first_of_groups(x, group: int):
   and an index, not a strided slice x[::G]: on a mesh whose devices hold blocks of rows the
   partitioner keeps this local (a strided slice made it move rows between devices)."""
   return x.reshape((x.shape[0] // group, group) + x.shape[1:])[:, 0]
+
+
+def update_config(cfg, model_cfg) -> UpdateConfig:
+  """The UpdateConfig of a run config (ml_collections) and its built ModelConfig: the one
+  place the update's settings are read from a config."""
+  rl = cfg.rl
+  kernel = kernels.KernelConfig(**rl.kernel.to_dict())
+  loss = rl.loss.to_dict()
+  if loss["aggregation"] == "seq_sum_constant" and loss.get("constant_normaliser") is None:
+    # Dr.GRPO's constant is the padded *response* length (rows also hold the prompt).
+    loss["constant_normaliser"] = float(cfg.sampling.max_new_tokens)
+  return UpdateConfig(model=model_cfg, loss=objectives.PolicyLossConfig(**loss),
+                      kernel=kernel, scale_by_std=rl.scale_by_std,
+                      micro_batch_rows=rl.micro_batch_rows,
+                      samples_per_prompt=rl.samples_per_prompt)

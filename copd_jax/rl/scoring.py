@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from copd_jax import kernels
 from copd_jax.models import decoder as model_lib
-from copd_jax.rl.rollout import Params
+from copd_jax.models.decoder import Params
 from copd_jax.rl.rows import Rows, UpdateConfig, first_of_groups, join_rows, loss_targets, map_row_micro_batches, split_rows
 
 

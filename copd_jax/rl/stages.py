@@ -4,7 +4,6 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 from copd_jax.rl import schedules
-from copd_jax.rl import stages as trainer
 
 
 
@@ -156,9 +155,10 @@ def _branch_beta(rl, caps) -> np.ndarray:
   return np.array([rl.opd.branch_beta.get(c, rl.opd.beta) for c in caps], np.float32)
 
 
-def _stage(rl, name, steps, student_data, teacher_data, live, topology, branch_beta,
+def _stage(rl, *, name, steps, student_data, teacher_data, live, topology, branch_beta,
            schedule, native_prompts=None, cross_prompts=None, cross_outcome_reward=False):
-  return trainer.Stage(
+  """A Stage from the config's rl section and this stage's fields (keywords only)."""
+  return Stage(
       name=name, steps=steps, student_data=tuple(student_data),
       teacher_data=tuple(teacher_data), live_teachers=live,
       topology=np.asarray(topology, np.float32), branch_beta=np.asarray(branch_beta, np.float32),
@@ -168,37 +168,42 @@ def _stage(rl, name, steps, student_data, teacher_data, live, topology, branch_b
       samples_per_prompt=rl.samples_per_prompt, cross_outcome_reward=cross_outcome_reward)
 
 
-def experts_stage(rl, caps) -> trainer.Stage:
+def experts_stage(rl, caps) -> Stage:
   e = len(caps)
-  return _stage(rl, "experts", rl.steps, [(c,) for c in caps], [(c,) for c in caps], True,
-                np.zeros((e, e)), np.zeros(e), schedules.OPDSchedule(kind="none"))
+  return _stage(rl, name="experts", steps=rl.steps, student_data=[(c,) for c in caps],
+                teacher_data=[(c,) for c in caps], live=True, topology=np.zeros((e, e)),
+                branch_beta=np.zeros(e), schedule=schedules.OPDSchedule(kind="none"))
 
 
-def mixed_stage(rl, caps) -> trainer.Stage:
-  return _stage(rl, "mixed_rlvr", rl.steps * len(caps), [tuple(caps)], [tuple(caps)], True,
-                np.zeros((1, 1)), np.zeros(1), schedules.OPDSchedule(kind="none"))
+def mixed_stage(rl, caps) -> Stage:
+  return _stage(rl, name="mixed_rlvr", steps=rl.steps * len(caps), student_data=[tuple(caps)],
+                teacher_data=[tuple(caps)], live=True, topology=np.zeros((1, 1)),
+                branch_beta=np.zeros(1), schedule=schedules.OPDSchedule(kind="none"))
 
 
-def copd_stage(rl, caps) -> trainer.Stage:
+def copd_stage(rl, caps) -> Stage:
   e = len(caps)
   hub = caps.index(rl.opd.hub) if rl.opd.topology == "hub" else 0
   topology = schedules.topology_matrix(e, rl.opd.topology, hub=hub)
-  return _stage(rl, "copd", rl.steps, [(c,) for c in caps], [(c,) for c in caps], True,
-                topology, _branch_beta(rl, caps), _schedule(rl))
+  return _stage(rl, name="copd", steps=rl.steps, student_data=[(c,) for c in caps],
+                teacher_data=[(c,) for c in caps], live=True, topology=topology,
+                branch_beta=_branch_beta(rl, caps), schedule=_schedule(rl))
 
 
-def static_opd_stage(rl, caps) -> trainer.Stage:
+def static_opd_stage(rl, caps) -> Stage:
   """Student expert keeps its GRPO batch and distils one way from the frozen teacher."""
   student, teacher = rl.static_opd.student, rl.static_opd.teacher
-  return _stage(rl, "static_opd", rl.distill_steps, [(student,)], [(teacher,)], False,
-                np.ones((1, 1)), _branch_beta(rl, [student]),
-                schedules.OPDSchedule(kind="constant"))
+  return _stage(rl, name="static_opd", steps=rl.distill_steps, student_data=[(student,)],
+                teacher_data=[(teacher,)], live=False, topology=np.ones((1, 1)),
+                branch_beta=_branch_beta(rl, [student]),
+                schedule=schedules.OPDSchedule(kind="constant"))
 
 
-def mopd_stage(rl, caps) -> trainer.Stage:
+def mopd_stage(rl, caps) -> Stage:
   """A student from the base distils from every frozen expert; no native GRPO batch."""
   e = len(caps)
-  return _stage(rl, "mopd", rl.distill_steps, [()], [(c,) for c in caps], False,
-                np.ones((1, e)), np.full(1, rl.opd.beta), schedules.OPDSchedule(kind="constant"),
+  return _stage(rl, name="mopd", steps=rl.distill_steps, student_data=[()],
+                teacher_data=[(c,) for c in caps], live=False, topology=np.ones((1, e)),
+                branch_beta=np.full(1, rl.opd.beta), schedule=schedules.OPDSchedule(kind="constant"),
                 native_prompts=0, cross_prompts=rl.native_prompts + rl.cross_prompts,
                 cross_outcome_reward=rl.mopd.cross_outcome_reward)

@@ -3,66 +3,95 @@ from __future__ import annotations
 import dataclasses
 import time
 from typing import Any
+import flax.struct
 import jax
 import numpy as np
-from copd_jax.rl.rollout import DataContext, Params, Rollouts, collect_rollouts, completion_samples
+from copd_jax.models.decoder import Params
+from copd_jax.rl.rollout import DataContext, Rollouts, collect_rollouts, completion_samples
 from copd_jax.rl.rows import UpdateConfig
 from copd_jax.rl.stages import Stage
-from copd_jax.rl.update import update
+from copd_jax.rl.update import sharded_update, update
+from copd_jax.sharding import RunSharding
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepPlan:
+  """What every step of a stage shares (built once per stage by rl.loop.run_stage).
+
+  stage: who learns from which data and teachers; data: where prompts come from
+  (rollout.DataContext); ucfg / optimizer: the update's settings; key: the stage's PRNG
+  key (step k samples with fold_in(key, k)); assignment int[S, B]: each prompt slot's
+  teacher (stages.cross_teacher_assignment); routing: its TeacherRouting as arrays;
+  frozen_teachers: stacked params of frozen teachers, or None (live teachers are the
+  students themselves); ref_params: the KL reference (one model), or None;
+  sharding: a sharding.RunSharding, or None for the single-device path. With it, host
+  arrays enter as global arrays, the sampler and the update run with explicit
+  shardings, and rollouts / metrics come back to the host; params stay on the mesh.
+  """
+  stage: Stage
+  data: DataContext
+  ucfg: UpdateConfig
+  optimizer: Any
+  key: Any
+  assignment: np.ndarray
+  routing: dict
+  frozen_teachers: Params | None = None
+  ref_params: Params | None = None
+  sharding: RunSharding | None = None
+
+
+@flax.struct.dataclass
+class TrainState:
+  """The students' stacked params [S, ...] and optimizer state: what a step changes."""
+  params: Params
+  opt_state: Any
 
 
 @dataclasses.dataclass
 class StepResult:
-  params: Params
-  opt_state: Any
+  state: TrainState
   metrics: dict  # name -> np.ndarray[S] or float
   rollout_tokens: int
   # A few rollouts for the completion log (train_step's log_samples > 0), else empty.
   samples: list = dataclasses.field(default_factory=list)
 
 
-def apply_update(stage: Stage, params: Params, opt_state, frozen_teachers: Params | None,
-                 rollouts: Rollouts, ucfg: UpdateConfig, optimizer, routing: dict,
-                 ref_params: Params | None = None, sharding=None):
+def apply_update(plan: StepPlan, state: TrainState, rollouts: Rollouts):
   """The update half of a step: one optimizer step of every student on `rollouts`.
-  Returns (params, opt_state, metrics as host arrays f32[S])."""
+  Returns (new TrainState, metrics as host arrays f32[S])."""
+  stage, ucfg, sharding = plan.stage, plan.ucfg, plan.sharding
   distil, rows = rollouts.distil, rollouts.rows
-  teachers = params if stage.live_teachers else frozen_teachers
-  update_args = (params, opt_state, teachers if distil else None, rows,
-                 routing if distil else None, ref_params if ucfg.loss.kl_coef > 0 else None)
+  teachers = state.params if stage.live_teachers else plan.frozen_teachers
+  kl = ucfg.loss.kl_coef > 0
+  update_args = (state.params, state.opt_state, teachers if distil else None, rows,
+                 plan.routing if distil else None, plan.ref_params if kl else None)
   if sharding is None:
-    params, opt_state, metrics = update(*update_args, ucfg=ucfg, optimizer=optimizer,
+    params, opt_state, metrics = update(*update_args, ucfg=ucfg, optimizer=plan.optimizer,
                                         distil=distil, prompt_len=rollouts.prompt_len)
-    return params, opt_state, jax.device_get(metrics)
+    return TrainState(params, opt_state), jax.device_get(metrics)
   # Rows and routing were built on the host: as numpy they enter through put_global.
   update_args = update_args[:3] + jax.device_get(update_args[3:5]) + update_args[5:]
-  sharded_update = sharding.update_fn(ucfg, optimizer, distil, ucfg.loss.kl_coef > 0,
-                                      cross_row_start=stage.native_prompts
-                                      * stage.samples_per_prompt,
-                                      prompt_len=rollouts.prompt_len)
-  params, opt_state, metrics = sharded_update(*update_args)
-  return params, opt_state, sharding.to_host(metrics)
+  fn = sharded_update(sharding, ucfg, plan.optimizer, distil, kl,
+                      cross_row_start=stage.native_prompts * stage.samples_per_prompt,
+                      prompt_len=rollouts.prompt_len)
+  params, opt_state, metrics = fn(*update_args)
+  return TrainState(params, opt_state), sharding.to_host(metrics)
 
 
-def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teachers: Params | None,
-               ctx: DataContext, ucfg: UpdateConfig, optimizer, key, rng: np.random.Generator,
-               weight: float, assignment: np.ndarray, routing: dict,
-               ref_params: Params | None = None, sharding=None,
-               log_samples: int = 0) -> StepResult:
-  """One CoPD step for every student (see the module docstring): collect_rollouts, then
-  apply_update.
+def train_step(plan: StepPlan, state: TrainState, step: int, weight: float,
+               rng: np.random.Generator, log_samples: int = 0) -> StepResult:
+  """One CoPD step for every student: collect_rollouts (host: prompts, samples, rewards,
+  advantages), then apply_update (device: teacher scoring, losses, optimizer).
 
+  step: the step index within the stage; weight: the OPD weight of this step (schedules);
+  rng: the host RNG that draws prompts (advanced in place).
   log_samples: > 0 also returns that many native and cross rollouts per branch in
-  StepResult.samples (completion_samples), for the completion log.
-
-  sharding: a parallel.RunSharding, or None for the single-device path. With it, host
-  arrays enter as global arrays (put_global), the sampler and the update run as jitted
-  functions with explicit shardings, and rollouts / metrics come back with to_host; the
-  returned params / opt_state stay sharded on the mesh."""
-  got = collect_rollouts(stage, step, params, ctx, ucfg, key, rng, weight, assignment, sharding)
+  StepResult.samples (completion_samples), for the completion log."""
+  stage = plan.stage
+  got = collect_rollouts(stage, step, state.params, plan.data, plan.ucfg, plan.key, rng, weight,
+                         plan.assignment, plan.sharding)
   t2 = time.perf_counter()
-  params, opt_state, metrics = apply_update(stage, params, opt_state, frozen_teachers, got, ucfg,
-                                            optimizer, routing, ref_params, sharding)
+  state, metrics = apply_update(plan, state, got)
   timings = dict(got.timings, **{"time/update_s": time.perf_counter() - t2})
 
   native_mask = got.is_native.astype(np.float32)
@@ -82,4 +111,4 @@ def train_step(stage: Stage, step: int, params: Params, opt_state, frozen_teache
   samples = completion_samples(got.examples, got.row_teacher, got.local, got.responses_of,
                                rewards, stage.samples_per_prompt,
                                log_samples) if log_samples else []
-  return StepResult(params, opt_state, metrics, got.rollout_tokens, samples)
+  return StepResult(state, metrics, got.rollout_tokens, samples)

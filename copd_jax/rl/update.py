@@ -8,7 +8,8 @@ import optax
 from copd_jax import kernels
 from copd_jax.rl import objectives
 from copd_jax.models import decoder as model_lib
-from copd_jax.rl.rollout import Params
+from copd_jax.models.decoder import Params
+from copd_jax.sharding import RunSharding, ShardedFunction
 from copd_jax.rl.rows import Rows, UpdateConfig, join_rows, loss_columns, loss_targets, split_rows
 from copd_jax.rl.scoring import _response_hidden, reference_logprobs, score_by_teachers
 
@@ -202,3 +203,27 @@ def make_optimizer(learning_rate: float, grad_clip_norm: float, weight_decay: fl
 
 def init_optimizer_state(optimizer, params: Params):
   return jax.vmap(optimizer.init)(params)
+
+
+def sharded_update(run: RunSharding, ucfg: UpdateConfig, optimizer, distil: bool, kl: bool,
+                   cross_row_start: int = 0, prompt_len: int = 0) -> ShardedFunction:
+  """`update` jitted with explicit shardings on run's mesh (built once per setting). Call
+  as fn(params, opt_state, teacher_params, rows, routing, ref_params) (None where unused).
+  cross_row_start: the number of native rows per student (they are never regrouped);
+  prompt_len: the rows' prompt columns or 0 (score_by_teachers)."""
+  def build(args):
+    params, opt_state, teachers, rows, routing, ref = args
+
+    def fn(p, o, t, r, rt, rf):
+      with model_lib.activation_sharding(run.constrain_rows):
+        return update_body(p, o, t, r, rt, rf, ucfg=ucfg, optimizer=optimizer, distil=distil,
+                           placement=run.regroup_placement(),
+                           cross_row_start=cross_row_start, prompt_len=prompt_len)
+    p_sh = run.stacked_params(params)
+    in_sh = (p_sh, run.opt_state(opt_state),
+             None if teachers is None else run.stacked_params(teachers), run.rows(rows),
+             None if routing is None else run.replicated,
+             None if ref is None else run.stacked_params(ref, stacked=False))
+    s = jax.tree_util.tree_leaves(params)[0].shape[0]
+    return fn, in_sh, (p_sh, run.opt_state(opt_state), run.per_branch((s,)))
+  return run.jitted(("update", ucfg, optimizer, distil, kl, cross_row_start, prompt_len), build)
