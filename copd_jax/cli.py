@@ -16,8 +16,8 @@ import os
 import sys
 from typing import Any, Callable
 
-from absl import app, flags
 import ml_collections
+from absl import app, flags
 
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback of an error "
                                "instead of one line.")

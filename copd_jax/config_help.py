@@ -85,7 +85,7 @@ FIELD_HELP = {
     "rl.max_nonfinite_steps_total": "skipped (non-finite) updates in one stage, all "
                                     "branches together, before the run stops",
     "warm_start.flaw_rate": ("fraction of each capability's SFT demonstrations showing its "
-                             "flawed procedure (tasks.FLAW_KINDS), for RL to correct"),
+                             "flawed procedure (toy_flaws.FLAW_KINDS), for RL to correct"),
     "warm_start.checkpoint_dir": "where the base is saved / reused ('' = <workdir>/base_policy)",
     "warm_start.reuse_checkpoint": "load a saved base with the same recipe instead of training",
     "warm_start.log_every": "SFT steps between log lines",

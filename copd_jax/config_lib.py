@@ -13,9 +13,8 @@ from typing import Any, Mapping
 import ml_collections
 
 from copd_jax import default_config
+from copd_jax.data import examples, toy_tasks
 from copd_jax.rl import schedules
-from copd_jax.data import examples
-from copd_jax.data import toy_tasks as tasks
 
 KNOWN_METHODS = default_config.METHODS
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -83,7 +82,7 @@ def _check_lengths_fit_tasks(cfg, caps) -> None:
   """The generators' longest prompt/solution at these difficulties must fit the arrays."""
   v = cfg.model.vision
   num_vision_tokens = (v.num_frames // v.tubelet) * (v.image_size // v.patch_size) ** 2
-  need_prompt, need_response = tasks.max_lengths(
+  need_prompt, need_response = toy_tasks.max_lengths(
       caps, difficulty=dict(cfg.tasks.difficulty), num_vision_tokens=num_vision_tokens,
       image_size=v.image_size, num_frames=v.num_frames)
   if cfg.data.max_prompt_len < need_prompt:
@@ -141,20 +140,20 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
 
   caps = tuple(cfg.tasks.capabilities)
   if not caps:
-    _fail("tasks.capabilities", "must name at least one capability", caps)
+    _fail("toy_tasks.capabilities", "must name at least one capability", caps)
   records = validate_records_and_init(cfg)
   for cap in caps:
-    if not records and cap not in tasks.CAPABILITIES:
-      _fail("tasks.capabilities", f"has unknown task {cap!r}; known: {tasks.CAPABILITIES} "
+    if not records and cap not in toy_tasks.CAPABILITIES:
+      _fail("toy_tasks.capabilities", f"has unknown task {cap!r}; known: {toy_tasks.CAPABILITIES} "
             "(other domain names need record files in config.data.train_files)", caps)
   if len(set(caps)) != len(caps):
-    _fail("tasks.capabilities", "must not repeat a capability", caps)
+    _fail("toy_tasks.capabilities", "must not repeat a capability", caps)
   if not records:  # difficulty and the length bounds describe the procedural suite only
-    _check_capability_dict(cfg.tasks.difficulty, "tasks.difficulty", caps)
+    _check_capability_dict(cfg.tasks.difficulty, "toy_tasks.difficulty", caps)
     for cap in caps:
       if cap not in cfg.tasks.difficulty:
-        _fail("tasks.difficulty", f"needs an entry for {cap!r}", dict(cfg.tasks.difficulty))
-      _positive_int(cfg.tasks.difficulty, cap, "tasks.difficulty.", allow_zero=True)
+        _fail("toy_tasks.difficulty", f"needs an entry for {cap!r}", dict(cfg.tasks.difficulty))
+      _positive_int(cfg.tasks.difficulty, cap, "toy_tasks.difficulty.", allow_zero=True)
 
   _positive_int(cfg.data, "max_prompt_len", "data.")
   _positive_int(cfg.data, "max_response_len", "data.")
@@ -357,7 +356,7 @@ def validate_records_and_init(cfg: ml_collections.ConfigDict) -> bool:
           "the records; the toy base only knows the procedural suite)", dict(cfg.data.train_files))
   for cap in caps:
     if not examples.is_domain_name(cap):
-      _fail("tasks.capabilities", f"has {cap!r}; with record files (config.data.train_files) "
+      _fail("toy_tasks.capabilities", f"has {cap!r}; with record files (config.data.train_files) "
             "capabilities are domain names: [a-z][a-z0-9_]*", caps)
   _check_record_files(cfg, "train_files", caps)
   _check_record_files(cfg, "eval_files", caps)
@@ -373,10 +372,10 @@ def validate_mesh(cfg: ml_collections.ConfigDict) -> None:
   """Checks config.mesh (axes expert, data, fsdp, tensor; one may be -1): sizes, and that
   `expert` divides config.num_experts. A pod config (a `pod` section with num_chips) is
   checked against its slice's chip count, not this machine's devices; other configs are
-  checked against the local devices when the mesh is built (parallel.make_mesh)."""
+  checked against the local devices when the mesh is built (sharding_lib.make_mesh)."""
   if "mesh" not in cfg:
     return
-  from copd_jax import sharding as parallel
+  from copd_jax import sharding as sharding_lib
   mesh = dict(cfg.mesh)
   pod = cfg.get("pod")
   if pod is not None:
@@ -388,9 +387,9 @@ def validate_mesh(cfg: ml_collections.ConfigDict) -> None:
           int(__import__("math").prod(dims)) != chips:
         _fail("pod.topology", f"must be AxBxC chips multiplying to pod.num_chips={chips}",
               topology)
-    parallel.mesh_shape(mesh, chips, cfg.num_experts)
+    sharding_lib.mesh_shape(mesh, chips, cfg.num_experts)
     return
-  parallel.check_mesh_config(mesh, cfg.num_experts)
+  sharding_lib.check_mesh_config(mesh, cfg.num_experts)
 
 
 def _wrap(field: str, build):

@@ -105,7 +105,7 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
       grad_clip_norm=1.0,
       mix=dict(text=1.0, image=1.0, video=1.0),
       # Fraction of each capability's demonstrations that show its flawed procedure
-      # (copd_jax/tasks.py, FLAW_KINDS): the base samples the right procedure at
+      # (copd_jax/data/toy_flaws.py, FLAW_KINDS): the base samples the right procedure at
       # temperature 1 but does not prefer it greedily, so RL has something to sharpen.
       # 0.7: greedy decoding follows the flawed procedure almost always, while about a
       # third of temperature-1 samples use the right one (pass@8 >> pass@1).

@@ -103,7 +103,3 @@ def initialize_from_flags() -> DistributedSettings | None:
   return settings
 
 
-def is_main_process() -> bool:
-  """True on the process that writes logs and summaries (process 0)."""
-  import jax
-  return jax.process_index() == 0

@@ -21,8 +21,10 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from copd_jax import cli  # defines --traceback
-from copd_jax import distributed  # defines --coordinator_address/--num_processes/--process_id
+from copd_jax import (
+  cli,  # defines --traceback
+  distributed,  # defines --coordinator_address/--num_processes/--process_id
+)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (configs/*.py).",
                                           lock_config=True)
@@ -71,10 +73,11 @@ def run(cfg) -> dict | None:
   stored = run_dir.check_workdir(cfg)
 
   import jax
+
   from copd_jax import policy_setup, warm_start
+  from copd_jax.data import math_verifier
   from copd_jax.rl import evaluation
-  from copd_jax.data import verifiers
-  verifiers.configure(verifiers.RewardConfig(**cfg.reward.to_dict()))
+  math_verifier.configure(math_verifier.RewardConfig(**cfg.reward.to_dict()))
   from copd_jax.run_log import MetricsWriter
 
   # In a multi-process run every process computes the same metrics; process 0 writes the

@@ -20,11 +20,9 @@ from typing import Callable, Sequence
 import ml_collections
 import numpy as np
 
-from copd_jax.data import records as datasets
-from copd_jax.models import model_config as model_lib
-from copd_jax.data import examples as examples_lib
-from copd_jax.data import toy_tasks as tasks
+from copd_jax.data import examples as examples_lib, records as datasets, toy_tasks
 from copd_jax.data.tokenizer import Tokenizer, ToyTokenizer
+from copd_jax.models import model_config
 
 
 def never_generated_ids(tokenizer) -> tuple[int, ...]:
@@ -41,7 +39,7 @@ def never_generated_ids(tokenizer) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class RunSetup:
-  model_cfg: model_lib.ModelConfig
+  model_cfg: model_config.ModelConfig
   tokenizer: Tokenizer
   capabilities: tuple[str, ...]
   encode_prompts: Callable[[Sequence[examples_lib.Example]], examples_lib.PromptBatch]
@@ -59,9 +57,9 @@ def hf_tokenizer_dir(cfg: ml_collections.ConfigDict) -> str:
   return cfg.init.get("hf_tokenizer", "") or cfg.init.hf_checkpoint
 
 
-def _hf_model_and_tokenizer(cfg) -> tuple[model_lib.ModelConfig, Tokenizer]:
-  from copd_jax.models import hf_checkpoint
+def _hf_model_and_tokenizer(cfg) -> tuple[model_config.ModelConfig, Tokenizer]:
   from copd_jax.data import hf_tokenizer
+  from copd_jax.models import hf_checkpoint
   model_cfg = hf_checkpoint.model_config_from_hf(
       hf_checkpoint.read_hf_config(cfg.init.hf_checkpoint), dtype=cfg.model.dtype)
   hf_checkpoint.check_layers_present(cfg.init.hf_checkpoint, model_cfg)  # headers only
@@ -74,7 +72,7 @@ def _hf_model_and_tokenizer(cfg) -> tuple[model_lib.ModelConfig, Tokenizer]:
   return model_cfg, tokenizer
 
 
-def _toy_model_and_tokenizer(cfg) -> tuple[model_lib.ModelConfig, Tokenizer]:
+def _toy_model_and_tokenizer(cfg) -> tuple[model_config.ModelConfig, Tokenizer]:
   tokenizer = ToyTokenizer()
   if cfg.model.vocab_size < tokenizer.vocab_size:
     raise ValueError(f"config.model.vocab_size must be >= the tokenizer's vocabulary "
@@ -82,12 +80,12 @@ def _toy_model_and_tokenizer(cfg) -> tuple[model_lib.ModelConfig, Tokenizer]:
   if cfg.model.image_token_id != tokenizer.image_id:
     raise ValueError(f"config.model.image_token_id must equal the tokenizer's <img> id "
                      f"({tokenizer.image_id}), got {cfg.model.image_token_id}")
-  model_cfg = model_lib.ModelConfig(**cfg.model.to_dict())
+  model_cfg = model_config.ModelConfig(**cfg.model.to_dict())
   model_cfg.validate()
   return model_cfg, tokenizer
 
 
-def vision_lengths(model_cfg: model_lib.ModelConfig) -> dict:
+def vision_lengths(model_cfg: model_config.ModelConfig) -> dict:
   """num_vision_tokens / num_frames / image_size of the model (all 0 without vision)."""
   vision = model_cfg.vision
   if vision is None:
@@ -180,6 +178,6 @@ def held_out_sets(cfg: ml_collections.ConfigDict, setup: RunSetup) -> dict[str, 
       source = record_source(cfg, setup, "eval_files", cap)
       sets[cap] = [source[i] for i in range(min(len(source), cfg.eval.num_examples))]
     return sets
-  return {cap: tasks.eval_set(cap, cfg.eval.num_examples, seed=cfg.tasks.seed,
+  return {cap: toy_tasks.eval_set(cap, cfg.eval.num_examples, seed=cfg.tasks.seed,
                               difficulty=cfg.tasks.difficulty[cap], **setup.example_kwargs)
           for cap in setup.capabilities}

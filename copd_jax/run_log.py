@@ -8,8 +8,7 @@ import time
 from typing import Mapping, Sequence
 
 import numpy as np
-from tensorboardX import SummaryWriter
-from tensorboardX import writer as tbx_writer
+from tensorboardX import SummaryWriter, writer as tbx_writer
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 

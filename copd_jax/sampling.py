@@ -30,8 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from copd_jax.models import decoder as model_lib
-from copd_jax.models import model_config
+from copd_jax.models import decoder, model_config
 from copd_jax.sharding import RunSharding, ShardedFunction
 
 PAD_ID = 0
@@ -236,16 +235,16 @@ def _start(params, cfg, prompt_tokens, prompt_mask, vision, key, sampling, num_s
   """Prefill each prompt once, share its keys with its G rows, draw token 0 of every row."""
   prompt_mask = prompt_mask.astype(bool)
   g = num_samples
-  hidden, prefix_kv = model_lib.prefill(params, cfg, prompt_tokens,
-                                        model_lib.positions_from_mask(prompt_mask),
+  hidden, prefix_kv = decoder.prefill(params, cfg, prompt_tokens,
+                                        decoder.positions_from_mask(prompt_mask),
                                         prompt_mask, vision)
   # Left padding: the last column holds every prompt's last token.
-  logits = model_lib.logits_from_hidden(hidden[:, -1], model_lib.lm_head(params, cfg))
+  logits = decoder.logits_from_hidden(hidden[:, -1], decoder.lm_head(params, cfg))
   n = prompt_tokens.shape[0] * g
   bufs = _sample_and_record(_empty_buffers(n, sampling.max_new_tokens),
                             jnp.repeat(logits, g, axis=0), key, 0, sampling)
   return _DecodeState(
-      cache=model_lib.init_decode_cache(prefix_kv, g, sampling.max_new_tokens),
+      cache=decoder.init_decode_cache(prefix_kv, g, sampling.max_new_tokens),
       prefix_mask=prompt_mask,
       prompt_len=jnp.repeat(prompt_mask.sum(-1, dtype=jnp.int32), g),
       bufs=bufs)
@@ -255,16 +254,16 @@ def _next_draw(params, cfg, state: _DecodeState, prev, key, sampling, step):
   """Runs token step-1 (prev int32[N, 1], response slot step-1) and draws token `step`.
 
   Reads the state only; returns (the new keys/values per layer, the draw). Vmappable."""
-  hidden, new_kv = model_lib.decode_step(params, cfg, prev,
+  hidden, new_kv = decoder.decode_step(params, cfg, prev,
                                          (state.prompt_len + step - 1)[:, None],
                                          state.prefix_mask, state.cache, step - 1)
-  logits = model_lib.logits_from_hidden(hidden[:, 0], model_lib.lm_head(params, cfg))
+  logits = decoder.logits_from_hidden(hidden[:, 0], decoder.lm_head(params, cfg))
   return new_kv, _draw(logits, key, step, state.bufs.done, sampling)
 
 
 def _store(state: _DecodeState, new_kv, draw: _Draw, step) -> _DecodeState:
   """The in-place writes of a step (works with or without a leading expert axis)."""
-  return state.replace(cache=model_lib.write_decode_cache(state.cache, new_kv, step - 1),
+  return state.replace(cache=decoder.write_decode_cache(state.cache, new_kv, step - 1),
                        bufs=_record(state.bufs, draw, step))
 
 
@@ -283,7 +282,7 @@ def _decode_loop(advance, state: _DecodeState, max_new_tokens: int) -> _Buffers:
 
 
 def _generate_one(params, cfg, prompt_tokens, prompt_mask, vision, key, sampling, num_samples):
-  params = model_lib.cast_matmul_kernels(params, cfg)  # once, not on every decode step
+  params = decoder.cast_matmul_kernels(params, cfg)  # once, not on every decode step
   state = _start(params, cfg, prompt_tokens, prompt_mask, vision, key, sampling, num_samples)
 
   def advance(step, st):
@@ -299,7 +298,7 @@ def _stacked_generate_one(stacked, cfg, prompt_tokens, prompt_mask, vision, keys
   # scalar (a vmapped while_loop with per-expert predicates selects -- copies -- the whole
   # carry every step), and so do the cache/buffer writes (a vmapped dynamic_update_slice
   # becomes a scatter that copies the cache every step).
-  stacked = model_lib.cast_matmul_kernels(stacked, cfg)
+  stacked = decoder.cast_matmul_kernels(stacked, cfg)
   state = jax.vmap(lambda prm, tok, m, vis, key: _start(prm, cfg, tok, m, vis, key, sampling,
                                                         num_samples))(
       stacked, prompt_tokens, prompt_mask, vision, keys)
@@ -319,7 +318,7 @@ def _generate_by_recompute_one(params, cfg, prompt_tokens, prompt_mask, vision, 
   b, p = prompt_tokens.shape
   g, r = num_samples, sampling.max_new_tokens
   n = b * g
-  head = model_lib.lm_head(params, cfg)
+  head = decoder.lm_head(params, cfg)
   prompt_mask = jnp.repeat(prompt_mask.astype(bool), g, axis=0)
   sequence = jnp.concatenate([jnp.repeat(prompt_tokens, g, axis=0),
                               jnp.zeros((n, r), prompt_tokens.dtype)], axis=1)
@@ -329,11 +328,11 @@ def _generate_by_recompute_one(params, cfg, prompt_tokens, prompt_mask, vision, 
     step, sequence, bufs = state  # draw token `step` from the hidden at column P+step-1
     generated = jnp.broadcast_to(jnp.arange(r)[None, :] < step, (n, r))
     token_mask = jnp.concatenate([prompt_mask, generated], axis=1)
-    hidden = model_lib.forward_hidden(params, cfg, sequence,
-                                      model_lib.positions_from_mask(token_mask), token_mask,
+    hidden = decoder.forward_hidden(params, cfg, sequence,
+                                      decoder.positions_from_mask(token_mask), token_mask,
                                       vision)
     last = jax.lax.dynamic_index_in_dim(hidden, p + step - 1, axis=1, keepdims=False)
-    bufs = _sample_and_record(bufs, model_lib.logits_from_hidden(last, head), key, step,
+    bufs = _sample_and_record(bufs, decoder.logits_from_hidden(last, head), key, step,
                               sampling)
     sequence = jax.lax.dynamic_update_slice_in_dim(
         sequence, jax.lax.dynamic_index_in_dim(bufs.tokens, step, axis=1), p + step, axis=1)
@@ -471,7 +470,7 @@ def rollout_to_sequences(prompt_tokens, prompt_mask, rollout: Rollout):
                             rollout.tokens.reshape(n, r)], axis=1)
   token_mask = jnp.concatenate([jnp.repeat(prompt_mask.astype(bool), g, axis=0),
                                 rollout.mask.reshape(n, r) > 0], axis=1)
-  positions = model_lib.positions_from_mask(token_mask)
+  positions = decoder.positions_from_mask(token_mask)
   response_mask = align_response_values(rollout.mask, prompt_tokens.shape[1])
   return tokens, positions, token_mask, response_mask
 

@@ -30,15 +30,16 @@ A mesh axis is used at most once per array (later dimensions skip an axis alread
 """
 
 from __future__ import annotations
+
 import dataclasses
 import functools
 import math
 from typing import Any, Callable, Mapping, Sequence
+
 import jax
 import jax.experimental.mesh_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
 
 MESH_AXES = ("expert", "data", "fsdp", "tensor")
 

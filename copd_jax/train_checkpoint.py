@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from copd_jax.data import streams as data_lib
 from copd_jax.checkpoint import CheckpointMismatchError
+from copd_jax.data import streams as data_lib
 
 FORMAT_VERSION = 1
 LOG_START_FILE = "log_start.json"
@@ -148,8 +148,8 @@ def _finite_per_branch(tree) -> jax.Array:
 
 def nonfinite_branches(stacked_params, branch_names) -> list[str]:
   """The names of branches whose parameters hold a NaN or inf."""
-  from copd_jax import sharding as parallel
-  ok = np.asarray(parallel.to_host(_finite_per_branch(stacked_params)))
+  from copd_jax import sharding as sharding_lib
+  ok = np.asarray(sharding_lib.to_host(_finite_per_branch(stacked_params)))
   return [name for name, good in zip(branch_names, ok) if not good]
 
 
@@ -185,8 +185,8 @@ def _checksums(tree):
 def array_checksums(tree) -> dict[str, list[int]]:
   """{array path: [two uint32 checksums]} of every array of a pytree (on device; only
   the small results come to the host)."""
-  from copd_jax import sharding as parallel
-  sums = parallel.to_host(_checksums(tree))
+  from copd_jax import sharding as sharding_lib
+  sums = sharding_lib.to_host(_checksums(tree))
   return {jax.tree_util.keystr(k): [int(v) for v in np.asarray(c)]
           for k, c in jax.tree_util.tree_leaves_with_path(sums)}
 

@@ -18,10 +18,8 @@ import numpy as np
 import optax
 
 from copd_jax import checkpoint
-from copd_jax.data import examples as examples_lib
-from copd_jax.data import toy_tasks as tasks
-from copd_jax.models import decoder as model_lib
-from copd_jax.models import model_config
+from copd_jax.data import examples as examples_lib, toy_flaws, toy_tasks
+from copd_jax.models import decoder, model_config
 from copd_jax.policy_setup import RunSetup
 from copd_jax.run_log import MetricsWriter, ProgressLine
 
@@ -33,10 +31,10 @@ def sft_loss(params: Any, batch: dict, model_cfg: model_config.ModelConfig) -> j
   response token), frames f32[B, F, H, W, C].
   """
   tokens, mask = batch["tokens"], batch["mask"]
-  hidden = model_lib.forward_hidden(params, model_cfg, tokens, model_lib.positions_from_mask(mask), mask,
+  hidden = decoder.forward_hidden(params, model_cfg, tokens, decoder.positions_from_mask(mask), mask,
                                     batch["frames"])
   # The toy vocabulary is tiny, so dense logits are fine here; RL uses the fused kernels.
-  logits = model_lib.logits_from_hidden(hidden[:, :-1], model_lib.lm_head(params, model_cfg))
+  logits = decoder.logits_from_hidden(hidden[:, :-1], decoder.lm_head(params, model_cfg))
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
   weights = batch["loss_mask"][:, :-1]
@@ -61,12 +59,12 @@ def sft_step(params, opt_state, batch, model_cfg, optimizer):
 def sft_examples(cfg: ml_collections.ConfigDict, setup: RunSetup) -> Iterator[examples_lib.Example]:
   weights = {cap: cfg.warm_start.mix.get(cap, 0.0) for cap in setup.capabilities}
   seed = cfg.tasks.seed + cfg.warm_start.seed
-  examples = tasks.mixed_train_stream(weights, seed=seed, difficulty=dict(cfg.tasks.difficulty),
+  examples = toy_tasks.mixed_train_stream(weights, seed=seed, difficulty=dict(cfg.tasks.difficulty),
                                       **setup.example_kwargs)
   # A fraction of the demonstrations shows each capability's flawed procedure (see
-  # tasks.FLAW_KINDS): the base knows the right procedure but does not prefer it.
+  # toy_flaws.FLAW_KINDS): the base knows the right procedure but does not prefer it.
   flaw_rate = {cap: cfg.warm_start.flaw_rate.get(cap, 0.0) for cap in setup.capabilities}
-  return tasks.with_flawed_demonstrations(examples, flaw_rate, seed=seed)
+  return toy_flaws.with_flawed_demonstrations(examples, flaw_rate, seed=seed)
 
 
 def base_policy_metadata(cfg: ml_collections.ConfigDict) -> dict:
@@ -93,7 +91,7 @@ def train_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup,
                       writer: MetricsWriter | None = None) -> Any:
   """Runs the SFT warm-start from a fresh init; returns float32 params."""
   ws = cfg.warm_start
-  params = model_lib.init_params(setup.model_cfg, jax.random.key(ws.seed))
+  params = decoder.init_params(setup.model_cfg, jax.random.key(ws.seed))
   optimizer = make_optimizer(ws)
   opt_state = optimizer.init(params)
   examples = sft_examples(cfg, setup)
@@ -140,7 +138,7 @@ def get_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup,
   directory = base_policy_dir(cfg)
   metadata = base_policy_metadata(cfg)
   if cfg.warm_start.reuse_checkpoint and checkpoint.has_policy(directory):
-    abstract = jax.eval_shape(lambda k: model_lib.init_params(setup.model_cfg, k), jax.random.key(0))
+    abstract = jax.eval_shape(lambda k: decoder.init_params(setup.model_cfg, k), jax.random.key(0))
     return checkpoint.load_policy(directory, abstract, metadata), True
   params = train_base_policy(cfg, setup, writer)
   checkpoint.save_policy(directory, params, metadata)

@@ -44,13 +44,8 @@ def toy_problem(n: int, topology: str, native: int, cross: int, g: int = 8, p: i
   import jax.numpy as jnp
 
   from copd_jax import default_config, kernels
-  from copd_jax.models import stacked as experts
-  from copd_jax.rl import objectives
-  from copd_jax.rl import schedules
-  from copd_jax.rl import rows as trainer
-  from copd_jax.rl import stages
-  from copd_jax.rl import update as update_lib
-  from copd_jax.models import model_config as model_lib
+  from copd_jax.models import model_config as model_lib, stacked as experts
+  from copd_jax.rl import objectives, rows as trainer, schedules, stages, update as update_lib
   cfg = default_config.get("copd")
   model_cfg = model_lib.ModelConfig.from_dict(dict(cfg.model.to_dict(), dtype="float32"))
   caps = ("text", "image", "video")

@@ -50,19 +50,18 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from copd_jax import default_config, policy_setup  # noqa: E402
-from copd_jax.models import stacked as experts
-from copd_jax.rl import loop
-from copd_jax.rl import stages
-from copd_jax.rl import rollout as trainer
-from copd_jax.rl import rows as rows_lib
-from copd_jax.rl import scoring as scoring_lib
-from copd_jax.rl import stages as stages_lib
-from copd_jax.rl import step as step_lib
-from copd_jax.rl import update as update_lib
-from copd_jax.models import decoder as model_lib
-from copd_jax.models import model_config
-from experiments.bench_sampler import (  # noqa: E402
-    decode_flops_per_token, matmul_peak_flops, time_side_by_side)
+from copd_jax.models import decoder as model_lib, model_config, stacked as experts
+from copd_jax.rl import (
+  loop,
+  rollout as trainer,
+  rows as rows_lib,
+  scoring as scoring_lib,
+  stages,
+  stages as stages_lib,
+  step as step_lib,
+  update as update_lib,
+)
+from experiments.bench_sampler import decode_flops_per_token, matmul_peak_flops, time_side_by_side  # noqa: E402
 
 BENCH_MODEL = dict(d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
                    mlp_dim=768)

@@ -66,8 +66,7 @@ class _RandomTensor:
 
 def write_synthetic_checkpoint(directory: str, dims: dict, dtype: str) -> int:
   """A random Qwen3 checkpoint in HF layout; returns its safetensors bytes on disk."""
-  from copd_jax.models import hf_checkpoint as hfc
-  from copd_jax.models import model_config as M
+  from copd_jax.models import hf_checkpoint as hfc, model_config as M
   cfg = M.ModelConfig(**dims)
   named = [(spec.hf_name, _RandomTensor(spec.hf_shape, seed))
            for seed, spec in enumerate(hfc.qwen3_tensor_specs(cfg))]
@@ -82,6 +81,7 @@ def write_synthetic_checkpoint(directory: str, dims: dict, dtype: str) -> int:
 def child(directory: str, param_dtype: str) -> None:
   """Runs in a fresh process: one load, then one raw read; prints a JSON line."""
   import jax
+
   from copd_jax.models import hf_checkpoint as hfc
   jax.block_until_ready(jax.numpy.zeros(8) + 1)  # backend up before the baseline
   baseline = _rss_bytes("VmRSS")

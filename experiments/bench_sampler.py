@@ -26,10 +26,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from copd_jax.models import stacked as experts
-from copd_jax.models import decoder as model_lib
-from copd_jax.models import model_config
 from copd_jax import sampling
+from copd_jax.models import decoder as model_lib, model_config, stacked as experts
 
 
 def toy_config(dtype: str) -> model_config.ModelConfig:

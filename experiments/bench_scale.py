@@ -43,8 +43,8 @@ import time
 def routing_rows(cfg, topology: str) -> dict:
   """Teacher-forward row counts of the all-to-all layout vs the earlier gather layout."""
   import numpy as np
-  from copd_jax.rl import schedules
-  from copd_jax.rl import stages as trainer
+
+  from copd_jax.rl import schedules, stages as trainer
   rl, s = cfg.rl, cfg.num_experts
   caps = tuple(rl.capabilities)
   stage = trainer.Stage(
@@ -64,10 +64,8 @@ def routing_rows(cfg, topology: str) -> dict:
 
 def measure(setting: str, num_layers: int | None, topology: str | None) -> dict:
   """Runs inside the subprocess (jax already sees the simulated devices)."""
-  from copd_jax import default_config
-  from copd_jax.analysis import abstract_step
-  from copd_jax.analysis import hlo_audit
-  from copd_jax import sharding as parallel
+  from copd_jax import default_config, sharding as parallel
+  from copd_jax.analysis import abstract_step, hlo_audit
   if setting == "toy":
     cfg = default_config.get("copd", "toy")
     cfg.mesh.update(dict(expert=3, data=2, fsdp=2, tensor=1))

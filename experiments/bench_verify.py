@@ -35,9 +35,7 @@ import time
 
 import numpy as np
 
-from copd_jax.data import examples as tasks
-from copd_jax.data import math_verifier as verifiers
-from copd_jax.data import verifiers as verifiers_lib
+from copd_jax.data import examples as tasks, math_verifier as verifiers, verifiers as verifiers_lib
 
 # (response, reference, equivalent?) -- checked by hand.
 SYMBOLIC_LABELLED = [

@@ -29,15 +29,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
-from copd_jax import policy_setup  # noqa: E402
+from copd_jax import (
+  policy_setup,  # noqa: E402
+  warm_start,  # noqa: E402
+)
+from copd_jax.data import examples as examples_lib, toy_tasks as tasks, verifiers
 from copd_jax.rl import evaluation
-from copd_jax import warm_start  # noqa: E402
-from copd_jax.data import examples as examples_lib
-from copd_jax.data import toy_tasks as tasks
-from copd_jax.data import verifiers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tune_rl  # noqa: E402  (config from --set settings)
+
 
 def validation_set(cfg, setup, capability: str, n: int) -> list[examples_lib.Example]:
   """n examples of the validation split (disjoint from train and eval)."""

@@ -105,8 +105,7 @@ SEQ_LEN = 12
 
 
 def build_tokenizer(out_dir: str) -> None:
-  from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-  from tokenizers import trainers
+  from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
   tok = Tokenizer(models.BPE())
   tok.normalizer = normalizers.NFC()
   # Words with an optional leading space, single digits, punctuation runs, whitespace.

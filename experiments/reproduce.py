@@ -31,9 +31,12 @@ import numpy as np
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from copd_jax import default_config  # noqa: E402
-from copd_jax import main as main_lib  # noqa: E402
-from copd_jax import run_dir, stats  # noqa: E402
+from copd_jax import (  # noqa: E402
+  default_config,  # noqa: E402
+  main as main_lib,  # noqa: E402
+  run_dir,
+  stats,
+)
 
 CAPS = ("text", "image", "video")
 TWO = ("text", "image")

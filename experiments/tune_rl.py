@@ -15,9 +15,10 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from copd_jax import default_config, policy_setup, warm_start  # noqa: E402
-from copd_jax.rl import methods
 from copd_jax.data import toy_tasks as tasks
+from copd_jax.rl import methods
 from copd_jax.run_log import MetricsWriter  # noqa: E402
+
 
 def validation_sets(cfg, setup):
   """The validation split (tasks.validation_set): disjoint from train and eval."""

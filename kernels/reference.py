@@ -8,30 +8,30 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from copd_jax.rl import objectives
 from copd_jax.kernels import tile_math
+from copd_jax.rl import objectives
 
 
 def dense_logits(hidden, head):
-    """hidden: [N, D], head: [D, V] -> f32[N, V]."""
-    return tile_math.tile_logits(hidden, head)
+  """hidden: [N, D], head: [D, V] -> f32[N, V]."""
+  return tile_math.tile_logits(hidden, head)
 
 
 def token_logprob_entropy(hidden, head, tokens):
-    """-> (log p(tokens) f32[N], entropy f32[N]); differentiable by autodiff."""
-    logits = dense_logits(hidden, head)
-    return (objectives.token_logprobs_from_logits(logits, tokens),
-            objectives.entropy_from_logits(logits))
+  """-> (log p(tokens) f32[N], entropy f32[N]); differentiable by autodiff."""
+  logits = dense_logits(hidden, head)
+  return (objectives.token_logprobs_from_logits(logits, tokens),
+          objectives.entropy_from_logits(logits))
 
 
 def top_k_logprobs(hidden, head, k: int):
-    """-> (top-k log-probs f32[N, k], their token ids int32[N, k]), largest first."""
-    logp = jax.nn.log_softmax(dense_logits(hidden, head), axis=-1)
-    values, ids = jax.lax.top_k(logp, k)
-    return values, ids.astype(jnp.int32)
+  """-> (top-k log-probs f32[N, k], their token ids int32[N, k]), largest first."""
+  logp = jax.nn.log_softmax(dense_logits(hidden, head), axis=-1)
+  values, ids = jax.lax.top_k(logp, k)
+  return values, ids.astype(jnp.int32)
 
 
 def reverse_kl(student_hidden, student_head, teacher_hidden, teacher_head):
-    """Full-vocabulary KL(p_student || p_teacher) per token -> f32[N]."""
-    return objectives.reverse_kl_from_logits(dense_logits(student_hidden, student_head),
-                                             dense_logits(teacher_hidden, teacher_head))
+  """Full-vocabulary KL(p_student || p_teacher) per token -> f32[N]."""
+  return objectives.reverse_kl_from_logits(dense_logits(student_hidden, student_head),
+                                           dense_logits(teacher_hidden, teacher_head))

@@ -9,11 +9,8 @@ import grain
 import numpy as np
 import pytest
 
-import copd_jax
 from copd_jax import default_config
-from copd_jax.data import streams as data
-from copd_jax.data import examples
-from copd_jax.data import toy_tasks as tasks
+from copd_jax.data import examples, streams as data, toy_tasks as tasks
 
 KW = dict(image_size=32, num_frames=4)
 
@@ -111,46 +108,13 @@ def test_bad_pipeline_arguments_are_named():
   assert data.process_shard() == (0, 1)
 
 
-def test_prefetching_threads_keep_order_and_state(cfg):
-  cfg.warm_start.mix = dict(text=1.0, image=1.0, video=1.0)
+def test_prefetching_threads_keep_order_and_state():
+  source = data.TaskSource("text", seed=0, difficulty=1)
   threaded = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
-  it = data.sft_examples(cfg, KW, read_options=threaded)
+  it = data.example_iterator(source, seed=3, shuffle=True, read_options=threaded)
   got = take(it, 10)
   assert it.get_state() == {"next_index": 10}  # consumed, not prefetched, elements
-  assert all_same(got, take(data.sft_examples(cfg, KW), 10))
-
-
-# ------------------------------------------------------------------ warm-start mixture
-
-def test_sft_examples_equal_mixed_train_stream(cfg):
-  cfg.warm_start.mix = dict(text=1.0, image=0.5, video=2.0)
-  ref = tasks.mixed_train_stream(dict(cfg.warm_start.mix), seed=data.sft_seed(cfg),
-                                 difficulty=dict(cfg.tasks.difficulty), **KW)
-  # 300 > one block of 256 capability choices: crosses a block boundary
-  assert all_same(take(data.sft_examples(cfg, KW), 300), take(ref, 300))
-
-
-def test_sft_batches_shard_the_global_batch_and_resume(cfg):
-  cfg.warm_start.mix = dict(text=1.0, image=0.0, video=1.0)
-  cfg.warm_start.batch_size = 4
-  flat = take(data.sft_examples(cfg, KW), 12)
-  assert {ex.capability for ex in flat} <= {"text", "video"}
-  shards = [data.sft_batches(cfg, KW, shard_index=p, shard_count=2) for p in (0, 1)]
-  first = [next(it) for it in shards]
-  assert all(isinstance(b, list) and len(b) == 2 for b in first)
-  assert all_same(first[0], flat[0:4:2]) and all_same(first[1], flat[1:4:2])
-  state = json.loads(json.dumps(shards[1].get_state()))
-  expected = take(shards[1], 2)
-  fresh = data.sft_batches(cfg, KW, shard_index=1, shard_count=2)
-  fresh.set_state(state)
-  resumed = take(fresh, 2)
-  assert all(all_same(a, b) for a, b in zip(resumed, expected))
-  assert all_same(resumed[1], flat[9:12:2])
-  with pytest.raises(ValueError, match="batch_size"):
-    data.sft_batches(cfg, KW, shard_index=0, shard_count=3)
-  cfg.warm_start.mix = dict(text=0.0, image=0.0, video=0.0)
-  with pytest.raises(ValueError, match="positive weight"):
-    data.sft_examples(cfg, KW)
+  assert all_same(got, take(data.example_iterator(source, seed=3, shuffle=True), 10))
 
 
 # ---------------------------------------------------------------- record-file branch
@@ -183,7 +147,7 @@ def fake_datasets(monkeypatch):
   module = types.ModuleType("copd_jax.data.records")
   module.RecordSource = FakeRecordSource
   monkeypatch.setitem(sys.modules, "copd_jax.data.records", module)
-  monkeypatch.setattr(copd_jax, "datasets", module, raising=False)
+  monkeypatch.setattr(sys.modules["copd_jax.data"], "records", module, raising=False)
   return module
 
 
@@ -217,8 +181,7 @@ def test_record_files_must_cover_every_capability(cfg, fake_datasets):
     data.make_streams(cfg, KW, seed=0)
 
 
-@pytest.mark.skipif(not hasattr(tasks, "is_domain_name"), reason="needs record domains")
-def test_record_domains_stream_and_mix(cfg, fake_datasets):
+def test_record_domains_stream(cfg, fake_datasets):
   cfg.tasks.capabilities = ("text", "math")
   cfg.warm_start.mix = dict(text=1.0, image=1.0, math=3.0)  # image: not in this run
   with pytest.raises(ValueError, match="no procedural generator"):
@@ -226,12 +189,6 @@ def test_record_domains_stream_and_mix(cfg, fake_datasets):
   cfg.data.train_files = {"text": "t.jsonl", "math": "m.jsonl"}
   streams = data.make_streams(cfg, KW, seed=0)
   assert {ex.question.split("#")[0] for ex in take(streams["math"], 3)} == {"m.jsonl"}
-  mixed = [ex.capability for ex in take(data.sft_examples(cfg, KW), 40)]
-  slots = np.random.default_rng([data.sft_seed(cfg), 7]).choice(2, size=256, p=[0.25, 0.75])
-  assert mixed == [("text", "math")[k] for k in slots[:40]]
-  cfg.warm_start.mix = dict(text=1.0, maths=1.0)
-  with pytest.raises(ValueError, match="maths"):
-    data.sft_examples(cfg, KW)
 
 
 # ------------------------------------------------------------------------ TFDS builder

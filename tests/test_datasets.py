@@ -10,12 +10,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from copd_jax.data import records as datasets
-from copd_jax.data import examples as examples_lib
-from copd_jax.data import toy_tasks as tasks
-from copd_jax.data import answers as verifiers
-from copd_jax.data import math_verifier
-from copd_jax.data import verifiers as verifiers_lib
+from copd_jax.data import (
+  answers as verifiers,
+  examples as examples_lib,
+  math_verifier,
+  records as datasets,
+  toy_tasks as tasks,
+  verifiers as verifiers_lib,
+)
 from copd_jax.data.tokenizer import ToyTokenizer
 
 DATA = os.path.join(os.path.dirname(__file__), "fixtures", "data")
@@ -223,7 +225,7 @@ def test_model_text_is_never_evaluated(tmp_path):
 
 def test_worker_guard_lets_only_number_literals_reach_sympy_parse_expr():
   code = ("import sympy\n"
-          "from copd_jax import verifiers\n"
+          "from copd_jax.data import math_verifier\n"
           "math_verifier._install_parse_expr_guard()\n"
           "assert sympy.Number('12') == 12 and float(sympy.Number('0.5')) == 0.5\n"
           "for text in (\"__import__('os')\", 'x+1', '1e5', ''):\n"

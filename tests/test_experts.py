@@ -3,11 +3,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from copd_jax.models import stacked as X
-from copd_jax.models import decoder as M
-
 from tiny_model import IMG, tiny_config
+
+from copd_jax.models import decoder as M, stacked as X
+
 E = 3
 
 

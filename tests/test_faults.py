@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 
 from copd_jax import config_lib, default_config
-from copd_jax.data import records as datasets
-from copd_jax.data import examples as examples_lib
-from copd_jax.data import toy_tasks as tasks
-from copd_jax.data import answers as verifiers
-from copd_jax.data import math_verifier
-from copd_jax.data import verifiers as verifiers_lib
+from copd_jax.data import (
+  answers as verifiers,
+  examples as examples_lib,
+  math_verifier,
+  records as datasets,
+  toy_tasks as tasks,
+  verifiers as verifiers_lib,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +67,7 @@ def test_no_module_is_imported_after_the_guard():
 def test_guard_still_refuses_model_text_after_the_fix():
   code = textwrap.dedent("""
       import sympy
-      from copd_jax.data import answers as verifiers
+      from copd_jax.data import math_verifier
       math_verifier._install_parse_expr_guard()
       assert sympy.Number('12') == 12
       import sympy.physics.units  # a module's own import-time constants are allowed
@@ -165,7 +167,7 @@ def _alive(pid: int) -> bool:
 def test_worker_dies_when_its_parent_is_killed():
   code = textwrap.dedent("""
       import threading, time
-      from copd_jax.data import answers as verifiers
+      from copd_jax.data import math_verifier
       pool = math_verifier.VerifierPool(1)
       threading.Thread(target=pool.run, args=([("math", "7", "9^{9^{9^{9}}}")], 3600.0),
                        daemon=True).start()
@@ -324,10 +326,7 @@ def test_update_with_non_finite_new_params_is_not_applied_to_that_branch_only():
 
   from copd_jax import kernels, policy_setup, sampling
   from copd_jax.models import stacked as experts
-  from copd_jax.rl import objectives
-  from copd_jax.rl import rollout as trainer
-  from copd_jax.rl import rows as rows_lib
-  from copd_jax.rl import update as update_lib
+  from copd_jax.rl import objectives, rollout as trainer, rows as rows_lib, update as update_lib
   cfg = default_config.get("copd", "micro")
   s = policy_setup.build_setup(cfg)
   params = experts.init_stacked(s.model_cfg, jax.random.split(jax.random.key(4), 2))

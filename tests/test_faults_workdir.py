@@ -12,9 +12,8 @@ import re
 import jax
 import pytest
 
-from copd_jax import checkpoint, default_config, main, policy_setup
+from copd_jax import checkpoint, default_config, main, policy_setup, run_dir, warm_start
 from copd_jax.models import decoder as model_lib
-from copd_jax import run_dir, warm_start
 
 
 def snapshot(directory) -> dict:

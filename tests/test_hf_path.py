@@ -110,7 +110,7 @@ def test_copd_micro_run_from_checkpoint_and_records(tmp_path):
   assert any(k.endswith("opd/delta_mean") for k in logged), "the run must include an OPD step"
 
   # The merged model goes back out as a HF checkpoint that loads with the same logits.
-  from copd_jax.models import hf_export as export_hf
+  from copd_jax import export as export_hf
   from copd_jax.models import decoder as model_lib
   out = str(tmp_path / "exported")
   export_hf.export_run(cfg.workdir, out, dtype="float32")

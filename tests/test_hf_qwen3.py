@@ -15,10 +15,9 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from copd_jax.models import hf_checkpoint as hfc
-from copd_jax.models import decoder as M
 from copd_jax.data.hf_tokenizer import ChatTemplateError, HFTokenizer
 from copd_jax.data.tokenizer import REPLACEMENT_CHAR, Tokenizer
+from copd_jax.models import decoder as M, hf_checkpoint as hfc
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "qwen3_tiny")
 UNTIED = os.path.join(FIXTURES, "untied_f32")

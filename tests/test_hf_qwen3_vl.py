@@ -10,9 +10,8 @@ import shutil
 import numpy as np
 import pytest
 
-from copd_jax.models import qwen3_vl
-from copd_jax.models import qwen3_vl_config
 from copd_jax.data import vision_preprocess as vp
+from copd_jax.models import qwen3_vl, qwen3_vl_config
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "qwen3_vl_tiny")
 # The fixture's processor settings: patch 8, merge 2, temporal 2, mean = std = 0.5.

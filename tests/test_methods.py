@@ -6,13 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from copd_jax import config_lib, default_config
-from copd_jax.models import stacked as experts
-from copd_jax.rl import loop
-from copd_jax.rl import methods
-from copd_jax.rl import stages as stages_lib
-from copd_jax.models import decoder as model_lib
-from copd_jax import policy_setup
+from copd_jax import config_lib, default_config, policy_setup
+from copd_jax.models import decoder as model_lib, stacked as experts
+from copd_jax.rl import loop, methods, stages as stages_lib
 from copd_jax.run_log import MetricsWriter
 
 
@@ -127,8 +123,7 @@ def poison_steps(monkeypatch, bad_steps, branch=1):
   """Makes the GRPO advantages of `branch` NaN on `bad_steps`, so its loss (and update) is
   not finite there; update_lib.update must then keep that branch's params. Wraps
   step_lib.train_step to return the (params, opt_state) each call received."""
-  from copd_jax.rl import rollout as trainer
-  from copd_jax.rl import step as step_lib
+  from copd_jax.rl import rollout as trainer, step as step_lib
   real_train_step, real_advantages, seen = step_lib.train_step, trainer.group_advantages, []
 
   def poisoned_advantages(rewards, samples, scale_by_std):

@@ -6,13 +6,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-
-from copd_jax.models import decoder as M
-from copd_jax.models import layers
-from copd_jax.models import model_config
-from copd_jax.models import toy_vision
-
 from tiny_model import IMG, tiny_config
+
+from copd_jax.models import decoder as M, layers, model_config, toy_vision
 
 
 @pytest.fixture(scope="module")

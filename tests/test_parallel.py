@@ -10,15 +10,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import pod_4b
-from copd_jax import config_lib, kernels
+from copd_jax import config_lib, kernels, sharding as parallel
+from copd_jax.analysis import abstract_step, hlo_audit
 from copd_jax.models import stacked as experts
-from copd_jax.rl import objectives
-from copd_jax.analysis import abstract_step
-from copd_jax.analysis import hlo_audit
-from copd_jax import sharding as parallel
-from copd_jax.rl import rows as trainer
-from copd_jax.rl import stages
-from copd_jax.rl import update as update_lib
+from copd_jax.rl import objectives, rows as trainer, stages, update as update_lib
 from tests.tiny_model import tiny_config
 
 SMALL_VISION = dict(image_size=8, patch_size=8, num_frames=2, tubelet=2, width=16, depth=1,

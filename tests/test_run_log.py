@@ -161,6 +161,7 @@ def timing_free(curves):
 
 def test_a_crashed_and_resumed_run_logs_what_an_uninterrupted_run_logs(tmp_path, monkeypatch):
   import jax
+
   from copd_jax import policy_setup, train_checkpoint
   from copd_jax.models import decoder as model_lib
   cfg = micro_copd(tmp_path / "reference")

@@ -5,12 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from copd_jax.models import stacked as X
-from copd_jax.models import decoder as M
-from copd_jax import sampling as S
-
 from tiny_model import IMG, tiny_config
+
+from copd_jax import sampling as S
+from copd_jax.models import decoder as M, stacked as X
+
 R = 6  # new tokens
 
 

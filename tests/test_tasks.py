@@ -5,10 +5,9 @@ import itertools
 import numpy as np
 import pytest
 
-from copd_jax.data import examples as examples_lib
-from copd_jax.data import toy_tasks as tasks
-from copd_jax.data.tokenizer import ToyTokenizer
+from copd_jax.data import examples as examples_lib, toy_flaws, toy_tasks as tasks
 from copd_jax.data.answers import ANSWER_MARKER, reward
+from copd_jax.data.tokenizer import ToyTokenizer
 
 CAPS = tasks.CAPABILITIES
 LEVELS = range(tasks.MAX_DIFFICULTY + 1)
@@ -65,8 +64,8 @@ def test_eval_never_overlaps_train(cap, difficulty):
   train = list(itertools.islice(tasks.train_stream(cap, seed=0, difficulty=difficulty), 2000))
   held_out = tasks.eval_set(cap, 200, seed=0, difficulty=difficulty)
   assert {ex.key() for ex in train}.isdisjoint({ex.key() for ex in held_out})
-  assert all(examples_lib.hash_bucket(ex) == tasks.EVAL_BUCKET for ex in held_out)
-  assert all(examples_lib.hash_bucket(ex) != tasks.EVAL_BUCKET for ex in train)
+  assert all(examples_lib.hash_bucket(ex) == examples_lib.EVAL_BUCKET for ex in held_out)
+  assert all(examples_lib.hash_bucket(ex) != examples_lib.EVAL_BUCKET for ex in train)
   if cap == "text":  # text has no pixels: its questions themselves are held out
     assert {ex.question for ex in train}.isdisjoint({ex.question for ex in held_out})
 
@@ -78,8 +77,8 @@ def test_train_validation_eval_are_disjoint(cap, difficulty):
   held_out = tasks.eval_set(cap, 200, seed=0, difficulty=difficulty)
   keys = [{ex.key() for ex in split} for split in (train, validation, held_out)]
   assert keys[0].isdisjoint(keys[1]) and keys[0].isdisjoint(keys[2]) and keys[1].isdisjoint(keys[2])
-  assert all(examples_lib.hash_bucket(ex) == tasks.VALIDATION_BUCKET for ex in validation)
-  assert all(examples_lib.hash_bucket(ex) not in (tasks.EVAL_BUCKET, tasks.VALIDATION_BUCKET)
+  assert all(examples_lib.hash_bucket(ex) == examples_lib.VALIDATION_BUCKET for ex in validation)
+  assert all(examples_lib.hash_bucket(ex) not in (examples_lib.EVAL_BUCKET, examples_lib.VALIDATION_BUCKET)
              for ex in train)
   if cap == "text":
     questions = [{ex.question for ex in split} for split in (train, validation, held_out)]
@@ -465,7 +464,7 @@ def _with_solution(cap, solution, answer):
     ("video", "0+0+1=1#1", "1", "0+0+1+1=2#2"),
 ])
 def test_flawed_solution_by_hand(cap, solution, answer, flawed):
-  assert tasks.flawed_solution(_with_solution(cap, solution, answer)) == flawed
+  assert toy_flaws.flawed_solution(_with_solution(cap, solution, answer)) == flawed
 
 
 @pytest.mark.parametrize("cap", CAPS)
@@ -477,13 +476,13 @@ def test_flawed_solutions_are_consistent_and_fit(cap):
   longest = default_config.base_config().data.max_response_len - 1
   changed = 0
   for ex in examples(cap, 300, difficulty=2, seed=3):
-    flawed = tasks.flawed_solution(ex)
+    flawed = toy_flaws.flawed_solution(ex)
     trace, answer = flawed.rsplit(ANSWER_MARKER, 1)
     for equation in trace.split(";"):
       if "=" in equation:
         lhs, rhs = equation.split("=")
-        terms, ops = tasks._parse_equation(lhs)
-        assert tasks._apply_ops(terms, ops) == int(rhs), flawed
+        terms, ops = toy_flaws._parse_equation(lhs)
+        assert toy_flaws._apply_ops(terms, ops) == int(rhs), flawed
     assert answer == (trace.split(";")[-1].split("=")[-1])
     assert len(flawed) <= longest
     changed += reward(flawed, ex.answer) == 0
@@ -493,16 +492,16 @@ def test_flawed_solutions_are_consistent_and_fit(cap):
 def test_with_flawed_demonstrations_rate_and_determinism():
   stream = lambda: tasks.mixed_train_stream({"text": 1, "image": 1}, seed=2, difficulty=1)
   rates = {"text": 0.5, "image": 0.0}
-  a = list(itertools.islice(tasks.with_flawed_demonstrations(stream(), rates, seed=4), 400))
-  b = list(itertools.islice(tasks.with_flawed_demonstrations(stream(), rates, seed=4), 400))
+  a = list(itertools.islice(toy_flaws.with_flawed_demonstrations(stream(), rates, seed=4), 400))
+  b = list(itertools.islice(toy_flaws.with_flawed_demonstrations(stream(), rates, seed=4), 400))
   plain = list(itertools.islice(stream(), 400))
   assert [x.solution for x in a] == [x.solution for x in b]
   # Questions and answers are untouched; image (rate 0) keeps every solution.
   assert [(x.question, x.answer) for x in a] == [(x.question, x.answer) for x in plain]
   assert all(x.solution == p.solution for x, p in zip(a, plain) if x.capability == "image")
   text = [(x, p) for x, p in zip(a, plain) if x.capability == "text"]
-  flawed = [x.solution == tasks.flawed_solution(p) != p.solution for x, p in text]
-  could = [tasks.flawed_solution(p) != p.solution for _, p in text]
+  flawed = [x.solution == toy_flaws.flawed_solution(p) != p.solution for x, p in text]
+  could = [toy_flaws.flawed_solution(p) != p.solution for _, p in text]
   assert 0.35 < sum(flawed) / sum(could) < 0.65
   with pytest.raises(ValueError, match=r"flaw_rate\['text'\]"):
-    next(tasks.with_flawed_demonstrations(stream(), {"text": 1.5}, seed=0))
+    next(toy_flaws.with_flawed_demonstrations(stream(), {"text": 1.5}, seed=0))

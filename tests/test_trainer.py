@@ -6,20 +6,19 @@ import numpy as np
 import optax
 import pytest
 
-from copd_jax import default_config, kernels
-from copd_jax.rl import diagnostics
-from copd_jax.models import stacked as experts
-from copd_jax.rl import objectives
-from copd_jax.models import decoder as model_lib
-from copd_jax import policy_setup, sampling
-from copd_jax.rl import schedules
+from copd_jax import default_config, kernels, policy_setup, sampling
 from copd_jax.data import toy_tasks as tasks
-from copd_jax.models import stacked as stacked_lib
-from copd_jax.rl import rollout as trainer
-from copd_jax.rl import rows as rows_lib
-from copd_jax.rl import scoring as scoring_lib
-from copd_jax.rl import stages
-from copd_jax.rl import update as update_lib
+from copd_jax.models import decoder as model_lib, stacked as experts, stacked as stacked_lib
+from copd_jax.rl import (
+  diagnostics,
+  objectives,
+  rollout as trainer,
+  rows as rows_lib,
+  schedules,
+  scoring as scoring_lib,
+  stages,
+  update as update_lib,
+)
 
 
 @pytest.fixture(scope="module")

@@ -208,7 +208,7 @@ def test_static_opd_pair_follows_the_capabilities():
 
 def test_export_hf_shares_the_cli_conventions(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  run = lambda *a: subprocess.run([sys.executable, "-m", "copd_jax.models.hf_export", *a], cwd=tmp_path,
+  run = lambda *a: subprocess.run([sys.executable, "-m", "copd_jax.export", *a], cwd=tmp_path,
                                   env=env, capture_output=True, text=True, timeout=300)
   assert run("--help").returncode == 0
   missing = run("--out=x", f"--workdir={tmp_path / 'nowhere'}")

@@ -1,16 +1,16 @@
 """Abstract (allocation-free) lowering of the sharded update, for memory and collective audits."""
 from __future__ import annotations
+
 import dataclasses
 import math
+
 import jax
 import jax.experimental.mesh_utils
 import jax.numpy as jnp
 import numpy as np
-from copd_jax.models import model_config
-from copd_jax.models import stacked as experts
-from copd_jax.rl import rows as rows_lib
-from copd_jax.rl import schedules, stages
-from copd_jax.rl import update as update_lib
+
+from copd_jax.models import model_config, stacked
+from copd_jax.rl import rows as rows_lib, schedules, stages, update as update_lib
 from copd_jax.sharding import RunSharding
 
 
@@ -57,7 +57,7 @@ def abstract_opd_update(cfg, run: RunSharding, num_layers: int | None = None,
                               native_prompts=native, cross_prompts=cross)
   routing = stages.teacher_routing(stages.cross_teacher_assignment(stage), s, g,
                                     native_rows=native * g)
-  params = jax.eval_shape(lambda k: experts.init_stacked(model_cfg, k),
+  params = jax.eval_shape(lambda k: stacked.init_stacked(model_cfg, k),
                           jax.random.split(jax.random.key(0), s))
   opt_state = jax.eval_shape(lambda p: update_lib.init_optimizer_state(optimizer, p), params)
   r = (native + cross) * g

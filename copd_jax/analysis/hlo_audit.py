@@ -1,12 +1,13 @@
 """Reads compiled HLO: which collectives cross the expert axis and how many bytes they move."""
 from __future__ import annotations
+
 import dataclasses
 import math
 import re
 from typing import Sequence
+
 import numpy as np
 from jax.sharding import Mesh
-
 
 _DTYPE_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
                 "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,

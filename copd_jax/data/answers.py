@@ -17,9 +17,10 @@ raises ValueError.
 """
 
 from __future__ import annotations
-from typing import Sequence
-import numpy as np
 
+from typing import Sequence
+
+import numpy as np
 
 ANSWER_MARKER = "#"
 

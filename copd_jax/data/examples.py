@@ -1,11 +1,14 @@
 """Examples, prompt batches and their encoding into token rows (and decoding back to text)."""
 from __future__ import annotations
+
 import dataclasses
 import functools
 import hashlib
 import numbers
 from typing import Sequence
+
 import numpy as np
+
 from copd_jax.data import verifiers as verifiers_lib
 from copd_jax.data.tokenizer import Tokenizer
 

@@ -25,17 +25,19 @@ vocab_size: max(token id) + 1 of the tokenizer, or the model's embedding rows wh
 """
 
 from __future__ import annotations
+
 import datetime
 import json
 import os
 import time
 from typing import Any, Iterable, Mapping, Sequence
+
 import jinja2
 import jinja2.ext
 import jinja2.sandbox
 import tokenizers
-from copd_jax.data.tokenizer import REPLACEMENT_CHAR
 
+from copd_jax.data.tokenizer import REPLACEMENT_CHAR
 
 TOKENIZER_FILE = "tokenizer.json"
 

@@ -1,5 +1,6 @@
 """The math verifier: math-verify equivalence in worker processes with a hard time limit."""
 from __future__ import annotations
+
 import atexit
 import collections
 import dataclasses
@@ -12,9 +13,8 @@ import sys
 import threading
 import time
 from typing import Any, Sequence
+
 from copd_jax.data.answers import MAX_FINAL_ANSWER_CHARS, final_answer_text
-
-
 
 DEFAULT_MATH_TIMEOUT_S = 5.0
 

@@ -7,7 +7,7 @@ One record per JSONL line (a JSON object) or Parquet row:
   capability   str             the domain: 'text' / 'image' / 'video' or a domain name such
                                as 'math' ([a-z][a-z0-9_]*). May be omitted when the source
                                is built with capability=...; must equal it otherwise.
-  verifier     str, optional   'math' | 'choice' | 'exact' | 'integer' (verifiers.VERIFIERS);
+  verifier     str, optional   'math' | 'choice' | 'exact' | 'integer' (answers_lib.VERIFIERS);
                                default: the source's default_verifier ('math')
   images       list, optional  ONE still image: a file path (relative to the data file's
                                folder, or absolute) or the encoded bytes (PNG, JPEG, ...)
@@ -41,6 +41,7 @@ has fewer.
 """
 
 from __future__ import annotations
+
 import dataclasses
 import functools
 import glob
@@ -48,13 +49,16 @@ import io
 import json
 import os
 from typing import Any, Iterable, Mapping, Sequence
-import numpy as np
-from copd_jax.data import examples
-from copd_jax.data import toy_tasks as tasks
-from copd_jax.data import answers as verifiers
-from copd_jax.data import math_verifier
-from copd_jax.data import verifiers as verifiers_lib
 
+import numpy as np
+
+from copd_jax.data import (
+  answers as answers_lib,
+  examples,
+  math_verifier,
+  toy_tasks as tasks,
+  verifiers as verifiers_lib,
+)
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 
@@ -372,8 +376,8 @@ def load_records(paths, *, capability: str | None = None,
                  columns: Mapping[str, str] | None = None) -> tuple[Record, ...]:
   """All records of the files (see resolve_paths), validated; ValueError names file+line
   (or row). reader: 'builtin' | 'datasets'; columns: record field -> column name."""
-  if default_verifier not in verifiers.VERIFIERS:
-    raise ValueError(f"default_verifier must be one of {verifiers.VERIFIERS}, got "
+  if default_verifier not in answers_lib.VERIFIERS:
+    raise ValueError(f"default_verifier must be one of {answers_lib.VERIFIERS}, got "
                      f"{default_verifier!r}")
   files = tuple(resolve_paths(paths))
   stamps = tuple(_stamp(f) for f in files)

@@ -11,31 +11,29 @@ warm-start mixture) go on to grain `IterDataset`s.
       -> seed -> [shuffle] -> repeat -> slice(shard_index::shard_count)   (MapDataset)
       -> IndexedStream (training)  |  to_iter_dataset -> [batch] (IterDataset)
 
-- Procedural task streams (TaskSource) are NOT shuffled: `tasks.make_example` is already
+- Procedural task streams (TaskSource) are NOT shuffled: `toy_tasks.make_example` is already
   an i.i.d. draw per index, and reading index 0, 1, 2, ... reproduces
-  `tasks.train_stream` exactly, so every committed result stays reproducible.
+  `toy_tasks.train_stream` exactly, so every committed result stays reproducible.
 - Sharding is strided over the global stream: with K processes, process p reads global
   positions p, p+K, p+2K, ...; shards are disjoint and together they are exactly the
   unsharded stream's prefix (also across epochs, since the slice comes after repeat).
-- The warm-start mixture (`sft_examples` / `sft_batches`) reproduces
-  `tasks.mixed_train_stream` element for element, but as a random-access grain pipeline.
 """
 
 from __future__ import annotations
+
 import numbers
-import threading
 import zlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
+
 import grain
 import numpy as np
-from copd_jax.data import examples as examples_lib
-from copd_jax.data import toy_tasks as tasks
 
+from copd_jax.data import examples as examples_lib, toy_tasks
 
 TRAIN_SOURCE_LENGTH = 2**31 - 1  # "endless": far more indices than any run reads
 
 
-_MIX_BLOCK = 256  # tasks.mixed_train_stream draws capability choices 256 at a time
+_MIX_BLOCK = 256  # toy_tasks.mixed_train_stream draws capability choices 256 at a time
 
 
 _MIX_SEED_TAG = 7  # ... from default_rng([seed, 7]); kept identical here
@@ -48,19 +46,19 @@ SYNCHRONOUS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
 class TaskSource:
-  """Random-access source over `tasks.make_example` for one capability and split.
+  """Random-access source over `toy_tasks.make_example` for one capability and split.
 
-  source[i] == tasks.make_example(capability, i, seed=seed, difficulty=difficulty,
+  source[i] == toy_tasks.make_example(capability, i, seed=seed, difficulty=difficulty,
   image_size=..., num_frames=..., split=split). len: TRAIN_SOURCE_LENGTH for train,
-  `num_examples` for eval (the held-out `tasks.eval_set` when read in order).
+  `num_examples` for eval (the held-out `toy_tasks.eval_set` when read in order).
   """
 
   def __init__(self, capability: str, *, seed: int, difficulty: int, image_size: int = 32,
                num_frames: int = 4, split: str = "train", num_examples: int | None = None):
-    if split not in tasks.SPLITS:
-      raise ValueError(f"TaskSource split must be one of {tasks.SPLITS}, got {split!r}")
+    if split not in toy_tasks.SPLITS:
+      raise ValueError(f"TaskSource split must be one of {toy_tasks.SPLITS}, got {split!r}")
     # Fail now, on the config, rather than at the first read inside a training step.
-    tasks.make_example(capability, 0, seed=seed, difficulty=difficulty,
+    toy_tasks.make_example(capability, 0, seed=seed, difficulty=difficulty,
                        image_size=image_size, num_frames=num_frames, split=split)
     if split == "eval":
       if num_examples is None:
@@ -80,7 +78,7 @@ class TaskSource:
     if not 0 <= index < self._length:
       raise IndexError(f"TaskSource({self.capability}, {self.split}) index {index} out of "
                        f"range [0, {self._length})")
-    return tasks.make_example(self.capability, int(index), **self._kwargs)
+    return toy_tasks.make_example(self.capability, int(index), **self._kwargs)
 
   def __repr__(self) -> str:
     return f"TaskSource({self.capability!r}, len={self._length}, {self._kwargs})"
@@ -175,16 +173,16 @@ def capability_dataset(cfg, capability: str, example_kwargs: Mapping[str, Any],
   """One capability's endless global training order (unsharded) as a MapDataset.
 
   Procedural (cfg.data.train_files empty): TaskSource(seed=seed) read in index order,
-  i.e. exactly tasks.train_stream. Record files (cfg.data.train_files[capability]):
+  i.e. exactly toy_tasks.train_stream. Record files (cfg.data.train_files[capability]):
   datasets.RecordSource shuffled with a seed derived from (cfg.data.shuffle_seed, seed,
   capability) -- so two stages or two run seeds see different orders -- and repeated,
   reshuffled every epoch.
   """
   files = _train_files(cfg)
   if not files:
-    if capability not in tasks.CAPABILITIES:
+    if capability not in toy_tasks.CAPABILITIES:
       raise ValueError(f"capability {capability!r} has no procedural generator (those are "
-                       f"{tasks.CAPABILITIES}); give its records in config.data.train_files")
+                       f"{toy_tasks.CAPABILITIES}); give its records in config.data.train_files")
     source = TaskSource(capability, seed=seed, difficulty=cfg.tasks.difficulty[capability],
                         **example_kwargs)
     return grain.MapDataset.source(source).repeat()
@@ -198,7 +196,7 @@ def capability_dataset(cfg, capability: str, example_kwargs: Mapping[str, Any],
                                  reader=cfg.data.get("reader", "builtin"),
                                  columns=dict(cfg.data.get("columns", {})), **example_kwargs)
   shuffle_seed = _check_int("config.data.shuffle_seed", cfg.data.shuffle_seed, 0)
-  # crc32: a stable per-name number (record domains are not in tasks.CAPABILITIES).
+  # crc32: a stable per-name number (record domains are not in toy_tasks.CAPABILITIES).
   grain_seed = _pipeline_seed(shuffle_seed, seed, zlib.crc32(capability.encode("utf-8")))
   return sharded_dataset(grain.MapDataset.source(source), seed=grain_seed, shuffle=True)
 
@@ -257,7 +255,7 @@ def make_streams(cfg, example_kwargs: Mapping[str, Any], seed: int, *, shard_ind
   cfg.tasks.capabilities (not cfg.rl.capabilities) because cross-capability OPD draws
   teacher-domain prompts too. seed: the task seed (methods.data_context:
   cfg.tasks.seed + 1000 * cfg.seed + offset). With shard_count=1 each stream equals
-  tasks.train_stream(cap, seed=seed, ...) exactly. Streams are IndexedStreams, so a
+  toy_tasks.train_stream(cap, seed=seed, ...) exactly. Streams are IndexedStreams, so a
   multi-process run can reserve the global batch and load only its own rows.
   """
   _check_shard(shard_index, shard_count)
@@ -280,140 +278,21 @@ def restore_streams(streams: Mapping[str, Any], state: Mapping[str, Mapping]) ->
     it.set_state(dict(state[cap]))
 
 
-class WeightedChoiceMap(grain.transforms.DatasetSelectionMap):
-  """Global index -> (capability slot, index within that capability's stream).
-
-  Same choices as tasks.mixed_train_stream: blocks of 256 draws from
-  default_rng([seed, 7]).choice(len(active), p=weights). The choices are a sequential
-  RNG stream, so blocks are computed in order once and memoised (10 bytes per example
-  up to the highest index read); reads are then random access and thread-safe.
-  """
-
-  def __init__(self, probs: Sequence[float], seed: int):
-    self._probs = np.asarray(probs, np.float64)
-    self._seed = seed
-    self._reset()
-
-  def _reset(self):
-    self._rng = np.random.default_rng([self._seed, _MIX_SEED_TAG])
-    self._blocks: list[tuple[np.ndarray, np.ndarray]] = []  # (slot int16[256], within int64[256])
-    self._counts = np.zeros(len(self._probs), np.int64)  # draws per slot so far
-    self._lock = threading.Lock()
-
-  def __getstate__(self):  # picklable for grain worker processes: recomputed there
-    return {"probs": self._probs, "seed": self._seed}
-
-  def __setstate__(self, state):
-    self._probs, self._seed = state["probs"], state["seed"]
-    self._reset()
-
-  def __len__(self) -> int:
-    return np.iinfo(np.int64).max
-
-  def _extend_to(self, block_index: int) -> None:
-    with self._lock:
-      while len(self._blocks) <= block_index:
-        slots = self._rng.choice(len(self._probs), size=_MIX_BLOCK, p=self._probs)
-        within = np.empty(_MIX_BLOCK, np.int64)
-        for slot in range(len(self._probs)):
-          picked = slots == slot
-          within[picked] = self._counts[slot] + np.arange(picked.sum())
-          self._counts[slot] += picked.sum()
-        self._blocks.append((slots.astype(np.int16), within))
-
-  def __getitem__(self, index: int) -> tuple[int, int]:
-    if index < 0:
-      raise IndexError(f"WeightedChoiceMap index must be >= 0, got {index}")
-    block_index, offset = divmod(int(index), _MIX_BLOCK)
-    if block_index >= len(self._blocks):
-      self._extend_to(block_index)
-    slots, within = self._blocks[block_index]
-    return int(slots[offset]), int(within[offset])
 
 
-def _mixture_weights(mix: Mapping[str, float], capabilities: Sequence[str]) -> dict[str, float]:
-  """The warm-start's {capability: weight} over the run's capabilities, validated."""
-  weights = {}
-  for cap in capabilities:
-    weight = mix.get(cap, 0.0)
-    if (isinstance(weight, bool) or not isinstance(weight, numbers.Real)
-        or not np.isfinite(weight) or weight < 0):
-      raise ValueError(f"config.warm_start.mix[{cap!r}] must be a finite number >= 0, "
-                       f"got {weight!r}")
-    weights[cap] = float(weight)
-  # Built-in capabilities outside this run are ignored (the default mix names all three);
-  # anything else is a typo.
-  unknown = set(mix) - set(tasks.CAPABILITIES) - set(capabilities)
-  if unknown:
-    raise ValueError(f"config.warm_start.mix names {sorted(unknown)}, which are not "
-                     f"capabilities of this run ({list(capabilities)})")
-  if not any(w > 0 for w in weights.values()):
-    raise ValueError(f"config.warm_start.mix gives no capability of {list(capabilities)} a "
-                     f"positive weight: {dict(mix)}")
-  return weights
 
 
-def mixture_dataset(cfg, example_kwargs: Mapping[str, Any], weights: Mapping[str, float],
-                    seed: int) -> grain.MapDataset:
-  """Endless mixture of capability_dataset(...)s, each example's capability ~ weights.
-
-  Procedurally, element i equals the i-th element of tasks.mixed_train_stream(weights,
-  seed=seed, difficulty=cfg.tasks.difficulty, **example_kwargs).
-  """
-  # Built-in capabilities first, in tasks.CAPABILITIES order (as mixed_train_stream
-  # orders them), then record domains in the order given.
-  order = [c for c in tasks.CAPABILITIES if c in weights]
-  order += [c for c in weights if c not in tasks.CAPABILITIES]
-  active = [cap for cap in order if weights[cap] > 0]
-  if not active:
-    raise ValueError(f"mixture weights must give some capability a positive weight, "
-                     f"got {dict(weights)}")
-  probs = np.array([weights[cap] for cap in active], np.float64)
-  parents = [capability_dataset(cfg, cap, example_kwargs, seed) for cap in active]
-  selection = WeightedChoiceMap(probs / probs.sum(), _check_int("seed", seed, 0))
-  return grain.MapDataset.select_from_datasets(parents, selection)
 
 
-def sft_seed(cfg) -> int:
-  """The warm-start's data seed, as warm_start.sft_examples uses it."""
-  return cfg.tasks.seed + cfg.warm_start.seed
 
 
-def sft_examples(cfg, example_kwargs: Mapping[str, Any], *, shard_index: int = 0,
-                 shard_count: int = 1,
-                 read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
-  """Checkpointable twin of warm_start.sft_examples: the same Examples in the same order
-  (shard_count=1), drawn per cfg.warm_start.mix over cfg.tasks.capabilities."""
-  weights = _mixture_weights(cfg.warm_start.mix, cfg.tasks.capabilities)
-  dataset = mixture_dataset(cfg, example_kwargs, weights, sft_seed(cfg))
-  return _shard_iterator(dataset, shard_index, shard_count, read_options)
 
 
-def sft_batches(cfg, example_kwargs: Mapping[str, Any], *, shard_index: int = 0,
-                shard_count: int = 1,
-                read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
-  """Checkpointable iterator of warm-start batches: lists of examples_lib.Example.
-
-  Global batch b is mixture elements [b*B, (b+1)*B) with B = cfg.warm_start.batch_size,
-  i.e. exactly `[next(sft_examples) for _ in range(B)]` as warm_start does today. Process
-  p of K gets the B/K of them at global positions p, p+K, ... (B must divide by K); the
-  K per-process batches of step b together are global batch b.
-  """
-  batch_size = _check_int("config.warm_start.batch_size", cfg.warm_start.batch_size, 1)
-  _check_shard(shard_index, shard_count)
-  if batch_size % shard_count:
-    raise ValueError(f"config.warm_start.batch_size={batch_size} must divide evenly over "
-                     f"{shard_count} processes")
-  weights = _mixture_weights(cfg.warm_start.mix, cfg.tasks.capabilities)
-  dataset = mixture_dataset(cfg, example_kwargs, weights, sft_seed(cfg))
-  dataset = dataset.slice(slice(shard_index, None, shard_count))
-  dataset = dataset.batch(batch_size // shard_count, batch_fn=list)
-  return iter(dataset.to_iter_dataset(read_options or SYNCHRONOUS))
 
 
 def eval_source(cfg, capability: str, example_kwargs: Mapping[str, Any],
                 num_examples: int) -> TaskSource:
-  """The held-out set as a random-access source: source[i] == tasks.eval_set(...)[i]."""
+  """The held-out set as a random-access source: source[i] == toy_tasks.eval_set(...)[i]."""
   return TaskSource(capability, seed=cfg.tasks.seed,
                     difficulty=cfg.tasks.difficulty[capability], split="eval",
                     num_examples=num_examples, **example_kwargs)

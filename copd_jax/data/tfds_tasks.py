@@ -11,9 +11,9 @@ on the fly. No tensorflow needed: files are array_record, written by a
     it = data.example_iterator(source, seed=0, shuffle=True)            # grain pipeline
 
 Splits (one builder config per capability + difficulty + seed + sizes):
-  train: tasks.make_example(cap, i, split="train") for i < num_train, i.e. the first
-         num_train elements of tasks.train_stream(cap, seed=seed, ...);
-  eval:  tasks.eval_set(cap, num_eval, seed=seed, ...), the held-out set.
+  train: toy_tasks.make_example(cap, i, split="train") for i < num_train, i.e. the first
+         num_train elements of toy_tasks.train_stream(cap, seed=seed, ...);
+  eval:  toy_tasks.eval_set(cap, num_eval, seed=seed, ...), the held-out set.
 Features: index (int64, the make_example index), capability, question, answer, solution
 (text) and, for image and video configs only, frames float32[F, H, W, 3] (F = 1 for
 image, num_frames for video). Text configs have no frames feature at all (not a zero
@@ -22,15 +22,16 @@ tensor), matching examples_lib.Example.frames = None. Records are stored in inde
 """
 
 from __future__ import annotations
+
 import dataclasses
 import os
 from typing import Any
-from etils import epath
+
 import numpy as np
 import tensorflow_datasets as tfds
-from copd_jax.data import examples as examples_lib
-from copd_jax.data import toy_tasks as tasks
+from etils import epath
 
+from copd_jax.data import examples as examples_lib, toy_tasks
 
 DATASET_NAME = "copd_tasks"  # tfds' snake_case name of CopdTasks
 
@@ -54,7 +55,7 @@ class TaskSplitConfig(tfds.core.BuilderConfig):
 
   def validate(self) -> None:
     # make_example checks capability, difficulty, sizes and seed, with field names.
-    tasks.make_example(self.capability, 0, seed=self.seed, difficulty=self.difficulty,
+    toy_tasks.make_example(self.capability, 0, seed=self.seed, difficulty=self.difficulty,
                        image_size=self.image_size, num_frames=self.num_frames)
     for field in ("num_train", "num_eval"):
       value = getattr(self, field)
@@ -102,8 +103,8 @@ class CopdTasks(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release: train prefix and held-out eval set."}
-  BUILDER_CONFIGS = [make_config(cap, difficulty=d) for cap in tasks.CAPABILITIES
-                     for d in range(tasks.MAX_DIFFICULTY + 1)]
+  BUILDER_CONFIGS = [make_config(cap, difficulty=d) for cap in toy_tasks.CAPABILITIES
+                     for d in range(toy_tasks.MAX_DIFFICULTY + 1)]
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -138,7 +139,7 @@ class CopdTasks(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str, count: int):
     config: TaskSplitConfig = self.builder_config
     for index in range(count):
-      example = tasks.make_example(
+      example = toy_tasks.make_example(
           config.capability, index, seed=config.seed, difficulty=config.difficulty,
           image_size=config.image_size, num_frames=config.num_frames, split=split)
       record = dict(index=index, capability=example.capability, question=example.question,
@@ -204,16 +205,16 @@ def _text(value) -> str:
 
 def load_static_split(data_dir: str | os.PathLike, capability: str, split: str, *,
                       config: str | None = None) -> StaticSplitSource:
-  """The split written by write_static_split, via tfds.data_source, as tasks.Examples.
+  """The split written by write_static_split, via tfds.data_source, as toy_tasks.Examples.
 
   config: the config name write_static_split returned; None = the only config of this
   capability under data_dir (an error lists them if there are several).
   """
   data_dir = os.fspath(data_dir)
-  if capability not in tasks.CAPABILITIES:
-    raise ValueError(f"capability must be one of {tasks.CAPABILITIES}, got {capability!r}")
-  if split not in tasks.SPLITS:
-    raise ValueError(f"split must be one of {tasks.SPLITS}, got {split!r}")
+  if capability not in toy_tasks.CAPABILITIES:
+    raise ValueError(f"capability must be one of {toy_tasks.CAPABILITIES}, got {capability!r}")
+  if split not in toy_tasks.SPLITS:
+    raise ValueError(f"split must be one of {toy_tasks.SPLITS}, got {split!r}")
   if config is None:
     found = _config_dirs(data_dir, capability)
     if len(found) != 1:

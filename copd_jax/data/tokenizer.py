@@ -7,8 +7,8 @@ protocol later (its <img> placeholder would be the model's image/video pad token
 """
 
 from __future__ import annotations
-from typing import Iterable, Protocol, runtime_checkable
 
+from typing import Iterable, Protocol, runtime_checkable
 
 # decode() writes this for ids it cannot map to text (<unk>, out of range, not an int).
 REPLACEMENT_CHAR = "\ufffd"

@@ -1,22 +1,29 @@
 """Reward dispatch: each example names its verifier; rewards for a batch of responses."""
 from __future__ import annotations
+
 from typing import Sequence
+
 import numpy as np
-from copd_jax.data.answers import MAX_ANSWER_DIGITS, VERIFIERS, canonical_choice, canonical_integer, choice_reward, exact_reward, reward
-from copd_jax.data.math_verifier import PoolStats, RewardExample, check_math_reference, math_equivalent, math_request
-from copd_jax.data.math_verifier import RewardConfig, active_config, shared_pool
 
-
-
-
-
-
-
-
-
-
-
-
+from copd_jax.data.answers import (
+  MAX_ANSWER_DIGITS,
+  VERIFIERS,
+  canonical_choice,
+  canonical_integer,
+  choice_reward,
+  exact_reward,
+  reward,
+)
+from copd_jax.data.math_verifier import (
+  PoolStats,
+  RewardConfig,
+  RewardExample,
+  active_config,
+  check_math_reference,
+  math_equivalent,
+  math_request,
+  shared_pool,
+)
 
 
 def check_reference(verifier: str, answer: str) -> None:

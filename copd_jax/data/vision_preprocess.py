@@ -25,9 +25,11 @@ by 1/255). Frame sampling from a video file (fps) is the caller's job.
 """
 
 from __future__ import annotations
+
 import dataclasses
 import math
 from typing import Any, Mapping, Sequence
+
 import numpy as np
 
 

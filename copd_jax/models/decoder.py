@@ -60,18 +60,20 @@ embeddings stay in f32.
 """
 
 from __future__ import annotations
+
 import contextlib
 import functools
 import math
 from typing import Any
+
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+
 from copd_jax.models.layers import Linear, RMSNorm, SwiGLU, rope_angles, rotate_with_angles
 from copd_jax.models.model_config import ModelConfig
 from copd_jax.models.toy_vision import VisionEncoder, replace_placeholders
-
 
 # Finite (not -inf) so a query whose keys are all padding gets uniform weights, not NaN.
 _MASKED_SCORE = -1e30

@@ -36,6 +36,7 @@ Tensors that are safe to drop are listed in IGNORED_TENSOR_SUFFIXES and logged.
 """
 
 from __future__ import annotations
+
 import functools
 import json
 import logging
@@ -43,13 +44,14 @@ import math
 import os
 import shutil
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple
+
 import jax
 import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
-from copd_jax.models import model_config as model_lib
 
+from copd_jax.models import model_config
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +150,7 @@ def _reject_unsupported(config: Mapping) -> None:
                             "float checkpoints are supported")
 
 
-def model_config_from_hf(config: Mapping, *, dtype: str = "float32") -> model_lib.ModelConfig:
+def model_config_from_hf(config: Mapping, *, dtype: str = "float32") -> model_config.ModelConfig:
   """A Qwen3ForCausalLM config.json (as a dict) -> ModelConfig (text only, no vision).
 
   dtype: our compute dtype ("float32" or "bfloat16"); parameters are f32 either way.
@@ -183,12 +185,12 @@ def model_config_from_hf(config: Mapping, *, dtype: str = "float32") -> model_li
       dtype=dtype,
   )
   try:
-    return model_lib.ModelConfig(**fields)
+    return model_config.ModelConfig(**fields)
   except ValueError as err:  # e.g. heads not a multiple of kv heads
     raise HFCheckpointError(f"config.json: {err}") from err
 
 
-def hf_config_from_model(cfg: model_lib.ModelConfig, *, torch_dtype: str = "bfloat16",
+def hf_config_from_model(cfg: model_config.ModelConfig, *, torch_dtype: str = "bfloat16",
                          bos_token_id: int | None = None,
                          eos_token_id: int | None = None,
                          max_position_embeddings: int = 40960) -> dict:
@@ -243,7 +245,7 @@ def read_hf_config(directory: str) -> dict:
     raise HFCheckpointError(f"{path}: JSON nested too deeply") from None
 
 
-def check_layers_present(directory: str, cfg: model_lib.ModelConfig,
+def check_layers_present(directory: str, cfg: model_config.ModelConfig,
                          index: Mapping[str, "TensorInfo"] | None = None) -> None:
   """config.json's num_hidden_layers must match the layers the safetensors headers hold:
   checked from the headers alone, before anything sized by the config is built (a
@@ -268,7 +270,7 @@ class TensorSpec(NamedTuple):
   transpose: bool
 
 
-def qwen3_tensor_specs(cfg: model_lib.ModelConfig) -> list[TensorSpec]:
+def qwen3_tensor_specs(cfg: model_config.ModelConfig) -> list[TensorSpec]:
   """Every tensor of a Qwen3ForCausalLM checkpoint for `cfg`, in checkpoint order."""
   d, hd, m, v = cfg.d_model, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
   q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
@@ -429,7 +431,7 @@ def _check_spec(info: TensorInfo, spec: TensorSpec) -> None:
 
 
 def load_qwen3(directory: str, *, dtype: str = "float32", param_dtype: str = "float32"
-               ) -> tuple[model_lib.ModelConfig, dict]:
+               ) -> tuple[model_config.ModelConfig, dict]:
   """Reads a HF Qwen3ForCausalLM directory -> (ModelConfig, params).
 
   dtype: ModelConfig's compute dtype. param_dtype: the parameters' storage dtype, "float32"
@@ -540,7 +542,7 @@ def copy_tokenizer_files(tokenizer_dir: str, directory: str) -> list[str]:
   return copied
 
 
-def export_qwen3(directory: str, params: Mapping, model_cfg: model_lib.ModelConfig, *,
+def export_qwen3(directory: str, params: Mapping, model_cfg: model_config.ModelConfig, *,
                  tokenizer_dir: str | None = None, dtype: str = "bfloat16",
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                  language_model_only: bool = False,

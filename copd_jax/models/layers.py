@@ -1,11 +1,12 @@
 """Building blocks shared by every model: Linear, RMSNorm, SwiGLU and rotary angles (1-D and multimodal)."""
 from __future__ import annotations
+
 from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 
 
 class Linear(nn.Module):

@@ -1,11 +1,12 @@
 """Model configuration: the decoder's sizes (ModelConfig) and the toy vision tower's (VisionConfig)."""
 from __future__ import annotations
+
 import dataclasses
 import numbers
 from typing import Mapping
+
 import jax.numpy as jnp
 import numpy as np
-
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 

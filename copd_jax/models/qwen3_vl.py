@@ -47,18 +47,26 @@ Numerics as copd_jax.models.decoder: matmul inputs in `cfg.text.dtype`, f32 accu
 """
 
 from __future__ import annotations
+
 import functools
 import os
 from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from copd_jax.models import decoder
-from copd_jax.models import layers
-from copd_jax.models.layers import mrope_angles, rotate_with_angles
-from copd_jax.models.qwen3_vl_config import Grid, Qwen3VLConfig, VisionTowerConfig, _VISION_ACTS, _check_grids, grids_to_tuple
 
+from copd_jax.models import decoder, layers
+from copd_jax.models.layers import mrope_angles, rotate_with_angles
+from copd_jax.models.qwen3_vl_config import (
+  _VISION_ACTS,
+  Grid,
+  Qwen3VLConfig,
+  VisionTowerConfig,
+  _check_grids,
+  grids_to_tuple,
+)
 
 Params = Any
 

@@ -1,11 +1,13 @@
 """Qwen3-VL configuration parsed from a Hugging Face config.json, and vision-grid checks."""
 from __future__ import annotations
+
 import dataclasses
 import math
 from typing import Any, Mapping
-import numpy as np
-from copd_jax.models import model_config as qwen3
 
+import numpy as np
+
+from copd_jax.models import model_config
 
 _VISION_ACTS = {"gelu_pytorch_tanh": True, "gelu": False}  # name -> tanh approximation?
 
@@ -84,7 +86,7 @@ class VisionTowerConfig:
 class Qwen3VLConfig:
   """A Qwen3-VL model: the text decoder (a copd_jax.models.model_config.ModelConfig without its toy vision
   encoder), the vision tower, the interleaved-MRoPE sections and the special token ids."""
-  text: qwen3.ModelConfig
+  text: model_config.ModelConfig
   vision: VisionTowerConfig
   mrope_section: tuple[int, int, int]
   image_token_id: int
@@ -160,7 +162,7 @@ def _rope_parameters(text: Mapping[str, Any]) -> dict:
 
 
 def _text_config_from_hf(text: Mapping[str, Any], top: Mapping[str, Any],
-                         dtype: str) -> qwen3.ModelConfig:
+                         dtype: str) -> model_config.ModelConfig:
   def need(name):
     if name not in text:
       raise ValueError(f"text_config.{name} is missing")
@@ -184,7 +186,7 @@ def _text_config_from_hf(text: Mapping[str, Any], top: Mapping[str, Any],
   heads = need("num_attention_heads")
   head_dim = text.get("head_dim") or need("hidden_size") // heads
   tie = top.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-  return qwen3.ModelConfig(
+  return model_config.ModelConfig(
       vocab_size=need("vocab_size"), d_model=need("hidden_size"),
       num_layers=need("num_hidden_layers"), num_heads=heads,
       num_kv_heads=text.get("num_key_value_heads") or heads, head_dim=head_dim,

@@ -1,9 +1,12 @@
 """The toy suite's vision tower: a tubelet ViT whose tokens replace the image placeholders."""
 from __future__ import annotations
+
 from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
 from copd_jax.models.layers import Linear
 from copd_jax.models.model_config import VisionConfig
 

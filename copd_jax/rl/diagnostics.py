@@ -6,13 +6,14 @@ the prefixes of the student's own rollouts (every response position).
 """
 
 from __future__ import annotations
+
 import functools
+
 import jax
 import jax.numpy as jnp
-from copd_jax import kernels
-from copd_jax.models import decoder as model_lib
-from copd_jax.models import model_config
-from copd_jax import sampling
+
+from copd_jax import kernels, sampling
+from copd_jax.models import decoder, model_config
 
 
 def top_k_overlap(ids_a, ids_b, mask):
@@ -45,10 +46,10 @@ def pairwise_diagnostics(models, cfg: model_config.ModelConfig, tokens, position
   Returns {'overlap': f32[S, M], 'sym_kl': f32[S, M]}; entry [s, m] compares student s
   with model m on student s's own rollouts (the diagonal is 1 and 0).
   """
-  heads = jax.vmap(lambda p: model_lib.lm_head(p, cfg))(models)
+  heads = jax.vmap(lambda p: decoder.lm_head(p, cfg))(models)
 
   def hidden_of(params):  # one model on every student's rows -> [S, N, T, D]
-    return jax.vmap(lambda t, p, m, f: model_lib.forward_hidden(params, cfg, t, p, m, f))(
+    return jax.vmap(lambda t, p, m, f: decoder.forward_hidden(params, cfg, t, p, m, f))(
         tokens, positions, token_mask, frames)
 
   hidden = jax.lax.map(hidden_of, models)  # [M, S, N, T, D]; map keeps memory at one model

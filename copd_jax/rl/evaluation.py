@@ -2,18 +2,19 @@
 n sampled responses per prompt with the unbiased estimator (Chen et al., 2021)."""
 
 from __future__ import annotations
+
 from typing import Any, Callable, Sequence
+
 import jax
 import numpy as np
-from copd_jax import policy_setup, sampling
-from copd_jax import sharding as parallel
-from copd_jax.data import examples as tasks
-from copd_jax.data import verifiers
-from copd_jax.policy_setup import RunSetup
+
+from copd_jax import policy_setup, sampling, sharding as sharding_lib
+from copd_jax.data import examples as examples_lib, verifiers
 from copd_jax.data.examples import decode_responses
+from copd_jax.policy_setup import RunSetup
 
 
-def _pad_to(examples: Sequence[tasks.Example], size: int) -> list[tasks.Example]:
+def _pad_to(examples: Sequence[examples_lib.Example], size: int) -> list[examples_lib.Example]:
   # A fixed batch shape means one compilation; padded rows are dropped afterwards.
   return list(examples) + [examples[-1]] * (size - len(examples))
 
@@ -38,7 +39,7 @@ def mean_pass_at_k(correct_counts: np.ndarray, n: int, k: int) -> np.ndarray:
                   np.float64).mean(axis=1).astype(np.float32)
 
 
-def sampled_correct_counts(stacked: Any, setup: RunSetup, examples: Sequence[tasks.Example], *,
+def sampled_correct_counts(stacked: Any, setup: RunSetup, examples: Sequence[examples_lib.Example], *,
                            num_samples: int, temperature: float, max_new_tokens: int,
                            batch_size: int, seed: int = 0) -> np.ndarray:
   """Every branch samples `num_samples` responses per example (full vocabulary at
@@ -60,7 +61,7 @@ def sampled_correct_counts(stacked: Any, setup: RunSetup, examples: Sequence[tas
     rollout = sampling.stacked_generate(
         stacked, setup.model_cfg, tile(batch.tokens), tile(batch.mask), tile(batch.frames),
         keys, sampling_cfg, num_samples)
-    tokens, mask = parallel.to_host((rollout.tokens, rollout.mask))
+    tokens, mask = sharding_lib.to_host((rollout.tokens, rollout.mask))
     tokens = np.asarray(tokens)[:, : len(chunk)]  # [S, B, G, R]
     mask = np.asarray(mask)[:, : len(chunk)]
     repeated = [ex for ex in chunk for _ in range(num_samples)]
@@ -72,7 +73,7 @@ def sampled_correct_counts(stacked: Any, setup: RunSetup, examples: Sequence[tas
   return counts
 
 
-def greedy_responses_stacked(stacked: Any, setup: RunSetup, examples: Sequence[tasks.Example],
+def greedy_responses_stacked(stacked: Any, setup: RunSetup, examples: Sequence[examples_lib.Example],
                              max_new_tokens: int, batch_size: int) -> list[list[str]]:
   """Every branch of a stacked pytree answers the same examples, one vmapped call per
   batch. Returns responses[branch][example]."""
@@ -88,7 +89,7 @@ def greedy_responses_stacked(stacked: Any, setup: RunSetup, examples: Sequence[t
     rollout = sampling.stacked_generate(
         stacked, setup.model_cfg, tile(batch.tokens), tile(batch.mask), tile(batch.frames),
         jax.random.split(jax.random.key(0), num), sampling_cfg, 1)
-    rollout = parallel.to_host((rollout.tokens, rollout.mask))  # global arrays on a mesh
+    rollout = sharding_lib.to_host((rollout.tokens, rollout.mask))  # global arrays on a mesh
     tokens = np.asarray(rollout[0])[:, : len(chunk), 0]
     mask = np.asarray(rollout[1])[:, : len(chunk), 0]
     for k in range(num):

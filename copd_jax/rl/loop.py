@@ -1,29 +1,39 @@
 """Runs a stage top to bottom: steps, evaluation, diagnostics, logs and checkpoints."""
 from __future__ import annotations
+
 import contextlib
 import dataclasses
 import os
 import sys
 from typing import Any
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from orbax.checkpoint import utils as ocp_utils
-from copd_jax.rl import diagnostics
-from copd_jax.rl import evaluation
+
+from copd_jax import (
+  kernels,
+  policy_setup,
+  run_log,
+  sampling,
+  sharding as sharding_lib,
+  train_checkpoint,
+)
 from copd_jax.data import streams as data_lib
-from copd_jax import kernels, policy_setup, sampling
-from copd_jax import sharding as parallel
-from copd_jax.rl import schedules
 from copd_jax.models import stacked as stacked_lib
-from copd_jax.rl import rollout as trainer
-from copd_jax.rl import rows as rows_lib
-from copd_jax.rl import stages as stages_lib
-from copd_jax.rl import step as step_lib
-from copd_jax.rl import update as update_lib
-from copd_jax import run_log, train_checkpoint
 from copd_jax.policy_setup import RunSetup
+from copd_jax.rl import (
+  diagnostics,
+  evaluation,
+  rollout as rollout_lib,
+  rows as rows_lib,
+  schedules,
+  stages as stages_lib,
+  step as step_lib,
+  update as update_lib,
+)
 from copd_jax.run_log import MetricsWriter, Phase, ProgressLine, branch_line
 
 
@@ -43,7 +53,7 @@ class RunContext:
   log_rewind_offset: int | None = None
   log_rewind_step: int | None = None
   # The device mesh and shardings (None: one device, the plain jitted path).
-  sharding: parallel.RunSharding | None = None
+  sharding: sharding_lib.RunSharding | None = None
   # stage -> (branch names, UpdateCounts) of the stages run or restored (for the summary).
   update_counts: dict = dataclasses.field(default_factory=dict)
 
@@ -56,18 +66,18 @@ class RunContext:
       self.log_rewind_offset = self.log_rewind_step = None
 
 
-def data_context(cfg, setup: RunSetup, seed_offset: int) -> trainer.DataContext:
+def data_context(cfg, setup: RunSetup, seed_offset: int) -> rollout_lib.DataContext:
   seed = cfg.tasks.seed + cfg.seed * 1000 + seed_offset
   # grain iterators (get_state / set_state), so a resumed run continues them. Every
   # process draws the same global prompts (cheap, deterministic in seed and step) and
-  # moves only its own shards to its devices (parallel.put_global).
+  # moves only its own shards to its devices (sharding_lib.put_global).
   streams = data_lib.make_streams(cfg, setup.example_kwargs, seed)
   sampling_cfg = sampling.SamplingConfig(
       max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
       top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p,
       stop_token_ids=(setup.tokenizer.eos_id,),
       banned_token_ids=policy_setup.never_generated_ids(setup.tokenizer))
-  return trainer.DataContext(setup.tokenizer, setup.encode_prompts, streams, sampling_cfg)
+  return rollout_lib.DataContext(setup.tokenizer, setup.encode_prompts, streams, sampling_cfg)
 
 
 def branch_names(stage: stages_lib.Stage) -> list[str]:
@@ -88,7 +98,7 @@ def _log_branch_arrays(names, metrics: dict) -> dict:
 
 def branch_diagnostics(ctx: RunContext, stage: stages_lib.Stage, params) -> dict:
   """Top-10 overlap and symmetric KL of each branch with every other branch and the base,
-  on the branch's own rollouts of its native prompts (PAPER.md's definition).
+  on the branch's own rollouts of its native prompts (the paper's definition).
 
   Uses its own prompts and keys, so how often it runs never changes the training data."""
   cfg, setup = ctx.cfg, ctx.setup
@@ -96,19 +106,19 @@ def branch_diagnostics(ctx: RunContext, stage: stages_lib.Stage, params) -> dict
   data = data_context(cfg, setup, seed_offset=777_000 + ctx.global_step)
   n = cfg.rl.diagnostic_prompts
   domains = [caps or tuple(cfg.rl.capabilities) for caps in stage.student_data]
-  batches = [setup.encode_prompts(trainer.draw_examples(data, caps, n, rng)) for caps in domains]
-  prompt_tokens, prompt_mask, frames = trainer.stack_prompt_batches(batches)
+  batches = [setup.encode_prompts(rollout_lib.draw_examples(data, caps, n, rng)) for caps in domains]
+  prompt_tokens, prompt_mask, frames = rollout_lib.stack_prompt_batches(batches)
   keys = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed), ctx.global_step),
                           stage.num_students)
   rollout = sampling.stacked_generate(params, setup.model_cfg, prompt_tokens, prompt_mask,
                                       frames, keys, data.sampling, 1)
-  rows = trainer.build_rows(prompt_tokens, prompt_mask, frames, rollout,
+  rows = rollout_lib.build_rows(prompt_tokens, prompt_mask, frames, rollout,
                             np.zeros((stage.num_students, n)), np.zeros((stage.num_students, n)), 1)
   models = jax.tree.map(lambda s, b: jnp.concatenate([s, b[None]]), params, ctx.base_params)
   diag = diagnostics.pairwise_diagnostics(
       models, setup.model_cfg, rows.tokens, rows.positions, rows.token_mask, rows.response_mask,
       rows.frames, kernel=kernels.KernelConfig(**cfg.rl.kernel.to_dict()))
-  diag = parallel.to_host(diag)  # global arrays in a multi-process run
+  diag = sharding_lib.to_host(diag)  # global arrays in a multi-process run
   overlap, sym_kl = np.asarray(diag["overlap"]), np.asarray(diag["sym_kl"])
   names = branch_names(stage) + ["base"]
   out = {}
@@ -148,7 +158,7 @@ def eval_completion_records(names, eval_sets, responses: dict, count: int) -> li
 
 
 def train_completion_records(names, teacher_names, samples: list[dict], metrics: dict) -> list[dict]:
-  """trainer.completion_samples with branch / teacher names; cross rows of an OPD step
+  """rollout_lib.completion_samples with branch / teacher names; cross rows of an OPD step
   carry the branch's mean teacher-student log-ratio on its cross tokens (opd/delta_mean)."""
   delta = metrics.get("opd/delta_mean")
   out = []
@@ -274,7 +284,7 @@ def run_stage(ctx: RunContext, stage: stages_lib.Stage, params, frozen_teachers=
   opt_state = update_lib.init_optimizer_state(optimizer, params)
   if ctx.sharding is not None:  # on the mesh before the restore target is taken
     params = ctx.sharding.shard_params(params)
-    opt_state = parallel.place(opt_state, ctx.sharding.opt_state(opt_state))
+    opt_state = sharding_lib.place(opt_state, ctx.sharding.opt_state(opt_state))
     if frozen_teachers is not None:
       frozen_teachers = ctx.sharding.shard_params(frozen_teachers)
   data = data_context(cfg, ctx.setup, seed_offset)

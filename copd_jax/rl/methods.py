@@ -12,25 +12,32 @@
 """
 
 from __future__ import annotations
+
 import json
 import os
 import time
 from typing import Any
+
 import jax
 import ml_collections
 import numpy as np
-from copd_jax import checkpoint
-from copd_jax.rl import evaluation
-from copd_jax.models import stacked as experts_lib
-from copd_jax import policy_setup
-from copd_jax import sharding as parallel
-from copd_jax.rl import stages as stages_lib
-from copd_jax.data import verifiers
-from copd_jax import train_checkpoint
+
+from copd_jax import checkpoint, policy_setup, sharding as sharding_lib, train_checkpoint
+from copd_jax.data import math_verifier
+from copd_jax.models import stacked as stacked_lib
 from copd_jax.policy_setup import RunSetup
-from copd_jax.run_log import Phase, branch_line
-from copd_jax.rl.loop import RunContext, branch_names, completions_to_log, eval_completion_records, merged_params, merged_progress, run_stage
+from copd_jax.rl import evaluation, stages as stages_lib
+from copd_jax.rl.loop import (
+  RunContext,
+  branch_names,
+  completions_to_log,
+  eval_completion_records,
+  merged_params,
+  merged_progress,
+  run_stage,
+)
 from copd_jax.rl.stages import copd_stage, experts_stage, mixed_stage, mopd_stage, static_opd_stage
+from copd_jax.run_log import Phase, branch_line
 
 
 def load_or_train_experts(ctx: RunContext, caps) -> Any:
@@ -49,21 +56,21 @@ def load_or_train_experts(ctx: RunContext, caps) -> Any:
     if missing:
       raise checkpoint.CheckpointMismatchError(
           f"config.rl.experts_dir={rl.experts_dir} holds experts for {stored}, not {missing}")
-    abstract = jax.eval_shape(lambda p: experts_lib.broadcast_params(p, len(stored)), ctx.base_params)
+    abstract = jax.eval_shape(lambda p: stacked_lib.broadcast_params(p, len(stored)), ctx.base_params)
     stacked = checkpoint.load_policy(directory, abstract)
     index = [stored.index(c) for c in caps]
     return jax.tree.map(lambda x: x[np.array(index)], stacked)
-  params = experts_lib.broadcast_params(ctx.base_params, len(caps))
+  params = stacked_lib.broadcast_params(ctx.base_params, len(caps))
   return run_stage(ctx, stage, params, seed_offset=1)
 
 
-def run_sharding(cfg: ml_collections.ConfigDict) -> parallel.RunSharding | None:
+def run_sharding(cfg: ml_collections.ConfigDict) -> sharding_lib.RunSharding | None:
   """The run's mesh from config.mesh, or None when it spans a single device (then every
   function runs as a plain jit on the default device, exactly as without a mesh)."""
-  sizes = parallel.check_mesh_config(cfg.mesh, cfg.num_experts)
+  sizes = sharding_lib.check_mesh_config(cfg.mesh, cfg.num_experts)
   if all(v == 1 for v in sizes.values()):
     return None
-  return parallel.RunSharding.from_config(cfg.mesh, cfg.num_experts)
+  return sharding_lib.RunSharding.from_config(cfg.mesh, cfg.num_experts)
 
 
 def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, writer) -> dict:
@@ -74,7 +81,7 @@ def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, 
   distillation stage uses offset 2, so with beta = 0 CoPD *is* the experts run."""
   caps = list(cfg.rl.capabilities)
   if "reward" in cfg:
-    verifiers.configure(verifiers.RewardConfig(**cfg.reward.to_dict()))
+    math_verifier.configure(math_verifier.RewardConfig(**cfg.reward.to_dict()))
   eval_sets = {c: s for c, s in policy_setup.held_out_sets(cfg, setup).items() if c in caps}
   checkpoints = train_checkpoint.RunCheckpoints(
       cfg.workdir, cfg.checkpoint, method=cfg.method, num_experts=cfg.num_experts,
@@ -99,19 +106,19 @@ def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, 
 
 def _train_experts(ctx: RunContext, caps):
   stage = experts_stage(ctx.cfg.rl, caps)
-  params = experts_lib.broadcast_params(ctx.base_params, len(caps))
+  params = stacked_lib.broadcast_params(ctx.base_params, len(caps))
   return run_stage(ctx, stage, params, seed_offset=1), stage
 
 
 def _train_mixed_rlvr(ctx: RunContext, caps):
   stage = mixed_stage(ctx.cfg.rl, caps)
-  params = experts_lib.broadcast_params(ctx.base_params, 1)
+  params = stacked_lib.broadcast_params(ctx.base_params, 1)
   return run_stage(ctx, stage, params, seed_offset=1), stage
 
 
 def _train_copd(ctx: RunContext, caps):
   stage = copd_stage(ctx.cfg.rl, caps)
-  params = experts_lib.broadcast_params(ctx.base_params, len(caps))
+  params = stacked_lib.broadcast_params(ctx.base_params, len(caps))
   return run_stage(ctx, stage, params, seed_offset=1, merge_at_eval=True), stage
 
 
@@ -128,7 +135,7 @@ def _train_static_opd(ctx: RunContext, caps):
 def _train_mopd(ctx: RunContext, caps):
   teachers = load_or_train_experts(ctx, caps)
   stage = mopd_stage(ctx.cfg.rl, caps)
-  params = experts_lib.broadcast_params(ctx.base_params, 1)
+  params = stacked_lib.broadcast_params(ctx.base_params, 1)
   return run_stage(ctx, stage, params, teachers, seed_offset=2), stage
 
 

@@ -7,7 +7,7 @@ One step, for S student branches held as one stacked pytree (leading axis S):
      rate x schedule weight. It is data, not code: no recompilation when it changes.
   2. Sampling, one vmapped call over students: branch k draws G responses for B_native
      prompts of its own data (its GRPO batch) and, when its row of beta is non-zero,
-     for B_cross prompts of its teachers' data (the cross batch, PAPER.md Phase II).
+     for B_cross prompts of its teachers' data (the cross batch of the paper's Phase II).
   3. Host: verifiers -> rewards -> group-normalised advantages for native rows.
   4. `update` (jitted, all branches at once):
        a. teacher scoring: the cross rows are regrouped by teacher with an all-to-all
@@ -24,21 +24,21 @@ Nothing here loops over experts in Python inside the step.
 """
 
 from __future__ import annotations
+
 import dataclasses
 import time
 from typing import Any, Callable, Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from copd_jax import sampling
-from copd_jax.rl import objectives
-from copd_jax.rl import schedules
-from copd_jax.data import examples as tasks
-from copd_jax.data import verifiers
+from copd_jax.data import examples as examples_lib, verifiers
 from copd_jax.data.examples import decode_responses
+from copd_jax.rl import objectives, schedules
 from copd_jax.rl.rows import Rows, UpdateConfig
 from copd_jax.rl.stages import NATIVE, NO_TEACHER, Stage
-
 
 Params = Any
 
@@ -47,7 +47,7 @@ Params = Any
 class DataContext:
   """What the host loop needs to draw and encode prompts."""
   tokenizer: Any
-  encode_prompts: Callable[[Sequence[tasks.Example]], tasks.PromptBatch]
+  encode_prompts: Callable[[Sequence[examples_lib.Example]], examples_lib.PromptBatch]
   # One endless train stream per capability with reserve() / load(index) (data.IndexedStream).
   streams: dict[str, Any]
   sampling: sampling.SamplingConfig
@@ -64,13 +64,13 @@ def draw_refs(ctx: DataContext, capabilities: Sequence[str], n: int,
   return [(capabilities[i], ctx.streams[capabilities[i]].reserve()) for i in picks]
 
 
-def load_example(ctx: DataContext, ref: ExampleRef) -> tasks.Example:
+def load_example(ctx: DataContext, ref: ExampleRef) -> examples_lib.Example:
   capability, index = ref
   return ctx.streams[capability].load(index)
 
 
 def draw_examples(ctx: DataContext, capabilities: Sequence[str], n: int,
-                  rng: np.random.Generator) -> list[tasks.Example]:
+                  rng: np.random.Generator) -> list[examples_lib.Example]:
   """n training examples, each from a capability drawn uniformly from `capabilities`."""
   return [load_example(ctx, ref) for ref in draw_refs(ctx, capabilities, n, rng)]
 
@@ -99,7 +99,7 @@ def stage_prompts(stage: Stage, ctx: DataContext, distil: bool, assignment: np.n
 
 
 def load_local_examples(ctx: DataContext, refs: Sequence[Sequence[ExampleRef]],
-                        local: np.ndarray) -> list[list[tasks.Example]]:
+                        local: np.ndarray) -> list[list[examples_lib.Example]]:
   """Loads the examples of the prompts this process holds (local: bool[S, B]). The other
   slots get a stand-in (one of the loaded examples): their encoded arrays are never read,
   because only a process's own shards go to its devices (parallel.put_global)."""
@@ -134,7 +134,7 @@ def verify_local(responses_of, examples, local_rows: np.ndarray, sharding,
   return (every_r * every_m).sum(0) / np.maximum(every_m.sum(0), 1)
 
 
-def stack_prompt_batches(batches: Sequence[tasks.PromptBatch]):
+def stack_prompt_batches(batches: Sequence[examples_lib.PromptBatch]):
   """Per-student PromptBatches -> (tokens [S, B, P], mask [S, B, P], frames
   [S, B, F, H, W, C] or None for a text-only model)."""
   frames = None if batches[0].frames is None else np.stack([b.frames for b in batches])

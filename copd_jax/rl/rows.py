@@ -1,19 +1,22 @@
 """The update's typed batch (Rows), its configuration (UpdateConfig) and row / column helpers."""
 from __future__ import annotations
+
 import dataclasses
 from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from copd_jax import kernels, sampling
+from copd_jax.models import model_config
 from copd_jax.rl import objectives
-from copd_jax.models import model_config as model_lib
 
 
 @dataclasses.dataclass(frozen=True)
 class UpdateConfig:
   """Static settings of the jitted update (hashable)."""
-  model: model_lib.ModelConfig
+  model: model_config.ModelConfig
   loss: objectives.PolicyLossConfig
   kernel: kernels.KernelConfig
   scale_by_std: bool = True  # GRPO (True) or Dr.GRPO (False) group advantages

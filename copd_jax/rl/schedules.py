@@ -1,16 +1,17 @@
 """Who distils whom, and when: the teacher matrix beta[k, j](t) of CoPD and its baselines.
 
 beta[k, j] > 0 means branch k (student) samples on branch j's prompts and uses
-beta[k, j] * (log pi_j(y_t) - log pi_k(y_t)) as a token advantage (PAPER.md, Phase II).
+beta[k, j] * (log pi_j(y_t) - log pi_k(y_t)) as a token advantage (the paper's Phase II).
 The matrix is the product of a *topology* (which pairs exchange at all), per-branch
 *rates* (asymmetric beta_k) and a *schedule* (when OPD is on). It is computed on the host
 and fed to the jitted step as data, so changing it never recompiles.
 """
 
 from __future__ import annotations
-import dataclasses
-import numpy as np
 
+import dataclasses
+
+import numpy as np
 
 TOPOLOGIES = ("none", "hub", "full", "one_way")
 

@@ -1,13 +1,24 @@
 """Teacher-forced log-probabilities: students, the reference and batched cross-expert teachers."""
 from __future__ import annotations
+
 import functools
 from typing import Callable
+
 import jax
 import jax.numpy as jnp
+
 from copd_jax import kernels
-from copd_jax.models import decoder as model_lib
+from copd_jax.models import decoder
 from copd_jax.models.decoder import Params
-from copd_jax.rl.rows import Rows, UpdateConfig, first_of_groups, join_rows, loss_targets, map_row_micro_batches, split_rows
+from copd_jax.rl.rows import (
+  Rows,
+  UpdateConfig,
+  first_of_groups,
+  join_rows,
+  loss_targets,
+  map_row_micro_batches,
+  split_rows,
+)
 
 
 def _shared_prefix_hidden(params: Params, ucfg: UpdateConfig, prompt_tokens, prompt_positions,
@@ -18,7 +29,7 @@ def _shared_prefix_hidden(params: Params, ucfg: UpdateConfig, prompt_tokens, pro
   continues prompt b. Each prompt runs once for its G rows
   (model.forward_hidden_shared_prefix); the prompt's last column predicts token 0."""
   g = tokens.shape[0] // prompt_tokens.shape[0]
-  prompt_hidden, hidden = model_lib.forward_hidden_shared_prefix(
+  prompt_hidden, hidden = decoder.forward_hidden_shared_prefix(
       params, ucfg.model, prompt_tokens, prompt_positions, prompt_mask, frames, tokens,
       positions)
   b, _, d = prompt_hidden.shape
@@ -35,7 +46,7 @@ def _response_hidden(params: Params, ucfg: UpdateConfig, tokens, positions, toke
   the response columns run per row (_shared_prefix_hidden). With P = 0 every row runs
   whole."""
   if not prompt_len:
-    return model_lib.forward_hidden(params, ucfg.model, tokens, positions, token_mask, frames)
+    return decoder.forward_hidden(params, ucfg.model, tokens, positions, token_mask, frames)
   p, g = prompt_len, ucfg.samples_per_prompt
   first = lambda x: None if x is None else first_of_groups(x, g)  # noqa: E731
   return _shared_prefix_hidden(params, ucfg, first(tokens[:, :p]), first(positions[:, :p]),
@@ -48,7 +59,7 @@ def _sequence_logprobs(params: Params, ucfg: UpdateConfig, tokens, positions, to
   """Sampled-token log-probs f32[N, W] of rows under one model, on the loss columns (no
   gradient use)."""
   hidden = _response_hidden(params, ucfg, tokens, positions, token_mask, frames, prompt_len)
-  return kernels.sampled_token_logprobs(hidden, model_lib.lm_head(params, ucfg.model),
+  return kernels.sampled_token_logprobs(hidden, decoder.lm_head(params, ucfg.model),
                                         loss_targets(tokens, prompt_len), kernel=ucfg.kernel)
 
 
@@ -57,7 +68,7 @@ def _continuation_logprobs(params: Params, ucfg: UpdateConfig, prompt_tokens, pr
   """Log-probs f32[N, R] of the continuation tokens int32[N, R] (see _shared_prefix_hidden)."""
   hidden = _shared_prefix_hidden(params, ucfg, prompt_tokens, prompt_positions, prompt_mask,
                                  frames, tokens, positions)
-  return kernels.sampled_token_logprobs(hidden, model_lib.lm_head(params, ucfg.model), tokens,
+  return kernels.sampled_token_logprobs(hidden, decoder.lm_head(params, ucfg.model), tokens,
                                         kernel=ucfg.kernel)
 
 
@@ -131,7 +142,7 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
                                          jnp.arange(p) == p - 1))
     prompt_tokens = teacher_rows(jnp.maximum(prompt, 0))
     response_mask = response >= 0
-    prompt_positions = model_lib.positions_from_mask(
+    prompt_positions = decoder.positions_from_mask(
         prompt_mask.reshape(-1, p)).reshape(prompt_mask.shape)
     counts = jnp.repeat(prompt_mask.sum(-1), g, axis=1)[..., None]  # [J, S*C, 1]
     response_positions = jnp.maximum(counts + jnp.cumsum(response_mask, -1) - 1, 0)
@@ -155,7 +166,7 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
 
     def one_teacher(params, tok, msk, frm):
       def chunk(tk, mk, fr):
-        return _sequence_logprobs(params, ucfg, tk, model_lib.positions_from_mask(mk), mk, fr)
+        return _sequence_logprobs(params, ucfg, tk, decoder.positions_from_mask(mk), mk, fr)
       return map_row_micro_batches(chunk, ucfg.micro_batch_rows, tok, msk, frm)
 
     scores = compute(jax.vmap(one_teacher, spmd_axis_name=teacher_axis)(

@@ -1,10 +1,12 @@
 """A training stage (who learns from which data and which teachers) and the method table."""
 from __future__ import annotations
+
 import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
-from copd_jax.rl import schedules
 
+from copd_jax.rl import schedules
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,14 @@
 """One training step: collect rollouts on the host, then apply the jitted update."""
 from __future__ import annotations
+
 import dataclasses
 import time
 from typing import Any
+
 import flax.struct
 import jax
 import numpy as np
+
 from copd_jax.models.decoder import Params
 from copd_jax.rl.rollout import DataContext, Rollouts, collect_rollouts, completion_samples
 from copd_jax.rl.rows import UpdateConfig

@@ -1,17 +1,20 @@
 """The device half of a step: losses, gradients and one optimizer step of every branch."""
 from __future__ import annotations
+
 import functools
 from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import optax
+
 from copd_jax import kernels
-from copd_jax.rl import objectives
-from copd_jax.models import decoder as model_lib
+from copd_jax.models import decoder
 from copd_jax.models.decoder import Params
-from copd_jax.sharding import RunSharding, ShardedFunction
+from copd_jax.rl import objectives
 from copd_jax.rl.rows import Rows, UpdateConfig, join_rows, loss_columns, loss_targets, split_rows
 from copd_jax.rl.scoring import _response_hidden, reference_logprobs, score_by_teachers
+from copd_jax.sharding import RunSharding, ShardedFunction
 
 
 def student_loss_sum(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
@@ -22,7 +25,7 @@ def student_loss_sum(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
   columns are computed: the others have response_mask 0 and add nothing to the loss."""
   hidden = _response_hidden(params, ucfg, rows.tokens, rows.positions, rows.token_mask,
                             rows.frames, prompt_len)
-  head = model_lib.lm_head(params, ucfg.model)
+  head = decoder.lm_head(params, ucfg.model)
   response_mask = loss_columns(rows.response_mask, prompt_len)
   opd_beta = None
   if teacher_logprobs is not None:
@@ -215,7 +218,7 @@ def sharded_update(run: RunSharding, ucfg: UpdateConfig, optimizer, distil: bool
     params, opt_state, teachers, rows, routing, ref = args
 
     def fn(p, o, t, r, rt, rf):
-      with model_lib.activation_sharding(run.constrain_rows):
+      with decoder.activation_sharding(run.constrain_rows):
         return update_body(p, o, t, r, rt, rf, ucfg=ucfg, optimizer=optimizer, distil=distil,
                            placement=run.regroup_placement(),
                            cross_row_start=cross_row_start, prompt_len=prompt_len)

@@ -1,6 +1,6 @@
 """Export a finished run's policy as a Hugging Face Qwen3 checkpoint directory.
 
-    python -m copd_jax.models.hf_export --workdir=runs/hf_copd --out=/models/copd-merged
+    python -m copd_jax.export --workdir=runs/hf_copd --out=/models/copd-merged
         [--branch=merged|<branch name>] [--dtype=bfloat16|float32]
 
 Same command-line conventions as copd_jax.main (copd_jax/cli.py): --help, one-line
@@ -14,17 +14,17 @@ Qwen3ForCausalLM holds no vision tower; see hf_checkpoint.export_qwen3).
 """
 
 from __future__ import annotations
+
 import json
 import os
-from absl import app, flags
+
 import jax
 import ml_collections
 import numpy as np
-from copd_jax import checkpoint, cli, policy_setup
-from copd_jax.models import stacked as experts
-from copd_jax.models import hf_checkpoint
-from copd_jax.models import decoder as model_lib
+from absl import app, flags
 
+from copd_jax import checkpoint, cli, policy_setup
+from copd_jax.models import decoder, hf_checkpoint, stacked as stacked_lib
 
 MERGED = "merged"
 
@@ -47,16 +47,16 @@ def load_run_policy(workdir: str, branch: str = MERGED):
                      f"(or '{MERGED}')")
   setup = policy_setup.build_setup(cfg)
   abstract = jax.eval_shape(
-      lambda k: experts.broadcast_params(model_lib.init_params(setup.model_cfg, k), len(names)),
+      lambda k: stacked_lib.broadcast_params(decoder.init_params(setup.model_cfg, k), len(names)),
       jax.random.key(0))
   stacked = checkpoint.load_policy(directory, abstract)
   if branch == MERGED:
     weights = None
     if cfg.rl.get("merge_weights"):
       weights = [cfg.rl.merge_weights.get(name, 0.0) for name in names]
-    params = experts.merge(stacked, weights)
+    params = stacked_lib.merge(stacked, weights)
   else:
-    params = experts.take_expert(stacked, names.index(branch))
+    params = stacked_lib.take_expert(stacked, names.index(branch))
   return cfg, setup.model_cfg, params
 
 
