@@ -140,20 +140,20 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
 
   caps = tuple(cfg.tasks.capabilities)
   if not caps:
-    _fail("toy_tasks.capabilities", "must name at least one capability", caps)
+    _fail("tasks.capabilities", "must name at least one capability", caps)
   records = validate_records_and_init(cfg)
   for cap in caps:
     if not records and cap not in toy_tasks.CAPABILITIES:
-      _fail("toy_tasks.capabilities", f"has unknown task {cap!r}; known: {toy_tasks.CAPABILITIES} "
+      _fail("tasks.capabilities", f"has unknown task {cap!r}; known: {toy_tasks.CAPABILITIES} "
             "(other domain names need record files in config.data.train_files)", caps)
   if len(set(caps)) != len(caps):
-    _fail("toy_tasks.capabilities", "must not repeat a capability", caps)
+    _fail("tasks.capabilities", "must not repeat a capability", caps)
   if not records:  # difficulty and the length bounds describe the procedural suite only
-    _check_capability_dict(cfg.tasks.difficulty, "toy_tasks.difficulty", caps)
+    _check_capability_dict(cfg.tasks.difficulty, "tasks.difficulty", caps)
     for cap in caps:
       if cap not in cfg.tasks.difficulty:
-        _fail("toy_tasks.difficulty", f"needs an entry for {cap!r}", dict(cfg.tasks.difficulty))
-      _positive_int(cfg.tasks.difficulty, cap, "toy_tasks.difficulty.", allow_zero=True)
+        _fail("tasks.difficulty", f"needs an entry for {cap!r}", dict(cfg.tasks.difficulty))
+      _positive_int(cfg.tasks.difficulty, cap, "tasks.difficulty.", allow_zero=True)
 
   _positive_int(cfg.data, "max_prompt_len", "data.")
   _positive_int(cfg.data, "max_response_len", "data.")
@@ -356,7 +356,7 @@ def validate_records_and_init(cfg: ml_collections.ConfigDict) -> bool:
           "the records; the toy base only knows the procedural suite)", dict(cfg.data.train_files))
   for cap in caps:
     if not examples.is_domain_name(cap):
-      _fail("toy_tasks.capabilities", f"has {cap!r}; with record files (config.data.train_files) "
+      _fail("tasks.capabilities", f"has {cap!r}; with record files (config.data.train_files) "
             "capabilities are domain names: [a-z][a-z0-9_]*", caps)
   _check_record_files(cfg, "train_files", caps)
   _check_record_files(cfg, "eval_files", caps)

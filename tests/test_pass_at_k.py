@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from copd_jax import config_lib, default_config, policy_setup
-from copd_jax.data import answers as verifiers
+from copd_jax.data import verifiers
 from copd_jax.models import decoder as model_lib, stacked as experts
 from copd_jax.rl import evaluation
 

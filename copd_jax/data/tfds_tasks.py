@@ -205,7 +205,7 @@ def _text(value) -> str:
 
 def load_static_split(data_dir: str | os.PathLike, capability: str, split: str, *,
                       config: str | None = None) -> StaticSplitSource:
-  """The split written by write_static_split, via tfds.data_source, as toy_tasks.Examples.
+  """The split written by write_static_split, via tfds.data_source, as examples.Example objects.
 
   config: the config name write_static_split returned; None = the only config of this
   capability under data_dir (an error lists them if there are several).

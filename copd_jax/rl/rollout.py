@@ -1,27 +1,7 @@
-"""The CoPD trainer. Every method (experts, mixed RLVR, static OPD, MOPD, CoPD) is a
-`Stage` of this one loop; `copd_jax.rl.methods` says which stages a method runs.
-
-One step, for S student branches held as one stacked pytree (leading axis S):
-
-  1. beta[k, j] = the teacher matrix for this step (`schedules`): topology x per-branch
-     rate x schedule weight. It is data, not code: no recompilation when it changes.
-  2. Sampling, one vmapped call over students: branch k draws G responses for B_native
-     prompts of its own data (its GRPO batch) and, when its row of beta is non-zero,
-     for B_cross prompts of its teachers' data (the cross batch of the paper's Phase II).
-  3. Host: verifiers -> rewards -> group-normalised advantages for native rows.
-  4. `update` (jitted, all branches at once):
-       a. teacher scoring: the cross rows are regrouped by teacher with an all-to-all
-          over experts (token ids move to the teacher, parameters stay) and every teacher scores its rows in ONE vmapped
-          forward; the sampled-token log-probs travel back. Teachers are under
-          stop-gradient: the *current* students themselves (CoPD: live teachers) or a
-          frozen stacked pytree (static OPD, MOPD).
-       b. per-branch loss, vmapped over S: token-mean clipped PG with advantage
-          A_rl + beta * (log p_teacher(y_t) - log p_student(y_t)) (fused LM-head loss,
-          never [tokens x vocab]);
-       c. optax update vmapped over S.
-
-Nothing here loops over experts in Python inside the step.
-"""
+"""The host half of a step: draw prompts, sample G responses per prompt from every
+student (one vmapped sampler call), verify them, and build the update's typed batch (Rows)
+with group-normalised advantages and each cross row's teacher beta (collect_rollouts).
+Each process loads and verifies only the prompts its devices hold."""
 
 from __future__ import annotations
 
@@ -56,26 +36,26 @@ class DataContext:
 ExampleRef = tuple[str, int]  # (capability, index in its stream): an example not yet loaded
 
 
-def draw_refs(ctx: DataContext, capabilities: Sequence[str], n: int,
+def draw_refs(data: DataContext, capabilities: Sequence[str], n: int,
               rng: np.random.Generator) -> list[ExampleRef]:
   """n positions in the train streams, each of a capability drawn uniformly from
   `capabilities`. Reserving advances the streams without loading anything."""
   picks = rng.integers(0, len(capabilities), size=n)
-  return [(capabilities[i], ctx.streams[capabilities[i]].reserve()) for i in picks]
+  return [(capabilities[i], data.streams[capabilities[i]].reserve()) for i in picks]
 
 
-def load_example(ctx: DataContext, ref: ExampleRef) -> examples_lib.Example:
+def load_example(data: DataContext, ref: ExampleRef) -> examples_lib.Example:
   capability, index = ref
-  return ctx.streams[capability].load(index)
+  return data.streams[capability].load(index)
 
 
-def draw_examples(ctx: DataContext, capabilities: Sequence[str], n: int,
+def draw_examples(data: DataContext, capabilities: Sequence[str], n: int,
                   rng: np.random.Generator) -> list[examples_lib.Example]:
   """n training examples, each from a capability drawn uniformly from `capabilities`."""
-  return [load_example(ctx, ref) for ref in draw_refs(ctx, capabilities, n, rng)]
+  return [load_example(data, ref) for ref in draw_refs(data, capabilities, n, rng)]
 
 
-def stage_prompts(stage: Stage, ctx: DataContext, distil: bool, assignment: np.ndarray,
+def stage_prompts(stage: Stage, data: DataContext, distil: bool, assignment: np.ndarray,
                   rng: np.random.Generator) -> tuple[list[list[ExampleRef]], np.ndarray]:
   """The prompts each student samples on this step, native first then cross, as stream
   positions (every process reserves the same global batch).
@@ -85,25 +65,25 @@ def stage_prompts(stage: Stage, ctx: DataContext, distil: bool, assignment: np.n
   """
   per_student, teachers = [], []
   for k, caps in enumerate(stage.student_data):
-    refs = draw_refs(ctx, caps, stage.native_prompts, rng) if stage.native_prompts else []
+    refs = draw_refs(data, caps, stage.native_prompts, rng) if stage.native_prompts else []
     row_teacher = [NATIVE] * len(refs)
     if distil:
       for j in assignment[k]:
         # A student without teachers still fills its rows (masked out) to keep shapes.
         domain = stage.teacher_data[j] if j >= 0 else (caps or stage.teacher_data[0])
-        refs.append(draw_refs(ctx, domain, 1, rng)[0])
+        refs.append(draw_refs(data, domain, 1, rng)[0])
         row_teacher.append(int(j))
     per_student.append(refs)
     teachers.append(row_teacher)
   return per_student, np.asarray(teachers, np.int32)
 
 
-def load_local_examples(ctx: DataContext, refs: Sequence[Sequence[ExampleRef]],
+def load_local_examples(data: DataContext, refs: Sequence[Sequence[ExampleRef]],
                         local: np.ndarray) -> list[list[examples_lib.Example]]:
   """Loads the examples of the prompts this process holds (local: bool[S, B]). The other
   slots get a stand-in (one of the loaded examples): their encoded arrays are never read,
   because only a process's own shards go to its devices (parallel.put_global)."""
-  loaded = {(k, b): load_example(ctx, ref) for k, row in enumerate(refs)
+  loaded = {(k, b): load_example(data, ref) for k, row in enumerate(refs)
             for b, ref in enumerate(row) if local[k, b]}
   stand_in = next(iter(loaded.values()))
   return [[loaded.get((k, b), stand_in) for b in range(len(row))] for k, row in enumerate(refs)]
@@ -217,7 +197,7 @@ class Rollouts:
   verify_stats: dict
 
 
-def collect_rollouts(stage: Stage, step: int, params: Params, ctx: DataContext,
+def collect_rollouts(stage: Stage, step: int, params: Params, data: DataContext,
                      ucfg: UpdateConfig, key, rng: np.random.Generator, weight: float,
                      assignment: np.ndarray, sharding=None) -> Rollouts:
   """The rollout half of a step: draw prompts, sample G responses per prompt from every
@@ -226,24 +206,24 @@ def collect_rollouts(stage: Stage, step: int, params: Params, ctx: DataContext,
   distil = stage.distils and weight > 0
   timings = {}
   t0 = time.perf_counter()
-  refs, row_teacher = stage_prompts(stage, ctx, distil, assignment, rng)
+  refs, row_teacher = stage_prompts(stage, data, distil, assignment, rng)
   # Each process loads (and later verifies) only the prompts its devices hold.
   local = np.ones(row_teacher.shape, bool) if sharding is None else \
       sharding.local_prompt_mask(row_teacher.shape)
-  examples = load_local_examples(ctx, refs, local)
-  batches = [ctx.encode_prompts(ex) for ex in examples]
+  examples = load_local_examples(data, refs, local)
+  batches = [data.encode_prompts(ex) for ex in examples]
   prompt_tokens, prompt_mask, frames = stack_prompt_batches(batches)
   keys = jax.random.split(jax.random.fold_in(key, step), stage.num_students)
   if sharding is None:
     rollout = sampling.stacked_generate(params, ucfg.model, prompt_tokens, prompt_mask, frames,
-                                       keys, ctx.sampling, stage.samples_per_prompt)
+                                       keys, data.sampling, stage.samples_per_prompt)
     rollout = jax.device_get(rollout)
   else:
     key_data = np.asarray(jax.random.key_data(keys))  # the same on every process
     sampling.check_stacked_generate_args(params, ucfg.model, prompt_tokens, prompt_mask,
-                                         frames, key_data, ctx.sampling,
+                                         frames, key_data, data.sampling,
                                          stage.samples_per_prompt)
-    generate = sampling.sharded_generate(sharding, ucfg.model, ctx.sampling,
+    generate = sampling.sharded_generate(sharding, ucfg.model, data.sampling,
                                          stage.samples_per_prompt)
     rollout = sharding.to_host(generate(params, prompt_tokens, prompt_mask, frames, key_data))
   timings["time/sample_s"] = time.perf_counter() - t0
@@ -252,7 +232,7 @@ def collect_rollouts(stage: Stage, step: int, params: Params, ctx: DataContext,
   g = stage.samples_per_prompt
   s, b = row_teacher.shape
   tokens, masks = rollout.tokens.reshape(s * b * g, -1), rollout.mask.reshape(s * b * g, -1)
-  responses_of = lambda rows: decode_responses(tokens[rows], masks[rows], ctx.tokenizer)
+  responses_of = lambda rows: decode_responses(tokens[rows], masks[rows], data.tokenizer)
   # Each example names its verifier (integer for the toy tasks; math / choice / exact for
   # record datasets).
   rewarded = [[ex for ex in exs for _ in range(g)] for exs in examples]  # [S][B*G]

@@ -1,4 +1,28 @@
-"""One training step: collect rollouts on the host, then apply the jitted update."""
+"""One CoPD training step. Every method (experts, mixed RLVR, static OPD, MOPD, CoPD) is a
+`Stage` of this one step; `copd_jax.rl.methods` says which stages a method runs.
+
+One step, for S student branches held as one stacked pytree (leading axis S):
+
+  1. beta[k, j] = the teacher matrix for this step (`schedules`): topology x per-branch
+     rate x schedule weight. It is data, not code: no recompilation when it changes.
+  2. Sampling, one vmapped call over students: branch k draws G responses for B_native
+     prompts of its own data (its GRPO batch) and, when its row of beta is non-zero,
+     for B_cross prompts of its teachers' data (the cross batch of the paper's Phase II).
+  3. Host: verifiers -> rewards -> group-normalised advantages for native rows
+     (steps 2-3: rl.rollout.collect_rollouts).
+  4. `rl.update.update` (jitted, all branches at once; apply_update here):
+       a. teacher scoring: the cross rows are regrouped by teacher with an all-to-all
+          over experts (token ids move to the teacher, parameters stay) and every teacher scores its rows in ONE vmapped
+          forward; the sampled-token log-probs travel back. Teachers are under
+          stop-gradient: the *current* students themselves (CoPD: live teachers) or a
+          frozen stacked pytree (static OPD, MOPD).
+       b. per-branch loss, vmapped over S: token-mean clipped PG with advantage
+          A_rl + beta * (log p_teacher(y_t) - log p_student(y_t)) (fused LM-head loss,
+          never [tokens x vocab]);
+       c. optax update vmapped over S.
+
+Nothing here loops over experts in Python inside the step.
+"""
 from __future__ import annotations
 
 import dataclasses
