@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from typing import Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from copd_jax.models import decoder, model_config
+from copd_jax.models import decoder, model_config, qwen3_vl, qwen3_vl_decode
+from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 from copd_jax.sharding import RunSharding, ShardedFunction
 
 PAD_ID = 0
@@ -222,12 +224,62 @@ def _keep_decoding(step, bufs: _Buffers, max_new_tokens: int):
 # --------------------------------------------------------------------------- generate
 
 
+@dataclasses.dataclass(frozen=True)
+class _Family:
+  """How the sampler drives one model family over the shared decoder's KV cache.
+
+  prefill(params, cfg, tokens, mask, vision) -> (hidden, prefix_kv);
+  first_positions(mask, vision) -> int32[B], the first generated token's position;
+  decode_step(params, cfg, tokens, positions, prefix_mask, cache, write_index);
+  lm_head(params, cfg); cast(params, cfg): matmul kernels in the compute dtype;
+  forward_hidden(params, cfg, tokens, token_mask, vision, num_samples, num_new): a whole-row
+    forward of [prompt | generated] rows (the cache-free oracle; vision per row)."""
+  prefill: Callable
+  first_positions: Callable
+  decode_step: Callable
+  lm_head: Callable
+  cast: Callable
+  forward_hidden: Callable
+
+
+_POLICY = _Family(
+    prefill=lambda params, cfg, tokens, mask, vision: decoder.prefill(
+        params, cfg, tokens, decoder.positions_from_mask(mask), mask, vision),
+    first_positions=lambda mask, vision: mask.sum(-1, dtype=jnp.int32),
+    decode_step=decoder.decode_step, lm_head=decoder.lm_head,
+    cast=decoder.cast_matmul_kernels,
+    forward_hidden=lambda params, cfg, tokens, token_mask, vision, *_: decoder.forward_hidden(
+        params, cfg, tokens, decoder.positions_from_mask(token_mask), token_mask, vision))
+
+
+def _vl_forward_hidden(params, cfg, tokens, token_mask, vision, prompt_vision, num_new):
+  # prompt_vision: the B prompts' VisionInputs (positions); vision: media repeated per row.
+  b = prompt_vision.position_ids.shape[1]
+  g = tokens.shape[0] // b
+  prompt_mask = token_mask[::g, :prompt_vision.position_ids.shape[2]]
+  positions = qwen3_vl_decode.sequence_positions(prompt_mask, prompt_vision, g, num_new)
+  return qwen3_vl.forward_hidden(params, cfg, tokens, token_mask.astype(jnp.int32), positions,
+                                 vision.pixel_values, vision.image_grids,
+                                 vision.pixel_values_videos, vision.video_grids)
+
+
+_QWEN3_VL = _Family(
+    prefill=qwen3_vl_decode.prefill, first_positions=qwen3_vl_decode.first_decode_positions,
+    decode_step=qwen3_vl_decode.decode_step, lm_head=qwen3_vl.lm_head,
+    cast=lambda params, cfg: decoder.cast_matmul_kernels(params, cfg.text),
+    forward_hidden=_vl_forward_hidden)
+
+
+def _family(cfg) -> _Family:
+  return _QWEN3_VL if isinstance(cfg, Qwen3VLConfig) else _POLICY
+
+
 @flax.struct.dataclass
 class _DecodeState:
   """What the decode loop carries for one policy (a leading E axis when stacked)."""
   cache: tuple  # of model.LayerCache: prefix [B, K, P, Dh] shared, response [N, K, R, Dh]
   prefix_mask: jax.Array  # bool[B, P]
-  prompt_len: jax.Array  # int32[N], real prompt tokens per row
+  next_position: jax.Array  # int32[N], position of each row's first generated token
   bufs: _Buffers
 
 
@@ -235,18 +287,17 @@ def _start(params, cfg, prompt_tokens, prompt_mask, vision, key, sampling, num_s
   """Prefill each prompt once, share its keys with its G rows, draw token 0 of every row."""
   prompt_mask = prompt_mask.astype(bool)
   g = num_samples
-  hidden, prefix_kv = decoder.prefill(params, cfg, prompt_tokens,
-                                        decoder.positions_from_mask(prompt_mask),
-                                        prompt_mask, vision)
+  family = _family(cfg)
+  hidden, prefix_kv = family.prefill(params, cfg, prompt_tokens, prompt_mask, vision)
   # Left padding: the last column holds every prompt's last token.
-  logits = decoder.logits_from_hidden(hidden[:, -1], decoder.lm_head(params, cfg))
+  logits = decoder.logits_from_hidden(hidden[:, -1], family.lm_head(params, cfg))
   n = prompt_tokens.shape[0] * g
   bufs = _sample_and_record(_empty_buffers(n, sampling.max_new_tokens),
                             jnp.repeat(logits, g, axis=0), key, 0, sampling)
   return _DecodeState(
       cache=decoder.init_decode_cache(prefix_kv, g, sampling.max_new_tokens),
       prefix_mask=prompt_mask,
-      prompt_len=jnp.repeat(prompt_mask.sum(-1, dtype=jnp.int32), g),
+      next_position=jnp.repeat(family.first_positions(prompt_mask, vision), g),
       bufs=bufs)
 
 
@@ -254,10 +305,11 @@ def _next_draw(params, cfg, state: _DecodeState, prev, key, sampling, step):
   """Runs token step-1 (prev int32[N, 1], response slot step-1) and draws token `step`.
 
   Reads the state only; returns (the new keys/values per layer, the draw). Vmappable."""
-  hidden, new_kv = decoder.decode_step(params, cfg, prev,
-                                         (state.prompt_len + step - 1)[:, None],
-                                         state.prefix_mask, state.cache, step - 1)
-  logits = decoder.logits_from_hidden(hidden[:, 0], decoder.lm_head(params, cfg))
+  family = _family(cfg)
+  hidden, new_kv = family.decode_step(params, cfg, prev,
+                                      (state.next_position + step - 1)[:, None],
+                                      state.prefix_mask, state.cache, step - 1)
+  logits = decoder.logits_from_hidden(hidden[:, 0], family.lm_head(params, cfg))
   return new_kv, _draw(logits, key, step, state.bufs.done, sampling)
 
 
@@ -282,7 +334,7 @@ def _decode_loop(advance, state: _DecodeState, max_new_tokens: int) -> _Buffers:
 
 
 def _generate_one(params, cfg, prompt_tokens, prompt_mask, vision, key, sampling, num_samples):
-  params = decoder.cast_matmul_kernels(params, cfg)  # once, not on every decode step
+  params = _family(cfg).cast(params, cfg)  # once, not on every decode step
   state = _start(params, cfg, prompt_tokens, prompt_mask, vision, key, sampling, num_samples)
 
   def advance(step, st):
@@ -298,7 +350,7 @@ def _stacked_generate_one(stacked, cfg, prompt_tokens, prompt_mask, vision, keys
   # scalar (a vmapped while_loop with per-expert predicates selects -- copies -- the whole
   # carry every step), and so do the cache/buffer writes (a vmapped dynamic_update_slice
   # becomes a scatter that copies the cache every step).
-  stacked = decoder.cast_matmul_kernels(stacked, cfg)
+  stacked = _family(cfg).cast(stacked, cfg)
   state = jax.vmap(lambda prm, tok, m, vis, key: _start(prm, cfg, tok, m, vis, key, sampling,
                                                         num_samples))(
       stacked, prompt_tokens, prompt_mask, vision, keys)
@@ -313,24 +365,28 @@ def _stacked_generate_one(stacked, cfg, prompt_tokens, prompt_mask, vision, keys
 
 
 def _generate_by_recompute_one(params, cfg, prompt_tokens, prompt_mask, vision, key, sampling,
-                               num_samples):
-  """The cache-free oracle: a full forward over [N, P+R] for every new token."""
+                               num_samples, row_vision=None):
+  """The cache-free oracle: a full forward over [N, P+R] for every new token.
+  row_vision: Qwen3-VL only, the media repeated for every sample row (repeat_samples)."""
+  family = _family(cfg)
   b, p = prompt_tokens.shape
   g, r = num_samples, sampling.max_new_tokens
   n = b * g
-  head = decoder.lm_head(params, cfg)
+  head = family.lm_head(params, cfg)
+  prompt_vision = vision
   prompt_mask = jnp.repeat(prompt_mask.astype(bool), g, axis=0)
   sequence = jnp.concatenate([jnp.repeat(prompt_tokens, g, axis=0),
                               jnp.zeros((n, r), prompt_tokens.dtype)], axis=1)
-  vision = None if vision is None else jnp.repeat(vision, g, axis=0)
+  if row_vision is not None:
+    vision = row_vision
+  elif vision is not None:
+    vision = jnp.repeat(vision, g, axis=0)
 
   def step_fn(state):
     step, sequence, bufs = state  # draw token `step` from the hidden at column P+step-1
     generated = jnp.broadcast_to(jnp.arange(r)[None, :] < step, (n, r))
     token_mask = jnp.concatenate([prompt_mask, generated], axis=1)
-    hidden = decoder.forward_hidden(params, cfg, sequence,
-                                      decoder.positions_from_mask(token_mask), token_mask,
-                                      vision)
+    hidden = family.forward_hidden(params, cfg, sequence, token_mask, vision, prompt_vision, r)
     last = jax.lax.dynamic_index_in_dim(hidden, p + step - 1, axis=1, keepdims=False)
     bufs = _sample_and_record(bufs, decoder.logits_from_hidden(last, head), key, step,
                               sampling)
@@ -352,17 +408,18 @@ _generate_by_recompute_jit = jax.jit(_generate_by_recompute_one, static_argnames
 def _check_generate_args(cfg, prompt_tokens, prompt_mask, vision, sampling, num_samples,
                          lead: tuple[int, ...] = ()):
   """Clear errors before tracing. `lead` = expected leading (expert) dims of every input."""
-  if not isinstance(cfg, model_config.ModelConfig):
-    raise ValueError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+  if not isinstance(cfg, (model_config.ModelConfig, Qwen3VLConfig)):
+    raise ValueError(f"cfg must be a ModelConfig or Qwen3VLConfig, got {type(cfg).__name__}")
+  vocab_size = cfg.text.vocab_size if isinstance(cfg, Qwen3VLConfig) else cfg.vocab_size
   if not isinstance(sampling, SamplingConfig):
     raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
   if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or \
       num_samples <= 0:
     raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
   for name in ("stop_token_ids", "banned_token_ids"):
-    bad = [t for t in getattr(sampling, name) if t >= cfg.vocab_size]
+    bad = [t for t in getattr(sampling, name) if t >= vocab_size]
     if bad:
-      raise ValueError(f"sampling.{name} {bad} are not below vocab_size={cfg.vocab_size}")
+      raise ValueError(f"sampling.{name} {bad} are not below vocab_size={vocab_size}")
   nd = len(lead) + 2
   shape = tuple(prompt_tokens.shape)
   if len(shape) != nd or shape[:len(lead)] != lead:
@@ -373,7 +430,19 @@ def _check_generate_args(cfg, prompt_tokens, prompt_mask, vision, sampling, num_
   if tuple(prompt_mask.shape) != shape:
     raise ValueError(f"prompt_mask must have the shape of prompt_tokens {shape}, got "
                      f"{tuple(prompt_mask.shape)}")
-  if vision is not None:
+  if isinstance(cfg, Qwen3VLConfig):
+    if not isinstance(vision, qwen3_vl_decode.VisionInputs):
+      raise ValueError("a Qwen3-VL prompt batch needs vision=qwen3_vl_decode.VisionInputs "
+                       f"(vision_inputs(...)), got {type(vision).__name__}")
+    want = (3,) + shape
+    if tuple(vision.position_ids.shape) != want:
+      raise ValueError(f"vision.position_ids must be int[3, {'E, ' if lead else ''}B, P] = "
+                       f"{want}, got {tuple(vision.position_ids.shape)}")
+    media = {cfg.image_token_id, cfg.video_token_id}
+    if not media <= set(sampling.banned_token_ids):
+      raise ValueError(f"sampling.banned_token_ids must hold the image / video pad tokens "
+                       f"{sorted(media)}: a generated pad token has no media to replace it")
+  elif vision is not None:
     if cfg.vision is None:
       raise ValueError("vision was given but ModelConfig.vision is None (a text-only model)")
     v = cfg.vision
@@ -397,7 +466,9 @@ def generate(params, cfg: model_config.ModelConfig, prompt_tokens, prompt_mask, 
   num_samples are static).
 
   prompt_tokens: int32[B, P] LEFT-padded; prompt_mask: bool[B, P];
-  vision: f32[B, F, H, W, C] or None; key: a PRNG key.
+  vision: f32[B, F, H, W, C] or None (the toy model), or for a Qwen3-VL cfg the batch's
+  qwen3_vl_decode.VisionInputs (its vision tower runs once per prompt);
+  key: a PRNG key.
   Returns a Rollout with [B, G, R] fields (G = num_samples, R = sampling.max_new_tokens).
   """
   _check_generate_args(cfg, prompt_tokens, prompt_mask, vision, sampling, num_samples)
@@ -410,8 +481,11 @@ def generate_by_recompute(params, cfg: model_config.ModelConfig, prompt_tokens, 
   """Same contract and key schedule as `generate`, but recomputes the whole sequence for
   every token (no cache, prompt computed per sample). An oracle and a baseline; slow."""
   _check_generate_args(cfg, prompt_tokens, prompt_mask, vision, sampling, num_samples)
+  row_vision = None
+  if isinstance(cfg, Qwen3VLConfig):  # every sample row runs its prompt's media whole
+    row_vision = qwen3_vl_decode.repeat_samples(cfg, vision, prompt_tokens, num_samples)
   return _generate_by_recompute_jit(params, cfg, prompt_tokens, prompt_mask, vision, key,
-                                    sampling, num_samples)
+                                    sampling, num_samples, row_vision)
 
 
 def stacked_generate(stacked, cfg: model_config.ModelConfig, prompt_tokens, prompt_mask, vision,

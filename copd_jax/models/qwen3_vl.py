@@ -297,7 +297,9 @@ class Qwen3VL(decoder.Decoder):
   """The shared Qwen3 decoder (cfg: the text config) with the Qwen3-VL vision tower:
   vision tokens replace the image / video pad tokens, rotary angles come from 3-D
   (t, h, w) positions, and DeepStack features are added to the vision tokens' hidden
-  states right after the first decoder layers. Returns final-normed hidden f32[B, T, D].
+  states right after the first decoder layers. Returns (final-normed hidden f32[B, T, D],
+  per-layer (k, v) [B, K, T, Dh]) -- a prompt's keys become a decode cache's prefix
+  (decode_tokens continues from it, as the text policy's decode step does).
   """
   vl: Qwen3VLConfig | None = None
   embedding_std: float | None = 0.02
@@ -326,11 +328,19 @@ class Qwen3VL(decoder.Decoder):
           hidden = _add_in_order(hidden, is_slot, deepstack[i])
       return hidden
     angles = mrope_angles(position_ids, text.head_dim, text.rope_theta, vl.mrope_section)
-    hidden, _ = self.decode(x, angles, attention_mask.astype(bool), after_layer=add_deepstack)
-    return hidden
+    return self.decode(x, angles, attention_mask.astype(bool), after_layer=add_deepstack)
+
+  def decode_tokens(self, tokens, positions, prefix_mask, cache, write_index):
+    """Generated (text) tokens int32[N, T] after a prefilled prompt: their positions
+    int32[N, T] are 1-D (t = h = w for text), continuing after the prompt's largest
+    position; the cache and masks as in Decoder.decode."""
+    text = self.cfg
+    angles = mrope_angles(jnp.broadcast_to(positions[None], (3,) + positions.shape),
+                          text.head_dim, text.rope_theta, self.vl.mrope_section)
+    return self.decode(self.embed(tokens), angles, prefix_mask, cache, write_index)
 
   def init_all(self, *args):
-    hidden = self(*args)
+    hidden, _ = self(*args)
     if not self.cfg.tie_embeddings:
       self.lm_head(hidden)
     return hidden
@@ -374,8 +384,9 @@ def forward_hidden(params: Params, cfg: Qwen3VLConfig, input_ids, attention_mask
   pixel_values: f32[N_img, patch_dim] with static image_grids (tuple of (t, h, w));
   pixel_values_videos: f32[N_vid, patch_dim] with static video_grids.
   """
-  return _module(cfg).apply({"params": params}, input_ids, attention_mask, position_ids,
-                            pixel_values, image_grids, pixel_values_videos, video_grids)
+  hidden, _ = _module(cfg).apply({"params": params}, input_ids, attention_mask, position_ids,
+                                 pixel_values, image_grids, pixel_values_videos, video_grids)
+  return hidden
 
 
 def check_inputs(cfg: Qwen3VLConfig, input_ids, attention_mask, pixel_values, image_grids,

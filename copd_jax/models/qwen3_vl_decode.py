@@ -1,0 +1,117 @@
+"""Qwen3-VL in the sampler: a prompt batch's media as one pytree (VisionInputs), the prompt
+pass (prefill: the vision tower once per prompt, the prompt's keys for the cache) and the
+decode step of generated text tokens, over the shared decoder's KV cache.
+
+Positions: prompt tokens take get_rope_index's 3-D (t, h, w) positions; generated tokens are
+text, so t = h = w, continuing one past the prompt's largest position (what HF's
+`rope_deltas` encode). Grids are static: a batch with other grids compiles another program.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from copd_jax.models.qwen3_vl import Qwen3VL, _module, check_inputs, get_rope_index
+from copd_jax.models.qwen3_vl_config import Qwen3VLConfig, grids_to_tuple
+
+Params = Any
+
+
+@flax.struct.dataclass
+class VisionInputs:
+  """A prompt batch's media, in prompt order across the batch.
+
+  position_ids: int32[3, B, P] the prompts' (t, h, w) positions (get_rope_index);
+  pixel_values / pixel_values_videos: f32[N, patch_dim] or None (vision_preprocess);
+  image_grids / video_grids: their (t, h, w) grids, static (part of the compiled program).
+  """
+  position_ids: jax.Array
+  pixel_values: jax.Array | None = None
+  pixel_values_videos: jax.Array | None = None
+  image_grids: tuple = flax.struct.field(pytree_node=False, default=())
+  video_grids: tuple = flax.struct.field(pytree_node=False, default=())
+
+
+def vision_inputs(cfg: Qwen3VLConfig, input_ids, attention_mask, pixel_values=None,
+                  image_grid_thw=None, pixel_values_videos=None,
+                  video_grid_thw=None) -> VisionInputs:
+  """Host side: checks a LEFT-padded prompt batch against its media (errors name the
+  argument) and computes its 3-D positions. input_ids, attention_mask: int[B, P]."""
+  ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+  image_grids = grids_to_tuple(image_grid_thw, "image_grid_thw")
+  video_grids = grids_to_tuple(video_grid_thw, "video_grid_thw")
+  check_inputs(cfg, ids, mask, pixel_values, image_grids, pixel_values_videos, video_grids)
+  position_ids, _ = get_rope_index(cfg, ids, mask, image_grid_thw, video_grid_thw)
+  as_f32 = lambda x: None if x is None else jnp.asarray(x, jnp.float32)
+  return VisionInputs(jnp.asarray(position_ids, jnp.int32), as_f32(pixel_values),
+                      as_f32(pixel_values_videos), image_grids, video_grids)
+
+
+def prefill(params: Params, cfg: Qwen3VLConfig, tokens, token_mask, vision: VisionInputs):
+  """The prompt pass: (hidden f32[B, P, D], per-layer (k, v) [B, K, P, Dh])."""
+  return _module(cfg).apply({"params": params}, tokens, token_mask.astype(bool),
+                            vision.position_ids, vision.pixel_values, vision.image_grids,
+                            vision.pixel_values_videos, vision.video_grids)
+
+
+def first_decode_positions(token_mask, vision: VisionInputs):
+  """int32[B]: the position of each prompt's first generated token (max position + 1)."""
+  valid = jnp.where(token_mask.astype(bool)[None], vision.position_ids, 0)
+  return valid.max(axis=(0, 2)).astype(jnp.int32) + 1
+
+
+def decode_step(params: Params, cfg: Qwen3VLConfig, tokens, positions, prefix_mask, cache,
+                write_index):
+  """Generated tokens int32[N, T] at 1-D positions int32[N, T] over the prompts' cache
+  (as decoder.decode_step): (hidden f32[N, T, D], their (k, v))."""
+  return _module(cfg).apply({"params": params}, tokens, positions, prefix_mask.astype(bool),
+                            cache, write_index, method=Qwen3VL.decode_tokens)
+
+
+def sequence_positions(token_mask, vision: VisionInputs, num_samples: int, num_new: int):
+  """int32[3, N, P + R]: positions of [prompt | R generated tokens] for the N = B*G rows
+  (row b*G + j continues prompt b), for a cache-free forward over whole rows."""
+  prompt = jnp.repeat(vision.position_ids, num_samples, axis=1)
+  start = jnp.repeat(first_decode_positions(token_mask, vision), num_samples)
+  new = start[:, None] + jnp.arange(num_new, dtype=jnp.int32)[None]
+  return jnp.concatenate([prompt, jnp.broadcast_to(new[None], (3,) + new.shape)], axis=2)
+
+
+def _runs(row: np.ndarray, token_id: int) -> int:
+  """How many maximal runs of token_id a row holds (one per image, per video frame group)."""
+  hit = row == token_id
+  return int(np.sum(hit[1:] & ~hit[:-1]) + hit[0]) if len(row) else 0
+
+
+def repeat_samples(cfg: Qwen3VLConfig, vision: VisionInputs, input_ids,
+                   num_samples: int) -> VisionInputs:
+  """The batch's media with each prompt's images and videos repeated for its G sample rows
+  (row b*G + j = prompt b), for running every sample whole (host side; a baseline)."""
+  ids = np.asarray(input_ids)
+  out = {}
+  for name, grids_name, token_id, per_item in (
+      ("pixel_values", "image_grids", cfg.image_token_id, lambda g: 1),
+      ("pixel_values_videos", "video_grids", cfg.video_token_id, lambda g: g[0])):
+    patches, grids = getattr(vision, name), getattr(vision, grids_name)
+    if patches is None:
+      out[name], out[grids_name] = None, ()
+      continue
+    sizes = [t * h * w for t, h, w in grids]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    pieces, new_grids, item = [], [], 0
+    for row in ids:
+      runs, count = _runs(row, token_id), 0
+      first = item
+      while count < runs:  # an image is one run; a video one run per temporal patch
+        count += per_item(grids[item])
+        item += 1
+      block = np.asarray(patches)[starts[first]:starts[item]]
+      pieces += [block] * num_samples
+      new_grids += list(grids[first:item]) * num_samples
+    out[name] = jnp.asarray(np.concatenate(pieces), jnp.float32)
+    out[grids_name] = tuple(new_grids)
+  return VisionInputs(jnp.repeat(vision.position_ids, num_samples, axis=1), **out)
