@@ -25,7 +25,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -58,13 +57,7 @@ def prompt_batches(cfg) -> dict:
 
 def tower_patches(fn) -> list[int]:
   """Patches per vision-tower call while fn() traces."""
-  seen = []
-
-  def record(next_fun, args, kwargs, context):
-    if isinstance(context.module, qwen3_vl.VisionTower) and context.method_name == "__call__":
-      seen.append(int(args[0].shape[0]))
-    return next_fun(*args, **kwargs)
-  with nn.intercept_methods(record):
+  with qwen3_vl_decode.vision_tower_calls() as seen:
     jax.block_until_ready(fn())
   return seen
 

@@ -2,7 +2,6 @@
 checkpoint (tests/fixtures/hf/qwen3_vl_tiny) and its reference prompt batches."""
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,15 +85,7 @@ def test_cached_sampler_draws_what_recomputing_every_row_draws(model, ref):
 
 
 def tower_patch_counts(fn):
-  """Runs fn() while recording the number of patches each vision-tower call receives
-  (at trace time: fn must trace anew)."""
-  seen = []
-
-  def record(next_fun, args, kwargs, context):
-    if isinstance(context.module, qwen3_vl.VisionTower) and context.method_name == "__call__":
-      seen.append(int(args[0].shape[0]))
-    return next_fun(*args, **kwargs)
-  with nn.intercept_methods(record):
+  with qwen3_vl_decode.vision_tower_calls() as seen:
     fn()
   return seen
 

@@ -8,14 +8,22 @@ text, so t = h = w, continuing one past the prompt's largest position (what HF's
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from copd_jax.models.qwen3_vl import Qwen3VL, _module, check_inputs, get_rope_index
+from copd_jax.models.qwen3_vl import (
+  Qwen3VL,
+  VisionTower,
+  _module,
+  check_inputs,
+  get_rope_index,
+)
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig, grids_to_tuple
 
 Params = Any
@@ -115,3 +123,17 @@ def repeat_samples(cfg: Qwen3VLConfig, vision: VisionInputs, input_ids,
     out[name] = jnp.asarray(np.concatenate(pieces), jnp.float32)
     out[grids_name] = tuple(new_grids)
   return VisionInputs(jnp.repeat(vision.position_ids, num_samples, axis=1), **out)
+
+
+@contextlib.contextmanager
+def vision_tower_calls():
+  """Yields a list that records, per vision-tower call traced inside the block, how many
+  patches the tower received (a program already compiled is not traced again)."""
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, VisionTower) and context.method_name == "__call__":
+      seen.append(int(args[0].shape[0]))
+    return next_fun(*args, **kwargs)
+  with nn.intercept_methods(record):
+    yield seen
