@@ -25,7 +25,7 @@ setup(
         "numpy>=1.26",
         "tensorboardX>=2.6",  # event files without installing tensorflow
         # Hugging Face checkpoints, tokenizers and real datasets (copd_jax/hf_*.py,
-        # copd_jax/datasets.py); none of them pulls in torch.
+        # copd_jax/data/records.py); none of them pulls in torch.
         "safetensors>=0.4",
         "tokenizers>=0.19",
         "jinja2>=3.1",        # chat templates from tokenizer_config.json

@@ -106,7 +106,7 @@ def _nonfinite_fields(node, prefix: str):
 
 
 def validate_reward(cfg: ml_collections.ConfigDict) -> None:
-  """config.reward (copd_jax/verifiers.py): limits, pool size and an optional plug-in,
+  """config.reward (copd_jax/data/verifiers.py): limits, pool size and an optional plug-in,
   which must import and be callable."""
   if "reward" not in cfg:
     return

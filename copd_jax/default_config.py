@@ -43,15 +43,15 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
 
   c.tasks = ml_collections.ConfigDict(dict(
       capabilities=CAPABILITIES,
-      # The difficulty knob of each generator (see copd_jax/tasks.py). Level 1: the small
+      # The difficulty knob of each generator (see copd_jax/data/toy_tasks.py). Level 1: the small
       # base model is competent enough that the procedure, not perception, decides.
       difficulty=dict(text=1, image=1, video=1),
       seed=1234,  # task-suite seed: train stream and held-out set derive from it
   ))
   c.data = ml_collections.ConfigDict(dict(
       max_prompt_len=64, max_response_len=24,
-      # Record files (JSONL or Parquet, copd_jax/datasets.py) per capability; empty =
-      # the built-in procedural task suite (copd_jax/tasks.py).
+      # Record files (JSONL or Parquet, copd_jax/data/records.py) per capability; empty =
+      # the built-in procedural task suite (copd_jax/data/toy_tasks.py).
       train_files={}, eval_files={},
       shuffle_seed=0,  # grain shuffle of record datasets (procedural streams need none)
       # How record files are read: "builtin" (JSONL lines / Parquet rows, errors name the
@@ -59,17 +59,17 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
       # written by `Dataset.save_to_disk` is always read with `datasets.load_from_disk`.
       reader="builtin",
       # Record field -> column name in the files, e.g. {'prompt': 'question'}; unmapped
-      # fields keep their own names (copd_jax/datasets.py).
+      # fields keep their own names (copd_jax/data/records.py).
       columns={},
   ))
-  # Start from a local Hugging Face checkpoint directory (copd_jax/hf_checkpoint.py)
+  # Start from a local Hugging Face checkpoint directory (copd_jax/models/hf_checkpoint.py)
   # instead of the SFT warm-start; "" = the built-in toy base.
   c.init = ml_collections.ConfigDict(dict(
       hf_checkpoint="",
       hf_tokenizer="",  # tokenizer directory when not inside hf_checkpoint
   ))
 
-  # Device mesh (copd_jax/parallel.py). Sizes of the named axes; one of them may be -1
+  # Device mesh (copd_jax/sharding.py). Sizes of the named axes; one of them may be -1
   # (= the devices left over). Branches are sharded over `expert`; inside a branch FSDP
   # over `fsdp`, tensor parallelism over `tensor`, the batch over `data` x `fsdp`.
   # All 1 (the default) = one device, the plain jitted path; e.g. --config.mesh.data=-1
@@ -115,7 +115,7 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
       log_every=50,
   ))
 
-  # Rewards (copd_jax/verifiers.py): answers are compared in sandboxed worker processes.
+  # Rewards (copd_jax/data/verifiers.py): answers are compared in sandboxed worker processes.
   c.reward = ml_collections.ConfigDict(dict(
       fn="",                # 'module:function' plug-in fn(response, example) -> float for
                             # every example; "" = the verifier each example names
@@ -157,7 +157,7 @@ METHODS = ("base", "experts", "mixed_rlvr", "static_opd", "mopd", "copd")
 
 
 def rl_section(preset: str) -> ml_collections.ConfigDict:
-  """Settings of the CoPD trainer shared by every RL method (see copd_jax/methods.py)."""
+  """Settings of the CoPD trainer shared by every RL method (see copd_jax/rl/methods.py)."""
   rl = ml_collections.ConfigDict(dict(
       # Budget: `steps` is ONE expert's optimizer steps. Experts: each branch runs `steps`;
       # mixed RLVR: one branch runs steps x number of capabilities (the sum of the

@@ -1,7 +1,7 @@
 """Multi-process runs on JAX's multi-controller runtime (`jax.distributed`).
 
 Every process runs the same program (`python -m copd_jax.main ...`) and sees all devices
-of all processes through `jax.devices()`; the mesh (copd_jax/parallel.py) spans them.
+of all processes through `jax.devices()`; the mesh (copd_jax/sharding.py) spans them.
 Where a process learns its place, in order of precedence:
 
     flags:        --coordinator_address=HOST:PORT --num_processes=N --process_id=I

@@ -70,14 +70,8 @@ def export_run(workdir: str, out_dir: str, *, branch: str = MERGED, dtype: str =
 
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's workdir.")
-
-
 _OUT = flags.DEFINE_string("out", None, "Directory to write the HF checkpoint to.")
-
-
 _BRANCH = flags.DEFINE_string("branch", MERGED, "'merged' or a branch name.")
-
-
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Stored dtype.")
 
 

@@ -7,7 +7,7 @@ same command resumes its own run and a changed config gets a directory of its ow
 
 Every method first warm-starts (or reloads) the shared base policy. `base` then
 evaluates it on each capability's held-out set; the RL methods train their branches
-(copd_jax/methods.py) and evaluate them. TensorBoard events, metrics.jsonl, summary.json,
+(copd_jax/rl/methods.py) and evaluate them. TensorBoard events, metrics.jsonl, summary.json,
 the final parameters and the training checkpoints (checkpoints/<stage>/<step>) go under
 config.workdir. A killed or preempted run resumes when started again with the same command
 (config.checkpoint.resume); SIGTERM saves at the next step boundary and exits 0.

@@ -9,7 +9,7 @@ Two kinds of run:
   (`config.init.hf_tokenizer` when set, else the checkpoint directory), prompts are
   chat-rendered, and responses stop at the chat end token (HFTokenizer.eos_id).
 Training and held-out data come from record files (`config.data.train_files` /
-`eval_files`, copd_jax/datasets.py) when given, else from the procedural suite.
+`eval_files`, copd_jax/data/records.py) when given, else from the procedural suite.
 """
 from __future__ import annotations
 

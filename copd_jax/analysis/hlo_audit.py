@@ -110,11 +110,7 @@ def parse_device_groups(line: str, num_devices: int) -> list[list[int]]:
 
 
 _COMPUTATION_RE = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
-
-
 _CALLEE_RE = re.compile(r"(body|condition|calls|to_apply)=%([\w.\-]+)")
-
-
 _TRIP_RE = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 

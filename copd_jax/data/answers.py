@@ -23,16 +23,12 @@ from typing import Sequence
 import numpy as np
 
 ANSWER_MARKER = "#"
-
-
 MAX_ANSWER_DIGITS = 6
 
 
 # Only this suffix of a response is examined: an answer written after the marker fits
 # easily, and the cost per response stays constant on adversarial (e.g. 1 MB) output.
 MAX_TAIL_CHARS = 64
-
-
 _ASCII_DIGITS = frozenset("0123456789")
 
 
@@ -87,9 +83,10 @@ def batch_rewards(responses: Sequence[str], answers: Sequence[str]) -> np.ndarra
   return np.array([reward(r, a) for r, a in zip(responses, answers)], dtype=np.float32)
 
 
+# Record datasets (copd_jax/data/records.py) name a verifier per example. Every verifier below
+# keeps the guarantees above: a float for any response, never an exception, bounded work
+# (only a fixed-size tail of the response is read), and model text never reaches eval/exec.
 VERIFIERS = ("integer", "math", "choice", "exact")
-
-
 CHOICE_LETTERS = "ABCDEFGHIJ"
 
 
@@ -101,11 +98,7 @@ MAX_FINAL_TAIL_CHARS = 4096
 # A final answer longer than this is not an answer; longer reference answers are rejected
 # when a dataset is loaded.
 MAX_FINAL_ANSWER_CHARS = 256
-
-
 _BOXED = ("\\boxed{", "\\fbox{")
-
-
 _ANSWER_PHRASES = ("final answer is", "final answer:", "answer is", "answer:")
 
 

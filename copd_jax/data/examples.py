@@ -34,7 +34,7 @@ def _check_int(field: str, value, minimum: int, maximum: int | None = None) -> i
 class Example:
   """One task instance: a procedural toy example or a record from a dataset file.
 
-  capability: one of CAPABILITIES, or -- for records (copd_jax/datasets.py) -- a domain
+  capability: one of CAPABILITIES, or -- for records (copd_jax/data/records.py) -- a domain
     name such as 'math' or 'science' ([a-z][a-z0-9_]*), which then needs `modality`.
   question: the prompt text.
   answer: the reference answer, valid for `verifier` (the toy suite: a canonical

@@ -40,26 +40,12 @@ import tokenizers
 from copd_jax.data.tokenizer import REPLACEMENT_CHAR
 
 TOKENIZER_FILE = "tokenizer.json"
-
-
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-
-
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-
-
 IM_END = "<|im_end|>"
-
-
 END_OF_TEXT = "<|endoftext|>"
-
-
 IMAGE_PAD = "<|image_pad|>"
-
-
 VISION_START = "<|vision_start|>"
-
-
 VISION_END = "<|vision_end|>"
 
 
@@ -84,8 +70,6 @@ def _strftime_now(fmt):
 # arithmetic), so one that loops, recurses or builds huge strings must fail with a
 # ChatTemplateError rather than hang, exhaust memory or abort the process.
 RENDER_TIME_LIMIT_S = 5.0
-
-
 MAX_RENDER_CHARS = 1 << 22    # output, and any string or list the template builds
 
 

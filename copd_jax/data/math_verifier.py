@@ -17,14 +17,28 @@ from typing import Any, Sequence
 from copd_jax.data.answers import MAX_FINAL_ANSWER_CHARS, final_answer_text
 
 DEFAULT_MATH_TIMEOUT_S = 5.0
-
-
 DEFAULT_STEP_BUDGET_S = 300.0
-
-
 DEFAULT_WORKERS = 2
-
-
+# math-verify (sympy via latex2sympy2_extended) decides equivalence. What was checked in
+# the installed sources (math-verify 0.9.0, latex2sympy2_extended 1.11.0, sympy 1.14):
+# * math_verify's ExprExtractionConfig parses plain expressions with sympy.parse_expr,
+#   i.e. Python eval: never used here -- only LatexExtractionConfig.
+# * latex2sympy2_extended builds sympy objects from an ANTLR parse tree; its only path to
+#   eval is sympy.Number(token) on lexer NUMBER tokens (digits and separators), which
+#   sympify hands to parse_expr. (Its parse_expr of `variable_values` is never used by
+#   math-verify.)
+# * sympy imports many modules lazily, the first time simplify or a set/integral routine
+#   needs them, and some of those parse their own constants at import time
+#   (sympy.physics.units parses every unit prefix name: 'yotta', 'Y', ...).
+# * math-verify's own time limit is signal.alarm, which works only in a main thread.
+# So every comparison runs in a separate worker PROCESS (a pool of them, VerifierPool):
+# the parent enforces the time limit by killing a worker (reward 0), from any thread; a
+# worker dies with its parent; and inside a worker sympy's parse_expr is replaced, after
+# warm-up, by a guard that accepts number literals, and the constants of a module being
+# imported (never model text: no model text is in scope while a module executes its
+# import). The warm-up imports sympy's lazily loaded modules and runs symbolic checks, so
+# the guard normally sees nothing but numbers. The response is cut to its final answer
+# (final_answer_text: bounded length) before it is sent.
 _NUMBER_LITERAL_CHARS = frozenset("0123456789.")
 
 

@@ -61,11 +61,7 @@ from copd_jax.data import (
 )
 
 JSONL_SUFFIXES = (".jsonl", ".json")
-
-
 PARQUET_SUFFIXES = (".parquet",)
-
-
 DEFAULT_VERIFIER = "math"
 
 

@@ -29,13 +29,10 @@ import grain
 import numpy as np
 
 from copd_jax.data import examples as examples_lib, toy_tasks
+from copd_jax.data.examples import _check_int
 
 TRAIN_SOURCE_LENGTH = 2**31 - 1  # "endless": far more indices than any run reads
-
-
 _MIX_BLOCK = 256  # toy_tasks.mixed_train_stream draws capability choices 256 at a time
-
-
 _MIX_SEED_TAG = 7  # ... from default_rng([seed, 7]); kept identical here
 
 
@@ -85,7 +82,6 @@ class TaskSource:
 
 
 # The task suite's integer check (errors name the field), shared by the data layer.
-_check_int = examples_lib._check_int
 
 
 def _check_shard(shard_index: int, shard_count: int) -> None:

@@ -34,11 +34,7 @@ from etils import epath
 from copd_jax.data import examples as examples_lib, toy_tasks
 
 DATASET_NAME = "copd_tasks"  # tfds' snake_case name of CopdTasks
-
-
 FILE_FORMAT = "array_record"  # random access without tensorflow
-
-
 DEFAULTS = dict(seed=1234, image_size=32, num_frames=4, num_train=4096, num_eval=128)
 
 

@@ -17,6 +17,24 @@ from copd_jax.data.answers import ANSWER_MARKER
 from copd_jax.data.examples import Example, _check_int
 from copd_jax.data.toy_tasks import _check_capability
 
+# The base policy is SFT'd on worked solutions, a fraction of which demonstrate a
+# capability-specific WRONG procedure (consistently carried through to a wrong answer).
+# The base then knows both procedures: at temperature 1 it often samples the right one
+# (high pass@k), while greedy decoding follows whichever its demonstrations favoured. RL
+# with verifiable rewards can sharpen that choice -- and each capability's flaw is its own,
+# so experts learn different things. The flaws act on the worked trace only; questions,
+# answers (the references) and the train/eval split are untouched.
+#
+#   text   sign slip: every subtraction step is written as an addition
+#          "12+7=19;19-3=16#16" -> "12+7=19;19+3=22#22"
+#   image  drops the LAST term of its count/sum (the bottom grid row, the last colour)
+#          "1+0+2+1=4#4" -> "1+0+2=3#3"
+#   video  counts the LAST term twice (the last frame, the last move)
+#          "1+0+2+1=4#4" -> "1+0+2+1+1=5#5"
+# A flaw that skips a frame would also stop the base from practising to perceive it, and
+# then the right procedure is no more accurate than the flawed one at temperature 1 (we
+# measured that: RL had nothing to prefer); counting the last frame twice keeps every
+# frame described, so the choice is the aggregation alone.
 FLAW_KINDS = {"text": "sign_slip", "image": "drop_last_term", "video": "repeat_last_term"}
 
 

@@ -44,14 +44,8 @@ from copd_jax.data.examples import (
 )
 
 MAX_DIFFICULTY = 3
-
-
 CELL_SIZE = 8  # pixels per grid cell = the ViT patch size the images are drawn for
-
-
 MIN_IMAGE_SIZE = 32  # a 4x4 grid: room for the 10 objects of the hardest image level
-
-
 MAX_NUM_FRAMES = 9  # per-frame traces stay short
 
 
@@ -86,8 +80,6 @@ def _shape_masks() -> dict[str, np.ndarray]:
 
 
 SHAPE_MASKS = _shape_masks()
-
-
 SHAPE_NAMES = tuple(SHAPE_MASKS)
 
 
@@ -110,6 +102,7 @@ def _check_generator_args(capability, difficulty, image_size, num_frames) -> Non
   _check_int("num_frames", num_frames, 2, MAX_NUM_FRAMES)
 
 
+# The latent skill every capability shares: small-integer arithmetic written as below.
 def sum_trace(terms: Sequence[int]) -> str:
   """[1, 0, 2] -> '1+0+2=3'; a single term is just itself ('3')."""
   if len(terms) == 1:
@@ -147,11 +140,7 @@ def _int(rng: np.random.Generator, low: int, high: int) -> int:
 # ever appears as the first operation, with single-digit factors, so reading left to
 # right agrees with operator precedence.
 _TEXT_LEVELS = {0: (2, 9), 1: (3, 9), 2: (3, 20), 3: (4, 20)}
-
-
 _MAX_WORD_TERMS = 3  # longer word problems would exceed the question length budget
-
-
 _WORD_FOR_OP = {"+": "got", "-": "lost"}
 
 

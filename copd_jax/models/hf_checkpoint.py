@@ -57,11 +57,7 @@ log = logging.getLogger(__name__)
 
 
 CONFIG_FILE = "config.json"
-
-
 SINGLE_FILE = "model.safetensors"
-
-
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -80,8 +76,6 @@ EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 # safetensors dtype tags we can convert to float parameters.
 FLOAT_TENSOR_DTYPES = ("F32", "F16", "BF16", "F64")
-
-
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 

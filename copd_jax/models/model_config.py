@@ -16,9 +16,11 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 EXECUTION_FIELDS = ("remat", "attention_block")
 
 
-def _require_positive_int(owner: str, name: str, value) -> None:
+def require_positive_int(owner: str, name: str, value) -> int:
+  """int(value), or a ValueError naming `owner.name` when value is not a positive integer."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
     raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
+  return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +52,7 @@ class VisionConfig:
   def validate(self) -> None:
     for name in ("image_size", "patch_size", "channels", "num_frames", "tubelet", "width",
                  "depth", "num_heads", "mlp_dim"):
-      _require_positive_int("VisionConfig", name, getattr(self, name))
+      require_positive_int("VisionConfig", name, getattr(self, name))
     if self.image_size % self.patch_size:
       raise ValueError(f"VisionConfig.image_size={self.image_size} must be a multiple of "
                        f"patch_size={self.patch_size}")
@@ -132,7 +134,7 @@ class ModelConfig:
   def validate(self) -> None:
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
                  "head_dim", "mlp_dim"):
-      _require_positive_int("ModelConfig", name, getattr(self, name))
+      require_positive_int("ModelConfig", name, getattr(self, name))
     if isinstance(self.attention_block, bool) or not isinstance(self.attention_block, int) \
         or self.attention_block < 0:
       raise ValueError(f"ModelConfig.attention_block must be an integer >= 0 (0 = no "

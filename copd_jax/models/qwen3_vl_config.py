@@ -12,12 +12,6 @@ from copd_jax.models import model_config
 _VISION_ACTS = {"gelu_pytorch_tanh": True, "gelu": False}  # name -> tanh approximation?
 
 
-def _positive_int(owner: str, name: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-    raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
-  return int(value)
-
-
 @dataclasses.dataclass(frozen=True)
 class VisionTowerConfig:
   """Qwen3-VL vision tower sizes (HF `vision_config`)."""
@@ -63,7 +57,7 @@ class VisionTowerConfig:
     for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size",
                  "num_position_embeddings", "in_channels", "patch_size", "temporal_patch_size",
                  "spatial_merge_size"):
-      _positive_int(owner, name, getattr(self, name))
+      model_config.require_positive_int(owner, name, getattr(self, name))
     if self.hidden_size % self.num_heads:
       raise ValueError(f"{owner}.hidden_size={self.hidden_size} must be a multiple of "
                        f"num_heads={self.num_heads}")

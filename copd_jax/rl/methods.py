@@ -1,4 +1,4 @@
-"""Every method as stages of the one trainer (copd_jax/trainer.py), plus the run loop.
+"""Every method as stages of the one trainer (copd_jax/rl/step.py), plus the run loop.
 
 | method     | stages                                                                    |
 |------------|---------------------------------------------------------------------------|

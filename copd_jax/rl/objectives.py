@@ -24,14 +24,8 @@ import jax.numpy as jnp
 # cannot overflow the importance ratio to inf (the clamped region has zero gradient,
 # which the PPO clip would give there anyway).
 MAX_LOG_RATIO = 20.0
-
-
 KL_ESTIMATORS = ("k1", "k2", "k3")
-
-
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_sum_constant")
-
-
 OPD_STUDENT_LOGPROBS = ("old", "current")
 
 

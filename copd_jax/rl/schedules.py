@@ -14,8 +14,6 @@ import dataclasses
 import numpy as np
 
 TOPOLOGIES = ("none", "hub", "full", "one_way")
-
-
 SCHEDULES = ("none", "cycle", "constant", "adaptive")
 
 

@@ -63,8 +63,6 @@ class Stage:
 # (kept only so every student has the same number of rows; fully masked). Cross rows
 # carry their teacher's index j >= 0.
 NATIVE = -1
-
-
 NO_TEACHER = -2
 
 
