@@ -2,7 +2,7 @@
 
 The branches start from the checkpoint's weights (no SFT warm-start), read prompts from
 `data.train_files` (one entry per domain), are scored by each record's verifier (math /
-choice / exact / integer, copd_jax/verifiers.py), and are evaluated on `data.eval_files`.
+choice / exact / integer, copd_jax/data/verifiers.py), and are evaluated on `data.eval_files`.
 By default every path points at the committed tiny fixtures (a 2-layer random Qwen3 and a
 few records), so the command runs anywhere. A real run, from the repository root:
 

@@ -4,7 +4,7 @@ eps 0.2 / 0.28, bf16 compute.
 
 Language model: Qwen3-4B text dimensions (vocab 151936, d_model 2560, 36 layers, 32 query
 heads, 8 kv heads, head_dim 128, MLP 9728, tied embeddings, rope_theta 5e6). Vision: our
-small ViT stand-in (copd_jax/model.py), not Qwen3-VL's 0.4B tower, so the vision tower
+small ViT stand-in (copd_jax/models/toy_vision.py), not Qwen3-VL's 0.4B tower, so the vision tower
 contributes ~0.1M parameters instead of ~0.4B; everything else is 4B-sized.
 
 Slice: TPU v5p 4x4x12 (192 chips, accelerator type v5p-384), three full 4x4x4 cubes. The

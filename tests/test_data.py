@@ -1,4 +1,4 @@
-"""grain pipelines (copd_jax/data.py) and the TFDS array_record builder (tfds_tasks.py):
+"""grain pipelines (copd_jax/data/streams.py) and the TFDS array_record builder (tfds_tasks.py):
 exact equality with the task streams, checkpointable iterator state, per-process
 sharding, the record-file branch, and a tiny static split written and read back."""
 import json
@@ -118,7 +118,7 @@ def test_prefetching_threads_keep_order_and_state():
 
 
 # ---------------------------------------------------------------- record-file branch
-# helper F's copd_jax/datasets.py may not exist yet: a stand-in with the agreed API
+# helper F's copd_jax/data/records.py may not exist yet: a stand-in with the agreed API
 # (RecordSource(paths, capability=cap), random access -> examples.Example) is installed.
 
 class FakeRecordSource:
