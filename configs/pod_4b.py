@@ -62,4 +62,5 @@ def get_config(preset: str = "toy") -> ml_collections.ConfigDict:
   # Attention in blocks of 512 queries (model.in_query_blocks): a layer's live scores are
   # [rows, heads, 512, keys], never [rows, heads, 3072, 3072].
   c.model.attention_block = 512
+  c.model.attention_kernel = "auto"  # Pallas splash attention on TPU, blocked XLA elsewhere
   return c

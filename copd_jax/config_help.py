@@ -12,8 +12,8 @@ FIELD_HELP = {
     "seed": "RL seed (prompt order, sampling keys); the base has warm_start.seed",
     "workdir": "run directory; unset = runs/<method>[-<overrides>]-<config hash>",
     "num_experts": "branches trained at once; derived from rl.capabilities when unset",
-    "model": "toy Qwen3-layout decoder; with init.hf_checkpoint only dtype, remat and "
-             "attention_block are read",
+    "model": "toy Qwen3-layout decoder; with init.hf_checkpoint only dtype, remat, "
+             "attention_block and attention_kernel are read",
     "model.vocab_size": "vocabulary size (>= the toy tokenizer's)",
     "model.d_model": "hidden width",
     "model.num_layers": "decoder layers",
@@ -29,6 +29,8 @@ FIELD_HELP = {
     "model.attention_block": "queries per attention block; 0 = all at once. With a block no "
                              "[T, T] score matrix is built (memory-efficient attention for "
                              "long sequences), same values",
+    "model.attention_kernel": "xla | splash (Pallas splash attention; TPU, interpret mode "
+                              "elsewhere) | auto (splash on TPU, xla elsewhere); same values",
     "model.image_token_id": "token id of the <img> placeholder vision embeddings replace",
     "model.vision": "toy tubelet-ViT vision encoder",
     "model.vision.image_size": "input image side in pixels (a multiple of patch_size)",
@@ -108,7 +110,9 @@ FIELD_HELP = {
     "rl.native_prompts": "GRPO prompts per branch per step",
     "rl.samples_per_prompt": "G: rollouts per prompt",
     "rl.cross_prompts": "prompts per branch per OPD step from its teachers' data",
-    "rl.learning_rate": "RL learning rate (constant)",
+    "rl.learning_rate": "RL (peak) learning rate",
+    "rl.lr_schedule": "'constant' or 'cosine' (decay over each stage's steps)",
+    "rl.lr_end_fraction": "cosine schedule: final learning rate / rl.learning_rate",
     "rl.grad_clip_norm": "RL global gradient-norm clip per branch",
     "rl.weight_decay": "RL AdamW weight decay",
     "rl.scale_by_std": "GRPO advantages divided by the group std (False = Dr.GRPO)",

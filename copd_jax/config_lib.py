@@ -14,6 +14,7 @@ import ml_collections
 
 from copd_jax import default_config
 from copd_jax.data import examples, toy_tasks
+from copd_jax.models.model_config import ATTENTION_KERNELS
 from copd_jax.rl import schedules
 
 KNOWN_METHODS = default_config.METHODS
@@ -61,6 +62,8 @@ def validate_model(m, prefix="model.") -> None:
   if m.dtype not in COMPUTE_DTYPES:
     _fail(f"{prefix}dtype", f"must be one of {COMPUTE_DTYPES}", m.dtype)
   _positive_float(m, "rope_theta", prefix)
+  if m.get("attention_kernel", "xla") not in ATTENTION_KERNELS:
+    _fail(f"{prefix}attention_kernel", f"must be one of {ATTENTION_KERNELS}", m.attention_kernel)
   v = m.vision
   for f in ("image_size", "patch_size", "channels", "num_frames", "tubelet", "width", "depth",
             "num_heads", "mlp_dim"):
@@ -452,6 +455,11 @@ def validate_rl(cfg: ml_collections.ConfigDict) -> None:
           rl.micro_batch_rows)
   _positive_int(rl, "distill_steps", "rl.", allow_zero=True)
   _positive_float(rl, "learning_rate", "rl.")
+  if rl.get("lr_schedule", "constant") not in ("constant", "cosine"):
+    _fail("rl.lr_schedule", "must be 'constant' or 'cosine'", rl.lr_schedule)
+  end_fraction = rl.get("lr_end_fraction", 0.0)
+  if not isinstance(end_fraction, (int, float)) or not 0.0 <= end_fraction <= 1.0:
+    _fail("rl.lr_end_fraction", "must be a number in [0, 1]", end_fraction)
   _positive_float(rl, "grad_clip_norm", "rl.")
   _positive_float(rl, "weight_decay", "rl.", allow_zero=True)
   if cfg.method == "copd" and rl.cross_prompts == 0 and rl.opd.topology != "none":

@@ -24,6 +24,7 @@ def toy_model() -> ml_collections.ConfigDict:
       dtype="bfloat16",  # compute dtype; parameters are always float32
       remat=False,  # rematerialise each decoder layer in the backward pass (saves memory)
       attention_block=0,  # queries per attention block (0 = all at once; long sequences)
+      attention_kernel="xla",  # xla | splash (Pallas, TPU) | auto (splash on TPU)
       image_token_id=3,  # ToyTokenizer's <img> placeholder
       vision=dict(image_size=32, patch_size=8, channels=3, num_frames=4,
                   tubelet=2, width=64, depth=2, num_heads=4, mlp_dim=128),
@@ -173,6 +174,10 @@ def rl_section(preset: str) -> ml_collections.ConfigDict:
       # an unused seed), never on the eval set: 1e-3 made the experts worse within 10
       # steps, 3e-5 moved no weight by more than 1e-3 in 30 steps (README, "Diagnosis").
       learning_rate=3e-4,
+      # "constant" (the paper's) or "cosine": decay from learning_rate to
+      # lr_end_fraction x learning_rate over each stage's steps.
+      lr_schedule="constant",
+      lr_end_fraction=0.0,
       grad_clip_norm=1.0,
       weight_decay=0.0,
       scale_by_std=True,      # GRPO; False = Dr.GRPO

@@ -64,7 +64,8 @@ def _hf_model_and_tokenizer(cfg) -> tuple[model_config.ModelConfig, Tokenizer]:
       hf_checkpoint.read_hf_config(cfg.init.hf_checkpoint), dtype=cfg.model.dtype)
   hf_checkpoint.check_layers_present(cfg.init.hf_checkpoint, model_cfg)  # headers only
   model_cfg = dataclasses.replace(model_cfg, remat=bool(cfg.model.get("remat", False)),
-                                  attention_block=int(cfg.model.get("attention_block", 0)))
+                                  attention_block=int(cfg.model.get("attention_block", 0)),
+                                  attention_kernel=str(cfg.model.get("attention_kernel", "xla")))
   tokenizer = hf_tokenizer.HFTokenizer(hf_tokenizer_dir(cfg), model_vocab_size=model_cfg.vocab_size)
   if tokenizer.vocab_size != model_cfg.vocab_size:
     raise ValueError(f"the tokenizer in {hf_tokenizer_dir(cfg)} has {tokenizer.vocab_size} ids, "

@@ -270,6 +270,16 @@ def test_one_sample_per_prompt_and_empty_workdir_are_rejected():
     config_lib.validate_config(cfg)
 
 
+@pytest.mark.parametrize("field, value", [("rl.lr_schedule", "linear"),
+                                          ("rl.lr_end_fraction", 1.5),
+                                          ("model.attention_kernel", "flash")])
+def test_bad_schedule_or_attention_kernel_is_rejected_naming_the_field(field, value):
+  cfg = default_config.get("copd", "micro")
+  default_config.set_field(cfg, field, value)
+  with pytest.raises(ValueError, match=rf"{field.replace('.', '[.]')}"):
+    config_lib.validate_config(cfg)
+
+
 # ------------------------------------------------------- 13.11 unclear record errors
 
 def test_non_utf8_byte_names_file_and_line(tmp_path):

@@ -283,3 +283,24 @@ def test_micro_batched_remat_update_equals_full_batch(setup):
                                atol=1e-5, err_msg=name)
   with pytest.raises(ValueError, match="micro_batch_rows"):
     dataclasses.replace(full_cfg, micro_batch_rows=-1)
+
+
+def test_cosine_learning_rate_decays_over_the_stage_and_holds():
+  """Adam's first step moves a weight by the learning rate; with a cosine schedule over 10
+  steps from 1.0 to 0.1 the k-th step's rate is 0.1 + 0.9 * (1 + cos(pi k / 10)) / 2."""
+  optimizer = update_lib.make_optimizer(1.0, 1e9, 0.0, "cosine", 10, 0.1)
+  params = {"w": jnp.zeros(())}
+  state = optimizer.init(params)
+  rates = []
+  for _ in range(12):
+    updates, state = optimizer.update({"w": jnp.ones(())}, state, params)
+    rates.append(-float(updates["w"]))  # constant gradient: Adam's step is exactly the rate
+  want = [0.1 + 0.9 * (1 + np.cos(np.pi * min(k, 10) / 10)) / 2 for k in range(12)]
+  np.testing.assert_allclose(rates, want, rtol=1e-4)
+  constant = update_lib.make_optimizer(1.0, 1e9)
+  state = constant.init(params)
+  for _ in range(3):
+    updates, state = constant.update({"w": jnp.ones(())}, state, params)
+  assert abs(-float(updates["w"]) - 1.0) < 1e-4
+  with pytest.raises(ValueError, match="schedule"):
+    update_lib.make_optimizer(1.0, 1.0, 0.0, "linear", 10)

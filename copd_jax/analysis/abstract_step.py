@@ -44,10 +44,10 @@ def abstract_opd_update(cfg, run: RunSharding, num_layers: int | None = None,
   rl = cfg.rl
   # The run's own builders, so this lowering cannot drift from what training compiles.
   ucfg = rows_lib.update_config(cfg, model_cfg)
-  optimizer = update_lib.make_optimizer(rl.learning_rate, rl.grad_clip_norm, rl.weight_decay)
   s = cfg.num_experts
   caps = tuple(rl.capabilities)
   stage = stages.copd_stage(rl, caps)
+  optimizer = update_lib.optimizer_for_stage(rl, stage.steps)
   topology = topology or rl.opd.topology
   hub = caps.index(rl.opd.hub) if topology == "hub" else 0
   native = rl.native_prompts if native_prompts is None else native_prompts

@@ -71,6 +71,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from copd_jax.kernels import attention as attention_kernels
 from copd_jax.models.layers import Linear, RMSNorm, SwiGLU, rope_angles, rotate_with_angles
 from copd_jax.models.model_config import ModelConfig
 from copd_jax.models.toy_vision import VisionEncoder, replace_placeholders
@@ -168,13 +169,35 @@ def _attend_with_shared_prefix(q, k, v, cache: LayerCache, mask):
   return out.transpose(0, 3, 1, 2, 4)
 
 
+def _splash_attention(q, k, v, cache: LayerCache | None, mask, block: int):
+  """Attention through the Pallas splash kernel (kernels/attention.py), the same values as
+  the xla paths: causal self-attention over a key mask (cache None, mask bool[N, T]), or
+  teacher forcing after a shared prompt (a cache with no response slots; mask =
+  (prefix_mask bool[B, P], _)): each row's queries see its prompt's valid keys and its own
+  keys causally. q: [N, T, K, H/K, Dh] (scaled); k, v: [N, T, K, Dh]."""
+  if cache is None:
+    return attention_kernels.splash_attention(q, k, v, mask, mask, block=block)
+  prefix_mask = mask[0]
+  g = q.shape[0] // prefix_mask.shape[0]
+  per_row = lambda x: jnp.repeat(x, g, axis=0).transpose(0, 2, 1, 3)  # noqa: E731 [N, P, K, Dh]
+  keys = jnp.concatenate([per_row(cache.prefix_k), k], axis=1)
+  values = jnp.concatenate([per_row(cache.prefix_v), v], axis=1)
+  # The continuation has no key mask (see forward_hidden_shared_prefix).
+  row_valid = jnp.ones(q.shape[:2], bool)
+  key_valid = jnp.concatenate([jnp.repeat(prefix_mask, g, axis=0), row_valid], axis=1)
+  return attention_kernels.splash_attention(q, keys, values, row_valid, key_valid,
+                                            prefix_len=prefix_mask.shape[1], block=block)
+
+
 class Attention(nn.Module):
   """Grouped-query attention with Qwen3 q/k RMSNorm and RoPE.
 
   Without `cache`: keys are this call's tokens, causally; mask: the key mask bool[N, T].
   With `cache` (a LayerCache, read only): keys are the shared prompt prefix, the filled
   response slots and this call's tokens (causally); mask = (prefix_mask bool[B, P],
-  filled_slots bool[R]). Queries run in blocks of cfg.attention_block (in_query_blocks). Reading
+  filled_slots bool[R]). Queries run in blocks of cfg.attention_block (in_query_blocks), or,
+  with cfg.uses_splash_attention and no filled response slots (training, teacher scoring),
+  through the Pallas splash kernel (_splash_attention). Reading
   the prefix once per prompt rather than once per sample is what makes G samples cheap.
   Returns (out f32[N, T, D], this call's (k, v) [N, K, T, Dh]) -- what a prefill keeps
   and what a decode step writes into its cache.
@@ -199,16 +222,19 @@ class Attention(nn.Module):
     def causal(query_index):  # bool[block, T]
       return jnp.arange(t)[None, :] <= query_index[:, None]
 
-    if cache is None:
-      def attend(qb, query_index):
-        return _dense_attention(qb, k, v, causal(query_index)[None] & mask[:, None, :])
+    if cfg.uses_splash_attention and (cache is None or cache.k.shape[2] == 0):
+      out = _splash_attention(q, k, v, cache, mask, cfg.attention_block or 512)
     else:
-      prefix_mask, filled_slots = mask
+      if cache is None:
+        def attend(qb, query_index):
+          return _dense_attention(qb, k, v, causal(query_index)[None] & mask[:, None, :])
+      else:
+        prefix_mask, filled_slots = mask
 
-      def attend(qb, query_index):
-        return _attend_with_shared_prefix(qb, k, v, cache,
-                                          (prefix_mask, filled_slots, causal(query_index)))
-    out = in_query_blocks(attend, q, cfg.attention_block)
+        def attend(qb, query_index):
+          return _attend_with_shared_prefix(qb, k, v, cache,
+                                            (prefix_mask, filled_slots, causal(query_index)))
+      out = in_query_blocks(attend, q, cfg.attention_block)
     out = Linear(cfg.d_model, dt, name="o_proj")(out.reshape(n, t, heads * hd))
     return out, (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
 

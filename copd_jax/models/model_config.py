@@ -13,7 +13,8 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 
 # ModelConfig fields that change how the model is computed, not what it computes (nor
 # its parameters): a checkpoint saved with any value serves every other value.
-EXECUTION_FIELDS = ("remat", "attention_block")
+EXECUTION_FIELDS = ("remat", "attention_block", "attention_kernel")
+ATTENTION_KERNELS = ("xla", "splash", "auto")
 
 
 def require_positive_int(owner: str, name: str, value) -> int:
@@ -103,6 +104,11 @@ class ModelConfig:
   # pass, so no [T, T] score matrix of a whole sequence is ever built: the memory-efficient
   # attention for long sequences (training and teacher scoring). Same values.
   attention_block: int = 0
+  # Which attention computes training and teacher scoring: "xla" (dense, or blocked with
+  # attention_block), "splash" (JAX's Pallas splash-attention kernel: flash-style, on TPU;
+  # interpret mode elsewhere, for tests) or "auto" (splash on TPU, xla elsewhere). The
+  # sampler's decode steps always use xla (one query per row: no [T, T] scores).
+  attention_kernel: str = "xla"
 
   def __post_init__(self):
     if self.vision is not None and not isinstance(self.vision, VisionConfig):
@@ -128,6 +134,14 @@ class ModelConfig:
     return cls(**fields)
 
   @property
+  def uses_splash_attention(self) -> bool:
+    """True when attention runs through the Pallas splash kernel (see attention_kernel)."""
+    if self.attention_kernel == "auto":
+      import jax  # here, not at import time: the backend is chosen when first used
+      return jax.default_backend() == "tpu"
+    return self.attention_kernel == "splash"
+
+  @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
 
@@ -139,6 +153,9 @@ class ModelConfig:
         or self.attention_block < 0:
       raise ValueError(f"ModelConfig.attention_block must be an integer >= 0 (0 = no "
                        f"blocking), got {self.attention_block!r}")
+    if self.attention_kernel not in ATTENTION_KERNELS:
+      raise ValueError(f"ModelConfig.attention_kernel must be one of {ATTENTION_KERNELS}, "
+                       f"got {self.attention_kernel!r}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
                        f"num_kv_heads={self.num_kv_heads}")

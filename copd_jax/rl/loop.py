@@ -280,7 +280,7 @@ def run_stage(ctx: RunContext, stage: stages_lib.Stage, params, frozen_teachers=
   a row raise NonFiniteTrainingError)."""
   cfg, rl = ctx.cfg, ctx.cfg.rl
   ucfg = rows_lib.update_config(cfg, ctx.setup.model_cfg)
-  optimizer = update_lib.make_optimizer(rl.learning_rate, rl.grad_clip_norm, rl.weight_decay)
+  optimizer = update_lib.optimizer_for_stage(rl, stage.steps)
   opt_state = update_lib.init_optimizer_state(optimizer, params)
   if ctx.sharding is not None:  # on the mesh before the restore target is taken
     params = ctx.sharding.shard_params(params)

@@ -195,13 +195,35 @@ def select_branches(take_new, new_tree, old_tree):
 
 
 @functools.lru_cache(maxsize=None)
-def make_optimizer(learning_rate: float, grad_clip_norm: float, weight_decay: float = 0.0):
-  """Constant learning rate (the paper's), global-norm clipping per branch.
+def make_optimizer(learning_rate: float, grad_clip_norm: float, weight_decay: float = 0.0,
+                   schedule: str = "constant", decay_steps: int = 0,
+                   end_fraction: float = 0.0):
+  """AdamW with global-norm clipping per branch.
+
+  schedule "constant" (the paper's) keeps `learning_rate`; "cosine" decays it from
+  `learning_rate` to `end_fraction * learning_rate` over `decay_steps` optimizer steps
+  (a stage's length) and holds it there. The step count lives in the optimizer state,
+  so a resumed stage continues on the same curve.
 
   Cached: the optimizer is a static argument of the jitted update, so equal settings must
   give the same object, or every stage and run would recompile."""
+  if schedule == "constant":
+    rate = learning_rate
+  elif schedule == "cosine":
+    if decay_steps < 1:
+      raise ValueError(f"a cosine learning-rate schedule needs decay_steps >= 1, got {decay_steps}")
+    rate = optax.cosine_decay_schedule(learning_rate, decay_steps, alpha=end_fraction)
+  else:
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}; use 'constant' or 'cosine'")
   return optax.chain(optax.clip_by_global_norm(grad_clip_norm),
-                     optax.adamw(learning_rate, weight_decay=weight_decay))
+                     optax.adamw(rate, weight_decay=weight_decay))
+
+
+def optimizer_for_stage(rl, steps: int):
+  """The optimizer of a stage of `steps` optimizer steps under config.rl's settings."""
+  return make_optimizer(rl.learning_rate, rl.grad_clip_norm, rl.weight_decay,
+                        rl.get("lr_schedule", "constant"), max(int(steps), 1),
+                        float(rl.get("lr_end_fraction", 0.0)))
 
 
 def init_optimizer_state(optimizer, params: Params):
