@@ -431,13 +431,19 @@ def _check_generate_args(cfg, prompt_tokens, prompt_mask, vision, sampling, num_
     raise ValueError(f"prompt_mask must have the shape of prompt_tokens {shape}, got "
                      f"{tuple(prompt_mask.shape)}")
   if isinstance(cfg, Qwen3VLConfig):
-    if not isinstance(vision, qwen3_vl_decode.VisionInputs):
+    if isinstance(vision, qwen3_vl_decode.PromptMedia):  # per prompt, a vision budget
+      want = shape[:-1] + (3, shape[-1])
+      where = f"int[{'E, ' if lead else ''}B, 3, P]"
+    elif isinstance(vision, qwen3_vl_decode.VisionInputs):  # the batch's media at once
+      want = (3,) + shape
+      where = f"int[3, {'E, ' if lead else ''}B, P]"
+    else:
       raise ValueError("a Qwen3-VL prompt batch needs vision=qwen3_vl_decode.VisionInputs "
-                       f"(vision_inputs(...)), got {type(vision).__name__}")
-    want = (3,) + shape
+                       "(vision_inputs(...)) or qwen3_vl_decode.PromptMedia (prompt_media"
+                       f"(...)), got {type(vision).__name__}")
     if tuple(vision.position_ids.shape) != want:
-      raise ValueError(f"vision.position_ids must be int[3, {'E, ' if lead else ''}B, P] = "
-                       f"{want}, got {tuple(vision.position_ids.shape)}")
+      raise ValueError(f"vision.position_ids must be {where} = {want}, got "
+                       f"{tuple(vision.position_ids.shape)}")
     media = {cfg.image_token_id, cfg.video_token_id}
     if not media <= set(sampling.banned_token_ids):
       raise ValueError(f"sampling.banned_token_ids must hold the image / video pad tokens "
@@ -467,7 +473,7 @@ def generate(params, cfg: model_config.ModelConfig, prompt_tokens, prompt_mask, 
 
   prompt_tokens: int32[B, P] LEFT-padded; prompt_mask: bool[B, P];
   vision: f32[B, F, H, W, C] or None (the toy model), or for a Qwen3-VL cfg the batch's
-  qwen3_vl_decode.VisionInputs (its vision tower runs once per prompt);
+  qwen3_vl_decode.VisionInputs or PromptMedia (the vision tower runs once per prompt);
   key: a PRNG key.
   Returns a Rollout with [B, G, R] fields (G = num_samples, R = sampling.max_new_tokens).
   """
@@ -482,6 +488,9 @@ def generate_by_recompute(params, cfg: model_config.ModelConfig, prompt_tokens, 
   every token (no cache, prompt computed per sample). An oracle and a baseline; slow."""
   _check_generate_args(cfg, prompt_tokens, prompt_mask, vision, sampling, num_samples)
   row_vision = None
+  if isinstance(vision, qwen3_vl_decode.PromptMedia):
+    raise ValueError("generate_by_recompute takes VisionInputs (the batch's media), not "
+                     "PromptMedia")
   if isinstance(cfg, Qwen3VLConfig):  # every sample row runs its prompt's media whole
     row_vision = qwen3_vl_decode.repeat_samples(cfg, vision, prompt_tokens, num_samples)
   return _generate_by_recompute_jit(params, cfg, prompt_tokens, prompt_mask, vision, key,

@@ -175,24 +175,26 @@ def get_rope_index(cfg: Qwen3VLConfig, input_ids, attention_mask=None, image_gri
 
 
 class VisionAttention(nn.Module):
-  """Multi-head self-attention over all patches, restricted to each segment, 2-D rotary."""
+  """Multi-head self-attention over patches, restricted to each segment, 2-D rotary.
+  x: f32[..., N, W] (any leading batch axes); same_segment: bool[..., N, N]."""
   vcfg: VisionTowerConfig
   dtype: Any
 
   @nn.compact
   def __call__(self, x, angles, same_segment):
     vcfg, dt = self.vcfg, self.dtype
-    n, w = x.shape
+    *lead, n, w = x.shape
     heads, hd = vcfg.num_heads, vcfg.head_dim
     f32 = dict(preferred_element_type=jnp.float32)
-    qkv = layers.Linear(3 * w, dt, use_bias=True, name="qkv")(x).reshape(n, 3, heads, hd)
-    q, k, v = (qkv[:, i] for i in range(3))
+    qkv = layers.Linear(3 * w, dt, use_bias=True, name="qkv")(x).reshape(*lead, n, 3, heads, hd)
+    q, k, v = (qkv[..., i, :, :] for i in range(3))
     q = (rotate_with_angles(q, angles) * hd ** -0.5).astype(dt)
     k = rotate_with_angles(k, angles).astype(dt)
-    scores = jnp.einsum("qhd,khd->hqk", q, k, **f32)
-    probs = jax.nn.softmax(jnp.where(same_segment[None], scores, _MASKED_SCORE), axis=-1)
-    out = jnp.einsum("hqk,khd->qhd", probs.astype(dt), v.astype(dt), **f32).reshape(n, w)
-    return layers.Linear(w, dt, use_bias=True, name="proj")(out)
+    scores = jnp.einsum("...qhd,...khd->...hqk", q, k, **f32)
+    probs = jax.nn.softmax(jnp.where(same_segment[..., None, :, :], scores, _MASKED_SCORE),
+                           axis=-1)
+    out = jnp.einsum("...hqk,...khd->...qhd", probs.astype(dt), v.astype(dt), **f32)
+    return layers.Linear(w, dt, use_bias=True, name="proj")(out.reshape(*lead, n, w))
 
 
 class VisionMLP(nn.Module):
@@ -235,38 +237,45 @@ class PatchMerger(nn.Module):
   def __call__(self, x):
     vcfg = self.vcfg
     merged = vcfg.hidden_size * vcfg.merge_unit
+    grouped = x.shape[:-2] + (-1, merged)  # [..., N / merge^2, merge^2 * W]
     norm = nn.LayerNorm(epsilon=vcfg.layer_norm_eps, dtype=jnp.float32, name="norm")
-    x = norm(x.reshape(-1, merged)) if self.postshuffle_norm else norm(x).reshape(-1, merged)
+    x = norm(x.reshape(grouped)) if self.postshuffle_norm else norm(x).reshape(grouped)
     x = layers.Linear(merged, self.dtype, use_bias=True, name="linear_fc1")(x)
     return layers.Linear(vcfg.out_hidden_size, self.dtype, use_bias=True,
                         name="linear_fc2")(jax.nn.gelu(x, approximate=False))
 
 
 class VisionTower(nn.Module):
-  """pixel patches f32[N, patch_dim] -> (tokens f32[N/merge^2, D], DeepStack features
-  tuple of f32[N/merge^2, D], one per deepstack_visual_indexes entry)."""
+  """pixel patches f32[..., N, patch_dim] -> (tokens f32[..., N/merge^2, D], DeepStack
+  features tuple of f32[..., N/merge^2, D], one per deepstack_visual_indexes entry).
+
+  The patch layout comes from static `grids` (vision_layout), or, for batches of prompts
+  padded to a fixed vision budget, as arrays `layout` = (interp_index int32[..., N, 4],
+  interp_weight f32[..., N, 4], rotary_rc int32[..., N, 2], segment int32[..., N]) with
+  the patches' leading axes (see qwen3_vl_decode.prompt_media). Attention never crosses a
+  segment (one frame of one image or video), nor a leading batch index."""
   vcfg: VisionTowerConfig
   dtype: Any
 
   @nn.compact
-  def __call__(self, patches, grids: tuple[Grid, ...]):
+  def __call__(self, patches, grids: tuple[Grid, ...] = (), layout=None):
     vcfg = self.vcfg
-    interp_index, interp_weight, rotary_rc, segment = vision_layout(grids, vcfg)
+    if layout is None:
+      layout = tuple(jnp.asarray(x) for x in vision_layout(grids, vcfg))
+    interp_index, interp_weight, rotary_rc, segment = layout
     x = layers.Linear(vcfg.hidden_size, self.dtype, use_bias=True, name="patch_embed")(
         patches.astype(jnp.float32))
     pos_table = self.param("pos_embed", nn.initializers.normal(0.02),
                            (vcfg.num_position_embeddings, vcfg.hidden_size), jnp.float32)
-    pos = jnp.einsum("nkw,nk->nw", pos_table[jnp.asarray(interp_index)],
-                     jnp.asarray(interp_weight))
+    pos = jnp.einsum("...kw,...k->...w", pos_table[interp_index], interp_weight)
     x = x + pos
     # Row and column angles each use head_dim/4 frequencies of the head_dim/2 rotary pairs.
     quarter = vcfg.head_dim // 4
     inv_freq = 1.0 / (vcfg.rope_theta ** (np.arange(quarter, dtype=np.float32) * 2
                                           / (vcfg.head_dim // 2)))
-    angles = jnp.asarray((rotary_rc[:, :, None].astype(np.float32) * inv_freq)
-                         .reshape(len(rotary_rc), 2 * quarter))
-    segment = jnp.asarray(segment)
-    same_segment = segment[:, None] == segment[None, :]
+    angles = (rotary_rc[..., None].astype(jnp.float32) * inv_freq).reshape(
+        rotary_rc.shape[:-1] + (2 * quarter,))
+    same_segment = segment[..., :, None] == segment[..., None, :]
     deepstack = []  # in block order, as HF (the k-th is injected after decoder layer k)
     for i in range(vcfg.depth):
       x = VisionBlock(vcfg, self.dtype, name=f"blocks_{i}")(x, angles, same_segment)
@@ -328,6 +337,33 @@ class Qwen3VL(decoder.Decoder):
           hidden = _add_in_order(hidden, is_slot, deepstack[i])
       return hidden
     angles = mrope_angles(position_ids, text.head_dim, text.rope_theta, vl.mrope_section)
+    return self.decode(x, angles, attention_mask.astype(bool), after_layer=add_deepstack)
+
+  def forward_prompts(self, input_ids, attention_mask, media):
+    """Prompts whose media are padded to a fixed vision budget (qwen3_vl_decode.PromptMedia,
+    leading axis B like input_ids int32[B, P]): the tower runs on each prompt's own
+    patches, and its k-th image (video) token fills the prompt's k-th image (video) pad
+    token. Returns what __call__ returns."""
+    vl, text = self.vl, self.cfg
+    x = self.embed(input_ids)
+    tokens, deepstack = self.visual(media.patches, layout=media.layout)  # [B, M, D]
+    is_image, is_video = input_ids == vl.image_token_id, input_ids == vl.video_token_id
+    # Which of the prompt's vision tokens each position takes (-1: none): images first,
+    # then the videos, in prompt order (as prompt_media lays the patches out).
+    slot = jnp.where(is_image, jnp.cumsum(is_image, axis=1) - 1,
+                     jnp.where(is_video, jnp.cumsum(is_video, axis=1) - 1
+                               + media.image_tokens[:, None], -1))
+    take = lambda values: jnp.take_along_axis(  # noqa: E731 [B, M, D] -> [B, P, D]
+        values, jnp.clip(slot, 0, values.shape[1] - 1)[..., None], axis=1)
+    is_slot = (slot >= 0)[..., None]
+    x = jnp.where(is_slot, take(tokens).astype(x.dtype), x)
+
+    def add_deepstack(i, hidden):
+      if i < len(deepstack):
+        hidden = hidden + jnp.where(is_slot, take(deepstack[i]).astype(hidden.dtype), 0.0)
+      return hidden
+    angles = mrope_angles(jnp.moveaxis(media.position_ids, -2, 0), text.head_dim,
+                          text.rope_theta, vl.mrope_section)
     return self.decode(x, angles, attention_mask.astype(bool), after_layer=add_deepstack)
 
   def decode_tokens(self, tokens, positions, prefix_mask, cache, write_index):

@@ -9,7 +9,7 @@ text, so t = h = w, continuing one past the prompt's largest position (what HF's
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -17,12 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from copd_jax.models import decoder
 from copd_jax.models.qwen3_vl import (
   Qwen3VL,
   VisionTower,
   _module,
   check_inputs,
   get_rope_index,
+  vision_layout,
 )
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig, grids_to_tuple
 
@@ -59,17 +61,123 @@ def vision_inputs(cfg: Qwen3VLConfig, input_ids, attention_mask, pixel_values=No
                       as_f32(pixel_values_videos), image_grids, video_grids)
 
 
-def prefill(params: Params, cfg: Qwen3VLConfig, tokens, token_mask, vision: VisionInputs):
-  """The prompt pass: (hidden f32[B, P, D], per-layer (k, v) [B, K, P, Dh])."""
+@flax.struct.dataclass
+class PromptMedia:
+  """Each prompt's media padded to a fixed vision budget of N patches, so prompts with
+  images and videos of any size share one compiled program. Leading axes (written [B])
+  are the prompts'; in training rows they are [S, R] like every other row array.
+
+  patches: f32[B, N, patch_dim] -- the prompt's image patches, then its video patches
+    (processor order), then zeros;
+  layout: (interp_index int32[B, N, 4], interp_weight f32[B, N, 4], rotary_rc
+    int32[B, N, 2], segment int32[B, N]) -- vision_layout of the prompt's grids, padding
+    patches in a segment of their own (-1);
+  image_tokens: int32[B] -- how many of the prompt's vision tokens are images (its video
+    tokens follow);
+  position_ids: int32[B, 3, P] -- the prompt's (t, h, w) positions (get_rope_index).
+  """
+  patches: jax.Array
+  layout: tuple
+  image_tokens: jax.Array
+  position_ids: jax.Array
+
+
+def _media_of(cfg: Qwen3VLConfig, b: int, item: dict, budget: int):
+  """One prompt's (patches, layout, image tokens) padded to `budget` patches."""
+  vcfg = cfg.vision
+  image_grids = grids_to_tuple(item.get("image_grid_thw"), f"prompt {b}: image_grid_thw")
+  video_grids = grids_to_tuple(item.get("video_grid_thw"), f"prompt {b}: video_grid_thw")
+  pieces = [np.asarray(item[k], np.float32) for k in ("pixel_values", "pixel_values_videos")
+            if item.get(k) is not None]
+  patches = np.concatenate(pieces) if pieces else np.zeros((0, vcfg.patch_dim), np.float32)
+  if len(patches) > budget:
+    raise ValueError(f"prompt {b}: its images and videos make {len(patches)} patches, more "
+                     f"than the vision budget of {budget} patches per prompt; resize the "
+                     "media or raise the budget")
+  pad = budget - len(patches)
+  if image_grids or video_grids:
+    index, weight, rc, segment = vision_layout(image_grids + video_grids, vcfg)
+  else:  # a text-only prompt: every patch is padding
+    index, weight = np.zeros((0, 4), np.int32), np.zeros((0, 4), np.float32)
+    rc, segment = np.zeros((0, 2), np.int32), np.zeros((0,), np.int32)
+  layout = (np.pad(index, [(0, pad), (0, 0)]), np.pad(weight, [(0, pad), (0, 0)]),
+            np.pad(rc, [(0, pad), (0, 0)]), np.pad(segment, [(0, pad)], constant_values=-1))
+  image_tokens = sum(t * h * w for t, h, w in image_grids) // vcfg.merge_unit
+  return np.pad(patches, [(0, pad), (0, 0)]), layout, image_tokens
+
+
+def prompt_media(cfg: Qwen3VLConfig, input_ids, attention_mask, media: Sequence[dict],
+                 budget: int) -> PromptMedia:
+  """Host side: a LEFT-padded prompt batch int[B, P] and each prompt's media (media[b]: a
+  dict with any of pixel_values / image_grid_thw / pixel_values_videos / video_grid_thw,
+  as vision_preprocess makes them) -> PromptMedia with `budget` patches per prompt.
+  Errors name the prompt: media over the budget, a grid the merger cannot split, a
+  placeholder count that disagrees with the media."""
+  ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+  if len(media) != len(ids):
+    raise ValueError(f"media has {len(media)} entries for {len(ids)} prompts")
+  if budget <= 0 or budget % cfg.vision.merge_unit:
+    raise ValueError(f"the vision budget ({budget} patches) must be a positive multiple of "
+                     f"merge_size^2 = {cfg.vision.merge_unit}")
+  out, positions = [], []
+  for b, item in enumerate(media):
+    try:
+      check_inputs(cfg, ids[b:b + 1], mask[b:b + 1], item.get("pixel_values"),
+                   grids_to_tuple(item.get("image_grid_thw"), "image_grid_thw"),
+                   item.get("pixel_values_videos"),
+                   grids_to_tuple(item.get("video_grid_thw"), "video_grid_thw"))
+    except ValueError as e:
+      raise ValueError(f"prompt {b}: {e}") from e
+    out.append(_media_of(cfg, b, item, budget))
+    position_ids, _ = get_rope_index(cfg, ids[b:b + 1], mask[b:b + 1],
+                                     item.get("image_grid_thw"), item.get("video_grid_thw"))
+    positions.append(np.asarray(position_ids)[:, 0])
+  patches, layouts, image_tokens = zip(*out)
+  layout = tuple(jnp.asarray(np.stack(parts)) for parts in zip(*layouts))
+  return PromptMedia(jnp.asarray(np.stack(patches)), layout,
+                     jnp.asarray(image_tokens, jnp.int32),
+                     jnp.asarray(np.stack(positions), jnp.int32))
+
+
+def _position_ids(vision) -> jax.Array:
+  """int32[3, B, P] of VisionInputs or PromptMedia."""
+  if isinstance(vision, PromptMedia):
+    return jnp.moveaxis(vision.position_ids, -2, 0)
+  return vision.position_ids
+
+
+def prefill(params: Params, cfg: Qwen3VLConfig, tokens, token_mask, vision):
+  """The prompt pass: (hidden f32[B, P, D], per-layer (k, v) [B, K, P, Dh]).
+  vision: VisionInputs (the batch's media in one tower call) or PromptMedia (per prompt)."""
+  if isinstance(vision, PromptMedia):
+    return _module(cfg).apply({"params": params}, tokens, token_mask.astype(bool), vision,
+                              method=Qwen3VL.forward_prompts)
   return _module(cfg).apply({"params": params}, tokens, token_mask.astype(bool),
                             vision.position_ids, vision.pixel_values, vision.image_grids,
                             vision.pixel_values_videos, vision.video_grids)
 
 
-def first_decode_positions(token_mask, vision: VisionInputs):
+def first_decode_positions(token_mask, vision):
   """int32[B]: the position of each prompt's first generated token (max position + 1)."""
-  valid = jnp.where(token_mask.astype(bool)[None], vision.position_ids, 0)
+  valid = jnp.where(token_mask.astype(bool)[None], _position_ids(vision), 0)
   return valid.max(axis=(0, 2)).astype(jnp.int32) + 1
+
+
+def forward_hidden_shared_prefix(params: Params, cfg: Qwen3VLConfig, prompt_tokens,
+                                 prompt_mask, media: PromptMedia, tokens):
+  """Teacher forcing of G continuations per prompt, each prompt (and its media) run once.
+
+  prompt_tokens: int32[B, P]; prompt_mask: bool[B, P]; media: PromptMedia [B];
+  tokens: int32[N, R], N = B*G, row b*G + j continues prompt b (text: positions continue
+  one past the prompt's largest, as in sampling). Returns (prompt hidden f32[B, P, D],
+  continuation hidden f32[N, R, D]) -- as decoder.forward_hidden_shared_prefix."""
+  prompt_hidden, prefix_kv = prefill(params, cfg, prompt_tokens, prompt_mask, media)
+  g = tokens.shape[0] // prompt_tokens.shape[0]
+  cache = decoder.init_decode_cache(prefix_kv, g, 0)
+  start = jnp.repeat(first_decode_positions(prompt_mask, media), g)
+  positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+  hidden, _ = decode_step(params, cfg, tokens, positions, prompt_mask, cache, 0)
+  return prompt_hidden, hidden
 
 
 def decode_step(params: Params, cfg: Qwen3VLConfig, tokens, positions, prefix_mask, cache,
@@ -128,12 +236,14 @@ def repeat_samples(cfg: Qwen3VLConfig, vision: VisionInputs, input_ids,
 @contextlib.contextmanager
 def vision_tower_calls():
   """Yields a list that records, per vision-tower call traced inside the block, how many
-  patches the tower received (a program already compiled is not traced again)."""
+  patches the tower received: N for a whole batch's media, (prompts, patches per prompt)
+  for PromptMedia (a program already compiled is not traced again)."""
   seen = []
 
   def record(next_fun, args, kwargs, context):
     if isinstance(context.module, VisionTower) and context.method_name == "__call__":
-      seen.append(int(args[0].shape[0]))
+      shape = tuple(int(n) for n in args[0].shape[:-1])  # [N] or, per prompt, [B, N]
+      seen.append(shape[0] if len(shape) == 1 else shape)
     return next_fun(*args, **kwargs)
   with nn.intercept_methods(record):
     yield seen

@@ -132,7 +132,10 @@ def group_advantages(rewards: np.ndarray, samples: int, scale_by_std: bool) -> t
 
 def build_rows(prompt_tokens, prompt_mask, frames, rollout: sampling.Rollout,
                advantages, opd_beta, samples: int) -> Rows:
-  """Stacked prompts [S, B, P] + rollout [S, B, G, R] -> Rows [S, B*G, P+R]."""
+  """Stacked prompts [S, B, P] + rollout [S, B, G, R] -> Rows [S, B*G, P+R].
+
+  frames: the prompts' media [S, B, ...] (the toy's frames, or Qwen3-VL's PromptMedia),
+  repeated for each prompt's G rows; or None."""
   tokens, positions, token_mask, response_mask = jax.vmap(sampling.rollout_to_sequences)(
       prompt_tokens, prompt_mask, rollout)
   old = jax.vmap(sampling.align_response_values, in_axes=(0, None))(
@@ -141,7 +144,7 @@ def build_rows(prompt_tokens, prompt_mask, frames, rollout: sampling.Rollout,
               response_mask=response_mask, old_logprobs=old,
               advantages=jnp.asarray(advantages, jnp.float32),
               opd_beta=jnp.asarray(opd_beta, jnp.float32),
-              frames=None if frames is None else jnp.repeat(jnp.asarray(frames), samples, axis=1))
+              frames=jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), samples, axis=1), frames))
 
 
 def completion_samples(examples, row_teacher: np.ndarray, local: np.ndarray, responses_of,

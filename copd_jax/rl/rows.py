@@ -16,7 +16,7 @@ from copd_jax.rl import objectives
 @dataclasses.dataclass(frozen=True)
 class UpdateConfig:
   """Static settings of the jitted update (hashable)."""
-  model: model_config.ModelConfig
+  model: model_config.ModelConfig  # or a Qwen3VLConfig (rows' frames: PromptMedia)
   loss: objectives.PolicyLossConfig
   kernel: kernels.KernelConfig
   scale_by_std: bool = True  # GRPO (True) or Dr.GRPO (False) group advantages
@@ -50,7 +50,9 @@ class Rows:
   response_mask: f32[S, R, T] (1 at t when token t+1 is a response token);
   old_logprobs: f32[S, R, T] (the sampler's, aligned like response_mask);
   advantages: f32[S, R] (RL advantage of the row); opd_beta: f32[S, R] (beta of the
-  row's teacher, 0 for native rows); frames: f32[S, R, F, H, W, C].
+  row's teacher, 0 for native rows); frames: the row's prompt media -- f32[S, R, F, H, W, C]
+  for the toy model, a qwen3_vl_decode.PromptMedia with leading [S, R] for Qwen3-VL (its
+  positions come from there), or None.
   """
   tokens: jax.Array
   positions: jax.Array

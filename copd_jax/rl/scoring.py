@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from copd_jax import kernels
-from copd_jax.models import decoder
+from copd_jax.models import decoder, qwen3_vl_decode
 from copd_jax.models.decoder import Params
+from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 from copd_jax.rl.rows import (
   Rows,
   UpdateConfig,
@@ -21,17 +22,32 @@ from copd_jax.rl.rows import (
 )
 
 
+def is_qwen3_vl(ucfg: UpdateConfig) -> bool:
+  """True when the policies are Qwen3-VL (rows' media: qwen3_vl_decode.PromptMedia)."""
+  return isinstance(ucfg.model, Qwen3VLConfig)
+
+
+def lm_head(params: Params, ucfg: UpdateConfig):
+  """f32[D, V]: the policy's LM head (the embedding transposed when tied)."""
+  return decoder.lm_head(params, ucfg.model.text if is_qwen3_vl(ucfg) else ucfg.model)
+
+
 def _shared_prefix_hidden(params: Params, ucfg: UpdateConfig, prompt_tokens, prompt_positions,
                           prompt_mask, frames, tokens, positions):
   """Hidden states f32[N, R, D] that predict the R continuation tokens of N = B*G rows.
 
-  prompt_*: [B, P] (frames [B, ...] or None); tokens, positions: int32[N, R], row b*G + j
-  continues prompt b. Each prompt runs once for its G rows
-  (model.forward_hidden_shared_prefix); the prompt's last column predicts token 0."""
+  prompt_*: [B, P] (frames: the prompts' media [B, ...] or None); tokens, positions:
+  int32[N, R], row b*G + j continues prompt b. Each prompt runs once for its G rows
+  (forward_hidden_shared_prefix); the prompt's last column predicts token 0. Qwen3-VL
+  takes its positions from the media (PromptMedia.position_ids): the 1-D ones are unused."""
   g = tokens.shape[0] // prompt_tokens.shape[0]
-  prompt_hidden, hidden = decoder.forward_hidden_shared_prefix(
-      params, ucfg.model, prompt_tokens, prompt_positions, prompt_mask, frames, tokens,
-      positions)
+  if is_qwen3_vl(ucfg):
+    prompt_hidden, hidden = qwen3_vl_decode.forward_hidden_shared_prefix(
+        params, ucfg.model, prompt_tokens, prompt_mask, frames, tokens)
+  else:
+    prompt_hidden, hidden = decoder.forward_hidden_shared_prefix(
+        params, ucfg.model, prompt_tokens, prompt_positions, prompt_mask, frames, tokens,
+        positions)
   b, _, d = prompt_hidden.shape
   last = jnp.broadcast_to(prompt_hidden[:, None, -1:], (b, g, 1, d)).reshape(b * g, 1, d)
   return jnp.concatenate([last, hidden[:, :-1]], axis=1)
@@ -46,9 +62,12 @@ def _response_hidden(params: Params, ucfg: UpdateConfig, tokens, positions, toke
   the response columns run per row (_shared_prefix_hidden). With P = 0 every row runs
   whole."""
   if not prompt_len:
+    if is_qwen3_vl(ucfg):
+      raise ValueError("Qwen3-VL rows need their prompt length (prompt_len > 0): the media "
+                       "belong to the prompt, which runs once for its samples")
     return decoder.forward_hidden(params, ucfg.model, tokens, positions, token_mask, frames)
   p, g = prompt_len, ucfg.samples_per_prompt
-  first = lambda x: None if x is None else first_of_groups(x, g)  # noqa: E731
+  first = lambda x: jax.tree.map(lambda y: first_of_groups(y, g), x)  # noqa: E731
   return _shared_prefix_hidden(params, ucfg, first(tokens[:, :p]), first(positions[:, :p]),
                                first(token_mask[:, :p]), first(frames),
                                tokens[:, p:], positions[:, p:])
@@ -59,7 +78,7 @@ def _sequence_logprobs(params: Params, ucfg: UpdateConfig, tokens, positions, to
   """Sampled-token log-probs f32[N, W] of rows under one model, on the loss columns (no
   gradient use)."""
   hidden = _response_hidden(params, ucfg, tokens, positions, token_mask, frames, prompt_len)
-  return kernels.sampled_token_logprobs(hidden, decoder.lm_head(params, ucfg.model),
+  return kernels.sampled_token_logprobs(hidden, lm_head(params, ucfg),
                                         loss_targets(tokens, prompt_len), kernel=ucfg.kernel)
 
 
@@ -68,7 +87,7 @@ def _continuation_logprobs(params: Params, ucfg: UpdateConfig, prompt_tokens, pr
   """Log-probs f32[N, R] of the continuation tokens int32[N, R] (see _shared_prefix_hidden)."""
   hidden = _shared_prefix_hidden(params, ucfg, prompt_tokens, prompt_positions, prompt_mask,
                                  frames, tokens, positions)
-  return kernels.sampled_token_logprobs(hidden, decoder.lm_head(params, ucfg.model), tokens,
+  return kernels.sampled_token_logprobs(hidden, lm_head(params, ucfg), tokens,
                                         kernel=ucfg.kernel)
 
 
@@ -130,9 +149,8 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
 
   packed = jnp.where(rows.token_mask, rows.tokens, -1)  # the mask travels inside the ids
   valid = jnp.swapaxes(routing["send_valid"], 0, 1)  # [J, S, C]
-  frames = None
-  if rows.frames is not None:  # once per prompt
-    frames = teacher_rows(swap(local(rows.frames, prompt_row)))
+  # The media travel once per prompt (the toy's frames, or Qwen3-VL's PromptMedia).
+  frames = jax.tree.map(lambda x: teacher_rows(swap(local(x, prompt_row))), rows.frames)
   if prompt_len:
     p = prompt_len
     prompt = swap(local(packed[..., :p], prompt_row))  # [J, S, C // G, P]
@@ -156,6 +174,8 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
         jax.lax.stop_gradient(teacher_params), prompt_tokens, prompt_positions, prompt_mask,
         frames, jnp.maximum(response, 0), response_positions))  # [J, S*C, R]
   else:
+    if is_qwen3_vl(ucfg):
+      raise ValueError("teacher scoring of Qwen3-VL rows needs prompt_len > 0")
     packed = swap(local(packed, send_row))  # [J, S, C, T]
     # Padding rows attend to their first column only, so their (unused) softmax stays finite.
     mask = teacher_rows(jnp.where(valid[..., None], packed >= 0, jnp.arange(t) == 0))

@@ -13,7 +13,7 @@ from copd_jax.models import decoder
 from copd_jax.models.decoder import Params
 from copd_jax.rl import objectives
 from copd_jax.rl.rows import Rows, UpdateConfig, join_rows, loss_columns, loss_targets, split_rows
-from copd_jax.rl.scoring import _response_hidden, reference_logprobs, score_by_teachers
+from copd_jax.rl.scoring import _response_hidden, lm_head, reference_logprobs, score_by_teachers
 from copd_jax.sharding import RunSharding, ShardedFunction
 
 
@@ -25,7 +25,7 @@ def student_loss_sum(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
   columns are computed: the others have response_mask 0 and add nothing to the loss."""
   hidden = _response_hidden(params, ucfg, rows.tokens, rows.positions, rows.token_mask,
                             rows.frames, prompt_len)
-  head = decoder.lm_head(params, ucfg.model)
+  head = lm_head(params, ucfg)
   response_mask = loss_columns(rows.response_mask, prompt_len)
   opd_beta = None
   if teacher_logprobs is not None:
