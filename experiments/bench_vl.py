@@ -11,8 +11,15 @@ Last line: JSON with
                           patches once (not once per sample)
   compiles_per_bucket     sampler programs compiled over 5 steps that alternate two grid
                           buckets (the image batch, the video batch), per bucket; target <= 1
-Scope: the sampler. Training Qwen3-VL branches is not wired in yet, so these figures say
-nothing about the update.
+  training_compiles_per_bucket
+                          update programs compiled over 5 CoPD update steps (image and video
+                          branch, OPD between them) whose prompts change every step (images
+                          of two sizes, text only, video, video + image), all within one
+                          vision budget (PromptMedia): one bucket; target <= 1
+  training_vision_once_per_prompt
+                          true when the update's vision tower sees prompts, never sample rows
+Scope: the sampler and the jitted update (teacher scoring included); the run loop does not
+drive Qwen3-VL yet.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,8 +39,10 @@ import numpy as np  # noqa: E402
 from bench_copd import cpu_name  # noqa: E402
 from bench_sampler import time_side_by_side  # noqa: E402
 
-from copd_jax import sampling  # noqa: E402
+from copd_jax import kernels, sampling  # noqa: E402
 from copd_jax.models import qwen3_vl, qwen3_vl_decode  # noqa: E402
+from copd_jax.rl import objectives, rollout as rollout_lib, rows as rows_lib  # noqa: E402
+from copd_jax.rl import stages, update as update_lib  # noqa: E402
 
 FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests",
                        "fixtures", "hf", "qwen3_vl_tiny")
@@ -53,6 +63,71 @@ def prompt_batches(cfg) -> dict:
     vision = qwen3_vl_decode.vision_inputs(cfg, ids, mask, **media)
     out[name] = (jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool), vision)
   return out
+
+
+def budget_prompts(cfg, length: int = 23) -> list[tuple]:
+  """The fixture's 4 reference prompts (two images of different sizes; text only; a
+  video; a video and an image), left-padded to `length`, each with its media dict."""
+  with np.load(os.path.join(FIXTURE, "reference.npz")) as ref:
+    ref = dict(ref)
+  first = int(np.prod(ref["image_grid_thw"][0]))
+  video = dict(pixel_values_videos=ref["video_pixel_values"], video_grid_thw=ref["video_grid_thw"])
+  items = [("image", 0, dict(pixel_values=ref["image_pixel_values"],
+                             image_grid_thw=ref["image_grid_thw"])),
+           ("image", 1, {}), ("video", 0, video),
+           ("mixed", 0, dict(video, pixel_values=ref["image_pixel_values"][first:],
+                             image_grid_thw=ref["image_grid_thw"][1:]))]
+  out = []
+  for name, row, media in items:
+    ids, mask = ref[f"{name}_input_ids"][row], ref[f"{name}_attention_mask"][row]
+    pad = length - len(ids)
+    out.append((np.pad(ids, (pad, 0)), np.pad(mask, (pad, 0)), media))
+  return out
+
+
+def training_compiles(cfg, params, samples: int, steps: int = 5, budget: int = 64):
+  """(update programs compiled, tower calls seen, seconds per update after the first) over
+  `steps` updates of two branches (image, video) with OPD between them; each step every
+  student takes 2 native and 2 cross prompts from the 4 reference prompts, rotated."""
+  prompts = budget_prompts(cfg)
+  stacked = jax.tree.map(lambda x: jnp.stack([x, x * 1.01]), params)
+  u = rows_lib.UpdateConfig(model=cfg, loss=objectives.PolicyLossConfig(),
+                            kernel=kernels.KernelConfig(backend="chunked", vocab_tile=32,
+                                                        token_tile=64),
+                            samples_per_prompt=samples)
+  optimizer = update_lib.make_optimizer(1e-4, 1.0)
+  opt_state = update_lib.init_optimizer_state(optimizer, stacked)
+  routing = stages.teacher_routing(np.array([[1, 1], [0, 0]], np.int32), 2, samples=samples,
+                                   native_rows=2 * samples).as_arrays()
+  config = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, stop_token_ids=(2,),
+                                   banned_token_ids=(IMAGE_PAD, VIDEO_PAD))
+  before = update_lib.update._cache_size()
+  seen, times = [], []
+  for step in range(steps):
+    ids, mask, media = [], [], []
+    for k in range(2):  # each student: 4 of the prompts, a different rotation each step
+      chosen = [prompts[(step + k + i) % 4] for i in range(4)]
+      ids.append(np.stack([c[0] for c in chosen]))
+      mask.append(np.stack([c[1] for c in chosen]))
+      media.append(qwen3_vl_decode.prompt_media(cfg, ids[-1], mask[-1], [c[2] for c in chosen],
+                                                budget))
+    ids, mask = jnp.asarray(np.stack(ids), jnp.int32), jnp.asarray(np.stack(mask), bool)
+    media = jax.tree.map(lambda *xs: jnp.stack(xs), *media)
+    rollout = sampling.stacked_generate(stacked, cfg, ids, mask, media,
+                                        jax.random.split(jax.random.key(step), 2), config,
+                                        samples)
+    beta = np.zeros((2, 4 * samples), np.float32)
+    beta[:, 2 * samples:] = 1.0
+    rows = rollout_lib.build_rows(ids, mask, media, rollout, np.zeros((2, 4 * samples)), beta,
+                                  samples)
+    start = time.perf_counter()
+    with qwen3_vl_decode.vision_tower_calls() as calls:
+      stacked, opt_state, _ = jax.block_until_ready(update_lib.update(
+          stacked, opt_state, stacked, rows, routing, ucfg=u, optimizer=optimizer, distil=True,
+          prompt_len=ids.shape[-1]))
+    times.append(time.perf_counter() - start)
+    seen += calls
+  return update_lib.update._cache_size() - before, seen, float(np.mean(times[1:]))
 
 
 def tower_patches(fn) -> list[int]:
@@ -105,14 +180,22 @@ def main():
   per_bucket = compiled / len(set(order))
   print(f"compiles over {len(order)} steps alternating {len(set(order))} buckets: {compiled}",
         flush=True)
+  compiled_updates, update_towers, update_s = training_compiles(cfg, params, samples)
+  per_prompt = bool(update_towers) and all(
+      isinstance(c, tuple) and c[0] <= 4 for c in update_towers)  # <= 4 prompts, 4*G rows
+  print(f"training: {compiled_updates} update program(s) over 5 steps; tower calls "
+        f"(prompts, patches): {update_towers}; {update_s:.3f} s per update", flush=True)
   print(json.dumps({"bench": "qwen3_vl_sampling", "quick": args.quick, "cpu": cpu_name(),
                     "vl_kv_cache_speedup": round(speedup, 2),
                     "vision_once_per_prompt": bool(once),
                     "compiles_per_bucket": per_bucket,
                     "cached_s": round(times["cached"], 4),
                     "recompute_s": round(times["recompute"], 4),
+                    "training_compiles_per_bucket": compiled_updates,
+                    "training_vision_once_per_prompt": per_prompt,
+                    "update_s": round(update_s, 3),
                     "samples_per_prompt": samples, "new_tokens": new_tokens,
-                    "scope": "sampler"}))
+                    "scope": "sampler and update"}))
 
 
 if __name__ == "__main__":
