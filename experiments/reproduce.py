@@ -21,6 +21,7 @@ smaller eval set: a check that RL learns, in about 10 minutes.
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import json
 import os
@@ -47,6 +48,18 @@ EQUIVALENCE_MARGIN_POINTS = 2.0
 
 # ------------------------------------------------------------------------------ runs
 
+def parse_setting(item: str):
+  """'rl.lr_schedule=cosine' -> ('rl.lr_schedule', 'cosine'); values are Python literals
+  where they parse as one ('3e-4' -> 0.0003), else strings."""
+  field, sep, value = item.partition("=")
+  if not sep or not field:
+    raise SystemExit(f"--set takes field=value, got {item!r}")
+  try:
+    return field, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return field, value
+
+
 def make_config(method: str, seed: int, workdir: str, args, **overrides):
   cfg = default_config.get(method, "toy")
   cfg.seed = seed
@@ -56,6 +69,9 @@ def make_config(method: str, seed: int, workdir: str, args, **overrides):
   if args.quick and args.quick_steps:
     cfg.rl.steps = cfg.rl.distill_steps = args.quick_steps
     cfg.rl.eval_every = max(1, args.quick_steps // 4)
+  for item in getattr(args, "set", None) or ():  # --set field=value: the recipe, every run
+    field, value = parse_setting(item)
+    default_config.set_field(cfg, field, value)
   for field, value in overrides.items():  # keyword `a__b` sets config field a.b
     default_config.set_field(cfg, field.replace("__", "."), value)
   return cfg
@@ -425,6 +441,8 @@ def main(argv=None):
   parser.add_argument("--runs", default=None,
                       help="default experiments/results/runs (quick: runs/reproduce_quick)")
   parser.add_argument("--base_dir", default="experiments/results/base_policy")
+  parser.add_argument("--set", action="append", default=[],
+                      help="field=value for every run (the recipe), e.g. rl.lr_schedule=cosine")
   args = parser.parse_args(argv)
   seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
   args.eval_examples = args.eval_examples or (300 if args.quick else 1000)

@@ -1,8 +1,10 @@
 """The claim verdicts of experiments/reproduce.py on hand-built per-item rewards."""
+import argparse
 import os
 import sys
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 import reproduce  # noqa: E402
@@ -64,3 +66,14 @@ def test_missing_runs_are_inconclusive():
   c = reproduce.claims(m)
   assert c["mopd_absorbs_less"]["verdict"] == "inconclusive"
   assert c["copd_beats_all"]["verdict"] == "inconclusive"
+
+
+def test_recipe_settings_reach_every_run_config():
+  args = argparse.Namespace(base_dir="b", eval_examples=10, quick=False, quick_steps=0,
+                            set=["rl.lr_schedule=cosine", "rl.learning_rate=3e-4",
+                                 "warm_start.steps=1500"])
+  cfg = reproduce.make_config("experts", 1, "w", args, rl__steps=7)
+  assert (cfg.rl.lr_schedule, cfg.rl.learning_rate, cfg.warm_start.steps) == ("cosine", 3e-4, 1500)
+  assert cfg.rl.steps == 7 and cfg.seed == 1
+  with pytest.raises(SystemExit, match="field=value"):
+    reproduce.parse_setting("rl.steps")
