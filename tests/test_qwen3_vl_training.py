@@ -226,3 +226,55 @@ def test_bad_media_are_named_before_anything_compiles(model, ref):
     qwen3_vl_decode.prompt_media(cfg, ids, mask, media, budget=30)
   with pytest.raises(ValueError, match="prompt_len > 0"):
     scoring._response_hidden(None, ucfg(cfg), None, None, None, None, 0)
+
+
+def test_three_branches_on_an_expert_mesh_match_the_single_device_update(model, ref):
+  """Text (hub), image and video branches on a 6-device mesh (expert=3 x data=2): the
+  sharded update (media exchanged across `expert`) gives the single-device update's
+  parameters and metrics, and compiles once for two steps."""
+  from copd_jax import sharding
+  cfg, params = model
+  sets = prompts(ref)
+  text_prompts = (sets["image"][0][[1, 1]], sets["image"][1][[1, 1]], [{}, {}])
+  sets["text"] = text_prompts
+  order = [("text", ("image", "video")), ("image", ("text",)), ("video", ("text",))]
+  ids, mask, media = [], [], []
+  for own, teachers in order:
+    cross = [(sets[t][0][0], sets[t][1][0], sets[t][2][0]) for t in teachers]
+    if len(cross) == 1:
+      cross.append((sets[teachers[0]][0][1], sets[teachers[0]][1][1], sets[teachers[0]][2][1]))
+    ids.append(np.concatenate([sets[own][0], np.stack([c[0] for c in cross])]))
+    mask.append(np.concatenate([sets[own][1], np.stack([c[1] for c in cross])]))
+    media.append(qwen3_vl_decode.prompt_media(cfg, ids[-1], mask[-1],
+                                              list(sets[own][2]) + [c[2] for c in cross],
+                                              BUDGET))
+  ids, mask = jnp.asarray(np.stack(ids), jnp.int32), jnp.asarray(np.stack(mask), bool)
+  media = jax.tree.map(lambda *xs: jnp.stack(xs), *media)
+  stacked = branches(params, count=3)
+  rollout = sampling.stacked_generate(stacked, cfg, ids, mask, media,
+                                      jax.random.split(jax.random.key(4), 3), sampler(), G)
+  beta = np.zeros((3, 4 * G), np.float32)
+  beta[:, 2 * G:] = 0.5
+  advantages = np.random.default_rng(5).normal(size=(3, 4 * G)).astype(np.float32)
+  rows = rollout_lib.build_rows(ids, mask, media, rollout, advantages, beta, G)
+  assignment = np.array([[1, 2], [0, 0], [0, 0]], np.int32)  # hub = text
+  routing = stages.teacher_routing(assignment, 3, samples=G, native_rows=2 * G)
+  optimizer = __import__("optax").sgd(0.05)
+  state = update_lib.init_optimizer_state(optimizer, stacked)
+  u = ucfg(cfg)
+  want = update_lib.update(stacked, state, stacked, rows, routing.as_arrays(), ucfg=u,
+                           optimizer=optimizer, distil=True, prompt_len=P)
+  run = sharding.RunSharding(sharding.make_mesh(dict(expert=3, data=2, fsdp=1, tensor=1),
+                                                jax.devices()[:6]))
+  fn = update_lib.sharded_update(run, u, optimizer, distil=True, kl=False,
+                                 cross_row_start=2 * G, prompt_len=P)
+  placed = run.shard_params(stacked)
+  host_rows = jax.tree.map(np.asarray, rows)
+  host_routing = {k: np.asarray(v) for k, v in routing.as_arrays().items()}
+  got = fn(placed, state, placed, host_rows, host_routing, None)
+  assert got[0]["embed_tokens"]["embedding"].sharding.spec[0] == "expert"
+  assert (np.asarray(want[2]["opd/tokens"]) > 0).all()
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(run.to_host(got))):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=2e-5)
+  fn(got[0], got[1], got[0], host_rows, host_routing, None)
+  assert fn.num_compiled == 1
