@@ -1,6 +1,7 @@
 """Ablate CoPD on the toy suite: interleave schedule, beta, hub / full mesh, branches.
 
     python experiments/ablate.py [--seeds 0,1,2] [--only schedule,beta,hub,branches]
+        [--set field=value ...]   (the same recipe as the reproduction it extends)
 
 Every variant is the `copd` config with overrides (nothing else changes), from the same
 shared base, at the same budget (rl.steps per branch), evaluated on the same held-out
@@ -82,9 +83,13 @@ def main(argv=None):
   parser.add_argument("--only", default="schedule,beta,hub,branches")
   parser.add_argument("--eval_examples", type=int, default=1000)
   parser.add_argument("--out", default="experiments/results")
-  parser.add_argument("--runs", default="runs/ablate")
-  parser.add_argument("--runs_reproduce", default="runs/reproduce")
+  parser.add_argument("--runs", default="experiments/results/ablation/runs",
+                      help="variants' run directories (their small files are committed)")
+  parser.add_argument("--runs_reproduce", default="experiments/results/runs",
+                      help="reproduce.py's runs: the reference variant is its CoPD run")
   parser.add_argument("--base_dir", default="experiments/results/base_policy")
+  parser.add_argument("--set", action="append", default=[],
+                      help="field=value for every run (the recipe; must match reproduce.py's)")
   args = parser.parse_args(argv)
   args.quick = False
   seeds = [int(s) for s in args.seeds.split(",")]
