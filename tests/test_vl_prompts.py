@@ -118,3 +118,35 @@ def test_bad_prompts_and_checkpoints_are_named(checkpoint, tmp_path_factory):
   os.remove(os.path.join(checkpoint, "preprocessor_config.json"))
   with pytest.raises(FileNotFoundError, match="preprocessor_config.json not found"):
     vl_prompts.VLPromptProcessor.from_checkpoint(checkpoint)
+
+
+def test_the_run_fixture_reads_its_records_through_its_own_processor():
+  """tests/fixtures/hf/qwen3_vl_run (experiments/make_qwen3_vl_run_fixture.py): its
+  checkpoint, tokenizer, template and processor files agree with each other and with
+  the records in tests/fixtures/data/vl -- prompts encode, their media lay out, and the
+  model runs them in one batch (images of two sizes, a video) within one vision budget."""
+  from PIL import Image
+  run = os.path.join(HERE, "fixtures", "hf", "qwen3_vl_run")
+  data = os.path.join(HERE, "fixtures", "data", "vl")
+  cfg, params = qwen3_vl.load_qwen3_vl(run)
+  processor = vl_prompts.VLPromptProcessor.from_checkpoint(run)
+  load = lambda name: np.asarray(Image.open(os.path.join(data, name)).convert("RGB"))  # noqa: E731
+  encoded = []
+  for name in ("text", "image", "video"):
+    for line in open(os.path.join(data, f"{name}.jsonl")):
+      record = json.loads(line)
+      frames = [load(f) for f in record.get("video_frames", [])]
+      encoded.append(processor.encode(
+          record["prompt"], images=[load(f) for f in record.get("images", [])],
+          video=np.stack(frames) if frames else None, video_fps=record.get("video_fps"),
+          where=record["id"]))
+  length = max(len(ids) for ids, _ in encoded)
+  ids = np.array([[0] * (length - len(i)) + i for i, _ in encoded])
+  mask = np.array([[0] * (length - len(i)) + [1] * len(i) for i, _ in encoded])
+  media = qwen3_vl_decode.prompt_media(cfg, ids, mask, [m for _, m in encoded], budget=64)
+  grids = {tuple(m["image_grid_thw"][0]) for _, m in encoded if "image_grid_thw" in m}
+  assert grids == {(1, 4, 6), (1, 2, 2)}  # two image sizes
+  assert any("video_grid_thw" in m for _, m in encoded)
+  hidden, _ = qwen3_vl_decode.prefill(params, cfg, ids, mask, media)
+  assert hidden.shape == (len(encoded), length, cfg.text.d_model)
+  assert np.isfinite(np.asarray(hidden)[mask.astype(bool)]).all()
