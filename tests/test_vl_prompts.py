@@ -17,19 +17,11 @@ from copd_jax.models import qwen3_vl, qwen3_vl_decode
 HERE = os.path.dirname(__file__)
 TOKENIZER = os.path.join(HERE, "fixtures", "hf", "qwen3_tiny", "tokenizer")
 VL_FIXTURE = os.path.join(HERE, "fixtures", "hf", "qwen3_vl_tiny")
-# A Qwen3-VL-style template: content items become vision placeholders in order.
-TEMPLATE = (
-    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}"
-    "{%- for item in message['content'] %}"
-    "{%- if item['type'] == 'image' %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{%- elif item['type'] == 'video' %}{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
-    "{%- elif item['type'] == 'text' %}{{- item['text'] }}{%- endif %}{%- endfor %}"
-    "{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-PROCESSOR = {"patch_size": 8, "merge_size": 2, "temporal_patch_size": 2,
-             "size": {"shortest_edge": 64, "longest_edge": 1 << 20},
-             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+RUN_FIXTURE = os.path.join(HERE, "fixtures", "hf", "qwen3_vl_run")
+# The run fixture's Qwen3-VL-style template and processor settings
+# (experiments/make_qwen3_vl_run_fixture.py): content items become vision placeholders.
+TEMPLATE = json.load(open(os.path.join(RUN_FIXTURE, "tokenizer_config.json")))["chat_template"]
+PROCESSOR = json.load(open(os.path.join(RUN_FIXTURE, "preprocessor_config.json")))
 
 
 @pytest.fixture()
@@ -74,7 +66,7 @@ def test_images_of_two_sizes_get_one_pad_per_vision_token_in_order(checkpoint):
   np.testing.assert_array_equal(media["image_grid_thw"], [[1, 4, 6], [1, 2, 2]])
   assert runs(ids, tok.token_id(vl_prompts.IMAGE_PAD)) == [6, 1]
   want, _ = vp.preprocess_images(images, vp.VisionPreprocessConfig(
-      patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=1 << 20))
+      patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=4096))
   np.testing.assert_array_equal(media["pixel_values"], want)
   start, end, pad = vl_prompts.VISION_START, vl_prompts.VISION_END, vl_prompts.IMAGE_PAD
   assert ids == tok.encode(f"<|im_start|>user\n{start}{pad * 6}{end}{start}{pad}{end}"
@@ -126,7 +118,7 @@ def test_the_run_fixture_reads_its_records_through_its_own_processor():
   the records in tests/fixtures/data/vl -- prompts encode, their media lay out, and the
   model runs them in one batch (images of two sizes, a video) within one vision budget."""
   from PIL import Image
-  run = os.path.join(HERE, "fixtures", "hf", "qwen3_vl_run")
+  run = RUN_FIXTURE
   data = os.path.join(HERE, "fixtures", "data", "vl")
   cfg, params = qwen3_vl.load_qwen3_vl(run)
   processor = vl_prompts.VLPromptProcessor.from_checkpoint(run)

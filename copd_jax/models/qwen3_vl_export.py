@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from copd_jax.models import hf_checkpoint
-from copd_jax.models.qwen3_vl import hf_name_to_path, param_shapes
+from copd_jax.models.qwen3_vl import _hf_shape, hf_name_to_path, param_shapes
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 
 # What a Qwen3-VL processor reads besides the weights; copied when the source has them.
@@ -69,7 +69,6 @@ def _to_hf_layout(array: np.ndarray, how: str, hf_shape: tuple[int, ...]) -> np.
 
 def named_hf_arrays(params: Mapping, cfg: Qwen3VLConfig) -> list[tuple[str, np.ndarray]]:
   """(HF name, host array in HF layout) of every parameter, shapes checked against cfg."""
-  from copd_jax.models.qwen3_vl import _hf_shape  # the importer's layout rules
   expected = param_shapes(cfg)
   flat = {tuple(k.key for k in path): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
