@@ -339,6 +339,8 @@ def validate_records_and_init(cfg: ml_collections.ConfigDict) -> bool:
     _check_dir_with(field, tokenizer_dir, "tokenizer.json")
     check_no_fixture_defaults(cfg)
   _positive_int(cfg.data, "shuffle_seed", "data.", allow_zero=True)
+  if "vision_budget" in cfg.data:
+    _positive_int(cfg.data, "vision_budget", "data.", allow_zero=True)
   if cfg.data.get("reader", "builtin") not in ("builtin", "datasets"):
     _fail("data.reader", "must be 'builtin' or 'datasets'", cfg.data.reader)
   columns = cfg.data.get("columns", {})

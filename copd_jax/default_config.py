@@ -55,6 +55,9 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
       # the built-in procedural task suite (copd_jax/data/toy_tasks.py).
       train_files={}, eval_files={},
       shuffle_seed=0,  # grain shuffle of record datasets (procedural streams need none)
+      # Qwen3-VL: image / video patches per prompt, every prompt padded to it so one
+      # program serves any mix of media sizes; 0 = the most any train or eval record needs.
+      vision_budget=0,
       # How record files are read: "builtin" (JSONL lines / Parquet rows, errors name the
       # line) or "datasets" (the Hugging Face `datasets` library, offline). A directory
       # written by `Dataset.save_to_disk` is always read with `datasets.load_from_disk`.

@@ -1,4 +1,4 @@
-"""Export a finished run's policy as a Hugging Face Qwen3 checkpoint directory.
+"""Export a finished run's policy as a Hugging Face Qwen3 or Qwen3-VL checkpoint directory.
 
     python -m copd_jax.export --workdir=runs/hf_copd --out=/models/copd-merged
         [--branch=merged|<branch name>] [--dtype=bfloat16|float32]
@@ -9,8 +9,10 @@ errors, --traceback.
 Reads <workdir>/config.json and <workdir>/final_params (written by copd_jax.main), picks
 the merged model (the CoPD deliverable: the branch average with config.rl.merge_weights)
 or one branch, and writes config.json + safetensors (+ the run's tokenizer files) that
-`transformers` and the usual evaluation tools load. Only text models export (a
-Qwen3ForCausalLM holds no vision tower; see hf_checkpoint.export_qwen3).
+`transformers` and the usual evaluation tools load. A run from a Qwen3-VL checkpoint
+exports a Qwen3VLForConditionalGeneration (vision tower included) with the source
+checkpoint's config.json, processor and tokenizer files. Of the toy model only the text
+decoder exports (a Qwen3ForCausalLM holds no vision tower; see hf_checkpoint.export_qwen3).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import numpy as np
 from absl import app, flags
 
 from copd_jax import checkpoint, cli, policy_setup
-from copd_jax.models import decoder, hf_checkpoint, stacked as stacked_lib
+from copd_jax.models import hf_checkpoint, qwen3_vl_export, stacked as stacked_lib
+from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 
 MERGED = "merged"
 
@@ -47,7 +50,8 @@ def load_run_policy(workdir: str, branch: str = MERGED):
                      f"(or '{MERGED}')")
   setup = policy_setup.build_setup(cfg)
   abstract = jax.eval_shape(
-      lambda k: stacked_lib.broadcast_params(decoder.init_params(setup.model_cfg, k), len(names)),
+      lambda k: stacked_lib.broadcast_params(policy_setup.init_policy_params(setup.model_cfg, k),
+                                             len(names)),
       jax.random.key(0))
   stacked = checkpoint.load_policy(directory, abstract)
   if branch == MERGED:
@@ -62,10 +66,15 @@ def load_run_policy(workdir: str, branch: str = MERGED):
 
 def export_run(workdir: str, out_dir: str, *, branch: str = MERGED, dtype: str = "bfloat16") -> None:
   cfg, model_cfg, params = load_run_policy(workdir, branch)
+  params = jax.tree.map(np.asarray, params)
+  if isinstance(model_cfg, Qwen3VLConfig):  # config.json and processor files: the source's
+    qwen3_vl_export.export_qwen3_vl(out_dir, params, model_cfg,
+                                    source_dir=cfg.init.hf_checkpoint, dtype=dtype)
+    return
   tokenizer_dir = None
   if cfg.get("init") and cfg.init.get("hf_checkpoint"):
     tokenizer_dir = policy_setup.hf_tokenizer_dir(cfg)
-  hf_checkpoint.export_qwen3(out_dir, jax.tree.map(np.asarray, params), model_cfg,
+  hf_checkpoint.export_qwen3(out_dir, params, model_cfg,
                              tokenizer_dir=tokenizer_dir, dtype=dtype)
 
 

@@ -10,6 +10,14 @@ Two kinds of run:
   chat-rendered, and responses stop at the chat end token (HFTokenizer.eos_id).
 Training and held-out data come from record files (`config.data.train_files` /
 `eval_files`, copd_jax/data/records.py) when given, else from the procedural suite.
+
+A Qwen3-VL checkpoint (config.json model_type 'qwen3_vl') trains on record files only:
+its records keep their pictures at their own sizes (Example.media), prompts are built by
+the checkpoint's own chat template and image / video processor settings
+(data/vl_prompts.py), and every prompt's media are padded to one vision budget
+(`config.data.vision_budget` patches; 0 = the most any record needs), so a step compiles
+once for any mix of image sizes, videos and text. Every record is measured at setup
+(prompt tokens, patches), before anything compiles.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import numpy as np
 from copd_jax.data import examples as examples_lib, records as datasets, toy_tasks
 from copd_jax.data.tokenizer import Tokenizer, ToyTokenizer
 from copd_jax.models import model_config
+from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 
 
 def never_generated_ids(tokenizer) -> tuple[int, ...]:
@@ -39,14 +48,24 @@ def never_generated_ids(tokenizer) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class RunSetup:
-  model_cfg: model_config.ModelConfig
+  model_cfg: model_config.ModelConfig | Qwen3VLConfig
   tokenizer: Tokenizer
   capabilities: tuple[str, ...]
   encode_prompts: Callable[[Sequence[examples_lib.Example]], examples_lib.PromptBatch]
   encode_sft_batch: Callable[[Sequence[examples_lib.Example]], dict]
   # image_size / num_frames shared by every generator call and RecordSource; both 0 for
-  # a text-only model (no vision tower: PromptBatch.frames is None).
+  # a text-only model (no vision tower: PromptBatch.frames is None). Qwen3-VL:
+  # native_media=True (records keep their pictures' own sizes).
   example_kwargs: dict
+  # Token ids that stand for media in a prompt (Qwen3-VL's image / video pads): a
+  # response must never contain them either.
+  media_token_ids: tuple[int, ...] = ()
+
+  @property
+  def banned_token_ids(self) -> tuple[int, ...]:
+    """Ids the sampler never draws (never_generated_ids + media_token_ids)."""
+    ids = never_generated_ids(self.tokenizer)
+    return ids + tuple(t for t in self.media_token_ids if t not in ids)
 
 
 def uses_record_files(cfg: ml_collections.ConfigDict) -> bool:
@@ -95,7 +114,24 @@ def vision_lengths(model_cfg: model_config.ModelConfig) -> dict:
               image_size=vision.image_size)
 
 
+def init_policy_params(model_cfg, key):
+  """Fresh f32 parameters of one policy of either family (for shapes: eval_shape)."""
+  if isinstance(model_cfg, Qwen3VLConfig):
+    from copd_jax.models import qwen3_vl
+    return qwen3_vl.init_params(model_cfg, key)
+  from copd_jax.models import decoder
+  return decoder.init_params(model_cfg, key)
+
+
+def is_qwen3_vl_checkpoint(directory: str) -> bool:
+  """True when a checkpoint's config.json says model_type 'qwen3_vl'."""
+  from copd_jax.models import hf_checkpoint
+  return bool(directory) and hf_checkpoint.read_hf_config(directory).get("model_type") == "qwen3_vl"
+
+
 def build_setup(cfg: ml_collections.ConfigDict) -> RunSetup:
+  if is_qwen3_vl_checkpoint(cfg.init.hf_checkpoint):
+    return _build_vl_setup(cfg)
   if cfg.init.hf_checkpoint:
     model_cfg, tokenizer = _hf_model_and_tokenizer(cfg)
   else:
@@ -182,3 +218,101 @@ def held_out_sets(cfg: ml_collections.ConfigDict, setup: RunSetup) -> dict[str, 
   return {cap: toy_tasks.eval_set(cap, cfg.eval.num_examples, seed=cfg.tasks.seed,
                               difficulty=cfg.tasks.difficulty[cap], **setup.example_kwargs)
           for cap in setup.capabilities}
+
+
+def vl_model_config(cfg: ml_collections.ConfigDict) -> Qwen3VLConfig:
+  """The Qwen3VLConfig of config.init.hf_checkpoint, with the compute dtype and the
+  execution settings (remat, attention) of config.model; errors name config.json."""
+  from copd_jax.models import hf_checkpoint
+  path = f"{cfg.init.hf_checkpoint}/config.json"
+  try:
+    model_cfg = Qwen3VLConfig.from_hf(hf_checkpoint.read_hf_config(cfg.init.hf_checkpoint),
+                                      dtype=cfg.model.dtype)
+  except ValueError as err:
+    raise ValueError(f"{path}: {err}") from err
+  text = dataclasses.replace(model_cfg.text, remat=bool(cfg.model.get("remat", False)),
+                             attention_block=int(cfg.model.get("attention_block", 0)),
+                             attention_kernel=str(cfg.model.get("attention_kernel", "xla")))
+  return dataclasses.replace(model_cfg, text=text)
+
+
+def _no_sft_batches(examples):
+  raise ValueError("a Qwen3-VL checkpoint is its own base: there is no SFT warm-start "
+                   "(config.warm_start.mix must be empty)")
+
+
+def _build_vl_setup(cfg: ml_collections.ConfigDict) -> RunSetup:
+  from copd_jax.data import vl_prompts
+  if not uses_record_files(cfg):
+    raise ValueError(f"config.init.hf_checkpoint={cfg.init.hf_checkpoint!r} is a Qwen3-VL "
+                     "checkpoint, which trains on record files: set config.data.train_files "
+                     "and eval_files (the procedural suite is drawn as the toy model's "
+                     "fixed-size frames)")
+  model_cfg = vl_model_config(cfg)
+  processor = vl_prompts.VLPromptProcessor.from_checkpoint(
+      cfg.init.hf_checkpoint, tokenizer_dir=hf_tokenizer_dir(cfg),
+      model_vocab_size=model_cfg.text.vocab_size)
+  if processor.tokenizer.vocab_size != model_cfg.text.vocab_size:
+    raise ValueError(f"the tokenizer in {hf_tokenizer_dir(cfg)} has "
+                     f"{processor.tokenizer.vocab_size} ids, more than the checkpoint's "
+                     f"{model_cfg.text.vocab_size} embedding rows")
+  example_kwargs = dict(native_media=True)
+  partial_setup = RunSetup(model_cfg, processor.tokenizer, tuple(cfg.tasks.capabilities),
+                           encode_prompts=None, encode_sft_batch=_no_sft_batches,
+                           example_kwargs=example_kwargs,
+                           media_token_ids=(model_cfg.image_token_id, model_cfg.video_token_id))
+  budget = check_vl_records(cfg, partial_setup, processor)
+  encode = functools.partial(vl_prompts.encode_prompt_batch, processor=processor,
+                             model_cfg=model_cfg, max_prompt_len=cfg.data.max_prompt_len,
+                             vision_budget=budget)
+  return dataclasses.replace(partial_setup, encode_prompts=encode)
+
+
+def _record_sizes(record: datasets.Record) -> tuple[list, tuple | None]:
+  """(image sizes [(H, W)], video shape (F, H, W) or None) of a record, from headers."""
+  sizes = [datasets.picture_size(p) for p in record.pictures]
+  if record.modality == "image":
+    return sizes, None
+  if record.modality == "video":
+    if len(set(sizes)) > 1:
+      raise ValueError(f"{record.where}: the video's frames have different sizes "
+                       f"{sorted(set(sizes))}")
+    return [], (len(sizes),) + sizes[0]
+  return [], None
+
+
+def check_vl_records(cfg, setup: RunSetup, processor) -> int:
+  """Measures every train and eval record of a Qwen3-VL run (from picture headers: no
+  pixels decoded) and returns the vision budget in patches per prompt.
+
+  Errors name the record (and the config field to change): a prompt over
+  config.data.max_prompt_len, media over config.data.vision_budget, a grid the patch
+  merger cannot split, a video without video_fps. Budget 0 = the most any record needs,
+  rounded up to a multiple of merge_size^2."""
+  unit = setup.model_cfg.vision.merge_unit
+  budget = int(cfg.data.get("vision_budget", 0))
+  if budget % unit:
+    raise ValueError(f"config.data.vision_budget={budget} must be a multiple of the patch "
+                     f"merger's merge_size^2 = {unit}")
+  most = unit
+  for field in ("train_files", "eval_files"):
+    for capability in setup.capabilities:
+      for record in record_source(cfg, setup, field, capability).records:
+        image_sizes, video_shape = _record_sizes(record)
+        try:
+          tokens, patches = processor.measure(record.prompt, image_sizes, video_shape,
+                                              record.video_fps, where=record.where)
+        except ValueError as err:
+          where = "" if str(err).startswith(record.where) else f"{record.where}: "
+          raise ValueError(f"{where}{err} (config.data.{field}['{capability}'])") from err
+        if tokens > cfg.data.max_prompt_len:
+          raise ValueError(f"{record.where}: the prompt needs {tokens} tokens (chat template "
+                           f"and vision placeholders included), more than config.data."
+                           f"max_prompt_len={cfg.data.max_prompt_len}; raise it or drop the "
+                           f"record (config.data.{field}['{capability}'])")
+        if budget and patches > budget:
+          raise ValueError(f"{record.where}: its images and video make {patches} patches, "
+                           f"more than config.data.vision_budget={budget}; raise it, resize "
+                           f"the media or drop the record (config.data.{field}['{capability}'])")
+        most = max(most, patches)
+  return budget or -(-most // unit) * unit

@@ -584,7 +584,7 @@ def sharded_generate(run: RunSharding, cfg: model_config.ModelConfig, sampling: 
                                    sampling, num_samples)
     in_sh = (run.stacked_params(params), run.per_branch(tokens.shape, 1),
              run.per_branch(mask.shape, 1),
-             None if vision is None else run.per_branch(vision.shape, 1),
+             jax.tree.map(lambda x: run.per_branch(x.shape, 1), vision),
              run.per_branch(key_data.shape))
     out_sh = run.per_branch(tuple(tokens.shape[:2]) + (num_samples, 1), 1)
     return fn, in_sh, out_sh

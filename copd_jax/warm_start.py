@@ -7,6 +7,7 @@ sets how much of each capability it sees, `warm_start.steps` how long it trains.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Any, Iterator
@@ -116,8 +117,18 @@ def train_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup,
 def load_hf_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup) -> Any:
   """The f32 parameters of config.init.hf_checkpoint (hf_checkpoint.load_qwen3); the
   checkpoint must still match the model config build_setup read from it."""
-  from copd_jax.models import hf_checkpoint
-  model_cfg, params = hf_checkpoint.load_qwen3(cfg.init.hf_checkpoint, dtype=setup.model_cfg.dtype)
+  from copd_jax.models import hf_checkpoint, qwen3_vl
+  from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
+  if isinstance(setup.model_cfg, Qwen3VLConfig):
+    model_cfg, params = qwen3_vl.load_qwen3_vl(cfg.init.hf_checkpoint,
+                                               dtype=setup.model_cfg.text.dtype)
+    # Compared without the execution settings build_setup took from config.model.
+    model_cfg = dataclasses.replace(model_cfg, text=model_config.with_execution_of(
+        model_cfg.text, setup.model_cfg.text))
+  else:
+    model_cfg, params = hf_checkpoint.load_qwen3(cfg.init.hf_checkpoint,
+                                                 dtype=setup.model_cfg.dtype)
+    model_cfg = model_config.with_execution_of(model_cfg, setup.model_cfg)
   if model_cfg != setup.model_cfg:
     raise ValueError(f"{cfg.init.hf_checkpoint}: config.json changed since the run was set up "
                      f"({model_cfg} != {setup.model_cfg})")

@@ -18,7 +18,14 @@ import pytest
 
 from copd_jax import kernels, sampling
 from copd_jax.models import decoder, qwen3_vl, qwen3_vl_decode, stacked as stacked_lib
-from copd_jax.rl import objectives, rollout as rollout_lib, rows as rows_lib, scoring, stages
+from copd_jax.rl import (
+  diagnostics,
+  objectives,
+  rollout as rollout_lib,
+  rows as rows_lib,
+  scoring,
+  stages,
+)
 from copd_jax.rl import update as update_lib
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "qwen3_vl_tiny")
@@ -115,11 +122,20 @@ def routing_arrays():
 def oracle_logprobs(params, cfg, ref, student, rows_k):
   """Log-probs f32[8, NEW] of student `student`'s rows' response tokens under `params`,
   each row run whole through the transformers-parity forward."""
+  logp = oracle_response_logp(params, cfg, ref, student, rows_k)
+  targets = np.asarray(rows_k.tokens)[:, P:]
+  return np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+
+
+def oracle_response_logp(params, cfg, ref, student, rows_k):
+  """f32[8, NEW, V]: the next-token log-softmax at the columns that predict student
+  `student`'s response tokens, each row run whole through the transformers-parity
+  forward."""
   sets = prompts(ref)
   own, other = ("image", "video") if student == 0 else ("video", "image")
   media = sets[own][2] + sets[other][2]
   tokens, mask = np.asarray(rows_k.tokens), np.asarray(rows_k.token_mask)
-  out = np.zeros((tokens.shape[0], NEW), np.float32)
+  out = []
   for r in range(tokens.shape[0]):
     item = media[r // G]
     positions, _ = qwen3_vl.get_rope_index(cfg, tokens[r:r + 1], mask[r:r + 1],
@@ -136,9 +152,8 @@ def oracle_logprobs(params, cfg, ref, student, rows_k):
                                      jnp.asarray(mask[r:r + 1], jnp.int32),
                                      jnp.asarray(positions, jnp.int32), **vision)
     logp = jax.nn.log_softmax(decoder.logits_from_hidden(hidden, qwen3_vl.lm_head(params, cfg)))
-    targets = tokens[r, P:]
-    out[r] = np.take_along_axis(np.asarray(logp[0, P - 1:-1]), targets[:, None], -1)[:, 0]
-  return out
+    out.append(np.asarray(logp[0, P - 1:-1], np.float64))
+  return np.stack(out)
 
 
 def test_rows_reproduce_the_sampler_and_teachers_score_cross_rows_like_the_oracle(model, ref):
@@ -278,3 +293,31 @@ def test_three_branches_on_an_expert_mesh_match_the_single_device_update(model, 
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=2e-5)
   fn(got[0], got[1], got[0], host_rows, host_routing, None)
   assert fn.num_compiled == 1
+
+
+def test_overlap_and_symmetric_kl_of_vl_rows_match_the_oracle(model, ref):
+  """The branch diagnostics on Qwen3-VL rows (each prompt and its media run once, the
+  states are the response columns) against whole-row forwards: top-10 overlap and
+  symmetric KL of every student with every branch, on the student's own rows."""
+  cfg, params = model
+  stacked = branches(params, scale=0.05)
+  rows = make_rows(cfg, ref, stacked)
+  diag = diagnostics.pairwise_diagnostics(
+      stacked, cfg, rows.tokens, rows.positions, rows.token_mask, rows.response_mask,
+      rows.frames, kernel=ucfg(cfg).kernel, prompt_len=P)
+  for s in range(2):
+    rows_s = jax.tree.map(lambda x: x[s], rows)  # noqa: B023
+    logp = [oracle_response_logp(jax.tree.map(lambda x: x[m], stacked), cfg, ref, s, rows_s)  # noqa: B023
+            for m in range(2)]
+    top = [np.argsort(-lp, axis=-1)[..., :10] for lp in logp]
+    mask = np.asarray(rows_s.response_mask)[:, P - 1:-1]
+    assert mask.sum() > 0
+    for m in range(2):
+      shared = (top[s][..., :, None] == top[m][..., None, :]).any(-1).sum(-1) / 10
+      kl = lambda a, b: (np.exp(a) * (a - b)).sum(-1)  # noqa: E731
+      sym = kl(logp[s], logp[m]) + kl(logp[m], logp[s])
+      np.testing.assert_allclose(float(diag["overlap"][s, m]), (shared * mask).sum() / mask.sum(),
+                                 atol=1e-6)
+      np.testing.assert_allclose(float(diag["sym_kl"][s, m]), (sym * mask).sum() / mask.sum(),
+                                 rtol=1e-3, atol=1e-5)
+    assert float(diag["overlap"][s, 1 - s]) < 1.0  # the noisy branches disagree somewhere

@@ -21,6 +21,29 @@ SPLIT_BUCKETS = {"eval": frozenset({EVAL_BUCKET}), "validation": frozenset({VALI
                  "train": frozenset(range(NUM_HASH_BUCKETS)) - {EVAL_BUCKET, VALIDATION_BUCKET}}
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class NativeMedia:
+  """A record's pictures at their own sizes, for a policy with its own image processor
+  (Qwen3-VL, copd_jax/data/vl_prompts.py) instead of the toy's fixed-size frames.
+
+  images: uint8[H, W, 3] arrays, any number and sizes (an image record);
+  video: uint8[F, H, W, 3] frames sampled at video_fps frames per second, or None;
+  frame_indices: the frames' indices in the source video (for timestamps), or None for
+    0..F-1.
+  """
+  images: tuple = ()
+  video: np.ndarray | None = None
+  video_fps: float | None = None
+  frame_indices: tuple | None = None
+
+  def hash_parts(self) -> list[bytes]:
+    parts = []
+    for array in self.images + (() if self.video is None else (self.video,)):
+      parts += [repr(array.shape).encode("ascii"), np.ascontiguousarray(array).tobytes()]
+    parts.append(f"{self.video_fps}\x00{self.frame_indices}".encode("ascii"))
+    return parts
+
+
 def _check_int(field: str, value, minimum: int, maximum: int | None = None) -> int:
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     raise ValueError(f"{field} must be an integer, got {value!r}")
@@ -42,12 +65,14 @@ class Example:
   solution: the SFT target response (the toy suite: a worked trace ending in
     ANSWER_MARKER + answer); records may leave it empty.
   frames: float32[F, H, W, 3] in [0, 1], read-only; F=1 for an image, F=num_frames for
-    a video, None for text.
+    a video, None for text and for examples that carry `media` instead.
   verifier: how a response is scored (verifiers.VERIFIERS); the toy suite's 'integer'.
   modality: 'text', 'image' or 'video' -- which input the prompt carries. Defaults to
     `capability` for the built-in capabilities (and must equal it).
   record: where a record came from ('file.jsonl:12', 'file.parquet row 3'); '' for the
     toy suite. Error messages name it.
+  media: NativeMedia -- an image / video record's pictures at their own sizes (a
+    Qwen3-VL policy's input; then frames is None), or None.
   """
   capability: str
   question: str
@@ -57,10 +82,13 @@ class Example:
   verifier: str = "integer"
   modality: str | None = None
   record: str = ""
+  media: NativeMedia | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "modality", _check_modality(self.capability, self.modality))
-    if (self.frames is None) != (self.modality == "text"):
+    if self.media is not None:
+      self._check_media()
+    elif (self.frames is None) != (self.modality == "text"):
       raise ValueError(f"Example.frames must be None exactly for text examples; got "
                        f"{'None' if self.frames is None else 'an array'} for a "
                        f"{self.modality} example{self._where()}")
@@ -75,6 +103,18 @@ class Example:
       verifiers_lib.check_reference(self.verifier, self.answer)
     except ValueError as e:
       raise ValueError(f"Example.answer/verifier{self._where()}: {e}") from None
+
+  def _check_media(self) -> None:
+    media = self.media
+    if not isinstance(media, NativeMedia) or self.frames is not None:
+      raise ValueError(f"Example.media must be a NativeMedia, given instead of frames"
+                       f"{self._where()}")
+    wanted = {"image": bool(media.images) and media.video is None,
+              "video": media.video is not None and not media.images}.get(self.modality, False)
+    if not wanted:
+      raise ValueError(f"Example.media of a {self.modality} example must hold "
+                       f"{'images only' if self.modality == 'image' else 'a video only'}"
+                       f"{self._where()}")
 
   def _where(self) -> str:
     return f" (record {self.record})" if self.record else ""
@@ -91,6 +131,9 @@ class Example:
     # its hash (and hence its train/eval split).
     if self.verifier != "integer" or self.modality != self.capability:
       digest.update(f"{self.verifier}\x00{self.modality}\x00".encode("utf-8"))
+    if self.media is not None:
+      for part in self.media.hash_parts():
+        digest.update(part)
     return digest.hexdigest()[:32]
 
   def key(self) -> str:

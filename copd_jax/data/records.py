@@ -9,9 +9,12 @@ One record per JSONL line (a JSON object) or Parquet row:
                                is built with capability=...; must equal it otherwise.
   verifier     str, optional   'math' | 'choice' | 'exact' | 'integer' (answers_lib.VERIFIERS);
                                default: the source's default_verifier ('math')
-  images       list, optional  ONE still image: a file path (relative to the data file's
-                               folder, or absolute) or the encoded bytes (PNG, JPEG, ...)
+  images       list, optional  still images: file paths (relative to the data file's
+                               folder, or absolute) or the encoded bytes (PNG, JPEG, ...).
+                               The toy model takes ONE; Qwen3-VL any number
   video_frames list, optional  a clip: frame paths or bytes, in order
+  video_fps    number, opt.    the rate the clip's frames were sampled at (frames per
+                               second); Qwen3-VL needs it for its frame timestamps
   solution     str, optional   a worked solution (SFT target), '' if absent
   id           str/int, opt.   shown in error messages with the file position
 
@@ -32,7 +35,11 @@ record raises ValueError naming the file and the LINE (JSONL, 1-based) or ROW (P
 0-based) and the field. Pixels are decoded only in __getitem__, so a large image dataset
 does not sit decoded in memory.
 
-Frames (float32[F, H, W, 3] in [0, 1] at the model's vision image_size): each picture is
+Pictures for Qwen3-VL (RecordSource(native_media=True)): Example.media holds the images
+(and a video's frames, all of one size) at their own sizes as uint8 arrays; the model's
+image processor (copd_jax/data/vl_prompts.py) resizes and patches them.
+
+Frames for the toy model (float32[F, H, W, 3] in [0, 1] at the model's vision image_size): each picture is
 converted to RGB and resized to image_size x image_size (bicubic, aspect ratio not kept:
 our ViT takes square inputs). An image record gives F = 1 (examples.encode_prompts repeats a
 still image to the model's num_frames). A video's frames are sampled to num_frames at
@@ -67,7 +74,7 @@ DEFAULT_VERIFIER = "math"
 
 # The fields a record may have; config.data.columns maps them to other column names.
 RECORD_FIELDS = ("prompt", "answer", "capability", "verifier", "images", "video_frames",
-                 "solution", "id")
+                 "video_fps", "solution", "id")
 
 
 MAX_PROMPT_CHARS = 1 << 20
@@ -84,6 +91,7 @@ class Record:
   solution: str
   modality: str  # text | image | video
   pictures: tuple  # of absolute paths (str) or bytes; () for text
+  video_fps: float | None = None  # a video's frame rate, when the record gives it
 
 
 def is_saved_dataset(path: str) -> bool:
@@ -316,9 +324,7 @@ def parse_record(raw, where: str, folder: str, *, capability: str | None,
   video = _picture_list(raw, "video_frames", where, folder)
   if images and video:
     raise ValueError(f"{where}: a record has 'images' or 'video_frames', not both")
-  if len(images) > 1:
-    raise ValueError(f"{where}: field 'images' has {len(images)} images; the model takes one "
-                     f"picture per prompt (use 'video_frames' for a sequence)")
+  video_fps = _video_fps(raw, where, has_video=bool(video))
   modality = "image" if images else "video" if video else "text"
   if record_capability in tasks.CAPABILITIES and record_capability != modality:
     raise ValueError(f"{where}: a {record_capability!r} record needs "
@@ -326,7 +332,20 @@ def parse_record(raw, where: str, folder: str, *, capability: str | None,
                      f", this one has {modality} input")
   return Record(where=where, prompt=prompt, answer=answer, capability=record_capability,
                 verifier=verifier, solution=_string_field(raw, "solution", where, required=False),
-                modality=modality, pictures=images or video)
+                modality=modality, pictures=images or video, video_fps=video_fps)
+
+
+def _video_fps(raw: dict, where: str, *, has_video: bool) -> float | None:
+  value = raw.get("video_fps")
+  if value is None:
+    return None
+  if not has_video:
+    raise ValueError(f"{where}: field 'video_fps' is given without 'video_frames'")
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+      np.isfinite(value) and value > 0):
+    raise ValueError(f"{where}: field 'video_fps' must be a positive number of frames per "
+                     f"second, got {value!r}")
+  return float(value)
 
 
 @functools.lru_cache(maxsize=16)
@@ -400,6 +419,32 @@ def frame_indices(num_available: int, num_frames: int) -> np.ndarray:
   return np.minimum(np.arange(num_frames), num_available - 1)
 
 
+def picture_uint8(item) -> np.ndarray:
+  """An image file path or bytes -> uint8[H, W, 3] at its own size."""
+  with _open_picture(item) as picture:
+    return np.asarray(picture.convert("RGB"), np.uint8)
+
+
+def picture_size(item) -> tuple[int, int]:
+  """(height, width) of an image file or bytes, read from its header (no decoding)."""
+  with _open_picture(item) as picture:
+    return picture.height, picture.width
+
+
+def record_media(record: Record) -> examples.NativeMedia | None:
+  """A picture record's images (or video frames) at their own sizes; None for text.
+  Errors name the record: video frames of different sizes."""
+  if record.modality == "text":
+    return None
+  arrays = tuple(picture_uint8(p) for p in record.pictures)
+  if record.modality == "image":
+    return examples.NativeMedia(images=arrays)
+  sizes = sorted({a.shape for a in arrays})
+  if len(sizes) > 1:
+    raise ValueError(f"{record.where}: the video's frames have different sizes {sizes}")
+  return examples.NativeMedia(video=np.stack(arrays), video_fps=record.video_fps)
+
+
 def record_frames(record: Record, image_size: int, num_frames: int) -> np.ndarray | None:
   """float32[F, H, W, 3] for a picture record (F = 1 for an image), None for text."""
   if record.modality == "text":
@@ -418,16 +463,28 @@ class RecordSource:
     of it (records may then omit the field). reader / columns: see load_records. image_size / num_frames: the model's vision input (setup.example_kwargs);
     needed when a record has pictures; 0 / 0 means a text-only model, which rejects
     picture records. default_verifier: for records without a `verifier` field.
+    native_media: examples carry their pictures at their own sizes (Example.media, for
+    Qwen3-VL) instead of frames; image_size / num_frames are then unused.
   """
 
   def __init__(self, paths, *, capability: str | None = None, image_size: int | None = None,
                num_frames: int | None = None, default_verifier: str = DEFAULT_VERIFIER,
-               reader: str = "builtin", columns: Mapping[str, str] | None = None):
+               reader: str = "builtin", columns: Mapping[str, str] | None = None,
+               native_media: bool = False):
     self.records = load_records(paths, capability=capability, default_verifier=default_verifier,
                                 reader=reader, columns=columns)
     self.capability = capability
     self.image_size = image_size
     self.num_frames = num_frames
+    self.native_media = native_media
+    if native_media:
+      return
+    several = next((r for r in self.records if r.modality == "image" and len(r.pictures) > 1),
+                   None)
+    if several is not None:
+      raise ValueError(f"{several.where}: field 'images' has {len(several.pictures)} images; "
+                       f"this model takes one picture per prompt (use 'video_frames' for a "
+                       f"sequence; Qwen3-VL takes several)")
     first_picture = next((r for r in self.records if r.modality != "text"), None)
     if first_picture is not None:
       if not image_size or not num_frames:
@@ -442,10 +499,13 @@ class RecordSource:
 
   def __getitem__(self, index: int) -> examples.Example:
     record = self.records[index]
-    frames = record_frames(record, self.image_size, self.num_frames)
+    if self.native_media:
+      frames, media = None, record_media(record)
+    else:
+      frames, media = record_frames(record, self.image_size, self.num_frames), None
     return examples.Example(record.capability, record.prompt, record.answer, record.solution,
                          frames, verifier=record.verifier, modality=record.modality,
-                         record=record.where)
+                         record=record.where, media=media)
 
   def __repr__(self) -> str:
     return f"RecordSource({len(self)} records, capability={self.capability!r})"

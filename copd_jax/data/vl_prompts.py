@@ -28,7 +28,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from copd_jax.data import vision_preprocess as vp
+from copd_jax.data.examples import CAPABILITIES, Example, PromptBatch
 from copd_jax.data.hf_tokenizer import HFTokenizer
+from copd_jax.models import qwen3_vl_decode
+from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
@@ -91,30 +94,87 @@ class VLPromptProcessor:
     indices in the source video, default 0..F-1). media holds pixel_values /
     image_grid_thw and pixel_values_videos / video_grid_thw as vision_preprocess makes
     them (what qwen3_vl_decode.prompt_media takes). Errors name `where`."""
+    media: dict = {}
+    image_grids, video_grid, stamps = (), None, ()
+    if images:
+      pixel_values, grids = vp.preprocess_images(list(images), self.image)
+      media.update(pixel_values=pixel_values, image_grid_thw=grids)
+      image_grids = [tuple(int(v) for v in g) for g in grids]
+    if video is not None:
+      frames = np.asarray(video)
+      stamps = self._video_timestamps(len(frames), video_fps, frame_indices, where)
+      pixel_values, grids = vp.preprocess_video(frames, self.video)
+      media.update(pixel_values_videos=pixel_values, video_grid_thw=grids)
+      video_grid = tuple(int(v) for v in grids[0])
+    text = self.prompt_text(prompt, image_grids, video_grid, stamps, where)
+    return self.tokenizer.encode(text), media
+
+  def _video_timestamps(self, num_frames: int, video_fps, frame_indices, where: str) -> list:
+    if self.video is None:
+      raise ValueError(f"{where}: has a video, but the checkpoint has no {VIDEO_CONFIG}")
+    if video_fps is None or not video_fps > 0:
+      raise ValueError(f"{where}: a video needs its sampling rate video_fps > 0, got "
+                       f"{video_fps!r}")
+    indices = list(range(num_frames)) if frame_indices is None else list(frame_indices)
+    if len(indices) != num_frames:
+      raise ValueError(f"{where}: {len(indices)} frame indices for {num_frames} frames")
+    return vp.frame_timestamps(indices, video_fps, self.video.temporal_patch_size)
+
+  def prompt_text(self, prompt: str, image_grids: Sequence[tuple], video_grid: tuple | None,
+                  timestamps: Sequence[float], where: str = "prompt") -> str:
+    """The chat-rendered prompt with its placeholders expanded for media of these grids
+    (steps 1-3 without pixels)."""
     for token in (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD):
       if token in prompt:  # the text would smuggle in a placeholder with no media
         raise ValueError(f"{where}: the prompt text contains the special token {token}")
-    text = self.render(prompt, len(images), video is not None)
-    media: dict = {}
-    if images:
-      pixel_values, grids = vp.preprocess_images(list(images), self.image)
-      text = _expand_image_pads(text, grids, self.image.merge_size, where)
-      media.update(pixel_values=pixel_values, image_grid_thw=grids)
-    if video is not None:
-      if self.video is None:
-        raise ValueError(f"{where}: has a video, but the checkpoint has no {VIDEO_CONFIG}")
-      if video_fps is None or not video_fps > 0:
-        raise ValueError(f"{where}: a video needs its sampling rate video_fps > 0, got "
-                         f"{video_fps!r}")
-      frames = np.asarray(video)
-      indices = list(range(len(frames))) if frame_indices is None else list(frame_indices)
-      if len(indices) != len(frames):
-        raise ValueError(f"{where}: {len(indices)} frame indices for {len(frames)} frames")
-      pixel_values, grids = vp.preprocess_video(frames, self.video)
-      stamps = vp.frame_timestamps(indices, video_fps, self.video.temporal_patch_size)
-      text = _expand_video(text, grids[0], stamps, self.video.merge_size, where)
-      media.update(pixel_values_videos=pixel_values, video_grid_thw=grids)
-    return self.tokenizer.encode(text), media
+    text = self.render(prompt, len(image_grids), video_grid is not None)
+    if image_grids:
+      text = _expand_image_pads(text, image_grids, self.image.merge_size, where)
+    if video_grid is not None:
+      text = _expand_video(text, video_grid, timestamps, self.video.merge_size, where)
+    return text
+
+  def image_grid(self, height: int, width: int) -> tuple[int, int, int]:
+    """The (t, h, w) patch grid of an image of this size (no pixels needed)."""
+    h, w = vp.smart_resize(height, width, self.image.factor, self.image.min_pixels,
+                           self.image.max_pixels)
+    return (1, h // self.image.patch_size, w // self.image.patch_size)
+
+  def video_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """The (t, h, w) patch grid of a clip of num_frames frames of this size."""
+    cfg = self.video
+    h, w = vp.smart_resize_video(num_frames, height, width, cfg.factor,
+                                 cfg.temporal_patch_size, cfg.min_pixels, cfg.max_pixels)
+    return (-(-num_frames // cfg.temporal_patch_size), h // cfg.patch_size, w // cfg.patch_size)
+
+  def measure(self, prompt: str, image_sizes: Sequence[tuple[int, int]] = (),
+              video_shape: tuple[int, int, int] | None = None, video_fps: float | None = None,
+              where: str = "prompt") -> tuple[int, int]:
+    """(prompt tokens, vision patches) of a prompt whose images have image_sizes
+    [(H, W)] and whose video has video_shape (F, H, W): what encode would make, from the
+    sizes alone (decoding no pixels). Errors name `where`."""
+    image_grids = [self.image_grid(h, w) for h, w in image_sizes]
+    video_grid, stamps = None, ()
+    if video_shape is not None:
+      stamps = self._video_timestamps(video_shape[0], video_fps, None, where)
+      video_grid = self.video_grid(*video_shape)
+    text = self.prompt_text(prompt, image_grids, video_grid, stamps, where)
+    patches = sum(t * h * w for t, h, w in image_grids + ([video_grid] if video_grid else []))
+    return len(self.tokenizer.encode(text)), patches
+
+  def encode_example(self, example: Example) -> tuple[list[int], dict]:
+    """encode() of an Example whose pictures are in Example.media (records read with
+    RecordSource(native_media=True)); a text example has no media."""
+    where = example.record or example.describe()
+    media = example.media
+    if example.modality != "text" and media is None:
+      raise ValueError(f"{where}: a {example.modality} example without Example.media (read "
+                       "its records with native_media=True)")
+    if media is None:
+      return self.encode(example.question, where=where)
+    return self.encode(example.question, images=media.images, video=media.video,
+                       video_fps=media.video_fps, frame_indices=media.frame_indices,
+                       where=where)
 
 
 def _expand_image_pads(text: str, grids, merge_size: int, where: str) -> str:
@@ -142,3 +202,42 @@ def _expand_video(text: str, grid, timestamps, merge_size: int, where: str) -> s
   if wrapped in text:
     return text.replace(wrapped, placeholder, 1)
   return text.replace(VIDEO_PAD, placeholder, 1)
+
+
+def encode_prompt_batch(examples: Sequence[Example], processor: VLPromptProcessor,
+                        model_cfg: Qwen3VLConfig, *, max_prompt_len: int,
+                        vision_budget: int) -> PromptBatch:
+  """B examples -> PromptBatch for a Qwen3-VL policy: tokens int32[B, P] LEFT-padded to
+  P = max_prompt_len, mask bool[B, P], and frames = the prompts' media as
+  qwen3_vl_decode.PromptMedia with vision_budget patches each (one compiled program for
+  every mix of images, videos and text). Errors name the record."""
+  if not examples:
+    raise ValueError("examples must be non-empty")
+  pad = processor.tokenizer.pad_id
+  tokens = np.full((len(examples), max_prompt_len), pad, np.int32)
+  mask = np.zeros((len(examples), max_prompt_len), bool)
+  media = []
+  for row, example in enumerate(examples):
+    ids, item = processor.encode_example(example)
+    if len(ids) > max_prompt_len:
+      raise ValueError(f"{example.record or example.describe()}: the prompt needs {len(ids)} "
+                       f"tokens (chat template and vision placeholders included), more than "
+                       f"max_prompt_len={max_prompt_len}")
+    tokens[row, max_prompt_len - len(ids):] = ids
+    mask[row, max_prompt_len - len(ids):] = True
+    media.append(item)
+  try:
+    frames = qwen3_vl_decode.prompt_media(model_cfg, tokens, mask, media, vision_budget)
+  except ValueError as err:  # "prompt b: ..." -> name the record
+    row = _prompt_row(str(err))
+    where = examples[row].record or examples[row].describe() if row is not None else "a prompt"
+    raise ValueError(f"{where}: {err}") from err
+  capability_ids = np.array([CAPABILITIES.index(ex.modality) for ex in examples], np.int32)
+  return PromptBatch(tokens, mask, frames, capability_ids, [ex.answer for ex in examples])
+
+
+def _prompt_row(message: str) -> int | None:
+  head = message.split(":", 1)[0]
+  if head.startswith("prompt ") and head[7:].isdigit():
+    return int(head[7:])
+  return None

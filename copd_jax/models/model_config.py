@@ -181,3 +181,9 @@ class ModelConfig:
         raise ValueError(f"ModelConfig.image_token_id must be a token id in "
                          f"[0, vocab_size={self.vocab_size}) when vision is set, "
                          f"got {self.image_token_id!r}")
+
+
+def with_execution_of(cfg: "ModelConfig", other: "ModelConfig") -> "ModelConfig":
+  """cfg with other's execution settings (EXECUTION_FIELDS: how to compute, not what), so
+  two configs of one model compare equal whatever remat or attention kernel each uses."""
+  return dataclasses.replace(cfg, **{name: getattr(other, name) for name in EXECUTION_FIELDS})

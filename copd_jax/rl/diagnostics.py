@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from copd_jax import kernels, sampling
-from copd_jax.models import decoder, model_config
+from copd_jax.models import decoder, model_config, qwen3_vl_decode
+from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 
 
 def top_k_overlap(ids_a, ids_b, mask):
@@ -33,27 +34,49 @@ def masked_mean(values, mask):
   return jnp.sum(values * m) / jnp.maximum(m.sum(), 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "k", "kernel"))
-def pairwise_diagnostics(models, cfg: model_config.ModelConfig, tokens, positions, token_mask,
-                         response_mask, frames, *, k: int = 10,
-                         kernel: kernels.KernelConfig = kernels.KernelConfig()):
+def _rows_hidden(params, cfg, tokens, positions, token_mask, frames, prompt_len: int):
+  """Hidden states of one student's rows [N, T] under one model: f32[N, T, D] over every
+  column; for Qwen3-VL f32[N, T - P, D] over the loss columns (rows.loss_columns), each
+  row's prompt and media run once and the response continues from the prompt's 3-D
+  positions (positions unused)."""
+  if isinstance(cfg, Qwen3VLConfig):
+    p = prompt_len
+    prompt_hidden, hidden = qwen3_vl_decode.forward_hidden_shared_prefix(
+        params, cfg, tokens[:, :p], token_mask[:, :p], frames, tokens[:, p:])
+    return jnp.concatenate([prompt_hidden[:, -1:], hidden[:, :-1]], axis=1)
+  return decoder.forward_hidden(params, cfg, tokens, positions, token_mask, frames)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "k", "kernel", "prompt_len"))
+def pairwise_diagnostics(models, cfg: model_config.ModelConfig | Qwen3VLConfig, tokens,
+                         positions, token_mask, response_mask, frames, *, k: int = 10,
+                         kernel: kernels.KernelConfig = kernels.KernelConfig(),
+                         prompt_len: int = 0):
   """Overlap and symmetric KL of every model with every student on the student's states.
 
   models: stacked params [M] (e.g. the E branches, optionally the base appended);
   tokens, positions: int32[S, N, T], token_mask: bool[S, N, T], response_mask: f32[S, N, T]
   (1 at t when t+1 is a response token), frames: f32[S, N, F, H, W, C] — the rollouts of
-  S students, which are models[0:S].
+  S students, which are models[0:S]. Qwen3-VL rows (frames: PromptMedia [S, N]) need
+  prompt_len P, the prompt columns of the rows.
   Returns {'overlap': f32[S, M], 'sym_kl': f32[S, M]}; entry [s, m] compares student s
   with model m on student s's own rollouts (the diagonal is 1 and 0).
   """
-  heads = jax.vmap(lambda p: decoder.lm_head(p, cfg))(models)
+  vl = isinstance(cfg, Qwen3VLConfig)
+  if vl and not prompt_len:
+    raise ValueError("Qwen3-VL rows need prompt_len (their prompt columns)")
+  heads = jax.vmap(lambda p: decoder.lm_head(p, cfg.text if vl else cfg))(models)
 
-  def hidden_of(params):  # one model on every student's rows -> [S, N, T, D]
-    return jax.vmap(lambda t, p, m, f: decoder.forward_hidden(params, cfg, t, p, m, f))(
+  def hidden_of(params):  # one model on every student's rows -> [S, N, W, D]
+    return jax.vmap(lambda t, p, m, f: _rows_hidden(params, cfg, t, p, m, f, prompt_len))(
         tokens, positions, token_mask, frames)
 
-  hidden = jax.lax.map(hidden_of, models)  # [M, S, N, T, D]; map keeps memory at one model
-  targets = jax.vmap(sampling.next_token_targets)(tokens)
+  hidden = jax.lax.map(hidden_of, models)  # [M, S, N, W, D]; map keeps memory at one model
+  if vl:  # the states are the loss columns
+    targets = tokens[..., prompt_len:]
+    response_mask = response_mask[..., prompt_len - 1:-1]
+  else:
+    targets = jax.vmap(sampling.next_token_targets)(tokens)
 
   def top_ids(h, head):
     return kernels.sampled_token_logprobs(h, head, targets, kernel=kernel, top_k=k).top_k_ids

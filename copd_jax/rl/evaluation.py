@@ -3,12 +3,13 @@ n sampled responses per prompt with the unbiased estimator (Chen et al., 2021)."
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 
-from copd_jax import policy_setup, sampling, sharding as sharding_lib
+from copd_jax import sampling, sharding as sharding_lib
 from copd_jax.data import examples as examples_lib, verifiers
 from copd_jax.data.examples import decode_responses
 from copd_jax.policy_setup import RunSetup
@@ -17,6 +18,12 @@ from copd_jax.policy_setup import RunSetup
 def _pad_to(examples: Sequence[examples_lib.Example], size: int) -> list[examples_lib.Example]:
   # A fixed batch shape means one compilation; padded rows are dropped afterwards.
   return list(examples) + [examples[-1]] * (size - len(examples))
+
+
+def _tile(tree, num: int):
+  """Every array of a prompt batch's field (tokens, or the media pytree) repeated for
+  `num` branches on a new leading axis (a broadcast view, no copy); None stays None."""
+  return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (num,) + np.shape(x)), tree)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -49,14 +56,14 @@ def sampled_correct_counts(stacked: Any, setup: RunSetup, examples: Sequence[exa
   sampling_cfg = sampling.SamplingConfig(
       max_new_tokens=max_new_tokens, temperature=temperature,
       stop_token_ids=(setup.tokenizer.eos_id,),
-      banned_token_ids=policy_setup.never_generated_ids(setup.tokenizer))
+      banned_token_ids=setup.banned_token_ids)
   num = jax.tree_util.tree_leaves(stacked)[0].shape[0]
   prompts_per_call = max(1, batch_size // num_samples)
   counts = np.zeros((num, len(examples)), np.int64)
   for start in range(0, len(examples), prompts_per_call):
     chunk = examples[start:start + prompts_per_call]
     batch = setup.encode_prompts(_pad_to(chunk, prompts_per_call))
-    tile = lambda x: None if x is None else np.broadcast_to(x, (num,) + x.shape)
+    tile = functools.partial(_tile, num=num)
     keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), start), num)
     rollout = sampling.stacked_generate(
         stacked, setup.model_cfg, tile(batch.tokens), tile(batch.mask), tile(batch.frames),
@@ -79,13 +86,13 @@ def greedy_responses_stacked(stacked: Any, setup: RunSetup, examples: Sequence[e
   batch. Returns responses[branch][example]."""
   sampling_cfg = sampling.SamplingConfig(
       max_new_tokens=max_new_tokens, greedy=True, stop_token_ids=(setup.tokenizer.eos_id,),
-      banned_token_ids=policy_setup.never_generated_ids(setup.tokenizer))
+      banned_token_ids=setup.banned_token_ids)
   num = jax.tree_util.tree_leaves(stacked)[0].shape[0]
   out: list[list[str]] = [[] for _ in range(num)]
   for start in range(0, len(examples), batch_size):
     chunk = examples[start:start + batch_size]
     batch = setup.encode_prompts(_pad_to(chunk, batch_size))
-    tile = lambda x: None if x is None else np.broadcast_to(x, (num,) + x.shape)
+    tile = functools.partial(_tile, num=num)
     rollout = sampling.stacked_generate(
         stacked, setup.model_cfg, tile(batch.tokens), tile(batch.mask), tile(batch.frames),
         jax.random.split(jax.random.key(0), num), sampling_cfg, 1)

@@ -15,7 +15,6 @@ from orbax.checkpoint import utils as ocp_utils
 
 from copd_jax import (
   kernels,
-  policy_setup,
   run_log,
   sampling,
   sharding as sharding_lib,
@@ -23,6 +22,7 @@ from copd_jax import (
 )
 from copd_jax.data import streams as data_lib
 from copd_jax.models import stacked as stacked_lib
+from copd_jax.models.qwen3_vl_decode import PromptMedia
 from copd_jax.policy_setup import RunSetup
 from copd_jax.rl import (
   diagnostics,
@@ -76,7 +76,7 @@ def data_context(cfg, setup: RunSetup, seed_offset: int) -> rollout_lib.DataCont
       max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
       top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p,
       stop_token_ids=(setup.tokenizer.eos_id,),
-      banned_token_ids=policy_setup.never_generated_ids(setup.tokenizer))
+      banned_token_ids=setup.banned_token_ids)
   return rollout_lib.DataContext(setup.tokenizer, setup.encode_prompts, streams, sampling_cfg)
 
 
@@ -117,7 +117,8 @@ def branch_diagnostics(ctx: RunContext, stage: stages_lib.Stage, params) -> dict
   models = jax.tree.map(lambda s, b: jnp.concatenate([s, b[None]]), params, ctx.base_params)
   diag = diagnostics.pairwise_diagnostics(
       models, setup.model_cfg, rows.tokens, rows.positions, rows.token_mask, rows.response_mask,
-      rows.frames, kernel=kernels.KernelConfig(**cfg.rl.kernel.to_dict()))
+      rows.frames, kernel=kernels.KernelConfig(**cfg.rl.kernel.to_dict()),
+      prompt_len=prompt_tokens.shape[-1] if isinstance(rows.frames, PromptMedia) else 0)
   diag = sharding_lib.to_host(diag)  # global arrays in a multi-process run
   overlap, sym_kl = np.asarray(diag["overlap"]), np.asarray(diag["sym_kl"])
   names = branch_names(stage) + ["base"]

@@ -116,8 +116,9 @@ def verify_local(responses_of, examples, local_rows: np.ndarray, sharding,
 
 def stack_prompt_batches(batches: Sequence[examples_lib.PromptBatch]):
   """Per-student PromptBatches -> (tokens [S, B, P], mask [S, B, P], frames
-  [S, B, F, H, W, C] or None for a text-only model)."""
-  frames = None if batches[0].frames is None else np.stack([b.frames for b in batches])
+  [S, B, F, H, W, C] -- or Qwen3-VL's PromptMedia [S, B, ...], or None for a text-only
+  model)."""
+  frames = jax.tree.map(lambda *parts: np.stack(parts), *[b.frames for b in batches])
   return (np.stack([b.tokens for b in batches]), np.stack([b.mask for b in batches]), frames)
 
 

@@ -1,0 +1,78 @@
+"""CoPD from a local Hugging Face Qwen3-VL checkpoint: text / image / video domains, one
+branch each, the text domain as the hub (the paper's setting).
+
+Records (JSONL / Parquet, copd_jax/data/records.py) carry their pictures: `images` (any
+number, any sizes) or `video_frames` with `video_fps`. Prompts are built with the
+checkpoint's own chat template and its preprocessor_config.json /
+video_preprocessor_config.json, and each prompt's media are padded to
+`data.vision_budget` patches (0 = the most any record needs), so a step compiles once
+for any mix of image sizes, videos and text. By default every path points at the
+committed tiny fixtures (a 2-layer random Qwen3-VL, a few records per domain; train and
+held-out files are the same few records there), so the command runs anywhere.
+A real run, from the repository root:
+
+    python -m copd_jax.main --config=configs/hf_vl_copd.py \
+      --config.init.hf_checkpoint=/path/Qwen3-VL-4B-Instruct \
+      --config.data.train_files.math=/data/math_train.jsonl \
+      --config.data.eval_files.math=/data/math_eval.jsonl \
+      --config.data.train_files.chart=/data/chart_train.parquet \
+      --config.data.eval_files.chart=/data/chart_eval.parquet \
+      --config.data.train_files.clip=/data/video_train.jsonl \
+      --config.data.eval_files.clip=/data/video_eval.jsonl \
+      --config.data.max_prompt_len=2048 --config.data.vision_budget=16384 \
+      --config.data.max_response_len=4096 --config.sampling.max_new_tokens=4096 \
+      --config.model.dtype=bfloat16 --config.workdir=runs/qwen3_vl_copd
+
+The config argument names the domains, text first (it is the hub), with `micro` for a
+preset that runs in a minute on a CPU: `configs/hf_vl_copd.py:math,chart,clip,micro`.
+The default is `math,chart,clip`. Domains without fixture files start with empty paths
+that must be set on the command line. Only config.model.dtype and the execution settings
+(remat, attention) are read from config.model; the rest comes from the checkpoint.
+"""
+import os
+
+from copd_jax import default_config
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE_CHECKPOINT = os.path.join(_REPO, "tests", "fixtures", "hf", "qwen3_vl_run")
+_DATA = os.path.join(_REPO, "tests", "fixtures", "data", "vl")
+FIXTURE_FILES = {"math": os.path.join(_DATA, "text.jsonl"),
+                 "chart": os.path.join(_DATA, "image.jsonl"),
+                 "clip": os.path.join(_DATA, "video.jsonl")}
+
+
+def _parse_arg(arg: str) -> tuple[tuple[str, ...], str]:
+  parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+  preset = "micro" if "micro" in parts else "toy"
+  domains = tuple(p for p in parts if p not in ("micro", "toy")) or ("math", "chart", "clip")
+  return domains, preset
+
+
+def get_config(arg: str = ""):
+  domains, preset = _parse_arg(arg)
+  c = default_config.get("copd", preset)
+  c.workdir = "runs/hf_vl_copd" + ("_micro" if preset == "micro" else "")
+  c.init.hf_checkpoint = FIXTURE_CHECKPOINT
+  c.init.hf_tokenizer = ""  # the checkpoint directory's tokenizer files
+  c.tasks.capabilities = domains
+  c.tasks.difficulty = {}  # the procedural suite's knob; unused with record files
+  c.data.train_files = {d: FIXTURE_FILES.get(d, "") for d in domains}
+  c.data.eval_files = {d: FIXTURE_FILES.get(d, "") for d in domains}
+  c.data.max_prompt_len = 96
+  c.data.max_response_len = 16
+  c.data.vision_budget = 0  # the most any record needs
+  c.sampling.max_new_tokens = 16
+  c.model.dtype = "float32"
+  c.warm_start.mix = {}  # no SFT: the checkpoint is the base
+  c.num_experts = len(domains)
+  c.rl.capabilities = domains
+  c.rl.opd.hub = domains[0]
+  c.rl.static_opd.teacher, c.rl.static_opd.student = (domains + domains)[:2]
+  c.rl.learning_rate = 1e-6  # the paper's, for a released model
+  c.eval.num_examples = 128
+  if preset == "micro":
+    c.rl.learning_rate = 1e-4
+    c.data.max_response_len = 8
+    c.sampling.max_new_tokens = 8
+    c.eval.update(dict(num_examples=2, batch_size=2))
+  return c
