@@ -52,28 +52,6 @@ def _parse_arg(arg: str) -> tuple[tuple[str, ...], str]:
 
 def get_config(arg: str = ""):
   domains, preset = _parse_arg(arg)
-  c = default_config.get("copd", preset)
-  c.workdir = "runs/hf_copd" + ("_micro" if preset == "micro" else "")
-  c.init.hf_checkpoint = FIXTURE_CHECKPOINT
-  c.init.hf_tokenizer = FIXTURE_TOKENIZER  # "" = the checkpoint directory's tokenizer files
-  c.tasks.capabilities = domains
-  c.tasks.difficulty = {}  # the procedural suite's knob; unused with record files
-  c.data.train_files = {d: FIXTURE_FILES.get(d, ("", ""))[0] for d in domains}
-  c.data.eval_files = {d: FIXTURE_FILES.get(d, ("", ""))[1] for d in domains}
-  c.data.max_prompt_len = 64
-  c.data.max_response_len = 32
-  c.sampling.max_new_tokens = 32
-  c.model.dtype = "float32"
-  c.warm_start.mix = {}  # no SFT: the checkpoint is the base
-  c.num_experts = len(domains)
-  c.rl.capabilities = domains
-  c.rl.opd.hub = domains[0]
-  c.rl.static_opd.teacher, c.rl.static_opd.student = (domains + domains)[:2]
-  c.rl.learning_rate = 1e-6  # the paper's, for a released model
-  c.eval.num_examples = 128
-  if preset == "micro":
-    c.rl.learning_rate = 1e-4
-    c.data.max_response_len = 8
-    c.sampling.max_new_tokens = 8
-    c.eval.update(dict(num_examples=2, batch_size=2))
-  return c
+  return default_config.checkpoint_config(
+      domains, preset, checkpoint=FIXTURE_CHECKPOINT, tokenizer=FIXTURE_TOKENIZER,
+      files=FIXTURE_FILES, workdir="runs/hf_copd", max_prompt_len=64, max_response_len=32)

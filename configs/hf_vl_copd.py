@@ -36,9 +36,9 @@ from copd_jax import default_config
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE_CHECKPOINT = os.path.join(_REPO, "tests", "fixtures", "hf", "qwen3_vl_run")
 _DATA = os.path.join(_REPO, "tests", "fixtures", "data", "vl")
-FIXTURE_FILES = {"math": os.path.join(_DATA, "text.jsonl"),
-                 "chart": os.path.join(_DATA, "image.jsonl"),
-                 "clip": os.path.join(_DATA, "video.jsonl")}
+# The fixture has a few records per domain: train and held-out files are the same.
+FIXTURE_FILES = {d: (os.path.join(_DATA, f"{kind}.jsonl"),) * 2
+                 for d, kind in (("math", "text"), ("chart", "image"), ("clip", "video"))}
 
 
 def _parse_arg(arg: str) -> tuple[tuple[str, ...], str]:
@@ -50,29 +50,8 @@ def _parse_arg(arg: str) -> tuple[tuple[str, ...], str]:
 
 def get_config(arg: str = ""):
   domains, preset = _parse_arg(arg)
-  c = default_config.get("copd", preset)
-  c.workdir = "runs/hf_vl_copd" + ("_micro" if preset == "micro" else "")
-  c.init.hf_checkpoint = FIXTURE_CHECKPOINT
-  c.init.hf_tokenizer = ""  # the checkpoint directory's tokenizer files
-  c.tasks.capabilities = domains
-  c.tasks.difficulty = {}  # the procedural suite's knob; unused with record files
-  c.data.train_files = {d: FIXTURE_FILES.get(d, "") for d in domains}
-  c.data.eval_files = {d: FIXTURE_FILES.get(d, "") for d in domains}
-  c.data.max_prompt_len = 96
-  c.data.max_response_len = 16
+  c = default_config.checkpoint_config(
+      domains, preset, checkpoint=FIXTURE_CHECKPOINT, tokenizer="", files=FIXTURE_FILES,
+      workdir="runs/hf_vl_copd", max_prompt_len=96, max_response_len=16)
   c.data.vision_budget = 0  # the most any record needs
-  c.sampling.max_new_tokens = 16
-  c.model.dtype = "float32"
-  c.warm_start.mix = {}  # no SFT: the checkpoint is the base
-  c.num_experts = len(domains)
-  c.rl.capabilities = domains
-  c.rl.opd.hub = domains[0]
-  c.rl.static_opd.teacher, c.rl.static_opd.student = (domains + domains)[:2]
-  c.rl.learning_rate = 1e-6  # the paper's, for a released model
-  c.eval.num_examples = 128
-  if preset == "micro":
-    c.rl.learning_rate = 1e-4
-    c.data.max_response_len = 8
-    c.sampling.max_new_tokens = 8
-    c.eval.update(dict(num_examples=2, batch_size=2))
   return c

@@ -241,6 +241,42 @@ def get(method: str, preset: str = "toy") -> ml_collections.ConfigDict:
   return c
 
 
+def checkpoint_config(domains: tuple[str, ...], preset: str, *, checkpoint: str,
+                      tokenizer: str, files: dict, workdir: str,
+                      max_prompt_len: int, max_response_len: int) -> ml_collections.ConfigDict:
+  """CoPD from a Hugging Face checkpoint on record files, one branch per domain, the
+  first domain the hub (configs/hf_copd.py, configs/hf_vl_copd.py).
+
+  files: domain -> (train path, eval path); a domain without an entry gets empty paths
+  that must be set on the command line. preset 'micro': a tiny run (2 held-out items,
+  8 new tokens, a learning rate that moves a random fixture)."""
+  c = get("copd", preset)
+  c.workdir = workdir + ("_micro" if preset == "micro" else "")
+  c.init.hf_checkpoint = checkpoint
+  c.init.hf_tokenizer = tokenizer  # "" = the checkpoint directory's tokenizer files
+  c.tasks.capabilities = domains
+  c.tasks.difficulty = {}  # the procedural suite's knob; unused with record files
+  c.data.train_files = {d: files.get(d, ("", ""))[0] for d in domains}
+  c.data.eval_files = {d: files.get(d, ("", ""))[1] for d in domains}
+  c.data.max_prompt_len = max_prompt_len
+  c.data.max_response_len = max_response_len
+  c.sampling.max_new_tokens = max_response_len
+  c.model.dtype = "float32"
+  c.warm_start.mix = {}  # no SFT: the checkpoint is the base
+  c.num_experts = len(domains)
+  c.rl.capabilities = domains
+  c.rl.opd.hub = domains[0]
+  c.rl.static_opd.teacher, c.rl.static_opd.student = (domains + domains)[:2]
+  c.rl.learning_rate = 1e-6  # the paper's, for a released model
+  c.eval.num_examples = 128
+  if preset == "micro":
+    c.rl.learning_rate = 1e-4
+    c.data.max_response_len = 8
+    c.sampling.max_new_tokens = 8
+    c.eval.update(dict(num_examples=2, batch_size=2))
+  return c
+
+
 def set_field(cfg: ml_collections.ConfigDict, dotted: str, value) -> None:
   """cfg['a']['b']['c'] = value for dotted = 'a.b.c' (what --config.a.b.c=value does)."""
   node = cfg

@@ -18,8 +18,13 @@ Last line: JSON with
                           vision budget (PromptMedia): one bucket; target <= 1
   training_vision_once_per_prompt
                           true when the update's vision tower sees prompts, never sample rows
-Scope: the sampler and the jitted update (teacher scoring included); the run loop does not
-drive Qwen3-VL yet.
+  teacher_bytes_per_vision_token
+                          what a cross row's media cost to move to its teacher, per merged
+                          vision token: "pixels" (the merge^2 f32 patches we send) or
+                          "features" (the merged embedding plus one DeepStack feature per
+                          injected layer, bf16), for the fixture and the Qwen3-VL-4B shape
+Scope: the sampler and the jitted update (teacher scoring included); the run loop over
+records is tests/test_qwen3_vl_run.py.
 """
 from __future__ import annotations
 
@@ -137,6 +142,19 @@ def tower_patches(fn) -> list[int]:
   return seen
 
 
+# Qwen3-VL-4B-Instruct's published vision / text shape (config.json): patch 16, temporal
+# patch 2, 3 channels, merge 2 x 2, text hidden size 2560, DeepStack into 3 layers.
+QWEN3_VL_4B = dict(patch_dim=3 * 2 * 16 * 16, merge_unit=4, d_model=2560, deepstack=3)
+
+
+def teacher_bytes_per_vision_token(patch_dim: int, merge_unit: int, d_model: int,
+                                   deepstack: int) -> dict:
+  """Bytes per merged vision token of the two ways to give a teacher a prompt's media.
+  Only pixels are correct while the branches train their own vision towers: features
+  made by the student's tower are not the teacher's."""
+  return {"pixels": merge_unit * patch_dim * 4, "features": d_model * (1 + deepstack) * 2}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
@@ -185,6 +203,12 @@ def main():
       isinstance(c, tuple) and c[0] <= 4 for c in update_towers)  # <= 4 prompts, 4*G rows
   print(f"training: {compiled_updates} update program(s) over 5 steps; tower calls "
         f"(prompts, patches): {update_towers}; {update_s:.3f} s per update", flush=True)
+  media_bytes = {
+      "fixture": teacher_bytes_per_vision_token(cfg.vision.patch_dim, cfg.vision.merge_unit,
+                                                cfg.text.d_model,
+                                                len(cfg.vision.deepstack_visual_indexes)),
+      "qwen3_vl_4b": teacher_bytes_per_vision_token(**QWEN3_VL_4B)}
+  print(f"bytes per vision token to a teacher: {media_bytes}", flush=True)
   print(json.dumps({"bench": "qwen3_vl_sampling", "quick": args.quick, "cpu": cpu_name(),
                     "vl_kv_cache_speedup": round(speedup, 2),
                     "vision_once_per_prompt": bool(once),
@@ -194,6 +218,7 @@ def main():
                     "training_compiles_per_bucket": compiled_updates,
                     "training_vision_once_per_prompt": per_prompt,
                     "update_s": round(update_s, 3),
+                    "teacher_bytes_per_vision_token": media_bytes,
                     "samples_per_prompt": samples, "new_tokens": new_tokens,
                     "scope": "sampler and update"}))
 

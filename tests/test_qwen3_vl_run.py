@@ -76,14 +76,14 @@ def cross_pairs(workdir, step):
 
 
 def test_records_keep_several_images_of_their_own_sizes_and_the_video_rate(tmp_path):
-  source = records.RecordSource(hf_vl_copd.FIXTURE_FILES["chart"], capability="chart",
+  source = records.RecordSource(hf_vl_copd.FIXTURE_FILES["chart"][0], capability="chart",
                                 native_media=True)
   sizes = {source[i].media.images[0].shape for i in range(len(source))}
   assert len(sizes) == 2  # the fixture's two image sizes
-  clip = records.RecordSource(hf_vl_copd.FIXTURE_FILES["clip"], capability="clip",
+  clip = records.RecordSource(hf_vl_copd.FIXTURE_FILES["clip"][0], capability="clip",
                               native_media=True)[0]
   assert clip.media.video.shape[0] == 3 and clip.media.video_fps == 2.0
-  image = os.path.join(os.path.dirname(hf_vl_copd.FIXTURE_FILES["chart"]), "image0.png")
+  image = os.path.join(os.path.dirname(hf_vl_copd.FIXTURE_FILES["chart"][0]), "image0.png")
   two = tmp_path / "two.jsonl"
   two.write_text(json.dumps({"prompt": "Which is larger?", "answer": "1",
                              "verifier": "integer", "images": [image, image]}) + "\n")
@@ -128,7 +128,7 @@ def test_copd_trains_image_and_video_branches_and_the_export_reloads(finished_ru
 
   # The reloaded model answers a prompt with an image exactly as the trained one does.
   setup = policy_setup.build_setup(vl_config(workdir, "unused"))
-  example = records.RecordSource(hf_vl_copd.FIXTURE_FILES["chart"], capability="chart",
+  example = records.RecordSource(hf_vl_copd.FIXTURE_FILES["chart"][0], capability="chart",
                                  native_media=True)[0]
   batch = setup.encode_prompts([example])
   logits = [qwen3_vl_decode.prefill(p, setup.model_cfg, batch.tokens, batch.mask,
@@ -166,7 +166,7 @@ def test_the_same_run_on_an_expert_mesh(finished_run, reward_module, tmp_path):
 
 def test_bad_records_are_named_before_anything_compiles(tmp_path):
   big = tmp_path / "big.jsonl"
-  image = os.path.join(os.path.dirname(hf_vl_copd.FIXTURE_FILES["chart"]), "image0.png")
+  image = os.path.join(os.path.dirname(hf_vl_copd.FIXTURE_FILES["chart"][0]), "image0.png")
   big.write_text(json.dumps({"id": "wide", "prompt": "Count.", "answer": "1",
                              "verifier": "integer", "images": [image] * 3}) + "\n")
   cfg = vl_config(tmp_path / "run", "unused")
@@ -181,7 +181,7 @@ def test_bad_records_are_named_before_anything_compiles(tmp_path):
                      r"config.data.max_prompt_len=40"):
     policy_setup.build_setup(cfg)
   no_fps = tmp_path / "no_fps.jsonl"
-  frames = [os.path.join(os.path.dirname(hf_vl_copd.FIXTURE_FILES["clip"]), f"video0_{i}.png")
+  frames = [os.path.join(os.path.dirname(hf_vl_copd.FIXTURE_FILES["clip"][0]), f"video0_{i}.png")
             for i in range(3)]
   no_fps.write_text(json.dumps({"id": "v", "prompt": "Count.", "answer": "1",
                                 "verifier": "integer", "video_frames": frames}) + "\n")
@@ -199,7 +199,7 @@ def test_bad_records_are_named_before_anything_compiles(tmp_path):
 def test_prompt_batches_share_one_vision_budget():
   cfg = vl_config("/tmp/unused", "unused")
   setup = policy_setup.build_setup(cfg)
-  examples = [records.RecordSource(hf_vl_copd.FIXTURE_FILES[d], capability=d,
+  examples = [records.RecordSource(hf_vl_copd.FIXTURE_FILES[d][0], capability=d,
                                    native_media=True)[i]
               for d, i in (("chart", 0), ("chart", 3), ("clip", 0), ("math", 0))]
   batch = setup.encode_prompts(examples)
