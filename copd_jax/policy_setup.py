@@ -76,15 +76,22 @@ def hf_tokenizer_dir(cfg: ml_collections.ConfigDict) -> str:
   return cfg.init.get("hf_tokenizer", "") or cfg.init.hf_checkpoint
 
 
+def with_execution_settings(model_cfg: model_config.ModelConfig,
+                            cfg: ml_collections.ConfigDict) -> model_config.ModelConfig:
+  """A checkpoint's decoder config with config.model's execution settings (remat, the
+  attention block and kernel): how to compute, which the checkpoint does not say."""
+  return dataclasses.replace(model_cfg, remat=bool(cfg.model.get("remat", False)),
+                             attention_block=int(cfg.model.get("attention_block", 0)),
+                             attention_kernel=str(cfg.model.get("attention_kernel", "xla")))
+
+
 def _hf_model_and_tokenizer(cfg) -> tuple[model_config.ModelConfig, Tokenizer]:
   from copd_jax.data import hf_tokenizer
   from copd_jax.models import hf_checkpoint
   model_cfg = hf_checkpoint.model_config_from_hf(
       hf_checkpoint.read_hf_config(cfg.init.hf_checkpoint), dtype=cfg.model.dtype)
   hf_checkpoint.check_layers_present(cfg.init.hf_checkpoint, model_cfg)  # headers only
-  model_cfg = dataclasses.replace(model_cfg, remat=bool(cfg.model.get("remat", False)),
-                                  attention_block=int(cfg.model.get("attention_block", 0)),
-                                  attention_kernel=str(cfg.model.get("attention_kernel", "xla")))
+  model_cfg = with_execution_settings(model_cfg, cfg)
   tokenizer = hf_tokenizer.HFTokenizer(hf_tokenizer_dir(cfg), model_vocab_size=model_cfg.vocab_size)
   if tokenizer.vocab_size != model_cfg.vocab_size:
     raise ValueError(f"the tokenizer in {hf_tokenizer_dir(cfg)} has {tokenizer.vocab_size} ids, "
@@ -230,10 +237,7 @@ def vl_model_config(cfg: ml_collections.ConfigDict) -> Qwen3VLConfig:
                                       dtype=cfg.model.dtype)
   except ValueError as err:
     raise ValueError(f"{path}: {err}") from err
-  text = dataclasses.replace(model_cfg.text, remat=bool(cfg.model.get("remat", False)),
-                             attention_block=int(cfg.model.get("attention_block", 0)),
-                             attention_kernel=str(cfg.model.get("attention_kernel", "xla")))
-  return dataclasses.replace(model_cfg, text=text)
+  return dataclasses.replace(model_cfg, text=with_execution_settings(model_cfg.text, cfg))
 
 
 def _no_sft_batches(examples):
