@@ -4,6 +4,7 @@ video branch teach each other) -> export of the merged model -> reload with our 
 Also on a mesh with one expert group per branch (expert=3 x data=2)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -188,6 +189,16 @@ def test_bad_records_are_named_before_anything_compiles(tmp_path):
   cfg = vl_config(tmp_path / "run", "unused")
   cfg.data.eval_files["clip"] = str(no_fps)
   with pytest.raises(ValueError, match=r"no_fps.jsonl:1 \(id v\).*video_fps"):
+    policy_setup.build_setup(cfg)
+  # A checkpoint whose vision config we do not support: named with its file and field.
+  checkpoint = tmp_path / "relu_checkpoint"
+  shutil.copytree(hf_vl_copd.FIXTURE_CHECKPOINT, checkpoint)
+  config = json.loads((checkpoint / "config.json").read_text())
+  config["vision_config"]["hidden_act"] = "relu"
+  (checkpoint / "config.json").write_text(json.dumps(config))
+  cfg = vl_config(tmp_path / "run", "unused")
+  cfg.init.hf_checkpoint = str(checkpoint)
+  with pytest.raises(ValueError, match=r"relu_checkpoint/config.json: .*vision_config.hidden_act"):
     policy_setup.build_setup(cfg)
   cfg = vl_config(tmp_path / "run", "unused")
   cfg.data.train_files = {}
