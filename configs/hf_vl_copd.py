@@ -24,7 +24,7 @@ A real run, from the repository root:
       --config.model.dtype=bfloat16 --config.workdir=runs/qwen3_vl_copd
 
 The config argument names the domains, text first (it is the hub), with `micro` for a
-preset that runs in a minute on a CPU: `configs/hf_vl_copd.py:math,chart,clip,micro`.
+preset that runs in a few minutes on a CPU: `configs/hf_vl_copd.py:math,chart,clip,micro`.
 The default is `math,chart,clip`. Domains without fixture files start with empty paths
 that must be set on the command line. Only config.model.dtype and the execution settings
 (remat, attention) are read from config.model; the rest comes from the checkpoint.
