@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from copd_jax import export, main, policy_setup
-from copd_jax.data import records, vl_prompts
+from copd_jax.data import math_verifier, records, vl_prompts
 from copd_jax.models import qwen3_vl, qwen3_vl_decode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,11 @@ def reward_module(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, reward_module):
   workdir = tmp_path_factory.mktemp("vl") / "run"
-  summary = main.run(vl_config(workdir, reward_module[0]))
+  before = math_verifier.active_config()
+  try:
+    summary = main.run(vl_config(workdir, reward_module[0]))
+  finally:  # main.run sets the process's reward settings: later tests get theirs back
+    math_verifier.configure(before)
   return workdir, summary
 
 
