@@ -7,7 +7,6 @@ sets how much of each capability it sees, `warm_start.steps` how long it trains.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from typing import Any, Iterator
@@ -123,8 +122,7 @@ def load_hf_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup) -> Any:
     model_cfg, params = qwen3_vl.load_qwen3_vl(cfg.init.hf_checkpoint,
                                                dtype=setup.model_cfg.text.dtype)
     # Compared without the execution settings build_setup took from config.model.
-    model_cfg = dataclasses.replace(model_cfg, text=model_config.with_execution_of(
-        model_cfg.text, setup.model_cfg.text))
+    model_cfg = model_cfg.with_execution_of(setup.model_cfg)
   else:
     model_cfg, params = hf_checkpoint.load_qwen3(cfg.init.hf_checkpoint,
                                                  dtype=setup.model_cfg.dtype)

@@ -223,9 +223,9 @@ def test_prompt_batches_share_one_vision_budget():
   assert batch.frames.patches.shape[0] == 4
   # The budget is the most any record needs, and the text prompt's media are all padding.
   processor = vl_prompts.VLPromptProcessor.from_checkpoint(cfg.init.hf_checkpoint)
-  needed = [len(processor.encode_example(ex)[1].get("pixel_values", [])) +
-            len(processor.encode_example(ex)[1].get("pixel_values_videos", []))
-            for ex in examples]
+  media = [processor.encode_example(ex)[1] for ex in examples]
+  needed = [len(m.get("pixel_values", [])) + len(m.get("pixel_values_videos", []))
+            for m in media]
   assert budget >= max(needed) and budget % setup.model_cfg.vision.merge_unit == 0
   assert (np.asarray(batch.frames.layout[3])[3] == -1).all()
   assert set(setup.banned_token_ids) >= {setup.model_cfg.image_token_id,

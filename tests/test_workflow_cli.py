@@ -79,7 +79,9 @@ def test_real_checkpoint_with_a_fixture_record_file_left_over_is_an_error(tmp_pa
 
 
 def test_the_fixture_checkpoint_still_runs_on_fixtures():
-  config_lib.validate_config(hf_config())  # the committed demo path is unchanged
+  cfg = hf_config()
+  assert config_lib.is_test_fixture(cfg.init.hf_checkpoint)  # the committed demo path ...
+  config_lib.validate_config(cfg)  # ... is valid: fixture data beside a fixture checkpoint
 
 
 # --------------------------------------------------------------- 2. RL sampling

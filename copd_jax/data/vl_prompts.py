@@ -226,18 +226,9 @@ def encode_prompt_batch(examples: Sequence[Example], processor: VLPromptProcesso
     tokens[row, max_prompt_len - len(ids):] = ids
     mask[row, max_prompt_len - len(ids):] = True
     media.append(item)
-  try:
-    frames = qwen3_vl_decode.prompt_media(model_cfg, tokens, mask, media, vision_budget)
-  except ValueError as err:  # "prompt b: ..." -> name the record
-    row = _prompt_row(str(err))
-    where = examples[row].record or examples[row].describe() if row is not None else "a prompt"
-    raise ValueError(f"{where}: {err}") from err
+  frames = qwen3_vl_decode.prompt_media(
+      model_cfg, tokens, mask, media, vision_budget,
+      names=[ex.record or ex.describe() for ex in examples])
   capability_ids = np.array([CAPABILITIES.index(ex.modality) for ex in examples], np.int32)
   return PromptBatch(tokens, mask, frames, capability_ids, [ex.answer for ex in examples])
 
-
-def _prompt_row(message: str) -> int | None:
-  head = message.split(":", 1)[0]
-  if head.startswith("prompt ") and head[7:].isdigit():
-    return int(head[7:])
-  return None

@@ -114,6 +114,11 @@ class Qwen3VLConfig:
         raise ValueError(f"{name}={value!r} must be a token id in [0, vocab_size="
                          f"{text.vocab_size})")
 
+  def with_execution_of(self, other: "Qwen3VLConfig") -> "Qwen3VLConfig":
+    """This model with other's execution settings (remat, attention kernel), so two
+    configs of one checkpoint compare equal however each computes."""
+    return dataclasses.replace(self, text=model_config.with_execution_of(self.text, other.text))
+
   @classmethod
   def from_hf(cls, config: Mapping[str, Any], *, dtype: str = "float32") -> "Qwen3VLConfig":
     """From a HF Qwen3-VL config.json dict (text_config + vision_config + token ids).

@@ -82,16 +82,17 @@ class PromptMedia:
   position_ids: jax.Array
 
 
-def _media_of(cfg: Qwen3VLConfig, b: int, item: dict, budget: int):
-  """One prompt's (patches, layout, image tokens) padded to `budget` patches."""
+def _media_of(cfg: Qwen3VLConfig, where: str, item: dict, budget: int):
+  """One prompt's (patches, layout, image tokens) padded to `budget` patches; errors name
+  `where`."""
   vcfg = cfg.vision
-  image_grids = grids_to_tuple(item.get("image_grid_thw"), f"prompt {b}: image_grid_thw")
-  video_grids = grids_to_tuple(item.get("video_grid_thw"), f"prompt {b}: video_grid_thw")
+  image_grids = grids_to_tuple(item.get("image_grid_thw"), f"{where}: image_grid_thw")
+  video_grids = grids_to_tuple(item.get("video_grid_thw"), f"{where}: video_grid_thw")
   pieces = [np.asarray(item[k], np.float32) for k in ("pixel_values", "pixel_values_videos")
             if item.get(k) is not None]
   patches = np.concatenate(pieces) if pieces else np.zeros((0, vcfg.patch_dim), np.float32)
   if len(patches) > budget:
-    raise ValueError(f"prompt {b}: its images and videos make {len(patches)} patches, more "
+    raise ValueError(f"{where}: its images and videos make {len(patches)} patches, more "
                      f"than the vision budget of {budget} patches per prompt; resize the "
                      "media or raise the budget")
   pad = budget - len(patches)
@@ -107,12 +108,13 @@ def _media_of(cfg: Qwen3VLConfig, b: int, item: dict, budget: int):
 
 
 def prompt_media(cfg: Qwen3VLConfig, input_ids, attention_mask, media: Sequence[dict],
-                 budget: int) -> PromptMedia:
+                 budget: int, names: Sequence[str] | None = None) -> PromptMedia:
   """Host side: a LEFT-padded prompt batch int[B, P] and each prompt's media (media[b]: a
   dict with any of pixel_values / image_grid_thw / pixel_values_videos / video_grid_thw,
   as vision_preprocess makes them) -> PromptMedia with `budget` patches per prompt.
   Errors name the prompt: media over the budget, a grid the merger cannot split, a
-  placeholder count that disagrees with the media."""
+  placeholder count that disagrees with the media. names: what errors call each prompt
+  (e.g. its record); default "prompt b"."""
   ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
   if len(media) != len(ids):
     raise ValueError(f"media has {len(media)} entries for {len(ids)} prompts")
@@ -121,14 +123,15 @@ def prompt_media(cfg: Qwen3VLConfig, input_ids, attention_mask, media: Sequence[
                      f"merge_size^2 = {cfg.vision.merge_unit}")
   out, positions = [], []
   for b, item in enumerate(media):
+    where = names[b] if names is not None else f"prompt {b}"
     try:
       check_inputs(cfg, ids[b:b + 1], mask[b:b + 1], item.get("pixel_values"),
                    grids_to_tuple(item.get("image_grid_thw"), "image_grid_thw"),
                    item.get("pixel_values_videos"),
                    grids_to_tuple(item.get("video_grid_thw"), "video_grid_thw"))
     except ValueError as e:
-      raise ValueError(f"prompt {b}: {e}") from e
-    out.append(_media_of(cfg, b, item, budget))
+      raise ValueError(f"{where}: {e}") from e
+    out.append(_media_of(cfg, where, item, budget))
     position_ids, _ = get_rope_index(cfg, ids[b:b + 1], mask[b:b + 1],
                                      item.get("image_grid_thw"), item.get("video_grid_thw"))
     positions.append(np.asarray(position_ids)[:, 0])

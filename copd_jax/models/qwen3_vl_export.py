@@ -12,7 +12,6 @@ import and export cannot drift apart.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ from typing import Mapping
 import jax
 import numpy as np
 
-from copd_jax.models import hf_checkpoint, model_config
+from copd_jax.models import hf_checkpoint
 from copd_jax.models.qwen3_vl import _hf_shape, hf_name_to_path, param_shapes
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 
@@ -104,9 +103,7 @@ def export_qwen3_vl(directory: str, params: Mapping, cfg: Qwen3VLConfig, *, sour
     raise ValueError(f"export_qwen3_vl: dtype must be one of "
                      f"{tuple(hf_checkpoint.EXPORT_DTYPES)}, got {dtype!r}")
   config = hf_checkpoint.read_hf_config(source_dir)
-  source_cfg = Qwen3VLConfig.from_hf(config, dtype=cfg.text.dtype)
-  source_cfg = dataclasses.replace(source_cfg, text=model_config.with_execution_of(
-      source_cfg.text, cfg.text))  # remat / attention kernel: not the model
+  source_cfg = Qwen3VLConfig.from_hf(config, dtype=cfg.text.dtype).with_execution_of(cfg)
   if source_cfg != cfg:
     raise ValueError(f"export_qwen3_vl: {source_dir}/config.json describes another model "
                      "than the params' config")
