@@ -6,7 +6,8 @@
 Every variant is the `copd` config with overrides (nothing else changes), from the same
 shared base, at the same budget (rl.steps per branch), evaluated on the same held-out
 items as experiments/reproduce.py. The reference variant (1.5:1, beta 1, hub = text, three
-branches) IS reproduce.py's CoPD run: it is read from --runs_reproduce, not rerun. For each
+branches) IS reproduce.py's CoPD run, and "2 branches (text, image)" its two-branch CoPD run:
+both are read from --runs_reproduce (or run there if missing), not run twice. For each
 variant: merged accuracy with a 95% interval (bootstrap over seeds and items) and the
 paired difference to the reference on the same items and seeds. Resumable like
 reproduce.py. Writes <out>/ablation.md and ablation.json (last line printed: JSON).
@@ -42,11 +43,14 @@ SCHEDULES = {
 BETAS = {f"beta = {b}": dict(rl__opd__beta=b) for b in (0.25, 4.0)}
 HUBS = {f"hub = {h}": dict(rl__opd__hub=h) for h in ("image", "video")}
 HUBS["full mesh"] = dict(rl__opd__topology="full")
+TWO_BRANCH = "2 branches (text, image)"
 BRANCHES = {  # two branches: the hub (text) and one spoke
-    "2 branches (text, image)": dict(rl__capabilities=("text", "image"), num_experts=2),
+    TWO_BRANCH: dict(rl__capabilities=("text", "image"), num_experts=2),
     "2 branches (text, video)": dict(rl__capabilities=("text", "video"), num_experts=2),
 }
 SWEEPS = {"schedule": SCHEDULES, "beta": BETAS, "hub": HUBS, "branches": BRANCHES}
+# Variants that are runs of reproduce.py (same config): read from --runs_reproduce, not rerun.
+REPRODUCE_RUN_OF = {REFERENCE: "copd", TWO_BRANCH: "copd_2branch"}
 
 
 def variant_rewards(args, seeds, workdirs) -> dict[str, np.ndarray] | None:
@@ -99,13 +103,15 @@ def main(argv=None):
 
   def run_variant(name, overrides, root):
     slug = "".join(ch if ch.isalnum() else "_" for ch in name)
-    workdirs = [f"{root}/seed{s}/copd" if name == REFERENCE else f"{root}/{slug}/seed{s}"
-                for s in seeds]
+    if name in REPRODUCE_RUN_OF:
+      workdirs = [f"{args.runs_reproduce}/seed{s}/{REPRODUCE_RUN_OF[name]}" for s in seeds]
+    else:
+      workdirs = [f"{root}/{slug}/seed{s}" for s in seeds]
     for seed, workdir in zip(seeds, workdirs):
       reproduce.run_or_load(reproduce.make_config("copd", seed, workdir, args, **overrides))
     return variant_rewards(args, seeds, workdirs)
 
-  results = {REFERENCE: run_variant(REFERENCE, {}, args.runs_reproduce)}
+  results = {REFERENCE: run_variant(REFERENCE, {}, None)}
   for sweep in args.only.split(","):
     for name, overrides in SWEEPS[sweep].items():
       results[name] = run_variant(name, overrides, f"{args.runs}/{sweep}")

@@ -77,3 +77,23 @@ def test_recipe_settings_reach_every_run_config():
   assert cfg.rl.steps == 7 and cfg.seed == 1
   with pytest.raises(SystemExit, match="field=value"):
     reproduce.parse_setting("rl.steps")
+
+
+def test_ablation_reads_the_reproductions_copd_runs_instead_of_rerunning(tmp_path, monkeypatch):
+  import ablate
+  calls = []
+  monkeypatch.setattr(reproduce, "run_or_load", lambda cfg: calls.append(cfg) or {})
+  ablate.main(["--seeds", "0,1", "--only", "branches", "--out", str(tmp_path / "out"),
+               "--runs", str(tmp_path / "abl"), "--runs_reproduce", str(tmp_path / "rep"),
+               "--set", "rl.lr_end_fraction=0.3"])
+  by_dir = {os.path.relpath(c.workdir, tmp_path): c for c in calls}
+  # the reference and the (text, image) variant are reproduce.py's own run directories
+  plan = reproduce.seed_runs(1, argparse.Namespace(runs=str(tmp_path / "rep"), quick=False))
+  assert os.path.relpath(plan["copd_2branch"][2], tmp_path) == "rep/seed1/copd_2branch"
+  assert set(by_dir) == {"rep/seed0/copd", "rep/seed1/copd", "rep/seed0/copd_2branch",
+                         "rep/seed1/copd_2branch", "abl/branches/2_branches__text__video_/seed0",
+                         "abl/branches/2_branches__text__video_/seed1"}
+  two = by_dir["rep/seed1/copd_2branch"]
+  assert tuple(two.rl.capabilities) == ("text", "image") and two.num_experts == 2
+  assert two.method == plan["copd_2branch"][0] == "copd"
+  assert two.rl.lr_end_fraction == 0.3 and two.seed == 1
