@@ -443,26 +443,35 @@ def main(argv=None):
   parser.add_argument("--base_dir", default="experiments/results/base_policy")
   parser.add_argument("--set", action="append", default=[],
                       help="field=value for every run (the recipe), e.g. rl.lr_schedule=cosine")
+  parser.add_argument("--report_only", action="store_true",
+                      help="rewrite the results from the runs that finished; run nothing")
   args = parser.parse_args(argv)
   seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
   args.eval_examples = args.eval_examples or (300 if args.quick else 1000)
   args.out = args.out or ("experiments/results/quick" if args.quick else "experiments/results")
   args.runs = args.runs or ("runs/reproduce_quick" if args.quick else "experiments/results/runs")
   os.makedirs(args.out, exist_ok=True)
-  command = "python experiments/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
+  flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report_only"]
+  command = " ".join(["python experiments/reproduce.py"] + flags)  # the command that runs
   start = time.perf_counter()
-  base = run_or_load(make_config("base", 0, os.path.join(args.runs, "base"), args))
-  done = set()
-  # Method by method over all seeds, rewriting the results after each method, so an
-  # interrupted reproduction already reports every method that finished on every seed.
   plan = {seed: seed_runs(seed, args) for seed in seeds}
-  for name in plan[seeds[0]]:
-    for seed in seeds:
-      method, overrides, workdir = plan[seed][name]
-      run_or_load(make_config(method, seed, workdir, args, **overrides))
-      done.add((seed, name))
-    result = write_results(args, seeds, done, command, (time.perf_counter() - start) / 60,
-                           args.out)
+  base = None
+  if args.report_only:
+    done = {(seed, name) for seed in seeds for name, (_, _, workdir) in plan[seed].items()
+            if os.path.exists(os.path.join(workdir, "summary.json"))}
+    result = write_results(args, seeds, done, command, 0.0, args.out)
+  else:
+    base = run_or_load(make_config("base", 0, os.path.join(args.runs, "base"), args))
+    done = set()
+    # Method by method over all seeds, rewriting the results after each method, so an
+    # interrupted reproduction already reports every method that finished on every seed.
+    for name in plan[seeds[0]]:
+      for seed in seeds:
+        method, overrides, workdir = plan[seed][name]
+        run_or_load(make_config(method, seed, workdir, args, **overrides))
+        done.add((seed, name))
+      result = write_results(args, seeds, done, command, (time.perf_counter() - start) / 60,
+                             args.out)
   print(json.dumps({k: result[k] for k in ("eval_examples_per_capability", "seeds",
                                            "expert_own_gain_points", "expert_own_gain_ci95",
                                            "expert_pair_overlap_final", "claims")}))

@@ -97,3 +97,34 @@ def test_ablation_reads_the_reproductions_copd_runs_instead_of_rerunning(tmp_pat
   assert tuple(two.rl.capabilities) == ("text", "image") and two.num_experts == 2
   assert two.method == plan["copd_2branch"][0] == "copd"
   assert two.rl.lr_end_fraction == 0.3 and two.seed == 1
+
+
+def test_report_only_rewrites_results_from_finished_runs_and_runs_nothing(tmp_path, monkeypatch):
+  def refuse(cfg):
+    raise AssertionError(f"report_only ran {cfg.workdir}")
+  monkeypatch.setattr(reproduce, "run_or_load", refuse)
+  rng = np.random.default_rng(0)
+  base = {f"base/{c}": (rng.random(50) < 0.3).astype(np.float32) for c in CAPS}
+  runs = tmp_path / "runs"
+  (runs / "base").mkdir(parents=True)
+  np.savez(runs / "base" / "eval_rewards.npz", **base)
+  experts = []
+  for seed in (0, 1):
+    rewards = {f"branch/{e}/{c}": (rng.random(50) < 0.6).astype(np.float32)
+               for e in CAPS for c in CAPS}
+    experts.append(rewards)
+    workdir = runs / f"seed{seed}" / "experts"
+    workdir.mkdir(parents=True)
+    np.savez(workdir / "eval_rewards.npz", **rewards)
+    (workdir / "summary.json").write_text("{}")
+  (runs / "seed0" / "mixed_rlvr").mkdir()  # started, not finished: not reported
+  reproduce.main(["--report_only", "--seeds", "0,1", "--runs", str(runs),
+                  "--out", str(tmp_path / "out")])
+  import json
+  result = json.loads((tmp_path / "out" / "results.json").read_text())
+  assert result["runs_finished"] == ["seed0/experts", "seed1/experts"]
+  assert "--report_only" not in result["command"]
+  for c in CAPS:  # paired gain = mean over seeds and items of expert - base, by hand
+    by_hand = 100 * np.mean([e[f"branch/{c}/{c}"] - base[f"base/{c}"] for e in experts])
+    assert abs(result["expert_own_gain_points"][c] - round(by_hand, 2)) < 1e-6
+  assert result["claims"]["mixed_loses_somewhere"] == "inconclusive"
