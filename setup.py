@@ -35,7 +35,7 @@ setup(
         "datasets>=2.19",     # HF datasets: load_from_disk / local JSONL+Parquet, offline
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "filelock>=3.12"],  # filelock: jax cache lock
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
         "plots": ["matplotlib>=3.8"],
         "wandb": ["wandb>=0.17"],  # optional mirror of the logs (config.log.wandb)
     },
