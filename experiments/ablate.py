@@ -102,10 +102,10 @@ def main(argv=None):
   start = time.perf_counter()
 
   def run_variant(name, overrides, root):
-    slug = "".join(ch if ch.isalnum() else "_" for ch in name)
     if name in REPRODUCE_RUN_OF:
       workdirs = [f"{args.runs_reproduce}/seed{s}/{REPRODUCE_RUN_OF[name]}" for s in seeds]
     else:
+      slug = "".join(ch if ch.isalnum() else "_" for ch in name)
       workdirs = [f"{root}/{slug}/seed{s}" for s in seeds]
     for seed, workdir in zip(seeds, workdirs):
       reproduce.run_or_load(reproduce.make_config("copd", seed, workdir, args, **overrides))

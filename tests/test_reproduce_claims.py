@@ -1,5 +1,6 @@
 """The claim verdicts of experiments/reproduce.py on hand-built per-item rewards."""
 import argparse
+import json
 import os
 import sys
 
@@ -120,7 +121,6 @@ def test_report_only_rewrites_results_from_finished_runs_and_runs_nothing(tmp_pa
   (runs / "seed0" / "mixed_rlvr").mkdir()  # started, not finished: not reported
   reproduce.main(["--report_only", "--seeds", "0,1", "--runs", str(runs),
                   "--out", str(tmp_path / "out")])
-  import json
   result = json.loads((tmp_path / "out" / "results.json").read_text())
   assert result["runs_finished"] == ["seed0/experts", "seed1/experts"]
   assert "--report_only" not in result["command"]
