@@ -2,6 +2,7 @@
 
     python experiments/ablate.py [--seeds 0,1,2] [--only schedule,beta,hub,branches]
         [--set field=value ...]   (the same recipe as the reproduction it extends)
+        [--report_only]           (rewrite the tables from the finished runs; run nothing)
 
 Every variant is the `copd` config with overrides (nothing else changes), from the same
 shared base, at the same budget (rl.steps per branch), evaluated on the same held-out
@@ -9,8 +10,9 @@ items as experiments/reproduce.py. The reference variant (1.5:1, beta 1, hub = t
 branches) IS reproduce.py's CoPD run, and "2 branches (text, image)" its two-branch CoPD run:
 both are read from --runs_reproduce (or run there if missing), not run twice. For each
 variant: merged accuracy with a 95% interval (bootstrap over seeds and items) and the
-paired difference to the reference on the same items and seeds. Resumable like
-reproduce.py. Writes <out>/ablation.md and ablation.json (last line printed: JSON).
+paired difference to the reference on the same items and seeds, overall and per
+capability. Resumable like reproduce.py; a variant counts once it finished on every seed.
+Writes <out>/ablation.md and ablation.json (last line printed: JSON).
 
 Schedules (S_RL : S_OPD): no OPD, 3:1, 1.5:1 (the paper's), 1:1, 1:2, and adaptive (an OPD
 phase of 2 steps whenever the hub-spoke overlap, measured every 2 steps, falls below
@@ -53,9 +55,11 @@ SWEEPS = {"schedule": SCHEDULES, "beta": BETAS, "hub": HUBS, "branches": BRANCHE
 REPRODUCE_RUN_OF = {REFERENCE: "copd", TWO_BRANCH: "copd_2branch"}
 
 
-def variant_rewards(args, seeds, workdirs) -> dict[str, np.ndarray] | None:
+def variant_rewards(workdirs) -> dict[str, np.ndarray] | None:
   """{cap: f32[S, N]} of a variant's merged model, or None until every seed finished."""
-  if not all(os.path.exists(os.path.join(w, "eval_rewards.npz")) for w in workdirs):
+  finished = all(os.path.exists(os.path.join(w, name)) for w in workdirs
+                 for name in ("summary.json", "eval_rewards.npz"))
+  if not finished:
     return None
   per_seed = [reproduce.load_rewards(w) for w in workdirs]
   caps = [k.split("/", 1)[1] for k in per_seed[0] if k.startswith("merged/")]
@@ -81,6 +85,35 @@ def summarize(results: dict, reference: dict) -> dict:
   return out
 
 
+def markdown_report(command: str, seeds, eval_examples: int, summary: dict,
+                    unfinished: list[str]) -> str:
+  """ablation.md: one table per sweep, accuracy and paired difference to the reference."""
+  lines = [f"# CoPD ablations on the toy suite\n\nMade by `{command}`; seeds {seeds}; "
+           f"{eval_examples} held-out items per capability. Merged-model accuracy "
+           "in points: mean [95% interval]; 'minus reference' is the paired difference "
+           f"to the reference variant ({REFERENCE}) on the same items and seeds, overall "
+           "(over the variant's own capabilities) and per capability.\n"]
+  for sweep_name, variants in [("reference", {REFERENCE: {}})] + list(SWEEPS.items()):
+    rows = {n: summary[n] for n in variants if n in summary}
+    if not rows:
+      continue
+    lines.append(f"## {sweep_name}\n")
+    lines.append("| variant | accuracy overall | minus reference overall | "
+                 + " | ".join(f"minus reference {c}" for c in reproduce.CAPS) + " |")
+    lines.append("|---" * (3 + len(reproduce.CAPS)) + "|")
+    for n, e in rows.items():
+      diff = e.get("minus_reference_points", {})
+      cells = [reproduce.fmt_cell(diff[c]) if c in diff else "—"
+               for c in ["overall (its capabilities)"] + list(reproduce.CAPS)]
+      lines.append(f"| {n} | {reproduce.fmt_cell(e['accuracy_points']['overall'])} | "
+                   + " | ".join(cells) + " |")
+    lines.append("")
+  if unfinished:
+    lines.append("Not finished on every seed yet (rerun the command to continue): "
+                 + "; ".join(unfinished) + ".\n")
+  return "\n".join(lines)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seeds", default="0,1,2")
@@ -94,11 +127,14 @@ def main(argv=None):
   parser.add_argument("--base_dir", default="experiments/results/base_policy")
   parser.add_argument("--set", action="append", default=[],
                       help="field=value for every run (the recipe; must match reproduce.py's)")
+  parser.add_argument("--report_only", action="store_true",
+                      help="rewrite ablation.{json,md} from the finished runs; run nothing")
   args = parser.parse_args(argv)
   args.quick = False
   seeds = [int(s) for s in args.seeds.split(",")]
   os.makedirs(args.out, exist_ok=True)
-  command = "python experiments/ablate.py " + " ".join(sys.argv[1:] if argv is None else argv)
+  flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report_only"]
+  command = " ".join(["python experiments/ablate.py"] + flags)  # the command that runs
   start = time.perf_counter()
 
   def run_variant(name, overrides, root):
@@ -107,40 +143,35 @@ def main(argv=None):
     else:
       slug = "".join(ch if ch.isalnum() else "_" for ch in name)
       workdirs = [f"{root}/{slug}/seed{s}" for s in seeds]
-    for seed, workdir in zip(seeds, workdirs):
-      reproduce.run_or_load(reproduce.make_config("copd", seed, workdir, args, **overrides))
-    return variant_rewards(args, seeds, workdirs)
+    if not args.report_only:
+      for seed, workdir in zip(seeds, workdirs):
+        reproduce.run_or_load(reproduce.make_config("copd", seed, workdir, args, **overrides))
+    return variant_rewards(workdirs)
 
   results = {REFERENCE: run_variant(REFERENCE, {}, None)}
+  if args.report_only and results[REFERENCE] is None:
+    raise SystemExit(f"the reference variant ({REFERENCE}) has not finished on seeds {seeds} "
+                     f"under {args.runs_reproduce}; run it (drop --report_only) first")
+  def write_report():
+    summary = summarize({k: v for k, v in results.items() if v is not None},
+                        results[REFERENCE])
+    unfinished = [k for k, v in results.items() if v is None]
+    minutes = (time.perf_counter() - start) / 60
+    with open(os.path.join(args.out, "ablation.json"), "w") as f:
+      json.dump({"command": command, "minutes": round(minutes, 1), "seeds": seeds,
+                 "eval_examples_per_capability": args.eval_examples,
+                 "reference": REFERENCE, "variants": summary, "unfinished": unfinished},
+                f, indent=1)
+    with open(os.path.join(args.out, "ablation.md"), "w") as f:
+      f.write(markdown_report(command, seeds, args.eval_examples, summary, unfinished))
+
   for sweep in args.only.split(","):
     for name, overrides in SWEEPS[sweep].items():
       results[name] = run_variant(name, overrides, f"{args.runs}/{sweep}")
-      summary = summarize({k: v for k, v in results.items() if v is not None},
-                          results[REFERENCE])
-      minutes = (time.perf_counter() - start) / 60
-      with open(os.path.join(args.out, "ablation.json"), "w") as f:
-        json.dump({"command": command, "minutes": round(minutes, 1), "seeds": seeds,
-                   "eval_examples_per_capability": args.eval_examples,
-                   "reference": REFERENCE, "variants": summary}, f, indent=1)
-      lines = [f"# CoPD ablations on the toy suite\n\nMade by `{command}`; seeds {seeds}; "
-               f"{args.eval_examples} held-out items per capability. Merged-model accuracy "
-               "in points: mean [95% interval]; 'minus reference' is the paired difference "
-               f"to the reference variant ({REFERENCE}) on the same items and seeds.\n"]
-      for sweep_name, variants in [("reference", {REFERENCE: {}})] + list(SWEEPS.items()):
-        rows = {n: summary[n] for n in variants if n in summary}
-        if not rows:
-          continue
-        lines.append(f"## {sweep_name}\n")
-        lines.append("| variant | capabilities | accuracy overall | minus reference overall |")
-        lines.append("|---|---|---|---|")
-        for n, e in rows.items():
-          diff = e.get("minus_reference_points", {}).get("overall (its capabilities)")
-          lines.append(f"| {n} | {','.join(e['capabilities'])} | "
-                       f"{reproduce.fmt_cell(e['accuracy_points']['overall'])} | "
-                       f"{reproduce.fmt_cell(diff) if diff else '—'} |")
-        lines.append("")
-      with open(os.path.join(args.out, "ablation.md"), "w") as f:
-        f.write("\n".join(lines))
+      if not args.report_only:  # an interrupted sweep already reports what finished
+        write_report()
+  if args.report_only:
+    write_report()
   print(json.dumps({"minutes": round((time.perf_counter() - start) / 60, 1),
                     "variants": len(results), "seeds": seeds}))
 

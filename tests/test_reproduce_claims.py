@@ -128,3 +128,51 @@ def test_report_only_rewrites_results_from_finished_runs_and_runs_nothing(tmp_pa
     by_hand = 100 * np.mean([e[f"branch/{c}/{c}"] - base[f"base/{c}"] for e in experts])
     assert abs(result["expert_own_gain_points"][c] - round(by_hand, 2)) < 1e-6
   assert result["claims"]["mixed_loses_somewhere"] == "inconclusive"
+
+
+def test_ablation_report_only_pairs_each_variant_with_the_reference_and_runs_nothing(
+    tmp_path, monkeypatch):
+  import ablate
+
+  def refuse(cfg):
+    raise AssertionError(f"report_only ran {cfg.workdir}")
+  monkeypatch.setattr(reproduce, "run_or_load", refuse)
+  rng = np.random.default_rng(1)
+
+  def finished_run(workdir, seed_rewards, done=True):
+    os.makedirs(workdir)
+    np.savez(os.path.join(workdir, "eval_rewards.npz"),
+             **{f"merged/{c}": r for c, r in seed_rewards.items()})
+    if done:
+      with open(os.path.join(workdir, "summary.json"), "w") as f:
+        f.write("{}")
+
+  reference, no_opd = [], []
+  for seed in (0, 1):
+    reference.append({c: (rng.random(60) < 0.5).astype(np.float32) for c in CAPS})
+    no_opd.append({c: (rng.random(60) < 0.4).astype(np.float32) for c in CAPS})
+    finished_run(str(tmp_path / f"rep/seed{seed}/copd"), reference[-1])
+    finished_run(str(tmp_path / f"abl/schedule/no_OPD/seed{seed}"), no_opd[-1])
+  finished_run(str(tmp_path / "abl/schedule/3_1/seed0"), no_opd[0])  # seed 1 not run yet
+  finished_run(str(tmp_path / "abl/schedule/1_1/seed0"), no_opd[0])
+  finished_run(str(tmp_path / "abl/schedule/1_1/seed1"), no_opd[1], done=False)  # crashed
+  ablate.main(["--report_only", "--seeds", "0,1", "--only", "schedule",
+               "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "abl"),
+               "--runs_reproduce", str(tmp_path / "rep")])
+  result = json.loads((tmp_path / "out" / "ablation.json").read_text())
+  assert set(result["variants"]) == {ablate.REFERENCE, "no OPD"}
+  assert set(result["unfinished"]) == {"3:1", "1:1", "1:2", "adaptive"}
+  diff = result["variants"]["no OPD"]["minus_reference_points"]
+  for c in CAPS:  # paired difference = mean over seeds and items of variant - reference
+    by_hand = 100 * np.mean([v[c] - r[c] for v, r in zip(no_opd, reference)])
+    assert abs(diff[c]["mean"] - round(by_hand, 2)) < 1e-6
+    assert diff[c]["ci95"][0] <= diff[c]["mean"] <= diff[c]["ci95"][1]
+  by_hand = 100 * np.mean([v[c] - r[c] for v, r in zip(no_opd, reference) for c in CAPS])
+  assert abs(diff["overall (its capabilities)"]["mean"] - round(by_hand, 2)) < 1e-6
+  assert "--report_only" not in result["command"]
+  report = (tmp_path / "out" / "ablation.md").read_text()
+  assert "| no OPD |" in report and "Not finished" in report and "3:1" in report
+  with pytest.raises(SystemExit, match="reference variant"):
+    ablate.main(["--report_only", "--seeds", "0,1,2", "--only", "schedule",
+                 "--out", str(tmp_path / "out2"), "--runs", str(tmp_path / "abl"),
+                 "--runs_reproduce", str(tmp_path / "rep")])
