@@ -152,9 +152,11 @@ def main(argv=None):
   if args.report_only and results[REFERENCE] is None:
     raise SystemExit(f"the reference variant ({REFERENCE}) has not finished on seeds {seeds} "
                      f"under {args.runs_reproduce}; run it (drop --report_only) first")
+  # Each variant is summarised once (the bootstrap is the slow part), when it finishes.
+  summary = {} if results[REFERENCE] is None else summarize(
+      {REFERENCE: results[REFERENCE]}, results[REFERENCE])
+
   def write_report():
-    summary = summarize({k: v for k, v in results.items() if v is not None},
-                        results[REFERENCE])
     unfinished = [k for k, v in results.items() if v is None]
     minutes = (time.perf_counter() - start) / 60
     with open(os.path.join(args.out, "ablation.json"), "w") as f:
@@ -168,6 +170,8 @@ def main(argv=None):
   for sweep in args.only.split(","):
     for name, overrides in SWEEPS[sweep].items():
       results[name] = run_variant(name, overrides, f"{args.runs}/{sweep}")
+      if results[name] is not None:
+        summary.update(summarize({name: results[name]}, results[REFERENCE]))
       if not args.report_only:  # an interrupted sweep already reports what finished
         write_report()
   if args.report_only:
