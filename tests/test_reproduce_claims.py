@@ -100,10 +100,13 @@ def test_ablation_reads_the_reproductions_copd_runs_instead_of_rerunning(tmp_pat
   assert two.rl.lr_end_fraction == 0.3 and two.seed == 1
 
 
+def refuse_to_run(cfg):
+  """Stands in for reproduce.run_or_load where a report must run nothing."""
+  raise AssertionError(f"report_only ran {cfg.workdir}")
+
+
 def test_report_only_rewrites_results_from_finished_runs_and_runs_nothing(tmp_path, monkeypatch):
-  def refuse(cfg):
-    raise AssertionError(f"report_only ran {cfg.workdir}")
-  monkeypatch.setattr(reproduce, "run_or_load", refuse)
+  monkeypatch.setattr(reproduce, "run_or_load", refuse_to_run)
   rng = np.random.default_rng(0)
   base = {f"base/{c}": (rng.random(50) < 0.3).astype(np.float32) for c in CAPS}
   runs = tmp_path / "runs"
@@ -133,10 +136,7 @@ def test_report_only_rewrites_results_from_finished_runs_and_runs_nothing(tmp_pa
 def test_ablation_report_only_pairs_each_variant_with_the_reference_and_runs_nothing(
     tmp_path, monkeypatch):
   import ablate
-
-  def refuse(cfg):
-    raise AssertionError(f"report_only ran {cfg.workdir}")
-  monkeypatch.setattr(reproduce, "run_or_load", refuse)
+  monkeypatch.setattr(reproduce, "run_or_load", refuse_to_run)
   rng = np.random.default_rng(1)
 
   def finished_run(workdir, seed_rewards, done=True):
