@@ -1,0 +1,178 @@
+"""Does CoPD's branch overlap dip in RL phases and recover in OPD phases?
+
+    python experiments/overlap_phases.py [--seeds 0,1] [--report_only]
+
+The paper reports that during CoPD the branches' top-10 overlap falls while they do RL on
+their own data and comes back while they distil from each other. reproduce.py measures the
+overlap every 5 steps, the length of one 3 RL : 2 OPD cycle, so it always lands on the same
+phase and cannot see that. This script reruns reproduce.py's CoPD config (same base, recipe,
+seeds) with the overlap measured after EVERY step (rl.diagnostics_every=1) on 16 fresh
+prompts per branch (rl.diagnostic_prompts=16). The diagnostics draw their own prompts and
+random keys, so the training itself is the reproduction's run.
+
+For each step g, the change in overlap is overlap(after g) - overlap(after g - 1), and the
+step's phase is OPD when its logged OPD weight (train/opd_weight) is > 0, else RL. The
+report gives the mean change per RL step and per OPD step, each with a 95% interval
+(bootstrap over seeds and steps), and the OPD-minus-RL difference. A dip-and-recovery shows
+as RL < 0 and OPD > 0. Writes <out>/overlap_phases.{json,png}; last line printed: JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reproduce  # noqa: E402  (config building, run_or_load, intervals)
+
+from copd_jax import stats  # noqa: E402
+
+OVERLAP_KEYS = {  # report name -> metrics.jsonl key
+    "between branches (all pairs)": "eval/overlap/branches_mean",
+    "hub with spokes (the pairs that exchange)": "eval/overlap/linked_mean",
+    "branches with the base": "eval/overlap/with_base_mean",
+}
+OPD_WEIGHT_KEY = "train/opd_weight"
+
+
+def overlap_and_phase(records, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(steps i[T+1], overlap f64[T+1], is_opd bool[T+1]) from one run's metrics records.
+
+  steps: 0 (before training) and every step with an overlap measurement; is_opd[i] says
+  whether step steps[i] was an OPD step (False for step 0, which trained nothing).
+  Raises ValueError when a measured step has no logged OPD weight."""
+  overlap, weight = {}, {}
+  for r in records:
+    if key in r:
+      overlap[r["step"]] = float(r[key])
+    if OPD_WEIGHT_KEY in r:
+      weight[r["step"]] = float(r[OPD_WEIGHT_KEY])
+  steps = np.array(sorted(overlap), dtype=np.int64)
+  missing = [int(s) for s in steps if s > 0 and s not in weight]
+  if missing:
+    raise ValueError(f"steps {missing[:5]} have {key} but no {OPD_WEIGHT_KEY}")
+  is_opd = np.array([bool(s > 0 and weight[s] > 0) for s in steps], dtype=bool)
+  return steps, np.array([overlap[s] for s in steps]), is_opd
+
+
+def changes_by_phase(steps, overlap, is_opd) -> tuple[np.ndarray, np.ndarray]:
+  """(rl_changes, opd_changes): overlap(g) - overlap(g - 1) for every step g > 0 whose
+  previous step was measured too, split by g's phase."""
+  steps, overlap, is_opd = np.asarray(steps), np.asarray(overlap), np.asarray(is_opd, bool)
+  consecutive = np.diff(steps) == 1
+  change = np.diff(overlap)[consecutive]
+  opd = is_opd[1:][consecutive]
+  return change[~opd], change[opd]
+
+
+def difference_ci(a, b, level: float = 0.95, replicates: int = stats.DEFAULT_REPLICATES):
+  """(mean(a) - mean(b), (low, high)) for two unpaired samples f64[S, N_a], f64[S, N_b]:
+  each mean bootstrapped over its seeds and steps, independently."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  reps = stats.bootstrap_means(a, replicates, seed=1) - stats.bootstrap_means(b, replicates,
+                                                                               seed=2)
+  tail = (1.0 - level) / 2.0
+  low, high = np.quantile(reps, [tail, 1.0 - tail])
+  return float(a.mean() - b.mean()), (float(low), float(high))
+
+
+def summarize(per_seed_records) -> dict:
+  """{overlap name: {'rl_step_change', 'opd_step_change', 'opd_minus_rl'}}: mean change of
+  the overlap per step of each phase, in overlap units, with 95% intervals."""
+  out = {}
+  for name, key in OVERLAP_KEYS.items():
+    split = [changes_by_phase(*overlap_and_phase(recs, key)) for recs in per_seed_records]
+    if not split or any(len(rl) == 0 or len(opd) == 0 for rl, opd in split):
+      continue
+    # The schedule is the same on every seed, so each seed has as many steps of each phase.
+    rl = np.stack([rl for rl, _ in split])
+    opd = np.stack([opd for _, opd in split])
+
+    def cell(value_and_ci):
+      value, (low, high) = value_and_ci
+      return {"mean": round(value, 4), "ci95": [round(low, 4), round(high, 4)]}
+
+    out[name] = {"rl_step_change": cell(stats.mean_ci(rl)),
+                 "opd_step_change": cell(stats.mean_ci(opd)),
+                 "opd_minus_rl": cell(difference_ci(opd, rl)),
+                 "steps_per_seed": {"rl": int(rl.shape[1]), "opd": int(opd.shape[1])}}
+  return out
+
+
+def plot(per_seed_records, seeds, path: str):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(10, 4))
+  for name, key in OVERLAP_KEYS.items():
+    runs = [overlap_and_phase(recs, key) for recs in per_seed_records]
+    n = min(len(s) for s, _, _ in runs)
+    steps, values = runs[0][0][:n], np.stack([o[:n] for _, o, _ in runs])
+    mean, std = values.mean(0), values.std(0)
+    ax.plot(steps, mean, marker="o", ms=2, label=name)
+    ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+  steps, _, is_opd = overlap_and_phase(per_seed_records[0], OVERLAP_KEYS[
+      "between branches (all pairs)"])
+  for s, opd in zip(steps, is_opd):
+    if opd:  # step s trained from s-1 to s
+      ax.axvspan(s - 1, s, color="grey", alpha=0.15, lw=0)
+  ax.set_xlabel("step (grey: OPD steps)")
+  ax.set_ylabel(f"top-10 overlap (mean ± std over seeds {seeds})")
+  ax.set_title("CoPD, overlap measured after every step")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--seeds", default="0,1")
+  parser.add_argument("--eval_examples", type=int, default=1000)
+  parser.add_argument("--diagnostic_prompts", type=int, default=16)
+  parser.add_argument("--out", default="experiments/results")
+  parser.add_argument("--runs", default="experiments/results/overlap_phases/runs")
+  parser.add_argument("--base_dir", default="experiments/results/base_policy")
+  parser.add_argument("--set", action="append", default=[],
+                      help="field=value for every run (the recipe; must match reproduce.py's)")
+  parser.add_argument("--report_only", action="store_true",
+                      help="rewrite the report from the finished runs; run nothing")
+  args = parser.parse_args(argv)
+  args.quick = False
+  seeds = [int(s) for s in args.seeds.split(",")]
+  start = time.perf_counter()
+  workdirs = [f"{args.runs}/seed{s}" for s in seeds]
+  for seed, workdir in zip(seeds, workdirs):
+    if not args.report_only:
+      reproduce.run_or_load(reproduce.make_config(
+          "copd", seed, workdir, args, rl__diagnostics_every=1,
+          rl__diagnostic_prompts=args.diagnostic_prompts))
+  finished = [w for w in workdirs if os.path.exists(os.path.join(w, "summary.json"))]
+  if len(finished) < len(workdirs):
+    raise SystemExit(f"not finished: {sorted(set(workdirs) - set(finished))}; run without "
+                     "--report_only to run them")
+  records = [reproduce.read_jsonl(os.path.join(w, "metrics.jsonl")) for w in workdirs]
+  flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report_only"]
+  report = {"command": " ".join(["python experiments/overlap_phases.py"] + flags),
+            "seeds": seeds, "diagnostic_prompts_per_branch": args.diagnostic_prompts,
+            "mean_overlap_change_per_step": summarize(records)}
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "overlap_phases.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  try:
+    plot(records, seeds, os.path.join(args.out, "overlap_phases.png"))
+  except ImportError:
+    print("matplotlib not installed (pip install -e '.[plots]'): no plot", flush=True)
+  main_key = report["mean_overlap_change_per_step"].get("between branches (all pairs)", {})
+  print(json.dumps({"minutes": round((time.perf_counter() - start) / 60, 1), "seeds": seeds,
+                    **{k: v["mean"] for k, v in main_key.items() if isinstance(v, dict)
+                       and "mean" in v}}))
+
+
+if __name__ == "__main__":
+  main()

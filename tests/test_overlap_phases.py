@@ -1,0 +1,60 @@
+"""experiments/overlap_phases.py: per-step overlap changes split by phase, by hand."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+import overlap_phases  # noqa: E402
+
+KEY = overlap_phases.OVERLAP_KEYS["between branches (all pairs)"]
+
+
+def records(overlaps: dict, weights: dict) -> list[dict]:
+  """metrics.jsonl-like records: overlap and OPD weight logged as separate lines."""
+  recs = [{"step": s, overlap_phases.OPD_WEIGHT_KEY: w} for s, w in weights.items()]
+  recs += [{"step": s, KEY: o} for s, o in overlaps.items()]
+  return recs
+
+
+def test_changes_are_split_by_the_phase_of_the_step_that_made_them():
+  # Steps 1, 2 are RL (weight 0), 3 is OPD (weight 1), 4 RL. Overlap after each step:
+  # 1.0 -> 0.9 -> 0.7 -> 0.8 -> 0.6. RL changes: -0.1, -0.2, -0.2; OPD change: +0.1.
+  recs = records({0: 1.0, 1: 0.9, 2: 0.7, 3: 0.8, 4: 0.6}, {1: 0.0, 2: 0.0, 3: 1.0, 4: 0.0})
+  steps, overlap, is_opd = overlap_phases.overlap_and_phase(recs, KEY)
+  np.testing.assert_array_equal(steps, [0, 1, 2, 3, 4])
+  np.testing.assert_array_equal(is_opd, [False, False, False, True, False])
+  rl, opd = overlap_phases.changes_by_phase(steps, overlap, is_opd)
+  np.testing.assert_allclose(rl, [-0.1, -0.2, -0.2])
+  np.testing.assert_allclose(opd, [0.1])
+
+
+def test_a_gap_in_the_measurements_drops_the_change_across_it():
+  # Step 2 was not measured: the change 1 -> 3 spans two steps and is no step's change.
+  recs = records({0: 1.0, 1: 0.9, 3: 0.5, 4: 0.7}, {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.5})
+  rl, opd = overlap_phases.changes_by_phase(*overlap_phases.overlap_and_phase(recs, KEY))
+  np.testing.assert_allclose(rl, [-0.1])
+  np.testing.assert_allclose(opd, [0.2])
+
+
+def test_a_measured_step_without_an_opd_weight_is_an_error():
+  with pytest.raises(ValueError, match="no train/opd_weight"):
+    overlap_phases.overlap_and_phase(records({0: 1.0, 1: 0.9}, {}), KEY)
+
+
+def test_summary_means_and_difference_by_hand():
+  # Two seeds, same schedule (RL, RL, OPD). Seed 0 changes: RL -0.1, -0.3; OPD +0.2.
+  # Seed 1: RL 0.0, -0.2; OPD +0.4. Mean RL change -0.15, OPD +0.3, OPD - RL = 0.45.
+  weights = {1: 0.0, 2: 0.0, 3: 1.0}
+  seed0 = records({0: 1.0, 1: 0.9, 2: 0.6, 3: 0.8}, weights)
+  seed1 = records({0: 1.0, 1: 1.0, 2: 0.8, 3: 1.2}, weights)
+  out = overlap_phases.summarize([seed0, seed1])["between branches (all pairs)"]
+  assert out["rl_step_change"]["mean"] == pytest.approx(-0.15)
+  assert out["opd_step_change"]["mean"] == pytest.approx(0.3)
+  assert out["opd_minus_rl"]["mean"] == pytest.approx(0.45)
+  assert out["steps_per_seed"] == {"rl": 2, "opd": 1}
+  # Every bootstrap replicate of the OPD mean is >= 0.2 and of the RL mean <= 0: the
+  # difference's interval lies within [0.2, 0.7] (all OPD minus all RL extremes).
+  low, high = out["opd_minus_rl"]["ci95"]
+  assert 0.2 <= low <= 0.45 <= high <= 0.7
