@@ -69,6 +69,31 @@ def changes_by_phase(steps, overlap, is_opd) -> tuple[np.ndarray, np.ndarray]:
   return change[~opd], change[opd]
 
 
+def phase_positions(is_opd) -> list[str]:
+  """'RL 1', 'RL 2', 'OPD 1', ...: each step's phase and its place within that phase (the
+  first entry, step 0, is '' since it trained nothing)."""
+  labels, run = [""], 0
+  for k in range(1, len(is_opd)):
+    run = run + 1 if k > 1 and is_opd[k] == is_opd[k - 1] else 1
+    labels.append(f"{'OPD' if is_opd[k] else 'RL'} {run}")
+  return labels
+
+
+def changes_by_position(steps, overlap, is_opd) -> dict[str, list[float]]:
+  """{'RL 1': [changes], 'OPD 2': [...], ...}: the per-step overlap changes grouped by the
+  step's place within its phase. Needs the overlap after every step (a step's place is
+  counted from the phases of the steps before it); raises ValueError otherwise."""
+  steps, overlap = np.asarray(steps), np.asarray(overlap)
+  if np.any(np.diff(steps) != 1):
+    raise ValueError("the place within a phase needs the overlap measured after every step "
+                     f"(rl.diagnostics_every=1); measured steps: {steps.tolist()[:8]}...")
+  labels = phase_positions(np.asarray(is_opd, bool))
+  out: dict[str, list[float]] = {}
+  for k in range(1, len(steps)):
+    out.setdefault(labels[k], []).append(float(overlap[k] - overlap[k - 1]))
+  return out
+
+
 def difference_ci(a, b, level: float = 0.95, replicates: int = stats.DEFAULT_REPLICATES):
   """(mean(a) - mean(b), (low, high)) for two unpaired samples f64[S, N_a], f64[S, N_b]:
   each mean bootstrapped over its seeds and steps, independently."""
@@ -81,8 +106,10 @@ def difference_ci(a, b, level: float = 0.95, replicates: int = stats.DEFAULT_REP
 
 
 def summarize(per_seed_records) -> dict:
-  """{overlap name: {'rl_step_change', 'opd_step_change', 'opd_minus_rl'}}: mean change of
-  the overlap per step of each phase, in overlap units, with 95% intervals."""
+  """{overlap name: {'rl_step_change', 'opd_step_change', 'opd_minus_rl',
+  'change_by_place_in_phase'}}: mean change of the overlap per step of each phase (and per
+  place within a phase: 'RL 1' is the first RL step after an OPD phase), in overlap units,
+  with 95% intervals."""
   out = {}
   for name, key in OVERLAP_KEYS.items():
     split = [changes_by_phase(*overlap_and_phase(recs, key)) for recs in per_seed_records]
@@ -96,10 +123,20 @@ def summarize(per_seed_records) -> dict:
       value, (low, high) = value_and_ci
       return {"mean": round(value, 4), "ci95": [round(low, 4), round(high, 4)]}
 
+    try:
+      by_position = [changes_by_position(*overlap_and_phase(recs, key))
+                     for recs in per_seed_records]
+    except ValueError:  # not measured after every step: no per-place breakdown
+      by_position = [{}]
+    positions = [p for p in by_position[0] if all(
+        len(b.get(p, ())) == len(by_position[0][p]) for b in by_position)]
     out[name] = {"rl_step_change": cell(stats.mean_ci(rl)),
                  "opd_step_change": cell(stats.mean_ci(opd)),
                  "opd_minus_rl": cell(difference_ci(opd, rl)),
-                 "steps_per_seed": {"rl": int(rl.shape[1]), "opd": int(opd.shape[1])}}
+                 "steps_per_seed": {"rl": int(rl.shape[1]), "opd": int(opd.shape[1])},
+                 "change_by_place_in_phase": {
+                     p: cell(stats.mean_ci(np.stack([b[p] for b in by_position])))
+                     for p in sorted(positions)}}
   return out
 
 

@@ -58,3 +58,33 @@ def test_summary_means_and_difference_by_hand():
   # difference's interval lies within [0.2, 0.7] (all OPD minus all RL extremes).
   low, high = out["opd_minus_rl"]["ci95"]
   assert 0.2 <= low <= 0.45 <= high <= 0.7
+
+
+def test_changes_by_place_within_the_phase_by_hand():
+  # Phases RL RL OPD OPD RL: places RL 1, RL 2, OPD 1, OPD 2, RL 1.
+  # Overlap 1.0 -> 0.9 -> 0.7 -> 0.8 -> 0.85 -> 0.75.
+  weights = {1: 0.0, 2: 0.0, 3: 1.0, 4: 1.0, 5: 0.0}
+  recs = records({0: 1.0, 1: 0.9, 2: 0.7, 3: 0.8, 4: 0.85, 5: 0.75}, weights)
+  steps, overlap, is_opd = overlap_phases.overlap_and_phase(recs, KEY)
+  assert overlap_phases.phase_positions(is_opd) == ["", "RL 1", "RL 2", "OPD 1", "OPD 2", "RL 1"]
+  got = overlap_phases.changes_by_position(steps, overlap, is_opd)
+  assert set(got) == {"RL 1", "RL 2", "OPD 1", "OPD 2"}
+  np.testing.assert_allclose(got["RL 1"], [-0.1, -0.1])
+  np.testing.assert_allclose(got["RL 2"], [-0.2])
+  np.testing.assert_allclose(got["OPD 1"], [0.1])
+  np.testing.assert_allclose(got["OPD 2"], [0.05])
+  place = overlap_phases.summarize([recs])["between branches (all pairs)"][
+      "change_by_place_in_phase"]
+  assert place["RL 1"]["mean"] == pytest.approx(-0.1)
+  assert place["OPD 2"]["mean"] == pytest.approx(0.05)
+
+
+def test_the_place_within_a_phase_needs_every_step_measured():
+  recs = records({0: 1.0, 1: 0.9, 3: 0.5, 4: 0.7}, {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.5})
+  with pytest.raises(ValueError, match="diagnostics_every=1"):
+    overlap_phases.changes_by_position(*overlap_phases.overlap_and_phase(recs, KEY))
+  # The phase means still use the changes between consecutive measurements.
+  out = overlap_phases.summarize([recs])["between branches (all pairs)"]
+  assert out["rl_step_change"]["mean"] == pytest.approx(-0.1)
+  assert out["opd_step_change"]["mean"] == pytest.approx(0.2)
+  assert out["change_by_place_in_phase"] == {}
