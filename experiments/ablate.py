@@ -118,23 +118,17 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--only", default="schedule,beta,hub,branches")
-  parser.add_argument("--eval_examples", type=int, default=1000)
   parser.add_argument("--out", default="experiments/results")
   parser.add_argument("--runs", default="experiments/results/ablation/runs",
                       help="variants' run directories (their small files are committed)")
   parser.add_argument("--runs_reproduce", default="experiments/results/runs",
                       help="reproduce.py's runs: the reference variant is its CoPD run")
-  parser.add_argument("--base_dir", default="experiments/results/base_policy")
-  parser.add_argument("--set", action="append", default=[],
-                      help="field=value for every run (the recipe; must match reproduce.py's)")
-  parser.add_argument("--report_only", action="store_true",
-                      help="rewrite ablation.{json,md} from the finished runs; run nothing")
+  reproduce.add_rerun_arguments(parser, "ablation.{json,md}")
   args = parser.parse_args(argv)
   args.quick = False
   seeds = [int(s) for s in args.seeds.split(",")]
   os.makedirs(args.out, exist_ok=True)
-  flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report_only"]
-  command = " ".join(["python experiments/ablate.py"] + flags)  # the command that runs
+  command = reproduce.command_line("ablate.py", argv)
   start = time.perf_counter()
 
   def run_variant(name, overrides, root):

@@ -1,6 +1,6 @@
 """Does CoPD's branch overlap dip in RL phases and recover in OPD phases?
 
-    python experiments/overlap_phases.py [--seeds 0,1] [--report_only]
+    python experiments/overlap_phases.py [--seeds 0,1,2] [--report_only]
 
 The paper reports that during CoPD the branches' top-10 overlap falls while they do RL on
 their own data and comes back while they distil from each other. reproduce.py measures the
@@ -169,16 +169,11 @@ def plot(per_seed_records, seeds, path: str):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--seeds", default="0,1")
-  parser.add_argument("--eval_examples", type=int, default=1000)
+  parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--diagnostic_prompts", type=int, default=16)
   parser.add_argument("--out", default="experiments/results")
   parser.add_argument("--runs", default="experiments/results/overlap_phases/runs")
-  parser.add_argument("--base_dir", default="experiments/results/base_policy")
-  parser.add_argument("--set", action="append", default=[],
-                      help="field=value for every run (the recipe; must match reproduce.py's)")
-  parser.add_argument("--report_only", action="store_true",
-                      help="rewrite the report from the finished runs; run nothing")
+  reproduce.add_rerun_arguments(parser, "overlap_phases.{json,png}")
   args = parser.parse_args(argv)
   args.quick = False
   seeds = [int(s) for s in args.seeds.split(",")]
@@ -194,8 +189,7 @@ def main(argv=None):
     raise SystemExit(f"not finished: {sorted(set(workdirs) - set(finished))}; run without "
                      "--report_only to run them")
   records = [reproduce.read_jsonl(os.path.join(w, "metrics.jsonl")) for w in workdirs]
-  flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report_only"]
-  report = {"command": " ".join(["python experiments/overlap_phases.py"] + flags),
+  report = {"command": reproduce.command_line("overlap_phases.py", argv),
             "seeds": seeds, "diagnostic_prompts_per_branch": args.diagnostic_prompts,
             "mean_overlap_change_per_step": summarize(records)}
   os.makedirs(args.out, exist_ok=True)

@@ -48,6 +48,24 @@ EQUIVALENCE_MARGIN_POINTS = 2.0
 
 # ------------------------------------------------------------------------------ runs
 
+def add_rerun_arguments(parser, report: str):
+  """The flags of the scripts that rerun this reproduction's CoPD config with changes
+  (ablate.py, overlap_phases.py): eval set size, base, recipe and --report_only."""
+  parser.add_argument("--eval_examples", type=int, default=1000,
+                      help="held-out items per capability")
+  parser.add_argument("--base_dir", default="experiments/results/base_policy")
+  parser.add_argument("--set", action="append", default=[],
+                      help="field=value for every run (the recipe; must match reproduce.py's)")
+  parser.add_argument("--report_only", action="store_true",
+                      help=f"rewrite {report} from the finished runs; run nothing")
+
+
+def command_line(script: str, argv=None) -> str:
+  """The command that runs (or continues) what `argv` asked for: --report_only dropped."""
+  flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report_only"]
+  return " ".join([f"python experiments/{script}"] + flags)
+
+
 def parse_setting(item: str):
   """'rl.lr_schedule=cosine' -> ('rl.lr_schedule', 'cosine'); values are Python literals
   where they parse as one ('3e-4' -> 0.0003), else strings."""
