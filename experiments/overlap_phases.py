@@ -110,22 +110,21 @@ def summarize(per_seed_records) -> dict:
   'change_by_place_in_phase'}}: mean change of the overlap per step of each phase (and per
   place within a phase: 'RL 1' is the first RL step after an OPD phase), in overlap units,
   with 95% intervals."""
+  def cell(value_and_ci):
+    value, (low, high) = value_and_ci
+    return {"mean": round(value, 4), "ci95": [round(low, 4), round(high, 4)]}
+
   out = {}
   for name, key in OVERLAP_KEYS.items():
-    split = [changes_by_phase(*overlap_and_phase(recs, key)) for recs in per_seed_records]
+    measured = [overlap_and_phase(recs, key) for recs in per_seed_records]
+    split = [changes_by_phase(*m) for m in measured]
     if not split or any(len(rl) == 0 or len(opd) == 0 for rl, opd in split):
       continue
     # The schedule is the same on every seed, so each seed has as many steps of each phase.
     rl = np.stack([rl for rl, _ in split])
     opd = np.stack([opd for _, opd in split])
-
-    def cell(value_and_ci):
-      value, (low, high) = value_and_ci
-      return {"mean": round(value, 4), "ci95": [round(low, 4), round(high, 4)]}
-
     try:
-      by_position = [changes_by_position(*overlap_and_phase(recs, key))
-                     for recs in per_seed_records]
+      by_position = [changes_by_position(*m) for m in measured]
     except ValueError:  # not measured after every step: no per-place breakdown
       by_position = [{}]
     positions = [p for p in by_position[0] if all(
