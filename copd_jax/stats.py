@@ -9,6 +9,7 @@ much tighter than the two marginal intervals.
 
     mean, (low, high) = mean_ci(rewards)                  # rewards f32[S, N]
     diff, (low, high) = paired_difference_ci(a, b)        # a, b f32[S, N] (or b f32[N])
+    diff, (low, high) = unpaired_difference_ci(a, b)      # a f32[S, Na], b f32[S, Nb]
 """
 from __future__ import annotations
 
@@ -72,3 +73,13 @@ def paired_difference_ci(a, b, level: float = 0.95, replicates: int = DEFAULT_RE
                      f"got {a.shape[0]} and {b.shape[0]}")
   diff = a - b  # broadcasts a seed-independent side over the other's seeds
   return _interval(diff.mean(), bootstrap_means(diff, replicates, seed), level)
+
+
+def unpaired_difference_ci(a, b, level: float = 0.95, replicates: int = DEFAULT_REPLICATES
+                           ) -> tuple[float, tuple[float, float]]:
+  """(mean(a) - mean(b), (low, high)) for two samples with nothing to pair them on (for
+  example, measurements from different training steps): a f32[Sa, Na], b f32[Sb, Nb], each
+  mean bootstrapped over its own seeds and entries, independently of the other."""
+  a, b = _as_matrix(a, "a"), _as_matrix(b, "b")
+  replicated = bootstrap_means(a, replicates, seed=1) - bootstrap_means(b, replicates, seed=2)
+  return _interval(a.mean() - b.mean(), replicated, level)

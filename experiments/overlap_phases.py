@@ -94,17 +94,6 @@ def changes_by_position(steps, overlap, is_opd) -> dict[str, list[float]]:
   return out
 
 
-def difference_ci(a, b, level: float = 0.95, replicates: int = stats.DEFAULT_REPLICATES):
-  """(mean(a) - mean(b), (low, high)) for two unpaired samples f64[S, N_a], f64[S, N_b]:
-  each mean bootstrapped over its seeds and steps, independently."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  reps = stats.bootstrap_means(a, replicates, seed=1) - stats.bootstrap_means(b, replicates,
-                                                                               seed=2)
-  tail = (1.0 - level) / 2.0
-  low, high = np.quantile(reps, [tail, 1.0 - tail])
-  return float(a.mean() - b.mean()), (float(low), float(high))
-
-
 def summarize(per_seed_records) -> dict:
   """{overlap name: {'rl_step_change', 'opd_step_change', 'opd_minus_rl',
   'change_by_place_in_phase'}}: mean change of the overlap per step of each phase (and per
@@ -131,7 +120,7 @@ def summarize(per_seed_records) -> dict:
         len(b.get(p, ())) == len(by_position[0][p]) for b in by_position)]
     out[name] = {"rl_step_change": cell(stats.mean_ci(rl)),
                  "opd_step_change": cell(stats.mean_ci(opd)),
-                 "opd_minus_rl": cell(difference_ci(opd, rl)),
+                 "opd_minus_rl": cell(stats.unpaired_difference_ci(opd, rl)),
                  "steps_per_seed": {"rl": int(rl.shape[1]), "opd": int(opd.shape[1])},
                  "change_by_place_in_phase": {
                      p: cell(stats.mean_ci(np.stack([b[p] for b in by_position])))

@@ -73,3 +73,16 @@ def test_mean_ci_contains_mean_and_validates():
     stats.paired_difference_ci(np.ones((2, 3)), np.ones((3, 3)))
   with pytest.raises(ValueError, match="non-finite"):
     stats.mean_ci([[np.nan, 1.0]])
+
+
+def test_unpaired_difference_by_hand():
+  # Constant samples: every replicate's difference is 0.7 - 0.2 exactly.
+  diff, (low, high) = stats.unpaired_difference_ci(np.full((2, 5), 0.7), np.full((3, 4), 0.2))
+  assert diff == pytest.approx(0.5)
+  assert low == pytest.approx(0.5) and high == pytest.approx(0.5)
+  # a in {0, 1} (mean 0.5), b = 0.25: a replicate's difference lies in [-0.25, 0.75].
+  diff, (low, high) = stats.unpaired_difference_ci([[0.0, 1.0, 0.0, 1.0]], [[0.25, 0.25]])
+  assert diff == pytest.approx(0.25)
+  assert -0.25 <= low < 0.25 < high <= 0.75
+  with pytest.raises(ValueError, match="non-finite"):
+    stats.unpaired_difference_ci([[np.nan]], [[0.0]])
