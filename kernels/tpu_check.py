@@ -58,19 +58,21 @@ def tpu_devices(topology_name: str):
                                       **kwargs).devices
 
 
-def _used_vmem_bytes(hlo_text: str) -> dict[str, int]:
+def _used_vmem_bytes(hlo_text: str) -> dict[str, int | None]:
   """{instruction name: bytes} of scoped VMEM each tpu_custom_call (a Pallas kernel) uses,
-  from the compiled HLO's backend config (memory space 1 is VMEM)."""
+  from the compiled HLO's backend config (memory space 1 is VMEM); None for a kernel
+  whose config carries no figure (the splash-attention kernels here)."""
   found = {}
   for line in hlo_text.splitlines():
     if 'custom_call_target="tpu_custom_call"' not in line:
       continue
     name = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=", line)
-    used = re.search(r'"used_scoped_memory_configs":\[(.*?)\]', line)
-    if not (name and used):
+    if not name:
       continue
-    sizes = re.findall(r'"memory_space":"1","offset":"\d+","size":"(\d+)"', used.group(1))
-    found[name.group(1)] = sum(int(s) for s in sizes)
+    used = re.search(r'"used_scoped_memory_configs":\[(.*?)\]', line)
+    sizes = re.findall(r'"memory_space":"1","offset":"\d+","size":"(\d+)"',
+                       used.group(1) if used else "")
+    found[name.group(1)] = sum(int(s) for s in sizes) if sizes else None
   return found
 
 
@@ -79,7 +81,7 @@ def _short_error(error: Exception) -> str:
   text = f"{type(error).__name__}: {error}"
   lines = [line for line in text.splitlines() if line.strip()]
   summary = lines[0][:300] if lines else type(error).__name__
-  vmem = re.search(r"Scoped allocation with size [^.]*\.[^.]*\.", text)
+  vmem = re.search(r"Scoped allocation with size [\d.]+\w* and limit [\d.]+\w*", text)
   if vmem and vmem.group(0) not in summary:
     summary += " " + vmem.group(0)
   name = re.search(r"allocating on stack for %([\w.\-]+)", text)
@@ -162,8 +164,9 @@ def _compile_one(mesh, function, args) -> dict:
     return {"compiled": False, "error": _short_error(error),
             "compile_s": round(time.perf_counter() - start, 2)}
   vmem = _used_vmem_bytes(compiled.as_text())
+  known = [b for b in vmem.values() if b is not None]
   return {"compiled": True, "error": None, "compile_s": round(time.perf_counter() - start, 2),
-          "vmem_bytes": vmem, "max_vmem_bytes": max(vmem.values(), default=0)}
+          "vmem_bytes": vmem, "max_vmem_bytes": max(known) if known else None}
 
 
 def compile_kernels(topology_name: str, *, tokens: int, hidden: int, vocab: int,
@@ -180,8 +183,8 @@ def compile_kernels(topology_name: str, *, tokens: int, hidden: int, vocab: int,
   head_dim, seq_len) for splash attention.
 
   Each result: compiled (bool), error (the compiler's message, shortened, or None),
-  compile_s; when compiled, vmem_bytes ({kernel instruction: scoped VMEM bytes the
-  compiler allocated}) and max_vmem_bytes; for the LM-head kernels, tiles
+  compile_s; when compiled, vmem_bytes ({Pallas kernel instruction: scoped VMEM bytes
+  the compiler allocated, or None where it gives none}) and max_vmem_bytes; for the LM-head kernels, tiles
   [token_tile, vocab_tile] and vmem_limit_bytes (what the kernels ask for).
   """
   unknown = set(kernels) - set(KERNELS)

@@ -61,9 +61,14 @@ def _assert_vmem_within_limit_and_estimate(results, hidden):
 def test_every_kernel_compiles_at_small_ragged_shapes(generation):
   """V = 1000 and D = 192 are not multiples of 128: edge blocks and a full-extent D."""
   results = tpu_check.compile_kernels(ONE_CHIP[generation], tokens=200, hidden=192, vocab=1000,
-                                      attention_shape=SMALL_ATTENTION)
+                                      top_k=4, attention_shape=SMALL_ATTENTION)
   assert set(results) == set(tpu_check.KERNELS)
   _assert_compiled(results, "small")
+  # Mosaic kernels, not an interpret-mode fallback (which has no tpu_custom_call).
+  _assert_vmem_within_limit_and_estimate(results, hidden=192)
+  splash = results["splash_attention_fwd_bwd"]["vmem_bytes"]
+  assert sorted(k.split("_segmented")[0] for k in splash) == [
+      "splash_mqa_dkv", "splash_mqa_dq", "splash_mqa_fwd"], splash
 
 
 @pytest.mark.parametrize("generation", sorted(ONE_CHIP))
@@ -84,11 +89,15 @@ def test_every_kernel_compiles_at_qwen3_vl_8b_shape_on_v5p():
 
 
 def test_a_tile_too_large_for_vmem_fails_with_the_compilers_vmem_error():
-  results = tpu_check.compile_kernels(ONE_CHIP["v5p"], **QWEN3_4B, token_tile=2048,
-                                      vocab_tile=2048, kernels=("token_logprob_entropy_fwd_bwd",))
+  """1024 x 640 tiles need about 51 MiB in d_hidden: over v5p's 48 MiB limit, under its
+  64 MiB of VMEM (past that the compiler reports another error, 'Ran out of memory in
+  memory space vmem')."""
+  results = tpu_check.compile_kernels(ONE_CHIP["v5p"], **QWEN3_4B, token_tile=1024,
+                                      vocab_tile=640, kernels=("token_logprob_entropy_fwd_bwd",))
   result = results["token_logprob_entropy_fwd_bwd"]
   assert not result["compiled"]
   assert "CompileTimeScopedVmemOom" in result["error"], result["error"]
+  assert "Scoped allocation with size" in result["error"], result["error"]
 
 
 def test_default_tiles_per_generation_and_a_clear_error_past_the_budget():
