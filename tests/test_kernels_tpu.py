@@ -54,7 +54,11 @@ def _assert_vmem_within_limit_and_estimate(results, hidden):
     tm, tv = result["tiles"]
     estimate = tpu_tiles.kernel_vmem_bytes(tm, tv, hidden=hidden, hidden_dtype=jnp.bfloat16,
                                            head_dtype=jnp.bfloat16, op=OP_OF[name])
-    assert result["max_vmem_bytes"] <= max(estimate.values()), (name, result, estimate)
+    for instruction, used in result["vmem_bytes"].items():
+      # 'transpose_jvp_lm_head_d_hidden__.1' -> the estimate named '..._d_hidden'.
+      kind = next(k for k in ("d_hidden", "d_head", "fwd", "top_k") if k in instruction)
+      (estimated,) = [b for key, b in estimate.items() if kind in key]
+      assert used <= estimated, (name, instruction, used, estimated)
 
 
 @pytest.mark.parametrize("generation", sorted(ONE_CHIP))
