@@ -22,6 +22,7 @@ from copd_jax.data.verifier_pool import (  # noqa: F401  (PoolStats, cpu_cap: re
   PoolStats,
   VerifierPool,
   cpu_cap,
+  ran_out_of_memory,
   watch_parent,
 )
 
@@ -195,8 +196,10 @@ def worker_main(conn, parent_pid: int, plugin: str) -> None:
   with EXIT_OUT_OF_MEMORY."""
   try:
     _serve(conn, parent_pid, plugin)
-  except MemoryError:
-    os._exit(EXIT_OUT_OF_MEMORY)
+  except Exception as e:
+    if ran_out_of_memory(e):
+      os._exit(EXIT_OUT_OF_MEMORY)
+    raise
 
 
 def _serve(conn, parent_pid: int, plugin: str) -> None:

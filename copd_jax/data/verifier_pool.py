@@ -35,6 +35,8 @@ def cpu_cap() -> int:
 # A worker whose allocation fails (its address space is limited by RLIMIT_AS, so Python
 # raises MemoryError) exits with this code.
 EXIT_OUT_OF_MEMORY = 86
+# What dlopen / mmap failures under the address-space limit say.
+_MEMORY_MESSAGES = ("failed to map segment", "Cannot allocate memory")
 
 
 # A worker is a fresh interpreter running this script: never a fork of the parent (which
@@ -74,10 +76,18 @@ try:
   sys.path[:] = path
   module, _, function = sys.argv[4].partition(":")
   entry = getattr(importlib.import_module(module), function)
-except MemoryError:
-  os._exit({EXIT_OUT_OF_MEMORY})
+except Exception as e:  # a shared library that cannot be mapped raises ImportError
+  if isinstance(e, MemoryError) or any(m in str(e) for m in {_MEMORY_MESSAGES!r}):
+    os._exit({EXIT_OUT_OF_MEMORY})
+  raise
 entry(conn, parent, *args)
 """
+
+
+def ran_out_of_memory(error: BaseException) -> bool:
+  """Whether an exception inside a worker means its memory limit was hit: MemoryError,
+  or an import whose shared library could not be mapped (ImportError)."""
+  return isinstance(error, MemoryError) or any(m in str(error) for m in _MEMORY_MESSAGES)
 
 
 # The math verifier's worker (math_verifier.worker_main; its args: (plug-in spec,)).
