@@ -239,7 +239,8 @@ def _serve(conn, parent_pid: int, plugin: str) -> None:
     # parse() returns [sympy object, text] on success and [text] alone on failure
     if not any(not isinstance(g, str) for g in gold_of(reference)):
       return "unparsable"
-    equivalent(reference, _PROBE_ANSWER)  # must finish within the time limit
+    if not _is_number_literal(reference.strip().lstrip("-")):  # a plain number cannot hang
+      equivalent(reference, _PROBE_ANSWER)  # must finish within the time limit
     return "ok"
 
   gold_cache: dict = {}
