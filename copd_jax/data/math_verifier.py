@@ -185,7 +185,7 @@ def _with_imaginary_unit(parsed: list) -> list:
 
 
 def worker_main(conn, parent_pid: int, plugin: str) -> None:
-  """Worker process (started by _BOOTSTRAP): answers requests until its pipe closes.
+  """Worker process (verifier_pool starts it): answers requests until its pipe closes.
 
   ('math', reference, final) -> 0.0 / 1.0;  ('reference', reference) -> 'ok', or
   'unparsable' when math-verify cannot parse it (its comparison with a wrong answer must
