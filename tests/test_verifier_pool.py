@@ -148,6 +148,47 @@ def test_workers_die_when_their_parent_is_killed_while_they_start(tmp_path):
   assert not survivors, f"{len(survivors)} of {len(pids)} workers outlived their parent by 5 s"
 
 
+SLOW_OWNER = textwrap.dedent("""
+    import threading, time
+    from copd_jax.data import verifier_pool
+    pool = verifier_pool.VerifierPool(1, entry="slow_entry:main", args=())
+    threading.Thread(target=pool.run, args=([("anything",)], 60.0), daemon=True).start()
+    while not pool.pids():
+      time.sleep(0.01)
+    print(pool.pids()[0], flush=True)
+    time.sleep(3600)
+""")
+
+
+def test_a_worker_dies_with_its_parent_while_its_imports_run(tmp_path):
+  # The worker's entry module takes 120 s to import, so nothing the worker does after its
+  # imports (the parent-id watch thread) can end it in time: only the parent-death
+  # signal set by the bootstrap's first statements can.
+  marker = tmp_path / "importing"
+  (tmp_path / "slow_entry.py").write_text(
+      f"import time\nopen({str(marker)!r}, 'w').close()\ntime.sleep(120)\n"
+      "def main(conn, parent):\n  pass\n")
+  (tmp_path / "owner.py").write_text(SLOW_OWNER)
+  parent = subprocess.Popen([sys.executable, str(tmp_path / "owner.py")], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    worker = int(parent.stdout.readline())
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert marker.exists() and _alive(worker)
+  finally:
+    parent.kill()
+    parent.wait()
+  deadline = time.monotonic() + 5.0
+  while _alive(worker) and time.monotonic() < deadline:
+    time.sleep(0.05)
+  alive = _alive(worker)
+  if alive:
+    os.kill(worker, signal.SIGKILL)
+  assert not alive, "the worker outlived its SIGKILLed parent by 5 s"
+
+
 def test_a_worker_whose_parent_already_died_exits_before_importing_anything(tmp_path):
   # The race: the parent dies between the fork and the worker's prctl. The bootstrap
   # compares the parent id it was given with its actual one and exits at once.
@@ -155,8 +196,11 @@ def test_a_worker_whose_parent_already_died_exits_before_importing_anything(tmp_
   entry_module = tmp_path / "entry_probe.py"
   entry_module.write_text(f"open({str(marker)!r}, 'w').close()\ndef main(*a):\n  pass\n")
   import socket
+  from multiprocessing.connection import Connection
   a, b = socket.socketpair()
-  try:
+  ours = Connection(a.detach())
+  ours.send(([str(tmp_path)] + sys.path, ()))  # what the pool sends: without the check,
+  try:                                         # the worker would import entry_probe
     not_my_parent = 1 if os.getpid() != 1 else 2
     started = time.monotonic()
     child = subprocess.run(
@@ -165,7 +209,7 @@ def test_a_worker_whose_parent_already_died_exits_before_importing_anything(tmp_
     assert child.returncode == 0 and time.monotonic() - started < 30
     assert not marker.exists(), "the worker ran its entry point although its parent was gone"
   finally:
-    a.close()
+    ours.close()
     b.close()
 
 
