@@ -133,15 +133,17 @@ class VerifierPool:
   under a hard time limit and an address-space limit of `memory_mb` MiB.
 
   entry: 'module:function' run in each worker as function(conn, parent_pid, *args)
-  (default: the math verifier, args (plug-in spec,)); it sends 'ready', then answers each request it receives with one message, until the
-  connection closes.
+  (default: the math verifier, args (plug-in spec,)); it sends 'ready', then answers
+  each request it receives with one message, until the connection closes.
 
   `run` starts at most as many workers as the batch has requests, and hands requests to
   idle workers. A worker over its per-request time limit is killed (the request scores
   `failed`), and so is one that runs out of memory (it exits itself); a fresh one
   replaces it while requests are waiting. When the batch's budget (counted from when a
   worker is first ready) runs out, the requests still running or waiting score `failed`
-  and the busy workers are killed. Thread-safe (one batch at a time)."""
+  and the busy workers are killed. Thread-safe (one batch at a time). The kernel's
+  parent-death signal follows the THREAD that started a worker: one started by a thread
+  that has since ended is gone, and the next batch starts a fresh one."""
 
   STARTUP_TIMEOUT_S = 120.0
 
