@@ -84,7 +84,12 @@ FIELD_HELP = {
                  "example's own verifier",
     "reward.timeout_s": "per-answer time limit in seconds (over it: reward 0)",
     "reward.step_budget_s": "time budget in seconds for one step's (or eval batch's) answers",
-    "reward.workers": "verifier worker processes",
+    "reward.workers": "verifier worker processes (at most the CPUs this process may use)",
+    "reward.worker_memory_mb": ("each verifier worker's memory limit in MiB (over it: that "
+                                "answer scores 0, the worker is replaced and counted)"),
+    "reward.max_error_fraction": ("fraction of a batch's responses whose plug-in fails "
+                                  "(raises, NaN, inf, non-number) at which the run stops; "
+                                  "1.0 = all of them, 0.0 = any"),
     "rl.max_nonfinite_steps_total": "skipped (non-finite) updates in one stage, all "
                                     "branches together, before the run stops",
     "warm_start.flaw_rate": ("fraction of each capability's SFT demonstrations showing its "

@@ -116,7 +116,19 @@ def validate_reward(cfg: ml_collections.ConfigDict) -> None:
   r = cfg.reward
   _positive_float(r, "timeout_s", "reward.")
   _positive_float(r, "step_budget_s", "reward.")
-  _positive_int(r, "workers", "reward.")
+  workers = _positive_int(r, "workers", "reward.")
+  from copd_jax.data import verifier_pool
+  if workers > verifier_pool.cpu_cap():
+    _fail("reward.workers", f"must be at most {verifier_pool.cpu_cap()} (the CPUs this "
+          "process may use: each worker is a process)", workers)
+  if "worker_memory_mb" in r:
+    from copd_jax.data import math_verifier
+    if _positive_int(r, "worker_memory_mb", "reward.") < math_verifier.MIN_WORKER_MEMORY_MB:
+      _fail("reward.worker_memory_mb", f"must be at least {math_verifier.MIN_WORKER_MEMORY_MB} "
+            "(MiB: a worker imports sympy and math-verify)", r.worker_memory_mb)
+  if "max_error_fraction" in r and _positive_float(r, "max_error_fraction", "reward.",
+                                                   allow_zero=True) > 1:
+    _fail("reward.max_error_fraction", "must be a fraction in [0, 1]", r.max_error_fraction)
   if not isinstance(r.fn, str):
     _fail("reward.fn", "must be '' or 'module:function'", r.fn)
   if r.fn:

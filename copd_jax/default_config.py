@@ -128,7 +128,10 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
                             # every example; "" = the verifier each example names
       timeout_s=5.0,        # per answer; an answer over it scores 0
       step_budget_s=300.0,  # per step (or eval batch); answers not scored by then score 0
-      workers=2,            # verifier worker processes
+      workers=2,            # verifier worker processes, at most the CPUs this process may use
+      worker_memory_mb=2048,  # each worker's address-space limit; over it: reward 0, replaced
+      max_error_fraction=1.0,  # plug-in failures (raised, NaN, inf, non-number) in a batch
+                               # at which the run stops; 1.0 = all responses, 0.0 = any
   ))
 
   # Held-out evaluation: greedy accuracy, plus pass@k from `pass_samples` samples per

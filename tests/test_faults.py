@@ -231,9 +231,11 @@ def test_plugin_reward_runs_in_a_worker_with_the_time_limit(plugin_module):
   rewards, stats = verifiers_lib.score(["7"], examples[:1], verifiers_lib.RewardConfig(
       fn=f"{plugin_module}:hang", timeout_s=0.5, workers=1))
   assert rewards.tolist() == [0.0] and stats.timeouts == 1
-  for fn in ("broken", "nan"):  # a failing or non-finite plug-in result scores 0
-    assert verifiers_lib.rewards_for(["7"], examples[:1], verifiers_lib.RewardConfig(
-        fn=f"{plugin_module}:{fn}", workers=1)).tolist() == [0.0]
+  for fn in ("broken", "nan"):  # a failing or non-finite plug-in result is an error
+    # (issue 29: loud, not a silent 0; tests/test_faults_rewards.py has the details)
+    with pytest.raises(verifiers_lib.RewardFunctionError, match=rf"{plugin_module}:{fn}"):
+      verifiers_lib.rewards_for(["7"], examples[:1], verifiers_lib.RewardConfig(
+          fn=f"{plugin_module}:{fn}", workers=1))
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -2,23 +2,36 @@
 from __future__ import annotations
 
 import atexit
-import collections
 import dataclasses
 import importlib
 import math
-import multiprocessing
 import os
-import signal
 import sys
-import threading
-import time
-from typing import Any, Sequence
+import traceback
+from typing import Sequence
 
 from copd_jax.data.answers import MAX_FINAL_ANSWER_CHARS, final_answer_text
+from copd_jax.data.reward_values import (
+  DEFAULT_MAX_ERROR_FRACTION,
+  check_reward_value,
+  failure_of,
+)
+from copd_jax.data.verifier_pool import (  # noqa: F401  (PoolStats, cpu_cap: re-exported)
+  EXIT_OUT_OF_MEMORY,
+  MATH_WORKER_ENTRY,
+  PoolStats,
+  VerifierPool,
+  cpu_cap,
+  ran_out_of_memory,
+  watch_parent,
+)
 
 DEFAULT_MATH_TIMEOUT_S = 5.0
 DEFAULT_STEP_BUDGET_S = 300.0
 DEFAULT_WORKERS = 2
+DEFAULT_WORKER_MEMORY_MB = 2048
+# Below this a worker cannot even import sympy and math-verify.
+MIN_WORKER_MEMORY_MB = 256
 # math-verify (sympy via latex2sympy2_extended) decides equivalence. What was checked in
 # the installed sources (math-verify 0.9.0, latex2sympy2_extended 1.11.0, sympy 1.14):
 # * math_verify's ExprExtractionConfig parses plain expressions with sympy.parse_expr,
@@ -31,9 +44,9 @@ DEFAULT_WORKERS = 2
 #   needs them, and some of those parse their own constants at import time
 #   (sympy.physics.units parses every unit prefix name: 'yotta', 'Y', ...).
 # * math-verify's own time limit is signal.alarm, which works only in a main thread.
-# So every comparison runs in a separate worker PROCESS (a pool of them, VerifierPool):
-# the parent enforces the time limit by killing a worker (reward 0), from any thread; a
-# worker dies with its parent; and inside a worker sympy's parse_expr is replaced, after
+# So every comparison runs in a separate worker PROCESS (a pool of them, VerifierPool in
+# verifier_pool.py): the parent enforces the time limit by killing a worker (reward 0),
+# from any thread; a worker dies with its parent and has a memory limit; and inside a worker sympy's parse_expr is replaced, after
 # warm-up, by a guard that accepts number literals, and the constants of a module being
 # imported (never model text: no model text is in scope while a module executes its
 # import). The warm-up imports sympy's lazily loaded modules and runs symbolic checks, so
@@ -150,37 +163,47 @@ def load_plugin(spec: str):
   return fn
 
 
-def _die_with_parent(parent_pid: int) -> None:
-  """Inside a worker: end this process when the parent ends, even if it was SIGKILLed.
-
-  Linux: the kernel sends SIGKILL when the parent exits (prctl PR_SET_PDEATHSIG), which
-  works even while this process is stuck in C code holding the GIL. Everywhere: a daemon
-  thread that polls the parent id as a fallback."""
-  if sys.platform.startswith("linux"):
-    try:
-      import ctypes
-      libc = ctypes.CDLL(None, use_errno=True)
-      libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-      pass
-  if os.getppid() != parent_pid:  # the parent died before the line above ran
-    os._exit(0)
-
-  def watch():
-    while os.getppid() == parent_pid:
-      time.sleep(0.5)
-    os._exit(0)
-
-  threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+# The load check of a math reference compares it with this answer: a wrong answer, as
+# most responses are, so a reference against which comparisons hang (9^{9^{9^{9}}}: sympy
+# tries to evaluate the power) is found when the dataset loads.
+_PROBE_ANSWER = "0"
 
 
-def _worker_main(conn, parent_pid: int, plugin: str) -> None:
-  """Worker process: answers requests (see VerifierPool) until its pipe closes.
+def _with_imaginary_unit(parsed: list) -> list:
+  """math-verify reads a lone 'i' as a variable: the same parse with every free symbol
+  named 'i' replaced by sympy's imaginary unit (so e^{i\\pi} = -1), or `parsed` itself
+  when it has none."""
+  import sympy
+  out, changed = [], False
+  for item in parsed:
+    if isinstance(item, sympy.Basic):
+      unit = {s: sympy.I for s in item.free_symbols if getattr(s, "name", None) == "i"}
+      if unit:
+        item, changed = item.xreplace(unit), True
+    out.append(item)
+  return out if changed else parsed
 
-  ('math', reference, final) -> 0.0 / 1.0;  ('reference', reference) -> bool, whether
-  the reference parses;  ('plugin', response, RewardExample) -> the plug-in's float;
-  ('late_imports',) -> modules imported after the guard (should stay empty)."""
-  _die_with_parent(parent_pid)
+
+def worker_main(conn, parent_pid: int, plugin: str) -> None:
+  """Worker process (verifier_pool starts it): answers requests until its pipe closes.
+
+  ('math', reference, final) -> 0.0 / 1.0;  ('reference', reference) -> 'ok', or
+  'unparsable' when math-verify cannot parse it (its comparison with a wrong answer must
+  also finish within the time limit, or the pool reports a timeout);  ('plugin',
+  response, RewardExample) -> the plug-in's float, or a RewardFailure when it raised or
+  returned a bad value (check_reward_value);  ('late_imports',) -> modules imported after
+  the guard (should stay empty). A MemoryError that reaches this loop ends the process
+  with EXIT_OUT_OF_MEMORY."""
+  try:
+    _serve(conn, parent_pid, plugin)
+  except Exception as e:
+    if ran_out_of_memory(e):
+      os._exit(EXIT_OUT_OF_MEMORY)
+    raise
+
+
+def _serve(conn, parent_pid: int, plugin: str) -> None:
+  watch_parent(parent_pid)
   import logging
   logging.getLogger("math_verify").setLevel(logging.ERROR)
   import math_verify
@@ -202,10 +225,23 @@ def _worker_main(conn, parent_pid: int, plugin: str) -> None:
         gold_cache.pop(next(iter(gold_cache)))
     return gold
 
-  def equivalent(reference, final):
-    gold = gold_of(reference)
-    pred = parse(f"\\boxed{{{final}}}")
+  def verify(gold, pred):
     return bool(gold and pred and math_verify.verify(gold, pred, timeout_seconds=None))
+
+  def equivalent(reference, final):
+    gold, pred = gold_of(reference), parse(f"\\boxed{{{final}}}")
+    if verify(gold, pred):
+      return True
+    gold_i, pred_i = _with_imaginary_unit(gold), _with_imaginary_unit(pred)
+    return (gold_i is not gold or pred_i is not pred) and verify(gold_i, pred_i)
+
+  def check_reference(reference):
+    # parse() returns [sympy object, text] on success and [text] alone on failure
+    if not any(not isinstance(g, str) for g in gold_of(reference)):
+      return "unparsable"
+    if not _is_number_literal(reference.strip().lstrip("-")):  # a plain number cannot hang
+      equivalent(reference, _PROBE_ANSWER)  # must finish within the time limit
+    return "ok"
 
   gold_cache: dict = {}
   for name in _LAZY_SYMPY_MODULES:
@@ -226,157 +262,21 @@ def _worker_main(conn, parent_pid: int, plugin: str) -> None:
       if kind == "math":
         result = 1.0 if equivalent(*request[1:]) else 0.0
       elif kind == "reference":
-        # parse() returns [sympy object, text] on success and [text] alone on failure
-        result = any(not isinstance(g, str) for g in gold_of(request[1]))
+        result = check_reference(request[1])
       elif kind == "plugin":
-        value = float(plugin_fn(*request[1:]))
-        result = value if math.isfinite(value) else 0.0
+        try:
+          result = check_reward_value(plugin_fn(*request[1:]), plugin)
+        except MemoryError:
+          raise
+        except Exception as e:  # user code: a failure is reported, counted, not hidden
+          result = failure_of(e, plugin, traceback.format_exc(limit=20))
       else:
         result = sorted(set(sys.modules) - imported)
+    except MemoryError:
+      raise
     except Exception:  # any failure on model text is simply a wrong answer
-      result = False if kind == "reference" else 0.0
+      result = "unparsable" if kind == "reference" else 0.0
     conn.send(result)
-
-
-@dataclasses.dataclass
-class _Worker:
-  process: Any
-  conn: Any
-  ready: bool = False
-  started: float = 0.0
-  job: int | None = None      # index of the request it is working on
-  deadline: float = 0.0
-
-
-@dataclasses.dataclass
-class PoolStats:
-  """What happened to one batch of requests (logged as verify/... per step)."""
-  requests: int = 0
-  timeouts: int = 0       # killed after the per-answer limit (scored 0)
-  over_budget: int = 0    # not finished when the step's budget ran out (scored 0)
-  restarts: int = 0       # workers started to replace killed ones
-
-
-class VerifierPool:
-  """`workers` long-lived worker processes (spawned, never forked: the parent runs JAX)
-  that answer verification requests in parallel, each under a hard time limit.
-
-  `run` hands requests to idle workers; one that exceeds its per-request time limit is
-  killed (the request scores 0) and a fresh worker starts in the background (spawn +
-  importing sympy takes a second or two). When the batch's budget (counted from when a
-  worker is first ready) runs out, the requests still running or waiting score 0 and the
-  busy workers are replaced. Workers die with this process, even on SIGKILL.
-  Thread-safe (one batch at a time)."""
-
-  STARTUP_TIMEOUT_S = 120.0
-
-  def __init__(self, workers: int = 1, plugin: str = ""):
-    if workers < 1:
-      raise ValueError(f"a verifier pool needs at least 1 worker, got {workers}")
-    self.size, self.plugin = int(workers), plugin
-    self._workers: list[_Worker] = []
-    self._lock = threading.Lock()
-
-  # ------------------------------------------------------------------ processes
-  def _spawn(self) -> _Worker:
-    ctx = multiprocessing.get_context("spawn")  # never fork a process that runs JAX
-    parent, child = ctx.Pipe()
-    process = ctx.Process(target=_worker_main, args=(child, os.getpid(), self.plugin),
-                          daemon=True, name="copd-verifier")
-    process.start()
-    child.close()
-    return _Worker(process, parent, started=time.monotonic())
-
-  @staticmethod
-  def _kill(worker: _Worker) -> None:
-    worker.process.kill()
-    worker.process.join()
-    worker.conn.close()
-
-  def pids(self) -> list[int]:
-    return [w.process.pid for w in self._workers]
-
-  def stop(self) -> None:
-    with self._lock:
-      for worker in self._workers:
-        self._kill(worker)
-      self._workers = []
-
-  # ------------------------------------------------------------------- batches
-  def run(self, requests: Sequence[tuple], timeout_s: float, budget_s: float = math.inf,
-          failed=0.0) -> tuple[list, PoolStats]:
-    """Answers of `requests` (see _worker_main) in order, and what happened.
-
-    timeout_s: the limit per request (a request over it gets `failed`); budget_s: the
-    limit for the whole batch (requests not done by then get `failed`)."""
-    with self._lock:
-      return self._run(list(requests), float(timeout_s), float(budget_s), failed)
-
-  def _run(self, requests, timeout_s, budget_s, failed):
-    from multiprocessing.connection import wait
-    stats = PoolStats(requests=len(requests))
-    results = [failed] * len(requests)
-    pending = collections.deque(range(len(requests)))
-    # The budget runs from when a worker is first ready: starting workers (spawn and
-    # imports, bounded by STARTUP_TIMEOUT_S) does not eat the answers' time.
-    end = math.inf
-    self._workers = [w for w in self._workers if w.process.is_alive() or self._kill(w)]
-    while len(self._workers) < self.size and pending:
-      self._workers.append(self._spawn())
-    while pending or any(w.job is not None for w in self._workers):
-      now = time.monotonic()
-      if end == math.inf and any(w.ready for w in self._workers):
-        end = now + budget_s
-      for w in self._workers:
-        if w.ready and w.job is None and pending:
-          w.job, w.deadline = pending.popleft(), now + timeout_s
-          try:
-            w.conn.send(requests[w.job])
-          except OSError:
-            w.deadline = now  # a dead worker: handled as a timeout below
-      deadlines = [w.deadline if w.ready else w.started + self.STARTUP_TIMEOUT_S
-                   for w in self._workers if w.job is not None or not w.ready]
-      wait_s = min(max(0.0, min(deadlines + [end]) - now), 3600.0)
-      ready = set(wait([w.conn for w in self._workers if w.job is not None or not w.ready],
-                       timeout=wait_s))
-      now = time.monotonic()
-      for i, w in enumerate(self._workers):
-        message = None
-        if w.conn in ready:
-          try:
-            message = w.conn.recv()
-          except (EOFError, OSError):
-            message = None
-        if message is not None and not w.ready:
-          if message != "ready":
-            raise RuntimeError(f"verifier worker sent {message!r} instead of 'ready'")
-          w.ready = True
-          continue
-        if message is not None:
-          results[w.job], w.job = message, None
-          continue
-        timed_out = (w.ready and w.job is not None and now >= w.deadline) or w.conn in ready
-        if not w.ready and not timed_out and now >= w.started + self.STARTUP_TIMEOUT_S:
-          raise RuntimeError("a verifier worker process did not start within "
-                             f"{self.STARTUP_TIMEOUT_S:.0f} s")
-        if not w.ready and w.conn in ready:
-          raise RuntimeError(f"a verifier worker process died while starting (exit code "
-                             f"{w.process.exitcode}); plug-in {self.plugin or 'none'}")
-        if timed_out:  # over its limit, or died: kill it, score 0, start a fresh one
-          stats.timeouts += 1
-          self._kill(w)
-          self._workers[i] = self._spawn()
-          stats.restarts += 1
-      if now >= end:
-        stats.over_budget = len(pending)
-        for i, w in enumerate(self._workers):
-          if w.job is not None:  # kill it; a fresh one starts while the caller goes on
-            stats.over_budget += 1
-            self._kill(w)
-            self._workers[i] = self._spawn()
-            stats.restarts += 1
-        break
-    return results, stats
 
 
 def check_math_reference(answer: str) -> None:
@@ -390,16 +290,26 @@ def check_math_reference(answer: str) -> None:
     raise ValueError(f"a 'math' answer must have balanced braces, got {answer!r}")
 
 
-def unparsable_math_references(answers: Sequence[str],
-                               config: RewardConfig | None = None) -> list[int]:
-  """Indices of the references math-verify cannot parse (or not within the time limit),
-  i.e. those every response would score 0 against. Run when a dataset loads."""
+def uncheckable_math_references(answers: Sequence[str], config: RewardConfig | None = None
+                                ) -> list[tuple[int, str]]:
+  """(index, why) of the references every response would score 0 against: those
+  math-verify cannot parse, and those whose comparison with a wrong answer does not
+  finish within config.timeout_s (9^{9^{9^{9}}}) or config.worker_memory_mb. Run when a
+  dataset loads."""
   config = config or _active_config
   unique = sorted(set(answers))
-  parsed, _ = shared_pool(config).run([("reference", a) for a in unique], config.timeout_s,
-                                      failed=False)
-  ok = dict(zip(unique, parsed))
-  return [i for i, a in enumerate(answers) if not ok[a]]
+  outcome, stats = shared_pool(config).run([("reference", a) for a in unique],
+                                           config.timeout_s, failed="failed")
+  why = {"unparsable": "does not parse as a math expression (math-verify)",
+         "timeout": f"cannot be checked within config.reward.timeout_s={config.timeout_s:g} s "
+                    "(comparing it with a wrong answer did not finish)",
+         "memory": "cannot be checked within config.reward.worker_memory_mb="
+                   f"{config.worker_memory_mb} (its comparison ran out of memory)"}
+  reasons = {}
+  for j, (answer, result) in enumerate(zip(unique, outcome)):
+    key = stats.failures.get(j, result)
+    reasons[answer] = None if key == "ok" else why.get(key, f"cannot be checked ({key})")
+  return [(i, reasons[a]) for i, a in enumerate(answers) if reasons[a] is not None]
 
 
 def math_request(response, answer: str) -> tuple | None:
@@ -437,12 +347,21 @@ class RewardConfig:
   timeout_s: the limit per answer (math equivalence or plug-in call); over it scores 0.
   step_budget_s: the limit for one batch (a training step's or an eval batch's
     answers); answers not scored by then score 0.
-  workers: worker processes verifying in parallel.
+  workers: worker processes verifying in parallel, at most the CPUs this process may
+    use (verifier_pool.cpu_cap); a batch starts no more than it has answers.
+  worker_memory_mb: each worker's address-space limit (MiB); a worker over it scores 0
+    for that answer and is replaced (counted as verify/memory_exceeded).
+  max_error_fraction: a plug-in that raises, or returns NaN, an infinity, a value beyond
+    float32 or a non-number, fails that response (scored 0, counted as reward/errors);
+    when failures reach this fraction of a batch's responses the run stops with
+    RewardFunctionError (1.0: all of them; 0.0: any).
   """
   fn: str = ""
   timeout_s: float = DEFAULT_MATH_TIMEOUT_S
   step_budget_s: float = DEFAULT_STEP_BUDGET_S
   workers: int = DEFAULT_WORKERS
+  worker_memory_mb: int = DEFAULT_WORKER_MEMORY_MB
+  max_error_fraction: float = DEFAULT_MAX_ERROR_FRACTION
 
   def __post_init__(self):
     if not (isinstance(self.timeout_s, (int, float)) and 0 < self.timeout_s < math.inf):
@@ -453,6 +372,17 @@ class RewardConfig:
                        f"{self.step_budget_s!r}")
     if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
       raise ValueError(f"workers must be an integer >= 1, got {self.workers!r}")
+    if self.workers > cpu_cap():
+      raise ValueError(f"config.reward.workers must be at most {cpu_cap()} (the CPUs this "
+                       f"process may use), got {self.workers}")
+    if (isinstance(self.worker_memory_mb, bool) or not isinstance(self.worker_memory_mb, int)
+        or self.worker_memory_mb < MIN_WORKER_MEMORY_MB):
+      raise ValueError(f"worker_memory_mb must be an integer >= {MIN_WORKER_MEMORY_MB} (MiB), "
+                       f"got {self.worker_memory_mb!r}")
+    if not (isinstance(self.max_error_fraction, (int, float))
+            and 0 <= self.max_error_fraction <= 1):
+      raise ValueError(f"max_error_fraction must be a fraction in [0, 1], got "
+                       f"{self.max_error_fraction!r}")
     if not isinstance(self.fn, str):
       raise ValueError(f"fn must be '' or 'module:function', got {self.fn!r}")
 
@@ -476,13 +406,17 @@ def active_config() -> RewardConfig:
 
 
 def shared_pool(config: RewardConfig | None = None) -> VerifierPool:
-  """The process's verifier pool for `config` (rebuilt when workers or plug-in change)."""
+  """The process's verifier pool for `config` (rebuilt when the workers, their memory
+  limit or the plug-in change)."""
   global _pool
   config = config or _active_config
-  if _pool is None or (_pool.size, _pool.plugin) != (config.workers, config.fn):
+  wanted = (config.workers, (config.fn,), config.worker_memory_mb)
+  if _pool is None or (_pool.size, _pool.args, _pool.memory_mb) != wanted:
     if _pool is not None:
       _pool.stop()
     else:
       atexit.register(lambda: _pool is not None and _pool.stop())
-    _pool = VerifierPool(config.workers, config.fn)
+    _pool = VerifierPool(config.workers, MATH_WORKER_ENTRY, args=(config.fn,),
+                         memory_mb=config.worker_memory_mb)
   return _pool
+

@@ -169,19 +169,71 @@ def import_datasets():
   return hf_datasets
 
 
-def _rows_of(dataset, path: str) -> Iterable[tuple[str, Any]]:
+# Record fields that hold one string (parse_record) or one number: a column that mixes
+# JSON types (datasets stores it as a Json feature) always holds a value these fields
+# reject, as the built-in reader does.
+_STRING_FIELDS = ("prompt", "answer", "capability", "verifier", "solution")
+_NUMBER_FIELDS = ("video_fps",)
+
+
+def _check_mixed_columns(features, path: str, columns: Mapping[str, str]) -> None:
+  """A string or number record field whose column mixes JSON types across rows: datasets
+  keeps it as JSON text, in which the string "7" and the number 7 look alike, so instead
+  of decoding it (and accepting '7' where the built-in reader rejects 7) the file is
+  rejected, naming the column, as the built-in reader rejects it."""
+  json_feature = _feature_types("Json")
+  for field in _STRING_FIELDS + _NUMBER_FIELDS:
+    column = columns.get(field, field)
+    if json_feature and isinstance(features.get(column), json_feature):
+      kind = "a string" if field in _STRING_FIELDS else "a number"
+      raise ValueError(f"{path}: column {column!r} (field {field!r}) mixes JSON types across "
+                       f"rows (e.g. strings and numbers); every record's {field!r} must be "
+                       f"{kind} (config.data.reader='builtin' names the first bad line)")
+
+
+@functools.lru_cache(maxsize=None)
+def _feature_types(*names: str) -> tuple:
+  """The `datasets` feature classes of these names that this version has (Json, List and
+  LargeList are new in datasets 4)."""
+  hf_datasets = import_datasets()
+  return tuple(getattr(hf_datasets, n) for n in names if hasattr(hf_datasets, n))
+
+
+def _decode_json(value, feature):
+  """A value read from the arrow table with its Json parts (datasets' storage of columns
+  that mix types) decoded back to Python objects; other features as stored."""
+  if value is None:
+    return None
+  json_feature = _feature_types("Json")
+  if json_feature and isinstance(feature, json_feature):
+    return json.loads(value)
+  if isinstance(feature, _feature_types("List", "LargeList", "Sequence")) and isinstance(value, list):
+    return [_decode_json(v, feature.feature) for v in value]
+  if isinstance(feature, dict) and isinstance(value, dict):
+    return {k: _decode_json(v, feature.get(k)) for k, v in value.items()}
+  return value
+
+
+def _rows_of(dataset, path: str, columns: Mapping[str, str] = {}) -> Iterable[tuple[str, Any]]:
   """(position, row dict) of a `datasets.Dataset`, read from its arrow table: image
-  features stay undecoded ({'bytes', 'path'}), which _picture_list reads."""
+  features stay undecoded ({'bytes', 'path'}), which _picture_list reads; columns that
+  mix JSON types are decoded, or rejected for string and number fields."""
   if getattr(dataset, "_indices", None) is not None:
     dataset = dataset.flatten_indices()
+  features = dataset.features
+  _check_mixed_columns(features, path, columns)
+  mixed = [k for k, f in features.items() if "Json(" in repr(f)]  # Json anywhere inside
   row = 0
   for batch in dataset.data.to_batches():
     for record in batch.to_pylist():
+      for column in mixed:
+        record[column] = _decode_json(record.get(column), features[column])
       yield f"{path} row {row}", record
       row += 1
 
 
-def _read_saved_dataset(path: str) -> Iterable[tuple[str, Any]]:
+def _read_saved_dataset(path: str, columns: Mapping[str, str] = {}
+                        ) -> Iterable[tuple[str, Any]]:
   hf_datasets = import_datasets()
   dict_file = os.path.join(path, "dataset_dict.json")
   if os.path.isfile(dict_file):
@@ -194,10 +246,11 @@ def _read_saved_dataset(path: str) -> Iterable[tuple[str, Any]]:
   except Exception as e:  # datasets raises several types for unreadable directories
     raise ValueError(f"{path}: cannot load with datasets.load_from_disk ({type(e).__name__}: "
                      f"{e})") from None
-  return _rows_of(dataset, path)
+  return _rows_of(dataset, path, columns)
 
 
-def _read_with_datasets(path: str, suffix: str) -> Iterable[tuple[str, Any]]:
+def _read_with_datasets(path: str, suffix: str, columns: Mapping[str, str] = {}
+                        ) -> Iterable[tuple[str, Any]]:
   hf_datasets = import_datasets()
   builder = "json" if suffix in JSONL_SUFFIXES else "parquet"
   try:
@@ -206,18 +259,21 @@ def _read_with_datasets(path: str, suffix: str) -> Iterable[tuple[str, Any]]:
   except Exception as e:  # arrow / datasets errors on malformed or mixed-type files
     raise ValueError(f"{path}: cannot read with datasets.load_dataset({builder!r}) "
                      f"({type(e).__name__}: {e})") from None
-  return _rows_of(dataset, path)
+  return _rows_of(dataset, path, columns)
 
 
-def _read_file(path: str, reader: str = "builtin") -> Iterable[tuple[str, Any]]:
+def _read_file(path: str, reader: str = "builtin", columns: Mapping[str, str] = {}
+               ) -> Iterable[tuple[str, Any]]:
+  """(position, raw record) of a file; columns (record field -> column name) tell the
+  `datasets` readers which columns hold which field."""
   if is_saved_dataset(path):
-    return _read_saved_dataset(path)
+    return _read_saved_dataset(path, columns)
   suffix = os.path.splitext(path)[1].lower()
   if suffix not in JSONL_SUFFIXES + PARQUET_SUFFIXES:
     raise ValueError(f"{path}: unknown record file type {suffix!r}; use "
                      f"{JSONL_SUFFIXES + PARQUET_SUFFIXES} or a saved dataset directory")
   if reader == "datasets":
-    return _read_with_datasets(path, suffix)
+    return _read_with_datasets(path, suffix, columns)
   if reader != "builtin":
     raise ValueError(f"unknown record reader {reader!r}; use 'builtin' or 'datasets'")
   return _read_jsonl(path) if suffix in JSONL_SUFFIXES else _read_parquet(path)
@@ -359,7 +415,7 @@ def _load_records(files: tuple[str, ...], stamps: tuple, capability: str | None,
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     records += [parse_record(apply_columns(raw, dict(columns), where), where, folder,
                              capability=capability, default_verifier=default_verifier)
-                for where, raw in _read_file(path, reader)]
+                for where, raw in _read_file(path, reader, dict(columns))]
   _check_math_references_parse(records)
   return tuple(records)
 
@@ -373,17 +429,19 @@ def _stamp(path: str) -> tuple:
 
 
 def _check_math_references_parse(records: Sequence[Record]) -> None:
-  """Every 'math' reference must parse with math-verify (in the verifier workers):
-  against one that does not, every response would score 0."""
+  """Every 'math' reference must parse with math-verify (in the verifier workers), and
+  be checkable within the reward limits: against one that is not, every response would
+  score 0 (math_verifier.uncheckable_math_references)."""
   math_records = [r for r in records if r.verifier == "math"]
   if not math_records:
     return
-  bad = math_verifier.unparsable_math_references([r.answer for r in math_records])
+  bad = math_verifier.uncheckable_math_references([r.answer for r in math_records])
   if bad:
-    first = math_records[bad[0]]
-    raise ValueError(f"{first.where}: field 'answer' {first.answer!r} does not parse as a "
-                     f"math expression (math-verify), so every response to it would score "
-                     f"0; {len(bad)} of {len(math_records)} math references do not parse")
+    index, why = bad[0]
+    first = math_records[index]
+    raise ValueError(f"{first.where}: field 'answer' {first.answer!r} {why}, so every "
+                     f"response to it would score 0; {len(bad)} of {len(math_records)} "
+                     "math references fail this check")
 
 
 def load_records(paths, *, capability: str | None = None,

@@ -24,6 +24,12 @@ from copd_jax.data.math_verifier import (
   math_request,
   shared_pool,
 )
+from copd_jax.data.reward_values import (  # noqa: F401  (re-exported for plug-in callers)
+  RewardFailure,
+  RewardFunctionError,
+  check_reward_value,
+  report_failures,
+)
 
 
 def check_reference(verifier: str, answer: str) -> None:
@@ -63,7 +69,10 @@ def score(responses: Sequence[str], examples: Sequence,
   Built-in verifiers: integer / choice / exact run here (bounded, no parser); math
   requests go to the worker pool, identical (reference, answer) pairs once. With
   config.fn, the plug-in scores every example in the pool. One batch shares
-  config.step_budget_s."""
+  config.step_budget_s. A plug-in that fails on a response (raises, or returns a value
+  check_reward_value rejects) scores it 0 and is counted in stats.errors; the first
+  traceback is printed once, and RewardFunctionError is raised when the failures reach
+  config.max_error_fraction of the responses (report_failures)."""
   config = config or active_config()
   if len(responses) != len(examples):
     raise ValueError(f"responses and examples must have the same length, got "
@@ -85,8 +94,14 @@ def score(responses: Sequence[str], examples: Sequence,
   if requests:
     keys = list(requests)
     results, stats = shared_pool(config).run(keys, config.timeout_s, config.step_budget_s)
+    failures = []
     for key, value in zip(keys, results):
+      if isinstance(value, RewardFailure):  # each response it stands for failed
+        failures += [value] * len(requests[key])
+        value = 0.0
       out[requests[key]] = value
+    stats.errors = len(failures)
+    report_failures(failures, len(responses), config.max_error_fraction)
   return out, stats
 
 

@@ -96,15 +96,19 @@ def verify_local(responses_of, examples, local_rows: np.ndarray, sharding,
   responses_of(rows) -> response strings of flat row indices; examples[S][B*G] (stand-ins
   outside local_rows); local_rows: bool[S, B*G]. Other processes' rewards arrive through
   one small all-gather; single-process runs verify everything locally. `stats`, if given,
-  receives this process's verify/timeouts and verify/over_budget counts (answers that
-  scored 0 because of the per-answer limit or the step budget, config.reward)."""
+  receives this process's verify/timeouts, verify/over_budget and verify/memory_exceeded
+  counts (answers that scored 0 because of the per-answer limit, the step budget or a
+  worker's memory limit, config.reward) and reward/errors (responses whose reward
+  plug-in failed; past config.reward.max_error_fraction score raises RewardFunctionError)."""
   s, n = local_rows.shape
   flat = np.flatnonzero(local_rows.reshape(-1))
   rewards = np.zeros(s * n, np.float32)
   rewards[flat], pool = verifiers.score(responses_of(flat), [examples[i // n][i % n] for i in flat])
   if stats is not None:
     stats.update({"verify/timeouts": float(pool.timeouts),
-                  "verify/over_budget": float(pool.over_budget)})
+                  "verify/over_budget": float(pool.over_budget),
+                  "verify/memory_exceeded": float(pool.memory_exceeded),
+                  "reward/errors": float(pool.errors)})
   rewards = rewards.reshape(s, n)
   if sharding is None or jax.process_count() == 1:
     return rewards
