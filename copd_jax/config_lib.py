@@ -205,6 +205,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     if "rl" not in cfg:
       _fail("rl", f"section is required for method {cfg.method!r}", None)
     validate_rl(cfg)
+  # Last: the sizes, once every field is known valid; an error names the field.
+  from copd_jax import memory_budget
+  memory_budget.check(cfg)
 
 
 def validate_pass_at_k(cfg: ml_collections.ConfigDict) -> None:

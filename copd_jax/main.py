@@ -151,13 +151,14 @@ def _run_locked(cfg, stored: dict | None) -> dict | None:
 def dry_run(cfg) -> str:
   """Validates cfg (fields, run directory ownership, model/tokenizer/record setup: nothing
   compiles) and returns the resolved config as JSON."""
-  from copd_jax import config_lib, policy_setup, run_dir
-  config_lib.validate_config(cfg)
+  from copd_jax import config_lib, memory_budget, policy_setup, run_dir
+  config_lib.validate_config(cfg)  # sizes included (memory_budget.check)
   stored = run_dir.check_workdir(cfg)
   policy_setup.build_setup(cfg)
   state = "new run directory" if stored is None else "resumes the run in this directory"
   return (cfg.to_json_best_effort(indent=2) + f"\n# workdir {cfg.workdir}: {state}; "
-          f"training config hash {run_dir.config_hash(cfg)}")
+          f"training config hash {run_dir.config_hash(cfg)}\n# "
+          + memory_budget.describe(cfg))
 
 
 def main(argv):
