@@ -249,7 +249,7 @@ def validate_checkpoint(cfg: ml_collections.ConfigDict) -> None:
   _positive_int(c, "every_steps", "checkpoint.", allow_zero=True)
   _positive_int(c, "max_to_keep", "checkpoint.")
   for flag in ("async_save", "resume", "save_on_sigterm", "resume_changed_config",
-               "fallback_on_corrupt"):
+               "fallback_on_corrupt", "allow_unverified"):
     if flag in c and not isinstance(c[flag], bool):
       _fail(f"checkpoint.{flag}", "must be True or False", c[flag])
   if "sigterm_grace_s" in c:
