@@ -134,14 +134,16 @@ def check_partial_rotary(section: Mapping, where: str) -> None:
           "only full rotary embeddings (1.0) are implemented")
 
 
-def _hf_int(config: Mapping, field: str, default=None) -> int:
+def _hf_int(config: Mapping, field: str, default=None, maximum: int = MAX_CONFIG_INT) -> int:
+  """A positive integer field of config.json, at most `maximum` (layer counts are bounded
+  by the safetensors headers instead: check_layers_present)."""
   value = config.get(field, default)
   if value is None:
     raise HFCheckpointError(f"config.json: required field {field!r} is missing")
   if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
     raise HFCheckpointError(f"config.json: {field!r} must be a positive integer, got {value!r}")
-  if value > MAX_CONFIG_INT:
-    raise HFCheckpointError(f"config.json: {field!r} is {value}, more than {MAX_CONFIG_INT} "
+  if value > maximum:
+    raise HFCheckpointError(f"config.json: {field!r} is {value}, more than {maximum} "
                             "(not a model size)")
   return value
 
@@ -282,7 +284,7 @@ def model_config_from_hf(config: Mapping, *, dtype: str = "float32") -> model_co
   fields = dict(
       vocab_size=_hf_int(config, "vocab_size"),
       d_model=d_model,
-      num_layers=_hf_int(config, "num_hidden_layers"),
+      num_layers=_hf_int(config, "num_hidden_layers", maximum=2 ** 62),  # headers bound it
       num_heads=num_heads,
       num_kv_heads=_hf_int(config, "num_key_value_heads", num_heads),
       head_dim=_hf_int({"head_dim": head_dim}, "head_dim"),

@@ -32,14 +32,20 @@ VISION_FIELDS = ("depth", "hidden_size", "intermediate_size", "num_heads", "out_
 VISION_ROPE_FIELDS = ("rope_type", "rope_theta")
 
 
-def config_int(owner: str, name: str, value, *, minimum: int = 1) -> int:
-  """A size or id from config.json: an integer in [minimum, MAX_CONFIG_INT], else a
-  ValueError naming owner.name."""
+# Layer and block counts are bounded by the safetensors headers instead
+# (qwen3_vl.check_layer_counts), which name the count the files actually hold.
+LAYER_COUNT_MAX = 2 ** 62
+
+
+def config_int(owner: str, name: str, value, *, minimum: int = 1,
+               maximum: int = MAX_CONFIG_INT) -> int:
+  """A size or id from config.json: an integer in [minimum, maximum], else a ValueError
+  naming owner.name."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or \
-      not minimum <= value <= MAX_CONFIG_INT:
+      not minimum <= value <= maximum:
     shown = value if not isinstance(value, int) or abs(value) < 10 ** 30 else \
         f"an integer of {len(str(abs(value)))} digits"
-    raise ValueError(f"{owner}.{name} must be an integer in [{minimum}, {MAX_CONFIG_INT}], "
+    raise ValueError(f"{owner}.{name} must be an integer in [{minimum}, {maximum}], "
                      f"got {shown!r}")
   return int(value)
 
@@ -250,7 +256,8 @@ def _text_config_from_hf(text: Mapping[str, Any], top: Mapping[str, Any],
                      "(Qwen3-VL interleaves t/h/w frequencies)")
   if "rope_theta" not in rope:
     raise ValueError("text_config.rope_theta (or rope_parameters.rope_theta) is missing")
-  size = lambda name: config_int("text_config", name, need(name))  # noqa: E731
+  size = lambda name, top=MAX_CONFIG_INT: config_int(  # noqa: E731
+      "text_config", name, need(name), maximum=top)
   heads = size("num_attention_heads")
   head_dim = (config_int("text_config", "head_dim", text["head_dim"])
               if text.get("head_dim") is not None else size("hidden_size") // heads)
@@ -261,7 +268,7 @@ def _text_config_from_hf(text: Mapping[str, Any], top: Mapping[str, Any],
     raise ValueError(f"tie_word_embeddings must be true or false, got {tie!r}")
   return model_config.ModelConfig(
       vocab_size=size("vocab_size"), d_model=size("hidden_size"),
-      num_layers=size("num_hidden_layers"), num_heads=heads,
+      num_layers=size("num_hidden_layers", LAYER_COUNT_MAX), num_heads=heads,
       num_kv_heads=kv_heads, head_dim=head_dim,
       mlp_dim=size("intermediate_size"),
       rope_theta=config_float("text_config", "rope_theta", rope["rope_theta"]),
@@ -287,7 +294,8 @@ def _vision_config_from_hf(vis: Mapping[str, Any]) -> VisionTowerConfig:
                "num_position_embeddings", "in_channels", "patch_size", "temporal_patch_size",
                "spatial_merge_size"):
     if name in fields:
-      fields[name] = config_int("vision_config", name, fields[name])
+      fields[name] = config_int("vision_config", name, fields[name],
+                                maximum=LAYER_COUNT_MAX if name == "depth" else MAX_CONFIG_INT)
   indexes = fields["deepstack_visual_indexes"]
   if not isinstance(indexes, list):
     raise ValueError(f"vision_config.deepstack_visual_indexes must be a list of block "
