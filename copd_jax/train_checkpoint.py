@@ -37,15 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from copd_jax.checkpoint import CheckpointMismatchError
+from copd_jax.checkpoint import CheckpointCorruptError, CheckpointMismatchError
 from copd_jax.data import streams as data_lib
 
 FORMAT_VERSION = 1
 LOG_START_FILE = "log_start.json"
-
-
-class CheckpointCorruptError(CheckpointMismatchError):
-  """A restored array does not match the checksum stored when it was saved."""
 
 
 class CheckpointWriteError(OSError):

@@ -124,3 +124,75 @@ def test_allow_unverified_is_a_validated_config_field():
   with pytest.raises(ValueError, match=r"config\.checkpoint\.allow_unverified must be True "
                                        "or False"):
     config_lib.validate_config(cfg)
+
+
+# ------------------------------------------- the base policy and final parameters
+
+
+def saved_policy(tmp_path):
+  from copd_jax import checkpoint
+  import numpy as np
+  # Random values do not compress: their bytes lie verbatim in orbax's data file.
+  bits = np.random.default_rng(1).integers(0, 2 ** 32, size=(64, 64), dtype=np.uint32)
+  params = {"w": jnp.asarray((bits & np.uint32(0xBFFFFFFF)).view(np.float32))}  # finite
+  directory = str(tmp_path / "policy")
+  checkpoint.save_policy(directory, params, {"method": "copd", "branches": ["text"]})
+  abstract = jax.tree.map(ocp_utils.to_shape_dtype_struct, params)
+  return directory, params, abstract
+
+
+def test_a_policy_round_trips_with_its_checksums(tmp_path):
+  from copd_jax import checkpoint
+  directory, params, abstract = saved_policy(tmp_path)
+  assert checkpoint.read_metadata(directory) == {"method": "copd", "branches": ["text"]}
+  restored = checkpoint.load_policy(directory, abstract)
+  assert (restored["w"] == params["w"]).all()
+
+
+def test_a_flipped_byte_in_a_policy_is_named(tmp_path):
+  import numpy as np
+
+  from copd_jax import checkpoint
+  directory, params, abstract = saved_policy(tmp_path)
+  needle = np.asarray(params["w"]).tobytes()[4096:4160]
+  for root, _, files in os.walk(os.path.join(directory, "params")):
+    for name in files:
+      path = os.path.join(root, name)
+      data = bytearray(open(path, "rb").read())
+      at = data.find(needle)
+      if at >= 0:
+        data[at] ^= 0x01
+        open(path, "wb").write(bytes(data))
+        break
+    else:
+      continue
+    break
+  else:
+    raise AssertionError("array bytes not found uncompressed")
+  with pytest.raises(checkpoint.CheckpointCorruptError, match=r"is corrupt: .*\['w'\]"):
+    checkpoint.load_policy(directory, abstract)
+
+
+def test_a_policy_without_checksums_is_an_error_unless_allowed(tmp_path):
+  from copd_jax import checkpoint
+  directory, params, abstract = saved_policy(tmp_path)
+  path = os.path.join(directory, "metadata.json")
+  stored = json.load(open(path))
+  del stored["integrity"]
+  json.dump(stored, open(path, "w"))
+  with pytest.raises(checkpoint.CheckpointCorruptError, match=r"has no checksums .*"
+                                                              "allow_unverified=True"):
+    checkpoint.load_policy(directory, abstract)
+  restored = checkpoint.load_policy(directory, abstract, allow_unverified=True)
+  assert (restored["w"] == params["w"]).all()
+
+
+def test_edited_policy_metadata_is_named(tmp_path):
+  from copd_jax import checkpoint
+  directory, _, abstract = saved_policy(tmp_path)
+  path = os.path.join(directory, "metadata.json")
+  stored = json.load(open(path))
+  stored["branches"] = ["image"]
+  json.dump(stored, open(path, "w"))
+  with pytest.raises(checkpoint.CheckpointCorruptError, match=r"metadata differs"):
+    checkpoint.load_policy(directory, abstract)
