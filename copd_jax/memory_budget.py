@@ -285,11 +285,15 @@ def device_bytes_per_chip(cfg: ml_collections.ConfigDict, est: Estimate) -> int:
   return est.device // max(_int(cfg.pod, "num_chips", 1), 1)
 
 
-def _limit(cfg) -> tuple[Callable[[Estimate], float], int, str]:
-  """(what is measured, its budget, a description of the budget)."""
+def _limit(cfg) -> tuple[Callable[[Estimate], float], int | None, str]:
+  """(what is measured, its budget, a description of the budget). A pod config without
+  pod.hbm_bytes_per_chip has no budget (None): it runs on other machines than this one."""
   pod = cfg.get("pod")
-  if pod is not None and _int(pod, "hbm_bytes_per_chip"):
+  if pod is not None:
     hbm = _int(pod, "hbm_bytes_per_chip")
+    if not hbm:
+      return (lambda e: device_bytes_per_chip(cfg, e), None,
+              "no budget (config.pod.hbm_bytes_per_chip is not set)")
     return (lambda e: device_bytes_per_chip(cfg, e), hbm,
             f"{human(hbm)} of HBM per chip (config.pod.hbm_bytes_per_chip)")
   ram = machine_memory_bytes()
@@ -301,6 +305,8 @@ def check(cfg: ml_collections.ConfigDict) -> Estimate:
   cannot fit; returns the estimate otherwise."""
   est = estimate(cfg)
   measure, budget, where = _limit(cfg)
+  if budget is None:
+    return est
   need = measure(est)
   if need > budget:
     field = culprit(cfg, measure)
