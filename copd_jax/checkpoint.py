@@ -9,6 +9,11 @@ metadata.json is written (atomically, via rename) only after that, so a director
 with metadata.json always holds a finished checkpoint. Loading compares the stored
 metadata and parameter shapes with what the caller expects and names any difference;
 nothing is silently re-initialised.
+
+Integrity: metadata.json also holds `integrity` = the checksums of every parameter array
+(train_checkpoint.array_checksums) and a SHA-256 of the rest of the metadata. Loading
+verifies both (CheckpointCorruptError naming what differs); a policy without them is an
+error unless the caller allows unverified checkpoints (config.checkpoint.allow_unverified).
 """
 from __future__ import annotations
 
@@ -27,15 +32,26 @@ class CheckpointMismatchError(ValueError):
   """A stored checkpoint does not match what the run expects."""
 
 
+class CheckpointCorruptError(CheckpointMismatchError):
+  """Stored data does not match the checksum saved with it (or has none to verify)."""
+
+
+INTEGRITY_KEY = "integrity"
+
+
 def has_policy(directory: str) -> bool:
   return os.path.isfile(os.path.join(directory, METADATA_FILE))
 
 
 def save_policy(directory: str, params: Any, metadata: dict) -> None:
   """Writes params (a pytree of arrays) and JSON-serialisable metadata to `directory`."""
+  from copd_jax import train_checkpoint  # checksum helpers (it imports this module)
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   params_dir = os.path.join(directory, PARAMS_SUBDIR)
+  metadata = json.loads(json.dumps(metadata))  # as it will read back (tuples -> lists)
+  integrity = {"checksums": train_checkpoint.array_checksums(params),  # every process
+               "metadata_sha256": train_checkpoint.json_digest(metadata)}
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(params_dir, params, force=True)  # every process writes its shards
   checkpointer.wait_until_finished()
@@ -43,16 +59,49 @@ def save_policy(directory: str, params: Any, metadata: dict) -> None:
     return
   tmp = os.path.join(directory, METADATA_FILE + ".tmp")
   with open(tmp, "w") as f:
-    json.dump(metadata, f, indent=2, sort_keys=True)
+    json.dump(dict(metadata, **{INTEGRITY_KEY: integrity}), f, indent=2, sort_keys=True)
   os.replace(tmp, os.path.join(directory, METADATA_FILE))
 
 
-def read_metadata(directory: str) -> dict:
+def _read_record(directory: str) -> tuple[dict, dict | None]:
+  """(metadata, integrity record or None) of metadata.json."""
   path = os.path.join(directory, METADATA_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no finished policy checkpoint at {directory} ({METADATA_FILE} missing)")
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      stored = json.load(f)
+  except (ValueError, RecursionError) as e:  # bad JSON, bytes or nesting
+    raise CheckpointCorruptError(f"{path} is not readable JSON ({type(e).__name__})") from None
+  if not isinstance(stored, dict):
+    raise CheckpointCorruptError(f"{path} does not hold a JSON object")
+  integrity = stored.pop(INTEGRITY_KEY, None)
+  return stored, integrity
+
+
+def read_metadata(directory: str) -> dict:
+  """What produced the policy at `directory` (metadata.json without its integrity record)."""
+  return _read_record(directory)[0]
+
+
+def _verify_metadata(directory: str, metadata: dict, integrity, allow_unverified: bool) -> bool:
+  """Checks metadata against its digest; returns whether the arrays can be verified."""
+  from copd_jax import train_checkpoint
+  where = os.path.join(directory, METADATA_FILE)
+  if not isinstance(integrity, dict) or "checksums" not in integrity or \
+      "metadata_sha256" not in integrity:
+    if allow_unverified:
+      print(f"warning: {where} has no checksums: loading it unverified "
+            "(config.checkpoint.allow_unverified)", flush=True)
+      return False
+    raise CheckpointCorruptError(
+        f"{where} has no checksums ({INTEGRITY_KEY!r}), so the policy cannot be verified "
+        "(written by an older version, or removed); set "
+        "config.checkpoint.allow_unverified=True to load it anyway")
+  if train_checkpoint.json_digest(metadata) != integrity["metadata_sha256"]:
+    raise CheckpointCorruptError(f"{where} is corrupt: its metadata differs from the checksum "
+                                 "saved with it")
+  return True
 
 
 def _diff_metadata(stored: Any, expected: Any, path: str = "") -> list[str]:
@@ -85,13 +134,18 @@ def _shape_differences(stored_tree: Any, abstract_params: Any) -> list[str]:
   return out
 
 
-def load_policy(directory: str, abstract_params: Any, expected_metadata: dict | None = None):
+def load_policy(directory: str, abstract_params: Any, expected_metadata: dict | None = None,
+                *, allow_unverified: bool = False):
   """Restores params shaped like `abstract_params` (a pytree of jax.ShapeDtypeStruct).
 
-  Raises CheckpointMismatchError naming every differing metadata field or parameter.
+  Raises CheckpointMismatchError naming every differing metadata field or parameter, and
+  CheckpointCorruptError when the metadata or an array differs from its saved checksum
+  (or there are none and not allow_unverified).
   """
+  from copd_jax import train_checkpoint
   directory = os.path.abspath(directory)
-  stored_metadata = read_metadata(directory)
+  stored_metadata, integrity = _read_record(directory)
+  verify = _verify_metadata(directory, stored_metadata, integrity, allow_unverified)
   if expected_metadata is not None:
     diffs = _diff_metadata(stored_metadata, json.loads(json.dumps(expected_metadata)))
     if diffs:
@@ -107,7 +161,14 @@ def load_policy(directory: str, abstract_params: Any, expected_metadata: dict | 
   if diffs:
     raise CheckpointMismatchError(
         f"parameters in {params_dir} do not match the model:\n  " + "\n  ".join(diffs[:20]))
-  return checkpointer.restore(params_dir, _with_local_default_sharding(abstract_params))
+  params = checkpointer.restore(params_dir, _with_local_default_sharding(abstract_params))
+  if verify:
+    bad = train_checkpoint.checksum_mismatches(integrity["checksums"], params)
+    if bad:
+      raise CheckpointCorruptError(
+          f"policy checkpoint {params_dir} is corrupt: the checksums of {len(bad)} array(s) "
+          f"differ from those saved: {', '.join(bad[:10])}")
+  return params
 
 
 def _with_local_default_sharding(abstract_params: Any) -> Any:

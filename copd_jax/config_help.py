@@ -79,6 +79,8 @@ FIELD_HELP = {
                                    "before the process exits without saving"),
     "checkpoint.fallback_on_corrupt": ("a newest checkpoint failing its checksums: False = "
                                        "error, True = restore the newest good one"),
+    "checkpoint.allow_unverified": ("a checkpoint without checksums (arrays, host state, "
+                                    "config): False = error, True = resume it unverified"),
     "reward": "how responses are scored (sandboxed verifier worker processes)",
     "reward.fn": "'module:function' plug-in fn(response, example) -> float; '' = each "
                  "example's own verifier",

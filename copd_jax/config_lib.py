@@ -217,6 +217,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     if "rl" not in cfg:
       _fail("rl", f"section is required for method {cfg.method!r}", None)
     validate_rl(cfg)
+  # Last: the sizes, once every field is known valid; an error names the field.
+  from copd_jax import memory_budget
+  memory_budget.check(cfg)
 
 
 def validate_pass_at_k(cfg: ml_collections.ConfigDict) -> None:
@@ -258,7 +261,7 @@ def validate_checkpoint(cfg: ml_collections.ConfigDict) -> None:
   _positive_int(c, "every_steps", "checkpoint.", allow_zero=True)
   _positive_int(c, "max_to_keep", "checkpoint.")
   for flag in ("async_save", "resume", "save_on_sigterm", "resume_changed_config",
-               "fallback_on_corrupt"):
+               "fallback_on_corrupt", "allow_unverified"):
     if flag in c and not isinstance(c[flag], bool):
       _fail(f"checkpoint.{flag}", "must be True or False", c[flag])
   if "sigterm_grace_s" in c:

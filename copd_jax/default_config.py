@@ -95,6 +95,9 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
       # A newest checkpoint that fails its checksums is an error; True = restore the
       # newest one that passes instead.
       fallback_on_corrupt=False,
+      # A checkpoint without checksums of its arrays, host state (stream positions, RNG)
+      # and config is an error; True = resume it unverified (older checkpoints).
+      allow_unverified=False,
   ))
 
   # SFT warm-start: the analog of the paper's instruction-tuned base. `mix` sets how

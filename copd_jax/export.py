@@ -53,7 +53,9 @@ def load_run_policy(workdir: str, branch: str = MERGED):
       lambda k: stacked_lib.broadcast_params(policy_setup.init_policy_params(setup.model_cfg, k),
                                              len(names)),
       jax.random.key(0))
-  stacked = checkpoint.load_policy(directory, abstract)
+  stacked = checkpoint.load_policy(  # the run's own setting for unverified checkpoints
+      directory, abstract, allow_unverified=bool(cfg.get("checkpoint", {}).get(
+          "allow_unverified", False)))
   if branch == MERGED:
     weights = None
     if cfg.rl.get("merge_weights"):

@@ -14,6 +14,7 @@ config.workdir. A killed or preempted run resumes when started again with the sa
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -70,11 +71,23 @@ def run(cfg) -> dict | None:
   config_lib.validate_config(cfg)
   # A run directory belongs to one method and training config: checked before anything
   # in it is written, rewound or overwritten.
-  stored = run_dir.check_workdir(cfg)
+  run_dir.check_workdir(cfg)
 
   import jax
 
-  from copd_jax import policy_setup, warm_start
+  # One writer per run directory: a second run on this workdir stops here, naming the
+  # holder's pid. In a multi-process run process 0 holds it for all.
+  primary = jax.process_index() == 0
+  with run_dir.DirectoryLock(cfg.workdir) if primary else contextlib.nullcontext():
+    # Checked again under the lock: another run may have written it meanwhile.
+    return _run_locked(cfg, run_dir.check_workdir(cfg))
+
+
+def _run_locked(cfg, stored: dict | None) -> dict | None:
+  """main.run once the workdir is checked (stored: its config.json) and locked."""
+  import jax
+
+  from copd_jax import policy_setup, run_dir, warm_start
   from copd_jax.data import math_verifier
   from copd_jax.rl import evaluation
   math_verifier.configure(math_verifier.RewardConfig(**cfg.reward.to_dict()))
@@ -138,13 +151,14 @@ def run(cfg) -> dict | None:
 def dry_run(cfg) -> str:
   """Validates cfg (fields, run directory ownership, model/tokenizer/record setup: nothing
   compiles) and returns the resolved config as JSON."""
-  from copd_jax import config_lib, policy_setup, run_dir
-  config_lib.validate_config(cfg)
+  from copd_jax import config_lib, memory_budget, policy_setup, run_dir
+  config_lib.validate_config(cfg)  # sizes included (memory_budget.check)
   stored = run_dir.check_workdir(cfg)
   policy_setup.build_setup(cfg)
   state = "new run directory" if stored is None else "resumes the run in this directory"
   return (cfg.to_json_best_effort(indent=2) + f"\n# workdir {cfg.workdir}: {state}; "
-          f"training config hash {run_dir.config_hash(cfg)}")
+          f"training config hash {run_dir.config_hash(cfg)}\n# "
+          + memory_budget.describe(cfg))
 
 
 def main(argv):

@@ -166,7 +166,11 @@ def check_workdir(cfg: ml_collections.ConfigDict) -> dict | None:
   """Raises WorkdirConfigError when cfg.workdir holds a run of another method or training
   config (unless config.checkpoint.resume_changed_config, which never covers a method
   change). Reads only: nothing in the directory is changed. Returns the stored config
-  (None for a new directory)."""
+  (None for a new directory). A workdir (or warm-start directory) that is a regular file
+  is an error too."""
+  check_not_a_file("workdir", cfg.workdir)
+  if "warm_start" in cfg and cfg.warm_start.get("checkpoint_dir", ""):
+    check_not_a_file("warm_start.checkpoint_dir", cfg.warm_start.checkpoint_dir)
   stored = read_stored_config(cfg.workdir)
   if stored is None:
     return None
@@ -198,3 +202,88 @@ def write_config(cfg: ml_collections.ConfigDict, stored: dict | None) -> None:
   with open(path + ".tmp", "w") as f:
     f.write(cfg.to_json_best_effort(indent=2))
   os.replace(path + ".tmp", path)
+
+
+# ------------------------------------------------------------------- one writer at a time
+
+LOCK_FILE = ".copd-jax.lock"
+
+
+class DirectoryLockedError(OSError):
+  """Another live process holds the write lock of a run or warm-start directory."""
+
+
+def check_not_a_file(field: str, path: str) -> None:
+  """A directory setting that names an existing regular file (or anything not a
+  directory) is an error naming the field, before anything tries to write into it."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise NotADirectoryError(f"config.{field} must be a directory, but {path} is a file "
+                             "(or another non-directory); use another path")
+
+
+def _holder(path: str) -> str:
+  """The pid a lock file names (the holder wrote it), or '?' if unreadable."""
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      text = f.read(64).strip()
+  except OSError:
+    return "?"
+  return text if text.isdigit() else "?"
+
+
+class DirectoryLock:
+  """An exclusive, non-blocking `fcntl.flock` on <directory>/.copd-jax.lock: one writer
+  per directory. The lock file holds the holder's pid (for the error message only: the
+  kernel, not the pid, decides who holds the lock, so a lock file left by a killed
+  process is simply taken over). The file is removed on release; a process that opened
+  the old file just before is caught by comparing inodes after locking.
+
+  Use as a context manager; the directory is created if missing."""
+
+  def __init__(self, directory: str, what: str = "run directory"):
+    self.directory, self.what = directory, what
+    self.path = os.path.join(directory, LOCK_FILE)
+    self._fd: int | None = None
+
+  def acquire(self) -> "DirectoryLock":
+    import fcntl
+    os.makedirs(self.directory, exist_ok=True)
+    for _ in range(100):  # only repeats when a holder removed the file meanwhile
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        os.close(fd)
+        raise DirectoryLockedError(
+            f"{self.what} {self.directory} is in use by another process (pid "
+            f"{_holder(self.path)} holds the lock {self.path}); wait for it to finish, stop "
+            "it, or use another directory") from None
+      try:
+        same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+      except FileNotFoundError:
+        same = False
+      if same:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+      os.close(fd)  # locked a file its holder had just removed: try the new one
+    raise DirectoryLockedError(f"could not lock {self.path}: it keeps being replaced")
+
+  def release(self) -> None:
+    if self._fd is None:
+      return
+    import fcntl
+    try:
+      os.unlink(self.path)  # still holding the lock: nobody else owns this file
+    except OSError:
+      pass
+    fcntl.flock(self._fd, fcntl.LOCK_UN)
+    os.close(self._fd)
+    self._fd = None
+
+  def __enter__(self) -> "DirectoryLock":
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 import signal
@@ -36,15 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from copd_jax.checkpoint import CheckpointMismatchError
+from copd_jax.checkpoint import CheckpointCorruptError, CheckpointMismatchError
 from copd_jax.data import streams as data_lib
 
 FORMAT_VERSION = 1
 LOG_START_FILE = "log_start.json"
-
-
-class CheckpointCorruptError(CheckpointMismatchError):
-  """A restored array does not match the checksum stored when it was saved."""
 
 
 class CheckpointWriteError(OSError):
@@ -209,6 +206,23 @@ def _first_lines(err: BaseException) -> str:
   return " <- ".join(parts)
 
 
+def json_digest(value: Any) -> str:
+  """SHA-256 of a JSON value in canonical form (sorted keys, no spaces): equal for the
+  value saved and the same value read back, different after any changed character."""
+  text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+# The digests a checkpoint's meta item carries besides the array checksums: of the host
+# state (stream positions, RNG, schedule, counters), of the config, and of meta itself.
+DIGEST_KEYS = ("checksums", "host_sha256", "config_sha256", "meta_sha256")
+
+
+def with_meta_digest(meta: dict) -> dict:
+  body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+  return dict(body, meta_sha256=json_digest(body))
+
+
 def param_shapes(tree) -> dict[str, list[int]]:
   return {jax.tree_util.keystr(k): list(np.shape(v))
           for k, v in jax.tree_util.tree_leaves_with_path(tree)}
@@ -238,8 +252,9 @@ class StageCheckpointer:
   """Saves and restores one stage's training state under `directory` (orbax manager)."""
 
   def __init__(self, directory: str, metadata: dict, config_json: dict, *, max_to_keep: int,
-               async_save: bool):
+               async_save: bool, allow_unverified: bool = False):
     self.directory = os.path.abspath(directory)
+    self.allow_unverified = allow_unverified
     self.metadata = _json_safe(metadata)
     self._config = config_json
     options = ocp.CheckpointManagerOptions(
@@ -261,11 +276,16 @@ class StageCheckpointer:
           f"parameters of branch(es) {bad} are not finite")
     # Checksums of what is saved (computed on device before the asynchronous write
     # starts), verified on restore: a flipped byte on disk is named, not trained on.
-    meta = dict(self.metadata, param_shapes=param_shapes(state["params"]),
-                checksums=array_checksums(state))
+    # The host state and the config are checksummed too: a flipped digit in a stream
+    # position would otherwise resume silently on other data.
+    host_json = host.to_json()
+    meta = with_meta_digest(dict(
+        self.metadata, param_shapes=param_shapes(state["params"]),
+        checksums=array_checksums(state), host_sha256=json_digest(host_json),
+        config_sha256=json_digest(_json_safe(self._config))))
     with self._write_errors(host.stage_step):
       self._manager.save(host.stage_step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host.to_json()),
+          state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_json),
           meta=ocp.args.JsonSave(meta), config=ocp.args.JsonSave(self._config)), force=True)
 
   @contextlib.contextmanager
@@ -311,20 +331,29 @@ class StageCheckpointer:
           meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # truncated / foreign directory
       raise CheckpointMismatchError(f"cannot read checkpoint metadata in {where}: {e}") from e
+    meta = meta or {}
+    self._verify_meta(meta, where)
     expected = dict(self.metadata, param_shapes=param_shapes(abstract_state["params"]))
-    diffs = _diff(meta or {}, expected)
+    diffs = _diff(meta, expected)
     if diffs:
       raise CheckpointMismatchError(
           f"training checkpoint {where} does not match this run (delete it or use another "
           "workdir to start over):\n  " + "\n  ".join(diffs[:20]))
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), host=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(abstract_state), host=ocp.args.JsonRestore(),
+          config=ocp.args.JsonRestore()))
     except Exception as e:
       raise CheckpointMismatchError(f"cannot restore training state from {where} (truncated "
                                     f"or corrupted files?): {_first_lines(e)}") from None
     state = dict(restored["state"])
-    if "checksums" in meta:  # checkpoints written before checksums existed have none
+    for item, key in (("host", "host_sha256"), ("config", "config_sha256")):
+      if key in meta and json_digest(restored[item]) != meta[key]:
+        raise CheckpointCorruptError(
+            f"training checkpoint {where} is corrupt: its {item} state (JSON) differs from "
+            f"the checksum saved with it ({key}). Delete this step to resume from an older "
+            "one, or set config.checkpoint.fallback_on_corrupt=True")
+    if "checksums" in meta:  # only absent with checkpoint.allow_unverified
       bad = checksum_mismatches(meta["checksums"], state)
       if bad:
         raise CheckpointCorruptError(
@@ -335,6 +364,25 @@ class StageCheckpointer:
     if host.stage_step != step:
       raise CheckpointMismatchError(f"{where}: host state says step {host.stage_step}")
     return state, host
+
+  def _verify_meta(self, meta: Mapping[str, Any], where: str) -> None:
+    """meta's own digest must match; checkpoints without digests (written by an older
+    version, or with them deleted) are an error unless allow_unverified."""
+    missing = [k for k in DIGEST_KEYS if k not in meta]
+    if missing:
+      if self.allow_unverified:
+        print(f"warning: training checkpoint {where} has no {', '.join(missing)}: resuming "
+              "it unverified (config.checkpoint.allow_unverified)", flush=True)
+        return
+      raise CheckpointCorruptError(
+          f"training checkpoint {where} has no {', '.join(missing)}, so what it restores "
+          "cannot be verified (written by an older version, or the checksums were "
+          "removed); set config.checkpoint.allow_unverified=True to resume it anyway")
+    if with_meta_digest(dict(meta))["meta_sha256"] != meta["meta_sha256"]:
+      raise CheckpointCorruptError(
+          f"training checkpoint {where} is corrupt: its metadata differs from the checksum "
+          "saved with it (meta_sha256). Delete this step to resume from an older one, or "
+          "set config.checkpoint.fallback_on_corrupt=True")
 
   def wait(self) -> None:
     with self._write_errors():
@@ -362,6 +410,7 @@ class RunCheckpoints:
     self.resume = bool(options.resume)
     self.save_on_sigterm = bool(options.save_on_sigterm)
     self.fallback_on_corrupt = bool(options.get("fallback_on_corrupt", False))
+    self.allow_unverified = bool(options.get("allow_unverified", False))
     self.sigterm_grace_s = float(options.get("sigterm_grace_s", 120.0))
     self.method, self.num_experts, self.seed = method, num_experts, seed
     self.config_json = config_json
@@ -384,7 +433,8 @@ class RunCheckpoints:
                 "branches": list(branch_names), "num_experts": self.num_experts,
                 "seed": self.seed}
     return StageCheckpointer(os.path.join(self.root, stage_name), metadata, self.config_json,
-                             max_to_keep=self.max_to_keep, async_save=self.async_save)
+                             max_to_keep=self.max_to_keep, async_save=self.async_save,
+                             allow_unverified=self.allow_unverified)
 
   def log_start_offset(self, current_size: int) -> int:
     """metrics.jsonl size when RL training first began in this workdir (recorded now if

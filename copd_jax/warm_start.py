@@ -7,6 +7,7 @@ sets how much of each capability it sees, `warm_start.steps` how long it trains.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Any, Iterator
@@ -146,9 +147,21 @@ def get_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup,
     return load_hf_base_policy(cfg, setup), True
   directory = base_policy_dir(cfg)
   metadata = base_policy_metadata(cfg)
+  abstract = lambda: jax.eval_shape(lambda k: decoder.init_params(setup.model_cfg, k),
+                                    jax.random.key(0))
+  unverified = bool(cfg.checkpoint.get("allow_unverified", False))
   if cfg.warm_start.reuse_checkpoint and checkpoint.has_policy(directory):
-    abstract = jax.eval_shape(lambda k: decoder.init_params(setup.model_cfg, k), jax.random.key(0))
-    return checkpoint.load_policy(directory, abstract, metadata), True
-  params = train_base_policy(cfg, setup, writer)
-  checkpoint.save_policy(directory, params, metadata)
+    return checkpoint.load_policy(directory, abstract(), metadata,
+                                  allow_unverified=unverified), True
+  # One writer: two runs sharing warm_start.checkpoint_dir must not both train and save
+  # into it (orbax fails with FileExistsError mid-save). The second gets an error naming
+  # the holder's pid. Process 0 holds it for all processes of a multi-process run.
+  from copd_jax import run_dir
+  with (run_dir.DirectoryLock(directory, "warm-start directory") if jax.process_index() == 0
+        else contextlib.nullcontext()):
+    if cfg.warm_start.reuse_checkpoint and checkpoint.has_policy(directory):
+      return checkpoint.load_policy(directory, abstract(), metadata,  # finished meanwhile
+                                    allow_unverified=unverified), True
+    params = train_base_policy(cfg, setup, writer)
+    checkpoint.save_policy(directory, params, metadata)
   return params, False

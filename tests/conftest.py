@@ -4,7 +4,12 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
-  os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+  flags = (flags + " --xla_force_host_platform_device_count=8").strip()
+# 8 simulated devices on 2 cores: collectives wait for a starved device thread instead of
+# aborting after 60 s (tests/xla_env.py). Subprocesses inherit these flags.
+from xla_env import with_collective_timeouts  # noqa: E402
+
+os.environ["XLA_FLAGS"] = with_collective_timeouts(flags)
 
 
 import gc

@@ -80,7 +80,7 @@ def test_guard_still_refuses_model_text_after_the_fix():
       print('guarded')
   """)
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=300, cwd=REPO)
+                       timeout=1800, cwd=REPO)  # a safety net, generous under load
   assert out.returncode == 0 and "guarded" in out.stdout, out.stderr[-2000:]
 
 
@@ -669,7 +669,7 @@ def test_sigterm_ends_a_stuck_process_in_bounded_time():
   assert proc.stdout.readline().strip() == "ready"
   proc.send_signal(signal.SIGTERM)
   try:
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=600)  # ends after 1 s; generous under load
   except subprocess.TimeoutExpired:
     proc.kill()
     pytest.fail("SIGTERM did not end the process")
@@ -689,7 +689,7 @@ def test_second_sigterm_ends_the_process_at_once():
         time.sleep(3600)
   """)
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=120, cwd=REPO)
+                       timeout=600, cwd=REPO)  # ends at once; generous under load
   assert out.stdout.strip() == "flagged" and out.returncode == 128 + signal.SIGTERM
   assert "second signal" in out.stderr
 

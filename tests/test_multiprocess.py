@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+import xla_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_ARGS = [
@@ -33,8 +34,8 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",  # raised rendezvous timeouts (xla_env.py)
+             XLA_FLAGS=xla_env.cpu_devices_flags(devices))
   env.pop("JAX_COORDINATOR_ADDRESS", None)
   return env
 
@@ -44,7 +45,7 @@ def _main(args, env, **kw):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def _finish(proc, timeout=480) -> str:
+def _finish(proc, timeout=1800) -> str:
   try:
     out, _ = proc.communicate(timeout=timeout)
   except subprocess.TimeoutExpired:

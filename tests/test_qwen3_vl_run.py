@@ -19,6 +19,7 @@ from copd_jax.models import qwen3_vl, qwen3_vl_decode
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
 import hf_vl_copd  # noqa: E402
+import xla_env  # noqa: E402
 
 # A reward with spread inside every group, so the RL step moves each branch on its own
 # domain and the OPD step has something to distil (the random fixture never answers right).
@@ -153,7 +154,7 @@ def test_the_same_run_on_an_expert_mesh(finished_run, reward_module, tmp_path):
       "from copd_jax import main\n"
       "main.run(t.vl_config(%r, %r, expert=3, data=2))\n"
   ) % (folder, os.path.join(REPO, "tests"), str(mesh_dir), module)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=6",
+  env = dict(os.environ, XLA_FLAGS=xla_env.cpu_devices_flags(6),  # raised rendezvous timeouts
              JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
                  [REPO, os.path.join(REPO, "configs"), os.environ.get("PYTHONPATH", "")]))
   done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,

@@ -141,7 +141,7 @@ def test_config_hash_covers_training_fields_only():
 def main_cli(*args, cwd):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   return subprocess.run([sys.executable, "-m", "copd_jax.main", *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=1800)
 
 
 def test_help_lists_the_config_fields_with_defaults_and_meanings(tmp_path):
@@ -211,7 +211,7 @@ def test_static_opd_pair_follows_the_capabilities():
 def test_export_hf_shares_the_cli_conventions(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   run = lambda *a: subprocess.run([sys.executable, "-m", "copd_jax.export", *a], cwd=tmp_path,
-                                  env=env, capture_output=True, text=True, timeout=300)
+                                  env=env, capture_output=True, text=True, timeout=1800)
   assert run("--help").returncode == 0
   missing = run("--out=x", f"--workdir={tmp_path / 'nowhere'}")
   assert missing.returncode == 1

@@ -396,8 +396,18 @@ def init_params(cfg: Qwen3VLConfig, key) -> Params:
   return jax.jit(lambda k: _module(cfg).init(k, *args, method=Qwen3VL.init_all)["params"])(key)
 
 
+# Layer / block counts beyond this are not a model (the largest released ones have ~100):
+# tracing even an abstract init of 10**8 layers would run for hours.
+MAX_LAYERS = 4096
+
+
 def param_shapes(cfg: Qwen3VLConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """{parameter path: shape} without allocating anything."""
+  """{parameter path: shape} without allocating anything. A checkpoint's layer counts are
+  checked against its headers first (check_layer_counts); MAX_LAYERS bounds any caller."""
+  for name, count in (("text_config.num_hidden_layers", cfg.text.num_layers),
+                      ("vision_config.depth", cfg.vision.depth)):
+    if count > MAX_LAYERS:
+      raise ValueError(f"{name}={count} is more than {MAX_LAYERS} layers")
   shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
   flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
   return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
@@ -540,6 +550,39 @@ def _hf_shape(shape: tuple[int, ...], how: str, vcfg: VisionTowerConfig) -> tupl
   return shape
 
 
+def _indexes_under(index_names, prefix: str) -> set[int]:
+  """{i} of every tensor named '<prefix><i>.<...>' (layer / block numbers present)."""
+  out = set()
+  for name in index_names:
+    if name.startswith(prefix):
+      head = name[len(prefix):].split(".", 1)[0]
+      if head.isdigit():
+        out.add(int(head))
+  return out
+
+
+def check_layer_counts(directory: str, cfg: Qwen3VLConfig, index=None) -> None:
+  """The config's text layers, vision blocks and deepstack mergers must all be present in
+  the safetensors headers: checked from the headers alone, before any shape is built, so
+  a config.json claiming 10**8 layers is an error, not hours of tracing."""
+  from copd_jax.models import hf_checkpoint
+  if index is None:
+    index = hf_checkpoint.tensor_index(hf_checkpoint.safetensors_files(directory))
+  config = os.path.join(directory, hf_checkpoint.CONFIG_FILE)
+  for field, count, prefix, what in (
+      ("text_config.num_hidden_layers", cfg.text.num_layers, "model.language_model.layers.",
+       "decoder layers"),
+      ("vision_config.depth", cfg.vision.depth, "model.visual.blocks.", "vision blocks"),
+      ("vision_config.deepstack_visual_indexes", len(cfg.vision.deepstack_visual_indexes),
+       "model.visual.deepstack_merger_list.", "deepstack mergers")):
+    present = _indexes_under(index, prefix)
+    missing = [i for i in range(min(count, max(present, default=-1) + 2)) if i not in present]
+    if count > len(present) or missing:
+      raise hf_checkpoint.HFCheckpointError(
+          f"{config}: {field} asks for {count} {what}, but the safetensors files hold "
+          f"{len(present)}" + (f" (first missing: {missing[0]})" if missing else ""))
+
+
 def load_qwen3_vl(directory: str, *, dtype: str = "float32") -> tuple[Qwen3VLConfig, Params]:
   """Reads a HF Qwen3-VL checkpoint directory (config.json + safetensors) -> (cfg, f32 params).
 
@@ -555,9 +598,11 @@ def load_qwen3_vl(directory: str, *, dtype: str = "float32") -> tuple[Qwen3VLCon
   try:
     cfg = Qwen3VLConfig.from_hf(config, dtype=dtype)
   except ValueError as e:
-    raise ValueError(f"{os.path.join(directory, 'config.json')}: {e}") from e
-  expected = param_shapes(cfg)
+    raise hf_checkpoint.HFCheckpointError(f"{os.path.join(directory, 'config.json')}: {e}") from e
+  # Headers first: the config's sizes are checked against them before any shape is built.
   index = hf_checkpoint.tensor_index(hf_checkpoint.safetensors_files(directory))
+  check_layer_counts(directory, cfg, index)
+  expected = param_shapes(cfg)
   loads = []  # (hf name, param path, transform), checked before any data is read
   for name, info in index.items():
     mapped = hf_name_to_path(name)
@@ -570,6 +615,10 @@ def load_qwen3_vl(directory: str, *, dtype: str = "float32") -> tuple[Qwen3VLCon
     want = _hf_shape(expected[path], how, cfg.vision)
     if info.shape != want:
       raise ValueError(f"{info.file}: tensor {name!r} has shape {info.shape}, expected {want}")
+    if info.dtype not in hf_checkpoint.FLOAT_TENSOR_DTYPES:
+      raise hf_checkpoint.HFCheckpointError(
+          f"{info.file}: tensor {name!r} has dtype {info.dtype}; expected one of "
+          f"{hf_checkpoint.FLOAT_TENSOR_DTYPES}")
     loads.append((name, path, how))
   missing = sorted(set(expected) - {path for _, path, _ in loads})
   if missing:
@@ -578,5 +627,11 @@ def load_qwen3_vl(directory: str, *, dtype: str = "float32") -> tuple[Qwen3VLCon
   params: dict = {}
   for name, path, how in loads:
     array = hf_checkpoint.read_tensor(index[name].file, name)
+    finite = np.isfinite(array)
+    if not finite.all():  # a NaN weight would only show up later as a NaN loss
+      raise hf_checkpoint.HFCheckpointError(
+          f"{index[name].file}: tensor {name!r} holds {int(finite.size - finite.sum())} "
+          "NaN/inf values")
+    del finite
     hf_checkpoint.set_path(params, path, jnp.asarray(_transform(array, how).astype(np.float32)))
   return cfg, params

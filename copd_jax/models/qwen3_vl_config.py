@@ -11,6 +11,57 @@ from copd_jax.models import model_config
 
 _VISION_ACTS = {"gelu_pytorch_tanh": True, "gelu": False}  # name -> tanh approximation?
 
+# Sizes and ids in config.json are at most this (hf_checkpoint.MAX_CONFIG_INT).
+MAX_CONFIG_INT = 2 ** 24
+# The config.json fields each section may have besides transformers' bookkeeping
+# (hf_checkpoint.HF_BOOKKEEPING_FIELDS); anything else is rejected, naming it.
+TOP_FIELDS = ("text_config", "vision_config", "image_token_id", "video_token_id",
+              "vision_start_token_id", "vision_end_token_id", "tie_word_embeddings")
+TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+               "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+               "tie_word_embeddings", "attention_bias", "attention_dropout",
+               "partial_rotary_factor", "image_token_id", "video_token_id",
+               "vision_start_token_id", "vision_end_token_id")
+TEXT_ROPE_FIELDS = ("rope_type", "type", "rope_theta", "mrope_section", "mrope_interleaved",
+                    "partial_rotary_factor")
+VISION_FIELDS = ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size",
+                 "num_position_embeddings", "deepstack_visual_indexes", "in_channels",
+                 "patch_size", "temporal_patch_size", "spatial_merge_size", "hidden_act",
+                 "rope_parameters", "layer_norm_eps")
+VISION_ROPE_FIELDS = ("rope_type", "rope_theta")
+
+
+# Layer and block counts are bounded by the safetensors headers instead
+# (qwen3_vl.check_layer_counts), which name the count the files actually hold.
+LAYER_COUNT_MAX = 2 ** 62
+
+
+def config_int(owner: str, name: str, value, *, minimum: int = 1,
+               maximum: int = MAX_CONFIG_INT) -> int:
+  """A size or id from config.json: an integer in [minimum, maximum], else a ValueError
+  naming owner.name."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or \
+      not minimum <= value <= maximum:
+    shown = value if not isinstance(value, int) or abs(value) < 10 ** 30 else \
+        f"an integer of {len(str(abs(value)))} digits"
+    raise ValueError(f"{owner}.{name} must be an integer in [{minimum}, {maximum}], "
+                     f"got {shown!r}")
+  return int(value)
+
+
+def config_float(owner: str, name: str, value) -> float:
+  """A positive finite number from config.json, else a ValueError naming owner.name."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+      not math.isfinite(value) or value <= 0:
+    raise ValueError(f"{owner}.{name} must be a positive finite number, got {value!r}")
+  return float(value)
+
+
+def _check_fields(section: Mapping[str, Any], known, owner: str) -> None:
+  from copd_jax.models import hf_checkpoint
+  hf_checkpoint.reject_unknown_fields(section, known, owner + "." if owner else "")
+
 
 @dataclasses.dataclass(frozen=True)
 class VisionTowerConfig:
@@ -128,6 +179,8 @@ class Qwen3VLConfig:
     """
     if not isinstance(config, Mapping):
       raise ValueError(f"Qwen3-VL config must be a JSON object, got {type(config).__name__}")
+    from copd_jax.models import hf_checkpoint
+    hf_checkpoint.check_json_values(config, "config.json")  # finite, bounded, shallow
     model_type = config.get("model_type")
     if model_type not in (None, "qwen3_vl"):
       raise ValueError(f"config.model_type={model_type!r}: expected 'qwen3_vl'")
@@ -135,19 +188,40 @@ class Qwen3VLConfig:
       if not isinstance(config.get(key), Mapping):
         raise ValueError(f"config.{key} is missing or not an object")
     text, vis = config["text_config"], config["vision_config"]
+    _check_fields(config, TOP_FIELDS, "")
+    _check_fields(text, TEXT_FIELDS, "text_config")
+    _check_fields(vis, VISION_FIELDS, "vision_config")
+    for key in ("rope_scaling", "rope_parameters"):
+      if text.get(key) is not None and not isinstance(text[key], Mapping):
+        raise ValueError(f"text_config.{key} must be an object or null, got {text[key]!r}")
+      if isinstance(text.get(key), Mapping):
+        _check_fields(text[key], TEXT_ROPE_FIELDS, f"text_config.{key}")
+    if vis.get("rope_parameters") is not None:
+      if not isinstance(vis["rope_parameters"], Mapping):
+        raise ValueError("vision_config.rope_parameters must be an object or null")
+      _check_fields(vis["rope_parameters"], VISION_ROPE_FIELDS, "vision_config.rope_parameters")
+    hf_checkpoint.check_partial_rotary(text, "text_config.")
+    if text.get("attention_dropout", 0.0) not in (0, 0.0):
+      raise ValueError(f"text_config.attention_dropout={text['attention_dropout']!r} is not "
+                       "implemented (only 0.0)")
     text_cfg = _text_config_from_hf(text, config, dtype)
     vision_cfg = _vision_config_from_hf(vis)
     mrope = _rope_parameters(text).get("mrope_section")
     if mrope is None:
       raise ValueError("text_config.rope_scaling.mrope_section (or rope_parameters."
                        "mrope_section) is missing")
+    if not isinstance(mrope, list) or len(mrope) != 3:
+      raise ValueError(f"text_config.rope_parameters.mrope_section must be a list of three "
+                       f"integers, got {mrope!r}")
+    mrope = [config_int("text_config.rope_parameters", "mrope_section", m, minimum=0)
+             for m in mrope]
     token_ids = {}
     for name, default in (("image_token_id", None), ("video_token_id", None),
                           ("vision_start_token_id", None), ("vision_end_token_id", None)):
       value = config.get(name, text.get(name, default))
       if value is None:
         raise ValueError(f"config.{name} is missing")
-      token_ids[name] = value
+      token_ids[name] = config_int("config", name, value, minimum=0)
     return cls(text=text_cfg, vision=vision_cfg, mrope_section=tuple(mrope), **token_ids)
 
 
@@ -182,16 +256,24 @@ def _text_config_from_hf(text: Mapping[str, Any], top: Mapping[str, Any],
                      "(Qwen3-VL interleaves t/h/w frequencies)")
   if "rope_theta" not in rope:
     raise ValueError("text_config.rope_theta (or rope_parameters.rope_theta) is missing")
-  heads = need("num_attention_heads")
-  head_dim = text.get("head_dim") or need("hidden_size") // heads
+  size = lambda name, top=MAX_CONFIG_INT: config_int(  # noqa: E731
+      "text_config", name, need(name), maximum=top)
+  heads = size("num_attention_heads")
+  head_dim = (config_int("text_config", "head_dim", text["head_dim"])
+              if text.get("head_dim") is not None else size("hidden_size") // heads)
+  kv_heads = (config_int("text_config", "num_key_value_heads", text["num_key_value_heads"])
+              if text.get("num_key_value_heads") is not None else heads)
   tie = top.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+  if not isinstance(tie, bool):
+    raise ValueError(f"tie_word_embeddings must be true or false, got {tie!r}")
   return model_config.ModelConfig(
-      vocab_size=need("vocab_size"), d_model=need("hidden_size"),
-      num_layers=need("num_hidden_layers"), num_heads=heads,
-      num_kv_heads=text.get("num_key_value_heads") or heads, head_dim=head_dim,
-      mlp_dim=need("intermediate_size"), rope_theta=float(rope["rope_theta"]),
-      rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(tie),
-      dtype=dtype)
+      vocab_size=size("vocab_size"), d_model=size("hidden_size"),
+      num_layers=size("num_hidden_layers", LAYER_COUNT_MAX), num_heads=heads,
+      num_kv_heads=kv_heads, head_dim=head_dim,
+      mlp_dim=size("intermediate_size"),
+      rope_theta=config_float("text_config", "rope_theta", rope["rope_theta"]),
+      rms_norm_eps=config_float("text_config", "rms_norm_eps", text.get("rms_norm_eps", 1e-6)),
+      tie_embeddings=tie, dtype=dtype)
 
 
 def _vision_config_from_hf(vis: Mapping[str, Any]) -> VisionTowerConfig:
@@ -205,15 +287,31 @@ def _vision_config_from_hf(vis: Mapping[str, Any]) -> VisionTowerConfig:
                "hidden_act"):
     if name in vis:
       fields[name] = vis[name]
+  for name in ("patch_size", "temporal_patch_size"):
+    if isinstance(fields.get(name), (list, tuple)):
+      raise ValueError(f"vision_config.{name}={fields[name]!r}: only a single int is supported")
+  for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size",
+               "num_position_embeddings", "in_channels", "patch_size", "temporal_patch_size",
+               "spatial_merge_size"):
+    if name in fields:
+      fields[name] = config_int("vision_config", name, fields[name],
+                                maximum=LAYER_COUNT_MAX if name == "depth" else MAX_CONFIG_INT)
+  indexes = fields["deepstack_visual_indexes"]
+  if not isinstance(indexes, list):
+    raise ValueError(f"vision_config.deepstack_visual_indexes must be a list of block "
+                     f"indexes, got {indexes!r}")
+  fields["deepstack_visual_indexes"] = [
+      config_int("vision_config", "deepstack_visual_indexes", i, minimum=0) for i in indexes]
   rope = dict(vis.get("rope_parameters") or {})
   if rope.get("rope_type", "axial") != "axial":
     raise ValueError(f"vision_config.rope_parameters.rope_type={rope['rope_type']!r} is not "
                      "supported (only 'axial')")
   if "rope_theta" in rope:
-    fields["rope_theta"] = float(rope["rope_theta"])
-  for name in ("patch_size", "temporal_patch_size"):
-    if isinstance(fields.get(name), (list, tuple)):
-      raise ValueError(f"vision_config.{name}={fields[name]!r}: only a single int is supported")
+    fields["rope_theta"] = config_float("vision_config.rope_parameters", "rope_theta",
+                                        rope["rope_theta"])
+  if "layer_norm_eps" in vis:
+    fields["layer_norm_eps"] = config_float("vision_config", "layer_norm_eps",
+                                            vis["layer_norm_eps"])
   return VisionTowerConfig(**fields)
 
 

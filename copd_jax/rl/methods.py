@@ -57,7 +57,8 @@ def load_or_train_experts(ctx: RunContext, caps) -> Any:
       raise checkpoint.CheckpointMismatchError(
           f"config.rl.experts_dir={rl.experts_dir} holds experts for {stored}, not {missing}")
     abstract = jax.eval_shape(lambda p: stacked_lib.broadcast_params(p, len(stored)), ctx.base_params)
-    stacked = checkpoint.load_policy(directory, abstract)
+    stacked = checkpoint.load_policy(
+        directory, abstract, allow_unverified=bool(ctx.cfg.checkpoint.get("allow_unverified")))
     index = [stored.index(c) for c in caps]
     return jax.tree.map(lambda x: x[np.array(index)], stacked)
   params = stacked_lib.broadcast_params(ctx.base_params, len(caps))
