@@ -88,6 +88,8 @@ def _text_size(value, budget: int) -> int:
   """About len(str(value)) -- exact for a str, a lower bound plus punctuation for lists,
   tuples and dicts (their items' sizes) -- counting stops once past `budget`, so a list
   holding one huge string a million times costs nothing to measure."""
+  if isinstance(value, str):
+    return len(value)
   total, pending = 0, [iter((value,))]
   while pending and total <= budget:
     item = next(pending[-1], _text_size)
@@ -106,6 +108,13 @@ def _text_size(value, budget: int) -> int:
     else:
       total += 8
   return total
+
+
+_SIZED = (str, bytes, list, tuple)
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_size(size: int, max_chars: int) -> None:
@@ -265,21 +274,22 @@ class _LimitedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
 
   def call_binop(self, context, operator, left, right):
     self.check_time()
-    sized = lambda x: isinstance(x, (str, bytes, list, tuple))  # noqa: E731
-    integer = lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
-    if operator == "*" and (sized(left) or sized(right)):
-      seq, n = (left, right) if sized(left) else (right, left)
-      if integer(n):
-        _check_size(len(seq) * max(n, 0), self.max_chars)
-    elif operator == "*" and integer(left) and integer(right):
-      _check_int_bits(left.bit_length() + right.bit_length(), "product")
-    if operator == "+" and sized(left) and sized(right):
-      _check_size(len(left) + len(right), self.max_chars)
-    if operator == "**" and integer(left) and integer(right) and abs(left) > 1:
-      _check_int_bits(max(left.bit_length() - 1, 1) * max(right, 0), "power")
-    if operator == "%" and isinstance(left, (str, bytes)):
+    if operator == "+":
+      if isinstance(left, _SIZED) and isinstance(right, _SIZED):
+        _check_size(len(left) + len(right), self.max_chars)
+    elif operator == "*":
+      if isinstance(left, _SIZED) or isinstance(right, _SIZED):
+        seq, n = (left, right) if isinstance(left, _SIZED) else (right, left)
+        if _is_int(n):
+          _check_size(len(seq) * max(n, 0), self.max_chars)
+      elif _is_int(left) and _is_int(right):
+        _check_int_bits(left.bit_length() + right.bit_length(), "product")
+    elif operator == "**":
+      if _is_int(left) and _is_int(right) and abs(left) > 1:
+        _check_int_bits(max(left.bit_length() - 1, 1) * max(right, 0), "power")
+    elif operator == "%" and isinstance(left, (str, bytes)):
       _check_size(_percent_format_size(left, right, self.max_chars), self.max_chars)
-    return self.check_result(super().call_binop(context, operator, left, right))
+    return self.check_result(self.binop_table[operator](left, right))
 
   def wrap_str_format(self, value):
     """jinja's sandboxed str.format / format_map, with the size-limited formatter."""
