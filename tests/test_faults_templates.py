@@ -3,6 +3,7 @@ huge strings, or do not compile. Each case is an input found to break the sandbo
 past the deadline, built a 1 GB string, or raised a raw RecursionError / IndentationError),
 and checks the behaviour that replaced it: a ChatTemplateError, in bounded time and memory,
 from one reused render worker that dies with its parent."""
+import json
 import os
 import shutil
 import signal
@@ -166,6 +167,34 @@ def test_the_size_attacks_leave_the_render_worker_small(tmp_path):
   with open(f"/proc/{hf_tokenizer._RENDER_WORKER.pid}/status") as f:
     peak_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
   assert peak_kb < 300 * 1024, f"render worker peaked at {peak_kb // 1024} MB"
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import json, resource, sys
+    from copd_jax.data.hf_tokenizer import ChatTemplateError, HFTokenizer
+    tok = HFTokenizer(sys.argv[1], render_time_limit_s=60)
+    try:
+      tok.render_chat([{"role": "user", "content": "hi"}], big="x" * 4_000_000)
+      error = None
+    except ChatTemplateError as err:
+      error = str(err)
+    print(json.dumps({"error": error,
+                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))
+""")
+
+
+def test_what_the_checks_cannot_measure_ends_at_the_worker_memory_cap(tmp_path):
+  """A macro's output is joined by jinja itself, out of the checks' reach: 500 copies of
+  a 4M-character string (2 GB) end in MemoryError at the worker's address-space cap,
+  and the process that asked for the render never holds the string."""
+  tok = _tokenizer(tmp_path, "{% macro f() %}{% for i in range(500) %}{{ big }}{% endfor %}"
+                             "{% endmacro %}{{ f()|length }}")
+  result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, tok.directory],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  outcome = json.loads(result.stdout.strip().splitlines()[-1])
+  assert "chat template ran out of memory" in outcome["error"]
+  assert outcome["peak_mb"] < 500
 
 
 def test_ordinary_templates_still_render(tmp_path):

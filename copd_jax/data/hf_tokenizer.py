@@ -6,7 +6,10 @@ template is rendered with Jinja in a sandbox, with the settings transformers use
 `raise_exception`, `strftime_now`), so a template renders to the same text. Template text
 comes from chat_template.jinja when present (newer transformers save it there), else from
 tokenizer_config.json's `chat_template` (a string, or a list of {name, template} of
-which "default" is used). The template is data: it runs sandboxed, never as Python.
+which "default" is used). The template is data: it runs sandboxed, never as Python, in a
+render worker process that is killed at the deadline (render_chat_template), with every
+string, list and integer it builds capped at MAX_RENDER_CHARS characters / items
+(MAX_RENDER_INT_BITS bits).
 
 Special ids, for Qwen-style tokenizers
 --------------------------------------
@@ -618,8 +621,11 @@ class _RenderWorker:
       self._launcher = concurrent.futures.ThreadPoolExecutor(
           1, thread_name_prefix="chat-template-launcher")
     command = [sys.executable, "-c", _WORKER_BOOT, str(os.getpid())]
+    env = dict(os.environ)  # the worker imports this very copy of copd_jax
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     spawn = functools.partial(subprocess.Popen, command, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, close_fds=True)
+                              stdout=subprocess.PIPE, close_fds=True, env=env)
     try:
       process = self._launcher.submit(spawn).result()
     except RuntimeError:  # the interpreter is shutting down: no new threads
@@ -680,6 +686,10 @@ class _RenderWorker:
         self._process = None
         raise ChatTemplateError(f"the chat-template render worker died (exit code {code}; "
                                 "the template made it crash or exceed its memory)") from None
+      except BaseException:  # e.g. KeyboardInterrupt mid-exchange: its reply would be stale
+        self._stop(process)
+        self._process = None
+        raise
     text = reply[1:].decode("utf-8", "surrogatepass")
     if reply[:1] != b"+":
       raise ChatTemplateError(text)
