@@ -151,8 +151,6 @@ def _percent_format_size(fmt, args, max_chars: int) -> int:
         next_arg += 1
         number = star if isinstance(star, int) else 0
       size += abs(int(number or 0))
-      if size > max_chars:  # before int() of a longer digit run overflows anything
-        return size
     next_arg += match.group(1) is None
   return size + _text_size(args, max_chars)
 
@@ -193,8 +191,10 @@ def _str_method_size(method, args, kwargs, max_chars: int) -> int | None:
     return width if isinstance(width, int) else None
   if name == "expandtabs":
     tabsize = args[0] if args else kwargs.get("tabsize", 8)
-    return len(text) + max(tabsize, 0) * (text.count(b"\t" if isinstance(text, bytes) else "\t")
-                                          + 1) if isinstance(tabsize, int) else None
+    if not isinstance(tabsize, int):
+      return None
+    tabs = text.count(b"\t" if isinstance(text, bytes) else "\t")
+    return len(text) + max(tabsize, 0) * (tabs + 1)
   if name == "replace" and len(args) >= 2 and isinstance(args[0], type(text)):
     old, new = args[0], args[1]
     count = args[2] if len(args) > 2 else kwargs.get("count", -1)
@@ -300,8 +300,6 @@ class _LimitedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
         value.__name__ not in ("format", "format_map") or not isinstance(value.__self__, str):
       return None
     text = value.__self__
-    formatter = (_SizeLimitedEscapeFormatter(self, escape=text.escape)
-                 if isinstance(text, markupsafe.Markup) else _SizeLimitedFormatter(self))
     is_format_map = value.__name__ == "format_map"
 
     def wrapper(*args, **kwargs):
@@ -309,6 +307,8 @@ class _LimitedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
         if kwargs or len(args) != 1:
           raise TypeError("format_map() takes exactly one positional argument")
         args, kwargs = (), args[0]
+      formatter = (_SizeLimitedEscapeFormatter(self, escape=text.escape)  # counts one call
+                   if isinstance(text, markupsafe.Markup) else _SizeLimitedFormatter(self))
       return type(text)(formatter.vformat(text, args, kwargs))
 
     return functools.update_wrapper(wrapper, value)
