@@ -138,6 +138,7 @@ SIZE_ATTACKS = {
     "batch fill": "{{ [1]|batch(1000000000, 'x')|list|length }}",
     "slice": "{{ [1]|slice(1000000000)|list|length }}",
     "lipsum": "{{ lipsum(n=1000000) }}",
+    "sum of lists": "{{ ([[1] * 4000000] * 100)|sum(start=[])|length }}",
 }
 
 

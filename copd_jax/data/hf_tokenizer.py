@@ -229,7 +229,7 @@ class _LimitedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
   BEFORE it runs -- `*`, `+`, `**`, `%` (printf), `~`, str.format / format_map, the
   str methods center / ljust / rjust / zfill / expandtabs / replace / join / translate,
   the filters that pad, join, repeat or serialise (center, indent, wordwrap, format,
-  join, replace, tojson, string, pprint, batch, slice, truncate), lipsum, and each
+  join, replace, tojson, string, pprint, batch, slice, truncate, sum), lipsum, and each
   `{{ }}` value -- and any call's or filter's result is measured after. Time: the
   deadline is checked at every call, attribute / item access and operator; a single
   slow C call is ended by the render worker's kill (see render_chat_template).
@@ -350,6 +350,8 @@ _FILTER_SIZES = {
     "batch": lambda v, a, m: _width(a.get("linecount"), 0),
     "slice": lambda v, a, m: _width(a.get("slices"), 0),
     "truncate": lambda v, a, m: _text_size(v, m) + len(str(a.get("end", "..."))),
+    "sum": lambda v, a, m: sum(len(x) for x in itertools.chain(v, [a.get("start")])
+                               if isinstance(x, _SIZED)),  # lists or tuples summed
     "urlize": lambda v, a, m: _text_size(v, m) * (2 + len(str(a.get("target") or ""))
                                                   + len(str(a.get("rel") or ""))),
 }
@@ -374,7 +376,7 @@ def _size_limited_filter(env: _LimitedSandbox, name: str, original):
       context, args = (args[:1], args[1:]) if passes_context else ((), args)
       bound = signature.bind(*args, **kwargs)
       value = bound.args[0] if bound.args else None
-      if name == "join" and not isinstance(value, (list, tuple)):
+      if name in ("join", "sum") and not isinstance(value, (list, tuple)):
         value = list(value)  # a generator can be read once: measure, then join the list
         bound = signature.bind(value, *bound.args[1:], **bound.kwargs)
       size = estimate(value, bound.arguments, env.max_chars)
