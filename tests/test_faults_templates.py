@@ -210,7 +210,6 @@ def test_ordinary_templates_still_render(tmp_path):
     ("{% if 1 %}" * 3000 + "x" + "{% endif %}" * 3000, "RecursionError"),
     ("{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}", "RecursionError"),
     ("{% for a in [1] %}" * 200 + "x" + "{% endfor %}" * 200, "IndentationError"),
-    ("{% if %}", "TemplateSyntaxError"),
 ])
 def test_every_kind_of_compile_error_is_a_chat_template_error(tmp_path, template, kind):
   # 200 nested loops take jinja over a second to compile: a longer deadline here
