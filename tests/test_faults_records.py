@@ -65,11 +65,8 @@ def test_lone_surrogate_text_is_a_named_error(call):
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("preprocessor_config.json", b'{"patch_size": 16\xff}', "UnicodeDecodeError"),
     ("preprocessor_config.json", b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply"),
-    ("preprocessor_config.json", b'{"patch_size": ' + b"1" * 5000 + b"}", "Exceeds the limit"),
     ("preprocessor_config.json", b'{"size": [1, 2]}', "'size' must be an object"),
-    ("preprocessor_config.json", b'{"image_mean": "abc"}', "image_mean/image_std must be lists"),
     ("video_preprocessor_config.json", b'{"rescale_factor": "x"}', "rescale_factor must be"),
 ])
 def test_malformed_processor_settings_are_a_named_error(tmp_path, name, content, message):
