@@ -30,10 +30,11 @@ features are read undecoded ({'bytes', 'path'}), one image column may hold a sin
 image. `columns` maps record fields to other column names ({'prompt': 'question'}).
 
 Everything is validated when the source is built -- types, the verifier and the
-answer's form for it, and every image is opened and verified with Pillow -- and a bad
-record raises ValueError naming the file and the LINE (JSONL, 1-based) or ROW (Parquet,
-0-based) and the field. Pixels are decoded only in __getitem__, so a large image dataset
-does not sit decoded in memory.
+answer's form for it, and every image is opened, verified and decoded once with Pillow
+(a corrupt pixel stream fails here, not mid-run) -- and a bad record raises ValueError
+naming the file and the LINE (JSONL, 1-based) or ROW (Parquet, 0-based) and the field.
+The decoded pixels are dropped again and decoded anew in __getitem__, so a large image
+dataset does not sit decoded in memory.
 
 Pictures for Qwen3-VL (RecordSource(native_media=True)): Example.media holds the images
 (and a video's frames, all of one size) at their own sizes as uint8 arrays; the model's
@@ -145,6 +146,8 @@ def _read_jsonl(path: str) -> Iterable[tuple[str, Any]]:
         raise ValueError(f"{where}: not a valid JSON object ({e.msg} at column {e.colno})") from None
       except RecursionError:
         raise ValueError(f"{where}: JSON nested too deeply to be a record") from None
+      except ValueError as e:  # a number json cannot convert, e.g. a 5000-digit integer
+        raise ValueError(f"{where}: unreadable JSON value ({str(e)[:200]})") from None
 
 
 def _read_parquet(path: str) -> Iterable[tuple[str, Any]]:
@@ -342,10 +345,14 @@ def _open_picture(item):
 
 
 def _verify_picture(item, what: str) -> None:
-  """Opens and verifies an image file or bytes with Pillow; ValueError naming `what`."""
+  """Opens, verifies (chunk checksums) and fully decodes an image file or bytes with
+  Pillow; ValueError naming `what`. Decoding is what catches a corrupt pixel stream
+  under valid checksums, which would otherwise fail mid-run."""
   try:
     with _open_picture(item) as picture:
       picture.verify()
+    with _open_picture(item) as picture:  # verify() leaves the image unusable: reopen
+      picture.load()
   except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError ... on bad data
     name = item if isinstance(item, str) else f"{len(item)} bytes"
     raise ValueError(f"{what} is not a readable image ({name}: {type(e).__name__}: {e})") from None
@@ -557,10 +564,14 @@ class RecordSource:
 
   def __getitem__(self, index: int) -> examples.Example:
     record = self.records[index]
-    if self.native_media:
-      frames, media = None, record_media(record)
-    else:
-      frames, media = record_frames(record, self.image_size, self.num_frames), None
+    try:
+      if self.native_media:
+        frames, media = None, record_media(record)
+      else:
+        frames, media = record_frames(record, self.image_size, self.num_frames), None
+    except (OSError, SyntaxError) as e:  # Pillow's errors: the file changed since loading
+      raise ValueError(f"{record.where}: cannot decode its pictures ({type(e).__name__}: "
+                       f"{e})") from None
     return examples.Example(record.capability, record.prompt, record.answer, record.solution,
                          frames, verifier=record.verifier, modality=record.modality,
                          record=record.where, media=media)

@@ -54,8 +54,19 @@ class VisionPreprocessConfig:
     if self.min_pixels > self.max_pixels:
       raise ValueError(f"VisionPreprocessConfig.min_pixels={self.min_pixels} exceeds "
                        f"max_pixels={self.max_pixels}")
-    object.__setattr__(self, "image_mean", tuple(float(v) for v in self.image_mean))
-    object.__setattr__(self, "image_std", tuple(float(v) for v in self.image_std))
+    try:
+      object.__setattr__(self, "image_mean", tuple(float(v) for v in self.image_mean))
+      object.__setattr__(self, "image_std", tuple(float(v) for v in self.image_std))
+    except (TypeError, ValueError, OverflowError):
+      raise ValueError(f"VisionPreprocessConfig.image_mean/image_std must be lists of numbers, "
+                       f"got {self.image_mean!r} / {self.image_std!r}") from None
+    if not all(np.isfinite(self.image_mean + self.image_std)):
+      raise ValueError("VisionPreprocessConfig.image_mean/image_std must be finite")
+    rescale = self.rescale_factor
+    if isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or not (
+        np.isfinite(rescale) and rescale > 0):
+      raise ValueError(f"VisionPreprocessConfig.rescale_factor must be a positive number, got "
+                       f"{rescale!r}")
     if len(self.image_mean) != len(self.image_std) or 0.0 in self.image_std:
       raise ValueError("VisionPreprocessConfig.image_mean/image_std must have one nonzero std "
                        "per channel")
@@ -69,6 +80,8 @@ class VisionPreprocessConfig:
     """From a HF preprocessor_config.json / video_preprocessor_config.json dict."""
     fields: dict[str, Any] = {}
     size = d.get("size") or {}
+    if not isinstance(size, Mapping):
+      raise ValueError(f"preprocessor config 'size' must be an object, got {size!r}")
     if "shortest_edge" in size:
       fields["min_pixels"] = size["shortest_edge"]
     if "longest_edge" in size:

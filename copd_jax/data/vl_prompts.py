@@ -42,8 +42,12 @@ def _read_json(path: str) -> dict:
   try:
     with open(path, encoding="utf-8") as f:
       data = json.load(f)
-  except (OSError, json.JSONDecodeError) as err:
-    raise ValueError(f"{path}: cannot read the processor settings ({err})") from err
+  except RecursionError:
+    raise ValueError(f"{path}: cannot read the processor settings (JSON nested too "
+                     "deeply)") from None
+  except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError, huge integers
+    raise ValueError(f"{path}: cannot read the processor settings ({type(err).__name__}: "
+                     f"{str(err)[:200]})") from None
   if not isinstance(data, dict):
     raise ValueError(f"{path}: must hold a JSON object")
   return data
