@@ -120,8 +120,9 @@ def test_a_reference_that_cannot_be_checked_in_time_is_rejected_at_load(tmp_path
   rows = [{"prompt": "half?", "answer": "\\frac{1}{2}"},
           {"prompt": "tower?", "answer": "9^{9^{9^{9}}}"}]
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  with pytest.raises(ValueError, match=re.escape(f"{path}:2: field 'answer' '9^{{9^{{9^{{9}}}}}}' "
-                                                "cannot be checked within config.reward.timeout_s=1 s")):
+  expected = (f"{path}:2: field 'answer' '9^{{9^{{9^{{9}}}}}}' cannot be checked within "
+              "config.reward.timeout_s=1 s")
+  with pytest.raises(ValueError, match=re.escape(expected)):
     records.load_records(str(path), capability="math")
   path.write_text(json.dumps(rows[0]) + "\n")  # the good line alone loads
   assert [r.answer for r in records.load_records(str(path), capability="math")] == [

@@ -46,8 +46,8 @@ MIN_WORKER_MEMORY_MB = 256
 # * math-verify's own time limit is signal.alarm, which works only in a main thread.
 # So every comparison runs in a separate worker PROCESS (a pool of them, VerifierPool in
 # verifier_pool.py): the parent enforces the time limit by killing a worker (reward 0),
-# from any thread; a worker dies with its parent and has a memory limit; and inside a worker sympy's parse_expr is replaced, after
-# warm-up, by a guard that accepts number literals, and the constants of a module being
+# from any thread; a worker dies with its parent and has a memory limit; and inside a
+# worker sympy's parse_expr is replaced, after warm-up, by a guard that accepts number literals, and the constants of a module being
 # imported (never model text: no model text is in scope while a module executes its
 # import). The warm-up imports sympy's lazily loaded modules and runs symbolic checks, so
 # the guard normally sees nothing but numbers. The response is cut to its final answer

@@ -210,21 +210,23 @@ def _decode_json(value, feature):
   json_feature = _feature_types("Json")
   if json_feature and isinstance(feature, json_feature):
     return json.loads(value)
-  if isinstance(feature, _feature_types("List", "LargeList", "Sequence")) and isinstance(value, list):
+  lists = _feature_types("List", "LargeList", "Sequence")
+  if isinstance(feature, lists) and isinstance(value, list):
     return [_decode_json(v, feature.feature) for v in value]
   if isinstance(feature, dict) and isinstance(value, dict):
     return {k: _decode_json(v, feature.get(k)) for k, v in value.items()}
   return value
 
 
-def _rows_of(dataset, path: str, columns: Mapping[str, str] = {}) -> Iterable[tuple[str, Any]]:
+def _rows_of(dataset, path: str, columns: Mapping[str, str] | None = None
+             ) -> Iterable[tuple[str, Any]]:
   """(position, row dict) of a `datasets.Dataset`, read from its arrow table: image
   features stay undecoded ({'bytes', 'path'}), which _picture_list reads; columns that
   mix JSON types are decoded, or rejected for string and number fields."""
   if getattr(dataset, "_indices", None) is not None:
     dataset = dataset.flatten_indices()
   features = dataset.features
-  _check_mixed_columns(features, path, columns)
+  _check_mixed_columns(features, path, columns or {})
   mixed = [k for k, f in features.items() if "Json(" in repr(f)]  # Json anywhere inside
   row = 0
   for batch in dataset.data.to_batches():
@@ -235,7 +237,7 @@ def _rows_of(dataset, path: str, columns: Mapping[str, str] = {}) -> Iterable[tu
       row += 1
 
 
-def _read_saved_dataset(path: str, columns: Mapping[str, str] = {}
+def _read_saved_dataset(path: str, columns: Mapping[str, str] | None = None
                         ) -> Iterable[tuple[str, Any]]:
   hf_datasets = import_datasets()
   dict_file = os.path.join(path, "dataset_dict.json")
@@ -252,7 +254,7 @@ def _read_saved_dataset(path: str, columns: Mapping[str, str] = {}
   return _rows_of(dataset, path, columns)
 
 
-def _read_with_datasets(path: str, suffix: str, columns: Mapping[str, str] = {}
+def _read_with_datasets(path: str, suffix: str, columns: Mapping[str, str] | None = None
                         ) -> Iterable[tuple[str, Any]]:
   hf_datasets = import_datasets()
   builder = "json" if suffix in JSONL_SUFFIXES else "parquet"
@@ -265,7 +267,7 @@ def _read_with_datasets(path: str, suffix: str, columns: Mapping[str, str] = {}
   return _rows_of(dataset, path, columns)
 
 
-def _read_file(path: str, reader: str = "builtin", columns: Mapping[str, str] = {}
+def _read_file(path: str, reader: str = "builtin", columns: Mapping[str, str] | None = None
                ) -> Iterable[tuple[str, Any]]:
   """(position, raw record) of a file; columns (record field -> column name) tell the
   `datasets` readers which columns hold which field."""

@@ -105,6 +105,14 @@ def watch_parent(parent_pid: int) -> None:
   threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
+def _worker_env() -> dict:
+  """The worker's environment: the parent's, with one thread per math library. A worker
+  uses one CPU, and every thread a BLAS pool starts reserves a stack in the address
+  space that worker_memory_mb limits (hundreds on a large host)."""
+  return dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+              MKL_NUM_THREADS="1")
+
+
 @dataclasses.dataclass
 class _Worker:
   process: Any  # subprocess.Popen
@@ -166,7 +174,7 @@ class VerifierPool:
       process = subprocess.Popen(
           [sys.executable, "-c", _BOOTSTRAP, str(os.getpid()), str(child_end.fileno()),
            str(self.memory_mb), self.entry],
-          pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL)
+          pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, env=_worker_env())
     except BaseException:
       parent_end.close()
       raise
