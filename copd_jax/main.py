@@ -76,8 +76,9 @@ def run(cfg) -> dict | None:
   import jax
 
   # One writer per run directory: a second run on this workdir stops here, naming the
-  # holder's pid. In a multi-process run process 0 holds it for all.
-  primary = jax.process_index() == 0
+  # holder's pid, before any backend starts. In a multi-process run process 0 holds it
+  # for all (asking which process this is starts the backend, so only then).
+  primary = not jax.distributed.is_initialized() or jax.process_index() == 0
   with run_dir.DirectoryLock(cfg.workdir) if primary else contextlib.nullcontext():
     # Checked again under the lock: another run may have written it meanwhile.
     return _run_locked(cfg, run_dir.check_workdir(cfg))
