@@ -130,4 +130,8 @@ def test_the_generation_and_platform_come_from_the_mesh_of_a_deviceless_compile(
     with jax.set_mesh(Mesh(tpu_check.tpu_devices(topology), ("x",))):
       assert tpu_tiles.current_generation() == generation
       assert tpu_tiles.target_platform() == "tpu"
+      tiles = tpu_tiles.resolve_tiles(None, None, hidden=2560, hidden_dtype=jnp.bfloat16,
+                                      head_dtype=jnp.bfloat16, op="token_logprob_entropy")
+      assert tiles == tpu_tiles.default_tiles(generation, 2560)
+      assert tiles.token_tile == tpu_tiles.PREFERRED_TOKEN_TILE[generation]
       KernelConfig("pallas").check_platform()  # no error: compiling for a TPU
