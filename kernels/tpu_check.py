@@ -184,8 +184,9 @@ def compile_kernels(topology_name: str, *, tokens: int, hidden: int, vocab: int,
 
   Each result: compiled (bool), error (the compiler's message, shortened, or None),
   compile_s; when compiled, vmem_bytes ({Pallas kernel instruction: scoped VMEM bytes
-  the compiler allocated, or None where it gives none}) and max_vmem_bytes; for the LM-head kernels, tiles
-  [token_tile, vocab_tile] and vmem_limit_bytes (what the kernels ask for).
+  the compiler allocated, or None where it gives none}) and max_vmem_bytes; for the
+  LM-head kernels, tiles [token_tile, vocab_tile] and vmem_limit_bytes (what the kernels
+  ask for; both None when no tiles fit, see the error).
   """
   unknown = set(kernels) - set(KERNELS)
   if unknown:
@@ -207,10 +208,13 @@ def compile_kernels(topology_name: str, *, tokens: int, hidden: int, vocab: int,
       results[name]["attention_shape"] = shape
       continue
     result = _compile_one(mesh, *programs[name])
-    tiles = tpu_tiles.default_tiles(generation, hidden, vocab, dtype, op=op_of[name],
-                                    top_k=top_k)
-    result["tiles"] = [token_tile or tiles.token_tile, vocab_tile or tiles.vocab_tile]
-    result["vmem_limit_bytes"] = tiles.vmem_limit_bytes
+    try:
+      tiles = tpu_tiles.default_tiles(generation, hidden, vocab, dtype, op=op_of[name],
+                                      top_k=top_k)
+      result["tiles"] = [token_tile or tiles.token_tile, vocab_tile or tiles.vocab_tile]
+      result["vmem_limit_bytes"] = tiles.vmem_limit_bytes
+    except ValueError:  # no default tiles fit this D: the compile failed with this error
+      result["tiles"] = result["vmem_limit_bytes"] = None
     results[name] = result
   return results
 
