@@ -63,8 +63,10 @@ def _assert_vmem_within_limit_and_estimate(results, hidden):
 
 @pytest.mark.parametrize("generation", sorted(ONE_CHIP))
 def test_every_kernel_compiles_at_small_ragged_shapes(generation):
-  """V = 1000 and D = 192 are not multiples of 128: edge blocks and a full-extent D."""
-  results = tpu_check.compile_kernels(ONE_CHIP[generation], tokens=200, hidden=192, vocab=1000,
+  """600 tokens, V = 1000: the last token tile and the last vocabulary tile are ragged on
+  every generation (token tiles of 256 or 512, vocabulary tiles of 512); D = 192 is not a
+  multiple of 128 (a full-extent block)."""
+  results = tpu_check.compile_kernels(ONE_CHIP[generation], tokens=600, hidden=192, vocab=1000,
                                       top_k=4, attention_shape=SMALL_ATTENTION)
   assert set(results) == set(tpu_check.KERNELS)
   _assert_compiled(results, "small")
