@@ -27,9 +27,15 @@ tests/test_kernels_tpu.py compiles every kernel for v5e, v5p and v6e.
 
 Not done here: dimension_semantics: jax 0.10.2's pallas vmap rule prepends a grid axis but
 keeps the user's dimension_semantics tuple, which breaks vmap over the expert axis, so
-all axes stay 'arbitrary' (no megacore split on two-TensorCore chips such as v5p). The
-kernels' out_shapes carry no varying-axes annotation, so inside `jax.shard_map` they need
-check_vma=False. Runs on CPU only in interpret mode; no GPU lowering.
+all axes stay 'arbitrary' (no megacore split on two-TensorCore chips such as v5p).
+Runs on CPU only in interpret mode; no GPU lowering.
+
+Meshes. A Mosaic kernel cannot be partitioned by XLA: on a multi-device mesh call the ops
+inside `jax.shard_map` (each device runs the kernels on its own tokens). There, with
+check_vma=True, the outputs declare the mesh axes they vary over and the head's
+cotangent is summed over the axes the head is replicated on (tests/test_kernels.py pins
+this to the full-batch reference). Pallas's generic interpreter (interpret=True) cannot
+run under check_vma; TPU interpret mode can.
 """
 from __future__ import annotations
 
@@ -57,6 +63,24 @@ def interpret_arg(mode):
 def _tiles(num_tokens: int, vocab: int, tiles: Tiles):
   tm, tv = min(tiles.token_tile, num_tokens), min(tiles.vocab_tile, vocab)
   return tm, tv, pl.cdiv(num_tokens, tm), pl.cdiv(vocab, tv)
+
+
+def _out_struct(shape, dtype, *operands):
+  """A kernel output's type. Inside `jax.shard_map` (check_vma=True) a kernel output
+  varies over every mesh axis one of its operands varies over (tokens split over the
+  data axis make the per-token outputs, and each device's partial head gradient, vary)."""
+  varying = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in operands))
+  return jax.ShapeDtypeStruct(shape, dtype,
+                              manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
+
+
+def _sum_over_extra_axes(cotangent, primal):
+  """Inside `jax.shard_map` (check_vma=True): a primal invariant over a mesh axis (a head
+  replicated over the data axis) gets the sum of its per-device cotangents over that axis,
+  as JAX's own transpose of a broadcast would give it."""
+  extra = (jax.typeof(cotangent).manual_axis_type.varying
+           - jax.typeof(primal).manual_axis_type.varying)
+  return lax.psum(cotangent, tuple(sorted(extra))) if extra else cotangent
 
 
 def _compiler_params(tiles: Tiles):
@@ -120,7 +144,7 @@ def _stats_forward(hidden, head, tokens, tiles, interpret):
   """-> (logprob, entropy, lse), each f32[N, 1]."""
   (n, d), vocab = hidden.shape, head.shape[1]
   tm, tv, grid_rows, grid_cols = _tiles(n, vocab, tiles)
-  column = jax.ShapeDtypeStruct((n, 1), jnp.float32)
+  column = _out_struct((n, 1), jnp.float32, hidden, head, tokens)
   return pl.pallas_call(
       functools.partial(_stats_kernel, vocab=vocab, tv=tv),
       out_shape=(column, column, column),
@@ -160,7 +184,7 @@ def _rkl_forward(s_hidden, s_head, t_hidden, t_head, tiles, interpret):
   """-> (KL, student lse, teacher lse), each f32[N, 1]."""
   (n, ds), dt, vocab = s_hidden.shape, t_hidden.shape[1], s_head.shape[1]
   tm, tv, grid_rows, grid_cols = _tiles(n, vocab, tiles)
-  column = jax.ShapeDtypeStruct((n, 1), jnp.float32)
+  column = _out_struct((n, 1), jnp.float32, s_hidden, s_head, t_hidden, t_head)
   return pl.pallas_call(
       functools.partial(_rkl_kernel, vocab=vocab, tv=tv),
       out_shape=(column, column, column),
@@ -217,8 +241,8 @@ def top_k_logprobs(hidden, head, k: int, token_tile: int | None, vocab_tile: int
   tm, tv, grid_rows, grid_cols = _tiles(n, vocab, tiles)
   return pl.pallas_call(
       functools.partial(_top_k_kernel, vocab=vocab, tv=tv, k=k),
-      out_shape=(jax.ShapeDtypeStruct((n, k), jnp.float32),
-                 jax.ShapeDtypeStruct((n, k), jnp.int32)),
+      out_shape=(_out_struct((n, k), jnp.float32, hidden, head),
+                 _out_struct((n, k), jnp.int32, hidden, head)),
       grid=(grid_rows, grid_cols),
       in_specs=[_row_spec(tm, d, 0), _col_spec(d, tv, 0)],
       out_specs=[_row_spec(tm, k, 0)] * 2,
@@ -319,7 +343,7 @@ def _backward(tile_dlogits, hidden, head, row_inputs, col_inputs, tiles, interpr
   operands = (hidden, head, *row_inputs, *col_inputs)
   d_hidden = pl.pallas_call(
       functools.partial(_d_hidden_kernel, **static),
-      out_shape=jax.ShapeDtypeStruct(hidden.shape, hidden.dtype),
+      out_shape=_out_struct(hidden.shape, hidden.dtype, *operands),
       grid=(grid_rows, grid_cols),
       in_specs=specs(0),
       out_specs=_row_spec(tm, d, 0),
@@ -330,7 +354,7 @@ def _backward(tile_dlogits, hidden, head, row_inputs, col_inputs, tiles, interpr
   )(*operands)
   d_head = pl.pallas_call(
       functools.partial(_d_head_kernel, **static),
-      out_shape=jax.ShapeDtypeStruct(head.shape, head.dtype),
+      out_shape=_out_struct(head.shape, head.dtype, *operands),
       grid=(grid_cols, grid_rows),
       in_specs=specs(1),
       out_specs=_col_spec(d, tv, 1),
@@ -339,7 +363,7 @@ def _backward(tile_dlogits, hidden, head, row_inputs, col_inputs, tiles, interpr
       interpret=interpret_arg(interpret),
       name="lm_head_d_head",
   )(*operands)
-  return d_hidden, d_head
+  return _sum_over_extra_axes(d_hidden, hidden), _sum_over_extra_axes(d_head, head)
 
 
 # ------------------------------------------------------------ log-prob + entropy op

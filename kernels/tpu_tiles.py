@@ -6,8 +6,8 @@ VMEM, inside a "scoped" limit that the Mosaic compiler enforces at compile time
 on v6e) is a small part of the core's VMEM (128 MiB on v5e and v6e, 64 MiB on v5p), and
 the LM-head kernels need more at real model sizes: the backward d_hidden kernel holds a
 [token_tile, D] f32 accumulator, a [token_tile, D] input and output block and a
-[D, vocab_tile] head block, each double-buffered by the pipeline (21 MiB at D = 4096 with
-256 x 512 tiles). So each kernel asks for `vmem_limit_bytes` = 3/4 of its generation's
+[D, vocab_tile] head block, each double-buffered by the pipeline (28.5 MiB at D = 4096
+with 256 x 512 tiles, the compiler's figure on v5p). So each kernel asks for `vmem_limit_bytes` = 3/4 of its generation's
 VMEM per core (the rest is left to the compiler's internal scratch), and the default tiles
 are the largest, in order of preference, whose estimated VMEM (`op_vmem_bytes`, an upper
 bound of what the compiler reported for these kernels, checked in
@@ -17,7 +17,8 @@ Why per generation. The head is streamed from HBM once per token tile, so the ke
 about token_tile FLOPs per byte of head read; a chip keeps its matrix units busy above its
 peak-FLOP/s : HBM-bandwidth ratio: about 240 on v5e (197 TFLOP/s bf16, 819 GB/s), 166 on
 v5p (459 TFLOP/s, 2.77 TB/s), 560 on v6e (918 TFLOP/s, 1.64 TB/s) (Google Cloud TPU
-documentation, "TPU v5e", "TPU v5p", "TPU v6e" pages). Hence token tiles of 256 on v5e
+documentation, "TPU v5e", "TPU v5p", "TPU v6e" pages; jax's own table,
+`pltpu.get_tpu_info_for_chip`, gives 240, 187 and 561). Hence token tiles of 256 on v5e
 and v5p and 512 on v6e, whose VMEM is large enough for them.
 
 Why the hidden dimension is not tiled. A [token_tile, D] row block stays in VMEM for the
