@@ -160,12 +160,15 @@ class HFTokenizer:
   eos_token: overrides the response-ending token (default: see the module docstring).
   chat_template_kwargs: extra template variables for every render (e.g. Qwen3's
     enable_thinking=False).
+  system_prompt: a system message rendered before every prompt ('' = none).
   """
 
   def __init__(self, directory: str, *, model_vocab_size: int | None = None,
                eos_token: str | None = None,
-               chat_template_kwargs: Mapping[str, Any] | None = None):
+               chat_template_kwargs: Mapping[str, Any] | None = None,
+               system_prompt: str = ""):
     self.directory = directory
+    self.system_prompt = system_prompt
     path = os.path.join(directory, TOKENIZER_FILE)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path}: no tokenizer.json in the tokenizer directory")
@@ -332,6 +335,11 @@ class HFTokenizer:
     finally:
       env.deadline = float("inf")
 
+  def chat_messages(self, content: str) -> list[dict]:
+    """One user turn, after the system message when system_prompt is set."""
+    system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+    return system + [{"role": "user", "content": content}]
+
   def vision_placeholder_text(self, num_vision_tokens: int) -> str:
     """"<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>" ("" when n == 0)."""
     if num_vision_tokens < 0:
@@ -351,7 +359,7 @@ class HFTokenizer:
     if not isinstance(question, str):
       raise TypeError(f"question must be a str, got {type(question).__name__}")
     content = self.vision_placeholder_text(num_vision_tokens) + question
-    text = self.render_chat([{"role": "user", "content": content}], add_generation_prompt=True)
+    text = self.render_chat(self.chat_messages(content), add_generation_prompt=True)
     ids = self.encode(text)
     if num_vision_tokens and ids.count(self._image_id) != num_vision_tokens:
       raise ValueError(f"prompt has {ids.count(self._image_id)} {IMAGE_PAD} tokens after "

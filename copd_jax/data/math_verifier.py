@@ -461,6 +461,7 @@ _active_config = RewardConfig()
 
 
 _pool: VerifierPool | None = None
+_pools: dict = {}  # (workers, plug-in) -> its pool
 
 
 def configure(config: RewardConfig) -> None:
@@ -480,9 +481,14 @@ def shared_pool(config: RewardConfig | None = None) -> VerifierPool:
   global _pool
   config = config or _active_config
   if _pool is None or (_pool.size, _pool.plugin) != (config.workers, config.fn):
-    if _pool is not None:
-      _pool.stop()
-    else:
-      atexit.register(lambda: _pool is not None and _pool.stop())
-    _pool = VerifierPool(config.workers, config.fn)
+    # Several reward functions (copd_jax/data/reward_fns.py) take turns every step: each
+    # keeps its own pool rather than restarting one pool per function per step.
+    if _pool is None and not _pools:
+      atexit.register(lambda: [p.stop() for p in _pools.values()])
+    key = (config.workers, config.fn)
+    for stale in [k for k in _pools if k[0] != config.workers]:
+      _pools.pop(stale).stop()
+    if key not in _pools:
+      _pools[key] = VerifierPool(config.workers, config.fn)
+    _pool = _pools[key]
   return _pool

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from copd_jax import sampling
-from copd_jax.data import examples as examples_lib, verifiers
+from copd_jax.data import examples as examples_lib, reward_fns
 from copd_jax.data.examples import decode_responses
 from copd_jax.rl import objectives, schedules
 from copd_jax.rl.rows import Rows, UpdateConfig
@@ -97,14 +97,19 @@ def verify_local(responses_of, examples, local_rows: np.ndarray, sharding,
   outside local_rows); local_rows: bool[S, B*G]. Other processes' rewards arrive through
   one small all-gather; single-process runs verify everything locally. `stats`, if given,
   receives this process's verify/timeouts and verify/over_budget counts (answers that
-  scored 0 because of the per-answer limit or the step budget, config.reward)."""
+  scored 0 because of the per-answer limit or the step budget, config.reward), and with
+  several reward functions (config.reward.fns) each one's mean over this process's rows
+  of every branch, `reward_fn/<name>` f32[S]."""
   s, n = local_rows.shape
   flat = np.flatnonzero(local_rows.reshape(-1))
   rewards = np.zeros(s * n, np.float32)
-  rewards[flat], pool = verifiers.score(responses_of(flat), [examples[i // n][i % n] for i in flat])
+  rewards[flat], per_fn, calls = reward_fns.score(responses_of(flat),
+                                                  [examples[i // n][i % n] for i in flat])
+  pool = reward_fns.total_stats(calls)
   if stats is not None:
     stats.update({"verify/timeouts": float(pool.timeouts),
                   "verify/over_budget": float(pool.over_budget)})
+    stats.update(reward_fns.branch_means(per_fn, flat, s, n))
   rewards = rewards.reshape(s, n)
   if sharding is None or jax.process_count() == 1:
     return rewards
