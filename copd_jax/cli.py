@@ -19,6 +19,8 @@ from typing import Any, Callable
 import ml_collections
 from absl import app, flags
 
+from copd_jax.config_help import CHECKPOINT_READ_MODEL_FIELDS, checkpoint_fixes
+
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback of an error "
                                "instead of one line.")
 HELP_FLAGS = ("-h", "-?", "--help", "--helpfull", "--helpshort", "--help=true", "--helpfull=true")
@@ -87,16 +89,6 @@ def derive_from_capabilities(cfg: ml_collections.ConfigDict, overridden) -> None
 
 
 # ------------------------------------------------------- fields a checkpoint fixes
-
-# What config.model still sets when config.init.hf_checkpoint is the model: how to
-# compute (dtype, remat, attention), never the architecture.
-CHECKPOINT_READ_MODEL_FIELDS = ("dtype", "remat", "attention_block", "attention_kernel")
-
-
-def checkpoint_fixes(field: str) -> bool:
-  """True for a config.model field that a Hugging Face checkpoint's config.json decides."""
-  parts = field.split(".")
-  return parts[0] == "model" and len(parts) > 1 and parts[1] not in CHECKPOINT_READ_MODEL_FIELDS
 
 
 def checkpoint_value(checkpoint_dir: str, field: str) -> Any:

@@ -165,6 +165,17 @@ FIELD_HELP = {
 }
 
 
+# What config.model still sets when config.init.hf_checkpoint is the model: how to
+# compute (dtype, remat, attention), never the architecture.
+CHECKPOINT_READ_MODEL_FIELDS = ("dtype", "remat", "attention_block", "attention_kernel")
+
+
+def checkpoint_fixes(field: str) -> bool:
+  """True for a config.model field that a Hugging Face checkpoint's config.json decides."""
+  parts = field.split(".")
+  return parts[0] == "model" and len(parts) > 1 and parts[1] not in CHECKPOINT_READ_MODEL_FIELDS
+
+
 # With config.init.hf_checkpoint the checkpoint is the base: no SFT warm-start, and the
 # procedural suite's difficulty knob is unused (the data are record files).
 UNUSED_WITH_CHECKPOINT = ("warm_start", "tasks.difficulty")
@@ -174,10 +185,9 @@ def applies(field: str, cfg) -> bool:
   """Whether a dotted field does anything in this config: with a Hugging Face checkpoint,
   the model fields its config.json fixes (cli.checkpoint_fixes), the SFT warm-start and
   the procedural tasks' difficulty do not."""
-  from copd_jax import cli
   if "init" not in cfg or not cfg.init.get("hf_checkpoint", ""):
     return True
-  if cli.checkpoint_fixes(field):
+  if checkpoint_fixes(field):
     return False
   return not any(field == p or field.startswith(p + ".") for p in UNUSED_WITH_CHECKPOINT)
 
