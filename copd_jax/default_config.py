@@ -275,7 +275,7 @@ def demo_settings(c: ml_collections.ConfigDict, method: str) -> None:
   """The `demo` preset: a first run that visibly learns in about two minutes on a 2-core
   CPU. It starts from the committed toy base (COMMITTED_BASE, no warm-start to train), keeps
   two capabilities (text, video: the ones whose flaw RL corrects fastest), a short run at
-  a higher constant learning rate, and small evaluations. summary.json's
+  the toy recipe's learning rate held constant, and small evaluations. summary.json's
   reward_first_step / reward_last_step show the native training reward rising."""
   c.workdir = f"runs/{method}_demo"
   c.warm_start.checkpoint_dir = COMMITTED_BASE
@@ -284,8 +284,8 @@ def demo_settings(c: ml_collections.ConfigDict, method: str) -> None:
     c.num_experts = 2
   c.rl.opd.hub = "text"
   c.rl.static_opd.update(dict(teacher="text", student="video"))
-  c.rl.update(dict(steps=12, native_prompts=16, samples_per_prompt=8, cross_prompts=4,
-                   learning_rate=1e-3, lr_schedule="constant", eval_every=1000,
+  c.rl.update(dict(steps=20, native_prompts=16, samples_per_prompt=8, cross_prompts=4,
+                   learning_rate=3e-4, lr_schedule="constant", eval_every=1000,
                    eval_examples=8, diagnostics_every=1000, diagnostic_prompts=2,
                    distill_steps=4))
   c.eval.update(dict(num_examples=32, batch_size=32))

@@ -1,7 +1,7 @@
 """Export a finished run's policy as a Hugging Face Qwen3 or Qwen3-VL checkpoint directory.
 
     python -m copd_jax.main --config=configs/hf_copd.py:micro
-    python -m copd_jax.export --config=configs/hf_copd.py:micro --out=exported/hf_copd_micro
+    python -m copd_jax.export --config=configs/hf_copd.py:micro --out=runs/hf_copd_micro_export
         [--branch=merged|<branch name>] [--dtype=bfloat16|float32] [--overwrite]
 
 --config with the training command's overrides finds the run directory as copd_jax.main
