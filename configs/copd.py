@@ -7,7 +7,7 @@ uniform parameter merge at the end.
   python -m copd_jax.main --config=configs/copd.py:micro    # tiny; used by tests
   python -m copd_jax.main --config=configs/copd.py:demo     # a first run that learns
 The demo starts from the committed toy base (experiments/results/base_policy) and trains a
-text and a video branch for 20 short steps; summary.json's reward_first_step and
+text and an image branch for 20 steps; summary.json's reward_first_step and
 reward_last_step give the mean native training reward at the first and the last step."""
 from copd_jax import default_config
 

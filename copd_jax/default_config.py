@@ -274,17 +274,18 @@ def get(method: str, preset: str = "toy") -> ml_collections.ConfigDict:
 def demo_settings(c: ml_collections.ConfigDict, method: str) -> None:
   """The `demo` preset: a first run that visibly learns in about two minutes on a 2-core
   CPU. It starts from the committed toy base (COMMITTED_BASE, no warm-start to train), keeps
-  two capabilities (text, video: the ones whose flaw RL corrects fastest), a short run at
-  the toy recipe's learning rate held constant, and small evaluations. summary.json's
-  reward_first_step / reward_last_step show the native training reward rising."""
+  two capabilities (text, whose sign slip RL corrects fastest, and image), a short run at
+  the toy recipe's learning rate held constant, and small evaluations. Many prompts with
+  few samples each (64 x 4) keep one step's mean reward steady enough to compare the
+  first step with the last: summary.json's reward_first_step / reward_last_step."""
   c.workdir = f"runs/{method}_demo"
   c.warm_start.checkpoint_dir = COMMITTED_BASE
   if method not in ("base", "mixed_rlvr"):
-    c.rl.capabilities = ("text", "video")
+    c.rl.capabilities = ("text", "image")
     c.num_experts = 2
   c.rl.opd.hub = "text"
-  c.rl.static_opd.update(dict(teacher="text", student="video"))
-  c.rl.update(dict(steps=20, native_prompts=16, samples_per_prompt=8, cross_prompts=4,
+  c.rl.static_opd.update(dict(teacher="text", student="image"))
+  c.rl.update(dict(steps=20, native_prompts=64, samples_per_prompt=4, cross_prompts=8,
                    learning_rate=3e-4, lr_schedule="constant", eval_every=1000,
                    eval_examples=8, diagnostics_every=1000, diagnostic_prompts=2,
                    distill_steps=4))
