@@ -23,8 +23,10 @@ The default is `math,science`. Domains without fixture files start with empty pa
 must be set on the command line. A file entry may be one path, comma-separated paths or
 a glob (`/data/shards/*.parquet`).
 
-Only config.model.dtype (the compute dtype) and config.model.remat are read from config.model; the rest of the
-model comes from the checkpoint's config.json. Prompts are chat-rendered by the
+Only config.model.dtype (the compute dtype), remat, attention_block and attention_kernel
+are read from config.model; the rest of the model comes from the checkpoint's config.json,
+and overriding such a field (e.g. --config.model.d_model) is an error naming the
+checkpoint's value. Prompts are chat-rendered by the
 tokenizer's template and must fit data.max_prompt_len (a longer record is an error that
 names its file and line).
 """

@@ -19,6 +19,8 @@ from typing import Any, Callable
 import ml_collections
 from absl import app, flags
 
+from copd_jax.config_help import CHECKPOINT_READ_MODEL_FIELDS, checkpoint_fixes
+
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback of an error "
                                "instead of one line.")
 HELP_FLAGS = ("-h", "-?", "--help", "--helpfull", "--helpshort", "--help=true", "--helpfull=true")
@@ -86,7 +88,58 @@ def derive_from_capabilities(cfg: ml_collections.ConfigDict, overridden) -> None
     pair.student = next((c for c in caps if c != pair.teacher), caps[0])
 
 
+# ------------------------------------------------------- fields a checkpoint fixes
+
+
+def checkpoint_value(checkpoint_dir: str, field: str) -> Any:
+  """The value the checkpoint gives config.model.<field> (None when it has none, e.g. a
+  vision field of a text-only checkpoint, or an unreadable config.json)."""
+  try:
+    from copd_jax.models import hf_checkpoint
+    hf = hf_checkpoint.read_hf_config(checkpoint_dir)
+    if "text_config" in hf:  # Qwen3-VL: the language model's part
+      from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
+      model = Qwen3VLConfig.from_hf(hf).text
+    else:
+      model = hf_checkpoint.model_config_from_hf(hf)
+  except Exception:  # the checkpoint's own errors are reported by validation later
+    return None
+  node = model
+  for part in field.split(".")[1:]:
+    node = getattr(node, part, None)
+  return node
+
+
+def reject_checkpoint_fixed_overrides(cfg: ml_collections.ConfigDict, overridden) -> None:
+  """An overridden config.model field that the checkpoint fixes would change nothing (the
+  architecture comes from its config.json) yet name a new run: ValueError naming the
+  field and the checkpoint's value."""
+  checkpoint_dir = cfg.get("init", {}).get("hf_checkpoint", "") if "init" in cfg else ""
+  if not checkpoint_dir:
+    return
+  for field in sorted(overridden):
+    if checkpoint_fixes(field):
+      value = checkpoint_value(checkpoint_dir, field)
+      has = f"its config.json gives {value!r}" if value is not None else \
+          "this checkpoint has no such setting"
+      raise ValueError(
+          f"config.{field} is fixed by the checkpoint config.init.hf_checkpoint="
+          f"{checkpoint_dir!r} ({has}); remove --config.{field} (with a checkpoint, "
+          f"config.model sets only {', '.join(CHECKPOINT_READ_MODEL_FIELDS)})")
+
+
 # ---------------------------------------------------------------------- config files
+
+
+def config_flag(help_text: str = "Run config (configs/*.py).") -> flags.FlagHolder:
+  """The shared --config flag (an ml_collections config file, locked): defined by the first
+  entry point imported, reused by the others (copd_jax.main and copd_jax.export, which a
+  program may import together)."""
+  from ml_collections import config_flags
+  if "config" not in flags.FLAGS:
+    return config_flags.DEFINE_config_file("config", None, help_text, lock_config=True)
+  return flags.FlagHolder(flags.FLAGS, flags.FLAGS["config"])
+
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -123,6 +176,7 @@ def resolve(cfg: ml_collections.ConfigDict, spec: str, overridden) -> ml_collect
   them derived; without an overridden workdir, workdir = <preset's parent>/<run name>."""
   from copd_jax import run_dir
   derive_from_capabilities(cfg, overridden)
+  reject_checkpoint_fixed_overrides(cfg, overridden)
   if "workdir" not in overridden:
     preset = load_config_file(spec)
     derive_from_capabilities(preset, ())
@@ -165,7 +219,13 @@ def help_text(argv, doc: str, modules) -> str:
     from ml_collections import config_flags
     spec = config_flags.get_config_filename(flags.FLAGS["config"])
     lines += [f"Config fields of --config={spec} (override with --config.<field>=value):"]
-    lines += config_help.describe_fields(run_dir.flatten(run_dir.config_as_json(cfg)))
+    flat = run_dir.flatten(run_dir.config_as_json(cfg))
+    shown = config_help.applicable_fields(flat, cfg)
+    lines += config_help.describe_fields(shown)
+    if len(shown) < len(flat):
+      lines += [f"  ({len(flat) - len(shown)} fields that do nothing with config.init."
+                "hf_checkpoint are not listed: the checkpoint fixes the model's architecture, "
+                "and it is the base, so there is no warm-start)"]
     lines += [""]
   elif "config" in flags.FLAGS:
     lines += ["Add --config=configs/<method>.py to list that config's fields.", ""]
@@ -186,9 +246,21 @@ def one_line(error: BaseException) -> str:
   return f"error: {message}"
 
 
+def quiet_libraries() -> None:
+  """Library INFO lines (orbax logs every checkpoint save and restore) stay off the
+  console unless --verbosity is given."""
+  from absl import logging
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  import logging as py_logging
+  for name in ("orbax",):
+    py_logging.getLogger(name).setLevel(py_logging.WARNING)
+
+
 def guarded(main: Callable) -> Callable:
   """main(argv) that prints user errors as `error: ...` and exits 1 (--traceback: raise)."""
   def wrapper(argv):
+    quiet_libraries()
     try:
       return main(argv)
     except (app.UsageError, *USER_ERRORS) as e:
@@ -200,11 +272,21 @@ def guarded(main: Callable) -> Callable:
 
 
 def _innermost_message(error: BaseException) -> str:
-  """ml_collections wraps a KeyError's message in an AttributeError: unwrap to the text."""
+  """ml_collections wraps a KeyError's message in an AttributeError: unwrap to the text.
+  A config file that raised (e.g. an unknown preset, `:mikro`) arrives as the flag name
+  plus the file's whole traceback: that becomes `flag --config=...: <the error's line>`."""
   message = error
   while isinstance(message, BaseException) and message.args:
     message = message.args[0]
-  return str(message).replace("\n", "; ").strip()
+  text = str(message)
+  if "Traceback (most recent call last)" in text:
+    flag = text.split(": Error whilst parsing config file", 1)[0].split("\n", 1)[0]
+    last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+    kind, sep, rest = last.partition(": ")
+    if sep and kind.replace(".", "").isidentifier() and kind.endswith(("Error", "Exception")):
+      last = rest if kind.endswith("ValueError") else f"{kind.rsplit('.', 1)[-1]}: {rest}"
+    return f"{flag.strip()}: {last}"
+  return text.replace("\n", "; ").strip()
 
 
 def parse_flags(argv) -> list[str]:

@@ -52,7 +52,14 @@ FIELD_HELP = {
     "data.shuffle_seed": "shuffle seed of record datasets",
     "data.vision_budget": "Qwen3-VL patches per prompt (media padded to it); 0 = the most any record needs",
     "data.reader": "builtin (errors name the line) | datasets (HF datasets, offline)",
-    "data.columns": "record field -> column name, e.g. {'prompt': 'question'}",
+    "data.columns": "record field -> column name, e.g. {'prompt': 'question'} (every file; "
+                    "data.sources has columns per source)",
+    "data.sources": "per-source records {name: {path|dataset, split, domain, columns, "
+                    "weight}}; a domain's train sources mixed by weight (copd_jax/data/sources.py)",
+    "data.system_prompt": "system message before every chat-rendered prompt ('' = none)",
+    "data.chat_template_kwargs": "chat-template arguments, e.g. {'enable_thinking': False} (Qwen3)",
+    "eval.pass_threshold": "pass@k: a sample passes when its reward is >= this (1.0 = fully "
+                           "correct; partial credit below it is no pass)",
     "init.hf_checkpoint": "local Hugging Face Qwen3 or Qwen3-VL checkpoint directory; '' = toy base",
     "init.hf_tokenizer": "tokenizer directory; '' = the checkpoint's own",
     "mesh": "device mesh sizes (one may be -1 = the devices left over)",
@@ -92,6 +99,9 @@ FIELD_HELP = {
     "reward.max_error_fraction": ("fraction of a batch's responses whose plug-in fails "
                                   "(raises, NaN, inf, non-number) at which the run stops; "
                                   "1.0 = all of them, 0.0 = any"),
+    "reward.fns": "several rewards: comma-separated 'verifier' (built-in) / 'module:function' "
+                  "entries, summed with reward.weights; '' = reward.fn alone",
+    "reward.weights": "one weight per reward.fns entry, e.g. (1.0, 0.2); () = all 1.0",
     "rl.max_nonfinite_steps_total": "skipped (non-finite) updates in one stage, all "
                                     "branches together, before the run stops",
     "warm_start.flaw_rate": ("fraction of each capability's SFT demonstrations showing its "
@@ -160,6 +170,38 @@ FIELD_HELP = {
     "rl.max_nonfinite_steps_in_row": "non-finite steps in a row that stop the run",
     "rl.micro_batch_rows": "rows per gradient-accumulation micro-batch (0 = all at once)",
 }
+
+
+# What config.model still sets when config.init.hf_checkpoint is the model: how to
+# compute (dtype, remat, attention), never the architecture.
+CHECKPOINT_READ_MODEL_FIELDS = ("dtype", "remat", "attention_block", "attention_kernel")
+
+
+def checkpoint_fixes(field: str) -> bool:
+  """True for a config.model field that a Hugging Face checkpoint's config.json decides."""
+  parts = field.split(".")
+  return parts[0] == "model" and len(parts) > 1 and parts[1] not in CHECKPOINT_READ_MODEL_FIELDS
+
+
+# With config.init.hf_checkpoint the checkpoint is the base: no SFT warm-start, and the
+# procedural suite's difficulty knob is unused (the data are record files).
+UNUSED_WITH_CHECKPOINT = ("warm_start", "tasks.difficulty")
+
+
+def applies(field: str, cfg) -> bool:
+  """Whether a dotted field does anything in this config: with a Hugging Face checkpoint,
+  the model fields its config.json fixes (cli.checkpoint_fixes), the SFT warm-start and
+  the procedural tasks' difficulty do not."""
+  if "init" not in cfg or not cfg.init.get("hf_checkpoint", ""):
+    return True
+  if checkpoint_fixes(field):
+    return False
+  return not any(field == p or field.startswith(p + ".") for p in UNUSED_WITH_CHECKPOINT)
+
+
+def applicable_fields(flat: Mapping[str, Any], cfg) -> dict[str, Any]:
+  """The entries of a flattened config (run_dir.flatten) that apply (see `applies`)."""
+  return {k: v for k, v in flat.items() if applies(k, cfg)}
 
 
 def field_help(field: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import sys
 from typing import Any, Mapping
 
 import ml_collections
@@ -134,6 +135,29 @@ def validate_reward(cfg: ml_collections.ConfigDict) -> None:
   if r.fn:
     from copd_jax.data import math_verifier
     _wrap("reward.fn", lambda: math_verifier.load_plugin(r.fn))
+  if r.get("fns"):
+    from copd_jax.data import math_verifier, reward_fns
+    _, fns = _wrap("reward", lambda: reward_fns.from_config(r))
+    for fn in fns:
+      if fn.spec != reward_fns.BUILTIN:
+        _wrap("reward.fns", lambda: math_verifier.load_plugin(fn.spec))
+
+
+def validate_chat(cfg: ml_collections.ConfigDict) -> None:
+  """config.data.system_prompt / chat_template_kwargs: only a checkpoint's tokenizer has a
+  chat template to pass them to."""
+  system = cfg.data.get("system_prompt", "")
+  kwargs = cfg.data.get("chat_template_kwargs", {})
+  if not isinstance(system, str):
+    _fail("data.system_prompt", "must be a string ('' = no system message)", system)
+  if not isinstance(kwargs, (dict, ml_collections.ConfigDict)) or not all(
+      isinstance(k, str) and k.isidentifier() for k in kwargs):
+    _fail("data.chat_template_kwargs", "must map keyword names to values, e.g. "
+          "{'enable_thinking': False}", kwargs)
+  if (system or kwargs) and not cfg.init.hf_checkpoint:
+    field = "data.system_prompt" if system else "data.chat_template_kwargs"
+    _fail(field, "needs config.init.hf_checkpoint (a tokenizer with a chat template); the "
+          "toy tokenizer renders no chat", system or dict(kwargs))
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
@@ -197,6 +221,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         _fail(f"warm_start.flaw_rate.{cap}", "must be a fraction in [0, 1]", rate)
 
   validate_reward(cfg)
+  validate_chat(cfg)
   _positive_int(cfg.eval, "num_examples", "eval.")
   _positive_int(cfg.eval, "batch_size", "eval.")
   validate_pass_at_k(cfg)
@@ -236,6 +261,8 @@ def validate_pass_at_k(cfg: ml_collections.ConfigDict) -> None:
       _fail("eval.pass_k", f"must not exceed eval.pass_samples={n} (pass@k needs n >= k "
             "samples)", ks)
   _positive_float(e, "pass_temperature", "eval.")
+  if "pass_threshold" in e:  # a sample passes when its reward is >= this
+    _positive_float(e, "pass_threshold", "eval.")
 
 
 def validate_log(cfg: ml_collections.ConfigDict) -> None:
@@ -247,6 +274,12 @@ def validate_log(cfg: ml_collections.ConfigDict) -> None:
   _positive_int(log, "completions_every", "log.", allow_zero=True)
   if not isinstance(log.wandb, bool):
     _fail("log.wandb", "must be True or False", log.wandb)
+  if log.wandb and log.wandb_mode != "disabled":
+    import importlib.util
+    # Checked here, or --dry_run passes and the run fails at its first log line.
+    if "wandb" not in sys.modules and importlib.util.find_spec("wandb") is None:
+      _fail("log.wandb", "needs the wandb package, which is not installed (pip install -e "
+            "'.[wandb]', or leave log.wandb=False)", log.wandb)
   if log.wandb_mode not in ("offline", "online", "disabled"):
     _fail("log.wandb_mode", "must be one of ('offline', 'online', 'disabled')", log.wandb_mode)
   if not isinstance(log.wandb_project, str) or not log.wandb_project:
@@ -320,6 +353,11 @@ def _fixture_entries(cfg) -> list[tuple[str, str]]:
       items = paths.split(",") if isinstance(paths, str) else list(paths)
       out += [(f"data.{field}.{cap}", p.strip()) for p in items
               if isinstance(p, str) and is_test_fixture(p.strip())]
+  for name, source in dict(cfg.data.get("sources", {})).items():
+    paths = source.get("path") or source.get("dataset") or ""
+    items = paths.split(",") if isinstance(paths, str) else list(paths)
+    out += [(f"data.sources.{name}", p.strip()) for p in items
+            if isinstance(p, str) and is_test_fixture(p.strip())]
   return out
 
 
@@ -367,6 +405,15 @@ def validate_records_and_init(cfg: ml_collections.ConfigDict) -> bool:
     if not isinstance(column, str) or not column:
       _fail(f"data.columns.{name}", "must be a column name (a non-empty string)", column)
   caps = tuple(cfg.tasks.capabilities)
+  from copd_jax.data import sources as sources_lib
+  if sources_lib.has_sources(cfg.data):
+    if not checkpoint_dir:
+      _fail("data.sources", "needs config.init.hf_checkpoint (a model and tokenizer for "
+            "the records; the toy base only knows the procedural suite)", sorted(cfg.data.sources))
+    _check_domain_names(caps)
+    _check_sources(sources_lib.all_sources(cfg.data), caps)
+    _check_reader(cfg)
+    return True
   if not cfg.data.train_files:
     if cfg.data.eval_files:
       _fail("data.eval_files", "needs config.data.train_files as well", dict(cfg.data.eval_files))
@@ -374,18 +421,48 @@ def validate_records_and_init(cfg: ml_collections.ConfigDict) -> bool:
   if not checkpoint_dir:
     _fail("data.train_files", "needs config.init.hf_checkpoint (a model and tokenizer for "
           "the records; the toy base only knows the procedural suite)", dict(cfg.data.train_files))
-  for cap in caps:
-    if not examples.is_domain_name(cap):
-      _fail("tasks.capabilities", f"has {cap!r}; with record files (config.data.train_files) "
-            "capabilities are domain names: [a-z][a-z0-9_]*", caps)
+  _check_domain_names(caps)
   _check_record_files(cfg, "train_files", caps)
   _check_record_files(cfg, "eval_files", caps)
+  _check_reader(cfg)
+  return True
+
+
+def _check_domain_names(caps) -> None:
+  for cap in caps:
+    if not examples.is_domain_name(cap):
+      _fail("tasks.capabilities", f"has {cap!r}; with record files (config.data.train_files "
+            "or sources) capabilities are domain names: [a-z][a-z0-9_]*", caps)
+
+
+def _check_reader(cfg) -> None:
+  from copd_jax.data import records as datasets
   if cfg.data.get("reader", "builtin") == "datasets":
     try:
       datasets.import_datasets()
     except ValueError as e:
       _fail("data.reader", str(e), cfg.data.reader)
-  return True
+
+
+def _check_sources(sources, caps) -> None:
+  """config.data.sources: every source feeds a capability and names existing files; every
+  capability has at least one train and one eval source."""
+  from copd_jax.data import records as datasets
+  for source in sources:
+    if source.domain not in caps:
+      _fail(f"data.sources.{source.name}.domain", f"must be one of config.tasks.capabilities "
+            f"{caps}", source.domain)
+    try:
+      datasets.resolve_paths(source.paths)
+    except (OSError, ValueError) as e:
+      _fail(f"data.sources.{source.name}", f"must name existing JSONL/Parquet files or a "
+            f"saved dataset ({e})", source.paths)
+  for split in ("train", "eval"):
+    missing = [c for c in caps if not any(s.domain == c and s.split == split for s in sources)]
+    if missing:
+      _fail("data.sources", f"has no {split!r} source for {missing} (every capability of "
+            f"config.tasks.capabilities needs a train and an eval source)",
+            sorted(s.name for s in sources))
 
 
 def validate_mesh(cfg: ml_collections.ConfigDict) -> None:

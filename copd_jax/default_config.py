@@ -3,9 +3,15 @@
 The files in configs/ are thin wrappers around `get(method, preset)`, so a field means the
 same thing in every method and ablating one is a command-line override.
 """
+import os
+
 import ml_collections
 
 CAPABILITIES = ("text", "image", "video")
+PRESETS = ("toy", "micro", "demo")
+# The toy base policy the README's results start from, committed with the repository.
+COMMITTED_BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "experiments", "results", "base_policy")
 
 
 def toy_model() -> ml_collections.ConfigDict:
@@ -32,8 +38,8 @@ def toy_model() -> ml_collections.ConfigDict:
 
 
 def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
-  if preset not in ("toy", "micro"):
-    raise ValueError(f"unknown config preset {preset!r}; use 'toy' or 'micro'")
+  if preset not in PRESETS:
+    raise ValueError(f"unknown config preset {preset!r}; use one of {', '.join(PRESETS)}")
   c = ml_collections.ConfigDict()
   c.method = "base"
   c.seed = 0
@@ -65,6 +71,15 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
       # Record field -> column name in the files, e.g. {'prompt': 'question'}; unmapped
       # fields keep their own names (copd_jax/data/records.py).
       columns={},
+      # Per-source data (copd_jax/data/sources.py), instead of train_files / eval_files /
+      # columns: {name: {path | dataset, split: train | eval, domain, columns, weight}};
+      # a domain's train sources are mixed by weight. --config.data.sources.<name>.weight=2
+      sources={},
+      # Chat-rendered prompts (a checkpoint's tokenizer): a system message before every
+      # question ('' = none), and keyword arguments for the chat template, e.g.
+      # {'enable_thinking': False} for Qwen3.
+      system_prompt="",
+      chat_template_kwargs={},
   ))
   # Start from a local Hugging Face checkpoint directory (copd_jax/models/hf_checkpoint.py)
   # instead of the SFT warm-start; "" = the built-in toy base.
@@ -129,6 +144,11 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
   c.reward = ml_collections.ConfigDict(dict(
       fn="",                # 'module:function' plug-in fn(response, example) -> float for
                             # every example; "" = the verifier each example names
+      # Several weighted reward functions (copd_jax/data/reward_fns.py): comma-separated
+      # 'verifier' (the built-in one) / 'module:function' entries, and one weight each
+      # (() = all 1.0); "" = the single `fn` above.
+      fns="",
+      weights=(),
       timeout_s=5.0,        # per answer; an answer over it scores 0
       step_budget_s=300.0,  # per step (or eval batch); answers not scored by then score 0
       workers=2,            # verifier worker processes, at most the CPUs this process may use
@@ -140,8 +160,11 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
   # Held-out evaluation: greedy accuracy, plus pass@k from `pass_samples` samples per
   # prompt at `pass_temperature` (0 samples = greedy accuracy only; every k <= samples).
   # 1,000 held-out items per capability: a standard error of about 1.5 points.
+  # A sample passes when its reward is >= pass_threshold (1.0: fully correct; partial
+  # credit below it is not a pass).
   c.eval = ml_collections.ConfigDict(dict(num_examples=1000, batch_size=250,
-                                          pass_samples=0, pass_k=(1,), pass_temperature=1.0))
+                                          pass_samples=0, pass_k=(1,), pass_temperature=1.0,
+                                          pass_threshold=1.0))
   # What a run reports besides scalars (copd_jax/run_log.py): sample completions at
   # every evaluation and every `completions_every` RL steps (0 = only at evaluations),
   # as TensorBoard text and <workdir>/completions.jsonl; optional Weights & Biases.
@@ -244,12 +267,36 @@ def get(method: str, preset: str = "toy") -> ml_collections.ConfigDict:
   c.workdir = f"runs/{method}" + ("_micro" if preset == "micro" else "")
   c.warm_start.checkpoint_dir = "runs/base_policy" + ("_micro" if preset == "micro" else "")  # shared by all methods
   c.rl = rl_section(preset)
+  if preset == "demo":
+    demo_settings(c, method)
   if method == "static_opd":
     c.rl.capabilities = ("text", "image")  # the paper's two-branch setting
   # Expert branches: one per trained capability (the experts stage of static OPD and
   # MOPD, the co-evolving branches of CoPD); 1 for base and mixed RLVR. Must match.
   c.num_experts = 1 if method in ("base", "mixed_rlvr") else len(c.rl.capabilities)
   return c
+
+
+def demo_settings(c: ml_collections.ConfigDict, method: str) -> None:
+  """The `demo` preset: a first run that visibly learns in about two minutes on a 2-core
+  CPU. It starts from the committed toy base (COMMITTED_BASE, no warm-start to train), keeps
+  two capabilities (text, whose sign slip RL corrects fastest, and image), a short run at
+  the toy recipe's learning rate held constant, and small evaluations. Many prompts with
+  few samples each (64 x 4) keep one step's mean reward steady enough to compare the
+  first step with the last: summary.json's reward_first_step / reward_last_step."""
+  c.workdir = f"runs/{method}_demo"
+  c.warm_start.checkpoint_dir = COMMITTED_BASE
+  if method not in ("base", "mixed_rlvr"):
+    c.rl.capabilities = ("text", "image")
+    c.num_experts = 2
+  c.rl.opd.hub = "text"
+  c.rl.static_opd.update(dict(teacher="text", student="image"))
+  c.rl.update(dict(steps=20, native_prompts=64, samples_per_prompt=4, cross_prompts=8,
+                   learning_rate=3e-4, lr_schedule="constant", eval_every=1000,
+                   eval_examples=8, diagnostics_every=1000, diagnostic_prompts=2,
+                   distill_steps=4))
+  c.eval.update(dict(num_examples=32, batch_size=32))
+  c.log.completions = 0
 
 
 def checkpoint_config(domains: tuple[str, ...], preset: str, *, checkpoint: str,

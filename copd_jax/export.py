@@ -1,7 +1,12 @@
 """Export a finished run's policy as a Hugging Face Qwen3 or Qwen3-VL checkpoint directory.
 
-    python -m copd_jax.export --workdir=runs/hf_copd --out=/models/copd-merged
-        [--branch=merged|<branch name>] [--dtype=bfloat16|float32]
+    python -m copd_jax.main --config=configs/hf_copd.py:micro
+    python -m copd_jax.export --config=configs/hf_copd.py:micro --out=runs/hf_copd_micro_export
+        [--branch=merged|<branch name>] [--dtype=bfloat16|float32] [--overwrite]
+
+--config with the training command's overrides finds the run directory as copd_jax.main
+named it (runs/<name>-<hash>); --workdir=runs/<name>-<hash> names it directly. An existing
+--out is refused unless --overwrite. Files are written 0644.
 
 Same command-line conventions as copd_jax.main (copd_jax/cli.py): --help, one-line
 errors, --traceback.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import ml_collections
@@ -66,34 +72,114 @@ def load_run_policy(workdir: str, branch: str = MERGED):
   return cfg, setup.model_cfg, params
 
 
-def export_run(workdir: str, out_dir: str, *, branch: str = MERGED, dtype: str = "bfloat16") -> None:
+def export_run(workdir: str, out_dir: str, *, branch: str = MERGED, dtype: str = "bfloat16",
+               overwrite: bool = False, language_model_only: bool = False) -> None:
+  """Writes the run's policy to out_dir as a Hugging Face checkpoint directory.
+
+  An existing out_dir (other than an empty directory) is refused unless overwrite, which
+  replaces it whole. The files go to a temporary sibling directory first and are renamed
+  into place at the end, so a failed export leaves nothing half-written at out_dir; they
+  are readable by everyone (files 0644, directories 0755)."""
+  check_out_dir(out_dir, overwrite)
   cfg, model_cfg, params = load_run_policy(workdir, branch)
   params = jax.tree.map(np.asarray, params)
-  if isinstance(model_cfg, Qwen3VLConfig):  # config.json and processor files: the source's
-    qwen3_vl_export.export_qwen3_vl(out_dir, params, model_cfg,
-                                    source_dir=cfg.init.hf_checkpoint, dtype=dtype)
+  is_vl = isinstance(model_cfg, Qwen3VLConfig)
+  if not is_vl and model_cfg.vision is not None and not language_model_only:
+    raise ValueError(f"{workdir}: the run's model has a vision tower, which a Qwen3ForCausalLM "
+                     "checkpoint cannot hold; pass --language_model_only to export the "
+                     "language model without it")
+  staging = f"{os.path.abspath(out_dir).rstrip(os.sep)}.partial-{os.getpid()}"
+  shutil.rmtree(staging, ignore_errors=True)
+  try:
+    if is_vl:  # config.json and processor files: the source's
+      qwen3_vl_export.export_qwen3_vl(staging, params, model_cfg,
+                                      source_dir=cfg.init.hf_checkpoint, dtype=dtype)
+    else:
+      tokenizer_dir = None
+      if cfg.get("init") and cfg.init.get("hf_checkpoint"):
+        tokenizer_dir = policy_setup.hf_tokenizer_dir(cfg)
+      hf_checkpoint.export_qwen3(staging, params, model_cfg, tokenizer_dir=tokenizer_dir,
+                                 dtype=dtype, language_model_only=language_model_only)
+    make_readable(staging)
+    replace_dir(staging, out_dir)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_out_dir(out_dir: str, overwrite: bool) -> None:
+  """ValueError when out_dir exists (a file, or a directory with anything in it) and
+  overwrite is False."""
+  if not os.path.lexists(out_dir):
     return
-  tokenizer_dir = None
-  if cfg.get("init") and cfg.init.get("hf_checkpoint"):
-    tokenizer_dir = policy_setup.hf_tokenizer_dir(cfg)
-  hf_checkpoint.export_qwen3(out_dir, params, model_cfg,
-                             tokenizer_dir=tokenizer_dir, dtype=dtype)
+  if os.path.isdir(out_dir) and not os.path.islink(out_dir) and not os.listdir(out_dir):
+    return
+  if not overwrite:
+    raise ValueError(f"--out={out_dir} already exists; choose a new directory or pass "
+                     "--overwrite to replace it")
+  if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+    raise ValueError(f"--out={out_dir} exists and is not a directory; --overwrite replaces "
+                     "a previous export directory only")
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's workdir.")
-_OUT = flags.DEFINE_string("out", None, "Directory to write the HF checkpoint to.")
+def make_readable(directory: str) -> None:
+  """Files 0644 and directories 0755 under directory (safetensors writes 0600)."""
+  os.chmod(directory, 0o755)
+  for root, dirs, files in os.walk(directory):
+    for name in dirs:
+      os.chmod(os.path.join(root, name), 0o755)
+    for name in files:
+      os.chmod(os.path.join(root, name), 0o644)
+
+
+def replace_dir(staging: str, out_dir: str) -> None:
+  """Renames staging to out_dir; an existing out_dir (checked by check_out_dir) is moved
+  aside first and removed once the new one is in place."""
+  old = None
+  if os.path.lexists(out_dir):
+    old = f"{os.path.abspath(out_dir).rstrip(os.sep)}.replaced-{os.getpid()}"
+    os.replace(out_dir, old)
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  os.replace(staging, out_dir)
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's directory (runs/<name>-<hash>); "
+                               "or give --config instead.")
+_CONFIG = cli.config_flag("The run's config with the same overrides as the training command: "
+                          "the run directory is found as copd_jax.main names it.")
+_OUT = flags.DEFINE_string("out", None, "Directory to write the HF checkpoint to (must not "
+                           "exist, unless --overwrite).")
 _BRANCH = flags.DEFINE_string("branch", MERGED, "'merged' or a branch name.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Stored dtype.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out directory.")
+_LANGUAGE_MODEL_ONLY = flags.DEFINE_bool(
+    "language_model_only", False, "A toy run's model has a vision tower, which a "
+    "Qwen3ForCausalLM cannot hold: export the language model without it.")
+
+
+def run_workdir() -> str:
+  """--workdir, or the run directory --config (with its overrides) resolves to."""
+  config_given = _CONFIG.value is not None
+  if _WORKDIR.value and config_given:
+    raise app.UsageError("give --workdir or --config, not both")
+  if _WORKDIR.value:
+    return _WORKDIR.value
+  if not config_given:
+    raise app.UsageError("--workdir or --config is required (see --help)")
+  return cli.config_from_flag("config").workdir
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  for name, flag in (("workdir", _WORKDIR), ("out", _OUT)):
-    if not flag.value:
-      raise app.UsageError(f"--{name} is required (see --help)")
-  export_run(_WORKDIR.value, _OUT.value, branch=_BRANCH.value, dtype=_DTYPE.value)
-  print(f"exported {_BRANCH.value} policy of {_WORKDIR.value} to {_OUT.value}", flush=True)
+  if not _OUT.value:
+    raise app.UsageError("--out is required (see --help)")
+  workdir = run_workdir()
+  export_run(workdir, _OUT.value, branch=_BRANCH.value, dtype=_DTYPE.value,
+             overwrite=_OVERWRITE.value, language_model_only=_LANGUAGE_MODEL_ONLY.value)
+  print(f"exported {_BRANCH.value} policy of {workdir} to {_OUT.value}", flush=True)
 
 
 if __name__ == "__main__":

@@ -20,15 +20,13 @@ import os
 import time
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from copd_jax import (
   cli,  # defines --traceback
   distributed,  # defines --coordinator_address/--num_processes/--process_id
 )
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (configs/*.py).",
-                                          lock_config=True)
+_CONFIG = cli.config_flag("Run config (configs/*.py).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Validate the config, print it resolved "
                              "(run directory included) and exit 0 without running.")
 
@@ -57,6 +55,48 @@ def log_base_completions(cfg, eval_sets, responses: dict, writer) -> None:
   from copd_jax.rl import loop
   writer.write_completions(cfg.warm_start.steps, "eval", loop.eval_completion_records(
       ["base"], eval_sets, responses, count))
+
+
+def training_reward_ends(metrics_path: str) -> dict:
+  """{'reward_first_step', 'reward_last_step'}: the mean native training reward over the
+  branches (train/<branch>/reward/native) at the first and the last step that logged one;
+  {} when none did (the base)."""
+  by_step: dict[int, list[float]] = {}
+  if not os.path.isfile(metrics_path):
+    return {}
+  with open(metrics_path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      values = [v for k, v in row.items() if k.startswith("train/") and
+                k.endswith("/reward/native") and isinstance(v, (int, float))]
+      if values and isinstance(row.get("step"), int):
+        by_step[row["step"]] = values  # a rewound-and-rewritten step keeps its last line
+  if not by_step:
+    return {}
+  first, last = min(by_step), max(by_step)
+  mean = lambda step: round(sum(by_step[step]) / len(by_step[step]), 4)  # noqa: E731
+  return {"reward_first_step": mean(first), "reward_last_step": mean(last)}
+
+
+def keep_finished_train_seconds(cfg, summary: dict) -> dict:
+  """A rerun of a finished run restores every stage and trains nothing: its summary keeps
+  the train_seconds the run took, not the seconds this rerun spent loading it."""
+  path = os.path.join(cfg.workdir, "summary.json")
+  if "train_seconds" not in summary or not cfg.checkpoint.get("resume", True) or \
+      not os.path.isfile(path):
+    return summary
+  try:
+    with open(path, encoding="utf-8") as f:
+      previous = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return summary
+  if isinstance(previous, dict) and previous.get("steps") == summary.get("steps") and \
+      isinstance(previous.get("train_seconds"), (int, float)):
+    summary["train_seconds"] = previous["train_seconds"]
+  return summary
 
 
 def run(cfg) -> dict | None:
@@ -89,9 +129,9 @@ def _run_locked(cfg, stored: dict | None) -> dict | None:
   import jax
 
   from copd_jax import policy_setup, run_dir, warm_start
-  from copd_jax.data import math_verifier
+  from copd_jax.data import reward_fns
   from copd_jax.rl import evaluation
-  math_verifier.configure(math_verifier.RewardConfig(**cfg.reward.to_dict()))
+  reward_fns.configure(cfg.reward)  # config.reward: one function or a weighted list
   from copd_jax.run_log import MetricsWriter
 
   # In a multi-process run every process computes the same metrics; process 0 writes the
@@ -143,6 +183,8 @@ def _run_locked(cfg, stored: dict | None) -> dict | None:
   finally:
     writer.close()
   if primary:
+    summary.update(training_reward_ends(os.path.join(cfg.workdir, "metrics.jsonl")))
+    summary = keep_finished_train_seconds(cfg, summary)
     with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
   print("summary: " + json.dumps(summary), flush=True)

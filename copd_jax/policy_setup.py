@@ -69,7 +69,8 @@ class RunSetup:
 
 
 def uses_record_files(cfg: ml_collections.ConfigDict) -> bool:
-  return bool(cfg.data.train_files)
+  from copd_jax.data import sources as sources_lib
+  return bool(cfg.data.train_files) or sources_lib.has_sources(cfg.data)
 
 
 def hf_tokenizer_dir(cfg: ml_collections.ConfigDict) -> str:
@@ -85,6 +86,13 @@ def with_execution_settings(model_cfg: model_config.ModelConfig,
                              attention_kernel=str(cfg.model.get("attention_kernel", "xla")))
 
 
+def chat_options(cfg) -> dict:
+  """HFTokenizer's system_prompt / chat_template_kwargs from config.data."""
+  kwargs = cfg.data.get("chat_template_kwargs", {})
+  return dict(system_prompt=str(cfg.data.get("system_prompt", "")),
+              chat_template_kwargs=kwargs.to_dict() if hasattr(kwargs, "to_dict") else dict(kwargs))
+
+
 def _hf_model_and_tokenizer(cfg) -> tuple[model_config.ModelConfig, Tokenizer]:
   from copd_jax.data import hf_tokenizer
   from copd_jax.models import hf_checkpoint
@@ -92,7 +100,8 @@ def _hf_model_and_tokenizer(cfg) -> tuple[model_config.ModelConfig, Tokenizer]:
       hf_checkpoint.read_hf_config(cfg.init.hf_checkpoint), dtype=cfg.model.dtype)
   hf_checkpoint.check_layers_present(cfg.init.hf_checkpoint, model_cfg)  # headers only
   model_cfg = with_execution_settings(model_cfg, cfg)
-  tokenizer = hf_tokenizer.HFTokenizer(hf_tokenizer_dir(cfg), model_vocab_size=model_cfg.vocab_size)
+  tokenizer = hf_tokenizer.HFTokenizer(hf_tokenizer_dir(cfg), model_vocab_size=model_cfg.vocab_size,
+                                       **chat_options(cfg))
   if tokenizer.vocab_size != model_cfg.vocab_size:
     raise ValueError(f"the tokenizer in {hf_tokenizer_dir(cfg)} has {tokenizer.vocab_size} ids, "
                      f"more than the checkpoint's {model_cfg.vocab_size} embedding rows")
@@ -169,9 +178,40 @@ def build_setup(cfg: ml_collections.ConfigDict) -> RunSetup:
   return setup
 
 
+class ChainedSource:
+  """A domain's record sources read one after the other (config.data.sources of a split,
+  in name order): .records, len and [i] as a RecordSource."""
+
+  def __init__(self, parts):
+    self.parts = list(parts)
+    self.records = tuple(r for part in self.parts for r in part.records)
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, index: int):
+    for part in self.parts:
+      if index < len(part):
+        return part[index]
+      index -= len(part)
+    raise IndexError(index)
+
+
 def record_source(cfg: ml_collections.ConfigDict, setup: RunSetup, field: str,
-                  capability: str) -> datasets.RecordSource:
-  """The RecordSource of config.data.<field>[capability]; errors name the config field."""
+                  capability: str) -> datasets.RecordSource | ChainedSource:
+  """The RecordSource of config.data.<field>[capability] (field: train_files / eval_files),
+  or with config.data.sources that capability's sources of the split, each with its own
+  columns, chained in name order; errors name the config field."""
+  from copd_jax.data import sources as sources_lib
+  if sources_lib.has_sources(cfg.data):
+    split = "train" if field == "train_files" else "eval"
+    specs = sources_lib.by_domain(sources_lib.all_sources(cfg.data), split).get(capability)
+    if not specs:
+      raise ValueError(f"config.data.sources has no {split!r} source for capability "
+                       f"{capability!r}")
+    return ChainedSource(datasets.RecordSource(
+        s.paths, capability=capability, reader=cfg.data.get("reader", "builtin"),
+        columns=s.columns, **setup.example_kwargs) for s in specs)
   files = cfg.data[field]
   if capability not in files:
     raise ValueError(f"config.data.{field} has no entry for capability {capability!r} "
@@ -257,7 +297,7 @@ def _build_vl_setup(cfg: ml_collections.ConfigDict) -> RunSetup:
   model_cfg = vl_model_config(cfg)
   processor = vl_prompts.VLPromptProcessor.from_checkpoint(
       cfg.init.hf_checkpoint, tokenizer_dir=hf_tokenizer_dir(cfg),
-      model_vocab_size=model_cfg.text.vocab_size)
+      model_vocab_size=model_cfg.text.vocab_size, **chat_options(cfg))
   if processor.tokenizer.vocab_size != model_cfg.text.vocab_size:
     raise ValueError(f"the tokenizer in {hf_tokenizer_dir(cfg)} has "
                      f"{processor.tokenizer.vocab_size} ids, more than the checkpoint's "

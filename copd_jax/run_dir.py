@@ -36,7 +36,11 @@ OPERATIONAL_FIELDS = (
     "warm_start.checkpoint_dir", "warm_start.reuse_checkpoint", "warm_start.log_every",
     "rl.log_every", "rl.eval_every", "rl.eval_examples", "rl.kernel", "rl.micro_batch_rows",
     "model.remat",
+    # How, not what: the same values computed another way (attention blocks / kernel), read
+    # by another reader, or verified by more worker processes.
+    "model.attention_block", "model.attention_kernel", "data.reader", "reward.workers",
 )
+STRUCTURE_HASH_CHARS = 6
 HASH_CHARS = 8
 MAX_NAME_CHARS = 120
 
@@ -85,7 +89,21 @@ def _name_part(text: str) -> str:
   return re.sub(r"[^A-Za-z0-9._=+,-]+", "_", text).strip("_")
 
 
+def _is_structured(value: Any) -> bool:
+  """A dict, or a list holding dicts or lists (data.sources, data.columns, ...)."""
+  if isinstance(value, Mapping):
+    return True
+  return isinstance(value, (list, tuple)) and any(isinstance(v, (Mapping, list, tuple))
+                                                  for v in value)
+
+
 def _value_text(value: Any) -> str:
+  """How an override's value reads in a run name: a scalar as itself (a path as its last
+  part), a flat list joined by '+', a structured value (a dict such as data.sources) as
+  'h' + 6 hex digits of the SHA-256 of its sorted JSON, rather than its mangled text."""
+  if _is_structured(value):
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return "h" + hashlib.sha256(text.encode()).hexdigest()[:STRUCTURE_HASH_CHARS]
   if isinstance(value, (list, tuple)):
     return "+".join(_value_text(v) for v in value)
   if isinstance(value, str):

@@ -788,13 +788,16 @@ class HFTokenizer:
   chat_template_kwargs: extra template variables for every render (e.g. Qwen3's
     enable_thinking=False).
   render_time_limit_s: the deadline of one chat-template render (see render_chat).
+  system_prompt: a system message rendered before every prompt ('' = none).
   """
 
   def __init__(self, directory: str, *, model_vocab_size: int | None = None,
                eos_token: str | None = None,
                chat_template_kwargs: Mapping[str, Any] | None = None,
-               render_time_limit_s: float = RENDER_TIME_LIMIT_S):
+               render_time_limit_s: float = RENDER_TIME_LIMIT_S,
+               system_prompt: str = ""):
     self.directory = directory
+    self.system_prompt = system_prompt
     if isinstance(render_time_limit_s, bool) or not isinstance(render_time_limit_s, (int, float)) \
         or not 0 < render_time_limit_s < float("inf"):
       raise ValueError(f"render_time_limit_s must be a positive number of seconds, got "
@@ -949,6 +952,11 @@ class HFTokenizer:
     except ChatTemplateError as err:
       raise ChatTemplateError(f"{self.directory}: {err}") from None
 
+  def chat_messages(self, content: str) -> list[dict]:
+    """One user turn, after the system message when system_prompt is set."""
+    system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+    return system + [{"role": "user", "content": content}]
+
   def vision_placeholder_text(self, num_vision_tokens: int) -> str:
     """"<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>" ("" when n == 0)."""
     if num_vision_tokens < 0:
@@ -969,7 +977,7 @@ class HFTokenizer:
       raise TypeError(f"question must be a str, got {type(question).__name__}")
     _check_encodable(question, "the question")
     content = self.vision_placeholder_text(num_vision_tokens) + question
-    text = self.render_chat([{"role": "user", "content": content}], add_generation_prompt=True)
+    text = self.render_chat(self.chat_messages(content), add_generation_prompt=True)
     ids = self.encode(text)
     if num_vision_tokens and ids.count(self._image_id) != num_vision_tokens:
       raise ValueError(f"prompt has {ids.count(self._image_id)} {IMAGE_PAD} tokens after "

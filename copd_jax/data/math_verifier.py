@@ -391,6 +391,7 @@ _active_config = RewardConfig()
 
 
 _pool: VerifierPool | None = None
+_pools: dict = {}  # (workers, plug-in, worker memory MiB) -> its pool
 
 
 def configure(config: RewardConfig) -> None:
@@ -410,13 +411,17 @@ def shared_pool(config: RewardConfig | None = None) -> VerifierPool:
   limit or the plug-in change)."""
   global _pool
   config = config or _active_config
-  wanted = (config.workers, (config.fn,), config.worker_memory_mb)
-  if _pool is None or (_pool.size, _pool.args, _pool.memory_mb) != wanted:
-    if _pool is not None:
-      _pool.stop()
-    else:
-      atexit.register(lambda: _pool is not None and _pool.stop())
-    _pool = VerifierPool(config.workers, MATH_WORKER_ENTRY, args=(config.fn,),
-                         memory_mb=config.worker_memory_mb)
+  key = (config.workers, config.fn, config.worker_memory_mb)
+  if _pool is None or (_pool.size, _pool.args[0], _pool.memory_mb) != key:
+    # Several reward functions (copd_jax/data/reward_fns.py) take turns every step: each
+    # keeps its own pool rather than restarting one pool per function per step.
+    if _pool is None and not _pools:
+      atexit.register(lambda: [p.stop() for p in _pools.values()])
+    for stale in [k for k in _pools if (k[0], k[2]) != (key[0], key[2])]:
+      _pools.pop(stale).stop()
+    if key not in _pools:
+      _pools[key] = VerifierPool(config.workers, MATH_WORKER_ENTRY, args=(config.fn,),
+                                 memory_mb=config.worker_memory_mb)
+    _pool = _pools[key]
   return _pool
 

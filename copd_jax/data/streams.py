@@ -174,6 +174,9 @@ def capability_dataset(cfg, capability: str, example_kwargs: Mapping[str, Any],
   capability) -- so two stages or two run seeds see different orders -- and repeated,
   reshuffled every epoch.
   """
+  from copd_jax.data import sources as sources_lib
+  if sources_lib.has_sources(cfg.data):
+    return sources_dataset(cfg, capability, example_kwargs, seed)
   files = _train_files(cfg)
   if not files:
     if capability not in toy_tasks.CAPABILITIES:
@@ -195,6 +198,32 @@ def capability_dataset(cfg, capability: str, example_kwargs: Mapping[str, Any],
   # crc32: a stable per-name number (record domains are not in toy_tasks.CAPABILITIES).
   grain_seed = _pipeline_seed(shuffle_seed, seed, zlib.crc32(capability.encode("utf-8")))
   return sharded_dataset(grain.MapDataset.source(source), seed=grain_seed, shuffle=True)
+
+
+def sources_dataset(cfg, capability: str, example_kwargs: Mapping[str, Any],
+                    seed: int) -> grain.MapDataset:
+  """One capability's endless training order from its config.data.sources: each train
+  source read with its own columns, shuffled (seed from (shuffle_seed, seed, capability,
+  source name)) and repeated; several sources mixed by their weights (grain
+  MapDataset.mix: position i of the mixture is a deterministic function of i, so the
+  stream state stays {'next_index': n})."""
+  from copd_jax.data import records as datasets, sources as sources_lib
+  specs = sources_lib.by_domain(sources_lib.all_sources(cfg.data), "train").get(capability)
+  if not specs:
+    raise ValueError(f"config.data.sources has no train source for capability {capability!r}")
+  shuffle_seed = _check_int("config.data.shuffle_seed", cfg.data.shuffle_seed, 0)
+  parts = []
+  for spec in specs:
+    source = datasets.RecordSource(spec.paths, capability=capability,
+                                   reader=cfg.data.get("reader", "builtin"),
+                                   columns=spec.columns, **example_kwargs)
+    grain_seed = _pipeline_seed(shuffle_seed, seed, zlib.crc32(capability.encode("utf-8")),
+                                zlib.crc32(spec.name.encode("utf-8")))
+    parts.append(sharded_dataset(grain.MapDataset.source(source), seed=grain_seed,
+                                 shuffle=True))
+  if len(parts) == 1:
+    return parts[0]
+  return grain.MapDataset.mix(parts, [spec.weight for spec in specs])
 
 
 def _shard_iterator(dataset: grain.MapDataset, shard_index: int, shard_count: int,

@@ -87,7 +87,7 @@ class VLPromptProcessor:
     if has_video:
       content.append({"type": "video"})
     content.append({"type": "text", "text": prompt})
-    return self.tokenizer.render_chat([{"role": "user", "content": content}],
+    return self.tokenizer.render_chat(self.tokenizer.chat_messages(content),
                                       add_generation_prompt=True)
 
   def encode(self, prompt: str, images: Sequence[np.ndarray] = (), video: np.ndarray | None = None,

@@ -1,5 +1,10 @@
 """Held-out accuracy per capability: greedy decoding, host-side verification; pass@k from
-n sampled responses per prompt with the unbiased estimator (Chen et al., 2021)."""
+n sampled responses per prompt with the unbiased estimator (Chen et al., 2021).
+
+What a pass is: a sample passes when its reward is at least `pass_threshold`
+(config.eval.pass_threshold, default 1.0: a fully correct answer). A partial-credit reward
+(a plug-in's 0.5, or a weighted list of rewards, config.reward.fns) does not pass unless the
+threshold is lowered to it. Greedy `accuracy` is the mean reward, partial credit included."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import jax
 import numpy as np
 
 from copd_jax import sampling, sharding as sharding_lib
-from copd_jax.data import examples as examples_lib, verifiers
+from copd_jax.data import examples as examples_lib, reward_fns
 from copd_jax.data.examples import decode_responses
 from copd_jax.policy_setup import RunSetup
 
@@ -46,11 +51,20 @@ def mean_pass_at_k(correct_counts: np.ndarray, n: int, k: int) -> np.ndarray:
                   np.float64).mean(axis=1).astype(np.float32)
 
 
+def passing_counts(rewards: np.ndarray, pass_threshold: float = 1.0) -> np.ndarray:
+  """rewards f32[E, n] (n samples of each of E examples) -> int[E]: how many samples pass,
+  i.e. score at least pass_threshold. E.g. [[1.0, 0.5], [0.5, 0.0]] -> [1, 0] at 1.0,
+  [2, 1] at 0.5."""
+  return (np.asarray(rewards) >= pass_threshold).sum(axis=-1)
+
+
 def sampled_correct_counts(stacked: Any, setup: RunSetup, examples: Sequence[examples_lib.Example], *,
                            num_samples: int, temperature: float, max_new_tokens: int,
-                           batch_size: int, seed: int = 0) -> np.ndarray:
+                           batch_size: int, seed: int = 0,
+                           pass_threshold: float = 1.0) -> np.ndarray:
   """Every branch samples `num_samples` responses per example (full vocabulary at
-  `temperature`); returns int[S, E]: how many of each example's samples are correct.
+  `temperature`); returns int[S, E]: how many of each example's samples pass (reward >=
+  pass_threshold, see passing_counts).
   Prompts per sampler call: batch_size // num_samples (at least 1), so a call holds about
   batch_size rows."""
   sampling_cfg = sampling.SamplingConfig(
@@ -75,8 +89,8 @@ def sampled_correct_counts(stacked: Any, setup: RunSetup, examples: Sequence[exa
     for k in range(num):
       responses = decode_responses(tokens[k].reshape(-1, tokens.shape[-1]),
                                    mask[k].reshape(-1, mask.shape[-1]), setup.tokenizer)
-      rewards = verifiers.rewards_for(responses, repeated).reshape(len(chunk), num_samples)
-      counts[k, start:start + len(chunk)] = (rewards > 0).sum(axis=1)
+      rewards = reward_fns.rewards_for(responses, repeated).reshape(len(chunk), num_samples)
+      counts[k, start:start + len(chunk)] = passing_counts(rewards, pass_threshold)
   return counts
 
 
@@ -107,12 +121,13 @@ def greedy_responses_stacked(stacked: Any, setup: RunSetup, examples: Sequence[e
 def evaluate_stacked(stacked: Any, setup: RunSetup, eval_sets: dict[str, list], *,
                      max_new_tokens: int, batch_size: int, pass_samples: int = 0,
                      pass_k: Sequence[int] = (), pass_temperature: float = 1.0,
-                     responses_out: dict | None = None, rewards_out: dict | None = None,
+                     pass_threshold: float = 1.0, responses_out: dict | None = None, rewards_out: dict | None = None,
                      progress: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
   """Held-out accuracy of every branch: {'accuracy/<cap>', 'accuracy/overall',
   'response_chars/<cap>'}, each f32[S]; with pass_samples = n > 0 also
   {'pass@<k>/<cap>', 'pass@<k>/overall'} for every k in pass_k (n samples per prompt at
-  pass_temperature, unbiased estimator). responses_out, if given, receives
+  pass_temperature, unbiased estimator; a sample passes when its reward is at least
+  pass_threshold). responses_out, if given, receives
   {cap: responses[branch][example]} of the greedy decoding (for completion logs);
   rewards_out, if given, receives the per-example rewards {cap: f32[S, N]} (eval-set
   order), which paired comparisons between methods need.
@@ -124,7 +139,7 @@ def evaluate_stacked(stacked: Any, setup: RunSetup, eval_sets: dict[str, list], 
       responses_out[cap] = responses
     # Each example names its verifier (integer for the toy suite; math / choice / exact
     # for records).
-    rewards = np.stack([verifiers.rewards_for(r, examples) for r in responses]).astype(np.float32)
+    rewards = np.stack([reward_fns.rewards_for(r, examples) for r in responses]).astype(np.float32)
     if rewards_out is not None:
       rewards_out[cap] = rewards
     metrics[f"accuracy/{cap}"] = rewards.mean(axis=1)
@@ -133,7 +148,8 @@ def evaluate_stacked(stacked: Any, setup: RunSetup, eval_sets: dict[str, list], 
     if pass_samples:
       counts = sampled_correct_counts(stacked, setup, examples, num_samples=pass_samples,
                                       temperature=pass_temperature,
-                                      max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                      max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                      pass_threshold=pass_threshold)
       for k in pass_k:
         metrics[f"pass@{k}/{cap}"] = mean_pass_at_k(counts, pass_samples, k)
     if progress is not None:
@@ -159,7 +175,8 @@ def pass_at_k_kwargs(cfg) -> dict:
   if not e.get("pass_samples", 0):
     return {}
   return dict(pass_samples=int(e.pass_samples), pass_k=tuple(int(k) for k in e.pass_k),
-              pass_temperature=float(e.pass_temperature))
+              pass_temperature=float(e.pass_temperature),
+              pass_threshold=float(e.get("pass_threshold", 1.0)))
 
 
 def evaluate(params: Any, setup: RunSetup, eval_sets: dict[str, list], *,

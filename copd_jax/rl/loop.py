@@ -147,14 +147,14 @@ def completions_to_log(cfg) -> int:
 def eval_completion_records(names, eval_sets, responses: dict, count: int) -> list[dict]:
   """The first `count` held-out examples of every capability with each branch's greedy
   response and its reward. responses: {cap: responses[branch][example]}."""
-  from copd_jax.data import verifiers
+  from copd_jax.data import reward_fns
   records = []
   for cap, examples in eval_sets.items():
     for i, ex in enumerate(examples[:count]):
       for branch, answers in zip(names, responses[cap]):
         records.append({"branch": branch, "capability": cap, "prompt": ex.question,
                         "answer": str(ex.answer), "response": answers[i],
-                        "reward": float(verifiers.rewards_for([answers[i]], [ex])[0])})
+                        "reward": float(reward_fns.rewards_for([answers[i]], [ex])[0])})
   return records
 
 

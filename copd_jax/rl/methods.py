@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from copd_jax import checkpoint, policy_setup, sharding as sharding_lib, train_checkpoint
-from copd_jax.data import math_verifier
+from copd_jax.data import reward_fns
 from copd_jax.models import stacked as stacked_lib
 from copd_jax.policy_setup import RunSetup
 from copd_jax.rl import evaluation, stages as stages_lib
@@ -82,7 +82,7 @@ def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, 
   distillation stage uses offset 2, so with beta = 0 CoPD *is* the experts run."""
   caps = list(cfg.rl.capabilities)
   if "reward" in cfg:
-    math_verifier.configure(math_verifier.RewardConfig(**cfg.reward.to_dict()))
+    reward_fns.configure(cfg.reward)  # one function or a weighted list
   eval_sets = {c: s for c, s in policy_setup.held_out_sets(cfg, setup).items() if c in caps}
   checkpoints = train_checkpoint.RunCheckpoints(
       cfg.workdir, cfg.checkpoint, method=cfg.method, num_experts=cfg.num_experts,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from copd_jax import sampling
-from copd_jax.data import examples as examples_lib, verifiers
+from copd_jax.data import examples as examples_lib, reward_fns
 from copd_jax.data.examples import decode_responses
 from copd_jax.rl import objectives, schedules
 from copd_jax.rl.rows import Rows, UpdateConfig
@@ -99,16 +99,21 @@ def verify_local(responses_of, examples, local_rows: np.ndarray, sharding,
   receives this process's verify/timeouts, verify/over_budget and verify/memory_exceeded
   counts (answers that scored 0 because of the per-answer limit, the step budget or a
   worker's memory limit, config.reward) and reward/errors (responses whose reward
-  plug-in failed; past config.reward.max_error_fraction score raises RewardFunctionError)."""
+  plug-in failed; past config.reward.max_error_fraction score raises RewardFunctionError),
+  and with several reward functions (config.reward.fns) each one's mean over this
+  process's rows of every branch, `reward_fn/<name>` f32[S]."""
   s, n = local_rows.shape
   flat = np.flatnonzero(local_rows.reshape(-1))
   rewards = np.zeros(s * n, np.float32)
-  rewards[flat], pool = verifiers.score(responses_of(flat), [examples[i // n][i % n] for i in flat])
+  rewards[flat], per_fn, calls = reward_fns.score(responses_of(flat),
+                                                  [examples[i // n][i % n] for i in flat])
+  pool = reward_fns.total_stats(calls)
   if stats is not None:
     stats.update({"verify/timeouts": float(pool.timeouts),
                   "verify/over_budget": float(pool.over_budget),
                   "verify/memory_exceeded": float(pool.memory_exceeded),
                   "reward/errors": float(pool.errors)})
+    stats.update(reward_fns.branch_means(per_fn, flat, s, n))
   rewards = rewards.reshape(s, n)
   if sharding is None or jax.process_count() == 1:
     return rewards
