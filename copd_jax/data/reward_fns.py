@@ -151,11 +151,13 @@ def rewards_for(responses: Sequence[str], examples: Sequence) -> np.ndarray:
 
 
 def total_stats(stats: Sequence) -> math_verifier.PoolStats:
-  """The PoolStats of several calls added field by field (one step's counters)."""
+  """The PoolStats of several calls, their counters added (one step's counters). The
+  per-request `failures` map indexes one call's requests, so it is not carried over."""
   total = math_verifier.PoolStats()
+  counters = [f.name for f in dataclasses.fields(total) if f.type in (int, "int")]
   for one in stats:
-    for field in dataclasses.fields(total):
-      setattr(total, field.name, getattr(total, field.name) + getattr(one, field.name))
+    for name in counters:
+      setattr(total, name, getattr(total, name) + getattr(one, name))
   return total
 
 
