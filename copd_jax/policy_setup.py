@@ -131,6 +131,16 @@ def init_policy_params(model_cfg, key):
   return decoder.init_params(model_cfg, key)
 
 
+def declared_param_axes(model_cfg) -> dict:
+  """{parameter path: logical axes} that the layers of one policy of either family declare
+  (for sharding.RunSharding(mesh, param_axes=...)); nothing is allocated."""
+  if isinstance(model_cfg, Qwen3VLConfig):
+    from copd_jax.models import qwen3_vl
+    return qwen3_vl.param_axes(model_cfg)
+  from copd_jax.models import decoder
+  return decoder.param_axes(model_cfg)
+
+
 def to_model_layout(params, model_cfg, leading_axes: int = 0):
   """Params (unrolled `layers_{i}`, as the HF importers give them, or stacked) in the
   layer layout model_cfg runs with (ModelConfig.scan_layers: stacked `layers` [L, ...])."""

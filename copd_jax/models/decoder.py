@@ -77,6 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from copd_jax.kernels import attention as attention_kernels
+from copd_jax.models import partitioning
 from copd_jax.models.layers import Linear, RMSNorm, SwiGLU, rope_angles, rotate_with_angles
 from copd_jax.models.model_config import ModelConfig
 from copd_jax.models.toy_vision import VisionEncoder, replace_placeholders
@@ -217,11 +218,14 @@ class Attention(nn.Module):
     cfg, dt = self.cfg, self.cfg.compute_dtype
     n, t, _ = x.shape
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = Linear(heads * hd, dt, name="q_proj")(x).reshape(n, t, heads, hd)
-    k = Linear(kv_heads * hd, dt, name="k_proj")(x).reshape(n, t, kv_heads, hd)
-    v = Linear(kv_heads * hd, dt, name="v_proj")(x).reshape(n, t, kv_heads, hd)
-    q = rotate_with_angles(RMSNorm(cfg.rms_norm_eps, name="q_norm")(q), angles)
-    k = rotate_with_angles(RMSNorm(cfg.rms_norm_eps, name="k_norm")(k), angles)
+    q = Linear(heads * hd, dt, axes=("embed", "heads"), name="q_proj")(x).reshape(
+        n, t, heads, hd)
+    k = Linear(kv_heads * hd, dt, axes=("embed", "kv_heads"), name="k_proj")(x).reshape(
+        n, t, kv_heads, hd)
+    v = Linear(kv_heads * hd, dt, axes=("embed", "kv_heads"), name="v_proj")(x).reshape(
+        n, t, kv_heads, hd)
+    q = rotate_with_angles(RMSNorm(cfg.rms_norm_eps, ("head_dim",), name="q_norm")(q), angles)
+    k = rotate_with_angles(RMSNorm(cfg.rms_norm_eps, ("head_dim",), name="k_norm")(k), angles)
     k, v = k.astype(dt), v.astype(dt)
     # Group query heads by the kv head they share: [N, T, K, H/K, Dh].
     q = (q.reshape(n, t, kv_heads, heads // kv_heads, hd) * (hd ** -0.5)).astype(dt)
@@ -243,7 +247,8 @@ class Attention(nn.Module):
           return _attend_with_shared_prefix(qb, k, v, cache,
                                             (prefix_mask, filled_slots, causal(query_index)))
       out = in_query_blocks(attend, q, cfg.attention_block)
-    out = Linear(cfg.d_model, dt, name="o_proj")(out.reshape(n, t, heads * hd))
+    out = Linear(cfg.d_model, dt, axes=("heads", "embed"), name="o_proj")(
+        out.reshape(n, t, heads * hd))
     return out, (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
 
 
@@ -298,9 +303,10 @@ class Decoder(nn.Module):
   def setup(self):
     cfg = self.cfg
     std = cfg.d_model ** -0.5 if self.embedding_std is None else self.embedding_std
-    self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.d_model,
-                                 embedding_init=nn.initializers.normal(std),
-                                 param_dtype=jnp.float32, name="embed_tokens")
+    self.embed_tokens = nn.Embed(
+        cfg.vocab_size, cfg.d_model, param_dtype=jnp.float32, name="embed_tokens",
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(std),
+                                                    ("vocab", "embed")))
     # Inside a scan, remat's CSE barrier is not needed (the scan already keeps XLA from
     # merging the recomputation with the forward pass) and only costs speed.
     layer = (nn.remat(DecoderLayer, prevent_cse=not cfg.scan_layers) if cfg.remat
@@ -311,7 +317,8 @@ class Decoder(nn.Module):
       self.layers = [layer(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
     self.norm = RMSNorm(cfg.rms_norm_eps, name="norm")
     if not cfg.tie_embeddings:
-      self.lm_head = Linear(cfg.vocab_size, jnp.float32, name="lm_head")
+      self.lm_head = Linear(cfg.vocab_size, jnp.float32, axes=("embed", "vocab"),
+                            name="lm_head")
 
   def embed(self, tokens):
     """int32[N, T] -> f32[N, T, D]."""
@@ -386,7 +393,10 @@ class Policy(Decoder):
     cfg = self.cfg
     x = self.embed(tokens)
     if vision is not None:
-      x = replace_placeholders(x, tokens, self.visual(vision), cfg.image_token_id)
+      # Rows of the (sharded) vision tower's output pinned like the residual stream's, so
+      # the placeholder gather stays on each device's own rows.
+      vision_embeds = _constrain_activations(self.visual(vision))
+      x = replace_placeholders(x, tokens, vision_embeds, cfg.image_token_id)
     angles = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
     return self.decode(x, angles, key_mask, cache, write_index)
 
@@ -403,8 +413,8 @@ def positions_from_mask(token_mask):
   return jnp.maximum(jnp.cumsum(token_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _init(cfg: ModelConfig, key):
+def _boxed_params(cfg: ModelConfig, key):
+  """The init's parameters with their partitioning metadata (nn.LogicallyPartitioned)."""
   tokens = jnp.zeros((1, 2), jnp.int32)
   vision = None
   if cfg.vision is not None:
@@ -415,10 +425,25 @@ def _init(cfg: ModelConfig, key):
   return variables["params"]
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _init(cfg: ModelConfig, key):
+  return partitioning.unbox(_boxed_params(cfg, key))
+
+
 def init_params(cfg: ModelConfig, key) -> Params:
-  """Fresh f32 parameters (a nested dict named as in the module docstring)."""
+  """Fresh f32 parameters (a nested dict of plain arrays named as in the module docstring)."""
   cfg.validate()
   return _init(cfg, key)
+
+
+@functools.lru_cache(maxsize=32)
+def param_axes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str | None, ...]]:
+  """{parameter path: the logical axes its layer declares}, from an abstract init (nothing
+  allocated). Scanned layers' parameters lead with LAYER_AXIS. Raises
+  partitioning.UndeclaredAxesError naming any parameter created without axes."""
+  cfg.validate()
+  boxed = jax.eval_shape(lambda k: _boxed_params(cfg, k), jax.random.key(0))
+  return partitioning.declared_axes(boxed)
 
 
 def check_inputs(cfg: ModelConfig, tokens, positions, token_mask, vision) -> None:
