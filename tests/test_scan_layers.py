@@ -6,6 +6,7 @@ scanned model with the unrolled one on the same weights (stack_layers).
 """
 import dataclasses
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -332,3 +333,20 @@ def test_policy_setup_stacks_imported_params(toy):
   stacked = policy_setup.to_model_layout(params, scanned(cfg))
   assert M.is_stacked(stacked)
   assert policy_setup.to_model_layout(stacked, cfg)["layers_1"] is not None
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_remat_applies_inside_the_scan(toy, remat):
+  """config.model.remat rematerialises the layer body inside the scan (a checkpoint in
+  the scanned jaxpr), and only when asked."""
+  cfg, params = toy
+  cfg = scanned(dataclasses.replace(cfg, remat=remat))
+  tokens, positions, mask, vision = toy_batch(cfg)
+  text = str(jax.make_jaxpr(lambda p: policy_hidden(p, cfg, tokens, positions, mask))(
+      M.stack_layers(params)))
+  body = text[text.index("scan["):]
+  assert bool(re.search(r"\b(remat2|checkpoint)\[", body)) == remat
+
+
+def policy_hidden(params, cfg, tokens, positions, mask):
+  return M.Policy(cfg).apply({"params": params}, tokens, positions, mask)[0]
