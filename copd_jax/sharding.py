@@ -21,10 +21,14 @@ coming back (see `collectives_crossing_axis`, which checks a compiled step for t
 
 Logical axes (MaxText style)
 ----------------------------
-Each array dimension gets a logical name (`param_logical_axes`), and LOGICAL_AXIS_RULES map
-logical names to mesh axes. `logical_to_spec` DROPS a mesh axis whose size does not divide
-the dimension (the dimension is then replicated over that axis) instead of failing, so the
-same rules shard a 4B model and a 32-wide test model; a tuple rule such as batch ->
+Each array dimension gets a logical name, and LOGICAL_AXIS_RULES map logical names to mesh
+axes. A parameter's names are declared by the layer that creates it (flax partitioning
+metadata, see copd_jax.models.layers); the model's `param_axes(cfg)` collects them
+({path: axes}) and RunSharding(mesh, param_axes=...) looks every leaf up there
+(`param_logical_axes`). A parameter without a declaration is an error naming it.
+`logical_to_spec` DROPS a mesh axis whose size does not divide the dimension (the
+dimension is then replicated over that axis) instead of failing, so the same rules shard
+a 4B model and a 32-wide test model; a tuple rule such as batch ->
 (data, fsdp) keeps the longest prefix of its axes whose product divides the dimension.
 A mesh axis is used at most once per array (later dimensions skip an axis already taken).
 """
@@ -60,7 +64,14 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),            # embedding rows / LM-head columns
     ("norm", None),                 # RMSNorm scales [D]
     ("head_dim", None),             # q_norm / k_norm scales [Dh]
-    ("vision", None),               # the small vision tower: replicated inside a branch
+    ("layers", None),               # the stacked layer axis of scanned layers
+    # Vision towers (the toy ViT, Qwen3-VL's): sharded like the decoder, with names of
+    # their own so a config can treat them differently.
+    ("vision_embed", "fsdp"),       # ViT width of weights
+    ("vision_heads", "tensor"),     # ViT attention (qkv / proj) width
+    ("vision_mlp", "tensor"),       # ViT MLP and patch-merger hidden width
+    ("vision_patch", None),         # flattened pixels of a patch (patch_embed input)
+    ("vision_positions", None),     # learned position-embedding rows
     ("frames", None), ("image", None), ("channels", None),
 )
 
@@ -135,55 +146,64 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[Any] | None = None,
   return Mesh(grid, MESH_AXES)
 
 
-def _leaf_names(path) -> list[str]:
+ParamAxes = Mapping[tuple[str, ...], tuple[str | None, ...]]
+
+
+def _leaf_names(path) -> tuple[str, ...]:
   names = []
   for k in path:
     for attr in ("key", "name"):
       if hasattr(k, attr):
         names.append(str(getattr(k, attr)))
         break
-  return names
+  return tuple(names)
 
 
-def param_logical_axes(path, ndim: int, stacked: bool = True) -> tuple[str | None, ...]:
-  """Logical axis names of one parameter (or optimizer-state) leaf, from its path.
+class UndeclaredParameterError(ValueError):
+  """A parameter (or optimizer-state leaf) whose logical axes no layer declared."""
 
-  Qwen3 names (model.py docstring): embed_tokens/embedding [V, D] -> (vocab, embed);
-  q_proj [D, H*Dh] -> (embed, heads); k/v_proj -> (embed, kv_heads); o_proj -> (heads,
-  embed); gate/up_proj [D, M] -> (embed, mlp); down_proj -> (mlp, embed); lm_head [D, V]
-  -> (embed, vocab); norms -> (norm,) / (head_dim,); the vision tower -> `vision`
-  (replicated). With stacked=True a leading `expert` axis is added. Leaves whose names are
-  not known (e.g. optax's `count`) get `expert` on the leading axis and None elsewhere.
-  """
-  names = _leaf_names(path)
+
+def param_logical_axes(path, ndim: int, declared: ParamAxes,
+                       stacked: bool = True) -> tuple[str | None, ...]:
+  """Logical axis names of one parameter leaf (path: a jax key path): the axes its layer
+  declared (`declared`: {path: axes}, e.g. decoder.param_axes(cfg)), behind a leading
+  `expert` axis when stacked. A path without a declaration, or whose declaration does not
+  fit its shape, raises UndeclaredParameterError naming it: never a silently replicated
+  array."""
+  return _declared_axes_of(_leaf_names(path), ndim, declared, stacked)
+
+
+def _declared_axes_of(names: tuple[str, ...], ndim: int, declared: ParamAxes,
+                      stacked: bool) -> tuple[str | None, ...]:
   lead = ("expert",) if stacked else ()
-  inner = ndim - len(lead)
-  module = names[-2] if len(names) >= 2 else ""
-  leaf = names[-1] if names else ""
-  axes: tuple | None = None
-  if "visual" in names:
-    axes = ("vision",) * inner
-  elif module == "embed_tokens" and leaf == "embedding":
-    axes = ("vocab", "embed")
-  elif module == "lm_head":
-    axes = ("embed", "vocab")
-  elif module == "q_proj":
-    axes = ("embed", "heads")
-  elif module in ("k_proj", "v_proj"):
-    axes = ("embed", "kv_heads")
-  elif module == "o_proj":
-    axes = ("heads", "embed")
-  elif module in ("gate_proj", "up_proj"):
-    axes = ("embed", "mlp")
-  elif module == "down_proj":
-    axes = ("mlp", "embed")
-  elif module in ("q_norm", "k_norm"):
-    axes = ("head_dim",)
-  elif leaf == "scale":
-    axes = ("norm",)
-  if axes is None or len(axes) != inner:
-    axes = (None,) * max(inner, 0)  # unknown or scalar-per-branch leaf: replicated inside
-  return (lead + tuple(axes))[:ndim] if ndim >= len(lead) else (None,) * ndim
+  if names not in declared:
+    raise UndeclaredParameterError(
+        f"parameter {'/'.join(names)} (ndim {ndim}) has no declared logical axes: create it "
+        "in a layer with nn.with_logical_partitioning (copd_jax.models.layers.Linear(..., "
+        "axes=...)), and build the RunSharding with the model's param_axes")
+  axes = lead + tuple(declared[names])
+  if len(axes) != ndim:
+    raise UndeclaredParameterError(
+        f"parameter {'/'.join(names)} has {ndim} dimensions but its declared logical axes "
+        f"are {axes} (a stacked/unrolled layer layout that does not match the model's?)")
+  return axes
+
+
+def opt_state_logical_axes(path, ndim: int, declared: ParamAxes,
+                           stacked: bool = True) -> tuple[str | None, ...]:
+  """Logical axes of an optimizer-state leaf. optax mirrors the params inside its state
+  (e.g. adam's mu/nu): a leaf whose path ENDS with a parameter's path takes that
+  parameter's axes. Leaves with no dimension but the expert axis (e.g. the step `count`,
+  [S] when stacked) are per branch. Anything else raises UndeclaredParameterError."""
+  names = _leaf_names(path)
+  for start in range(len(names)):  # the longest suffix first
+    if names[start:] in declared:
+      return _declared_axes_of(names[start:], ndim, declared, stacked)
+  lead = ("expert",) if stacked else ()
+  if ndim <= len(lead):
+    return lead[:ndim]
+  raise UndeclaredParameterError(
+      f"optimizer-state leaf {'/'.join(names)} (ndim {ndim}) mirrors no declared parameter")
 
 
 def _rule_table(rules) -> dict:
@@ -328,13 +348,25 @@ class RunSharding:
   jitted update and sampler. Built once per run; its functions are cached per stage."""
   mesh: Mesh
   rules: tuple = LOGICAL_AXIS_RULES
+  # {parameter path: logical axes} declared by the model's layers (decoder.param_axes,
+  # qwen3_vl.param_axes, policy_setup.declared_param_axes); None: a mesh for rows only
+  # (asking it for parameter shardings is an error).
+  param_axes: ParamAxes | None = None
 
   def __post_init__(self):
     self._fns: dict = {}
 
   @classmethod
-  def from_config(cls, mesh_cfg, num_branches: int | None = None, devices=None) -> "RunSharding":
-    return cls(make_mesh(mesh_cfg, devices, num_branches))
+  def from_config(cls, mesh_cfg, num_branches: int | None = None, devices=None,
+                  param_axes: ParamAxes | None = None) -> "RunSharding":
+    return cls(make_mesh(mesh_cfg, devices, num_branches), param_axes=param_axes)
+
+  def _declared(self) -> ParamAxes:
+    if self.param_axes is None:
+      raise UndeclaredParameterError(
+          "this RunSharding has no parameter axes: build it with "
+          "param_axes=policy_setup.declared_param_axes(model_cfg)")
+    return self.param_axes
 
   # -- single arrays
   def named(self, axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
@@ -352,13 +384,23 @@ class RunSharding:
 
   # -- pytrees
   def stacked_params(self, params, stacked: bool = True):
-    """NamedSharding per leaf of (abstract or real) params — or optimizer state, whose
-    leaves carry the params' names (mu/nu) or are per-branch scalars (count)."""
+    """NamedSharding per leaf of (abstract or real) params [S, ...] (stacked) or [...],
+    from the axes the model's layers declared (param_axes)."""
+    declared = self._declared()
+
     def one(path, x):
-      return self.named(param_logical_axes(path, len(x.shape), stacked), x.shape)
+      return self.named(param_logical_axes(path, len(x.shape), declared, stacked), x.shape)
     return jax.tree_util.tree_map_with_path(one, params)
 
-  opt_state = stacked_params  # same naming rules; optax mirrors the params' paths
+  def opt_state(self, opt_state, stacked: bool = True):
+    """NamedSharding per leaf of an optimizer state: leaves that mirror a parameter (mu/nu)
+    take its axes, per-branch scalars (count) shard over expert."""
+    declared = self._declared()
+
+    def one(path, x):
+      return self.named(opt_state_logical_axes(path, len(x.shape), declared, stacked),
+                        x.shape)
+    return jax.tree_util.tree_map_with_path(one, opt_state)
 
   def shard_params(self, params, stacked: bool = True):
     return place(params, self.stacked_params(params, stacked))

@@ -114,13 +114,16 @@ def measure_4b_child(n: int, topology: str) -> dict:
   from configs import pod_4b
   from copd_jax import sharding as parallel
   from copd_jax.analysis import abstract_step, hlo_audit
+  from copd_jax.models import decoder, model_config
   cfg = pod_4b.get_config()
   caps = ("text", "image", "video")
   cfg.rl.capabilities = tuple(caps[i % 3] + ("" if i < 3 else str(i)) for i in range(n))
   cfg.rl.opd.hub = cfg.rl.capabilities[0]
   cfg.num_experts = n
   cfg.mesh.expert = n
-  run = parallel.RunSharding(parallel.make_mesh(dict(cfg.mesh), num_branches=n))
+  run = parallel.RunSharding(
+      parallel.make_mesh(dict(cfg.mesh), num_branches=n),
+      param_axes=decoder.param_axes(model_config.ModelConfig.from_dict(cfg.model.to_dict())))
   fn, args = abstract_step.abstract_opd_update(cfg, run, num_layers=1, topology=topology)
   compiled = fn.lower(*args).compile()
   found = hlo_audit.collectives_crossing_axis(compiled.as_text(), run.mesh)

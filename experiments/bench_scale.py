@@ -66,6 +66,7 @@ def measure(setting: str, num_layers: int | None, topology: str | None) -> dict:
   """Runs inside the subprocess (jax already sees the simulated devices)."""
   from copd_jax import default_config, sharding as parallel
   from copd_jax.analysis import abstract_step, hlo_audit
+  from copd_jax.models import decoder, model_config
   if setting == "toy":
     cfg = default_config.get("copd", "toy")
     cfg.mesh.update(dict(expert=3, data=2, fsdp=2, tensor=1))
@@ -73,7 +74,9 @@ def measure(setting: str, num_layers: int | None, topology: str | None) -> dict:
     from configs import pod_4b
     cfg = pod_4b.get_config()
   topology = topology or cfg.rl.opd.topology
-  run = parallel.RunSharding(parallel.make_mesh(dict(cfg.mesh), num_branches=cfg.num_experts))
+  run = parallel.RunSharding(
+      parallel.make_mesh(dict(cfg.mesh), num_branches=cfg.num_experts),
+      param_axes=decoder.param_axes(model_config.ModelConfig.from_dict(cfg.model.to_dict())))
   full_fn, full_args = abstract_step.abstract_opd_update(cfg, run, topology=topology)
   param_bytes = abstract_step.tree_bytes(full_args[0]) // cfg.num_experts
   fn, args = (full_fn, full_args) if num_layers is None else abstract_step.abstract_opd_update(

@@ -12,7 +12,8 @@ from jax.sharding import PartitionSpec as P
 from configs import pod_4b
 from copd_jax import config_lib, kernels, sharding as parallel
 from copd_jax.analysis import abstract_step, hlo_audit
-from copd_jax.models import stacked as experts
+from copd_jax.models import decoder, stacked as experts
+from copd_jax.models.model_config import ModelConfig
 from copd_jax.rl import objectives, rows as trainer, stages, update as update_lib
 from tests.tiny_model import tiny_config
 
@@ -48,8 +49,9 @@ def test_validate_mesh_checks_pod_slice_not_local_devices():
 
 
 def test_parameter_specs_of_known_leaves():
-  run = parallel.RunSharding(parallel.make_mesh(dict(expert=2, data=1, fsdp=2, tensor=2)))
   cfg = tiny_config(tie_embeddings=False)
+  run = parallel.RunSharding(parallel.make_mesh(dict(expert=2, data=1, fsdp=2, tensor=2)),
+                             param_axes=decoder.param_axes(cfg))
   params = jax.eval_shape(lambda k: experts.init_stacked(cfg, k), jax.random.split(jax.random.key(0), 2))
   specs = jax.tree.map(lambda s: s.spec, run.stacked_params(params))
   assert specs["embed_tokens"]["embedding"] == P("expert", "tensor", "fsdp")
@@ -58,7 +60,8 @@ def test_parameter_specs_of_known_leaves():
   assert specs["layers_0"]["mlp"]["down_proj"]["kernel"] == P("expert", "tensor", "fsdp")
   assert specs["lm_head"]["kernel"] == P("expert", "fsdp", "tensor")
   assert specs["norm"]["scale"] == P("expert")
-  assert specs["visual"]["patch_embed"]["kernel"] == P("expert")
+  # The vision tower is sharded too (its layers declare vision_* axes).
+  assert specs["visual"]["patch_embed"]["kernel"] == P("expert", None, "fsdp")
   # A mesh axis that does not divide the dimension is dropped, not an error.
   assert parallel.logical_to_spec(("vocab", "embed"), mesh=run.mesh, shape=(47, 32)) == P(None, "fsdp")
   assert parallel.logical_to_spec(("batch",), mesh=parallel.make_mesh(
@@ -122,7 +125,8 @@ def test_sharded_update_matches_unsharded(unsharded_step, mesh_cfg, num_devices,
   # once per prompt (prompt_len=10), the last one in micro-batches of 4 rows.
   params, rows, routing, ucfg, start, optimizer, state, want = unsharded_step
   ucfg = dataclasses.replace(ucfg, micro_batch_rows=micro_batch_rows)
-  run = parallel.RunSharding(parallel.make_mesh(mesh_cfg, jax.devices()[:num_devices]))
+  run = parallel.RunSharding(parallel.make_mesh(mesh_cfg, jax.devices()[:num_devices]),
+                             param_axes=decoder.param_axes(ucfg.model))
   fn = update_lib.sharded_update(run, ucfg, optimizer, distil=True, kl=False, cross_row_start=start,
                      prompt_len=10)
   sharded = run.shard_params(params)
@@ -142,7 +146,8 @@ def test_opd_step_moves_no_parameter_sized_data_across_expert():
   cfg = tiny_config(vocab_size=64, d_model=256, mlp_dim=1024, num_heads=4, num_kv_heads=2,
                     head_dim=64, num_layers=1, vision=SMALL_VISION)
   params, rows, routing, ucfg, start = opd_problem(cfg, native=4, cross=4)
-  run = parallel.RunSharding(parallel.make_mesh(dict(expert=2, data=2, fsdp=2, tensor=1)))
+  run = parallel.RunSharding(parallel.make_mesh(dict(expert=2, data=2, fsdp=2, tensor=1)),
+                             param_axes=decoder.param_axes(cfg))
   optimizer = update_lib.make_optimizer(1e-3, 1.0)
   state = update_lib.init_optimizer_state(optimizer, params)
   fn = update_lib.sharded_update(run, ucfg, optimizer, distil=True, kl=False, cross_row_start=start,
@@ -188,7 +193,9 @@ def test_pod_config_update_lowers_with_abstract_shapes():
   cfg = pod_4b.get_config()
   # 4B widths, one layer, a few rows: lowering only (the full compile is bench_scale's).
   run = parallel.RunSharding(parallel.make_mesh(dict(expert=1, data=1, fsdp=4, tensor=2),
-                                                num_branches=3))
+                                                num_branches=3),
+                             param_axes=decoder.param_axes(
+                                 ModelConfig.from_dict(cfg.model.to_dict())))
   fn, args = abstract_step.abstract_opd_update(cfg, run, num_layers=1, native_prompts=1,
                                           cross_prompts=1)
   assert abstract_step.tree_bytes(args[0]) // 3 > 700e6  # 4B-wide embedding + one layer, f32

@@ -280,7 +280,8 @@ def test_three_branches_on_an_expert_mesh_match_the_single_device_update(model, 
   want = update_lib.update(stacked, state, stacked, rows, routing.as_arrays(), ucfg=u,
                            optimizer=optimizer, distil=True, prompt_len=P)
   run = sharding.RunSharding(sharding.make_mesh(dict(expert=3, data=2, fsdp=1, tensor=1),
-                                                jax.devices()[:6]))
+                                                jax.devices()[:6]),
+                             param_axes=qwen3_vl.param_axes(cfg))
   fn = update_lib.sharded_update(run, u, optimizer, distil=True, kl=False,
                                  cross_row_start=2 * G, prompt_len=P)
   placed = run.shard_params(stacked)

@@ -1,7 +1,16 @@
-"""Building blocks shared by every model: Linear, RMSNorm, SwiGLU and rotary angles (1-D and multimodal)."""
+"""Building blocks shared by every model: Linear, RMSNorm, SwiGLU and rotary angles (1-D and multimodal).
+
+Every parameter declares its logical axes where it is created (flax partitioning metadata,
+`nn.with_logical_partitioning`): e.g. Linear(..., axes=("embed", "heads")) makes a kernel
+[in, out] named (embed, heads) and a bias named (heads,). The model's init functions unbox
+them, so the parameter pytree the rest of the code sees holds plain arrays;
+copd_jax.models.partitioning reads the names back from an abstract boxed init, and
+copd_jax.sharding maps them to mesh axes. A parameter created without names is an error
+there (never silently replicated).
+"""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -9,30 +18,52 @@ import jax.numpy as jnp
 import numpy as np
 
 
+Axes = Sequence[str | None]
+
+
+def with_axes(init, axes: Axes | None):
+  """init with its logical axis names attached (None: no names, which the sharding code
+  rejects, naming the parameter)."""
+  return init if axes is None else nn.with_logical_partitioning(init, tuple(axes))
+
+
 class Linear(nn.Module):
-  """y = x @ kernel (+ bias); kernel f32 [in, out], matmul in `dtype`, f32 accumulation."""
+  """y = x @ kernel (+ bias); kernel f32 [in, out], matmul in `dtype`, f32 accumulation.
+  axes: logical names of the kernel's (in, out) axes; the bias takes the out name."""
   features: int
   dtype: Any = jnp.float32
   use_bias: bool = False
+  axes: Axes | None = None
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
-                        jnp.float32)
+    kernel = self.param("kernel", with_axes(nn.initializers.lecun_normal(), self.axes),
+                        (x.shape[-1], self.features), jnp.float32)
     y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
                    preferred_element_type=jnp.float32)
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+      bias_axes = None if self.axes is None else tuple(self.axes)[-1:]
+      y = y + self.param("bias", with_axes(nn.initializers.zeros, bias_axes), (self.features,),
+                         jnp.float32)
     return y
+
+
+def layer_norm(eps: float, name: str, axes: Axes = ("norm",)) -> nn.LayerNorm:
+  """flax's LayerNorm (f32) with its scale and bias named `axes`."""
+  return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, name=name,
+                      scale_init=with_axes(nn.initializers.ones, axes),
+                      bias_init=with_axes(nn.initializers.zeros, axes))
 
 
 class RMSNorm(nn.Module):
   """Qwen3 RMSNorm over the last axis, statistics in f32: x * rsqrt(mean(x^2) + eps) * scale."""
   eps: float = 1e-6
+  axes: Axes = ("norm",)  # the scale's logical axis
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    scale = self.param("scale", with_axes(nn.initializers.ones, self.axes), (x.shape[-1],),
+                       jnp.float32)
     x = x.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
     return x * scale
@@ -61,9 +92,10 @@ class SwiGLU(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    gate = Linear(self.hidden, self.dtype, name="gate_proj")(x)
-    up = Linear(self.hidden, self.dtype, name="up_proj")(x)
-    return Linear(self.out, self.dtype, name="down_proj")(jax.nn.silu(gate) * up)
+    gate = Linear(self.hidden, self.dtype, axes=("embed", "mlp"), name="gate_proj")(x)
+    up = Linear(self.hidden, self.dtype, axes=("embed", "mlp"), name="up_proj")(x)
+    return Linear(self.out, self.dtype, axes=("mlp", "embed"),
+                  name="down_proj")(jax.nn.silu(gate) * up)
 
 
 def rotate_with_angles(x, angles):

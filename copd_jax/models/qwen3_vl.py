@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from copd_jax.models import decoder, layers
+from copd_jax.models import decoder, layers, partitioning
 from copd_jax.models.layers import mrope_angles, rotate_with_angles
 from copd_jax.models.qwen3_vl_config import (
   _VISION_ACTS,
@@ -186,7 +186,8 @@ class VisionAttention(nn.Module):
     *lead, n, w = x.shape
     heads, hd = vcfg.num_heads, vcfg.head_dim
     f32 = dict(preferred_element_type=jnp.float32)
-    qkv = layers.Linear(3 * w, dt, use_bias=True, name="qkv")(x).reshape(*lead, n, 3, heads, hd)
+    qkv = layers.Linear(3 * w, dt, use_bias=True, axes=("vision_embed", "vision_heads"),
+                        name="qkv")(x).reshape(*lead, n, 3, heads, hd)
     q, k, v = (qkv[..., i, :, :] for i in range(3))
     q = (rotate_with_angles(q, angles) * hd ** -0.5).astype(dt)
     k = rotate_with_angles(k, angles).astype(dt)
@@ -194,7 +195,8 @@ class VisionAttention(nn.Module):
     probs = jax.nn.softmax(jnp.where(same_segment[..., None, :, :], scores, _MASKED_SCORE),
                            axis=-1)
     out = jnp.einsum("...hqk,...khd->...qhd", probs.astype(dt), v.astype(dt), **f32)
-    return layers.Linear(w, dt, use_bias=True, name="proj")(out.reshape(*lead, n, w))
+    return layers.Linear(w, dt, use_bias=True, axes=("vision_heads", "vision_embed"),
+                         name="proj")(out.reshape(*lead, n, w))
 
 
 class VisionMLP(nn.Module):
@@ -204,9 +206,11 @@ class VisionMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     vcfg = self.vcfg
-    h = layers.Linear(vcfg.intermediate_size, self.dtype, use_bias=True, name="linear_fc1")(x)
+    h = layers.Linear(vcfg.intermediate_size, self.dtype, use_bias=True,
+                      axes=("vision_embed", "vision_mlp"), name="linear_fc1")(x)
     h = jax.nn.gelu(h, approximate=_VISION_ACTS[vcfg.hidden_act])
-    return layers.Linear(vcfg.hidden_size, self.dtype, use_bias=True, name="linear_fc2")(h)
+    return layers.Linear(vcfg.hidden_size, self.dtype, use_bias=True,
+                         axes=("vision_mlp", "vision_embed"), name="linear_fc2")(h)
 
 
 class VisionBlock(nn.Module):
@@ -217,9 +221,9 @@ class VisionBlock(nn.Module):
   @nn.compact
   def __call__(self, x, angles, same_segment):
     vcfg = self.vcfg
-    h = nn.LayerNorm(epsilon=vcfg.layer_norm_eps, dtype=jnp.float32, name="norm1")(x)
+    h = layers.layer_norm(vcfg.layer_norm_eps, "norm1")(x)
     x = x + VisionAttention(vcfg, self.dtype, name="attn")(h, angles, same_segment)
-    h = nn.LayerNorm(epsilon=vcfg.layer_norm_eps, dtype=jnp.float32, name="norm2")(x)
+    h = layers.layer_norm(vcfg.layer_norm_eps, "norm2")(x)
     return x + VisionMLP(vcfg, self.dtype, name="mlp")(h)
 
 
@@ -238,11 +242,13 @@ class PatchMerger(nn.Module):
     vcfg = self.vcfg
     merged = vcfg.hidden_size * vcfg.merge_unit
     grouped = x.shape[:-2] + (-1, merged)  # [..., N / merge^2, merge^2 * W]
-    norm = nn.LayerNorm(epsilon=vcfg.layer_norm_eps, dtype=jnp.float32, name="norm")
+    norm = layers.layer_norm(vcfg.layer_norm_eps, "norm")
     x = norm(x.reshape(grouped)) if self.postshuffle_norm else norm(x).reshape(grouped)
-    x = layers.Linear(merged, self.dtype, use_bias=True, name="linear_fc1")(x)
+    x = layers.Linear(merged, self.dtype, use_bias=True, axes=("vision_embed", "vision_mlp"),
+                      name="linear_fc1")(x)
     return layers.Linear(vcfg.out_hidden_size, self.dtype, use_bias=True,
-                        name="linear_fc2")(jax.nn.gelu(x, approximate=False))
+                         axes=("vision_mlp", "embed"),
+                         name="linear_fc2")(jax.nn.gelu(x, approximate=False))
 
 
 class VisionTower(nn.Module):
@@ -263,9 +269,11 @@ class VisionTower(nn.Module):
     if layout is None:
       layout = tuple(jnp.asarray(x) for x in vision_layout(grids, vcfg))
     interp_index, interp_weight, rotary_rc, segment = layout
-    x = layers.Linear(vcfg.hidden_size, self.dtype, use_bias=True, name="patch_embed")(
+    x = layers.Linear(vcfg.hidden_size, self.dtype, use_bias=True,
+                      axes=("vision_patch", "vision_embed"), name="patch_embed")(
         patches.astype(jnp.float32))
-    pos_table = self.param("pos_embed", nn.initializers.normal(0.02),
+    pos_table = self.param("pos_embed", layers.with_axes(nn.initializers.normal(0.02),
+                                                         ("vision_positions", "vision_embed")),
                            (vcfg.num_position_embeddings, vcfg.hidden_size), jnp.float32)
     pos = jnp.einsum("...kw,...k->...w", pos_table[interp_index], interp_weight)
     x = x + pos
@@ -302,6 +310,22 @@ def _add_in_order(hidden, is_slot, values):
   return hidden + jnp.where(is_slot[..., None], gathered.astype(hidden.dtype), 0.0)
 
 
+def _after_layer_only(i, per_layer, apply, x):
+  """apply(per_layer[i]) when decoder layer i has an entry (i < len(per_layer)), else x.
+
+  i: a Python int (unrolled layers) or a traced int32 scalar (the layers under nn.scan,
+  where every layer runs the same body: the entry is picked by a dynamic index and the
+  result selected, so layers past the last entry add nothing)."""
+  if not per_layer:
+    return x
+  if isinstance(i, int):
+    return apply(per_layer[i]) if i < len(per_layer) else x
+  last = len(per_layer) - 1
+  entry = jax.lax.dynamic_index_in_dim(jnp.stack(per_layer), jnp.minimum(i, last),
+                                       keepdims=False)
+  return jnp.where(i <= last, apply(entry), x)
+
+
 class Qwen3VL(decoder.Decoder):
   """The shared Qwen3 decoder (cfg: the text config) with the Qwen3-VL vision tower:
   vision tokens replace the image / video pad tokens, rotary angles come from 3-D
@@ -333,8 +357,8 @@ class Qwen3VL(decoder.Decoder):
 
     def add_deepstack(i, hidden):  # DeepStack: right after decoder layer i
       for is_slot, deepstack in injections:
-        if i < len(deepstack):
-          hidden = _add_in_order(hidden, is_slot, deepstack[i])
+        hidden = _after_layer_only(
+            i, deepstack, lambda feats, h=hidden, s=is_slot: _add_in_order(h, s, feats), hidden)
       return hidden
     angles = mrope_angles(position_ids, text.head_dim, text.rope_theta, vl.mrope_section)
     return self.decode(x, angles, attention_mask.astype(bool), after_layer=add_deepstack)
@@ -347,6 +371,9 @@ class Qwen3VL(decoder.Decoder):
     vl, text = self.vl, self.cfg
     x = self.embed(input_ids)
     tokens, deepstack = self.visual(media.patches, layout=media.layout)  # [B, M, D]
+    # The sharded tower's outputs pinned to the residual stream's rows (decoder.Policy).
+    tokens = decoder._constrain_activations(tokens)
+    deepstack = tuple(decoder._constrain_activations(d) for d in deepstack)
     is_image, is_video = input_ids == vl.image_token_id, input_ids == vl.video_token_id
     # Which of the prompt's vision tokens each position takes (-1: none): images first,
     # then the videos, in prompt order (as prompt_media lays the patches out).
@@ -359,9 +386,10 @@ class Qwen3VL(decoder.Decoder):
     x = jnp.where(is_slot, take(tokens).astype(x.dtype), x)
 
     def add_deepstack(i, hidden):
-      if i < len(deepstack):
-        hidden = hidden + jnp.where(is_slot, take(deepstack[i]).astype(hidden.dtype), 0.0)
-      return hidden
+      return _after_layer_only(
+          i, deepstack,
+          lambda feats: hidden + jnp.where(is_slot, take(feats).astype(hidden.dtype), 0.0),
+          hidden)
     angles = mrope_angles(jnp.moveaxis(media.position_ids, -2, 0), text.head_dim,
                           text.rope_theta, vl.mrope_section)
     return self.decode(x, angles, attention_mask.astype(bool), after_layer=add_deepstack)
@@ -386,14 +414,28 @@ def _module(cfg: Qwen3VLConfig) -> Qwen3VL:
   return Qwen3VL(cfg.text, vl=cfg)
 
 
-def init_params(cfg: Qwen3VLConfig, key) -> Params:
-  """Fresh random f32 parameters (for shapes and tests; not HF's initialisation)."""
+def _boxed_params(cfg: Qwen3VLConfig, key):
+  """The init's parameters with their partitioning metadata (nn.LogicallyPartitioned)."""
   m2 = cfg.vision.merge_unit
   m = cfg.vision.spatial_merge_size
   ids = jnp.full((1, 1), cfg.image_token_id, jnp.int32)
   args = (ids, jnp.ones((1, 1), jnp.int32), jnp.zeros((3, 1, 1), jnp.int32),
           jnp.zeros((m2, cfg.vision.patch_dim), jnp.float32), ((1, m, m),), None, ())
-  return jax.jit(lambda k: _module(cfg).init(k, *args, method=Qwen3VL.init_all)["params"])(key)
+  return _module(cfg).init(key, *args, method=Qwen3VL.init_all)["params"]
+
+
+def init_params(cfg: Qwen3VLConfig, key) -> Params:
+  """Fresh random f32 parameters (for shapes and tests; not HF's initialisation): plain
+  arrays, the partitioning metadata unboxed."""
+  return jax.jit(lambda k: partitioning.unbox(_boxed_params(cfg, k)))(key)
+
+
+@functools.lru_cache(maxsize=16)
+def param_axes(cfg: Qwen3VLConfig) -> dict[tuple[str, ...], tuple[str | None, ...]]:
+  """{parameter path: the logical axes its layer declares} (vision tower included), from
+  an abstract init; see decoder.param_axes."""
+  boxed = jax.eval_shape(lambda k: _boxed_params(cfg, k), jax.random.key(0))
+  return partitioning.declared_axes(boxed)
 
 
 # Layer / block counts beyond this are not a model (the largest released ones have ~100):

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from copd_jax.models.layers import Linear
+from copd_jax.models.layers import Linear, layer_norm, with_axes
 from copd_jax.models.model_config import VisionConfig
 
 
@@ -34,18 +34,22 @@ class VisionBlock(nn.Module):
     vcfg, dt = self.vcfg, self.dtype
     b, n, w = x.shape
     hd = w // vcfg.num_heads
-    h = nn.LayerNorm(dtype=jnp.float32, name="norm1")(x)
-    qkv = Linear(3 * w, dt, use_bias=True, name="qkv")(h).reshape(b, n, 3, vcfg.num_heads, hd)
+    h = layer_norm(1e-6, "norm1")(x)
+    qkv = Linear(3 * w, dt, use_bias=True, axes=("vision_embed", "vision_heads"),
+                 name="qkv")(h).reshape(b, n, 3, vcfg.num_heads, hd)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     scores = jnp.einsum("bqhd,bkhd->bhqk", (q * hd ** -0.5).astype(dt), k.astype(dt),
                         preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(scores, axis=-1)
     attn = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dt), v.astype(dt),
                       preferred_element_type=jnp.float32).reshape(b, n, w)
-    x = x + Linear(w, dt, use_bias=True, name="proj")(attn)
-    h = nn.LayerNorm(dtype=jnp.float32, name="norm2")(x)
-    h = Linear(vcfg.mlp_dim, dt, use_bias=True, name="linear_fc1")(h)
-    h = Linear(w, dt, use_bias=True, name="linear_fc2")(jax.nn.gelu(h))
+    x = x + Linear(w, dt, use_bias=True, axes=("vision_heads", "vision_embed"),
+                   name="proj")(attn)
+    h = layer_norm(1e-6, "norm2")(x)
+    h = Linear(vcfg.mlp_dim, dt, use_bias=True, axes=("vision_embed", "vision_mlp"),
+               name="linear_fc1")(h)
+    h = Linear(w, dt, use_bias=True, axes=("vision_mlp", "vision_embed"),
+               name="linear_fc2")(jax.nn.gelu(h))
     return x + h
 
 
@@ -56,9 +60,11 @@ class Projector(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.LayerNorm(dtype=jnp.float32, name="norm")(x)
-    x = Linear(self.d_model, self.dtype, use_bias=True, name="linear_fc1")(x)
-    return Linear(self.d_model, self.dtype, use_bias=True, name="linear_fc2")(jax.nn.gelu(x))
+    x = layer_norm(1e-6, "norm")(x)
+    x = Linear(self.d_model, self.dtype, use_bias=True, axes=("vision_embed", "mlp"),
+               name="linear_fc1")(x)
+    return Linear(self.d_model, self.dtype, use_bias=True, axes=("mlp", "embed"),
+                  name="linear_fc2")(jax.nn.gelu(x))
 
 
 class VisionEncoder(nn.Module):
@@ -71,10 +77,11 @@ class VisionEncoder(nn.Module):
   def __call__(self, clip):
     vcfg = self.vcfg
     # A Dense over a flattened tubelet == a Conv3d with stride equal to its kernel.
-    x = Linear(vcfg.width, self.dtype, use_bias=True, name="patch_embed")(
-        clip_to_tubelets(clip.astype(jnp.float32), vcfg))
-    x = x + self.param("pos_embed", nn.initializers.normal(0.02), (vcfg.num_tokens, vcfg.width),
-                       jnp.float32)
+    x = Linear(vcfg.width, self.dtype, use_bias=True, axes=("vision_patch", "vision_embed"),
+               name="patch_embed")(clip_to_tubelets(clip.astype(jnp.float32), vcfg))
+    x = x + self.param("pos_embed", with_axes(nn.initializers.normal(0.02),
+                                              ("vision_positions", "vision_embed")),
+                       (vcfg.num_tokens, vcfg.width), jnp.float32)
     for i in range(vcfg.depth):
       x = VisionBlock(vcfg, self.dtype, name=f"blocks_{i}")(x)
     return Projector(self.d_model, self.dtype, name="merger")(x)

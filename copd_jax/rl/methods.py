@@ -65,13 +65,15 @@ def load_or_train_experts(ctx: RunContext, caps) -> Any:
   return run_stage(ctx, stage, params, seed_offset=1)
 
 
-def run_sharding(cfg: ml_collections.ConfigDict) -> sharding_lib.RunSharding | None:
-  """The run's mesh from config.mesh, or None when it spans a single device (then every
-  function runs as a plain jit on the default device, exactly as without a mesh)."""
+def run_sharding(cfg: ml_collections.ConfigDict, model_cfg) -> sharding_lib.RunSharding | None:
+  """The run's mesh from config.mesh, with the parameter axes model_cfg's layers declare,
+  or None when it spans a single device (then every function runs as a plain jit on the
+  default device, exactly as without a mesh)."""
   sizes = sharding_lib.check_mesh_config(cfg.mesh, cfg.num_experts)
   if all(v == 1 for v in sizes.values()):
     return None
-  return sharding_lib.RunSharding.from_config(cfg.mesh, cfg.num_experts)
+  return sharding_lib.RunSharding.from_config(
+      cfg.mesh, cfg.num_experts, param_axes=policy_setup.declared_param_axes(model_cfg))
 
 
 def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, writer) -> dict:
@@ -87,7 +89,7 @@ def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, 
   checkpoints = train_checkpoint.RunCheckpoints(
       cfg.workdir, cfg.checkpoint, method=cfg.method, num_experts=cfg.num_experts,
       seed=cfg.seed, config_json=json.loads(cfg.to_json_best_effort()))
-  sharding = run_sharding(cfg)
+  sharding = run_sharding(cfg, setup.model_cfg)
   if sharding is not None:  # the base (reference policy, merge partner) lives on the mesh too
     base_params = sharding.shard_params(base_params, stacked=False)
   ctx = RunContext(cfg, setup, base_params, eval_sets, writer, checkpoints=checkpoints,
