@@ -11,7 +11,7 @@ metadata and parameter shapes with what the caller expects and names any differe
 nothing is silently re-initialised.
 
 Integrity: metadata.json also holds `integrity` = the checksums of every parameter array
-(train_checkpoint.array_checksums) and a SHA-256 of the rest of the metadata. Loading
+(checksums.array_checksums) and a SHA-256 of the rest of the metadata. Loading
 verifies both (CheckpointCorruptError naming what differs); a policy without them is an
 error unless the caller allows unverified checkpoints (config.checkpoint.allow_unverified).
 """
@@ -23,6 +23,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from copd_jax import checksums
 
 PARAMS_SUBDIR = "params"
 METADATA_FILE = "metadata.json"
@@ -45,13 +47,12 @@ def has_policy(directory: str) -> bool:
 
 def save_policy(directory: str, params: Any, metadata: dict) -> None:
   """Writes params (a pytree of arrays) and JSON-serialisable metadata to `directory`."""
-  from copd_jax import train_checkpoint  # checksum helpers (it imports this module)
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   params_dir = os.path.join(directory, PARAMS_SUBDIR)
   metadata = json.loads(json.dumps(metadata))  # as it will read back (tuples -> lists)
-  integrity = {"checksums": train_checkpoint.array_checksums(params),  # every process
-               "metadata_sha256": train_checkpoint.json_digest(metadata)}
+  integrity = {"checksums": checksums.array_checksums(params),  # every process
+               "metadata_sha256": checksums.json_digest(metadata)}
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(params_dir, params, force=True)  # every process writes its shards
   checkpointer.wait_until_finished()
@@ -86,7 +87,6 @@ def read_metadata(directory: str) -> dict:
 
 def _verify_metadata(directory: str, metadata: dict, integrity, allow_unverified: bool) -> bool:
   """Checks metadata against its digest; returns whether the arrays can be verified."""
-  from copd_jax import train_checkpoint
   where = os.path.join(directory, METADATA_FILE)
   if not isinstance(integrity, dict) or "checksums" not in integrity or \
       "metadata_sha256" not in integrity:
@@ -98,7 +98,7 @@ def _verify_metadata(directory: str, metadata: dict, integrity, allow_unverified
         f"{where} has no checksums ({INTEGRITY_KEY!r}), so the policy cannot be verified "
         "(written by an older version, or removed); set "
         "config.checkpoint.allow_unverified=True to load it anyway")
-  if train_checkpoint.json_digest(metadata) != integrity["metadata_sha256"]:
+  if checksums.json_digest(metadata) != integrity["metadata_sha256"]:
     raise CheckpointCorruptError(f"{where} is corrupt: its metadata differs from the checksum "
                                  "saved with it")
   return True
@@ -142,7 +142,6 @@ def load_policy(directory: str, abstract_params: Any, expected_metadata: dict | 
   CheckpointCorruptError when the metadata or an array differs from its saved checksum
   (or there are none and not allow_unverified).
   """
-  from copd_jax import train_checkpoint
   directory = os.path.abspath(directory)
   stored_metadata, integrity = _read_record(directory)
   verify = _verify_metadata(directory, stored_metadata, integrity, allow_unverified)
@@ -163,7 +162,7 @@ def load_policy(directory: str, abstract_params: Any, expected_metadata: dict | 
         f"parameters in {params_dir} do not match the model:\n  " + "\n  ".join(diffs[:20]))
   params = checkpointer.restore(params_dir, _with_local_default_sharding(abstract_params))
   if verify:
-    bad = train_checkpoint.checksum_mismatches(integrity["checksums"], params)
+    bad = checksums.checksum_mismatches(integrity["checksums"], params)
     if bad:
       raise CheckpointCorruptError(
           f"policy checkpoint {params_dir} is corrupt: the checksums of {len(bad)} array(s) "

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import hashlib
 import json
 import os
 import signal
@@ -38,6 +37,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from copd_jax.checkpoint import CheckpointCorruptError, CheckpointMismatchError
+from copd_jax.checksums import (  # noqa: F401  (re-exported: the checkpoint checks use them)
+    array_checksums, checksum_mismatches, json_digest)
 from copd_jax.data import streams as data_lib
 
 FORMAT_VERSION = 1
@@ -150,50 +151,6 @@ def nonfinite_branches(stacked_params, branch_names) -> list[str]:
   return [name for name, good in zip(branch_names, ok) if not good]
 
 
-def _words(x) -> jax.Array:
-  """Any array's bytes as uint32 words (1-D): 4-byte types bitcast, 2- and 1-byte types
-  widened, 8-byte types split in two."""
-  if x.dtype == jnp.bool_:
-    x = x.astype(jnp.uint8)
-  size = jnp.dtype(x.dtype).itemsize
-  if size == 4:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
-  if size == 8:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)  # [..., 2]
-  unsigned = {2: jnp.uint16, 1: jnp.uint8}[size]
-  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
-
-
-def _array_checksum(x) -> jax.Array:
-  """uint32[2]: two position-weighted sums of the array's words, modulo 2**32. The
-  weights are odd, so any change of a single word changes both; integer sums are exact
-  in any order, so the value does not depend on sharding or device count."""
-  words = _words(x)
-  i = jnp.arange(words.shape[0], dtype=jnp.uint32)
-  return jnp.stack([jnp.sum(words * (2 * i + 1)),
-                    jnp.sum(words * ((i * jnp.uint32(2654435761)) | 1))])
-
-
-@jax.jit
-def _checksums(tree):
-  return jax.tree.map(_array_checksum, tree)
-
-
-def array_checksums(tree) -> dict[str, list[int]]:
-  """{array path: [two uint32 checksums]} of every array of a pytree (on device; only
-  the small results come to the host)."""
-  from copd_jax import sharding as sharding_lib
-  sums = sharding_lib.to_host(_checksums(tree))
-  return {jax.tree_util.keystr(k): [int(v) for v in np.asarray(c)]
-          for k, c in jax.tree_util.tree_leaves_with_path(sums)}
-
-
-def checksum_mismatches(stored: Mapping[str, Any], tree) -> list[str]:
-  """Paths of the arrays of `tree` whose checksum differs from `stored` (or is missing)."""
-  now = array_checksums(tree)
-  return [k for k in now if stored.get(k) != now[k]]
-
-
 def _first_lines(err: BaseException) -> str:
   """The first line of an error and of each error that caused it (tensorstore appends a
   spec dump of a hundred lines that would bury the message)."""
@@ -204,13 +161,6 @@ def _first_lines(err: BaseException) -> str:
     parts.append(f"{type(err).__name__}: {line[:300]}")
     err = err.__cause__ or err.__context__
   return " <- ".join(parts)
-
-
-def json_digest(value: Any) -> str:
-  """SHA-256 of a JSON value in canonical form (sorted keys, no spaces): equal for the
-  value saved and the same value read back, different after any changed character."""
-  text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
-  return hashlib.sha256(text.encode()).hexdigest()
 
 
 # The digests a checkpoint's meta item carries besides the array checksums: of the host
