@@ -16,7 +16,7 @@ it finishes, and a rerun skips the programs already there (a long compile resume
 
 --quick (at most ~10 minutes here): every Pallas kernel compiled with its default tiles
 for v5e, v5p and v6e at the Qwen3-4B LM-head shape (8192 tokens, D = 2560, V = 151936,
-bf16; kernels.tpu_check.compile_kernels), and every program of a small version of the
+bf16; copd_jax.kernels.tpu_check.compile_kernels), and every program of a small version of the
 config (tpu_compile.small_config) on a 4-chip v5p slice.
 
 What this cannot check: speed and numerics on a real chip (nothing runs; the roofline
@@ -35,7 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-QUICK_GENERATIONS = {"v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
+QUICK_GENERATIONS = {"v5e": "v5e:1x1", "v5p": "v5p:1x1x1", "v6e": "v6e:1x1"}
 QUICK_KERNEL_SHAPE = dict(tokens=8192, hidden=2560, vocab=151936)
 
 
@@ -70,38 +70,52 @@ def default_topology(cfg) -> str:
   return f"{pod.tpu}:{pod.topology}"
 
 
-def compile_kernels_quick(log) -> dict:
-  """{generation: {kernel: True/False or error text}} from kernels.tpu_check."""
+def compile_kernels_quick(log) -> tuple[dict, dict]:
+  """({generation: {kernel: compiled?}}, {generation: {kernel: error}}) from
+  copd_jax.kernels.tpu_check.compile_kernels on one chip of each generation."""
   import jax.numpy as jnp
   try:
-    from kernels import tpu_check
+    from copd_jax.kernels import tpu_check
   except ImportError as err:
-    return {"error": f"kernels.tpu_check is not available ({err})"}
-  out = {}
+    return {}, {"all": f"copd_jax.kernels.tpu_check is not available ({err})"}
+  compiled, errors = {}, {}
   for generation, topology in QUICK_GENERATIONS.items():
     log(f"compiling the Pallas kernels for {topology} ...")
     t0 = time.perf_counter()
     try:
       result = tpu_check.compile_kernels(topology, dtype=jnp.bfloat16, **QUICK_KERNEL_SHAPE)
-      out[generation] = {k: (v if isinstance(v, bool) else bool(v) if not isinstance(v, str)
-                             else v) for k, v in dict(result).items()}
+      compiled[generation] = {k: bool(r.get("compiled")) for k, r in result.items()}
+      failed = {k: r.get("error") for k, r in result.items() if not r.get("compiled")}
+      if failed:
+        errors[generation] = failed
     except Exception as err:  # report and go on to the next generation
-      out[generation] = {"error": f"{type(err).__name__}: {str(err)[:500]}"}
-    log(f"  {generation}: {out[generation]} ({time.perf_counter() - t0:.0f} s)")
-  return out
+      compiled[generation] = {}
+      errors[generation] = f"{type(err).__name__}: {str(err)[:500]}"
+    log(f"  {generation}: {compiled[generation]} ({time.perf_counter() - t0:.0f} s)")
+  return compiled, errors
 
 
 def quick(args, log) -> dict:
   from copd_jax.analysis import tpu_compile
   t0 = time.perf_counter()
-  kernels = compile_kernels_quick(log)
-  cfg = tpu_compile.small_config(load_config(args.config, args.set))
-  programs = tpu_compile.compile_run(cfg, tpu_compile.SMALL_TOPOLOGY, log=log)
-  kernels_ok = bool(kernels) and "error" not in kernels and all(
-      "error" not in k and all(v is True for v in k.values()) and k for k in kernels.values())
+  kernels, kernel_errors = compile_kernels_quick(log)
+  base = load_config(args.config, args.set)
+  # Sharded over the 4 chips (what a pod run compiles), then on one chip (every program
+  # through the TPU and Mosaic compilers without SPMD partitioning).
+  log(f"small {args.config} on {tpu_compile.SMALL_TOPOLOGY}, mesh fsdp=2 x tensor=2:")
+  sharded = tpu_compile.compile_run(tpu_compile.small_config(base, chips=4),
+                                    tpu_compile.SMALL_TOPOLOGY, log=log)
+  log(f"small {args.config} on one chip of {tpu_compile.SMALL_TOPOLOGY}:")
+  one_chip = tpu_compile.compile_run(tpu_compile.small_config(base, chips=1),
+                                     tpu_compile.SMALL_TOPOLOGY, log=log)
+  kernels_ok = len(kernels) == len(QUICK_GENERATIONS) and not kernel_errors and all(
+      k and all(k.values()) for k in kernels.values())
+  ok = lambda programs: all("error" not in p for p in programs.values())  # noqa: E731
   return {"kernels_compiled": kernels, "all_kernels_compiled": kernels_ok,
-          "programs_compiled": all("error" not in p for p in programs.values()),
-          "programs_topology": tpu_compile.SMALL_TOPOLOGY, "programs": programs,
+          "kernel_errors": kernel_errors,
+          "programs_compiled": ok(sharded), "programs_compiled_one_chip": ok(one_chip),
+          "programs_topology": tpu_compile.SMALL_TOPOLOGY,
+          "programs": {"sharded_4_chips": sharded, "one_chip": one_chip},
           "wall_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -146,7 +160,21 @@ def main(argv=None):
   parser.add_argument("--out", default="", help="write the figures here as JSON (resumable)")
   parser.add_argument("--quick", action="store_true",
                       help="kernels for v5e/v5p/v6e + every program of a small config")
+  parser.add_argument("--table", nargs="*", metavar="JSON",
+                      help="print a markdown table of --out files (default: "
+                           "experiments/results/tpu/*.json) and exit")
   args = parser.parse_args(argv)
+  if args.table is not None:
+    import glob
+    from copd_jax.analysis import tpu_compile
+    paths = args.table or sorted(glob.glob(os.path.join(REPO, "experiments", "results", "tpu",
+                                                        "*.json")))
+    records = []
+    for path in paths:
+      with open(path) as f:
+        records.append(json.load(f))
+    print(tpu_compile.figures_table(records))
+    return records
   log = lambda line: print(line, flush=True)  # noqa: E731
   result = quick(args, log) if args.quick else full(args, log)
   print(json.dumps(result))

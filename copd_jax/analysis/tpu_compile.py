@@ -401,8 +401,13 @@ def compile_program(program: Program, chip: Chip) -> dict:
 
 
 def run_sharding(cfg, topology: str) -> RunSharding:
-  """config.mesh over the abstract devices of `topology` (sizes must multiply to its chips)."""
+  """config.mesh over the abstract devices of `topology`: all of them, or the first N when
+  the mesh sizes are fixed and multiply to fewer (e.g. a one-chip mesh on a 2x2 slice)."""
   devices = tpu_devices(topology)
+  sizes = dict(cfg.mesh)
+  wanted = math.prod(sizes.values()) if all(v > 0 for v in sizes.values()) else len(devices)
+  if wanted < len(devices):
+    devices = devices[:wanted]
   return RunSharding(make_mesh(cfg.mesh, devices, cfg.num_experts))
 
 
@@ -449,9 +454,9 @@ SMALL_QWEN3_VL = dict(
 SMALL_TOPOLOGY = "v5p:2x2x1"
 
 
-def small_config(cfg):
-  """A copy of a run config shrunk to compile in seconds on a 4-chip topology
-  (SMALL_TOPOLOGY, mesh fsdp=2 x tensor=2): tiny widths and depth (a tiny Qwen3-VL when
+def small_config(cfg, chips: int = 4):
+  """A copy of a run config shrunk to compile in seconds on SMALL_TOPOLOGY: on its 4 chips
+  (mesh fsdp=2 x tensor=2) or, chips=1, on one of them: tiny widths and depth (a tiny Qwen3-VL when
   the config carries config.pod.qwen3_vl), 128 + 128 tokens, 2 native + 2 cross prompts
   x 2 samples, micro-batches of 4 rows. The model family, the loss backend and tiles,
   the attention kernel, remat and the optimizer are the config's own."""
@@ -467,7 +472,30 @@ def small_config(cfg):
   c.sampling.max_new_tokens = 128
   c.rl.update(dict(native_prompts=2, cross_prompts=2, samples_per_prompt=2,
                    micro_batch_rows=4))
-  c.mesh = ml_collections.ConfigDict(dict(expert=1, data=1, fsdp=2, tensor=2))
+  if chips not in (1, 4):
+    raise ValueError(f"small_config: chips must be 1 or 4, got {chips}")
+  split = 2 if chips == 4 else 1
+  c.mesh = ml_collections.ConfigDict(dict(expert=1, data=1, fsdp=split, tensor=split))
   if c.get("pod") is not None:
     c.pod.update(dict(tpu="v5p", topology="2x2x1", num_chips=4))
   return c
+
+
+def figures_table(records: list[dict]) -> str:
+  """A markdown table (one line per config and program) from compile_tpu.py --out records."""
+  lines = ["| config | topology | mesh | layers | program | per device | HBM fraction | "
+           "temporaries | TFLOP | roofline | compile |", "|---" * 11 + "|"]
+  for rec in records:
+    mesh = " x ".join(f"{k}={v}" for k, v in rec.get("mesh", {}).items() if v != 1) or "1"
+    name = rec["config"].split("/")[-1].removesuffix(".py")
+    if rec.get("overrides"):
+      name += " (" + ", ".join(o.split(".")[-1] for o in rec["overrides"]) + ")"
+    for program, fig in rec.get("programs", {}).items():
+      head = f"| {name} | {rec['topology']} | {mesh} | {rec['num_layers']} | {program} |"
+      if "error" in fig:
+        lines.append(head + f" failed: {fig['error'].splitlines()[0][:90]} | | | | | |")
+        continue
+      lines.append(head + f" {fig['per_device_bytes'] / GiB:.2f} GiB | {fig['hbm_fraction']:.3f} |"
+                   f" {fig['temp_bytes'] / GiB:.2f} GiB | {fig['flops'] / 1e12:.2f} |"
+                   f" {fig['roofline_s'] * 1e3:.1f} ms | {fig['compile_s']:.0f} s |")
+  return "\n".join(lines)
