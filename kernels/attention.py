@@ -26,6 +26,8 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
+from copd_jax.kernels import tpu_tiles
+
 LANES = 128  # the kernel's key blocks must be multiples of this
 _PAD_SEGMENT = 2  # the segment of the rows and columns added to reach a multiple of LANES
 
@@ -63,7 +65,8 @@ def splash_attention(q, k, v, q_valid, kv_valid, *, prefix_len: int = 0, block: 
   q: [N, Tq, K, G, Dh], already scaled by Dh ** -0.5; k, v: [N, Tk, K, Dh] with
   Tk = prefix_len + Tq; q_valid: bool[N, Tq]; kv_valid: bool[N, Tk].
   block: the largest query / key block (a multiple of 128; smaller when the padded length
-  calls for it). interpret: run the kernel in Pallas interpret mode (default: off TPU).
+  calls for it). interpret: run the kernel in Pallas interpret mode (default: when the
+  target is not a TPU; see tpu_tiles.target_platform).
   Returns f32[N, Tq, K, G, Dh].
   """
   n, tq, kv_heads, groups, hd = q.shape
@@ -72,7 +75,9 @@ def splash_attention(q, k, v, q_valid, kv_valid, *, prefix_len: int = 0, block: 
     raise ValueError(f"splash_attention: keys ({tk}) must be prefix_len ({prefix_len}) + "
                      f"queries ({tq})")
   if interpret is None:
-    interpret = jax.default_backend() != "tpu"
+    # The target, not the host: a deviceless TPU compile (under jax.set_mesh over TPU
+    # devices) must lower the real kernel although the default backend is the CPU.
+    interpret = tpu_tiles.target_platform() != "tpu"
   tq_pad = _round_up(tq, LANES)
   tk_pad = _round_up(prefix_len + tq_pad, LANES)  # every padded query has a padded key
   q_seg = jnp.pad(q_valid.astype(jnp.int32), [(0, 0), (0, tq_pad - tq)],

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
+
+from copd_jax.kernels import tpu_tiles
 
 BACKENDS = ("reference", "chunked", "pallas")
 INTERPRET_MODES = (False, True, "tpu")
-DEFAULT_TOKEN_TILES = {"reference": 0, "chunked": 2048, "pallas": 256}
-DEFAULT_VOCAB_TILES = {"reference": 0, "chunked": 2048, "pallas": 512}
+# None for pallas: the kernels pick the TPU generation's tiles at trace time
+# (kernels/tpu_tiles.py: default_tiles, from a VMEM byte budget).
+DEFAULT_TOKEN_TILES = {"reference": 0, "chunked": 2048, "pallas": None}
+DEFAULT_VOCAB_TILES = {"reference": 0, "chunked": 2048, "pallas": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,11 +25,13 @@ class KernelConfig:
       O(token_tile x vocab_tile)),
       'pallas' (TPU Mosaic kernel with VMEM scratch; tokens x vocab grid).
     vocab_tile: vocabulary columns per tile; need not divide V. None picks the
-      backend's default: 2048 for chunked, 512 for pallas (the d_head kernel keeps a
-      [D, vocab_tile] f32 accumulator in VMEM: 5 MB at D = 2560).
+      backend's default: 2048 for chunked; for pallas, the TPU generation's tile from
+      its VMEM budget (`tpu_tiles.default_tiles`: 512 unless D is large).
     token_tile: tokens per tile; need not divide the number of tokens. None picks the
       backend's default: 2048 for chunked (fewer read-modify-writes of the [D, V] head
-      gradient, one per token chunk), 256 for pallas ([token_tile, D] f32 in VMEM).
+      gradient, one per token chunk); for pallas the generation's (256 on v5e and v5p,
+      512 on v6e, less when D is large). A pallas tile too large for VMEM fails to
+      compile (CompileTimeScopedVmemOom).
     interpret: pallas only. False compiles for TPU; True runs Pallas's generic
       interpreter (any platform); 'tpu' runs the TPU interpret mode, which simulates
       VMEM/SMEM and fills out-of-bounds block reads with NaN (catches missing masks).
@@ -54,15 +59,17 @@ class KernelConfig:
       raise ValueError("KernelConfig.interpret only applies to backend='pallas'")
 
   @property
-  def tokens_per_tile(self) -> int:
-    """token_tile, or the backend's default when it is None."""
+  def tokens_per_tile(self) -> int | None:
+    """token_tile, or the backend's default when it is None (None for pallas: chosen
+    per TPU generation at trace time)."""
     if self.token_tile is not None:
       return self.token_tile
     return DEFAULT_TOKEN_TILES[self.backend]
 
   @property
-  def columns_per_tile(self) -> int:
-    """vocab_tile, or the backend's default when it is None."""
+  def columns_per_tile(self) -> int | None:
+    """vocab_tile, or the backend's default when it is None (None for pallas: chosen
+    per TPU generation at trace time)."""
     if self.vocab_tile is not None:
       return self.vocab_tile
     return DEFAULT_VOCAB_TILES[self.backend]
@@ -71,7 +78,8 @@ class KernelConfig:
     """Raise if the pallas backend cannot run on this platform (called at trace time)."""
     if self.backend != "pallas" or self.interpret is not False:
       return
-    platform = jax.default_backend()
+    # The mesh set by jax.set_mesh names the target of a deviceless TPU compile.
+    platform = tpu_tiles.target_platform()
     if platform == "cpu":
       raise ValueError(
           "KernelConfig.interpret: the pallas backend cannot compile for cpu; "
@@ -81,11 +89,11 @@ class KernelConfig:
           f"KernelConfig.backend='pallas' is a TPU Mosaic kernel (VMEM scratch); "
           f"compiling it for {platform!r} is not implemented. Use backend='chunked' "
           "there (or interpret=True to run the kernel in the interpreter).")
-    if self.columns_per_tile % 128 or self.tokens_per_tile % 8:
+    if (self.vocab_tile or 128) % 128 or (self.token_tile or 8) % 8:
       raise ValueError(
           "KernelConfig: on TPU vocab_tile must be a multiple of 128 and token_tile a "
-          f"multiple of 8, got vocab_tile={self.columns_per_tile}, "
-          f"token_tile={self.tokens_per_tile}")
+          f"multiple of 8, got vocab_tile={self.vocab_tile}, "
+          f"token_tile={self.token_tile}")
 
 
 def check_lm_head_inputs(hidden, head, tokens=None, *, prefix: str = ""):

@@ -14,11 +14,22 @@ Ragged edges: the grid is cdiv-sized; edge blocks read past the array (garbage, 
 TPU interpret mode) and every kernel masks rows >= N and columns >= V before they can
 reach a sum, so no padded copy of the head or the hidden states is ever made.
 
-Not done here: tiling the hidden dimension D (a [D, vocab_tile] head block must fit in
-VMEM: D = 2560, tile 512, bf16 is 2.6 MB), and dimension_semantics: jax 0.10.2's pallas
-vmap rule prepends a grid axis but keeps the user's dimension_semantics tuple, which
-breaks vmap over the expert axis, so all axes stay 'arbitrary' (no megacore split on
-two-TensorCore chips). Runs on CPU only in interpret mode; no GPU lowering.
+VMEM. Every kernel keeps whole [token_tile, D] row blocks (and [D, vocab_tile] head
+blocks) in VMEM and asks the Mosaic compiler for a scoped-VMEM limit of 3/4 of its TPU
+generation's VMEM per core (`CompilerParams(vmem_limit_bytes=...)`); the default tiles are
+chosen per generation from a byte model of each kernel (kernels/tpu_tiles.py, which says
+why). The compiler's default limit (16 MiB on v5e and v5p) is too small at real sizes: at
+8,192 tokens, D = 2,560, V = 151,936, bf16, with 256 x 512 tiles, the d_hidden kernel
+needs 18.4 MiB, d_head 21.8 MiB, the reverse-KL kernels up to 29.6 MiB, top-k 17.1 MiB
+(the compiler's figures on v5p). The hidden dimension is not tiled: a D-split grid
+re-reads the hidden states once per vocabulary tile (tpu_tiles has the arithmetic).
+tests/test_kernels_tpu.py compiles every kernel for v5e, v5p and v6e.
+
+Not done here: dimension_semantics: jax 0.10.2's pallas vmap rule prepends a grid axis but
+keeps the user's dimension_semantics tuple, which breaks vmap over the expert axis, so
+all axes stay 'arbitrary' (no megacore split on two-TensorCore chips such as v5p). The
+kernels' out_shapes carry no varying-axes annotation, so inside `jax.shard_map` they need
+check_vma=False. Runs on CPU only in interpret mode; no GPU lowering.
 """
 from __future__ import annotations
 
@@ -30,7 +41,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from copd_jax.kernels import tile_math
+from copd_jax.kernels import tile_math, tpu_tiles
+from copd_jax.kernels.tpu_tiles import Tiles
 
 
 def interpret_arg(mode):
@@ -42,9 +54,15 @@ def interpret_arg(mode):
   return bool(mode)
 
 
-def _tiles(num_tokens: int, vocab: int, token_tile: int, vocab_tile: int):
-  tm, tv = min(token_tile, num_tokens), min(vocab_tile, vocab)
+def _tiles(num_tokens: int, vocab: int, tiles: Tiles):
+  tm, tv = min(tiles.token_tile, num_tokens), min(tiles.vocab_tile, vocab)
   return tm, tv, pl.cdiv(num_tokens, tm), pl.cdiv(vocab, tv)
+
+
+def _compiler_params(tiles: Tiles):
+  """Scoped-VMEM limit of the generation (tpu_tiles: the compiler's default is too small
+  for [tm, D] row blocks at real D); ignored in interpret mode."""
+  return pltpu.CompilerParams(vmem_limit_bytes=tiles.vmem_limit_bytes)
 
 
 def _col_ids(col_tile_index, shape, tv):
@@ -98,10 +116,10 @@ def _stats_kernel(hidden_ref, head_ref, tokens_ref, logprob_ref, entropy_ref, ls
     logprob_ref[...], entropy_ref[...], lse_ref[...] = logprob, entropy, lse
 
 
-def _stats_forward(hidden, head, tokens, token_tile, vocab_tile, interpret):
+def _stats_forward(hidden, head, tokens, tiles, interpret):
   """-> (logprob, entropy, lse), each f32[N, 1]."""
   (n, d), vocab = hidden.shape, head.shape[1]
-  tm, tv, grid_rows, grid_cols = _tiles(n, vocab, token_tile, vocab_tile)
+  tm, tv, grid_rows, grid_cols = _tiles(n, vocab, tiles)
   column = jax.ShapeDtypeStruct((n, 1), jnp.float32)
   return pl.pallas_call(
       functools.partial(_stats_kernel, vocab=vocab, tv=tv),
@@ -110,6 +128,7 @@ def _stats_forward(hidden, head, tokens, token_tile, vocab_tile, interpret):
       in_specs=[_row_spec(tm, d, 0), _col_spec(d, tv, 0), _row_spec(tm, 1, 0)],
       out_specs=[_row_spec(tm, 1, 0)] * 3,
       scratch_shapes=[pltpu.VMEM((tm, 1), jnp.float32)] * 4,
+      compiler_params=_compiler_params(tiles),
       interpret=interpret_arg(interpret),
       name="token_logprob_entropy_fwd",
   )(hidden, head, _column(tokens.astype(jnp.int32)))
@@ -137,10 +156,10 @@ def _rkl_kernel(s_hidden_ref, s_head_ref, t_hidden_ref, t_head_ref, kl_ref, s_ls
     kl_ref[...], s_lse_ref[...], t_lse_ref[...] = tile_math.finalize_rkl_stats(stats)
 
 
-def _rkl_forward(s_hidden, s_head, t_hidden, t_head, token_tile, vocab_tile, interpret):
+def _rkl_forward(s_hidden, s_head, t_hidden, t_head, tiles, interpret):
   """-> (KL, student lse, teacher lse), each f32[N, 1]."""
   (n, ds), dt, vocab = s_hidden.shape, t_hidden.shape[1], s_head.shape[1]
-  tm, tv, grid_rows, grid_cols = _tiles(n, vocab, token_tile, vocab_tile)
+  tm, tv, grid_rows, grid_cols = _tiles(n, vocab, tiles)
   column = jax.ShapeDtypeStruct((n, 1), jnp.float32)
   return pl.pallas_call(
       functools.partial(_rkl_kernel, vocab=vocab, tv=tv),
@@ -150,6 +169,7 @@ def _rkl_forward(s_hidden, s_head, t_hidden, t_head, token_tile, vocab_tile, int
                 _row_spec(tm, dt, 0), _col_spec(dt, tv, 0)],
       out_specs=[_row_spec(tm, 1, 0)] * 3,
       scratch_shapes=[pltpu.VMEM((tm, 1), jnp.float32)] * 5,
+      compiler_params=_compiler_params(tiles),
       interpret=interpret_arg(interpret),
       name="reverse_kl_fwd",
   )(s_hidden, s_head, t_hidden, t_head)
@@ -185,10 +205,16 @@ def _top_k_kernel(hidden_ref, head_ref, values_ref, ids_ref, max_ref, sum_ref, b
     ids_ref[...] = best_ids
 
 
-def top_k_logprobs(hidden, head, k: int, token_tile: int, vocab_tile: int, interpret):
-  """-> (top-k log-probs f32[N, k], ids int32[N, k]), largest first; not differentiable."""
+def top_k_logprobs(hidden, head, k: int, token_tile: int | None, vocab_tile: int | None,
+                   interpret):
+  """-> (top-k log-probs f32[N, k], ids int32[N, k]), largest first; not differentiable.
+
+  token_tile / vocab_tile: None picks the TPU generation's default (tpu_tiles).
+  """
   (n, d), vocab = hidden.shape, head.shape[1]
-  tm, tv, grid_rows, grid_cols = _tiles(n, vocab, token_tile, vocab_tile)
+  tiles = tpu_tiles.resolve_tiles(token_tile, vocab_tile, hidden=d, hidden_dtype=hidden.dtype,
+                                  head_dtype=head.dtype, op="top_k_logprobs", top_k=k)
+  tm, tv, grid_rows, grid_cols = _tiles(n, vocab, tiles)
   return pl.pallas_call(
       functools.partial(_top_k_kernel, vocab=vocab, tv=tv, k=k),
       out_shape=(jax.ShapeDtypeStruct((n, k), jnp.float32),
@@ -198,6 +224,7 @@ def top_k_logprobs(hidden, head, k: int, token_tile: int, vocab_tile: int, inter
       out_specs=[_row_spec(tm, k, 0)] * 2,
       scratch_shapes=[pltpu.VMEM((tm, 1), jnp.float32), pltpu.VMEM((tm, 1), jnp.float32),
                       pltpu.VMEM((tm, k), jnp.float32), pltpu.VMEM((tm, k), jnp.int32)],
+      compiler_params=_compiler_params(tiles),
       interpret=interpret_arg(interpret),
       name="top_k_logprobs",
   )(hidden, head)
@@ -273,15 +300,14 @@ def _grad_pair(hidden, head, dlogits, *, want_head):
                          preferred_element_type=jnp.float32), None
 
 
-def _backward(tile_dlogits, hidden, head, row_inputs, col_inputs, token_tile, vocab_tile,
-              interpret):
+def _backward(tile_dlogits, hidden, head, row_inputs, col_inputs, tiles, interpret):
   """Run the d_hidden and d_head kernels. row_inputs: [N, w] arrays; col_inputs: [r, V].
 
   tile_dlogits(hidden_tile, head_tile, row_tiles, col_tiles, col_start, col_valid)
     -> dlogits f32[tm, tv], zero at invalid columns.
   """
   (n, d), vocab = hidden.shape, head.shape[1]
-  tm, tv, grid_rows, grid_cols = _tiles(n, vocab, token_tile, vocab_tile)
+  tm, tv, grid_rows, grid_cols = _tiles(n, vocab, tiles)
   static = dict(tile_dlogits=tile_dlogits, num_row_inputs=len(row_inputs), num_tokens=n,
                 vocab=vocab, tm=tm, tv=tv)
 
@@ -298,6 +324,7 @@ def _backward(tile_dlogits, hidden, head, row_inputs, col_inputs, token_tile, vo
       in_specs=specs(0),
       out_specs=_row_spec(tm, d, 0),
       scratch_shapes=[pltpu.VMEM((tm, d), jnp.float32)],
+      compiler_params=_compiler_params(tiles),
       interpret=interpret_arg(interpret),
       name="lm_head_d_hidden",
   )(*operands)
@@ -308,6 +335,7 @@ def _backward(tile_dlogits, hidden, head, row_inputs, col_inputs, token_tile, vo
       in_specs=specs(1),
       out_specs=_col_spec(d, tv, 1),
       scratch_shapes=[pltpu.VMEM((d, tv), jnp.float32)],
+      compiler_params=_compiler_params(tiles),
       interpret=interpret_arg(interpret),
       name="lm_head_d_head",
   )(*operands)
@@ -323,28 +351,38 @@ def _stats_dlogits(hidden, head, row_tiles, col_tiles, col_start, col_valid):
                               col_valid)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def token_logprob_entropy(hidden, head, tokens, token_tile: int, vocab_tile: int, interpret):
-  """hidden: [N, D], head: [D, V], tokens: int[N] -> (logprob f32[N], entropy f32[N])."""
-  logprob, entropy, _ = _stats_forward(hidden, head, tokens, token_tile, vocab_tile, interpret)
+def token_logprob_entropy(hidden, head, tokens, token_tile: int | None,
+                          vocab_tile: int | None, interpret):
+  """hidden: [N, D], head: [D, V], tokens: int[N] -> (logprob f32[N], entropy f32[N]).
+
+  token_tile / vocab_tile: None picks the TPU generation's default (tpu_tiles).
+  """
+  tiles = tpu_tiles.resolve_tiles(token_tile, vocab_tile, hidden=hidden.shape[1],
+                                  hidden_dtype=hidden.dtype, head_dtype=head.dtype,
+                                  op="token_logprob_entropy")
+  return _token_logprob_entropy(hidden, head, tokens, tiles, interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _token_logprob_entropy(hidden, head, tokens, tiles: Tiles, interpret):
+  logprob, entropy, _ = _stats_forward(hidden, head, tokens, tiles, interpret)
   return logprob[:, 0], entropy[:, 0]
 
 
-def _stats_fwd(hidden, head, tokens, token_tile, vocab_tile, interpret):
-  logprob, entropy, lse = _stats_forward(hidden, head, tokens, token_tile, vocab_tile, interpret)
+def _stats_fwd(hidden, head, tokens, tiles, interpret):
+  logprob, entropy, lse = _stats_forward(hidden, head, tokens, tiles, interpret)
   return (logprob[:, 0], entropy[:, 0]), (hidden, head, tokens, lse, entropy)
 
 
-def _stats_bwd(token_tile, vocab_tile, interpret, residuals, cotangents):
+def _stats_bwd(tiles, interpret, residuals, cotangents):
   hidden, head, tokens, lse, entropy = residuals
   g_logprob, g_entropy = (_column(g.astype(jnp.float32)) for g in cotangents)
   row_inputs = [_column(tokens.astype(jnp.int32)), lse, entropy, g_logprob, g_entropy]
-  d_hidden, d_head = _backward(_stats_dlogits, hidden, head, row_inputs, [], token_tile,
-                               vocab_tile, interpret)
+  d_hidden, d_head = _backward(_stats_dlogits, hidden, head, row_inputs, [], tiles, interpret)
   return d_hidden, d_head, None
 
 
-token_logprob_entropy.defvjp(_stats_fwd, _stats_bwd)
+_token_logprob_entropy.defvjp(_stats_fwd, _stats_bwd)
 
 
 # -------------------------------------------------------------- reverse KL op
@@ -357,25 +395,35 @@ def _rkl_dlogits(hidden, head, row_tiles, col_tiles, col_start, col_valid):
   return tile_math.rkl_student_logit_grad(zs, zt, s_lse, t_lse, kl, g_kl, col_valid)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def reverse_kl(s_hidden, s_head, t_hidden, t_head, token_tile: int, vocab_tile: int, interpret):
-  """KL(p_student || p_teacher) per token -> f32[N]; gradients to the student only."""
-  kl, _, _ = _rkl_forward(s_hidden, s_head, t_hidden, t_head, token_tile, vocab_tile, interpret)
+def reverse_kl(s_hidden, s_head, t_hidden, t_head, token_tile: int | None,
+               vocab_tile: int | None, interpret):
+  """KL(p_student || p_teacher) per token -> f32[N]; gradients to the student only.
+
+  token_tile / vocab_tile: None picks the TPU generation's default (tpu_tiles).
+  """
+  tiles = tpu_tiles.resolve_tiles(token_tile, vocab_tile, hidden=s_hidden.shape[1],
+                                  hidden_dtype=s_hidden.dtype, head_dtype=s_head.dtype,
+                                  op="reverse_kl", teacher_hidden=t_hidden.shape[1])
+  return _reverse_kl(s_hidden, s_head, t_hidden, t_head, tiles, interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _reverse_kl(s_hidden, s_head, t_hidden, t_head, tiles: Tiles, interpret):
+  kl, _, _ = _rkl_forward(s_hidden, s_head, t_hidden, t_head, tiles, interpret)
   return kl[:, 0]
 
 
-def _rkl_fwd(s_hidden, s_head, t_hidden, t_head, token_tile, vocab_tile, interpret):
-  kl, s_lse, t_lse = _rkl_forward(s_hidden, s_head, t_hidden, t_head, token_tile, vocab_tile,
-                                  interpret)
+def _rkl_fwd(s_hidden, s_head, t_hidden, t_head, tiles, interpret):
+  kl, s_lse, t_lse = _rkl_forward(s_hidden, s_head, t_hidden, t_head, tiles, interpret)
   return kl[:, 0], (s_hidden, s_head, t_hidden, t_head, kl, s_lse, t_lse)
 
 
-def _rkl_bwd(token_tile, vocab_tile, interpret, residuals, g_kl):
+def _rkl_bwd(tiles, interpret, residuals, g_kl):
   s_hidden, s_head, t_hidden, t_head, kl, s_lse, t_lse = residuals
   row_inputs = [t_hidden, kl, s_lse, t_lse, _column(g_kl.astype(jnp.float32))]
-  d_hidden, d_head = _backward(_rkl_dlogits, s_hidden, s_head, row_inputs, [t_head],
-                               token_tile, vocab_tile, interpret)
+  d_hidden, d_head = _backward(_rkl_dlogits, s_hidden, s_head, row_inputs, [t_head], tiles,
+                               interpret)
   return d_hidden, d_head, jnp.zeros_like(t_hidden), jnp.zeros_like(t_head)
 
 
-reverse_kl.defvjp(_rkl_fwd, _rkl_bwd)
+_reverse_kl.defvjp(_rkl_fwd, _rkl_bwd)

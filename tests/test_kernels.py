@@ -367,7 +367,8 @@ def test_bad_inputs_raise_value_error_naming_the_field(overrides, field):
 
 def test_kernel_config_defaults_per_backend():
   assert KernelConfig("chunked").tokens_per_tile == 2048
-  assert KernelConfig("pallas").columns_per_tile == 512
+  assert KernelConfig("pallas").columns_per_tile is None  # per TPU generation (tpu_tiles)
+  assert KernelConfig("pallas", vocab_tile=256).columns_per_tile == 256
   assert KernelConfig("chunked", vocab_tile=96).columns_per_tile == 96
   hash(KernelConfig())  # static jit argument
 
