@@ -391,10 +391,12 @@ def program_figures(memory: dict, cost: dict, chip: Chip, compile_s: float,
               compile_s=round(compile_s, 2))
 
 
-def compile_program(program: Program, chip: Chip) -> dict:
-  """Lowers and compiles one program for TPU; returns program_figures."""
+def compile_program(program: Program, chip: Chip, mesh=None) -> dict:
+  """Lowers and compiles one program for TPU; returns program_figures. mesh: the run's
+  mesh, set while tracing (jax.set_mesh) so the Pallas kernels pick the tiles of the
+  generation its devices are (copd_jax.kernels.tpu_tiles), as on a real chip."""
   t0 = time.perf_counter()
-  with tracing_for_tpu():
+  with tracing_for_tpu(), (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
     compiled = program.fn.lower(*program.args).compile()
   return program_figures(memory_figures(compiled), cost_figures(compiled), chip,
                          time.perf_counter() - t0, program.shared_bytes)
@@ -421,7 +423,7 @@ def compile_run(cfg, topology: str, num_layers: int | None = None, names=PROGRAM
   for program in abstract_programs(cfg, run, num_layers, names):
     log(f"compiling {program.name} for {topology} ...")
     try:
-      out[program.name] = compile_program(program, chip)
+      out[program.name] = compile_program(program, chip, run.mesh)
     except Exception as err:  # report it and go on: one refusal must not hide the rest
       out[program.name] = {"error": f"{type(err).__name__}: {str(err)[:2000]}"}
     log(f"  {program.name}: " + format_figures(out[program.name]))
