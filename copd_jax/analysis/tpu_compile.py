@@ -446,19 +446,20 @@ def format_figures(fig: dict) -> str:
 SMALL_QWEN3_VL = dict(
     model_type="qwen3_vl", tie_word_embeddings=True, image_token_id=2000, video_token_id=2001,
     vision_start_token_id=2002, vision_end_token_id=2003,
-    text_config=dict(vocab_size=2048, hidden_size=256, num_hidden_layers=2,
+    text_config=dict(vocab_size=2048, hidden_size=256, num_hidden_layers=1,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                      intermediate_size=512, rope_theta=10000.0,
                      rope_scaling=dict(mrope_section=[12, 10, 10])),
-    vision_config=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2,
+    vision_config=dict(depth=1, hidden_size=128, intermediate_size=256, num_heads=2,
                        out_hidden_size=256, num_position_embeddings=64,
-                       deepstack_visual_indexes=[0, 1]))
+                       deepstack_visual_indexes=[0]))
 SMALL_TOPOLOGY = "v5p:2x2x1"
 
 
 def small_config(cfg, chips: int = 4):
   """A copy of a run config shrunk to compile in seconds on SMALL_TOPOLOGY: on its 4 chips
-  (mesh fsdp=2 x tensor=2) or, chips=1, on one of them: tiny widths and depth (a tiny Qwen3-VL when
+  (mesh fsdp=2 x tensor=2) or, chips=1, on one of them: tiny widths, one decoder layer (a
+  tiny Qwen3-VL with a one-block vision tower when
   the config carries config.pod.qwen3_vl), 128 + 128 tokens, 2 native + 2 cross prompts
   x 2 samples, micro-batches of 4 rows. The model family, the loss backend and tiles,
   the attention kernel, remat and the optimizer are the config's own."""
@@ -466,7 +467,7 @@ def small_config(cfg, chips: int = 4):
   if c.get("pod") is not None and c.pod.get("qwen3_vl"):
     c.pod.qwen3_vl = SMALL_QWEN3_VL
   c.init.hf_checkpoint = ""
-  c.model.update(dict(vocab_size=2048, d_model=256, num_layers=2, num_heads=4, num_kv_heads=2,
+  c.model.update(dict(vocab_size=2048, d_model=256, num_layers=1, num_heads=4, num_kv_heads=2,
                       head_dim=64, mlp_dim=512))
   c.data.update(dict(max_prompt_len=128, max_response_len=128))
   if "vision_budget" in c.data:
