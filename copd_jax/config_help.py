@@ -26,6 +26,9 @@ FIELD_HELP = {
     "model.tie_embeddings": "LM head shares the token embedding",
     "model.dtype": "compute dtype (float32 | bfloat16); parameters stay float32",
     "model.remat": "rematerialise each decoder layer in the backward pass (saves memory)",
+    "model.scan_layers": "run the decoder layers under one nn.scan: parameters stacked "
+                         "[layers, ...] (layers/... instead of layers_{i}/...), compile time "
+                         "independent of depth; HF import stacks, export unstacks",
     "model.attention_block": "queries per attention block; 0 = all at once. With a block no "
                              "[T, T] score matrix is built (memory-efficient attention for "
                              "long sequences), same values",

@@ -62,6 +62,8 @@ def validate_model(m, prefix="model.") -> None:
   if m.dtype not in COMPUTE_DTYPES:
     _fail(f"{prefix}dtype", f"must be one of {COMPUTE_DTYPES}", m.dtype)
   _positive_float(m, "rope_theta", prefix)
+  if not isinstance(m.get("scan_layers", False), bool):
+    _fail(f"{prefix}scan_layers", "must be a bool", m.scan_layers)
   if m.get("attention_kernel", "xla") not in ATTENTION_KERNELS:
     _fail(f"{prefix}attention_kernel", f"must be one of {ATTENTION_KERNELS}", m.attention_kernel)
   v = m.vision

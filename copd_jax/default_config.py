@@ -23,6 +23,7 @@ def toy_model() -> ml_collections.ConfigDict:
       tie_embeddings=True,
       dtype="bfloat16",  # compute dtype; parameters are always float32
       remat=False,  # rematerialise each decoder layer in the backward pass (saves memory)
+      scan_layers=False,  # decoder layers under one nn.scan (stacked params; fast compiles)
       attention_block=0,  # queries per attention block (0 = all at once; long sequences)
       attention_kernel="xla",  # xla | splash (Pallas, TPU) | auto (splash on TPU)
       image_token_id=3,  # ToyTokenizer's <img> placeholder

@@ -82,7 +82,8 @@ def with_execution_settings(model_cfg: model_config.ModelConfig,
   attention block and kernel): how to compute, which the checkpoint does not say."""
   return dataclasses.replace(model_cfg, remat=bool(cfg.model.get("remat", False)),
                              attention_block=int(cfg.model.get("attention_block", 0)),
-                             attention_kernel=str(cfg.model.get("attention_kernel", "xla")))
+                             attention_kernel=str(cfg.model.get("attention_kernel", "xla")),
+                             scan_layers=bool(cfg.model.get("scan_layers", False)))
 
 
 def _hf_model_and_tokenizer(cfg) -> tuple[model_config.ModelConfig, Tokenizer]:
@@ -128,6 +129,14 @@ def init_policy_params(model_cfg, key):
     return qwen3_vl.init_params(model_cfg, key)
   from copd_jax.models import decoder
   return decoder.init_params(model_cfg, key)
+
+
+def to_model_layout(params, model_cfg, leading_axes: int = 0):
+  """Params (unrolled `layers_{i}`, as the HF importers give them, or stacked) in the
+  layer layout model_cfg runs with (ModelConfig.scan_layers: stacked `layers` [L, ...])."""
+  from copd_jax.models import decoder
+  text = model_cfg.text if isinstance(model_cfg, Qwen3VLConfig) else model_cfg
+  return decoder.to_layout(params, text.scan_layers, leading_axes)
 
 
 def is_qwen3_vl_checkpoint(directory: str) -> bool:

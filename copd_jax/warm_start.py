@@ -20,7 +20,7 @@ import optax
 from copd_jax import checkpoint
 from copd_jax.data import examples as examples_lib, toy_flaws, toy_tasks
 from copd_jax.models import decoder, model_config
-from copd_jax.policy_setup import RunSetup
+from copd_jax.policy_setup import RunSetup, to_model_layout
 from copd_jax.run_log import MetricsWriter, ProgressLine
 
 
@@ -78,6 +78,8 @@ def base_policy_metadata(cfg: ml_collections.ConfigDict) -> dict:
   # trades, model.EXECUTION_FIELDS) and the record-file fields (unused by the toy base)
   # are left out, so adding such fields never invalidates a saved base.
   model = {k: v for k, v in cfg.model.to_dict().items() if k not in model_config.EXECUTION_FIELDS}
+  if not model.get("scan_layers"):
+    model.pop("scan_layers", None)  # unrolled: a base saved before the field still matches
   data = {k: cfg.data[k] for k in ("max_prompt_len", "max_response_len")}
   return {"model": model, "tasks": cfg.tasks.to_dict(), "data": data,
           "warm_start": ws, "seed": cfg.warm_start.seed}
@@ -130,7 +132,8 @@ def load_hf_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup) -> Any:
   if model_cfg != setup.model_cfg:
     raise ValueError(f"{cfg.init.hf_checkpoint}: config.json changed since the run was set up "
                      f"({model_cfg} != {setup.model_cfg})")
-  return params
+  # HF checkpoints number their layers; config.model.scan_layers stacks them.
+  return to_model_layout(params, setup.model_cfg)
 
 
 def get_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup,

@@ -49,6 +49,10 @@ TRANSPOSED, i.e. [in, out]; norms' `scale` = HF `weight` as is):
     norm/scale [D]                                 <- model.norm.weight
     lm_head/kernel [D, V]  (untied only)           <- lm_head.weight.T
 
+With ModelConfig.scan_layers the layers run under one nn.scan and their parameters are
+stacked: `layers/self_attn/q_proj/kernel [L, D, H*Dh]` etc. instead of `layers_{i}/...`.
+`stack_layers` / `unstack_layers` convert (HF import and export use the unrolled layout).
+
 The vision tower loosely follows Qwen3-VL names (`visual/patch_embed`, `visual/pos_embed`,
 `visual/blocks_{i}/{norm1,qkv,proj,norm2,linear_fc1,linear_fc2}`,
 `visual/merger/{norm,linear_fc1,linear_fc2}`) but is a plain ViT over tubelets without
@@ -70,11 +74,15 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from copd_jax.kernels import attention as attention_kernels
 from copd_jax.models.layers import Linear, RMSNorm, SwiGLU, rope_angles, rotate_with_angles
 from copd_jax.models.model_config import ModelConfig
 from copd_jax.models.toy_vision import VisionEncoder, replace_placeholders
+
+# The logical name of the leading layer axis of scanned (stacked) layer parameters.
+LAYER_AXIS = "layers"
 
 # Finite (not -inf) so a query whose keys are all padding gets uniform weights, not NaN.
 _MASKED_SCORE = -1e30
@@ -293,8 +301,14 @@ class Decoder(nn.Module):
     self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.d_model,
                                  embedding_init=nn.initializers.normal(std),
                                  param_dtype=jnp.float32, name="embed_tokens")
-    layer = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
-    self.layers = [layer(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    # Inside a scan, remat's CSE barrier is not needed (the scan already keeps XLA from
+    # merging the recomputation with the forward pass) and only costs speed.
+    layer = (nn.remat(DecoderLayer, prevent_cse=not cfg.scan_layers) if cfg.remat
+             else DecoderLayer)
+    if cfg.scan_layers:
+      self.layers = layer(cfg, name="layers")  # one module, parameters [L, ...] (nn.scan)
+    else:
+      self.layers = [layer(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
     self.norm = RMSNorm(cfg.rms_norm_eps, name="norm")
     if not cfg.tie_embeddings:
       self.lm_head = Linear(cfg.vocab_size, jnp.float32, name="lm_head")
@@ -311,15 +325,22 @@ class Decoder(nn.Module):
     prefix mask bool[B, P] with N = B*G; the new tokens sit at response slots
     write_index .. write_index+T-1 and see every valid prefix key, the response slots
     before write_index and each other causally.
-    after_layer(i, x) -> x, if given, runs after layer i (DeepStack adds features there).
+    after_layer(i, x) -> x, if given, runs after layer i (DeepStack adds features there);
+    with cfg.scan_layers, i is a traced int32 scalar, not a Python int.
     Returns (final-normed hidden f32[N, T, D], per-layer (k, v) [N, K, T, Dh]).
+
+    With cfg.scan_layers the layers run under nn.scan: "per-layer" tuples (the cache, the
+    returned keys/values) hold ONE entry whose arrays have a leading layer axis L
+    (LayerCache prefix [L, B, K, P, Dh], (k, v) [L, N, K, T, Dh]).
     """
     x = _constrain_activations(x)
     if cache is None:
       mask = key_mask  # [N, T]; attention adds causality
     else:
-      filled_slots = jnp.arange(cache[0].k.shape[2]) < write_index  # [R]
+      filled_slots = jnp.arange(cache[0].k.shape[-2]) < write_index  # [R]
       mask = (key_mask, filled_slots)
+    if self.cfg.scan_layers:
+      return self._scanned_layers(x, angles, mask, cache, after_layer)
     new_kv = []
     for i, layer in enumerate(self.layers):
       x, kv = layer(x, angles, mask, None if cache is None else cache[i])
@@ -328,6 +349,22 @@ class Decoder(nn.Module):
       x = _constrain_activations(x)
       new_kv.append(kv)
     return self.norm(x), tuple(new_kv)
+
+  def _scanned_layers(self, x, angles, mask, cache, after_layer):
+    """decode's layers as one nn.scan over the stacked layer parameters [L, ...]."""
+    def body(layer, x, per_layer):
+      i, layer_cache = per_layer
+      x, kv = layer(x, angles, mask, layer_cache)
+      if after_layer is not None:
+        x = after_layer(i, x)
+      return _constrain_activations(x), kv
+
+    scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=self.cfg.num_layers,
+                   metadata_params={nn.PARTITION_NAME: LAYER_AXIS})
+    x, kv = scan(self.layers, x, (jnp.arange(self.cfg.num_layers, dtype=jnp.int32),
+                                  None if cache is None else cache[0]))
+    return self.norm(x), (kv,)
 
 
 class Policy(Decoder):
@@ -467,11 +504,12 @@ def init_decode_cache(prefix_kv, num_samples: int, num_slots: int):
   """A decode cache whose prefix is the prefill's keys, shared by `num_samples` rows each.
 
   prefix_kv: per-layer (k, v) [B, K, P, Dh] -> tuple of LayerCache with empty response
-  slots [B*num_samples, K, num_slots, Dh]. Row b*G + j is sample j of prompt b.
+  slots [B*num_samples, K, num_slots, Dh]. Row b*G + j is sample j of prompt b. Scanned
+  layers (one (k, v) with a leading layer axis [L, B, K, P, Dh]) keep that axis.
   """
   def layer_cache(k, v):
-    b, kv_heads, _, hd = k.shape
-    empty = jnp.zeros((b * num_samples, kv_heads, num_slots, hd), k.dtype)
+    *layer_axis, b, kv_heads, _, hd = k.shape
+    empty = jnp.zeros((*layer_axis, b * num_samples, kv_heads, num_slots, hd), k.dtype)
     return LayerCache(prefix_k=k, prefix_v=v, k=empty, v=empty)
   return tuple(layer_cache(k, v) for k, v in prefix_kv)
 
@@ -500,6 +538,63 @@ def write_decode_cache(cache, new_kv, write_index):
     return jax.lax.dynamic_update_slice_in_dim(slots, new.astype(slots.dtype), write_index,
                                                axis=slots.ndim - 2)
   return tuple(c.replace(k=write(c.k, k), v=write(c.v, v)) for c, (k, v) in zip(cache, new_kv))
+
+
+def _layer_index(key) -> int | None:
+  """i for a top-level key 'layers_{i}', else None."""
+  prefix = "layers_"
+  if isinstance(key, str) and key.startswith(prefix) and key[len(prefix):].isdigit():
+    return int(key[len(prefix):])
+  return None
+
+
+def stack_layers(params: Params, leading_axes: int = 0) -> Params:
+  """The unrolled layout (`layers_{i}/...`, as checkpoints and the HF importers have it)
+  -> the scanned one (`layers/...`, each leaf stacked on a layer axis), for a Policy or a
+  Qwen3-VL parameter tree. leading_axes: axes before the layer axis (1 for experts
+  stacked [S, ...]: layer leaves become [S, L, ...]). Other entries are kept as they are.
+  Raises ValueError when the layer indices are not 0 .. L-1 or the tree is already
+  stacked."""
+  indices = sorted(i for i in map(_layer_index, params) if i is not None)
+  if "layers" in params:
+    raise ValueError("stack_layers: the parameters are already stacked (they hold 'layers')")
+  if indices != list(range(len(indices))) or not indices:
+    raise ValueError(f"stack_layers: expected layers_0 .. layers_{{L-1}}, got layer indices "
+                     f"{indices}")
+  layers = [params[f"layers_{i}"] for i in indices]
+  out = {k: v for k, v in params.items() if _layer_index(k) is None}
+  def stack(*xs):  # host arrays stay on the host (an exporter's numpy tree)
+    return (np if isinstance(xs[0], np.ndarray) else jnp).stack(xs, axis=leading_axes)
+  out["layers"] = jax.tree.map(stack, *layers)
+  return out
+
+
+def unstack_layers(params: Params, leading_axes: int = 0) -> Params:
+  """The inverse of stack_layers: `layers/...` [.., L, ...] -> `layers_{i}/...`."""
+  if "layers" not in params:
+    raise ValueError("unstack_layers: the parameters are not stacked (no 'layers' entry)")
+  leaves = jax.tree_util.tree_leaves(params["layers"])
+  num_layers = leaves[0].shape[leading_axes]
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(num_layers):
+    index = (slice(None),) * leading_axes + (i,)
+    out[f"layers_{i}"] = jax.tree.map(lambda x, index=index: x[index], params["layers"])
+  return out
+
+
+def is_stacked(params: Params) -> bool:
+  """True for the scanned layout (a `layers` entry), False for the unrolled one."""
+  return "layers" in params
+
+
+def to_layout(params: Params, scan_layers: bool, leading_axes: int = 0) -> Params:
+  """params in the layout a model with this scan_layers setting takes (converted when the
+  layout differs, as is otherwise)."""
+  if scan_layers and not is_stacked(params):
+    return stack_layers(params, leading_axes)
+  if not scan_layers and is_stacked(params):
+    return unstack_layers(params, leading_axes)
+  return params
 
 
 def cast_matmul_kernels(params: Params, cfg: ModelConfig) -> Params:

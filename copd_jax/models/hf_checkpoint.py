@@ -51,7 +51,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from copd_jax.models import model_config
+from copd_jax.models import decoder, model_config
 
 log = logging.getLogger(__name__)
 
@@ -541,7 +541,8 @@ def export_qwen3(directory: str, params: Mapping, model_cfg: model_config.ModelC
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                  language_model_only: bool = False,
                  bos_token_id: int | None = None, eos_token_id: int | None = None) -> None:
-  """Writes `params` (our layout, any float dtype) as a HF Qwen3ForCausalLM directory.
+  """Writes `params` (our layout, unrolled or scanned; any float dtype) as a HF
+  Qwen3ForCausalLM directory.
 
   dtype: "bfloat16" (as released Qwen3 checkpoints; round to nearest even) or "float32".
   Writes config.json, model.safetensors (or shards + index when larger than
@@ -556,6 +557,7 @@ def export_qwen3(directory: str, params: Mapping, model_cfg: model_config.ModelC
                      "a Qwen3ForCausalLM checkpoint holds the language model only. Pass "
                      "language_model_only=True to export it without the vision tower.")
   specs = qwen3_tensor_specs(model_cfg)
+  params = decoder.to_layout(params, scan_layers=False)  # HF numbers its layers
   named_arrays = []
   for spec in specs:
     array = _param_at(params, spec.param_path)

@@ -14,6 +14,10 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 # ModelConfig fields that change how the model is computed, not what it computes (nor
 # its parameters): a checkpoint saved with any value serves every other value.
 EXECUTION_FIELDS = ("remat", "attention_block", "attention_kernel")
+# ModelConfig fields that change how the parameters are laid out, not their values:
+# scan_layers stacks the decoder layers' parameters on a leading layer axis
+# (decoder.stack_layers / unstack_layers convert between the layouts).
+LAYOUT_FIELDS = ("scan_layers",)
 ATTENTION_KERNELS = ("xla", "splash", "auto")
 
 
@@ -109,6 +113,13 @@ class ModelConfig:
   # interpret mode elsewhere, for tests) or "auto" (splash on TPU, xla elsewhere). The
   # sampler's decode steps always use xla (one query per row: no [T, T] scores).
   attention_kernel: str = "xla"
+  # Run the decoder layers under one nn.scan instead of unrolled: the compiled program
+  # holds ONE layer body, so compile time stops growing with depth (a 36-layer TPU compile
+  # costs about what a 2-layer one does). Parameters are stacked with a leading layer axis
+  # (`layers/...` [L, ...] instead of `layers_{i}/...`; decoder.stack_layers converts) and
+  # the KV cache is one LayerCache with a leading layer axis. Same values up to float
+  # rounding; remat (above) applies inside the scan.
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.vision is not None and not isinstance(self.vision, VisionConfig):
@@ -170,6 +181,8 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
     if not isinstance(self.remat, (bool, np.bool_)):
       raise ValueError(f"ModelConfig.remat must be a bool, got {self.remat!r}")
+    if not isinstance(self.scan_layers, (bool, np.bool_)):
+      raise ValueError(f"ModelConfig.scan_layers must be a bool, got {self.scan_layers!r}")
     if self.dtype not in COMPUTE_DTYPES:
       raise ValueError(f"ModelConfig.dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
     if self.vision is not None:
@@ -184,6 +197,9 @@ class ModelConfig:
 
 
 def with_execution_of(cfg: "ModelConfig", other: "ModelConfig") -> "ModelConfig":
-  """cfg with other's execution settings (EXECUTION_FIELDS: how to compute, not what), so
-  two configs of one model compare equal whatever remat or attention kernel each uses."""
-  return dataclasses.replace(cfg, **{name: getattr(other, name) for name in EXECUTION_FIELDS})
+  """cfg with other's execution settings and parameter layout (EXECUTION_FIELDS and
+  LAYOUT_FIELDS: how to compute, not what), so two configs of one model compare equal
+  whatever remat, attention kernel or layer scan each uses. (A Hugging Face checkpoint is
+  always unrolled: its loader's params are stacked afterwards when scan_layers is on.)"""
+  return dataclasses.replace(cfg, **{name: getattr(other, name)
+                                     for name in EXECUTION_FIELDS + LAYOUT_FIELDS})

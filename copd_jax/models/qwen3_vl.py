@@ -302,6 +302,22 @@ def _add_in_order(hidden, is_slot, values):
   return hidden + jnp.where(is_slot[..., None], gathered.astype(hidden.dtype), 0.0)
 
 
+def _after_layer_only(i, per_layer, apply, x):
+  """apply(per_layer[i]) when decoder layer i has an entry (i < len(per_layer)), else x.
+
+  i: a Python int (unrolled layers) or a traced int32 scalar (the layers under nn.scan,
+  where every layer runs the same body: the entry is picked by a dynamic index and the
+  result selected, so layers past the last entry add nothing)."""
+  if not per_layer:
+    return x
+  if isinstance(i, int):
+    return apply(per_layer[i]) if i < len(per_layer) else x
+  last = len(per_layer) - 1
+  entry = jax.lax.dynamic_index_in_dim(jnp.stack(per_layer), jnp.minimum(i, last),
+                                       keepdims=False)
+  return jnp.where(i <= last, apply(entry), x)
+
+
 class Qwen3VL(decoder.Decoder):
   """The shared Qwen3 decoder (cfg: the text config) with the Qwen3-VL vision tower:
   vision tokens replace the image / video pad tokens, rotary angles come from 3-D
@@ -333,8 +349,8 @@ class Qwen3VL(decoder.Decoder):
 
     def add_deepstack(i, hidden):  # DeepStack: right after decoder layer i
       for is_slot, deepstack in injections:
-        if i < len(deepstack):
-          hidden = _add_in_order(hidden, is_slot, deepstack[i])
+        hidden = _after_layer_only(
+            i, deepstack, lambda feats, h=hidden, s=is_slot: _add_in_order(h, s, feats), hidden)
       return hidden
     angles = mrope_angles(position_ids, text.head_dim, text.rope_theta, vl.mrope_section)
     return self.decode(x, angles, attention_mask.astype(bool), after_layer=add_deepstack)
@@ -359,9 +375,10 @@ class Qwen3VL(decoder.Decoder):
     x = jnp.where(is_slot, take(tokens).astype(x.dtype), x)
 
     def add_deepstack(i, hidden):
-      if i < len(deepstack):
-        hidden = hidden + jnp.where(is_slot, take(deepstack[i]).astype(hidden.dtype), 0.0)
-      return hidden
+      return _after_layer_only(
+          i, deepstack,
+          lambda feats: hidden + jnp.where(is_slot, take(feats).astype(hidden.dtype), 0.0),
+          hidden)
     angles = mrope_angles(jnp.moveaxis(media.position_ids, -2, 0), text.head_dim,
                           text.rope_theta, vl.mrope_section)
     return self.decode(x, angles, attention_mask.astype(bool), after_layer=add_deepstack)
