@@ -157,6 +157,8 @@ def param_logical_axes(path, ndim: int, stacked: bool = True) -> tuple[str | Non
   """
   names = _leaf_names(path)
   lead = ("expert",) if stacked else ()
+  if "layers" in names:  # model.scan_layers: the decoder layers stacked [L, ...], unsharded
+    lead = lead + (None,)
   inner = ndim - len(lead)
   module = names[-2] if len(names) >= 2 else ""
   leaf = names[-1] if names else ""

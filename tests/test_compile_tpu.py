@@ -87,3 +87,17 @@ def test_pod_configs_name_their_slice_and_carry_qwen3_vl_4b():
     assert (model.text.d_model, model.text.num_layers, model.text.vocab_size) == (2560, 36, 151936)
     assert (model.vision.depth, model.vision.hidden_size) == (24, 1024)
     assert cfg.rl.kernel.backend == "pallas" and cfg.model.attention_kernel == "auto"
+
+
+def test_scanned_layer_parameters_keep_their_shardings_behind_the_layer_axis():
+  from copd_jax import sharding
+  from copd_jax.models import model_config
+  devices = tpu_compile.tpu_devices("v5e:2x2")
+  run = sharding.RunSharding(sharding.make_mesh(dict(expert=1, data=1, fsdp=2, tensor=2), devices))
+  cfg = model_config.ModelConfig(vocab_size=256, d_model=64, num_layers=3, num_heads=4,
+                                 num_kv_heads=2, head_dim=16, mlp_dim=128, scan_layers=True)
+  params = tpu_compile.abstract_params(cfg, 2)
+  specs = jax.tree.map(lambda s: s.spec, run.stacked_params(params))
+  # [S, L, D, H*Dh]: the layer axis unsharded, D over fsdp, heads over tensor.
+  assert specs["layers"]["self_attn"]["q_proj"]["kernel"] == P("expert", None, "fsdp", "tensor")
+  assert specs["layers"]["mlp"]["down_proj"]["kernel"] == P("expert", None, "tensor", "fsdp")
