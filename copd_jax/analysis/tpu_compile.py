@@ -491,12 +491,16 @@ def figures_table(records: list[dict]) -> str:
   for rec in records:
     mesh = " x ".join(f"{k}={v}" for k, v in rec.get("mesh", {}).items() if v != 1) or "1"
     name = rec["config"].split("/")[-1].removesuffix(".py")
-    if rec.get("overrides"):
-      name += " (" + ", ".join(o.split(".")[-1] for o in rec["overrides"]) + ")"
+    overrides = sorted(rec.get("overrides", []))
+    if overrides == ["model.attention_kernel=xla", "rl.kernel.backend=chunked"]:
+      name += " portable"
+    elif overrides:
+      name += " (" + ", ".join(o.split(".")[-1] for o in overrides) + ")"
     for program, fig in rec.get("programs", {}).items():
       head = f"| {name} | {rec['topology']} | {mesh} | {rec['num_layers']} | {program} |"
       if "error" in fig:
-        lines.append(head + f" failed: {fig['error'].splitlines()[0][:90]} | | | | | |")
+        message = fig["error"].splitlines()[0].split(": ", 1)[-1]
+        lines.append(head + f" does not compile: {message[:60]} | | | | | |")
         continue
       lines.append(head + f" {fig['per_device_bytes'] / GiB:.2f} GiB | {fig['hbm_fraction']:.3f} |"
                    f" {fig['temp_bytes'] / GiB:.2f} GiB | {fig['flops'] / 1e12:.2f} |"
