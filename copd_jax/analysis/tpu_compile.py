@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import math
 import os
+import re
 import time
 from typing import Any, Callable
 
@@ -500,6 +501,9 @@ def figures_table(records: list[dict]) -> str:
       head = f"| {name} | {rec['topology']} | {mesh} | {rec['num_layers']} | {program} |"
       if "error" in fig:
         message = fig["error"].splitlines()[0].split(": ", 1)[-1]
+        oom = re.search(r"temporaries \(([\d.]+G)\) exceeds available HBM \(([\d.]+G)\)", message)
+        if oom:
+          message = f"out of HBM, temporaries {oom.group(1)} > {oom.group(2)}"
         lines.append(head + f" does not compile: {message[:60]} | | | | | |")
         continue
       lines.append(head + f" {fig['per_device_bytes'] / GiB:.2f} GiB | {fig['hbm_fraction']:.3f} |"
