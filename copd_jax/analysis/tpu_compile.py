@@ -414,7 +414,9 @@ def run_sharding(cfg, topology: str) -> RunSharding:
   wanted = math.prod(sizes.values()) if all(v > 0 for v in sizes.values()) else len(devices)
   if wanted < len(devices):
     devices = devices[:wanted]
-  return RunSharding(make_mesh(cfg.mesh, devices, cfg.num_experts))
+  from copd_jax import policy_setup
+  return RunSharding(make_mesh(cfg.mesh, devices, cfg.num_experts),
+                     param_axes=policy_setup.declared_param_axes(run_model_config(cfg)))
 
 
 def compile_run(cfg, topology: str, num_layers: int | None = None, names=PROGRAMS,
