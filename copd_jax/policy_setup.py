@@ -296,8 +296,8 @@ def vl_model_config(cfg: ml_collections.ConfigDict) -> Qwen3VLConfig:
                                       dtype=cfg.model.dtype)
   except ValueError as err:
     raise ValueError(f"{path}: {err}") from err
-  from copd_jax.models import qwen3_vl
-  qwen3_vl.check_layer_counts(cfg.init.hf_checkpoint, model_cfg)  # headers only
+  from copd_jax.models import qwen3_vl_import
+  qwen3_vl_import.check_layer_counts(cfg.init.hf_checkpoint, model_cfg)  # headers only
   return dataclasses.replace(model_cfg, text=with_execution_settings(model_cfg.text, cfg))
 
 

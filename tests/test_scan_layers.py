@@ -16,7 +16,7 @@ import pytest
 from copd_jax import sampling
 from copd_jax.models import decoder as M
 from copd_jax.models import hf_checkpoint as hfc
-from copd_jax.models import qwen3_vl, qwen3_vl_decode
+from copd_jax.models import qwen3_vl, qwen3_vl_decode, qwen3_vl_import
 from tests.tiny_model import IMG, tiny_config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
@@ -206,7 +206,7 @@ def test_qwen3_scanned_matches_transformers():
 @pytest.fixture(scope="module")
 def vl():
   directory = os.path.join(FIXTURES, "qwen3_vl_tiny")
-  cfg, params = qwen3_vl.load_qwen3_vl(directory)
+  cfg, params = qwen3_vl_import.load_qwen3_vl(directory)
   with np.load(os.path.join(directory, "reference.npz")) as data:
     ref = dict(data)
   return cfg, params, ref

@@ -33,7 +33,7 @@ VISION_ROPE_FIELDS = ("rope_type", "rope_theta")
 
 
 # Layer and block counts are bounded by the safetensors headers instead
-# (qwen3_vl.check_layer_counts), which name the count the files actually hold.
+# (qwen3_vl_import.check_layer_counts), which name the count the files actually hold.
 LAYER_COUNT_MAX = 2 ** 62
 
 
