@@ -153,9 +153,9 @@ def declared_param_axes(model_cfg) -> dict:
 def to_model_layout(params, model_cfg, leading_axes: int = 0):
   """Params (unrolled `layers_{i}`, as the HF importers give them, or stacked) in the
   layer layout model_cfg runs with (ModelConfig.scan_layers: stacked `layers` [L, ...])."""
-  from copd_jax.models import decoder
+  from copd_jax.models import layer_stack
   text = model_cfg.text if isinstance(model_cfg, Qwen3VLConfig) else model_cfg
-  return decoder.to_layout(params, text.scan_layers, leading_axes)
+  return layer_stack.to_layout(params, text.scan_layers, leading_axes)
 
 
 def is_qwen3_vl_checkpoint(directory: str) -> bool:

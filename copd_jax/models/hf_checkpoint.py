@@ -54,7 +54,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from copd_jax.models import decoder, model_config
+from copd_jax.models import layer_stack, model_config
 from copd_jax.models.hf_config import (
     CONFIG_FILE, HFCheckpointError, hf_config_from_model, load_json_file, model_config_from_hf,
     read_hf_config)
@@ -406,7 +406,7 @@ def export_qwen3(directory: str, params: Mapping, model_cfg: model_config.ModelC
                      "a Qwen3ForCausalLM checkpoint holds the language model only. Pass "
                      "language_model_only=True to export it without the vision tower.")
   specs = qwen3_tensor_specs(model_cfg)
-  params = decoder.to_layout(params, scan_layers=False)  # HF numbers its layers
+  params = layer_stack.to_layout(params, scan_layers=False)  # HF numbers its layers
   named_arrays = []
   for spec in specs:
     array = _param_at(params, spec.param_path)

@@ -21,7 +21,7 @@ from typing import Mapping
 import jax
 import numpy as np
 
-from copd_jax.models import decoder, hf_checkpoint
+from copd_jax.models import hf_checkpoint, layer_stack
 from copd_jax.models.qwen3_vl import param_shapes
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 from copd_jax.models.qwen3_vl_import import _hf_shape, hf_name_to_path
@@ -72,7 +72,7 @@ def _to_hf_layout(array: np.ndarray, how: str, hf_shape: tuple[int, ...]) -> np.
 def named_hf_arrays(params: Mapping, cfg: Qwen3VLConfig) -> list[tuple[str, np.ndarray]]:
   """(HF name, host array in HF layout) of every parameter, shapes checked against cfg.
   Scanned (stacked) layer parameters are unstacked first: HF numbers its layers."""
-  params = decoder.to_layout(params, scan_layers=False)
+  params = layer_stack.to_layout(params, scan_layers=False)
   cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, scan_layers=False))
   expected = param_shapes(cfg)
   flat = {tuple(k.key for k in path): leaf
