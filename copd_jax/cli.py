@@ -95,13 +95,13 @@ def checkpoint_value(checkpoint_dir: str, field: str) -> Any:
   """The value the checkpoint gives config.model.<field> (None when it has none, e.g. a
   vision field of a text-only checkpoint, or an unreadable config.json)."""
   try:
-    from copd_jax.models import hf_checkpoint
-    hf = hf_checkpoint.read_hf_config(checkpoint_dir)
+    from copd_jax.models import hf_config
+    hf = hf_config.read_hf_config(checkpoint_dir)
     if "text_config" in hf:  # Qwen3-VL: the language model's part
       from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
       model = Qwen3VLConfig.from_hf(hf).text
     else:
-      model = hf_checkpoint.model_config_from_hf(hf)
+      model = hf_config.model_config_from_hf(hf)
   except Exception:  # the checkpoint's own errors are reported by validation later
     return None
   node = model

@@ -4,7 +4,7 @@ the per-capability held-out sets, and array encoders bound to the config's lengt
 Two kinds of run:
 * the toy suite (default): ToyTokenizer, the config's model, procedural tasks;
 * a Hugging Face checkpoint (`config.init.hf_checkpoint`): the model config comes from its
-  config.json (hf_checkpoint.model_config_from_hf; compute dtype = config.model.dtype, the
+  config.json (hf_config.model_config_from_hf; compute dtype = config.model.dtype, the
   rest of config.model is ignored), the tokenizer from its tokenizer files
   (`config.init.hf_tokenizer` when set, else the checkpoint directory), prompts are
   chat-rendered, and responses stop at the chat end token (HFTokenizer.eos_id).
@@ -153,15 +153,15 @@ def declared_param_axes(model_cfg) -> dict:
 def to_model_layout(params, model_cfg, leading_axes: int = 0):
   """Params (unrolled `layers_{i}`, as the HF importers give them, or stacked) in the
   layer layout model_cfg runs with (ModelConfig.scan_layers: stacked `layers` [L, ...])."""
-  from copd_jax.models import decoder
+  from copd_jax.models import layer_stack
   text = model_cfg.text if isinstance(model_cfg, Qwen3VLConfig) else model_cfg
-  return decoder.to_layout(params, text.scan_layers, leading_axes)
+  return layer_stack.to_layout(params, text.scan_layers, leading_axes)
 
 
 def is_qwen3_vl_checkpoint(directory: str) -> bool:
   """True when a checkpoint's config.json says model_type 'qwen3_vl'."""
-  from copd_jax.models import hf_checkpoint
-  return bool(directory) and hf_checkpoint.read_hf_config(directory).get("model_type") == "qwen3_vl"
+  from copd_jax.models import hf_config
+  return bool(directory) and hf_config.read_hf_config(directory).get("model_type") == "qwen3_vl"
 
 
 def build_setup(cfg: ml_collections.ConfigDict) -> RunSetup:
@@ -289,15 +289,15 @@ def held_out_sets(cfg: ml_collections.ConfigDict, setup: RunSetup) -> dict[str, 
 def vl_model_config(cfg: ml_collections.ConfigDict) -> Qwen3VLConfig:
   """The Qwen3VLConfig of config.init.hf_checkpoint, with the compute dtype and the
   execution settings (remat, attention) of config.model; errors name config.json."""
-  from copd_jax.models import hf_checkpoint
+  from copd_jax.models import hf_config
   path = f"{cfg.init.hf_checkpoint}/config.json"
   try:
-    model_cfg = Qwen3VLConfig.from_hf(hf_checkpoint.read_hf_config(cfg.init.hf_checkpoint),
+    model_cfg = Qwen3VLConfig.from_hf(hf_config.read_hf_config(cfg.init.hf_checkpoint),
                                       dtype=cfg.model.dtype)
   except ValueError as err:
     raise ValueError(f"{path}: {err}") from err
-  from copd_jax.models import qwen3_vl
-  qwen3_vl.check_layer_counts(cfg.init.hf_checkpoint, model_cfg)  # headers only
+  from copd_jax.models import qwen3_vl_import
+  qwen3_vl_import.check_layer_counts(cfg.init.hf_checkpoint, model_cfg)  # headers only
   return dataclasses.replace(model_cfg, text=with_execution_settings(model_cfg.text, cfg))
 
 

@@ -119,11 +119,11 @@ def train_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup,
 def load_hf_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup) -> Any:
   """The f32 parameters of config.init.hf_checkpoint (hf_checkpoint.load_qwen3); the
   checkpoint must still match the model config build_setup read from it."""
-  from copd_jax.models import hf_checkpoint, qwen3_vl
+  from copd_jax.models import hf_checkpoint, qwen3_vl_import
   from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
   if isinstance(setup.model_cfg, Qwen3VLConfig):
-    model_cfg, params = qwen3_vl.load_qwen3_vl(cfg.init.hf_checkpoint,
-                                               dtype=setup.model_cfg.text.dtype)
+    model_cfg, params = qwen3_vl_import.load_qwen3_vl(cfg.init.hf_checkpoint,
+                                                      dtype=setup.model_cfg.text.dtype)
     # Compared without the execution settings build_setup took from config.model.
     model_cfg = model_cfg.with_execution_of(setup.model_cfg)
   else:

@@ -29,7 +29,7 @@ import time
 import jinja2.ext
 import jinja2.sandbox
 
-from copd_jax.data import hf_tokenizer
+from copd_jax.data import chat_template, chat_template_worker, hf_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_DIR = os.path.join(REPO, "tests", "fixtures", "hf", "qwen3_tiny", "tokenizer")
@@ -59,22 +59,22 @@ def main():
       trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
   plain_env.filters["tojson"] = lambda v, **kw: json.dumps(v, **kw)
   plain = plain_env.from_string(source)
-  limited_env = hf_tokenizer.chat_template_environment()
-  limited = hf_tokenizer.compile_chat_template(limited_env, source)
+  limited_env = chat_template.chat_template_environment()
+  limited = chat_template.compile_chat_template(limited_env, source)
 
-  hf_tokenizer._RENDER_WORKER.close()
+  chat_template_worker._RENDER_WORKER.close()
   start = time.perf_counter()
   worker_text = tok.render_chat(MESSAGES)
   worker_start_s = time.perf_counter() - start
   expected = plain.render(**variables)
-  assert worker_text == expected == hf_tokenizer.render_in_sandbox(limited_env, limited,
-                                                                   variables)
+  assert worker_text == expected == chat_template.render_in_sandbox(limited_env, limited,
+                                                                    variables)
 
   runs = {"plain": [], "limited": [], "worker": [], "prompt": []}
   for _ in range(7):
     runs["plain"].append(per_call_us(lambda: plain.render(**variables), args.calls))
     runs["limited"].append(per_call_us(
-        lambda: hf_tokenizer.render_in_sandbox(limited_env, limited, variables), args.calls))
+        lambda: chat_template.render_in_sandbox(limited_env, limited, variables), args.calls))
     runs["worker"].append(per_call_us(lambda: tok.render_chat(MESSAGES), args.calls))
     runs["prompt"].append(per_call_us(lambda: tok.prompt_token_ids(MESSAGES[1]["content"]),
                                       args.calls))

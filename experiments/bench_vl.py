@@ -45,7 +45,7 @@ from bench_copd import cpu_name  # noqa: E402
 from bench_sampler import time_side_by_side  # noqa: E402
 
 from copd_jax import kernels, sampling  # noqa: E402
-from copd_jax.models import qwen3_vl, qwen3_vl_decode  # noqa: E402
+from copd_jax.models import qwen3_vl_decode, qwen3_vl_import  # noqa: E402
 from copd_jax.rl import objectives, rollout as rollout_lib, rows as rows_lib  # noqa: E402
 from copd_jax.rl import stages, update as update_lib  # noqa: E402
 
@@ -160,7 +160,7 @@ def main():
   parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
   args = parser.parse_args()
   new_tokens, samples, repeats = (24, 4, 3) if args.quick else (64, 8, 5)
-  cfg, params = qwen3_vl.load_qwen3_vl(FIXTURE)
+  cfg, params = qwen3_vl_import.load_qwen3_vl(FIXTURE)
   # No stop token: every row decodes the full length, so both samplers do the same work.
   config = sampling.SamplingConfig(max_new_tokens=new_tokens, temperature=1.0,
                                    stop_token_ids=(), banned_token_ids=(IMAGE_PAD, VIDEO_PAD))

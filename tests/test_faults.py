@@ -760,7 +760,8 @@ def re_escape(text):
 def test_chat_template_that_loops_recurses_or_grows_raises_one_error(tmp_path, template, message):
   import shutil
 
-  from copd_jax.data.hf_tokenizer import ChatTemplateError, HFTokenizer
+  from copd_jax.data.chat_template import ChatTemplateError
+  from copd_jax.data.hf_tokenizer import HFTokenizer
   directory = tmp_path / "tok"
   shutil.copytree(os.path.join(HF_FIXTURES, "tokenizer"), directory)
   (directory / "chat_template.jinja").write_text(template)

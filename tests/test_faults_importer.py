@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from copd_jax.models import hf_checkpoint, qwen3_vl
+from copd_jax.models import hf_checkpoint, qwen3_vl_import
 from copd_jax.models.hf_checkpoint import HFCheckpointError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
@@ -40,7 +40,7 @@ def edit_config(directory, edit) -> None:
 
 
 def load_vl(directory):
-  return qwen3_vl.load_qwen3_vl(directory)
+  return qwen3_vl_import.load_qwen3_vl(directory)
 
 
 def load_text(directory):

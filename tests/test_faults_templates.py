@@ -15,8 +15,9 @@ import time
 
 import pytest
 
-from copd_jax.data import hf_tokenizer
-from copd_jax.data.hf_tokenizer import ChatTemplateError, HFTokenizer
+from copd_jax.data import chat_template_worker
+from copd_jax.data.chat_template import ChatTemplateError
+from copd_jax.data.hf_tokenizer import HFTokenizer
 
 TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "qwen3_tiny",
                              "tokenizer")
@@ -77,13 +78,13 @@ def test_a_call_stuck_in_c_code_is_stopped_at_the_deadline(tmp_path):
 def test_the_killed_worker_is_replaced_by_one_new_worker(tmp_path):
   tok = _tokenizer(tmp_path, "{{ sleep(30) }}|ok")
   assert tok.render_chat(USER_TURN, sleep=abs) == "30|ok"
-  old_pid, starts = hf_tokenizer._RENDER_WORKER.pid, hf_tokenizer._RENDER_WORKER.starts
+  old_pid, starts = chat_template_worker._RENDER_WORKER.pid, chat_template_worker._RENDER_WORKER.starts
   _render_error(tok, sleep=time.sleep)
   assert tok.render_chat(USER_TURN, sleep=abs) == "30|ok"
-  assert hf_tokenizer._RENDER_WORKER.pid not in (None, old_pid)
-  assert hf_tokenizer._RENDER_WORKER.starts == starts + 1
+  assert chat_template_worker._RENDER_WORKER.pid not in (None, old_pid)
+  assert chat_template_worker._RENDER_WORKER.starts == starts + 1
   if sys.platform.startswith("linux"):
-    assert _worker_pids(os.getpid()) == [hf_tokenizer._RENDER_WORKER.pid]
+    assert _worker_pids(os.getpid()) == [chat_template_worker._RENDER_WORKER.pid]
 
 
 @pytest.mark.parametrize("template", [
@@ -160,17 +161,18 @@ def test_a_huge_integer_is_refused_before_it_is_computed(tmp_path, template, mes
 def test_the_size_attacks_leave_the_render_worker_small(tmp_path):
   """All of SIZE_ATTACKS in one worker: its peak resident memory stays far below the
   1 GB each of them used to build (the largest string allowed is 4M characters)."""
-  hf_tokenizer._RENDER_WORKER.close()
+  chat_template_worker._RENDER_WORKER.close()
   for template in SIZE_ATTACKS.values():
     _render_error(_tokenizer(tmp_path, template))
-  with open(f"/proc/{hf_tokenizer._RENDER_WORKER.pid}/status") as f:
+  with open(f"/proc/{chat_template_worker._RENDER_WORKER.pid}/status") as f:
     peak_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
   assert peak_kb < 300 * 1024, f"render worker peaked at {peak_kb // 1024} MB"
 
 
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys
-    from copd_jax.data.hf_tokenizer import ChatTemplateError, HFTokenizer
+    from copd_jax.data.chat_template import ChatTemplateError
+    from copd_jax.data.hf_tokenizer import HFTokenizer
     tok = HFTokenizer(sys.argv[1], render_time_limit_s=60)
     try:
       tok.render_chat([{"role": "user", "content": "hi"}], big="x" * 4_000_000)
@@ -221,30 +223,30 @@ def test_every_kind_of_compile_error_is_a_chat_template_error(tmp_path, template
 
 @linux_only
 def test_one_render_worker_serves_every_tokenizer_and_call(tmp_path):
-  hf_tokenizer._RENDER_WORKER.close()
-  starts = hf_tokenizer._RENDER_WORKER.starts
+  chat_template_worker._RENDER_WORKER.close()
+  starts = chat_template_worker._RENDER_WORKER.starts
   first = _tokenizer(tmp_path, "{{ messages[0].content }}!")
   second = HFTokenizer(TOKENIZER_DIR)
   for _ in range(5):
     assert first.render_chat(USER_TURN) == "hi!"
     assert second.render_chat(USER_TURN).startswith("<|im_start|>user\nhi")
-  assert hf_tokenizer._RENDER_WORKER.starts == starts + 1
-  assert _worker_pids(os.getpid()) == [hf_tokenizer._RENDER_WORKER.pid]
+  assert chat_template_worker._RENDER_WORKER.starts == starts + 1
+  assert _worker_pids(os.getpid()) == [chat_template_worker._RENDER_WORKER.pid]
 
 
 @linux_only
 def test_a_worker_started_from_a_short_lived_thread_outlives_the_thread(tmp_path):
   """PR_SET_PDEATHSIG fires when the THREAD that started the worker ends: a worker
   started by a data-loading thread must not die (and be restarted) when it ends."""
-  hf_tokenizer._RENDER_WORKER.close()
+  chat_template_worker._RENDER_WORKER.close()
   tok = _tokenizer(tmp_path, "{{ messages[0].content }}!")
   thread = threading.Thread(target=tok.render_chat, args=(USER_TURN,))
   thread.start()
   thread.join()
-  pid, starts = hf_tokenizer._RENDER_WORKER.pid, hf_tokenizer._RENDER_WORKER.starts
+  pid, starts = chat_template_worker._RENDER_WORKER.pid, chat_template_worker._RENDER_WORKER.starts
   time.sleep(0.5)  # a SIGKILL from the thread's exit would have landed by now
   assert tok.render_chat(USER_TURN) == "hi!"
-  assert (hf_tokenizer._RENDER_WORKER.pid, hf_tokenizer._RENDER_WORKER.starts) == (pid, starts)
+  assert (chat_template_worker._RENDER_WORKER.pid, chat_template_worker._RENDER_WORKER.starts) == (pid, starts)
 
 
 PARENT_SCRIPT = textwrap.dedent("""

@@ -15,7 +15,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from copd_jax.data.hf_tokenizer import ChatTemplateError, HFTokenizer
+from copd_jax.data.chat_template import ChatTemplateError
+from copd_jax.data.hf_tokenizer import HFTokenizer
 from copd_jax.data.tokenizer import REPLACEMENT_CHAR, Tokenizer
 from copd_jax.models import decoder as M, hf_checkpoint as hfc
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from copd_jax.data import vision_preprocess as vp
-from copd_jax.models import qwen3_vl, qwen3_vl_config
+from copd_jax.models import qwen3_vl, qwen3_vl_config, qwen3_vl_import
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "qwen3_vl_tiny")
 # The fixture's processor settings: patch 8, merge 2, temporal 2, mean = std = 0.5.
@@ -27,7 +27,7 @@ def ref():
 
 @pytest.fixture(scope="module")
 def loaded():
-  return qwen3_vl.load_qwen3_vl(FIXTURE)
+  return qwen3_vl_import.load_qwen3_vl(FIXTURE)
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -217,7 +217,7 @@ def _rewrite_checkpoint(tmp_path, edit):
 def test_loader_names_missing_tensor(tmp_path):
   path = _rewrite_checkpoint(tmp_path, lambda t: t.pop("model.visual.merger.norm.bias"))
   with pytest.raises(ValueError, match="missing tensors.*visual/merger/norm/bias"):
-    qwen3_vl.load_qwen3_vl(path)
+    qwen3_vl_import.load_qwen3_vl(path)
 
 
 def test_loader_names_unexpected_tensor(tmp_path):
@@ -225,7 +225,7 @@ def test_loader_names_unexpected_tensor(tmp_path):
       {"model.visual.blocks.7.norm1.weight": np.ones(32, np.float32)}))
   with pytest.raises(ValueError, match="model.safetensors: unexpected tensor "
                                        "'model.visual.blocks.7.norm1.weight'"):
-    qwen3_vl.load_qwen3_vl(path)
+    qwen3_vl_import.load_qwen3_vl(path)
 
 
 def test_loader_names_misshaped_tensor(tmp_path):
@@ -233,14 +233,14 @@ def test_loader_names_misshaped_tensor(tmp_path):
   path = _rewrite_checkpoint(tmp_path, lambda t: t.update({name: np.ones((16, 64), np.float32)}))
   with pytest.raises(ValueError, match=f"tensor '{name}' has shape \\(16, 64\\), expected "
                                        "\\(32, 64\\)"):
-    qwen3_vl.load_qwen3_vl(path)
+    qwen3_vl_import.load_qwen3_vl(path)
 
 
 def test_loader_reads_bf16_checkpoint(tmp_path, loaded):
   import ml_dtypes
   path = _rewrite_checkpoint(tmp_path, lambda t: t.update(
       {k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}))
-  cfg, params = qwen3_vl.load_qwen3_vl(path, dtype="bfloat16")
+  cfg, params = qwen3_vl_import.load_qwen3_vl(path, dtype="bfloat16")
   assert cfg.text.dtype == "bfloat16"
   emb = params["embed_tokens"]["embedding"]
   assert emb.dtype == np.float32

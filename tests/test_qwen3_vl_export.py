@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from test_hf_qwen3_vl import FIXTURE, _logits
 
-from copd_jax.models import hf_checkpoint, qwen3_vl, qwen3_vl_export
+from copd_jax.models import hf_checkpoint, qwen3_vl, qwen3_vl_export, qwen3_vl_import
 
 
 @pytest.fixture(scope="module")
 def loaded():
-  return qwen3_vl.load_qwen3_vl(FIXTURE)
+  return qwen3_vl_import.load_qwen3_vl(FIXTURE)
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +52,11 @@ def test_reloaded_export_gives_the_same_logits(loaded, ref, kind, tmp_path):
                          params)
   qwen3_vl_export.export_qwen3_vl(str(tmp_path / "f32"), trained, cfg, source_dir=FIXTURE,
                                   dtype="float32")
-  cfg32, back = qwen3_vl.load_qwen3_vl(str(tmp_path / "f32"))
+  cfg32, back = qwen3_vl_import.load_qwen3_vl(str(tmp_path / "f32"))
   np.testing.assert_array_equal(_logits(back, cfg32, ref, kind), _logits(trained, cfg, ref, kind))
   # bfloat16 (as released checkpoints): the weights are the bf16-rounded ones exactly.
   qwen3_vl_export.export_qwen3_vl(str(tmp_path / "bf16"), trained, cfg, source_dir=FIXTURE)
-  _, back16 = qwen3_vl.load_qwen3_vl(str(tmp_path / "bf16"))
+  _, back16 = qwen3_vl_import.load_qwen3_vl(str(tmp_path / "bf16"))
   rounded = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32),
                          trained)
   for a, b in zip(jax.tree.leaves(back16), jax.tree.leaves(rounded)):
@@ -86,4 +86,4 @@ def test_export_rejects_params_that_do_not_fit_the_config(loaded, tmp_path):
 def test_every_parameter_name_round_trips_through_the_importer(loaded):
   cfg, _ = loaded
   for path in qwen3_vl.param_shapes(cfg):
-    assert qwen3_vl.hf_name_to_path(qwen3_vl_export.hf_name(path))[0] == path
+    assert qwen3_vl_import.hf_name_to_path(qwen3_vl_export.hf_name(path))[0] == path

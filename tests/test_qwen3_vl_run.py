@@ -14,7 +14,7 @@ import pytest
 
 from copd_jax import export, main, policy_setup
 from copd_jax.data import math_verifier, records, vl_prompts
-from copd_jax.models import qwen3_vl, qwen3_vl_decode
+from copd_jax.models import qwen3_vl_decode, qwen3_vl_import
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
@@ -126,7 +126,7 @@ def test_copd_trains_image_and_video_branches_and_the_export_reloads(finished_ru
 
   out = tmp_path / "exported"
   export.export_run(str(workdir), str(out), dtype="float32")
-  cfg, reloaded = qwen3_vl.load_qwen3_vl(str(out))
+  cfg, reloaded = qwen3_vl_import.load_qwen3_vl(str(out))
   for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(reloaded)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   for name in ("preprocessor_config.json", "video_preprocessor_config.json", "tokenizer.json"):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from copd_jax import sampling
-from copd_jax.models import decoder, qwen3_vl, qwen3_vl_decode
+from copd_jax.models import decoder, qwen3_vl, qwen3_vl_decode, qwen3_vl_import
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "qwen3_vl_tiny")
 IMAGE_PAD, VIDEO_PAD, STOP = 100, 101, 2
@@ -16,7 +16,7 @@ IMAGE_PAD, VIDEO_PAD, STOP = 100, 101, 2
 
 @pytest.fixture(scope="module")
 def model():
-  return qwen3_vl.load_qwen3_vl(FIXTURE)
+  return qwen3_vl_import.load_qwen3_vl(FIXTURE)
 
 
 @pytest.fixture(scope="module")

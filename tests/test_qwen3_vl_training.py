@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from copd_jax import kernels, sampling
-from copd_jax.models import decoder, qwen3_vl, qwen3_vl_decode, stacked as stacked_lib
+from copd_jax.models import decoder, qwen3_vl, qwen3_vl_decode, qwen3_vl_import
+from copd_jax.models import stacked as stacked_lib
 from copd_jax.rl import (
   diagnostics,
   objectives,
@@ -35,7 +36,7 @@ P, G, NEW, BUDGET = 23, 2, 5, 64
 
 @pytest.fixture(scope="module")
 def model():
-  return qwen3_vl.load_qwen3_vl(FIXTURE)
+  return qwen3_vl_import.load_qwen3_vl(FIXTURE)
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import pytest
 
 from copd_jax import sampling
 from copd_jax.models import decoder as M
-from copd_jax.models import hf_checkpoint as hfc
-from copd_jax.models import qwen3_vl, qwen3_vl_decode
+from copd_jax.models import hf_checkpoint as hfc, layer_stack
+from copd_jax.models import qwen3_vl, qwen3_vl_decode, qwen3_vl_import
 from tests.tiny_model import IMG, tiny_config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
@@ -53,7 +53,7 @@ def test_scanned_init_is_the_stacked_layout(toy):
   cfg, params = toy
   stacked = M.init_params(scanned(cfg), jax.random.key(0))
   assert "layers" in stacked and not any(k.startswith("layers_") for k in stacked)
-  want = jax.tree.map(lambda x: x.shape, M.stack_layers(params))
+  want = jax.tree.map(lambda x: x.shape, layer_stack.stack_layers(params))
   assert jax.tree.map(lambda x: x.shape, stacked) == want
   assert stacked["layers"]["self_attn"]["q_proj"]["kernel"].shape == (3, 32, 32)
   # every layer gets its own random init (split rngs), not one copy
@@ -63,35 +63,35 @@ def test_scanned_init_is_the_stacked_layout(toy):
 
 def test_stack_unstack_round_trip_is_exact(toy):
   _, params = toy
-  stacked = M.stack_layers(params)
+  stacked = layer_stack.stack_layers(params)
   np.testing.assert_array_equal(stacked["layers"]["mlp"]["up_proj"]["kernel"][2],
                                 params["layers_2"]["mlp"]["up_proj"]["kernel"])
-  back = M.unstack_layers(stacked)
+  back = layer_stack.unstack_layers(stacked)
   assert jax.tree.structure(back) == jax.tree.structure(params)
   jax.tree.map(np.testing.assert_array_equal, back, params)
   # behind an expert axis [S, ...]: layers go second, [S, L, ...]
   experts = jax.tree.map(lambda x: jnp.stack([x, x + 1]), params)
-  s = M.stack_layers(experts, leading_axes=1)
+  s = layer_stack.stack_layers(experts, leading_axes=1)
   assert s["layers"]["mlp"]["up_proj"]["kernel"].shape == (2, 3, 32, 64)
   np.testing.assert_array_equal(s["layers"]["mlp"]["up_proj"]["kernel"][1, 2],
                                 experts["layers_2"]["mlp"]["up_proj"]["kernel"][1])
-  jax.tree.map(np.testing.assert_array_equal, M.unstack_layers(s, leading_axes=1), experts)
+  jax.tree.map(np.testing.assert_array_equal, layer_stack.unstack_layers(s, leading_axes=1), experts)
   # host (numpy) trees stay numpy
-  host = M.stack_layers(jax.tree.map(np.asarray, params))
+  host = layer_stack.stack_layers(jax.tree.map(np.asarray, params))
   assert isinstance(host["layers"]["mlp"]["up_proj"]["kernel"], np.ndarray)
 
 
 def test_stack_layers_errors(toy):
   _, params = toy
   with pytest.raises(ValueError, match="already stacked"):
-    M.stack_layers(M.stack_layers(params))
+    layer_stack.stack_layers(layer_stack.stack_layers(params))
   gap = {k: v for k, v in params.items() if k != "layers_1"}
   with pytest.raises(ValueError, match="layers_0 .. layers_"):
-    M.stack_layers(gap)
+    layer_stack.stack_layers(gap)
   with pytest.raises(ValueError, match="not stacked"):
-    M.unstack_layers(params)
-  assert M.to_layout(params, False) is params
-  assert M.is_stacked(M.to_layout(params, True))
+    layer_stack.unstack_layers(params)
+  assert layer_stack.to_layout(params, False) is params
+  assert layer_stack.is_stacked(layer_stack.to_layout(params, True))
 
 
 def test_scan_layers_config_is_checked():
@@ -108,10 +108,10 @@ def test_toy_scanned_forward_equals_unrolled(toy, remat):
   cfg = dataclasses.replace(cfg, remat=remat)
   batch = toy_batch(cfg)
   want = M.forward_hidden(params, cfg, *batch)
-  got = M.forward_hidden(M.stack_layers(params), scanned(cfg), *batch)
+  got = M.forward_hidden(layer_stack.stack_layers(params), scanned(cfg), *batch)
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
   # and not by accident: other layer weights change the output
-  other = M.stack_layers(dict(params, layers_1=params["layers_0"]))
+  other = layer_stack.stack_layers(dict(params, layers_1=params["layers_0"]))
   assert np.abs(M.forward_hidden(other, scanned(cfg), *batch) - want).max() > 1e-3
 
 
@@ -128,8 +128,8 @@ def test_toy_scanned_gradients_equal_unrolled(toy, remat):
     return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
 
   g_unrolled = jax.grad(loss)(params, cfg)
-  g_scanned = jax.grad(loss)(M.stack_layers(params), scanned(cfg))
-  want = M.stack_layers(g_unrolled)
+  g_scanned = jax.grad(loss)(layer_stack.stack_layers(params), scanned(cfg))
+  want = layer_stack.stack_layers(g_unrolled)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
                g_scanned, want)
   assert np.abs(g_scanned["layers"]["self_attn"]["q_proj"]["kernel"]).max() > 0
@@ -139,7 +139,7 @@ def test_toy_scanned_decode_with_cache_equals_unrolled(toy):
   cfg, params = toy
   tokens, positions, mask, vision = toy_batch(cfg)
   g, slots = 2, 3
-  stacked, cfg_s = M.stack_layers(params), scanned(cfg)
+  stacked, cfg_s = layer_stack.stack_layers(params), scanned(cfg)
   results = []
   for p, c in ((params, cfg), (stacked, cfg_s)):
     hidden, prefix_kv = M.prefill(p, c, tokens, positions, mask, vision)
@@ -168,7 +168,7 @@ def test_toy_scanned_teacher_scoring_equals_unrolled(toy):
   cont_pos = jnp.repeat(mask.sum(-1), 2)[:, None] + jnp.arange(5)[None]
   args = (tokens, positions, mask, vision, cont, cont_pos)
   want = M.forward_hidden_shared_prefix(params, cfg, *args)
-  got = M.forward_hidden_shared_prefix(M.stack_layers(params), scanned(cfg), *args)
+  got = M.forward_hidden_shared_prefix(layer_stack.stack_layers(params), scanned(cfg), *args)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
 
@@ -179,7 +179,7 @@ def test_toy_scanned_sampler_draws_the_same_tokens(toy):
   tokens, _, mask, vision = toy_batch(cfg)
   sc = sampling.SamplingConfig(max_new_tokens=4, temperature=1.0, stop_token_ids=(1,))
   want = sampling.generate(params, cfg, tokens, mask, vision, jax.random.key(3), sc, 2)
-  got = sampling.generate(M.stack_layers(params), scanned(cfg), tokens, mask, vision,
+  got = sampling.generate(layer_stack.stack_layers(params), scanned(cfg), tokens, mask, vision,
                           jax.random.key(3), sc, 2)
   np.testing.assert_array_equal(got.tokens, want.tokens)
   np.testing.assert_allclose(got.raw_logprobs, want.raw_logprobs, atol=1e-4)
@@ -192,7 +192,7 @@ def test_qwen3_scanned_matches_transformers():
   """Independent oracle: transformers' logits for the committed untied f32 Qwen3."""
   ref = dict(np.load(os.path.join(FIXTURES, "qwen3_tiny", "reference.npz")))
   cfg, params = hfc.load_qwen3(os.path.join(FIXTURES, "qwen3_tiny", "untied_f32"))
-  cfg_s, stacked = scanned(cfg), M.stack_layers(params)
+  cfg_s, stacked = scanned(cfg), layer_stack.stack_layers(params)
   hidden = M.forward_hidden(stacked, cfg_s, jnp.asarray(ref["tokens"]),
                             jnp.asarray(ref["positions"]), jnp.asarray(ref["mask"]))
   logits = np.asarray(M.logits_from_hidden(hidden, M.lm_head(stacked, cfg_s)))
@@ -206,7 +206,7 @@ def test_qwen3_scanned_matches_transformers():
 @pytest.fixture(scope="module")
 def vl():
   directory = os.path.join(FIXTURES, "qwen3_vl_tiny")
-  cfg, params = qwen3_vl.load_qwen3_vl(directory)
+  cfg, params = qwen3_vl_import.load_qwen3_vl(directory)
   with np.load(os.path.join(directory, "reference.npz")) as data:
     ref = dict(data)
   return cfg, params, ref
@@ -224,7 +224,7 @@ def test_qwen3_vl_scanned_matches_transformers_with_deepstack(vl):
   added inside the scan after the first layers)."""
   cfg, params, ref = vl
   assert len(cfg.vision.deepstack_visual_indexes) >= 1
-  stacked = M.stack_layers(params)
+  stacked = layer_stack.stack_layers(params)
   assert "visual" in stacked and stacked["layers"]["mlp"]["up_proj"]["kernel"].shape[0] == \
       cfg.text.num_layers
   logits = _vl_image_logits(stacked, scanned_vl(cfg), ref)
@@ -247,7 +247,7 @@ def vl4(vl):
 def test_qwen3_vl_scanned_forward_equals_unrolled_past_deepstack(vl4):
   cfg, params, ref = vl4
   want = _vl_image_logits(params, cfg, ref)
-  got = _vl_image_logits(M.stack_layers(params), scanned_vl(cfg), ref)
+  got = _vl_image_logits(layer_stack.stack_layers(params), scanned_vl(cfg), ref)
   mask = ref["image_attention_mask"].astype(bool)
   np.testing.assert_allclose(got[mask], want[mask], atol=2e-5, rtol=2e-5)
 
@@ -267,7 +267,7 @@ def test_qwen3_vl_scanned_sampler_draws_the_same_tokens(vl4):
   sc = sampling.SamplingConfig(max_new_tokens=5, temperature=1.0, stop_token_ids=(2,),
                                banned_token_ids=(cfg.image_token_id, cfg.video_token_id))
   want = sampling.generate(params, cfg, ids, mask, vision, jax.random.key(3), sc, 2)
-  got = sampling.generate(M.stack_layers(params), scanned_vl(cfg), ids, mask, vision,
+  got = sampling.generate(layer_stack.stack_layers(params), scanned_vl(cfg), ids, mask, vision,
                           jax.random.key(3), sc, 2)
   np.testing.assert_array_equal(got.tokens, want.tokens)
   np.testing.assert_allclose(got.raw_logprobs, want.raw_logprobs, atol=1e-4)
@@ -293,13 +293,13 @@ def test_qwen3_vl_scanned_prompt_media_scoring_and_gradients(vl4):
     return (jnp.where(mask[..., None], M.logits_from_hidden(prompt_hidden, head), 0).std()
             + M.logits_from_hidden(hidden, head).std()), (prompt_hidden, hidden)
 
-  cfg_s, stacked = scanned_vl(cfg), M.stack_layers(params)
+  cfg_s, stacked = scanned_vl(cfg), layer_stack.stack_layers(params)
   (_, want), g_want = jax.value_and_grad(loss, has_aux=True)(params, cfg)
   (_, got), g_got = jax.value_and_grad(loss, has_aux=True)(stacked, cfg_s)
   np.testing.assert_allclose(np.asarray(got[0])[np.asarray(mask)],
                              np.asarray(want[0])[np.asarray(mask)], atol=2e-5, rtol=2e-5)
   np.testing.assert_allclose(got[1], want[1], atol=2e-5, rtol=2e-5)
-  g_want = M.stack_layers(g_want)
+  g_want = layer_stack.stack_layers(g_want)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=2e-4),
                g_got, g_want)
   merger = g_got["visual"]["deepstack_merger_list_0"]["linear_fc2"]["kernel"]
@@ -314,13 +314,13 @@ def test_export_unstacks_scanned_params(tmp_path, vl):
   from copd_jax.models import qwen3_vl_export
   cfg, params, _ = vl
   want = qwen3_vl_export.named_hf_arrays(params, cfg)
-  got = qwen3_vl_export.named_hf_arrays(M.stack_layers(params), scanned_vl(cfg))
+  got = qwen3_vl_export.named_hf_arrays(layer_stack.stack_layers(params), scanned_vl(cfg))
   assert [n for n, _ in got] == [n for n, _ in want]
   for (_, a), (_, b) in zip(got, want):
     np.testing.assert_array_equal(a, b)
 
   cfg3, params3 = hfc.load_qwen3(os.path.join(FIXTURES, "qwen3_tiny", "untied_f32"))
-  hfc.export_qwen3(str(tmp_path / "scanned"), M.stack_layers(params3), scanned(cfg3),
+  hfc.export_qwen3(str(tmp_path / "scanned"), layer_stack.stack_layers(params3), scanned(cfg3),
                    dtype="float32")
   cfg_back, back = hfc.load_qwen3(str(tmp_path / "scanned"))
   assert cfg_back == cfg3
@@ -331,7 +331,7 @@ def test_policy_setup_stacks_imported_params(toy):
   from copd_jax import policy_setup
   cfg, params = toy
   stacked = policy_setup.to_model_layout(params, scanned(cfg))
-  assert M.is_stacked(stacked)
+  assert layer_stack.is_stacked(stacked)
   assert policy_setup.to_model_layout(stacked, cfg)["layers_1"] is not None
 
 
@@ -343,7 +343,7 @@ def test_remat_applies_inside_the_scan(toy, remat):
   cfg = scanned(dataclasses.replace(cfg, remat=remat))
   tokens, positions, mask, vision = toy_batch(cfg)
   text = str(jax.make_jaxpr(lambda p: policy_hidden(p, cfg, tokens, positions, mask))(
-      M.stack_layers(params)))
+      layer_stack.stack_layers(params)))
   body = text[text.index("scan["):]
   assert bool(re.search(r"\b(remat2|checkpoint)\[", body)) == remat
 

@@ -12,7 +12,7 @@ import pytest
 
 from copd_jax.data import vision_preprocess as vp
 from copd_jax.data import vl_prompts
-from copd_jax.models import qwen3_vl, qwen3_vl_decode
+from copd_jax.models import qwen3_vl_decode, qwen3_vl_import
 
 HERE = os.path.dirname(__file__)
 TOKENIZER = os.path.join(HERE, "fixtures", "hf", "qwen3_tiny", "tokenizer")
@@ -37,7 +37,7 @@ def checkpoint(tmp_path):
 
 def model_config(tok):
   """The tiny Qwen3-VL config with the tokenizer's vision token ids."""
-  cfg, _ = qwen3_vl.load_qwen3_vl(VL_FIXTURE)
+  cfg, _ = qwen3_vl_import.load_qwen3_vl(VL_FIXTURE)
   ids = {name: tok.token_id(text) for name, text in (
       ("image_token_id", vl_prompts.IMAGE_PAD), ("video_token_id", vl_prompts.VIDEO_PAD),
       ("vision_start_token_id", vl_prompts.VISION_START),
@@ -120,7 +120,7 @@ def test_the_run_fixture_reads_its_records_through_its_own_processor():
   from PIL import Image
   run = RUN_FIXTURE
   data = os.path.join(HERE, "fixtures", "data", "vl")
-  cfg, params = qwen3_vl.load_qwen3_vl(run)
+  cfg, params = qwen3_vl_import.load_qwen3_vl(run)
   processor = vl_prompts.VLPromptProcessor.from_checkpoint(run)
   load = lambda name: np.asarray(Image.open(os.path.join(data, name)).convert("RGB"))  # noqa: E731
   encoded = []

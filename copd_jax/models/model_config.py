@@ -16,7 +16,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 EXECUTION_FIELDS = ("remat", "attention_block", "attention_kernel")
 # ModelConfig fields that change how the parameters are laid out, not their values:
 # scan_layers stacks the decoder layers' parameters on a leading layer axis
-# (decoder.stack_layers / unstack_layers convert between the layouts).
+# (layer_stack.stack_layers / unstack_layers convert between the layouts).
 LAYOUT_FIELDS = ("scan_layers",)
 ATTENTION_KERNELS = ("xla", "splash", "auto")
 
@@ -116,7 +116,7 @@ class ModelConfig:
   # Run the decoder layers under one nn.scan instead of unrolled: the compiled program
   # holds ONE layer body, so compile time stops growing with depth (a 36-layer TPU compile
   # costs about what a 2-layer one does). Parameters are stacked with a leading layer axis
-  # (`layers/...` [L, ...] instead of `layers_{i}/...`; decoder.stack_layers converts) and
+  # (`layers/...` [L, ...] instead of `layers_{i}/...`; layer_stack.stack_layers converts) and
   # the KV cache is one LayerCache with a leading layer axis. Same values up to float
   # rounding; remat (above) applies inside the scan.
   scan_layers: bool = False

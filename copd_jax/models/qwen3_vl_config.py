@@ -7,14 +7,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from copd_jax.models import model_config
+from copd_jax.models import hf_config, model_config
 
 _VISION_ACTS = {"gelu_pytorch_tanh": True, "gelu": False}  # name -> tanh approximation?
 
-# Sizes and ids in config.json are at most this (hf_checkpoint.MAX_CONFIG_INT).
+# Sizes and ids in config.json are at most this (hf_config.MAX_CONFIG_INT).
 MAX_CONFIG_INT = 2 ** 24
 # The config.json fields each section may have besides transformers' bookkeeping
-# (hf_checkpoint.HF_BOOKKEEPING_FIELDS); anything else is rejected, naming it.
+# (hf_config.HF_BOOKKEEPING_FIELDS); anything else is rejected, naming it.
 TOP_FIELDS = ("text_config", "vision_config", "image_token_id", "video_token_id",
               "vision_start_token_id", "vision_end_token_id", "tie_word_embeddings")
 TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -33,7 +33,7 @@ VISION_ROPE_FIELDS = ("rope_type", "rope_theta")
 
 
 # Layer and block counts are bounded by the safetensors headers instead
-# (qwen3_vl.check_layer_counts), which name the count the files actually hold.
+# (qwen3_vl_import.check_layer_counts), which name the count the files actually hold.
 LAYER_COUNT_MAX = 2 ** 62
 
 
@@ -59,8 +59,7 @@ def config_float(owner: str, name: str, value) -> float:
 
 
 def _check_fields(section: Mapping[str, Any], known, owner: str) -> None:
-  from copd_jax.models import hf_checkpoint
-  hf_checkpoint.reject_unknown_fields(section, known, owner + "." if owner else "")
+  hf_config.reject_unknown_fields(section, known, owner + "." if owner else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,8 +178,7 @@ class Qwen3VLConfig:
     """
     if not isinstance(config, Mapping):
       raise ValueError(f"Qwen3-VL config must be a JSON object, got {type(config).__name__}")
-    from copd_jax.models import hf_checkpoint
-    hf_checkpoint.check_json_values(config, "config.json")  # finite, bounded, shallow
+    hf_config.check_json_values(config, "config.json")  # finite, bounded, shallow
     model_type = config.get("model_type")
     if model_type not in (None, "qwen3_vl"):
       raise ValueError(f"config.model_type={model_type!r}: expected 'qwen3_vl'")
@@ -200,7 +198,7 @@ class Qwen3VLConfig:
       if not isinstance(vis["rope_parameters"], Mapping):
         raise ValueError("vision_config.rope_parameters must be an object or null")
       _check_fields(vis["rope_parameters"], VISION_ROPE_FIELDS, "vision_config.rope_parameters")
-    hf_checkpoint.check_partial_rotary(text, "text_config.")
+    hf_config.check_partial_rotary(text, "text_config.")
     if text.get("attention_dropout", 0.0) not in (0, 0.0):
       raise ValueError(f"text_config.attention_dropout={text['attention_dropout']!r} is not "
                        "implemented (only 0.0)")

@@ -1,5 +1,5 @@
 """Export Qwen3-VL parameters as a Hugging Face checkpoint directory (the inverse of
-models.qwen3_vl.load_qwen3_vl).
+models.qwen3_vl_import.load_qwen3_vl).
 
     export_qwen3_vl("/models/copd-merged", params, cfg, source_dir="/models/Qwen3-VL-4B-Instruct")
 
@@ -7,7 +7,7 @@ Training changes weights, not the architecture, so config.json is the source che
 (its `dtype` / `torch_dtype` set to the export dtype), and the files a processor needs
 (preprocessor_config.json, video_preprocessor_config.json, chat template, tokenizer) are
 copied from it. Tensor names are built from our parameter paths; every name is checked to
-map back to its path through the importer's own mapping (qwen3_vl.hf_name_to_path), so
+map back to its path through the importer's own mapping (qwen3_vl_import.hf_name_to_path), so
 import and export cannot drift apart.
 """
 from __future__ import annotations
@@ -21,9 +21,10 @@ from typing import Mapping
 import jax
 import numpy as np
 
-from copd_jax.models import decoder, hf_checkpoint
-from copd_jax.models.qwen3_vl import _hf_shape, hf_name_to_path, param_shapes
+from copd_jax.models import hf_checkpoint, layer_stack
+from copd_jax.models.qwen3_vl import param_shapes
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
+from copd_jax.models.qwen3_vl_import import _hf_shape, hf_name_to_path
 
 # What a Qwen3-VL processor reads besides the weights; copied when the source has them.
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json",
@@ -45,7 +46,7 @@ def _hf_module_path(path: tuple[str, ...]) -> list[str]:
 
 
 def hf_name(path: tuple[str, ...]) -> str:
-  """Our parameter path -> the HF tensor name (qwen3_vl.hf_name_to_path inverted)."""
+  """Our parameter path -> the HF tensor name (qwen3_vl_import.hf_name_to_path inverted)."""
   if path == ("lm_head", "kernel"):
     return "lm_head.weight"
   visual = path[0] == "visual"
@@ -71,7 +72,7 @@ def _to_hf_layout(array: np.ndarray, how: str, hf_shape: tuple[int, ...]) -> np.
 def named_hf_arrays(params: Mapping, cfg: Qwen3VLConfig) -> list[tuple[str, np.ndarray]]:
   """(HF name, host array in HF layout) of every parameter, shapes checked against cfg.
   Scanned (stacked) layer parameters are unstacked first: HF numbers its layers."""
-  params = decoder.to_layout(params, scan_layers=False)
+  params = layer_stack.to_layout(params, scan_layers=False)
   cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, scan_layers=False))
   expected = param_shapes(cfg)
   flat = {tuple(k.key for k in path): leaf
