@@ -292,3 +292,15 @@ def test_config_accepts_families_and_checks_the_dial():
     tasks.make_example("total", 0, seed=0, difficulty=1, conflict=2.0)
   with pytest.raises(ValueError, match="families"):
     tasks.make_example("speech", 0, seed=0, difficulty=1)
+
+
+def test_tfds_static_split_of_a_new_family(tmp_path):
+  tfds_tasks = pytest.importorskip("copd_jax.data.tfds_tasks")
+  name = tfds_tasks.write_static_split(tmp_path, "mean", difficulty=1, seed=5, num_train=6,
+                                       num_eval=3)
+  for split, n in (("train", 6), ("eval", 3)):
+    source = tfds_tasks.load_static_split(tmp_path, "mean", split, config=name)
+    ref = [tasks.make_example("mean", i, seed=5, difficulty=1, split=split) for i in range(n)]
+    got = [source[i] for i in range(n)]
+    assert [ex.key() for ex in got] == [ex.key() for ex in ref]
+    assert all(ex.modality == "text" and ex.frames is None for ex in got)
