@@ -157,10 +157,11 @@ def test_new_family_answers_match_an_oracle_and_verify(cap):
 
 # Hand-written flawed procedures, one per new family (and the twin in the shared form).
 @pytest.mark.parametrize("cap, question, solution, answer, flawed", [
-    ("total", "add up 40,3,2?", "40+3+2=45#45", "45", "3+2=5#5"),
-    ("remain", "from 40 take 3,2?", "40-3-2=35#35", "35", "40-2=38#38"),
-    ("total", "t:40,3,2?", "40+3+2=45#45", "45", "40-3-2=35#35"),
-    ("remain", "r:40,3,2?", "40-3-2=35#35", "35", "40+3+2=45#45"),
+    ("total", "add up 40,3,2?", "40+3=43;43+2=45#45", "45", "3+2=5#5"),
+    ("remain", "from 40 take 3,2?", "40-3=37;37-2=35#35", "35", "40-2=38#38"),
+    ("total", "t:40,3,2?", "40+3=43;43+2=45#45", "45", "40-3=37;37-2=35#35"),
+    ("remain", "r:40,3,2?", "40-3=37;37-2=35#35", "35", "40+3=43;43+2=45#45"),
+    ("total", "t:40,3?", "40+3=43#43", "43", "40-3=37#37"),  # difficulty 0: two numbers
     ("max", "max 3,8,5?", "3<8;8>5#8", "8", "3<8;3<5#3"),
     ("max", "max 9,2,4,7?", "9>2;9>4;9>7#9", "9", "9>2;2<4;2<7#2"),
     ("mul", "7 times 8?", "7*8=56#56", "56", "7*7=49#49"),

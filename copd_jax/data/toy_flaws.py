@@ -39,8 +39,8 @@ from copd_jax.data.toy_tasks import FAMILIES, _check_capability, compare_trace, 
 # frame described, so the choice is the aggregation alone.
 #
 # The nine text families (toy_tasks.FAMILIES) each have a flaw of their own too:
-#   total    skips the first number       "40+3+2=45#45"        -> "3+2=5#5"
-#   remain   subtracts only the last      "40-3-2=35#35"        -> "40-2=38#38"
+#   total    skips the first number       "40+3=43;43+2=45#45"  -> "3+2=5#5"
+#   remain   subtracts only the last      "40-3=37;37-2=35#35"  -> "40-2=38#38"
 #   max      keeps the smaller (the min)  "3<8;8>5#8"           -> "3<8;3<5#3"
 #   mul      multiplies by one less       "7*8=56;56+3=59#59"   -> "7*7=49;49+3=52#52"
 #   digits   counts the digits            "4+7+2=13#13"         -> "1+1+1=3#3"
@@ -152,19 +152,49 @@ def _one_factor_short(trace: str) -> str:
   return ";".join(out)
 
 
+def _step_terms(trace: str) -> tuple[list[int], str]:
+  """'40+3=43;43+2=45' -> ([40, 3, 2], '+'): the numbers of a one-operator step trace."""
+  equations = [_parse_equation(e) for e in trace.split(";")]
+  return equations[0][0] + [terms[1] for terms, _ in equations[1:]], equations[0][1][0]
+
+
+def _steps(terms: Sequence[int], op: str) -> str:
+  """([40, 3, 2], '-') -> '40-3=37;37-2=35'; a single number is itself."""
+  if len(terms) == 1:
+    return str(terms[0])
+  out, value = [], terms[0]
+  for term in terms[1:]:
+    result = _apply_ops([value, term], [op])
+    out.append(f"{value}{op}{term}={result}")
+    value = result
+  return ";".join(out)
+
+
+def _skip_first_step(trace: str) -> str:
+  """'40+3=43;43+2=45' -> '3+2=5': the same steps without the first number."""
+  terms, op = _step_terms(trace)
+  return _steps(terms[1:], op)
+
+
+def _subtract_last_only(trace: str) -> str:
+  """'40-3=37;37-2=35' -> '40-2=38': only the last number taken away."""
+  terms, op = _step_terms(trace)
+  return _steps([terms[0], terms[-1]], op)
+
+
 def _twin_procedure(trace: str) -> str:
-  """'40+3+2=45' <-> '40-3-2=35': the conflict partner's procedure on the same numbers."""
-  terms, ops = _parse_equation(trace)
-  op = "-" if all(o == "+" for o in ops) else "+"
-  return _equation(terms, [op] * len(ops))
+  """'40+3=43;43+2=45' <-> '40-3=37;37-2=35': the conflict partner's procedure on the
+  same numbers."""
+  terms, op = _step_terms(trace)
+  return _steps(terms, "-" if op == "+" else "+")
 
 
 _FLAWS = {
     "sign_slip": _sign_slip,
     "drop_last_term": _drop_last_term,
     "repeat_last_term": _repeat_last_term,
-    "skip_first_term": _one_equation(lambda t, o: (t[1:], o[1:])),
-    "subtract_last_only": _one_equation(lambda t, o: ([t[0], t[-1]], [o[-1]])),
+    "skip_first_term": _skip_first_step,
+    "subtract_last_only": _subtract_last_only,
     "keep_smaller": _keep_smaller,
     "one_factor_short": _one_factor_short,
     "count_digits": _one_equation(lambda t, o: ([1] * len(t), o)),

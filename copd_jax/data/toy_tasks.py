@@ -14,8 +14,8 @@ carry, its correct procedure, its flawed procedure (implemented in toy_flaws.FLA
 and a generator. Nine text families join the three, each with a procedure and a flaw of
 its own, so up to twelve branches can each learn something different:
 
-  total   "add up 40,3,2?"     "40+3+2=45"        flaw: skips the first number
-  remain  "from 40 take 3,2?"  "40-3-2=35"        flaw: subtracts only the last
+  total   "add up 40,3,2?"     "40+3=43;43+2=45"  flaw: skips the first number
+  remain  "from 40 take 3,2?"  "40-3=37;37-2=35"  flaw: subtracts only the last
   max     "max 3,8,5?"         "3<8;8>5#8"        flaw: keeps the smaller
   mul     "7 times 8 plus 3?"  "7*8=56;56+3=59"   flaw: multiplies by one less
   digits  "digit sum 472?"     "4+7+2=13"         flaw: counts the digits
@@ -32,8 +32,8 @@ suite above every family is recognisable from its prompt, so independent experts
 interfere and a weight average keeps each one's skill. The dial makes two families,
 total and remain (CONFLICT_FAMILIES, each the other's `twin`), conflict on prompts that
 look alike. With probability `conflict` an item of either takes a shared surface form,
-the same numbers behind a one-letter cue: 't:40,3,2?' asks for 40+3+2=45, 'r:40,3,2?'
-for 40-3-2=35 (one problem distribution fits both: first >= the rest, sum <= 99). In
+the same numbers behind a one-letter cue: 't:40,3,2?' asks for 40+3=43;43+2=45,
+'r:40,3,2?' for 40-3=37;37-2=35 (one problem distribution fits both: first >= the rest, sum <= 99). In
 that form each family's flawed procedure is its twin's correct one, so at flaw rate 0.5
 the base's demonstrations add as often under 't' as under 'r': the base ignores the cue.
 An expert trained on one family then learns "add" (or "subtract") on states the other
@@ -375,29 +375,33 @@ def _join(values: Sequence[int]) -> str:
   return ",".join(map(str, values))
 
 
-# total / remain, the conflict pair: (terms, largest operand after the first). The first
-# number is at least the sum of the others (so subtracting them stays >= 0) and the sum
-# of all of them is at most 99 (so adding them stays < 100): one problem fits both.
-_PAIR_LEVELS = {0: (2, 9), 1: (3, 9), 2: (3, 20), 3: (4, 20)}
+# total / remain, the conflict pair: (terms, largest operand after the first, largest
+# excess of the first over the sum of the others). The first number is at least the sum
+# of the others (so subtracting them stays >= 0) and the sum of all of them is at most 99
+# (so adding them stays < 100): one problem fits both. Traces take one operation per
+# step ('28+4=32;32+2=34'), as the text family's do: a 3-term sum in one equation was
+# beyond the small base (a pilot's experts chose the right operation but reached only
+# 15-20% on their own items).
+_PAIR_LEVELS = {0: (2, 9, 9), 1: (3, 9, 20), 2: (3, 20, 40), 3: (3, 30, 40)}
 _PAIR_MAX_REST = 49
 
 
 def _pair_problem(rng, difficulty: int) -> list[int]:
   """[first, *rest]: first >= sum(rest), first + sum(rest) <= 99."""
-  num_terms, max_operand = _PAIR_LEVELS[difficulty]
+  num_terms, max_operand, max_excess = _PAIR_LEVELS[difficulty]
   rest = []
   for _ in range(num_terms - 1):
     rest.append(_int(rng, 0, min(max_operand, _PAIR_MAX_REST - sum(rest))))
-  first = _int(rng, sum(rest), 99 - sum(rest))
+  first = sum(rest) + _int(rng, 0, min(max_excess, 99 - 2 * sum(rest)))
   return [first] + rest
 
 
 def _total_trace(terms: Sequence[int]) -> tuple[str, int]:
-  return sum_trace(terms), sum(terms)
+  return step_trace(terms[0], [("+", t) for t in terms[1:]])
 
 
 def _remain_trace(terms: Sequence[int]) -> tuple[str, int]:
-  return chain_trace(terms[0], "-", terms[1:]), terms[0] - sum(terms[1:])
+  return step_trace(terms[0], [("-", t) for t in terms[1:]])
 
 
 def _make_total(rng, difficulty, shared):
@@ -567,11 +571,11 @@ _FAMILY_LIST = (
            "add per frame / per move", "counts the last frame or move twice",
            "repeat_last_term", _legacy_video),
     # Nine text families, each with a procedure and a flaw of its own.
-    Family("total", "text", "'add up 40,3,2?'", "add all the numbers: 40+3+2=45",
+    Family("total", "text", "'add up 40,3,2?'", "add all the numbers: 40+3=43;43+2=45",
            "leaves out the first number: 3+2=5", "skip_first_term", _text_family(_make_total),
            twin="remain", shared_cue="t"),
     Family("remain", "text", "'from 40 take 3,2?'", "subtract the rest from the first: "
-           "40-3-2=35", "subtracts only the last number: 40-2=38", "subtract_last_only",
+           "40-3=37;37-2=35", "subtracts only the last number: 40-2=38", "subtract_last_only",
            _text_family(_make_remain), twin="total", shared_cue="r"),
     Family("max", "text", "'max 3,8,5?'", "compare left to right, keep the larger: 3<8;8>5",
            "keeps the smaller (the minimum): 3<8;3<5", "keep_smaller", _text_family(_make_max)),
@@ -757,11 +761,13 @@ def _list_chars(count: int, largest: int) -> int:
 
 def _pair_chars(difficulty: int) -> tuple[int, int]:
   # total / remain in both forms: first <= 99, the rest <= their largest operand.
-  terms, largest = _PAIR_LEVELS[difficulty]
+  terms, largest, _ = _PAIR_LEVELS[difficulty]
+  d = _digits(largest)
   rest = _list_chars(terms - 1, largest)
   question = max(len("add up ?") + 2 + 1 + rest, len("from  take ?") + 2 + rest,
                  len("t:?") + 2 + 1 + rest)
-  return question, _solution_chars(2 + 1 + rest + 1 + 2, 99)  # "aa+b+c=ss" or "aa-b-c=rr"
+  # "aa+b=cc;cc+b=dd": (terms - 1) steps of 2 + 1 + d + 1 + 2 chars, joined by ';'.
+  return question, _solution_chars((terms - 1) * (6 + d) + terms - 2, 99)
 
 
 def _max_chars(difficulty: int) -> tuple[int, int]:
