@@ -324,6 +324,10 @@ def plot(report: dict, out_dir: str) -> None:
   plt.close(fig)
 
 
+def _cell(triple) -> str:
+  return "not run yet" if triple is None else f"{triple[0]:.1f} [{triple[1]:.1f}, {triple[2]:.1f}]"
+
+
 def write_report(args, levels, seeds, command: str, minutes: float) -> dict:
   report = {"command": command, "minutes_this_invocation": round(minutes, 1),
             "capabilities": CAPS, "eval_examples_per_capability": args.eval_examples,
@@ -339,10 +343,12 @@ def write_report(args, levels, seeds, command: str, minutes: float) -> dict:
            "interval, bootstrap over seeds and items].\n"]
   for entry in report["dial"]:
     lines.append(f"## conflict = {entry['level']:g} (seeds {entry['seeds']})\n")
-    lines.append(f"Experts' symmetric KL: {entry['expert_divergence_sym_kl']}; experts − merged "
-                 f"experts (own capabilities): {entry['merged_experts_own_gap_points']}; "
-                 f"CoPD − merged experts: {entry['copd_minus_merged_experts']}; MOPD − experts: "
-                 f"{entry['mopd_minus_experts']}.\n")
+    kl = entry["expert_divergence_sym_kl"]
+    lines.append(f"- experts' symmetric KL on the probe: {'—' if kl is None else f'{kl:.3f}'}")
+    lines.append(f"- experts − merged experts (own capabilities): "
+                 f"{_cell(_triple(entry['merged_experts_own_gap_points']))}")
+    lines.append(f"- CoPD − merged experts: {_cell(entry['copd_minus_merged_experts'])}")
+    lines.append(f"- MOPD − experts (own capabilities): {_cell(entry['mopd_minus_experts'])}\n")
     table = {k: v for k, v in entry["accuracy_points"].items()}
     if table:
       lines.append("| model | " + " | ".join(CAPS) + " | overall | seeds |")
