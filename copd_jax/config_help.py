@@ -53,6 +53,8 @@ FIELD_HELP = {
     "data.vision_budget": "Qwen3-VL patches per prompt (media padded to it); 0 = the most any record needs",
     "data.reader": "builtin (errors name the line) | datasets (HF datasets, offline)",
     "data.columns": "record field -> column name, e.g. {'prompt': 'question'}",
+    "data.conflict": "divergence dial in [0, 1]: share of total/remain prompts in their shared, "
+                     "cue-only surface form (toy_tasks); 0 = none",
     "init.hf_checkpoint": "local Hugging Face Qwen3 or Qwen3-VL checkpoint directory; '' = toy base",
     "init.hf_tokenizer": "tokenizer directory; '' = the checkpoint's own",
     "mesh": "device mesh sizes (one may be -1 = the devices left over)",
