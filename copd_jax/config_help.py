@@ -63,6 +63,8 @@ FIELD_HELP = {
     "data.chat_template_kwargs": "chat-template arguments, e.g. {'enable_thinking': False} (Qwen3)",
     "eval.pass_threshold": "pass@k: a sample passes when its reward is >= this (1.0 = fully "
                            "correct; partial credit below it is no pass)",
+    "data.conflict": "divergence dial in [0, 1]: share of total/remain prompts in their shared, "
+                     "cue-only surface form (toy_tasks); 0 = none",
     "init.hf_checkpoint": "local Hugging Face Qwen3 or Qwen3-VL checkpoint directory; '' = toy base",
     "init.hf_tokenizer": "tokenizer directory; '' = the checkpoint's own",
     "mesh": "device mesh sizes (one may be -1 = the devices left over)",

@@ -184,8 +184,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     _fail("tasks.capabilities", "must name at least one capability", caps)
   records = validate_records_and_init(cfg)
   for cap in caps:
-    if not records and cap not in toy_tasks.CAPABILITIES:
-      _fail("tasks.capabilities", f"has unknown task {cap!r}; known: {toy_tasks.CAPABILITIES} "
+    if not records and cap not in toy_tasks.FAMILIES:
+      _fail("tasks.capabilities", f"has unknown task {cap!r}; known: {toy_tasks.FAMILY_NAMES} "
             "(other domain names need record files in config.data.train_files)", caps)
   if len(set(caps)) != len(caps):
     _fail("tasks.capabilities", "must not repeat a capability", caps)
@@ -198,6 +198,10 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
 
   _positive_int(cfg.data, "max_prompt_len", "data.")
   _positive_int(cfg.data, "max_response_len", "data.")
+  if "conflict" in cfg.data:  # the divergence dial (toy_tasks): a fraction
+    conflict = _positive_float(cfg.data, "conflict", "data.", allow_zero=True)
+    if conflict > 1:
+      _fail("data.conflict", "must be a fraction in [0, 1]", conflict)
   if not records:  # record prompts are measured against the lengths at setup
     _check_lengths_fit_tasks(cfg, caps)
 

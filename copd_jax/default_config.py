@@ -81,6 +81,11 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
       # {'enable_thinking': False} for Qwen3.
       system_prompt="",
       chat_template_kwargs={},
+      # The divergence dial (copd_jax/data/toy_tasks.py, "Conflict"): the fraction of the
+      # conflict families' (total, remain) RL and held-out prompts drawn in a surface
+      # form the two share, told apart by a one-letter cue the base ignores. 0 = none;
+      # other families ignore it; the base's demonstrations use a fixed mix.
+      conflict=0.0,
   ))
   # Start from a local Hugging Face checkpoint directory (copd_jax/models/hf_checkpoint.py)
   # instead of the SFT warm-start; "" = the built-in toy base.

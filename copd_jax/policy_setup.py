@@ -173,6 +173,9 @@ def build_setup(cfg: ml_collections.ConfigDict) -> RunSetup:
     model_cfg, tokenizer = _toy_model_and_tokenizer(cfg)
   lengths = vision_lengths(model_cfg)
   example_kwargs = dict(image_size=lengths["image_size"], num_frames=lengths["num_frames"])
+  if not uses_record_files(cfg) and cfg.data.get("conflict", 0.0):
+    # The divergence dial (toy_tasks, CONFLICT_FAMILIES): RL streams and held-out sets.
+    example_kwargs["conflict"] = float(cfg.data.conflict)
   setup = RunSetup(
       model_cfg=model_cfg,
       tokenizer=tokenizer,

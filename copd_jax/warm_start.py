@@ -60,8 +60,12 @@ def sft_step(params, opt_state, batch, model_cfg, optimizer):
 def sft_examples(cfg: ml_collections.ConfigDict, setup: RunSetup) -> Iterator[examples_lib.Example]:
   weights = {cap: cfg.warm_start.mix.get(cap, 0.0) for cap in setup.capabilities}
   seed = cfg.tasks.seed + cfg.warm_start.seed
+  # One base for every level of the divergence dial: its demonstrations of a conflict
+  # family show the shared form at toy_tasks.SFT_CONFLICT, whatever config.data.conflict
+  # is (no effect on the other families).
+  kwargs = dict(setup.example_kwargs, conflict=toy_tasks.SFT_CONFLICT)
   examples = toy_tasks.mixed_train_stream(weights, seed=seed, difficulty=dict(cfg.tasks.difficulty),
-                                      **setup.example_kwargs)
+                                      **kwargs)
   # A fraction of the demonstrations shows each capability's flawed procedure (see
   # toy_flaws.FLAW_KINDS): the base knows the right procedure but does not prefer it.
   flaw_rate = {cap: cfg.warm_start.flaw_rate.get(cap, 0.0) for cap in setup.capabilities}

@@ -51,12 +51,14 @@ class TaskSource:
   """
 
   def __init__(self, capability: str, *, seed: int, difficulty: int, image_size: int = 32,
-               num_frames: int = 4, split: str = "train", num_examples: int | None = None):
+               num_frames: int = 4, split: str = "train", num_examples: int | None = None,
+               conflict: float = 0.0):
     if split not in toy_tasks.SPLITS:
       raise ValueError(f"TaskSource split must be one of {toy_tasks.SPLITS}, got {split!r}")
     # Fail now, on the config, rather than at the first read inside a training step.
     toy_tasks.make_example(capability, 0, seed=seed, difficulty=difficulty,
-                       image_size=image_size, num_frames=num_frames, split=split)
+                       image_size=image_size, num_frames=num_frames, split=split,
+                       conflict=conflict)
     if split == "eval":
       if num_examples is None:
         raise ValueError("TaskSource(split='eval') needs num_examples (the eval set size)")
@@ -66,7 +68,7 @@ class TaskSource:
           "num_examples", num_examples, 1)
     self.capability, self.split, self._length = capability, split, length
     self._kwargs = dict(seed=seed, difficulty=difficulty, image_size=image_size,
-                        num_frames=num_frames, split=split)
+                        num_frames=num_frames, split=split, conflict=conflict)
 
   def __len__(self) -> int:
     return self._length
@@ -179,9 +181,9 @@ def capability_dataset(cfg, capability: str, example_kwargs: Mapping[str, Any],
     return sources_dataset(cfg, capability, example_kwargs, seed)
   files = _train_files(cfg)
   if not files:
-    if capability not in toy_tasks.CAPABILITIES:
+    if capability not in toy_tasks.FAMILIES:
       raise ValueError(f"capability {capability!r} has no procedural generator (those are "
-                       f"{toy_tasks.CAPABILITIES}); give its records in config.data.train_files")
+                       f"{toy_tasks.FAMILY_NAMES}); give its records in config.data.train_files")
     source = TaskSource(capability, seed=seed, difficulty=cfg.tasks.difficulty[capability],
                         **example_kwargs)
     return grain.MapDataset.source(source).repeat()

@@ -60,9 +60,10 @@ class TaskSplitConfig(tfds.core.BuilderConfig):
 
   def frames_shape(self) -> tuple[int, int, int, int] | None:
     """float32 frames shape of one example, None for text."""
-    if self.capability == "text":
+    modality = toy_tasks.FAMILIES[self.capability].modality
+    if modality == "text":
       return None
-    count = 1 if self.capability == "image" else self.num_frames
+    count = 1 if modality == "image" else self.num_frames
     return (count, self.image_size, self.image_size, 3)
 
 
@@ -185,7 +186,9 @@ class StaticSplitSource:
         raise ValueError(f"capability {text['capability']!r}, expected {self.capability!r}")
       if int(record["index"]) != index:  # records are written in index order
         raise ValueError(f"holds example {int(record['index'])}, expected {index}")
-      return examples_lib.Example(frames=record.get("frames"), **text)
+      modality = (None if self.capability in toy_tasks.CAPABILITIES
+                  else toy_tasks.FAMILIES[self.capability].modality)
+      return examples_lib.Example(frames=record.get("frames"), modality=modality, **text)
     except KeyError as err:
       raise ValueError(f"{self._where}: bad record {index}: missing field {err}") from err
     except (ValueError, UnicodeDecodeError) as err:
@@ -207,8 +210,8 @@ def load_static_split(data_dir: str | os.PathLike, capability: str, split: str, 
   capability under data_dir (an error lists them if there are several).
   """
   data_dir = os.fspath(data_dir)
-  if capability not in toy_tasks.CAPABILITIES:
-    raise ValueError(f"capability must be one of {toy_tasks.CAPABILITIES}, got {capability!r}")
+  if capability not in toy_tasks.FAMILIES:
+    raise ValueError(f"capability must be one of {toy_tasks.FAMILY_NAMES}, got {capability!r}")
   if split not in toy_tasks.SPLITS:
     raise ValueError(f"split must be one of {toy_tasks.SPLITS}, got {split!r}")
   if config is None:

@@ -1,7 +1,8 @@
 """Flawed worked solutions for the base policy's SFT data.
 
-Each capability has one characteristic slip (FLAW_KINDS): the text traces flip a sign, the
-image traces drop the last term, the video traces repeat the last step. SFT on a mix of
+Each capability family has one characteristic flawed procedure (FLAW_KINDS): the text
+traces flip a sign, the image traces drop the last term, the video traces repeat the last
+step, and each of the nine text families of toy_tasks.FAMILIES has its own (listed below). SFT on a mix of
 right and flawed demonstrations gives a base that knows the right procedure but does not
 prefer it -- so RL with verifiable rewards has something to sharpen.
 """
@@ -9,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import re
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from copd_jax.data.answers import ANSWER_MARKER
 from copd_jax.data.examples import Example, _check_int
-from copd_jax.data.toy_tasks import _check_capability
+from copd_jax.data.toy_tasks import FAMILIES, _check_capability, compare_trace, is_shared_form
 
 # The base policy is SFT'd on worked solutions, a fraction of which demonstrate a
 # capability-specific WRONG procedure (consistently carried through to a wrong answer).
@@ -35,7 +37,22 @@ from copd_jax.data.toy_tasks import _check_capability
 # then the right procedure is no more accurate than the flawed one at temperature 1 (we
 # measured that: RL had nothing to prefer); counting the last frame twice keeps every
 # frame described, so the choice is the aggregation alone.
-FLAW_KINDS = {"text": "sign_slip", "image": "drop_last_term", "video": "repeat_last_term"}
+#
+# The nine text families (toy_tasks.FAMILIES) each have a flaw of their own too:
+#   total    skips the first number       "40+3=43;43+2=45#45"  -> "3+2=5#5"
+#   remain   subtracts only the last      "40-3=37;37-2=35#35"  -> "40-2=38#38"
+#   max      keeps the smaller (the min)  "3<8;8>5#8"           -> "3<8;3<5#3"
+#   mul      multiplies by one less       "7*8=56;56+3=59#59"   -> "7*7=49;49+3=52#52"
+#   digits   counts the digits            "4+7+2=13#13"         -> "1+1+1=3#3"
+#   count    marks the other letters      "1+0+1+0+1=3#3"       -> "0+1+0+1+0=2#2"
+#   gap      fencepost, one less          "11-3=8#8"            -> "11-3-1=7#7"
+#   next     adds the first term          "5-2=3;8+3=11#11"     -> "8+2=10#10"
+#   mean     forgets to divide            "4+8=12;12/2=6#6"     -> "4+8=12#12"
+# In the conflict setting (toy_tasks, "the divergence dial") an item of total or remain
+# drawn in the shared surface form ('t:40,3,2?' / 'r:40,3,2?') has its twin's procedure
+# as its flaw instead: the sum where the difference is asked, and the other way round.
+FLAW_KINDS = {name: family.flaw_kind for name, family in FAMILIES.items()}
+TWIN_FLAW = "twin_procedure"
 
 
 def _parse_equation(equation: str) -> tuple[list[int], list[str]]:
@@ -98,24 +115,121 @@ def _repeat_last_term(trace: str) -> str:
   return _equation(terms + [terms[-1]], ops + [ops[-1]])
 
 
+def _one_equation(transform):
+  """A flaw on a one-equation trace ('a+b+c=s'); other traces are left as they are."""
+  def flaw(trace: str) -> str:
+    terms, ops = _parse_equation(trace)
+    if ";" in trace or len(terms) < 2:
+      return trace
+    return _equation(*transform(terms, ops))
+  return flaw
+
+
+def _keep_smaller(trace: str) -> str:
+  """'3<8;8>5' -> '3<8;3<5': the same comparisons, keeping the smaller value."""
+  steps = [re.split(r"[<>=]", step) for step in trace.split(";")]
+  values = [int(steps[0][0])] + [int(right) for _, right in steps]
+  return compare_trace(values, keep_larger=False)[0]
+
+
+def _first_as_step(trace: str) -> str:
+  """'5-2=3;8+3=11' -> '8+2=10': the last term plus the first term, not the step."""
+  first_equation, last_equation = trace.split(";")
+  first_term = _parse_equation(first_equation)[0][1]
+  last_term = _parse_equation(last_equation)[0][0]
+  return _equation([last_term, first_term], ["+"])
+
+
+def _one_factor_short(trace: str) -> str:
+  """'7*8=56' -> '7*7=49'; '7*8=56;56+3=59' -> '7*7=49;49+3=52' (carried through)."""
+  first, *rest = trace.split(";")
+  terms, ops = _parse_equation(first)
+  out = [_equation([terms[0], terms[1] - 1], ops)]
+  for equation in rest:
+    terms, ops = _parse_equation(equation)
+    terms[0] = _apply_ops(*_parse_equation(out[-1]))
+    out.append(_equation(terms, ops))
+  return ";".join(out)
+
+
+def _step_terms(trace: str) -> tuple[list[int], str]:
+  """'40+3=43;43+2=45' -> ([40, 3, 2], '+'): the numbers of a one-operator step trace."""
+  equations = [_parse_equation(e) for e in trace.split(";")]
+  return equations[0][0] + [terms[1] for terms, _ in equations[1:]], equations[0][1][0]
+
+
+def _steps(terms: Sequence[int], op: str) -> str:
+  """([40, 3, 2], '-') -> '40-3=37;37-2=35'; a single number is itself."""
+  if len(terms) == 1:
+    return str(terms[0])
+  out, value = [], terms[0]
+  for term in terms[1:]:
+    result = _apply_ops([value, term], [op])
+    out.append(f"{value}{op}{term}={result}")
+    value = result
+  return ";".join(out)
+
+
+def _skip_first_step(trace: str) -> str:
+  """'40+3=43;43+2=45' -> '3+2=5': the same steps without the first number."""
+  terms, op = _step_terms(trace)
+  return _steps(terms[1:], op)
+
+
+def _subtract_last_only(trace: str) -> str:
+  """'40-3=37;37-2=35' -> '40-2=38': only the last number taken away."""
+  terms, op = _step_terms(trace)
+  return _steps([terms[0], terms[-1]], op)
+
+
+def _twin_procedure(trace: str) -> str:
+  """'40+3=43;43+2=45' <-> '40-3=37;37-2=35': the conflict partner's procedure on the
+  same numbers."""
+  terms, op = _step_terms(trace)
+  return _steps(terms, "-" if op == "+" else "+")
+
+
+_FLAWS = {
+    "sign_slip": _sign_slip,
+    "drop_last_term": _drop_last_term,
+    "repeat_last_term": _repeat_last_term,
+    "skip_first_term": _skip_first_step,
+    "subtract_last_only": _subtract_last_only,
+    "keep_smaller": _keep_smaller,
+    "one_factor_short": _one_factor_short,
+    "count_digits": _one_equation(lambda t, o: ([1] * len(t), o)),
+    "complement": _one_equation(lambda t, o: ([1 - x for x in t], o)),
+    "fencepost": _one_equation(lambda t, o: (t + [1], o + ["-"])),
+    "first_as_step": _first_as_step,
+    "no_divide": lambda trace: trace.split(";")[0],
+    TWIN_FLAW: _twin_procedure,
+}
+
+
+def _answer_of(kind: str, trace: str) -> str:
+  if kind == "keep_smaller":  # comparisons: the kept value is the smaller of the last
+    return str(min(int(v) for v in re.split(r"[<>=]", trace.split(";")[-1])))
+  last = trace.split(";")[-1]
+  return last.split("=")[-1] if "=" in last else last
+
+
+def flaw_kind(example: Example) -> str:
+  """The flawed procedure an example's demonstrations show (FLAW_KINDS, or TWIN_FLAW for
+  a conflict family's item in the shared surface form)."""
+  _check_capability(example.capability, "example.capability")
+  return TWIN_FLAW if is_shared_form(example) else FLAW_KINDS[example.capability]
+
+
 def flawed_solution(example: Example) -> str:
-  """The example's worked solution done with its capability's flawed procedure (see
+  """The example's worked solution done with its family's flawed procedure (see
   FLAW_KINDS); the trace and the answer after ANSWER_MARKER agree with each other, so
   the flaw is a consistent wrong procedure, not a typo. May equal the correct solution
   when the flaw does not change anything (no subtraction; a dropped term of 0 still
   changes the trace but not the answer)."""
-  _check_capability(example.capability, "example.capability")
+  kind = flaw_kind(example)
   trace = example.solution.rsplit(ANSWER_MARKER, 1)[0]
-  kind = FLAW_KINDS[example.capability]
-  if kind == "sign_slip":
-    flawed = _sign_slip(trace)
-  elif kind == "repeat_last_term":
-    flawed = _repeat_last_term(trace)
-  else:
-    flawed = _drop_last_term(trace)
-  last = flawed.split(";")[-1]
-  answer = last.split("=")[-1] if "=" in last else last
-  return f"{flawed}{ANSWER_MARKER}{answer}"
+  flawed = _FLAWS[kind](trace)
+  return f"{flawed}{ANSWER_MARKER}{_answer_of(kind, flawed)}"
 
 
 def with_flawed_demonstrations(examples: Iterator[Example], flaw_rate: Mapping[str, float],

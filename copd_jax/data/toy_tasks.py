@@ -1,23 +1,59 @@
-"""The procedural toy task suite: text, image and video reasoning with one shared skill.
+"""The procedural toy task suite: twelve capability families, and a divergence dial.
 
-Each capability needs its own perception -- text only, one rendered image, a short
-clip of frames -- but every worked solution ends in the same arithmetic trace format,
-so what one branch learns about adding and subtracting small numbers can help another
-(the paper's cross-capability transfer):
+The original three capabilities need their own perception -- text only, one rendered
+image, a short clip of frames -- but every worked solution ends in the same arithmetic
+trace format, so what one branch learns about adding and subtracting small numbers can
+help another (the paper's cross-capability transfer):
 
   text   "had 5,got 3,lost 2?"   -> "5+3=8;8-2=6#6"
   image  "how many red?"         -> "1+0+2+0=3#3"   (red shapes per grid row)
   video  "dots in all?"          -> "1+0+2+1=4#4"   (dots per frame)
 
-Generators are pure functions of (capability, index, seed, difficulty, sizes, split):
-`make_example` is random access, so grain can wrap it as a MapDataset source. Train,
-validation and eval partition the example space by content hash (eval keeps bucket 0,
-validation bucket 1, train the other six), so no two splits can share an example.
-Hyper-parameters are chosen on validation; results are reported on eval.
+Families as data. A capability family is a `Family` spec (FAMILIES): the cue its prompts
+carry, its correct procedure, its flawed procedure (implemented in toy_flaws.FLAW_KINDS)
+and a generator. Nine text families join the three, each with a procedure and a flaw of
+its own, so up to twelve branches can each learn something different:
+
+  total   "add up 40,3,2?"     "40+3=43;43+2=45"  flaw: skips the first number
+  remain  "from 40 take 3,2?"  "40-3=37;37-2=35"  flaw: subtracts only the last
+  max     "max 3,8,5?"         "3<8;8>5#8"        flaw: keeps the smaller
+  mul     "7 times 8 plus 3?"  "7*8=56;56+3=59"   flaw: multiplies by one less
+  digits  "digit sum 472?"     "4+7+2=13"         flaw: counts the digits
+  count   "a in abaca?"        "1+0+1+0+1=3"      flaw: marks the other letters
+  gap     "gap 3,11?"          "11-3=8"           flaw: fencepost, one less
+  next    "next 2,5,8?"        "5-2=3;8+3=11"     flaw: adds the first term
+  mean    "mean 4,8?"          "4+8=12;12/2=6"    flaw: forgets to divide
+
+The original three keep exactly their items for every seed (their RNG keys, draws and
+content hashes are unchanged; tests pin some), so committed results stay reproducible.
+
+Conflict: the divergence dial (`conflict`, config.data.conflict, in [0, 1]). In the
+suite above every family is recognisable from its prompt, so independent experts barely
+interfere and a weight average keeps each one's skill. The dial makes two families,
+total and remain (CONFLICT_FAMILIES, each the other's `twin`), conflict on prompts that
+look alike. With probability `conflict` an item of either takes a shared surface form,
+the same numbers behind a one-letter cue: 't:40,3,2?' asks for 40+3=43;43+2=45,
+'r:40,3,2?' for 40-3=37;37-2=35 (one problem distribution fits both: first >= the rest, sum <= 99). In
+that form each family's flawed procedure is its twin's correct one, so at flaw rate 0.5
+the base's demonstrations add as often under 't' as under 'r': the base ignores the cue.
+An expert trained on one family then learns "add" (or "subtract") on states the other
+family shares, the two experts learn opposite choices there, and their average falls
+back towards the base; a policy that reads the cue can still get both right. The other
+items keep their distinct forms (and own flaws), so conflict = 0 is an ordinary pair of
+families and the fraction of shared items sets how far merging can fail. The base is
+one policy for every level: its demonstrations use the shared form at SFT_CONFLICT; the
+dial sets what RL trains on and what evaluation measures. The form is drawn first from
+each item's RNG, so levels are coupled: an item shared at 0.3 is shared at 0.6 too.
+
+Generators are pure functions of (family, index, seed, difficulty, sizes, split,
+conflict): `make_example` is random access, so grain can wrap it as a MapDataset source.
+Train, validation and eval partition the example space by content hash (eval keeps
+bucket 0, validation bucket 1, train the other six), so no two splits can share an
+example. Hyper-parameters are chosen on validation; results are reported on eval.
 
 The base policy is SFT'd on worked solutions some of which show a flawed procedure (see
-"flawed demonstrations" below): RL's job on this suite is to make the base prefer the
-right procedure, which it can sample but does not choose greedily.
+toy_flaws): RL's job on this suite is to make the base prefer the right procedure, which
+it can sample but does not choose greedily.
 
 Images are `image_size` square, a grid of 8x8 cells aligned with 8x8 ViT patches; each
 object fills one cell. Character lengths are token lengths under ToyTokenizer;
@@ -29,7 +65,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -47,14 +83,6 @@ MAX_DIFFICULTY = 3
 CELL_SIZE = 8  # pixels per grid cell = the ViT patch size the images are drawn for
 MIN_IMAGE_SIZE = 32  # a 4x4 grid: room for the 10 objects of the hardest image level
 MAX_NUM_FRAMES = 9  # per-frame traces stay short
-
-
-
-
-
-
-
-
 
 
 COLOURS = {  # name -> RGB in [0, 1]
@@ -83,17 +111,22 @@ SHAPE_MASKS = _shape_masks()
 SHAPE_NAMES = tuple(SHAPE_MASKS)
 
 
-
-
 def _check_capability(capability: str, field: str = "capability") -> None:
-  if capability not in CAPABILITIES:
-    raise ValueError(f"{field} must be one of {CAPABILITIES}, got {capability!r}")
+  if capability not in FAMILIES:
+    raise ValueError(f"{field} must be one of the task families {FAMILY_NAMES}, got "
+                     f"{capability!r}")
 
 
+def _check_conflict(conflict) -> float:
+  if (isinstance(conflict, bool) or not isinstance(conflict, numbers.Real)
+      or not 0.0 <= float(conflict) <= 1.0):
+    raise ValueError(f"conflict must be a number in [0, 1], got {conflict!r}")
+  return float(conflict)
 
 
-def _check_generator_args(capability, difficulty, image_size, num_frames) -> None:
+def _check_generator_args(capability, difficulty, image_size, num_frames, conflict=0.0) -> None:
   _check_capability(capability)
+  _check_conflict(conflict)
   _check_int("difficulty", difficulty, 0, MAX_DIFFICULTY)
   _check_int("image_size", image_size, MIN_IMAGE_SIZE)
   if image_size % CELL_SIZE:
@@ -334,56 +367,281 @@ def _make_video(rng: np.random.Generator, difficulty: int, image_size: int,
   return question, solution, answer, frames
 
 
+# ------------------------------------------------------------------ the nine text families
+# Each draws a problem and writes its correct procedure's worked trace; toy_flaws holds
+# each family's flawed procedure (FLAW_KINDS). Levels: difficulty -> the family's sizes.
+
+def _join(values: Sequence[int]) -> str:
+  return ",".join(map(str, values))
 
 
+# total / remain, the conflict pair: (terms, largest operand after the first, largest
+# excess of the first over the sum of the others). The first number is at least the sum
+# of the others (so subtracting them stays >= 0) and the sum of all of them is at most 99
+# (so adding them stays < 100): one problem fits both. Traces take one operation per
+# step ('28+4=32;32+2=34'), as the text family's do: a 3-term sum in one equation was
+# beyond the small base (a pilot's experts chose the right operation but reached only
+# 15-20% on their own items).
+_PAIR_LEVELS = {0: (2, 9, 9), 1: (3, 9, 20), 2: (3, 20, 40), 3: (3, 30, 40)}
+_PAIR_MAX_REST = 49
 
 
+def _pair_problem(rng, difficulty: int) -> list[int]:
+  """[first, *rest]: first >= sum(rest), first + sum(rest) <= 99."""
+  num_terms, max_operand, max_excess = _PAIR_LEVELS[difficulty]
+  rest = []
+  for _ in range(num_terms - 1):
+    rest.append(_int(rng, 0, min(max_operand, _PAIR_MAX_REST - sum(rest))))
+  first = sum(rest) + _int(rng, 0, min(max_excess, 99 - 2 * sum(rest)))
+  return [first] + rest
 
 
+def _total_trace(terms: Sequence[int]) -> tuple[str, int]:
+  return step_trace(terms[0], [("+", t) for t in terms[1:]])
 
 
+def _remain_trace(terms: Sequence[int]) -> tuple[str, int]:
+  return step_trace(terms[0], [("-", t) for t in terms[1:]])
 
 
+def _make_total(rng, difficulty, shared):
+  terms = _pair_problem(rng, difficulty)
+  question = (f"{FAMILIES['total'].shared_cue}:{_join(terms)}?" if shared
+              else f"add up {_join(terms)}?")
+  trace, answer = _total_trace(terms)
+  return question, _solution(trace, answer), answer
 
 
+def _make_remain(rng, difficulty, shared):
+  terms = _pair_problem(rng, difficulty)
+  question = (f"{FAMILIES['remain'].shared_cue}:{_join(terms)}?" if shared
+              else f"from {terms[0]} take {_join(terms[1:])}?")
+  trace, answer = _remain_trace(terms)
+  return question, _solution(trace, answer), answer
 
 
+_MAX_LEVELS = {0: (3, 9), 1: (3, 20), 2: (4, 20), 3: (4, 50)}  # (numbers, largest)
 
 
+def compare_trace(values: Sequence[int], keep_larger: bool = True) -> tuple[str, int]:
+  """([3, 8, 5]) -> ('3<8;8>5', 8): compare the kept value with the next, left to right."""
+  kept, steps = values[0], []
+  for value in values[1:]:
+    relation = "<" if kept < value else ">" if kept > value else "="
+    steps.append(f"{kept}{relation}{value}")
+    kept = max(kept, value) if keep_larger else min(kept, value)
+  return ";".join(steps), kept
+
+
+def _make_max(rng, difficulty, shared):
+  count, largest = _MAX_LEVELS[difficulty]
+  values = [_int(rng, 0, largest) for _ in range(count)]
+  trace, answer = compare_trace(values)
+  return f"max {_join(values)}?", _solution(trace, answer), answer
+
+
+# (smallest, largest first factor, smallest, largest second factor, add a term?)
+_MUL_LEVELS = {0: (1, 9, 1, 9, False), 1: (2, 9, 2, 9, True), 2: (2, 11, 2, 9, True),
+               3: (2, 19, 2, 5, True)}
+
+
+def _make_mul(rng, difficulty, shared):
+  """'7 times 8?' -> '7*8=56'; from difficulty 1 '7 times 8 plus 3?' -> '7*8=56;56+3=59'."""
+  low_a, high_a, low_b, high_b, plus = _MUL_LEVELS[difficulty]
+  a, b = _int(rng, low_a, high_a), _int(rng, low_b, high_b)
+  if not plus:
+    return f"{a} times {b}?", _solution(f"{a}*{b}={a * b}", a * b), a * b
+  c = _int(rng, 0, min(20, 99 - a * b))
+  trace, answer = step_trace(a, [("*", b), ("+", c)])
+  return f"{a} times {b} plus {c}?", _solution(trace, answer), answer
+
+
+_DIGITS_LEVELS = {0: 3, 1: 4, 2: 5, 3: 6}  # digits of the number
+
+
+def _make_digits(rng, difficulty, shared):
+  digits = [_int(rng, 1, 9)] + [_int(rng, 0, 9) for _ in range(_DIGITS_LEVELS[difficulty] - 1)]
+  number = "".join(map(str, digits))
+  return f"digit sum {number}?", _solution(sum_trace(digits), sum(digits)), sum(digits)
+
+
+_COUNT_LEVELS = {0: (4, "abc"), 1: (5, "abc"), 2: (6, "abc"), 3: (8, "abcd")}  # (length, letters)
+
+
+def _make_count(rng, difficulty, shared):
+  length, letters = _COUNT_LEVELS[difficulty]
+  word = "".join(letters[_int(rng, 0, len(letters) - 1)] for _ in range(length))
+  target = letters[_int(rng, 0, len(letters) - 1)]
+  hits = [int(ch == target) for ch in word]
+  return f"{target} in {word}?", _solution(sum_trace(hits), sum(hits)), sum(hits)
+
+
+_GAP_LEVELS = {0: 20, 1: 50, 2: 99, 3: 99}  # largest number
+
+
+def _make_gap(rng, difficulty, shared):
+  largest = _GAP_LEVELS[difficulty]
+  low = _int(rng, 0, largest - 1)
+  high = _int(rng, low + 1, largest)  # never equal: the gap is >= 1
+  shown = (low, high) if rng.random() < 0.5 else (high, low)
+  return (f"gap {_join(shown)}?", _solution(f"{high}-{low}={high - low}", high - low),
+          high - low)
+
+
+# (terms shown, largest first term, largest step)
+_NEXT_LEVELS = {0: (3, 9, 9), 1: (3, 20, 9), 2: (4, 20, 9), 3: (4, 30, 15)}
+
+
+def _make_next(rng, difficulty, shared):
+  count, largest_start, largest_step = _NEXT_LEVELS[difficulty]
+  start, step = _int(rng, 0, largest_start), _int(rng, 1, largest_step)
+  terms = [start + i * step for i in range(count)]
+  trace = f"{terms[1]}-{terms[0]}={step};{terms[-1]}+{step}={terms[-1] + step}"
+  return f"next {_join(terms)}?", _solution(trace, terms[-1] + step), terms[-1] + step
+
+
+_MEAN_LEVELS = {0: (2, 20), 1: (2, 40), 2: (3, 20), 3: (3, 33)}  # (numbers, largest)
+
+
+def _make_mean(rng, difficulty, shared):
+  count, largest = _MEAN_LEVELS[difficulty]
+  values = [_int(rng, 0, largest) for _ in range(count - 1)]
+  # The last number makes the sum divisible by the count (still <= largest).
+  remainder = -sum(values) % count
+  values.append(remainder + count * _int(rng, 0, (largest - remainder) // count))
+  total = sum(values)
+  trace = f"{sum_trace(values)};{total}/{count}={total // count}"
+  return f"mean {_join(values)}?", _solution(trace, total // count), total // count
+
+
+# ---------------------------------------------------------------- the family registry
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A capability family as data: how its prompts name it, its correct procedure, the
+  flawed procedure its share of the base's demonstrations shows, and its generator.
+
+  cue: the words of its prompts that say which procedure is wanted (distinct form).
+  procedure / flaw: the correct and the flawed procedure, in words; flaw_kind names the
+    flawed procedure's implementation (toy_flaws.FLAW_KINDS).
+  draw(rng, difficulty, image_size, num_frames, shared) -> (question, solution, answer,
+    frames or None). `shared` asks for the conflict setting's shared surface form.
+  twin / shared_cue: the conflict partner, and the one character that tells the two
+    apart in the shared form ('' for a family outside the conflict setting).
+  """
+  name: str
+  modality: str
+  cue: str
+  procedure: str
+  flaw: str
+  flaw_kind: str
+  draw: Callable
+  twin: str = ""
+  shared_cue: str = ""
+
+
+def _text_family(make):
+  def draw(rng, difficulty, image_size, num_frames, shared):
+    question, solution, answer = make(rng, difficulty, shared)
+    return question, solution, answer, None
+  return draw
+
+
+def _legacy_text(rng, difficulty, image_size, num_frames, shared):
+  question, solution, answer = _make_text(rng, difficulty)
+  return question, solution, answer, None
+
+
+def _legacy_image(rng, difficulty, image_size, num_frames, shared):
+  return _make_image(rng, difficulty, image_size)
+
+
+def _legacy_video(rng, difficulty, image_size, num_frames, shared):
+  return _make_video(rng, difficulty, image_size, num_frames)
+
+
+_FAMILY_LIST = (
+    # The original three (their items, seeds and RNG keys are unchanged).
+    Family("text", "text", "'had 5,got 3,lost 2?' / '5+3-2=?'", "step-by-step arithmetic",
+           "writes every subtraction as an addition", "sign_slip", _legacy_text),
+    Family("image", "image", "'how many red?' / 'red+blue=?' / 'more red than blue?'",
+           "count row by row, add the colours", "drops the last term (bottom row, last "
+           "colour)", "drop_last_term", _legacy_image),
+    Family("video", "video", "'dots in all?' / 'red moved how far?' / 'red end column?'",
+           "add per frame / per move", "counts the last frame or move twice",
+           "repeat_last_term", _legacy_video),
+    # Nine text families, each with a procedure and a flaw of its own.
+    Family("total", "text", "'add up 40,3,2?'", "add all the numbers: 40+3=43;43+2=45",
+           "leaves out the first number: 3+2=5", "skip_first_term", _text_family(_make_total),
+           twin="remain", shared_cue="t"),
+    Family("remain", "text", "'from 40 take 3,2?'", "subtract the rest from the first: "
+           "40-3=37;37-2=35", "subtracts only the last number: 40-2=38", "subtract_last_only",
+           _text_family(_make_remain), twin="total", shared_cue="r"),
+    Family("max", "text", "'max 3,8,5?'", "compare left to right, keep the larger: 3<8;8>5",
+           "keeps the smaller (the minimum): 3<8;3<5", "keep_smaller", _text_family(_make_max)),
+    Family("mul", "text", "'7 times 8 plus 3?'", "multiply, then add: 7*8=56;56+3=59",
+           "multiplies by one less: 7*7=49;49+3=52", "one_factor_short", _text_family(_make_mul)),
+    Family("digits", "text", "'digit sum 472?'", "add the digits: 4+7+2=13",
+           "counts the digits: 1+1+1=3", "count_digits", _text_family(_make_digits)),
+    Family("count", "text", "'a in abaca?'", "mark each letter that matches: 1+0+1+0+1=3",
+           "marks the letters that do not: 0+1+0+1+0=2", "complement", _text_family(_make_count)),
+    Family("gap", "text", "'gap 3,11?'", "larger minus smaller: 11-3=8",
+           "fencepost, one less: 11-3-1=7", "fencepost", _text_family(_make_gap)),
+    Family("next", "text", "'next 2,5,8?'", "the step, then the last plus the step: "
+           "5-2=3;8+3=11", "adds the first term instead of the step: 8+2=10",
+           "first_as_step", _text_family(_make_next)),
+    Family("mean", "text", "'mean 4,8?'", "add, then divide by the count: 4+8=12;12/2=6",
+           "forgets to divide: 4+8=12", "no_divide", _text_family(_make_mean)),
+)
+FAMILIES = {family.name: family for family in _FAMILY_LIST}
+FAMILY_NAMES = tuple(FAMILIES)  # the first three are CAPABILITIES, in the same order
+CONFLICT_FAMILIES = tuple(f.name for f in _FAMILY_LIST if f.twin)
+# The base policy's demonstrations of a conflict family show the shared form this often,
+# whatever config.data.conflict a run uses: one base serves every level of the dial.
+SFT_CONFLICT = 0.5
+
+
+def is_shared_form(example: Example) -> bool:
+  """True for an item of a conflict family drawn in the shared surface form."""
+  family = FAMILIES.get(example.capability)
+  return bool(family and family.twin and example.question.startswith(f"{family.shared_cue}:"))
 
 
 _MAX_SPLIT_TRIES = 1000  # eval accepts 1/8 of draws; 1000 misses in a row never happen
 
 
-def _draw_example(rng, capability, difficulty, image_size, num_frames) -> Example:
-  if capability == "text":
-    question, solution, answer = _make_text(rng, difficulty)
-    frames = None
-  elif capability == "image":
-    question, solution, answer, frames = _make_image(rng, difficulty, image_size)
-  else:
-    question, solution, answer, frames = _make_video(rng, difficulty, image_size, num_frames)
-  return Example(capability, question, str(answer), solution, frames)
+def _draw_example(rng, capability, difficulty, image_size, num_frames, conflict) -> Example:
+  family = FAMILIES[capability]
+  # A conflict family draws its form first, so an item's form only switches from
+  # distinct to shared as the dial rises (levels are coupled item by item). The other
+  # families draw nothing extra: their items are exactly those of before the dial.
+  shared = bool(family.twin) and rng.random() < conflict
+  question, solution, answer, frames = family.draw(rng, difficulty, image_size, num_frames,
+                                                   shared)
+  modality = None if capability in CAPABILITIES else family.modality
+  return Example(capability, question, str(answer), solution, frames, modality=modality)
 
 
 def make_example(capability: str, index: int, *, seed: int, difficulty: int,
-                 image_size: int = 32, num_frames: int = 4, split: str = "train") -> Example:
-  """The index-th example of a capability's train stream or eval set.
+                 image_size: int = 32, num_frames: int = 4, split: str = "train",
+                 conflict: float = 0.0) -> Example:
+  """The index-th example of a capability family's train stream or eval set.
 
-  A pure function of its arguments. Draws from an RNG keyed by (seed, capability,
-  split, index) until the example's content hash lands in the split's buckets (eval:
+  A pure function of its arguments. Draws from an RNG keyed by (seed, family, split,
+  index) until the example's content hash lands in the split's buckets (eval:
   EVAL_BUCKET only; validation: VALIDATION_BUCKET only; train: all others), so no two
-  splits can ever share an example.
+  splits can ever share an example. conflict: the chance that an item of a conflict
+  family (CONFLICT_FAMILIES) takes the shared surface form; other families ignore it.
   """
-  _check_generator_args(capability, difficulty, image_size, num_frames)
+  _check_generator_args(capability, difficulty, image_size, num_frames, conflict)
   _check_int("index", index, 0)
   _check_int("seed", seed, 0)
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   rng = np.random.default_rng(
-      [int(seed), CAPABILITIES.index(capability), SPLITS.index(split), int(index)])
+      [int(seed), FAMILY_NAMES.index(capability), SPLITS.index(split), int(index)])
   for _ in range(_MAX_SPLIT_TRIES):
-    example = _draw_example(rng, capability, difficulty, image_size, num_frames)
+    example = _draw_example(rng, capability, difficulty, image_size, num_frames, conflict)
     if hash_bucket(example) in SPLIT_BUCKETS[split]:
       return example
   raise RuntimeError(f"no {split} example found for {capability} at index {index} "
@@ -391,10 +649,10 @@ def make_example(capability: str, index: int, *, seed: int, difficulty: int,
 
 
 def train_stream(capability: str, *, seed: int, difficulty: int, image_size: int = 32,
-                 num_frames: int = 4, start: int = 0) -> Iterator[Example]:
+                 num_frames: int = 4, start: int = 0, conflict: float = 0.0) -> Iterator[Example]:
   """Endless: make_example(capability, i, split='train') for i = start, start+1, ..."""
   # Validate now, not at the first next(): bad config fails before anything compiles.
-  _check_generator_args(capability, difficulty, image_size, num_frames)
+  _check_generator_args(capability, difficulty, image_size, num_frames, conflict)
   _check_int("seed", seed, 0)
   first = _check_int("start", start, 0)
 
@@ -402,32 +660,35 @@ def train_stream(capability: str, *, seed: int, difficulty: int, image_size: int
     index = first
     while True:
       yield make_example(capability, index, seed=seed, difficulty=difficulty,
-                         image_size=image_size, num_frames=num_frames, split="train")
+                         image_size=image_size, num_frames=num_frames, split="train",
+                         conflict=conflict)
       index += 1
   return examples()
 
 
 def eval_set(capability: str, n: int, *, seed: int, difficulty: int, image_size: int = 32,
-             num_frames: int = 4) -> list[Example]:
+             num_frames: int = 4, conflict: float = 0.0) -> list[Example]:
   """The fixed held-out set: make_example(capability, i, split='eval') for i < n.
 
   Examples are i.i.d. draws from the held-out part of the space, so in a tiny space
   (text at difficulty 0 has ~40 held-out questions) the same content can recur.
   """
-  _check_generator_args(capability, difficulty, image_size, num_frames)
+  _check_generator_args(capability, difficulty, image_size, num_frames, conflict)
   _check_int("n", n, 1)
   return [make_example(capability, i, seed=seed, difficulty=difficulty, image_size=image_size,
-                       num_frames=num_frames, split="eval") for i in range(n)]
+                       num_frames=num_frames, split="eval", conflict=conflict)
+          for i in range(n)]
 
 
 def validation_set(capability: str, n: int, *, seed: int, difficulty: int, image_size: int = 32,
-                   num_frames: int = 4) -> list[Example]:
+                   num_frames: int = 4, conflict: float = 0.0) -> list[Example]:
   """n examples of the validation split (hyper-parameter choice; disjoint from train and
   eval): make_example(capability, i, split='validation') for i < n."""
-  _check_generator_args(capability, difficulty, image_size, num_frames)
+  _check_generator_args(capability, difficulty, image_size, num_frames, conflict)
   _check_int("n", n, 1)
   return [make_example(capability, i, seed=seed, difficulty=difficulty, image_size=image_size,
-                       num_frames=num_frames, split="validation") for i in range(n)]
+                       num_frames=num_frames, split="validation", conflict=conflict)
+          for i in range(n)]
 
 
 def _difficulty_of(difficulty: int | Mapping[str, int], capability: str) -> int:
@@ -441,12 +702,13 @@ def _difficulty_of(difficulty: int | Mapping[str, int], capability: str) -> int:
 
 def mixed_train_stream(weights: Mapping[str, float], *, seed: int,
                        difficulty: int | Mapping[str, int], image_size: int = 32,
-                       num_frames: int = 4) -> Iterator[Example]:
+                       num_frames: int = 4, conflict: float = 0.0) -> Iterator[Example]:
   """Endless mixture: each example's capability is drawn with probability ~ weights.
 
   Each capability's examples are exactly its own train_stream, in order (the mixture
   only interleaves them). difficulty: one level for all, or one per capability.
   """
+  _check_conflict(conflict)
   if not isinstance(weights, Mapping) or not weights:
     raise ValueError(f"weights must be a non-empty mapping capability -> weight, got {weights!r}")
   for capability, weight in weights.items():
@@ -454,11 +716,11 @@ def mixed_train_stream(weights: Mapping[str, float], *, seed: int,
     if (isinstance(weight, bool) or not isinstance(weight, numbers.Real)
         or not np.isfinite(weight) or weight < 0):
       raise ValueError(f"weights[{capability!r}] must be a finite number >= 0, got {weight!r}")
-  active = [cap for cap in CAPABILITIES if cap in weights and weights[cap] > 0]
+  active = [cap for cap in FAMILY_NAMES if cap in weights and weights[cap] > 0]
   if not active:
     raise ValueError(f"weights must give some capability a positive weight, got {dict(weights)}")
   streams = {cap: train_stream(cap, seed=seed, difficulty=_difficulty_of(difficulty, cap),
-                               image_size=image_size, num_frames=num_frames)
+                               image_size=image_size, num_frames=num_frames, conflict=conflict)
              for cap in active}
   probs = np.array([weights[cap] for cap in active], np.float64)
   probs /= probs.sum()
@@ -491,10 +753,85 @@ def _solution_chars(trace_chars: int, max_answer: int) -> int:
   return trace_chars + len(ANSWER_MARKER) + _digits(max_answer)
 
 
+
+def _list_chars(count: int, largest: int) -> int:
+  """'a,b,c': count numbers of at most _digits(largest) digits, comma-separated."""
+  return count * _digits(largest) + count - 1
+
+
+def _pair_chars(difficulty: int) -> tuple[int, int]:
+  # total / remain in both forms: first <= 99, the rest <= their largest operand.
+  terms, largest, _ = _PAIR_LEVELS[difficulty]
+  d = _digits(largest)
+  rest = _list_chars(terms - 1, largest)
+  question = max(len("add up ?") + 2 + 1 + rest, len("from  take ?") + 2 + rest,
+                 len("t:?") + 2 + 1 + rest)
+  # "aa+b=cc;cc+b=dd": (terms - 1) steps of 2 + 1 + d + 1 + 2 chars, joined by ';'.
+  return question, _solution_chars((terms - 1) * (6 + d) + terms - 2, 99)
+
+
+def _max_chars(difficulty: int) -> tuple[int, int]:
+  count, largest = _MAX_LEVELS[difficulty]
+  d = _digits(largest)
+  return (len("max ?") + _list_chars(count, largest),
+          _solution_chars((count - 1) * (2 * d + 1) + count - 2, largest))
+
+
+def _mul_chars(difficulty: int) -> tuple[int, int]:
+  _, high_a, _, high_b, plus = _MUL_LEVELS[difficulty]
+  product = high_a * high_b
+  question = _digits(high_a) + len(" times ?") + _digits(high_b)
+  trace = _digits(high_a) + 1 + _digits(high_b) + 1 + _digits(product)
+  if plus:  # " plus cc" and ";pp+cc=rr"
+    question += len(" plus ") + 2
+    trace += 1 + _digits(product) + 1 + 2 + 1 + 2
+  return question, _solution_chars(trace, 99 if plus else product)
+
+
+def _digits_chars(difficulty: int) -> tuple[int, int]:
+  n = _DIGITS_LEVELS[difficulty]
+  return len("digit sum ?") + n, _solution_chars(_sum_trace_chars(n, 9, 9 * n), 9 * n)
+
+
+def _count_chars(difficulty: int) -> tuple[int, int]:
+  n, _ = _COUNT_LEVELS[difficulty]
+  return len("a in ?") + n, _solution_chars(_sum_trace_chars(n, 1, n), n)
+
+
+def _gap_chars(difficulty: int) -> tuple[int, int]:
+  largest = _GAP_LEVELS[difficulty]
+  d = _digits(largest)
+  return len("gap ?") + _list_chars(2, largest), _solution_chars(d + 1 + d + 2 + 1 + d, largest)
+
+
+def _next_chars(difficulty: int) -> tuple[int, int]:
+  count, start, step = _NEXT_LEVELS[difficulty]
+  last = start + (count - 1) * step
+  d, ds, da = _digits(last), _digits(step), _digits(last + step)
+  # "b-a=s;l+s=n"
+  trace = (2 * d + 2 + ds) + 1 + (d + 2 + ds + da)
+  return len("next ?") + _list_chars(count, last), _solution_chars(trace, last + step)
+
+
+def _mean_chars(difficulty: int) -> tuple[int, int]:
+  count, largest = _MEAN_LEVELS[difficulty]
+  total = count * largest
+  trace = _sum_trace_chars(count, largest, total) + 1 + _digits(total) + 3 + _digits(largest)
+  return len("mean ?") + _list_chars(count, largest), _solution_chars(trace, total)
+
+
+_TEXT_FAMILY_CHARS = {"total": _pair_chars, "remain": _pair_chars, "max": _max_chars,
+                      "mul": _mul_chars, "digits": _digits_chars, "count": _count_chars,
+                      "gap": _gap_chars, "next": _next_chars, "mean": _mean_chars}
+
+
 def max_text_chars(capability: str, difficulty: int, *, image_size: int = 32,
                    num_frames: int = 4) -> tuple[int, int]:
-  """Worst-case (question chars, solution chars) of a generator at a difficulty."""
+  """Worst-case (question chars, solution chars) of a generator at a difficulty (for
+  the nine text families: of its correct, flawed and (conflict) twin procedures too)."""
   _check_generator_args(capability, difficulty, image_size, num_frames)
+  if capability in _TEXT_FAMILY_CHARS:
+    return _TEXT_FAMILY_CHARS[capability](difficulty)
   if capability == "text":
     terms, max_operand = _TEXT_LEVELS[difficulty]
     d = _digits(max_operand)
@@ -550,7 +887,7 @@ def max_lengths(capabilities: Sequence[str], *, difficulty: int | Mapping[str, i
     _check_capability(capability, "capabilities entry")
     question, solution = max_text_chars(capability, _difficulty_of(difficulty, capability),
                                         image_size=image_size, num_frames=num_frames)
-    vision = num_vision_tokens if capability != "text" else 0
+    vision = num_vision_tokens if FAMILIES[capability].modality != "text" else 0
     prompt = max(prompt, 1 + vision + question)
     response = max(response, solution + 1)
   return prompt, response
