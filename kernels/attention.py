@@ -26,7 +26,7 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-from copd_jax.kernels import tpu_tiles
+from copd_jax.kernels import sharded, tpu_tiles
 
 LANES = 128  # the kernel's key blocks must be multiples of this
 _PAD_SEGMENT = 2  # the segment of the rows and columns added to reach a multiple of LANES
@@ -54,8 +54,11 @@ def _kernel(q_len: int, kv_len: int, prefix_len: int, heads_per_kv: int, block: 
                             block_q_dq=bq, block_kv_dq=bkv)
   mask = splash_mask.MultiHeadMask(
       [splash_mask.CausalMask((q_len, kv_len), offset=prefix_len)] * heads_per_kv)
-  return splash.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                interpret=interpret)
+  # Built with concrete arrays (its mask tables) even when first asked for inside a trace
+  # (e.g. a shard_map's): the kernel is cached and reused by later traces.
+  with jax.ensure_compile_time_eval():
+    return splash.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
 
 
 def splash_attention(q, k, v, q_valid, kv_valid, *, prefix_len: int = 0, block: int = 512,
@@ -96,8 +99,26 @@ def splash_attention(q, k, v, q_valid, kv_valid, *, prefix_len: int = 0, block: 
                       jnp.swapaxes(k_row, 0, 1), jnp.swapaxes(v_row, 0, 1))
     return jnp.transpose(out, (2, 0, 1, 3))  # [Tq, K, G, Dh]
 
-  out = jax.vmap(one_row)(q, k, v, q_seg, kv_seg)
+  out = _rows_and_heads_over_mesh(jax.vmap(one_row), q, k, v, q_seg, kv_seg)
   return out[:, :tq].astype(jnp.float32)
+
+
+def _rows_and_heads_over_mesh(fn, q, k, v, q_seg, kv_seg):
+  """fn(q, k, v, q_seg, kv_seg) -> [N, Tq, K, G, Dh]; on a multi-device mesh inside
+  shard_map (kernels/sharded.py): rows over the free batch axes and the kv heads K over
+  `tensor` when it divides K (as MaxText shards splash attention), else rows over
+  `tensor` too."""
+  mesh = sharded.active_mesh()
+  if mesh is None:
+    return fn(q, k, v, q_seg, kv_seg)
+  axes = sharded.free_axes(mesh)
+  kv_heads = q.shape[2]
+  if "tensor" in axes and kv_heads % mesh.shape["tensor"] == 0:
+    rows = tuple(a for a in axes if a != "tensor")
+    heads = (None, "tensor")  # the dimensions after the rows: [T, K, ...]
+    return sharded.rows_over_mesh(fn, (q, k, v, q_seg, kv_seg), row_axes=rows,
+                                  row_specs=(heads, heads, heads, (), ()), out_spec=heads)
+  return sharded.rows_over_mesh(fn, (q, k, v, q_seg, kv_seg), row_axes=axes)
 
 
 def dense_reference(q, k, v, q_valid, kv_valid, *, prefix_len: int = 0):
