@@ -45,20 +45,27 @@ def _block(length: int, largest: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
+def _mask(q_len: int, kv_len: int, prefix_len: int, heads_per_kv: int):
+  """The causal mask of one kv head's queries (one object per shape, so the kernel's own
+  mask processing, cached on it, runs once per shape)."""
+  return splash_mask.MultiHeadMask(
+      [splash_mask.CausalMask((q_len, kv_len), offset=prefix_len)] * heads_per_kv)
+
+
 def _kernel(q_len: int, kv_len: int, prefix_len: int, heads_per_kv: int, block: int,
             interpret: bool):
-  """A splash MQA kernel for one kv head: q [heads_per_kv, q_len, Dh], k, v [kv_len, Dh]."""
+  """A splash MQA kernel for one kv head: q [heads_per_kv, q_len, Dh], k, v [kv_len, Dh].
+
+  Built on every call, not cached: it holds its mask tables as arrays, which jnp stages
+  into the trace that builds it, so a kernel kept from one trace would leak that trace's
+  values into the next."""
   bq, bkv = _block(q_len, block), _block(kv_len, block)
   sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
                             block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
                             block_q_dq=bq, block_kv_dq=bkv)
-  mask = splash_mask.MultiHeadMask(
-      [splash_mask.CausalMask((q_len, kv_len), offset=prefix_len)] * heads_per_kv)
-  # Built with concrete arrays (its mask tables) even when first asked for inside a trace
-  # (e.g. a shard_map's): the kernel is cached and reused by later traces.
-  with jax.ensure_compile_time_eval():
-    return splash.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                  interpret=interpret)
+  return splash.make_splash_mqa(_mask(q_len, kv_len, prefix_len, heads_per_kv),
+                                block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                interpret=interpret)
 
 
 def splash_attention(q, k, v, q_valid, kv_valid, *, prefix_len: int = 0, block: int = 512,
