@@ -35,9 +35,10 @@ from jax.sharding import PartitionSpec as P
 
 
 def active_mesh():
-  """The abstract mesh set by jax.set_mesh when it has more than one device, else None."""
+  """The abstract mesh set by jax.set_mesh when it has more than one device and some of
+  its axes are not manual yet, else None."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty or mesh.size <= 1:
+  if mesh is None or mesh.empty or mesh.size <= 1 or not _open_axes(mesh):
     return None
   return mesh
 

@@ -201,6 +201,25 @@ def test_no_mesh_or_one_device_calls_the_kernel_directly():
   assert sharded.active_mesh() is None
   with jax.set_mesh(mesh()):
     assert sharded.free_axes(sharded.active_mesh()) == ("expert", "fsdp", "tensor")
+  # Inside a shard_map over the whole mesh (as kernels/tpu_check.py calls the ops) there
+  # is nothing left to split: the kernel runs on the device's rows as they are.
+  hidden, head, tokens, _, _ = problem()
+  m = mesh()
+
+  def per_device(h, w, t):
+    assert sharded.active_mesh() is None
+    return kernels.token_logprob_entropy(h, w, t, kernel=PALLAS)[0]
+  rows = jax.sharding.PartitionSpec(("expert", "fsdp", "tensor"))
+  fn = jax.jit(jax.shard_map(per_device, mesh=m, in_specs=(rows, jax.sharding.PartitionSpec(),
+                                                           rows),
+                             out_specs=rows, check_vma=False))
+  h = np.concatenate([hidden[0], hidden[0, :3]])  # 16 rows: 2 per device
+  t = np.concatenate([tokens[0], tokens[0, :3]])
+  with jax.set_mesh(m):
+    lp = fn(jnp.asarray(h, jnp.float32), jnp.asarray(head[0], jnp.float32),
+            jnp.asarray(t, jnp.int32))
+  np.testing.assert_allclose(lp, log_softmax64(h, head[0])[np.arange(16), t], rtol=1e-5,
+                             atol=1e-5)
 
 
 @pytest.fixture(scope="module")
