@@ -137,10 +137,9 @@ def full(args, log) -> dict:
     with open(args.out) as f:
       previous = json.load(f)
     same = all(previous.get(k) == record[k] for k in ("topology", "num_layers", "overrides"))
-    if same:
-      record["programs"] = {k: v for k, v in previous.get("programs", {}).items()
-                            if "error" not in v}
-  todo = [n for n in names if n not in record["programs"]]
+    if same:  # keep every program's figures; recompile the asked ones not yet compiled
+      record["programs"] = dict(previous.get("programs", {}))
+  todo = [n for n in names if n not in record["programs"] or "error" in record["programs"][n]]
   for name in todo:
     figures = tpu_compile.compile_run(cfg, topology, args.layers, names=(name,), log=log)
     record["programs"].update(figures)

@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import math
 import os
+import re
 import time
 from typing import Any, Callable
 
@@ -491,12 +492,19 @@ def figures_table(records: list[dict]) -> str:
   for rec in records:
     mesh = " x ".join(f"{k}={v}" for k, v in rec.get("mesh", {}).items() if v != 1) or "1"
     name = rec["config"].split("/")[-1].removesuffix(".py")
-    if rec.get("overrides"):
-      name += " (" + ", ".join(o.split(".")[-1] for o in rec["overrides"]) + ")"
+    overrides = sorted(rec.get("overrides", []))
+    if overrides == ["model.attention_kernel=xla", "rl.kernel.backend=chunked"]:
+      name += " portable"
+    elif overrides:
+      name += " (" + ", ".join(o.split(".")[-1] for o in overrides) + ")"
     for program, fig in rec.get("programs", {}).items():
       head = f"| {name} | {rec['topology']} | {mesh} | {rec['num_layers']} | {program} |"
       if "error" in fig:
-        lines.append(head + f" failed: {fig['error'].splitlines()[0][:90]} | | | | | |")
+        message = fig["error"].splitlines()[0].split(": ", 1)[-1]
+        oom = re.search(r"temporaries \(([\d.]+G)\) exceeds available HBM \(([\d.]+G)\)", message)
+        if oom:
+          message = f"out of HBM, temporaries {oom.group(1)} > {oom.group(2)}"
+        lines.append(head + f" does not compile: {message[:60]} | | | | | |")
         continue
       lines.append(head + f" {fig['per_device_bytes'] / GiB:.2f} GiB | {fig['hbm_fraction']:.3f} |"
                    f" {fig['temp_bytes'] / GiB:.2f} GiB | {fig['flops'] / 1e12:.2f} |"
