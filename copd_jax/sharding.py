@@ -35,6 +35,7 @@ A mesh axis is used at most once per array (later dimensions skip an axis alread
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -313,10 +314,16 @@ class ShardedFunction:
 
   build(args) -> (fn, in_shardings, out_shardings), where fn takes the same args."""
 
-  def __init__(self, build: Callable, name: str):
+  def __init__(self, build: Callable, name: str, mesh: Mesh | None = None):
     self._build = build
     self._name = name
     self._cache: dict = {}
+    self._mesh = mesh
+
+  def _on_mesh(self):
+    # Traced under jax.set_mesh(mesh): the Pallas kernels then run inside shard_map over
+    # it (copd_jax.kernels.sharded), as XLA cannot partition a Mosaic kernel.
+    return jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext()
 
   def _jitted(self, args):
     key = tuple((jax.tree_util.tree_structure(a),
@@ -329,13 +336,16 @@ class ShardedFunction:
 
   def __call__(self, *args):
     jitted, in_sh = self._jitted(args)
-    return jitted(*place(args, in_sh))
+    args = place(args, in_sh)
+    with self._on_mesh():
+      return jitted(*args)
 
   def lower(self, *args):
     """Lowers with the derived shardings; args may be jax.ShapeDtypeStruct (nothing is
     allocated)."""
     jitted, _ = self._jitted(args)
-    return jitted.lower(*args)
+    with self._on_mesh():
+      return jitted.lower(*args)
 
   @property
   def num_compiled(self) -> int:
@@ -455,5 +465,5 @@ class RunSharding:
     """The ShardedFunction for `key`, built once per run (build as in ShardedFunction);
     key[0] names it. rl.update.sharded_update and sampling.sharded_generate use it."""
     if key not in self._fns:
-      self._fns[key] = ShardedFunction(build, key[0])
+      self._fns[key] = ShardedFunction(build, key[0], self.mesh)
     return self._fns[key]

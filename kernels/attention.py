@@ -26,7 +26,7 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-from copd_jax.kernels import tpu_tiles
+from copd_jax.kernels import sharded, tpu_tiles
 
 LANES = 128  # the kernel's key blocks must be multiples of this
 _PAD_SEGMENT = 2  # the segment of the rows and columns added to reach a multiple of LANES
@@ -45,16 +45,26 @@ def _block(length: int, largest: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
+def _mask(q_len: int, kv_len: int, prefix_len: int, heads_per_kv: int):
+  """The causal mask of one kv head's queries (one object per shape, so the kernel's own
+  mask processing, cached on it, runs once per shape)."""
+  return splash_mask.MultiHeadMask(
+      [splash_mask.CausalMask((q_len, kv_len), offset=prefix_len)] * heads_per_kv)
+
+
 def _kernel(q_len: int, kv_len: int, prefix_len: int, heads_per_kv: int, block: int,
             interpret: bool):
-  """A splash MQA kernel for one kv head: q [heads_per_kv, q_len, Dh], k, v [kv_len, Dh]."""
+  """A splash MQA kernel for one kv head: q [heads_per_kv, q_len, Dh], k, v [kv_len, Dh].
+
+  Built on every call, not cached: it holds its mask tables as arrays, which jnp stages
+  into the trace that builds it, so a kernel kept from one trace would leak that trace's
+  values into the next."""
   bq, bkv = _block(q_len, block), _block(kv_len, block)
   sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
                             block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
                             block_q_dq=bq, block_kv_dq=bkv)
-  mask = splash_mask.MultiHeadMask(
-      [splash_mask.CausalMask((q_len, kv_len), offset=prefix_len)] * heads_per_kv)
-  return splash.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+  return splash.make_splash_mqa(_mask(q_len, kv_len, prefix_len, heads_per_kv),
+                                block_sizes=sizes, head_shards=1, q_seq_shards=1,
                                 interpret=interpret)
 
 
@@ -96,8 +106,26 @@ def splash_attention(q, k, v, q_valid, kv_valid, *, prefix_len: int = 0, block: 
                       jnp.swapaxes(k_row, 0, 1), jnp.swapaxes(v_row, 0, 1))
     return jnp.transpose(out, (2, 0, 1, 3))  # [Tq, K, G, Dh]
 
-  out = jax.vmap(one_row)(q, k, v, q_seg, kv_seg)
+  out = _rows_and_heads_over_mesh(jax.vmap(one_row), q, k, v, q_seg, kv_seg)
   return out[:, :tq].astype(jnp.float32)
+
+
+def _rows_and_heads_over_mesh(fn, q, k, v, q_seg, kv_seg):
+  """fn(q, k, v, q_seg, kv_seg) -> [N, Tq, K, G, Dh]; on a multi-device mesh inside
+  shard_map (kernels/sharded.py): rows over the free batch axes and the kv heads K over
+  `tensor` when it divides K (as MaxText shards splash attention), else rows over
+  `tensor` too."""
+  mesh = sharded.active_mesh()
+  if mesh is None:
+    return fn(q, k, v, q_seg, kv_seg)
+  axes = sharded.free_axes(mesh)
+  kv_heads = q.shape[2]
+  if "tensor" in axes and kv_heads % mesh.shape["tensor"] == 0:
+    rows = tuple(a for a in axes if a != "tensor")
+    heads = (None, "tensor")  # the dimensions after the rows: [T, K, ...]
+    return sharded.rows_over_mesh(fn, (q, k, v, q_seg, kv_seg), row_axes=rows,
+                                  row_specs=(heads, heads, heads, (), ()), out_spec=heads)
+  return sharded.rows_over_mesh(fn, (q, k, v, q_seg, kv_seg), row_axes=axes)
 
 
 def dense_reference(q, k, v, q_valid, kv_valid, *, prefix_len: int = 0):

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from copd_jax.kernels import chunked, pallas_tpu, reference
+from copd_jax.kernels import chunked, pallas_tpu, reference, sharded
 from copd_jax.kernels.config import KernelConfig, check_lm_head_inputs, check_per_token
 from copd_jax.rl import objectives
 from copd_jax.rl.objectives import PolicyLossConfig
@@ -60,9 +60,11 @@ def token_logprob_entropy(hidden, head, tokens, *, kernel: KernelConfig = DEFAUL
     logprobs, entropy = chunked.token_logprob_entropy(
         flat_hidden, head, flat_tokens, kernel.tokens_per_tile, kernel.columns_per_tile)
   else:
-    logprobs, entropy = pallas_tpu.token_logprob_entropy(
-        flat_hidden, head, flat_tokens, kernel.tokens_per_tile,
-        kernel.columns_per_tile, kernel.interpret)
+    # On a multi-device mesh, per device on its rows (kernels/sharded.py).
+    logprobs, entropy = sharded.rows_over_mesh(
+        lambda h, t, w: pallas_tpu.token_logprob_entropy(
+            h, w, t, kernel.tokens_per_tile, kernel.columns_per_tile, kernel.interpret),
+        (flat_hidden, flat_tokens), (head,))
   return logprobs.reshape(lead), entropy.reshape(lead)
 
 
@@ -98,8 +100,10 @@ def sampled_token_logprobs(hidden, head, tokens, *, kernel: KernelConfig = DEFAU
     values, ids = chunked.top_k_logprobs(flat_hidden, head, top_k,
                                          kernel.tokens_per_tile, kernel.columns_per_tile)
   else:
-    values, ids = pallas_tpu.top_k_logprobs(flat_hidden, head, top_k, kernel.tokens_per_tile,
-                                            kernel.columns_per_tile, kernel.interpret)
+    values, ids = sharded.rows_over_mesh(
+        lambda h, w: pallas_tpu.top_k_logprobs(h, w, top_k, kernel.tokens_per_tile,
+                                               kernel.columns_per_tile, kernel.interpret),
+        (flat_hidden,), (head,))
   return TeacherScores(logprobs, values.reshape(*lead, top_k), ids.reshape(*lead, top_k))
 
 
@@ -129,9 +133,11 @@ def full_vocab_reverse_kl(student_hidden, student_head, teacher_hidden, teacher_
     kl = chunked.reverse_kl(s_hidden, student_head, t_hidden, teacher_head,
                             kernel.tokens_per_tile, kernel.columns_per_tile)
   else:
-    kl = pallas_tpu.reverse_kl(s_hidden, student_head, t_hidden, teacher_head,
-                               kernel.tokens_per_tile, kernel.columns_per_tile,
-                               kernel.interpret)
+    kl = sharded.rows_over_mesh(
+        lambda sh, th, sw, tw: pallas_tpu.reverse_kl(sh, sw, th, tw, kernel.tokens_per_tile,
+                                                     kernel.columns_per_tile,
+                                                     kernel.interpret),
+        (s_hidden, t_hidden), (student_head, teacher_head))
   return kl.reshape(lead)
 
 

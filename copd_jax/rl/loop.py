@@ -110,15 +110,20 @@ def branch_diagnostics(ctx: RunContext, stage: stages_lib.Stage, params) -> dict
   prompt_tokens, prompt_mask, frames = rollout_lib.stack_prompt_batches(batches)
   keys = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed), ctx.global_step),
                           stage.num_students)
-  rollout = sampling.stacked_generate(params, setup.model_cfg, prompt_tokens, prompt_mask,
-                                      frames, keys, data.sampling, 1)
-  rows = rollout_lib.build_rows(prompt_tokens, prompt_mask, frames, rollout,
-                            np.zeros((stage.num_students, n)), np.zeros((stage.num_students, n)), 1)
-  models = jax.tree.map(lambda s, b: jnp.concatenate([s, b[None]]), params, ctx.base_params)
-  diag = diagnostics.pairwise_diagnostics(
-      models, setup.model_cfg, rows.tokens, rows.positions, rows.token_mask, rows.response_mask,
-      rows.frames, kernel=kernels.KernelConfig(**cfg.rl.kernel.to_dict()),
-      prompt_len=prompt_tokens.shape[-1] if isinstance(rows.frames, PromptMedia) else 0)
+  # Traced on the run's mesh: the Pallas kernels (loss, splash) then run inside shard_map
+  # (copd_jax.kernels.sharded), as XLA cannot partition them.
+  on_mesh = jax.set_mesh(ctx.sharding.mesh) if ctx.sharding is not None else contextlib.nullcontext()
+  with on_mesh:
+    rollout = sampling.stacked_generate(params, setup.model_cfg, prompt_tokens, prompt_mask,
+                                        frames, keys, data.sampling, 1)
+    rows = rollout_lib.build_rows(prompt_tokens, prompt_mask, frames, rollout,
+                                  np.zeros((stage.num_students, n)),
+                                  np.zeros((stage.num_students, n)), 1)
+    models = jax.tree.map(lambda s, b: jnp.concatenate([s, b[None]]), params, ctx.base_params)
+    diag = diagnostics.pairwise_diagnostics(
+        models, setup.model_cfg, rows.tokens, rows.positions, rows.token_mask,
+        rows.response_mask, rows.frames, kernel=kernels.KernelConfig(**cfg.rl.kernel.to_dict()),
+        prompt_len=prompt_tokens.shape[-1] if isinstance(rows.frames, PromptMedia) else 0)
   diag = sharding_lib.to_host(diag)  # global arrays in a multi-process run
   overlap, sym_kl = np.asarray(diag["overlap"]), np.asarray(diag["sym_kl"])
   names = branch_names(stage) + ["base"]
