@@ -150,7 +150,8 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[Any] | None = None,
 ParamAxes = Mapping[tuple[str, ...], tuple[str | None, ...]]
 
 
-def _leaf_names(path) -> tuple[str, ...]:
+def leaf_names(path) -> tuple[str, ...]:
+  """A jax key path -> its dict keys / attribute names (sequence indices are skipped)."""
   names = []
   for k in path:
     for attr in ("key", "name"):
@@ -171,7 +172,7 @@ def param_logical_axes(path, ndim: int, declared: ParamAxes,
   `expert` axis when stacked. A path without a declaration, or whose declaration does not
   fit its shape, raises UndeclaredParameterError naming it: never a silently replicated
   array."""
-  return _declared_axes_of(_leaf_names(path), ndim, declared, stacked)
+  return _declared_axes_of(leaf_names(path), ndim, declared, stacked)
 
 
 def _declared_axes_of(names: tuple[str, ...], ndim: int, declared: ParamAxes,
@@ -196,7 +197,7 @@ def opt_state_logical_axes(path, ndim: int, declared: ParamAxes,
   (e.g. adam's mu/nu): a leaf whose path ENDS with a parameter's path takes that
   parameter's axes. Leaves with no dimension but the expert axis (e.g. the step `count`,
   [S] when stacked) are per branch. Anything else raises UndeclaredParameterError."""
-  names = _leaf_names(path)
+  names = leaf_names(path)
   for start in range(len(names)):  # the longest suffix first
     if names[start:] in declared:
       return _declared_axes_of(names[start:], ndim, declared, stacked)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
+from copd_jax.sharding import leaf_names
+
 ParamPath = tuple[str, ...]
 LogicalAxes = tuple[str | None, ...]
 
@@ -20,15 +22,8 @@ class UndeclaredAxesError(ValueError):
   """A parameter was created without logical axis names (or with the wrong number)."""
 
 
-def path_names(path) -> ParamPath:
-  """A jax key path -> its dict keys / attribute names (sequence indices are skipped)."""
-  names = []
-  for k in path:
-    for attr in ("key", "name"):
-      if hasattr(k, attr):
-        names.append(str(getattr(k, attr)))
-        break
-  return tuple(names)
+# A jax key path -> its dict keys / attribute names (sequence indices are skipped).
+path_names = leaf_names
 
 
 def _is_box(x) -> bool:
