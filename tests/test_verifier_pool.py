@@ -249,3 +249,56 @@ def test_a_memory_limit_too_small_to_start_names_the_field():
       pool.run([("math", "7", "7")], timeout_s=30)
   finally:
     pool.stop()
+
+
+# ------------------------------------------------- several reward functions, one cap
+
+TWO_PLUGINS = textwrap.dedent("""
+    def has_seven(response, example):
+      return 1.0 if "7" in response else 0.0
+
+    def is_short(response, example):
+      return 1.0 if len(response) < 3 else 0.0
+""")
+
+
+def test_every_reward_function_shares_one_pool_of_at_most_workers(tmp_path, monkeypatch):
+  # Before: one pool per reward.fns entry, each of reward.workers processes, so three
+  # functions held 3 x workers verifier processes alive between steps.
+  from copd_jax.data import reward_fns
+  (tmp_path / "two_rewards.py").write_text(TWO_PLUGINS)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.setattr(verifier_pool, "cpu_cap", lambda: 2)
+  monkeypatch.setattr(math_verifier, "cpu_cap", lambda: 2)
+  cfg = default_config.get("copd", "micro").reward
+  cfg.fns, cfg.workers, cfg.timeout_s = "verifier,two_rewards:has_seven,two_rewards:is_short", \
+      2, 30.0
+  reward_fns.configure(cfg)
+  try:
+    example = math_verifier.RewardExample(capability="math", question="q", answer="7",
+                                          verifier="math")
+    responses = ["\\boxed{7}", "77", "x", "\\boxed{8}"]
+    examples = [example] * len(responses)
+    for _ in range(2):  # the second step reuses the same workers
+      total, per_fn, _ = reward_fns.score(responses, examples)
+      assert len(_verifier_workers(os.getpid())) <= 2
+    assert per_fn["has_seven"].tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert per_fn["is_short"].tolist() == [0.0, 1.0, 1.0, 0.0]
+    assert per_fn["verifier"].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert total.tolist() == [2.0, 2.0, 1.0, 0.0]
+  finally:
+    reward_fns.configure(default_config.get("copd", "micro").reward)
+    math_verifier.shared_pool().stop()
+
+
+def _verifier_workers(parent: int) -> set[int]:
+  """The live verifier worker processes of `parent` (their command line names the entry)."""
+  out = set()
+  for pid in _live_children(parent):
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        if math_verifier.MATH_WORKER_ENTRY.encode() in f.read():
+          out.add(pid)
+    except OSError:
+      pass
+  return out

@@ -184,25 +184,25 @@ def _with_imaginary_unit(parsed: list) -> list:
   return out if changed else parsed
 
 
-def worker_main(conn, parent_pid: int, plugin: str) -> None:
+def worker_main(conn, parent_pid: int, plugins: tuple[str, ...] | str) -> None:
   """Worker process (verifier_pool starts it): answers requests until its pipe closes.
 
   ('math', reference, final) -> 0.0 / 1.0;  ('reference', reference) -> 'ok', or
   'unparsable' when math-verify cannot parse it (its comparison with a wrong answer must
-  also finish within the time limit, or the pool reports a timeout);  ('plugin',
-  response, RewardExample) -> the plug-in's float, or a RewardFailure when it raised or
-  returned a bad value (check_reward_value);  ('late_imports',) -> modules imported after
+  also finish within the time limit, or the pool reports a timeout);  ('plugin', spec,
+  response, RewardExample) -> that plug-in's float (one of `plugins`, all imported at
+  start), or a RewardFailure when it raised or returned a bad value (check_reward_value);  ('late_imports',) -> modules imported after
   the guard (should stay empty). A MemoryError that reaches this loop ends the process
   with EXIT_OUT_OF_MEMORY."""
   try:
-    _serve(conn, parent_pid, plugin)
+    _serve(conn, parent_pid, (plugins,) if isinstance(plugins, str) else tuple(plugins))
   except Exception as e:
     if ran_out_of_memory(e):
       os._exit(EXIT_OUT_OF_MEMORY)
     raise
 
 
-def _serve(conn, parent_pid: int, plugin: str) -> None:
+def _serve(conn, parent_pid: int, plugins: tuple[str, ...]) -> None:
   watch_parent(parent_pid)
   import logging
   logging.getLogger("math_verify").setLevel(logging.ERROR)
@@ -248,7 +248,8 @@ def _serve(conn, parent_pid: int, plugin: str) -> None:
     importlib.import_module(name)
   for reference, final in _WARM_UP_PAIRS:
     equivalent(reference, final)
-  plugin_fn = load_plugin(plugin) if plugin else None  # its imports too, before the guard
+  # every plug-in's imports too, before the guard
+  plugin_fns = {spec: load_plugin(spec) for spec in plugins if spec}
   _install_parse_expr_guard()
   imported = set(sys.modules)
   conn.send("ready")
@@ -264,12 +265,13 @@ def _serve(conn, parent_pid: int, plugin: str) -> None:
       elif kind == "reference":
         result = check_reference(request[1])
       elif kind == "plugin":
+        spec = request[1]
         try:
-          result = check_reward_value(plugin_fn(*request[1:]), plugin)
+          result = check_reward_value(plugin_fns[spec](*request[2:]), spec)
         except MemoryError:
           raise
         except Exception as e:  # user code: a failure is reported, counted, not hidden
-          result = failure_of(e, plugin, traceback.format_exc(limit=20))
+          result = failure_of(e, spec, traceback.format_exc(limit=20))
       else:
         result = sorted(set(sys.modules) - imported)
     except MemoryError:
@@ -344,6 +346,9 @@ class RewardConfig:
     called as fn(response: str, example: RewardExample) -> float for every example, in
     the sandboxed worker processes with the same time limit (a plug-in cannot use
     sympy's parse_expr there: the guard refuses it).
+  plugins: every plug-in this process scores with (config.reward.fns): the workers
+    import them all at start, so one pool of `workers` processes serves every reward
+    function (fn is added to them when missing).
   timeout_s: the limit per answer (math equivalence or plug-in call); over it scores 0.
   step_budget_s: the limit for one batch (a training step's or an eval batch's
     answers); answers not scored by then score 0.
@@ -357,6 +362,7 @@ class RewardConfig:
     RewardFunctionError (1.0: all of them; 0.0: any).
   """
   fn: str = ""
+  plugins: tuple[str, ...] = ()
   timeout_s: float = DEFAULT_MATH_TIMEOUT_S
   step_budget_s: float = DEFAULT_STEP_BUDGET_S
   workers: int = DEFAULT_WORKERS
@@ -385,13 +391,24 @@ class RewardConfig:
                        f"{self.max_error_fraction!r}")
     if not isinstance(self.fn, str):
       raise ValueError(f"fn must be '' or 'module:function', got {self.fn!r}")
+    if not (isinstance(self.plugins, tuple) and all(isinstance(p, str) and p
+                                                   for p in self.plugins)):
+      raise ValueError(f"plugins must be a tuple of 'module:function' specs, got "
+                       f"{self.plugins!r}")
 
 
 _active_config = RewardConfig()
 
 
 _pool: VerifierPool | None = None
-_pools: dict = {}  # (workers, plug-in, worker memory MiB) -> its pool
+
+
+def _stop_pool() -> None:
+  if _pool is not None:
+    _pool.stop()
+
+
+atexit.register(_stop_pool)
 
 
 def configure(config: RewardConfig) -> None:
@@ -406,22 +423,22 @@ def active_config() -> RewardConfig:
   return _active_config
 
 
+def pool_plugins(config: RewardConfig) -> tuple[str, ...]:
+  """The plug-ins a pool for `config` loads: config.plugins and config.fn, sorted."""
+  return tuple(sorted(set(config.plugins) | ({config.fn} if config.fn else set())))
+
+
 def shared_pool(config: RewardConfig | None = None) -> VerifierPool:
-  """The process's verifier pool for `config` (rebuilt when the workers, their memory
-  limit or the plug-in change)."""
+  """The process's one verifier pool: at most config.workers processes, whatever the
+  number of reward functions (each worker serves every plug-in of pool_plugins). It is
+  rebuilt, the old workers stopped, when the workers, their memory limit or the
+  plug-ins change."""
   global _pool
   config = config or _active_config
-  key = (config.workers, config.fn, config.worker_memory_mb)
+  key = (config.workers, pool_plugins(config), config.worker_memory_mb)
   if _pool is None or (_pool.size, _pool.args[0], _pool.memory_mb) != key:
-    # Several reward functions (copd_jax/data/reward_fns.py) take turns every step: each
-    # keeps its own pool rather than restarting one pool per function per step.
-    if _pool is None and not _pools:
-      atexit.register(lambda: [p.stop() for p in _pools.values()])
-    for stale in [k for k in _pools if (k[0], k[2]) != (key[0], key[2])]:
-      _pools.pop(stale).stop()
-    if key not in _pools:
-      _pools[key] = VerifierPool(config.workers, MATH_WORKER_ENTRY, args=(config.fn,),
-                                 memory_mb=config.worker_memory_mb)
-    _pool = _pools[key]
+    _stop_pool()
+    _pool = VerifierPool(config.workers, MATH_WORKER_ENTRY, args=(key[1],),
+                         memory_mb=config.worker_memory_mb)
   return _pool
 

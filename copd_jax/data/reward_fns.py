@@ -104,6 +104,9 @@ def configure(reward_cfg) -> None:
   for fn in fns:
     if fn.spec != BUILTIN:
       math_verifier.load_plugin(fn.spec)
+  # one worker pool serves every plug-in of the list (reward.workers bounds all of them)
+  config = dataclasses.replace(config, plugins=tuple(sorted(
+      {fn.spec for fn in fns if fn.spec != BUILTIN} | set(config.plugins))))
   math_verifier.configure(config)
   _active = fns
 

@@ -90,7 +90,7 @@ def ran_out_of_memory(error: BaseException) -> bool:
   return isinstance(error, MemoryError) or any(m in str(error) for m in _MEMORY_MESSAGES)
 
 
-# The math verifier's worker (math_verifier.worker_main; its args: (plug-in spec,)).
+# The math verifier's worker (math_verifier.worker_main; its args: (the plug-in specs it serves,)).
 MATH_WORKER_ENTRY = "copd_jax.data.math_verifier:worker_main"
 
 
@@ -141,7 +141,7 @@ class VerifierPool:
   under a hard time limit and an address-space limit of `memory_mb` MiB.
 
   entry: 'module:function' run in each worker as function(conn, parent_pid, *args)
-  (default: the math verifier, args (plug-in spec,)); it sends 'ready', then answers
+  (default: the math verifier, args (plug-in specs,)); it sends 'ready', then answers
   each request it receives with one message, until the connection closes.
 
   `run` starts at most as many workers as the batch has requests, and hands requests to
@@ -155,7 +155,7 @@ class VerifierPool:
 
   STARTUP_TIMEOUT_S = 120.0
 
-  def __init__(self, workers: int = 1, entry: str = MATH_WORKER_ENTRY, args: tuple = ("",),
+  def __init__(self, workers: int = 1, entry: str = MATH_WORKER_ENTRY, args: tuple = ((),),
                memory_mb: int = 2048, name: str = "verifier"):
     cap = cpu_cap()
     if not 1 <= workers <= cap:

@@ -83,7 +83,7 @@ def score(responses: Sequence[str], examples: Sequence,
     verifier = getattr(ex, "verifier", "integer")
     if config.fn:
       text = response if isinstance(response, str) else ""
-      requests.setdefault(("plugin", text, RewardExample.of(ex)), []).append(i)
+      requests.setdefault(("plugin", config.fn, text, RewardExample.of(ex)), []).append(i)
     elif verifier == "math":
       request = math_request(response, ex.answer)
       if request is not None:
