@@ -45,7 +45,8 @@ def toy_problem(n: int, topology: str, native: int, cross: int, g: int = 8, p: i
 
   from copd_jax import default_config, kernels
   from copd_jax.models import model_config as model_lib, stacked as experts
-  from copd_jax.rl import objectives, rows as trainer, schedules, stages, update as update_lib
+  from copd_jax import losses
+  from copd_jax.rl import rows as trainer, schedules, stages, update as update_lib
   cfg = default_config.get("copd")
   model_cfg = model_lib.ModelConfig.from_dict(dict(cfg.model.to_dict(), dtype="float32"))
   caps = ("text", "image", "video")
@@ -76,7 +77,7 @@ def toy_problem(n: int, topology: str, native: int, cross: int, g: int = 8, p: i
       opd_beta=jnp.asarray(np.where(np.arange(rows_per) >= native * g, 1.0, 0.0)[None]
                            .repeat(n, 0), jnp.float32),
       frames=jnp.asarray(np.repeat(frames, g, axis=1)))
-  ucfg = trainer.UpdateConfig(model=model_cfg, loss=objectives.PolicyLossConfig(),
+  ucfg = trainer.UpdateConfig(model=model_cfg, loss=losses.PolicyLossConfig(),
                               kernel=kernels.KernelConfig(**cfg.rl.kernel.to_dict()),
                               samples_per_prompt=g)
   optimizer = update_lib.make_optimizer(3e-4, 1.0)

@@ -8,10 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from copd_jax import kernels
+from copd_jax import kernels, losses
 from copd_jax.models import decoder
 from copd_jax.models.decoder import Params
-from copd_jax.rl import objectives
 from copd_jax.rl.rows import Rows, UpdateConfig, join_rows, loss_columns, loss_targets, split_rows
 from copd_jax.rl.scoring import _response_hidden, lm_head, reference_logprobs, score_by_teachers
 from copd_jax.sharding import RunSharding, ShardedFunction
@@ -42,7 +41,7 @@ def student_loss(params: Params, rows: Rows, teacher_logprobs, ref_logprobs, ucf
   """One student's token-mean loss on its rows. rows: Rows without the S axis."""
   loss_sum, (denominator, aux) = student_loss_sum(params, rows, teacher_logprobs, ref_logprobs,
                                                   ucfg, prompt_len)
-  return objectives.mean_from_sum(loss_sum, denominator), aux
+  return losses.mean_from_sum(loss_sum, denominator), aux
 
 
 def student_grads(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
@@ -74,7 +73,7 @@ def student_grads(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
   scale = jnp.where(denominator > 0, 1.0 / jnp.maximum(denominator, 1e-30), 0.0)
   grads = jax.tree.map(lambda x: x * scale.astype(x.dtype), grad_sum)
   aux = jax.tree.map(lambda x: join_rows(x, count, group), aux)
-  return objectives.mean_from_sum(loss_sum, denominator), aux, grads
+  return losses.mean_from_sum(loss_sum, denominator), aux, grads
 
 
 def _branch_metrics(rows: Rows, prompt_len: int, aux: dict, teacher_logprobs, loss) -> dict:
