@@ -114,8 +114,7 @@ def update(params: Params, opt_state, teacher_params: Params | None, rows: Rows,
     ucfg.samples_per_prompt rows and only the response columns go through the LM head and
     the loss (_response_hidden): the same loss as P = 0, for a fraction of the work.
   metrics: dict of f32[S].
-  Single-device jit; parallel.RunSharding.update_fn jits `update_body` with explicit
-  shardings instead.
+  Single-device jit; `sharded_update` jits `update_body` with explicit shardings instead.
   """
   return update_body(params, opt_state, teacher_params, rows, routing, ref_params, ucfg=ucfg,
                      optimizer=optimizer, distil=distil, prompt_len=prompt_len)
@@ -148,7 +147,7 @@ def update_body(params: Params, opt_state, teacher_params: Params | None, rows: 
     return grads, metrics
 
   # On a mesh the branch axis is `expert`: sharding constraints inside (the activation
-  # constraint of parallel.RunSharding.constrain_rows) then keep it there.
+  # constraint of sharding.RunSharding.constrain_rows) then keep it there.
   branch_axis = "expert" if placement is not None else None
   grads, metrics = jax.vmap(one_branch, spmd_axis_name=branch_axis)(params, rows,
                                                                    teacher_logprobs, ref_lp)
