@@ -142,6 +142,7 @@ def test_kernels_import_nothing_from_rl(graph):
   and no chain of imports from any copd_jax.kernels module reaches copd_jax.rl."""
   kernel_modules = [m for m in graph if m == "copd_jax.kernels" or m.startswith("copd_jax.kernels.")]
   assert len(kernel_modules) > 5
+  assert graph["copd_jax.losses"] == set()
   reached = {m: sorted(r for r in reachable(graph, m)
                        if r == "copd_jax.rl" or r.startswith("copd_jax.rl."))
              for m in kernel_modules}
