@@ -24,8 +24,8 @@ setup(
         "absl-py>=2.1.0",
         "numpy>=1.26",
         "tensorboardX>=2.6",  # event files without installing tensorflow
-        # Hugging Face checkpoints, tokenizers and real datasets (copd_jax/hf_*.py,
-        # copd_jax/data/records.py); none of them pulls in torch.
+        # Hugging Face checkpoints, tokenizers and real datasets (copd_jax/models/hf_checkpoint.py,
+        # copd_jax/data/hf_tokenizer.py, copd_jax/data/records.py); none of them pulls in torch.
         "safetensors>=0.4",
         "tokenizers>=0.19",
         "jinja2>=3.1",        # chat templates from tokenizer_config.json

@@ -2,7 +2,7 @@
 
 Every other method starts from the policy this config produces (saved to
 config.warm_start.checkpoint_dir and reused while its recipe matches).
-  python -m copd_jax.main --config=configs/base.py          # toy (README figures)
+  python -m copd_jax.main --config=configs/base.py          # toy (the committed results)
   python -m copd_jax.main --config=configs/base.py:micro    # seconds; used by tests
 """
 from copd_jax import default_config

@@ -3,7 +3,7 @@ steps of branch-specific GRPO and s_opd steps where each branch also learns from
 teachers' live log-probs on its own rollouts of their prompts (hub-and-spoke, hub = text);
 uniform parameter merge at the end.
 
-  python -m copd_jax.main --config=configs/copd.py          # toy (README figures)
+  python -m copd_jax.main --config=configs/copd.py          # toy (the committed results)
   python -m copd_jax.main --config=configs/copd.py:micro    # tiny; used by tests
   python -m copd_jax.main --config=configs/copd.py:demo     # a first run that learns
 The demo starts from the committed toy base (experiments/results/base_policy) and trains a

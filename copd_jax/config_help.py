@@ -139,7 +139,7 @@ FIELD_HELP = {
     "rl.grad_clip_norm": "RL global gradient-norm clip per branch",
     "rl.weight_decay": "RL AdamW weight decay",
     "rl.scale_by_std": "GRPO advantages divided by the group std (False = Dr.GRPO)",
-    "rl.loss": "policy loss (copd_jax/rl/objectives.py PolicyLossConfig)",
+    "rl.loss": "policy loss (copd_jax/losses.py PolicyLossConfig)",
     "rl.loss.eps_low": "PPO clip below 1",
     "rl.loss.eps_high": "PPO clip above 1 (asymmetric clip-higher)",
     "rl.loss.kl_coef": "KL penalty to the base (0 = none)",

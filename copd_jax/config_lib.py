@@ -523,7 +523,7 @@ def check_rl_sampling(sampling) -> None:
 def validate_rl(cfg: ml_collections.ConfigDict) -> None:
   """Checks config.rl for the RL methods (experts, mixed_rlvr, static_opd, mopd, copd)."""
   from copd_jax import kernels  # jax-importing; only needed for RL methods
-  from copd_jax.rl import objectives
+  from copd_jax import losses
   rl = cfg.rl
   check_rl_sampling(cfg.sampling)
   caps = tuple(rl.capabilities)
@@ -564,7 +564,7 @@ def validate_rl(cfg: ml_collections.ConfigDict) -> None:
   _positive_float(rl, "weight_decay", "rl.", allow_zero=True)
   if cfg.method == "copd" and rl.cross_prompts == 0 and rl.opd.topology != "none":
     _fail("rl.cross_prompts", "must be positive for CoPD with a teacher topology", 0)
-  _wrap("rl.loss", lambda: objectives.PolicyLossConfig(**rl.loss.to_dict()))
+  _wrap("rl.loss", lambda: losses.PolicyLossConfig(**rl.loss.to_dict()))
   _wrap("rl.kernel", lambda: kernels.KernelConfig(**rl.kernel.to_dict()))
   opd = rl.opd
   if opd.topology not in ("hub", "full", "none"):

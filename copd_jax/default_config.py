@@ -9,7 +9,7 @@ import ml_collections
 
 CAPABILITIES = ("text", "image", "video")
 PRESETS = ("toy", "micro", "demo")
-# The toy base policy the README's results start from, committed with the repository.
+# The toy base policy the committed results start from (docs/toy_testbed.md).
 COMMITTED_BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "experiments", "results", "base_policy")
 
@@ -126,8 +126,8 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
   c.warm_start = ml_collections.ConfigDict(dict(
       seed=0,  # the base's own seed (init and SFT data); config.seed is the RL seed
       # 1,500 steps (was 600): a base that still follows the flawed procedures greedily
-      # but gets the arithmetic right more often, so RL has more to gain (README, "Recipe
-      # search", validation split).
+      # but gets the arithmetic right more often, so RL has more to gain (docs/history.md,
+      # "Recipe search", validation split).
       steps=1500,
       batch_size=48,
       learning_rate=3e-3,
@@ -213,12 +213,12 @@ def rl_section(preset: str) -> ml_collections.ConfigDict:
       cross_prompts=8,        # per branch, on OPD steps, from its teachers' data
       # Chosen with experiments/tune_rl.py on the validation split (toy_tasks.validation_set),
       # never on the eval set: 1e-3 made the experts worse within 10 steps, 3e-5 moved no
-      # weight by more than 1e-3 in 30 steps (README, "Diagnosis").
+      # weight by more than 1e-3 in 30 steps (docs/history.md).
       learning_rate=3e-4,
       # "constant" (the paper's) or "cosine": decay from learning_rate to
       # lr_end_fraction x learning_rate over each stage's steps. Cosine keeps what the
       # first steps gain (a constant 3e-4 swung accuracy by +-10 points); the floor of 0.3
-      # keeps independent experts drifting apart after mid-run (README, "Recipe search").
+      # keeps independent experts drifting apart after mid-run (docs/history.md).
       lr_schedule="cosine",
       lr_end_fraction=0.3,
       grad_clip_norm=1.0,

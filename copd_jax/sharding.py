@@ -417,7 +417,7 @@ class RunSharding:
     return place(params, self.stacked_params(params, stacked))
 
   def rows(self, rows):
-    """Shardings of trainer.Rows [S, R, ...]: expert x batch."""
+    """Shardings of rl.rows.Rows [S, R, ...]: expert x batch."""
     return jax.tree.map(lambda x: self.per_branch(x.shape, batch_dims=1), rows)
 
   def put_global(self, host_tree, sharding_tree):

@@ -45,7 +45,8 @@ def toy_problem(n: int, topology: str, native: int, cross: int, g: int = 8, p: i
 
   from copd_jax import default_config, kernels
   from copd_jax.models import model_config as model_lib, stacked as experts
-  from copd_jax.rl import objectives, rows as trainer, schedules, stages, update as update_lib
+  from copd_jax import losses
+  from copd_jax.rl import rows as rows_lib, schedules, stages, update as update_lib
   cfg = default_config.get("copd")
   model_cfg = model_lib.ModelConfig.from_dict(dict(cfg.model.to_dict(), dtype="float32"))
   caps = ("text", "image", "video")
@@ -67,7 +68,7 @@ def toy_problem(n: int, topology: str, native: int, cross: int, g: int = 8, p: i
   v = model_cfg.vision
   frames = rng.normal(size=(n, rows_per // g, v.num_frames, v.image_size, v.image_size,
                             v.channels)).astype(np.float32)
-  rows = trainer.Rows(
+  rows = rows_lib.Rows(
       tokens=jnp.asarray(tokens),
       positions=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, rows_per, t)),
       token_mask=jnp.ones((n, rows_per, t), bool), response_mask=jnp.asarray(response),
@@ -76,7 +77,7 @@ def toy_problem(n: int, topology: str, native: int, cross: int, g: int = 8, p: i
       opd_beta=jnp.asarray(np.where(np.arange(rows_per) >= native * g, 1.0, 0.0)[None]
                            .repeat(n, 0), jnp.float32),
       frames=jnp.asarray(np.repeat(frames, g, axis=1)))
-  ucfg = trainer.UpdateConfig(model=model_cfg, loss=objectives.PolicyLossConfig(),
+  ucfg = rows_lib.UpdateConfig(model=model_cfg, loss=losses.PolicyLossConfig(),
                               kernel=kernels.KernelConfig(**cfg.rl.kernel.to_dict()),
                               samples_per_prompt=g)
   optimizer = update_lib.make_optimizer(3e-4, 1.0)
@@ -112,7 +113,7 @@ def measure_toy(n: int, topology: str, native: int, cross: int, repeats: int) ->
 def measure_4b_child(n: int, topology: str) -> dict:
   """Inside a subprocess whose jax sees n x 64 simulated devices."""
   from configs import pod_4b
-  from copd_jax import sharding as parallel
+  from copd_jax import sharding
   from copd_jax.analysis import abstract_step, hlo_audit
   from copd_jax.models import decoder, model_config
   cfg = pod_4b.get_config()
@@ -121,8 +122,8 @@ def measure_4b_child(n: int, topology: str) -> dict:
   cfg.rl.opd.hub = cfg.rl.capabilities[0]
   cfg.num_experts = n
   cfg.mesh.expert = n
-  run = parallel.RunSharding(
-      parallel.make_mesh(dict(cfg.mesh), num_branches=n),
+  run = sharding.RunSharding(
+      sharding.make_mesh(dict(cfg.mesh), num_branches=n),
       param_axes=decoder.param_axes(model_config.ModelConfig.from_dict(cfg.model.to_dict())))
   fn, args = abstract_step.abstract_opd_update(cfg, run, num_layers=1, topology=topology)
   compiled = fn.lower(*args).compile()

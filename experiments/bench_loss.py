@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from copd_jax.kernels import KernelConfig, fused_policy_loss
-from copd_jax.rl.objectives import PolicyLossConfig
+from copd_jax.losses import PolicyLossConfig
 
 QWEN = dict(n=8192, d=2560, v=151_936)
 TIME_FULL = dict(n=2048, d=1024, v=32_768)

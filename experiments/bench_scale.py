@@ -44,18 +44,18 @@ def routing_rows(cfg, topology: str) -> dict:
   """Teacher-forward row counts of the all-to-all layout vs the earlier gather layout."""
   import numpy as np
 
-  from copd_jax.rl import schedules, stages as trainer
+  from copd_jax.rl import schedules, stages as stages_lib
   rl, s = cfg.rl, cfg.num_experts
   caps = tuple(rl.capabilities)
-  stage = trainer.Stage(
+  stage = stages_lib.Stage(
       name="rows", steps=1, student_data=tuple((c,) for c in caps),
       teacher_data=tuple((c,) for c in caps), live_teachers=True,
       topology=schedules.topology_matrix(s, topology, hub=caps.index(rl.opd.hub)),
       branch_beta=np.full(s, rl.opd.beta, np.float32), schedule=schedules.OPDSchedule(kind="cycle"),
       native_prompts=rl.native_prompts, cross_prompts=rl.cross_prompts,
       samples_per_prompt=rl.samples_per_prompt)
-  assignment = trainer.cross_teacher_assignment(stage)
-  routing = trainer.teacher_routing(assignment, s, rl.samples_per_prompt)
+  assignment = stages_lib.cross_teacher_assignment(stage)
+  routing = stages_lib.teacher_routing(assignment, s, rl.samples_per_prompt)
   per_teacher = [int((assignment == j).sum()) * rl.samples_per_prompt for j in range(s)]
   return {"teacher_forward_rows": routing.teacher_forward_rows(),
           "teacher_forward_rows_gather_layout": s * max(per_teacher),
@@ -64,7 +64,7 @@ def routing_rows(cfg, topology: str) -> dict:
 
 def measure(setting: str, num_layers: int | None, topology: str | None) -> dict:
   """Runs inside the subprocess (jax already sees the simulated devices)."""
-  from copd_jax import default_config, sharding as parallel
+  from copd_jax import default_config, sharding
   from copd_jax.analysis import abstract_step, hlo_audit
   from copd_jax.models import decoder, model_config
   if setting == "toy":
@@ -74,8 +74,8 @@ def measure(setting: str, num_layers: int | None, topology: str | None) -> dict:
     from configs import pod_4b
     cfg = pod_4b.get_config()
   topology = topology or cfg.rl.opd.topology
-  run = parallel.RunSharding(
-      parallel.make_mesh(dict(cfg.mesh), num_branches=cfg.num_experts),
+  run = sharding.RunSharding(
+      sharding.make_mesh(dict(cfg.mesh), num_branches=cfg.num_experts),
       param_axes=decoder.param_axes(model_config.ModelConfig.from_dict(cfg.model.to_dict())))
   full_fn, full_args = abstract_step.abstract_opd_update(cfg, run, topology=topology)
   param_bytes = abstract_step.tree_bytes(full_args[0]) // cfg.num_experts

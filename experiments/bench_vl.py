@@ -46,7 +46,8 @@ from bench_sampler import time_side_by_side  # noqa: E402
 
 from copd_jax import kernels, sampling  # noqa: E402
 from copd_jax.models import qwen3_vl_decode, qwen3_vl_import  # noqa: E402
-from copd_jax.rl import objectives, rollout as rollout_lib, rows as rows_lib  # noqa: E402
+from copd_jax import losses  # noqa: E402
+from copd_jax.rl import rollout as rollout_lib, rows as rows_lib  # noqa: E402
 from copd_jax.rl import stages, update as update_lib  # noqa: E402
 
 FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests",
@@ -96,7 +97,7 @@ def training_compiles(cfg, params, samples: int, steps: int = 5, budget: int = 6
   student takes 2 native and 2 cross prompts from the 4 reference prompts, rotated."""
   prompts = budget_prompts(cfg)
   stacked = jax.tree.map(lambda x: jnp.stack([x, x * 1.01]), params)
-  u = rows_lib.UpdateConfig(model=cfg, loss=objectives.PolicyLossConfig(),
+  u = rows_lib.UpdateConfig(model=cfg, loss=losses.PolicyLossConfig(),
                             kernel=kernels.KernelConfig(backend="chunked", vocab_tile=32,
                                                         token_tile=64),
                             samples_per_prompt=samples)

@@ -30,6 +30,8 @@ import time
 
 import numpy as np
 
+import run_archive  # experiments/run_archive.py: --runs given as an archive
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from copd_jax import (  # noqa: E402
@@ -468,6 +470,7 @@ def main(argv=None):
   args.eval_examples = args.eval_examples or (300 if args.quick else 1000)
   args.out = args.out or ("experiments/results/quick" if args.quick else "experiments/results")
   args.runs = args.runs or ("runs/reproduce_quick" if args.quick else "experiments/results/runs")
+  args.runs = run_archive.runs_dir(args.runs, args.report_only)  # an earlier recipe's .tar.xz
   os.makedirs(args.out, exist_ok=True)
   flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report_only"]
   command = " ".join(["python experiments/reproduce.py"] + flags)  # the command that runs

@@ -2,7 +2,7 @@
 
 Never materialising logits: the ops take final hidden states and the LM head and
 return per-token quantities (log-prob of the sampled token, entropy, KL). The policy
-loss is then a function of those [N] vectors only (copd_jax.rl.objectives), so its
+loss is then a function of those [N] vectors only (copd_jax.losses), so its
 gradient reaches the tiled backward pass as one coefficient per token, and every
 backend shares the same objective code.
 
@@ -17,10 +17,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from copd_jax import losses
 from copd_jax.kernels import chunked, pallas_tpu, reference, sharded
 from copd_jax.kernels.config import KernelConfig, check_lm_head_inputs, check_per_token
-from copd_jax.rl import objectives
-from copd_jax.rl.objectives import PolicyLossConfig
+from copd_jax.losses import PolicyLossConfig
 
 DEFAULT_KERNEL = KernelConfig()
 DEFAULT_POLICY_LOSS = PolicyLossConfig()
@@ -142,7 +142,7 @@ def full_vocab_reverse_kl(student_hidden, student_head, teacher_hidden, teacher_
 
 
 # ------------------------------------------------------------------ policy loss
-def _policy_aux(terms: objectives.PolicyTokenTerms, logprobs) -> dict[str, Any]:
+def _policy_aux(terms: losses.PolicyTokenTerms, logprobs) -> dict[str, Any]:
   aux = {name: jax.lax.stop_gradient(value) for name, value in terms._asdict().items()}
   aux["logprobs"] = jax.lax.stop_gradient(logprobs)
   aux["token_loss"] = aux.pop("loss")
@@ -168,7 +168,7 @@ def _policy_terms(hidden, head, tokens, advantages, old_logprobs, mask, ref_logp
 # outside the vocabulary. Their loss is masked out below.
   tokens = jnp.where(mask.astype(bool), tokens, 0)
   logprobs, entropy = token_logprob_entropy(hidden, head, tokens, kernel=kernel)
-  terms = objectives.policy_token_terms(
+  terms = losses.policy_token_terms(
       logprobs, old_logprobs.astype(jnp.float32), advantages.astype(jnp.float32), config,
       entropy=entropy, ref_logprobs=ref_logprobs, teacher_logprobs=teacher_logprobs,
       opd_beta=opd_beta)
@@ -203,7 +203,7 @@ def fused_policy_loss(hidden, head, tokens, advantages, old_logprobs, mask, *,
   check_per_token("advantages", advantages, tokens.shape[0])
   terms, logprobs = _policy_terms(hidden, head, tokens, advantages, old_logprobs, mask,
                                   ref_logprobs, teacher_logprobs, opd_beta, config, kernel)
-  loss_sum, denominator = objectives.aggregate_token_losses(
+  loss_sum, denominator = losses.aggregate_token_losses(
       terms.loss[None], mask[None], "token_mean")
   return loss_sum, denominator, _policy_aux(terms, logprobs)
 
@@ -217,7 +217,7 @@ def sequence_policy_loss(hidden, head, tokens, advantages, old_logprobs, mask, *
   hidden: float[B, T, D]; tokens, old_logprobs, mask (and ref/teacher log-probs,
   opd_beta if not scalar): [B, T]; advantages: f32[B] (one per sequence, as GRPO
   gives) or f32[B, T]. Returns (loss_sum, denominator, aux of [B, T] arrays); see
-  objectives.aggregate_token_losses for each mode's pair.
+  losses.aggregate_token_losses for each mode's pair.
   """
   if tokens.ndim != 2:
     raise ValueError(f"tokens must be [B, T] for sequence_policy_loss, got {tokens.shape}")
@@ -229,6 +229,6 @@ def sequence_policy_loss(hidden, head, tokens, advantages, old_logprobs, mask, *
                      f"got {advantages.shape}")
   terms, logprobs = _policy_terms(hidden, head, tokens, advantages, old_logprobs, mask,
                                   ref_logprobs, teacher_logprobs, opd_beta, config, kernel)
-  loss_sum, denominator = objectives.aggregate_token_losses(
+  loss_sum, denominator = losses.aggregate_token_losses(
       terms.loss, mask, config.aggregation, constant_normaliser=config.constant_normaliser)
   return loss_sum, denominator, _policy_aux(terms, logprobs)

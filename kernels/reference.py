@@ -8,8 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from copd_jax import losses
 from copd_jax.kernels import tile_math
-from copd_jax.rl import objectives
 
 
 def dense_logits(hidden, head):
@@ -20,8 +20,8 @@ def dense_logits(hidden, head):
 def token_logprob_entropy(hidden, head, tokens):
   """-> (log p(tokens) f32[N], entropy f32[N]); differentiable by autodiff."""
   logits = dense_logits(hidden, head)
-  return (objectives.token_logprobs_from_logits(logits, tokens),
-          objectives.entropy_from_logits(logits))
+  return (losses.token_logprobs_from_logits(logits, tokens),
+          losses.entropy_from_logits(logits))
 
 
 def top_k_logprobs(hidden, head, k: int):
@@ -33,5 +33,5 @@ def top_k_logprobs(hidden, head, k: int):
 
 def reverse_kl(student_hidden, student_head, teacher_hidden, teacher_head):
   """Full-vocabulary KL(p_student || p_teacher) per token -> f32[N]."""
-  return objectives.reverse_kl_from_logits(dense_logits(student_hidden, student_head),
+  return losses.reverse_kl_from_logits(dense_logits(student_hidden, student_head),
                                            dense_logits(teacher_hidden, teacher_head))

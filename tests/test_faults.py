@@ -338,7 +338,8 @@ def test_update_with_non_finite_new_params_is_not_applied_to_that_branch_only():
 
   from copd_jax import kernels, policy_setup, sampling
   from copd_jax.models import stacked as experts
-  from copd_jax.rl import objectives, rollout as trainer, rows as rows_lib, update as update_lib
+  from copd_jax import losses
+  from copd_jax.rl import rollout as trainer, rows as rows_lib, update as update_lib
   cfg = default_config.get("copd", "micro")
   s = policy_setup.build_setup(cfg)
   params = experts.init_stacked(s.model_cfg, jax.random.split(jax.random.key(4), 2))
@@ -351,7 +352,7 @@ def test_update_with_non_finite_new_params_is_not_applied_to_that_branch_only():
                                       sampling.SamplingConfig(max_new_tokens=6, stop_token_ids=(2,)), 2)
   advantages = np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)
   rows = trainer.build_rows(tokens, mask, frames, rollout, advantages, np.zeros((2, 4)), 2)
-  ucfg = rows_lib.UpdateConfig(model=s.model_cfg, loss=objectives.PolicyLossConfig(),
+  ucfg = rows_lib.UpdateConfig(model=s.model_cfg, loss=losses.PolicyLossConfig(),
                               kernel=kernels.KernelConfig(backend="chunked", vocab_tile=32,
                                                           token_tile=64))
   optimizer = _poison_optimizer()

@@ -25,8 +25,8 @@ from copd_jax.kernels import (
   sequence_policy_loss,
   token_logprob_entropy,
 )
-from copd_jax.rl import objectives as obj
-from copd_jax.rl.objectives import PolicyLossConfig
+from copd_jax import losses as obj
+from copd_jax.losses import PolicyLossConfig
 
 N, D, V = 13, 16, 70
 REFERENCE = KernelConfig("reference")

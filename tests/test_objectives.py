@@ -1,4 +1,5 @@
-"""The plain-jnp objectives (the oracle the kernels are held to)."""
+"""The plain-jnp policy loss (copd_jax.losses, the oracle the kernels are held to) and the
+GRPO group advantages (copd_jax.rl.objectives)."""
 import dataclasses
 
 import jax
@@ -6,14 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from copd_jax.rl import objectives as obj
-from copd_jax.rl.objectives import PolicyLossConfig
+from copd_jax import losses as obj
+from copd_jax.losses import PolicyLossConfig
+from copd_jax.rl import objectives
 
 
 # ------------------------------------------------------------------ advantages
 def test_grpo_advantages_normalise_per_group_and_report_zero_variance():
   rewards = jnp.array([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [2.0, 0.0, 1.0, 1.0]])
-  adv, zero_var = obj.grpo_advantages(rewards, eps=0.0)
+  adv, zero_var = objectives.grpo_advantages(rewards, eps=0.0)
   np.testing.assert_allclose(adv[0], [1.0, -1.0, -1.0, 1.0], atol=1e-6)
   np.testing.assert_allclose(adv[1], 0.0)
   std2 = np.std([2.0, 0.0, 1.0, 1.0])
@@ -24,15 +26,15 @@ def test_grpo_advantages_normalise_per_group_and_report_zero_variance():
 
 def test_dr_grpo_advantages_skip_std_and_sample_std_option():
   rewards = jnp.array([[3.0, 1.0, 2.0]])
-  adv, _ = obj.grpo_advantages(rewards, scale_by_std=False)
+  adv, _ = objectives.grpo_advantages(rewards, scale_by_std=False)
   np.testing.assert_allclose(adv, [[1.0, -1.0, 0.0]], atol=1e-6)
-  adv1, _ = obj.grpo_advantages(rewards, eps=0.0, ddof=1)
+  adv1, _ = objectives.grpo_advantages(rewards, eps=0.0, ddof=1)
   np.testing.assert_allclose(adv1, [[1.0, -1.0, 0.0]], atol=1e-6)  # sample std = 1
 
 
 def test_grpo_advantages_reject_bad_shape():
   with pytest.raises(ValueError, match="rewards"):
-    obj.grpo_advantages(jnp.ones(4))
+    objectives.grpo_advantages(jnp.ones(4))
 
 
 # ---------------------------------------------------------------- PPO surrogate

@@ -10,11 +10,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import pod_4b
-from copd_jax import config_lib, kernels, sharding as parallel
+from copd_jax import config_lib, kernels, losses, sharding as parallel
 from copd_jax.analysis import abstract_step, hlo_audit
 from copd_jax.models import decoder, stacked as experts
 from copd_jax.models.model_config import ModelConfig
-from copd_jax.rl import objectives, rows as trainer, stages, update as update_lib
+from copd_jax.rl import rows as trainer, stages, update as update_lib
 from tests.tiny_model import tiny_config
 
 SMALL_VISION = dict(image_size=8, patch_size=8, num_frames=2, tubelet=2, width=16, depth=1,
@@ -96,7 +96,7 @@ def opd_problem(cfg, s=2, native=2, cross=2, g=2, p=10, t=20, seed=0):
       frames=np.repeat(frames, g, axis=1).astype(np.float32))
   assignment = np.array([[(k + 1) % s] * cross for k in range(s)], np.int32)
   routing = stages.teacher_routing(assignment, s, g, native_rows=native * g)
-  ucfg = trainer.UpdateConfig(model=cfg, loss=objectives.PolicyLossConfig(),
+  ucfg = trainer.UpdateConfig(model=cfg, loss=losses.PolicyLossConfig(),
                               kernel=kernels.KernelConfig(backend="chunked", vocab_tile=32,
                                                           token_tile=64),
                               samples_per_prompt=g)

@@ -16,12 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from copd_jax import kernels, sampling
+from copd_jax import kernels, losses, sampling
 from copd_jax.models import decoder, qwen3_vl, qwen3_vl_decode, qwen3_vl_import
 from copd_jax.models import stacked as stacked_lib
 from copd_jax.rl import (
   diagnostics,
-  objectives,
   rollout as rollout_lib,
   rows as rows_lib,
   scoring,
@@ -93,7 +92,7 @@ def branches(params, count=2, scale=0.02):
 
 
 def ucfg(cfg):
-  return rows_lib.UpdateConfig(model=cfg, loss=objectives.PolicyLossConfig(),
+  return rows_lib.UpdateConfig(model=cfg, loss=losses.PolicyLossConfig(),
                                kernel=kernels.KernelConfig(backend="chunked", vocab_tile=32,
                                                            token_tile=64),
                                samples_per_prompt=G)

@@ -115,3 +115,46 @@ def test_one_decoder():
 
 def test_train_step_takes_at_most_six_parameters():
   assert len(inspect.signature(step.train_step).parameters) <= 6
+
+
+def reachable(graph, start: str) -> set[str]:
+  """Every module importing `start` imports, transitively; importing a.b.c also runs the
+  packages a and a.b, so they count too."""
+  seen, todo = set(), [start]
+  while todo:
+    name = todo.pop()
+    if name in seen:
+      continue
+    seen.add(name)
+    parts = name.split(".")
+    parents = {".".join(parts[:i]) for i in range(1, len(parts))}
+    todo.extend((graph.get(name, set()) | parents) - seen)
+  return seen
+
+
+def test_reachable_follows_chains_and_parent_packages():
+  graph = {"k": {"k.a"}, "k.a": {"m"}, "m": {"r.x"}, "r": set(), "r.x": set()}
+  assert reachable(graph, "k.a") == {"k", "k.a", "m", "r", "r.x"}
+
+
+def test_kernels_import_nothing_from_rl(graph):
+  """The fused kernels sit below rl/: the policy loss they call lives in copd_jax.losses,
+  and no chain of imports from any copd_jax.kernels module reaches copd_jax.rl."""
+  kernel_modules = [m for m in graph if m == "copd_jax.kernels" or m.startswith("copd_jax.kernels.")]
+  assert len(kernel_modules) > 5
+  assert graph["copd_jax.losses"] == set()
+  reached = {m: sorted(r for r in reachable(graph, m)
+                       if r == "copd_jax.rl" or r.startswith("copd_jax.rl."))
+             for m in kernel_modules}
+  assert {m: r for m, r in reached.items() if r} == {}
+
+
+def test_importing_the_kernels_loads_no_rl_module():
+  """The same rule at run time, which also sees imports made through importlib."""
+  import subprocess
+  import sys
+  code = ("import sys, copd_jax.kernels, copd_jax.kernels.tpu_check, copd_jax.losses; "
+          "print(sorted(m for m in sys.modules if m.startswith('copd_jax.rl')))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=True, cwd=ROOT, timeout=300)
+  assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -6,12 +6,11 @@ import numpy as np
 import optax
 import pytest
 
-from copd_jax import default_config, kernels, policy_setup, sampling
+from copd_jax import default_config, kernels, losses, policy_setup, sampling
 from copd_jax.data import toy_tasks as tasks
 from copd_jax.models import decoder as model_lib, stacked as experts, stacked as stacked_lib
 from copd_jax.rl import (
   diagnostics,
-  objectives,
   rollout as trainer,
   rows as rows_lib,
   schedules,
@@ -29,7 +28,7 @@ def setup():
 
 def ucfg_for(setup_obj, **loss):
   return rows_lib.UpdateConfig(model=setup_obj.model_cfg,
-                              loss=objectives.PolicyLossConfig(**loss),
+                              loss=losses.PolicyLossConfig(**loss),
                               kernel=kernels.KernelConfig(backend="chunked", vocab_tile=32,
                                                           token_tile=64))
 

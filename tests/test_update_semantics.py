@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from tiny_model import tiny_config
 
-from copd_jax import kernels
+from copd_jax import kernels, losses
 from copd_jax.models import decoder, stacked
-from copd_jax.rl import objectives, rows as rows_lib, update as update_lib
+from copd_jax.rl import rows as rows_lib, update as update_lib
 
 PROMPT = [5, 6, 7, 8]
 # Two samples of the same prompt; the first stops (token 2) after two tokens, then pads (0).
@@ -56,7 +56,7 @@ def oracle_token_logprobs(params, cfg, rows: rows_lib.Rows) -> np.ndarray:
 
 def update_config(cfg, prompt_once: bool) -> rows_lib.UpdateConfig:
   # Loss "token_mean" with PPO clipping; KL off. samples_per_prompt 2: both rows share a prompt.
-  return rows_lib.UpdateConfig(model=cfg, loss=objectives.PolicyLossConfig(),
+  return rows_lib.UpdateConfig(model=cfg, loss=losses.PolicyLossConfig(),
                                kernel=kernels.KernelConfig(backend="chunked", vocab_tile=16,
                                                            token_tile=16),
                                samples_per_prompt=2 if prompt_once else 1)

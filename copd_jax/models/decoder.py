@@ -275,7 +275,7 @@ _ACTIVATION_CONSTRAINT: list = []
 @contextlib.contextmanager
 def activation_sharding(constrain):
   """Within this context, Policy calls constrain(x) on its residual stream x [rows, T, D]
-  after the embedding and after each layer. Used by parallel.RunSharding while tracing
+  after the embedding and after each layer. Used by sharding.RunSharding while tracing
   the sharded update: without it XLA's partitioner may follow the FSDP-sharded embedding
   table (d_model over `fsdp`) and gather every row of a micro-batch onto every device."""
   _ACTIVATION_CONSTRAINT.append(constrain)

@@ -8,16 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from copd_jax import kernels, sampling
+from copd_jax import kernels, losses, sampling
 from copd_jax.models import model_config
-from copd_jax.rl import objectives
 
 
 @dataclasses.dataclass(frozen=True)
 class UpdateConfig:
   """Static settings of the jitted update (hashable)."""
   model: model_config.ModelConfig  # or a Qwen3VLConfig (rows' frames: PromptMedia)
-  loss: objectives.PolicyLossConfig
+  loss: losses.PolicyLossConfig
   kernel: kernels.KernelConfig
   scale_by_std: bool = True  # GRPO (True) or Dr.GRPO (False) group advantages
   # Rows per micro-batch of the update (gradient accumulation) and of teacher / reference
@@ -132,7 +131,7 @@ def update_config(cfg, model_cfg) -> UpdateConfig:
   if loss["aggregation"] == "seq_sum_constant" and loss.get("constant_normaliser") is None:
     # Dr.GRPO's constant is the padded *response* length (rows also hold the prompt).
     loss["constant_normaliser"] = float(cfg.sampling.max_new_tokens)
-  return UpdateConfig(model=model_cfg, loss=objectives.PolicyLossConfig(**loss),
+  return UpdateConfig(model=model_cfg, loss=losses.PolicyLossConfig(**loss),
                       kernel=kernel, scale_by_std=rl.scale_by_std,
                       micro_batch_rows=rl.micro_batch_rows,
                       samples_per_prompt=rl.samples_per_prompt)

@@ -120,7 +120,7 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
     once per prompt (not once per sample), the teacher runs each prompt once for its G
     rows (_response_hidden), and only the scores of the response columns travel back.
   placement: optional (exchange, compute) sharding constraints from
-    parallel.RunSharding.regroup_placement: `exchange` pins a buffer [A, B, C, ...] to
+    sharding.RunSharding.regroup_placement: `exchange` pins a buffer [A, B, C, ...] to
     expert on axis A, its rows C spread over the devices of each expert group; `compute`
     pins teacher-side rows [J, N, ...] to expert x batch.
   """

@@ -18,7 +18,7 @@ class Stage:
   teacher_data[j]: the capabilities of teacher j's domain: a student distilling from j
     samples on these prompts.
   live_teachers: the teachers are the students themselves, as they are at this step
-    (CoPD); otherwise `frozen_teachers` params are passed to `train_stage`.
+    (CoPD); otherwise `frozen_teachers` params are passed to `loop.run_stage`.
   topology: f32[S, J] 0/1, which (student, teacher) pairs exchange at all.
   branch_beta: f32[S], each student's OPD rate beta_k.
   """

@@ -8,10 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from copd_jax import kernels
+from copd_jax import kernels, losses
 from copd_jax.models import decoder
 from copd_jax.models.decoder import Params
-from copd_jax.rl import objectives
 from copd_jax.rl.rows import Rows, UpdateConfig, join_rows, loss_columns, loss_targets, split_rows
 from copd_jax.rl.scoring import _response_hidden, lm_head, reference_logprobs, score_by_teachers
 from copd_jax.sharding import RunSharding, ShardedFunction
@@ -42,7 +41,7 @@ def student_loss(params: Params, rows: Rows, teacher_logprobs, ref_logprobs, ucf
   """One student's token-mean loss on its rows. rows: Rows without the S axis."""
   loss_sum, (denominator, aux) = student_loss_sum(params, rows, teacher_logprobs, ref_logprobs,
                                                   ucfg, prompt_len)
-  return objectives.mean_from_sum(loss_sum, denominator), aux
+  return losses.mean_from_sum(loss_sum, denominator), aux
 
 
 def student_grads(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
@@ -74,7 +73,7 @@ def student_grads(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
   scale = jnp.where(denominator > 0, 1.0 / jnp.maximum(denominator, 1e-30), 0.0)
   grads = jax.tree.map(lambda x: x * scale.astype(x.dtype), grad_sum)
   aux = jax.tree.map(lambda x: join_rows(x, count, group), aux)
-  return objectives.mean_from_sum(loss_sum, denominator), aux, grads
+  return losses.mean_from_sum(loss_sum, denominator), aux, grads
 
 
 def _branch_metrics(rows: Rows, prompt_len: int, aux: dict, teacher_logprobs, loss) -> dict:
@@ -115,8 +114,7 @@ def update(params: Params, opt_state, teacher_params: Params | None, rows: Rows,
     ucfg.samples_per_prompt rows and only the response columns go through the LM head and
     the loss (_response_hidden): the same loss as P = 0, for a fraction of the work.
   metrics: dict of f32[S].
-  Single-device jit; parallel.RunSharding.update_fn jits `update_body` with explicit
-  shardings instead.
+  Single-device jit; `sharded_update` jits `update_body` with explicit shardings instead.
   """
   return update_body(params, opt_state, teacher_params, rows, routing, ref_params, ucfg=ucfg,
                      optimizer=optimizer, distil=distil, prompt_len=prompt_len)
@@ -149,7 +147,7 @@ def update_body(params: Params, opt_state, teacher_params: Params | None, rows: 
     return grads, metrics
 
   # On a mesh the branch axis is `expert`: sharding constraints inside (the activation
-  # constraint of parallel.RunSharding.constrain_rows) then keep it there.
+  # constraint of sharding.RunSharding.constrain_rows) then keep it there.
   branch_axis = "expert" if placement is not None else None
   grads, metrics = jax.vmap(one_branch, spmd_axis_name=branch_axis)(params, rows,
                                                                    teacher_logprobs, ref_lp)
