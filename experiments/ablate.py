@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reproduce  # noqa: E402  (config building, run_or_load, intervals, tables)
 
-from copd_jax import stats  # noqa: E402
+import stats  # noqa: E402  (experiments/stats.py)
 
 REFERENCE = "1.5:1 / beta 1 / hub text (reference)"
 SCHEDULES = {

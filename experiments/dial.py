@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reproduce  # noqa: E402  (config building, run_or_load, rewards, intervals)
 
-from copd_jax import stats  # noqa: E402
+import stats  # noqa: E402  (experiments/stats.py)
 
 CAPS = ("total", "remain")
 HUB = "total"

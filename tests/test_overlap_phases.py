@@ -54,10 +54,14 @@ def test_summary_means_and_difference_by_hand():
   assert out["opd_step_change"]["mean"] == pytest.approx(0.3)
   assert out["opd_minus_rl"]["mean"] == pytest.approx(0.45)
   assert out["steps_per_seed"] == {"rl": 2, "opd": 1}
-  # Every bootstrap replicate of the OPD mean is >= 0.2 and of the RL mean <= 0: the
-  # difference's interval lies within [0.2, 0.7] (all OPD minus all RL extremes).
+  # The interval by hand (experiments/stats.py): OPD is one step per seed, [0.2, 0.4]:
+  # variance 0.02 / 2 = 0.01 with 1 df. RL [[-0.1, -0.3], [0.0, -0.2]] has no residual:
+  # seed level MS_seed / 4 = 2 * 2 * 0.05^2 / 4 = 0.0025 (1 df), item level
+  # MS_item / 4 = 2 * 2 * 0.1^2 / 4 = 0.01 (1 df). Every part has 1 df, so the
+  # half-width is t_1 * sqrt(0.01 + 0.0025 + 0.01) = 12.706 * 0.15.
+  half = 12.7062047 * 0.15
   low, high = out["opd_minus_rl"]["ci95"]
-  assert 0.2 <= low <= 0.45 <= high <= 0.7
+  assert low == pytest.approx(round(0.45 - half, 4)) and high == pytest.approx(round(0.45 + half, 4))
 
 
 def test_changes_by_place_within_the_phase_by_hand():
