@@ -4,14 +4,23 @@
 
 From one shared base policy (trained once, or reused), for every seed: the three
 single-capability experts, mixed RLVR, MOPD and CoPD (three branches, hub = text), and in
-a two-branch text + image setting static OPD both ways and CoPD. Every final model is
-scored on the same held-out items (config.eval.num_examples per capability); each run
-saves its per-item rewards (eval_rewards.npz), from which this script computes
-  - mean accuracy over seeds with a 95% interval (bootstrap over seeds and items),
+a two-branch text + image setting static OPD both ways and CoPD; and two merges of the
+independent experts as baselines: their uniform weight average (scored by the experts
+run) and task arithmetic with its scale chosen on the validation split
+(experiments/merge_experts.py; it needs the experts' weights, and retrains them from the
+same seed into `experts_weights` where only their small files are on disk). Every final
+model is scored on the same held-out items (config.eval.num_examples per capability);
+each run saves its per-item rewards (eval_rewards.npz), from which this script computes
+  - mean accuracy over seeds with a 95% interval (experiments/stats.py: a seed-level t
+    interval with the items' variance added; its coverage is checked by simulation),
   - each method's paired difference to CoPD on the same items and seeds,
   - each expert's gain over the base on its own capability (paired, with its interval),
-  - a verdict on each of the paper's three claims (rules in `claims`).
-Writes to --out: results.md, results.json, accuracy_vs_step.png, overlap_vs_step.png.
+  - a verdict on each of the paper's three claims and on CoPD against the merged experts
+    (rules in `claims`; Holm across the capabilities inside a claim),
+  - the divergence dial's levels, read from experiments/dial.py's finished runs.
+Writes to --out: results.json, accuracy_vs_step.png, overlap_vs_step.png,
+final_accuracy.png, dial.png; and RESULTS.md (experiments/RESULTS.md for the default
+--out): every table and verdict, written from results.json.
 
 Resumable: a run whose workdir holds a summary.json is read, not rerun, and a killed run
 resumes from its checkpoints, so the same command continues where it stopped (results are

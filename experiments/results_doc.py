@@ -188,11 +188,12 @@ def overlap_section(out_dir: str) -> list[str]:
     return []
   with open(path) as f:
     data = json.load(f)
-  lines = ["## Top-10 overlap by training phase\n",
+  lines = ["## Top-10 overlap and symmetric KL by training phase\n",
            f"(`experiments/overlap_phases.py`, from `overlap_phases.json`; seeds "
-           f"{data['seeds']}.) Mean change of the overlap per step, by the phase of the step "
-           "that made it:\n",
-           "| overlap | change per RL step | change per OPD step | OPD − RL |", "|---|---|---|---|"]
+           f"{data['seeds']}.) Mean change per step, by the phase of the step that made it. The "
+           "diagnostics draw fresh prompts at every step (the branch's own rollouts), so "
+           "successive measurements are not paired on prompts.\n",
+           "| metric | change per RL step | change per OPD step | OPD − RL |", "|---|---|---|---|"]
   for name, row in data["mean_overlap_change_per_step"].items():
     lines.append(f"| {name} | {cell(row['rl_step_change'])} | {cell(row['opd_step_change'])} | "
                  f"{cell(row['opd_minus_rl'])} |")
