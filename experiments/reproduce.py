@@ -673,7 +673,8 @@ def write_results(args, seeds, done, command, minutes, out_dir) -> dict:
   coverage = coverage_check(three) if not args.quick else {"min": None, "comparisons": []}
   result["interval_coverage_simulated"] = coverage["min"]
   result["interval_coverage_simulated_detail"] = coverage
-  result["dial"] = dial_levels(args.dial_runs) if getattr(args, "dial_runs", None) else []
+  result["dial"] = (dial_levels(args.dial_runs)
+                    if getattr(args, "dial_runs", None) and not args.quick else [])
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(result, f, indent=1)
   try:
