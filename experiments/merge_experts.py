@@ -1,14 +1,18 @@
-"""A stronger merge of independently trained experts: task arithmetic, its scale chosen on
-the validation split.
+"""A stronger merge of independently trained experts, chosen on the validation split from
+two families of candidates:
 
-    merged(scale) = base + scale * sum_e (expert_e - base)
+  - task arithmetic: base + scale * sum_e (expert_e - base), scale in `scales(E)` (1/E to 1
+    in 5 even steps). scale = 1/E is the uniform weight average (the merge CoPD and the
+    "merged experts" baseline use); larger scales keep more of each expert's change.
+  - TIES (Yadav et al., 2023): each task vector expert_e - base keeps its largest
+    TIES_DENSITY share of entries by magnitude (per parameter tensor), every entry takes
+    the sign of the larger total mass, the kept task-vector entries that agree with it are
+    averaged, and base + scale * that average is the merge, scale in TIES_SCALES.
 
-With E experts, scale = 1/E is the uniform weight average (the merge CoPD and the "merged
-experts" baseline use); larger scales keep more of each expert's change. The scale is the
-one of `scales(E)` (1/E to 1 in 5 even steps) whose merge scores best on `VALIDATION_ITEMS` validation items per capability
-(the validation split is disjoint from train and eval; ties go to the smaller scale), and
-only that merge is scored on the held-out eval items. experiments/reproduce.py calls
-`score_strong_merge` once per seed, after the experts.
+The candidate whose merge scores best on `VALIDATION_ITEMS` validation items per capability
+(the validation split is disjoint from train and eval; ties go to the earlier candidate,
+the uniform average first) is the only one scored on the held-out eval items.
+experiments/reproduce.py calls `score_strong_merge` once per seed, after the experts.
 """
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ import os
 
 import numpy as np
 
-VALIDATION_ITEMS = 300  # per capability
+VALIDATION_ITEMS = 200  # per capability
+TIES_DENSITY = 0.2
+TIES_SCALES = (0.5, 1.0, 1.5)
 
 
 def scales(num_experts: int) -> tuple[float, ...]:
@@ -41,10 +47,48 @@ def task_arithmetic(base, stacked, scales):
   return jax.tree.map(leaf, base, stacked)
 
 
-def choose_scale(validation_accuracy: dict[float, float]) -> float:
-  """The scale with the best validation accuracy; the smallest one among ties."""
+def ties(base, stacked, scales, density: float = TIES_DENSITY):
+  """[K, ...] params: the TIES merge of the experts at every scale_k (module docstring).
+
+  base: one model's params; stacked: [E, ...] experts; density: share of each task
+  vector's entries kept (per parameter tensor, by magnitude)."""
+  import jax
+  import jax.numpy as jnp
+  scales = jnp.asarray(scales, jnp.float32)
+
+  def leaf(b, x):
+    b32 = b.astype(jnp.float32)
+    tau = x.astype(jnp.float32) - b32[None]                     # [E, ...] task vectors
+    flat = jnp.abs(tau.reshape(tau.shape[0], -1))
+    threshold = jnp.quantile(flat, 1.0 - density, axis=1)       # [E]
+    keep = jnp.abs(tau) >= threshold.reshape((-1,) + (1,) * b.ndim)
+    trimmed = jnp.where(keep, tau, 0.0)
+    sign = jnp.sign(jnp.sum(trimmed, axis=0))                   # the elected sign
+    agree = (jnp.sign(trimmed) == sign[None]) & (trimmed != 0)
+    count = jnp.sum(agree, axis=0)
+    merged = jnp.where(count > 0, jnp.sum(jnp.where(agree, trimmed, 0.0), axis=0)
+                       / jnp.maximum(count, 1), 0.0)
+    shape = (-1,) + (1,) * b.ndim
+    return (b32[None] + scales.reshape(shape) * merged[None]).astype(x.dtype)
+
+  return jax.tree.map(leaf, base, stacked)
+
+
+def candidates(base, stacked, num_experts: int):
+  """(names, [K, ...] params): every merge the validation split chooses among."""
+  import jax
+  import jax.numpy as jnp
+  grid = scales(num_experts)
+  names = [f"task arithmetic {s:.4f}" for s in grid] + [f"TIES {s:g}" for s in TIES_SCALES]
+  params = jax.tree.map(lambda a, t: jnp.concatenate([a, t]),
+                        task_arithmetic(base, stacked, grid), ties(base, stacked, TIES_SCALES))
+  return names, params
+
+
+def choose(validation_accuracy: dict[str, float]) -> str:
+  """The candidate with the best validation accuracy; the earliest one among ties."""
   best = max(validation_accuracy.values())
-  return min(s for s, acc in validation_accuracy.items() if acc == best)
+  return next(n for n, acc in validation_accuracy.items() if acc == best)
 
 
 def load_base_and_experts(cfg, experts_dir: str):
@@ -80,29 +124,26 @@ def score_strong_merge(cfg, experts_dir: str, out_dir: str, reference_experts_di
   from copd_jax.data import toy_tasks
   from copd_jax.rl import evaluation
   setup, base, stacked = load_base_and_experts(cfg, experts_dir)
-  grid = scales(len(setup.capabilities))
-  candidates = task_arithmetic(base, stacked, grid)
+  names, merges = candidates(base, stacked, len(setup.capabilities))
   kwargs = dict(max_new_tokens=cfg.sampling.max_new_tokens, batch_size=cfg.eval.batch_size)
   validation = {cap: toy_tasks.validation_set(cap, VALIDATION_ITEMS, seed=cfg.tasks.seed,
                                               difficulty=cfg.tasks.difficulty[cap],
                                               **setup.example_kwargs)
                 for cap in setup.capabilities}
-  accuracy = evaluation.evaluate_stacked(candidates, setup, validation, **kwargs)
-  by_scale = {s: float(accuracy["accuracy/overall"][k]) for k, s in enumerate(grid)}
-  scale = choose_scale(by_scale)
+  accuracy = evaluation.evaluate_stacked(merges, setup, validation, **kwargs)
+  by_name = {n: float(accuracy["accuracy/overall"][k]) for k, n in enumerate(names)}
+  name = choose(by_name)
   import jax
-  chosen = jax.tree.map(lambda x: x[grid.index(scale)][None], candidates)
+  chosen = jax.tree.map(lambda x: x[names.index(name)][None], merges)
   rewards = {}
   held_out = evaluation.evaluate_stacked(chosen, setup, policy_setup.held_out_sets(cfg, setup),
                                          rewards_out=rewards, **kwargs)
   os.makedirs(out_dir, exist_ok=True)
   evaluation.save_eval_rewards(os.path.join(out_dir, "eval_rewards.npz"),
                                {"merged": {c: r[0] for c, r in rewards.items()}})
-  summary = {"method": "merged_experts_strong", "merge": "task arithmetic",
-             "experts": experts_dir, "scales": list(grid),
+  summary = {"method": "merged_experts_strong", "experts": experts_dir,
              "validation_items_per_capability": VALIDATION_ITEMS,
-             "validation_accuracy_by_scale": {f"{s:.4f}": a for s, a in by_scale.items()},
-             "scale": scale,
+             "validation_accuracy": by_name, "chosen": name,
              "merged": {k: float(v[0]) for k, v in held_out.items()}}
   if reference_experts_dir is not None:
     summary["experts_retrained_for_weights"] = True

@@ -6,7 +6,7 @@ From one shared base policy (trained once, or reused), for every seed: the three
 single-capability experts, mixed RLVR, MOPD and CoPD (three branches, hub = text), and in
 a two-branch text + image setting static OPD both ways and CoPD; and two merges of the
 independent experts as baselines: their uniform weight average (scored by the experts
-run) and task arithmetic with its scale chosen on the validation split
+run) and the best on the validation split of task-arithmetic and TIES merges
 (experiments/merge_experts.py; it needs the experts' weights, and retrains them from the
 same seed into `experts_weights` where only their small files are on disk). Every final
 model is scored on the same held-out items (config.eval.num_examples per capability);
@@ -144,7 +144,7 @@ def seed_runs(seed: int, args) -> dict:
   reuse = (dict(rl__experts_dir=experts_dir)
            if os.path.exists(os.path.join(experts_dir, "final_params")) else {})
   runs.update({
-      # Not a training run: task arithmetic over this seed's experts (merge_experts.py).
+      # Not a training run: the best of task arithmetic / TIES merges (merge_experts.py).
       STRONG_MERGE: (STRONG_MERGE, {}),
       "mixed_rlvr": ("mixed_rlvr", {}),
       "copd": ("copd", {}),
@@ -162,8 +162,8 @@ SEEDS_KEY = "seeds"  # in a model's rewards {cap: f[S, N], SEEDS_KEY: [seed of e
 
 
 def strong_merge(seed: int, args) -> dict:
-  """Task arithmetic over this seed's experts, its scale chosen on the validation split
-  (experiments/merge_experts.py); read when it finished before. It needs the experts'
+  """The strongest of task arithmetic and TIES merges of this seed's experts on the
+  validation split (experiments/merge_experts.py); read when it finished before. It needs the experts'
   weights: where only the experts' small files are on disk (a fresh clone, or weights
   cleaned away), the experts are retrained from the same seed into `experts_weights`
   first, and the summary records how far their held-out rewards agree with the
@@ -181,7 +181,7 @@ def strong_merge(seed: int, args) -> dict:
     run_or_load(make_config("experts", seed, experts_dir, args))
   cfg = make_config("experts", seed, experts_dir, args)
   summary = merge_experts.score_strong_merge(cfg, experts_dir, out_dir, reference)
-  print(f"== task arithmetic seed {seed}: scale {summary['scale']:.3f} -> {out_dir}", flush=True)
+  print(f"== strong merge seed {seed}: {summary['chosen']} -> {out_dir}", flush=True)
   return summary
 
 
@@ -194,7 +194,11 @@ def load_rewards(workdir: str) -> dict[str, np.ndarray]:
 
 
 MERGED = "Merged experts"
-MERGED_STRONG = "Merged experts (task arithmetic)"
+MERGED_STRONG = "Merged experts (strong: TA or TIES)"
+# Where the experts were retrained for their weights (strong_merge), the retrained experts'
+# own uniform merge: the task-arithmetic merge's like-for-like reference (floating point
+# on another CPU drifts, so retrained experts are not the committed ones bit for bit).
+MERGED_RETRAINED = "Merged experts, retrained (uniform)"
 
 
 def model_rewards(args, seeds, done) -> dict[str, dict[str, np.ndarray]]:
@@ -207,7 +211,9 @@ def model_rewards(args, seeds, done) -> dict[str, dict[str, np.ndarray]]:
   models = {"Base": {c: base[f"base/{c}"][None] for c in CAPS}}
 
   def collect(name, run, key_of, caps, partial=False):
-    finished = [s for s in seeds if (s, run) in done]
+    finished = [s for s in seeds if (s, run) in done or (
+        run == "experts_weights"
+        and os.path.exists(os.path.join(args.runs, f"seed{s}", run, "summary.json")))]
     if not finished or (len(finished) < len(seeds) and not partial):
       return
     per_seed = [load_rewards(os.path.join(args.runs, f"seed{s}", run)) for s in finished]
@@ -222,6 +228,7 @@ def model_rewards(args, seeds, done) -> dict[str, dict[str, np.ndarray]]:
   # as the ablation's "no OPD" variant, item for item.
   collect(MERGED, "experts", lambda c: f"merged/{c}", CAPS)
   collect(MERGED_STRONG, STRONG_MERGE, lambda c: f"merged/{c}", CAPS, partial=True)
+  collect(MERGED_RETRAINED, "experts_weights", lambda c: f"merged/{c}", CAPS, partial=True)
   collect("Mixed RLVR", "mixed_rlvr", lambda c: f"branch/text+image+video/{c}", CAPS)
   collect("MOPD", "mopd", lambda c: f"branch/student/{c}", CAPS)
   collect("CoPD (merged)", "copd", lambda c: f"merged/{c}", CAPS)
@@ -350,7 +357,7 @@ def claims(models) -> dict:
       significantly better on its capability or mixed RLVR / MOPD is significantly
       better overall (Holm across these 5); else inconclusive.
   (d) copd_beats_merged_experts: supported if merged CoPD is significantly above every
-      merge of the independent experts that ran (uniform, task arithmetic) overall
+      merge of the independent experts that ran (uniform, strong) overall
       (intervals above 0); refuted if some merge is significantly better (Holm across
       them); else inconclusive.
   The margin is EQUIVALENCE_MARGIN_POINTS; the level 95% (ALPHA)."""
@@ -632,7 +639,7 @@ def strong_merge_details(args, seeds) -> dict:
     if os.path.exists(path):
       with open(path) as f:
         s = json.load(f)
-      out[str(seed)] = {k: s.get(k) for k in ("scale", "validation_accuracy_by_scale",
+      out[str(seed)] = {k: s.get(k) for k in ("chosen", "validation_accuracy",
                                               "experts_retrained_for_weights",
                                               "held_out_rewards_equal_to_reference")}
   return out
@@ -663,6 +670,11 @@ def write_results(args, seeds, done, command, minutes, out_dir) -> dict:
       "accuracy_points": table,
       "merged_experts": merged_row(table, three, MERGED),
       "merged_experts_strong": merged_row(table, three, MERGED_STRONG),
+      "merged_experts_retrained_uniform": merged_row(table, three, MERGED_RETRAINED),
+      "merged_experts_strong_minus_retrained_uniform": (
+          {c: compare(three[MERGED_STRONG], three[MERGED_RETRAINED], [c]) for c in CAPS}
+          | {"overall": compare(three[MERGED_STRONG], three[MERGED_RETRAINED], CAPS)}
+          if MERGED_STRONG in three and MERGED_RETRAINED in three else None),
       "merged_experts_strong_by_seed": strong_merge_details(args, seeds),
       "minus_copd_points": paired_to(three, "CoPD (merged)", CAPS),
       "accuracy_points_two_branch": accuracy_table(two, TWO),

@@ -59,7 +59,7 @@ def claims_section(result: dict, caps) -> list[str]:
            "above mixed RLVR and MOPD overall; refuted if any of these 5 comparisons is "
            "significantly in the other direction (Holm across the 5); else inconclusive.",
            "- (d) `copd_beats_merged_experts`: supported if merged CoPD is significantly "
-           "above every merge of the independent experts (uniform; task arithmetic) "
+           "above every merge of the independent experts (uniform; strong) "
            "overall; refuted if a merge is significantly above CoPD (Holm across the "
            "merges); else inconclusive.",
            "", "| claim | verdict |", "|---|---|"]
@@ -96,27 +96,40 @@ def merged_section(result: dict, caps) -> list[str]:
            "merged two ways:",
            "- **uniform**: the weight average CoPD also uses. The experts run scores it on "
            "the held-out items; it is the ablation's \"no OPD\" variant item for item.",
-           "- **task arithmetic**: base + scale × Σ (expert − base), the scale chosen per "
-           "seed from 1/3 (the uniform average) to 1 on 300 validation items per "
-           "capability, never on the eval items (`experiments/merge_experts.py`).", ""]
+           "- **strong**: per seed, the best on 200 validation items per capability (never "
+           "the eval items) of 8 candidates: task arithmetic, base + scale × Σ (expert − "
+           "base), scale 1/3 (the uniform average), 1/2, 2/3, 5/6, 1; and TIES (top 20% "
+           "of each task vector per tensor, elected sign, disjoint mean) at scale 0.5, 1, "
+           "1.5 (`experiments/merge_experts.py`). It needs "
+           "the experts' weights, which are not committed: where they were gone, the "
+           "experts were retrained from the same seed and config (`experts_weights`). "
+           "On another CPU the floating point drifts, so the retrained experts are not the "
+           "committed ones bit for bit (agreement of their held-out rewards below); the "
+           "row \"Merged experts, retrained (uniform)\" is the uniform merge of the same "
+           "retrained experts, the like-for-like reference.", ""]
   rows = {}
-  for key, name in (("merged_experts", "uniform"), ("merged_experts_strong", "task arithmetic")):
+  for key, name in (("merged_experts", "uniform"), ("merged_experts_strong", "strong (TA or TIES)"),
+                    ("merged_experts_retrained_uniform", "uniform, retrained experts")):
     row = result.get(key)
     if row and "experts_minus_merged_own_points" in row:
       rows[name] = row["experts_minus_merged_own_points"]
   if rows:
     lines += ["Expert − merge on the expert's own capability (points):\n"]
     lines += table(rows, caps, "merge")
+  gain = result.get("merged_experts_strong_minus_retrained_uniform")
+  if gain:
+    lines += ["", "Strong merge − the uniform merge of the same (retrained) experts:\n"]
+    lines += table({"strong − uniform": gain}, [*caps, "overall"], "merge")
   by_seed = result.get("merged_experts_strong_by_seed") or {}
   if by_seed:
-    lines += ["", "| seed | scale chosen | validation accuracy by scale | experts retrained "
+    lines += ["", "| seed | chosen | validation accuracy of each candidate | experts retrained "
               "for weights: held-out rewards equal to the committed run's |", "|---|---|---|---|"]
     for seed, s in by_seed.items():
       agree = s.get("held_out_rewards_equal_to_reference")
       agree_text = "—" if not agree else ", ".join(f"{k} {v:.3f}" for k, v in agree.items()
                                                    if k.startswith("merged/") or k.split("/")[1] == k.split("/")[2])
-      val = ", ".join(f"{k}: {v:.3f}" for k, v in (s.get("validation_accuracy_by_scale") or {}).items())
-      lines.append(f"| {seed} | {s.get('scale'):.3f} | {val} | {agree_text} |")
+      val = ", ".join(f"{k}: {v:.3f}" for k, v in (s.get("validation_accuracy") or {}).items())
+      lines.append(f"| {seed} | {s.get('chosen')} | {val} | {agree_text} |")
   return lines
 
 

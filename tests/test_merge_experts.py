@@ -29,5 +29,24 @@ def test_task_arithmetic_by_hand():
 def test_scales_and_choice():
   assert merge_experts.scales(3) == pytest.approx((1 / 3, 1 / 2, 2 / 3, 5 / 6, 1.0))
   assert merge_experts.scales(2)[0] == 0.5 and merge_experts.scales(2)[-1] == 1.0
-  assert merge_experts.choose_scale({0.5: 0.7, 0.75: 0.8, 1.0: 0.6}) == 0.75
-  assert merge_experts.choose_scale({0.5: 0.8, 0.75: 0.8, 1.0: 0.6}) == 0.5  # tie: smaller
+  assert merge_experts.choose({"a": 0.7, "b": 0.8, "c": 0.6}) == "b"
+  assert merge_experts.choose({"a": 0.8, "b": 0.8, "c": 0.6}) == "a"  # tie: the earlier
+
+
+def test_ties_by_hand():
+  # One tensor of 5 entries, 3 experts; base 0. Density 0.4 keeps each task vector's 2
+  # largest magnitudes:
+  #   e0 [ 4, -1,  0,  3,  0.5] -> [ 4,  0, 0,  3, 0]
+  #   e1 [-2,  5,  1,  0,  0  ] -> [-2,  5, 0,  0, 0]
+  #   e2 [ 1,  0, -6,  2,  0  ] -> [ 0,  0, -6, 2, 0]
+  # Elected sign = sign of the column sums (2, 5, -6, 5, 0) -> (+, +, -, +, 0); the mean
+  # of the kept entries that agree: (4, 5, -6, (3 + 2) / 2, 0).
+  base = {"w": jnp.zeros(5)}
+  experts = {"w": jnp.array([[4.0, -1.0, 0.0, 3.0, 0.5], [-2.0, 5.0, 1.0, 0.0, 0.0],
+                             [1.0, 0.0, -6.0, 2.0, 0.0]])}
+  out = merge_experts.ties(base, experts, [1.0, 0.5], density=0.4)
+  np.testing.assert_allclose(out["w"][0], [4.0, 5.0, -6.0, 2.5, 0.0])
+  np.testing.assert_allclose(out["w"][1], [2.0, 2.5, -3.0, 1.25, 0.0])
+  names, params = merge_experts.candidates(base, experts, 3)
+  assert len(names) == params["w"].shape[0] == 5 + len(merge_experts.TIES_SCALES)
+  assert names[0].startswith("task arithmetic") and names[-1].startswith("TIES")
