@@ -199,6 +199,7 @@ MERGED_STRONG = "Merged experts (strong: TA or TIES)"
 # own uniform merge: the task-arithmetic merge's like-for-like reference (floating point
 # on another CPU drifts, so retrained experts are not the committed ones bit for bit).
 MERGED_RETRAINED = "Merged experts, retrained (uniform)"
+RETRAINED_SUFFIX = ", retrained"
 
 
 def model_rewards(args, seeds, done) -> dict[str, dict[str, np.ndarray]]:
@@ -229,6 +230,9 @@ def model_rewards(args, seeds, done) -> dict[str, dict[str, np.ndarray]]:
   collect(MERGED, "experts", lambda c: f"merged/{c}", CAPS)
   collect(MERGED_STRONG, STRONG_MERGE, lambda c: f"merged/{c}", CAPS, partial=True)
   collect(MERGED_RETRAINED, "experts_weights", lambda c: f"merged/{c}", CAPS, partial=True)
+  for cap in CAPS:  # not table rows: the strong merge's experts-minus-merge reference
+    collect(f"{cap.capitalize()} expert{RETRAINED_SUFFIX}", "experts_weights",
+            lambda c, cap=cap: f"branch/{cap}/{c}", CAPS, partial=True)
   collect("Mixed RLVR", "mixed_rlvr", lambda c: f"branch/text+image+video/{c}", CAPS)
   collect("MOPD", "mopd", lambda c: f"branch/student/{c}", CAPS)
   collect("CoPD (merged)", "copd", lambda c: f"merged/{c}", CAPS)
@@ -617,16 +621,17 @@ def dial_levels(runs: str) -> list[dict]:
 
 # ------------------------------------------------------------------------ the results
 
-def merged_row(table: dict, models, name: str) -> dict | None:
+def merged_row(table: dict, models, name: str, experts_suffix: str = "") -> dict | None:
   """A merge's accuracy row (per capability and overall, with intervals) and its gap to
-  the experts on their own capabilities (experts − merge, paired)."""
+  the experts it merged on their own capabilities (experts − merge, paired); the experts
+  are '<Cap> expert<experts_suffix>' (RETRAINED_SUFFIX: the retrained ones)."""
   if name not in table:
     return None
   row = dict(table[name])
-  experts = [f"{c.capitalize()} expert" for c in CAPS]
+  experts = [f"{c.capitalize()} expert{experts_suffix}" for c in CAPS]
   if all(e in models for e in experts):
     row["experts_minus_merged_own_points"] = {
-        c: compare(models[f"{c.capitalize()} expert"], models[name], [c]) for c in CAPS}
+        c: compare(models[e], models[name], [c]) for c, e in zip(CAPS, experts)}
   return row
 
 
@@ -647,7 +652,8 @@ def strong_merge_details(args, seeds) -> dict:
 
 def write_results(args, seeds, done, command, minutes, out_dir) -> dict:
   models = model_rewards(args, seeds, done)
-  three = {k: v for k, v in models.items() if all(c in v for c in CAPS)}
+  everything = {k: v for k, v in models.items() if all(c in v for c in CAPS)}
+  three = {k: v for k, v in everything.items() if not k.endswith(RETRAINED_SUFFIX)}
   two = {k: v for k, v in models.items() if k in ("Base", "Image expert", "Text expert")
          or set(v) - {SEEDS_KEY} == set(TWO)}
   own_gain = {c: compare(models[f"{c.capitalize()} expert"], models["Base"], [c])
@@ -669,8 +675,9 @@ def write_results(args, seeds, done, command, minutes, out_dir) -> dict:
       "transfer_matrix_points": transfer_matrix(models),
       "accuracy_points": table,
       "merged_experts": merged_row(table, three, MERGED),
-      "merged_experts_strong": merged_row(table, three, MERGED_STRONG),
-      "merged_experts_retrained_uniform": merged_row(table, three, MERGED_RETRAINED),
+      "merged_experts_strong": merged_row(table, everything, MERGED_STRONG, RETRAINED_SUFFIX),
+      "merged_experts_retrained_uniform": merged_row(table, everything, MERGED_RETRAINED,
+                                                     RETRAINED_SUFFIX),
       "merged_experts_strong_minus_retrained_uniform": (
           {c: compare(three[MERGED_STRONG], three[MERGED_RETRAINED], [c]) for c in CAPS}
           | {"overall": compare(three[MERGED_STRONG], three[MERGED_RETRAINED], CAPS)}

@@ -114,7 +114,9 @@ def merged_section(result: dict, caps) -> list[str]:
     if row and "experts_minus_merged_own_points" in row:
       rows[name] = row["experts_minus_merged_own_points"]
   if rows:
-    lines += ["Expert − merge on the expert's own capability (points):\n"]
+    lines += ["Expert − merge on the expert's own capability (points; the strong and the "
+              "retrained uniform merge against the retrained experts they merged). A merge "
+              "finished on one seed has an interval over items only.\n"]
     lines += table(rows, caps, "merge")
   gain = result.get("merged_experts_strong_minus_retrained_uniform")
   if gain:
@@ -224,7 +226,9 @@ def write(path: str, result: dict, out_dir: str, caps, two_caps) -> None:
            f"interval]. Intervals: {result['interval_method']} "
            f"(simulated coverage of nominal 95% intervals: at least "
            f"{result.get('interval_coverage_simulated')}). Multiple comparisons: "
-           f"{result['multiple_comparisons']}. The base is one shared policy. Source: "
+           f"{result['multiple_comparisons']}. A model finished on fewer seeds than the study's "
+           "(seeds column) is compared on the seeds both sides finished; with one seed its "
+           "interval holds the item noise only. The base is one shared policy. Source: "
            f"`{os.path.join(rel, 'results.json')}`.\n",
            "## Three branches (text, image, video)\n"]
   lines += table(result["accuracy_points"], [*caps, "overall"], "model", seeds)
