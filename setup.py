@@ -23,6 +23,7 @@ setup(
         "tensorflow-datasets>=4.9.8",  # array_record + data_source path; no tensorflow needed
         "absl-py>=2.1.0",
         "numpy>=1.26",
+        "scipy>=1.10",  # t quantiles in experiments/stats.py (jax needs scipy too)
         "tensorboardX>=2.6",  # event files without installing tensorflow
         # Hugging Face checkpoints, tokenizers and real datasets (copd_jax/models/hf_checkpoint.py,
         # copd_jax/data/hf_tokenizer.py, copd_jax/data/records.py); none of them pulls in torch.

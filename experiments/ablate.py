@@ -9,7 +9,7 @@ shared base, at the same budget (rl.steps per branch), evaluated on the same hel
 items as experiments/reproduce.py. The reference variant (1.5:1, beta 1, hub = text, three
 branches) IS reproduce.py's CoPD run, and "2 branches (text, image)" its two-branch CoPD run:
 both are read from --runs_reproduce (or run there if missing), not run twice. For each
-variant: merged accuracy with a 95% interval (bootstrap over seeds and items) and the
+variant: merged accuracy with a 95% interval (experiments/stats.py: seeds x items) and the
 paired difference to the reference on the same items and seeds, overall and per
 capability. Resumable like reproduce.py; a variant counts once it finished on every seed.
 Writes <out>/ablation.md and ablation.json (last line printed: JSON).
@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reproduce  # noqa: E402  (config building, run_or_load, intervals, tables)
 
-from copd_jax import stats  # noqa: E402
+import stats  # noqa: E402  (experiments/stats.py)
 
 REFERENCE = "1.5:1 / beta 1 / hub text (reference)"
 SCHEDULES = {
@@ -146,7 +146,7 @@ def main(argv=None):
   if args.report_only and results[REFERENCE] is None:
     raise SystemExit(f"the reference variant ({REFERENCE}) has not finished on seeds {seeds} "
                      f"under {args.runs_reproduce}; run it (drop --report_only) first")
-  # Each variant is summarised once (the bootstrap is the slow part), when it finishes.
+  # Each variant is summarised once, when it finishes.
   summary = {} if results[REFERENCE] is None else summarize(
       {REFERENCE: results[REFERENCE]}, results[REFERENCE])
 

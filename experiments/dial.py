@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reproduce  # noqa: E402  (config building, run_or_load, rewards, intervals)
 
-from copd_jax import stats  # noqa: E402
+import stats  # noqa: E402  (experiments/stats.py)
 
 CAPS = ("total", "remain")
 HUB = "total"
@@ -245,7 +245,7 @@ def _stack(per_seed: dict, seeds) -> dict:
 
 def _difference(models, a: str, b: str) -> dict | None:
   """a - b over both capabilities, paired on the seeds both finished: points with a 95%
-  interval (bootstrap over seeds and items), as {'mean', 'ci95', 'seeds'}."""
+  interval (experiments/stats.py: seeds x items), as {'mean', 'ci95', 'seeds'}."""
   seeds = sorted(set(models[a]) & set(models[b]))
   if not seeds:
     return None
@@ -340,7 +340,7 @@ def write_report(args, levels, seeds, command: str, minutes: float) -> dict:
     json.dump(report, f, indent=1)
   lines = [f"# The divergence dial\n\nMade by `{command}`; {args.eval_examples} held-out items "
            "per family; cells: accuracy in points, mean over the seeds finished [95% "
-           "interval, bootstrap over seeds and items].\n"]
+           "interval over seeds and items, experiments/stats.py].\n"]
   for entry in report["dial"]:
     lines.append(f"## conflict = {entry['level']:g} (seeds {entry['seeds']})\n")
     kl = entry["expert_divergence_sym_kl"]

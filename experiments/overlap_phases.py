@@ -13,8 +13,9 @@ random keys, so the training itself is the reproduction's run.
 For each step g, the change in overlap is overlap(after g) - overlap(after g - 1), and the
 step's phase is OPD when its logged OPD weight (train/opd_weight) is > 0, else RL. The
 report gives the mean change per RL step and per OPD step, each with a 95% interval
-(bootstrap over seeds and steps), and the OPD-minus-RL difference. A dip-and-recovery shows
-as RL < 0 and OPD > 0. Writes <out>/overlap_phases.{json,png}; last line printed: JSON.
+(experiments/stats.py: seeds x steps), and the OPD-minus-RL difference. A dip-and-recovery shows
+as RL < 0 and OPD > 0 for the overlap, RL > 0 and OPD < 0 for the symmetric KL (logged on
+the same rollouts, summarised the same way). Writes <out>/overlap_phases.{json,png}; last line printed: JSON.
 """
 from __future__ import annotations
 
@@ -29,14 +30,30 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reproduce  # noqa: E402  (config building, run_or_load, intervals)
 
-from copd_jax import stats  # noqa: E402
+import stats  # noqa: E402  (experiments/stats.py)
 
 OVERLAP_KEYS = {  # report name -> metrics.jsonl key
     "between branches (all pairs)": "eval/overlap/branches_mean",
     "hub with spokes (the pairs that exchange)": "eval/overlap/linked_mean",
     "branches with the base": "eval/overlap/with_base_mean",
 }
+# Symmetric KL on the same rollouts: it moves with behaviour where the top-10 overlap of a
+# 60-token vocabulary barely does. A dip shows as a rise in KL, a recovery as a fall.
+SYM_KL_KEYS = {
+    "symmetric KL between branches (all pairs)": "eval/sym_kl/branches_mean",
+    "symmetric KL of branches with the base": tuple(
+        f"eval/sym_kl/{c}|base" for c in ("text", "image", "video")),
+}
+METRIC_KEYS = {**OVERLAP_KEYS, **SYM_KL_KEYS}
 OPD_WEIGHT_KEY = "train/opd_weight"
+
+
+def _value(record, key):
+  """record[key], or the mean of record[k] over a tuple of keys (None if any is absent)."""
+  keys = key if isinstance(key, tuple) else (key,)
+  if not all(k in record for k in keys):
+    return None
+  return float(np.mean([record[k] for k in keys]))
 
 
 def overlap_and_phase(records, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -47,8 +64,9 @@ def overlap_and_phase(records, key: str) -> tuple[np.ndarray, np.ndarray, np.nda
   Raises ValueError when a measured step has no logged OPD weight."""
   overlap, weight = {}, {}
   for r in records:
-    if key in r:
-      overlap[r["step"]] = float(r[key])
+    value = _value(r, key)
+    if value is not None:
+      overlap[r["step"]] = value
     if OPD_WEIGHT_KEY in r:
       weight[r["step"]] = float(r[OPD_WEIGHT_KEY])
   steps = np.array(sorted(overlap), dtype=np.int64)
@@ -95,16 +113,16 @@ def changes_by_position(steps, overlap, is_opd) -> dict[str, list[float]]:
 
 
 def summarize(per_seed_records) -> dict:
-  """{overlap name: {'rl_step_change', 'opd_step_change', 'opd_minus_rl',
-  'change_by_place_in_phase'}}: mean change of the overlap per step of each phase (and per
-  place within a phase: 'RL 1' is the first RL step after an OPD phase), in overlap units,
-  with 95% intervals."""
+  """{metric name: {'rl_step_change', 'opd_step_change', 'opd_minus_rl',
+  'change_by_place_in_phase'}}: mean change of the metric (a top-10 overlap or a symmetric
+  KL, METRIC_KEYS) per step of each phase (and per place within a phase: 'RL 1' is the
+  first RL step after an OPD phase), in the metric's units, with 95% intervals."""
   def cell(value_and_ci):
     value, (low, high) = value_and_ci
     return {"mean": round(value, 4), "ci95": [round(low, 4), round(high, 4)]}
 
   out = {}
-  for name, key in OVERLAP_KEYS.items():
+  for name, key in METRIC_KEYS.items():
     measured = [overlap_and_phase(recs, key) for recs in per_seed_records]
     split = [changes_by_phase(*m) for m in measured]
     if not split or any(len(rl) == 0 or len(opd) == 0 for rl, opd in split):

@@ -4,14 +4,23 @@
 
 From one shared base policy (trained once, or reused), for every seed: the three
 single-capability experts, mixed RLVR, MOPD and CoPD (three branches, hub = text), and in
-a two-branch text + image setting static OPD both ways and CoPD. Every final model is
-scored on the same held-out items (config.eval.num_examples per capability); each run
-saves its per-item rewards (eval_rewards.npz), from which this script computes
-  - mean accuracy over seeds with a 95% interval (bootstrap over seeds and items),
+a two-branch text + image setting static OPD both ways and CoPD; and two merges of the
+independent experts as baselines: their uniform weight average (scored by the experts
+run) and the best on the validation split of task-arithmetic and TIES merges
+(experiments/merge_experts.py; it needs the experts' weights, and retrains them from the
+same seed into `experts_weights` where only their small files are on disk). Every final
+model is scored on the same held-out items (config.eval.num_examples per capability);
+each run saves its per-item rewards (eval_rewards.npz), from which this script computes
+  - mean accuracy over seeds with a 95% interval (experiments/stats.py: a seed-level t
+    interval with the items' variance added; its coverage is checked by simulation),
   - each method's paired difference to CoPD on the same items and seeds,
   - each expert's gain over the base on its own capability (paired, with its interval),
-  - a verdict on each of the paper's three claims (rules in `claims`).
-Writes to --out: results.md, results.json, accuracy_vs_step.png, overlap_vs_step.png.
+  - a verdict on each of the paper's three claims and on CoPD against the merged experts
+    (rules in `claims`; Holm across the capabilities inside a claim),
+  - the divergence dial's levels, read from experiments/dial.py's finished runs.
+Writes to --out: results.json, accuracy_vs_step.png, overlap_vs_step.png,
+final_accuracy.png, dial.png; and RESULTS.md (experiments/RESULTS.md for the default
+--out): every table and verdict, written from results.json.
 
 Resumable: a run whose workdir holds a summary.json is read, not rerun, and a killed run
 resumes from its checkpoints, so the same command continues where it stopped (results are
@@ -38,8 +47,10 @@ from copd_jax import (  # noqa: E402
   default_config,  # noqa: E402
   main as main_lib,  # noqa: E402
   run_dir,
-  stats,
 )
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import stats  # noqa: E402  (experiments/stats.py)
 
 CAPS = ("text", "image", "video")
 TWO = ("text", "image")
@@ -135,6 +146,8 @@ def seed_runs(seed: int, args) -> dict:
   reuse = (dict(rl__experts_dir=experts_dir)
            if os.path.exists(os.path.join(experts_dir, "final_params")) else {})
   runs.update({
+      # Not a training run: the best of task arithmetic / TIES merges (merge_experts.py).
+      STRONG_MERGE: (STRONG_MERGE, {}),
       "mixed_rlvr": ("mixed_rlvr", {}),
       "copd": ("copd", {}),
       "mopd": ("mopd", dict(reuse)),
@@ -146,6 +159,34 @@ def seed_runs(seed: int, args) -> dict:
   return {name: (m, o, f"{root}/{name}") for name, (m, o) in runs.items()}
 
 
+STRONG_MERGE = "merged_experts_strong"
+SEEDS_KEY = "seeds"  # in a model's rewards {cap: f[S, N], SEEDS_KEY: [seed of each row]}
+
+
+def strong_merge(seed: int, args) -> dict:
+  """The strongest of task arithmetic and TIES merges of this seed's experts on the
+  validation split (experiments/merge_experts.py); read when it finished before. It needs the experts'
+  weights: where only the experts' small files are on disk (a fresh clone, or weights
+  cleaned away), the experts are retrained from the same seed into `experts_weights`
+  first, and the summary records how far their held-out rewards agree with the
+  committed run's."""
+  import merge_experts
+  root = os.path.join(args.runs, f"seed{seed}")
+  out_dir = os.path.join(root, STRONG_MERGE)
+  path = os.path.join(out_dir, "summary.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  experts_dir, reference = os.path.join(root, "experts"), None
+  if not os.path.exists(os.path.join(experts_dir, "final_params")):
+    reference, experts_dir = experts_dir, os.path.join(root, "experts_weights")
+    run_or_load(make_config("experts", seed, experts_dir, args))
+  cfg = make_config("experts", seed, experts_dir, args)
+  summary = merge_experts.score_strong_merge(cfg, experts_dir, out_dir, reference)
+  print(f"== strong merge seed {seed}: {summary['chosen']} -> {out_dir}", flush=True)
+  return summary
+
+
 # ------------------------------------------------------------- per-item rewards -> models
 
 def load_rewards(workdir: str) -> dict[str, np.ndarray]:
@@ -154,20 +195,46 @@ def load_rewards(workdir: str) -> dict[str, np.ndarray]:
     return {k: z[k] for k in z.files}
 
 
+MERGED = "Merged experts"
+MERGED_STRONG = "Merged experts (strong: TA or TIES)"
+# Where the experts were retrained for their weights (strong_merge), the retrained experts'
+# own uniform merge: the task-arithmetic merge's like-for-like reference (floating point
+# on another CPU drifts, so retrained experts are not the committed ones bit for bit).
+MERGED_RETRAINED = "Merged experts, retrained (uniform)"
+RETRAINED_SUFFIX = ", retrained"
+
+
 def model_rewards(args, seeds, done) -> dict[str, dict[str, np.ndarray]]:
   """{model: {cap: f32[S, N]}} for every model whose runs finished on every seed
-  (the base: f32[1, N], one shared policy)."""
+  (the base: f32[1, N], one shared policy). The task-arithmetic merge counts on the
+  seeds it finished while its experts are being retrained for their weights. Every
+  seed-dependent model records its seeds (SEEDS_KEY), so comparisons pair the seeds
+  both sides finished."""
   base = load_rewards(os.path.join(args.runs, "base"))
   models = {"Base": {c: base[f"base/{c}"][None] for c in CAPS}}
 
-  def collect(name, run, key_of, caps):
-    if not all((seed, run) in done for seed in seeds):
+  def collect(name, run, key_of, caps, partial=False):
+    finished = [s for s in seeds if (s, run) in done or (
+        run == "experts_weights"
+        and os.path.exists(os.path.join(args.runs, f"seed{s}", run, "summary.json")))]
+    if not finished or (len(finished) < len(seeds) and not partial):
       return
-    per_seed = [load_rewards(os.path.join(args.runs, f"seed{s}", run)) for s in seeds]
+    per_seed = [load_rewards(os.path.join(args.runs, f"seed{s}", run)) for s in finished]
+    if not all(key_of(c) in r for r in per_seed for c in caps):
+      return  # a run from before this model was scored
     models[name] = {c: np.stack([r[key_of(c)] for r in per_seed]) for c in caps}
+    models[name][SEEDS_KEY] = finished
 
   for cap in CAPS:
     collect(f"{cap.capitalize()} expert", "experts", lambda c, cap=cap: f"branch/{cap}/{c}", CAPS)
+  # The experts run scores the uniform weight average of its experts too: the same model
+  # as the ablation's "no OPD" variant, item for item.
+  collect(MERGED, "experts", lambda c: f"merged/{c}", CAPS)
+  collect(MERGED_STRONG, STRONG_MERGE, lambda c: f"merged/{c}", CAPS, partial=True)
+  collect(MERGED_RETRAINED, "experts_weights", lambda c: f"merged/{c}", CAPS, partial=True)
+  for cap in CAPS:  # not table rows: the strong merge's experts-minus-merge reference
+    collect(f"{cap.capitalize()} expert{RETRAINED_SUFFIX}", "experts_weights",
+            lambda c, cap=cap: f"branch/{cap}/{c}", CAPS, partial=True)
   collect("Mixed RLVR", "mixed_rlvr", lambda c: f"branch/text+image+video/{c}", CAPS)
   collect("MOPD", "mopd", lambda c: f"branch/student/{c}", CAPS)
   collect("CoPD (merged)", "copd", lambda c: f"merged/{c}", CAPS)
@@ -190,14 +257,46 @@ def points(value_and_ci) -> dict:
   return {"mean": round(100 * value, 2), "ci95": [round(100 * low, 2), round(100 * high, 2)]}
 
 
+def seeds_label(rewards) -> list | None:
+  """The seeds a model's rows are (None: seed-independent, or not recorded)."""
+  return rewards.get(SEEDS_KEY)
+
+
+def aligned(a: dict, b: dict, caps) -> tuple[np.ndarray, np.ndarray]:
+  """(a f[S, N], b f[S, N] or f[1, N]) over `caps`, on the seeds both finished. Where a
+  side does not record its seeds (the base, or hand-built rewards) the rows pair as
+  they stand (a seed-independent f[1, N] broadcasts)."""
+  ra, rb = overall(a, caps), overall(b, caps)
+  sa, sb = seeds_label(a), seeds_label(b)
+  if sa is None or sb is None:
+    return ra, rb
+  common = [s for s in sa if s in sb]
+  return ra[[sa.index(s) for s in common]], rb[[sb.index(s) for s in common]]
+
+
+def compare(a: dict, b: dict, caps) -> dict:
+  """a - b over `caps`, paired on items and seeds: {'mean', 'ci95', 'p'} in points (p:
+  two-sided, H0 no difference), and 'seeds' (those paired) where both record theirs."""
+  ra, rb = aligned(a, b, caps)
+  est = stats.estimate(ra - rb)
+  out = points(stats.interval(est))
+  out["p"] = round(stats.p_value(est), 4)
+  if seeds_label(a) is not None and seeds_label(b) is not None:
+    out["seeds"] = [s for s in seeds_label(a) if s in seeds_label(b)]
+  return out
+
+
 def accuracy_table(models, caps) -> dict:
-  """{model: {cap | 'overall': {'mean', 'ci95'}}} in points."""
+  """{model: {cap | 'overall': {'mean', 'ci95'}}} in points ('seeds' when a model has
+  finished on a subset of them)."""
   out = {}
   for name, rewards in models.items():
     if not all(c in rewards for c in caps):
       continue
     out[name] = {c: points(stats.mean_ci(rewards[c])) for c in caps}
     out[name]["overall"] = points(stats.mean_ci(overall(rewards, caps)))
+    if seeds_label(rewards) is not None:
+      out[name]["seeds"] = seeds_label(rewards)
   return out
 
 
@@ -210,85 +309,122 @@ def paired_to(models, reference: str, caps) -> dict:
   for name, rewards in models.items():
     if name == reference or not all(c in rewards for c in caps):
       continue
-    out[name] = {c: points(stats.paired_difference_ci(rewards[c], ref[c])) for c in caps}
-    out[name]["overall"] = points(stats.paired_difference_ci(overall(rewards, caps),
-                                                             overall(ref, caps)))
+    out[name] = {c: compare(rewards, ref, [c]) for c in caps}
+    out[name]["overall"] = compare(rewards, ref, caps)
   return out
 
 
 def transfer_matrix(models) -> dict:
-  """{expert capability: {eval capability: gain over the base, paired}} in points."""
+  """{expert capability: {eval capability | 'overall': gain over the base, paired}}."""
   out = {}
   for cap in CAPS:
     name = f"{cap.capitalize()} expert"
     if name in models:
-      out[cap] = {c: points(stats.paired_difference_ci(models[name][c], models["Base"][c]))
-                  for c in CAPS}
+      out[cap] = {c: compare(models[name], models["Base"], [c]) for c in CAPS}
+      out[cap]["overall"] = compare(models[name], models["Base"], CAPS)
   return out
 
 
 # --------------------------------------------------------------------------- claims
 
-def _diff(models, a, b, caps) -> tuple[float, float, float]:
-  """(mean, low, high) in points of a - b over `caps` (paired)."""
-  value, (low, high) = stats.paired_difference_ci(overall(models[a], caps), overall(models[b], caps))
-  return 100 * value, 100 * low, 100 * high
+ALPHA = 0.05
+
+
+def _with_holm(diffs: dict) -> dict:
+  """diffs {name: compare(...)} -> the same with 'p_holm': Holm-adjusted across them."""
+  names = list(diffs)
+  adjusted = stats.holm([diffs[n]["p"] for n in names])
+  return {n: dict(diffs[n], p_holm=round(p, 4)) for n, p in zip(names, adjusted)}
+
+
+def _significantly_below(d: dict) -> bool:
+  """a - b < 0, Holm-adjusted within its claim."""
+  return d["mean"] < 0 and d["p_holm"] < ALPHA
+
+
+def _at_least(d: dict, margin: float) -> bool:
+  """a - b excludes a loss larger than `margin` (95% interval; every such test of a
+  claim must hold, an intersection-union test, so no adjustment is needed)."""
+  return d["ci95"][0] > -margin
 
 
 def claims(models) -> dict:
-  """The paper's three claims, each 'supported' / 'refuted' / 'inconclusive', with the
-  paired differences (points, 95% interval) behind the verdict. Rules:
-  (a) mixed_loses_somewhere: supported if mixed RLVR is significantly below the expert
-      on some capability (interval < 0); refuted if on every capability the interval
+  """The paper's three claims and the merged-experts question, each 'supported' /
+  'refuted' / 'inconclusive', with the paired differences behind the verdict (points,
+  95% t interval, two-sided p and its Holm adjustment across the tests of the claim that
+  can each make the verdict alone). Rules:
+  (a) mixed_loses_somewhere: supported if mixed RLVR is significantly below the expert on
+      some capability (Holm across the 3); refuted if on every capability the interval
       excludes a loss larger than the margin; else inconclusive.
   (b) mopd_absorbs_less: the same test for the MOPD student against each expert.
   (c) copd_beats_all: supported if merged CoPD is at least each expert on its own
       capability (interval excludes a loss larger than the margin) AND significantly
-      above mixed RLVR and MOPD overall; refuted if some expert is significantly better
-      on its capability or mixed RLVR / MOPD is significantly better overall; else
-      inconclusive.
-  The margin is EQUIVALENCE_MARGIN_POINTS."""
+      above mixed RLVR and MOPD overall (intervals above 0); refuted if some expert is
+      significantly better on its capability or mixed RLVR / MOPD is significantly
+      better overall (Holm across these 5); else inconclusive.
+  (d) copd_beats_merged_experts: supported if merged CoPD is significantly above every
+      merge of the independent experts that ran (uniform, strong) overall
+      (intervals above 0); refuted if some merge is significantly better (Holm across
+      them); else inconclusive.
+  The margin is EQUIVALENCE_MARGIN_POINTS; the level 95% (ALPHA)."""
   margin = EQUIVALENCE_MARGIN_POINTS
   out = {}
+  experts = [f"{c.capitalize()} expert" for c in CAPS]
 
   def loses_somewhere(student):
-    if student not in models or not all(f"{c.capitalize()} expert" in models for c in CAPS):
+    if student not in models or not all(e in models for e in experts):
       return {"verdict": "inconclusive", "why": f"{student} or an expert has not run"}
-    diffs = {c: _diff(models, student, f"{c.capitalize()} expert", [c]) for c in CAPS}
-    if any(high < 0 for _, _, high in diffs.values()):
+    diffs = _with_holm({c: compare(models[student], models[f"{c.capitalize()} expert"], [c])
+                        for c in CAPS})
+    if any(_significantly_below(d) for d in diffs.values()):
       verdict = "supported"
-    elif all(low > -margin for _, low, _ in diffs.values()):
+    elif all(_at_least(d, margin) for d in diffs.values()):
       verdict = "refuted"
     else:
       verdict = "inconclusive"
-    return {"verdict": verdict, "minus_expert_points": {
-        c: {"mean": round(m, 2), "ci95": [round(lo, 2), round(hi, 2)]}
-        for c, (m, lo, hi) in diffs.items()}}
+    return {"verdict": verdict, "minus_expert_points": diffs}
 
   out["mixed_loses_somewhere"] = loses_somewhere("Mixed RLVR")
   out["mopd_absorbs_less"] = loses_somewhere("MOPD")
   copd = "CoPD (merged)"
-  needed = [copd, "Mixed RLVR", "MOPD"] + [f"{c.capitalize()} expert" for c in CAPS]
-  if not all(n in models for n in needed):
+  if not all(n in models for n in [copd, "Mixed RLVR", "MOPD"] + experts):
     out["copd_beats_all"] = {"verdict": "inconclusive", "why": "not every method has run"}
   else:
-    vs_expert = {c: _diff(models, copd, f"{c.capitalize()} expert", [c]) for c in CAPS}
-    vs_mixed = _diff(models, copd, "Mixed RLVR", CAPS)
-    vs_mopd = _diff(models, copd, "MOPD", CAPS)
-    if (all(low > -margin for _, low, _ in vs_expert.values()) and vs_mixed[1] > 0
-        and vs_mopd[1] > 0):
+    tests = {f"expert {c}": compare(models[copd], models[f"{c.capitalize()} expert"], [c])
+             for c in CAPS}
+    tests["mixed overall"] = compare(models[copd], models["Mixed RLVR"], CAPS)
+    tests["mopd overall"] = compare(models[copd], models["MOPD"], CAPS)
+    tests = _with_holm(tests)
+    vs_expert = {c: tests[f"expert {c}"] for c in CAPS}
+    if (all(_at_least(d, margin) for d in vs_expert.values())
+        and tests["mixed overall"]["ci95"][0] > 0 and tests["mopd overall"]["ci95"][0] > 0):
       verdict = "supported"
-    elif (any(high < 0 for _, _, high in vs_expert.values()) or vs_mixed[2] < 0
-          or vs_mopd[2] < 0):
+    elif any(_significantly_below(d) for d in tests.values()):
       verdict = "refuted"
     else:
       verdict = "inconclusive"
-    fmt = lambda d: {"mean": round(d[0], 2), "ci95": [round(d[1], 2), round(d[2], 2)]}
-    out["copd_beats_all"] = {"verdict": verdict,
-                             "minus_expert_own_points": {c: fmt(d) for c, d in vs_expert.items()},
-                             "minus_mixed_overall_points": fmt(vs_mixed),
-                             "minus_mopd_overall_points": fmt(vs_mopd)}
+    out["copd_beats_all"] = {"verdict": verdict, "minus_expert_own_points": vs_expert,
+                             "minus_mixed_overall_points": tests["mixed overall"],
+                             "minus_mopd_overall_points": tests["mopd overall"]}
+  merges = [m for m in (MERGED, MERGED_STRONG) if m in models]
+  if copd not in models or not merges:
+    out["copd_beats_merged_experts"] = {"verdict": "inconclusive",
+                                        "why": "CoPD or the merged experts have not run"}
+  else:
+    diffs = _with_holm({m: compare(models[copd], models[m], CAPS) for m in merges})
+    if all(d["ci95"][0] > 0 for d in diffs.values()):
+      verdict = "supported"
+    elif any(_significantly_below(d) for d in diffs.values()):
+      verdict = "refuted"
+    else:
+      verdict = "inconclusive"
+    out["copd_beats_merged_experts"] = {
+        "verdict": verdict, "minus_merged_overall_points": diffs,
+        "minus_merged_per_capability_points": {
+            m: {c: compare(models[copd], models[m], [c]) for c in CAPS} for m in merges},
+        "merges_judged": merges}
   return out
+
 
 
 # ----------------------------------------------------------------------- reporting
@@ -376,8 +512,35 @@ def plot(args, seeds, out_dir):
   plt.close(fig)
 
 
+def plot_final(result: dict, out_dir: str) -> None:
+  """final_accuracy.png: every three-branch model's held-out accuracy with its 95%
+  interval, per capability and overall (the merged experts beside CoPD)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  table = result["accuracy_points"]
+  if not table:
+    return
+  names = list(table)
+  fig, axes = plt.subplots(1, len(CAPS) + 1, figsize=(16, 0.35 * len(names) + 1.5), sharey=True)
+  for ax, col in zip(axes, list(CAPS) + ["overall"]):
+    means = [table[n][col]["mean"] for n in names]
+    lows = [table[n][col]["mean"] - table[n][col]["ci95"][0] for n in names]
+    highs = [table[n][col]["ci95"][1] - table[n][col]["mean"] for n in names]
+    ax.errorbar(means, range(len(names)), xerr=[lows, highs], fmt="o", capsize=3)
+    ax.set_title(col)
+    ax.grid(axis="x", alpha=0.3)
+  axes[0].set_yticks(range(len(names)), names)
+  axes[0].invert_yaxis()
+  axes[len(CAPS) // 2].set_xlabel(f"held-out accuracy, points (95% interval; seeds {result['seeds']})")
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "final_accuracy.png"), dpi=100)
+  plt.close(fig)
+
+
 def fmt_cell(d) -> str:
-  return f"{d['mean']:.1f} [{d['ci95'][0]:.1f}, {d['ci95'][1]:.1f}]"
+  """'mean [low, high]' exactly as results.json stores them (no re-rounding)."""
+  return f"{d['mean']} [{d['ci95'][0]}, {d['ci95'][1]}]"
 
 
 def markdown_table(table: dict, caps, title: str) -> str:
@@ -388,63 +551,164 @@ def markdown_table(table: dict, caps, title: str) -> str:
   return "\n".join(lines)
 
 
+# ------------------------------------------------------- coverage of the intervals
+
+COVERAGE_REPLICATES = 2000
+# The two comparisons the percentile bootstrap was found to under-cover (80-82%).
+BOOTSTRAP_CHECKS = (("CoPD (merged)", "MOPD", CAPS), ("CoPD (merged)", "Image expert", ("image",)))
+
+
+def claim_comparisons(models) -> list[tuple[str, str, tuple]]:
+  """(a, b, caps) of every paired comparison the claims judge, for those that ran."""
+  pairs = []
+  for student in ("Mixed RLVR", "MOPD", "CoPD (merged)"):
+    pairs += [(student, f"{c.capitalize()} expert", (c,)) for c in CAPS]
+  pairs += [("CoPD (merged)", "Mixed RLVR", CAPS), ("CoPD (merged)", "MOPD", CAPS),
+            ("CoPD (merged)", MERGED, CAPS), ("CoPD (merged)", MERGED_STRONG, CAPS)]
+  return [(a, b, caps) for a, b, caps in pairs if a in models and b in models]
+
+
+def coverage_check(models, replicates: int = COVERAGE_REPLICATES) -> dict:
+  """Simulated coverage of nominal 95% intervals, per claim comparison: data drawn from
+  the comparison's own estimated variance components (seeds, items, residual) at its
+  seed and item counts. Also the old percentile bootstrap's, on BOOTSTRAP_CHECKS."""
+  rows = []
+  for k, (a, b, caps) in enumerate(claim_comparisons(models)):
+    ra, rb = aligned(models[a], models[b], caps)
+    diff = ra - rb
+    if diff.shape[0] < 2:
+      continue
+    comps = stats.variance_components(diff)
+    row = {"comparison": f"{a} − {b} ({'overall' if len(caps) > 1 else caps[0]})",
+           "seeds": int(diff.shape[0]), "items": int(diff.shape[1]),
+           "components": {k2: float(f"{v:.3g}") for k2, v in comps.items()},
+           "coverage": stats.simulate_coverage(comps, *diff.shape, replicates=replicates,
+                                               seed=k)}
+    if (a, b, tuple(caps)) in BOOTSTRAP_CHECKS:
+      row["coverage_percentile_bootstrap"] = stats.simulate_coverage(
+          comps, *diff.shape, replicates=replicates // 5, seed=k, method="bootstrap")
+    rows.append(row)
+  return {"min": min((r["coverage"] for r in rows), default=None),
+          "replicates": replicates, "comparisons": rows}
+
+
+# ------------------------------------------------------------------ the dial study
+
+def dial_levels(runs: str) -> list[dict]:
+  """The dial study's levels from the finished runs under `runs` (experiments/dial.py's
+  layout), each seed counted once its runs finished; intervals as everywhere here."""
+  if not os.path.isdir(runs):
+    return []
+  import dial
+  levels = sorted(float(d[len("conflict"):]) for d in os.listdir(runs) if d.startswith("conflict"))
+  seeds = sorted({int(d[len("seed"):]) for lv in levels
+                  for d in os.listdir(os.path.join(runs, dial.level_name(lv))) if d.startswith("seed")})
+  out = []
+  for level in levels:
+    entry = dial.level_report(level, seeds, argparse.Namespace(runs=runs))
+    gap = entry["merged_experts_own_gap_points"]
+    out.append({
+        "level": level, "seeds": entry["seeds"],
+        "expert_divergence_sym_kl": entry["expert_divergence_sym_kl"],
+        "expert_divergence_sym_kl_per_seed": entry["expert_divergence_sym_kl_per_seed"],
+        "merged_experts_own_gap_points": None if gap is None else {
+            k: gap[k] for k in ("mean", "ci95", "seeds", "per_capability")},
+        "copd_minus_merged_experts": entry["copd_minus_merged_experts"],
+        "copd_minus_merged_experts_seeds": (entry["copd_minus_merged_experts_detail"] or {}).get("seeds"),
+        "mopd_minus_experts": entry["mopd_minus_experts"],
+        "mopd_minus_experts_seeds": (entry["mopd_minus_experts_detail"] or {}).get("seeds"),
+        "accuracy_points": entry["accuracy_points"]})
+  return out
+
+
+# ------------------------------------------------------------------------ the results
+
+def merged_row(table: dict, models, name: str, experts_suffix: str = "") -> dict | None:
+  """A merge's accuracy row (per capability and overall, with intervals) and its gap to
+  the experts it merged on their own capabilities (experts − merge, paired); the experts
+  are '<Cap> expert<experts_suffix>' (RETRAINED_SUFFIX: the retrained ones)."""
+  if name not in table:
+    return None
+  row = dict(table[name])
+  experts = [f"{c.capitalize()} expert{experts_suffix}" for c in CAPS]
+  if all(e in models for e in experts):
+    row["experts_minus_merged_own_points"] = {
+        c: compare(models[e], models[name], [c]) for c, e in zip(CAPS, experts)}
+  return row
+
+
+def strong_merge_details(args, seeds) -> dict:
+  """Per seed: the scale chosen, every scale's validation accuracy, and (experts retrained
+  for their weights) how far their held-out rewards agree with the committed run's."""
+  out = {}
+  for seed in seeds:
+    path = os.path.join(args.runs, f"seed{seed}", STRONG_MERGE, "summary.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        s = json.load(f)
+      out[str(seed)] = {k: s.get(k) for k in ("chosen", "validation_accuracy",
+                                              "experts_retrained_for_weights",
+                                              "held_out_rewards_equal_to_reference")}
+  return out
+
+
 def write_results(args, seeds, done, command, minutes, out_dir) -> dict:
   models = model_rewards(args, seeds, done)
-  three = {k: v for k, v in models.items() if all(c in v for c in CAPS)}
+  everything = {k: v for k, v in models.items() if all(c in v for c in CAPS)}
+  three = {k: v for k, v in everything.items() if not k.endswith(RETRAINED_SUFFIX)}
   two = {k: v for k, v in models.items() if k in ("Base", "Image expert", "Text expert")
-         or set(v) == set(TWO)}
-  own_gain = {c: stats.paired_difference_ci(models[f"{c.capitalize()} expert"][c],
-                                            models["Base"][c])
+         or set(v) - {SEEDS_KEY} == set(TWO)}
+  own_gain = {c: compare(models[f"{c.capitalize()} expert"], models["Base"], [c])
               for c in CAPS if f"{c.capitalize()} expert" in models}
+  table = accuracy_table(three, CAPS)
+  detail = claims(three)
   result = {
       "command": command, "minutes": round(minutes, 1), "quick": args.quick,
       "eval_examples_per_capability": args.eval_examples, "seeds": seeds,
       "runs_finished": sorted(f"seed{s}/{r}" for s, r in done),
-      "expert_own_gain_points": {c: round(100 * v, 2) for c, (v, _) in own_gain.items()},
-      "expert_own_gain_ci95": {c: [round(100 * lo, 2), round(100 * hi, 2)]
-                               for c, (_, (lo, hi)) in own_gain.items()},
+      "interval_method": stats.INTERVAL_METHOD,
+      "multiple_comparisons": "Holm across the tests inside each claim that can each make "
+                              "its verdict alone (p_holm); 'every ...' conditions are "
+                              "intersection-union tests at 95%, unadjusted",
+      "expert_own_gain_points": {c: d["mean"] for c, d in own_gain.items()},
+      "expert_own_gain_ci95": {c: d["ci95"] for c, d in own_gain.items()},
       "expert_pair_overlap_final": final_overlap(args, seeds, "experts"),
       "copd_pair_overlap_final": final_overlap(args, seeds, "copd"),
       "transfer_matrix_points": transfer_matrix(models),
-      "accuracy_points": accuracy_table(three, CAPS),
+      "accuracy_points": table,
+      "merged_experts": merged_row(table, three, MERGED),
+      "merged_experts_strong": merged_row(table, everything, MERGED_STRONG, RETRAINED_SUFFIX),
+      "merged_experts_retrained_uniform": merged_row(table, everything, MERGED_RETRAINED,
+                                                     RETRAINED_SUFFIX),
+      "merged_experts_strong_minus_retrained_uniform": (
+          {c: compare(three[MERGED_STRONG], three[MERGED_RETRAINED], [c]) for c in CAPS}
+          | {"overall": compare(three[MERGED_STRONG], three[MERGED_RETRAINED], CAPS)}
+          if MERGED_STRONG in three and MERGED_RETRAINED in three else None),
+      "merged_experts_strong_by_seed": strong_merge_details(args, seeds),
       "minus_copd_points": paired_to(three, "CoPD (merged)", CAPS),
       "accuracy_points_two_branch": accuracy_table(two, TWO),
       "minus_copd_two_branch_points": paired_to(two, "CoPD 2-branch (merged)", TWO),
-      "claims": {},
-      "claims_detail": {},
+      "claims": {k: v["verdict"] for k, v in detail.items()},
+      "claims_detail": detail,
   }
-  detail = claims(three)
-  result["claims"] = {k: v["verdict"] for k, v in detail.items()}
-  result["claims_detail"] = detail
+  coverage = coverage_check(three) if not args.quick else {"min": None, "comparisons": []}
+  result["interval_coverage_simulated"] = coverage["min"]
+  result["interval_coverage_simulated_detail"] = coverage
+  result["dial"] = (dial_levels(args.dial_runs)
+                    if getattr(args, "dial_runs", None) and not args.quick else [])
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(result, f, indent=1)
-
-  lines = [f"# Toy-suite reproduction\n\nMade by `{command}` ({minutes:.0f} minutes of "
-           f"runs in this invocation); seeds {seeds}; {args.eval_examples} held-out items per "
-           "capability. Cells: accuracy in points, mean over seeds [95% interval, bootstrap "
-           "over seeds and items]. The base is one shared policy.\n",
-           "## Three branches (text, image, video)\n", markdown_table(result["accuracy_points"], CAPS, "model")]
-  if result["minus_copd_points"]:
-    lines += ["\n### Paired difference to merged CoPD (model − CoPD, same items and seeds)\n",
-              markdown_table(result["minus_copd_points"], CAPS, "model − CoPD")]
-  if result["transfer_matrix_points"]:
-    lines += ["\n### Transfer: each expert's gain over the base on every capability\n",
-              markdown_table({f"{k} expert": {**v, "overall": points(stats.paired_difference_ci(
-                  overall(models[f"{k.capitalize()} expert"], CAPS), overall(models["Base"], CAPS)))}
-                  for k, v in result["transfer_matrix_points"].items()}, CAPS, "expert")]
-  if len(result["accuracy_points_two_branch"]) > 3:
-    lines += ["\n## Two branches (text + image)\n",
-              markdown_table(result["accuracy_points_two_branch"], TWO, "model")]
-  lines += [f"\nExpert pair top-10 overlap at the end: {result['expert_pair_overlap_final']}; "
-            f"CoPD branches: {result['copd_pair_overlap_final']}.\n",
-            "## Claims\n", "```", json.dumps(detail, indent=1), "```",
-            "\n![accuracy](accuracy_vs_step.png)\n\n![overlap](overlap_vs_step.png)\n"]
-  with open(os.path.join(out_dir, "results.md"), "w") as f:
-    f.write("\n".join(lines))
   try:
     plot(args, seeds, out_dir)
+    plot_final(result, out_dir)
+    if result["dial"]:
+      import dial
+      dial.plot({"dial": result["dial"]}, out_dir)
   except ImportError:
     print("matplotlib not installed (pip install -e '.[plots]'): no plots", flush=True)
+  import results_doc
+  doc = args.doc or os.path.join(out_dir, "RESULTS.md")
+  results_doc.write(doc, result, out_dir, CAPS, TWO)
   return result
 
 
@@ -465,12 +729,20 @@ def main(argv=None):
                       help="field=value for every run (the recipe), e.g. rl.lr_schedule=cosine")
   parser.add_argument("--report_only", action="store_true",
                       help="rewrite the results from the runs that finished; run nothing")
+  parser.add_argument("--dial_runs", default="experiments/results/dial/runs",
+                      help="the dial study's runs (experiments/dial.py), read for results.json "
+                           "'dial'; '' leaves it out")
+  parser.add_argument("--doc", default=None,
+                      help="the results document to write (default experiments/RESULTS.md for "
+                           "the default --out, else <out>/RESULTS.md)")
   args = parser.parse_args(argv)
   seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
   args.eval_examples = args.eval_examples or (300 if args.quick else 1000)
   args.out = args.out or ("experiments/results/quick" if args.quick else "experiments/results")
   args.runs = args.runs or ("runs/reproduce_quick" if args.quick else "experiments/results/runs")
   args.runs = run_archive.runs_dir(args.runs, args.report_only)  # an earlier recipe's .tar.xz
+  if args.doc is None and os.path.normpath(args.out) == os.path.normpath("experiments/results"):
+    args.doc = "experiments/RESULTS.md"
   os.makedirs(args.out, exist_ok=True)
   flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report_only"]
   command = " ".join(["python experiments/reproduce.py"] + flags)  # the command that runs
@@ -489,7 +761,10 @@ def main(argv=None):
     for name in plan[seeds[0]]:
       for seed in seeds:
         method, overrides, workdir = plan[seed][name]
-        run_or_load(make_config(method, seed, workdir, args, **overrides))
+        if method == STRONG_MERGE:
+          strong_merge(seed, args)
+        else:
+          run_or_load(make_config(method, seed, workdir, args, **overrides))
         done.add((seed, name))
       result = write_results(args, seeds, done, command, (time.perf_counter() - start) / 60,
                              args.out)

@@ -54,10 +54,14 @@ def test_summary_means_and_difference_by_hand():
   assert out["opd_step_change"]["mean"] == pytest.approx(0.3)
   assert out["opd_minus_rl"]["mean"] == pytest.approx(0.45)
   assert out["steps_per_seed"] == {"rl": 2, "opd": 1}
-  # Every bootstrap replicate of the OPD mean is >= 0.2 and of the RL mean <= 0: the
-  # difference's interval lies within [0.2, 0.7] (all OPD minus all RL extremes).
+  # The interval by hand (experiments/stats.py): OPD is one step per seed, [0.2, 0.4]:
+  # variance 0.02 / 2 = 0.01 with 1 df. RL [[-0.1, -0.3], [0.0, -0.2]] has no residual:
+  # seed level MS_seed / 4 = 2 * 2 * 0.05^2 / 4 = 0.0025 (1 df), item level
+  # MS_item / 4 = 2 * 2 * 0.1^2 / 4 = 0.01 (1 df). Every part has 1 df, so the
+  # half-width is t_1 * sqrt(0.01 + 0.0025 + 0.01) = 12.706 * 0.15.
+  half = 12.7062047 * 0.15
   low, high = out["opd_minus_rl"]["ci95"]
-  assert 0.2 <= low <= 0.45 <= high <= 0.7
+  assert low == pytest.approx(round(0.45 - half, 4)) and high == pytest.approx(round(0.45 + half, 4))
 
 
 def test_changes_by_place_within_the_phase_by_hand():
@@ -88,3 +92,20 @@ def test_the_place_within_a_phase_needs_every_step_measured():
   assert out["rl_step_change"]["mean"] == pytest.approx(-0.1)
   assert out["opd_step_change"]["mean"] == pytest.approx(0.2)
   assert out["change_by_place_in_phase"] == {}
+
+
+def test_symmetric_kl_with_the_base_is_the_mean_over_branches():
+  # KL with the base per branch at steps 0, 1 (RL), 2 (OPD): the mean over the three
+  # branches is 0, 0.3, 0.2, so the RL step raises it by 0.3 and the OPD step lowers it 0.1.
+  key = overlap_phases.SYM_KL_KEYS["symmetric KL of branches with the base"]
+  per_branch = {0: (0.0, 0.0, 0.0), 1: (0.3, 0.6, 0.0), 2: (0.1, 0.2, 0.3)}
+  recs = [{"step": 1, overlap_phases.OPD_WEIGHT_KEY: 0.0},
+          {"step": 2, overlap_phases.OPD_WEIGHT_KEY: 1.0}]
+  recs += [{"step": s, **dict(zip(key, v))} for s, v in per_branch.items()]
+  recs.append({"step": 3, key[0]: 9.0})  # a step missing two branches: not a measurement
+  steps, kl, is_opd = overlap_phases.overlap_and_phase(recs, key)
+  np.testing.assert_array_equal(steps, [0, 1, 2])
+  np.testing.assert_allclose(kl, [0.0, 0.3, 0.2])
+  rl, opd = overlap_phases.changes_by_phase(steps, kl, is_opd)
+  np.testing.assert_allclose(rl, [0.3])
+  np.testing.assert_allclose(opd, [-0.1])

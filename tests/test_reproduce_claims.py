@@ -60,6 +60,40 @@ def test_refuted_verdicts():
   assert c["copd_beats_all"]["verdict"] == "refuted"
 
 
+def test_copd_against_merged_experts_by_hand():
+  m = models(mixed={c: 0.6 for c in CAPS}, mopd={c: 0.6 for c in CAPS},
+             copd={c: 0.6 for c in CAPS})
+  m[reproduce.MERGED] = rewards({c: 0.5 for c in CAPS})
+  c = reproduce.claims(m)["copd_beats_merged_experts"]
+  assert c["verdict"] == "supported" and c["merges_judged"] == [reproduce.MERGED]
+  assert c["minus_merged_overall_points"][reproduce.MERGED]["mean"] == 10.0
+  # A stronger merge that beats CoPD everywhere refutes it, whatever the uniform one does.
+  m[reproduce.MERGED_STRONG] = rewards({c: 0.7 for c in CAPS})
+  c = reproduce.claims(m)["copd_beats_merged_experts"]
+  assert c["verdict"] == "refuted"
+  diffs = c["minus_merged_overall_points"]
+  assert diffs[reproduce.MERGED_STRONG]["mean"] == -10.0
+  assert diffs[reproduce.MERGED_STRONG]["p_holm"] >= diffs[reproduce.MERGED_STRONG]["p"]
+
+
+def test_holm_decides_loses_somewhere():
+  # Noisy seeds: mixed RLVR is below the video expert with an unadjusted p under 0.05
+  # but a Holm-adjusted p over it (3 capabilities): not "supported".
+  m = models(mixed={c: 0.6 for c in CAPS}, mopd={c: 0.6 for c in CAPS},
+             copd={c: 0.6 for c in CAPS})
+  video = m["Video expert"]["video"].copy()
+  per_seed_drop = [0.10, 0.13, 0.07]  # mean 0.10, sd 0.03 over 3 seeds: t = 5.8, p ~ 0.03
+  mixed = video.copy()
+  for s, drop in enumerate(per_seed_drop):
+    mixed[s, : int(round(drop * N))] = 0.0  # the expert's first items are its correct ones
+  m["Mixed RLVR"]["video"] = mixed
+  d = reproduce.claims(m)["mixed_loses_somewhere"]
+  video_test = d["minus_expert_points"]["video"]
+  assert video_test["mean"] == -10.0
+  assert video_test["p"] < 0.05 < video_test["p_holm"]
+  assert d["verdict"] == "inconclusive"
+
+
 def test_missing_runs_are_inconclusive():
   m = models(mixed={c: 0.6 for c in CAPS}, mopd={c: 0.6 for c in CAPS},
              copd={c: 0.6 for c in CAPS})
@@ -116,6 +150,7 @@ def test_report_only_rewrites_results_from_finished_runs_and_runs_nothing(tmp_pa
   for seed in (0, 1):
     rewards = {f"branch/{e}/{c}": (rng.random(50) < 0.6).astype(np.float32)
                for e in CAPS for c in CAPS}
+    rewards.update({f"merged/{c}": (rng.random(50) < 0.7).astype(np.float32) for c in CAPS})
     experts.append(rewards)
     workdir = runs / f"seed{seed}" / "experts"
     workdir.mkdir(parents=True)
@@ -123,7 +158,7 @@ def test_report_only_rewrites_results_from_finished_runs_and_runs_nothing(tmp_pa
     (workdir / "summary.json").write_text("{}")
   (runs / "seed0" / "mixed_rlvr").mkdir()  # started, not finished: not reported
   reproduce.main(["--report_only", "--seeds", "0,1", "--runs", str(runs),
-                  "--out", str(tmp_path / "out")])
+                  "--out", str(tmp_path / "out"), "--dial_runs", ""])
   result = json.loads((tmp_path / "out" / "results.json").read_text())
   assert result["runs_finished"] == ["seed0/experts", "seed1/experts"]
   assert "--report_only" not in result["command"]
@@ -131,6 +166,15 @@ def test_report_only_rewrites_results_from_finished_runs_and_runs_nothing(tmp_pa
     by_hand = 100 * np.mean([e[f"branch/{c}/{c}"] - base[f"base/{c}"] for e in experts])
     assert abs(result["expert_own_gain_points"][c] - round(by_hand, 2)) < 1e-6
   assert result["claims"]["mixed_loses_somewhere"] == "inconclusive"
+  # The experts run's uniform merge is the merged-experts baseline, by hand.
+  merged = result["merged_experts"]
+  by_hand = 100 * np.mean([e[f"merged/{c}"] for e in experts for c in CAPS])
+  assert abs(merged["overall"]["mean"] - round(by_hand, 2)) < 1e-6
+  assert merged["overall"]["ci95"][0] <= merged["overall"]["mean"] <= merged["overall"]["ci95"][1]
+  assert result["merged_experts_strong"] is None  # not run
+  assert result["interval_method"] and result["dial"] == []
+  doc = (tmp_path / "out" / "RESULTS.md").read_text()
+  assert f"| Merged experts | " in doc and str(merged["overall"]["mean"]) in doc
 
 
 def test_ablation_report_only_pairs_each_variant_with_the_reference_and_runs_nothing(
