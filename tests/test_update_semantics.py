@@ -124,3 +124,73 @@ def test_loss_reads_response_tokens_only(model, prompt_once):
   moved[1, len(PROMPT)] += 1.0
   assert abs(loss_and_grads(params, cfg, make_rows(old_logprobs=moved), prompt_once)[0]
              - loss) > 1e-4
+
+
+# ------------------------------------------- the clipped update with a teacher, by hand
+def oracle_clipped_opd_loss(params, teacher, cfg, rows, mode: str, eps_low=0.2, eps_high=0.28):
+  """The token-mean PPO loss of branch 0 written out here: advantage A = a_rl + beta *
+  (log p_teacher - log p_student) with log p_student the sampler's (mode 'old') or the
+  current policy's under stop-gradient ('current'); loss = max(-A r, -A clip(r, 1 - eps_low,
+  1 + eps_high)), r = p / p_old, averaged over response tokens. Returns (loss, clipped
+  fraction) with the loss differentiable in params."""
+  def logprobs(p):
+    one = jax.tree.map(lambda x: x[0], p)
+    hidden = decoder.forward_hidden(one, cfg, rows.tokens[0], rows.positions[0],
+                                    rows.token_mask[0])
+    logp = jax.nn.log_softmax(decoder.logits_from_hidden(hidden, decoder.lm_head(one, cfg)))
+    targets = jnp.concatenate([rows.tokens[0, :, 1:], jnp.zeros((2, 1), jnp.int32)], axis=1)
+    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  lp = logprobs(params)
+  old = rows.old_logprobs[0]
+  student = old if mode == "old" else jax.lax.stop_gradient(lp)
+  adv = jax.lax.stop_gradient(rows.advantages[0][:, None]
+                              + rows.opd_beta[0][:, None] * (logprobs(teacher) - student))
+  ratio = jnp.exp(lp - old)
+  per_token = jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1 - eps_low, 1 + eps_high))
+  mask = rows.response_mask[0]
+  clipped = ((adv > 0) & (ratio > 1 + eps_high)) | ((adv < 0) & (ratio < 1 - eps_low))
+  return jnp.sum(per_token * mask) / jnp.sum(mask), float(jnp.sum(clipped * mask) / jnp.sum(mask))
+
+
+@pytest.mark.parametrize("mode", ["old", "current"])
+def test_clipped_opd_update_matches_the_hand_written_loss(model, mode):
+  """One SGD step (learning rate 1, so the step is minus the gradient) of `update` with a
+  frozen teacher, sampler log-probs far from the current policy's (ratios well outside the
+  clip band, both sides), RL advantages of both signs and beta 0.7: equal to the gradient of
+  the loss written above, in both student-log-prob modes."""
+  import dataclasses
+
+  import optax
+
+  from copd_jax.rl import stages
+  cfg, params = model
+  teacher = stacked.init_stacked(cfg, jax.random.split(jax.random.key(7), 1))
+  rows = make_rows(advantages=(0.5, -0.5))
+  current = oracle_token_logprobs(params, cfg, rows)
+  # Per response column: the sampler was far more (+) or far less (-) likely than now.
+  offsets = np.tile([0.9, -0.9, 0.6, -0.6, 0.1, -0.4, 0.7, -0.8, 0.5], 2)[:current.size]
+  rows.old_logprobs = jnp.asarray(current + offsets.reshape(current.shape))[None]
+  rows.opd_beta = jnp.full((1, 2), 0.7, jnp.float32)
+  ucfg = dataclasses.replace(
+      update_config(cfg, prompt_once=True),
+      loss=objectives.PolicyLossConfig(opd_student_logprob=mode))
+  routing = stages.teacher_routing(np.zeros((1, 1), np.int32), 1, samples=2).as_arrays()
+  optimizer = optax.sgd(1.0)
+  new, _, metrics = update_lib.update(params, update_lib.init_optimizer_state(optimizer, params),
+                                      teacher, rows, routing, ucfg=ucfg, optimizer=optimizer,
+                                      distil=True, prompt_len=len(PROMPT))
+  (want_loss, clipped), = [(float(l), c) for l, c in
+                           [oracle_clipped_opd_loss(params, teacher, cfg, rows, mode)]]
+  want_grads = jax.grad(lambda p: oracle_clipped_opd_loss(p, teacher, cfg, rows, mode)[0])(params)
+  assert 0.1 < clipped < 0.9, clipped  # the clip binds on some tokens, not on all
+  np.testing.assert_allclose(float(metrics["loss"][0]), want_loss, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(float(metrics["clip_fraction"][0]), clipped, atol=1e-6)
+  got_grads = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), params, new)
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want_grads))
+  assert scale > 1e-3
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, np.asarray(w), rtol=2e-3,
+                                                       atol=2e-4 * scale), got_grads, want_grads)
+  # The two modes are different losses here, so the test tells them apart.
+  other = "current" if mode == "old" else "old"
+  other_loss = float(oracle_clipped_opd_loss(params, teacher, cfg, rows, other)[0])
+  assert abs(other_loss - want_loss) > 1e-3
