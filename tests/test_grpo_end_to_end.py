@@ -17,20 +17,20 @@ from copd_jax import default_config, export, main
 from copd_jax.data import math_verifier, reward_fns
 from copd_jax.rl import evaluation
 
-STEPS = 8
+STEPS = 10
+BRANCHES = ("text", "image", "video")
 
 
 def learning_config(workdir):
   cfg = default_config.get("copd", "micro")
   cfg.workdir = str(workdir / "copd")
   cfg.warm_start.checkpoint_dir = str(workdir / "base_policy")
-  cfg.rl.capabilities = ("text", "image")
-  cfg.num_experts = 2
   cfg.reward.update(dict(fn="reward_plugins:digit_fraction", workers=1))
-  # A learning rate that moves the micro model in a few steps; evaluation only at the
-  # start and the end (the end evaluates the merged model).
-  cfg.rl.update(dict(steps=STEPS, native_prompts=4, samples_per_prompt=4, learning_rate=1e-2,
-                     lr_schedule="constant", eval_every=1000, diagnostics_every=1000))
+  # The micro preset's shapes (2 prompts x 2 samples per branch; programs other tests
+  # compile too) with a learning rate that moves the micro model in a few steps;
+  # evaluation only at the start and the end (the end evaluates the merged model).
+  cfg.rl.update(dict(steps=STEPS, learning_rate=3e-2, lr_schedule="constant",
+                     eval_every=1000, diagnostics_every=1000))
   cfg.log.completions = 0
   return cfg
 
@@ -66,12 +66,12 @@ def finished_run(tmp_path_factory):
 def test_grpo_sees_rewards_and_the_reward_rises(finished_run):
   _, summary, steps, _ = finished_run
   assert sorted(steps) == list(range(1, STEPS + 1))
-  native = np.array([[steps[t][f"train/{b}/reward/native"] for b in ("text", "image")]
+  native = np.array([[steps[t][f"train/{b}/reward/native"] for b in BRANCHES]
                      for t in sorted(steps)])  # [steps, branches]
-  zero_var = np.array([[steps[t][f"train/{b}/zero_variance_groups"] for b in ("text", "image")]
+  zero_var = np.array([[steps[t][f"train/{b}/zero_variance_groups"] for b in BRANCHES]
                        for t in sorted(steps)])
   assert native.min() > 0 and zero_var.max() < 1.0  # every step had a GRPO signal
-  first, last = native[:2].mean(), native[-2:].mean()
+  first, last = native[:2].mean(), native[-2:].mean()  # means over branches and 2 steps
   assert last > first + 0.1, native
   assert summary["reward_last_step"] > summary["reward_first_step"]
 
@@ -83,18 +83,18 @@ def test_distillation_follows_the_cycle(finished_run):
   for t in sorted(steps):
     opd = (t - 1) % 2 == 1
     assert steps[t]["train/opd_weight"] == (1.0 if opd else 0.0), t
-    for b in ("text", "image"):
+    for b in BRANCHES:
       tokens = steps[t].get(f"train/{b}/opd/tokens")
       assert (tokens is not None and tokens > 0) if opd else tokens is None, (t, b, tokens)
 
 
 def test_merged_model_is_the_average_of_the_final_branches(finished_run):
   workdir, _, _, merged_evaluated = finished_run
-  branches = [export.load_run_policy(workdir, b)[2] for b in ("text", "image")]
+  branches = [export.load_run_policy(workdir, b)[2] for b in BRANCHES]
   leaves = [np.stack([np.asarray(x) for x in pair]) for pair in
             zip(*(jax.tree.leaves(b) for b in branches))]
   # The branches learned apart: a merge that took one of them would be told apart.
-  assert max(np.abs(x[0] - x[1]).max() for x in leaves) > 1e-2
+  assert min(max(np.abs(x[k] - x[0]).max() for x in leaves) for k in (1, 2)) > 1e-2
   want = [x.mean(axis=0) for x in leaves]
   # Evaluated: at the last training step and in the final report (held-out accuracy).
   assert len(merged_evaluated) >= 2
