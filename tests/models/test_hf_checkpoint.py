@@ -15,12 +15,13 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+import paths
 from copd_jax.data.chat_template import ChatTemplateError
 from copd_jax.data.hf_tokenizer import HFTokenizer
 from copd_jax.data.tokenizer import REPLACEMENT_CHAR, Tokenizer
 from copd_jax.models import decoder as M, hf_checkpoint as hfc
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "qwen3_tiny")
+FIXTURES = os.path.join(paths.TESTS, "fixtures", "hf", "qwen3_tiny")
 UNTIED = os.path.join(FIXTURES, "untied_f32")
 TIED = os.path.join(FIXTURES, "tied_bf16")
 TIED_SHARDED = os.path.join(FIXTURES, "tied_bf16_sharded")

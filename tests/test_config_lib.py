@@ -4,9 +4,10 @@ import os
 
 import pytest
 
+import paths
 from copd_jax import config_lib, default_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = paths.REPO
 
 
 def load_config(name="base", preset="micro"):

@@ -15,9 +15,10 @@ import jax
 import numpy as np
 import pytest
 
+import paths
 from copd_jax import config_lib, default_config, main, memory_budget, policy_setup
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = paths.REPO
 sys.path.insert(0, os.path.join(REPO, "configs"))
 
 

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+import paths
 from copd_jax.models import hf_checkpoint, qwen3_vl_import
 from copd_jax.models.hf_checkpoint import HFCheckpointError
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
+FIXTURES = os.path.join(paths.TESTS, "fixtures", "hf")
 VL = os.path.join(FIXTURES, "qwen3_vl_tiny")
 TEXT = os.path.join(FIXTURES, "qwen3_tiny", "untied_f32")
 SHARDED = os.path.join(FIXTURES, "qwen3_tiny", "tied_bf16_sharded")

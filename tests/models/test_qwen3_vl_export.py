@@ -8,7 +8,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from test_hf_qwen3_vl import FIXTURE, _logits
+from test_qwen3_vl_import import FIXTURE, _logits
 
 from copd_jax.models import hf_checkpoint, qwen3_vl, qwen3_vl_export, qwen3_vl_import
 

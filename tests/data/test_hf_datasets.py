@@ -13,11 +13,12 @@ import pytest
 
 hf_datasets = pytest.importorskip("datasets")
 
+import paths
 from copd_jax import config_lib, policy_setup  # noqa: E402
 from copd_jax.data import records as datasets
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURE_DATA = os.path.join(REPO, "tests", "fixtures", "data")
+REPO = paths.REPO
+FIXTURE_DATA = os.path.join(paths.FIXTURES, "data")
 
 
 @pytest.fixture(autouse=True)

@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import paths
 from copd_jax.data import records, vl_prompts
 from copd_jax.data.hf_tokenizer import HFTokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER_DIR = os.path.join(REPO, "tests", "fixtures", "hf", "qwen3_tiny", "tokenizer")
-VL_CHECKPOINT = os.path.join(REPO, "tests", "fixtures", "hf", "qwen3_vl_run")
-VL_DATA = os.path.join(REPO, "tests", "fixtures", "data", "vl")
+REPO = paths.REPO
+TOKENIZER_DIR = os.path.join(paths.FIXTURES, "hf", "qwen3_tiny", "tokenizer")
+VL_CHECKPOINT = os.path.join(paths.FIXTURES, "hf", "qwen3_vl_run")
+VL_DATA = os.path.join(paths.FIXTURES, "data", "vl")
 sys.path.insert(0, os.path.join(REPO, "configs"))
 import hf_vl_copd  # noqa: E402
 

@@ -10,11 +10,12 @@ import shutil
 import numpy as np
 import pytest
 
+import paths
 from copd_jax.data import vision_preprocess as vp
 from copd_jax.data import vl_prompts
 from copd_jax.models import qwen3_vl_decode, qwen3_vl_import
 
-HERE = os.path.dirname(__file__)
+HERE = paths.TESTS
 TOKENIZER = os.path.join(HERE, "fixtures", "hf", "qwen3_tiny", "tokenizer")
 VL_FIXTURE = os.path.join(HERE, "fixtures", "hf", "qwen3_vl_tiny")
 RUN_FIXTURE = os.path.join(HERE, "fixtures", "hf", "qwen3_vl_run")

@@ -10,10 +10,11 @@ import shutil
 import numpy as np
 import pytest
 
+import paths
 from copd_jax.data import vision_preprocess as vp
 from copd_jax.models import qwen3_vl, qwen3_vl_config, qwen3_vl_import
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "qwen3_vl_tiny")
+FIXTURE = os.path.join(paths.TESTS, "fixtures", "hf", "qwen3_vl_tiny")
 # The fixture's processor settings: patch 8, merge 2, temporal 2, mean = std = 0.5.
 PRE = vp.VisionPreprocessConfig(patch_size=8, merge_size=2, temporal_patch_size=2,
                                 min_pixels=64, max_pixels=1 << 20)

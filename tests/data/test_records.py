@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import paths
 from copd_jax.data import (
   answers as verifiers,
   examples as examples_lib,
@@ -20,7 +21,7 @@ from copd_jax.data import (
 )
 from copd_jax.data.tokenizer import ToyTokenizer
 
-DATA = os.path.join(os.path.dirname(__file__), "fixtures", "data")
+DATA = os.path.join(paths.TESTS, "fixtures", "data")
 MB = 1 << 20
 
 

@@ -15,11 +15,12 @@ import time
 
 import pytest
 
+import paths
 from copd_jax.data import chat_template_worker
 from copd_jax.data.chat_template import ChatTemplateError
 from copd_jax.data.hf_tokenizer import HFTokenizer
 
-TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "qwen3_tiny",
+TOKENIZER_DIR = os.path.join(paths.TESTS, "fixtures", "hf", "qwen3_tiny",
                              "tokenizer")
 LIMIT_S = 1.0  # a short deadline keeps the tests fast
 SLACK_S = 4.0  # a loaded 2-core machine; the unfixed cases ran 30 s to minutes
@@ -104,7 +105,7 @@ def test_the_deadline_is_a_positive_number(tmp_path):
 
 # ------------------------------------------------------------------------- size
 
-# (`'x' * 10**9` and doubling with `+` were refused before; tests/test_faults.py has them.)
+# (`'x' * 10**9` and doubling with `+` were refused before; tests/data/test_chat_template_limits.py has them.)
 SIZE_ATTACKS = {
     "center": "{{ 'x'.center(1000000000) }}",
     "ljust": "{{ 'x'.ljust(1000000000) }}",

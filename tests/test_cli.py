@@ -10,11 +10,12 @@ import sys
 
 import pytest
 
+import paths
 from copd_jax import cli, config_lib, default_config, run_dir
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURE_TOKENIZER = os.path.join(REPO, "tests", "fixtures", "hf", "qwen3_tiny", "tokenizer")
-FIXTURE_DATA = os.path.join(REPO, "tests", "fixtures", "data")
+REPO = paths.REPO
+FIXTURE_TOKENIZER = os.path.join(paths.FIXTURES, "hf", "qwen3_tiny", "tokenizer")
+FIXTURE_DATA = os.path.join(paths.FIXTURES, "data")
 # A Qwen3-4B-shaped config.json (only read by validation; no weights needed for it).
 QWEN3_4B_CONFIG = {
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,

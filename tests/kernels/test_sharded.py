@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+import paths
 from copd_jax import kernels
 from copd_jax.kernels import KernelConfig, attention, sharded
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = paths.REPO
 PALLAS = KernelConfig(backend="pallas", interpret=True, token_tile=8, vocab_tile=128)
 # 13 rows on 8 devices: padding rows are needed (to 16).
 S, N, D, V, K = 2, 13, 16, 300, 3

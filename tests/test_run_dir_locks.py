@@ -13,9 +13,10 @@ import time
 
 import pytest
 
+import paths
 from copd_jax import default_config, main, policy_setup, run_dir, warm_start
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = paths.REPO
 
 
 def python(*args, **kwargs) -> subprocess.Popen:

@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import paths
 from copd_jax import sampling
 from copd_jax.models import decoder, qwen3_vl, qwen3_vl_decode, qwen3_vl_import
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "qwen3_vl_tiny")
+FIXTURE = os.path.join(paths.TESTS, "fixtures", "hf", "qwen3_vl_tiny")
 IMAGE_PAD, VIDEO_PAD, STOP = 100, 101, 2
 
 

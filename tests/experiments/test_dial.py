@@ -6,7 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+import paths
+
+sys.path.insert(0, paths.EXPERIMENTS)
 import dial  # noqa: E402
 
 

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import paths
 from copd_jax import policy_setup, sharding
 from copd_jax.models import decoder, layers, partitioning, qwen3_vl, qwen3_vl_config
 from copd_jax.rl import update as update_lib
 from tests.tiny_model import tiny_config
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "qwen3_vl_tiny")
+FIXTURE = os.path.join(paths.TESTS, "fixtures", "hf", "qwen3_vl_tiny")
 RULE_NAMES = {name for name, _ in sharding.LOGICAL_AXIS_RULES}
 
 

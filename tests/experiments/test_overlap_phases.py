@@ -5,7 +5,9 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+import paths
+
+sys.path.insert(0, paths.EXPERIMENTS)
 import overlap_phases  # noqa: E402
 
 KEY = overlap_phases.OVERLAP_KEYS["between branches (all pairs)"]

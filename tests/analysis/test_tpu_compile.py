@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import paths
 from copd_jax import cli
 from copd_jax.analysis import tpu_compile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = paths.REPO
 GiB = 2 ** 30
 
 

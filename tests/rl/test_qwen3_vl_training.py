@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import paths
 from copd_jax import kernels, sampling
 from copd_jax.models import decoder, qwen3_vl, qwen3_vl_decode, qwen3_vl_import
 from copd_jax.models import stacked as stacked_lib
@@ -29,7 +30,7 @@ from copd_jax.rl import (
 )
 from copd_jax.rl import update as update_lib
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "qwen3_vl_tiny")
+FIXTURE = os.path.join(paths.TESTS, "fixtures", "hf", "qwen3_vl_tiny")
 IMAGE_PAD, VIDEO_PAD, STOP = 100, 101, 2
 P, G, NEW, BUDGET = 23, 2, 5, 64
 

@@ -13,13 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import paths
 from copd_jax import sampling
 from copd_jax.models import decoder as M
 from copd_jax.models import hf_checkpoint as hfc, layer_stack
 from copd_jax.models import qwen3_vl, qwen3_vl_decode, qwen3_vl_import
 from tests.tiny_model import IMG, tiny_config
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
+FIXTURES = os.path.join(paths.TESTS, "fixtures", "hf")
 
 
 def scanned(cfg):

@@ -14,11 +14,12 @@ import time
 
 import pytest
 
+import paths
 from copd_jax import config_lib, default_config
 from copd_jax.data import math_verifier, verifier_pool
 from copd_jax.data import verifiers as verifiers_lib
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(paths.REPO)
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
 

@@ -14,7 +14,9 @@ import textwrap
 
 import xla_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import paths
+
+REPO = paths.REPO
 
 # Two devices meet in a psum; device 0 first sleeps `delay` seconds in a host callback,
 # so device 1 waits at the rendezvous that long (a starved thread, made deterministic).
