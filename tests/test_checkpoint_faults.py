@@ -1,4 +1,5 @@
-"""Training checkpoints: checksums on restore and one short message when a restore fails (issue 13.9).
+"""Training checkpoints: checksums on restore, and one short message when a restore fails
+(issue 13.9).
 
 Each case reproduces a failure found by trying the project with bad input and injected faults,
 and checks the behaviour that replaced it. Expected values are written out by hand."""

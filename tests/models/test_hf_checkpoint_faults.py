@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints with bad headers, bytes or weights: errors name the file or tensor (issue 13.11).
+"""Hugging Face checkpoints with bad headers, bytes or weights: errors name the file or
+tensor (issue 13.11).
 
 Each case reproduces a failure found by trying the project with bad input and injected faults,
 and checks the behaviour that replaced it. Expected values are written out by hand."""
