@@ -37,7 +37,7 @@ setup(
     ],
     extras_require={
         # jax[tpu] brings the libtpu that matches the installed jax: the TPU compiler that
-        # tests/test_kernels_tpu.py runs deviceless on the CPU host (~700 MB).
+        # tests/kernels/test_pallas_tpu.py runs deviceless on the CPU host (~700 MB).
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "jax[tpu]"],
         "plots": ["matplotlib>=3.8"],
         "wandb": ["wandb>=0.17"],  # optional mirror of the logs (config.log.wandb)

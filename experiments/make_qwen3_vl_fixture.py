@@ -19,7 +19,7 @@ chosen with sides that are already multiples of patch*merge (no resize), and the
 are made here with torch view/permute in HF's documented layout (rescale 1/255, normalise
 with mean = std = 0.5, repeat an image to temporal_patch_size frames, pad a video with its
 last frame). copd_jax.data.vision_preprocess must reproduce them; smart_resize and resizing are
-checked separately in tests/test_hf_qwen3_vl.py.
+checked separately in tests/models/test_qwen3_vl_import.py.
 """
 from __future__ import annotations
 

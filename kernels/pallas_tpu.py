@@ -23,7 +23,7 @@ why). The compiler's default limit (16 MiB on v5e and v5p) is too small at real 
 needs 18.4 MiB, d_head 21.8 MiB, the reverse-KL kernels up to 29.6 MiB, top-k 17.1 MiB
 (the compiler's figures on v5p). The hidden dimension is not tiled: a D-split grid
 re-reads the hidden states once per vocabulary tile (tpu_tiles has the arithmetic).
-tests/test_kernels_tpu.py compiles every kernel for v5e, v5p and v6e.
+tests/kernels/test_pallas_tpu.py compiles every kernel for v5e, v5p and v6e.
 
 Not done here: dimension_semantics: jax 0.10.2's pallas vmap rule prepends a grid axis but
 keeps the user's dimension_semantics tuple, which breaks vmap over the expert axis, so
@@ -33,7 +33,7 @@ Runs on CPU only in interpret mode; no GPU lowering.
 Meshes. A Mosaic kernel cannot be partitioned by XLA: on a multi-device mesh call the ops
 inside `jax.shard_map` (each device runs the kernels on its own tokens). There, with
 check_vma=True, the outputs declare the mesh axes they vary over and the head's
-cotangent is summed over the axes the head is replicated on (tests/test_kernels.py pins
+cotangent is summed over the axes the head is replicated on (tests/kernels/test_ops.py pins
 this to the full-batch reference). Pallas's generic interpreter (interpret=True) cannot
 run under check_vma; TPU interpret mode can.
 """

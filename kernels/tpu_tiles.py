@@ -11,7 +11,7 @@ with 256 x 512 tiles, the compiler's figure on v5p). So each kernel asks for `vm
 VMEM per core (the rest is left to the compiler's internal scratch), and the default tiles
 are the largest, in order of preference, whose estimated VMEM (`op_vmem_bytes`, an upper
 bound of what the compiler reported for these kernels, checked in
-tests/test_kernels_tpu.py) fits in that limit.
+tests/kernels/test_pallas_tpu.py) fits in that limit.
 
 Why per generation. The head is streamed from HBM once per token tile, so the kernels do
 about token_tile FLOPs per byte of head read; a chip keeps its matrix units busy above its
@@ -127,7 +127,7 @@ def block_bytes(rows: int, cols: int, dtype) -> int:
 
 # f32 [token_tile, vocab_tile] temporaries live at once (logits, exp, masks, ...): an upper
 # bound of what the compiler allocated for each kernel body (checked at real shapes in
-# tests/test_kernels_tpu.py, which compares these estimates with the compiler's figures).
+# tests/kernels/test_pallas_tpu.py, which compares these estimates with the compiler's figures).
 _TILE_TEMPORARIES = {"stats_fwd": 8, "rkl_fwd": 12, "d_hidden": 10, "d_head": 10,
                      "top_k": 26}
 

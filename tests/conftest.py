@@ -11,10 +11,33 @@ from xla_env import with_collective_timeouts  # noqa: E402
 
 os.environ["XLA_FLAGS"] = with_collective_timeouts(flags)
 
+# One persistent compilation cache per test run, shared by the xdist workers and the
+# subprocesses tests start (they inherit the environment): most of the suite's time is
+# XLA compiling the same few programs (the micro model's sampler, update, evaluation) in
+# file after file, and a compiled program read back from disk costs milliseconds. The
+# controller (or the only process, with -n 0) makes the directory before any worker or
+# jax starts and removes it at the end (pytest_unconfigure). A run given
+# JAX_COMPILATION_CACHE_DIR keeps that directory (a persistent cache across runs).
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+_OWN_CACHE_DIR = None
+if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE_DIR = tempfile.mkdtemp(prefix="copd-jax-test-compile-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE_DIR
+# Cache every program, however small and quick to compile (reading one back is quicker).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 
 import gc
 
 import pytest
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE_DIR is not None:
+    shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="module")

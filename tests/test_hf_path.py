@@ -9,10 +9,11 @@ import jax
 import numpy as np
 import pytest
 
+import paths
 from copd_jax import config_lib, policy_setup, warm_start
 from copd_jax.models import hf_checkpoint
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = paths.REPO
 
 
 def hf_config(arg="micro"):

@@ -4,7 +4,9 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import paths
+
+REPO = paths.REPO
 
 
 def run_main(*flags, cwd=REPO):

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import xla_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import paths
+
+REPO = paths.REPO
 RUN_ARGS = [
     "--config=configs/copd.py:micro",
     "--config.rl.capabilities=('text','image')", "--config.num_experts=2",

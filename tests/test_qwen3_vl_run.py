@@ -12,11 +12,12 @@ import jax
 import numpy as np
 import pytest
 
+import paths
 from copd_jax import export, main, policy_setup
 from copd_jax.data import math_verifier, records, vl_prompts
 from copd_jax.models import qwen3_vl_decode, qwen3_vl_import
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = paths.REPO
 sys.path.insert(0, os.path.join(REPO, "configs"))
 import hf_vl_copd  # noqa: E402
 import xla_env  # noqa: E402
@@ -153,7 +154,7 @@ def test_the_same_run_on_an_expert_mesh(finished_run, reward_module, tmp_path):
       "import hf_vl_copd, test_qwen3_vl_run as t\n"
       "from copd_jax import main\n"
       "main.run(t.vl_config(%r, %r, expert=3, data=2))\n"
-  ) % (folder, os.path.join(REPO, "tests"), str(mesh_dir), module)
+  ) % (folder, paths.TESTS, str(mesh_dir), module)
   env = dict(os.environ, XLA_FLAGS=xla_env.cpu_devices_flags(6),  # raised rendezvous timeouts
              JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
                  [REPO, os.path.join(REPO, "configs"), os.environ.get("PYTHONPATH", "")]))

@@ -13,10 +13,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import paths
 from copd_jax import checkpoint, default_config, policy_setup, warm_start
 from copd_jax.models import decoder as model_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = paths.REPO
 STEPS = 5
 TIMING_KEYS = ("time/", "throughput/")  # wall-clock fields: the only ones allowed to differ
 

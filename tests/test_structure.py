@@ -7,9 +7,10 @@ import pathlib
 
 import pytest
 
+import paths
 from copd_jax.rl import step
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(paths.REPO)
 MAX_LINES = 600
 
 
@@ -158,3 +159,26 @@ def test_importing_the_kernels_loads_no_rl_module():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        check=True, cwd=ROOT, timeout=300)
   assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_tests_mirror_the_packages():
+  """tests/<dir>/ holds the tests of the package of that name (copd_jax/<dir>, kernels/
+  or experiments/), and a module of a package is tested there, not in a flat file:
+  no tests/test_<m>.py for a module m that lives in a package directory."""
+  tests = ROOT / "tests"
+  packages = {p.name for p in (ROOT / "copd_jax").iterdir() if (p / "__init__.py").is_file()}
+  packages |= {"kernels", "experiments"}
+  dirs = {p.name for p in tests.iterdir() if p.is_dir() and p.name not in ("fixtures",
+                                                                             "__pycache__")}
+  assert dirs <= packages, f"tests/ directories without a package: {sorted(dirs - packages)}"
+  assert {"models", "data", "rl", "kernels", "analysis"} <= dirs
+  in_packages = {path.stem for name in packages
+                 for path in (ROOT / ("copd_jax/" + name if name not in ("kernels", "experiments")
+                                      else name)).glob("*.py") if path.stem != "__init__"}
+  top_level = {path.stem for path in (ROOT / "copd_jax").glob("*.py")}
+  misplaced = [path.name for path in tests.glob("test_*.py")
+               if path.stem[len("test_"):] in in_packages - top_level]
+  assert not misplaced, f"tests of package modules outside their package's directory: {misplaced}"
+  # Module names are global under pytest's rootdir import mode: no two test files share one.
+  names = [path.name for path in tests.rglob("test_*.py") if "fixtures" not in path.parts]
+  assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)

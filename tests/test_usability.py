@@ -13,13 +13,14 @@ import jax
 import numpy as np
 import pytest
 
+import paths
 from copd_jax import cli, config_lib, default_config, export, main, policy_setup, run_dir
 from copd_jax.data import examples as examples_lib, reward_fns, streams, verifiers
 from copd_jax.models import decoder as model_lib, stacked as experts
 from copd_jax.rl import evaluation
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QWEN3_CHAT = os.path.join(REPO, "tests", "fixtures", "hf", "qwen3_chat")
+REPO = paths.REPO
+QWEN3_CHAT = os.path.join(paths.FIXTURES, "hf", "qwen3_chat")
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
 
 

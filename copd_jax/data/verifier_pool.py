@@ -1,6 +1,6 @@
 """A bounded pool of verifier worker processes with hard time and memory limits.
 
-Bounds (each checked by tests/test_verifier_pool.py):
+Bounds (each checked by tests/data/test_verifier_pool.py):
   * at most `workers` processes, which may not exceed the CPUs this process may use
     (cpu_cap), and never more than a batch has requests;
   * a worker dies with its parent from its first statements on, also when the parent is

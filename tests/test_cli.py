@@ -1,0 +1,221 @@
+"""Issue 15 items 1-4: no silent fixture defaults or sampling mismatches, run names, and the
+command line (--help, --dry_run, one-line errors, comma capability lists)."""
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import paths
+from copd_jax import cli, config_lib, default_config, run_dir
+
+REPO = paths.REPO
+FIXTURE_TOKENIZER = os.path.join(paths.FIXTURES, "hf", "qwen3_tiny", "tokenizer")
+FIXTURE_DATA = os.path.join(paths.FIXTURES, "data")
+# A Qwen3-4B-shaped config.json (only read by validation; no weights needed for it).
+QWEN3_4B_CONFIG = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
+    "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "rope_theta": 1000000, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "eos_token_id": 151645}
+
+
+def hf_config(arg="micro"):
+  spec = importlib.util.spec_from_file_location("hf_copd", os.path.join(REPO, "configs", "hf_copd.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def real_checkpoint(tmp_path, with_tokenizer=False) -> str:
+  directory = tmp_path / "Qwen3-4B"
+  directory.mkdir()
+  (directory / "config.json").write_text(json.dumps(QWEN3_4B_CONFIG))
+  if with_tokenizer:
+    for name in os.listdir(FIXTURE_TOKENIZER):
+      shutil.copy(os.path.join(FIXTURE_TOKENIZER, name), directory / name)
+  return str(directory)
+
+
+def user_data(tmp_path) -> dict:
+  """Copies of the fixture records outside tests/fixtures: the user's own files."""
+  out = {}
+  for name in ("math_train.jsonl", "math_eval.jsonl", "science_train.parquet",
+               "science_eval.parquet"):
+    shutil.copy(os.path.join(FIXTURE_DATA, name), tmp_path / name)
+    out[name] = str(tmp_path / name)
+  return out
+
+
+# ------------------------------------------------------------- 1. fixture defaults
+
+
+def test_real_checkpoint_with_the_fixture_tokenizer_is_an_error(tmp_path):
+  cfg = hf_config()
+  cfg.init.hf_checkpoint = real_checkpoint(tmp_path)
+  with pytest.raises(ValueError, match=r"config\.init\.hf_tokenizer points at the committed "
+                                       r"test fixture while config\.init\.hf_checkpoint="):
+    config_lib.validate_config(cfg)
+
+
+def test_real_checkpoint_with_a_fixture_record_file_left_over_is_an_error(tmp_path):
+  cfg = hf_config()
+  cfg.init.hf_checkpoint = real_checkpoint(tmp_path, with_tokenizer=True)
+  cfg.init.hf_tokenizer = ""  # the checkpoint's own tokenizer
+  files = user_data(tmp_path)
+  cfg.data.train_files.math = files["math_train.jsonl"]
+  cfg.data.eval_files.math = files["math_eval.jsonl"]
+  cfg.data.train_files.science = files["science_train.parquet"]
+  # data.eval_files.science is left at its default: the fixture file.
+  with pytest.raises(ValueError, match=r"config\.data\.eval_files\.science points at the "
+                                       r"committed test fixture"):
+    config_lib.validate_config(cfg)
+  cfg.data.eval_files.science = files["science_eval.parquet"]
+  config_lib.validate_config(cfg)  # every path is the user's: valid
+
+
+def test_the_fixture_checkpoint_still_runs_on_fixtures():
+  cfg = hf_config()
+  assert config_lib.is_test_fixture(cfg.init.hf_checkpoint)  # the committed demo path ...
+  config_lib.validate_config(cfg)  # ... is valid: fixture data beside a fixture checkpoint
+
+
+# --------------------------------------------------------------- 2. RL sampling
+
+
+@pytest.mark.parametrize("field, value", [
+    ("sampling.temperature", 0.7), ("sampling.top_k", 5), ("sampling.top_p", 0.9)])
+def test_rl_methods_reject_sampling_other_than_the_scored_distribution(field, value):
+  for method in ("experts", "copd", "mopd"):
+    cfg = default_config.get(method, "micro")
+    default_config.set_field(cfg, field, value)
+    with pytest.raises(ValueError, match=rf"config\.{re.escape(field)} must be .* for RL methods"):
+      config_lib.validate_config(cfg)
+  base = default_config.get("base", "micro")  # greedy evaluation only: allowed
+  default_config.set_field(base, field, value)
+  config_lib.validate_config(base)
+
+
+# ----------------------------------------------------------------- 3. run names
+
+
+def resolve(spec, **overrides):
+  """What `python -m copd_jax.main --config=<spec> --config.<k>=<v> ...` resolves to."""
+  cfg = cli.load_config_file(os.path.join(REPO, spec))
+  for field, value in overrides.items():
+    cli.set_field(cfg, field, value)
+  return cli.resolve(cfg, os.path.join(REPO, spec), set(overrides))
+
+
+def test_run_names_are_deterministic_and_follow_the_training_config():
+  plain = resolve("configs/copd.py:micro")
+  assert re.fullmatch(r"runs/copd_micro-[0-9a-f]{8}", plain.workdir)
+  assert resolve("configs/copd.py:micro").workdir == plain.workdir  # same command, same run
+  lr = resolve("configs/copd.py:micro", **{"rl.learning_rate": 1e-3})
+  assert re.fullmatch(r"runs/copd_micro-rl\.learning_rate=0\.001-[0-9a-f]{8}", lr.workdir)
+  assert lr.workdir[-8:] != plain.workdir[-8:]  # another training config, another hash
+  # An override equal to the preset is no change; operational fields never rename a run.
+  same = resolve("configs/copd.py:micro", **{"rl.steps": plain.rl.steps,
+                                             "checkpoint.every_steps": 5, "rl.log_every": 3})
+  assert same.workdir == plain.workdir
+  # An explicit workdir is kept as given.
+  assert resolve("configs/copd.py:micro", workdir="/tmp/mine").workdir == "/tmp/mine"
+
+
+def test_config_hash_covers_training_fields_only():
+  a = default_config.get("copd", "micro")
+  b = default_config.get("copd", "micro")
+  b.checkpoint.every_steps, b.mesh.data, b.eval.batch_size = 3, 2, 2
+  assert run_dir.config_hash(a) == run_dir.config_hash(b)
+  b.rl.opd.beta = 0.25
+  assert run_dir.config_hash(a) != run_dir.config_hash(b)
+
+
+# ------------------------------------------------------------------- 4. the CLI
+
+
+def main_cli(*args, cwd):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  return subprocess.run([sys.executable, "-m", "copd_jax.main", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=1800)
+
+
+def test_help_lists_the_config_fields_with_defaults_and_meanings(tmp_path):
+  result = main_cli(f"--config={REPO}/configs/copd.py:micro", "--help", cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.splitlines()
+  beta = [l for l in lines if l.strip().startswith("rl.opd.beta = 1.0")]
+  assert beta and "OPD rate of every branch" in beta[0]
+  assert any(l.strip().startswith("rl.learning_rate = ") for l in lines)
+  assert "--[no]dry_run" in result.stdout and "--[no]traceback" in result.stdout
+
+
+def test_every_shipped_config_field_has_a_meaning():
+  for name in ("base", "copd", "hf_copd", "pod_4b"):
+    cfg = cli.load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
+    flat = run_dir.flatten(run_dir.config_as_json(cfg))
+    from copd_jax import config_help
+    missing = [k for k in flat if not config_help.field_help(k)]
+    assert missing == [], f"configs/{name}.py fields without --help text: {missing}"
+
+
+def test_dry_run_validates_prints_the_resolved_config_and_writes_nothing(tmp_path):
+  result = main_cli(f"--config={REPO}/configs/copd.py:micro", "--config.rl.capabilities=text,image",
+                    "--dry_run", cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]
+  printed = json.loads(result.stdout[:result.stdout.rindex("}") + 1])
+  assert printed["rl"]["capabilities"] == ["text", "image"]
+  assert printed["num_experts"] == 2 and printed["rl"]["opd"]["hub"] == "text"
+  assert re.fullmatch(r"runs/copd_micro-rl\.capabilities=text\+image-[0-9a-f]{8}", printed["workdir"])
+  assert os.listdir(tmp_path) == []  # nothing written, not even the run directory
+
+
+def test_a_bad_value_prints_one_line_naming_the_field(tmp_path):
+  result = main_cli(f"--config={REPO}/configs/copd.py:micro", "--config.rl.learning_rate=-1",
+                    cwd=tmp_path)
+  assert result.returncode == 1
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: config.rl.learning_rate must be positive")
+  unknown = main_cli(f"--config={REPO}/configs/copd.py:micro", "--config.rl.stepz=1", cwd=tmp_path)
+  assert unknown.returncode == 1
+  lines = unknown.stderr.strip().splitlines()
+  assert len(lines) == 1 and "unknown config field 'stepz'" in lines[0] and "Traceback" not in unknown.stderr
+  traced = main_cli(f"--config={REPO}/configs/copd.py:micro", "--config.rl.learning_rate=-1",
+                    "--traceback", cwd=tmp_path)
+  assert traced.returncode != 0 and "Traceback (most recent call last)" in traced.stderr
+
+
+@pytest.mark.parametrize("method, caps, extra, experts, hub", [
+    ("copd", "image,video", {}, 2, "image"),           # the hub follows: text is gone
+    ("copd", "text,video", {}, 2, "text"),             # the preset's hub is kept
+    ("copd", "image,video", {"rl.opd.hub": "video"}, 2, "video"),  # an override wins
+    ("mixed_rlvr", "text,image", {}, 1, "text"),       # one branch whatever the list
+])
+def test_capability_list_derives_num_experts_and_hub(method, caps, extra, experts, hub):
+  cfg = resolve(f"configs/{method}.py:micro", **{"rl.capabilities": (caps,)}, **extra)
+  assert tuple(cfg.rl.capabilities) == tuple(caps.split(","))
+  assert cfg.num_experts == experts and cfg.rl.opd.hub == hub
+  config_lib.validate_config(cfg)
+
+
+def test_static_opd_pair_follows_the_capabilities():
+  cfg = resolve("configs/static_opd.py:micro", **{"rl.capabilities": ("image,video",)})
+  assert (cfg.rl.static_opd.teacher, cfg.rl.static_opd.student) == ("image", "video")
+  config_lib.validate_config(cfg)
+
+
+def test_export_hf_shares_the_cli_conventions(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  run = lambda *a: subprocess.run([sys.executable, "-m", "copd_jax.export", *a], cwd=tmp_path,
+                                  env=env, capture_output=True, text=True, timeout=1800)
+  assert run("--help").returncode == 0
+  missing = run("--out=x", f"--workdir={tmp_path / 'nowhere'}")
+  assert missing.returncode == 1
+  assert missing.stderr.strip().splitlines() == [
+      f"error: {tmp_path / 'nowhere' / 'config.json'} not found: is {tmp_path / 'nowhere'} a "
+      "copd_jax.main workdir?  (--traceback for details)"]
