@@ -33,7 +33,7 @@ import numpy as np
 
 from copd_jax.models import decoder, model_config, qwen3_vl, qwen3_vl_decode
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
-from copd_jax.sharding import RunSharding, ShardedFunction
+from copd_jax.sharding import MeshProgram, RunSharding, constrain
 
 PAD_ID = 0
 
@@ -401,7 +401,6 @@ def _generate_by_recompute_one(params, cfg, prompt_tokens, prompt_mask, vision, 
 
 _STATIC = ("cfg", "sampling", "num_samples")
 _generate_jit = jax.jit(_generate_one, static_argnames=_STATIC)
-_stacked_generate_jit = jax.jit(_stacked_generate_one, static_argnames=_STATIC)
 _generate_by_recompute_jit = jax.jit(_generate_by_recompute_one, static_argnames=_STATIC)
 
 
@@ -497,24 +496,33 @@ def generate_by_recompute(params, cfg: model_config.ModelConfig, prompt_tokens, 
                                     sampling, num_samples, row_vision)
 
 
-def stacked_generate(stacked, cfg: model_config.ModelConfig, prompt_tokens, prompt_mask, vision,
-                     keys, sampling: SamplingConfig, num_samples: int) -> Rollout:
-  """`generate` for E experts in one vmapped call, each on its own prompts and key.
+def stacked_generate(run: RunSharding, stacked, cfg: model_config.ModelConfig, prompt_tokens,
+                     prompt_mask, vision, keys, sampling: SamplingConfig,
+                     num_samples: int) -> Rollout:
+  """`generate` for E experts in one vmapped call on run's mesh, each on its own prompts
+  and key: the sampler of training, evaluation and diagnostics alike (one device is a
+  mesh of size 1).
 
   stacked: params with leading expert axis E; prompt_tokens: int32[E, B, P];
-  prompt_mask: bool[E, B, P]; vision: f32[E, B, F, H, W, C] or None; keys: PRNG keys [E].
-  Returns a Rollout with [E, B, G, R] fields. The loop runs until every expert is done.
+  prompt_mask: bool[E, B, P]; vision: f32[E, B, F, H, W, C] or None (or Qwen3-VL's
+  PromptMedia / VisionInputs with leading [E, B]); keys: PRNG keys [E] (or their uint32
+  key data [E, 2]); every process passes the same host prompts and keys.
+  Returns a Rollout with [E, B, G, R] fields, global arrays sharded expert x batch. The
+  loop runs until every expert is done.
   """
+  keys = jnp.asarray(keys)
+  if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
+    keys = jax.random.key_data(keys)
   check_stacked_generate_args(stacked, cfg, prompt_tokens, prompt_mask, vision, keys, sampling,
                               num_samples)
-  return _stacked_generate_jit(stacked, cfg, prompt_tokens, prompt_mask, vision, keys,
-                               sampling, num_samples)
+  return sampler_program(run, cfg, sampling, num_samples)(
+      stacked, prompt_tokens, prompt_mask, vision, np.asarray(keys))
 
 
 def check_stacked_generate_args(stacked, cfg, prompt_tokens, prompt_mask, vision, keys,
                                 sampling: SamplingConfig, num_samples: int) -> None:
-  """The checks of `stacked_generate`, for callers that jit `stacked_generate_body` with
-  their own shardings (copd_jax.sharding). keys: [E] PRNG keys or their uint32 key data."""
+  """The checks of `stacked_generate`, before anything is traced. keys: [E] PRNG keys or
+  their uint32 key data."""
   e = int(jax.tree_util.tree_leaves(stacked)[0].shape[0])
   _check_generate_args(cfg, prompt_tokens, prompt_mask, vision, sampling, num_samples, (e,))
   if jnp.shape(keys)[:1] != (e,):
@@ -522,70 +530,28 @@ def check_stacked_generate_args(stacked, cfg, prompt_tokens, prompt_mask, vision
                      f"{jnp.shape(keys)}")
 
 
-# The traceable body of `stacked_generate` (unjitted): same arguments, cfg / sampling /
-# num_samples must be closed over or static. copd_jax.sharding jits it with explicit shardings.
-stacked_generate_body = _stacked_generate_one
+def _stacked_generate_on_mesh(stacked, prompt_tokens, prompt_mask, vision, key_data, *,
+                              run: RunSharding, cfg, sampling: SamplingConfig, num_samples: int):
+  rollout = _stacked_generate_one(stacked, cfg, prompt_tokens, prompt_mask, vision,
+                                  jax.random.wrap_key_data(key_data), sampling, num_samples)
+  return constrain(rollout, jax.tree.map(lambda x: run.per_branch(x.shape, 1), rollout))
 
 
-# --------------------------------------------------------------------------- re-scoring
+_stacked_generate_jit = jax.jit(_stacked_generate_on_mesh,
+                                static_argnames=("run",) + _STATIC)
 
 
-def rollout_to_sequences(prompt_tokens, prompt_mask, rollout: Rollout):
-  """Prompt + response as teacher-forcing input for forward_hidden.
-
-  prompt_tokens: int32[B, P] (left-padded); prompt_mask: bool[B, P]; rollout: [B, G, R].
-  Returns, with N = B*G rows ordered (prompt b, sample j) -> b*G + j and T = P + R:
-    tokens:        int32[N, T]  prompt then response (pad after the stop token)
-    positions:     int32[N, T]  cumsum(token_mask) - 1, as the sampler used
-    token_mask:    bool[N, T]   prompt tokens and valid response tokens
-    response_mask: f32[N, T]    1 at t when token t+1 is a valid response token
-
-  Off-by-one convention: hidden[:, t] predicts tokens[:, t+1]. So response token r (at
-  column P+r) is scored by the hidden at column P-1+r, and response_mask[:, P-1+r] =
-  rollout.mask[:, r]; the last column is always 0. `next_token_targets(tokens)` gives the
-  matching targets and `align_response_values` puts per-token rollout values (e.g.
-  raw_logprobs) in the same columns. Vision inputs must be repeated G times
-  (`jnp.repeat(vision, G, axis=0)`). For a stacked rollout, jax.vmap this function.
-  """
-  b, g, r = rollout.tokens.shape
-  n = b * g
-  tokens = jnp.concatenate([jnp.repeat(prompt_tokens, g, axis=0).astype(jnp.int32),
-                            rollout.tokens.reshape(n, r)], axis=1)
-  token_mask = jnp.concatenate([jnp.repeat(prompt_mask.astype(bool), g, axis=0),
-                                rollout.mask.reshape(n, r) > 0], axis=1)
-  positions = decoder.positions_from_mask(token_mask)
-  response_mask = align_response_values(rollout.mask, prompt_tokens.shape[1])
-  return tokens, positions, token_mask, response_mask
-
-
-def next_token_targets(tokens):
-  """int32[N, T] -> int32[N, T]: targets[:, t] = tokens[:, t+1], last column PAD_ID."""
-  return jnp.concatenate([tokens[:, 1:], jnp.full_like(tokens[:, :1], PAD_ID)], axis=1)
-
-
-def align_response_values(values, prompt_length: int):
-  """Per-response-token values [B, G, R] -> f32[B*G, P+R], value r at column P-1+r (the
-  column whose hidden state predicts response token r), zeros elsewhere."""
-  b, g, r = values.shape
-  flat = values.reshape(b * g, r).astype(jnp.float32)
-  return jnp.pad(flat, ((0, 0), (prompt_length - 1, 1)))
-
-
-def sharded_generate(run: RunSharding, cfg: model_config.ModelConfig, sampling: SamplingConfig,
-                     num_samples: int) -> ShardedFunction:
-  """stacked_generate jitted with explicit shardings on run's mesh (built once per
-  setting). Call as fn(params, prompt_tokens [S, B, P], prompt_mask, vision or None,
-  key_data uint32[S, 2]) -> Rollout [S, B, G, R] sharded expert x batch."""
-  def build(args):
+def sampler_program(run: RunSharding, cfg, sampling: SamplingConfig,
+                    num_samples: int) -> MeshProgram:
+  """`stacked_generate` as a program on run's mesh, without the argument checks:
+  program(stacked, prompt_tokens, prompt_mask, vision, key_data uint32[E, 2]) runs it,
+  program.lower(...) lowers it (arguments may be sharded jax.ShapeDtypeStruct).
+  Parameters shard as the model's layers declare them, prompts and keys expert x batch."""
+  def in_shardings(args):
     params, tokens, mask, vision, key_data = args
-
-    def fn(p, tok, msk, vis, kd):
-      return stacked_generate_body(p, cfg, tok, msk, vis, jax.random.wrap_key_data(kd),
-                                   sampling, num_samples)
-    in_sh = (run.stacked_params(params), run.per_branch(tokens.shape, 1),
-             run.per_branch(mask.shape, 1),
-             jax.tree.map(lambda x: run.per_branch(x.shape, 1), vision),
-             run.per_branch(key_data.shape))
-    out_sh = run.per_branch(tuple(tokens.shape[:2]) + (num_samples, 1), 1)
-    return fn, in_sh, out_sh
-  return run.jitted(("generate", cfg, sampling, num_samples), build)
+    return (run.stacked_params(params), run.per_branch(tokens.shape, 1),
+            run.per_branch(mask.shape, 1),
+            jax.tree.map(lambda x: run.per_branch(x.shape, 1), vision),
+            run.per_branch(key_data.shape))
+  return MeshProgram(_stacked_generate_jit, run.mesh, in_shardings,
+                     dict(run=run, cfg=cfg, sampling=sampling, num_samples=num_samples))

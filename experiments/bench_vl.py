@@ -106,7 +106,9 @@ def training_compiles(cfg, params, samples: int, steps: int = 5, budget: int = 6
                                    native_rows=2 * samples).as_arrays()
   config = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, stop_token_ids=(2,),
                                    banned_token_ids=(IMAGE_PAD, VIDEO_PAD))
-  before = update_lib.update._cache_size()
+  from copd_jax import policy_setup, sharding
+  run = sharding.RunSharding.one_device(policy_setup.declared_param_axes(cfg))
+  before = update_lib.compiled_updates()
   seen, times = [], []
   for step in range(steps):
     ids, mask, media = [], [], []
@@ -118,7 +120,7 @@ def training_compiles(cfg, params, samples: int, steps: int = 5, budget: int = 6
                                                 budget))
     ids, mask = jnp.asarray(np.stack(ids), jnp.int32), jnp.asarray(np.stack(mask), bool)
     media = jax.tree.map(lambda *xs: jnp.stack(xs), *media)
-    rollout = sampling.stacked_generate(stacked, cfg, ids, mask, media,
+    rollout = sampling.stacked_generate(run, stacked, cfg, ids, mask, media,
                                         jax.random.split(jax.random.key(step), 2), config,
                                         samples)
     beta = np.zeros((2, 4 * samples), np.float32)
@@ -128,11 +130,11 @@ def training_compiles(cfg, params, samples: int, steps: int = 5, budget: int = 6
     start = time.perf_counter()
     with qwen3_vl_decode.vision_tower_calls() as calls:
       stacked, opt_state, _ = jax.block_until_ready(update_lib.update(
-          stacked, opt_state, stacked, rows, routing, ucfg=u, optimizer=optimizer, distil=True,
-          prompt_len=ids.shape[-1]))
+          stacked, opt_state, stacked, rows, routing, run=run, ucfg=u, optimizer=optimizer,
+          distil=True, cross_row_start=2 * samples, prompt_len=ids.shape[-1]))
     times.append(time.perf_counter() - start)
     seen += calls
-  return update_lib.update._cache_size() - before, seen, float(np.mean(times[1:]))
+  return update_lib.compiled_updates() - before, seen, float(np.mean(times[1:]))
 
 
 def tower_patches(fn) -> list[int]:
