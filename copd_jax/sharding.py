@@ -1,5 +1,5 @@
-"""Device mesh, logical-axis sharding rules, placement, and running a jitted program on
-the mesh (call_on_mesh; the sampler and the update are each one such program).
+"""Device mesh, logical-axis sharding rules, placement, and programs jitted on the mesh with
+explicit shardings (MeshProgram; the sampler and the update are each one such program).
 
 One code path runs on 1 CPU device (a mesh of size 1), on 8 simulated devices and on a pod
 slice:
@@ -289,10 +289,13 @@ def _reshard(x, sharding):
 
 def place(tree, sharding_tree):
   """Puts every leaf on its sharding: numpy via put_global, device arrays with another
-  sharding via device_put (single process), arrays already in place untouched."""
+  sharding (or uncommitted) via device_put (single process; no copy where the layout is
+  the same), committed arrays already in place untouched."""
   def one(x, sharding):
     if isinstance(x, jax.Array):
-      if x.sharding.is_equivalent_to(sharding, x.ndim):
+      # Committed, as a program's outputs are: jit keys its cache on whether an argument
+      # is committed, so an uncommitted first input would compile a stage's program twice.
+      if x.committed and x.sharding.is_equivalent_to(sharding, x.ndim):
         return x
       if x.is_fully_addressable and sharding.is_fully_addressable:
         return jax.device_put(x, sharding)
@@ -310,41 +313,41 @@ def place(tree, sharding_tree):
 
 @dataclasses.dataclass(frozen=True)
 class MeshProgram:
-  """One jitted program with its static arguments, on a run's mesh (every run has one; one
-  device is a mesh of size 1). There is no cache here: `jitted` is a module-level jax.jit,
-  and jit's own cache holds one executable per static arguments and shapes.
+  """One program on a run's mesh (every run has one; one device is a mesh of size 1):
+  fn(*static, *args) jitted with explicit in/out shardings, which shardings(args) derives
+  from the arguments' shapes -> (in_shardings, out_shardings), one per argument / output
+  (prefix trees allowed).
 
-  program(*args) places the arguments on in_shardings(args) first (host numpy -> global
-  arrays, see `place`), so jit takes those as its input shardings; the program pins its
-  outputs inside (`constrain`). It traces under jax.set_mesh(mesh): the Pallas kernels
-  then run inside shard_map over a mesh of several devices (kernels/sharded.py), as XLA
-  cannot partition a Mosaic kernel.
-  program.lower(*args) lowers it with the same input shardings; args may be
-  jax.ShapeDtypeStruct (nothing is allocated)."""
-  jitted: Any
+  No cache of ours: fn is a module-level function, and jax's own caches give a jit of the
+  same function with equal static arguments and shardings the program already traced and
+  compiled (one compile per stage and kind of step).
+
+  program(*args) places the arguments on their shardings first (host numpy -> global
+  arrays, see `place`) and traces under jax.set_mesh(mesh): the Pallas kernels then run
+  inside shard_map over a mesh of several devices (kernels/sharded.py), as XLA cannot
+  partition a Mosaic kernel. program.lower(*args) lowers it with the same shardings; args
+  may be jax.ShapeDtypeStruct (nothing is allocated)."""
+  fn: Any
+  static: tuple
   mesh: Mesh
-  in_shardings: Any  # args (a tuple) -> one sharding per argument (a prefix tree)
-  static: dict
+  shardings: Any  # args (a tuple) -> (in_shardings, out_shardings)
+
+  def _jitted(self, args):
+    in_shardings, out_shardings = self.shardings(args)
+    jitted = jax.jit(self.fn, static_argnums=tuple(range(len(self.static))),
+                     in_shardings=in_shardings, out_shardings=out_shardings)
+    return jitted, in_shardings
 
   def __call__(self, *args):
-    args = place(args, self.in_shardings(args))
+    jitted, in_shardings = self._jitted(args)
+    args = place(args, in_shardings)
     with jax.set_mesh(self.mesh):
-      return self.jitted(*args, **self.static)
+      return jitted(*self.static, *args)
 
   def lower(self, *args):
-    shardings = _broadcast_prefix(self.in_shardings(args), args)
-    abstract = jax.tree.map(
-        lambda x, sharding: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding),
-        args, shardings)
+    jitted, _ = self._jitted(args)
     with jax.set_mesh(self.mesh):
-      return self.jitted.lower(*abstract, **self.static)
-
-
-def constrain(tree, sharding_tree):
-  """with_sharding_constraint of every leaf of tree (sharding_tree: one per leaf or a
-  prefix): how a program pins its outputs' shardings, computed from their shapes at
-  trace time."""
-  return jax.lax.with_sharding_constraint(tree, _broadcast_prefix(sharding_tree, tree))
+      return jitted.lower(*self.static, *args)
 
 
 @dataclasses.dataclass(eq=False)

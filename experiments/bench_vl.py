@@ -45,6 +45,7 @@ from bench_copd import cpu_name  # noqa: E402
 from bench_sampler import time_side_by_side  # noqa: E402
 
 from copd_jax import kernels, sampling  # noqa: E402
+from copd_jax.sampling import decode as sampling_decode  # noqa: E402
 from copd_jax.models import qwen3_vl_decode, qwen3_vl_import  # noqa: E402
 from copd_jax.rl import objectives, rollout as rollout_lib, rows as rows_lib  # noqa: E402
 from copd_jax.rl import stages, update as update_lib  # noqa: E402
@@ -108,7 +109,8 @@ def training_compiles(cfg, params, samples: int, steps: int = 5, budget: int = 6
                                    banned_token_ids=(IMAGE_PAD, VIDEO_PAD))
   from copd_jax import policy_setup, sharding
   run = sharding.RunSharding.one_device(policy_setup.declared_param_axes(cfg))
-  before = update_lib.compiled_updates()
+  traced, real_body = [], update_lib.update_body  # each trace of the update is a compile
+  update_lib.update_body = lambda *a, **k: (traced.append(1), real_body(*a, **k))[1]
   seen, times = [], []
   for step in range(steps):
     ids, mask, media = [], [], []
@@ -134,7 +136,8 @@ def training_compiles(cfg, params, samples: int, steps: int = 5, budget: int = 6
           distil=True, cross_row_start=2 * samples, prompt_len=ids.shape[-1]))
     times.append(time.perf_counter() - start)
     seen += calls
-  return update_lib.compiled_updates() - before, seen, float(np.mean(times[1:]))
+  update_lib.update_body = real_body
+  return len(traced), seen, float(np.mean(times[1:]))
 
 
 def tower_patches(fn) -> list[int]:
@@ -173,7 +176,7 @@ def main():
         f"{new_tokens} new tokens (no stop token: full length); CPU: {cpu_name()}",
         flush=True)
 
-  jit = sampling._generate_jit  # cached sampler programs, counted over the whole run
+  jit = sampling_decode._generate_jit  # cached sampler programs, counted over the whole run
   programs_at_start = jit._cache_size()
   patches = int(vision.pixel_values.shape[0])
   seen = tower_patches(lambda: sampling.generate(params, cfg, ids, mask, vision, key, config,

@@ -22,3 +22,16 @@ def one_device_run(model_cfg):
   as a static argument, so reusing it reuses their compiled programs."""
   from copd_jax import policy_setup, sharding
   return sharding.RunSharding.one_device(policy_setup.declared_param_axes(model_cfg))
+
+
+def update_traces(monkeypatch) -> list:
+  """A list that grows by one each time rl.update's program is traced (which is when it
+  compiles): a second step of a stage must leave it as it was."""
+  from copd_jax.rl import update as update_lib
+  traces, real = [], update_lib.update_body
+
+  def counting(*args, **kwargs):
+    traces.append(1)
+    return real(*args, **kwargs)
+  monkeypatch.setattr(update_lib, "update_body", counting)
+  return traces

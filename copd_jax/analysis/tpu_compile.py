@@ -43,7 +43,7 @@ from copd_jax import sampling as sampling_lib
 from copd_jax.models import decoder, model_config, stacked
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 from copd_jax.rl import rows as rows_lib, schedules, scoring, stages, update as update_lib
-from copd_jax.sharding import MeshProgram, RunSharding, constrain, make_mesh
+from copd_jax.sharding import MeshProgram, RunSharding, make_mesh
 
 GiB = 2 ** 30
 
@@ -251,26 +251,24 @@ class Program:
   shared_bytes: int = 0
 
 
-def _score_on_mesh(teachers, rows, routing, *, run: RunSharding, ucfg, cross_row_start: int,
-                   prompt_len: int):
+def _score_on_mesh(run: RunSharding, ucfg, cross_row_start: int, prompt_len: int, teachers,
+                   rows, routing):
   with decoder.activation_sharding(run.constrain_rows):
-    scores = scoring.score_by_teachers(teachers, rows, routing, ucfg, run.regroup_placement(),
-                                       cross_row_start, prompt_len)
-  return constrain(scores, run.per_branch(scores.shape, 1))
-
-
-_score_jit = jax.jit(_score_on_mesh,
-                     static_argnames=("run", "ucfg", "cross_row_start", "prompt_len"))
+    return scoring.score_by_teachers(teachers, rows, routing, ucfg, run.regroup_placement(),
+                                     cross_row_start, prompt_len)
 
 
 def _scoring_program(run: RunSharding, ucfg, cross_row_start: int, prompt_len: int):
   """score_by_teachers as a program on run's mesh, as the update runs it (same placement
   and activation constraint): program(teacher_params, rows, routing) -> f32[S, R, W]."""
-  def in_shardings(args):
+  def shardings(args):
     teachers, rows, _ = args
-    return run.stacked_params(teachers), run.rows(rows), run.replicated
-  return MeshProgram(_score_jit, run.mesh, in_shardings, dict(
-      run=run, ucfg=ucfg, cross_row_start=cross_row_start, prompt_len=prompt_len))
+    s, r = rows.tokens.shape[:2]
+    width = rows.tokens.shape[2] - prompt_len
+    return ((run.stacked_params(teachers), run.rows(rows), run.replicated),
+            run.per_branch((s, r, width), 1))
+  return MeshProgram(_score_on_mesh, (run, ucfg, cross_row_start, prompt_len), run.mesh,
+                     shardings)
 
 
 def merge_program(run: RunSharding, params, weights=None):

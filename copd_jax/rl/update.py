@@ -14,7 +14,7 @@ from copd_jax.models.decoder import Params
 from copd_jax.rl import objectives
 from copd_jax.rl.rows import Rows, UpdateConfig, join_rows, loss_columns, loss_targets, split_rows
 from copd_jax.rl.scoring import _response_hidden, lm_head, reference_logprobs, score_by_teachers
-from copd_jax.sharding import MeshProgram, RunSharding, constrain
+from copd_jax.sharding import MeshProgram, RunSharding
 
 
 def student_loss_sum(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
@@ -230,42 +230,32 @@ def init_optimizer_state(optimizer, params: Params):
   return jax.vmap(optimizer.init)(params)
 
 
-def _update_on_mesh(params, opt_state, teachers, rows, routing, ref, *, run: RunSharding,
-                    ucfg: UpdateConfig, optimizer, distil: bool, cross_row_start: int,
-                    prompt_len: int):
+def _update_on_mesh(run: RunSharding, ucfg: UpdateConfig, optimizer, distil: bool,
+                    cross_row_start: int, prompt_len: int, params, opt_state, teachers, rows,
+                    routing, ref):
   with decoder.activation_sharding(run.constrain_rows):
-    params, opt_state, metrics = update_body(
-        params, opt_state, teachers, rows, routing, ref, ucfg=ucfg, optimizer=optimizer,
-        distil=distil, placement=run.regroup_placement(), cross_row_start=cross_row_start,
-        prompt_len=prompt_len)
-  s = jax.tree_util.tree_leaves(params)[0].shape[0]
-  return (constrain(params, run.stacked_params(params)),
-          constrain(opt_state, run.opt_state(opt_state)),
-          constrain(metrics, run.per_branch((s,))))
-
-
-# No buffer donation: with live teachers the same params arrive as `teacher_params`.
-_update_jit = jax.jit(_update_on_mesh, static_argnames=(
-    "run", "ucfg", "optimizer", "distil", "cross_row_start", "prompt_len"))
+    return update_body(params, opt_state, teachers, rows, routing, ref, ucfg=ucfg,
+                       optimizer=optimizer, distil=distil, placement=run.regroup_placement(),
+                       cross_row_start=cross_row_start, prompt_len=prompt_len)
 
 
 def update_program(run: RunSharding, ucfg: UpdateConfig, optimizer, distil: bool,
                    cross_row_start: int = 0, prompt_len: int = 0) -> MeshProgram:
   """`update` as a program on run's mesh: program(params, opt_state, teacher_params,
   rows, routing, ref_params) (None where unused) runs it, program.lower(...) lowers it
-  (arguments may be sharded jax.ShapeDtypeStruct). Parameters and optimizer state shard
-  as the model's layers declare them, rows expert x batch, routing replicated."""
-  def in_shardings(args):
+  (arguments may be jax.ShapeDtypeStruct). Parameters and optimizer state shard as the
+  model's layers declare them (and come back so), rows expert x batch, routing
+  replicated, metrics f32[S] over expert. No buffer donation: with live teachers the
+  same params arrive as `teacher_params`."""
+  def shardings(args):
     params, opt_state, teachers, rows, routing, ref = args
-    return (run.stacked_params(params), run.opt_state(opt_state),
-            None if teachers is None else run.stacked_params(teachers), run.rows(rows),
-            None if routing is None else run.replicated,
-            None if ref is None else run.stacked_params(ref, stacked=False))
-  return MeshProgram(_update_jit, run.mesh, in_shardings, dict(
-      run=run, ucfg=ucfg, optimizer=optimizer, distil=distil,
-      cross_row_start=cross_row_start, prompt_len=prompt_len))
+    p_sh, o_sh = run.stacked_params(params), run.opt_state(opt_state)
+    s = jax.tree_util.tree_leaves(params)[0].shape[0]
+    return ((p_sh, o_sh, None if teachers is None else run.stacked_params(teachers),
+             run.rows(rows), None if routing is None else run.replicated,
+             None if ref is None else run.stacked_params(ref, stacked=False)),
+            (p_sh, o_sh, run.per_branch((s,))))
+  return MeshProgram(_update_on_mesh,
+                     (run, ucfg, optimizer, distil, cross_row_start, prompt_len), run.mesh,
+                     shardings)
 
-
-def compiled_updates() -> int:
-  """How many update programs this process has compiled (one per stage and kind of step)."""
-  return _update_jit._cache_size()
