@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="Co-Evolving Policy Distillation (CoPD) for JAX/Flax on TPU pods",
     python_requires=">=3.10",
-    packages=["copd_jax", "copd_jax.analysis", "copd_jax.data", "copd_jax.models", "copd_jax.rl", "copd_jax.kernels"],
+    packages=["copd_jax", "copd_jax.analysis", "copd_jax.data", "copd_jax.models", "copd_jax.rl", "copd_jax.sampling", "copd_jax.kernels"],
     package_dir={"copd_jax": "copd_jax", "copd_jax.kernels": "kernels"},
     install_requires=[
         "jax>=0.6.0",

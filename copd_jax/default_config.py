@@ -97,7 +97,7 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
   # Device mesh (copd_jax/sharding.py). Sizes of the named axes; one of them may be -1
   # (= the devices left over). Branches are sharded over `expert`; inside a branch FSDP
   # over `fsdp`, tensor parallelism over `tensor`, the batch over `data` x `fsdp`.
-  # All 1 (the default) = one device, the plain jitted path; e.g. --config.mesh.data=-1
+  # All 1 (the default) = a mesh of one device (the same programs); e.g. --config.mesh.data=-1
   # spreads the batch over every device, --config.mesh.expert=3 puts one branch per group.
   c.mesh = ml_collections.ConfigDict(dict(expert=1, data=1, fsdp=1, tensor=1))
   # Training-state checkpoints (orbax CheckpointManager) under <workdir>/checkpoints.

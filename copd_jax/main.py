@@ -157,10 +157,12 @@ def _run_locked(cfg, stored: dict | None) -> dict | None:
                "warm_start_seconds": round(warm_seconds, 2),
                "eval_examples_per_capability": cfg.eval.num_examples}
     if cfg.method == "base":
+      from copd_jax.rl import methods
       from copd_jax.run_log import Phase
       responses, rewards = {}, {}
+      run = methods.run_sharding(cfg, setup.model_cfg)  # the RL runs' sampler and mesh
       with Phase("evaluation", total=len(eval_sets)) as phase:
-        metrics = evaluation.evaluate(params, setup, eval_sets,
+        metrics = evaluation.evaluate(params, setup, eval_sets, run=run,
                                       max_new_tokens=cfg.sampling.max_new_tokens,
                                       batch_size=cfg.eval.batch_size, responses_out=responses,
                                       rewards_out=rewards, progress=phase.advance,

@@ -1,13 +1,13 @@
-"""Device mesh, logical-axis sharding rules, placement, and jitted functions with explicit
-shardings (ShardedFunction; the update and the sampler build theirs here).
+"""Device mesh, logical-axis sharding rules, placement, and programs jitted on the mesh with
+explicit shardings (MeshProgram; the sampler and the update are each one such program).
 
-One code path runs on 1 CPU device, on 8 simulated devices and on a pod slice:
+One code path runs on 1 CPU device (a mesh of size 1), on 8 simulated devices and on a pod
+slice:
 
-    mesh = make_mesh(cfg.mesh)                       # axes expert, data, fsdp, tensor
-    run = RunSharding(mesh)
+    run = RunSharding.from_config(cfg.mesh, param_axes=...)  # axes expert, data, fsdp, tensor
     params = run.shard_params(params)                # stacked [S, ...] -> expert x fsdp/tensor
-    update = rl.update.sharded_update(run, ucfg, optimizer, distil=True, kl=False)
-    params, opt_state, metrics = update(params, opt_state, teachers, rows, routing, None)
+    params, opt_state, metrics = rl.update.update(params, opt_state, teachers, rows, routing,
+                                                  run=run, ucfg=..., optimizer=..., distil=True)
 
 Mesh axes
 ---------
@@ -35,11 +35,10 @@ A mesh axis is used at most once per array (later dimensions skip an axis alread
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.experimental.mesh_utils
@@ -290,10 +289,13 @@ def _reshard(x, sharding):
 
 def place(tree, sharding_tree):
   """Puts every leaf on its sharding: numpy via put_global, device arrays with another
-  sharding via device_put (single process), arrays already in place untouched."""
+  sharding (or uncommitted) via device_put (single process; no copy where the layout is
+  the same), committed arrays already in place untouched."""
   def one(x, sharding):
     if isinstance(x, jax.Array):
-      if x.sharding.is_equivalent_to(sharding, x.ndim):
+      # Committed, as a program's outputs are: jit keys its cache on whether an argument
+      # is committed, so an uncommitted first input would compile a stage's program twice.
+      if x.committed and x.sharding.is_equivalent_to(sharding, x.ndim):
         return x
       if x.is_fully_addressable and sharding.is_fully_addressable:
         return jax.device_put(x, sharding)
@@ -309,54 +311,50 @@ def place(tree, sharding_tree):
   return jax.tree.map(one, tree, _broadcast_prefix(sharding_tree, tree))
 
 
-class ShardedFunction:
-  """A jitted function whose in/out shardings are derived from its arguments' shapes; one
-  compiled executable per distinct argument structure (so a stage compiles once).
+@dataclasses.dataclass(frozen=True)
+class MeshProgram:
+  """One program on a run's mesh (every run has one; one device is a mesh of size 1):
+  fn(*static, *args) jitted with explicit in/out shardings, which shardings(args) derives
+  from the arguments' shapes -> (in_shardings, out_shardings), one per argument / output
+  (prefix trees allowed).
 
-  build(args) -> (fn, in_shardings, out_shardings), where fn takes the same args."""
+  No cache of ours: fn is a module-level function, and jax's own caches give a jit of the
+  same function with equal static arguments and shardings the program already traced and
+  compiled (one compile per stage and kind of step).
 
-  def __init__(self, build: Callable, name: str, mesh: Mesh | None = None):
-    self._build = build
-    self._name = name
-    self._cache: dict = {}
-    self._mesh = mesh
-
-  def _on_mesh(self):
-    # Traced under jax.set_mesh(mesh): the Pallas kernels then run inside shard_map over
-    # it (copd_jax.kernels.sharded), as XLA cannot partition a Mosaic kernel.
-    return jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext()
+  program(*args) places the arguments on their shardings first (host numpy -> global
+  arrays, see `place`) and traces under jax.set_mesh(mesh): the Pallas kernels then run
+  inside shard_map over a mesh of several devices (kernels/sharded.py), as XLA cannot
+  partition a Mosaic kernel. program.lower(*args) lowers it with the same shardings; args
+  may be jax.ShapeDtypeStruct (nothing is allocated)."""
+  fn: Any
+  static: tuple
+  mesh: Mesh
+  shardings: Any  # args (a tuple) -> (in_shardings, out_shardings)
 
   def _jitted(self, args):
-    key = tuple((jax.tree_util.tree_structure(a),
-                 tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x))))
-                       for x in jax.tree_util.tree_leaves(a))) for a in args)
-    if key not in self._cache:
-      fn, in_sh, out_sh = self._build(args)
-      self._cache[key] = (jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh), in_sh)
-    return self._cache[key]
+    in_shardings, out_shardings = self.shardings(args)
+    jitted = jax.jit(self.fn, static_argnums=tuple(range(len(self.static))),
+                     in_shardings=in_shardings, out_shardings=out_shardings)
+    return jitted, in_shardings
 
   def __call__(self, *args):
-    jitted, in_sh = self._jitted(args)
-    args = place(args, in_sh)
-    with self._on_mesh():
-      return jitted(*args)
+    jitted, in_shardings = self._jitted(args)
+    args = place(args, in_shardings)
+    with jax.set_mesh(self.mesh):
+      return jitted(*self.static, *args)
 
   def lower(self, *args):
-    """Lowers with the derived shardings; args may be jax.ShapeDtypeStruct (nothing is
-    allocated)."""
     jitted, _ = self._jitted(args)
-    with self._on_mesh():
-      return jitted.lower(*args)
-
-  @property
-  def num_compiled(self) -> int:
-    return len(self._cache)
+    with jax.set_mesh(self.mesh):
+      return jitted.lower(*self.static, *args)
 
 
 @dataclasses.dataclass(eq=False)
 class RunSharding:
-  """Shardings of a run's pytrees on `mesh` under logical-axis `rules`, and the sharded
-  jitted update and sampler. Built once per run; its functions are cached per stage."""
+  """Shardings of a run's pytrees on `mesh` under logical-axis `rules`. Built once per
+  run; every run has one (a single device is a mesh of size 1, `one_device`), and the
+  sampler and the update take it as a static argument of their one jitted program."""
   mesh: Mesh
   rules: tuple = LOGICAL_AXIS_RULES
   # {parameter path: logical axes} declared by the model's layers (decoder.param_axes,
@@ -364,13 +362,20 @@ class RunSharding:
   # (asking it for parameter shardings is an error).
   param_axes: ParamAxes | None = None
 
-  def __post_init__(self):
-    self._fns: dict = {}
-
   @classmethod
   def from_config(cls, mesh_cfg, num_branches: int | None = None, devices=None,
                   param_axes: ParamAxes | None = None) -> "RunSharding":
     return cls(make_mesh(mesh_cfg, devices, num_branches), param_axes=param_axes)
+
+  @classmethod
+  def one_device(cls, param_axes: ParamAxes | None = None, device=None) -> "RunSharding":
+    """A mesh of size 1 on `device` (default: this process's first local device)."""
+    device = jax.local_devices()[0] if device is None else device
+    return cls(make_mesh(dict.fromkeys(MESH_AXES, 1), [device]), param_axes=param_axes)
+
+  @property
+  def size(self) -> int:
+    return int(self.mesh.devices.size)
 
   def _declared(self) -> ParamAxes:
     if self.param_axes is None:
@@ -460,11 +465,3 @@ class RunSharding:
       return x
     spec = PartitionSpec(("data", "fsdp"), *([None] * (x.ndim - 1)))
     return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
-
-  # -- jitted functions
-  def jitted(self, key: tuple, build: Callable) -> ShardedFunction:
-    """The ShardedFunction for `key`, built once per run (build as in ShardedFunction);
-    key[0] names it. rl.update.sharded_update and sampling.sharded_generate use it."""
-    if key not in self._fns:
-      self._fns[key] = ShardedFunction(build, key[0], self.mesh)
-    return self._fns[key]

@@ -95,8 +95,12 @@ def measure_toy(n: int, topology: str, native: int, cross: int, repeats: int) ->
   params, opt_state, rows, routing, ucfg, optimizer, start, p = toy_problem(
       n, topology, native, cross)
   arrays = routing.as_arrays()
-  kwargs = dict(ucfg=ucfg, optimizer=optimizer, distil=True, prompt_len=p)
-  compiled = update_lib.update.lower(params, opt_state, params, rows, arrays, **kwargs).compile()
+  from copd_jax import policy_setup, sharding
+  run = sharding.RunSharding.one_device(policy_setup.declared_param_axes(ucfg.model))
+  kwargs = dict(run=run, ucfg=ucfg, optimizer=optimizer, distil=True, cross_row_start=start,
+                prompt_len=p)
+  compiled = update_lib.update_program(run, ucfg, optimizer, True, start, p).lower(
+      params, opt_state, params, rows, arrays, None).compile()
   memory = abstract_step.compiled_memory_bytes(compiled)
   jax.block_until_ready(update_lib.update(params, opt_state, params, rows, arrays, **kwargs))
   times = []

@@ -154,13 +154,15 @@ def main():
   e_mask = jnp.stack([p[1] for p in per_expert])
   keys = jax.random.split(key, num_experts)
   e_sample = sampling.SamplingConfig(max_new_tokens=new_tokens // 2)
+  from copd_jax import policy_setup, sharding
+  run = sharding.RunSharding.one_device(policy_setup.declared_param_axes(cfg))
 
   def loop():
     return [sampling.generate(singles[k], cfg, e_tokens[k], e_mask[k], None, keys[k], e_sample,
                               group) for k in range(num_experts)]
   t = time_side_by_side({
-      "stacked": lambda: sampling.stacked_generate(stacked, cfg, e_tokens, e_mask, None, keys,
-                                                   e_sample, group),
+      "stacked": lambda: sampling.stacked_generate(run, stacked, cfg, e_tokens, e_mask, None,
+                                                   keys, e_sample, group),
       "loop": loop,
   }, repeats)
   results["stacked_vs_loop"] = t["loop"] / t["stacked"]

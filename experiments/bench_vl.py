@@ -45,6 +45,7 @@ from bench_copd import cpu_name  # noqa: E402
 from bench_sampler import time_side_by_side  # noqa: E402
 
 from copd_jax import kernels, sampling  # noqa: E402
+from copd_jax.sampling import decode as sampling_decode  # noqa: E402
 from copd_jax.models import qwen3_vl_decode, qwen3_vl_import  # noqa: E402
 from copd_jax import losses  # noqa: E402
 from copd_jax.rl import rollout as rollout_lib, rows as rows_lib  # noqa: E402
@@ -107,7 +108,10 @@ def training_compiles(cfg, params, samples: int, steps: int = 5, budget: int = 6
                                    native_rows=2 * samples).as_arrays()
   config = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, stop_token_ids=(2,),
                                    banned_token_ids=(IMAGE_PAD, VIDEO_PAD))
-  before = update_lib.update._cache_size()
+  from copd_jax import policy_setup, sharding
+  run = sharding.RunSharding.one_device(policy_setup.declared_param_axes(cfg))
+  traced, real_body = [], update_lib.update_body  # each trace of the update is a compile
+  update_lib.update_body = lambda *a, **k: (traced.append(1), real_body(*a, **k))[1]
   seen, times = [], []
   for step in range(steps):
     ids, mask, media = [], [], []
@@ -119,7 +123,7 @@ def training_compiles(cfg, params, samples: int, steps: int = 5, budget: int = 6
                                                 budget))
     ids, mask = jnp.asarray(np.stack(ids), jnp.int32), jnp.asarray(np.stack(mask), bool)
     media = jax.tree.map(lambda *xs: jnp.stack(xs), *media)
-    rollout = sampling.stacked_generate(stacked, cfg, ids, mask, media,
+    rollout = sampling.stacked_generate(run, stacked, cfg, ids, mask, media,
                                         jax.random.split(jax.random.key(step), 2), config,
                                         samples)
     beta = np.zeros((2, 4 * samples), np.float32)
@@ -129,11 +133,12 @@ def training_compiles(cfg, params, samples: int, steps: int = 5, budget: int = 6
     start = time.perf_counter()
     with qwen3_vl_decode.vision_tower_calls() as calls:
       stacked, opt_state, _ = jax.block_until_ready(update_lib.update(
-          stacked, opt_state, stacked, rows, routing, ucfg=u, optimizer=optimizer, distil=True,
-          prompt_len=ids.shape[-1]))
+          stacked, opt_state, stacked, rows, routing, run=run, ucfg=u, optimizer=optimizer,
+          distil=True, cross_row_start=2 * samples, prompt_len=ids.shape[-1]))
     times.append(time.perf_counter() - start)
     seen += calls
-  return update_lib.update._cache_size() - before, seen, float(np.mean(times[1:]))
+  update_lib.update_body = real_body
+  return len(traced), seen, float(np.mean(times[1:]))
 
 
 def tower_patches(fn) -> list[int]:
@@ -172,7 +177,7 @@ def main():
         f"{new_tokens} new tokens (no stop token: full length); CPU: {cpu_name()}",
         flush=True)
 
-  jit = sampling._generate_jit  # cached sampler programs, counted over the whole run
+  jit = sampling_decode._generate_jit  # cached sampler programs, counted over the whole run
   programs_at_start = jit._cache_size()
   patches = int(vision.pixel_values.shape[0])
   seen = tower_patches(lambda: sampling.generate(params, cfg, ids, mask, vision, key, config,

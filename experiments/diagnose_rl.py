@@ -48,15 +48,17 @@ def validation_set(cfg, setup, capability: str, n: int) -> list[examples_lib.Exa
 
 def signal_report(params, cfg, setup, examples_per_capability: int, samples: int) -> dict:
   """{capability: {greedy_pass1, mean_reward_t1, pass_at_k, zero_variance}}."""
+  from copd_jax.rl import methods
+  run = methods.run_sharding(cfg, setup.model_cfg)
   report = {}
   for cap in cfg.tasks.capabilities:
     examples = validation_set(cfg, setup, cap, examples_per_capability)
     greedy = evaluation.greedy_responses_stacked(
-        jax.tree.map(lambda x: x[None], params), setup, examples,
+        jax.tree.map(lambda x: x[None], params), setup, examples, run,
         cfg.sampling.max_new_tokens, cfg.eval.batch_size)[0]
     # Correct samples per example (0/1 rewards): all the sampled statistics follow.
     correct = evaluation.sampled_correct_counts(
-        jax.tree.map(lambda x: x[None], params), setup, examples, num_samples=samples,
+        jax.tree.map(lambda x: x[None], params), setup, examples, run=run, num_samples=samples,
         temperature=1.0, max_new_tokens=cfg.sampling.max_new_tokens,
         batch_size=cfg.eval.batch_size, seed=cfg.seed)[0]
     report[cap] = {

@@ -123,7 +123,9 @@ def score_merged_experts(cfg, experts_dir: str, out_dir: str) -> None:
   merged = jax.tree.map(lambda x: x[None], stacked_lib.merge(stacked, None))
   eval_sets = policy_setup.held_out_sets(cfg, setup)
   rewards = {}
+  from copd_jax.rl import methods
   accuracy = evaluation.evaluate_stacked(merged, setup, eval_sets, rewards_out=rewards,
+                                         run=methods.run_sharding(cfg, setup.model_cfg),
                                          max_new_tokens=cfg.sampling.max_new_tokens,
                                          batch_size=cfg.eval.batch_size)
   os.makedirs(out_dir, exist_ok=True)

@@ -8,7 +8,7 @@ rows, and arrays without a row axis (the LM head) enter whole (replicated; the c
 all-gathers a sharded head, and shard_map's transpose sums its gradient over the
 devices). Splash attention splits its kv heads over `tensor` as well (attention.py).
 
-Which mesh: the one set by `jax.set_mesh` (the run's ShardedFunctions trace under it,
+Which mesh: the one set by `jax.set_mesh` (the run's programs trace under it,
 and so does the deviceless TPU compile); no mesh, or a mesh of one device, calls the
 kernel directly (the single-device path is unchanged). Which axes are free: not manual
 already (inside another shard_map, e.g. kernels/tpu_check.py) and not the

@@ -5,10 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_model import IMG, tiny_config
+from tiny_model import IMG, one_device_run, tiny_config
 
 from copd_jax import sampling as S
 from copd_jax.models import decoder as M, stacked as X
+from copd_jax.rl import rows as rows_lib
 
 R = 6  # new tokens
 
@@ -182,19 +183,19 @@ def test_rescoring_a_rollout_reproduces_its_logprobs(cfg, params, prompts, stop_
   """Teacher forcing through forward_hidden gives the sampler's raw log-probs."""
   tokens, mask = prompts
   ro = stop_rollout
-  seq, pos, seq_mask, response_mask = S.rollout_to_sequences(tokens, mask, ro)
+  seq, pos, seq_mask, response_mask = rows_lib.rollout_to_sequences(tokens, mask, ro)
   n, t = 3 * G, 8 + R
   assert seq.shape == pos.shape == seq_mask.shape == response_mask.shape == (n, t)
   np.testing.assert_array_equal(response_mask.sum(-1), ro.lengths.reshape(-1))
   logits = M.logits_from_hidden(M.forward_hidden(params, cfg, seq, pos, seq_mask),
                                 M.lm_head(params, cfg))
-  targets = S.next_token_targets(seq)
+  targets = rows_lib.next_token_targets(seq)
   rescored = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
-  expected = S.align_response_values(ro.raw_logprobs, 8)
+  expected = rows_lib.align_response_values(ro.raw_logprobs, 8)
   np.testing.assert_allclose(rescored * response_mask, expected, atol=1e-5)
   tempered = jnp.take_along_axis(jax.nn.log_softmax(logits / 1.5), targets[..., None], -1)
   np.testing.assert_allclose(tempered[..., 0] * response_mask,
-                             S.align_response_values(ro.logprobs, 8), atol=1e-5)
+                             rows_lib.align_response_values(ro.logprobs, 8), atol=1e-5)
 
 
 def test_process_logits_top_k_and_top_p():
@@ -218,7 +219,7 @@ def test_stacked_generate_equals_each_expert(cfg, params, prompts):
   e_tokens = jnp.stack([tokens, tokens[::-1]])
   e_mask = jnp.stack([mask, mask[::-1]])
   keys = jax.random.split(jax.random.key(15), 2)
-  out = S.stacked_generate(stacked, cfg, e_tokens, e_mask, None, keys, WITH_STOPS, G)
+  out = S.stacked_generate(one_device_run(cfg), stacked, cfg, e_tokens, e_mask, None, keys, WITH_STOPS, G)
   assert out.tokens.shape == (2, 3, G, R) and out.lengths.shape == (2, 3, G)
   for k in range(2):
     own = S.generate(X.take_expert(stacked, k), cfg, e_tokens[k], e_mask[k], None, keys[k],
@@ -270,7 +271,8 @@ def test_generate_argument_errors(cfg, params, prompts):
   with pytest.raises(ValueError, match="vision"):
     S.generate(params, cfg, tokens, mask, jnp.zeros((3, 2, 16, 16, 3)), key, sampled(), 1)
   with pytest.raises(ValueError, match="keys"):
-    S.stacked_generate(X.broadcast_params(params, 2), cfg, tokens[None].repeat(2, 0),
+    S.stacked_generate(one_device_run(cfg), X.broadcast_params(params, 2), cfg,
+                       tokens[None].repeat(2, 0),
                        mask[None].repeat(2, 0), None, jax.random.split(key, 3), sampled(), 1)
 
 

@@ -15,7 +15,7 @@ from copd_jax.analysis import abstract_step, hlo_audit
 from copd_jax.models import decoder, stacked as experts
 from copd_jax.models.model_config import ModelConfig
 from copd_jax.rl import rows as trainer, stages, update as update_lib
-from tests.tiny_model import tiny_config
+from tests.tiny_model import one_device_run, tiny_config, update_traces
 
 SMALL_VISION = dict(image_size=8, patch_size=8, num_frames=2, tubelet=2, width=16, depth=1,
                     num_heads=2, mlp_dim=32)
@@ -105,13 +105,14 @@ def opd_problem(cfg, s=2, native=2, cross=2, g=2, p=10, t=20, seed=0):
 
 @pytest.fixture(scope="module")
 def unsharded_step():
-  """One unsharded CoPD distil step (live teachers, E=2): the oracle, compiled once."""
+  """One CoPD distil step (live teachers, E=2) on a mesh of one device: the oracle,
+  compiled once."""
   cfg = tiny_config(num_layers=1, vision=SMALL_VISION)
   params, rows, routing, ucfg, start = opd_problem(cfg)
   optimizer = optax.sgd(0.05)  # adam would amplify ulp-level gradient noise on ~0 grads
   state = update_lib.init_optimizer_state(optimizer, params)
   want = update_lib.update(params, state, params, jax.tree.map(jnp.asarray, rows),
-                        routing.as_arrays(), ucfg=ucfg, optimizer=optimizer, distil=True)
+                        routing.as_arrays(), run=one_device_run(ucfg.model), ucfg=ucfg, optimizer=optimizer, distil=True)
   return params, rows, routing, ucfg, start, optimizer, state, want
 
 
@@ -119,16 +120,17 @@ def unsharded_step():
     (dict(expert=1, data=1, fsdp=1, tensor=1), 1, 0),
     (dict(expert=2, data=2, fsdp=2, tensor=1), 8, 0),
     (dict(expert=2, data=1, fsdp=2, tensor=2), 8, 4)])
-def test_sharded_update_matches_unsharded(unsharded_step, mesh_cfg, num_devices,
-                                          micro_batch_rows):
+def test_update_on_a_mesh_matches_one_device(unsharded_step, mesh_cfg, num_devices,
+                                            micro_batch_rows, monkeypatch):
   # The oracle sends whole rows (prompt_len=0) in one batch; the sharded runs send prompts
   # once per prompt (prompt_len=10), the last one in micro-batches of 4 rows.
   params, rows, routing, ucfg, start, optimizer, state, want = unsharded_step
   ucfg = dataclasses.replace(ucfg, micro_batch_rows=micro_batch_rows)
   run = parallel.RunSharding(parallel.make_mesh(mesh_cfg, jax.devices()[:num_devices]),
                              param_axes=decoder.param_axes(ucfg.model))
-  fn = update_lib.sharded_update(run, ucfg, optimizer, distil=True, kl=False, cross_row_start=start,
-                     prompt_len=10)
+  fn = update_lib.update_program(run, ucfg, optimizer, distil=True, cross_row_start=start,
+                                 prompt_len=10)
+  traces = update_traces(monkeypatch)
   sharded = run.shard_params(params)
   host_routing = {k: np.asarray(v) for k, v in routing.as_arrays().items()}
   got = fn(sharded, state, sharded, rows, host_routing, None)
@@ -138,7 +140,7 @@ def test_sharded_update_matches_unsharded(unsharded_step, mesh_cfg, num_devices,
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(run.to_host(got))):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
   fn(got[0], got[1], got[0], rows, host_routing, None)
-  assert fn.num_compiled == 1  # one compile per stage
+  assert len(traces) == 1  # one compile per stage
 
 
 def test_opd_step_moves_no_parameter_sized_data_across_expert():
@@ -150,8 +152,8 @@ def test_opd_step_moves_no_parameter_sized_data_across_expert():
                              param_axes=decoder.param_axes(cfg))
   optimizer = update_lib.make_optimizer(1e-3, 1.0)
   state = update_lib.init_optimizer_state(optimizer, params)
-  fn = update_lib.sharded_update(run, ucfg, optimizer, distil=True, kl=False, cross_row_start=start,
-                     prompt_len=10)
+  fn = update_lib.update_program(run, ucfg, optimizer, distil=True, cross_row_start=start,
+                                 prompt_len=10)
   sharded = run.shard_params(params)
   host_routing = {k: np.asarray(v) for k, v in routing.as_arrays().items()}
   hlo = fn.lower(sharded, state, sharded, rows, host_routing, None).compile().as_text()

@@ -4,6 +4,7 @@ functions count), no module over 600 lines, one decoder, and a small train-step 
 import ast
 import inspect
 import pathlib
+import textwrap
 
 import pytest
 
@@ -182,3 +183,61 @@ def test_tests_mirror_the_packages():
   # Module names are global under pytest's rootdir import mode: no two test files share one.
   names = [path.name for path in tests.rglob("test_*.py") if "fixtures" not in path.parts]
   assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+
+
+# One execution path: every run has a RunSharding (one device is a mesh of size 1), so no
+# code asks whether there is one, and the unsharded twins are gone.
+_RUN_NAMES = {"sharding", "run"}  # what holds a run's RunSharding
+_TWIN_NAMES = {"ShardedFunction", "sharded_update", "sharded_generate", "stacked_generate_body"}
+
+
+def _holds_the_run(node) -> bool:
+  """`sharding`, `run`, or `<ctx | plan | self>.sharding`."""
+  if isinstance(node, ast.Name):
+    return node.id in _RUN_NAMES
+  return (isinstance(node, ast.Attribute) and node.attr == "sharding"
+          and isinstance(node.value, ast.Name) and node.value.id in ("ctx", "plan", "self"))
+
+
+def execution_path_twins(source: str) -> list[str]:
+  """The twin-path branches in `source`: `<run> is (not) None`, `<run> or ...`, a mesh
+  set only sometimes (`set_mesh(...) if ... else nullcontext()`), and definitions of the
+  deleted twins."""
+  found = []
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops):
+      operands = [node.left] + node.comparators
+      if any(_holds_the_run(x) for x in operands) and any(
+          isinstance(x, ast.Constant) and x.value is None for x in operands):
+        found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    elif isinstance(node, ast.BoolOp) and isinstance(node.op, ast.Or) and _holds_the_run(node.values[0]):
+      found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    elif isinstance(node, ast.IfExp) and "nullcontext" in ast.unparse(node) and \
+        "set_mesh" in ast.unparse(node):
+      found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    elif isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in _TWIN_NAMES:
+      found.append(f"line {node.lineno}: def {node.name}")
+    elif isinstance(node, ast.Assign) and any(
+        isinstance(t, ast.Name) and t.id in _TWIN_NAMES for t in node.targets):
+      found.append(f"line {node.lineno}: {ast.unparse(node)}")
+  return found
+
+
+def test_twin_finder_finds_planted_twins():
+  planted = textwrap.dedent("""
+      def collect(plan, ctx, sharding=None):
+        if sharding is None:
+          return 1
+        local = ctx.sharding is not None
+        on_mesh = jax.set_mesh(m) if local else contextlib.nullcontext()
+        run = sharding or one_device()
+      class ShardedFunction: pass
+      """)
+  assert len(execution_path_twins(planted)) == 5
+  assert execution_path_twins("x = y.sharding is None\nrun = make_run()\n") == []
+
+
+def test_one_execution_path():
+  twins = {str(path.relative_to(ROOT)): found for path in sorted((ROOT / "copd_jax").rglob("*.py"))
+           if (found := execution_path_twins(path.read_text()))}
+  assert not twins, f"execution paths that branch on having a mesh: {twins}"

@@ -297,7 +297,9 @@ def test_pass_at_k_with_partial_credit(monkeypatch):
   eval_sets = {"text": policy_setup.held_out_sets(cfg, setup)["text"][:2]}
   monkeypatch.setattr(verifiers, "rewards_for",
                       lambda responses, examples, *a, **k: np.full(len(responses), 0.5, np.float32))
-  kwargs = dict(max_new_tokens=4, batch_size=8, pass_samples=4, pass_k=(1, 4))
+  from copd_jax.rl import methods
+  kwargs = dict(run=methods.run_sharding(cfg, setup.model_cfg), max_new_tokens=4,
+                batch_size=8, pass_samples=4, pass_k=(1, 4))
   strict = evaluation.evaluate_stacked(stacked, setup, eval_sets, **kwargs)
   np.testing.assert_allclose(strict["pass@4/text"], [0.0])
   np.testing.assert_allclose(strict["pass@1/text"], [0.0])

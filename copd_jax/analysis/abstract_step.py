@@ -18,7 +18,7 @@ def tree_bytes(tree) -> int:
 def abstract_opd_update(cfg, run: RunSharding, num_layers: int | None = None,
                         native_prompts: int | None = None, cross_prompts: int | None = None,
                         topology: str | None = None):
-  """The CoPD OPD-step update of a run config as (ShardedFunction, abstract args): params,
+  """The CoPD OPD-step update of a run config as (sharding.MeshProgram, abstract args): params,
   optimizer state and rows are jax.ShapeDtypeStruct with their shardings; nothing is
   allocated. Lower/compile with `fn.lower(*args).compile()`.
 

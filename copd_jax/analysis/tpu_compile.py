@@ -5,12 +5,12 @@ own memory and cost figures (no TPU needed: libtpu compiles for an abstract topo
 
 Programs (abstract_programs), each built with the run's own builders so what is
 compiled here is what training compiles:
-  sampler         sampling.sharded_generate: prefill of every prompt, then the decode
+  sampler         sampling.sampler_program: prefill of every prompt, then the decode
                   loop (one compiled program, as collect_rollouts runs it);
   teacher_scoring rl.scoring.score_by_teachers under the run's regroup placement (the part
                   of the OPD update that scores each cross row under its teacher, compiled
                   alone to show its share);
-  rl_update       rl.update.sharded_update on an RL step's rows (native prompts only);
+  rl_update       rl.update.update_program on an RL step's rows (native prompts only);
   opd_update      the same on an OPD step's rows (native + cross prompts, live teachers);
   merge           models.stacked.merge (rl.loop.merged_params) of the branches into one.
 
@@ -43,7 +43,7 @@ from copd_jax import sampling as sampling_lib
 from copd_jax.models import decoder, model_config, stacked
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 from copd_jax.rl import rows as rows_lib, schedules, scoring, stages, update as update_lib
-from copd_jax.sharding import RunSharding, make_mesh
+from copd_jax.sharding import MeshProgram, RunSharding, make_mesh
 
 GiB = 2 ** 30
 
@@ -242,7 +242,7 @@ def per_device_bytes(tree) -> int:
 
 @dataclasses.dataclass
 class Program:
-  """A compilable program: fn.lower(*args) (a ShardedFunction or a jax.jit); shared_bytes:
+  """A compilable program: fn.lower(*args) (a sharding.MeshProgram or a jax.jit); shared_bytes:
   per-device argument bytes that are the same buffers as another argument at run time
   (live teachers are the students' own params), counted once in per_device_bytes."""
   name: str
@@ -251,21 +251,24 @@ class Program:
   shared_bytes: int = 0
 
 
-def _scoring_program(run: RunSharding, ucfg, cross_row_start: int, prompt_len: int):
-  """score_by_teachers jitted on run's mesh, as sharded_update runs it (same placement and
-  activation constraint): fn(teacher_params, rows, routing) -> f32[S, R, W]."""
-  def build(args):
-    teachers, rows, routing = args
+def _score_on_mesh(run: RunSharding, ucfg, cross_row_start: int, prompt_len: int, teachers,
+                   rows, routing):
+  with decoder.activation_sharding(run.constrain_rows):
+    return scoring.score_by_teachers(teachers, rows, routing, ucfg, run.regroup_placement(),
+                                     cross_row_start, prompt_len)
 
-    def fn(t, r, rt):
-      with decoder.activation_sharding(run.constrain_rows):
-        return scoring.score_by_teachers(t, r, rt, ucfg, run.regroup_placement(),
-                                         cross_row_start, prompt_len)
+
+def _scoring_program(run: RunSharding, ucfg, cross_row_start: int, prompt_len: int):
+  """score_by_teachers as a program on run's mesh, as the update runs it (same placement
+  and activation constraint): program(teacher_params, rows, routing) -> f32[S, R, W]."""
+  def shardings(args):
+    teachers, rows, _ = args
     s, r = rows.tokens.shape[:2]
     width = rows.tokens.shape[2] - prompt_len
-    return fn, (run.stacked_params(teachers), run.rows(rows), run.replicated), \
-        run.per_branch((s, r, width), 1)
-  return run.jitted(("teacher_scoring", ucfg, cross_row_start, prompt_len), build)
+    return ((run.stacked_params(teachers), run.rows(rows), run.replicated),
+            run.per_branch((s, r, width), 1))
+  return MeshProgram(_score_on_mesh, (run, ucfg, cross_row_start, prompt_len), run.mesh,
+                     shardings)
 
 
 def merge_program(run: RunSharding, params, weights=None):
@@ -329,8 +332,8 @@ def abstract_programs(cfg, run: RunSharding, num_layers: int | None = None,
       mask = jax.ShapeDtypeStruct((s, b, p), jnp.bool_)
       media = _media(model_cfg, cfg, (s, b), p)
       key_data = jax.ShapeDtypeStruct((s, 2), jnp.uint32)
-      fn = sampling_lib.sharded_generate(run, model_cfg, sampling_cfg, g)
-      # The input shardings sharded_generate declares: prompts (and media) expert x batch.
+      fn = sampling_lib.sampler_program(run, model_cfg, sampling_cfg, g)
+      # The input shardings sampler_program declares: prompts (and media) expert x batch.
       def shard(x, batch_dims=1):
         return jax.ShapeDtypeStruct(x.shape, x.dtype,
                                     sharding=run.per_branch(x.shape, batch_dims))
@@ -340,11 +343,10 @@ def abstract_programs(cfg, run: RunSharding, num_layers: int | None = None,
       fn = _scoring_program(run, ucfg, native * g, p)
       out.append(Program(name, fn, (a_params, rows_of(native + cross), routing_args)))
     elif name == "rl_update":
-      fn = update_lib.sharded_update(run, ucfg, optimizer, distil=False, kl=ref is not None,
-                                     prompt_len=p)
+      fn = update_lib.update_program(run, ucfg, optimizer, distil=False, prompt_len=p)
       out.append(Program(name, fn, (a_params, a_opt, None, rows_of(native), None, ref)))
     elif name == "opd_update":
-      fn = update_lib.sharded_update(run, ucfg, optimizer, distil=True, kl=ref is not None,
+      fn = update_lib.update_program(run, ucfg, optimizer, distil=True,
                                      cross_row_start=native * g, prompt_len=p)
       out.append(Program(name, fn, (a_params, a_opt, a_params, rows_of(native + cross),
                                     routing_args, ref),
@@ -395,12 +397,12 @@ def program_figures(memory: dict, cost: dict, chip: Chip, compile_s: float,
               compile_s=round(compile_s, 2))
 
 
-def compile_program(program: Program, chip: Chip, mesh=None) -> dict:
+def compile_program(program: Program, chip: Chip, mesh) -> dict:
   """Lowers and compiles one program for TPU; returns program_figures. mesh: the run's
   mesh, set while tracing (jax.set_mesh) so the Pallas kernels pick the tiles of the
   generation its devices are (copd_jax.kernels.tpu_tiles), as on a real chip."""
   t0 = time.perf_counter()
-  with tracing_for_tpu(), (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+  with tracing_for_tpu(), jax.set_mesh(mesh):
     compiled = program.fn.lower(*program.args).compile()
   return program_figures(memory_figures(compiled), cost_figures(compiled), chip,
                          time.perf_counter() - t0, program.shared_bytes)

@@ -12,9 +12,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from copd_jax import kernels, sampling
+from copd_jax import kernels
 from copd_jax.models import decoder, model_config, qwen3_vl_decode
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
+from copd_jax.rl import rows as rows_lib
 
 
 def top_k_overlap(ids_a, ids_b, mask):
@@ -76,7 +77,7 @@ def pairwise_diagnostics(models, cfg: model_config.ModelConfig | Qwen3VLConfig, 
     targets = tokens[..., prompt_len:]
     response_mask = response_mask[..., prompt_len - 1:-1]
   else:
-    targets = jax.vmap(sampling.next_token_targets)(tokens)
+    targets = jax.vmap(rows_lib.next_token_targets)(tokens)
 
   def top_ids(h, head):
     return kernels.sampled_token_logprobs(h, head, targets, kernel=kernel, top_k=k).top_k_ids

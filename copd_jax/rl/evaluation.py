@@ -59,8 +59,8 @@ def passing_counts(rewards: np.ndarray, pass_threshold: float = 1.0) -> np.ndarr
 
 
 def sampled_correct_counts(stacked: Any, setup: RunSetup, examples: Sequence[examples_lib.Example], *,
-                           num_samples: int, temperature: float, max_new_tokens: int,
-                           batch_size: int, seed: int = 0,
+                           run: sharding_lib.RunSharding, num_samples: int, temperature: float,
+                           max_new_tokens: int, batch_size: int, seed: int = 0,
                            pass_threshold: float = 1.0) -> np.ndarray:
   """Every branch samples `num_samples` responses per example (full vocabulary at
   `temperature`); returns int[S, E]: how many of each example's samples pass (reward >=
@@ -80,9 +80,9 @@ def sampled_correct_counts(stacked: Any, setup: RunSetup, examples: Sequence[exa
     tile = functools.partial(_tile, num=num)
     keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), start), num)
     rollout = sampling.stacked_generate(
-        stacked, setup.model_cfg, tile(batch.tokens), tile(batch.mask), tile(batch.frames),
+        run, stacked, setup.model_cfg, tile(batch.tokens), tile(batch.mask), tile(batch.frames),
         keys, sampling_cfg, num_samples)
-    tokens, mask = sharding_lib.to_host((rollout.tokens, rollout.mask))
+    tokens, mask = run.to_host((rollout.tokens, rollout.mask))
     tokens = np.asarray(tokens)[:, : len(chunk)]  # [S, B, G, R]
     mask = np.asarray(mask)[:, : len(chunk)]
     repeated = [ex for ex in chunk for _ in range(num_samples)]
@@ -95,9 +95,10 @@ def sampled_correct_counts(stacked: Any, setup: RunSetup, examples: Sequence[exa
 
 
 def greedy_responses_stacked(stacked: Any, setup: RunSetup, examples: Sequence[examples_lib.Example],
-                             max_new_tokens: int, batch_size: int) -> list[list[str]]:
-  """Every branch of a stacked pytree answers the same examples, one vmapped call per
-  batch. Returns responses[branch][example]."""
+                             run: sharding_lib.RunSharding, max_new_tokens: int,
+                             batch_size: int) -> list[list[str]]:
+  """Every branch of a stacked pytree answers the same examples, one call of the training
+  sampler (on run's mesh) per batch. Returns responses[branch][example]."""
   sampling_cfg = sampling.SamplingConfig(
       max_new_tokens=max_new_tokens, greedy=True, stop_token_ids=(setup.tokenizer.eos_id,),
       banned_token_ids=setup.banned_token_ids)
@@ -108,9 +109,9 @@ def greedy_responses_stacked(stacked: Any, setup: RunSetup, examples: Sequence[e
     batch = setup.encode_prompts(_pad_to(chunk, batch_size))
     tile = functools.partial(_tile, num=num)
     rollout = sampling.stacked_generate(
-        stacked, setup.model_cfg, tile(batch.tokens), tile(batch.mask), tile(batch.frames),
+        run, stacked, setup.model_cfg, tile(batch.tokens), tile(batch.mask), tile(batch.frames),
         jax.random.split(jax.random.key(0), num), sampling_cfg, 1)
-    rollout = sharding_lib.to_host((rollout.tokens, rollout.mask))  # global arrays on a mesh
+    rollout = run.to_host((rollout.tokens, rollout.mask))  # global arrays on the mesh
     tokens = np.asarray(rollout[0])[:, : len(chunk), 0]
     mask = np.asarray(rollout[1])[:, : len(chunk), 0]
     for k in range(num):
@@ -119,12 +120,14 @@ def greedy_responses_stacked(stacked: Any, setup: RunSetup, examples: Sequence[e
 
 
 def evaluate_stacked(stacked: Any, setup: RunSetup, eval_sets: dict[str, list], *,
-                     max_new_tokens: int, batch_size: int, pass_samples: int = 0,
+                     run: sharding_lib.RunSharding, max_new_tokens: int, batch_size: int,
+                     pass_samples: int = 0,
                      pass_k: Sequence[int] = (), pass_temperature: float = 1.0,
                      pass_threshold: float = 1.0, responses_out: dict | None = None, rewards_out: dict | None = None,
                      progress: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
   """Held-out accuracy of every branch: {'accuracy/<cap>', 'accuracy/overall',
-  'response_chars/<cap>'}, each f32[S]; with pass_samples = n > 0 also
+  'response_chars/<cap>'}, each f32[S], sampled on run's mesh (the run's RunSharding;
+  methods.run_sharding, or sharding.RunSharding.one_device); with pass_samples = n > 0 also
   {'pass@<k>/<cap>', 'pass@<k>/overall'} for every k in pass_k (n samples per prompt at
   pass_temperature, unbiased estimator; a sample passes when its reward is at least
   pass_threshold). responses_out, if given, receives
@@ -134,7 +137,8 @@ def evaluate_stacked(stacked: Any, setup: RunSetup, eval_sets: dict[str, list], 
   progress, if given, is called with each capability's name once it is evaluated."""
   metrics = {}
   for cap, examples in eval_sets.items():
-    responses = greedy_responses_stacked(stacked, setup, examples, max_new_tokens, batch_size)
+    responses = greedy_responses_stacked(stacked, setup, examples, run, max_new_tokens,
+                                         batch_size)
     if responses_out is not None:
       responses_out[cap] = responses
     # Each example names its verifier (integer for the toy suite; math / choice / exact
@@ -146,7 +150,8 @@ def evaluate_stacked(stacked: Any, setup: RunSetup, eval_sets: dict[str, list], 
     metrics[f"response_chars/{cap}"] = np.array(
         [np.mean([len(x) for x in r]) for r in responses], np.float32)
     if pass_samples:
-      counts = sampled_correct_counts(stacked, setup, examples, num_samples=pass_samples,
+      counts = sampled_correct_counts(stacked, setup, examples, run=run,
+                                      num_samples=pass_samples,
                                       temperature=pass_temperature,
                                       max_new_tokens=max_new_tokens, batch_size=batch_size,
                                       pass_threshold=pass_threshold)
@@ -180,10 +185,11 @@ def pass_at_k_kwargs(cfg) -> dict:
 
 
 def evaluate(params: Any, setup: RunSetup, eval_sets: dict[str, list], *,
-             max_new_tokens: int, batch_size: int, **kwargs) -> dict[str, float]:
+             run: sharding_lib.RunSharding, max_new_tokens: int, batch_size: int,
+             **kwargs) -> dict[str, float]:
   """One policy: {'accuracy/<cap>', 'accuracy/overall', 'response_chars/<cap>'} floats
   (and pass@k with evaluate_stacked's pass_* kwargs)."""
   stacked = jax.tree.map(lambda x: x[None], params)
-  metrics = evaluate_stacked(stacked, setup, eval_sets, max_new_tokens=max_new_tokens,
+  metrics = evaluate_stacked(stacked, setup, eval_sets, run=run, max_new_tokens=max_new_tokens,
                              batch_size=batch_size, **kwargs)
   return {k: float(v[0]) for k, v in metrics.items()}

@@ -44,6 +44,8 @@ class RunContext:
   base_params: Any
   eval_sets: dict            # capability -> held-out examples (during training: a prefix)
   writer: MetricsWriter
+  # The device mesh and shardings (methods.run_sharding; one device: a mesh of size 1).
+  sharding: sharding_lib.RunSharding
   global_step: int = 0       # optimizer steps over all stages (x-axis of every log)
   # Training-state checkpoints (None: no checkpoints, e.g. a unit test of one stage).
   checkpoints: train_checkpoint.RunCheckpoints | None = None
@@ -52,8 +54,6 @@ class RunContext:
   # first step TensorBoard and completions.jsonl drop (tensorboardX purge_step).
   log_rewind_offset: int | None = None
   log_rewind_step: int | None = None
-  # The device mesh and shardings (None: one device, the plain jitted path).
-  sharding: sharding_lib.RunSharding | None = None
   # stage -> (branch names, UpdateCounts) of the stages run or restored (for the summary).
   update_counts: dict = dataclasses.field(default_factory=dict)
 
@@ -110,12 +110,11 @@ def branch_diagnostics(ctx: RunContext, stage: stages_lib.Stage, params) -> dict
   prompt_tokens, prompt_mask, frames = rollout_lib.stack_prompt_batches(batches)
   keys = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed), ctx.global_step),
                           stage.num_students)
-  # Traced on the run's mesh: the Pallas kernels (loss, splash) then run inside shard_map
-  # (copd_jax.kernels.sharded), as XLA cannot partition them.
-  on_mesh = jax.set_mesh(ctx.sharding.mesh) if ctx.sharding is not None else contextlib.nullcontext()
-  with on_mesh:
-    rollout = sampling.stacked_generate(params, setup.model_cfg, prompt_tokens, prompt_mask,
-                                        frames, keys, data.sampling, 1)
+  # The training sampler; the rest traced on the run's mesh: the Pallas kernels (loss,
+  # splash) then run inside shard_map (kernels/sharded.py), as XLA cannot partition them.
+  rollout = sampling.stacked_generate(ctx.sharding, params, setup.model_cfg, prompt_tokens,
+                                      prompt_mask, frames, keys, data.sampling, 1)
+  with jax.set_mesh(ctx.sharding.mesh):
     rows = rollout_lib.build_rows(prompt_tokens, prompt_mask, frames, rollout,
                                   np.zeros((stage.num_students, n)),
                                   np.zeros((stage.num_students, n)), 1)
@@ -184,8 +183,8 @@ def evaluate_branches(ctx: RunContext, stage: stages_lib.Stage, params, eval_set
   terminal shows the evaluation's progress and then each branch's accuracy."""
   merging = merge and stage.num_students > 1
   phase = Phase(f"eval at step {ctx.global_step}", total=len(eval_sets) * (1 + merging))
-  kwargs = dict(max_new_tokens=ctx.cfg.sampling.max_new_tokens, batch_size=ctx.cfg.eval.batch_size,
-                progress=phase.advance)
+  kwargs = dict(run=ctx.sharding, max_new_tokens=ctx.cfg.sampling.max_new_tokens,
+                batch_size=ctx.cfg.eval.batch_size, progress=phase.advance)
   responses = {}
   with phase:
     out = _evaluate_branches(ctx, stage, params, eval_sets, merging, kwargs, responses)
@@ -288,11 +287,11 @@ def run_stage(ctx: RunContext, stage: stages_lib.Stage, params, frozen_teachers=
   ucfg = rows_lib.update_config(cfg, ctx.setup.model_cfg)
   optimizer = update_lib.optimizer_for_stage(rl, stage.steps)
   opt_state = update_lib.init_optimizer_state(optimizer, params)
-  if ctx.sharding is not None:  # on the mesh before the restore target is taken
-    params = ctx.sharding.shard_params(params)
-    opt_state = sharding_lib.place(opt_state, ctx.sharding.opt_state(opt_state))
-    if frozen_teachers is not None:
-      frozen_teachers = ctx.sharding.shard_params(frozen_teachers)
+  # On the mesh before the restore target is taken.
+  params = ctx.sharding.shard_params(params)
+  opt_state = sharding_lib.place(opt_state, ctx.sharding.opt_state(opt_state))
+  if frozen_teachers is not None:
+    frozen_teachers = ctx.sharding.shard_params(frozen_teachers)
   data = data_context(cfg, ctx.setup, seed_offset)
   rng = np.random.default_rng([cfg.seed, seed_offset])
   # Derived, not stored: a pure function of the seed; steps fold in their index.
@@ -343,12 +342,6 @@ def run_stage(ctx: RunContext, stage: stages_lib.Stage, params, frozen_teachers=
         ckpt.close()
         return params
 
-  if ctx.sharding is None:
-    # Committed to the device, as the update's outputs are: the first step's inputs then
-    # match every later step's, and each update program compiles once per stage, not
-    # twice (jit keys its cache on whether an argument is committed).
-    params, opt_state = jax.device_put((params, opt_state), jax.devices()[0])
-
   def save(step: int, finished: bool):
     host = train_checkpoint.HostState(
         stage_step=step, global_step=ctx.global_step, finished=finished,
@@ -384,9 +377,8 @@ def run_stage(ctx: RunContext, stage: stages_lib.Stage, params, frozen_teachers=
     completions_every = int(cfg.log.completions_every) if "log" in cfg else 0
     teacher_names = ["+".join(caps) for caps in stage.teacher_data]
     plan = step_lib.StepPlan(stage=stage, data=data, ucfg=ucfg, optimizer=optimizer, key=key,
-                             assignment=assignment, routing=routing,
-                             frozen_teachers=frozen_teachers, ref_params=ctx.base_params,
-                             sharding=ctx.sharding)
+                             assignment=assignment, routing=routing, sharding=ctx.sharding,
+                             frozen_teachers=frozen_teachers, ref_params=ctx.base_params)
     for step in range(start_step, stage.steps):
       weight = schedules.opd_weight(stage.schedule, step, sched_state, last_overlap)
       log_samples = completions_to_log(cfg) if (

@@ -65,15 +65,15 @@ def load_or_train_experts(ctx: RunContext, caps) -> Any:
   return run_stage(ctx, stage, params, seed_offset=1)
 
 
-def run_sharding(cfg: ml_collections.ConfigDict, model_cfg) -> sharding_lib.RunSharding | None:
-  """The run's mesh from config.mesh, with the parameter axes model_cfg's layers declare,
-  or None when it spans a single device (then every function runs as a plain jit on the
-  default device, exactly as without a mesh)."""
+def run_sharding(cfg: ml_collections.ConfigDict, model_cfg) -> sharding_lib.RunSharding:
+  """The run's mesh from config.mesh, with the parameter axes model_cfg's layers declare.
+  Mesh sizes that are all 1 give a mesh of one device (this process's first): the same
+  programs as on a pod, on that device."""
   sizes = sharding_lib.check_mesh_config(cfg.mesh, cfg.num_experts)
+  axes = policy_setup.declared_param_axes(model_cfg)
   if all(v == 1 for v in sizes.values()):
-    return None
-  return sharding_lib.RunSharding.from_config(
-      cfg.mesh, cfg.num_experts, param_axes=policy_setup.declared_param_axes(model_cfg))
+    return sharding_lib.RunSharding.one_device(axes)
+  return sharding_lib.RunSharding.from_config(cfg.mesh, cfg.num_experts, param_axes=axes)
 
 
 def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, writer) -> dict:
@@ -90,10 +90,10 @@ def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, 
       cfg.workdir, cfg.checkpoint, method=cfg.method, num_experts=cfg.num_experts,
       seed=cfg.seed, config_json=json.loads(cfg.to_json_best_effort()))
   sharding = run_sharding(cfg, setup.model_cfg)
-  if sharding is not None:  # the base (reference policy, merge partner) lives on the mesh too
-    base_params = sharding.shard_params(base_params, stacked=False)
-  ctx = RunContext(cfg, setup, base_params, eval_sets, writer, checkpoints=checkpoints,
-                   sharding=sharding)
+  # The base (reference policy, merge partner) lives on the mesh too.
+  base_params = sharding.shard_params(base_params, stacked=False)
+  ctx = RunContext(cfg, setup, base_params, eval_sets, writer, sharding,
+                   checkpoints=checkpoints)
   # A restart that finds no checkpoint drops what a killed run logged since RL began.
   ctx.log_rewind_offset = checkpoints.log_start_offset(writer.jsonl_size())
   ctx.log_rewind_step = 0
@@ -161,8 +161,9 @@ def _final_report(ctx: RunContext, stage: stages_lib.Stage, final, train_seconds
   # The final evaluation adds pass@k (config.eval.pass_samples > 0) next to greedy accuracy.
   merging = stage.num_students > 1
   phase = Phase("final evaluation", total=len(eval_sets) * (1 + merging))
-  kwargs = dict(max_new_tokens=cfg.sampling.max_new_tokens, batch_size=cfg.eval.batch_size,
-                progress=phase.advance, **evaluation.pass_at_k_kwargs(cfg))
+  kwargs = dict(run=ctx.sharding, max_new_tokens=cfg.sampling.max_new_tokens,
+                batch_size=cfg.eval.batch_size, progress=phase.advance,
+                **evaluation.pass_at_k_kwargs(cfg))
   responses, branch_rewards = {}, {}
   phase.__enter__()
   branch_acc = evaluation.evaluate_stacked(final, setup, eval_sets, responses_out=responses,

@@ -16,8 +16,8 @@ import numpy as np
 from copd_jax import sampling
 from copd_jax.data import examples as examples_lib, reward_fns
 from copd_jax.data.examples import decode_responses
-from copd_jax.rl import objectives, schedules
-from copd_jax.rl.rows import Rows, UpdateConfig
+from copd_jax.rl import objectives, rows as rows_lib, schedules
+from copd_jax.rl.rows import Rows
 from copd_jax.rl.stages import NATIVE, NO_TEACHER, Stage
 
 Params = Any
@@ -89,7 +89,7 @@ def load_local_examples(data: DataContext, refs: Sequence[Sequence[ExampleRef]],
   return [[loaded.get((k, b), stand_in) for b in range(len(row))] for k, row in enumerate(refs)]
 
 
-def verify_local(responses_of, examples, local_rows: np.ndarray, sharding,
+def verify_local(responses_of, examples, local_rows: np.ndarray,
                  stats: dict | None = None) -> np.ndarray:
   """Rewards f32[S, B*G] of the whole batch, each process verifying only its own rows.
 
@@ -115,7 +115,7 @@ def verify_local(responses_of, examples, local_rows: np.ndarray, sharding,
                   "reward/errors": float(pool.errors)})
     stats.update(reward_fns.branch_means(per_fn, flat, s, n))
   rewards = rewards.reshape(s, n)
-  if sharding is None or jax.process_count() == 1:
+  if jax.process_count() == 1:
     return rewards
   from jax.experimental import multihost_utils
   every_r, every_m = multihost_utils.process_allgather((rewards, local_rows))  # [P, S, B*G]
@@ -146,9 +146,9 @@ def build_rows(prompt_tokens, prompt_mask, frames, rollout: sampling.Rollout,
 
   frames: the prompts' media [S, B, ...] (the toy's frames, or Qwen3-VL's PromptMedia),
   repeated for each prompt's G rows; or None."""
-  tokens, positions, token_mask, response_mask = jax.vmap(sampling.rollout_to_sequences)(
+  tokens, positions, token_mask, response_mask = jax.vmap(rows_lib.rollout_to_sequences)(
       prompt_tokens, prompt_mask, rollout)
-  old = jax.vmap(sampling.align_response_values, in_axes=(0, None))(
+  old = jax.vmap(rows_lib.align_response_values, in_axes=(0, None))(
       rollout.raw_logprobs, prompt_tokens.shape[-1])
   return Rows(tokens=tokens, positions=positions, token_mask=token_mask,
               response_mask=response_mask, old_logprobs=old,
@@ -210,35 +210,30 @@ class Rollouts:
   verify_stats: dict
 
 
-def collect_rollouts(stage: Stage, step: int, params: Params, data: DataContext,
-                     ucfg: UpdateConfig, key, rng: np.random.Generator, weight: float,
-                     assignment: np.ndarray, sharding=None) -> Rollouts:
+def collect_rollouts(plan, params: Params, step: int, weight: float,
+                     rng: np.random.Generator) -> Rollouts:
   """The rollout half of a step: draw prompts, sample G responses per prompt from every
-  student, verify them, and build the rows with their advantages and teacher betas."""
+  student, verify them, and build the rows with their advantages and teacher betas.
+
+  plan: the stage's step.StepPlan (stage, data, ucfg, key, assignment, sharding); params:
+  the students' stacked params [S, ...]; step: the step index within the stage (its
+  sampling key is fold_in(plan.key, step)); weight: the step's OPD weight; rng: the host
+  RNG that draws prompts (advanced in place)."""
+  stage, data, run = plan.stage, plan.data, plan.sharding
   beta = schedules.teacher_matrix(stage.topology, stage.branch_beta, weight)  # [S, J]
   distil = stage.distils and weight > 0
   timings = {}
   t0 = time.perf_counter()
-  refs, row_teacher = stage_prompts(stage, data, distil, assignment, rng)
+  refs, row_teacher = stage_prompts(stage, data, distil, plan.assignment, rng)
   # Each process loads (and later verifies) only the prompts its devices hold.
-  local = np.ones(row_teacher.shape, bool) if sharding is None else \
-      sharding.local_prompt_mask(row_teacher.shape)
+  local = run.local_prompt_mask(row_teacher.shape)
   examples = load_local_examples(data, refs, local)
   batches = [data.encode_prompts(ex) for ex in examples]
   prompt_tokens, prompt_mask, frames = stack_prompt_batches(batches)
-  keys = jax.random.split(jax.random.fold_in(key, step), stage.num_students)
-  if sharding is None:
-    rollout = sampling.stacked_generate(params, ucfg.model, prompt_tokens, prompt_mask, frames,
-                                       keys, data.sampling, stage.samples_per_prompt)
-    rollout = jax.device_get(rollout)
-  else:
-    key_data = np.asarray(jax.random.key_data(keys))  # the same on every process
-    sampling.check_stacked_generate_args(params, ucfg.model, prompt_tokens, prompt_mask,
-                                         frames, key_data, data.sampling,
-                                         stage.samples_per_prompt)
-    generate = sampling.sharded_generate(sharding, ucfg.model, data.sampling,
-                                         stage.samples_per_prompt)
-    rollout = sharding.to_host(generate(params, prompt_tokens, prompt_mask, frames, key_data))
+  keys = jax.random.split(jax.random.fold_in(plan.key, step), stage.num_students)
+  rollout = run.to_host(sampling.stacked_generate(
+      run, params, plan.ucfg.model, prompt_tokens, prompt_mask, frames, keys, data.sampling,
+      stage.samples_per_prompt))
   timings["time/sample_s"] = time.perf_counter() - t0
 
   t1 = time.perf_counter()
@@ -250,9 +245,8 @@ def collect_rollouts(stage: Stage, step: int, params: Params, data: DataContext,
   # record datasets).
   rewarded = [[ex for ex in exs for _ in range(g)] for exs in examples]  # [S][B*G]
   verify_stats = {}
-  rewards = verify_local(responses_of, rewarded, np.repeat(local, g, axis=1), sharding,
-                         verify_stats)
-  advantages, zero_variance = group_advantages(rewards, g, ucfg.scale_by_std)
+  rewards = verify_local(responses_of, rewarded, np.repeat(local, g, axis=1), verify_stats)
+  advantages, zero_variance = group_advantages(rewards, g, plan.ucfg.scale_by_std)
   row_teacher_g = np.repeat(row_teacher, g, axis=1)  # [S, B*G]
   is_native = row_teacher_g == NATIVE
   is_cross = row_teacher_g >= 0

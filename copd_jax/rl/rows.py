@@ -1,4 +1,5 @@
-"""The update's typed batch (Rows), its configuration (UpdateConfig) and row / column helpers."""
+"""The update's typed batch (Rows), its configuration (UpdateConfig) and row / column helpers
+(a rollout as teacher-forcing rows: rollout_to_sequences, align_response_values)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from copd_jax import kernels, losses, sampling
-from copd_jax.models import model_config
+from copd_jax.models import decoder, model_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,47 @@ class Rows:
   frames: jax.Array
 
 
+def rollout_to_sequences(prompt_tokens, prompt_mask, rollout: sampling.Rollout):
+  """Prompt + response as teacher-forcing input for forward_hidden.
+
+  prompt_tokens: int32[B, P] (left-padded); prompt_mask: bool[B, P]; rollout: [B, G, R].
+  Returns, with N = B*G rows ordered (prompt b, sample j) -> b*G + j and T = P + R:
+    tokens:        int32[N, T]  prompt then response (pad after the stop token)
+    positions:     int32[N, T]  cumsum(token_mask) - 1, as the sampler used
+    token_mask:    bool[N, T]   prompt tokens and valid response tokens
+    response_mask: f32[N, T]    1 at t when token t+1 is a valid response token
+
+  Off-by-one convention: hidden[:, t] predicts tokens[:, t+1]. So response token r (at
+  column P+r) is scored by the hidden at column P-1+r, and response_mask[:, P-1+r] =
+  rollout.mask[:, r]; the last column is always 0. `next_token_targets(tokens)` gives the
+  matching targets and `align_response_values` puts per-token rollout values (e.g.
+  raw_logprobs) in the same columns. Vision inputs must be repeated G times
+  (`jnp.repeat(vision, G, axis=0)`). For a stacked rollout, jax.vmap this function.
+  """
+  b, g, r = rollout.tokens.shape
+  n = b * g
+  tokens = jnp.concatenate([jnp.repeat(prompt_tokens, g, axis=0).astype(jnp.int32),
+                            rollout.tokens.reshape(n, r)], axis=1)
+  token_mask = jnp.concatenate([jnp.repeat(prompt_mask.astype(bool), g, axis=0),
+                                rollout.mask.reshape(n, r) > 0], axis=1)
+  positions = decoder.positions_from_mask(token_mask)
+  response_mask = align_response_values(rollout.mask, prompt_tokens.shape[1])
+  return tokens, positions, token_mask, response_mask
+
+
+def next_token_targets(tokens):
+  """int32[N, T] -> int32[N, T]: targets[:, t] = tokens[:, t+1], last column sampling.PAD_ID."""
+  return jnp.concatenate([tokens[:, 1:], jnp.full_like(tokens[:, :1], sampling.PAD_ID)], axis=1)
+
+
+def align_response_values(values, prompt_length: int):
+  """Per-response-token values [B, G, R] -> f32[B*G, P+R], value r at column P-1+r (the
+  column whose hidden state predicts response token r), zeros elsewhere."""
+  b, g, r = values.shape
+  flat = values.reshape(b * g, r).astype(jnp.float32)
+  return jnp.pad(flat, ((0, 0), (prompt_length - 1, 1)))
+
+
 def split_rows(x, size: int, group: int = 1):
   """x: [N, ...] -> [n, size, ...] micro-batches, n = ceil(N / size), rows past N zero.
 
@@ -112,7 +154,7 @@ def loss_columns(x, prompt_len: int):
 
 def loss_targets(tokens, prompt_len: int):
   """int32[N, W]: the token each loss column predicts (see loss_columns)."""
-  return tokens[:, prompt_len:] if prompt_len else sampling.next_token_targets(tokens)
+  return tokens[:, prompt_len:] if prompt_len else next_token_targets(tokens)
 
 
 def first_of_groups(x, group: int):

@@ -112,7 +112,7 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
   What crosses: token ids with the token mask packed in (-1 = masked), the frames once
   per prompt, and f32 log-probs of the loss columns. Positions are recomputed from
   the mask on the teacher side (rows' positions are positions_from_mask(token_mask), as
-  sampling.rollout_to_sequences builds them).
+  rows.rollout_to_sequences builds them).
 
   cross_row_start (static): rows before it are native rows, never sent (the local gather
     reads rows [cross_row_start:] only).

@@ -10,7 +10,8 @@ One step, for S student branches held as one stacked pytree (leading axis S):
      for B_cross prompts of its teachers' data (the cross batch of the paper's Phase II).
   3. Host: verifiers -> rewards -> group-normalised advantages for native rows
      (steps 2-3: rl.rollout.collect_rollouts).
-  4. `rl.update.update` (jitted, all branches at once; apply_update here):
+  4. `rl.update.update` (one jitted program on the run's mesh, all branches at once;
+     apply_update here):
        a. teacher scoring: the cross rows are regrouped by teacher with an all-to-all
           over experts (token ids move to the teacher, parameters stay) and every teacher scores its rows in ONE vmapped
           forward; the sampled-token log-probs travel back. Teachers are under
@@ -37,7 +38,7 @@ from copd_jax.models.decoder import Params
 from copd_jax.rl.rollout import DataContext, Rollouts, collect_rollouts, completion_samples
 from copd_jax.rl.rows import UpdateConfig
 from copd_jax.rl.stages import Stage
-from copd_jax.rl.update import sharded_update, update
+from copd_jax.rl.update import update
 from copd_jax.sharding import RunSharding
 
 
@@ -49,11 +50,11 @@ class StepPlan:
   (rollout.DataContext); ucfg / optimizer: the update's settings; key: the stage's PRNG
   key (step k samples with fold_in(key, k)); assignment int[S, B]: each prompt slot's
   teacher (stages.cross_teacher_assignment); routing: its TeacherRouting as arrays;
+  sharding: the run's sharding.RunSharding (one device: a mesh of size 1). Host arrays
+  enter as global arrays, the sampler and the update run on its mesh, and rollouts /
+  metrics come back to the host; params stay on the mesh;
   frozen_teachers: stacked params of frozen teachers, or None (live teachers are the
-  students themselves); ref_params: the KL reference (one model), or None;
-  sharding: a sharding.RunSharding, or None for the single-device path. With it, host
-  arrays enter as global arrays, the sampler and the update run with explicit
-  shardings, and rollouts / metrics come back to the host; params stay on the mesh.
+  students themselves); ref_params: the KL reference (one model), or None.
   """
   stage: Stage
   data: DataContext
@@ -62,9 +63,9 @@ class StepPlan:
   key: Any
   assignment: np.ndarray
   routing: dict
+  sharding: RunSharding
   frozen_teachers: Params | None = None
   ref_params: Params | None = None
-  sharding: RunSharding | None = None
 
 
 @flax.struct.dataclass
@@ -86,23 +87,17 @@ class StepResult:
 def apply_update(plan: StepPlan, state: TrainState, rollouts: Rollouts):
   """The update half of a step: one optimizer step of every student on `rollouts`.
   Returns (new TrainState, metrics as host arrays f32[S])."""
-  stage, ucfg, sharding = plan.stage, plan.ucfg, plan.sharding
-  distil, rows = rollouts.distil, rollouts.rows
+  stage, distil = plan.stage, rollouts.distil
   teachers = state.params if stage.live_teachers else plan.frozen_teachers
-  kl = ucfg.loss.kl_coef > 0
-  update_args = (state.params, state.opt_state, teachers if distil else None, rows,
-                 plan.routing if distil else None, plan.ref_params if kl else None)
-  if sharding is None:
-    params, opt_state, metrics = update(*update_args, ucfg=ucfg, optimizer=plan.optimizer,
-                                        distil=distil, prompt_len=rollouts.prompt_len)
-    return TrainState(params, opt_state), jax.device_get(metrics)
+  kl = plan.ucfg.loss.kl_coef > 0
   # Rows and routing were built on the host: as numpy they enter through put_global.
-  update_args = update_args[:3] + jax.device_get(update_args[3:5]) + update_args[5:]
-  fn = sharded_update(sharding, ucfg, plan.optimizer, distil, kl,
-                      cross_row_start=stage.native_prompts * stage.samples_per_prompt,
-                      prompt_len=rollouts.prompt_len)
-  params, opt_state, metrics = fn(*update_args)
-  return TrainState(params, opt_state), sharding.to_host(metrics)
+  rows, routing = jax.device_get((rollouts.rows, plan.routing))
+  params, opt_state, metrics = update(
+      state.params, state.opt_state, teachers, rows, routing, plan.ref_params if kl else None,
+      run=plan.sharding, ucfg=plan.ucfg, optimizer=plan.optimizer, distil=distil,
+      cross_row_start=stage.native_prompts * stage.samples_per_prompt,
+      prompt_len=rollouts.prompt_len)
+  return TrainState(params, opt_state), plan.sharding.to_host(metrics)
 
 
 def train_step(plan: StepPlan, state: TrainState, step: int, weight: float,
@@ -115,8 +110,7 @@ def train_step(plan: StepPlan, state: TrainState, step: int, weight: float,
   log_samples: > 0 also returns that many native and cross rollouts per branch in
   StepResult.samples (completion_samples), for the completion log."""
   stage = plan.stage
-  got = collect_rollouts(stage, step, state.params, plan.data, plan.ucfg, plan.key, rng, weight,
-                         plan.assignment, plan.sharding)
+  got = collect_rollouts(plan, state.params, step, weight, rng)
   t2 = time.perf_counter()
   state, metrics = apply_update(plan, state, got)
   timings = dict(got.timings, **{"time/update_s": time.perf_counter() - t2})

@@ -13,7 +13,7 @@ from copd_jax.models import decoder
 from copd_jax.models.decoder import Params
 from copd_jax.rl.rows import Rows, UpdateConfig, join_rows, loss_columns, loss_targets, split_rows
 from copd_jax.rl.scoring import _response_hidden, lm_head, reference_logprobs, score_by_teachers
-from copd_jax.sharding import RunSharding, ShardedFunction
+from copd_jax.sharding import MeshProgram, RunSharding
 
 
 def student_loss_sum(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
@@ -99,34 +99,36 @@ def _branch_metrics(rows: Rows, prompt_len: int, aux: dict, teacher_logprobs, lo
   return out
 
 
-# No buffer donation: with live teachers the same params arrive as `teacher_params`.
-@functools.partial(jax.jit, static_argnames=("ucfg", "optimizer", "distil", "prompt_len"))
 def update(params: Params, opt_state, teacher_params: Params | None, rows: Rows,
-           routing: dict | None, ref_params: Params | None = None, *, ucfg: UpdateConfig,
-           optimizer: optax.GradientTransformation, distil: bool, prompt_len: int = 0):
-  """One optimizer step for every student branch. Returns (params, opt_state, metrics).
+           routing: dict | None, ref_params: Params | None = None, *, run: RunSharding,
+           ucfg: UpdateConfig, optimizer: optax.GradientTransformation, distil: bool,
+           cross_row_start: int = 0, prompt_len: int = 0):
+  """One optimizer step for every student branch, on run's mesh (one device: a mesh of
+  size 1). Returns (params, opt_state, metrics), global arrays on the mesh.
 
   params, opt_state: stacked [S]; teacher_params: stacked [J] or None (live teachers:
   pass the same params — they are read before the update, under stop-gradient);
-  rows: Rows [S, R, ...]; routing: TeacherRouting fields as arrays (distil steps only);
-  ref_params: one single-model pytree (the base), required when ucfg.loss.kl_coef > 0.
+  rows: Rows [S, R, ...] (device or host arrays); routing: TeacherRouting fields as arrays
+  (distil steps only); ref_params: one single-model pytree (the base), required when
+  ucfg.loss.kl_coef > 0.
+  cross_row_start: the native rows per student (never regrouped, see score_by_teachers).
   prompt_len: the prompt columns P of rows, or 0. With P > 0 every prompt runs once for its
     ucfg.samples_per_prompt rows and only the response columns go through the LM head and
     the loss (_response_hidden): the same loss as P = 0, for a fraction of the work.
-  metrics: dict of f32[S].
-  Single-device jit; `sharded_update` jits `update_body` with explicit shardings instead.
-  """
-  return update_body(params, opt_state, teacher_params, rows, routing, ref_params, ucfg=ucfg,
-                     optimizer=optimizer, distil=distil, prompt_len=prompt_len)
+  metrics: dict of f32[S]."""
+  program = update_program(run, ucfg, optimizer, distil, cross_row_start, prompt_len)
+  return program(params, opt_state, teacher_params if distil else None, rows,
+                 routing if distil else None, ref_params)
 
 
 def update_body(params: Params, opt_state, teacher_params: Params | None, rows: Rows,
                 routing: dict | None, ref_params: Params | None = None, *,
                 ucfg: UpdateConfig, optimizer: optax.GradientTransformation, distil: bool,
-                placement: tuple[Callable, Callable] | None = None, cross_row_start: int = 0,
+                placement: tuple[Callable, Callable], cross_row_start: int = 0,
                 prompt_len: int = 0):
-  """The traceable body of `update` (same arguments); placement, cross_row_start and
-  prompt_len: see score_by_teachers. Gradients accumulate over micro-batches of
+  """The traceable body of `update` (same arguments), traced on the run's mesh;
+  placement (RunSharding.regroup_placement), cross_row_start and prompt_len: see
+  score_by_teachers. Gradients accumulate over micro-batches of
   ucfg.micro_batch_rows rows (student_grads)."""
   teacher_logprobs = None
   if distil:
@@ -146,11 +148,10 @@ def update_body(params: Params, opt_state, teacher_params: Params | None, rows: 
       metrics["kl_to_reference"] = jnp.sum(aux["kl"] * m) / jnp.maximum(jnp.sum(m), 1.0)
     return grads, metrics
 
-  # On a mesh the branch axis is `expert`: sharding constraints inside (the activation
-  # constraint of sharding.RunSharding.constrain_rows) then keep it there.
-  branch_axis = "expert" if placement is not None else None
-  grads, metrics = jax.vmap(one_branch, spmd_axis_name=branch_axis)(params, rows,
-                                                                   teacher_logprobs, ref_lp)
+  # The branch axis is `expert`: sharding constraints inside (the activation constraint
+  # of sharding.RunSharding.constrain_rows) then keep it there.
+  grads, metrics = jax.vmap(one_branch, spmd_axis_name="expert")(params, rows,
+                                                                teacher_logprobs, ref_lp)
   metrics["grad_norm"] = jax.vmap(optax.tree_utils.tree_norm)(grads)
   updates, new_opt_state = jax.vmap(optimizer.update)(grads, opt_state, params)
   # How far the step moves each branch: the global norm of the update and its largest
@@ -228,25 +229,32 @@ def init_optimizer_state(optimizer, params: Params):
   return jax.vmap(optimizer.init)(params)
 
 
-def sharded_update(run: RunSharding, ucfg: UpdateConfig, optimizer, distil: bool, kl: bool,
-                   cross_row_start: int = 0, prompt_len: int = 0) -> ShardedFunction:
-  """`update` jitted with explicit shardings on run's mesh (built once per setting). Call
-  as fn(params, opt_state, teacher_params, rows, routing, ref_params) (None where unused).
-  cross_row_start: the number of native rows per student (they are never regrouped);
-  prompt_len: the rows' prompt columns or 0 (score_by_teachers)."""
-  def build(args):
-    params, opt_state, teachers, rows, routing, ref = args
+def _update_on_mesh(run: RunSharding, ucfg: UpdateConfig, optimizer, distil: bool,
+                    cross_row_start: int, prompt_len: int, params, opt_state, teachers, rows,
+                    routing, ref):
+  with decoder.activation_sharding(run.constrain_rows):
+    return update_body(params, opt_state, teachers, rows, routing, ref, ucfg=ucfg,
+                       optimizer=optimizer, distil=distil, placement=run.regroup_placement(),
+                       cross_row_start=cross_row_start, prompt_len=prompt_len)
 
-    def fn(p, o, t, r, rt, rf):
-      with decoder.activation_sharding(run.constrain_rows):
-        return update_body(p, o, t, r, rt, rf, ucfg=ucfg, optimizer=optimizer, distil=distil,
-                           placement=run.regroup_placement(),
-                           cross_row_start=cross_row_start, prompt_len=prompt_len)
-    p_sh = run.stacked_params(params)
-    in_sh = (p_sh, run.opt_state(opt_state),
-             None if teachers is None else run.stacked_params(teachers), run.rows(rows),
-             None if routing is None else run.replicated,
-             None if ref is None else run.stacked_params(ref, stacked=False))
+
+def update_program(run: RunSharding, ucfg: UpdateConfig, optimizer, distil: bool,
+                   cross_row_start: int = 0, prompt_len: int = 0) -> MeshProgram:
+  """`update` as a program on run's mesh: program(params, opt_state, teacher_params,
+  rows, routing, ref_params) (None where unused) runs it, program.lower(...) lowers it
+  (arguments may be jax.ShapeDtypeStruct). Parameters and optimizer state shard as the
+  model's layers declare them (and come back so), rows expert x batch, routing
+  replicated, metrics f32[S] over expert. No buffer donation: with live teachers the
+  same params arrive as `teacher_params`."""
+  def shardings(args):
+    params, opt_state, teachers, rows, routing, ref = args
+    p_sh, o_sh = run.stacked_params(params), run.opt_state(opt_state)
     s = jax.tree_util.tree_leaves(params)[0].shape[0]
-    return fn, in_sh, (p_sh, run.opt_state(opt_state), run.per_branch((s,)))
-  return run.jitted(("update", ucfg, optimizer, distil, kl, cross_row_start, prompt_len), build)
+    return ((p_sh, o_sh, None if teachers is None else run.stacked_params(teachers),
+             run.rows(rows), None if routing is None else run.replicated,
+             None if ref is None else run.stacked_params(ref, stacked=False)),
+            (p_sh, o_sh, run.per_branch((s,))))
+  return MeshProgram(_update_on_mesh,
+                     (run, ucfg, optimizer, distil, cross_row_start, prompt_len), run.mesh,
+                     shardings)
+

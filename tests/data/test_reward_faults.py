@@ -103,7 +103,7 @@ def test_plugin_errors_are_a_step_metric(plugin, monkeypatch):
   examples = [[example()] * 3, [example()] * 3]  # [S=2][B*G=3]
   stats = {}
   rewards = rollout.verify_local(lambda rows: list(responses[rows]), examples,
-                                 np.ones((2, 3), bool), None, stats)
+                                 np.ones((2, 3), bool), stats)
   np.testing.assert_array_equal(rewards, [[1, 0, 1], [0, 0, 1]])
   assert stats["reward/errors"] == 2.0 and stats["verify/memory_exceeded"] == 0.0
 

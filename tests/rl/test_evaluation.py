@@ -59,7 +59,10 @@ def test_evaluation_reports_pass_at_k_per_capability_and_branch(monkeypatch):
     return np.array([1.0 if i % 4 == 0 else 0.0 for i in range(len(responses))], np.float32)
   monkeypatch.setattr(verifiers, "rewards_for", one_in_four)
 
-  metrics = evaluation.evaluate_stacked(stacked, setup, eval_sets, max_new_tokens=4,
+  from copd_jax.rl import methods
+  metrics = evaluation.evaluate_stacked(stacked, setup, eval_sets,
+                                        run=methods.run_sharding(cfg, setup.model_cfg),
+                                        max_new_tokens=4,
                                         batch_size=8, pass_samples=4, pass_k=(1, 2, 4))
   for cap in ("text", "image", "overall"):
     np.testing.assert_allclose(metrics[f"pass@1/{cap}"], [0.25, 0.25])

@@ -69,7 +69,8 @@ def test_copd_with_zero_beta_equals_independent_experts(tmp_path, base):
     # makes sure the parameters really move, so equality is not vacuous.
     cfg.rl.loss.entropy_coef = 0.01
     writer = MetricsWriter(cfg.workdir)
-    ctx = loop.RunContext(cfg, s, base_params, {"text": []}, writer)
+    ctx = loop.RunContext(cfg, s, base_params, {"text": []}, writer,
+                          methods.run_sharding(cfg, s.model_cfg))
     ctx.eval_sets = {c: e[:2] for c, e in policy_setup.held_out_sets(cfg, s).items()}
     stage = (stages_lib.experts_stage if method == "experts" else stages_lib.copd_stage)(
         cfg.rl, list(cfg.rl.capabilities))
@@ -147,7 +148,8 @@ def experts_ctx(tmp_path, base, **rl):
   cfg.rl.loss.entropy_coef = 0.01  # rewards of a random policy are 0: make params move
   writer = MetricsWriter(cfg.workdir)
   eval_sets = {c: e[:2] for c, e in policy_setup.held_out_sets(cfg, s).items()}
-  ctx = loop.RunContext(cfg, s, base_params, eval_sets, writer)
+  ctx = loop.RunContext(cfg, s, base_params, eval_sets, writer,
+                        methods.run_sharding(cfg, s.model_cfg))
   return ctx, stages_lib.experts_stage(cfg.rl, list(cfg.rl.capabilities))
 
 

@@ -49,7 +49,9 @@ def test_update_with_non_finite_new_params_is_not_applied_to_that_branch_only():
   batches = [s.encode_prompts([tasks.make_example(c, i, seed=0, difficulty=1, **s.example_kwargs)
                                for i in range(2)]) for c in caps]
   tokens, mask, frames = trainer.stack_prompt_batches(batches)
-  rollout = sampling.stacked_generate(params, s.model_cfg, tokens, mask, frames,
+  from tiny_model import one_device_run
+  rollout = sampling.stacked_generate(one_device_run(s.model_cfg), params, s.model_cfg,
+                                      tokens, mask, frames,
                                       jax.random.split(jax.random.key(0), 2),
                                       sampling.SamplingConfig(max_new_tokens=6, stop_token_ids=(2,)), 2)
   advantages = np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)
@@ -60,7 +62,8 @@ def test_update_with_non_finite_new_params_is_not_applied_to_that_branch_only():
   optimizer = _poison_optimizer()
   opt_state = update_lib.init_optimizer_state(optimizer, params)
   opt_state = (opt_state[0], {"scale": jnp.array([1.0, jnp.inf])})  # branch 1 blows up
-  new_params, new_opt, metrics = update_lib.update(params, opt_state, None, rows, None, ucfg=ucfg,
+  new_params, new_opt, metrics = update_lib.update(params, opt_state, None, rows, None,
+                                                 run=one_device_run(ucfg.model), ucfg=ucfg,
                                                 optimizer=optimizer, distil=False)
   assert np.isfinite(np.asarray(metrics["loss"])).all()
   assert np.isfinite(np.asarray(metrics["grad_norm"])).all()

@@ -28,6 +28,7 @@ from copd_jax.rl import (
   stages,
 )
 from copd_jax.rl import update as update_lib
+from tiny_model import one_device_run, update_traces
 
 FIXTURE = os.path.join(paths.TESTS, "fixtures", "hf", "qwen3_vl_tiny")
 IMAGE_PAD, VIDEO_PAD, STOP = 100, 101, 2
@@ -107,7 +108,7 @@ def sampler():
 def make_rows(cfg, ref, stacked, opd_beta=1.0, seed=0):
   """Rows [2, 8, P + NEW] of the image (0) and video (1) students; rows 4..7 are cross."""
   ids, mask, media = student_prompts(cfg, ref, [("image", "video"), ("video", "image")])
-  rollout = sampling.stacked_generate(stacked, cfg, ids, mask, media,
+  rollout = sampling.stacked_generate(one_device_run(cfg), stacked, cfg, ids, mask, media,
                                       jax.random.split(jax.random.key(seed), 2), sampler(), G)
   beta = np.zeros((2, 4 * G), np.float32)
   beta[:, 2 * G:] = opd_beta
@@ -178,16 +179,17 @@ def test_rows_reproduce_the_sampler_and_teachers_score_cross_rows_like_the_oracl
     assert np.abs(other[cross] - own[cross]).max() > 1e-3  # the teachers do differ
 
 
-def test_opd_update_moves_each_student_toward_its_teacher_and_compiles_once(model, ref):
+def test_opd_update_moves_each_student_toward_its_teacher_and_compiles_once(model, ref,
+                                                                            monkeypatch):
   cfg, params = model
   stacked = branches(params)
   rows = make_rows(cfg, ref, stacked, seed=1)
   optimizer = update_lib.make_optimizer(1e-3, 1.0)
   opt_state = update_lib.init_optimizer_state(optimizer, stacked)
   u = ucfg(cfg)
-  compiled_before = update_lib.update._cache_size()
+  traces = update_traces(monkeypatch)
   new, _, metrics = update_lib.update(stacked, opt_state, stacked, rows, routing_arrays(),
-                                      ucfg=u, optimizer=optimizer, distil=True, prompt_len=P)
+                                      run=one_device_run(u.model), ucfg=u, optimizer=optimizer, distil=True, prompt_len=P)
   assert np.asarray(metrics["update_applied"]).tolist() == [1.0, 1.0]
   assert (np.asarray(metrics["opd/tokens"]) > 0).all()
   for k in range(2):
@@ -205,9 +207,9 @@ def test_opd_update_moves_each_student_toward_its_teacher_and_compiles_once(mode
     assert np.dot(delta, moved) > 0, (k, np.dot(delta, moved))
   # Other media (a second rollout: other responses, same budget) reuse the program.
   rows2 = make_rows(cfg, ref, new, seed=2)
-  update_lib.update(new, opt_state, new, rows2, routing_arrays(), ucfg=u, optimizer=optimizer,
+  update_lib.update(new, opt_state, new, rows2, routing_arrays(), run=one_device_run(u.model), ucfg=u, optimizer=optimizer,
                     distil=True, prompt_len=P)
-  assert update_lib.update._cache_size() == compiled_before + 1
+  assert len(traces) == 1
 
 
 def test_vision_tower_runs_once_per_prompt_in_the_update(model, ref):
@@ -220,7 +222,7 @@ def test_vision_tower_runs_once_per_prompt_in_the_update(model, ref):
   with qwen3_vl_decode.vision_tower_calls() as seen:
     # micro_batch_rows changes the static config, so the update traces anew here.
     update_lib.update(stacked, opt_state, stacked, rows, routing_arrays(),
-                      ucfg=rows_lib.UpdateConfig(**{**u.__dict__, "micro_batch_rows": 2 * G}),
+                      run=one_device_run(u.model), ucfg=rows_lib.UpdateConfig(**{**u.__dict__, "micro_batch_rows": 2 * G}),
                       optimizer=optimizer, distil=True, prompt_len=P)
   # (prompts, patches) per traced tower call: students run their 4 prompts (8 rows) in
   # micro-batches of 2 prompts (4 rows); each teacher runs its 2 cross prompts (4 rows).
@@ -244,10 +246,11 @@ def test_bad_media_are_named_before_anything_compiles(model, ref):
     scoring._response_hidden(None, ucfg(cfg), None, None, None, None, 0)
 
 
-def test_three_branches_on_an_expert_mesh_match_the_single_device_update(model, ref):
+def test_three_branches_on_an_expert_mesh_match_the_single_device_update(model, ref,
+                                                                          monkeypatch):
   """Text (hub), image and video branches on a 6-device mesh (expert=3 x data=2): the
-  sharded update (media exchanged across `expert`) gives the single-device update's
-  parameters and metrics, and compiles once for two steps."""
+  sharded update (media exchanged across `expert`) gives the update on a mesh of one
+  device's parameters and metrics, and compiles once for two steps."""
   from copd_jax import sharding
   cfg, params = model
   sets = prompts(ref)
@@ -267,7 +270,7 @@ def test_three_branches_on_an_expert_mesh_match_the_single_device_update(model, 
   ids, mask = jnp.asarray(np.stack(ids), jnp.int32), jnp.asarray(np.stack(mask), bool)
   media = jax.tree.map(lambda *xs: jnp.stack(xs), *media)
   stacked = branches(params, count=3)
-  rollout = sampling.stacked_generate(stacked, cfg, ids, mask, media,
+  rollout = sampling.stacked_generate(one_device_run(cfg), stacked, cfg, ids, mask, media,
                                       jax.random.split(jax.random.key(4), 3), sampler(), G)
   beta = np.zeros((3, 4 * G), np.float32)
   beta[:, 2 * G:] = 0.5
@@ -278,13 +281,15 @@ def test_three_branches_on_an_expert_mesh_match_the_single_device_update(model, 
   optimizer = __import__("optax").sgd(0.05)
   state = update_lib.init_optimizer_state(optimizer, stacked)
   u = ucfg(cfg)
-  want = update_lib.update(stacked, state, stacked, rows, routing.as_arrays(), ucfg=u,
-                           optimizer=optimizer, distil=True, prompt_len=P)
+  want = update_lib.update(stacked, state, stacked, rows, routing.as_arrays(),
+                           run=one_device_run(u.model), ucfg=u, optimizer=optimizer,
+                           distil=True, cross_row_start=2 * G, prompt_len=P)
   run = sharding.RunSharding(sharding.make_mesh(dict(expert=3, data=2, fsdp=1, tensor=1),
                                                 jax.devices()[:6]),
                              param_axes=qwen3_vl.param_axes(cfg))
-  fn = update_lib.sharded_update(run, u, optimizer, distil=True, kl=False,
-                                 cross_row_start=2 * G, prompt_len=P)
+  fn = update_lib.update_program(run, u, optimizer, distil=True, cross_row_start=2 * G,
+                                 prompt_len=P)
+  traces = update_traces(monkeypatch)
   placed = run.shard_params(stacked)
   host_rows = jax.tree.map(np.asarray, rows)
   host_routing = {k: np.asarray(v) for k, v in routing.as_arrays().items()}
@@ -294,7 +299,7 @@ def test_three_branches_on_an_expert_mesh_match_the_single_device_update(model, 
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(run.to_host(got))):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=2e-5)
   fn(got[0], got[1], got[0], host_rows, host_routing, None)
-  assert fn.num_compiled == 1
+  assert len(traces) == 1  # one compile for two steps
 
 
 def test_overlap_and_symmetric_kl_of_vl_rows_match_the_oracle(model, ref):

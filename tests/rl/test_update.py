@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from copd_jax import default_config, kernels, losses, policy_setup, sampling
+from tiny_model import one_device_run
 from copd_jax.data import toy_tasks as tasks
 from copd_jax.models import decoder as model_lib, stacked as experts, stacked as stacked_lib
 from copd_jax.rl import (
@@ -41,7 +42,7 @@ def fixed_rows(setup_obj, params, caps, n_prompts=2, g=2, seed=0, opd_beta=0.0):
   prompt_tokens, prompt_mask, frames = trainer.stack_prompt_batches(batches)
   s = len(caps)
   rollout = sampling.stacked_generate(
-      params, setup_obj.model_cfg, prompt_tokens, prompt_mask, frames,
+      one_device_run(setup_obj.model_cfg), params, setup_obj.model_cfg, prompt_tokens, prompt_mask, frames,
       jax.random.split(jax.random.key(seed), s),
       sampling.SamplingConfig(max_new_tokens=6, stop_token_ids=(2,),
                               banned_token_ids=policy_setup.never_generated_ids(
@@ -97,7 +98,7 @@ def test_teacher_scoring_matches_direct_per_pair_scoring(setup):
     hidden = model_lib.forward_hidden(teacher, s.model_cfg, rows.tokens[k], rows.positions[k],
                                       rows.token_mask[k], rows.frames[k])
     want = kernels.sampled_token_logprobs(hidden, model_lib.lm_head(teacher, s.model_cfg),
-                                          sampling.next_token_targets(rows.tokens[k]))
+                                          rows_lib.next_token_targets(rows.tokens[k]))
     m = np.asarray(rows.response_mask[k]) > 0
     np.testing.assert_allclose(np.asarray(got[k])[m], np.asarray(want)[m], atol=1e-5)
 
@@ -108,7 +109,7 @@ def sampled_reverse_kl(student, teacher, rows_k, model_cfg):
     h = model_lib.forward_hidden(p, model_cfg, rows_k.tokens, rows_k.positions,
                                  rows_k.token_mask, rows_k.frames)
     return kernels.sampled_token_logprobs(h, model_lib.lm_head(p, model_cfg),
-                                          sampling.next_token_targets(rows_k.tokens))
+                                          rows_lib.next_token_targets(rows_k.tokens))
   m = rows_k.response_mask
   return float(jnp.sum((lp(student) - lp(teacher)) * m) / jnp.sum(m))
 
@@ -128,7 +129,7 @@ def test_opd_only_update_lowers_reverse_kl_to_teacher(setup):
   params = student
   for _ in range(5):  # fixed rollouts: advantages are 0, only the OPD signal acts
     params, opt_state, metrics = update_lib.update(params, opt_state, teacher, rows, arrays,
-                                                ucfg=ucfg, optimizer=optimizer, distil=True)
+                                                run=one_device_run(ucfg.model), ucfg=ucfg, optimizer=optimizer, distil=True)
   after = sampled_reverse_kl(one(params), one(teacher), one(rows), s.model_cfg)
   assert before > 0.1
   assert after < 0.8 * before, (before, after)
@@ -146,11 +147,11 @@ def test_branches_update_independently_like_separate_runs(setup):
   # Plain SGD: Adam's normalisation would amplify float noise in near-zero gradients.
   optimizer = optax.sgd(0.1)
   both, _, _ = update_lib.update(params, update_lib.init_optimizer_state(optimizer, params), None,
-                              rows, None, ucfg=ucfg, optimizer=optimizer, distil=False)
+                              rows, None, run=one_device_run(ucfg.model), ucfg=ucfg, optimizer=optimizer, distil=False)
   for k in range(2):
     pick = lambda tree: jax.tree.map(lambda x: x[k:k + 1], tree)
     alone, _, _ = update_lib.update(pick(params), update_lib.init_optimizer_state(optimizer, pick(params)),
-                                 None, pick(rows), None, ucfg=ucfg, optimizer=optimizer,
+                                 None, pick(rows), None, run=one_device_run(ucfg.model), ucfg=ucfg, optimizer=optimizer,
                                  distil=False)
     for a, b in zip(jax.tree.leaves(pick(both)), jax.tree.leaves(alone)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
@@ -216,14 +217,14 @@ def test_kl_to_reference_is_zero_against_itself_and_positive_after_drift(setup):
   reference = jax.tree.map(lambda x: x[0], params)
   state = update_lib.init_optimizer_state(optimizer, params)
   rows.advantages = jnp.ones_like(rows.advantages)
-  moved, state, metrics = update_lib.update(params, state, None, rows, None, reference, ucfg=ucfg,
+  moved, state, metrics = update_lib.update(params, state, None, rows, None, reference, run=one_device_run(ucfg.model), ucfg=ucfg,
                                          optimizer=optimizer, distil=False)
   assert abs(float(metrics["kl_to_reference"][0])) < 1e-5
-  _, _, metrics = update_lib.update(moved, state, None, rows, None, reference, ucfg=ucfg,
+  _, _, metrics = update_lib.update(moved, state, None, rows, None, reference, run=one_device_run(ucfg.model), ucfg=ucfg,
                                  optimizer=optimizer, distil=False)
   assert float(metrics["kl_to_reference"][0]) > 1e-4
   with pytest.raises(ValueError, match="ref_params"):
-    update_lib.update(params, state, None, rows, None, None, ucfg=ucfg, optimizer=optimizer,
+    update_lib.update(params, state, None, rows, None, None, run=one_device_run(ucfg.model), ucfg=ucfg, optimizer=optimizer,
                    distil=False)
 
 
@@ -267,7 +268,7 @@ def test_micro_batched_remat_update_equals_full_batch(setup):
   assert jax.tree.structure(model_lib.init_params(remat_model, jax.random.key(0))) == \
       jax.tree.structure(jax.tree.map(lambda x: x[0], params))
   run = lambda ucfg, p_len: update_lib.update(params, state, params, rows, routing, reference,
-                                           ucfg=ucfg, optimizer=optimizer, distil=True,
+                                           run=one_device_run(ucfg.model), ucfg=ucfg, optimizer=optimizer, distil=True,
                                            prompt_len=p_len)
   want_params, _, want = run(full_cfg, 0)
   got_params, _, got = run(micro_cfg, prompt_len)

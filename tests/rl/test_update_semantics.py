@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_model import tiny_config
+from tiny_model import one_device_run, tiny_config
 
 from copd_jax import kernels, losses
 from copd_jax.models import decoder, stacked
@@ -84,7 +84,7 @@ def test_positive_advantage_raises_and_negative_lowers_logprob(model, prompt_onc
   for _ in range(3):
     # On-policy rows: the sampler's log-probs are the current policy's (ratio 1).
     rows.old_logprobs = jnp.asarray(oracle_token_logprobs(params, cfg, rows))[None]
-    params, opt_state, _ = update_lib.update(params, opt_state, None, rows, None, ucfg=ucfg,
+    params, opt_state, _ = update_lib.update(params, opt_state, None, rows, None, run=one_device_run(ucfg.model), ucfg=ucfg,
                                              optimizer=optimizer, distil=False,
                                              prompt_len=prompt_len)
   after = sequence_logprobs(params)
