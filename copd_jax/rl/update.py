@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from copd_jax import kernels
-from copd_jax.models import decoder
+from copd_jax.models import decoder, partitioning
 from copd_jax.models.decoder import Params
 from copd_jax.rl import objectives
 from copd_jax.rl.rows import Rows, UpdateConfig, join_rows, loss_columns, loss_targets, split_rows
@@ -151,8 +151,8 @@ def update_body(params: Params, opt_state, teacher_params: Params | None, rows: 
   # On a mesh the branch axis is `expert`: sharding constraints inside (the activation
   # constraint of parallel.RunSharding.constrain_rows) then keep it there.
   branch_axis = "expert" if placement is not None else None
-  grads, metrics = jax.vmap(one_branch, spmd_axis_name=branch_axis)(params, rows,
-                                                                   teacher_logprobs, ref_lp)
+  grads, metrics = partitioning.map_over_branches(one_branch, params, rows, teacher_logprobs,
+                                                 ref_lp, spmd_axis_name=branch_axis)
   metrics["grad_norm"] = jax.vmap(optax.tree_utils.tree_norm)(grads)
   updates, new_opt_state = jax.vmap(optimizer.update)(grads, opt_state, params)
   # How far the step moves each branch: the global norm of the update and its largest
