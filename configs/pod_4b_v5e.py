@@ -3,8 +3,8 @@ TPU v5e: a full 16x16 pod (256 chips, accelerator type v5litepod-256, 16 GiB HBM
 
 v5e slices are 2-D and their chip counts (powers of two) are not multiples of 3, so the
 three branches cannot each own a third of the slice: `expert`=1, and every branch is
-sharded over all 256 chips (FSDP=64 x tensor=4; the branch axis stays a vmapped axis on
-every chip). Teacher scoring then exchanges rows on-chip instead of across expert groups.
+sharded over all 256 chips (FSDP=64 x tensor=4; every chip holds its share of each
+branch). Teacher scoring then exchanges rows on-chip instead of across expert groups.
 As every chip holds all three branches, the update and teacher scoring run the branches
 one after another (models.partitioning.map_over_branches), so one branch's activations
 are live at a time. Micro-batches of 64 rows per branch (1 row per device on the 64-way
