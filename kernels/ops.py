@@ -60,11 +60,12 @@ def token_logprob_entropy(hidden, head, tokens, *, kernel: KernelConfig = DEFAUL
     logprobs, entropy = chunked.token_logprob_entropy(
         flat_hidden, head, flat_tokens, kernel.tokens_per_tile, kernel.columns_per_tile)
   else:
-    # On a multi-device mesh, per device on its rows (kernels/sharded.py).
-    logprobs, entropy = sharded.rows_over_mesh(
+    # On a multi-device mesh, per device on its rows and its share of the vocabulary
+    # (kernels/sharded.py).
+    logprobs, entropy = sharded.vocab_parallel_stats(
         lambda h, t, w: pallas_tpu.token_logprob_entropy(
             h, w, t, kernel.tokens_per_tile, kernel.columns_per_tile, kernel.interpret),
-        (flat_hidden, flat_tokens), (head,))
+        flat_hidden, flat_tokens, head)
   return logprobs.reshape(lead), entropy.reshape(lead)
 
 

@@ -119,7 +119,9 @@ def unsharded_step():
 @pytest.mark.parametrize("mesh_cfg,num_devices,micro_batch_rows", [
     (dict(expert=1, data=1, fsdp=1, tensor=1), 1, 0),
     (dict(expert=2, data=2, fsdp=2, tensor=1), 8, 0),
-    (dict(expert=2, data=1, fsdp=2, tensor=2), 8, 4)])
+    (dict(expert=2, data=1, fsdp=2, tensor=2), 8, 4),
+    # Both branches on every device (expert=1): they run one after the other.
+    (dict(expert=1, data=1, fsdp=4, tensor=2), 8, 4)])
 def test_update_on_a_mesh_matches_one_device(unsharded_step, mesh_cfg, num_devices,
                                             micro_batch_rows, monkeypatch):
   # The oracle sends whole rows (prompt_len=0) in one batch; the sharded runs send prompts

@@ -58,3 +58,23 @@ def declared_axes(boxed_params) -> dict[ParamPath, LogicalAxes]:
         "nn.with_logical_partitioning, e.g. layers.Linear(..., axes=(...))): "
         + ", ".join(undeclared))
   return axes
+
+
+def map_over_branches(fn, *args, spmd_axis_name: str | None = None):
+  """fn over the leading branch axis S of args (pytrees [S, ...]; None allowed): vmapped
+  with the branch axis on mesh axis `spmd_axis_name`, or, when the branches share every
+  device, one branch after another (jax.lax.map).
+
+  They share every device when a mesh of several devices is set (jax.set_mesh) and its
+  `spmd_axis_name` axis has size 1 (e.g. a v5e or v6e slice, whose chip count is no
+  multiple of the 3 branches: expert=1). Vmapped there, every device would hold the
+  activations of all S branches at once (S times the memory, for the same work: each
+  device computes every branch either way); in sequence, one branch's at a time."""
+  mesh = jax.sharding.get_abstract_mesh()
+  leaves = jax.tree_util.tree_leaves(args)
+  shared = (spmd_axis_name is not None and mesh is not None and not mesh.empty
+            and mesh.size > 1 and spmd_axis_name in mesh.axis_names
+            and mesh.shape[spmd_axis_name] == 1 and leaves and leaves[0].shape[0] > 1)
+  if shared:
+    return jax.lax.map(lambda branch: fn(*branch), args)
+  return jax.vmap(fn, spmd_axis_name=spmd_axis_name)(*args)

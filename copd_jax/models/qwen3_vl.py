@@ -261,6 +261,9 @@ class VisionTower(nn.Module):
   segment (one frame of one image or video), nor a leading batch index."""
   vcfg: VisionTowerConfig
   dtype: Any
+  # Rematerialise each block in the backward pass (the decoder's ModelConfig.remat): only
+  # block inputs are kept, not each block's [N, N] attention probabilities and MLP width.
+  remat: bool = False
 
   @nn.compact
   def __call__(self, patches, grids: tuple[Grid, ...] = (), layout=None):
@@ -284,8 +287,9 @@ class VisionTower(nn.Module):
         rotary_rc.shape[:-1] + (2 * quarter,))
     same_segment = segment[..., :, None] == segment[..., None, :]
     deepstack = []  # in block order, as HF (the k-th is injected after decoder layer k)
+    block = nn.remat(VisionBlock) if self.remat else VisionBlock
     for i in range(vcfg.depth):
-      x = VisionBlock(vcfg, self.dtype, name=f"blocks_{i}")(x, angles, same_segment)
+      x = block(vcfg, self.dtype, name=f"blocks_{i}")(x, angles, same_segment)
       if i in vcfg.deepstack_visual_indexes:
         k = vcfg.deepstack_visual_indexes.index(i)
         deepstack.append(PatchMerger(vcfg, self.dtype, True,
@@ -338,7 +342,8 @@ class Qwen3VL(decoder.Decoder):
 
   def setup(self):
     super().setup()
-    self.visual = VisionTower(self.vl.vision, self.cfg.compute_dtype, name="visual")
+    self.visual = VisionTower(self.vl.vision, self.cfg.compute_dtype, remat=self.cfg.remat,
+                              name="visual")
 
   def __call__(self, input_ids, attention_mask, position_ids, pixel_values, image_grids,
                pixel_values_videos, video_grids):

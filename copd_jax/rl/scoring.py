@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from copd_jax import kernels
-from copd_jax.models import decoder, qwen3_vl_decode
+from copd_jax.models import decoder, partitioning, qwen3_vl_decode
 from copd_jax.models.decoder import Params
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 from copd_jax.rl.rows import (
@@ -170,9 +170,10 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
       return _map_prompt_micro_batches(chunk, ucfg.micro_batch_rows, g,
                                        (p_tok, p_pos, p_msk, frm), (r_tok, r_pos))
 
-    scores = compute(jax.vmap(one_teacher, spmd_axis_name=teacher_axis)(
-        jax.lax.stop_gradient(teacher_params), prompt_tokens, prompt_positions, prompt_mask,
-        frames, jnp.maximum(response, 0), response_positions))  # [J, S*C, R]
+    scores = compute(partitioning.map_over_branches(
+        one_teacher, jax.lax.stop_gradient(teacher_params), prompt_tokens, prompt_positions,
+        prompt_mask, frames, jnp.maximum(response, 0), response_positions,
+        spmd_axis_name=teacher_axis))  # [J, S*C, R]
   else:
     if is_qwen3_vl(ucfg):
       raise ValueError("teacher scoring of Qwen3-VL rows needs prompt_len > 0")
@@ -189,8 +190,9 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
         return _sequence_logprobs(params, ucfg, tk, decoder.positions_from_mask(mk), mk, fr)
       return map_row_micro_batches(chunk, ucfg.micro_batch_rows, tok, msk, frm)
 
-    scores = compute(jax.vmap(one_teacher, spmd_axis_name=teacher_axis)(
-        jax.lax.stop_gradient(teacher_params), tokens, mask, frames))  # [J, S*C, T]
+    scores = compute(partitioning.map_over_branches(
+        one_teacher, jax.lax.stop_gradient(teacher_params), tokens, mask, frames,
+        spmd_axis_name=teacher_axis))  # [J, S*C, T]
   scores = swap(scores.reshape(j, s, c, -1)).reshape(s, j * c, -1)  # back to the students
   return jax.vmap(lambda x, slot: jnp.take(x, slot, axis=0))(scores, routing["receive_slot"])
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from copd_jax import kernels, losses
-from copd_jax.models import decoder
+from copd_jax.models import decoder, partitioning
 from copd_jax.models.decoder import Params
 from copd_jax.rl.rows import Rows, UpdateConfig, join_rows, loss_columns, loss_targets, split_rows
 from copd_jax.rl.scoring import _response_hidden, lm_head, reference_logprobs, score_by_teachers
@@ -149,9 +149,10 @@ def update_body(params: Params, opt_state, teacher_params: Params | None, rows: 
     return grads, metrics
 
   # The branch axis is `expert`: sharding constraints inside (the activation constraint
-  # of sharding.RunSharding.constrain_rows) then keep it there.
-  grads, metrics = jax.vmap(one_branch, spmd_axis_name="expert")(params, rows,
-                                                                teacher_logprobs, ref_lp)
+  # of sharding.RunSharding.constrain_rows) then keep it there. On a multi-device mesh
+  # whose expert axis is 1 the branches run one after another (map_over_branches).
+  grads, metrics = partitioning.map_over_branches(one_branch, params, rows, teacher_logprobs,
+                                                  ref_lp, spmd_axis_name="expert")
   metrics["grad_norm"] = jax.vmap(optax.tree_utils.tree_norm)(grads)
   updates, new_opt_state = jax.vmap(optimizer.update)(grads, opt_state, params)
   # How far the step moves each branch: the global norm of the update and its largest

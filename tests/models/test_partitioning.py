@@ -201,3 +201,27 @@ def test_sharded_params_really_are_split(mesh):
   assert q.addressable_shards[0].data.shape == (16, 16)  # [32, 32] over fsdp x tensor
   np.testing.assert_array_equal(np.asarray(q), np.asarray(params["layers_0"]["self_attn"]
                                                            ["q_proj"]["kernel"]))
+
+
+@pytest.mark.parametrize("expert, in_sequence", [(2, False), (1, True)])
+def test_branches_run_in_sequence_only_when_they_share_every_device(expert, in_sequence):
+  """map_over_branches: vmapped with the branch axis on `expert` when the mesh has an
+  expert group per branch; with expert=1 on 8 devices (every device holds every branch)
+  one branch after another (a loop in the program). Same values either way."""
+  def fn(x, y):  # a per-branch computation with a pytree output
+    return {"sum": jnp.sum(x * y[:, None]), "scaled": x * jnp.sum(y)}
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 8, 4)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(2, 8)), jnp.float32)
+  mesh = sharding.make_mesh(dict(expert=expert, data=1, fsdp=-1, tensor=2), jax.devices()[:8])
+  run = lambda a, b: partitioning.map_over_branches(fn, a, b, spmd_axis_name="expert")  # noqa: E731
+  with jax.set_mesh(mesh):
+    text = str(jax.make_jaxpr(run)(x, y))
+    got = jax.jit(run)(x, y)
+  assert ("scan" in text) == in_sequence
+  want = {"sum": jnp.sum(x * y[:, :, None], axis=(1, 2)),
+          "scaled": x * jnp.sum(y, axis=1)[:, None, None]}
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6)
+  # No mesh (one device): vmapped.
+  assert "scan" not in str(jax.make_jaxpr(run)(x, y))
