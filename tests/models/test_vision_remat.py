@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import paths
 from copd_jax.models import hf_checkpoint, qwen3_vl, qwen3_vl_config
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "qwen3_vl_tiny")
+FIXTURE = os.path.join(paths.HF_FIXTURES, "qwen3_vl_tiny")
 
 
 def test_vision_tower_remat_keeps_values_and_gradients_and_rematerialises_each_block():
