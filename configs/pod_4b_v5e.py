@@ -12,12 +12,12 @@ batch axis) keep them within 16 GiB.
 """
 from __future__ import annotations
 
-from copd_jax import config_lib
+from copd_jax import config_files
 
 
 def get_config(preset: str = "toy"):
   del preset  # one size: the pod
-  pod_4b = config_lib.sibling_config(__file__, "pod_4b.py")
+  pod_4b = config_files.sibling_config(__file__, "pod_4b.py")
   return pod_4b.pod_config(tpu="v5e", topology="16x16", num_chips=256, hbm_gib=16,
                            mesh=dict(expert=1, data=1, fsdp=64, tensor=4),
                            micro_batch_rows=64, workdir="runs/pod_4b_v5e")

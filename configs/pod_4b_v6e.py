@@ -8,12 +8,12 @@ Micro-batches of 64 rows per branch (2 rows per device on the 32-way batch axis)
 """
 from __future__ import annotations
 
-from copd_jax import config_lib
+from copd_jax import config_files
 
 
 def get_config(preset: str = "toy"):
   del preset  # one size: the pod
-  pod_4b = config_lib.sibling_config(__file__, "pod_4b.py")
+  pod_4b = config_files.sibling_config(__file__, "pod_4b.py")
   return pod_4b.pod_config(tpu="v6e", topology="8x16", num_chips=128, hbm_gib=32,
                            mesh=dict(expert=1, data=1, fsdp=32, tensor=4),
                            micro_batch_rows=64, workdir="runs/pod_4b_v6e")

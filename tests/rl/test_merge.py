@@ -3,6 +3,7 @@ CoPD stage), methods' final report, with branches that differ and a base that di
 from all of them. The merged model must be the (weighted) average of the branches written
 in numpy here, not branch 0 and not an average that includes the base."""
 import jax
+from tiny_model import one_device_run
 import numpy as np
 import pytest
 
@@ -84,7 +85,8 @@ def fake_evaluate(recorded):
 def run_context(cfg, setup, base, tmp_path):
   writer = MetricsWriter(str(tmp_path))
   eval_sets = {c: e[:2] for c, e in policy_setup.held_out_sets(cfg, setup).items()}
-  return loop.RunContext(cfg, setup, base, eval_sets, writer)
+  return loop.RunContext(cfg, setup, base, eval_sets, writer,
+                         sharding=one_device_run(setup.model_cfg))
 
 
 def test_evaluation_during_a_stage_evaluates_the_branch_average(models, tmp_path, monkeypatch):

@@ -14,7 +14,8 @@ import reward_plugins
 from copd_jax import config_lib, default_config, policy_setup
 from copd_jax.data import math_verifier, reward_fns
 from copd_jax.models import stacked
-from copd_jax.rl import loop, rollout, rows as rows_lib, stages
+from copd_jax.rl import loop, rollout, rows as rows_lib, stages, step as step_lib
+from tiny_model import one_device_run
 
 CAPS = ("text", "image", "video")
 RATES = {"text": 0.5, "image": 2.0, "video": 0.0}  # video: a student without teachers
@@ -42,9 +43,11 @@ def host_half(cfg, setup, params, weight: float, step: int = 0) -> rollout.Rollo
   stage = stages.copd_stage(cfg.rl, list(CAPS))
   data = loop.data_context(cfg, setup, seed_offset=1)
   ucfg = rows_lib.update_config(cfg, setup.model_cfg)
-  return rollout.collect_rollouts(stage, step, params, data, ucfg, jax.random.key(0),
-                                  np.random.default_rng(0), weight,
-                                  stages.cross_teacher_assignment(stage))
+  plan = step_lib.StepPlan(stage=stage, data=data, ucfg=ucfg, optimizer=None,
+                           key=jax.random.key(0),
+                           assignment=stages.cross_teacher_assignment(stage), routing={},
+                           sharding=one_device_run(setup.model_cfg))
+  return rollout.collect_rollouts(plan, params, step, weight, np.random.default_rng(0))
 
 
 def oracle_advantages(rewards: np.ndarray, scale_by_std: bool) -> np.ndarray:
