@@ -147,6 +147,8 @@ FIELD_HELP = {
     "rl.loss.entropy_coef": "entropy bonus",
     "rl.loss.aggregation": "token_mean | seq_mean_token_mean | seq_sum_constant",
     "rl.loss.opd_student_logprob": "student log-prob in the OPD ratio: old | current",
+    "rl.loss.tis_cap": "truncated importance sampling: PG weight min(pi_trainer/pi_sampler, "
+                       "cap); 0 = off",
     "rl.kernel": "fused LM-head loss implementation",
     "rl.kernel.backend": "reference | chunked | pallas",
     "rl.kernel.vocab_tile": "vocabulary tile of the fused loss",
@@ -155,6 +157,9 @@ FIELD_HELP = {
     "rl.opd.hub": "the hub branch of the hub topology (derived from rl.capabilities)",
     "rl.opd.beta": "OPD rate of every branch",
     "rl.opd.branch_beta": "per-capability OPD rates, e.g. {'text': 0.5}",
+    "rl.opd.estimator": "OPD signal: sampled_token (the paper's) | top_k (reverse KL on the "
+                        "teacher's top k) | full_vocab (exact; one device, small vocab)",
+    "rl.opd.top_k": "k of the top_k estimator: tokens (ids + log-probs) a teacher sends",
     "rl.opd.schedule.kind": "OPD schedule: cycle | constant | adaptive | none",
     "rl.opd.schedule.s_rl": "cycle: RL-only steps per cycle",
     "rl.opd.schedule.s_opd": "cycle: RL+OPD steps per cycle (adaptive: phase length)",

@@ -576,6 +576,10 @@ def validate_rl(cfg: ml_collections.ConfigDict) -> None:
   for cap in opd.branch_beta:
     _positive_float(opd.branch_beta, cap, "rl.opd.branch_beta.", allow_zero=True)
   _wrap("rl.opd.schedule", lambda: schedules.OPDSchedule(**opd.schedule.to_dict()))
+  _wrap("rl.opd", lambda: losses.check_opd_estimator(  # vocab None: a checkpoint's, unknown
+      opd.get("estimator", "sampled_token"), opd.get("top_k", 16), rl.kernel.backend,
+      None if cfg.init.get("hf_checkpoint") else cfg.model.get("vocab_size"),
+      one_device=cfg.get("pod") is None and all(int(v) == 1 for v in dict(cfg.mesh).values())))
   _check_capability_dict(rl.merge_weights, "rl.merge_weights", caps)
   if rl.merge_weights and set(rl.merge_weights) != set(caps):
     _fail("rl.merge_weights", f"must give a weight to every branch {caps} (or be empty "

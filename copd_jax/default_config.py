@@ -225,7 +225,10 @@ def rl_section(preset: str) -> ml_collections.ConfigDict:
       weight_decay=0.0,
       scale_by_std=True,      # GRPO; False = Dr.GRPO
       loss=dict(eps_low=0.2, eps_high=0.28, kl_coef=0.0, kl_estimator="k3",
-                entropy_coef=0.0, aggregation="token_mean", opd_student_logprob="old"),
+                entropy_coef=0.0, aggregation="token_mean", opd_student_logprob="old",
+                # Truncated importance sampling: weight each token's PG term by
+                # min(pi_trainer / pi_sampler, tis_cap); 0 = off (e.g. 2.0 with bf16 sampling).
+                tis_cap=0.0),
       kernel=dict(backend="chunked", vocab_tile=64, token_tile=1024),
       opd=dict(
           topology="hub",     # hub | full | none
@@ -234,6 +237,11 @@ def rl_section(preset: str) -> ml_collections.ConfigDict:
           branch_beta={},     # ... or per capability, e.g. {'text': 0.5}: asymmetric rates
           schedule=dict(kind="cycle", s_rl=3, s_opd=2,  # 1.5 : 1, the paper's best
                         constant_weight=1.0, overlap_target=0.9, warmup_steps=0),
+          # sampled_token (the paper's token advantage) | top_k (reverse KL renormalised
+          # on the teacher's top_k tokens, which it sends instead of one log-prob) |
+          # full_vocab (the exact reverse KL; one device, small vocabularies).
+          estimator="sampled_token",
+          top_k=16,
       ),
       merge_weights={},       # per capability branch; empty = uniform average
       # Two-stage baselines: stage 2 length in steps, and where stage-1 experts come from.

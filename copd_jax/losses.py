@@ -28,6 +28,10 @@ MAX_LOG_RATIO = 20.0
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_sum_constant")
 OPD_STUDENT_LOGPROBS = ("old", "current")
+# How the OPD signal reaches the student: the paper's one-sample token advantage on the
+# sampled token, or the reverse KL on a support the teacher sends (its top k tokens, or
+# the whole vocabulary), renormalised there, as a loss term.
+OPD_ESTIMATORS = ("sampled_token", "top_k", "full_vocab")
 
 
 # --------------------------------------------------------------------------- config
@@ -53,6 +57,15 @@ class PolicyLossConfig:
     opd_student_logprob: which student log-prob enters the OPD token advantage
       beta * (log p_teacher - log p_student): 'old' (the sampler's) or 'current'
       (the policy being trained, under stop-gradient). The paper does not say.
+    opd_estimator: 'sampled_token' (the paper's: the OPD token advantage above),
+      'top_k' (beta x reverse KL renormalised on the teacher's top `opd_top_k` tokens,
+      a loss term) or 'full_vocab' (the same on the whole vocabulary).
+    opd_top_k: k of the 'top_k' estimator.
+    tis_cap: truncated importance sampling (0 = off). With C > 0 the policy-gradient
+      term of each token is weighted by min(pi_old_trainer / pi_sampler, C), the
+      trainer's old log-prob against the sampler's, and the PPO ratio is taken against
+      the trainer's old log-prob; corrects for a sampler whose numerics differ from the
+      trainer's (bf16 sampling, another kernel).
   """
 
   eps_low: float = 0.2
@@ -64,6 +77,9 @@ class PolicyLossConfig:
   aggregation: str = "token_mean"
   constant_normaliser: float | None = None
   opd_student_logprob: str = "old"
+  opd_estimator: str = "sampled_token"
+  opd_top_k: int = 16
+  tis_cap: float = 0.0
 
   def __post_init__(self):
     if not 0.0 <= self.eps_low < 1.0:
@@ -88,6 +104,49 @@ class PolicyLossConfig:
       raise ValueError(
           "PolicyLossConfig.opd_student_logprob must be one of "
           f"{OPD_STUDENT_LOGPROBS}, got {self.opd_student_logprob!r}")
+    if self.opd_estimator not in OPD_ESTIMATORS:
+      raise ValueError(f"PolicyLossConfig.opd_estimator must be one of {OPD_ESTIMATORS}, "
+                       f"got {self.opd_estimator!r}")
+    if isinstance(self.opd_top_k, bool) or not isinstance(self.opd_top_k, int) \
+        or self.opd_top_k < 1:
+      raise ValueError(f"PolicyLossConfig.opd_top_k must be an int >= 1, got {self.opd_top_k!r}")
+    if isinstance(self.tis_cap, bool) or not isinstance(self.tis_cap, (int, float)) \
+        or not self.tis_cap >= 0:
+      raise ValueError(f"PolicyLossConfig.tis_cap must be a number >= 0 (0 = off), "
+                       f"got {self.tis_cap!r}")
+
+
+# full_vocab sends V log-probs and V ids per token through the all-to-all and gathers V
+# student logits per token: an oracle-sized estimator, for small vocabularies only.
+FULL_VOCAB_MAX = 4096
+
+
+def check_opd_estimator(estimator: str, top_k, backend: str, vocab_size: int | None, *,
+                        one_device: bool) -> None:
+  """Raise ValueError naming what is wrong with an OPD estimator setting.
+
+  estimator: one of OPD_ESTIMATORS; top_k: its k; backend: the kernel backend;
+  vocab_size: the policy's vocabulary, or None when unknown (a checkpoint's);
+  one_device: whether the run uses one device (no mesh)."""
+  if estimator not in OPD_ESTIMATORS:
+    raise ValueError(f"estimator must be one of {OPD_ESTIMATORS}, got {estimator!r}")
+  if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+    raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+  if estimator == "sampled_token":
+    return
+  if backend == "pallas":
+    raise ValueError(f"estimator={estimator!r} needs rl.kernel.backend 'chunked' (or "
+                     "'reference'): the pallas kernel has no top-k loss yet")
+  if estimator == "top_k" and vocab_size is not None and top_k > vocab_size:
+    raise ValueError(f"top_k={top_k} must be at most the vocabulary size {vocab_size}")
+  if estimator == "full_vocab":
+    if vocab_size is None or vocab_size > FULL_VOCAB_MAX:
+      got = "a checkpoint's vocabulary" if vocab_size is None else f"vocab_size={vocab_size}"
+      raise ValueError(f"estimator='full_vocab' is for small vocabularies (at most "
+                       f"{FULL_VOCAB_MAX} tokens), got {got}; use 'top_k'")
+    if not one_device:
+      raise ValueError("estimator='full_vocab' is for one device (config.mesh all 1, no "
+                       "pod); on a mesh use 'top_k'")
 
 
 # --------------------------------------------------------------- importance ratios
@@ -239,15 +298,18 @@ def topk_renormalised_reverse_kl(student_logits, teacher_logits, k: int, *,
 class PolicyTokenTerms(NamedTuple):
   """Per-token pieces of the policy loss, each f32[...] of the token shape."""
 
-  loss: jax.Array          # pg_loss + kl_coef * kl - entropy_coef * entropy
-  pg_loss: jax.Array
+  loss: jax.Array          # pg_loss + beta * opd_kl + kl_coef * kl - entropy_coef * entropy
+  pg_loss: jax.Array       # TIS-weighted when tis_cap > 0
   kl: jax.Array            # zeros when no reference log-probs are given
   entropy: jax.Array       # zeros when not given
-  advantages: jax.Array    # the advantage actually used (RL + OPD)
+  advantages: jax.Array    # the advantage actually used (RL + OPD), before the TIS weight
   ratio: jax.Array
   clipped_low: jax.Array
   clipped_high: jax.Array
   dual_clipped: jax.Array
+  opd_kl: jax.Array        # the renormalised reverse KL of a top_k / full_vocab estimator, or 0
+  tis_weight: jax.Array    # min(pi_old_trainer / pi_sampler, cap); ones when TIS is off
+  tis_clipped: jax.Array   # 1 where that ratio exceeded the cap (0 when TIS is off)
 
 
 def total_advantages(advantages, logprobs, old_logprobs, config: PolicyLossConfig, *,
@@ -258,8 +320,6 @@ def total_advantages(advantages, logprobs, old_logprobs, config: PolicyLossConfi
   f32[...] (a traced value, so a beta schedule does not recompile). Returns f32[...].
   """
   if teacher_logprobs is None:
-    if opd_beta is not None:
-      raise ValueError("opd_beta was given without teacher_logprobs")
     return advantages
   if opd_beta is None:
     raise ValueError("teacher_logprobs was given without opd_beta")
@@ -267,33 +327,70 @@ def total_advantages(advantages, logprobs, old_logprobs, config: PolicyLossConfi
   return advantages + opd_token_advantage(teacher_logprobs, student, opd_beta)
 
 
+def tis_weight_and_clipped(trainer_old_logprobs, sampler_logprobs, cap: float):
+  """(min(w, cap), 1 where w > cap), w = exp(trainer_old - sampler); f32[...] each, no
+  gradient. The weight itself is `truncated_is_weight`."""
+  weight = truncated_is_weight(trainer_old_logprobs, sampler_logprobs, cap)
+  raw = importance_ratio(trainer_old_logprobs, sampler_logprobs)
+  return weight, jax.lax.stop_gradient((raw > cap).astype(jnp.float32))
+
+
 def policy_token_terms(logprobs, old_logprobs, advantages, config: PolicyLossConfig, *,
                        entropy=None, ref_logprobs=None, teacher_logprobs=None,
-                       opd_beta=None) -> PolicyTokenTerms:
+                       opd_beta=None, opd_kl=None,
+                       trainer_old_logprobs=None) -> PolicyTokenTerms:
   """The per-token policy loss: clipped PG on (RL + OPD) advantages, KL, entropy bonus.
 
   logprobs: f32[...], differentiable (the current policy on the sampled tokens);
   old_logprobs: f32[...] the sampler's; advantages: f32[...] (broadcast per token);
   entropy: f32[...] or None; ref_logprobs: f32[...] or None (required if kl_coef > 0).
+  OPD, with opd_beta (scalar or f32[...], 0 on tokens without a teacher): either
+  teacher_logprobs f32[...] (the sampled-token estimator, an advantage) or opd_kl
+  f32[...] (a differentiable per-token KL, e.g. `renormalised_reverse_kl`, added to the
+  loss as opd_beta * opd_kl).
+  TIS (config.tis_cap > 0): trainer_old_logprobs f32[...] are the trainer's log-probs
+  under the parameters that start this update; None takes stop_gradient(logprobs), which
+  are those exactly when, as here, each batch of rollouts gets one optimizer step.
   """
   if config.kl_coef > 0 and ref_logprobs is None:
     raise ValueError("ref_logprobs is required when PolicyLossConfig.kl_coef > 0")
   if config.entropy_coef != 0 and entropy is None:
     raise ValueError("entropy is required when PolicyLossConfig.entropy_coef != 0")
+  if teacher_logprobs is not None and opd_kl is not None:
+    raise ValueError("give teacher_logprobs (sampled-token OPD) or opd_kl (a KL term), "
+                     "not both")
+  if opd_beta is not None and teacher_logprobs is None and opd_kl is None:
+    raise ValueError("opd_beta was given without teacher_logprobs or opd_kl")
+  if opd_kl is not None and opd_beta is None:
+    raise ValueError("opd_kl was given without opd_beta")
   adv = total_advantages(advantages, logprobs, old_logprobs, config,
                          teacher_logprobs=teacher_logprobs, opd_beta=opd_beta)
-  ppo = ppo_clipped_surrogate(logprobs, old_logprobs, adv, eps_low=config.eps_low,
+  zeros = jnp.zeros_like(logprobs)
+  pg_old, pg_adv = old_logprobs, adv
+  tis_weight, tis_clipped = jnp.ones_like(logprobs), zeros
+  if config.tis_cap > 0:
+    if trainer_old_logprobs is None:
+      trainer_old_logprobs = logprobs
+    trainer_old_logprobs = jax.lax.stop_gradient(trainer_old_logprobs)
+    tis_weight, tis_clipped = tis_weight_and_clipped(trainer_old_logprobs, old_logprobs,
+                                                     config.tis_cap)
+    # The clipped surrogate is positively homogeneous in A: weighting the token's PG
+    # loss by w is using the advantage w * A, with the ratio against the trainer's old.
+    pg_old, pg_adv = trainer_old_logprobs, adv * tis_weight
+  ppo = ppo_clipped_surrogate(logprobs, pg_old, pg_adv, eps_low=config.eps_low,
                               eps_high=config.eps_high, dual_clip=config.dual_clip)
-  zeros = jnp.zeros_like(ppo.loss)
   kl = zeros if ref_logprobs is None else kl_penalty(logprobs, ref_logprobs, config.kl_estimator)
   ent = zeros if entropy is None else entropy
   loss = ppo.loss
+  if opd_kl is not None:
+    loss = loss + jax.lax.stop_gradient(opd_beta) * opd_kl
   if config.kl_coef > 0:
     loss = loss + config.kl_coef * kl
   if config.entropy_coef != 0:
     loss = loss - config.entropy_coef * ent
   return PolicyTokenTerms(loss, ppo.loss, kl, ent, jax.lax.stop_gradient(adv), ppo.ratio,
-                          ppo.clipped_low, ppo.clipped_high, ppo.dual_clipped)
+                          ppo.clipped_low, ppo.clipped_high, ppo.dual_clipped,
+                          zeros if opd_kl is None else opd_kl, tis_weight, tis_clipped)
 
 
 # ---------------------------------------------------------------------- aggregation

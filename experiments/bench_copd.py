@@ -28,6 +28,12 @@ Figures (medians over repeated, interleaved runs after a warm-up; compile time e
   prompt_once_update_speedup: the same RL update with every row run whole over all its
     columns (prompt_len 0: the update before this benchmark existed) over the update that
     runs each prompt once for its G samples and the LM head on response columns only.
+  topk_opd_step_over_sampled_token_step: a whole OPD step (sampling, verification, update)
+    with rl.opd.estimator top_k (k = 16: teachers send 16 log-probs and ids per token, the
+    student's loss adds the renormalised reverse KL) over the same step with the paper's
+    sampled_token estimator, same rollouts, updates timed interleaved.
+  tis_applied: an OPD update with rl.loss.tis_cap = 2 reports tis/applied = 1 for every
+    branch in its metrics (tis_weight_mean: its mean truncated importance weight).
 Last line: one JSON object.
 """
 from __future__ import annotations
@@ -224,6 +230,12 @@ def scoring_comparison(b: Bench, params, got: trainer.Rollouts, repeats: int) ->
           "speedup": t["loop"] / t["batched"]}
 
 
+def with_loss(b: Bench, **loss) -> Bench:
+  """The bench with other policy-loss settings (e.g. the OPD estimator, the TIS cap)."""
+  ucfg = dataclasses.replace(b.ucfg, loss=dataclasses.replace(b.ucfg.loss, **loss))
+  return dataclasses.replace(b, ucfg=ucfg)
+
+
 def batched_scoring(b: Bench, start: int, prompt_len: int):
   """score_by_teachers for the stage's routing: (params, rows, routing) -> f32[S, R, W]."""
   def score(params, rows, routing):
@@ -286,7 +298,11 @@ def main(argv=None):
   got = rollouts(b, params, 10_000, 1.0)
   rl_view = dataclasses.replace(got, distil=False)
   t = time_side_by_side({"opd": update_fn(b, params, opt_state, got),
-                      "rl": update_fn(b, params, opt_state, rl_view)}, repeats)
+                      "rl": update_fn(b, params, opt_state, rl_view),
+                      "topk_opd": update_fn(with_loss(b, opd_estimator="top_k", opd_top_k=16),
+                                            params, opt_state, got)}, repeats)
+  tis_metrics = update_fn(with_loss(b, tis_cap=2.0), params, opt_state, got)()
+  tis_applied = bool(np.all(np.asarray(tis_metrics.get("tis/applied", 0.0)) == 1.0))
   # Before / after the prompt-once update: the same RL update with every row run whole
   # over all its columns (prompt_len 0, the old path) and with prompt_len P.
   whole_rows = dataclasses.replace(rl_view, prompt_len=0)
@@ -294,6 +310,9 @@ def main(argv=None):
                            repeats)["whole"]
   sample_verify = got.timings["time/sample_s"] + got.timings["time/verify_s"]
   opd_over_rl = (sample_verify + t["opd"]) / (sample_verify + t["rl"])
+  topk_over_sampled = (sample_verify + t["topk_opd"]) / (sample_verify + t["opd"])
+  print(f"[top-k OPD] update {t['topk_opd']:.2f} s vs sampled-token {t['opd']:.2f} s; whole "
+        f"step ratio {topk_over_sampled:.2f}; TIS applied: {tis_applied}", flush=True)
   scoring = scoring_comparison(b, params, got, repeats)
   print(f"[same rollouts] update with OPD {t['opd']:.2f} s, without {t['rl']:.2f} s; whole "
         f"step ratio {opd_over_rl:.2f}", flush=True)
@@ -329,6 +348,10 @@ def main(argv=None):
       "opd_step_over_rl_step": round(opd_over_rl, 3),
       "opd_update_over_rl_update": round(t["opd"] / t["rl"], 3),
       "prompt_once_update_speedup": round(t_whole / t["rl"], 3),
+      "topk_opd_step_over_sampled_token_step": round(topk_over_sampled, 3),
+      "topk_opd_update_over_sampled_token_update": round(t["topk_opd"] / t["opd"], 3),
+      "tis_applied": tis_applied,
+      "tis_weight_mean": round(float(np.mean(tis_metrics.get("tis/weight_mean", np.nan))), 4),
       "step_time_split": {k: round(v, 3) for k, v in split.items()},
       "rl_step_time_split": {k: round(v, 3) for k, v in rl_split.items()},
       "step_flops_per_s_over_dot_peak": round(rl_rate / peak, 3),

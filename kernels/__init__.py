@@ -8,6 +8,7 @@ Every op takes final hidden states and an LM head and never materialises the
     fused_policy_loss / sequence_policy_loss   clipped PG + OPD advantage + KL + entropy
     token_logprob_entropy                      per-token log-prob and entropy
     sampled_token_logprobs                     teacher side (optionally with top-k)
+    teacher_top_k / token_stats_at_ids         top-k OPD: teacher's support, student's logits
     full_vocab_reverse_kl                      two-model KL(student || teacher)
 """
 from copd_jax.kernels.config import BACKENDS, KernelConfig
@@ -17,7 +18,9 @@ from copd_jax.kernels.ops import (
     fused_policy_loss,
     sampled_token_logprobs,
     sequence_policy_loss,
+    teacher_top_k,
     token_logprob_entropy,
+    token_stats_at_ids,
 )
 
 __all__ = [
@@ -28,5 +31,7 @@ __all__ = [
     "fused_policy_loss",
     "sampled_token_logprobs",
     "sequence_policy_loss",
+    "teacher_top_k",
     "token_logprob_entropy",
+    "token_stats_at_ids",
 ]

@@ -168,6 +168,67 @@ def top_k_logprobs(hidden, head, k: int, token_tile: int, vocab_tile: int):
   return values - lse[:, None], ids
 
 
+# ------------------------------------- log-prob + entropy + logits at given ids
+def _stats_at_ids_forward(hidden, head, tokens, ids, token_tile: int, vocab_tile: int):
+  """-> (logprob, entropy, lse) each f32[N] and the logits at ids f32[N, k], one pass."""
+
+  def chunk_fn(_, row_chunks):
+    hidden_chunk, tokens_chunk, ids_chunk = row_chunks
+
+    def step(carry, head_tile, col_ids):
+      stats, at_ids = carry
+      logits = tile_math.tile_logits(hidden_chunk, head_tile)
+      stats = tile_math.accumulate_tile(stats, logits, col_ids, tokens_chunk)
+      return stats, at_ids + tile_math.gather_at_ids(logits, col_ids, ids_chunk)
+
+    init = (tile_math.init_stats(hidden_chunk.shape[0]),
+            jnp.zeros(ids_chunk.shape, jnp.float32))
+    stats, at_ids = _fold_over_vocab(step, init, head, vocab_tile)
+    logprob, entropy, lse = (x[:, 0] for x in tile_math.finalize_stats(stats))
+    return None, (logprob, entropy, lse, at_ids)
+
+  _, outs = _over_token_chunks(
+      chunk_fn, None, [hidden, tokens.astype(jnp.int32)[:, None], ids.astype(jnp.int32)],
+      token_tile)
+  return outs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def token_stats_at_ids(hidden, head, tokens, ids, token_tile: int, vocab_tile: int):
+  """hidden: [N, D], head: [D, V], tokens: int[N], ids: int[N, k] (distinct per row) ->
+  (logprob f32[N], entropy f32[N], logits at ids f32[N, k]), never [N, V]."""
+  logprob, entropy, _, at_ids = _stats_at_ids_forward(hidden, head, tokens, ids, token_tile,
+                                                      vocab_tile)
+  return logprob, entropy, at_ids
+
+
+def _stats_at_ids_fwd(hidden, head, tokens, ids, token_tile, vocab_tile):
+  logprob, entropy, lse, at_ids = _stats_at_ids_forward(hidden, head, tokens, ids, token_tile,
+                                                        vocab_tile)
+  return (logprob, entropy, at_ids), (hidden, head, tokens, ids, lse, entropy)
+
+
+def _stats_at_ids_tile_grad(hidden_chunk, head_tile, rows, col_ids):
+  tokens, ids, lse, entropy, g_logprob, g_entropy, g_ids = rows
+  logits = tile_math.tile_logits(hidden_chunk, head_tile)
+  grad = tile_math.logit_grad(logits, col_ids, tokens, lse, entropy, g_logprob, g_entropy)
+  return tile_math.scatter_at_ids(grad, col_ids, ids, g_ids)
+
+
+def _stats_at_ids_bwd(token_tile, vocab_tile, residuals, cotangents):
+  hidden, head, tokens, ids, lse, entropy = residuals
+  g_logprob, g_entropy, g_ids = cotangents
+  rows = [tokens.astype(jnp.int32)[:, None], ids.astype(jnp.int32), lse[:, None],
+          entropy[:, None], g_logprob.astype(jnp.float32)[:, None],
+          g_entropy.astype(jnp.float32)[:, None], g_ids.astype(jnp.float32)]
+  d_hidden, d_head = _head_grads(_stats_at_ids_tile_grad, hidden, head, rows, token_tile,
+                                 vocab_tile)
+  return d_hidden, d_head, None, None
+
+
+token_stats_at_ids.defvjp(_stats_at_ids_fwd, _stats_at_ids_bwd)
+
+
 # ------------------------------------------------------- two-model reverse KL
 def _teacher_tile(teacher_head, col_ids, width):
   """The teacher's head columns matching the student's tile (same vocabulary ids)."""

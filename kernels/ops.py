@@ -69,6 +69,61 @@ def token_logprob_entropy(hidden, head, tokens, *, kernel: KernelConfig = DEFAUL
   return logprobs.reshape(lead), entropy.reshape(lead)
 
 
+def token_stats_at_ids(hidden, head, tokens, ids, *, kernel: KernelConfig = DEFAULT_KERNEL):
+  """`token_logprob_entropy` plus the raw logits at given token ids, in the same pass.
+
+  hidden: float[..., D]; head: float[D, V]; tokens: int[...]; ids: int[..., k] in [0, V),
+  distinct along the last axis (e.g. a teacher's top k). Returns (logprobs f32[...],
+  entropy f32[...], logits f32[..., k]); differentiable w.r.t. hidden and head. For the
+  top-k OPD loss, which renormalises the student on the teacher's support. Backends
+  'reference' and 'chunked' ('pallas' raises NotImplementedError).
+  """
+  _check_kernel(kernel)
+  flat_hidden, flat_tokens, lead = _flatten_tokens(hidden, tokens)
+  check_lm_head_inputs(flat_hidden, head, flat_tokens)
+  if ids.shape[:-1] != tokens.shape or not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"ids must be int[{', '.join(map(str, tokens.shape))}, k] (the tokens' "
+                     f"shape plus k), got {ids.dtype}{list(ids.shape)}")
+  k = ids.shape[-1]
+  flat_ids = ids.reshape(-1, k)
+  if kernel.backend == "reference":
+    out = reference.token_stats_at_ids(flat_hidden, head, flat_tokens, flat_ids)
+  elif kernel.backend == "chunked":
+    out = chunked.token_stats_at_ids(flat_hidden, head, flat_tokens, flat_ids,
+                                     kernel.tokens_per_tile, kernel.columns_per_tile)
+  else:
+    raise NotImplementedError(
+        "token_stats_at_ids (the top_k / full_vocab OPD estimators) has no pallas kernel; "
+        "use KernelConfig.backend='chunked' (or 'reference')")
+  logprobs, entropy, at_ids = out
+  return logprobs.reshape(lead), entropy.reshape(lead), at_ids.reshape(*lead, k)
+
+
+def teacher_top_k(hidden, head, k: int, *, kernel: KernelConfig = DEFAULT_KERNEL):
+  """The teacher's k most likely tokens at each position, one pass, no logits, no gradient.
+
+  hidden: float[..., D]; head: float[D, V]. Returns (log-probs f32[..., k], ids
+  int32[..., k]), largest first: what a teacher sends for the top-k OPD loss.
+  """
+  _check_kernel(kernel)
+  if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= head.shape[-1]:
+    raise ValueError(f"k must be an int in [1, V={head.shape[-1]}], got {k!r}")
+  flat_hidden, _, lead = _flatten_tokens(hidden, None)
+  check_lm_head_inputs(flat_hidden, head)
+  flat_hidden, head = jax.lax.stop_gradient((flat_hidden, head))
+  if kernel.backend == "reference":
+    values, ids = reference.top_k_logprobs(flat_hidden, head, k)
+  elif kernel.backend == "chunked":
+    values, ids = chunked.top_k_logprobs(flat_hidden, head, k, kernel.tokens_per_tile,
+                                         kernel.columns_per_tile)
+  else:
+    values, ids = sharded.rows_over_mesh(
+        lambda h, w: pallas_tpu.top_k_logprobs(h, w, k, kernel.tokens_per_tile,
+                                               kernel.columns_per_tile, kernel.interpret),
+        (flat_hidden,), (head,))
+  return values.reshape(*lead, k), ids.reshape(*lead, k)
+
+
 class TeacherScores(NamedTuple):
   """logprobs: f32[...] on the sampled tokens; top_k_logprobs: f32[..., k] and
   top_k_ids: int32[..., k], the teacher's k most likely tokens (largest first)."""
@@ -151,7 +206,7 @@ def _policy_aux(terms: losses.PolicyTokenTerms, logprobs) -> dict[str, Any]:
 
 
 def _policy_terms(hidden, head, tokens, advantages, old_logprobs, mask, ref_logprobs,
-                  teacher_logprobs, opd_beta, config, kernel):
+                  teacher_logprobs, opd_beta, config, kernel, teacher_support=None):
   """Token shape S = tokens.shape. Returns (PolicyTokenTerms of f32[S], logprobs f32[S])."""
   if not isinstance(config, PolicyLossConfig):
     raise ValueError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
@@ -168,16 +223,28 @@ def _policy_terms(hidden, head, tokens, advantages, old_logprobs, mask, ref_logp
 # Padding positions may hold any id (e.g. -1): send them to id 0 so no backend reads
 # outside the vocabulary. Their loss is masked out below.
   tokens = jnp.where(mask.astype(bool), tokens, 0)
-  logprobs, entropy = token_logprob_entropy(hidden, head, tokens, kernel=kernel)
+  opd_kl = None
+  if teacher_support is None:
+    logprobs, entropy = token_logprob_entropy(hidden, head, tokens, kernel=kernel)
+  else:
+    support_logprobs, support_ids = teacher_support
+    if support_ids.shape != support_logprobs.shape or support_ids.shape[:-1] != shape:
+      raise ValueError(f"teacher_support must be (log-probs, ids) of the tokens' shape {shape} "
+                       f"plus k, got {support_logprobs.shape} and {support_ids.shape}")
+    logprobs, entropy, student_logits = token_stats_at_ids(hidden, head, tokens, support_ids,
+                                                           kernel=kernel)
+    opd_kl = losses.renormalised_reverse_kl(student_logits,
+                                            jax.lax.stop_gradient(support_logprobs))
   terms = losses.policy_token_terms(
       logprobs, old_logprobs.astype(jnp.float32), advantages.astype(jnp.float32), config,
       entropy=entropy, ref_logprobs=ref_logprobs, teacher_logprobs=teacher_logprobs,
-      opd_beta=opd_beta)
+      opd_beta=opd_beta, opd_kl=opd_kl)
   return terms, logprobs
 
 
 def fused_policy_loss(hidden, head, tokens, advantages, old_logprobs, mask, *,
                       ref_logprobs=None, teacher_logprobs=None, opd_beta=None,
+                      teacher_support=None,
                       config: PolicyLossConfig = DEFAULT_POLICY_LOSS,
                       kernel: KernelConfig = DEFAULT_KERNEL):
   """LM head + log-softmax + clipped PG (+ OPD advantage) + KL + entropy, token-mean.
@@ -186,12 +253,14 @@ def fused_policy_loss(hidden, head, tokens, advantages, old_logprobs, mask, *,
   advantages, per token); old_logprobs: f32[N] (the sampler's); mask: bool/f32[N];
   ref_logprobs: f32[N] or None (needed when config.kl_coef > 0); teacher_logprobs:
   f32[N] or None, with opd_beta (scalar or f32[N], 0 where no teacher) adding
-  beta * (teacher - student) to the advantage.
+  beta * (teacher - student) to the advantage; or instead teacher_support, a pair
+  (log-probs f32[N, k], ids int32[N, k]) the teacher sent (`teacher_top_k`), adding
+  beta * KL(student || teacher) renormalised on those k tokens to the loss (opd_kl).
 
   Returns (loss_sum f32[], denominator f32[], aux): loss = loss_sum / denominator;
   sums over micro-batches accumulate exactly. aux holds per-token f32[N] arrays:
   token_loss, pg_loss, logprobs, entropy, kl, advantages (RL + OPD), ratio,
-  clipped_low, clipped_high, dual_clipped. Only config.aggregation == 'token_mean'
+  clipped_low, clipped_high, dual_clipped, opd_kl, tis_weight, tis_clipped. Only config.aggregation == 'token_mean'
   is defined on flat tokens; use `sequence_policy_loss` for per-sequence modes.
   """
   if config.aggregation != "token_mean":
@@ -203,7 +272,8 @@ def fused_policy_loss(hidden, head, tokens, advantages, old_logprobs, mask, *,
   check_lm_head_inputs(hidden, head, tokens)
   check_per_token("advantages", advantages, tokens.shape[0])
   terms, logprobs = _policy_terms(hidden, head, tokens, advantages, old_logprobs, mask,
-                                  ref_logprobs, teacher_logprobs, opd_beta, config, kernel)
+                                  ref_logprobs, teacher_logprobs, opd_beta, config, kernel,
+                                  teacher_support)
   loss_sum, denominator = losses.aggregate_token_losses(
       terms.loss[None], mask[None], "token_mean")
   return loss_sum, denominator, _policy_aux(terms, logprobs)
@@ -211,12 +281,14 @@ def fused_policy_loss(hidden, head, tokens, advantages, old_logprobs, mask, *,
 
 def sequence_policy_loss(hidden, head, tokens, advantages, old_logprobs, mask, *,
                          ref_logprobs=None, teacher_logprobs=None, opd_beta=None,
+                         teacher_support=None,
                          config: PolicyLossConfig = DEFAULT_POLICY_LOSS,
                          kernel: KernelConfig = DEFAULT_KERNEL):
   """`fused_policy_loss` on sequences, with config.aggregation applied.
 
   hidden: float[B, T, D]; tokens, old_logprobs, mask (and ref/teacher log-probs,
-  opd_beta if not scalar): [B, T]; advantages: f32[B] (one per sequence, as GRPO
+  opd_beta if not scalar): [B, T]; teacher_support: ([B, T, k], [B, T, k]);
+  advantages: f32[B] (one per sequence, as GRPO
   gives) or f32[B, T]. Returns (loss_sum, denominator, aux of [B, T] arrays); see
   losses.aggregate_token_losses for each mode's pair.
   """
@@ -229,7 +301,8 @@ def sequence_policy_loss(hidden, head, tokens, advantages, old_logprobs, mask, *
     raise ValueError(f"advantages must be [B]={tokens.shape[:1]} or [B, T]={tokens.shape}, "
                      f"got {advantages.shape}")
   terms, logprobs = _policy_terms(hidden, head, tokens, advantages, old_logprobs, mask,
-                                  ref_logprobs, teacher_logprobs, opd_beta, config, kernel)
+                                  ref_logprobs, teacher_logprobs, opd_beta, config, kernel,
+                                  teacher_support)
   loss_sum, denominator = losses.aggregate_token_losses(
       terms.loss, mask, config.aggregation, constant_normaliser=config.constant_normaliser)
   return loss_sum, denominator, _policy_aux(terms, logprobs)

@@ -24,6 +24,14 @@ def token_logprob_entropy(hidden, head, tokens):
           losses.entropy_from_logits(logits))
 
 
+def token_stats_at_ids(hidden, head, tokens, ids):
+  """-> (log p(tokens) f32[N], entropy f32[N], logits at ids f32[N, k]); autodiff."""
+  logits = dense_logits(hidden, head)
+  return (losses.token_logprobs_from_logits(logits, tokens),
+          losses.entropy_from_logits(logits),
+          jnp.take_along_axis(logits, ids.astype(jnp.int32), axis=-1))
+
+
 def top_k_logprobs(hidden, head, k: int):
   """-> (top-k log-probs f32[N, k], their token ids int32[N, k]), largest first."""
   logp = jax.nn.log_softmax(dense_logits(hidden, head), axis=-1)

@@ -201,3 +201,28 @@ def merge_top_k(best_values, best_ids, logits, col_ids, k: int, col_valid=None):
     logits = jnp.where(from_tile & (col_ids == tile_col), -jnp.inf, logits)
     best_values = jnp.where(~from_tile & (slot == best_slot), -jnp.inf, best_values)
   return out_values, out_ids
+
+
+# ------------------------------------------------------- logits at given token ids
+def _local_ids(ids, col_ids, width: int):
+  """ids int32[n, k] -> (their column in this tile clipped to [0, v), bool[n, k] inside)."""
+  local = ids - col_ids[:1, :1]
+  inside = (local >= 0) & (local < width)
+  return jnp.clip(local, 0, width - 1), inside
+
+
+def gather_at_ids(logits, col_ids, ids):
+  """This tile's share of z[n, ids[n, i]]: f32[n, k], 0 for ids outside the tile.
+
+  logits: f32[n, v] for the contiguous columns col_ids int32[1 or n, v]; ids: int32[n, k].
+  Summed over all tiles, every id is seen exactly once: the logits at ids."""
+  local, inside = _local_ids(ids, col_ids, logits.shape[1])
+  return jnp.where(inside, jnp.take_along_axis(logits, local, axis=1), 0.0)
+
+
+def scatter_at_ids(dlogits, col_ids, ids, g_ids):
+  """dlogits f32[n, v] + g_ids f32[n, k] placed at the columns ids int32[n, k] that fall
+  in this tile (the adjoint of gather_at_ids; ids distinct within a row)."""
+  local, inside = _local_ids(ids, col_ids, dlogits.shape[1])
+  rows = jax.lax.broadcasted_iota(jnp.int32, ids.shape, 0)
+  return dlogits.at[rows, local].add(jnp.where(inside, g_ids, 0.0))

@@ -173,6 +173,9 @@ def update_config(cfg, model_cfg) -> UpdateConfig:
   if loss["aggregation"] == "seq_sum_constant" and loss.get("constant_normaliser") is None:
     # Dr.GRPO's constant is the padded *response* length (rows also hold the prompt).
     loss["constant_normaliser"] = float(cfg.sampling.max_new_tokens)
+  # The OPD estimator lives in rl.opd (what teachers send) but shapes the loss.
+  loss["opd_estimator"] = rl.opd.get("estimator", "sampled_token")
+  loss["opd_top_k"] = int(rl.opd.get("top_k", 16))
   return UpdateConfig(model=model_cfg, loss=losses.PolicyLossConfig(**loss),
                       kernel=kernel, scale_by_std=rl.scale_by_std,
                       micro_batch_rows=rl.micro_batch_rows,

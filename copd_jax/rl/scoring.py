@@ -32,6 +32,26 @@ def lm_head(params: Params, ucfg: UpdateConfig):
   return decoder.lm_head(params, ucfg.model.text if is_qwen3_vl(ucfg) else ucfg.model)
 
 
+def opd_support_size(ucfg: UpdateConfig) -> int:
+  """How many tokens a teacher sends per position: 0 for the sampled-token OPD estimator
+  (it sends one log-prob), k for top_k, the vocabulary for full_vocab."""
+  estimator = ucfg.loss.opd_estimator
+  if estimator == "sampled_token":
+    return 0
+  if estimator == "top_k":
+    return ucfg.loss.opd_top_k
+  return (ucfg.model.text if is_qwen3_vl(ucfg) else ucfg.model).vocab_size
+
+
+def _teacher_scores(hidden, head, targets, ucfg: UpdateConfig, support: int):
+  """What a teacher computes from its hidden states [N, W, D]: the targets' log-probs
+  f32[N, W] (support 0) or its top `support` tokens (log-probs f32[N, W, k], ids
+  int32[N, W, k])."""
+  if not support:
+    return kernels.sampled_token_logprobs(hidden, head, targets, kernel=ucfg.kernel)
+  return kernels.teacher_top_k(hidden, head, support, kernel=ucfg.kernel)
+
+
 def _shared_prefix_hidden(params: Params, ucfg: UpdateConfig, prompt_tokens, prompt_positions,
                           prompt_mask, frames, tokens, positions):
   """Hidden states f32[N, R, D] that predict the R continuation tokens of N = B*G rows.
@@ -74,21 +94,21 @@ def _response_hidden(params: Params, ucfg: UpdateConfig, tokens, positions, toke
 
 
 def _sequence_logprobs(params: Params, ucfg: UpdateConfig, tokens, positions, token_mask,
-                       frames, prompt_len: int = 0):
+                       frames, prompt_len: int = 0, support: int = 0):
   """Sampled-token log-probs f32[N, W] of rows under one model, on the loss columns (no
-  gradient use)."""
+  gradient use); with support k > 0 the model's top k instead (_teacher_scores)."""
   hidden = _response_hidden(params, ucfg, tokens, positions, token_mask, frames, prompt_len)
-  return kernels.sampled_token_logprobs(hidden, lm_head(params, ucfg),
-                                        loss_targets(tokens, prompt_len), kernel=ucfg.kernel)
+  return _teacher_scores(hidden, lm_head(params, ucfg), loss_targets(tokens, prompt_len), ucfg,
+                         support)
 
 
 def _continuation_logprobs(params: Params, ucfg: UpdateConfig, prompt_tokens, prompt_positions,
-                           prompt_mask, frames, tokens, positions):
-  """Log-probs f32[N, R] of the continuation tokens int32[N, R] (see _shared_prefix_hidden)."""
+                           prompt_mask, frames, tokens, positions, support: int = 0):
+  """Log-probs f32[N, R] of the continuation tokens int32[N, R] (see _shared_prefix_hidden),
+  or with support k > 0 the top k (_teacher_scores)."""
   hidden = _shared_prefix_hidden(params, ucfg, prompt_tokens, prompt_positions, prompt_mask,
                                  frames, tokens, positions)
-  return kernels.sampled_token_logprobs(hidden, lm_head(params, ucfg), tokens,
-                                        kernel=ucfg.kernel)
+  return _teacher_scores(hidden, lm_head(params, ucfg), tokens, ucfg, support)
 
 
 def _identity(x):
@@ -99,7 +119,9 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
                       placement: tuple[Callable, Callable] | None = None,
                       cross_row_start: int = 0, prompt_len: int = 0):
   """Sampled-token log-probs of each cross row under its teacher, on the loss columns:
-  f32[S, R, W] (W = T - P with prompt_len P > 0, else T; see loss_columns).
+  f32[S, R, W] (W = T - P with prompt_len P > 0, else T; see loss_columns). With the
+  top_k / full_vocab OPD estimators (opd_support_size k > 0) instead the teacher's top k
+  at each position: (log-probs f32[S, R, W, k], ids int32[S, R, W, k]).
 
   The regroup is an all-to-all over the expert axis (see TeacherRouting):
     1. each student gathers, from its OWN rows, the rows it sends to each teacher into a
@@ -110,7 +132,8 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
        micro-batches of ucfg.micro_batch_rows rows);
     4. the scores swap back [J, S, C, W] -> [S, J, C, W] and each student unpacks its own.
   What crosses: token ids with the token mask packed in (-1 = masked), the frames once
-  per prompt, and f32 log-probs of the loss columns. Positions are recomputed from
+  per prompt, and f32 log-probs of the loss columns (k of them and k int32 ids per
+  position for top-k OPD: never logits). Positions are recomputed from
   the mask on the teacher side (rows' positions are positions_from_mask(token_mask), as
   rows.rollout_to_sequences builds them).
 
@@ -136,6 +159,7 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
     raise ValueError(f"routing groups {g} rows per prompt but ucfg.samples_per_prompt is "
                      f"{ucfg.samples_per_prompt}")
   start = cross_row_start
+  support = opd_support_size(ucfg)
 
   def local(x, index):  # x [S, R, ...], index [S, J, C'] -> [S, J, C', ...], per student
     return jax.vmap(lambda xk, ik: jnp.take(xk, ik, axis=0))(x[:, start:],
@@ -166,14 +190,14 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
     response_positions = jnp.maximum(counts + jnp.cumsum(response_mask, -1) - 1, 0)
 
     def one_teacher(params, p_tok, p_pos, p_msk, frm, r_tok, r_pos):
-      chunk = functools.partial(_continuation_logprobs, params, ucfg)
+      chunk = functools.partial(_continuation_logprobs, params, ucfg, support=support)
       return _map_prompt_micro_batches(chunk, ucfg.micro_batch_rows, g,
                                        (p_tok, p_pos, p_msk, frm), (r_tok, r_pos))
 
-    scores = compute(partitioning.map_over_branches(
+    scores = partitioning.map_over_branches(
         one_teacher, jax.lax.stop_gradient(teacher_params), prompt_tokens, prompt_positions,
         prompt_mask, frames, jnp.maximum(response, 0), response_positions,
-        spmd_axis_name=teacher_axis))  # [J, S*C, R]
+        spmd_axis_name=teacher_axis)  # [J, S*C, R (, k)]
   else:
     if is_qwen3_vl(ucfg):
       raise ValueError("teacher scoring of Qwen3-VL rows needs prompt_len > 0")
@@ -187,14 +211,18 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
 
     def one_teacher(params, tok, msk, frm):
       def chunk(tk, mk, fr):
-        return _sequence_logprobs(params, ucfg, tk, decoder.positions_from_mask(mk), mk, fr)
+        return _sequence_logprobs(params, ucfg, tk, decoder.positions_from_mask(mk), mk, fr,
+                                  support=support)
       return map_row_micro_batches(chunk, ucfg.micro_batch_rows, tok, msk, frm)
 
-    scores = compute(partitioning.map_over_branches(
+    scores = partitioning.map_over_branches(
         one_teacher, jax.lax.stop_gradient(teacher_params), tokens, mask, frames,
-        spmd_axis_name=teacher_axis))  # [J, S*C, T]
-  scores = swap(scores.reshape(j, s, c, -1)).reshape(s, j * c, -1)  # back to the students
-  return jax.vmap(lambda x, slot: jnp.take(x, slot, axis=0))(scores, routing["receive_slot"])
+        spmd_axis_name=teacher_axis)  # [J, S*C, T (, k)]
+
+  def back_to_students(x):  # [J, S*C, W, ...] -> [S, R, W, ...]
+    x = swap(compute(x).reshape((j, s, c) + x.shape[2:])).reshape((s, j * c) + x.shape[2:])
+    return jax.vmap(lambda y, slot: jnp.take(y, slot, axis=0))(x, routing["receive_slot"])
+  return jax.tree.map(back_to_students, scores)
 
 
 def _map_prompt_micro_batches(fn: Callable, micro_batch_rows: int, group: int,

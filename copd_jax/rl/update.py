@@ -20,8 +20,10 @@ def student_loss_sum(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
                      ucfg: UpdateConfig, prompt_len: int = 0):
   """One student's (loss_sum, (denominator, aux)) on its rows (Rows without the S axis):
   the pair whose sums over micro-batches give the exact full-batch loss. teacher_logprobs,
-  ref_logprobs: f32[R, W] on the loss columns (or None); aux: [R, W] arrays. Only the loss
-  columns are computed: the others have response_mask 0 and add nothing to the loss."""
+  ref_logprobs: f32[R, W] on the loss columns (or None); for the top_k / full_vocab OPD
+  estimators teacher_logprobs is the teacher's support (log-probs f32[R, W, k], ids
+  int32[R, W, k]) (score_by_teachers); aux: [R, W] arrays. Only the loss columns are
+  computed: the others have response_mask 0 and add nothing to the loss."""
   hidden = _response_hidden(params, ucfg, rows.tokens, rows.positions, rows.token_mask,
                             rows.frames, prompt_len)
   head = lm_head(params, ucfg)
@@ -29,10 +31,14 @@ def student_loss_sum(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
   opd_beta = None
   if teacher_logprobs is not None:
     opd_beta = rows.opd_beta[:, None] * response_mask
+  support = None
+  if isinstance(teacher_logprobs, tuple):  # the teacher's top k: a KL term, not an advantage
+    support, teacher_logprobs = teacher_logprobs, None
   loss_sum, denominator, aux = kernels.sequence_policy_loss(
       hidden, head, loss_targets(rows.tokens, prompt_len), rows.advantages,
       loss_columns(rows.old_logprobs, prompt_len), response_mask, ref_logprobs=ref_logprobs,
-      teacher_logprobs=teacher_logprobs, opd_beta=opd_beta, config=ucfg.loss, kernel=ucfg.kernel)
+      teacher_logprobs=teacher_logprobs, opd_beta=opd_beta, teacher_support=support,
+      config=ucfg.loss, kernel=ucfg.kernel)
   return loss_sum, (denominator, aux)
 
 
@@ -76,9 +82,11 @@ def student_grads(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
   return losses.mean_from_sum(loss_sum, denominator), aux, grads
 
 
-def _branch_metrics(rows: Rows, prompt_len: int, aux: dict, teacher_logprobs, loss) -> dict:
+def _branch_metrics(rows: Rows, prompt_len: int, aux: dict, teacher_logprobs, loss,
+                    tis_cap: float = 0.0) -> dict:
   """Per-branch scalars from one student's rows (Rows without the S axis), its loss aux
-  ([R, W] arrays on the loss columns, see loss_columns) and loss."""
+  ([R, W] arrays on the loss columns, see loss_columns) and loss. With TIS (tis_cap > 0):
+  tis/applied (1), tis/weight_mean and tis/clipped_fraction over the response tokens."""
   m = loss_columns(rows.response_mask, prompt_len)
   mean = lambda x, w=m: jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
   out = {"loss": loss, "entropy": mean(aux["entropy"]),
@@ -87,7 +95,15 @@ def _branch_metrics(rows: Rows, prompt_len: int, aux: dict, teacher_logprobs, lo
          "sampler_logprob_gap": mean(jnp.abs(aux["logprobs"]
                                              - loss_columns(rows.old_logprobs, prompt_len))),
          "response_tokens": jnp.sum(m) / jnp.maximum(jnp.sum(jnp.any(m > 0, -1)), 1.0)}
-  if teacher_logprobs is not None:
+  if tis_cap > 0:
+    out["tis/applied"] = jnp.ones((), jnp.float32)
+    out["tis/weight_mean"] = mean(aux["tis_weight"])
+    out["tis/clipped_fraction"] = mean(aux["tis_clipped"])
+  if isinstance(teacher_logprobs, tuple):  # top_k / full_vocab: the KL on the support
+    cross = m * (rows.opd_beta[:, None] > 0)
+    out["opd/kl_mean"] = mean(aux["opd_kl"], cross)
+    out["opd/tokens"] = jnp.sum(cross)
+  elif teacher_logprobs is not None:
     cross = m * (rows.opd_beta[:, None] > 0)
     # The OPD advantage actually used: total advantage minus the RL part.
     opd_advantage = aux["advantages"] - rows.advantages[:, None]
@@ -142,7 +158,7 @@ def update_body(params: Params, opt_state, teacher_params: Params | None, rows: 
 
   def one_branch(p, r, t_lp, ref):
     loss, aux, grads = student_grads(p, r, t_lp, ref, ucfg, prompt_len)
-    metrics = _branch_metrics(r, prompt_len, aux, t_lp, loss)
+    metrics = _branch_metrics(r, prompt_len, aux, t_lp, loss, ucfg.loss.tis_cap)
     if ref is not None:
       m = loss_columns(r.response_mask, prompt_len)
       metrics["kl_to_reference"] = jnp.sum(aux["kl"] * m) / jnp.maximum(jnp.sum(m), 1.0)
