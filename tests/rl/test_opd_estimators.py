@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_model import one_device_run
 
 from copd_jax import kernels, losses
 from copd_jax.kernels import KernelConfig
@@ -212,7 +213,7 @@ def test_full_vocab_refused_on_a_mesh_and_config_errors_name_the_field():
 def test_top_k_scores_cross_the_all_to_all_to_their_students():
   """score_by_teachers with the top_k estimator: each student gets, on its rows, the top
   k of ITS teacher, equal to a dense top-k of that teacher's logits."""
-  from test_trainer import fixed_rows, ucfg_for
+  from test_update import fixed_rows, ucfg_for
   from copd_jax import default_config, policy_setup
   from copd_jax.models import decoder, stacked
   from copd_jax.rl import scoring, stages
@@ -238,7 +239,7 @@ def test_top_k_scores_cross_the_all_to_all_to_their_students():
 def test_top_k_opd_update_lowers_the_kl_and_tis_is_reported(estimator):
   """Fixed rollouts with advantages 0: only the OPD term acts, so five updates lower the
   renormalised KL to the teacher; with tis_cap > 0 the metrics say TIS was applied."""
-  from test_trainer import fixed_rows, ucfg_for
+  from test_update import fixed_rows, ucfg_for
   from copd_jax import default_config, policy_setup
   from copd_jax.models import stacked
   from copd_jax.rl import stages, update as update_lib
@@ -251,9 +252,11 @@ def test_top_k_opd_update_lowers_the_kl_and_tis_is_reported(estimator):
   optimizer = update_lib.make_optimizer(3e-3, 1.0)
   opt_state = update_lib.init_optimizer_state(optimizer, student)
   params, kls = student, []
+  run = one_device_run(s.model_cfg)
   for _ in range(5):
     params, opt_state, metrics = update_lib.update(params, opt_state, teacher, rows, arrays,
-                                                   ucfg=ucfg, optimizer=optimizer, distil=True)
+                                                   run=run, ucfg=ucfg, optimizer=optimizer,
+                                                   distil=True)
     kls.append(float(metrics["opd/kl_mean"][0]))
   assert kls[0] > 0.05 and kls[-1] < 0.8 * kls[0], kls
   assert float(metrics["tis/applied"][0]) == 1.0
