@@ -177,8 +177,9 @@ def test_clipped_opd_update_matches_the_hand_written_loss(model, mode):
   routing = stages.teacher_routing(np.zeros((1, 1), np.int32), 1, samples=2).as_arrays()
   optimizer = optax.sgd(1.0)
   new, _, metrics = update_lib.update(params, update_lib.init_optimizer_state(optimizer, params),
-                                      teacher, rows, routing, ucfg=ucfg, optimizer=optimizer,
-                                      distil=True, prompt_len=len(PROMPT))
+                                      teacher, rows, routing, run=one_device_run(cfg),
+                                      ucfg=ucfg, optimizer=optimizer, distil=True,
+                                      prompt_len=len(PROMPT))
   (want_loss, clipped), = [(float(l), c) for l, c in
                            [oracle_clipped_opd_loss(params, teacher, cfg, rows, mode)]]
   want_grads = jax.grad(lambda p: oracle_clipped_opd_loss(p, teacher, cfg, rows, mode)[0])(params)
