@@ -3,16 +3,15 @@
 Each case reproduces a failure found by trying the project with bad input and injected faults,
 and checks the behaviour that replaced it. Expected values are written out by hand."""
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
 
 import paths
+import process_checks
 from copd_jax import config_lib, default_config
 from copd_jax.data import (
   answers as verifiers,
@@ -134,14 +133,6 @@ def test_reward_config_fields_are_checked(field, value):
 
 # ------------------------------------------------------ 13.5 worker dies with its parent
 
-def _alive(pid: int) -> bool:
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
-  except FileNotFoundError:
-    return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_worker_dies_when_its_parent_is_killed():
   code = textwrap.dedent("""
@@ -158,16 +149,11 @@ def test_worker_dies_when_its_parent_is_killed():
   parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                             cwd=REPO)
   worker = int(parent.stdout.readline())
-  assert _alive(worker)
+  assert process_checks.alive(worker)
   parent.kill()  # SIGKILL: no handler, no atexit
   parent.wait()
-  deadline = time.monotonic() + 60
-  while _alive(worker) and time.monotonic() < deadline:
-    time.sleep(0.1)
-  alive = _alive(worker)
-  if alive:
-    os.kill(worker, signal.SIGKILL)
-  assert not alive, "the verifier worker outlived its SIGKILLed parent"
+  assert not process_checks.outlives(worker, 60), \
+      "the verifier worker outlived its SIGKILLed parent"
 
 
 # ------------------------------------------------------------ 15.8 reward plug-ins

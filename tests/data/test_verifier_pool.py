@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+import process_checks
+
 import paths
 from copd_jax import config_lib, default_config
 from copd_jax.data import math_verifier, verifier_pool
@@ -181,13 +183,8 @@ def test_a_worker_dies_with_its_parent_while_its_imports_run(tmp_path):
   finally:
     parent.kill()
     parent.wait()
-  deadline = time.monotonic() + 5.0
-  while _alive(worker) and time.monotonic() < deadline:
-    time.sleep(0.05)
-  alive = _alive(worker)
-  if alive:
-    os.kill(worker, signal.SIGKILL)
-  assert not alive, "the worker outlived its SIGKILLed parent by 5 s"
+  assert not process_checks.outlives(worker, 5.0), \
+      "the worker outlived its SIGKILLed parent by 5 s"
 
 
 def test_a_worker_whose_parent_already_died_exits_before_importing_anything(tmp_path):
