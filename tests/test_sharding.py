@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import pod_4b
-from copd_jax import config_lib, kernels, losses, sharding as parallel
+from copd_jax import config_lib, kernels, losses, sharding
 from copd_jax.analysis import abstract_step, hlo_audit
 from copd_jax.models import decoder, stacked as experts
 from copd_jax.models.model_config import ModelConfig
@@ -22,18 +22,18 @@ SMALL_VISION = dict(image_size=8, patch_size=8, num_frames=2, tubelet=2, width=1
 
 
 def test_mesh_shape_resolves_minus_one_and_names_bad_axes():
-  assert parallel.mesh_shape(dict(expert=2, data=-1, fsdp=2, tensor=1), 8) == dict(
+  assert sharding.mesh_shape(dict(expert=2, data=-1, fsdp=2, tensor=1), 8) == dict(
       expert=2, data=2, fsdp=2, tensor=1)
-  assert parallel.mesh_shape(dict(expert=1, data=-1, fsdp=1, tensor=1), 1)["data"] == 1
+  assert sharding.mesh_shape(dict(expert=1, data=-1, fsdp=1, tensor=1), 1)["data"] == 1
   with pytest.raises(ValueError, match="multiply to 12, but there are 8 devices"):
-    parallel.mesh_shape(dict(expert=3, data=1, fsdp=2, tensor=2), 8)
+    sharding.mesh_shape(dict(expert=3, data=1, fsdp=2, tensor=2), 8)
   with pytest.raises(ValueError, match=r"config.mesh.expert=2 must divide the number of branches \(3\)"):
-    parallel.mesh_shape(dict(expert=2, data=-1, fsdp=1, tensor=1), 8, num_branches=3)
+    sharding.mesh_shape(dict(expert=2, data=-1, fsdp=1, tensor=1), 8, num_branches=3)
   with pytest.raises(ValueError, match="only one axis may be -1"):
-    parallel.mesh_shape(dict(expert=-1, data=-1, fsdp=1, tensor=1), 8)
+    sharding.mesh_shape(dict(expert=-1, data=-1, fsdp=1, tensor=1), 8)
   with pytest.raises(ValueError, match="config.mesh.tensor must be a positive integer"):
-    parallel.mesh_shape(dict(expert=1, data=-1, fsdp=1, tensor=0), 8)
-  mesh = parallel.make_mesh(dict(expert=2, data=-1, fsdp=2, tensor=1))
+    sharding.mesh_shape(dict(expert=1, data=-1, fsdp=1, tensor=0), 8)
+  mesh = sharding.make_mesh(dict(expert=2, data=-1, fsdp=2, tensor=1))
   assert dict(mesh.shape) == dict(expert=2, data=2, fsdp=2, tensor=1)
 
 
@@ -50,7 +50,7 @@ def test_validate_mesh_checks_pod_slice_not_local_devices():
 
 def test_parameter_specs_of_known_leaves():
   cfg = tiny_config(tie_embeddings=False)
-  run = parallel.RunSharding(parallel.make_mesh(dict(expert=2, data=1, fsdp=2, tensor=2)),
+  run = sharding.RunSharding(sharding.make_mesh(dict(expert=2, data=1, fsdp=2, tensor=2)),
                              param_axes=decoder.param_axes(cfg))
   params = jax.eval_shape(lambda k: experts.init_stacked(cfg, k), jax.random.split(jax.random.key(0), 2))
   specs = jax.tree.map(lambda s: s.spec, run.stacked_params(params))
@@ -63,8 +63,8 @@ def test_parameter_specs_of_known_leaves():
   # The vision tower is sharded too (its layers declare vision_* axes).
   assert specs["visual"]["patch_embed"]["kernel"] == P("expert", None, "fsdp")
   # A mesh axis that does not divide the dimension is dropped, not an error.
-  assert parallel.logical_to_spec(("vocab", "embed"), mesh=run.mesh, shape=(47, 32)) == P(None, "fsdp")
-  assert parallel.logical_to_spec(("batch",), mesh=parallel.make_mesh(
+  assert sharding.logical_to_spec(("vocab", "embed"), mesh=run.mesh, shape=(47, 32)) == P(None, "fsdp")
+  assert sharding.logical_to_spec(("batch",), mesh=sharding.make_mesh(
       dict(expert=1, data=2, fsdp=4, tensor=1)), shape=(6,)) == P("data")
   # Optimizer state mirrors the params; per-branch scalars shard over expert.
   opt = update_lib.init_optimizer_state
@@ -128,7 +128,7 @@ def test_update_on_a_mesh_matches_one_device(unsharded_step, mesh_cfg, num_devic
   # once per prompt (prompt_len=10), the last one in micro-batches of 4 rows.
   params, rows, routing, ucfg, start, optimizer, state, want = unsharded_step
   ucfg = dataclasses.replace(ucfg, micro_batch_rows=micro_batch_rows)
-  run = parallel.RunSharding(parallel.make_mesh(mesh_cfg, jax.devices()[:num_devices]),
+  run = sharding.RunSharding(sharding.make_mesh(mesh_cfg, jax.devices()[:num_devices]),
                              param_axes=decoder.param_axes(ucfg.model))
   fn = update_lib.update_program(run, ucfg, optimizer, distil=True, cross_row_start=start,
                                  prompt_len=10)
@@ -150,7 +150,7 @@ def test_opd_step_moves_no_parameter_sized_data_across_expert():
   cfg = tiny_config(vocab_size=64, d_model=256, mlp_dim=1024, num_heads=4, num_kv_heads=2,
                     head_dim=64, num_layers=1, vision=SMALL_VISION)
   params, rows, routing, ucfg, start = opd_problem(cfg, native=4, cross=4)
-  run = parallel.RunSharding(parallel.make_mesh(dict(expert=2, data=2, fsdp=2, tensor=1)),
+  run = sharding.RunSharding(sharding.make_mesh(dict(expert=2, data=2, fsdp=2, tensor=1)),
                              param_axes=decoder.param_axes(cfg))
   optimizer = update_lib.make_optimizer(1e-3, 1.0)
   state = update_lib.init_optimizer_state(optimizer, params)
@@ -196,7 +196,7 @@ def test_hlo_group_formats():
 def test_pod_config_update_lowers_with_abstract_shapes():
   cfg = pod_4b.get_config()
   # 4B widths, one layer, a few rows: lowering only (the full compile is bench_scale's).
-  run = parallel.RunSharding(parallel.make_mesh(dict(expert=1, data=1, fsdp=4, tensor=2),
+  run = sharding.RunSharding(sharding.make_mesh(dict(expert=1, data=1, fsdp=4, tensor=2),
                                                 num_branches=3),
                              param_axes=decoder.param_axes(
                                  ModelConfig.from_dict(cfg.model.to_dict())))

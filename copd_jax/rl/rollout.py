@@ -82,7 +82,7 @@ def load_local_examples(data: DataContext, refs: Sequence[Sequence[ExampleRef]],
                         local: np.ndarray) -> list[list[examples_lib.Example]]:
   """Loads the examples of the prompts this process holds (local: bool[S, B]). The other
   slots get a stand-in (one of the loaded examples): their encoded arrays are never read,
-  because only a process's own shards go to its devices (parallel.put_global)."""
+  because only a process's own shards go to its devices (sharding.put_global)."""
   loaded = {(k, b): load_example(data, ref) for k, row in enumerate(refs)
             for b, ref in enumerate(row) if local[k, b]}
   stand_in = next(iter(loaded.values()))

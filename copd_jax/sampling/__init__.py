@@ -4,7 +4,7 @@
 
 1. Prefill: the B left-padded prompts (and their vision clips) go through the model ONCE.
    Their per-layer keys/values become the shared prefix of the cache: stored once per
-   prompt and read once per prompt by all G samples (model.LayerCache), never repeated G
+   prompt and read once per prompt by all G samples (models.decoder.LayerCache), never repeated G
    times. Each of the N = B*G rows gets its own R response slots.
 2. Decode: a compiled `lax.while_loop` feeds one token per step into the fixed-size cache
    (P prefix + R response slots) and stops early once every row has emitted a stop token.

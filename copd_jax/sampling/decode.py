@@ -78,7 +78,7 @@ def _family(cfg) -> _Family:
 @flax.struct.dataclass
 class _DecodeState:
   """What the decode loop carries for one policy (a leading E axis when stacked)."""
-  cache: tuple  # of model.LayerCache: prefix [B, K, P, Dh] shared, response [N, K, R, Dh]
+  cache: tuple  # of models.decoder.LayerCache: prefix [B, K, P, Dh] shared, response [N, K, R, Dh]
   prefix_mask: jax.Array  # bool[B, P]
   next_position: jax.Array  # int32[N], position of each row's first generated token
   bufs: _Buffers
