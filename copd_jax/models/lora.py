@@ -16,7 +16,8 @@ projection runs the base matmul once on the rows of every branch (the base is no
 vmapped, so XLA folds the branch axis into the rows) plus two thin matmuls through rank
 r per branch. Materialising W + s B_k A_k per branch instead would cost a full [in, out]
 weight (and its HBM traffic) per branch and per step -- S base-sized temporaries, which
-is what LoRA branches are there to avoid. B starts at zero, so step 0 equals the base.
+is what LoRA branches are there to avoid. B starts at zero, so step 0 computes the base
+(up to float rounding: XLA may fuse the base and low-rank matmuls into one dot).
 
 How it plugs in (the single execution path of full fine-tuning, unchanged):
 * the models' entry points turn a branch's `LoraBranches` (adapters without the S axis)
