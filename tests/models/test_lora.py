@@ -197,3 +197,26 @@ def test_merged_lora_model_exports_and_reloads_with_identical_logits(tmp_path):
   # The export holds the merge (not the base): its logits are those of the branches'
   # averaged weights, which differ from the base's.
   assert np.abs(logits(reloaded) - logits(base)).max() > 1e-3
+
+
+def test_qwen3_vl_lora_branches_forward_merge_and_export(tmp_path):
+  from copd_jax.models import qwen3_vl_export, qwen3_vl_import
+  from test_qwen3_vl_import import FIXTURE, _logits
+  cfg, base = qwen3_vl_import.load_qwen3_vl(FIXTURE)
+  with np.load(os.path.join(FIXTURE, "reference.npz")) as data:
+    ref = dict(data)
+  branches = random_branches(base, 2, rank=2, alpha=4.0)
+  assert "visual" not in branches.adapters and "layers_0" in branches.adapters  # text only
+  # A branch (shared base + its adapter) computes its effective weights' logits.
+  lora_logits = _logits(lora.take_branch(branches, 1), cfg, ref, "image")
+  full_logits = _logits(stacked.take_expert(branches, 1), cfg, ref, "image")
+  mask = ref["image_attention_mask"].astype(bool)
+  np.testing.assert_allclose(lora_logits[mask], full_logits[mask], atol=1e-4, rtol=1e-4)
+  assert np.abs(full_logits - _logits(base, cfg, ref, "image"))[mask].max() > 1e-3
+  # The weight-space merge exports as a normal checkpoint and reloads with the same logits.
+  merged = stacked.merge(branches)
+  qwen3_vl_export.export_qwen3_vl(str(tmp_path), merged, cfg, source_dir=FIXTURE,
+                                  dtype="float32")
+  cfg2, back = qwen3_vl_import.load_qwen3_vl(str(tmp_path))
+  np.testing.assert_array_equal(_logits(back, cfg2, ref, "image"),
+                                _logits(merged, cfg, ref, "image"))
