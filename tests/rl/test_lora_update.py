@@ -135,3 +135,43 @@ def test_teachers_score_with_the_shared_base_plus_their_own_adapter(setup):
                                           rows_lib.next_token_targets(rows.tokens[k]))
     m = np.asarray(rows.response_mask[k]) > 0
     np.testing.assert_allclose(np.asarray(got[k])[m], np.asarray(want)[m], atol=1e-5)
+
+
+@pytest.mark.parametrize("mesh_cfg", [
+    dict(expert=2, data=1, fsdp=2, tensor=2),
+    # Both branches on every device (expert=1): they run one after the other (lax.map).
+    dict(expert=1, data=1, fsdp=4, tensor=2)])
+def test_lora_opd_update_on_a_mesh_matches_one_device(mesh_cfg):
+  import dataclasses
+
+  from copd_jax import sharding
+  from test_sharding import SMALL_VISION, opd_problem
+  from tiny_model import tiny_config
+  cfg = tiny_config(num_layers=1, vision=SMALL_VISION)
+  full, rows, routing, ucfg, start = opd_problem(cfg)
+  base = jax.tree.map(lambda x: x[0], full)
+  branches = stacked.initial_branches(base, 2, lora.LoraSpec(rank=2, alpha=4.0),
+                                      jax.random.key(7))
+  leaves, tree = jax.tree.flatten(branches.adapters)
+  keys = jax.random.split(jax.random.key(8), len(leaves))
+  branches = branches.replace(adapters=jax.tree.unflatten(
+      tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+  optimizer = optax.sgd(0.05)
+  state = update_lib.init_optimizer_state(optimizer, branches)
+  host_routing = {k: np.asarray(v) for k, v in routing.as_arrays().items()}
+  want = update_lib.update(branches, state, branches, jax.tree.map(jnp.asarray, rows),
+                           host_routing, run=one_device_run(cfg), ucfg=ucfg,
+                           optimizer=optimizer, distil=True, cross_row_start=start)
+  run = sharding.RunSharding(sharding.make_mesh(mesh_cfg, jax.devices()[:8]),
+                             param_axes=policy_setup.declared_param_axes(cfg))
+  mesh_ucfg = dataclasses.replace(ucfg, micro_batch_rows=4)
+  placed = run.shard_params(branches)
+  # The base is sharded like today's parameters (no expert axis), the adapters lead with it.
+  assert placed.base["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec[0] != "expert"
+  assert placed.adapters["layers_0"]["mlp"]["up_proj"]["lora_a"].sharding.spec[0] == "expert"
+  got = update_lib.update(placed, state, placed, rows, host_routing, run=run, ucfg=mesh_ucfg,
+                          optimizer=optimizer, distil=True, cross_row_start=start,
+                          prompt_len=10)
+  assert float(np.abs(np.asarray(want[2]["opd/tokens"])).min()) > 0
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(run.to_host(got))):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
