@@ -11,7 +11,8 @@ every projection, compiled for TPU without a TPU (copd_jax/analysis/tpu_compile.
 
 Per-device bytes and bytes accessed of each variant (all 36 layers by default: they run
 under one nn.scan, so the compile costs about one layer's; --layers=N cuts the decoder). Resumable: variants already in --out are
-skipped. Last line: one JSON object.
+skipped. --bytes_only: the per-device bytes of adapters, their AdamW state and the base
+from the shardings alone (seconds, no compile). Last line: one JSON object.
 """
 from __future__ import annotations
 
@@ -40,13 +41,48 @@ def compile_variant(variant: str, layers: int, rank: int, programs) -> dict:
                                  log=lambda line: print(line, flush=True))
 
 
+def shard_bytes(variant: str, rank: int) -> dict:
+  """Per-device bytes of the adapters, their AdamW state and the base under `variant`,
+  from the shardings' shard shapes on the pod's abstract TPU devices (no compile)."""
+  import math
+
+  import jax
+
+  from configs import pod_4b
+  from copd_jax.analysis import tpu_compile
+  from copd_jax.models import lora
+  from copd_jax.rl import update as update_lib
+  lora.ADAPTER_SHARDING = variant
+  cfg = pod_4b.get_config()
+  cfg.model.lora.rank = rank
+  run = tpu_compile.run_sharding(cfg, f"{cfg.pod.tpu}:{cfg.pod.topology}")
+  params = tpu_compile.abstract_params(tpu_compile.run_model_config(cfg), cfg.num_experts,
+                                       lora.spec_from_config(cfg))
+  optimizer = update_lib.make_optimizer(1e-6, 1.0)
+  state = jax.eval_shape(lambda q: update_lib.init_optimizer_state(optimizer, q), params)
+
+  def per_device(tree, shardings):
+    return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+               for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+  placed = run.stacked_params(params)
+  return {"adapter_bytes_per_device": per_device(params.adapters, placed.adapters),
+          "adapter_adam_bytes_per_device": per_device(state, run.opt_state(state)),
+          "base_bytes_per_device": per_device(params.base, placed.base)}
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--layers", type=int, default=0, help="0 = the whole decoder")
   parser.add_argument("--rank", type=int, default=16)
   parser.add_argument("--programs", default="opd_update")
   parser.add_argument("--out", default="experiments/results/tpu/lora_sharding.json")
+  parser.add_argument("--bytes_only", action="store_true",
+                      help="per-device bytes from the shardings only, no compile")
   args = parser.parse_args(argv)
+  if args.bytes_only:
+    print(json.dumps({"bench": "lora_sharding_bytes", "rank": args.rank,
+                      "variants": {v: shard_bytes(v, args.rank) for v in VARIANTS}}))
+    return
   out = {"layers": args.layers, "rank": args.rank, "variants": {}}
   if os.path.exists(args.out):
     previous = json.load(open(args.out))
