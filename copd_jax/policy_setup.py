@@ -142,14 +142,12 @@ def init_policy_params(model_cfg, key):
 
 def declared_param_axes(model_cfg) -> dict:
   """{parameter path: logical axes} that the layers of one policy of either family declare
-  (for sharding.RunSharding(mesh, param_axes=...)), with the axes of the LoRA adapters
-  any target projection may carry (lora.with_adapter_axes); nothing is allocated."""
-  from copd_jax.models import lora
+  (for sharding.RunSharding(mesh, param_axes=...)); nothing is allocated."""
   if isinstance(model_cfg, Qwen3VLConfig):
     from copd_jax.models import qwen3_vl
-    return lora.with_adapter_axes(qwen3_vl.param_axes(model_cfg))
+    return qwen3_vl.param_axes(model_cfg)
   from copd_jax.models import decoder
-  return lora.with_adapter_axes(decoder.param_axes(model_cfg))
+  return decoder.param_axes(model_cfg)
 
 
 def to_model_layout(params, model_cfg, leading_axes: int = 0):

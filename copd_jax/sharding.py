@@ -385,7 +385,9 @@ class RunSharding:
       raise UndeclaredParameterError(
           "this RunSharding has no parameter axes: build it with "
           "param_axes=policy_setup.declared_param_axes(model_cfg)")
-    return self.param_axes
+    # Plus the axes of the LoRA adapters any target projection may carry (and of their
+    # optimizer state): named after their kernel's (lora.with_adapter_axes).
+    return lora.with_adapter_axes(self.param_axes)
 
   # -- single arrays
   def named(self, axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
