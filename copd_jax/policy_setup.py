@@ -117,7 +117,7 @@ def _toy_model_and_tokenizer(cfg) -> tuple[model_config.ModelConfig, Tokenizer]:
   if cfg.model.image_token_id != tokenizer.image_id:
     raise ValueError(f"config.model.image_token_id must equal the tokenizer's <img> id "
                      f"({tokenizer.image_id}), got {cfg.model.image_token_id}")
-  model_cfg = model_config.ModelConfig(**cfg.model.to_dict())
+  model_cfg = model_config.ModelConfig.from_dict(cfg.model)
   model_cfg.validate()
   return model_cfg, tokenizer
 

@@ -45,6 +45,8 @@ import jax.experimental.mesh_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from copd_jax.models import lora
+
 MESH_AXES = ("expert", "data", "fsdp", "tensor")
 
 
@@ -65,6 +67,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),                 # RMSNorm scales [D]
     ("head_dim", None),             # q_norm / k_norm scales [Dh]
     ("layers", None),               # the stacked layer axis of scanned layers
+    ("lora_rank", None),            # the rank r of LoRA adapters (copd_jax.models.lora)
     # Vision towers (the toy ViT, Qwen3-VL's): sharded like the decoder, with names of
     # their own so a config can treat them differently.
     ("vision_embed", "fsdp"),       # ViT width of weights
@@ -382,7 +385,9 @@ class RunSharding:
       raise UndeclaredParameterError(
           "this RunSharding has no parameter axes: build it with "
           "param_axes=policy_setup.declared_param_axes(model_cfg)")
-    return self.param_axes
+    # Plus the axes of the LoRA adapters any target projection may carry (and of their
+    # optimizer state): named after their kernel's (lora.with_adapter_axes).
+    return lora.with_adapter_axes(self.param_axes)
 
   # -- single arrays
   def named(self, axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
@@ -403,6 +408,9 @@ class RunSharding:
     """NamedSharding per leaf of (abstract or real) params [S, ...] (stacked) or [...],
     from the axes the model's layers declared (param_axes)."""
     declared = self._declared()
+    if lora.is_lora(params):  # the shared base unstacked; the adapters [S, ...] as declared
+      return params.replace(base=self.stacked_params(params.base, stacked=False),
+                            adapters=self.stacked_params(params.adapters, stacked))
 
     def one(path, x):
       return self.named(param_logical_axes(path, len(x.shape), declared, stacked), x.shape)
