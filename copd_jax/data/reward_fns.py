@@ -79,11 +79,12 @@ def parse_fns(fns, weights=()) -> tuple[RewardFn, ...]:
 
 
 def from_config(reward_cfg) -> tuple[math_verifier.RewardConfig, tuple[RewardFn, ...]]:
-  """config.reward -> (the RewardConfig every function is scored with, the weighted list).
+  """config.reward (a run_spec.RewardSpec or a dict of its fields) -> (the RewardConfig every function is scored with, the weighted list).
 
   Only the fields RewardConfig has are passed to it, so fields added to either side
   (the list here, error limits there) never break the other."""
-  raw = reward_cfg.to_dict() if hasattr(reward_cfg, "to_dict") else dict(reward_cfg)
+  raw = (dataclasses.asdict(reward_cfg) if dataclasses.is_dataclass(reward_cfg)
+         else dict(reward_cfg))
   known = {f.name for f in dataclasses.fields(math_verifier.RewardConfig)}
   fns = parse_fns(raw.get("fns", ()), raw.get("weights", ()))
   if fns and raw.get("fn"):

@@ -177,11 +177,11 @@ def save_eval_rewards(path: str, rewards_by_model: dict[str, dict[str, np.ndarra
 def pass_at_k_kwargs(cfg) -> dict:
   """evaluate_stacked's pass@k arguments from config.eval (empty when pass_samples = 0)."""
   e = cfg.eval
-  if not e.get("pass_samples", 0):
+  if not e.pass_samples:
     return {}
   return dict(pass_samples=int(e.pass_samples), pass_k=tuple(int(k) for k in e.pass_k),
               pass_temperature=float(e.pass_temperature),
-              pass_threshold=float(e.get("pass_threshold", 1.0)))
+              pass_threshold=float(e.pass_threshold))
 
 
 def evaluate(params: Any, setup: RunSetup, eval_sets: dict[str, list], *,

@@ -9,7 +9,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from orbax.checkpoint import utils as ocp_utils
 
@@ -35,11 +34,12 @@ from copd_jax.rl import (
   update as update_lib,
 )
 from copd_jax.run_log import MetricsWriter, Phase, ProgressLine, branch_line
+from copd_jax.run_spec import RunSpec
 
 
 @dataclasses.dataclass
 class RunContext:
-  cfg: ml_collections.ConfigDict
+  cfg: RunSpec  # the run's settings (config_lib.build), never the ConfigDict
   setup: RunSetup
   base_params: Any
   eval_sets: dict            # capability -> held-out examples (during training: a prefix)
@@ -121,7 +121,7 @@ def branch_diagnostics(ctx: RunContext, stage: stages_lib.Stage, params) -> dict
     models = jax.tree.map(lambda s, b: jnp.concatenate([s, b[None]]), params, ctx.base_params)
     diag = diagnostics.pairwise_diagnostics(
         models, setup.model_cfg, rows.tokens, rows.positions, rows.token_mask,
-        rows.response_mask, rows.frames, kernel=kernels.KernelConfig(**cfg.rl.kernel.to_dict()),
+        rows.response_mask, rows.frames, kernel=cfg.rl.kernel,
         prompt_len=prompt_tokens.shape[-1] if isinstance(rows.frames, PromptMedia) else 0)
   diag = sharding_lib.to_host(diag)  # global arrays in a multi-process run
   overlap, sym_kl = np.asarray(diag["overlap"]), np.asarray(diag["sym_kl"])
@@ -145,7 +145,7 @@ def branch_diagnostics(ctx: RunContext, stage: stages_lib.Stage, params) -> dict
 
 def completions_to_log(cfg) -> int:
   """config.log.completions: prompts per capability / branch in the completion log."""
-  return int(cfg.log.completions) if "log" in cfg else 0
+  return int(cfg.log.completions)
 
 
 def eval_completion_records(names, eval_sets, responses: dict, count: int) -> list[dict]:
@@ -258,7 +258,7 @@ def _check_nonfinite_budget(rl, stage, step: int, counts: UpdateCounts, bad, nam
   """Raises NonFiniteTrainingError when a branch skipped rl.max_nonfinite_steps_in_row
   updates in a row, or the stage skipped rl.max_nonfinite_steps_total in all."""
   total = sum(counts.skipped)
-  limit_total = rl.get("max_nonfinite_steps_total", None)
+  limit_total = rl.max_nonfinite_steps_total
   in_row = max(counts.in_row)
   if in_row < rl.max_nonfinite_steps_in_row and (limit_total is None or total < limit_total):
     return
@@ -374,7 +374,7 @@ def run_stage(ctx: RunContext, stage: stages_lib.Stage, params, frozen_teachers=
     if start_step == 0:
       evaluate_accuracy()
       measure_overlap()
-    completions_every = int(cfg.log.completions_every) if "log" in cfg else 0
+    completions_every = int(cfg.log.completions_every)
     teacher_names = ["+".join(caps) for caps in stage.teacher_data]
     plan = step_lib.StepPlan(stage=stage, data=data, ucfg=ucfg, optimizer=optimizer, key=key,
                              assignment=assignment, routing=routing, sharding=ctx.sharding,
