@@ -45,7 +45,7 @@ def make_mirror(spec):
                      config_json=spec.config_json)
 
 
-def log_base_completions(spec, eval_sets, responses: dict, writer) -> None:
+def log_base_completions(spec, eval_sets, responses: dict, writer, rewards) -> None:
   """The base's greedy responses to the first config.log.completions held-out examples
   of every capability (copd_jax.rl.loop.eval_completion_records)."""
   count = int(spec.log.completions)
@@ -53,7 +53,7 @@ def log_base_completions(spec, eval_sets, responses: dict, writer) -> None:
     return
   from copd_jax.rl import loop
   writer.write_completions(spec.warm_start.steps, "eval", loop.eval_completion_records(
-      ["base"], eval_sets, responses, count))
+      ["base"], eval_sets, responses, count, rewards))
 
 
 def training_reward_ends(metrics_path: str) -> dict:
@@ -129,9 +129,7 @@ def _run_locked(spec, stored: dict | None) -> dict | None:
   import jax
 
   from copd_jax import policy_setup, run_dir, warm_start
-  from copd_jax.data import reward_fns
   from copd_jax.rl import evaluation
-  reward_fns.configure(spec.reward)  # config.reward: one function or a weighted list
   from copd_jax.run_log import MetricsWriter
 
   # In a multi-process run every process computes the same metrics; process 0 writes the
@@ -171,7 +169,7 @@ def _run_locked(spec, stored: dict | None) -> dict | None:
         evaluation.save_eval_rewards(os.path.join(spec.workdir, "eval_rewards.npz"),
                                      {"base": {c: r[0] for c, r in rewards.items()}})
       writer.write(spec.warm_start.steps, {f"eval/{k}": v for k, v in metrics.items()})
-      log_base_completions(spec, eval_sets, responses, writer)
+      log_base_completions(spec, eval_sets, responses, writer, setup.rewards)
       summary.update(metrics)
     else:
       from copd_jax import train_checkpoint

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from copd_jax.data import examples as examples_lib, records as datasets, toy_tasks
+from copd_jax.data import examples as examples_lib, records as datasets, reward_fns, toy_tasks
 from copd_jax.data.tokenizer import Tokenizer, ToyTokenizer
 from copd_jax.models import model_config
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
@@ -60,6 +60,8 @@ class RunSetup:
   # Token ids that stand for media in a prompt (Qwen3-VL's image / video pads): a
   # response must never contain them either.
   media_token_ids: tuple[int, ...] = ()
+  # How responses are scored (config.reward): passed to every scorer, never a global.
+  rewards: reward_fns.Rewards = reward_fns.Rewards()
 
   @property
   def banned_token_ids(self) -> tuple[int, ...]:
@@ -184,6 +186,7 @@ def build_setup(cfg: RunSpec) -> RunSetup:
           examples_lib.encode_sft_batch, tokenizer=tokenizer, max_prompt_len=cfg.data.max_prompt_len,
           max_response_len=cfg.data.max_response_len, **lengths),
       example_kwargs=example_kwargs,
+      rewards=reward_fns.rewards_of(cfg.reward),
   )
   if model_cfg.vision is None:
     pictured = [cap for cap in setup.capabilities if cap in ("image", "video")
@@ -229,13 +232,14 @@ def record_source(cfg: RunSpec, setup: RunSetup, field: str,
       raise ValueError(f"config.data.sources has no {split!r} source for capability "
                        f"{capability!r}")
     return ChainedSource(datasets.RecordSource(
-        s.paths, capability=capability, reader=cfg.data.reader,
-        columns=s.columns, **setup.example_kwargs) for s in specs)
+        s.paths, capability=capability, reader=cfg.data.reader, columns=s.columns,
+        reward_config=setup.rewards.config, **setup.example_kwargs) for s in specs)
   files = getattr(cfg.data, field)
   if capability not in files:
     raise ValueError(f"config.data.{field} has no entry for capability {capability!r} "
                      f"(it names {sorted(files)})")
   return datasets.RecordSource(files[capability], capability=capability,
+                               reward_config=setup.rewards.config,
                                **record_options(cfg), **setup.example_kwargs)
 
 
@@ -324,7 +328,8 @@ def _build_vl_setup(cfg: RunSpec) -> RunSetup:
   partial_setup = RunSetup(model_cfg, processor.tokenizer, tuple(cfg.tasks.capabilities),
                            encode_prompts=None, encode_sft_batch=_no_sft_batches,
                            example_kwargs=example_kwargs,
-                           media_token_ids=(model_cfg.image_token_id, model_cfg.video_token_id))
+                           media_token_ids=(model_cfg.image_token_id, model_cfg.video_token_id),
+                           rewards=reward_fns.rewards_of(cfg.reward))
   budget = check_vl_records(cfg, partial_setup, processor)
   encode = functools.partial(vl_prompts.encode_prompt_batch, processor=processor,
                              model_cfg=model_cfg, max_prompt_len=cfg.data.max_prompt_len,

@@ -15,7 +15,7 @@ import pytest
 import paths
 from copd_jax.config_lib import spec_of
 from copd_jax import export, main, policy_setup
-from copd_jax.data import math_verifier, records, vl_prompts
+from copd_jax.data import records, vl_prompts
 from copd_jax.models import qwen3_vl_decode, qwen3_vl_import
 
 REPO = paths.REPO
@@ -54,11 +54,7 @@ def reward_module(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, reward_module):
   workdir = tmp_path_factory.mktemp("vl") / "run"
-  before = math_verifier.active_config()
-  try:
-    summary = main.run(vl_config(workdir, reward_module[0]))
-  finally:  # main.run sets the process's reward settings: later tests get theirs back
-    math_verifier.configure(before)
+  summary = main.run(vl_config(workdir, reward_module[0]))
   return workdir, summary
 
 

@@ -336,3 +336,20 @@ def test_run_context_holds_a_run_spec_without_config_dicts():
     assert isinstance(spec, run_spec.RunSpec)
     assert _config_dicts_in(spec) == [], cfg.method
     assert spec.config_json["rl" if cfg.method != "base" else "method"]  # the resolved config
+
+
+# Module state a function rebinds (`global x`), and why each is not a setting: the reward
+# settings travel with the run (policy_setup.RunSetup.rewards), never through a global.
+ALLOWED_GLOBALS = {
+    ("copd_jax.data.math_verifier", "_pool"): "the process's verifier worker processes, "
+                                              "rebuilt when the settings passed in change",
+    ("copd_jax.data.reward_values", "_first_traceback_printed"): "print a plug-in's "
+                                                                 "traceback once per process",
+}
+
+
+def test_no_settings_held_in_module_globals():
+  rebound = {(name, n) for name, path in package_modules().items()
+             for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Global)
+             for n in node.names}
+  assert rebound <= set(ALLOWED_GLOBALS), sorted(rebound - set(ALLOWED_GLOBALS))

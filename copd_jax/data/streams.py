@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
-from copd_jax.data import examples as examples_lib, toy_tasks
+from copd_jax.data import examples as examples_lib, reward_fns, toy_tasks
 from copd_jax.data.examples import _check_int
 
 TRAIN_SOURCE_LENGTH = 2**31 - 1  # "endless": far more indices than any run reads
@@ -192,8 +192,9 @@ def capability_dataset(cfg, capability: str, example_kwargs: Mapping[str, Any],
   from copd_jax.data import records as datasets
   # The model's frame sizes: image records are decoded at its resolution.
   source = datasets.RecordSource(files[capability], capability=capability,
-                                 reader=cfg.data.reader,
-                                 columns=dict(cfg.data.columns), **example_kwargs)
+                                 reader=cfg.data.reader, columns=dict(cfg.data.columns),
+                                 reward_config=reward_fns.run_config(cfg.reward),
+                                 **example_kwargs)
   shuffle_seed = _check_int("config.data.shuffle_seed", cfg.data.shuffle_seed, 0)
   # crc32: a stable per-name number (record domains are not in toy_tasks.CAPABILITIES).
   grain_seed = _pipeline_seed(shuffle_seed, seed, zlib.crc32(capability.encode("utf-8")))
@@ -216,6 +217,7 @@ def sources_dataset(cfg, capability: str, example_kwargs: Mapping[str, Any],
   for spec in specs:
     source = datasets.RecordSource(spec.paths, capability=capability,
                                    reader=cfg.data.reader,
+                                   reward_config=reward_fns.run_config(cfg.reward),
                                    columns=spec.columns, **example_kwargs)
     grain_seed = _pipeline_seed(shuffle_seed, seed, zlib.crc32(capability.encode("utf-8")),
                                 zlib.crc32(spec.name.encode("utf-8")))

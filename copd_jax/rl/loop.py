@@ -77,7 +77,8 @@ def data_context(cfg, setup: RunSetup, seed_offset: int) -> rollout_lib.DataCont
       top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p,
       stop_token_ids=(setup.tokenizer.eos_id,),
       banned_token_ids=setup.banned_token_ids)
-  return rollout_lib.DataContext(setup.tokenizer, setup.encode_prompts, streams, sampling_cfg)
+  return rollout_lib.DataContext(setup.tokenizer, setup.encode_prompts, streams, sampling_cfg,
+                                 setup.rewards)
 
 
 def branch_names(stage: stages_lib.Stage) -> list[str]:
@@ -148,17 +149,18 @@ def completions_to_log(cfg) -> int:
   return int(cfg.log.completions)
 
 
-def eval_completion_records(names, eval_sets, responses: dict, count: int) -> list[dict]:
+def eval_completion_records(names, eval_sets, responses: dict, count: int,
+                            rewards) -> list[dict]:
   """The first `count` held-out examples of every capability with each branch's greedy
-  response and its reward. responses: {cap: responses[branch][example]}."""
-  from copd_jax.data import reward_fns
+  response and its reward (rewards: the run's reward_fns.Rewards).
+  responses: {cap: responses[branch][example]}."""
   records = []
   for cap, examples in eval_sets.items():
     for i, ex in enumerate(examples[:count]):
       for branch, answers in zip(names, responses[cap]):
         records.append({"branch": branch, "capability": cap, "prompt": ex.question,
                         "answer": str(ex.answer), "response": answers[i],
-                        "reward": float(reward_fns.rewards_for([answers[i]], [ex])[0])})
+                        "reward": float(rewards.rewards_for([answers[i]], [ex])[0])})
   return records
 
 
@@ -206,7 +208,7 @@ def _evaluate_branches(ctx, stage, params, eval_sets, merge, kwargs, responses) 
   count = completions_to_log(ctx.cfg)
   if count:
     ctx.writer.write_completions(ctx.global_step, "eval", eval_completion_records(
-        branch_names(stage), eval_sets, responses, count))
+        branch_names(stage), eval_sets, responses, count, ctx.setup.rewards))
   out = _log_branch_arrays(branch_names(stage), acc)
   if merge:
     merged = merged_params(ctx.cfg, stage, params)

@@ -21,7 +21,6 @@ import jax
 import numpy as np
 
 from copd_jax import checkpoint, policy_setup, sharding as sharding_lib, train_checkpoint
-from copd_jax.data import reward_fns
 from copd_jax.models import stacked as stacked_lib
 from copd_jax.policy_setup import RunSetup
 from copd_jax.rl import evaluation, stages as stages_lib
@@ -83,7 +82,6 @@ def run_rl_method(cfg: RunSpec, setup: RunSetup, base_params, writer) -> dict:
   draws from the same prompt streams and sampling keys (seed offset 1), and every
   distillation stage uses offset 2, so with beta = 0 CoPD *is* the experts run."""
   caps = list(cfg.rl.capabilities)
-  reward_fns.configure(cfg.reward)  # one function or a weighted list
   eval_sets = {c: s for c, s in policy_setup.held_out_sets(cfg, setup).items() if c in caps}
   checkpoints = train_checkpoint.RunCheckpoints(
       cfg.workdir, cfg.checkpoint, method=cfg.method, num_experts=cfg.num_experts,
@@ -173,7 +171,7 @@ def _final_report(ctx: RunContext, stage: stages_lib.Stage, final, train_seconds
                    for i, n in enumerate(names)}
     if completions_to_log(cfg):
       writer.write_completions(ctx.global_step, "final", eval_completion_records(
-          names, eval_sets, responses, completions_to_log(cfg)))
+          names, eval_sets, responses, completions_to_log(cfg), setup.rewards))
     # steps: every step run; optimizer_steps: those in which every branch's update was
     # applied; updates: per stage and branch, the updates applied and skipped (non-finite).
     skipped_steps = sum(c.steps_with_skips for _, c in ctx.update_counts.values())

@@ -126,7 +126,7 @@ class FakeRecordSource:
   """Stands in for datasets.RecordSource (same constructor) with made-up records."""
 
   def __init__(self, paths, *, capability, image_size=None, num_frames=None, reader="builtin",
-               columns=None):
+               columns=None, reward_config=None):
     self.paths, self.capability = list(paths), capability
     self.image_size, self.num_frames = image_size, num_frames
     if capability in tasks.CAPABILITIES:

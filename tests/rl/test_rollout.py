@@ -13,7 +13,6 @@ import pytest
 import reward_plugins
 from copd_jax.config_lib import spec_of
 from copd_jax import config_lib, default_config, policy_setup
-from copd_jax.data import math_verifier, reward_fns
 from copd_jax.models import stacked
 from copd_jax.rl import loop, rollout, rows as rows_lib, stages, step as step_lib
 from tiny_model import one_device_run
@@ -32,11 +31,7 @@ def run():
   config_lib.validate_config(cfg)
   setup = policy_setup.build_setup(spec_of(cfg))
   params = stacked.init_stacked(setup.model_cfg, jax.random.split(jax.random.key(3), 3))
-  before = (math_verifier.active_config(), reward_fns.active())
-  reward_fns.configure(cfg.reward)
   yield cfg, setup, params
-  math_verifier.configure(before[0])
-  reward_fns._active = before[1]
 
 
 def host_half(cfg, setup, params, weight: float, step: int = 0) -> rollout.Rollouts:
