@@ -183,9 +183,14 @@ def resolve(cfg: ml_collections.ConfigDict, spec: str, overridden) -> ml_collect
     preset_dir = str(preset.workdir).rstrip("/")
     parent = os.path.dirname(preset_dir) or "runs"
     cfg.workdir = os.path.join(parent, run_dir.run_name(
-        cfg, changed_overrides(cfg, preset, overridden),
+        as_json(cfg), changed_overrides(cfg, preset, overridden),
         prefix=os.path.basename(preset_dir) or cfg.method))
   return cfg
+
+
+def as_json(cfg: ml_collections.ConfigDict) -> dict:
+  """The config's fields as plain JSON values (tuples become lists), as config.json has them."""
+  return json.loads(cfg.to_json_best_effort())
 
 
 def config_from_flag(flag_name: str = "config") -> ml_collections.ConfigDict:
@@ -219,7 +224,7 @@ def help_text(argv, doc: str, modules) -> str:
     from ml_collections import config_flags
     spec = config_flags.get_config_filename(flags.FLAGS["config"])
     lines += [f"Config fields of --config={spec} (override with --config.<field>=value):"]
-    flat = run_dir.flatten(run_dir.config_as_json(cfg))
+    flat = run_dir.flatten(as_json(cfg))
     shown = config_help.applicable_fields(flat, cfg)
     lines += config_help.describe_fields(shown)
     if len(shown) < len(flat):

@@ -5,6 +5,8 @@ on the command line fails in a second rather than deep inside a jitted function.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import numbers
 import os
@@ -13,35 +15,23 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from copd_jax import default_config
+from copd_jax import default_config, run_spec
 from copd_jax.data import examples, toy_tasks
 from copd_jax.models.model_config import ATTENTION_KERNELS
-from copd_jax.rl import schedules
 
 KNOWN_METHODS = default_config.METHODS
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
-def _fail(field: str, message: str, value: Any) -> None:
-  raise ValueError(f"config.{field} {message}, got {value!r}")
+_fail = run_spec.fail
 
 
 def _positive_int(cfg: Mapping[str, Any], field: str, prefix: str, allow_zero=False) -> int:
-  value = cfg[field]
-  ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-  if not ok or value < 0 or (value == 0 and not allow_zero):
-    _fail(f"{prefix}{field}", "must be a " + ("non-negative" if allow_zero else "positive")
-          + " integer", value)
-  return int(value)
+  return run_spec.check_int(f"{prefix}{field}", cfg[field], allow_zero)
 
 
 def _positive_float(cfg, field: str, prefix: str, allow_zero=False) -> float:
-  value = cfg[field]
-  if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-    _fail(f"{prefix}{field}", "must be a finite number", value)
-  if value < 0 or (value == 0 and not allow_zero):
-    _fail(f"{prefix}{field}", "must be " + ("non-negative" if allow_zero else "positive"), value)
-  return float(value)
+  return run_spec.check_float(f"{prefix}{field}", cfg[field], allow_zero)
 
 
 def _check_capability_dict(d, field: str, capabilities) -> None:
@@ -124,33 +114,17 @@ def _nonfinite_fields(node, prefix: str):
     yield prefix, node
 
 
-def validate_reward(cfg: ml_collections.ConfigDict) -> None:
-  """config.reward (copd_jax/data/verifiers.py): limits, pool size and an optional plug-in,
-  which must import and be callable."""
-  if "reward" not in cfg:
-    return
-  r = cfg.reward
-  _positive_float(r, "timeout_s", "reward.")
-  _positive_float(r, "step_budget_s", "reward.")
-  workers = _positive_int(r, "workers", "reward.")
+def validate_reward(r: run_spec.RewardSpec) -> None:
+  """config.reward (copd_jax/data/verifiers.py) beyond RewardSpec's own checks: the pool
+  size this machine allows, and plug-ins, which must import and be callable."""
   from copd_jax.data import verifier_pool
-  if workers > verifier_pool.cpu_cap():
+  if r.workers > verifier_pool.cpu_cap():
     _fail("reward.workers", f"must be at most {verifier_pool.cpu_cap()} (the CPUs this "
-          "process may use: each worker is a process)", workers)
-  if "worker_memory_mb" in r:
-    from copd_jax.data import math_verifier
-    if _positive_int(r, "worker_memory_mb", "reward.") < math_verifier.MIN_WORKER_MEMORY_MB:
-      _fail("reward.worker_memory_mb", f"must be at least {math_verifier.MIN_WORKER_MEMORY_MB} "
-            "(MiB: a worker imports sympy and math-verify)", r.worker_memory_mb)
-  if "max_error_fraction" in r and _positive_float(r, "max_error_fraction", "reward.",
-                                                   allow_zero=True) > 1:
-    _fail("reward.max_error_fraction", "must be a fraction in [0, 1]", r.max_error_fraction)
-  if not isinstance(r.fn, str):
-    _fail("reward.fn", "must be '' or 'module:function'", r.fn)
+          "process may use: each worker is a process)", r.workers)
   if r.fn:
     from copd_jax.data import math_verifier
     _wrap("reward.fn", lambda: math_verifier.load_plugin(r.fn))
-  if r.get("fns"):
+  if r.fns:
     from copd_jax.data import math_verifier, reward_fns
     _, fns = _wrap("reward", lambda: reward_fns.from_config(r))
     for fn in fns:
@@ -175,8 +149,10 @@ def validate_chat(cfg: ml_collections.ConfigDict) -> None:
           "toy tokenizer renders no chat", system or dict(kwargs))
 
 
-def validate_config(cfg: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first invalid field of a run config."""
+def validate_config(cfg: ml_collections.ConfigDict) -> run_spec.RunSpec:
+  """Raises ValueError naming the first invalid field of a run config; returns its RunSpec
+  (whose sections check their own fields in __post_init__; the checks across sections,
+  and against files and this machine, are here)."""
   for field, value in _nonfinite_fields(cfg, ""):  # inf / NaN are never a setting
     _fail(field, "must be a finite number", value)
   if not isinstance(cfg.workdir, str) or not cfg.workdir.strip():
@@ -192,6 +168,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   validate_model(cfg.model)
   validate_lora(cfg.model, check_dims=not cfg.init.get("hf_checkpoint", ""))
   validate_mesh(cfg)
+  spec = spec_of(cfg)  # each section's own checks (run_spec)
 
   caps = tuple(cfg.tasks.capabilities)
   if not caps:
@@ -210,24 +187,10 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         _fail("tasks.difficulty", f"needs an entry for {cap!r}", dict(cfg.tasks.difficulty))
       _positive_int(cfg.tasks.difficulty, cap, "tasks.difficulty.", allow_zero=True)
 
-  _positive_int(cfg.data, "max_prompt_len", "data.")
-  _positive_int(cfg.data, "max_response_len", "data.")
-  if "conflict" in cfg.data:  # the divergence dial (toy_tasks): a fraction
-    conflict = _positive_float(cfg.data, "conflict", "data.", allow_zero=True)
-    if conflict > 1:
-      _fail("data.conflict", "must be a fraction in [0, 1]", conflict)
   if not records:  # record prompts are measured against the lengths at setup
     _check_lengths_fit_tasks(cfg, caps)
 
   ws = cfg.warm_start
-  _positive_int(ws, "steps", "warm_start.", allow_zero=True)
-  _positive_int(ws, "seed", "warm_start.", allow_zero=True)
-  _positive_int(ws, "batch_size", "warm_start.")
-  _positive_int(ws, "warmup_steps", "warm_start.", allow_zero=True)
-  _positive_int(ws, "log_every", "warm_start.")
-  _positive_float(ws, "learning_rate", "warm_start.")
-  _positive_float(ws, "weight_decay", "warm_start.", allow_zero=True)
-  _positive_float(ws, "grad_clip_norm", "warm_start.")
   if not cfg.init.hf_checkpoint:  # the SFT mix is unused when a checkpoint is the base
     _check_capability_dict(ws.mix, "warm_start.mix", caps)
     for cap, w in ws.mix.items():
@@ -240,85 +203,48 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
       if rate > 1:
         _fail(f"warm_start.flaw_rate.{cap}", "must be a fraction in [0, 1]", rate)
 
-  validate_reward(cfg)
+  validate_reward(spec.reward)
   validate_chat(cfg)
-  _positive_int(cfg.eval, "num_examples", "eval.")
-  _positive_int(cfg.eval, "batch_size", "eval.")
-  validate_pass_at_k(cfg)
-  validate_log(cfg)
-  validate_checkpoint(cfg)
+  validate_log(spec.log)
 
-  s = cfg.sampling
-  _positive_float(s, "temperature", "sampling.")
-  _positive_int(s, "top_k", "sampling.", allow_zero=True)
-  top_p = _positive_float(s, "top_p", "sampling.")
-  if top_p > 1:
-    _fail("sampling.top_p", "must be in (0, 1]", top_p)
-  _positive_int(s, "max_new_tokens", "sampling.")
+  s = spec.sampling
   if s.max_new_tokens > cfg.data.max_response_len:
     _fail("sampling.max_new_tokens", f"must not exceed data.max_response_len="
           f"{cfg.data.max_response_len}", s.max_new_tokens)
   if cfg.method != "base":
-    if "rl" not in cfg:
+    if spec.rl is None:
       _fail("rl", f"section is required for method {cfg.method!r}", None)
-    validate_rl(cfg)
+    validate_rl(spec)
   # Last: the sizes, once every field is known valid; an error names the field.
   from copd_jax import memory_budget
   memory_budget.check(cfg)
+  return spec
 
 
-def validate_pass_at_k(cfg: ml_collections.ConfigDict) -> None:
-  """config.eval.pass_samples (n, 0 = off), pass_k (each 1 <= k <= n), pass_temperature."""
-  e = cfg.eval
-  n = _positive_int(e, "pass_samples", "eval.", allow_zero=True)
-  ks = e.pass_k
-  if not isinstance(ks, (tuple, list)) or not ks:
-    _fail("eval.pass_k", "must be a non-empty tuple of positive integers", ks)
-  for k in ks:
-    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
-      _fail("eval.pass_k", "must hold positive integers", ks)
-    if n and k > n:
-      _fail("eval.pass_k", f"must not exceed eval.pass_samples={n} (pass@k needs n >= k "
-            "samples)", ks)
-  _positive_float(e, "pass_temperature", "eval.")
-  if "pass_threshold" in e:  # a sample passes when its reward is >= this
-    _positive_float(e, "pass_threshold", "eval.")
+def spec_of(cfg: ml_collections.ConfigDict) -> run_spec.RunSpec:
+  """The RunSpec of cfg, unchecked (build checks first). Errors name the field."""
+  from copd_jax.models import lora
+  fields = cfg.to_dict()
+  lora_fields = fields.get("model", {}).pop("lora", None)
+  return dataclasses.replace(run_spec.from_dict(run_spec.RunSpec, fields),
+                             lora=lora.spec_from_dict(lora_fields),
+                             config_json=json.loads(cfg.to_json_best_effort()))
 
 
-def validate_log(cfg: ml_collections.ConfigDict) -> None:
-  """config.log: completions, completions_every, wandb, wandb_project, wandb_mode."""
-  if "log" not in cfg:
-    return
-  log = cfg.log
-  _positive_int(log, "completions", "log.", allow_zero=True)
-  _positive_int(log, "completions_every", "log.", allow_zero=True)
-  if not isinstance(log.wandb, bool):
-    _fail("log.wandb", "must be True or False", log.wandb)
+def build(cfg: ml_collections.ConfigDict) -> run_spec.RunSpec:
+  """Checks cfg (validate_config: every error names the field) and translates it into the
+  RunSpec that everything below `main` takes. The one place a ConfigDict is read."""
+  return validate_config(cfg)
+
+
+def validate_log(log: run_spec.LogSpec) -> None:
+  """config.log beyond LogSpec's own checks: the wandb package, when wandb is on."""
   if log.wandb and log.wandb_mode != "disabled":
     import importlib.util
     # Checked here, or --dry_run passes and the run fails at its first log line.
     if "wandb" not in sys.modules and importlib.util.find_spec("wandb") is None:
       _fail("log.wandb", "needs the wandb package, which is not installed (pip install -e "
             "'.[wandb]', or leave log.wandb=False)", log.wandb)
-  if log.wandb_mode not in ("offline", "online", "disabled"):
-    _fail("log.wandb_mode", "must be one of ('offline', 'online', 'disabled')", log.wandb_mode)
-  if not isinstance(log.wandb_project, str) or not log.wandb_project:
-    _fail("log.wandb_project", "must be a non-empty string", log.wandb_project)
-
-
-def validate_checkpoint(cfg: ml_collections.ConfigDict) -> None:
-  """config.checkpoint: training-state checkpoints (copd_jax/train_checkpoint.py)."""
-  if "checkpoint" not in cfg:
-    _fail("checkpoint", "section is required", None)
-  c = cfg.checkpoint
-  _positive_int(c, "every_steps", "checkpoint.", allow_zero=True)
-  _positive_int(c, "max_to_keep", "checkpoint.")
-  for flag in ("async_save", "resume", "save_on_sigterm", "resume_changed_config",
-               "fallback_on_corrupt", "allow_unverified"):
-    if flag in c and not isinstance(c[flag], bool):
-      _fail(f"checkpoint.{flag}", "must be True or False", c[flag])
-  if "sigterm_grace_s" in c:
-    _positive_float(c, "sigterm_grace_s", "checkpoint.")
 
 
 def _check_dir_with(field: str, directory, required_file: str) -> None:
@@ -411,11 +337,6 @@ def validate_records_and_init(cfg: ml_collections.ConfigDict) -> bool:
     field = "init.hf_tokenizer" if cfg.init.get("hf_tokenizer", "") else "init.hf_checkpoint"
     _check_dir_with(field, tokenizer_dir, "tokenizer.json")
     check_no_fixture_defaults(cfg)
-  _positive_int(cfg.data, "shuffle_seed", "data.", allow_zero=True)
-  if "vision_budget" in cfg.data:
-    _positive_int(cfg.data, "vision_budget", "data.", allow_zero=True)
-  if cfg.data.get("reader", "builtin") not in ("builtin", "datasets"):
-    _fail("data.reader", "must be 'builtin' or 'datasets'", cfg.data.reader)
   columns = cfg.data.get("columns", {})
   from copd_jax.data import records as datasets
   for name, column in columns.items():
@@ -534,9 +455,9 @@ def check_rl_sampling(sampling) -> None:
           "loss and teachers score the untruncated distribution)", sampling.top_p)
 
 
-def validate_rl(cfg: ml_collections.ConfigDict) -> None:
-  """Checks config.rl for the RL methods (experts, mixed_rlvr, static_opd, mopd, copd)."""
-  from copd_jax import kernels  # jax-importing; only needed for RL methods
+def validate_rl(cfg: run_spec.RunSpec) -> None:
+  """Checks config.rl for the RL methods (experts, mixed_rlvr, static_opd, mopd, copd)
+  across sections (RLSpec and OPDSpec check their own fields)."""
   from copd_jax import losses
   rl = cfg.rl
   check_rl_sampling(cfg.sampling)
@@ -552,48 +473,16 @@ def validate_rl(cfg: ml_collections.ConfigDict) -> None:
           f"{cfg.method!r}: one expert branch per capability", cfg.num_experts)
   if cfg.method in ("copd", "static_opd") and len(caps) < 2:
     _fail("rl.capabilities", f"method {cfg.method!r} needs at least two capabilities", caps)
-  for f in ("steps", "native_prompts", "samples_per_prompt", "eval_every", "eval_examples",
-            "diagnostic_prompts", "diagnostics_every", "log_every"):
-    _positive_int(rl, f, "rl.")
-  _positive_int(rl, "cross_prompts", "rl.", allow_zero=True)
-  _positive_int(rl, "max_nonfinite_steps_in_row", "rl.")
-  if "max_nonfinite_steps_total" in rl:
-    _positive_int(rl, "max_nonfinite_steps_total", "rl.")
-  if rl.samples_per_prompt < 2:  # one sample per group: its GRPO advantage is always 0
-    _fail("rl.samples_per_prompt", "must be at least 2 (a group of one sample has no "
-          "reward variance, so its advantage is always 0)", rl.samples_per_prompt)
-  _positive_int(rl, "micro_batch_rows", "rl.", allow_zero=True)
-  if rl.micro_batch_rows % rl.samples_per_prompt:  # a micro-batch holds whole prompts
-    _fail("rl.micro_batch_rows", f"must be a multiple of rl.samples_per_prompt "
-          f"({rl.samples_per_prompt}): a micro-batch holds a prompt's samples together",
-          rl.micro_batch_rows)
-  _positive_int(rl, "distill_steps", "rl.", allow_zero=True)
-  _positive_float(rl, "learning_rate", "rl.")
-  if rl.get("lr_schedule", "constant") not in ("constant", "cosine"):
-    _fail("rl.lr_schedule", "must be 'constant' or 'cosine'", rl.lr_schedule)
-  end_fraction = rl.get("lr_end_fraction", 0.0)
-  if not isinstance(end_fraction, (int, float)) or not 0.0 <= end_fraction <= 1.0:
-    _fail("rl.lr_end_fraction", "must be a number in [0, 1]", end_fraction)
-  _positive_float(rl, "grad_clip_norm", "rl.")
-  _positive_float(rl, "weight_decay", "rl.", allow_zero=True)
   if cfg.method == "copd" and rl.cross_prompts == 0 and rl.opd.topology != "none":
     _fail("rl.cross_prompts", "must be positive for CoPD with a teacher topology", 0)
-  _wrap("rl.loss", lambda: losses.PolicyLossConfig(**rl.loss.to_dict()))
-  _wrap("rl.kernel", lambda: kernels.KernelConfig(**rl.kernel.to_dict()))
   opd = rl.opd
-  if opd.topology not in ("hub", "full", "none"):
-    _fail("rl.opd.topology", "must be one of ('hub', 'full', 'none')", opd.topology)
   if opd.topology == "hub" and opd.hub not in caps:
     _fail("rl.opd.hub", f"must be one of rl.capabilities {caps}", opd.hub)
-  _positive_float(opd, "beta", "rl.opd.", allow_zero=True)
   _check_capability_dict(opd.branch_beta, "rl.opd.branch_beta", caps)
-  for cap in opd.branch_beta:
-    _positive_float(opd.branch_beta, cap, "rl.opd.branch_beta.", allow_zero=True)
-  _wrap("rl.opd.schedule", lambda: schedules.OPDSchedule(**opd.schedule.to_dict()))
   _wrap("rl.opd", lambda: losses.check_opd_estimator(  # vocab None: a checkpoint's, unknown
-      opd.get("estimator", "sampled_token"), opd.get("top_k", 16), rl.kernel.backend,
-      None if cfg.init.get("hf_checkpoint") else cfg.model.get("vocab_size"),
-      one_device=cfg.get("pod") is None and all(int(v) == 1 for v in dict(cfg.mesh).values())))
+      opd.estimator, opd.top_k, rl.kernel.backend,
+      None if cfg.init.hf_checkpoint else cfg.model.vocab_size,
+      one_device=cfg.pod is None and all(int(v) == 1 for v in cfg.mesh.sizes().values())))
   _check_capability_dict(rl.merge_weights, "rl.merge_weights", caps)
   if rl.merge_weights and set(rl.merge_weights) != set(caps):
     _fail("rl.merge_weights", f"must give a weight to every branch {caps} (or be empty "

@@ -22,24 +22,24 @@ decoder exports (a Qwen3ForCausalLM holds no vision tower; see hf_checkpoint.exp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags
 
-from copd_jax import checkpoint, cli, policy_setup
-from copd_jax.models import hf_checkpoint, lora, qwen3_vl_export, stacked as stacked_lib
+from copd_jax import checkpoint, cli, policy_setup, run_spec
+from copd_jax.models import hf_checkpoint, qwen3_vl_export, stacked as stacked_lib
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 
 MERGED = "merged"
 
 
 def load_run_policy(workdir: str, branch: str = MERGED):
-  """(run config, model config, single-policy params) of a finished run.
+  """(run settings (a RunSpec), model config, single-policy params) of a finished run.
 
   branch: 'merged' (the weighted branch average; the only policy of a one-branch run) or a
   branch name stored in final_params/metadata.json. Errors name the missing file/branch."""
@@ -47,7 +47,8 @@ def load_run_policy(workdir: str, branch: str = MERGED):
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"{config_path} not found: is {workdir} a copd_jax.main workdir?")
   with open(config_path) as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
+    stored = json.load(f)
+  cfg = dataclasses.replace(run_spec.from_dict(run_spec.RunSpec, stored), config_json=stored)
   directory = os.path.join(workdir, "final_params")
   metadata = checkpoint.read_metadata(directory)
   names = list(metadata.get("branches", []))
@@ -59,14 +60,13 @@ def load_run_policy(workdir: str, branch: str = MERGED):
   abstract = jax.eval_shape(
       lambda k: stacked_lib.initial_branches(
           policy_setup.init_policy_params(setup.model_cfg, k), len(names),
-          lora.spec_from_config(cfg), k),
+          cfg.lora, k),
       jax.random.key(0))
   stacked = checkpoint.load_policy(  # the run's own setting for unverified checkpoints
-      directory, abstract, allow_unverified=bool(cfg.get("checkpoint", {}).get(
-          "allow_unverified", False)))
+      directory, abstract, allow_unverified=bool(cfg.checkpoint.allow_unverified))
   if branch == MERGED:
     weights = None
-    if cfg.rl.get("merge_weights"):
+    if cfg.rl is not None and cfg.rl.merge_weights:
       weights = [cfg.rl.merge_weights.get(name, 0.0) for name in names]
     params = stacked_lib.merge(stacked, weights)
   else:
@@ -98,7 +98,7 @@ def export_run(workdir: str, out_dir: str, *, branch: str = MERGED, dtype: str =
                                       source_dir=cfg.init.hf_checkpoint, dtype=dtype)
     else:
       tokenizer_dir = None
-      if cfg.get("init") and cfg.init.get("hf_checkpoint"):
+      if cfg.init.hf_checkpoint:
         tokenizer_dir = policy_setup.hf_tokenizer_dir(cfg)
       hf_checkpoint.export_qwen3(staging, params, model_cfg, tokenizer_dir=tokenizer_dir,
                                  dtype=dtype, language_model_only=language_model_only)

@@ -35,26 +35,25 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Validate the config, print it re
 SUMMARY_METRICS = ("eval/accuracy/overall", "eval/merged/accuracy/overall")
 
 
-def make_mirror(cfg):
+def make_mirror(spec):
   """A run_log.WandbMirror when config.log.wandb is on, else None."""
-  if "log" not in cfg or not cfg.log.wandb:
+  if not spec.log.wandb:
     return None
-  from copd_jax import run_dir
   from copd_jax.run_log import WandbMirror
-  return WandbMirror(cfg.workdir, project=cfg.log.wandb_project, mode=cfg.log.wandb_mode,
-                     name=os.path.basename(os.path.abspath(cfg.workdir)),
-                     config_json=run_dir.config_as_json(cfg))
+  return WandbMirror(spec.workdir, project=spec.log.wandb_project, mode=spec.log.wandb_mode,
+                     name=os.path.basename(os.path.abspath(spec.workdir)),
+                     config_json=spec.config_json)
 
 
-def log_base_completions(cfg, eval_sets, responses: dict, writer) -> None:
+def log_base_completions(spec, eval_sets, responses: dict, writer, rewards) -> None:
   """The base's greedy responses to the first config.log.completions held-out examples
   of every capability (copd_jax.rl.loop.eval_completion_records)."""
-  count = int(cfg.log.completions) if "log" in cfg else 0
+  count = int(spec.log.completions)
   if not count:
     return
   from copd_jax.rl import loop
-  writer.write_completions(cfg.warm_start.steps, "eval", loop.eval_completion_records(
-      ["base"], eval_sets, responses, count))
+  writer.write_completions(spec.warm_start.steps, "eval", loop.eval_completion_records(
+      ["base"], eval_sets, responses, count, rewards))
 
 
 def training_reward_ends(metrics_path: str) -> dict:
@@ -81,11 +80,11 @@ def training_reward_ends(metrics_path: str) -> dict:
   return {"reward_first_step": mean(first), "reward_last_step": mean(last)}
 
 
-def keep_finished_train_seconds(cfg, summary: dict) -> dict:
+def keep_finished_train_seconds(spec, summary: dict) -> dict:
   """A rerun of a finished run restores every stage and trains nothing: its summary keeps
   the train_seconds the run took, not the seconds this rerun spent loading it."""
-  path = os.path.join(cfg.workdir, "summary.json")
-  if "train_seconds" not in summary or not cfg.checkpoint.get("resume", True) or \
+  path = os.path.join(spec.workdir, "summary.json")
+  if "train_seconds" not in summary or not spec.checkpoint.resume or \
       not os.path.isfile(path):
     return summary
   try:
@@ -106,12 +105,13 @@ def run(cfg) -> dict | None:
   it (config.checkpoint). On SIGTERM the run saves at the next step boundary, prints
   `preempted: ...`, writes no summary.json and returns None (the process exits 0);
   the same command resumes it."""
-  # Validate before importing jax-heavy modules or compiling anything.
+  # Validate and translate before importing jax-heavy modules or compiling anything:
+  # nothing below here reads the ConfigDict, only the RunSpec.
   from copd_jax import config_lib, run_dir
-  config_lib.validate_config(cfg)
+  spec = config_lib.build(cfg)
   # A run directory belongs to one method and training config: checked before anything
   # in it is written, rewound or overwritten.
-  run_dir.check_workdir(cfg)
+  run_dir.check_workdir(spec)
 
   import jax
 
@@ -119,65 +119,63 @@ def run(cfg) -> dict | None:
   # holder's pid, before any backend starts. In a multi-process run process 0 holds it
   # for all (asking which process this is starts the backend, so only then).
   primary = not jax.distributed.is_initialized() or jax.process_index() == 0
-  with run_dir.DirectoryLock(cfg.workdir) if primary else contextlib.nullcontext():
+  with run_dir.DirectoryLock(spec.workdir) if primary else contextlib.nullcontext():
     # Checked again under the lock: another run may have written it meanwhile.
-    return _run_locked(cfg, run_dir.check_workdir(cfg))
+    return _run_locked(spec, run_dir.check_workdir(spec))
 
 
-def _run_locked(cfg, stored: dict | None) -> dict | None:
+def _run_locked(spec, stored: dict | None) -> dict | None:
   """main.run once the workdir is checked (stored: its config.json) and locked."""
   import jax
 
   from copd_jax import policy_setup, run_dir, warm_start
-  from copd_jax.data import reward_fns
   from copd_jax.rl import evaluation
-  reward_fns.configure(cfg.reward)  # config.reward: one function or a weighted list
   from copd_jax.run_log import MetricsWriter
 
   # In a multi-process run every process computes the same metrics; process 0 writes the
   # run's logs and summary, the others keep theirs under process_<i>/ (for debugging).
   primary = jax.process_index() == 0
-  log_dir = cfg.workdir if primary else os.path.join(cfg.workdir, f"process_{jax.process_index()}")
+  log_dir = spec.workdir if primary else os.path.join(spec.workdir, f"process_{jax.process_index()}")
   os.makedirs(log_dir, exist_ok=True)
   if primary:
-    run_dir.write_config(cfg, stored)
-  setup = policy_setup.build_setup(cfg)
-  eval_sets = policy_setup.held_out_sets(cfg, setup) if cfg.method == "base" else None
-  writer = MetricsWriter(log_dir, mirror=make_mirror(cfg) if primary else None)
+    run_dir.write_config(spec, stored)
+  setup = policy_setup.build_setup(spec)
+  eval_sets = policy_setup.held_out_sets(spec, setup) if spec.method == "base" else None
+  writer = MetricsWriter(log_dir, mirror=make_mirror(spec) if primary else None)
   if primary:
-    writer.write_config(run_dir.config_as_json(cfg), metric_tags=SUMMARY_METRICS)
+    writer.write_config(spec.config_json, metric_tags=SUMMARY_METRICS)
   try:
     start = time.perf_counter()
-    params, loaded = warm_start.get_base_policy(cfg, setup, writer)
+    params, loaded = warm_start.get_base_policy(spec, setup, writer)
     warm_seconds = time.perf_counter() - start
-    source = cfg.init.hf_checkpoint or warm_start.base_policy_dir(cfg)
+    source = spec.init.hf_checkpoint or warm_start.base_policy_dir(spec)
     print(("loaded" if loaded else "trained") + f" base policy in {warm_seconds:.1f}s "
           f"({source})", flush=True)
-    summary = {"method": cfg.method, "seed": cfg.seed, "base_policy_loaded": loaded,
+    summary = {"method": spec.method, "seed": spec.seed, "base_policy_loaded": loaded,
                "warm_start_seconds": round(warm_seconds, 2),
-               "eval_examples_per_capability": cfg.eval.num_examples}
-    if cfg.method == "base":
+               "eval_examples_per_capability": spec.eval.num_examples}
+    if spec.method == "base":
       from copd_jax.rl import methods
       from copd_jax.run_log import Phase
       responses, rewards = {}, {}
-      run = methods.run_sharding(cfg, setup.model_cfg)  # the RL runs' sampler and mesh
+      run = methods.run_sharding(spec, setup.model_cfg)  # the RL runs' sampler and mesh
       with Phase("evaluation", total=len(eval_sets)) as phase:
         metrics = evaluation.evaluate(params, setup, eval_sets, run=run,
-                                      max_new_tokens=cfg.sampling.max_new_tokens,
-                                      batch_size=cfg.eval.batch_size, responses_out=responses,
+                                      max_new_tokens=spec.sampling.max_new_tokens,
+                                      batch_size=spec.eval.batch_size, responses_out=responses,
                                       rewards_out=rewards, progress=phase.advance,
-                                      **evaluation.pass_at_k_kwargs(cfg))
+                                      **evaluation.pass_at_k_kwargs(spec))
       if primary:  # per-item rewards, for paired comparisons with the RL methods
-        evaluation.save_eval_rewards(os.path.join(cfg.workdir, "eval_rewards.npz"),
+        evaluation.save_eval_rewards(os.path.join(spec.workdir, "eval_rewards.npz"),
                                      {"base": {c: r[0] for c, r in rewards.items()}})
-      writer.write(cfg.warm_start.steps, {f"eval/{k}": v for k, v in metrics.items()})
-      log_base_completions(cfg, eval_sets, responses, writer)
+      writer.write(spec.warm_start.steps, {f"eval/{k}": v for k, v in metrics.items()})
+      log_base_completions(spec, eval_sets, responses, writer, setup.rewards)
       summary.update(metrics)
     else:
       from copd_jax import train_checkpoint
       from copd_jax.rl import methods
       try:
-        summary.update(methods.run_rl_method(cfg, setup, params, writer))
+        summary.update(methods.run_rl_method(spec, setup, params, writer))
       except train_checkpoint.Preempted as stop:
         # Preemption is not a failure: the state is saved; rerunning resumes it.
         print(f"preempted: {stop}", flush=True)
@@ -185,9 +183,9 @@ def _run_locked(cfg, stored: dict | None) -> dict | None:
   finally:
     writer.close()
   if primary:
-    summary.update(training_reward_ends(os.path.join(cfg.workdir, "metrics.jsonl")))
-    summary = keep_finished_train_seconds(cfg, summary)
-    with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
+    summary.update(training_reward_ends(os.path.join(spec.workdir, "metrics.jsonl")))
+    summary = keep_finished_train_seconds(spec, summary)
+    with open(os.path.join(spec.workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
   print("summary: " + json.dumps(summary), flush=True)
   return summary
@@ -197,12 +195,12 @@ def dry_run(cfg) -> str:
   """Validates cfg (fields, run directory ownership, model/tokenizer/record setup: nothing
   compiles) and returns the resolved config as JSON."""
   from copd_jax import config_lib, memory_budget, policy_setup, run_dir
-  config_lib.validate_config(cfg)  # sizes included (memory_budget.check)
-  stored = run_dir.check_workdir(cfg)
-  policy_setup.build_setup(cfg)
+  spec = config_lib.build(cfg)  # sizes included (memory_budget.check)
+  stored = run_dir.check_workdir(spec)
+  policy_setup.build_setup(spec)
   state = "new run directory" if stored is None else "resumes the run in this directory"
-  return (cfg.to_json_best_effort(indent=2) + f"\n# workdir {cfg.workdir}: {state}; "
-          f"training config hash {run_dir.config_hash(cfg)}\n# "
+  return (cfg.to_json_best_effort(indent=2) + f"\n# workdir {spec.workdir}: {state}; "
+          f"training config hash {run_dir.config_hash(spec)}\n# "
           + memory_budget.describe(cfg))
 
 

@@ -25,13 +25,13 @@ import dataclasses
 import functools
 from typing import Callable, Sequence
 
-import ml_collections
 import numpy as np
 
-from copd_jax.data import examples as examples_lib, records as datasets, toy_tasks
+from copd_jax.data import examples as examples_lib, records as datasets, reward_fns, toy_tasks
 from copd_jax.data.tokenizer import Tokenizer, ToyTokenizer
 from copd_jax.models import model_config
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
+from copd_jax.run_spec import RunSpec
 
 
 def never_generated_ids(tokenizer) -> tuple[int, ...]:
@@ -60,6 +60,8 @@ class RunSetup:
   # Token ids that stand for media in a prompt (Qwen3-VL's image / video pads): a
   # response must never contain them either.
   media_token_ids: tuple[int, ...] = ()
+  # How responses are scored (config.reward): passed to every scorer, never a global.
+  rewards: reward_fns.Rewards = reward_fns.Rewards()
 
   @property
   def banned_token_ids(self) -> tuple[int, ...]:
@@ -68,30 +70,29 @@ class RunSetup:
     return ids + tuple(t for t in self.media_token_ids if t not in ids)
 
 
-def uses_record_files(cfg: ml_collections.ConfigDict) -> bool:
+def uses_record_files(cfg: RunSpec) -> bool:
   from copd_jax.data import sources as sources_lib
   return bool(cfg.data.train_files) or sources_lib.has_sources(cfg.data)
 
 
-def hf_tokenizer_dir(cfg: ml_collections.ConfigDict) -> str:
-  return cfg.init.get("hf_tokenizer", "") or cfg.init.hf_checkpoint
+def hf_tokenizer_dir(cfg: RunSpec) -> str:
+  return cfg.init.hf_tokenizer or cfg.init.hf_checkpoint
 
 
 def with_execution_settings(model_cfg: model_config.ModelConfig,
-                            cfg: ml_collections.ConfigDict) -> model_config.ModelConfig:
+                            cfg: RunSpec) -> model_config.ModelConfig:
   """A checkpoint's decoder config with config.model's execution settings (remat, the
   attention block and kernel): how to compute, which the checkpoint does not say."""
-  return dataclasses.replace(model_cfg, remat=bool(cfg.model.get("remat", False)),
-                             attention_block=int(cfg.model.get("attention_block", 0)),
-                             attention_kernel=str(cfg.model.get("attention_kernel", "xla")),
-                             scan_layers=bool(cfg.model.get("scan_layers", False)))
+  return dataclasses.replace(model_cfg, remat=bool(cfg.model.remat),
+                             attention_block=int(cfg.model.attention_block),
+                             attention_kernel=str(cfg.model.attention_kernel),
+                             scan_layers=bool(cfg.model.scan_layers))
 
 
 def chat_options(cfg) -> dict:
   """HFTokenizer's system_prompt / chat_template_kwargs from config.data."""
-  kwargs = cfg.data.get("chat_template_kwargs", {})
-  return dict(system_prompt=str(cfg.data.get("system_prompt", "")),
-              chat_template_kwargs=kwargs.to_dict() if hasattr(kwargs, "to_dict") else dict(kwargs))
+  return dict(system_prompt=str(cfg.data.system_prompt),
+              chat_template_kwargs=dict(cfg.data.chat_template_kwargs))
 
 
 def _hf_model_and_tokenizer(cfg) -> tuple[model_config.ModelConfig, Tokenizer]:
@@ -117,9 +118,7 @@ def _toy_model_and_tokenizer(cfg) -> tuple[model_config.ModelConfig, Tokenizer]:
   if cfg.model.image_token_id != tokenizer.image_id:
     raise ValueError(f"config.model.image_token_id must equal the tokenizer's <img> id "
                      f"({tokenizer.image_id}), got {cfg.model.image_token_id}")
-  model_cfg = model_config.ModelConfig.from_dict(cfg.model)
-  model_cfg.validate()
-  return model_cfg, tokenizer
+  return cfg.model, tokenizer  # a ModelConfig, validated when the RunSpec was built
 
 
 def vision_lengths(model_cfg: model_config.ModelConfig) -> dict:
@@ -164,7 +163,7 @@ def is_qwen3_vl_checkpoint(directory: str) -> bool:
   return bool(directory) and hf_config.read_hf_config(directory).get("model_type") == "qwen3_vl"
 
 
-def build_setup(cfg: ml_collections.ConfigDict) -> RunSetup:
+def build_setup(cfg: RunSpec) -> RunSetup:
   if is_qwen3_vl_checkpoint(cfg.init.hf_checkpoint):
     return _build_vl_setup(cfg)
   if cfg.init.hf_checkpoint:
@@ -173,7 +172,7 @@ def build_setup(cfg: ml_collections.ConfigDict) -> RunSetup:
     model_cfg, tokenizer = _toy_model_and_tokenizer(cfg)
   lengths = vision_lengths(model_cfg)
   example_kwargs = dict(image_size=lengths["image_size"], num_frames=lengths["num_frames"])
-  if not uses_record_files(cfg) and cfg.data.get("conflict", 0.0):
+  if not uses_record_files(cfg) and cfg.data.conflict:
     # The divergence dial (toy_tasks, CONFLICT_FAMILIES): RL streams and held-out sets.
     example_kwargs["conflict"] = float(cfg.data.conflict)
   setup = RunSetup(
@@ -187,6 +186,7 @@ def build_setup(cfg: ml_collections.ConfigDict) -> RunSetup:
           examples_lib.encode_sft_batch, tokenizer=tokenizer, max_prompt_len=cfg.data.max_prompt_len,
           max_response_len=cfg.data.max_response_len, **lengths),
       example_kwargs=example_kwargs,
+      rewards=reward_fns.rewards_of(cfg.reward),
   )
   if model_cfg.vision is None:
     pictured = [cap for cap in setup.capabilities if cap in ("image", "video")
@@ -219,7 +219,7 @@ class ChainedSource:
     raise IndexError(index)
 
 
-def record_source(cfg: ml_collections.ConfigDict, setup: RunSetup, field: str,
+def record_source(cfg: RunSpec, setup: RunSetup, field: str,
                   capability: str) -> datasets.RecordSource | ChainedSource:
   """The RecordSource of config.data.<field>[capability] (field: train_files / eval_files),
   or with config.data.sources that capability's sources of the split, each with its own
@@ -232,20 +232,20 @@ def record_source(cfg: ml_collections.ConfigDict, setup: RunSetup, field: str,
       raise ValueError(f"config.data.sources has no {split!r} source for capability "
                        f"{capability!r}")
     return ChainedSource(datasets.RecordSource(
-        s.paths, capability=capability, reader=cfg.data.get("reader", "builtin"),
-        columns=s.columns, **setup.example_kwargs) for s in specs)
-  files = cfg.data[field]
+        s.paths, capability=capability, reader=cfg.data.reader, columns=s.columns,
+        reward_config=setup.rewards.config, **setup.example_kwargs) for s in specs)
+  files = getattr(cfg.data, field)
   if capability not in files:
     raise ValueError(f"config.data.{field} has no entry for capability {capability!r} "
                      f"(it names {sorted(files)})")
   return datasets.RecordSource(files[capability], capability=capability,
+                               reward_config=setup.rewards.config,
                                **record_options(cfg), **setup.example_kwargs)
 
 
-def record_options(cfg: ml_collections.ConfigDict) -> dict:
-  """RecordSource's reader / columns from config.data (absent in older configs)."""
-  return dict(reader=cfg.data.get("reader", "builtin"),
-              columns=dict(cfg.data.get("columns", {})))
+def record_options(cfg: RunSpec) -> dict:
+  """RecordSource's reader / columns from config.data."""
+  return dict(reader=cfg.data.reader, columns=dict(cfg.data.columns))
 
 
 def check_record_prompt_lengths(cfg, setup: RunSetup, field: str) -> None:
@@ -272,7 +272,7 @@ def _prompt_only_example(record: datasets.Record) -> examples_lib.Example:
                        record=record.where)
 
 
-def held_out_sets(cfg: ml_collections.ConfigDict, setup: RunSetup) -> dict[str, list]:
+def held_out_sets(cfg: RunSpec, setup: RunSetup) -> dict[str, list]:
   """The fixed evaluation examples of each capability (never in any train stream).
 
   With record files: the first config.eval.num_examples records of
@@ -289,7 +289,7 @@ def held_out_sets(cfg: ml_collections.ConfigDict, setup: RunSetup) -> dict[str, 
           for cap in setup.capabilities}
 
 
-def vl_model_config(cfg: ml_collections.ConfigDict) -> Qwen3VLConfig:
+def vl_model_config(cfg: RunSpec) -> Qwen3VLConfig:
   """The Qwen3VLConfig of config.init.hf_checkpoint, with the compute dtype and the
   execution settings (remat, attention) of config.model; errors name config.json."""
   from copd_jax.models import hf_config
@@ -309,7 +309,7 @@ def _no_sft_batches(examples):
                    "(config.warm_start.mix must be empty)")
 
 
-def _build_vl_setup(cfg: ml_collections.ConfigDict) -> RunSetup:
+def _build_vl_setup(cfg: RunSpec) -> RunSetup:
   from copd_jax.data import vl_prompts
   if not uses_record_files(cfg):
     raise ValueError(f"config.init.hf_checkpoint={cfg.init.hf_checkpoint!r} is a Qwen3-VL "
@@ -328,7 +328,8 @@ def _build_vl_setup(cfg: ml_collections.ConfigDict) -> RunSetup:
   partial_setup = RunSetup(model_cfg, processor.tokenizer, tuple(cfg.tasks.capabilities),
                            encode_prompts=None, encode_sft_batch=_no_sft_batches,
                            example_kwargs=example_kwargs,
-                           media_token_ids=(model_cfg.image_token_id, model_cfg.video_token_id))
+                           media_token_ids=(model_cfg.image_token_id, model_cfg.video_token_id),
+                           rewards=reward_fns.rewards_of(cfg.reward))
   budget = check_vl_records(cfg, partial_setup, processor)
   encode = functools.partial(vl_prompts.encode_prompt_batch, processor=processor,
                              model_cfg=model_cfg, max_prompt_len=cfg.data.max_prompt_len,
@@ -358,7 +359,7 @@ def check_vl_records(cfg, setup: RunSetup, processor) -> int:
   merger cannot split, a video without video_fps. Budget 0 = the most any record needs,
   rounded up to a multiple of merge_size^2."""
   unit = setup.model_cfg.vision.merge_unit
-  budget = int(cfg.data.get("vision_budget", 0))
+  budget = int(cfg.data.vision_budget)
   if budget % unit:
     raise ValueError(f"config.data.vision_budget={budget} must be a multiple of the patch "
                      f"merger's merge_size^2 = {unit}")

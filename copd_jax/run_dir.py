@@ -22,9 +22,8 @@ import os
 import re
 from typing import Any, Mapping
 
-import ml_collections
-
 from copd_jax.checkpoint import CheckpointMismatchError
+from copd_jax.run_spec import RunSpec
 
 CONFIG_FILE = "config.json"
 # What a run leaves in its directory (main.run, methods.run_rl_method).
@@ -65,20 +64,21 @@ def _is_operational(name: str) -> bool:
   return any(name == p or name.startswith(p + ".") for p in OPERATIONAL_FIELDS)
 
 
-def config_as_json(cfg: ml_collections.ConfigDict | Mapping) -> dict:
-  """The config as plain JSON values (tuples become lists), as config.json stores it."""
-  if isinstance(cfg, ml_collections.ConfigDict):
-    return json.loads(cfg.to_json_best_effort())
+def config_as_json(cfg: "RunSpec | Mapping") -> dict:
+  """The config as plain JSON values (tuples become lists), as config.json stores it: a
+  RunSpec's resolved config (RunSpec.config_json) or a mapping of the config's fields."""
+  if isinstance(cfg, RunSpec):
+    cfg = cfg.config_json
   return json.loads(json.dumps(cfg, default=str))
 
 
-def training_config(cfg: ml_collections.ConfigDict | Mapping) -> dict[str, Any]:
+def training_config(cfg: RunSpec | Mapping) -> dict[str, Any]:
   """{dotted field: JSON value} of the fields that decide what the run computes."""
   flat = flatten(config_as_json(cfg))
   return {k: flat[k] for k in sorted(flat) if not _is_operational(k)}
 
 
-def config_hash(cfg: ml_collections.ConfigDict | Mapping) -> str:
+def config_hash(cfg: RunSpec | Mapping) -> str:
   """8 hex digits of the SHA-256 of the training config (sorted JSON)."""
   text = json.dumps(training_config(cfg), sort_keys=True, separators=(",", ":"))
   return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
@@ -111,11 +111,12 @@ def _value_text(value: Any) -> str:
   return str(value)
 
 
-def run_name(cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any] = (),
+def run_name(cfg: Mapping, overrides: Mapping[str, Any] = (),
              prefix: str | None = None) -> str:
   """`<prefix>[-<field=value,...>]-<hash>` for the overrides that differ from the preset.
 
-  prefix: the preset's own run name (e.g. 'copd_micro'); default cfg.method.
+  cfg: the config's fields as JSON (config_as_json).
+  prefix: the preset's own run name (e.g. 'copd_micro'); default the config's method.
   overrides: {dotted field: value} given on the command line whose value differs from the
   config file's (workdir never counts). The hash covers the whole training config, so two
   configs never share a name even when their readable part is cut to MAX_NAME_CHARS.
@@ -124,7 +125,7 @@ def run_name(cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any] = (),
   parts = [f"{k}={_value_text(v)}" for k, v in sorted(dict(overrides).items())
            if not _is_name_excluded(k)]
   label = _name_part(",".join(parts))
-  name = _name_part(prefix or cfg.method) + (f"-{label}" if label else "")
+  name = _name_part(prefix or cfg["method"]) + (f"-{label}" if label else "")
   suffix = f"-{config_hash(cfg)}"
   return name[:MAX_NAME_CHARS - len(suffix)].rstrip("-,_") + suffix
 
@@ -180,14 +181,14 @@ def read_stored_config(workdir: str) -> dict | None:
   return stored
 
 
-def check_workdir(cfg: ml_collections.ConfigDict) -> dict | None:
+def check_workdir(cfg: RunSpec) -> dict | None:
   """Raises WorkdirConfigError when cfg.workdir holds a run of another method or training
   config (unless config.checkpoint.resume_changed_config, which never covers a method
   change). Reads only: nothing in the directory is changed. Returns the stored config
   (None for a new directory). A workdir (or warm-start directory) that is a regular file
   is an error too."""
   check_not_a_file("workdir", cfg.workdir)
-  if "warm_start" in cfg and cfg.warm_start.get("checkpoint_dir", ""):
+  if cfg.warm_start.checkpoint_dir:
     check_not_a_file("warm_start.checkpoint_dir", cfg.warm_start.checkpoint_dir)
   stored = read_stored_config(cfg.workdir)
   if stored is None:
@@ -198,7 +199,7 @@ def check_workdir(cfg: ml_collections.ConfigDict) -> dict | None:
         "directory belongs to one method. Use another config.workdir (or leave it unset: "
         "each config gets a run name of its own under runs/)")
   diffs = differences(training_config(stored), training_config(cfg))
-  if diffs and not cfg.checkpoint.get("resume_changed_config", False):
+  if diffs and not cfg.checkpoint.resume_changed_config:
     raise WorkdirConfigError(
         f"{cfg.workdir} belongs to another training config; differing fields:\n  "
         + "\n  ".join(diffs[:30]) + "\nUse another config.workdir (or leave it unset: each "
@@ -208,7 +209,7 @@ def check_workdir(cfg: ml_collections.ConfigDict) -> dict | None:
   return stored
 
 
-def write_config(cfg: ml_collections.ConfigDict, stored: dict | None) -> None:
+def write_config(cfg: RunSpec, stored: dict | None) -> None:
   """Writes <workdir>/config.json. When the training config changed on purpose
   (resume_changed_config), the replaced file is kept as config.replaced.<n>.json."""
   path = os.path.join(cfg.workdir, CONFIG_FILE)
@@ -218,7 +219,7 @@ def write_config(cfg: ml_collections.ConfigDict, stored: dict | None) -> None:
       n += 1
     os.replace(path, os.path.join(cfg.workdir, f"config.replaced.{n}.json"))
   with open(path + ".tmp", "w") as f:
-    f.write(cfg.to_json_best_effort(indent=2))
+    json.dump(cfg.config_json, f, indent=2)
   os.replace(path + ".tmp", path)
 
 

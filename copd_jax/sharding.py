@@ -4,7 +4,7 @@ explicit shardings (MeshProgram; the sampler and the update are each one such pr
 One code path runs on 1 CPU device (a mesh of size 1), on 8 simulated devices and on a pod
 slice:
 
-    run = RunSharding.from_config(cfg.mesh, param_axes=...)  # axes expert, data, fsdp, tensor
+    run = RunSharding.from_config(spec.mesh.sizes(), param_axes=...)  # expert, data, fsdp, tensor
     params = run.shard_params(params)                # stacked [S, ...] -> expert x fsdp/tensor
     params, opt_state, metrics = rl.update.update(params, opt_state, teachers, rows, routing,
                                                   run=run, ucfg=..., optimizer=..., distil=True)

@@ -348,8 +348,8 @@ class StageCheckpointer:
 class RunCheckpoints:
   """The training checkpoints of one run: <workdir>/checkpoints/<stage>/.
 
-  options: the config.checkpoint section (every_steps, max_to_keep, async_save, resume,
-  save_on_sigterm). With resume off, existing checkpoints are an error rather than being
+  options: the run's checkpoint settings (run_spec.CheckpointSpec: every_steps,
+  max_to_keep, async_save, resume, save_on_sigterm, ...). With resume off, existing checkpoints are an error rather than being
   overwritten or silently ignored.
   """
 
@@ -361,9 +361,9 @@ class RunCheckpoints:
     self.async_save = bool(options.async_save)
     self.resume = bool(options.resume)
     self.save_on_sigterm = bool(options.save_on_sigterm)
-    self.fallback_on_corrupt = bool(options.get("fallback_on_corrupt", False))
-    self.allow_unverified = bool(options.get("allow_unverified", False))
-    self.sigterm_grace_s = float(options.get("sigterm_grace_s", 120.0))
+    self.fallback_on_corrupt = bool(options.fallback_on_corrupt)
+    self.allow_unverified = bool(options.allow_unverified)
+    self.sigterm_grace_s = float(options.sigterm_grace_s)
     self.method, self.num_experts, self.seed = method, num_experts, seed
     self.config_json = config_json
     if not self.resume:

@@ -8,13 +8,13 @@ sets how much of each capability it sees, `warm_start.steps` how long it trains.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
@@ -23,6 +23,7 @@ from copd_jax.data import examples as examples_lib, toy_flaws, toy_tasks
 from copd_jax.models import decoder, model_config
 from copd_jax.policy_setup import RunSetup, to_model_layout
 from copd_jax.run_log import MetricsWriter, ProgressLine
+from copd_jax.run_spec import RunSpec, WarmStartSpec
 
 
 def sft_loss(params: Any, batch: dict, model_cfg: model_config.ModelConfig) -> jax.Array:
@@ -42,7 +43,7 @@ def sft_loss(params: Any, batch: dict, model_cfg: model_config.ModelConfig) -> j
   return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def make_optimizer(ws: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(ws: WarmStartSpec) -> optax.GradientTransformation:
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, ws.learning_rate, warmup_steps=max(ws.warmup_steps, 1),
       decay_steps=max(ws.steps, ws.warmup_steps + 1), end_value=ws.learning_rate * 0.1)
@@ -57,7 +58,7 @@ def sft_step(params, opt_state, batch, model_cfg, optimizer):
   return optax.apply_updates(params, updates), opt_state, loss
 
 
-def sft_examples(cfg: ml_collections.ConfigDict, setup: RunSetup) -> Iterator[examples_lib.Example]:
+def sft_examples(cfg: RunSpec, setup: RunSetup) -> Iterator[examples_lib.Example]:
   weights = {cap: cfg.warm_start.mix.get(cap, 0.0) for cap in setup.capabilities}
   seed = cfg.tasks.seed + cfg.warm_start.seed
   # One base for every level of the divergence dial: its demonstrations of a conflict
@@ -72,9 +73,9 @@ def sft_examples(cfg: ml_collections.ConfigDict, setup: RunSetup) -> Iterator[ex
   return toy_flaws.with_flawed_demonstrations(examples, flaw_rate, seed=seed)
 
 
-def base_policy_metadata(cfg: ml_collections.ConfigDict) -> dict:
+def base_policy_metadata(cfg: RunSpec) -> dict:
   """What determines the base policy; a saved base is reused only if this matches."""
-  ws = {k: v for k, v in cfg.warm_start.to_dict().items()
+  ws = {k: v for k, v in dataclasses.asdict(cfg.warm_start).items()
         if k not in ("checkpoint_dir", "reuse_checkpoint", "log_every", "seed")}
   if not any(ws.get("flaw_rate", {}).values()):
     ws.pop("flaw_rate", None)  # no flawed demonstrations: a base saved before the field
@@ -82,20 +83,20 @@ def base_policy_metadata(cfg: ml_collections.ConfigDict) -> dict:
   # Only fields that change the trained weights: remat and attention_block (memory/compute
   # trades, model.EXECUTION_FIELDS) and the record-file fields (unused by the toy base)
   # are left out, so adding such fields never invalidates a saved base.
-  model = {k: v for k, v in cfg.model.to_dict().items()
+  model = {k: v for k, v in dataclasses.asdict(cfg.model).items()
            if k not in model_config.EXECUTION_FIELDS + model_config.RUN_ONLY_FIELDS}
   if not model.get("scan_layers"):
     model.pop("scan_layers", None)  # unrolled: a base saved before the field still matches
-  data = {k: cfg.data[k] for k in ("max_prompt_len", "max_response_len")}
-  return {"model": model, "tasks": cfg.tasks.to_dict(), "data": data,
+  data = {k: getattr(cfg.data, k) for k in ("max_prompt_len", "max_response_len")}
+  return {"model": model, "tasks": dataclasses.asdict(cfg.tasks), "data": data,
           "warm_start": ws, "seed": cfg.warm_start.seed}
 
 
-def base_policy_dir(cfg: ml_collections.ConfigDict) -> str:
+def base_policy_dir(cfg: RunSpec) -> str:
   return cfg.warm_start.checkpoint_dir or os.path.join(cfg.workdir, "base_policy")
 
 
-def train_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup,
+def train_base_policy(cfg: RunSpec, setup: RunSetup,
                       writer: MetricsWriter | None = None) -> Any:
   """Runs the SFT warm-start from a fresh init; returns float32 params."""
   ws = cfg.warm_start
@@ -121,7 +122,7 @@ def train_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup,
   return params
 
 
-def load_hf_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup) -> Any:
+def load_hf_base_policy(cfg: RunSpec, setup: RunSetup) -> Any:
   """The f32 parameters of config.init.hf_checkpoint (hf_checkpoint.load_qwen3); the
   checkpoint must still match the model config build_setup read from it."""
   from copd_jax.models import hf_checkpoint, qwen3_vl_import
@@ -142,7 +143,7 @@ def load_hf_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup) -> Any:
   return to_model_layout(params, setup.model_cfg)
 
 
-def get_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup,
+def get_base_policy(cfg: RunSpec, setup: RunSetup,
                     writer: MetricsWriter | None = None) -> tuple[Any, bool]:
   """Loads config.init.hf_checkpoint if set (no SFT: the released model is the base);
   else loads a matching saved base policy or trains and saves one.
@@ -157,7 +158,7 @@ def get_base_policy(cfg: ml_collections.ConfigDict, setup: RunSetup,
   metadata = base_policy_metadata(cfg)
   abstract = lambda: jax.eval_shape(lambda k: decoder.init_params(setup.model_cfg, k),
                                     jax.random.key(0))
-  unverified = bool(cfg.checkpoint.get("allow_unverified", False))
+  unverified = bool(cfg.checkpoint.allow_unverified)
   if cfg.warm_start.reuse_checkpoint and checkpoint.has_policy(directory):
     return checkpoint.load_policy(directory, abstract(), metadata,
                                   allow_unverified=unverified), True

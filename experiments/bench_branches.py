@@ -36,6 +36,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+from copd_jax.config_lib import spec_of
 
 TOPOLOGIES = ("hub", "full")
 AFFORDABLE_RATIO = 1.5
@@ -133,7 +134,7 @@ def measure_4b_child(n: int, topology: str) -> dict:
   run = sharding.RunSharding(
       sharding.make_mesh(dict(cfg.mesh), num_branches=n),
       param_axes=decoder.param_axes(model_config.ModelConfig.from_dict(cfg.model.to_dict())))
-  fn, args = abstract_step.abstract_opd_update(cfg, run, num_layers=1, topology=topology)
+  fn, args = abstract_step.abstract_opd_update(spec_of(cfg), run, num_layers=1, topology=topology)
   compiled = fn.lower(*args).compile()
   found = hlo_audit.collectives_crossing_axis(compiled.as_text(), run.mesh)
   memory = abstract_step.compiled_memory_bytes(compiled)

@@ -55,6 +55,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from copd_jax.config_lib import spec_of
 from copd_jax import default_config, policy_setup  # noqa: E402
 from copd_jax.models import decoder as model_lib, model_config, stacked as experts
 from copd_jax.rl import (
@@ -148,7 +149,7 @@ class Bench:
 
 
 def make_bench(dtype: str) -> Bench:
-  cfg = bench_config(dtype)
+  cfg = spec_of(bench_config(dtype))
   setup = policy_setup.build_setup(cfg)
   caps = tuple(cfg.rl.capabilities)
   stage = stages.copd_stage(cfg.rl, caps)

@@ -38,6 +38,7 @@ import os
 import subprocess
 import sys
 import time
+from copd_jax.config_lib import spec_of
 
 
 def routing_rows(cfg, topology: str) -> dict:
@@ -77,7 +78,7 @@ def measure(setting: str, num_layers: int | None, topology: str | None) -> dict:
   run = sharding.RunSharding(
       sharding.make_mesh(dict(cfg.mesh), num_branches=cfg.num_experts),
       param_axes=decoder.param_axes(model_config.ModelConfig.from_dict(cfg.model.to_dict())))
-  full_fn, full_args = abstract_step.abstract_opd_update(cfg, run, topology=topology)
+  full_fn, full_args = abstract_step.abstract_opd_update(spec_of(cfg), run, topology=topology)
   param_bytes = abstract_step.tree_bytes(full_args[0]) // cfg.num_experts
   fn, args = (full_fn, full_args) if num_layers is None else abstract_step.abstract_opd_update(
       cfg, run, num_layers=num_layers, topology=topology)

@@ -30,6 +30,7 @@ VARIANTS = ("like_base", "replicated")
 
 def compile_variant(variant: str, layers: int, rank: int, programs) -> dict:
   from configs import pod_4b
+  from copd_jax import config_lib
   from copd_jax.analysis import tpu_compile
   from copd_jax.models import lora
   lora.ADAPTER_SHARDING = variant  # read when the run's parameter axes are declared
@@ -53,11 +54,12 @@ def shard_bytes(variant: str, rank: int) -> dict:
   from copd_jax.models import lora
   from copd_jax.rl import update as update_lib
   lora.ADAPTER_SHARDING = variant
-  cfg = pod_4b.get_config()
-  cfg.model.lora.rank = rank
+  config = pod_4b.get_config()
+  config.model.lora.rank = rank
+  cfg = config_lib.spec_of(config)
   run = tpu_compile.run_sharding(cfg, f"{cfg.pod.tpu}:{cfg.pod.topology}")
   params = tpu_compile.abstract_params(tpu_compile.run_model_config(cfg), cfg.num_experts,
-                                       lora.spec_from_config(cfg))
+                                       cfg.lora)
   optimizer = update_lib.make_optimizer(1e-6, 1.0)
   state = jax.eval_shape(lambda q: update_lib.init_optimizer_state(optimizer, q), params)
 

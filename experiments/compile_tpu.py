@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+from copd_jax.config_lib import spec_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -103,14 +104,14 @@ def quick(args, log) -> dict:
   # Sharded over the 4 chips (what a pod run compiles), then on one chip (every program
   # through the TPU and Mosaic compilers without SPMD partitioning).
   log(f"small {args.config} on {tpu_compile.SMALL_TOPOLOGY}, mesh fsdp=2 x tensor=2:")
-  sharded = tpu_compile.compile_run(tpu_compile.small_config(base, chips=4),
+  sharded = tpu_compile.compile_run(tpu_compile.small_config(spec_of(base), chips=4),
                                     tpu_compile.SMALL_TOPOLOGY, log=log)
   # The programs the sharded pass could not compile, on one chip (no partitioning).
   failed = tuple(name for name, fig in sharded.items() if "error" in fig)
   one_chip = {}
   if failed:
     log(f"small {args.config} on one chip of {tpu_compile.SMALL_TOPOLOGY}:")
-    one_chip = tpu_compile.compile_run(tpu_compile.small_config(base, chips=1),
+    one_chip = tpu_compile.compile_run(tpu_compile.small_config(spec_of(base), chips=1),
                                        tpu_compile.SMALL_TOPOLOGY, names=failed, log=log)
   kernels_ok = len(kernels) == len(QUICK_GENERATIONS) and not kernel_errors and all(
       k and all(k.values()) for k in kernels.values())
@@ -132,7 +133,7 @@ def full(args, log) -> dict:
   record = {"config": args.config, "overrides": list(args.set), "topology": topology,
             "chips": tpu_compile.chips_in(topology), "mesh": dict(cfg.mesh),
             "num_layers": args.layers or tpu_compile.text_config(
-                tpu_compile.run_model_config(cfg)).num_layers, "programs": {}}
+                tpu_compile.run_model_config(spec_of(cfg))).num_layers, "programs": {}}
   if args.out and os.path.exists(args.out):
     with open(args.out) as f:
       previous = json.load(f)
@@ -141,7 +142,7 @@ def full(args, log) -> dict:
       record["programs"] = dict(previous.get("programs", {}))
   todo = [n for n in names if n not in record["programs"] or "error" in record["programs"][n]]
   for name in todo:
-    figures = tpu_compile.compile_run(cfg, topology, args.layers, names=(name,), log=log)
+    figures = tpu_compile.compile_run(spec_of(cfg), topology, args.layers, names=(name,), log=log)
     record["programs"].update(figures)
     if args.out:
       os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

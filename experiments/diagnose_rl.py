@@ -29,6 +29,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
+from copd_jax.config_lib import spec_of
 from copd_jax import (
   policy_setup,  # noqa: E402
   warm_start,  # noqa: E402
@@ -49,7 +50,7 @@ def validation_set(cfg, setup, capability: str, n: int) -> list[examples_lib.Exa
 def signal_report(params, cfg, setup, examples_per_capability: int, samples: int) -> dict:
   """{capability: {greedy_pass1, mean_reward_t1, pass_at_k, zero_variance}}."""
   from copd_jax.rl import methods
-  run = methods.run_sharding(cfg, setup.model_cfg)
+  run = methods.run_sharding(spec_of(cfg), setup.model_cfg)
   report = {}
   for cap in cfg.tasks.capabilities:
     examples = validation_set(cfg, setup, cap, examples_per_capability)
@@ -79,7 +80,7 @@ def rl_step_report(cfg, setup, base, steps: int) -> dict:
   cfg.rl.diagnostics_every = 10 ** 6
   cfg.checkpoint.every_steps = 0
   writer = MetricsWriter(cfg.workdir)
-  methods.run_rl_method(cfg, setup, base, writer)
+  methods.run_rl_method(spec_of(cfg), setup, base, writer)
   writer.close()
   rows = [json.loads(line) for line in open(os.path.join(cfg.workdir, "metrics.jsonl"))]
   # Logged per branch as train/<branch>/<metric>; averaged over branches here.
@@ -102,8 +103,8 @@ def main():
   parser.add_argument("--workdir", default="/tmp/diagnose_rl")
   args = parser.parse_args()
   cfg = tune_rl.config_from_settings(args.method, args.set, args.workdir)
-  setup = policy_setup.build_setup(cfg)
-  base, _ = warm_start.get_base_policy(cfg, setup)
+  setup = policy_setup.build_setup(spec_of(cfg))
+  base, _ = warm_start.get_base_policy(spec_of(cfg), setup)
   result = {"settings": args.set, "examples_per_capability": args.examples,
             "signal": signal_report(base, cfg, setup, args.examples, args.samples)}
   for cap, r in result["signal"].items():

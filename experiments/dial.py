@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reproduce  # noqa: E402  (config building, run_or_load, rewards, intervals)
 
 import stats  # noqa: E402  (experiments/stats.py)
+from copd_jax.config_lib import spec_of
 
 CAPS = ("total", "remain")
 HUB = "total"
@@ -102,7 +103,7 @@ def _load_experts(cfg, workdir):
   import jax
   from copd_jax import checkpoint, policy_setup
   from copd_jax.models import stacked as stacked_lib
-  setup = policy_setup.build_setup(cfg)
+  setup = policy_setup.build_setup(spec_of(cfg))
   directory = os.path.join(workdir, "final_params")
   stored = tuple(checkpoint.read_metadata(directory).get("branches", ()))
   if stored != CAPS:
@@ -121,11 +122,11 @@ def score_merged_experts(cfg, experts_dir: str, out_dir: str) -> None:
   from copd_jax.rl import evaluation
   setup, stacked = _load_experts(cfg, experts_dir)
   merged = jax.tree.map(lambda x: x[None], stacked_lib.merge(stacked, None))
-  eval_sets = policy_setup.held_out_sets(cfg, setup)
+  eval_sets = policy_setup.held_out_sets(spec_of(cfg), setup)
   rewards = {}
   from copd_jax.rl import methods
   accuracy = evaluation.evaluate_stacked(merged, setup, eval_sets, rewards_out=rewards,
-                                         run=methods.run_sharding(cfg, setup.model_cfg),
+                                         run=methods.run_sharding(spec_of(cfg), setup.model_cfg),
                                          max_new_tokens=cfg.sampling.max_new_tokens,
                                          batch_size=cfg.eval.batch_size)
   os.makedirs(out_dir, exist_ok=True)

@@ -20,6 +20,7 @@ import json
 import os
 
 import numpy as np
+from copd_jax.config_lib import spec_of
 
 VALIDATION_ITEMS = 200  # per capability
 TIES_DENSITY = 0.2
@@ -96,7 +97,7 @@ def load_base_and_experts(cfg, experts_dir: str):
   import jax
   from copd_jax import checkpoint, policy_setup
   from copd_jax.models import stacked as stacked_lib
-  setup = policy_setup.build_setup(cfg)
+  setup = policy_setup.build_setup(spec_of(cfg))
   caps = tuple(cfg.rl.capabilities)
   directory = os.path.join(experts_dir, "final_params")
   stored = tuple(checkpoint.read_metadata(directory).get("branches", ()))
@@ -136,7 +137,7 @@ def score_strong_merge(cfg, experts_dir: str, out_dir: str, reference_experts_di
   import jax
   chosen = jax.tree.map(lambda x: x[names.index(name)][None], merges)
   rewards = {}
-  held_out = evaluation.evaluate_stacked(chosen, setup, policy_setup.held_out_sets(cfg, setup),
+  held_out = evaluation.evaluate_stacked(chosen, setup, policy_setup.held_out_sets(spec_of(cfg), setup),
                                          rewards_out=rewards, **kwargs)
   os.makedirs(out_dir, exist_ok=True)
   evaluation.save_eval_rewards(os.path.join(out_dir, "eval_rewards.npz"),

@@ -116,7 +116,7 @@ def run_or_load(cfg) -> dict:
     # from (reused weights or retrained from the same seed) does not make another run.
     stored = run_dir.read_stored_config(cfg.workdir)
     diffs = [d for d in run_dir.differences(run_dir.training_config(stored),
-                                            run_dir.training_config(cfg))
+                                            run_dir.training_config(json.loads(cfg.to_json_best_effort())))
              if not d.startswith("rl.experts_dir")]
     if stored.get("method") != cfg.method or diffs:
       raise SystemExit(f"{cfg.workdir} holds a finished run of another config ({diffs[:5]}); "

@@ -14,6 +14,7 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from copd_jax.config_lib import spec_of
 from copd_jax import default_config, policy_setup, warm_start  # noqa: E402
 from copd_jax.data import toy_tasks as tasks
 from copd_jax.rl import methods
@@ -49,12 +50,12 @@ def main():
   parser.add_argument("--workdir", default="/tmp/tune_rl")
   args = parser.parse_args()
   cfg = config_from_settings(args.method, args.set, args.workdir)
-  setup = policy_setup.build_setup(cfg)
-  base, _ = warm_start.get_base_policy(cfg, setup)
+  setup = policy_setup.build_setup(spec_of(cfg))
+  base, _ = warm_start.get_base_policy(spec_of(cfg), setup)
   policy_setup.held_out_sets = validation_sets  # the run evaluates on validation only
   methods.policy_setup.held_out_sets = validation_sets
   writer = MetricsWriter(cfg.workdir)
-  summary = methods.run_rl_method(cfg, setup, base, writer)
+  summary = methods.run_rl_method(spec_of(cfg), setup, base, writer)
   writer.close()
   before = [json.loads(l) for l in open(os.path.join(cfg.workdir, "metrics.jsonl"))]
   first = next(r for r in before if any(k.endswith("accuracy/overall") for k in r))

@@ -2,6 +2,7 @@
 an experts config in a test's temporary directory, and one RL method run on it."""
 import jax
 
+from copd_jax.config_lib import spec_of
 from copd_jax import config_lib, default_config, policy_setup
 from copd_jax.models import decoder
 from copd_jax.rl import methods
@@ -10,7 +11,7 @@ from copd_jax.run_log import MetricsWriter
 
 def micro_base():
   """(RunSetup, base params) of the micro experts config: a random base policy."""
-  setup = policy_setup.build_setup(default_config.get("experts", "micro"))
+  setup = policy_setup.build_setup(spec_of(default_config.get("experts", "micro")))
   return setup, decoder.init_params(setup.model_cfg, jax.random.key(0))
 
 
@@ -30,6 +31,6 @@ def run_method(cfg, base):
   setup, params = base
   writer = MetricsWriter(cfg.workdir)
   try:
-    return methods.run_rl_method(cfg, setup, params, writer)
+    return methods.run_rl_method(spec_of(cfg), setup, params, writer)
   finally:
     writer.close()

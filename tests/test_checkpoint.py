@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from copd_jax.config_lib import spec_of
 from copd_jax import checkpoint
 
 
@@ -71,7 +72,7 @@ import signal
 
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from ml_collections import ConfigDict
+from copd_jax.run_spec import CheckpointSpec
 from orbax.checkpoint import utils as ocp_utils
 
 from copd_jax import train_checkpoint as tc
@@ -102,7 +103,7 @@ def host_state(step, **kw):
 
 def stage_ckpt(root, method="copd", stage="copd", experts=2, branches=("text", "image"),
                max_to_keep=2):
-  opts = ConfigDict(dict(every_steps=1, max_to_keep=max_to_keep, async_save=True, resume=True,
+  opts = CheckpointSpec(**dict(every_steps=1, max_to_keep=max_to_keep, async_save=True, resume=True,
                          save_on_sigterm=True))
   run = tc.RunCheckpoints(str(root), opts, method=method, num_experts=experts, seed=0,
                           config_json={"method": method})
@@ -228,7 +229,7 @@ def test_resume_off_refuses_existing_checkpoints(tmp_path):
   ck = stage_ckpt(tmp_path)
   ck.save(stacked_state(), host_state(1), ["text", "image"])
   ck.close()
-  opts = ConfigDict(dict(every_steps=0, max_to_keep=2, async_save=True, resume=False,
+  opts = CheckpointSpec(**dict(every_steps=0, max_to_keep=2, async_save=True, resume=False,
                          save_on_sigterm=True))
   with pytest.raises(checkpoint.CheckpointMismatchError, match=r"holds training checkpoints for \['copd'\]"):
     tc.RunCheckpoints(str(tmp_path), opts, method="copd", num_experts=2, seed=0, config_json={})
@@ -263,7 +264,7 @@ def test_metrics_log_rewinds_to_a_checkpoint_and_never_pads(tmp_path):
   from copd_jax.run_log import MetricsWriter
   writer = MetricsWriter(str(tmp_path))
   writer.write(1, {"a": 1.0})
-  opts = ConfigDict(dict(every_steps=0, max_to_keep=2, async_save=True, resume=True,
+  opts = CheckpointSpec(**dict(every_steps=0, max_to_keep=2, async_save=True, resume=True,
                          save_on_sigterm=True))
   run = tc.RunCheckpoints(str(tmp_path), opts, method="copd", num_experts=2, seed=0,
                           config_json={})
@@ -290,12 +291,12 @@ def test_base_metadata_ignores_execution_only_model_fields():
   from copd_jax import default_config, warm_start
   from copd_jax.models import model_config as model
   cfg = default_config.get("base", "micro")
-  want = warm_start.base_policy_metadata(cfg)
+  want = warm_start.base_policy_metadata(spec_of(cfg))
   for field, value in (("remat", True), ("attention_block", 16)):
     assert field in model.EXECUTION_FIELDS
     changed = default_config.get("base", "micro")
     changed.model[field] = value
-    assert warm_start.base_policy_metadata(changed) == want, field
+    assert warm_start.base_policy_metadata(spec_of(changed)) == want, field
   changed = default_config.get("base", "micro")
   changed.model.d_model = 48  # a weight-shaping field still counts
-  assert warm_start.base_policy_metadata(changed) != want
+  assert warm_start.base_policy_metadata(spec_of(changed)) != want

@@ -32,10 +32,10 @@ def _stage_state():
 
 
 def _stage_ckpt(root, fallback=False):
-  from ml_collections import ConfigDict
+  from copd_jax.run_spec import CheckpointSpec
 
   from copd_jax import train_checkpoint as tc
-  opts = ConfigDict(dict(every_steps=1, max_to_keep=3, async_save=False, resume=True,
+  opts = CheckpointSpec(**dict(every_steps=1, max_to_keep=3, async_save=False, resume=True,
                          save_on_sigterm=True, fallback_on_corrupt=fallback))
   run = tc.RunCheckpoints(str(root), opts, method="copd", num_experts=2, seed=0,
                           config_json={})

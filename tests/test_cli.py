@@ -131,9 +131,9 @@ def test_config_hash_covers_training_fields_only():
   a = default_config.get("copd", "micro")
   b = default_config.get("copd", "micro")
   b.checkpoint.every_steps, b.mesh.data, b.eval.batch_size = 3, 2, 2
-  assert run_dir.config_hash(a) == run_dir.config_hash(b)
+  assert run_dir.config_hash(cli.as_json(a)) == run_dir.config_hash(cli.as_json(b))
   b.rl.opd.beta = 0.25
-  assert run_dir.config_hash(a) != run_dir.config_hash(b)
+  assert run_dir.config_hash(cli.as_json(a)) != run_dir.config_hash(cli.as_json(b))
 
 
 # ------------------------------------------------------------------- 4. the CLI
@@ -158,7 +158,7 @@ def test_help_lists_the_config_fields_with_defaults_and_meanings(tmp_path):
 def test_every_shipped_config_field_has_a_meaning():
   for name in ("base", "copd", "hf_copd", "pod_4b"):
     cfg = cli.load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
-    flat = run_dir.flatten(run_dir.config_as_json(cfg))
+    flat = run_dir.flatten(cli.as_json(cfg))
     from copd_jax import config_help
     missing = [k for k in flat if not config_help.field_help(k)]
     assert missing == [], f"configs/{name}.py fields without --help text: {missing}"

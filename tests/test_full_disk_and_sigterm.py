@@ -15,6 +15,7 @@ import pytest
 
 import micro_runs
 import paths
+from copd_jax.config_lib import spec_of
 
 REPO = paths.REPO
 
@@ -128,7 +129,7 @@ def test_full_disk_during_training_stops_with_the_path_and_keeps_the_checkpoint(
   s, params = micro_base
   writer = DiskFillsAtStep(cfg.workdir)
   with pytest.raises(train_checkpoint.StorageError) as caught:
-    methods.run_rl_method(cfg, s, params, writer)
+    methods.run_rl_method(spec_of(cfg), s, params, writer)
   writer.close()
   message = str(caught.value)
   assert "metrics.jsonl" in message and "No space left" in message

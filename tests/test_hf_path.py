@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import paths
+from copd_jax.config_lib import spec_of
 from copd_jax import config_lib, policy_setup, warm_start
 from copd_jax.models import hf_checkpoint
 
@@ -49,7 +50,7 @@ def test_bad_record_or_checkpoint_config_names_the_field(change, message):
 
 def test_setup_reads_the_checkpoint_and_chat_renders_prompts():
   cfg = hf_config()
-  setup = policy_setup.build_setup(cfg)
+  setup = policy_setup.build_setup(spec_of(cfg))
   expected = hf_checkpoint.model_config_from_hf(hf_checkpoint.read_hf_config(cfg.init.hf_checkpoint))
   assert setup.model_cfg == expected and setup.model_cfg.vision is None
   assert setup.example_kwargs == {"image_size": 0, "num_frames": 0}
@@ -57,7 +58,7 @@ def test_setup_reads_the_checkpoint_and_chat_renders_prompts():
   assert tok.decode([tok.eos_id]) == ""  # decoding stops at the chat end token ...
   assert tok.eos_id not in policy_setup.never_generated_ids(tok)  # ... which is never banned
   assert tok.pad_id in policy_setup.never_generated_ids(tok)
-  held_out = policy_setup.held_out_sets(cfg, setup)
+  held_out = policy_setup.held_out_sets(spec_of(cfg), setup)
   assert {k: len(v) for k, v in held_out.items()} == {"math": 2, "science": 2}
   assert held_out["science"][0].verifier == "choice"
   batch = setup.encode_prompts(held_out["math"])
@@ -72,13 +73,13 @@ def test_a_record_longer_than_max_prompt_len_is_named():
   cfg = hf_config()
   cfg.data.max_prompt_len = 12
   with pytest.raises(ValueError, match=r"math_train\.jsonl:1 \(id m1\): the prompt needs \d+ tokens"):
-    policy_setup.build_setup(cfg)
+    policy_setup.build_setup(spec_of(cfg))
 
 
 def test_base_policy_is_the_checkpoint():
   cfg = hf_config()
-  setup = policy_setup.build_setup(cfg)
-  params, loaded = warm_start.get_base_policy(cfg, setup)
+  setup = policy_setup.build_setup(spec_of(cfg))
+  params, loaded = warm_start.get_base_policy(spec_of(cfg), setup)
   assert loaded
   _, reference = hf_checkpoint.load_qwen3(cfg.init.hf_checkpoint)
   for ours, theirs in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import paths
+from copd_jax.config_lib import spec_of
 from copd_jax import config_lib, default_config, main, memory_budget, policy_setup
 
 REPO = paths.REPO
@@ -74,7 +75,7 @@ def test_d_model_1e9_is_a_named_error_from_main_run_not_an_abort(tmp_path):
 def test_the_parameter_count_matches_the_models_own_shapes(preset):
   """Oracle: the parameters the model's init really builds (eval_shape, no arrays)."""
   cfg = default_config.get("copd", preset)
-  setup = policy_setup.build_setup(cfg)
+  setup = policy_setup.build_setup(spec_of(cfg))
   shapes = jax.eval_shape(lambda k: policy_setup.init_policy_params(setup.model_cfg, k),
                           jax.random.key(0))
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))

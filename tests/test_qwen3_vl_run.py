@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 import paths
+from copd_jax.config_lib import spec_of
 from copd_jax import export, main, policy_setup
-from copd_jax.data import math_verifier, records, vl_prompts
+from copd_jax.data import records, vl_prompts
 from copd_jax.models import qwen3_vl_decode, qwen3_vl_import
 
 REPO = paths.REPO
@@ -53,11 +54,7 @@ def reward_module(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, reward_module):
   workdir = tmp_path_factory.mktemp("vl") / "run"
-  before = math_verifier.active_config()
-  try:
-    summary = main.run(vl_config(workdir, reward_module[0]))
-  finally:  # main.run sets the process's reward settings: later tests get theirs back
-    math_verifier.configure(before)
+  summary = main.run(vl_config(workdir, reward_module[0]))
   return workdir, summary
 
 
@@ -134,7 +131,7 @@ def test_copd_trains_image_and_video_branches_and_the_export_reloads(finished_ru
     assert (out / name).is_file()
 
   # The reloaded model answers a prompt with an image exactly as the trained one does.
-  setup = policy_setup.build_setup(vl_config(workdir, "unused"))
+  setup = policy_setup.build_setup(spec_of(vl_config(workdir, "unused")))
   example = records.RecordSource(hf_vl_copd.FIXTURE_FILES["chart"][0], capability="chart",
                                  native_media=True)[0]
   batch = setup.encode_prompts([example])
@@ -181,12 +178,12 @@ def test_bad_records_are_named_before_anything_compiles(tmp_path):
   cfg.data.vision_budget = 16  # three 32 x 48 images make 72 patches
   with pytest.raises(ValueError, match=r"big.jsonl:1 \(id wide\).*72 patches.*"
                      r"config.data.vision_budget=16"):
-    policy_setup.build_setup(cfg)
+    policy_setup.build_setup(spec_of(cfg))
   cfg.data.vision_budget = 0
   cfg.data.max_prompt_len = 40  # the text records need 24 tokens, this one 44
   with pytest.raises(ValueError, match=r"\(id wide\): the prompt needs 44 tokens.*"
                      r"config.data.max_prompt_len=40"):
-    policy_setup.build_setup(cfg)
+    policy_setup.build_setup(spec_of(cfg))
   no_fps = tmp_path / "no_fps.jsonl"
   frames = [os.path.join(os.path.dirname(hf_vl_copd.FIXTURE_FILES["clip"][0]), f"video0_{i}.png")
             for i in range(3)]
@@ -195,7 +192,7 @@ def test_bad_records_are_named_before_anything_compiles(tmp_path):
   cfg = vl_config(tmp_path / "run", "unused")
   cfg.data.eval_files["clip"] = str(no_fps)
   with pytest.raises(ValueError, match=r"no_fps.jsonl:1 \(id v\).*video_fps"):
-    policy_setup.build_setup(cfg)
+    policy_setup.build_setup(spec_of(cfg))
   # A checkpoint whose vision config we do not support: named with its file and field.
   checkpoint = tmp_path / "relu_checkpoint"
   shutil.copytree(hf_vl_copd.FIXTURE_CHECKPOINT, checkpoint)
@@ -205,17 +202,17 @@ def test_bad_records_are_named_before_anything_compiles(tmp_path):
   cfg = vl_config(tmp_path / "run", "unused")
   cfg.init.hf_checkpoint = str(checkpoint)
   with pytest.raises(ValueError, match=r"relu_checkpoint/config.json: .*vision_config.hidden_act"):
-    policy_setup.build_setup(cfg)
+    policy_setup.build_setup(spec_of(cfg))
   cfg = vl_config(tmp_path / "run", "unused")
   cfg.data.train_files = {}
   cfg.data.eval_files = {}
   with pytest.raises(ValueError, match="Qwen3-VL checkpoint, which trains on record files"):
-    policy_setup.build_setup(cfg)
+    policy_setup.build_setup(spec_of(cfg))
 
 
 def test_prompt_batches_share_one_vision_budget():
   cfg = vl_config("/tmp/unused", "unused")
-  setup = policy_setup.build_setup(cfg)
+  setup = policy_setup.build_setup(spec_of(cfg))
   examples = [records.RecordSource(hf_vl_copd.FIXTURE_FILES[d][0], capability=d,
                                    native_media=True)[i]
               for d, i in (("chart", 0), ("chart", 3), ("clip", 0), ("math", 0))]

@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import paths
+from copd_jax.config_lib import spec_of
 from copd_jax import checkpoint, default_config, policy_setup, warm_start
 from copd_jax.models import decoder as model_lib
 
@@ -27,10 +28,10 @@ def shared(tmp_path_factory):
   """One saved base policy and one compilation cache for every run of this module."""
   root = tmp_path_factory.mktemp("resume")
   cfg = default_config.get("copd", "micro")
-  setup = policy_setup.build_setup(cfg)
+  setup = policy_setup.build_setup(spec_of(cfg))
   base = model_lib.init_params(setup.model_cfg, jax.random.key(0))
   # Saved under the recipe's metadata, so the runs load it instead of warm-starting.
-  checkpoint.save_policy(str(root / "base"), base, warm_start.base_policy_metadata(cfg))
+  checkpoint.save_policy(str(root / "base"), base, warm_start.base_policy_metadata(spec_of(cfg)))
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
              # Later runs load compiled executables instead of recompiling (same results).
              JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),

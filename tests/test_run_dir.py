@@ -12,7 +12,8 @@ import re
 import jax
 import pytest
 
-from copd_jax import checkpoint, default_config, main, policy_setup, run_dir, warm_start
+from copd_jax.config_lib import spec_of
+from copd_jax import checkpoint, cli, default_config, main, policy_setup, run_dir, warm_start
 from copd_jax.models import decoder as model_lib
 
 
@@ -32,9 +33,9 @@ def base_dir(tmp_path_factory):
   """A saved base policy under the micro recipe, so runs load it instead of training."""
   root = tmp_path_factory.mktemp("workdir_base")
   cfg = default_config.get("copd", "micro")
-  setup = policy_setup.build_setup(cfg)
+  setup = policy_setup.build_setup(spec_of(cfg))
   params = model_lib.init_params(setup.model_cfg, jax.random.key(0))
-  checkpoint.save_policy(str(root / "base"), params, warm_start.base_policy_metadata(cfg))
+  checkpoint.save_policy(str(root / "base"), params, warm_start.base_policy_metadata(spec_of(cfg)))
   return str(root / "base")
 
 
@@ -88,7 +89,7 @@ def test_every_training_field_change_is_named(tmp_path, field, value):
   cfg = default_config.get("copd", "micro")
   stored = json.loads(cfg.to_json_best_effort())
   default_config.set_field(cfg, field, value)
-  diffs = run_dir.differences(run_dir.training_config(stored), run_dir.training_config(cfg))
+  diffs = run_dir.differences(run_dir.training_config(stored), run_dir.training_config(cli.as_json(cfg)))
   assert len(diffs) == 1 and diffs[0].startswith(f"{field}: directory has ")
 
 
@@ -99,7 +100,7 @@ def test_operational_fields_may_change_on_resume():
   cfg.rl.log_every = 7
   cfg.workdir = "elsewhere"
   cfg.eval.batch_size = 3
-  assert run_dir.differences(run_dir.training_config(stored), run_dir.training_config(cfg)) == []
+  assert run_dir.differences(run_dir.training_config(stored), run_dir.training_config(cli.as_json(cfg))) == []
 
 
 def test_same_config_resumes_and_the_flag_resumes_a_changed_one_on_purpose(tmp_path, base_dir):

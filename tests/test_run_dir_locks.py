@@ -14,6 +14,7 @@ import time
 import pytest
 
 import paths
+from copd_jax.config_lib import spec_of
 from copd_jax import default_config, main, policy_setup, run_dir, warm_start
 
 REPO = paths.REPO
@@ -80,11 +81,11 @@ def test_a_warm_start_directory_being_written_is_locked(tmp_path):
   cfg = default_config.get("copd", "micro")
   cfg.workdir = str(tmp_path / "run")
   cfg.warm_start.checkpoint_dir = str(tmp_path / "base")
-  setup = policy_setup.build_setup(cfg)
+  setup = policy_setup.build_setup(spec_of(cfg))
   with run_dir.DirectoryLock(cfg.warm_start.checkpoint_dir, "warm-start directory"):
     with pytest.raises(run_dir.DirectoryLockedError,
                        match=rf"warm-start directory .*base is in use .*pid {os.getpid()}"):
-      warm_start.get_base_policy(cfg, setup)
+      warm_start.get_base_policy(spec_of(cfg), setup)
   assert not os.path.exists(os.path.join(cfg.warm_start.checkpoint_dir, "metadata.json"))
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2, plugin_hparams_pb2
 
+from copd_jax.config_lib import spec_of
 from copd_jax import default_config, run_log
 from copd_jax.run_log import MetricsWriter
 
@@ -150,7 +151,7 @@ def run_method(cfg, base):
   setup, params = base
   writer = MetricsWriter(cfg.workdir)
   try:
-    return methods.run_rl_method(cfg, setup, params, writer)
+    return methods.run_rl_method(spec_of(cfg), setup, params, writer)
   finally:
     writer.close()
 
@@ -165,7 +166,7 @@ def test_a_crashed_and_resumed_run_logs_what_an_uninterrupted_run_logs(tmp_path,
   from copd_jax import policy_setup, train_checkpoint
   from copd_jax.models import decoder as model_lib
   cfg = micro_copd(tmp_path / "reference")
-  setup = policy_setup.build_setup(cfg)
+  setup = policy_setup.build_setup(spec_of(cfg))
   base = (setup, model_lib.init_params(setup.model_cfg, jax.random.key(0)))
   run_method(cfg, base)
 

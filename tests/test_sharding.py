@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import pod_4b
+from copd_jax.config_lib import spec_of
 from copd_jax import config_lib, kernels, losses, sharding
 from copd_jax.analysis import abstract_step, hlo_audit
 from copd_jax.models import decoder, stacked as experts
@@ -200,7 +201,7 @@ def test_pod_config_update_lowers_with_abstract_shapes():
                                                 num_branches=3),
                              param_axes=decoder.param_axes(
                                  ModelConfig.from_dict(cfg.model.to_dict())))
-  fn, args = abstract_step.abstract_opd_update(cfg, run, num_layers=1, native_prompts=1,
+  fn, args = abstract_step.abstract_opd_update(spec_of(cfg), run, num_layers=1, native_prompts=1,
                                           cross_prompts=1)
   assert abstract_step.tree_bytes(args[0]) // 3 > 700e6  # 4B-wide embedding + one layer, f32
   lowered = fn.lower(*args)

@@ -241,3 +241,115 @@ def test_one_execution_path():
   twins = {str(path.relative_to(ROOT)): found for path in sorted((ROOT / "copd_jax").rglob("*.py"))
            if (found := execution_path_twins(path.read_text()))}
   assert not twins, f"execution paths that branch on having a mesh: {twins}"
+
+
+# The config is translated once: `main` (and the other entry points) turn the
+# ml_collections ConfigDict into a run_spec.RunSpec with config_lib.build, and every module
+# below them takes the RunSpec (or the section it needs), never the ConfigDict.
+CONFIG_LAYER = {
+    "copd_jax.main": "the entry point: builds the RunSpec once (config_lib.build)",
+    "copd_jax.config_lib": "checks the ConfigDict and translates it (build)",
+    "copd_jax.default_config": "defines the configs (ConfigDicts)",
+    "copd_jax.cli": "parses --config (ml_collections config_flags) for the entry points",
+    "copd_jax.config_help": "the --help text of the config's fields",
+    "copd_jax.memory_budget": "a config check: run by config_lib.build on the ConfigDict and "
+                              "by main --dry_run, before any run object exists",
+}
+# Entry points besides main: they may use cli's command-line conventions, but read no
+# ConfigDict themselves (export rebuilds the RunSpec from the run's config.json).
+ENTRY_POINTS = {"copd_jax.export": "python -m copd_jax.export"}
+_CONFIG_NAMES = {"ml_collections", "ConfigDict", "FrozenConfigDict", "config_flags",
+                 "to_json_best_effort"}
+
+
+def config_dict_reads(source: str) -> list[str]:
+  """Where `source` imports ml_collections or names a ConfigDict (a name or attribute in
+  _CONFIG_NAMES; comments and docstrings do not count)."""
+  found = []
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.Import):
+      found += [f"line {node.lineno}: import {a.name}" for a in node.names
+                if a.name.split(".")[0] == "ml_collections"]
+    elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "ml_collections":
+      found.append(f"line {node.lineno}: from {node.module} import ...")
+    elif isinstance(node, ast.Name) and node.id in _CONFIG_NAMES:
+      found.append(f"line {node.lineno}: {node.id}")
+    elif isinstance(node, ast.Attribute) and node.attr in _CONFIG_NAMES:
+      found.append(f"line {node.lineno}: .{node.attr}")
+  return found
+
+
+def test_config_dict_finder_finds_planted_reads():
+  planted = textwrap.dedent("""
+      import ml_collections
+      from ml_collections import config_flags
+      def f(cfg: ml_collections.ConfigDict):
+        return json.loads(cfg.to_json_best_effort())
+      """)
+  assert len(config_dict_reads(planted)) == 5
+  assert config_dict_reads('"""Reads no ml_collections ConfigDict."""\nx = spec.rl.opd\n') == []
+
+
+def test_no_module_below_main_reads_a_config_dict(graph):
+  modules = package_modules()
+  assert set(CONFIG_LAYER) | set(ENTRY_POINTS) <= set(modules)
+  below = {name: path for name, path in modules.items() if name not in CONFIG_LAYER}
+  reads = {name: found for name, path in below.items()
+           if (found := config_dict_reads(path.read_text()))}
+  assert reads == {}, f"modules below main that read the ConfigDict: {reads}"
+  # ... nor reach one through the config layer (an import inside a function counts).
+  through = {name: sorted(graph[name] & set(CONFIG_LAYER)) for name in below
+             if name not in ENTRY_POINTS and graph[name] & set(CONFIG_LAYER)}
+  assert through == {}, f"modules below main that import the config layer: {through}"
+  assert {m for m in ENTRY_POINTS if graph[m] & set(CONFIG_LAYER) - {"copd_jax.cli"}} == set()
+
+
+def _config_dicts_in(value, where: str = "spec") -> list[str]:
+  """Paths of every ConfigDict inside value (dataclasses, dicts, lists, tuples)."""
+  import dataclasses
+  import ml_collections
+  if isinstance(value, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+    return [where]
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    return [p for f in dataclasses.fields(value)
+            for p in _config_dicts_in(getattr(value, f.name), f"{where}.{f.name}")]
+  if isinstance(value, dict):
+    return [p for k, v in value.items() for p in _config_dicts_in(v, f"{where}[{k!r}]")]
+  if isinstance(value, (list, tuple)):
+    return [p for i, v in enumerate(value) for p in _config_dicts_in(v, f"{where}[{i}]")]
+  return []
+
+
+def test_run_context_holds_a_run_spec_without_config_dicts():
+  """At run time: the RunSpec main hands down (config_lib.build) of every method and of
+  the shipped configs holds no ConfigDict at any depth, and RunContext carries a RunSpec."""
+  import typing
+
+  from copd_jax import cli, config_lib, default_config, run_spec
+  from copd_jax.rl import loop
+  assert typing.get_type_hints(loop.RunContext)["cfg"] is run_spec.RunSpec
+  configs = [default_config.get(m, "micro") for m in default_config.METHODS]
+  configs += [cli.load_config_file(str(ROOT / "configs" / f"{name}.py"))
+              for name in ("hf_copd", "hf_vl_copd", "pod_4b")]
+  for cfg in configs:
+    spec = config_lib.spec_of(cfg)
+    assert isinstance(spec, run_spec.RunSpec)
+    assert _config_dicts_in(spec) == [], cfg.method
+    assert spec.config_json["rl" if cfg.method != "base" else "method"]  # the resolved config
+
+
+# Module state a function rebinds (`global x`), and why each is not a setting: the reward
+# settings travel with the run (policy_setup.RunSetup.rewards), never through a global.
+ALLOWED_GLOBALS = {
+    ("copd_jax.data.math_verifier", "_pool"): "the process's verifier worker processes, "
+                                              "rebuilt when the settings passed in change",
+    ("copd_jax.data.reward_values", "_first_traceback_printed"): "print a plug-in's "
+                                                                 "traceback once per process",
+}
+
+
+def test_no_settings_held_in_module_globals():
+  rebound = {(name, n) for name, path in package_modules().items()
+             for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Global)
+             for n in node.names}
+  assert rebound <= set(ALLOWED_GLOBALS), sorted(rebound - set(ALLOWED_GLOBALS))

@@ -12,7 +12,7 @@ import os
 import jax
 import jax.numpy as jnp
 import pytest
-from ml_collections import ConfigDict
+from copd_jax.run_spec import CheckpointSpec
 from orbax.checkpoint import utils as ocp_utils
 
 from copd_jax import config_lib, default_config
@@ -23,7 +23,7 @@ POSITION = 12345  # the text stream's next record
 
 
 def checkpoints(root, allow_unverified=False):
-  opts = ConfigDict(dict(every_steps=1, max_to_keep=3, async_save=False, resume=True,
+  opts = CheckpointSpec(**dict(every_steps=1, max_to_keep=3, async_save=False, resume=True,
                          save_on_sigterm=True, allow_unverified=allow_unverified))
   run = tc.RunCheckpoints(str(root), opts, method="copd", num_experts=2, seed=0,
                           config_json={"rl": {"learning_rate": 0.0003}})

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import paths
+from copd_jax.config_lib import spec_of
 from copd_jax import cli, config_lib, default_config, export, main, policy_setup, run_dir
 from copd_jax.data import examples as examples_lib, reward_fns, streams, verifiers
 from copd_jax.models import decoder as model_lib, stacked as experts
@@ -82,8 +83,8 @@ def sources_config(tmp_path):
 def test_two_sources_with_different_columns_are_mixed_by_weight(tmp_path):
   cfg = sources_config(tmp_path)
   config_lib.validate_config(cfg)
-  setup = policy_setup.build_setup(cfg)
-  stream = streams.capability_dataset(cfg, "math", setup.example_kwargs, seed=5)
+  setup = policy_setup.build_setup(spec_of(cfg))
+  stream = streams.capability_dataset(spec_of(cfg), "math", setup.example_kwargs, seed=5)
   drawn = [stream[i] for i in range(400)]
   from_gsm = [ex for ex in drawn if ex.question.startswith("gsm ")]
   from_aops = [ex for ex in drawn if ex.question.startswith("aops ")]
@@ -96,7 +97,7 @@ def test_two_sources_with_different_columns_are_mixed_by_weight(tmp_path):
   # Weights 3 : 1 -> three quarters of the prompts from gsm.
   assert abs(len(from_gsm) / 400 - 0.75) <= 0.02
   # The held-out set is the eval source, read with its own (default) columns.
-  held = policy_setup.held_out_sets(cfg, setup)["math"]
+  held = policy_setup.held_out_sets(spec_of(cfg), setup)["math"]
   assert [ex.question for ex in held] == ["eval 0: 0 + 0?", "eval 1: 1 + 0?"]
 
 
@@ -128,8 +129,8 @@ def test_old_single_column_configs_still_work(tmp_path):
   cfg.data.eval_files = {"math": path, "science": path}
   cfg.data.columns = {"prompt": "q", "answer": "a"}
   config_lib.validate_config(cfg)
-  setup = policy_setup.build_setup(cfg)
-  stream = streams.capability_dataset(cfg, "math", setup.example_kwargs, seed=0)
+  setup = policy_setup.build_setup(spec_of(cfg))
+  stream = streams.capability_dataset(spec_of(cfg), "math", setup.example_kwargs, seed=0)
   assert sorted(stream[i].question for i in range(4)) == [f"old {i}?" for i in range(4)]
 
 
@@ -153,7 +154,7 @@ def test_dotted_source_overrides_and_structured_values_in_the_run_name(tmp_path)
                       printed["workdir"])  # an override equal to the file's is no change
   # A structured value (a whole mapping) reads as a short hash, not its mangled text.
   cfg = hf_config()
-  name = run_dir.run_name(cfg, {"data.chat_template_kwargs": {"enable_thinking": False}},
+  name = run_dir.run_name(cli.as_json(cfg), {"data.chat_template_kwargs": {"enable_thinking": False}},
                           prefix="hf_copd")
   assert re.fullmatch(r"hf_copd-data\.chat_template_kwargs=h[0-9a-f]{6}-[0-9a-f]{8}", name)
 
@@ -256,7 +257,7 @@ def test_enable_thinking_false_renders_through_a_qwen3_template():
   cfg = qwen3_template_config(chat_template_kwargs={"enable_thinking": False},
                               system_prompt="Answer with a number.")
   config_lib.validate_config(cfg)
-  tokenizer = policy_setup.build_setup(cfg).tokenizer
+  tokenizer = policy_setup.build_setup(spec_of(cfg)).tokenizer
   example = examples_lib.Example("math", "What is 2+2?", "4", modality="text", verifier="integer")
   ids = examples_lib.prompt_token_ids(example, tokenizer, 0)
   # Qwen3's template with enable_thinking=False closes an empty think block after the
@@ -266,7 +267,7 @@ def test_enable_thinking_false_renders_through_a_qwen3_template():
               "<|im_start|>assistant\n<think>\n\n</think>\n\n")
   assert ids == tokenizer.encode(expected)
   # Without the argument the template leaves thinking on: no think block in the prompt.
-  thinking = policy_setup.build_setup(qwen3_template_config()).tokenizer
+  thinking = policy_setup.build_setup(spec_of(qwen3_template_config())).tokenizer
   assert examples_lib.prompt_token_ids(example, thinking, 0) == thinking.encode(
       "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
 
@@ -292,13 +293,13 @@ def test_pass_at_k_with_partial_credit(monkeypatch):
   pass@4 is 0 for a model that never answers fully right; at threshold 0.5 every sample
   passes and pass@4 is 1."""
   cfg = default_config.get("copd", "micro")
-  setup = policy_setup.build_setup(cfg)
+  setup = policy_setup.build_setup(spec_of(cfg))
   stacked = experts.broadcast_params(model_lib.init_params(setup.model_cfg, jax.random.key(0)), 1)
-  eval_sets = {"text": policy_setup.held_out_sets(cfg, setup)["text"][:2]}
+  eval_sets = {"text": policy_setup.held_out_sets(spec_of(cfg), setup)["text"][:2]}
   monkeypatch.setattr(verifiers, "rewards_for",
                       lambda responses, examples, *a, **k: np.full(len(responses), 0.5, np.float32))
   from copd_jax.rl import methods
-  kwargs = dict(run=methods.run_sharding(cfg, setup.model_cfg), max_new_tokens=4,
+  kwargs = dict(run=methods.run_sharding(spec_of(cfg), setup.model_cfg), max_new_tokens=4,
                 batch_size=8, pass_samples=4, pass_k=(1, 4))
   strict = evaluation.evaluate_stacked(stacked, setup, eval_sets, **kwargs)
   np.testing.assert_allclose(strict["pass@4/text"], [0.0])
@@ -307,7 +308,7 @@ def test_pass_at_k_with_partial_credit(monkeypatch):
   lenient = evaluation.evaluate_stacked(stacked, setup, eval_sets, pass_threshold=0.5, **kwargs)
   np.testing.assert_allclose(lenient["pass@4/text"], [1.0])
   cfg.eval.pass_samples, cfg.eval.pass_k, cfg.eval.pass_threshold = 4, (1,), 0.5
-  assert evaluation.pass_at_k_kwargs(cfg)["pass_threshold"] == 0.5
+  assert evaluation.pass_at_k_kwargs(spec_of(cfg))["pass_threshold"] == 0.5
 
 
 # ------------------------------------------------------------------ 6. export
@@ -316,7 +317,7 @@ def test_pass_at_k_with_partial_credit(monkeypatch):
 def toy_run_policy(monkeypatch):
   """load_run_policy of a toy run (a model with a vision tower), without training one."""
   cfg = default_config.get("copd", "micro")
-  model_cfg = policy_setup.build_setup(cfg).model_cfg
+  model_cfg = policy_setup.build_setup(spec_of(cfg)).model_cfg
   params = model_lib.init_params(model_cfg, jax.random.key(0))
   monkeypatch.setattr(export, "load_run_policy", lambda workdir, branch="merged": (cfg, model_cfg, params))
 

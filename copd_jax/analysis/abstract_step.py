@@ -1,12 +1,12 @@
 """Abstract (allocation-free) lowering of the sharded update, for memory and collective audits."""
 from __future__ import annotations
 
-import copy
 import math
 
 import jax
 import jax.numpy as jnp
 
+from copd_jax import run_spec
 from copd_jax.sharding import RunSharding
 
 
@@ -15,10 +15,10 @@ def tree_bytes(tree) -> int:
                  for x in jax.tree_util.tree_leaves(tree)))
 
 
-def abstract_opd_update(cfg, run: RunSharding, num_layers: int | None = None,
+def abstract_opd_update(cfg: run_spec.RunSpec, run: RunSharding, num_layers: int | None = None,
                         native_prompts: int | None = None, cross_prompts: int | None = None,
                         topology: str | None = None):
-  """The CoPD OPD-step update of a run config as (sharding.MeshProgram, abstract args): params,
+  """The CoPD OPD-step update of a RunSpec as (sharding.MeshProgram, abstract args): params,
   optimizer state and rows are jax.ShapeDtypeStruct with their shardings; nothing is
   allocated. Lower/compile with `fn.lower(*args).compile()`.
 
@@ -31,16 +31,17 @@ def abstract_opd_update(cfg, run: RunSharding, num_layers: int | None = None,
   teachers' topology (hub = rl.opd.hub), as CoPD uses it.
   """
   from copd_jax.analysis import tpu_compile
-  cfg = copy.deepcopy(cfg)
+  changes = {}
   if native_prompts is not None:
-    cfg.rl.native_prompts = int(native_prompts)
+    changes["rl.native_prompts"] = int(native_prompts)
   if cross_prompts is not None:
-    cfg.rl.cross_prompts = int(cross_prompts)
+    changes["rl.cross_prompts"] = int(cross_prompts)
   if topology is not None:
-    cfg.rl.opd.topology = topology
+    changes["rl.opd.topology"] = topology
   platform = run.mesh.devices.flat[0].platform
   if platform != "tpu" and cfg.rl.kernel.backend == "pallas":
-    cfg.rl.kernel.backend = "chunked"
+    changes["rl.kernel.backend"] = "chunked"
+  cfg = run_spec.replace_fields(cfg, changes)
   (program,) = tpu_compile.abstract_programs(cfg, run, num_layers, names=("opd_update",))
   return program.fn, program.args
 

@@ -26,7 +26,6 @@ collectives and latency) and numerics (nothing runs).
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 import os
@@ -36,13 +35,13 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from copd_jax import sampling as sampling_lib
 from copd_jax.models import decoder, lora, model_config, stacked
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 from copd_jax.rl import rows as rows_lib, schedules, scoring, stages, update as update_lib
+from copd_jax.run_spec import MeshSpec, RunSpec, replace_fields
 from copd_jax.sharding import MeshProgram, RunSharding, make_mesh
 
 GiB = 2 ** 30
@@ -139,23 +138,21 @@ def run_model_config(cfg, num_layers: int | None = None):
   features go into the first layers, so with fewer decoder layers than deepstack indexes
   only the first num_layers indexes are kept."""
   from copd_jax import policy_setup
-  pod = cfg.get("pod")
-  arch = pod.get("qwen3_vl") if pod is not None else None
-  checkpoint = cfg.init.get("hf_checkpoint", "")
+  arch = cfg.pod.qwen3_vl if cfg.pod is not None else None
+  checkpoint = cfg.init.hf_checkpoint
   if checkpoint and policy_setup.is_qwen3_vl_checkpoint(checkpoint):
     model = policy_setup.vl_model_config(cfg)
   elif arch:
-    arch = arch.to_dict() if hasattr(arch, "to_dict") else dict(arch)
+    arch = dict(arch)
     try:
       model = Qwen3VLConfig.from_hf(arch, dtype=cfg.model.dtype)
     except ValueError as err:
       raise ValueError(f"config.pod.qwen3_vl: {err}") from err
     model = dataclasses.replace(model, text=policy_setup.with_execution_settings(model.text, cfg))
   else:
-    fields = cfg.model.to_dict()
     if num_layers is not None:
-      fields["num_layers"] = int(num_layers)
-    return model_config.ModelConfig.from_dict(fields)
+      return dataclasses.replace(cfg.model, num_layers=int(num_layers))
+    return cfg.model
   if num_layers is not None:
     keep = tuple(model.vision.deepstack_visual_indexes[:int(num_layers)])
     model = dataclasses.replace(
@@ -315,7 +312,7 @@ def abstract_programs(cfg, run: RunSharding, num_layers: int | None = None,
   routing_args = {k: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
                                           sharding=run.replicated)
                   for k, x in dataclasses.asdict(routing).items()}
-  params = abstract_params(model_cfg, s, lora.spec_from_config(cfg))
+  params = abstract_params(model_cfg, s, cfg.lora)
   a_params = _with_shardings(params, run.stacked_params(params))
   opt_state = jax.eval_shape(lambda q: update_lib.init_optimizer_state(optimizer, q), params)
   a_opt = _with_shardings(opt_state, run.opt_state(opt_state))
@@ -359,7 +356,7 @@ def abstract_programs(cfg, run: RunSharding, num_layers: int | None = None,
                          shared_bytes=per_device_bytes(a_params)))
     elif name == "merge":
       weights = None
-      if rl.get("merge_weights"):
+      if rl.merge_weights:
         weights = [rl.merge_weights.get(c, 0.0) for c in caps]
       out.append(Program(name, merge_program(run, params, weights), (a_params,)))
   return out
@@ -418,12 +415,12 @@ def run_sharding(cfg, topology: str) -> RunSharding:
   """config.mesh over the abstract devices of `topology`: all of them, or the first N when
   the mesh sizes are fixed and multiply to fewer (e.g. a one-chip mesh on a 2x2 slice)."""
   devices = tpu_devices(topology)
-  sizes = dict(cfg.mesh)
+  sizes = cfg.mesh.sizes()
   wanted = math.prod(sizes.values()) if all(v > 0 for v in sizes.values()) else len(devices)
   if wanted < len(devices):
     devices = devices[:wanted]
   from copd_jax import policy_setup
-  return RunSharding(make_mesh(cfg.mesh, devices, cfg.num_experts),
+  return RunSharding(make_mesh(sizes, devices, cfg.num_experts),
                      param_axes=policy_setup.declared_param_axes(run_model_config(cfg)))
 
 
@@ -470,32 +467,28 @@ SMALL_QWEN3_VL = dict(
 SMALL_TOPOLOGY = "v5p:2x2x1"
 
 
-def small_config(cfg, chips: int = 4):
-  """A copy of a run config shrunk to compile in seconds on SMALL_TOPOLOGY: on its 4 chips
+def small_config(cfg: RunSpec, chips: int = 4) -> RunSpec:
+  """A copy of a RunSpec shrunk to compile in seconds on SMALL_TOPOLOGY: on its 4 chips
   (mesh fsdp=2 x tensor=2) or, chips=1, on one of them: tiny widths, one decoder layer (a
   tiny Qwen3-VL with a one-block vision tower when
   the config carries config.pod.qwen3_vl), 128 + 128 tokens, 2 native + 2 cross prompts
   x 2 samples, micro-batches of 4 rows. The model family, the loss backend and tiles,
   the attention kernel, remat and the optimizer are the config's own."""
-  c = copy.deepcopy(cfg)
-  if c.get("pod") is not None and c.pod.get("qwen3_vl"):
-    c.pod.qwen3_vl = SMALL_QWEN3_VL
-  c.init.hf_checkpoint = ""
-  c.model.update(dict(vocab_size=2048, d_model=256, num_layers=1, num_heads=4, num_kv_heads=2,
-                      head_dim=64, mlp_dim=512))
-  c.data.update(dict(max_prompt_len=128, max_response_len=128))
-  if "vision_budget" in c.data:
-    c.data.vision_budget = 64
-  c.sampling.max_new_tokens = 128
-  c.rl.update(dict(native_prompts=2, cross_prompts=2, samples_per_prompt=2,
-                   micro_batch_rows=4))
   if chips not in (1, 4):
     raise ValueError(f"small_config: chips must be 1 or 4, got {chips}")
   split = 2 if chips == 4 else 1
-  c.mesh = ml_collections.ConfigDict(dict(expert=1, data=1, fsdp=split, tensor=split))
-  if c.get("pod") is not None:
-    c.pod.update(dict(tpu="v5p", topology="2x2x1", num_chips=4))
-  return c
+  changes = {"init.hf_checkpoint": "", "model.vocab_size": 2048, "model.d_model": 256,
+             "model.num_layers": 1, "model.num_heads": 4, "model.num_kv_heads": 2,
+             "model.head_dim": 64, "model.mlp_dim": 512, "data.max_prompt_len": 128,
+             "data.max_response_len": 128, "data.vision_budget": 64,
+             "sampling.max_new_tokens": 128, "rl.native_prompts": 2, "rl.cross_prompts": 2,
+             "rl.samples_per_prompt": 2, "rl.micro_batch_rows": 4,
+             "mesh": MeshSpec(expert=1, data=1, fsdp=split, tensor=split)}
+  if cfg.pod is not None:
+    changes.update({"pod.tpu": "v5p", "pod.topology": "2x2x1", "pod.num_chips": 4})
+    if cfg.pod.qwen3_vl:
+      changes["pod.qwen3_vl"] = SMALL_QWEN3_VL
+  return replace_fields(cfg, changes)
 
 
 def figures_table(records: list[dict]) -> str:

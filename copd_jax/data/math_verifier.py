@@ -297,8 +297,8 @@ def uncheckable_math_references(answers: Sequence[str], config: RewardConfig | N
   """(index, why) of the references every response would score 0 against: those
   math-verify cannot parse, and those whose comparison with a wrong answer does not
   finish within config.timeout_s (9^{9^{9^{9}}}) or config.worker_memory_mb. Run when a
-  dataset loads."""
-  config = config or _active_config
+  dataset loads. config: the run's reward settings (default: RewardConfig())."""
+  config = config or RewardConfig()
   unique = sorted(set(answers))
   outcome, stats = shared_pool(config).run([("reference", a) for a in unique],
                                            config.timeout_s, failed="failed")
@@ -324,16 +324,17 @@ def math_request(response, answer: str) -> tuple | None:
   return ("math", answer, final)
 
 
-def math_equivalent(response, answer: str, timeout_s: float | None = None) -> float:
+def math_equivalent(response, answer: str, timeout_s: float | None = None,
+                    config: RewardConfig | None = None) -> float:
   """1.0 if the response's final answer (last \\boxed{...} or text after 'answer is' /
   'Answer:', see final_answer_text) is mathematically equivalent to `answer` according
   to math-verify ('0.5' ~ '\\frac{1}{2}', '(x+1)^2' ~ 'x^2+2x+1'); 0.0 otherwise, on any
-  parse failure, and when the check takes longer than timeout_s seconds (default: the
-  configured limit, RewardConfig.timeout_s)."""
+  parse failure, and when the check takes longer than timeout_s seconds (default:
+  config.timeout_s; config default: RewardConfig())."""
   request = math_request(response, answer)
   if request is None:
     return 0.0
-  config = _active_config
+  config = config or RewardConfig()
   results, _ = shared_pool(config).run([request], timeout_s or config.timeout_s)
   return float(results[0])
 
@@ -397,9 +398,6 @@ class RewardConfig:
                        f"{self.plugins!r}")
 
 
-_active_config = RewardConfig()
-
-
 _pool: VerifierPool | None = None
 
 
@@ -411,30 +409,18 @@ def _stop_pool() -> None:
 atexit.register(_stop_pool)
 
 
-def configure(config: RewardConfig) -> None:
-  """Sets the reward settings every later call uses (main sets config.reward)."""
-  global _active_config
-  if config.fn:
-    load_plugin(config.fn)  # fail now, naming the spec, not in a worker later
-  _active_config = config
-
-
-def active_config() -> RewardConfig:
-  return _active_config
-
-
 def pool_plugins(config: RewardConfig) -> tuple[str, ...]:
   """The plug-ins a pool for `config` loads: config.plugins and config.fn, sorted."""
   return tuple(sorted(set(config.plugins) | ({config.fn} if config.fn else set())))
 
 
-def shared_pool(config: RewardConfig | None = None) -> VerifierPool:
+def shared_pool(config: RewardConfig) -> VerifierPool:
   """The process's one verifier pool: at most config.workers processes, whatever the
   number of reward functions (each worker serves every plug-in of pool_plugins). It is
   rebuilt, the old workers stopped, when the workers, their memory limit or the
-  plug-ins change."""
+  plug-ins change. The pool is a process resource (worker processes), not a setting:
+  every caller passes the settings it scores with."""
   global _pool
-  config = config or _active_config
   key = (config.workers, pool_plugins(config), config.worker_memory_mb)
   if _pool is None or (_pool.size, _pool.args[0], _pool.memory_mb) != key:
     _stop_pool()

@@ -415,7 +415,8 @@ def _video_fps(raw: dict, where: str, *, has_video: bool) -> float | None:
 
 @functools.lru_cache(maxsize=16)
 def _load_records(files: tuple[str, ...], stamps: tuple, capability: str | None,
-                  default_verifier: str, reader: str, columns: tuple) -> tuple[Record, ...]:
+                  default_verifier: str, reader: str, columns: tuple,
+                  reward_config: math_verifier.RewardConfig | None) -> tuple[Record, ...]:
   # Cached on (files, modification times, ...): a run's setup checks and its data streams
   # read the same files once.
   del stamps
@@ -425,7 +426,7 @@ def _load_records(files: tuple[str, ...], stamps: tuple, capability: str | None,
     records += [parse_record(apply_columns(raw, dict(columns), where), where, folder,
                              capability=capability, default_verifier=default_verifier)
                 for where, raw in _read_file(path, reader, dict(columns))]
-  _check_math_references_parse(records)
+  _check_math_references_parse(records, reward_config)
   return tuple(records)
 
 
@@ -437,14 +438,17 @@ def _stamp(path: str) -> tuple:
   return (os.path.getmtime(path), os.path.getsize(path))
 
 
-def _check_math_references_parse(records: Sequence[Record]) -> None:
+def _check_math_references_parse(records: Sequence[Record],
+                                 reward_config: math_verifier.RewardConfig | None) -> None:
   """Every 'math' reference must parse with math-verify (in the verifier workers), and
   be checkable within the reward limits: against one that is not, every response would
-  score 0 (math_verifier.uncheckable_math_references)."""
+  score 0 (math_verifier.uncheckable_math_references; reward_config: the run's limits,
+  None = RewardConfig's defaults)."""
   math_records = [r for r in records if r.verifier == "math"]
   if not math_records:
     return
-  bad = math_verifier.uncheckable_math_references([r.answer for r in math_records])
+  bad = math_verifier.uncheckable_math_references([r.answer for r in math_records],
+                                                  reward_config)
   if bad:
     index, why = bad[0]
     first = math_records[index]
@@ -455,16 +459,18 @@ def _check_math_references_parse(records: Sequence[Record]) -> None:
 
 def load_records(paths, *, capability: str | None = None,
                  default_verifier: str = DEFAULT_VERIFIER, reader: str = "builtin",
-                 columns: Mapping[str, str] | None = None) -> tuple[Record, ...]:
+                 columns: Mapping[str, str] | None = None,
+                 reward_config: math_verifier.RewardConfig | None = None) -> tuple[Record, ...]:
   """All records of the files (see resolve_paths), validated; ValueError names file+line
-  (or row). reader: 'builtin' | 'datasets'; columns: record field -> column name."""
+  (or row). reader: 'builtin' | 'datasets'; columns: record field -> column name;
+  reward_config: the reward limits 'math' references are checked within (None: defaults)."""
   if default_verifier not in answers_lib.VERIFIERS:
     raise ValueError(f"default_verifier must be one of {answers_lib.VERIFIERS}, got "
                      f"{default_verifier!r}")
   files = tuple(resolve_paths(paths))
   stamps = tuple(_stamp(f) for f in files)
   records = _load_records(files, stamps, capability, default_verifier, reader,
-                          tuple(sorted(dict(columns or {}).items())))
+                          tuple(sorted(dict(columns or {}).items())), reward_config)
   if not records:
     raise ValueError(f"record files {list(files)} hold no records")
   return records
@@ -537,9 +543,10 @@ class RecordSource:
   def __init__(self, paths, *, capability: str | None = None, image_size: int | None = None,
                num_frames: int | None = None, default_verifier: str = DEFAULT_VERIFIER,
                reader: str = "builtin", columns: Mapping[str, str] | None = None,
-               native_media: bool = False):
+               native_media: bool = False,
+               reward_config: math_verifier.RewardConfig | None = None):
     self.records = load_records(paths, capability=capability, default_verifier=default_verifier,
-                                reader=reader, columns=columns)
+                                reader=reader, columns=columns, reward_config=reward_config)
     self.capability = capability
     self.image_size = image_size
     self.num_frames = num_frames

@@ -79,11 +79,12 @@ def parse_fns(fns, weights=()) -> tuple[RewardFn, ...]:
 
 
 def from_config(reward_cfg) -> tuple[math_verifier.RewardConfig, tuple[RewardFn, ...]]:
-  """config.reward -> (the RewardConfig every function is scored with, the weighted list).
+  """config.reward (a run_spec.RewardSpec or a dict of its fields) -> (the RewardConfig every function is scored with, the weighted list).
 
   Only the fields RewardConfig has are passed to it, so fields added to either side
   (the list here, error limits there) never break the other."""
-  raw = reward_cfg.to_dict() if hasattr(reward_cfg, "to_dict") else dict(reward_cfg)
+  raw = (dataclasses.asdict(reward_cfg) if dataclasses.is_dataclass(reward_cfg)
+         else dict(reward_cfg))
   known = {f.name for f in dataclasses.fields(math_verifier.RewardConfig)}
   fns = parse_fns(raw.get("fns", ()), raw.get("weights", ()))
   if fns and raw.get("fn"):
@@ -93,26 +94,41 @@ def from_config(reward_cfg) -> tuple[math_verifier.RewardConfig, tuple[RewardFn,
   return config, fns
 
 
-_active: tuple[RewardFn, ...] = ()
+@dataclasses.dataclass(frozen=True)
+class Rewards:
+  """A run's rewards (config.reward), passed to whatever scores responses: the settings
+  every function is scored with, and the weighted list (empty: the single function)."""
+  config: math_verifier.RewardConfig = math_verifier.RewardConfig()
+  fns: tuple[RewardFn, ...] = ()
+
+  def score(self, responses: Sequence[str], examples: Sequence):
+    """(float32[N] weighted rewards, {name: float32[N]}, [PoolStats]): see `score`."""
+    return score(responses, examples, self.fns, self.config)
+
+  def rewards_for(self, responses: Sequence[str], examples: Sequence) -> np.ndarray:
+    """float32[N] weighted rewards of responses[i] against examples[i]; without a list,
+    verifiers.rewards_for with these settings."""
+    if not self.fns:
+      return verifiers.rewards_for(responses, examples, self.config)
+    return self.score(responses, examples)[0]
 
 
-def configure(reward_cfg) -> None:
-  """Sets config.reward for every later score / rewards_for call (main and the RL methods
-  call it). Every plug-in of the list is imported now, so a bad spec fails at start."""
-  global _active
+def run_config(reward_cfg) -> math_verifier.RewardConfig:
+  """The RewardConfig a run scores with: config.reward's limits, and every plug-in of the
+  list for the one worker pool (reward.workers bounds all of them). Pure: imports nothing."""
   config, fns = from_config(reward_cfg)
-  for fn in fns:
-    if fn.spec != BUILTIN:
-      math_verifier.load_plugin(fn.spec)
-  # one worker pool serves every plug-in of the list (reward.workers bounds all of them)
-  config = dataclasses.replace(config, plugins=tuple(sorted(
+  return dataclasses.replace(config, plugins=tuple(sorted(
       {fn.spec for fn in fns if fn.spec != BUILTIN} | set(config.plugins))))
-  math_verifier.configure(config)
-  _active = fns
 
 
-def active() -> tuple[RewardFn, ...]:
-  return _active
+def rewards_of(reward_cfg) -> Rewards:
+  """The Rewards of config.reward (a run_spec.RewardSpec). Every plug-in is imported now,
+  so a bad spec fails at start, naming it, not in a worker later."""
+  _, fns = from_config(reward_cfg)
+  config = run_config(reward_cfg)
+  for spec in math_verifier.pool_plugins(config):
+    math_verifier.load_plugin(spec)
+  return Rewards(config, fns)
 
 
 def _single(config: math_verifier.RewardConfig, fn: RewardFn) -> math_verifier.RewardConfig:
@@ -127,15 +143,15 @@ def combine(per_fn: Mapping[str, np.ndarray], fns: Sequence[RewardFn]) -> np.nda
   return total.astype(np.float32)
 
 
-def score(responses: Sequence[str], examples: Sequence, fns: Sequence[RewardFn] | None = None,
+def score(responses: Sequence[str], examples: Sequence, fns: Sequence[RewardFn] = (),
           config: math_verifier.RewardConfig | None = None
           ) -> tuple[np.ndarray, dict[str, np.ndarray], list]:
   """(float32[N] weighted rewards, {name: float32[N]} per function, [PoolStats per call]).
 
   Without a list (fns empty, the default when config.reward.fns is unset) this is exactly
-  verifiers.score with the configured single function, and the per-function dict is empty."""
-  fns = _active if fns is None else tuple(fns)
-  config = config or math_verifier.active_config()
+  verifiers.score with config's single function, and the per-function dict is empty."""
+  fns = tuple(fns)
+  config = config or math_verifier.RewardConfig()
   if not fns:
     rewards, stats = verifiers.score(responses, examples, config)
     return rewards, {}, [stats]
@@ -144,13 +160,6 @@ def score(responses: Sequence[str], examples: Sequence, fns: Sequence[RewardFn] 
     per_fn[fn.name], pool = verifiers.score(responses, examples, _single(config, fn))
     stats.append(pool)
   return combine(per_fn, fns), per_fn, stats
-
-
-def rewards_for(responses: Sequence[str], examples: Sequence) -> np.ndarray:
-  """float32[N] weighted rewards (see score); without a list, verifiers.rewards_for."""
-  if not _active:
-    return verifiers.rewards_for(responses, examples)
-  return score(responses, examples)[0]
 
 
 def total_stats(stats: Sequence) -> math_verifier.PoolStats:

@@ -55,6 +55,11 @@ def _plain(value):
   return value.to_dict() if hasattr(value, "to_dict") else value
 
 
+def _fields(data) -> Mapping:
+  """config.data as a mapping: a RunSpec's DataSpec, or the config's own data node."""
+  return dataclasses.asdict(data) if dataclasses.is_dataclass(data) else _plain(data)
+
+
 def _fail(field: str, message: str, value) -> None:
   raise ValueError(f"config.{field} {message}, got {value!r}")
 
@@ -102,6 +107,7 @@ def parse_source(name: str, raw, record_fields) -> SourceSpec:
 def legacy_sources(data) -> list[SourceSpec]:
   """config.data.train_files / eval_files with the one config.data.columns, as sources
   named '<split>_<domain>' (weight 1)."""
+  data = _fields(data)
   columns = dict(_plain(data.get("columns", {})) or {})
   out = []
   for split, field in (("train", "train_files"), ("eval", "eval_files")):
@@ -111,6 +117,7 @@ def legacy_sources(data) -> list[SourceSpec]:
 
 
 def has_sources(data) -> bool:
+  data = _fields(data)
   return bool(_plain(data.get("sources", {})))
 
 
@@ -120,6 +127,7 @@ def all_sources(data, record_fields=None) -> list[SourceSpec]:
   if record_fields is None:
     from copd_jax.data import records
     record_fields = records.RECORD_FIELDS
+  data = _fields(data)
   sources = _plain(data.get("sources", {})) or {}
   if not sources:
     return legacy_sources(data)
@@ -131,7 +139,7 @@ def all_sources(data, record_fields=None) -> list[SourceSpec]:
           "(move each file into a source)", sorted(sources))
   if _plain(data.get("columns", {})):
     _fail("data.columns", "is per source with config.data.sources: move it into each "
-          "source's columns (config.data.sources.<name>.columns)", dict(_plain(data.columns)))
+          "source's columns (config.data.sources.<name>.columns)", dict(_plain(data["columns"])))
   return [parse_source(name, sources[name], record_fields) for name in sorted(sources)]
 
 

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
-from copd_jax.data import examples as examples_lib, toy_tasks
+from copd_jax.data import examples as examples_lib, reward_fns, toy_tasks
 from copd_jax.data.examples import _check_int
 
 TRAIN_SOURCE_LENGTH = 2**31 - 1  # "endless": far more indices than any run reads
@@ -146,9 +146,7 @@ def _train_files(cfg) -> dict[str, list[str]]:
   Keys are capabilities of this run (cfg.tasks.capabilities): the built-in ones or record
   domain names such as 'math' (see examples_lib.Example); every one of them needs files.
   """
-  files = cfg.data.get("train_files", None) or {}
-  if hasattr(files, "to_dict"):  # an ml_collections.ConfigDict
-    files = files.to_dict()
+  files = cfg.data.train_files or {}
   if not isinstance(files, Mapping):
     raise ValueError(f"config.data.train_files must map capability -> path or list of "
                      f"paths, got {files!r}")
@@ -194,8 +192,9 @@ def capability_dataset(cfg, capability: str, example_kwargs: Mapping[str, Any],
   from copd_jax.data import records as datasets
   # The model's frame sizes: image records are decoded at its resolution.
   source = datasets.RecordSource(files[capability], capability=capability,
-                                 reader=cfg.data.get("reader", "builtin"),
-                                 columns=dict(cfg.data.get("columns", {})), **example_kwargs)
+                                 reader=cfg.data.reader, columns=dict(cfg.data.columns),
+                                 reward_config=reward_fns.run_config(cfg.reward),
+                                 **example_kwargs)
   shuffle_seed = _check_int("config.data.shuffle_seed", cfg.data.shuffle_seed, 0)
   # crc32: a stable per-name number (record domains are not in toy_tasks.CAPABILITIES).
   grain_seed = _pipeline_seed(shuffle_seed, seed, zlib.crc32(capability.encode("utf-8")))
@@ -217,7 +216,8 @@ def sources_dataset(cfg, capability: str, example_kwargs: Mapping[str, Any],
   parts = []
   for spec in specs:
     source = datasets.RecordSource(spec.paths, capability=capability,
-                                   reader=cfg.data.get("reader", "builtin"),
+                                   reader=cfg.data.reader,
+                                   reward_config=reward_fns.run_config(cfg.reward),
                                    columns=spec.columns, **example_kwargs)
     grain_seed = _pipeline_seed(shuffle_seed, seed, zlib.crc32(capability.encode("utf-8")),
                                 zlib.crc32(spec.name.encode("utf-8")))

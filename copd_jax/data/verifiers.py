@@ -18,7 +18,6 @@ from copd_jax.data.math_verifier import (
   PoolStats,
   RewardConfig,
   RewardExample,
-  active_config,
   check_math_reference,
   math_equivalent,
   math_request,
@@ -72,8 +71,9 @@ def score(responses: Sequence[str], examples: Sequence,
   config.step_budget_s. A plug-in that fails on a response (raises, or returns a value
   check_reward_value rejects) scores it 0 and is counted in stats.errors; the first
   traceback is printed once, and RewardFunctionError is raised when the failures reach
-  config.max_error_fraction of the responses (report_failures)."""
-  config = config or active_config()
+  config.max_error_fraction of the responses (report_failures). config: the run's reward
+  settings (run setup's Rewards.config; default RewardConfig())."""
+  config = config or RewardConfig()
   if len(responses) != len(examples):
     raise ValueError(f"responses and examples must have the same length, got "
                      f"{len(responses)} responses and {len(examples)} examples")

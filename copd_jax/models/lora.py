@@ -121,13 +121,19 @@ def check_spec(rank, alpha, targets, prefix: str = "model.lora.") -> LoraSpec:
   return LoraSpec(int(rank), float(alpha), targets)
 
 
+def spec_from_dict(fields) -> LoraSpec:
+  """The LoraSpec of config.model.lora's fields, a plain mapping (None or absent fields:
+  rank 0 / the defaults). config_lib.spec_of is its one caller: the run's spec carries the
+  result as `spec.lora`."""
+  fields = {} if fields is None else fields
+  return check_spec(fields.get("rank", 0), fields.get("alpha", 16.0),
+                    fields.get("targets", DEFAULT_TARGETS))
+
+
 def spec_from_config(cfg) -> LoraSpec:
-  """THE one reader of config.model.lora (absent = rank 0)."""
-  lora = cfg.model.get("lora", None)
-  if lora is None:
-    return LoraSpec()
-  return check_spec(lora.get("rank", 0), lora.get("alpha", 16.0),
-                    lora.get("targets", DEFAULT_TARGETS))
+  """The LoraSpec of an ml_collections config (config.model.lora; absent = rank 0): for
+  scripts and tests that hold a config, not a RunSpec."""
+  return spec_from_dict(cfg.model.to_dict().get("lora", None))
 
 
 def projection_dims(model_dims: dict) -> dict[str, tuple[int, int]]:

@@ -20,7 +20,7 @@ EXECUTION_FIELDS = ("remat", "attention_block", "attention_kernel")
 LAYOUT_FIELDS = ("scan_layers",)
 ATTENTION_KERNELS = ("xla", "splash", "auto")
 # config.model entries that are not ModelConfig fields (from_dict skips them): `lora`, how
-# the run trains its branches (copd_jax.models.lora.spec_from_config reads it).
+# the run trains its branches (the run spec carries it as spec.lora: config_lib.spec_of).
 RUN_ONLY_FIELDS = ("lora",)
 
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from copd_jax import sampling, sharding as sharding_lib
-from copd_jax.data import examples as examples_lib, reward_fns
+from copd_jax.data import examples as examples_lib
 from copd_jax.data.examples import decode_responses
 from copd_jax.models import stacked as stacked_lib
 from copd_jax.policy_setup import RunSetup
@@ -90,7 +90,7 @@ def sampled_correct_counts(stacked: Any, setup: RunSetup, examples: Sequence[exa
     for k in range(num):
       responses = decode_responses(tokens[k].reshape(-1, tokens.shape[-1]),
                                    mask[k].reshape(-1, mask.shape[-1]), setup.tokenizer)
-      rewards = reward_fns.rewards_for(responses, repeated).reshape(len(chunk), num_samples)
+      rewards = setup.rewards.rewards_for(responses, repeated).reshape(len(chunk), num_samples)
       counts[k, start:start + len(chunk)] = passing_counts(rewards, pass_threshold)
   return counts
 
@@ -144,7 +144,8 @@ def evaluate_stacked(stacked: Any, setup: RunSetup, eval_sets: dict[str, list], 
       responses_out[cap] = responses
     # Each example names its verifier (integer for the toy suite; math / choice / exact
     # for records).
-    rewards = np.stack([reward_fns.rewards_for(r, examples) for r in responses]).astype(np.float32)
+    rewards = np.stack([setup.rewards.rewards_for(r, examples)
+                        for r in responses]).astype(np.float32)
     if rewards_out is not None:
       rewards_out[cap] = rewards
     metrics[f"accuracy/{cap}"] = rewards.mean(axis=1)
@@ -178,11 +179,11 @@ def save_eval_rewards(path: str, rewards_by_model: dict[str, dict[str, np.ndarra
 def pass_at_k_kwargs(cfg) -> dict:
   """evaluate_stacked's pass@k arguments from config.eval (empty when pass_samples = 0)."""
   e = cfg.eval
-  if not e.get("pass_samples", 0):
+  if not e.pass_samples:
     return {}
   return dict(pass_samples=int(e.pass_samples), pass_k=tuple(int(k) for k in e.pass_k),
               pass_temperature=float(e.pass_temperature),
-              pass_threshold=float(e.get("pass_threshold", 1.0)))
+              pass_threshold=float(e.pass_threshold))
 
 
 def evaluate(params: Any, setup: RunSetup, eval_sets: dict[str, list], *,

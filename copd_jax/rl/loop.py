@@ -9,7 +9,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from orbax.checkpoint import utils as ocp_utils
 
@@ -35,11 +34,12 @@ from copd_jax.rl import (
   update as update_lib,
 )
 from copd_jax.run_log import MetricsWriter, Phase, ProgressLine, branch_line
+from copd_jax.run_spec import RunSpec
 
 
 @dataclasses.dataclass
 class RunContext:
-  cfg: ml_collections.ConfigDict
+  cfg: RunSpec  # the run's settings (config_lib.build), never the ConfigDict
   setup: RunSetup
   base_params: Any
   eval_sets: dict            # capability -> held-out examples (during training: a prefix)
@@ -77,7 +77,8 @@ def data_context(cfg, setup: RunSetup, seed_offset: int) -> rollout_lib.DataCont
       top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p,
       stop_token_ids=(setup.tokenizer.eos_id,),
       banned_token_ids=setup.banned_token_ids)
-  return rollout_lib.DataContext(setup.tokenizer, setup.encode_prompts, streams, sampling_cfg)
+  return rollout_lib.DataContext(setup.tokenizer, setup.encode_prompts, streams, sampling_cfg,
+                                 setup.rewards)
 
 
 def branch_names(stage: stages_lib.Stage) -> list[str]:
@@ -121,7 +122,7 @@ def branch_diagnostics(ctx: RunContext, stage: stages_lib.Stage, params) -> dict
     models = stacked_lib.append_model(params, ctx.base_params)
     diag = diagnostics.pairwise_diagnostics(
         models, setup.model_cfg, rows.tokens, rows.positions, rows.token_mask,
-        rows.response_mask, rows.frames, kernel=kernels.KernelConfig(**cfg.rl.kernel.to_dict()),
+        rows.response_mask, rows.frames, kernel=cfg.rl.kernel,
         prompt_len=prompt_tokens.shape[-1] if isinstance(rows.frames, PromptMedia) else 0)
   diag = sharding_lib.to_host(diag)  # global arrays in a multi-process run
   overlap, sym_kl = np.asarray(diag["overlap"]), np.asarray(diag["sym_kl"])
@@ -145,20 +146,21 @@ def branch_diagnostics(ctx: RunContext, stage: stages_lib.Stage, params) -> dict
 
 def completions_to_log(cfg) -> int:
   """config.log.completions: prompts per capability / branch in the completion log."""
-  return int(cfg.log.completions) if "log" in cfg else 0
+  return int(cfg.log.completions)
 
 
-def eval_completion_records(names, eval_sets, responses: dict, count: int) -> list[dict]:
+def eval_completion_records(names, eval_sets, responses: dict, count: int,
+                            rewards) -> list[dict]:
   """The first `count` held-out examples of every capability with each branch's greedy
-  response and its reward. responses: {cap: responses[branch][example]}."""
-  from copd_jax.data import reward_fns
+  response and its reward (rewards: the run's reward_fns.Rewards).
+  responses: {cap: responses[branch][example]}."""
   records = []
   for cap, examples in eval_sets.items():
     for i, ex in enumerate(examples[:count]):
       for branch, answers in zip(names, responses[cap]):
         records.append({"branch": branch, "capability": cap, "prompt": ex.question,
                         "answer": str(ex.answer), "response": answers[i],
-                        "reward": float(reward_fns.rewards_for([answers[i]], [ex])[0])})
+                        "reward": float(rewards.rewards_for([answers[i]], [ex])[0])})
   return records
 
 
@@ -206,7 +208,7 @@ def _evaluate_branches(ctx, stage, params, eval_sets, merge, kwargs, responses) 
   count = completions_to_log(ctx.cfg)
   if count:
     ctx.writer.write_completions(ctx.global_step, "eval", eval_completion_records(
-        branch_names(stage), eval_sets, responses, count))
+        branch_names(stage), eval_sets, responses, count, ctx.setup.rewards))
   out = _log_branch_arrays(branch_names(stage), acc)
   if merge:
     merged = merged_params(ctx.cfg, stage, params)
@@ -258,7 +260,7 @@ def _check_nonfinite_budget(rl, stage, step: int, counts: UpdateCounts, bad, nam
   """Raises NonFiniteTrainingError when a branch skipped rl.max_nonfinite_steps_in_row
   updates in a row, or the stage skipped rl.max_nonfinite_steps_total in all."""
   total = sum(counts.skipped)
-  limit_total = rl.get("max_nonfinite_steps_total", None)
+  limit_total = rl.max_nonfinite_steps_total
   in_row = max(counts.in_row)
   if in_row < rl.max_nonfinite_steps_in_row and (limit_total is None or total < limit_total):
     return
@@ -374,7 +376,7 @@ def run_stage(ctx: RunContext, stage: stages_lib.Stage, params, frozen_teachers=
     if start_step == 0:
       evaluate_accuracy()
       measure_overlap()
-    completions_every = int(cfg.log.completions_every) if "log" in cfg else 0
+    completions_every = int(cfg.log.completions_every)
     teacher_names = ["+".join(caps) for caps in stage.teacher_data]
     plan = step_lib.StepPlan(stage=stage, data=data, ucfg=ucfg, optimizer=optimizer, key=key,
                              assignment=assignment, routing=routing, sharding=ctx.sharding,

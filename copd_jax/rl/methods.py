@@ -13,18 +13,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
 from copd_jax import checkpoint, policy_setup, sharding as sharding_lib, train_checkpoint
-from copd_jax.data import reward_fns
-from copd_jax.models import lora, stacked as stacked_lib
+from copd_jax.models import stacked as stacked_lib
 from copd_jax.policy_setup import RunSetup
 from copd_jax.rl import evaluation, stages as stages_lib
 from copd_jax.rl.loop import (
@@ -38,6 +35,7 @@ from copd_jax.rl.loop import (
 )
 from copd_jax.rl.stages import copd_stage, experts_stage, mixed_stage, mopd_stage, static_opd_stage
 from copd_jax.run_log import Phase, branch_line
+from copd_jax.run_spec import RunSpec
 
 
 def load_or_train_experts(ctx: RunContext, caps) -> Any:
@@ -58,7 +56,7 @@ def load_or_train_experts(ctx: RunContext, caps) -> Any:
           f"config.rl.experts_dir={rl.experts_dir} holds experts for {stored}, not {missing}")
     abstract = jax.eval_shape(lambda p: initial_branches(ctx, len(stored), p), ctx.base_params)
     stacked = checkpoint.load_policy(
-        directory, abstract, allow_unverified=bool(ctx.cfg.checkpoint.get("allow_unverified")))
+        directory, abstract, allow_unverified=bool(ctx.cfg.checkpoint.allow_unverified))
     index = [stored.index(c) for c in caps]
     return stacked_lib.select_experts(stacked, index)
   params = initial_branches(ctx, len(caps))
@@ -69,34 +67,33 @@ def initial_branches(ctx: RunContext, num: int, base=None):
   """`num` branches that start at the base (ctx.base_params unless `base` is given): full
   copies, or with config.model.lora.rank > 0 LoRA adapters on the one shared base."""
   return stacked_lib.initial_branches(ctx.base_params if base is None else base, num,
-                                      lora.spec_from_config(ctx.cfg),
+                                      ctx.cfg.lora,
                                       jax.random.key(ctx.cfg.seed))
 
 
-def run_sharding(cfg: ml_collections.ConfigDict, model_cfg) -> sharding_lib.RunSharding:
+def run_sharding(cfg: RunSpec, model_cfg) -> sharding_lib.RunSharding:
   """The run's mesh from config.mesh, with the parameter axes model_cfg's layers declare.
   Mesh sizes that are all 1 give a mesh of one device (this process's first): the same
   programs as on a pod, on that device."""
-  sizes = sharding_lib.check_mesh_config(cfg.mesh, cfg.num_experts)
+  sizes = sharding_lib.check_mesh_config(cfg.mesh.sizes(), cfg.num_experts)
   axes = policy_setup.declared_param_axes(model_cfg)
   if all(v == 1 for v in sizes.values()):
     return sharding_lib.RunSharding.one_device(axes)
-  return sharding_lib.RunSharding.from_config(cfg.mesh, cfg.num_experts, param_axes=axes)
+  return sharding_lib.RunSharding.from_config(cfg.mesh.sizes(), cfg.num_experts,
+                                              param_axes=axes)
 
 
-def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, writer) -> dict:
+def run_rl_method(cfg: RunSpec, setup: RunSetup, base_params, writer) -> dict:
   """Runs cfg.method; returns {'final/...', 'branches': [...]} accuracies (full eval set).
 
   Methods are paired on data: the first stage of every method (experts, mixed RLVR, CoPD)
   draws from the same prompt streams and sampling keys (seed offset 1), and every
   distillation stage uses offset 2, so with beta = 0 CoPD *is* the experts run."""
   caps = list(cfg.rl.capabilities)
-  if "reward" in cfg:
-    reward_fns.configure(cfg.reward)  # one function or a weighted list
   eval_sets = {c: s for c, s in policy_setup.held_out_sets(cfg, setup).items() if c in caps}
   checkpoints = train_checkpoint.RunCheckpoints(
       cfg.workdir, cfg.checkpoint, method=cfg.method, num_experts=cfg.num_experts,
-      seed=cfg.seed, config_json=json.loads(cfg.to_json_best_effort()))
+      seed=cfg.seed, config_json=cfg.config_json)
   sharding = run_sharding(cfg, setup.model_cfg)
   # The base (reference policy, merge partner) lives on the mesh too.
   base_params = sharding.shard_params(base_params, stacked=False)
@@ -173,34 +170,33 @@ def _final_report(ctx: RunContext, stage: stages_lib.Stage, final, train_seconds
                 batch_size=cfg.eval.batch_size, progress=phase.advance,
                 **evaluation.pass_at_k_kwargs(cfg))
   responses, branch_rewards = {}, {}
-  phase.__enter__()
-  branch_acc = evaluation.evaluate_stacked(final, setup, eval_sets, responses_out=responses,
-                                           rewards_out=branch_rewards, **kwargs)
-  names = branch_names(stage)
-  # Per-item rewards of every final model, for paired comparisons between methods.
-  per_example = {f"branch/{n}": {c: r[i] for c, r in branch_rewards.items()}
-                 for i, n in enumerate(names)}
-  if completions_to_log(cfg):
-    writer.write_completions(ctx.global_step, "final", eval_completion_records(
-        names, eval_sets, responses, completions_to_log(cfg)))
-  # steps: every step run; optimizer_steps: those in which every branch's update was
-  # applied; updates: per stage and branch, the updates applied and skipped (non-finite).
-  skipped_steps = sum(c.steps_with_skips for _, c in ctx.update_counts.values())
-  summary = {"train_seconds": round(train_seconds, 1), "steps": ctx.global_step,
-             "optimizer_steps": ctx.global_step - skipped_steps,
-             "updates": {stage_name: c.by_branch(branch_names_)
-                         for stage_name, (branch_names_, c) in ctx.update_counts.items()},
-             "branches": {n: {k: float(v[i]) for k, v in branch_acc.items()}
-                          for i, n in enumerate(names)}}
-  if stage.num_students > 1:
-    merged = merged_params(cfg, stage, final)
-    merged_rewards = {}
-    merged_acc = evaluation.evaluate_stacked(jax.tree.map(lambda x: x[None], merged), setup,
-                                             eval_sets, rewards_out=merged_rewards,
-                                             **merged_progress(kwargs))
-    summary["merged"] = {k: float(v[0]) for k, v in merged_acc.items()}
-    per_example["merged"] = {c: r[0] for c, r in merged_rewards.items()}
-  phase.__exit__(None, None, None)
+  with phase:
+    branch_acc = evaluation.evaluate_stacked(final, setup, eval_sets, responses_out=responses,
+                                             rewards_out=branch_rewards, **kwargs)
+    names = branch_names(stage)
+    # Per-item rewards of every final model, for paired comparisons between methods.
+    per_example = {f"branch/{n}": {c: r[i] for c, r in branch_rewards.items()}
+                   for i, n in enumerate(names)}
+    if completions_to_log(cfg):
+      writer.write_completions(ctx.global_step, "final", eval_completion_records(
+          names, eval_sets, responses, completions_to_log(cfg), setup.rewards))
+    # steps: every step run; optimizer_steps: those in which every branch's update was
+    # applied; updates: per stage and branch, the updates applied and skipped (non-finite).
+    skipped_steps = sum(c.steps_with_skips for _, c in ctx.update_counts.values())
+    summary = {"train_seconds": round(train_seconds, 1), "steps": ctx.global_step,
+               "optimizer_steps": ctx.global_step - skipped_steps,
+               "updates": {stage_name: c.by_branch(branch_names_)
+                           for stage_name, (branch_names_, c) in ctx.update_counts.items()},
+               "branches": {n: {k: float(v[i]) for k, v in branch_acc.items()}
+                            for i, n in enumerate(names)}}
+    if stage.num_students > 1:
+      merged = merged_params(cfg, stage, final)
+      merged_rewards = {}
+      merged_acc = evaluation.evaluate_stacked(jax.tree.map(lambda x: x[None], merged), setup,
+                                               eval_sets, rewards_out=merged_rewards,
+                                               **merged_progress(kwargs))
+      summary["merged"] = {k: float(v[0]) for k, v in merged_acc.items()}
+      per_example["merged"] = {c: r[0] for c, r in merged_rewards.items()}
   print(branch_line("final held-out accuracy", {
       **{n: d["accuracy/overall"] for n, d in summary["branches"].items()},
       **({"merged": summary["merged"]["accuracy/overall"]} if "merged" in summary else {})}),

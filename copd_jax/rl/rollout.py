@@ -31,6 +31,7 @@ class DataContext:
   # One endless train stream per capability with reserve() / load(index) (data.IndexedStream).
   streams: dict[str, Any]
   sampling: sampling.SamplingConfig
+  rewards: reward_fns.Rewards = reward_fns.Rewards()  # how responses are scored
 
 
 ExampleRef = tuple[str, int]  # (capability, index in its stream): an example not yet loaded
@@ -90,7 +91,8 @@ def load_local_examples(data: DataContext, refs: Sequence[Sequence[ExampleRef]],
 
 
 def verify_local(responses_of, examples, local_rows: np.ndarray,
-                 stats: dict | None = None) -> np.ndarray:
+                 stats: dict | None = None,
+                 rewards_fn: reward_fns.Rewards = reward_fns.Rewards()) -> np.ndarray:
   """Rewards f32[S, B*G] of the whole batch, each process verifying only its own rows.
 
   responses_of(rows) -> response strings of flat row indices; examples[S][B*G] (stand-ins
@@ -101,11 +103,12 @@ def verify_local(responses_of, examples, local_rows: np.ndarray,
   worker's memory limit, config.reward) and reward/errors (responses whose reward
   plug-in failed; past config.reward.max_error_fraction score raises RewardFunctionError),
   and with several reward functions (config.reward.fns) each one's mean over this
-  process's rows of every branch, `reward_fn/<name>` f32[S]."""
+  process's rows of every branch, `reward_fn/<name>` f32[S]. rewards_fn: the run's
+  Rewards (config.reward)."""
   s, n = local_rows.shape
   flat = np.flatnonzero(local_rows.reshape(-1))
   rewards = np.zeros(s * n, np.float32)
-  rewards[flat], per_fn, calls = reward_fns.score(responses_of(flat),
+  rewards[flat], per_fn, calls = rewards_fn.score(responses_of(flat),
                                                   [examples[i // n][i % n] for i in flat])
   pool = reward_fns.total_stats(calls)
   if stats is not None:
@@ -245,7 +248,8 @@ def collect_rollouts(plan, params: Params, step: int, weight: float,
   # record datasets).
   rewarded = [[ex for ex in exs for _ in range(g)] for exs in examples]  # [S][B*G]
   verify_stats = {}
-  rewards = verify_local(responses_of, rewarded, np.repeat(local, g, axis=1), verify_stats)
+  rewards = verify_local(responses_of, rewarded, np.repeat(local, g, axis=1), verify_stats,
+                         data.rewards)
   advantages, zero_variance = group_advantages(rewards, g, plan.ucfg.scale_by_std)
   row_teacher_g = np.repeat(row_teacher, g, axis=1)  # [S, B*G]
   is_native = row_teacher_g == NATIVE

@@ -165,18 +165,17 @@ def first_of_groups(x, group: int):
 
 
 def update_config(cfg, model_cfg) -> UpdateConfig:
-  """The UpdateConfig of a run config (ml_collections) and its built ModelConfig: the one
-  place the update's settings are read from a config."""
+  """The UpdateConfig of a RunSpec and its built ModelConfig: the one place the update's
+  settings are read from the run's settings."""
   rl = cfg.rl
-  kernel = kernels.KernelConfig(**rl.kernel.to_dict())
-  loss = rl.loss.to_dict()
+  loss = {f.name: getattr(rl.loss, f.name) for f in dataclasses.fields(rl.loss)}
   if loss["aggregation"] == "seq_sum_constant" and loss.get("constant_normaliser") is None:
     # Dr.GRPO's constant is the padded *response* length (rows also hold the prompt).
     loss["constant_normaliser"] = float(cfg.sampling.max_new_tokens)
   # The OPD estimator lives in rl.opd (what teachers send) but shapes the loss.
-  loss["opd_estimator"] = rl.opd.get("estimator", "sampled_token")
-  loss["opd_top_k"] = int(rl.opd.get("top_k", 16))
+  loss["opd_estimator"] = rl.opd.estimator
+  loss["opd_top_k"] = int(rl.opd.top_k)
   return UpdateConfig(model=model_cfg, loss=losses.PolicyLossConfig(**loss),
-                      kernel=kernel, scale_by_std=rl.scale_by_std,
+                      kernel=rl.kernel, scale_by_std=rl.scale_by_std,
                       micro_batch_rows=rl.micro_batch_rows,
                       samples_per_prompt=rl.samples_per_prompt)

@@ -148,7 +148,7 @@ def teacher_routing(assignment: np.ndarray, num_teachers: int, samples: int,
 
 
 def _schedule(rl) -> schedules.OPDSchedule:
-  return schedules.OPDSchedule(**rl.opd.schedule.to_dict())
+  return rl.opd.schedule
 
 
 def _branch_beta(rl, caps) -> np.ndarray:

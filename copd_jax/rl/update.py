@@ -250,8 +250,7 @@ def make_optimizer(learning_rate: float, grad_clip_norm: float, weight_decay: fl
 def optimizer_for_stage(rl, steps: int):
   """The optimizer of a stage of `steps` optimizer steps under config.rl's settings."""
   return make_optimizer(rl.learning_rate, rl.grad_clip_norm, rl.weight_decay,
-                        rl.get("lr_schedule", "constant"), max(int(steps), 1),
-                        float(rl.get("lr_end_fraction", 0.0)))
+                        rl.lr_schedule, max(int(steps), 1), float(rl.lr_end_fraction))
 
 
 def init_optimizer_state(optimizer, params: Params):

@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import paths
+from copd_jax.config_lib import spec_of
 from copd_jax import cli
 from copd_jax.analysis import tpu_compile
 
@@ -62,7 +63,8 @@ def test_per_device_bytes_of_a_sharded_abstract_array_by_hand():
 
 
 def test_a_run_program_compiles_for_a_tpu_slice_with_memory_figures():
-  cfg = tpu_compile.small_config(cli.load_config_file(os.path.join(REPO, "configs", "copd.py")))
+  cfg = tpu_compile.small_config(spec_of(cli.load_config_file(os.path.join(REPO, "configs",
+                                                                          "copd.py"))))
   report = tpu_compile.compile_run(cfg, "v5e:2x2", names=("teacher_scoring",))
   fig = report["teacher_scoring"]
   assert "error" not in fig, fig
@@ -84,7 +86,7 @@ def test_pod_configs_name_their_slice_and_carry_qwen3_vl_4b():
     cfg = cli.load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
     assert cfg.pod.tpu == tpu and cfg.pod.num_chips == chips
     assert tpu_compile.chips_in(f"{cfg.pod.tpu}:{cfg.pod.topology}") == chips
-    model = tpu_compile.run_model_config(cfg)
+    model = tpu_compile.run_model_config(spec_of(cfg))
     assert (model.text.d_model, model.text.num_layers, model.text.vocab_size) == (2560, 36, 151936)
     assert (model.vision.depth, model.vision.hidden_size) == (24, 1024)
     assert cfg.rl.kernel.backend == "pallas" and cfg.model.attention_kernel == "auto"

@@ -14,6 +14,7 @@ import pytest
 hf_datasets = pytest.importorskip("datasets")
 
 import paths
+from copd_jax.config_lib import spec_of
 from copd_jax import config_lib, policy_setup  # noqa: E402
 from copd_jax.data import records as datasets
 
@@ -134,8 +135,8 @@ def test_a_run_config_reads_a_saved_dataset_with_mapped_columns(tmp_path):
   cfg.data.eval_files.math = path
   cfg.data.columns = {"prompt": "question", "answer": "final"}
   config_lib.validate_config(cfg)
-  setup = policy_setup.build_setup(cfg)
-  held_out = policy_setup.held_out_sets(cfg, setup)["math"]
+  setup = policy_setup.build_setup(spec_of(cfg))
+  held_out = policy_setup.held_out_sets(spec_of(cfg), setup)["math"]
   assert [(ex.question, ex.answer) for ex in held_out] == [("What is 0 + 1?", "1"),
                                                             ("What is 1 + 1?", "2")]
   cfg.data.columns = {"prompt": "question", "answer": "final", "solutions": "x"}

@@ -55,7 +55,7 @@ def test_no_module_is_imported_after_the_guard():
   for response, answer in [("\\boxed{x^2+2x+1}", "(x+1)^2"), ("\\boxed{\\sin^2x+\\cos^2x}", "1"),
                            ("\\boxed{(0,1]}", "(0,1]"), ("\\boxed{\\int_0^1 x dx}", "1/2")]:
     math_verifier.math_equivalent(response, answer)
-  pool = verifiers_lib.shared_pool()
+  pool = verifiers_lib.shared_pool(math_verifier.RewardConfig())
   late, _ = pool.run([("late_imports",)] * pool.size, timeout_s=30)
   assert late == [[]] * pool.size
 

@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from copd_jax.data import math_verifier, records
+from copd_jax.data import math_verifier, records, reward_fns
 from copd_jax.data import verifiers as verifiers_lib
 from copd_jax.data.reward_values import RewardFunctionError, check_reward_value
 from copd_jax.rl import rollout
@@ -96,26 +96,24 @@ def test_failures_below_the_fraction_score_0_are_counted_and_the_traceback_print
   assert stats.errors == 1  # 1 of 4 < 0.5: counted, not fatal
 
 
-def test_plugin_errors_are_a_step_metric(plugin, monkeypatch):
-  monkeypatch.setattr(math_verifier, "_active_config",
-                      math_verifier.RewardConfig(fn=plugin, workers=1))
+def test_plugin_errors_are_a_step_metric(plugin):
+  rewards_fn = reward_fns.Rewards(math_verifier.RewardConfig(fn=plugin, workers=1))
   responses = np.array(["7", "raise", "7", "nan", "8", "7"], dtype=object)
   examples = [[example()] * 3, [example()] * 3]  # [S=2][B*G=3]
   stats = {}
   rewards = rollout.verify_local(lambda rows: list(responses[rows]), examples,
-                                 np.ones((2, 3), bool), stats)
+                                 np.ones((2, 3), bool), stats, rewards_fn)
   np.testing.assert_array_equal(rewards, [[1, 0, 1], [0, 0, 1]])
   assert stats["reward/errors"] == 2.0 and stats["verify/memory_exceeded"] == 0.0
 
 
 # ---------------------------------------------- references that cannot be checked
 
-def test_a_reference_that_cannot_be_checked_in_time_is_rejected_at_load(tmp_path,
-                                                                         monkeypatch):
+def test_a_reference_that_cannot_be_checked_in_time_is_rejected_at_load(tmp_path):
   # Every comparison with 9^{9^{9^{9}}} runs for hours (sympy evaluates the power), so
   # every response to it would time out and score 0. Before: it passed the load check.
-  monkeypatch.setattr(math_verifier, "_active_config",
-                      math_verifier.RewardConfig(timeout_s=1.0, workers=1))
+  # The run's reward limits are passed to the load (no process-wide setting).
+  limits = math_verifier.RewardConfig(timeout_s=1.0, workers=1)
   path = tmp_path / "tower.jsonl"
   rows = [{"prompt": "half?", "answer": "\\frac{1}{2}"},
           {"prompt": "tower?", "answer": "9^{9^{9^{9}}}"}]
@@ -123,9 +121,10 @@ def test_a_reference_that_cannot_be_checked_in_time_is_rejected_at_load(tmp_path
   expected = (f"{path}:2: field 'answer' '9^{{9^{{9^{{9}}}}}}' cannot be checked within "
               "config.reward.timeout_s=1 s")
   with pytest.raises(ValueError, match=re.escape(expected)):
-    records.load_records(str(path), capability="math")
+    records.load_records(str(path), capability="math", reward_config=limits)
   path.write_text(json.dumps(rows[0]) + "\n")  # the good line alone loads
-  assert [r.answer for r in records.load_records(str(path), capability="math")] == [
+  assert [r.answer for r in records.load_records(str(path), capability="math",
+                                                 reward_config=limits)] == [
       "\\frac{1}{2}"]
 
 
@@ -173,6 +172,6 @@ def test_datasets_reader_reads_valid_mixed_columns_as_the_builtin_one_does(tmp_p
     ("\\boxed{e^{i\\pi/2}}", "-1", 0.0),   # = i
     ("\\boxed{3i+2}", "2+3i", 1.0),
     ("\\boxed{2-3i}", "2+3i", 0.0)])
-def test_the_imaginary_unit(response, reference, expected, monkeypatch):
-  monkeypatch.setattr(math_verifier, "_active_config", math_verifier.RewardConfig(workers=1))
-  assert math_verifier.math_equivalent(response, reference, timeout_s=30.0) == expected
+def test_the_imaginary_unit(response, reference, expected):
+  assert math_verifier.math_equivalent(response, reference, timeout_s=30.0,
+                                       config=math_verifier.RewardConfig(workers=1)) == expected

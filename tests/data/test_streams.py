@@ -9,6 +9,7 @@ import grain
 import numpy as np
 import pytest
 
+from copd_jax.config_lib import spec_of
 from copd_jax import default_config
 from copd_jax.data import examples, streams as data, toy_tasks as tasks
 
@@ -39,7 +40,7 @@ def cfg():
 # ------------------------------------------------------------- procedural task streams
 
 def test_make_streams_equal_train_stream(cfg):
-  streams = data.make_streams(cfg, KW, seed=11)
+  streams = data.make_streams(spec_of(cfg), KW, seed=11)
   assert set(streams) == set(cfg.tasks.capabilities)
   for cap, it in streams.items():
     ref = tasks.train_stream(cap, seed=11, difficulty=cfg.tasks.difficulty[cap], **KW)
@@ -50,7 +51,7 @@ def test_task_source_is_make_example_and_eval_set(cfg):
   source = data.TaskSource("video", seed=3, difficulty=2, **KW)
   assert len(source) == data.TRAIN_SOURCE_LENGTH
   assert same(source[10**6], tasks.make_example("video", 10**6, seed=3, difficulty=2, **KW))
-  ev = data.eval_source(cfg, "image", KW, num_examples=5)
+  ev = data.eval_source(spec_of(cfg), "image", KW, num_examples=5)
   assert len(ev) == 5
   ref = tasks.eval_set("image", 5, seed=cfg.tasks.seed, difficulty=cfg.tasks.difficulty["image"],
                        **KW)
@@ -60,12 +61,12 @@ def test_task_source_is_make_example_and_eval_set(cfg):
 
 
 def test_stream_state_round_trips_through_json(cfg):
-  streams = data.make_streams(cfg, KW, seed=2)
+  streams = data.make_streams(spec_of(cfg), KW, seed=2)
   for it in streams.values():
     take(it, 5)
   saved = json.loads(json.dumps(data.streams_state(streams)))
   expected = {cap: take(it, 4) for cap, it in streams.items()}
-  fresh = data.make_streams(cfg, KW, seed=2)
+  fresh = data.make_streams(spec_of(cfg), KW, seed=2)
   data.restore_streams(fresh, saved)
   for cap, it in fresh.items():
     assert all_same(take(it, 4), expected[cap]), cap
@@ -125,7 +126,7 @@ class FakeRecordSource:
   """Stands in for datasets.RecordSource (same constructor) with made-up records."""
 
   def __init__(self, paths, *, capability, image_size=None, num_frames=None, reader="builtin",
-               columns=None):
+               columns=None, reward_config=None):
     self.paths, self.capability = list(paths), capability
     self.image_size, self.num_frames = image_size, num_frames
     if capability in tasks.CAPABILITIES:
@@ -154,7 +155,7 @@ def fake_datasets(monkeypatch):
 def test_record_files_are_shuffled_repeated_and_resumable(cfg, fake_datasets):
   cfg.tasks.capabilities = ("text", "image")
   cfg.data.train_files = {"text": "a.jsonl", "image": ["b.parquet", "c.parquet"]}
-  streams = data.make_streams(cfg, KW, seed=5)
+  streams = data.make_streams(spec_of(cfg), KW, seed=5)
   text = [ex.question for ex in take(streams["text"], 6)]
   assert sorted(text[:3]) == sorted(text[3:]) == ["a.jsonl#0", "a.jsonl#1", "a.jsonl#2"]
   image = [ex.question for ex in take(streams["image"], 6)]
@@ -162,32 +163,32 @@ def test_record_files_are_shuffled_repeated_and_resumable(cfg, fake_datasets):
   assert image != sorted(image) or text[:3] != sorted(text[:3])  # some shuffling happened
   state = json.loads(json.dumps(data.streams_state(streams)))
   expected = {cap: [ex.question for ex in take(it, 5)] for cap, it in streams.items()}
-  fresh = data.make_streams(cfg, KW, seed=5)
+  fresh = data.make_streams(spec_of(cfg), KW, seed=5)
   data.restore_streams(fresh, state)
   assert {cap: [ex.question for ex in take(it, 5)] for cap, it in fresh.items()} == expected
-  other_seed = data.make_streams(cfg, KW, seed=6)["image"]
+  other_seed = data.make_streams(spec_of(cfg), KW, seed=6)["image"]
   assert [ex.question for ex in take(other_seed, 6)] != image
 
 
 def test_record_files_must_cover_every_capability(cfg, fake_datasets):
   cfg.data.train_files = {"text": "a.jsonl"}
   with pytest.raises(ValueError, match="no entry for capability 'image'"):
-    data.make_streams(cfg, KW, seed=0)
+    data.make_streams(spec_of(cfg), KW, seed=0)
   cfg.data.train_files = {"audio": "a.jsonl"}
   with pytest.raises(ValueError, match="'audio'"):
-    data.make_streams(cfg, KW, seed=0)
+    data.make_streams(spec_of(cfg), KW, seed=0)
   cfg.data.train_files = {"text": []}
   with pytest.raises(ValueError, match=r"train_files\['text'\]"):
-    data.make_streams(cfg, KW, seed=0)
+    data.make_streams(spec_of(cfg), KW, seed=0)
 
 
 def test_record_domains_stream(cfg, fake_datasets):
   cfg.tasks.capabilities = ("text", "math")
   cfg.warm_start.mix = dict(text=1.0, image=1.0, math=3.0)  # image: not in this run
   with pytest.raises(ValueError, match="no procedural generator"):
-    data.make_streams(cfg, KW, seed=0)
+    data.make_streams(spec_of(cfg), KW, seed=0)
   cfg.data.train_files = {"text": "t.jsonl", "math": "m.jsonl"}
-  streams = data.make_streams(cfg, KW, seed=0)
+  streams = data.make_streams(spec_of(cfg), KW, seed=0)
   assert {ex.question.split("#")[0] for ex in take(streams["math"], 3)} == {"m.jsonl"}
 
 

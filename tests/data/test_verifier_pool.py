@@ -271,22 +271,21 @@ def test_every_reward_function_shares_one_pool_of_at_most_workers(tmp_path, monk
   cfg = default_config.get("copd", "micro").reward
   cfg.fns, cfg.workers, cfg.timeout_s = "verifier,two_rewards:has_seven,two_rewards:is_short", \
       2, 30.0
-  reward_fns.configure(cfg)
+  rewards = reward_fns.rewards_of(cfg.to_dict())
   try:
     example = math_verifier.RewardExample(capability="math", question="q", answer="7",
                                           verifier="math")
     responses = ["\\boxed{7}", "77", "x", "\\boxed{8}"]
     examples = [example] * len(responses)
     for _ in range(2):  # the second step reuses the same workers
-      total, per_fn, _ = reward_fns.score(responses, examples)
+      total, per_fn, _ = rewards.score(responses, examples)
       assert len(_verifier_workers(os.getpid())) <= 2
     assert per_fn["has_seven"].tolist() == [1.0, 1.0, 0.0, 0.0]
     assert per_fn["is_short"].tolist() == [0.0, 1.0, 1.0, 0.0]
     assert per_fn["verifier"].tolist() == [1.0, 0.0, 0.0, 0.0]
     assert total.tolist() == [2.0, 2.0, 1.0, 0.0]
   finally:
-    reward_fns.configure(default_config.get("copd", "micro").reward)
-    math_verifier.shared_pool().stop()
+    math_verifier.shared_pool(rewards.config).stop()
 
 
 def _verifier_workers(parent: int) -> set[int]:

@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import Mesh
 
 import paths
+from copd_jax.config_lib import spec_of
 from copd_jax import kernels
 from copd_jax.kernels import KernelConfig, attention, sharded
 
@@ -228,8 +229,8 @@ def small_pod_config():
   pytest.importorskip("libtpu")  # the test extra installs jax[tpu]
   from copd_jax import cli
   from copd_jax.analysis import tpu_compile
-  return tpu_compile.small_config(cli.load_config_file(os.path.join(REPO, "configs",
-                                                                    "pod_4b.py")))
+  return tpu_compile.small_config(spec_of(cli.load_config_file(
+      os.path.join(REPO, "configs", "pod_4b.py"))))
 
 
 def test_small_pod_opd_update_and_sampler_compile_for_a_4_chip_tpu_slice(small_pod_config):

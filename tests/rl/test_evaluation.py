@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from copd_jax.config_lib import spec_of
 from copd_jax import config_lib, default_config, policy_setup
 from copd_jax.data import verifiers
 from copd_jax.models import decoder as model_lib, stacked as experts
@@ -47,10 +48,10 @@ def test_mean_over_examples_per_branch():
 
 def test_evaluation_reports_pass_at_k_per_capability_and_branch(monkeypatch):
   cfg = default_config.get("copd", "micro")
-  setup = policy_setup.build_setup(cfg)
+  setup = policy_setup.build_setup(spec_of(cfg))
   params = model_lib.init_params(setup.model_cfg, jax.random.key(0))
   stacked = experts.broadcast_params(params, 2)
-  eval_sets = {c: s[:3] for c, s in policy_setup.held_out_sets(cfg, setup).items()
+  eval_sets = {c: s[:3] for c, s in policy_setup.held_out_sets(spec_of(cfg), setup).items()
                if c in ("text", "image")}
 
   # Rows arrive example-major (the n samples of example 0, then of example 1, ...): the
@@ -61,7 +62,7 @@ def test_evaluation_reports_pass_at_k_per_capability_and_branch(monkeypatch):
 
   from copd_jax.rl import methods
   metrics = evaluation.evaluate_stacked(stacked, setup, eval_sets,
-                                        run=methods.run_sharding(cfg, setup.model_cfg),
+                                        run=methods.run_sharding(spec_of(cfg), setup.model_cfg),
                                         max_new_tokens=4,
                                         batch_size=8, pass_samples=4, pass_k=(1, 2, 4))
   for cap in ("text", "image", "overall"):

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from copd_jax import default_config, export, main
-from copd_jax.data import math_verifier, reward_fns
 from copd_jax.rl import evaluation
 
 STEPS = 10
@@ -47,14 +46,9 @@ def finished_run(tmp_path_factory):
     if kwargs.get("progress") is not None and jax.tree.leaves(stacked)[0].shape[0] == 1:
       merged_evaluated.append(jax.tree.map(lambda x: np.asarray(x[0]), stacked))
     return real_evaluate(stacked, *args, **kwargs)
-  before = (math_verifier.active_config(), reward_fns.active())
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(evaluation, "evaluate_stacked", recording)
-    try:
-      summary = main.run(cfg)
-    finally:  # main.run sets the process's reward settings: later tests get theirs back
-      math_verifier.configure(before[0])
-      reward_fns._active = before[1]
+    summary = main.run(cfg)
   steps = {}
   for line in open(os.path.join(cfg.workdir, "metrics.jsonl")):
     record = json.loads(line)

@@ -40,7 +40,7 @@ def metrics(workdir):
 
 def test_lora_run_resumes_bitwise_from_a_mid_stage_checkpoint(tmp_path):
   cfg = lora_config(tmp_path / "run")
-  setup = policy_setup.build_setup(cfg)
+  setup = policy_setup.build_setup(config_lib.spec_of(cfg))
   base = decoder.init_params(setup.model_cfg, jax.random.key(0))
   run_method(cfg, (setup, base))
   want_params, want_metrics = final_params(cfg.workdir), metrics(cfg.workdir)

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from copd_jax import default_config, kernels, losses, policy_setup, sampling
+from copd_jax import config_lib, default_config, kernels, losses, policy_setup, sampling
 from copd_jax.data import toy_tasks as tasks
 from copd_jax.models import decoder as M, lora, stacked
 from copd_jax.rl import rollout as rollout_lib, rows as rows_lib, scoring, stages, update as update_lib
@@ -18,7 +18,7 @@ from tiny_model import one_device_run
 @pytest.fixture(scope="module")
 def setup():
   cfg = default_config.get("copd", "micro")
-  return policy_setup.build_setup(cfg)
+  return policy_setup.build_setup(config_lib.spec_of(cfg))
 
 
 def ucfg_for(setup_obj):

@@ -7,6 +7,7 @@ from tiny_model import one_device_run
 import numpy as np
 import pytest
 
+from copd_jax.config_lib import spec_of
 from copd_jax import default_config, policy_setup
 from copd_jax.models import decoder
 from copd_jax.rl import evaluation, loop, methods, stages
@@ -19,7 +20,7 @@ CAPS = ("text", "image", "video")
 def models():
   cfg = default_config.get("copd", "micro")
   cfg.log.completions = 0
-  setup = policy_setup.build_setup(cfg)
+  setup = policy_setup.build_setup(spec_of(cfg))
   base = decoder.init_params(setup.model_cfg, jax.random.key(0))
   # Every leaf of every branch moved its own way from the base (norm scales included).
   rng = np.random.default_rng(0)
@@ -57,8 +58,8 @@ def test_merged_params_is_the_weighted_branch_average(models, merge_weights, wei
   cfg, _, _, branches = models
   cfg = cfg.copy_and_resolve_references()
   cfg.rl.merge_weights = merge_weights
-  stage = stages.copd_stage(cfg.rl, list(CAPS))
-  assert_leaves_close(loop.merged_params(cfg, stage, branches), numpy_average(branches, weights))
+  stage = stages.copd_stage(spec_of(cfg).rl, list(CAPS))
+  assert_leaves_close(loop.merged_params(spec_of(cfg), stage, branches), numpy_average(branches, weights))
 
 
 def fake_evaluate(recorded):
@@ -84,8 +85,8 @@ def fake_evaluate(recorded):
 
 def run_context(cfg, setup, base, tmp_path):
   writer = MetricsWriter(str(tmp_path))
-  eval_sets = {c: e[:2] for c, e in policy_setup.held_out_sets(cfg, setup).items()}
-  return loop.RunContext(cfg, setup, base, eval_sets, writer,
+  eval_sets = {c: e[:2] for c, e in policy_setup.held_out_sets(spec_of(cfg), setup).items()}
+  return loop.RunContext(spec_of(cfg), setup, base, eval_sets, writer,
                          sharding=one_device_run(setup.model_cfg))
 
 
@@ -94,7 +95,7 @@ def test_evaluation_during_a_stage_evaluates_the_branch_average(models, tmp_path
   recorded = []
   monkeypatch.setattr(evaluation, "evaluate_stacked", fake_evaluate(recorded))
   ctx = run_context(cfg, setup, base, tmp_path)
-  stage = stages.copd_stage(cfg.rl, list(CAPS))
+  stage = stages.copd_stage(spec_of(cfg).rl, list(CAPS))
   out = loop.evaluate_branches(ctx, stage, branches, ctx.eval_sets, merge=True)
   ctx.writer.close()
   assert "merged/accuracy/overall" in out
@@ -111,7 +112,7 @@ def test_final_report_evaluates_and_saves_the_branches_and_their_average(models,
   recorded = []
   monkeypatch.setattr(evaluation, "evaluate_stacked", fake_evaluate(recorded))
   ctx = run_context(cfg, setup, base, tmp_path)
-  stage = stages.copd_stage(cfg.rl, list(CAPS))
+  stage = stages.copd_stage(spec_of(cfg).rl, list(CAPS))
   summary = methods._final_report(ctx, stage, branches, 0.0)
   ctx.writer.close()
   assert summary["final"] == summary["merged"]  # CoPD delivers the merged model

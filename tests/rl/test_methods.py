@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from copd_jax.config_lib import spec_of
 from copd_jax import config_lib, default_config, policy_setup
 from copd_jax.models import decoder as model_lib, stacked as experts
 from copd_jax.rl import loop, methods, stages as stages_lib
@@ -23,7 +24,7 @@ def micro(method, tmp_path, **rl):
 @pytest.fixture(scope="module")
 def base():
   cfg = default_config.get("experts", "micro")
-  s = policy_setup.build_setup(cfg)
+  s = policy_setup.build_setup(spec_of(cfg))
   return s, model_lib.init_params(s.model_cfg, jax.random.key(0))
 
 
@@ -31,7 +32,7 @@ def run(cfg, base):
   s, params = base
   writer = MetricsWriter(cfg.workdir)
   try:
-    return methods.run_rl_method(cfg, s, params, writer)
+    return methods.run_rl_method(spec_of(cfg), s, params, writer)
   finally:
     writer.close()
 
@@ -69,9 +70,9 @@ def test_copd_with_zero_beta_equals_independent_experts(tmp_path, base):
     # makes sure the parameters really move, so equality is not vacuous.
     cfg.rl.loss.entropy_coef = 0.01
     writer = MetricsWriter(cfg.workdir)
-    ctx = loop.RunContext(cfg, s, base_params, {"text": []}, writer,
-                          methods.run_sharding(cfg, s.model_cfg))
-    ctx.eval_sets = {c: e[:2] for c, e in policy_setup.held_out_sets(cfg, s).items()}
+    ctx = loop.RunContext(spec_of(cfg), s, base_params, {"text": []}, writer,
+                          methods.run_sharding(spec_of(cfg), s.model_cfg))
+    ctx.eval_sets = {c: e[:2] for c, e in policy_setup.held_out_sets(spec_of(cfg), s).items()}
     stage = (stages_lib.experts_stage if method == "experts" else stages_lib.copd_stage)(
         cfg.rl, list(cfg.rl.capabilities))
     params = experts.broadcast_params(base_params, stage.num_students)
@@ -147,10 +148,10 @@ def experts_ctx(tmp_path, base, **rl):
   cfg = micro("experts", tmp_path, **rl)
   cfg.rl.loss.entropy_coef = 0.01  # rewards of a random policy are 0: make params move
   writer = MetricsWriter(cfg.workdir)
-  eval_sets = {c: e[:2] for c, e in policy_setup.held_out_sets(cfg, s).items()}
-  ctx = loop.RunContext(cfg, s, base_params, eval_sets, writer,
-                        methods.run_sharding(cfg, s.model_cfg))
-  return ctx, stages_lib.experts_stage(cfg.rl, list(cfg.rl.capabilities))
+  eval_sets = {c: e[:2] for c, e in policy_setup.held_out_sets(spec_of(cfg), s).items()}
+  ctx = loop.RunContext(spec_of(cfg), s, base_params, eval_sets, writer,
+                        methods.run_sharding(spec_of(cfg), s.model_cfg))
+  return ctx, stages_lib.experts_stage(spec_of(cfg).rl, list(cfg.rl.capabilities))
 
 
 def assert_trees_equal(a, b):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import micro_runs
+from copd_jax.config_lib import spec_of
 from copd_jax import default_config
 from copd_jax.data import toy_tasks as tasks
 
@@ -43,7 +44,7 @@ def test_update_with_non_finite_new_params_is_not_applied_to_that_branch_only():
   from copd_jax import losses
   from copd_jax.rl import rollout as trainer, rows as rows_lib, update as update_lib
   cfg = default_config.get("copd", "micro")
-  s = policy_setup.build_setup(cfg)
+  s = policy_setup.build_setup(spec_of(cfg))
   params = experts.init_stacked(s.model_cfg, jax.random.split(jax.random.key(4), 2))
   caps = ("text", "image")
   batches = [s.encode_prompts([tasks.make_example(c, i, seed=0, difficulty=1, **s.example_kwargs)

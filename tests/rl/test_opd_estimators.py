@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from tiny_model import one_device_run
 
+from copd_jax.config_lib import spec_of
 from copd_jax import kernels, losses
 from copd_jax.kernels import KernelConfig
 from copd_jax.losses import PolicyLossConfig
@@ -217,7 +218,7 @@ def test_top_k_scores_cross_the_all_to_all_to_their_students():
   from copd_jax import default_config, policy_setup
   from copd_jax.models import decoder, stacked
   from copd_jax.rl import scoring, stages
-  s = policy_setup.build_setup(default_config.get("copd", "micro"))
+  s = policy_setup.build_setup(spec_of(default_config.get("copd", "micro")))
   params = stacked.init_stacked(s.model_cfg, jax.random.split(jax.random.key(1), 3))
   rows = fixed_rows(s, params, ("text", "image", "video"))
   routing = stages.teacher_routing(np.array([[1, 1], [2, 2], [0, 0]], np.int32), 3, samples=2)
@@ -243,7 +244,7 @@ def test_top_k_opd_update_lowers_the_kl_and_tis_is_reported(estimator):
   from copd_jax import default_config, policy_setup
   from copd_jax.models import stacked
   from copd_jax.rl import stages, update as update_lib
-  s = policy_setup.build_setup(default_config.get("copd", "micro"))
+  s = policy_setup.build_setup(spec_of(default_config.get("copd", "micro")))
   student = stacked.init_stacked(s.model_cfg, jax.random.split(jax.random.key(2), 1))
   teacher = stacked.init_stacked(s.model_cfg, jax.random.split(jax.random.key(3), 1))
   rows = fixed_rows(s, student, ("text",), n_prompts=4, g=2, opd_beta=1.0)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import reward_plugins
+from copd_jax.config_lib import spec_of
 from copd_jax import config_lib, default_config, policy_setup
-from copd_jax.data import math_verifier, reward_fns
 from copd_jax.models import stacked
 from copd_jax.rl import loop, rollout, rows as rows_lib, stages, step as step_lib
 from tiny_model import one_device_run
@@ -29,20 +29,16 @@ def run():
   cfg.rl.update(dict(native_prompts=2, cross_prompts=2, samples_per_prompt=G))
   cfg.reward.update(dict(fn="reward_plugins:digit_fraction", workers=1))
   config_lib.validate_config(cfg)
-  setup = policy_setup.build_setup(cfg)
+  setup = policy_setup.build_setup(spec_of(cfg))
   params = stacked.init_stacked(setup.model_cfg, jax.random.split(jax.random.key(3), 3))
-  before = (math_verifier.active_config(), reward_fns.active())
-  reward_fns.configure(cfg.reward)
   yield cfg, setup, params
-  math_verifier.configure(before[0])
-  reward_fns._active = before[1]
 
 
 def host_half(cfg, setup, params, weight: float, step: int = 0) -> rollout.Rollouts:
   """One step's rollouts of the CoPD stage at OPD weight `weight` (the call under test)."""
-  stage = stages.copd_stage(cfg.rl, list(CAPS))
-  data = loop.data_context(cfg, setup, seed_offset=1)
-  ucfg = rows_lib.update_config(cfg, setup.model_cfg)
+  stage = stages.copd_stage(spec_of(cfg).rl, list(CAPS))
+  data = loop.data_context(spec_of(cfg), setup, seed_offset=1)
+  ucfg = rows_lib.update_config(spec_of(cfg), setup.model_cfg)
   plan = step_lib.StepPlan(stage=stage, data=data, ucfg=ucfg, optimizer=None,
                            key=jax.random.key(0),
                            assignment=stages.cross_teacher_assignment(stage), routing={},

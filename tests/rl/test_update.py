@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from copd_jax.config_lib import spec_of
 from copd_jax import default_config, kernels, losses, policy_setup, sampling
 from tiny_model import one_device_run
 from copd_jax.data import toy_tasks as tasks
@@ -24,7 +25,7 @@ from copd_jax.rl import (
 @pytest.fixture(scope="module")
 def setup():
   cfg = default_config.get("copd", "micro")
-  return cfg, policy_setup.build_setup(cfg)
+  return cfg, policy_setup.build_setup(spec_of(cfg))
 
 
 def ucfg_for(setup_obj, **loss):
