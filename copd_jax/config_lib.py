@@ -567,8 +567,8 @@ def validate_rl(cfg: ml_collections.ConfigDict) -> None:
   _wrap("rl.loss", lambda: losses.PolicyLossConfig(**rl.loss.to_dict()))
   _wrap("rl.kernel", lambda: kernels.KernelConfig(**rl.kernel.to_dict()))
   opd = rl.opd
-  if opd.topology not in ("hub", "full", "none"):
-    _fail("rl.opd.topology", "must be one of ('hub', 'full', 'none')", opd.topology)
+  if opd.topology not in ("hub", "full", "ring", "none"):
+    _fail("rl.opd.topology", "must be one of ('hub', 'full', 'ring', 'none')", opd.topology)
   if opd.topology == "hub" and opd.hub not in caps:
     _fail("rl.opd.hub", f"must be one of rl.capabilities {caps}", opd.hub)
   _positive_float(opd, "beta", "rl.opd.", allow_zero=True)
