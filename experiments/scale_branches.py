@@ -69,14 +69,15 @@ LORA_RANK = 16
 QUICK_NS = (2, 3)
 # The base: all twelve families at difficulty 1, half of each family's demonstrations
 # flawed (the base samples the right procedure often enough for a few RL steps to find
-# it), 300 SFT steps. These are the base run's whole config; its rl fields are unused by
+# it), 100 SFT steps x 48 demonstrations (about 400 per family; 20 of warm-up; the study had a tenth of
+# a 2-core machine). These are the base run's whole config; its rl fields are unused by
 # SFT but stored with the run, so they stay as the base was trained with.
 TASK_FIELDS = dict(
     tasks__capabilities=FAMILIES, tasks__difficulty={c: 1 for c in FAMILIES},
     warm_start__mix={c: 1.0 for c in FAMILIES},
     warm_start__flaw_rate={c: 0.5 for c in FAMILIES})
 BASE_FIELDS = dict(
-    TASK_FIELDS, warm_start__steps=300,
+    TASK_FIELDS, warm_start__steps=100, warm_start__warmup_steps=20,
     rl__steps=10, rl__native_prompts=8, rl__samples_per_prompt=4, rl__cross_prompts=12,
     rl__eval_every=1000, rl__eval_examples=4, rl__diagnostics_every=1000,
     rl__diagnostic_prompts=2, checkpoint__every_steps=5, log__completions=0)
@@ -86,7 +87,7 @@ BASE_FIELDS = dict(
 # N = 12 every student's cross prompts reach every one of its teachers (prompts go
 # round-robin over a student's teachers, the same teacher per slot every step).
 STUDY_FIELDS = dict(
-    TASK_FIELDS, warm_start__steps=300,
+    TASK_FIELDS, warm_start__steps=100, warm_start__warmup_steps=20,
     rl__steps=5, rl__native_prompts=4, rl__samples_per_prompt=4, rl__cross_prompts=11,
     rl__eval_every=1000, rl__eval_examples=4, rl__diagnostics_every=1000,
     rl__diagnostic_prompts=2, checkpoint__every_steps=2, log__completions=0)
