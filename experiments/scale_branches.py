@@ -188,6 +188,22 @@ def update_cost(n: int, topology: str, native: int, cross: int, samples: int) ->
           "cross_rows": int(routing.send_valid.sum())}
 
 
+def teacher_rows(n: int, topology: str, cross: int, samples: int) -> dict:
+  """Rows the OPD update's teacher forward scores per step (every (student, teacher) slot
+  padded to the largest, as stages.teacher_routing lays them out) and the cross rows
+  that carry a teacher's score, for N branches (host arithmetic, nothing compiled)."""
+  from copd_jax.rl import stages
+  stage = stages.Stage(
+      name="scale", steps=1, student_data=tuple((c,) for c in capabilities(n)),
+      teacher_data=tuple((c,) for c in capabilities(n)), live_teachers=True,
+      topology=schedules.topology_matrix(n, topology, hub=0),
+      branch_beta=np.ones(n, np.float32), schedule=schedules.OPDSchedule(kind="cycle"),
+      native_prompts=1, cross_prompts=cross, samples_per_prompt=samples)
+  routing = stages.teacher_routing(stages.cross_teacher_assignment(stage), n, samples)
+  return {"teacher_forward_rows": int(routing.teacher_forward_rows()),
+          "cross_rows": int(routing.send_valid.sum())}
+
+
 def pod_4b_bytes(n: int, lora_rank: int = 0) -> dict:
   """Bytes of N branches' f32 parameters + AdamW moments at Qwen3-VL-4B's shape
   (configs/pod_4b.py), from jax.eval_shape; with lora_rank > 0 the base once plus N
@@ -296,8 +312,10 @@ def configuration_report(args, arm: str, n: int, topology: str, costs: dict) -> 
     out["step_seconds"] = round(float(np.mean(measured)), 3) if measured else None
     out["step_seconds_per_branch"] = (round(out["step_seconds"] / n, 3)
                                       if out["step_seconds"] is not None else None)
-  key = f"{arm}/n{n}/{topology}"
-  out.update(costs.get(key, {}))
+  fields = fields_of(args)
+  out.update(teacher_rows(n, topology, fields.get("rl__cross_prompts", 2),
+                          fields.get("rl__samples_per_prompt", 2)))
+  out.update(costs.get(f"{arm}/n{n}/{topology}", {}))
   out.update(costs.get(f"{arm}/n{n}/pod_4b", {}))
   return out
 
@@ -311,8 +329,8 @@ def build_report(args, costs: dict, command: str, minutes: float) -> dict:
                               if (c["arm"], c["n"], c["topology"]) == (arm, n, t)), None)
                      for t in args.topologies} for n in args.ns}
 
-  def growth(arm):
-    return {t: growth_exponent(args.ns, [per(arm, "step_seconds")[str(n)][t] for n in args.ns])
+  def growth(arm, key="step_seconds"):
+    return {t: growth_exponent(args.ns, [per(arm, key)[str(n)][t] for n in args.ns])
             for t in args.topologies}
 
   arm0 = args.arms[0]
@@ -335,6 +353,7 @@ def build_report(args, costs: dict, command: str, minutes: float) -> dict:
       "growth": growth(arm0),
       "update_memory_bytes": per(arm0, "update_memory_bytes"),
       "teacher_forward_rows": per(arm0, "teacher_forward_rows"),
+      "growth_teacher_forward_rows": growth(arm0, "teacher_forward_rows"),
       "pod_4b_bytes": {str(n): costs.get(f"{arm0}/n{n}/pod_4b", {}).get("pod_4b_bytes")
                        for n in args.ns},
       "by_arm": {arm: {"merged_minus_experts_points": per(arm, "merged_minus_experts_points"),
