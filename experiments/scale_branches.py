@@ -67,30 +67,29 @@ TOPOLOGIES = ("hub", "full", "ring")
 ARMS = ("full_ft", "lora")
 LORA_RANK = 16
 QUICK_NS = (2, 3)
-# The base: all twelve families at difficulty 1, half of each family's demonstrations
-# flawed (the base samples the right procedure often enough for a few RL steps to find
-# it), 100 SFT steps x 48 demonstrations (about 400 per family; 20 of warm-up; the study had a tenth of
-# a 2-core machine). These are the base run's whole config; its rl fields are unused by
-# SFT but stored with the run, so they stay as the base was trained with.
+# The study's model: the `micro` preset (a 1-layer decoder of width 32, f32, the toy
+# suite's tokenizer and a 1-block vision tower), not the 4-layer toy model: on the 2-core
+# machine shared by several agents the study got 5-10% of the CPU, at which the toy
+# model's base alone took over an hour. `--preset toy` runs the same study on the toy model.
+PRESET = "micro"
+# All twelve families at difficulty 1; half of each family's demonstrations flawed (the
+# base samples the right procedure often enough for a few RL steps to find it).
 TASK_FIELDS = dict(
     tasks__capabilities=FAMILIES, tasks__difficulty={c: 1 for c in FAMILIES},
     warm_start__mix={c: 1.0 for c in FAMILIES},
     warm_start__flaw_rate={c: 0.5 for c in FAMILIES})
-BASE_FIELDS = dict(
-    TASK_FIELDS, warm_start__steps=100, warm_start__warmup_steps=20,
-    rl__steps=10, rl__native_prompts=8, rl__samples_per_prompt=4, rl__cross_prompts=12,
+# Base: 600 SFT steps x 48 demonstrations (2,400 per family). RL: 10 steps per branch
+# (OPD on steps 3, 4, 8, 9 of the paper's 3 : 2 cycle), 8 native prompts x 4 samples, and
+# 11 cross prompts per branch on OPD steps, so that at N = 12 every student's cross
+# prompts reach every one of its teachers (prompts go round-robin over a student's
+# teachers, the same teacher per slot every step).
+STUDY_FIELDS = dict(
+    TASK_FIELDS, warm_start__steps=600, warm_start__batch_size=48, warm_start__warmup_steps=50,
+    warm_start__log_every=100,
+    rl__steps=10, rl__native_prompts=8, rl__samples_per_prompt=4, rl__cross_prompts=11,
+    rl__opd__schedule__s_rl=3, rl__opd__schedule__s_opd=2,
     rl__eval_every=1000, rl__eval_examples=4, rl__diagnostics_every=1000,
     rl__diagnostic_prompts=2, checkpoint__every_steps=5, log__completions=0)
-# RL runs: a budget sized for a 2-core machine shared with other work (the study had
-# about 10% of it): 5 steps per branch (OPD on steps 3 and 4 of the paper's 3 : 2 cycle),
-# 4 native prompts x 4 samples, and 11 cross prompts per branch on OPD steps, so that at
-# N = 12 every student's cross prompts reach every one of its teachers (prompts go
-# round-robin over a student's teachers, the same teacher per slot every step).
-STUDY_FIELDS = dict(
-    TASK_FIELDS, warm_start__steps=100, warm_start__warmup_steps=20,
-    rl__steps=5, rl__native_prompts=4, rl__samples_per_prompt=4, rl__cross_prompts=11,
-    rl__eval_every=1000, rl__eval_examples=4, rl__diagnostics_every=1000,
-    rl__diagnostic_prompts=2, checkpoint__every_steps=2, log__completions=0)
 QUICK_FIELDS = dict(
     TASK_FIELDS, rl__steps=2, rl__eval_every=1000, rl__diagnostics_every=1000, log__completions=0)
 
@@ -114,9 +113,7 @@ def topology_run(n: int, topology: str, topologies=TOPOLOGIES) -> str:
 
 
 def fields_of(args, method: str = "copd") -> dict:
-  if args.quick:
-    return QUICK_FIELDS
-  return BASE_FIELDS if method == "base" else STUDY_FIELDS
+  return QUICK_FIELDS if args.quick else STUDY_FIELDS
 
 
 def study_config(method: str, seed: int, workdir: str, args, *, n: int = 0,
@@ -135,8 +132,8 @@ def study_config(method: str, seed: int, workdir: str, args, *, n: int = 0,
 
 
 def make_config(method: str, seed: int, workdir: str, args, **overrides):
-  """reproduce.make_config at the study's preset (toy; micro with --quick)."""
-  cfg = reproduce.default_config.get(method, "micro" if args.quick else "toy")
+  """reproduce.make_config at the study's preset (args.preset; micro with --quick)."""
+  cfg = reproduce.default_config.get(method, "micro" if args.quick else args.preset)
   cfg.seed, cfg.workdir = seed, workdir
   cfg.warm_start.checkpoint_dir = args.base_dir
   cfg.eval.num_examples = args.eval_examples
@@ -336,7 +333,8 @@ def build_report(args, costs: dict, command: str, minutes: float) -> dict:
   arm0 = args.arms[0]
   report = {
       "command": command, "minutes_this_invocation": round(minutes, 1),
-      "quick": bool(args.quick), "n_branches": list(args.ns),
+      "quick": bool(args.quick), "preset": "micro" if args.quick else args.preset,
+      "n_branches": list(args.ns),
       "topologies": list(args.topologies), "arms": list(args.arms),
       "lora_rank": args.lora_rank if "lora" in args.arms else None,
       "capabilities_in_order": list(FAMILIES), "seeds_asked": list(args.seeds),
@@ -430,7 +428,7 @@ def measure_costs(args, costs: dict, path: str, arm: str, n: int) -> None:
   changed = False
   for topology in args.topologies:
     key = f"{arm}/n{n}/{topology}"
-    if key not in costs and arm == "full_ft" and not args.quick:
+    if key not in costs and arm == "full_ft" and args.preset == "toy" and not args.quick:
       costs[key] = update_cost(n, topology, native, cross, samples)
       changed = True
   key = f"{arm}/n{n}/pod_4b"
@@ -451,6 +449,8 @@ def parse_args(argv=None):
   parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
   parser.add_argument("--arms", default="full_ft", help=f"comma-separated of {ARMS}")
   parser.add_argument("--lora_rank", type=int, default=LORA_RANK)
+  parser.add_argument("--preset", default=PRESET, choices=("micro", "toy"),
+                      help="the model of every run (default_config presets)")
   parser.add_argument("--quick", action="store_true",
                       help="micro model, N = 2 and 3, 2 steps, 4 items (a test runs it)")
   parser.add_argument("--runs", default=None)
@@ -473,7 +473,8 @@ def parse_args(argv=None):
     raise SystemExit(f"unknown topologies / arms {bad}: use {TOPOLOGIES} / {ARMS}")
   default_root = "runs/scale_branches_quick" if args.quick else "experiments/results/scale_branches"
   args.out = args.out or (default_root if args.quick else "experiments/results")
-  args.runs = args.runs or os.path.join(default_root, "runs")
+  args.runs = args.runs or os.path.join(default_root, "runs" if args.preset == PRESET
+                                        else f"runs_{args.preset}")
   args.base_dir = args.base_dir or os.path.join(args.runs, "base_policy")
   args.eval_examples = args.eval_examples or (4 if args.quick else 32)
   args.quick_steps = 0
