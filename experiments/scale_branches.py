@@ -248,7 +248,8 @@ def opd_step_seconds(metrics_path: str) -> float | None:
   times = []
   for record in reproduce.read_jsonl(metrics_path):
     if record.get("train/opd_weight", 0) > 0 and "train/time/update_s" in record:
-      times.append(sum(record.get(f"train/time/{k}_s", 0.0) for k in ("sample", "verify", "update")))
+      times.append(sum(record.get(f"train/time/{k}_s", 0.0)
+                       for k in ("sample", "verify", "update")))
   times = times[1:]
   return float(np.median(times)) if times else None
 
@@ -305,6 +306,10 @@ def configuration_report(args, arm: str, n: int, topology: str, costs: dict) -> 
     out["merged_minus_experts_per_capability"] = gap["per_capability"]
     out["merged_accuracy_points"] = {c: round(100 * float(merged[c].mean()), 2) for c in caps}
     out["expert_accuracy_points"] = {c: round(100 * float(experts[c].mean()), 2) for c in caps}
+    out["merged_accuracy_overall_points"] = round(float(np.mean(
+        list(out["merged_accuracy_points"].values()))), 2)
+    out["expert_accuracy_overall_points"] = round(float(np.mean(
+        list(out["expert_accuracy_points"].values()))), 2)
     measured = [s for s in step_s if s is not None]
     out["step_seconds"] = round(float(np.mean(measured)), 3) if measured else None
     out["step_seconds_per_branch"] = (round(out["step_seconds"] / n, 3)
@@ -371,7 +376,8 @@ def _num(x, fmt="{:.2f}") -> str:
 
 
 def markdown(report: dict) -> str:
-  lines = [f"# CoPD from 3 to 12 branches\n\nMade by `{report['command']}`. "
+  lines = [f"# CoPD from 3 to 12 branches\n\nMade by `{report['command']}` "
+           f"(model: the `{report['preset']}` preset). "
            f"{report['eval_examples_per_capability']} held-out items per capability; "
            f"merged − experts: merged CoPD minus each capability's own expert, in points, "
            f"mean [95% interval] ({report['interval']}). Step: median OPD step on this "
@@ -380,23 +386,30 @@ def markdown(report: dict) -> str:
            "not a TPU compile).\n"]
   for arm in report["arms"]:
     lines.append(f"## {arm}\n")
-    lines.append("| N | topology | seeds | merged − experts | step s | s per branch | "
-                 "update MiB | teacher rows | 4B GiB |")
-    lines.append("|---" * 9 + "|")
+    lines.append("| N | topology | seeds | merged | experts | merged − experts | step s | "
+                 "s per branch | update MiB | teacher rows | 4B GiB |")
+    lines.append("|---" * 11 + "|")
     for c in report["configurations"]:
       if c["arm"] != arm:
         continue
-      pod = c.get("pod_4b_bytes")
+      pod, memory = c.get("pod_4b_bytes"), c.get("update_memory_bytes")
+      shared = "" if c["run"] == f"copd_{c['topology']}" else f" (= {c['run'][5:]})"
       lines.append(
-          f"| {c['n']} | {c['topology']}{'' if c['run'] == 'copd_' + c['topology'] else ' (= ' + c['run'][5:] + ')'} "
-          f"| {c['seeds']} | {_cell(c.get('merged_minus_experts_points'))} "
+          f"| {c['n']} | {c['topology']}{shared} | {c['seeds']} "
+          f"| {_num(c.get('merged_accuracy_overall_points'), '{:.1f}')} "
+          f"| {_num(c.get('expert_accuracy_overall_points'), '{:.1f}')} "
+          f"| {_cell(c.get('merged_minus_experts_points'))} "
           f"| {_num(c.get('step_seconds'))} | {_num(c.get('step_seconds_per_branch'))} "
-          f"| {_num(None if c.get('update_memory_bytes') is None else c['update_memory_bytes'] / 2**20, '{:.0f}')} "
+          f"| {_num(None if memory is None else memory / 2**20, '{:.0f}')} "
           f"| {_num(c.get('teacher_forward_rows'), '{}')} "
           f"| {_num(None if pod is None else pod / 2**30, '{:.0f}')} |")
     growth = report["by_arm"][arm]["growth"]
     lines.append("\nFitted exponent k of step time ~ N^k: "
                  + ", ".join(f"{t} {_num(k, '{:.2f}')}" for t, k in growth.items()) + "\n")
+  rows = report["growth_teacher_forward_rows"]
+  lines.append("Teacher forward rows ~ N^k (the routing pads every (student, teacher) slot "
+               "to the largest): " + ", ".join(f"{t} {_num(k, '{:.2f}')}" for t, k in rows.items())
+               + "\n")
   return "\n".join(lines)
 
 
@@ -463,12 +476,14 @@ def parse_args(argv=None):
   parser.set_defaults(eval_examples=None, base_dir=None)
   args = parser.parse_args(argv)
   args.seeds = [int(s) for s in args.seeds.split(",")]
-  args.ns = [int(n) for n in (args.ns or ",".join(map(str, QUICK_NS if args.quick else N_BRANCHES))).split(",")]
+  default_ns = QUICK_NS if args.quick else N_BRANCHES
+  args.ns = [int(n) for n in (args.ns or ",".join(map(str, default_ns))).split(",")]
   args.topologies = [t for t in args.topologies.split(",") if t]
   args.arms = [a for a in args.arms.split(",") if a]
   for n in args.ns:
     capabilities(n)
-  bad = [t for t in args.topologies if t not in TOPOLOGIES] + [a for a in args.arms if a not in ARMS]
+  bad = ([t for t in args.topologies if t not in TOPOLOGIES]
+         + [a for a in args.arms if a not in ARMS])
   if bad:
     raise SystemExit(f"unknown topologies / arms {bad}: use {TOPOLOGIES} / {ARMS}")
   default_root = "runs/scale_branches_quick" if args.quick else "experiments/results/scale_branches"
