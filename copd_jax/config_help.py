@@ -34,6 +34,11 @@ FIELD_HELP = {
                              "long sequences), same values",
     "model.attention_kernel": "xla | splash (Pallas splash attention; TPU, interpret mode "
                               "elsewhere) | auto (splash on TPU, xla elsewhere); same values",
+    "model.lora": "LoRA branches: every branch a low-rank adapter on one shared frozen base",
+    "model.lora.rank": "adapter rank r; 0 = full fine-tuning (every branch a full copy)",
+    "model.lora.alpha": "adapter scale alpha / r (the PEFT convention)",
+    "model.lora.targets": "projections adapted: q_proj k_proj v_proj o_proj gate_proj up_proj "
+                          "down_proj (embeddings and the LM head are not)",
     "model.image_token_id": "token id of the <img> placeholder vision embeddings replace",
     "model.vision": "toy tubelet-ViT vision encoder",
     "model.vision.image_size": "input image side in pixels (a multiple of patch_size)",
@@ -184,7 +189,7 @@ FIELD_HELP = {
 
 # What config.model still sets when config.init.hf_checkpoint is the model: how to
 # compute (dtype, remat, attention), never the architecture.
-CHECKPOINT_READ_MODEL_FIELDS = ("dtype", "remat", "attention_block", "attention_kernel")
+CHECKPOINT_READ_MODEL_FIELDS = ("dtype", "remat", "attention_block", "attention_kernel", "lora")
 
 
 def checkpoint_fixes(field: str) -> bool:

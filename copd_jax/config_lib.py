@@ -84,6 +84,19 @@ def validate_model(m, prefix="model.") -> None:
           m.image_token_id)
 
 
+def validate_lora(m, prefix="model.", check_dims: bool = True) -> None:
+  """config.model.lora: rank >= 0, alpha > 0, known targets, and (check_dims) the rank at
+  most the smaller dimension of every target projection of config.model. A Hugging Face
+  checkpoint's own sizes are checked when its adapters are built (lora.init_adapters)."""
+  from copd_jax.models import lora
+  if m.get("lora", None) is None:
+    return
+  spec = lora.check_spec(m.lora.get("rank", 0), m.lora.get("alpha", 16.0),
+                         m.lora.get("targets", lora.DEFAULT_TARGETS), prefix=f"{prefix}lora.")
+  if check_dims:
+    lora.check_rank_fits(spec, lora.projection_dims(m), prefix=f"{prefix}lora.")
+
+
 def _check_lengths_fit_tasks(cfg, caps) -> None:
   """The generators' longest prompt/solution at these difficulties must fit the arrays."""
   v = cfg.model.vision
@@ -177,6 +190,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     _fail("seed", "must be an integer", cfg.seed)
 
   validate_model(cfg.model)
+  validate_lora(cfg.model, check_dims=not cfg.init.get("hf_checkpoint", ""))
   validate_mesh(cfg)
 
   caps = tuple(cfg.tasks.capabilities)

@@ -48,6 +48,13 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
   c.num_experts = 1
 
   c.model = toy_model()
+  # LoRA branches (copd_jax/models/lora.py). rank 0 = full fine-tuning: every branch is a
+  # full copy of the base. rank r > 0: every branch is a rank-r adapter (scale alpha / r)
+  # on the target projections of ONE shared, frozen base (no gradient, no optimizer
+  # state); merging averages the branches' effective weights W + scale B_k A_k.
+  c.model.lora = ml_collections.ConfigDict(dict(
+      rank=0, alpha=16.0,
+      targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
 
   c.tasks = ml_collections.ConfigDict(dict(
       capabilities=CAPABILITIES,

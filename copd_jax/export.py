@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags
 
 from copd_jax import checkpoint, cli, policy_setup
-from copd_jax.models import hf_checkpoint, qwen3_vl_export, stacked as stacked_lib
+from copd_jax.models import hf_checkpoint, lora, qwen3_vl_export, stacked as stacked_lib
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 
 MERGED = "merged"
@@ -55,9 +55,11 @@ def load_run_policy(workdir: str, branch: str = MERGED):
     raise ValueError(f"--branch={branch!r} is not a branch of this run; branches: {names} "
                      f"(or '{MERGED}')")
   setup = policy_setup.build_setup(cfg)
+  # The run's branches: full copies, or (config.model.lora) one base and the adapters.
   abstract = jax.eval_shape(
-      lambda k: stacked_lib.broadcast_params(policy_setup.init_policy_params(setup.model_cfg, k),
-                                             len(names)),
+      lambda k: stacked_lib.initial_branches(
+          policy_setup.init_policy_params(setup.model_cfg, k), len(names),
+          lora.spec_from_config(cfg), k),
       jax.random.key(0))
   stacked = checkpoint.load_policy(  # the run's own setting for unverified checkpoints
       directory, abstract, allow_unverified=bool(cfg.get("checkpoint", {}).get(

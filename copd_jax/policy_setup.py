@@ -117,7 +117,7 @@ def _toy_model_and_tokenizer(cfg) -> tuple[model_config.ModelConfig, Tokenizer]:
   if cfg.model.image_token_id != tokenizer.image_id:
     raise ValueError(f"config.model.image_token_id must equal the tokenizer's <img> id "
                      f"({tokenizer.image_id}), got {cfg.model.image_token_id}")
-  model_cfg = model_config.ModelConfig(**cfg.model.to_dict())
+  model_cfg = model_config.ModelConfig.from_dict(cfg.model)
   model_cfg.validate()
   return model_cfg, tokenizer
 
@@ -142,12 +142,14 @@ def init_policy_params(model_cfg, key):
 
 def declared_param_axes(model_cfg) -> dict:
   """{parameter path: logical axes} that the layers of one policy of either family declare
-  (for sharding.RunSharding(mesh, param_axes=...)); nothing is allocated."""
+  (for sharding.RunSharding(mesh, param_axes=...)), with the axes of the LoRA adapters
+  any target projection may carry (lora.with_adapter_axes); nothing is allocated."""
+  from copd_jax.models import lora
   if isinstance(model_cfg, Qwen3VLConfig):
     from copd_jax.models import qwen3_vl
-    return qwen3_vl.param_axes(model_cfg)
+    return lora.with_adapter_axes(qwen3_vl.param_axes(model_cfg))
   from copd_jax.models import decoder
-  return decoder.param_axes(model_cfg)
+  return lora.with_adapter_axes(decoder.param_axes(model_cfg))
 
 
 def to_model_layout(params, model_cfg, leading_axes: int = 0):

@@ -45,6 +45,8 @@ import jax.experimental.mesh_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from copd_jax.models import lora
+
 MESH_AXES = ("expert", "data", "fsdp", "tensor")
 
 
@@ -65,6 +67,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),                 # RMSNorm scales [D]
     ("head_dim", None),             # q_norm / k_norm scales [Dh]
     ("layers", None),               # the stacked layer axis of scanned layers
+    ("lora_rank", None),            # the rank r of LoRA adapters (copd_jax.models.lora)
     # Vision towers (the toy ViT, Qwen3-VL's): sharded like the decoder, with names of
     # their own so a config can treat them differently.
     ("vision_embed", "fsdp"),       # ViT width of weights
@@ -403,6 +406,9 @@ class RunSharding:
     """NamedSharding per leaf of (abstract or real) params [S, ...] (stacked) or [...],
     from the axes the model's layers declared (param_axes)."""
     declared = self._declared()
+    if lora.is_lora(params):  # the shared base unstacked; the adapters [S, ...] as declared
+      return params.replace(base=self.stacked_params(params.base, stacked=False),
+                            adapters=self.stacked_params(params.adapters, stacked))
 
     def one(path, x):
       return self.named(param_logical_axes(path, len(x.shape), declared, stacked), x.shape)

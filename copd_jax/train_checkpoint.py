@@ -145,9 +145,11 @@ def _finite_per_branch(tree) -> jax.Array:
 
 
 def nonfinite_branches(stacked_params, branch_names) -> list[str]:
-  """The names of branches whose parameters hold a NaN or inf."""
+  """The names of branches whose parameters hold a NaN or inf (a LoRA run: whose
+  adapters do; its frozen base never changes)."""
   from copd_jax import sharding as sharding_lib
-  ok = np.asarray(sharding_lib.to_host(_finite_per_branch(stacked_params)))
+  from copd_jax.models import lora
+  ok = np.asarray(sharding_lib.to_host(_finite_per_branch(lora.trainable(stacked_params))))
   return [name for name, good in zip(branch_names, ok) if not good]
 
 

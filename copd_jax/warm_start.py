@@ -82,7 +82,8 @@ def base_policy_metadata(cfg: ml_collections.ConfigDict) -> dict:
   # Only fields that change the trained weights: remat and attention_block (memory/compute
   # trades, model.EXECUTION_FIELDS) and the record-file fields (unused by the toy base)
   # are left out, so adding such fields never invalidates a saved base.
-  model = {k: v for k, v in cfg.model.to_dict().items() if k not in model_config.EXECUTION_FIELDS}
+  model = {k: v for k, v in cfg.model.to_dict().items()
+           if k not in model_config.EXECUTION_FIELDS + model_config.RUN_ONLY_FIELDS}
   if not model.get("scan_layers"):
     model.pop("scan_layers", None)  # unrolled: a base saved before the field still matches
   data = {k: cfg.data[k] for k in ("max_prompt_len", "max_response_len")}

@@ -12,6 +12,10 @@ with N branches on N x 64 simulated devices (expert = N, fsdp 16, tensor 4), 1 d
 layer compiled (cross-expert traffic does not depend on depth): cross-expert bytes per
 device per OPD step and per-device memory.
 
+LoRA memory (always, from jax.eval_shape): `lora_memory_ratio_n12` = bytes of 12 full
+branches over bytes of one base + 12 rank-16 adapters, params plus AdamW state, for the
+4B shape (lora_memory_4b); `lora_adapter_bytes_per_branch` = one branch's f32 adapters.
+
 Growth: for each topology a least-squares fit of step time to a + b N + c N^2 and the
 exponent k of a power law t ~ N^k; `growth` names the order (linear when the quadratic
 term adds less than 10% at N = 8). The full mesh is called unaffordable from the first N
@@ -192,6 +196,50 @@ def plot(toy: list, fits: dict, path: str) -> None:
   fig.savefig(path, dpi=120)
 
 
+def lora_memory_4b(num_branches: int = 12, rank: int = 16) -> dict:
+  """Bytes of N full branches over bytes of one base + N rank-r LoRA adapters, params
+  plus optimizer state, for configs/pod_4b.py's model (Qwen3-VL-4B, the vision tower
+  included) -- from jax.eval_shape, nothing allocated.
+
+  The optimizer is the training one (update_lib.make_optimizer: global-norm clipping +
+  AdamW): its state is adam's two f32 moments (mu, nu) per trained entry plus a step
+  count per branch. Full fine-tuning trains every parameter of every branch; LoRA trains
+  the adapters (all seven projections of every decoder layer), and the frozen base has
+  no optimizer state."""
+  import jax
+
+  from configs import pod_4b
+  from copd_jax import policy_setup
+  from copd_jax.analysis import tpu_compile
+  from copd_jax.models import lora, stacked as stacked_lib
+  from copd_jax.rl import update as update_lib
+  cfg = pod_4b.get_config()
+  model_cfg = tpu_compile.run_model_config(cfg)
+  spec = lora.LoraSpec(rank=rank, alpha=2.0 * rank)
+  optimizer = update_lib.make_optimizer(1e-6, 1.0)
+
+  def nbytes(tree) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+  key = jax.random.key(0)
+  base = jax.eval_shape(lambda k: policy_setup.init_policy_params(model_cfg, k), key)
+  full = jax.eval_shape(lambda p: stacked_lib.broadcast_params(p, num_branches), base)
+  full_state = jax.eval_shape(lambda p: update_lib.init_optimizer_state(optimizer, p), full)
+  branches = jax.eval_shape(
+      lambda p, k: stacked_lib.initial_branches(p, num_branches, spec, k), base, key)
+  lora_state = jax.eval_shape(lambda p: update_lib.init_optimizer_state(optimizer, p),
+                              branches)
+  full_bytes = nbytes(full) + nbytes(full_state)
+  lora_bytes = nbytes(branches) + nbytes(lora_state)  # the base once, no state for it
+  per_branch = nbytes(branches.adapters) // num_branches
+  return {"num_branches": num_branches, "rank": rank, "optimizer": "adamw (mu, nu f32)",
+          "base_param_bytes": nbytes(base), "full_branches_bytes": full_bytes,
+          "lora_branches_bytes": lora_bytes,
+          "adapter_param_bytes_per_branch": per_branch,
+          "adapter_bytes_per_branch_with_adam": per_branch * 3,
+          "lora_memory_ratio": round(full_bytes / lora_bytes, 2)}
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
@@ -204,6 +252,13 @@ def main(argv=None):
     n, topology = args.child.split(":")
     print(json.dumps(measure_4b_child(int(n), topology)))
     return None
+  lora_mem = lora_memory_4b(12, 16)
+  print(f"[4B LoRA] 12 full branches {lora_mem['full_branches_bytes'] / 2**30:.1f} GiB vs base + "
+        f"12 rank-16 adapters {lora_mem['lora_branches_bytes'] / 2**30:.1f} GiB (params + adam "
+        f"state): {lora_mem['lora_memory_ratio']:.1f}x; per-branch adapter "
+        f"{lora_mem['adapter_param_bytes_per_branch'] / 2**20:.1f} MiB params, "
+        f"{lora_mem['adapter_bytes_per_branch_with_adam'] / 2**20:.1f} MiB with adam",
+        flush=True)
   native, cross, repeats = (4, 4, 3) if args.quick else (8, 8, 5)
   ns = (2, 3, 4, 6, 8)
   toy = []
@@ -237,7 +292,10 @@ def main(argv=None):
          "fits": fits, "memory_growth": {t: memory_fits[t]["order"] for t in TOPOLOGIES},
          "full_over_hub": {n: round(measured["full"][n] / measured["hub"][n], 3) for n in ns},
          "full_mesh_unaffordable_from": crossover(fits, measured),
-         "affordable_ratio": AFFORDABLE_RATIO, "pod_4b": pod}
+         "affordable_ratio": AFFORDABLE_RATIO, "pod_4b": pod,
+         "lora_memory_ratio_n12": lora_mem["lora_memory_ratio"],
+         "lora_adapter_bytes_per_branch": lora_mem["adapter_param_bytes_per_branch"],
+         "lora_memory_4b": lora_mem}
   print(json.dumps(out))
   return out
 

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from copd_jax import sampling as sampling_lib
-from copd_jax.models import decoder, model_config, stacked
+from copd_jax.models import decoder, lora, model_config, stacked
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 from copd_jax.rl import rows as rows_lib, schedules, scoring, stages, update as update_lib
 from copd_jax.sharding import MeshProgram, RunSharding, make_mesh
@@ -168,9 +168,14 @@ def text_config(model_cfg) -> model_config.ModelConfig:
   return model_cfg.text if isinstance(model_cfg, Qwen3VLConfig) else model_cfg
 
 
-def abstract_params(model_cfg, num_branches: int):
-  """Stacked [S, ...] parameter shapes of the policy (nothing allocated)."""
+def abstract_params(model_cfg, num_branches: int, lora_spec: lora.LoraSpec | None = None):
+  """Stacked [S, ...] parameter shapes of the policy, or with a LoRA spec of rank > 0
+  one base and S adapters (lora.LoraBranches); nothing allocated."""
   from copd_jax import policy_setup
+  if lora_spec is not None and lora_spec.enabled:
+    return jax.eval_shape(
+        lambda k: stacked.initial_branches(policy_setup.init_policy_params(model_cfg, k),
+                                           num_branches, lora_spec, k), jax.random.key(0))
   return jax.eval_shape(
       lambda keys: jax.vmap(lambda k: policy_setup.init_policy_params(model_cfg, k))(keys),
       jax.random.split(jax.random.key(0), num_branches))
@@ -310,13 +315,14 @@ def abstract_programs(cfg, run: RunSharding, num_layers: int | None = None,
   routing_args = {k: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
                                           sharding=run.replicated)
                   for k, x in dataclasses.asdict(routing).items()}
-  params = abstract_params(model_cfg, s)
+  params = abstract_params(model_cfg, s, lora.spec_from_config(cfg))
   a_params = _with_shardings(params, run.stacked_params(params))
   opt_state = jax.eval_shape(lambda q: update_lib.init_optimizer_state(optimizer, q), params)
   a_opt = _with_shardings(opt_state, run.opt_state(opt_state))
   ref = None
   if ucfg.loss.kl_coef > 0:  # the frozen base: one unstacked policy
-    single = jax.eval_shape(lambda q: jax.tree.map(lambda x: x[0], q), params)
+    single = (params.base if lora.is_lora(params) else  # LoRA: the shared base itself
+              jax.eval_shape(lambda q: jax.tree.map(lambda x: x[0], q), params))
     ref = _with_shardings(single, run.stacked_params(single, stacked=False))
 
   def rows_of(prompts):

@@ -77,7 +77,7 @@ import jax
 import jax.numpy as jnp
 
 from copd_jax.kernels import attention as attention_kernels
-from copd_jax.models import partitioning
+from copd_jax.models import lora, partitioning
 from copd_jax.models.layers import Linear, RMSNorm, SwiGLU, rope_angles, rotate_with_angles
 from copd_jax.models.model_config import ModelConfig
 from copd_jax.models.toy_vision import VisionEncoder, replace_placeholders
@@ -476,7 +476,7 @@ def forward_hidden(params: Params, cfg: ModelConfig, tokens, positions, token_ma
   vision: f32[B, F, H, W, C] or None (replaces the image_token_id placeholders).
   """
   check_inputs(cfg, tokens, positions, token_mask, vision)
-  hidden, _ = Policy(cfg).apply({"params": params}, tokens, positions,
+  hidden, _ = Policy(cfg).apply(lora.variables(params), tokens, positions,
                                 token_mask.astype(bool), vision)
   return hidden
 
@@ -508,10 +508,10 @@ def forward_hidden_shared_prefix(params: Params, cfg: ModelConfig, prompt_tokens
                      f"prompts ({prompt_tokens.shape[0]}): N = B * samples per prompt")
   policy = Policy(cfg)
   prompt_mask = prompt_mask.astype(bool)
-  prompt_hidden, prefix_kv = policy.apply({"params": params}, prompt_tokens, prompt_positions,
+  prompt_hidden, prefix_kv = policy.apply(lora.variables(params), prompt_tokens, prompt_positions,
                                           prompt_mask, vision)
   cache = init_decode_cache(prefix_kv, tokens.shape[0] // prompt_tokens.shape[0], 0)
-  hidden, _ = policy.apply({"params": params}, tokens, positions, prompt_mask, None, cache, 0)
+  hidden, _ = policy.apply(lora.variables(params), tokens, positions, prompt_mask, None, cache, 0)
   return prompt_hidden, hidden
 
 
@@ -521,7 +521,7 @@ def prefill(params: Params, cfg: ModelConfig, tokens, positions, token_mask, vis
   Same inputs as forward_hidden; the keys/values become the shared prefix of a cache
   (see init_decode_cache).
   """
-  return Policy(cfg).apply({"params": params}, tokens, positions, token_mask.astype(bool),
+  return Policy(cfg).apply(lora.variables(params), tokens, positions, token_mask.astype(bool),
                            vision)
 
 
@@ -551,7 +551,7 @@ def decode_step(params: Params, cfg: ModelConfig, tokens, positions, prefix_mask
   if tokens.shape[0] % prefix_mask.shape[0]:
     raise ValueError(f"decode_step: tokens rows ({tokens.shape[0]}) must be a multiple of "
                      f"prefix_mask rows ({prefix_mask.shape[0]}): N = B * samples per prompt")
-  return Policy(cfg).apply({"params": params}, tokens, positions, prefix_mask.astype(bool),
+  return Policy(cfg).apply(lora.variables(params), tokens, positions, prefix_mask.astype(bool),
                            None, cache, write_index)
 
 
@@ -580,6 +580,7 @@ def cast_matmul_kernels(params: Params, cfg: ModelConfig) -> Params:
 
 def lm_head(params: Params, cfg: ModelConfig):
   """The output projection f32[D, V]: the embedding transposed when tied."""
+  params = lora.model_params(params)  # a LoRA branch: the base's (the head is not adapted)
   if cfg.tie_embeddings:
     return params["embed_tokens"]["embedding"].T
   return params["lm_head"]["kernel"]

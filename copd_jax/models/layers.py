@@ -29,7 +29,9 @@ def with_axes(init, axes: Axes | None):
 
 class Linear(nn.Module):
   """y = x @ kernel (+ bias); kernel f32 [in, out], matmul in `dtype`, f32 accumulation.
-  axes: logical names of the kernel's (in, out) axes; the bias takes the out name."""
+  axes: logical names of the kernel's (in, out) axes; the bias takes the out name.
+  When the params hold 'lora_a' / 'lora_b' next to the kernel (a LoRA branch, see
+  copd_jax.models.lora) the low-rank term is added; init never creates them."""
   features: int
   dtype: Any = jnp.float32
   use_bias: bool = False
@@ -41,11 +43,23 @@ class Linear(nn.Module):
                         (x.shape[-1], self.features), jnp.float32)
     y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
                    preferred_element_type=jnp.float32)
+    if self.has_variable("params", "lora_a"):  # a LoRA branch (copd_jax.models.lora)
+      y = y + self._low_rank(x)
     if self.use_bias:
       bias_axes = None if self.axes is None else tuple(self.axes)[-1:]
       y = y + self.param("bias", with_axes(nn.initializers.zeros, bias_axes), (self.features,),
                          jnp.float32)
     return y
+
+  def _low_rank(self, x):
+    """(x @ A^T) @ B^T through rank r: lora_a [r, in], lora_b [out, r] (already scaled by
+    alpha / r, see lora.model_params); matmuls in `dtype`, f32 accumulation."""
+    a = self.get_variable("params", "lora_a").astype(self.dtype)
+    b = self.get_variable("params", "lora_b").astype(self.dtype)
+    down = jnp.einsum("...i,ri->...r", x.astype(self.dtype), a,
+                      preferred_element_type=jnp.float32)
+    return jnp.einsum("...r,or->...o", down.astype(self.dtype), b,
+                      preferred_element_type=jnp.float32)
 
 
 def layer_norm(eps: float, name: str, axes: Axes = ("norm",)) -> nn.LayerNorm:

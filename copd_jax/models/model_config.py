@@ -19,6 +19,9 @@ EXECUTION_FIELDS = ("remat", "attention_block", "attention_kernel")
 # (layer_stack.stack_layers / unstack_layers convert between the layouts).
 LAYOUT_FIELDS = ("scan_layers",)
 ATTENTION_KERNELS = ("xla", "splash", "auto")
+# config.model entries that are not ModelConfig fields (from_dict skips them): `lora`, how
+# the run trains its branches (copd_jax.models.lora.spec_from_config reads it).
+RUN_ONLY_FIELDS = ("lora",)
 
 
 def require_positive_int(owner: str, name: str, value) -> int:
@@ -136,8 +139,9 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d) -> "ModelConfig":
-    """From a dict or an ml_collections ConfigDict (unknown fields raise ValueError)."""
-    fields = _as_plain_dict(d)
+    """From a dict or an ml_collections ConfigDict (unknown fields raise ValueError;
+    RUN_ONLY_FIELDS are skipped)."""
+    fields = {k: v for k, v in _as_plain_dict(d).items() if k not in RUN_ONLY_FIELDS}
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - known)
     if unknown:

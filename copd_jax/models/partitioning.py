@@ -12,6 +12,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
+from copd_jax.models import lora
 from copd_jax.sharding import leaf_names
 
 ParamPath = tuple[str, ...]
@@ -71,10 +72,20 @@ def map_over_branches(fn, *args, spmd_axis_name: str | None = None):
   activations of all S branches at once (S times the memory, for the same work: each
   device computes every branch either way); in sequence, one branch's at a time."""
   mesh = jax.sharding.get_abstract_mesh()
-  leaves = jax.tree_util.tree_leaves(args)
+  leaves = jax.tree_util.tree_leaves(tuple(lora.trainable(a) for a in args))
   shared = (spmd_axis_name is not None and mesh is not None and not mesh.empty
             and mesh.size > 1 and spmd_axis_name in mesh.axis_names
             and mesh.shape[spmd_axis_name] == 1 and leaves and leaves[0].shape[0] > 1)
+  # LoRA branches (lora.LoraBranches): the shared base is not mapped over, only the
+  # adapters are (lora.branch_axes).
+  in_axes = tuple(lora.branch_axes(a) for a in args)
   if shared:
-    return jax.lax.map(lambda branch: fn(*branch), args)
-  return jax.vmap(fn, spmd_axis_name=spmd_axis_name)(*args)
+    return jax.lax.map(lambda branch: fn(*_rejoin(args, branch)),
+                       tuple(lora.trainable(a) for a in args))
+  return jax.vmap(fn, in_axes=in_axes, spmd_axis_name=spmd_axis_name)(*args)
+
+
+def _rejoin(args, mapped):
+  """args with each argument's mapped part (lora.trainable) replaced by `mapped`'s."""
+  return tuple(lora.with_trainable(a, m) if lora.is_lora(a) else m
+               for a, m in zip(args, mapped))

@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from copd_jax.models import decoder, layers, partitioning
+from copd_jax.models import decoder, layers, lora, partitioning
 from copd_jax.models.layers import mrope_angles, rotate_with_angles
 from copd_jax.models.qwen3_vl_config import (
   _VISION_ACTS,
@@ -461,6 +461,7 @@ def param_shapes(cfg: Qwen3VLConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
 
 def lm_head(params: Params, cfg: Qwen3VLConfig):
   """f32[D, V]: the embedding transposed when tied."""
+  params = lora.model_params(params)  # a LoRA branch: the base's (the head is not adapted)
   if cfg.text.tie_embeddings:
     return params["embed_tokens"]["embedding"].T
   return params["lm_head"]["kernel"]
@@ -476,7 +477,7 @@ def forward_hidden(params: Params, cfg: Qwen3VLConfig, input_ids, attention_mask
   pixel_values: f32[N_img, patch_dim] with static image_grids (tuple of (t, h, w));
   pixel_values_videos: f32[N_vid, patch_dim] with static video_grids.
   """
-  hidden, _ = _module(cfg).apply({"params": params}, input_ids, attention_mask, position_ids,
+  hidden, _ = _module(cfg).apply(lora.variables(params), input_ids, attention_mask, position_ids,
                                  pixel_values, image_grids, pixel_values_videos, video_grids)
   return hidden
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from copd_jax.models import decoder
+from copd_jax.models import decoder, lora
 from copd_jax.models.qwen3_vl import (
   Qwen3VL,
   VisionTower,
@@ -153,9 +153,9 @@ def prefill(params: Params, cfg: Qwen3VLConfig, tokens, token_mask, vision):
   """The prompt pass: (hidden f32[B, P, D], per-layer (k, v) [B, K, P, Dh]).
   vision: VisionInputs (the batch's media in one tower call) or PromptMedia (per prompt)."""
   if isinstance(vision, PromptMedia):
-    return _module(cfg).apply({"params": params}, tokens, token_mask.astype(bool), vision,
+    return _module(cfg).apply(lora.variables(params), tokens, token_mask.astype(bool), vision,
                               method=Qwen3VL.forward_prompts)
-  return _module(cfg).apply({"params": params}, tokens, token_mask.astype(bool),
+  return _module(cfg).apply(lora.variables(params), tokens, token_mask.astype(bool),
                             vision.position_ids, vision.pixel_values, vision.image_grids,
                             vision.pixel_values_videos, vision.video_grids)
 
@@ -187,7 +187,7 @@ def decode_step(params: Params, cfg: Qwen3VLConfig, tokens, positions, prefix_ma
                 write_index):
   """Generated tokens int32[N, T] at 1-D positions int32[N, T] over the prompts' cache
   (as decoder.decode_step): (hidden f32[N, T, D], their (k, v))."""
-  return _module(cfg).apply({"params": params}, tokens, positions, prefix_mask.astype(bool),
+  return _module(cfg).apply(lora.variables(params), tokens, positions, prefix_mask.astype(bool),
                             cache, write_index, method=Qwen3VL.decode_tokens)
 
 

@@ -3,6 +3,10 @@
 Code for one expert is written once (copd_jax.models.decoder) and lifted with jax.vmap, so E
 experts cost one batched call, never a Python loop in a hot path. The stacked pytree goes
 to optax, orbax and shardings as is (shard its leading axis over the `expert` mesh axis).
+
+LoRA branches (copd_jax.models.lora.LoraBranches: one shared base + adapters stacked
+[E, ...]) go through the same functions: vmaps take lora.branch_axes (the base is not
+batched), take_expert returns a branch's effective weights and merge averages them.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from copd_jax.models import decoder
+from copd_jax.models import decoder, lora
 from copd_jax.models.model_config import ModelConfig
 
 Params = Any  # a nested dict of f32 arrays
@@ -34,19 +38,45 @@ def broadcast_params(params: Params, num_experts: int) -> Params:
       lambda x: jnp.broadcast_to(x, (num_experts,) + x.shape), params)
 
 
+def initial_branches(base: Params, num_experts: int, spec: lora.LoraSpec | None = None,
+                     key=None) -> Params:
+  """E branches that all start at `base`: E copies (full fine-tuning, spec None or rank
+  0) or, with a LoRA spec, LoraBranches of `base` and E fresh adapters (B = 0; A drawn
+  from `key`, default key 0)."""
+  if spec is None or not spec.enabled:
+    return broadcast_params(base, num_experts)
+  broadcast_params(jnp.zeros(()), num_experts)  # the same check of num_experts
+  return lora.init_branches(base, spec, num_experts,
+                            jax.random.key(0) if key is None else key)
+
+
 def num_experts(stacked: Params) -> int:
   """The size of the leading expert axis (all leaves must agree)."""
+  if lora.is_lora(stacked):
+    return lora.num_branches(stacked)
   sizes = {x.shape[0] if x.ndim else None for x in jax.tree_util.tree_leaves(stacked)}
   if len(sizes) != 1 or None in sizes:
     raise ValueError(f"stacked params must share one leading expert axis, got sizes {sizes}")
   return int(sizes.pop())
 
 
+def select_experts(stacked: Params, indices) -> Params:
+  """The experts at `indices` (int[K]), still stacked [K, ...] (a LoRA run's shared base
+  stays as it is)."""
+  indices = np.asarray(indices)
+  if lora.is_lora(stacked):
+    return stacked.replace(adapters=jax.tree.map(lambda x: x[indices], stacked.adapters))
+  return jax.tree.map(lambda x: x[indices], stacked)
+
+
 def take_expert(stacked: Params, k: int) -> Params:
-  """Expert k's single-model params (leaves without the expert axis)."""
+  """Expert k's single-model params (leaves without the expert axis); for LoRA branches
+  its effective weights W + scale B_k A_k (plain params)."""
   e = num_experts(stacked)
   if isinstance(k, (int, np.integer)) and not -e <= k < e:
     raise ValueError(f"expert index k={k} out of range for {e} experts")
+  if lora.is_lora(stacked):
+    return lora.effective_params(lora.take_branch(stacked, k))
   return jax.tree_util.tree_map(lambda x: x[k], stacked)
 
 
@@ -60,7 +90,16 @@ def stacked_forward_hidden(stacked: Params, cfg: ModelConfig, tokens, positions,
   """
   def one_expert(params, tok, pos, mask, vis):
     return decoder.forward_hidden(params, cfg, tok, pos, mask, vis)
-  return jax.vmap(one_expert)(stacked, tokens, positions, token_mask, vision)
+  return jax.vmap(one_expert, in_axes=(lora.branch_axes(stacked), 0, 0, 0, 0))(
+      stacked, tokens, positions, token_mask, vision)
+
+
+def append_model(stacked: Params, single: Params) -> Params:
+  """[E+1]: the branches plus one more model (e.g. the base, for diagnostics). LoRA
+  branches append their own base (zero adapters); `single` must then be that base."""
+  if lora.is_lora(stacked):
+    return lora.append_base(stacked)
+  return jax.tree.map(lambda s, b: jnp.concatenate([s, b[None]]), stacked, single)
 
 
 def merge_weights(num: int, weights: Sequence[float] | None) -> np.ndarray:
@@ -82,8 +121,11 @@ def merge(stacked: Params, weights: Sequence[float] | None = None) -> Params:
   """The all-in-one policy: a weighted average of the experts' parameters (f32).
 
   weights: None (uniform, the paper's simple merging) or E non-negative numbers, normalised
-  to sum 1. Returns single-model params.
+  to sum 1. Returns single-model params. LoRA branches merge in weight space:
+  W + sum_k w_k scale B_k A_k (lora.merge).
   """
   w = jnp.asarray(merge_weights(num_experts(stacked), weights))
+  if lora.is_lora(stacked):
+    return lora.merge(stacked, w)
   return jax.tree_util.tree_map(
       lambda x: jnp.tensordot(w, x.astype(jnp.float32), axes=1), stacked)

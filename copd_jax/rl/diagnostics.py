@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from copd_jax import kernels
-from copd_jax.models import decoder, model_config, qwen3_vl_decode
+from copd_jax.models import decoder, lora, model_config, qwen3_vl_decode
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 from copd_jax.rl import rows as rows_lib
 
@@ -66,13 +66,16 @@ def pairwise_diagnostics(models, cfg: model_config.ModelConfig | Qwen3VLConfig, 
   vl = isinstance(cfg, Qwen3VLConfig)
   if vl and not prompt_len:
     raise ValueError("Qwen3-VL rows need prompt_len (their prompt columns)")
-  heads = jax.vmap(lambda p: decoder.lm_head(p, cfg.text if vl else cfg))(models)
+  heads = jax.vmap(lambda p: decoder.lm_head(p, cfg.text if vl else cfg),
+                   in_axes=(lora.branch_axes(models),))(models)
 
   def hidden_of(params):  # one model on every student's rows -> [S, N, W, D]
     return jax.vmap(lambda t, p, m, f: _rows_hidden(params, cfg, t, p, m, f, prompt_len))(
         tokens, positions, token_mask, frames)
 
-  hidden = jax.lax.map(hidden_of, models)  # [M, S, N, W, D]; map keeps memory at one model
+  # [M, S, N, W, D]; map keeps memory at one model (LoRA: over the adapters, one base).
+  hidden = jax.lax.map(lambda t: hidden_of(lora.with_trainable(models, t)),
+                       lora.trainable(models))
   if vl:  # the states are the loss columns
     targets = tokens[..., prompt_len:]
     response_mask = response_mask[..., prompt_len - 1:-1]

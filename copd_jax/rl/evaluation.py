@@ -17,6 +17,7 @@ import numpy as np
 from copd_jax import sampling, sharding as sharding_lib
 from copd_jax.data import examples as examples_lib, reward_fns
 from copd_jax.data.examples import decode_responses
+from copd_jax.models import stacked as stacked_lib
 from copd_jax.policy_setup import RunSetup
 
 
@@ -71,7 +72,7 @@ def sampled_correct_counts(stacked: Any, setup: RunSetup, examples: Sequence[exa
       max_new_tokens=max_new_tokens, temperature=temperature,
       stop_token_ids=(setup.tokenizer.eos_id,),
       banned_token_ids=setup.banned_token_ids)
-  num = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+  num = stacked_lib.num_experts(stacked)
   prompts_per_call = max(1, batch_size // num_samples)
   counts = np.zeros((num, len(examples)), np.int64)
   for start in range(0, len(examples), prompts_per_call):
@@ -102,7 +103,7 @@ def greedy_responses_stacked(stacked: Any, setup: RunSetup, examples: Sequence[e
   sampling_cfg = sampling.SamplingConfig(
       max_new_tokens=max_new_tokens, greedy=True, stop_token_ids=(setup.tokenizer.eos_id,),
       banned_token_ids=setup.banned_token_ids)
-  num = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+  num = stacked_lib.num_experts(stacked)
   out: list[list[str]] = [[] for _ in range(num)]
   for start in range(0, len(examples), batch_size):
     chunk = examples[start:start + batch_size]

@@ -118,7 +118,7 @@ def branch_diagnostics(ctx: RunContext, stage: stages_lib.Stage, params) -> dict
     rows = rollout_lib.build_rows(prompt_tokens, prompt_mask, frames, rollout,
                                   np.zeros((stage.num_students, n)),
                                   np.zeros((stage.num_students, n)), 1)
-    models = jax.tree.map(lambda s, b: jnp.concatenate([s, b[None]]), params, ctx.base_params)
+    models = stacked_lib.append_model(params, ctx.base_params)
     diag = diagnostics.pairwise_diagnostics(
         models, setup.model_cfg, rows.tokens, rows.positions, rows.token_mask,
         rows.response_mask, rows.frames, kernel=kernels.KernelConfig(**cfg.rl.kernel.to_dict()),

@@ -24,7 +24,7 @@ import numpy as np
 
 from copd_jax import checkpoint, policy_setup, sharding as sharding_lib, train_checkpoint
 from copd_jax.data import reward_fns
-from copd_jax.models import stacked as stacked_lib
+from copd_jax.models import lora, stacked as stacked_lib
 from copd_jax.policy_setup import RunSetup
 from copd_jax.rl import evaluation, stages as stages_lib
 from copd_jax.rl.loop import (
@@ -56,13 +56,21 @@ def load_or_train_experts(ctx: RunContext, caps) -> Any:
     if missing:
       raise checkpoint.CheckpointMismatchError(
           f"config.rl.experts_dir={rl.experts_dir} holds experts for {stored}, not {missing}")
-    abstract = jax.eval_shape(lambda p: stacked_lib.broadcast_params(p, len(stored)), ctx.base_params)
+    abstract = jax.eval_shape(lambda p: initial_branches(ctx, len(stored), p), ctx.base_params)
     stacked = checkpoint.load_policy(
         directory, abstract, allow_unverified=bool(ctx.cfg.checkpoint.get("allow_unverified")))
     index = [stored.index(c) for c in caps]
-    return jax.tree.map(lambda x: x[np.array(index)], stacked)
-  params = stacked_lib.broadcast_params(ctx.base_params, len(caps))
+    return stacked_lib.select_experts(stacked, index)
+  params = initial_branches(ctx, len(caps))
   return run_stage(ctx, stage, params, seed_offset=1)
+
+
+def initial_branches(ctx: RunContext, num: int, base=None):
+  """`num` branches that start at the base (ctx.base_params unless `base` is given): full
+  copies, or with config.model.lora.rank > 0 LoRA adapters on the one shared base."""
+  return stacked_lib.initial_branches(ctx.base_params if base is None else base, num,
+                                      lora.spec_from_config(ctx.cfg),
+                                      jax.random.key(ctx.cfg.seed))
 
 
 def run_sharding(cfg: ml_collections.ConfigDict, model_cfg) -> sharding_lib.RunSharding:
@@ -109,19 +117,19 @@ def run_rl_method(cfg: ml_collections.ConfigDict, setup: RunSetup, base_params, 
 
 def _train_experts(ctx: RunContext, caps):
   stage = experts_stage(ctx.cfg.rl, caps)
-  params = stacked_lib.broadcast_params(ctx.base_params, len(caps))
+  params = initial_branches(ctx, len(caps))
   return run_stage(ctx, stage, params, seed_offset=1), stage
 
 
 def _train_mixed_rlvr(ctx: RunContext, caps):
   stage = mixed_stage(ctx.cfg.rl, caps)
-  params = stacked_lib.broadcast_params(ctx.base_params, 1)
+  params = initial_branches(ctx, 1)
   return run_stage(ctx, stage, params, seed_offset=1), stage
 
 
 def _train_copd(ctx: RunContext, caps):
   stage = copd_stage(ctx.cfg.rl, caps)
-  params = stacked_lib.broadcast_params(ctx.base_params, len(caps))
+  params = initial_branches(ctx, len(caps))
   return run_stage(ctx, stage, params, seed_offset=1, merge_at_eval=True), stage
 
 
@@ -129,7 +137,7 @@ def _train_static_opd(ctx: RunContext, caps):
   rl = ctx.cfg.rl
   teachers = load_or_train_experts(ctx, caps)
   stage = static_opd_stage(rl, caps)
-  pick = lambda cap: jax.tree.map(lambda x: x[caps.index(cap):caps.index(cap) + 1], teachers)
+  pick = lambda cap: stacked_lib.select_experts(teachers, [caps.index(cap)])  # noqa: E731
   final = run_stage(ctx, stage, pick(rl.static_opd.student), pick(rl.static_opd.teacher),
                     seed_offset=2)
   return final, stage
@@ -138,7 +146,7 @@ def _train_static_opd(ctx: RunContext, caps):
 def _train_mopd(ctx: RunContext, caps):
   teachers = load_or_train_experts(ctx, caps)
   stage = mopd_stage(ctx.cfg.rl, caps)
-  params = stacked_lib.broadcast_params(ctx.base_params, 1)
+  params = initial_branches(ctx, 1)
   return run_stage(ctx, stage, params, teachers, seed_offset=2), stage
 
 

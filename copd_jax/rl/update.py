@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from copd_jax import kernels, losses
-from copd_jax.models import decoder, partitioning
+from copd_jax.models import decoder, lora, partitioning
 from copd_jax.models.decoder import Params
 from copd_jax.rl.rows import Rows, UpdateConfig, join_rows, loss_columns, loss_targets, split_rows
 from copd_jax.rl.scoring import _response_hidden, lm_head, reference_logprobs, score_by_teachers
@@ -60,22 +60,32 @@ def student_grads(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
   the parameters, so grad = (sum of micro-batch grad(loss_sum)) / (sum of denominators)."""
   count = rows.tokens.shape[0]
   size = ucfg.micro_batch_rows
+  # Gradients of what trains only: a LoRA branch's adapters (its base is frozen), else
+  # every parameter.
+  weights = lora.trainable(params)
+
+  def loss_of(trained, *args):
+    return student_loss(lora.with_trainable(params, trained), *args)
+
+  def loss_sum_of(trained, *args):
+    return student_loss_sum(lora.with_trainable(params, trained), *args)
+
   if not size or size >= count:
-    (loss, aux), grads = jax.value_and_grad(student_loss, has_aux=True)(
-        params, rows, teacher_logprobs, ref_logprobs, ucfg, prompt_len)
+    (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(
+        weights, rows, teacher_logprobs, ref_logprobs, ucfg, prompt_len)
     return loss, aux, grads
   group = ucfg.samples_per_prompt if prompt_len else 1
   chunks = jax.tree.map(lambda x: split_rows(x, size, group),
                         (rows, teacher_logprobs, ref_logprobs))
 
   def accumulate(total, chunk):
-    (loss_sum, (denominator, aux)), grads = jax.value_and_grad(student_loss_sum, has_aux=True)(
-        params, *chunk, ucfg, prompt_len)
+    (loss_sum, (denominator, aux)), grads = jax.value_and_grad(loss_sum_of, has_aux=True)(
+        weights, *chunk, ucfg, prompt_len)
     return jax.tree.map(jnp.add, total, (grads, loss_sum, denominator)), aux
 
   zero = jnp.zeros((), jnp.float32)
   (grad_sum, loss_sum, denominator), aux = jax.lax.scan(
-      accumulate, (jax.tree.map(jnp.zeros_like, params), zero, zero), chunks)
+      accumulate, (jax.tree.map(jnp.zeros_like, weights), zero, zero), chunks)
   scale = jnp.where(denominator > 0, 1.0 / jnp.maximum(denominator, 1e-30), 0.0)
   grads = jax.tree.map(lambda x: x * scale.astype(x.dtype), grad_sum)
   aux = jax.tree.map(lambda x: join_rows(x, count, group), aux)
@@ -170,13 +180,15 @@ def update_body(params: Params, opt_state, teacher_params: Params | None, rows: 
   grads, metrics = partitioning.map_over_branches(one_branch, params, rows, teacher_logprobs,
                                                   ref_lp, spmd_axis_name="expert")
   metrics["grad_norm"] = jax.vmap(optax.tree_utils.tree_norm)(grads)
-  updates, new_opt_state = jax.vmap(optimizer.update)(grads, opt_state, params)
+  # What the optimizer steps: every parameter, or a LoRA run's adapters (lora.trainable).
+  trained = lora.trainable(params)
+  updates, new_opt_state = jax.vmap(optimizer.update)(grads, opt_state, trained)
   # How far the step moves each branch: the global norm of the update and its largest
   # entry (RL that does not learn often moves the weights by almost nothing).
   metrics["update_norm"] = jax.vmap(optax.tree_utils.tree_norm)(updates)
   metrics["update_max_abs"] = jax.vmap(
       lambda u: jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(u)])))(updates)
-  new_params = optax.apply_updates(params, updates)
+  new_trained = optax.apply_updates(trained, updates)
   # Per branch: apply the update only if its loss, gradient norm, new parameters and new
   # optimizer state are all finite; a branch whose step is not keeps its previous state,
   # and the other branches' updates are applied all the same. Finiteness of a tree is read
@@ -185,10 +197,10 @@ def update_body(params: Params, opt_state, teacher_params: Params | None, rows: 
   # XLA:CPU compile the update 3-4x slower.) The norm also overflows for magnitudes
   # above ~1e19, which counts as diverged too.
   applied = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-             & jnp.isfinite(float_norm_per_branch(new_params))
+             & jnp.isfinite(float_norm_per_branch(new_trained))
              & jnp.isfinite(float_norm_per_branch(new_opt_state)))
   metrics["update_applied"] = applied.astype(jnp.float32)
-  return (select_branches(applied, new_params, params),
+  return (lora.with_trainable(params, select_branches(applied, new_trained, trained)),
           select_branches(applied, new_opt_state, opt_state), metrics)
 
 
@@ -243,7 +255,9 @@ def optimizer_for_stage(rl, steps: int):
 
 
 def init_optimizer_state(optimizer, params: Params):
-  return jax.vmap(optimizer.init)(params)
+  """Stacked [S] optimizer state of what trains (lora.trainable: a LoRA run's adapters;
+  its shared base has none)."""
+  return jax.vmap(optimizer.init)(lora.trainable(params))
 
 
 def _update_on_mesh(run: RunSharding, ucfg: UpdateConfig, optimizer, distil: bool,
@@ -266,7 +280,7 @@ def update_program(run: RunSharding, ucfg: UpdateConfig, optimizer, distil: bool
   def shardings(args):
     params, opt_state, teachers, rows, routing, ref = args
     p_sh, o_sh = run.stacked_params(params), run.opt_state(opt_state)
-    s = jax.tree_util.tree_leaves(params)[0].shape[0]
+    s = jax.tree_util.tree_leaves(lora.trainable(params))[0].shape[0]
     return ((p_sh, o_sh, None if teachers is None else run.stacked_params(teachers),
              run.rows(rows), None if routing is None else run.replicated,
              None if ref is None else run.stacked_params(ref, stacked=False)),

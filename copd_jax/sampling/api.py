@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from copd_jax.models import model_config, qwen3_vl_decode
+from copd_jax.models import model_config, qwen3_vl_decode, stacked as stacked_lib
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 from copd_jax.sampling.decode import (
   _generate_by_recompute_jit,
@@ -137,7 +137,7 @@ def check_stacked_generate_args(stacked, cfg, prompt_tokens, prompt_mask, vision
                                 sampling: SamplingConfig, num_samples: int) -> None:
   """The checks of `stacked_generate`, before anything is traced. keys: [E] PRNG keys or
   their uint32 key data."""
-  e = int(jax.tree_util.tree_leaves(stacked)[0].shape[0])
+  e = stacked_lib.num_experts(stacked)
   _check_generate_args(cfg, prompt_tokens, prompt_mask, vision, sampling, num_samples, (e,))
   if jnp.shape(keys)[:1] != (e,):
     raise ValueError(f"keys must hold one PRNG key per expert ({e}), got shape "

@@ -11,7 +11,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from copd_jax.models import decoder, qwen3_vl, qwen3_vl_decode
+from copd_jax.models import decoder, lora, qwen3_vl, qwen3_vl_decode
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 from copd_jax.sampling.tokens import (
   _Buffers,
@@ -152,14 +152,16 @@ def _stacked_generate_one(stacked, cfg, prompt_tokens, prompt_mask, vision, keys
   # carry every step), and so do the cache/buffer writes (a vmapped dynamic_update_slice
   # becomes a scatter that copies the cache every step).
   stacked = _family(cfg).cast(stacked, cfg)
+  params_axes = lora.branch_axes(stacked)  # LoRA branches: the shared base is not mapped
   state = jax.vmap(lambda prm, tok, m, vis, key: _start(prm, cfg, tok, m, vis, key, sampling,
-                                                        num_samples))(
+                                                        num_samples),
+                   in_axes=(params_axes, 0, 0, 0, 0))(
       stacked, prompt_tokens, prompt_mask, vision, keys)
 
   def advance(step, st):
     new_kv, draw = jax.vmap(
-        lambda prm, s, prev, key: _next_draw(prm, cfg, s, prev, key, sampling, step))(
-            stacked, st, _previous_tokens(st, step), keys)
+        lambda prm, s, prev, key: _next_draw(prm, cfg, s, prev, key, sampling, step),
+        in_axes=(params_axes, 0, 0, 0))(stacked, st, _previous_tokens(st, step), keys)
     return _store(st, new_kv, draw, step)
   bufs = _decode_loop(advance, state, sampling.max_new_tokens)
   return jax.vmap(lambda bf: _to_rollout(bf, prompt_tokens.shape[1], num_samples))(bufs)

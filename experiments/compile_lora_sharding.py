@@ -1,0 +1,71 @@
+"""Which sharding of LoRA adapters is cheaper on the pod: the OPD update of
+configs/pod_4b.py (v5p 4x4x12, expert=3 x fsdp 16 x tensor 4) with rank-16 adapters on
+every projection, compiled for TPU without a TPU (copd_jax/analysis/tpu_compile.py) twice:
+
+  like_base   adapters [S, r, in] / [S, out, r] with in / out sharded like the base kernel
+              (fsdp / tensor inside each branch's devices), the branch axis on `expert`;
+  replicated  the branch axis on `expert`, the rest whole on every device of the branch.
+
+    python experiments/compile_lora_sharding.py [--layers=0] [--rank=16]
+        [--out=experiments/results/tpu/lora_sharding.json]
+
+Per-device bytes and bytes accessed of each variant (all 36 layers by default: they run
+under one nn.scan, so the compile costs about one layer's; --layers=N cuts the decoder). Resumable: variants already in --out are
+skipped. Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+VARIANTS = ("like_base", "replicated")
+
+
+def compile_variant(variant: str, layers: int, rank: int, programs) -> dict:
+  from configs import pod_4b
+  from copd_jax.analysis import tpu_compile
+  from copd_jax.models import lora
+  lora.ADAPTER_SHARDING = variant  # read when the run's parameter axes are declared
+  cfg = pod_4b.get_config()
+  cfg.model.lora.rank = rank
+  cfg.model.lora.alpha = 2.0 * rank
+  topology = f"{cfg.pod.tpu}:{cfg.pod.topology}"
+  return tpu_compile.compile_run(cfg, topology, num_layers=layers, names=programs,
+                                 log=lambda line: print(line, flush=True))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--layers", type=int, default=0, help="0 = the whole decoder")
+  parser.add_argument("--rank", type=int, default=16)
+  parser.add_argument("--programs", default="opd_update")
+  parser.add_argument("--out", default="experiments/results/tpu/lora_sharding.json")
+  args = parser.parse_args(argv)
+  out = {"layers": args.layers, "rank": args.rank, "variants": {}}
+  if os.path.exists(args.out):
+    previous = json.load(open(args.out))
+    if previous.get("layers") == args.layers and previous.get("rank") == args.rank:
+      out = previous
+  for variant in VARIANTS:
+    if variant in out["variants"]:
+      continue
+    out["variants"][variant] = compile_variant(variant, args.layers or None, args.rank,
+                                               tuple(args.programs.split(",")))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(out, f, indent=2)
+  fig = {v: {p: {k: r.get(k) for k in ("per_device_bytes", "argument_bytes", "temp_bytes",
+                                       "bytes_accessed", "flops", "error")}
+             for p, r in out["variants"][v].items()} for v in out["variants"]}
+  print(json.dumps({"bench": "lora_sharding", "layers": args.layers, "rank": args.rank,
+                    "figures": fig}))
+
+
+if __name__ == "__main__":
+  main()
