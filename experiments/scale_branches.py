@@ -203,41 +203,17 @@ def teacher_rows(n: int, topology: str, cross: int, samples: int) -> dict:
 
 
 def pod_4b_bytes(n: int, lora_rank: int = 0) -> dict:
-  """Bytes of N branches' f32 parameters + AdamW moments at Qwen3-VL-4B's shape
-  (configs/pod_4b.py), from jax.eval_shape; with lora_rank > 0 the base once plus N
-  rank-r adapters on the attention and MLP projections (their state only)."""
-  import jax
-  from configs import pod_4b
-  from copd_jax.analysis import tpu_compile
-  model_cfg = tpu_compile.run_model_config(pod_4b.get_config())
-  one = tpu_compile.abstract_params(model_cfg, 1)
-  param_bytes = sum(x.size * 4 for x in jax.tree.leaves(one))
+  """Bytes of N branches' f32 parameters + AdamW state at Qwen3-VL-4B's shape
+  (configs/pod_4b.py), from jax.eval_shape (experiments/bench_branches.lora_memory_4b):
+  N full copies, or with lora_rank > 0 the frozen base once plus N rank-r adapters."""
+  import bench_branches
+  figures = bench_branches.lora_memory_4b(n, lora_rank or LORA_RANK)
   if not lora_rank:
-    total = n * 3 * param_bytes  # params + Adam's two moments, f32
-    return {"bytes": int(total), "param_bytes_per_branch": int(param_bytes),
-            "how": "jax.eval_shape: N x (params + 2 AdamW moments), f32; no activations"}
-  adapter = lora_adapter_params(one, lora_rank)
-  total = param_bytes + n * 3 * adapter
-  return {"bytes": int(total), "param_bytes_base": int(param_bytes),
-          "adapter_params_per_branch": int(adapter // 4),
-          "how": f"jax.eval_shape: base + N x rank-{lora_rank} adapters x (params + 2 "
-                 "AdamW moments), f32; no activations"}
-
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def lora_adapter_params(abstract_params, rank: int) -> int:
-  """Bytes (f32) of rank-r A [in, r] and B [r, out] for every 2-D projection kernel named
-  in LORA_TARGETS (stacked layers: per leading index)."""
-  import jax
-  total = 0
-  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
-    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    if names[-1] == "kernel" and any(t in names for t in LORA_TARGETS) and leaf.ndim >= 2:
-      lead = int(np.prod(leaf.shape[:-2]))
-      total += lead * rank * (leaf.shape[-2] + leaf.shape[-1]) * 4
-  return total
+    return {"bytes": figures["full_branches_bytes"],
+            "how": "jax.eval_shape: N x (params + AdamW state), f32; no activations"}
+  return {"bytes": figures["lora_branches_bytes"],
+          "how": f"jax.eval_shape: base + N x rank-{lora_rank} adapters (params + AdamW "
+                 "state), f32; no activations"}
 
 
 # ------------------------------------------------------------------------- the report

@@ -70,18 +70,6 @@ def test_opd_step_seconds_skips_rl_steps_and_the_compiling_first_opd_step(tmp_pa
   assert scale_branches.opd_step_seconds(str(path)) == 5.0
 
 
-def test_lora_adapter_bytes_by_hand():
-  import jax
-  shape = jax.ShapeDtypeStruct
-  tree = {"layers": {"self_attn": {"q_proj": {"kernel": shape((2, 8, 4), np.float32)}},
-                     "mlp": {"down_proj": {"kernel": shape((6, 8), np.float32)}},
-                     "input_layernorm": {"scale": shape((8,), np.float32)}},
-          "embed_tokens": {"embedding": shape((64, 8), np.float32)}}
-  # q_proj: 2 stacked layers x r (8 + 4); down_proj: r (6 + 8); norms and embeddings none.
-  r = 3
-  assert scale_branches.lora_adapter_params(tree, r) == 4 * (2 * r * 12 + r * 14)
-
-
 def test_quick_study_writes_the_report(tmp_path):
   runs, out = tmp_path / "runs", tmp_path / "out"
   report = scale_branches.main(["--quick", "--seeds", "0", "--runs", str(runs),
