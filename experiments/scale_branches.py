@@ -27,9 +27,10 @@ Per configuration (N, topology, arm) the report gives
     update, the first OPD step left out: it compiles), from the run's metrics, mean over
     seeds; step_seconds_per_branch = that / N; the fitted exponent k of step_seconds ~ N^k
     per topology (`growth`, least squares in log-log);
-  - update memory measured here: XLA's compiled memory analysis (arguments + outputs +
-    temporaries) of the OPD update program at the study's shapes, and its teacher
-    forward rows (the routing pads every (student, teacher) slot to the largest);
+  - teacher forward rows per OPD step (the routing pads every (student, teacher) slot to
+    the largest; host arithmetic) and their fitted exponent in N; with `--preset toy`
+    also XLA's compiled memory (arguments + outputs + temporaries) of the OPD update
+    program at the study's shapes, measured here (not for the micro preset);
   - 4B-scale memory: bytes of N branches' parameters plus AdamW state (f32) of
     Qwen3-VL-4B (configs/pod_4b.py's architecture), from jax.eval_shape (nothing
     allocated). This is NOT a deviceless TPU compile (those take minutes each, too many
