@@ -158,7 +158,7 @@ FIELD_HELP = {
     "rl.kernel.backend": "reference | chunked | pallas",
     "rl.kernel.vocab_tile": "vocabulary tile of the fused loss",
     "rl.kernel.token_tile": "token tile of the fused loss",
-    "rl.opd.topology": "who teaches whom: hub | full | none",
+    "rl.opd.topology": "who teaches whom: hub | full | ring | none",
     "rl.opd.hub": "the hub branch of the hub topology (derived from rl.capabilities)",
     "rl.opd.beta": "OPD rate of every branch",
     "rl.opd.branch_beta": "per-capability OPD rates, e.g. {'text': 0.5}",

@@ -238,7 +238,7 @@ def rl_section(preset: str) -> ml_collections.ConfigDict:
                 tis_cap=0.0),
       kernel=dict(backend="chunked", vocab_tile=64, token_tile=1024),
       opd=dict(
-          topology="hub",     # hub | full | none
+          topology="hub",     # hub | full | ring (each branch <-> its 2 neighbours) | none
           hub="text",         # the paper's hub
           beta=1.0,           # OPD rate of every branch ...
           branch_beta={},     # ... or per capability, e.g. {'text': 0.5}: asymmetric rates

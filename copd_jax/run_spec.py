@@ -264,7 +264,7 @@ class SamplingSpec:
 @_spec
 class OPDSpec:
   """config.rl.opd: who teaches whom, how strongly, when, and with which estimator."""
-  topology: str  # hub | full | none
+  topology: str  # hub | full | ring | none
   hub: str
   beta: float
   schedule: "OPDSchedule"
@@ -273,8 +273,8 @@ class OPDSpec:
   top_k: int = 16
 
   def __post_init__(self):
-    if self.topology not in ("hub", "full", "none"):
-      fail("rl.opd.topology", "must be one of ('hub', 'full', 'none')", self.topology)
+    if self.topology not in ("hub", "full", "ring", "none"):
+      fail("rl.opd.topology", "must be one of ('hub', 'full', 'ring', 'none')", self.topology)
     check_float("rl.opd.beta", self.beta, allow_zero=True)
     for cap, beta in self.branch_beta.items():
       check_float(f"rl.opd.branch_beta.{cap}", beta, allow_zero=True)

@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 
-TOPOLOGIES = ("none", "hub", "full", "one_way")
+TOPOLOGIES = ("none", "hub", "full", "ring", "one_way")
 SCHEDULES = ("none", "cycle", "constant", "adaptive")
 
 
@@ -22,8 +22,10 @@ def topology_matrix(num_branches: int, kind: str, hub: int = 0, teacher: int = 0
   """0/1 float32[E, E] (student k, teacher j), zero diagonal.
 
   none: no distillation. full: every ordered pair. hub: hub <-> every spoke, spokes don't
-  teach each other (the paper's choice for K > 2). one_way: a single teacher -> student
-  edge (static OPD).
+  teach each other (the paper's choice for K > 2). ring: every branch exchanges with its
+  two neighbours k - 1 and k + 1 (mod E), both ways: 2 teachers per student whatever E,
+  so O(E) pairs against the full mesh's O(E^2) (for E <= 3 it is the full mesh).
+  one_way: a single teacher -> student edge (static OPD).
   """
   if kind not in TOPOLOGIES:
     raise ValueError(f"topology must be one of {TOPOLOGIES}, got {kind!r}")
@@ -32,6 +34,10 @@ def topology_matrix(num_branches: int, kind: str, hub: int = 0, teacher: int = 0
   m = np.zeros((num_branches, num_branches), np.float32)
   if kind == "full":
     m[:] = 1.0
+  elif kind == "ring":
+    k = np.arange(num_branches)
+    m[k, (k + 1) % num_branches] = 1.0
+    m[k, (k - 1) % num_branches] = 1.0
   elif kind == "hub":
     if not 0 <= hub < num_branches:
       raise ValueError(f"hub must index a branch in [0, {num_branches}), got {hub}")

@@ -98,7 +98,7 @@ def test_reused_experts_must_cover_the_capabilities(tmp_path, base):
 @pytest.mark.parametrize("method, field, value, message", [
     ("copd", "num_experts", 2, r"config\.num_experts must equal the number of rl\.capabilities"),
     ("copd", "rl.opd.hub", "audio", r"config\.rl\.opd\.hub must be one of"),
-    ("copd", "rl.opd.topology", "ring", r"config\.rl\.opd\.topology must be one of"),
+    ("copd", "rl.opd.topology", "star", r"config\.rl\.opd\.topology must be one of"),
     ("copd", "rl.opd.schedule.kind", "often", r"config\.rl\.opd\.schedule: schedule\.kind"),
     ("copd", "rl.loss.eps_low", 1.5, r"config\.rl\.loss: PolicyLossConfig\.eps_low"),
     ("copd", "rl.kernel.backend", "cuda", r"config\.rl\.kernel: KernelConfig\.backend"),

@@ -13,9 +13,39 @@ def test_hub_topology_connects_hub_with_spokes_only():
   assert not schedules.topology_matrix(3, "none").any()
 
 
+def test_ring_topology_each_branch_with_its_two_neighbours():
+  # Hand-written: 5 branches on a circle 0-1-2-3-4-0, each student taught by both
+  # neighbours (and teaching them back).
+  np.testing.assert_array_equal(schedules.topology_matrix(5, "ring"), [
+      [0, 1, 0, 0, 1],
+      [1, 0, 1, 0, 0],
+      [0, 1, 0, 1, 0],
+      [0, 0, 1, 0, 1],
+      [1, 0, 0, 1, 0]])
+  np.testing.assert_array_equal(schedules.topology_matrix(3, "ring"), 1 - np.eye(3))
+  np.testing.assert_array_equal(schedules.topology_matrix(2, "ring"), [[0, 1], [1, 0]])
+  assert not schedules.topology_matrix(1, "ring").any()
+
+
+def test_ring_teacher_assignment_round_robin_over_the_two_neighbours():
+  from copd_jax.rl import stages
+  n, cross = 6, 4
+  stage = stages.Stage(
+      name="ring", steps=1, student_data=tuple((f"c{i}",) for i in range(n)),
+      teacher_data=tuple((f"c{i}",) for i in range(n)), live_teachers=True,
+      topology=schedules.topology_matrix(n, "ring"), branch_beta=np.ones(n, np.float32),
+      schedule=schedules.OPDSchedule(kind="cycle"), native_prompts=2, cross_prompts=cross,
+      samples_per_prompt=2)
+  assignment = stages.cross_teacher_assignment(stage)
+  # Student k's cross prompts alternate between its lower and upper neighbour.
+  expected = [[min((k - 1) % n, (k + 1) % n), max((k - 1) % n, (k + 1) % n)] * 2
+              for k in range(n)]
+  np.testing.assert_array_equal(assignment, expected)
+
+
 def test_topology_errors():
   with pytest.raises(ValueError, match="topology must be one of"):
-    schedules.topology_matrix(3, "ring")
+    schedules.topology_matrix(3, "star")
   with pytest.raises(ValueError, match="hub must index a branch"):
     schedules.topology_matrix(3, "hub", hub=3)
   with pytest.raises(ValueError, match="teacher != student"):
