@@ -28,7 +28,9 @@ tunix side of the comparison, which needs it installed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import statistics
 import sys
@@ -74,6 +76,31 @@ def toy_rewards(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
   tokens, mask: [..., R] -> f32[...]."""
   even = ((tokens % 2) == 0) & (mask > 0)
   return (even.sum(-1) / np.maximum((mask > 0).sum(-1), 1)).astype(np.float32)
+
+
+class CompileCounter(logging.Handler):
+  """Counts XLA compilations (jax's 'Finished XLA compilation' log records) inside
+  `with counter.counting():` blocks: a timed step must compile nothing."""
+
+  def __init__(self):
+    super().__init__()
+    self.total = 0
+
+  def emit(self, record):
+    if record.getMessage().startswith("Finished XLA compilation"):
+      self.total += 1
+
+  @contextlib.contextmanager
+  def counting(self):
+    logger = logging.getLogger("jax")
+    logger.addHandler(self)
+    previous = jax.config.jax_log_compiles
+    jax.config.update("jax_log_compiles", True)
+    try:
+      yield self
+    finally:
+      jax.config.update("jax_log_compiles", previous)
+      logger.removeHandler(self)
 
 
 class PeerStep:
@@ -168,14 +195,18 @@ def main(argv=None):
 
   times = {dt: [] for dt in dtypes}
   scoring_s = {dt: [] for dt in dtypes}
-  for _ in range(repeats):  # interleaved: the machine is shared and its load drifts
-    for dt, b in benches.items():
-      times[dt].append(b.step())
-      scoring_s[dt].append(b.scoring_time())
+  counter = CompileCounter()
+  logging.getLogger("jax").propagate = False  # the compile records go to the counter only
+  with counter.counting():
+    for _ in range(repeats):  # interleaved: the machine is shared and its load drifts
+      for dt, b in benches.items():
+        times[dt].append(b.step())
+        scoring_s[dt].append(b.scoring_time())
 
   results = {"quick": args.quick, "cpu": cpu_name(), "jax": jax.__version__,
              "params": n_params, "prompts": PROMPTS, "samples": SAMPLES,
-             "new_tokens": NEW_TOKENS, "prompt_len": PROMPT_LEN, "repeats": repeats}
+             "new_tokens": NEW_TOKENS, "prompt_len": PROMPT_LEN, "repeats": repeats,
+             "compiles_while_timed": counter.total}
   tokens = PROMPTS * SAMPLES * NEW_TOKENS
   for dt in dtypes:
     med = {k: statistics.median(t[k] for t in times[dt]) for k in times[dt][0]}

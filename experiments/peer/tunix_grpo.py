@@ -28,6 +28,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -130,8 +131,10 @@ class PhaseTimer:
 
 
 def run_dtype(dtype: str, steps: int) -> dict:
-  """tunix's learner over `steps` + 1 batches (the first compiles); between two of its
-  steps, one step of ours (warmed up first). Returns per-step seconds of both sides."""
+  """tunix's learner over `steps` + 1 batches (the first compiles), in a worker thread;
+  between two of its steps, one step of ours (warmed up first) in this thread, while
+  tunix's data iterator waits. Returns per-step seconds of both sides and how many
+  programs of ours compiled during the timed steps (0 expected)."""
   ours = bench_peer.PeerStep(dtype)
   ours.step()  # compile
   ours.scoring_time()
@@ -145,30 +148,54 @@ def run_dtype(dtype: str, steps: int) -> dict:
                                          bench_peer.PROMPT_LEN, bench_peer.PEER_MODEL["vocab_size"])
   prompts = [" ".join(str(int(t)) for t, m in zip(row, keep) if m)
              for row, keep in zip(tokens, mask)]
-  ours_steps, hooks = [], []
+  tunix_idle, ours_turn = threading.Semaphore(0), threading.Semaphore(0)
+  waits = []  # (start, seconds) tunix's iterator spent waiting for our step
 
   def batches():
     for i in range(steps + 1):
-      if i > 0:  # between tunix step i-1 and step i: one step of ours
+      if i > 0:  # tunix step i-1 is done: our turn
         t0 = time.perf_counter()
-        ours_steps.append(ours.step())
-        ours_steps[-1]["reference_scoring_s"] = ours.scoring_time()
-        hooks.append((t0, time.perf_counter() - t0))
+        ours_turn.release()
+        tunix_idle.acquire()
+        waits.append((t0, time.perf_counter() - t0))
       yield {"prompts": np.asarray(prompts)}  # an array: tunix repeats it G times
 
-  t_start = time.perf_counter()
-  learner.train(batches())
+  error = []
+
+  def train():
+    try:
+      learner.train(batches())
+    except BaseException as e:  # noqa: BLE001 -- reported by the main thread
+      error.append(e)
+    finally:
+      ours_turn.release()
+
+  worker = threading.Thread(target=train)
+  counter = bench_peer.CompileCounter()
+  ours_steps = []
+  worker.start()
+  for _ in range(steps):
+    ours_turn.acquire()
+    if error or not worker.is_alive():
+      break
+    with counter.counting():
+      ours_steps.append(ours.step())
+      ours_steps[-1]["reference_scoring_s"] = ours.scoring_time()
+    tunix_idle.release()
+  worker.join()
   t_end = time.perf_counter()
+  if error:
+    raise error[0]
   starts = [s for s, _ in generate.calls] + [t_end]
   tunix_steps = []
   for i in range(len(generate.calls)):
-    between = sum(d for s, d in hooks if starts[i] <= s < starts[i + 1])
+    between = sum(d for s, d in waits if starts[i] <= s < starts[i + 1])
     tunix_steps.append({"grpo_step_s": starts[i + 1] - starts[i] - between,
                         "sampling_s": generate.calls[i][1],
                         "reference_scoring_s": ref.calls[i][1] if i < len(ref.calls) else None,
                         "update_s": update.calls[i][1] if i < len(update.calls) else None})
-  del t_start
-  return {"tunix": tunix_steps[1:], "ours": ours_steps, "params": n_params}
+  return {"tunix": tunix_steps[1:], "ours": ours_steps, "params": n_params,
+          "ours_compiles_while_timed": counter.total}
 
 
 def medians(rows: list[dict]) -> dict:
