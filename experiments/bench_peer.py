@@ -2,6 +2,11 @@
 reference model, on tunix's toy shape, through the library's own sampler and update.
 
     python experiments/bench_peer.py [--quick] [--dtypes float32,bfloat16]
+        [--whole_rows] [--backend chunked|reference|pallas]
+
+--whole_rows runs every row whole in the update (prompt_len 0, as tunix does) instead of
+each prompt once for its G samples; --backend picks the fused LM-head loss backend. Both
+change how the same loss is computed, for A/B runs of the update path.
 
 Shape: a tiny Qwen3 (the bench shape's decoder -- d_model 256, 4 layers, 4 query / 2 KV
 heads of 64, SwiGLU 768 -- with the Qwen3 fixture's padded vocabulary of 352 and an untied
@@ -106,8 +111,12 @@ class CompileCounter(logging.Handler):
 class PeerStep:
   """One GRPO step of one policy (S = 1) on the issue's shape, in one compute dtype."""
 
-  def __init__(self, dtype: str, seed: int = 0):
+  def __init__(self, dtype: str, seed: int = 0, whole_rows: bool = False,
+               backend: str = "chunked"):
     self.cfg = peer_model(dtype)
+    # The update runs each prompt once for its G rows (prompt_len P), or every row whole
+    # over all its columns (0), as tunix does; the same loss either way.
+    self.update_prompt_len = 0 if whole_rows else PROMPT_LEN
     self.run = RunSharding.one_device(policy_setup.declared_param_axes(self.cfg))
     params = model_lib.init_params(self.cfg, jax.random.key(seed))
     self.ref_params = params  # the frozen reference starts where the policy does
@@ -115,7 +124,8 @@ class PeerStep:
     self.sampling = sampling.SamplingConfig(max_new_tokens=NEW_TOKENS)
     loss = losses.PolicyLossConfig(eps_low=CLIP_EPS, eps_high=CLIP_EPS, kl_coef=KL_COEF,
                                    kl_estimator="k3")
-    self.ucfg = rows_lib.UpdateConfig(model=self.cfg, loss=loss, kernel=kernels.KernelConfig(),
+    self.ucfg = rows_lib.UpdateConfig(model=self.cfg, loss=loss,
+                                      kernel=kernels.KernelConfig(backend=backend),
                                       samples_per_prompt=SAMPLES)
     self.optimizer = update_lib.make_optimizer(LEARNING_RATE, GRAD_CLIP)
     self.opt_state = update_lib.init_optimizer_state(self.optimizer, self.params)
@@ -123,7 +133,7 @@ class PeerStep:
         (self.params, self.opt_state, self.ref_params), jax.devices()[0])
     self.sampler = sampling.sampler_program(self.run, self.cfg, self.sampling, SAMPLES)
     self.ref_scoring = jax.jit(lambda ref, rows: scoring.reference_logprobs(
-        ref, rows, self.ucfg, PROMPT_LEN))
+        ref, rows, self.ucfg, self.update_prompt_len))
     rng = np.random.default_rng(seed)
     tokens, mask = make_prompts(rng, PROMPTS, PROMPT_LEN, self.cfg.vocab_size)
     self.prompt_tokens, self.prompt_mask = tokens[None], mask[None]  # [S = 1, B, P]
@@ -146,7 +156,7 @@ class PeerStep:
   def update(self, rows):
     return update_lib.update(self.params, self.opt_state, None, rows, None, self.ref_params,
                              run=self.run, ucfg=self.ucfg, optimizer=self.optimizer,
-                             distil=False, cross_row_start=0, prompt_len=PROMPT_LEN)
+                             distil=False, cross_row_start=0, prompt_len=self.update_prompt_len)
 
   def step(self) -> dict:
     """One whole GRPO step (the parameters and optimizer state advance). Returns the
@@ -178,10 +188,16 @@ def main(argv=None):
   parser.add_argument("--quick", action="store_true", help="fewer repeats")
   parser.add_argument("--dtypes", default="float32,bfloat16",
                       help="comma-separated compute dtypes")
+  parser.add_argument("--whole_rows", action="store_true",
+                      help="the update runs every row whole (prompt_len 0) instead of each "
+                      "prompt once for its G samples")
+  parser.add_argument("--backend", default="chunked", choices=kernels.BACKENDS,
+                      help="the fused LM-head loss backend of the update")
   args = parser.parse_args(argv)
   dtypes = args.dtypes.split(",")
   repeats = 2 if args.quick else 7
-  benches = {dt: PeerStep(dt) for dt in dtypes}
+  benches = {dt: PeerStep(dt, whole_rows=args.whole_rows, backend=args.backend)
+             for dt in dtypes}
   n_params = model_lib.count_params(benches[dtypes[0]].ref_params)
   print(f"peer shape: tiny Qwen3 {n_params:,} params, {PROMPTS} prompts x G={SAMPLES} x "
         f"{NEW_TOKENS} new tokens, prompt {PROMPT_LEN}, KL to a reference (k3, {KL_COEF}); "
@@ -206,7 +222,8 @@ def main(argv=None):
   results = {"quick": args.quick, "cpu": cpu_name(), "jax": jax.__version__,
              "params": n_params, "prompts": PROMPTS, "samples": SAMPLES,
              "new_tokens": NEW_TOKENS, "prompt_len": PROMPT_LEN, "repeats": repeats,
-             "compiles_while_timed": counter.total}
+             "compiles_while_timed": counter.total, "whole_rows": args.whole_rows,
+             "backend": args.backend}
   tokens = PROMPTS * SAMPLES * NEW_TOKENS
   for dt in dtypes:
     med = {k: statistics.median(t[k] for t in times[dt]) for k in times[dt][0]}
