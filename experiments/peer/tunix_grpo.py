@@ -135,10 +135,12 @@ def run_dtype(dtype: str, steps: int) -> dict:
   between two of its steps, one step of ours (warmed up first) in this thread, while
   tunix's data iterator waits. Returns per-step seconds of both sides and how many
   programs of ours compiled during the timed steps (0 expected)."""
+  # Tunix first: building its learner changes jax state that our programs' cache keys
+  # read (warming ours up before it made our first timed step compile again).
+  learner, n_params = tunix_learner(dtype, steps + 1)
   ours = bench_peer.PeerStep(dtype)
   ours.step()  # compile
   ours.scoring_time()
-  learner, n_params = tunix_learner(dtype, steps + 1)
   cluster = learner.rl_cluster
   generate = PhaseTimer(cluster, "generate")
   ref = PhaseTimer(cluster, "get_ref_per_token_logps")
