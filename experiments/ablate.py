@@ -1,6 +1,6 @@
-"""Ablate CoPD on the toy suite: interleave schedule, beta, hub / full mesh, branches.
+"""Ablate CoPD on the toy suite: interleave schedule, beta, hub / full mesh, branches, OPD estimator.
 
-    python experiments/ablate.py [--seeds 0,1,2] [--only schedule,beta,hub,branches]
+    python experiments/ablate.py [--seeds 0,1,2] [--only schedule,beta,hub,branches,estimator]
         [--set field=value ...]   (the same recipe as the reproduction it extends)
         [--report_only]           (rewrite the tables from the finished runs; run nothing)
 
@@ -17,6 +17,9 @@ Writes <out>/ablation.md and ablation.json (last line printed: JSON).
 Schedules (S_RL : S_OPD): no OPD, 3:1, 1.5:1 (the paper's), 1:1, 1:2, and adaptive (an OPD
 phase of 2 steps whenever the hub-spoke overlap, measured every 2 steps, falls below
 rl.opd.schedule.overlap_target).
+Estimator: the paper's OPD signal (the teacher's log-prob of the sampled token, the
+default) against rl.opd.estimator=top_k, a reverse KL on the teacher's top 16 tokens
+renormalised (the "estimator" sweep; everything else is the reference's config).
 """
 from __future__ import annotations
 
@@ -50,7 +53,12 @@ BRANCHES = {  # two branches: the hub (text) and one spoke
     TWO_BRANCH: dict(rl__capabilities=("text", "image"), num_experts=2),
     "2 branches (text, video)": dict(rl__capabilities=("text", "video"), num_experts=2),
 }
-SWEEPS = {"schedule": SCHEDULES, "beta": BETAS, "hub": HUBS, "branches": BRANCHES}
+# The OPD estimator: the paper's (the teacher's log-prob of the sampled token) against a
+# distribution-level reverse KL on the teacher's top 16 tokens (chunked loss backend).
+ESTIMATORS = {"OPD estimator = top-k (k = 16)": dict(rl__opd__estimator="top_k",
+                                                     rl__opd__top_k=16)}
+SWEEPS = {"schedule": SCHEDULES, "beta": BETAS, "hub": HUBS, "branches": BRANCHES,
+          "estimator": ESTIMATORS}
 # Variants that are runs of reproduce.py (same config): read from --runs_reproduce, not rerun.
 REPRODUCE_RUN_OF = {REFERENCE: "copd", TWO_BRANCH: "copd_2branch"}
 
@@ -117,7 +125,7 @@ def markdown_report(command: str, seeds, eval_examples: int, summary: dict,
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--only", default="schedule,beta,hub,branches")
+  parser.add_argument("--only", default="schedule,beta,hub,branches,estimator")
   parser.add_argument("--out", default="experiments/results")
   parser.add_argument("--runs", default="experiments/results/ablation/runs",
                       help="variants' run directories (their small files are committed)")
