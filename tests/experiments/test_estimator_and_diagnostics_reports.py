@@ -1,0 +1,128 @@
+"""The OPD estimator ablation's report (ablate.py) and the fixed-prompt diagnostics' report
+(diagnostic_phases.py), each on hand-built runs, and their RESULTS.md sections."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import paths
+
+sys.path.insert(0, paths.EXPERIMENTS)
+import ablate  # noqa: E402
+import diagnostic_phases  # noqa: E402
+import reproduce  # noqa: E402
+import results_doc  # noqa: E402
+
+CAPS = reproduce.CAPS
+N = 400
+
+
+def exact(accuracy: float, seeds: int = 3, shift: int = 0) -> np.ndarray:
+  """f32[seeds, N]: the first round(accuracy * N) items right (rolled by `shift`) in every seed."""
+  row = np.zeros(N, np.float32)
+  row[: int(round(accuracy * N))] = 1
+  return np.tile(np.roll(row, shift), (seeds, 1))
+
+
+def refuse_to_run(cfg):
+  raise AssertionError(f"report_only ran {cfg.workdir}")
+
+
+def finished_run(workdir, seed_rewards):
+  os.makedirs(workdir)
+  np.savez(os.path.join(workdir, "eval_rewards.npz"),
+           **{f"merged/{c}": r for c, r in seed_rewards.items()})
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    f.write("{}")
+
+
+def test_estimator_ablation_by_hand(tmp_path, monkeypatch):
+  monkeypatch.setattr(reproduce, "run_or_load", refuse_to_run)
+  # top-k: text 0.62, image 0.30, video 0.55; sampled token: 0.60, 0.35, 0.55, on the same
+  # first items: paired differences +2, -5, 0 points, overall (2 - 5 + 0) / 3 = -1.
+  top_k = {"text": exact(0.62), "image": exact(0.30), "video": exact(0.55)}
+  sampled = {"text": exact(0.60), "image": exact(0.35), "video": exact(0.55)}
+  slug = "".join(ch if ch.isalnum() else "_" for ch in ablate.ESTIMATOR_VARIANT)
+  for s in range(3):
+    finished_run(str(tmp_path / f"rep/seed{s}/copd"), {c: r[s] for c, r in sampled.items()})
+    finished_run(str(tmp_path / f"abl/estimator/{slug}/seed{s}"),
+                 {c: r[s] for c, r in top_k.items()})
+  ablate.main(["--report_only", "--seeds", "0,1,2", "--only", "estimator",
+               "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "abl"),
+               "--runs_reproduce", str(tmp_path / "rep")])
+  est = json.loads((tmp_path / "out" / "ablation.json").read_text())["estimator"]
+  assert est["accuracy_points"]["top_k"]["text"]["mean"] == 62.0
+  assert est["accuracy_points"]["sampled_token"]["image"]["mean"] == 35.0
+  diff = est["top_k_minus_sampled_token_points"]
+  assert [diff[c]["mean"] for c in CAPS] == [2.0, -5.0, 0.0]
+  assert diff["overall"]["mean"] == pytest.approx(-1.0)
+  assert diff["video"]["p"] == 1.0  # no difference at all
+  # Holm by hand over the three capabilities: sorted p1 <= p2 <= p3 get 3 p1,
+  # max(3 p1, 2 p2), max(that, p3), each capped at 1.
+  p = {c: diff[c]["p"] for c in CAPS}
+  order = sorted(CAPS, key=lambda c: p[c])
+  adjusted, running = {}, 0.0
+  for k, c in enumerate(order):
+    running = max(running, min(1.0, (3 - k) * p[c]))
+    adjusted[c] = running
+  for c in CAPS:
+    assert diff[c]["p_holm"] == pytest.approx(adjusted[c], abs=1e-4)
+  assert "p_holm" not in diff["overall"]  # reported beside the family, not in it
+  doc = "\n".join(results_doc.estimator_section(str(tmp_path / "out")))
+  assert "| top-k (k = 16) | 62.0 [" in doc and "| image | -5.0 [" in doc
+
+
+def records_of(flawed: dict, kl: list, weights: dict) -> list[dict]:
+  """metrics.jsonl-like records: fixed-prompt diagnostics at every step (flawed rates of
+  the three branches {cap: [per step]}, branches' symmetric KL [per step]), OPD weights."""
+  recs = [{"step": s, "train/opd_weight": w} for s, w in weights.items()]
+  for step in range(len(kl)):
+    r = {"step": step, "eval/sym_kl/branches_mean": kl[step],
+         "eval/overlap/branches_mean": 0.9, "eval/overlap/with_base_mean": 0.9,
+         "eval/sym_kl/with_base_mean": 0.1, "eval/correct_rate/branches_mean": 0.5}
+    r.update({f"eval/flawed_rate/{c}": v[step] for c, v in flawed.items()})
+    recs.append(r)
+  return recs
+
+
+def test_diagnostic_phases_report_by_hand(tmp_path, monkeypatch):
+  monkeypatch.setattr(reproduce, "run_or_load", refuse_to_run)
+  # Steps 1, 2 RL; 3 OPD; 4 RL. Branch flawed rates; their mean by step:
+  # text  .6 .4 .3 .5 .2 | image .3 .3 .3 .3 .3 | video .3 .2 .0 .1 .1
+  # mean  .4 .3 .2 .3 .2 -> RL changes -.1, -.1, -.1; OPD change +.1; OPD - RL = +.2.
+  flawed = {"text": [.6, .4, .3, .5, .2], "image": [.3] * 5, "video": [.3, .2, .0, .1, .1]}
+  kl = [0.0, 0.2, 0.4, 0.3, 0.5]  # RL +.2, +.2, +.2; OPD -.1
+  weights = {1: 0.0, 2: 0.0, 3: 1.0, 4: 0.0}
+  workdir = tmp_path / "runs" / "seed0"
+  workdir.mkdir(parents=True)
+  (workdir / "summary.json").write_text("{}")
+  with open(workdir / "metrics.jsonl", "w") as f:
+    for r in records_of(flawed, kl, weights):
+      f.write(json.dumps(r) + "\n")
+  diagnostic_phases.main(["--report_only", "--seeds", "0", "--runs", str(tmp_path / "runs"),
+                          "--out", str(tmp_path / "out")])
+  report = json.loads((tmp_path / "out" / "diagnostic_phases.json").read_text())
+  rate = report["mean_change_per_step"]["flawed-procedure answer rate"]
+  assert rate["rl_step_change"]["mean"] == pytest.approx(-0.1)
+  assert rate["opd_step_change"]["mean"] == pytest.approx(0.1)
+  assert rate["opd_minus_rl"]["mean"] == pytest.approx(0.2)
+  kl_row = report["mean_change_per_step"]["symmetric KL between branches"]
+  assert kl_row["rl_step_change"]["mean"] == pytest.approx(0.2)
+  assert kl_row["opd_step_change"]["mean"] == pytest.approx(-0.1)
+  assert report["levels_by_seed"]["flawed-procedure answer rate"] == [
+      {"before": 0.4, "after": 0.2, "last_step": 4}]
+  doc = "\n".join(results_doc.diagnostics_section(str(tmp_path / "out")))
+  assert "| flawed-procedure answer rate | -0.1 [" in doc and "0.4 → 0.2" in doc
+
+
+def test_diagnostic_phases_refuses_runs_without_fixed_diagnostics(tmp_path, monkeypatch):
+  monkeypatch.setattr(reproduce, "run_or_load", refuse_to_run)
+  workdir = tmp_path / "runs" / "seed0"
+  workdir.mkdir(parents=True)
+  (workdir / "summary.json").write_text("{}")
+  (workdir / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/overlap/branches_mean": 1}))
+  with pytest.raises(SystemExit, match="no fixed-prompt diagnostics"):
+    diagnostic_phases.main(["--report_only", "--seeds", "0", "--runs", str(tmp_path / "runs"),
+                            "--out", str(tmp_path / "out")])
