@@ -3,6 +3,8 @@ with diagnostics that track behaviour: symmetric KL and the rate of flawed-proce
 beside the top-10 overlap.
 
     python experiments/diagnostic_phases.py [--seeds 0] [--diagnostic_prompts 32] [--report_only]
+        [--partial]   (with --report_only: report the steps logged so far by runs that
+                       have not finished; the report says so)
 
 overlap_phases.py measured the overlap after every step on FRESH prompts each step, so a
 step's change mixed the policy's move with a new draw. Here the diagnostics
@@ -62,6 +64,26 @@ def has_fixed_diagnostics(records) -> bool:
   return any("eval/correct_rate/branches_mean" in r for r in records)
 
 
+def read_records(path: str) -> list[dict]:
+  """metrics.jsonl's records; a last line cut short by a run still writing is dropped."""
+  out = []
+  with open(path) as f:
+    for line in f:
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        break
+  return out
+
+
+def complete_steps(records) -> list[dict]:
+  """The records of the steps a run in progress finished: those up to the last step
+  whose diagnostics were logged (its training record comes before them)."""
+  measured = [r["step"] for r in records if "eval/overlap/branches_mean" in r]
+  last = max(measured, default=-1)
+  return [r for r in records if r["step"] <= last]
+
+
 def plot(per_seed_records, seeds, path: str):
   import matplotlib
   matplotlib.use("Agg")
@@ -90,6 +112,8 @@ def main(argv=None):
   parser.add_argument("--diagnostic_prompts", type=int, default=32)
   parser.add_argument("--out", default="experiments/results")
   parser.add_argument("--runs", default="experiments/results/diagnostic_phases/runs")
+  parser.add_argument("--partial", action="store_true",
+                      help="with --report_only: report unfinished runs' steps so far")
   reproduce.add_rerun_arguments(parser, "diagnostic_phases.{json,png}")
   args = parser.parse_args(argv)
   args.quick = False
@@ -102,16 +126,19 @@ def main(argv=None):
           "copd", seed, workdir, args, rl__diagnostics_every=1,
           rl__diagnostic_prompts=args.diagnostic_prompts))
   finished = [w for w in workdirs if os.path.exists(os.path.join(w, "summary.json"))]
-  if len(finished) < len(workdirs):
-    raise SystemExit(f"not finished: {sorted(set(workdirs) - set(finished))}; run without "
-                     "--report_only to run them")
-  records = [reproduce.read_jsonl(os.path.join(w, "metrics.jsonl")) for w in workdirs]
+  unfinished = sorted(set(workdirs) - set(finished))
+  if unfinished and not (args.partial and args.report_only):
+    raise SystemExit(f"not finished: {unfinished}; run without --report_only to run them "
+                     "(or add --partial to report the steps logged so far)")
+  records = [complete_steps(read_records(os.path.join(w, "metrics.jsonl"))) for w in workdirs]
   stale = [w for w, r in zip(workdirs, records) if not has_fixed_diagnostics(r)]
   if stale:
     raise SystemExit(f"{stale} logged no fixed-prompt diagnostics (a run from before them)")
   report = {"command": reproduce.command_line("diagnostic_phases.py", argv),
             "seeds": seeds, "diagnostic_prompts_per_branch": args.diagnostic_prompts,
             "prompts": "fixed: the same prompts and sampling keys at every step and seed",
+            "unfinished_runs": unfinished,
+            "last_step_by_seed": [max(r["step"] for r in recs) for recs in records],
             "mean_change_per_step": overlap_phases.summarize(records, METRIC_KEYS),
             "levels_by_seed": {name: [levels(r, key) for r in records]
                                for name, key in METRIC_KEYS.items()}}

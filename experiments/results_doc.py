@@ -234,8 +234,10 @@ def diagnostics_section(out_dir: str) -> list[str]:
   lines = ["## Diagnostics on fixed prompts by training phase\n",
            "(`experiments/diagnostic_phases.py`, from `diagnostic_phases.json`; CoPD seeds "
            f"{seeds}, {data['diagnostic_prompts_per_branch']} fixed prompts per branch, "
-           "measured after every step.) The same prompts and sampling keys at every step, "
-           "so each step's change is paired on prompts. Flawed-procedure rate: the share of "
+           "measured after every step"
+           + (f"; NOT FINISHED: steps 0 to {data['last_step_by_seed']} of each seed's run so "
+              "far" if data.get("unfinished_runs") else "")
+           + ".) The same prompts and sampling keys at every step, so each step's change is paired on prompts. Flawed-procedure rate: the share of "
            "a branch's sampled answers equal to the answer of the base's demonstrated "
            "flawed procedure (among the prompts where that differs from the reference), "
            "mean over branches. Mean change per step, by the phase of the step that made it"

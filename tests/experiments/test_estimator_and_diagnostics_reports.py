@@ -126,3 +126,27 @@ def test_diagnostic_phases_refuses_runs_without_fixed_diagnostics(tmp_path, monk
   with pytest.raises(SystemExit, match="no fixed-prompt diagnostics"):
     diagnostic_phases.main(["--report_only", "--seeds", "0", "--runs", str(tmp_path / "runs"),
                             "--out", str(tmp_path / "out")])
+
+
+def test_diagnostic_phases_partial_report_of_a_run_in_progress(tmp_path, monkeypatch):
+  monkeypatch.setattr(reproduce, "run_or_load", refuse_to_run)
+  flawed = {"text": [.6, .4, .3, .5], "image": [.3] * 4, "video": [.3, .2, .0, .1]}
+  workdir = tmp_path / "runs" / "seed0"
+  workdir.mkdir(parents=True)
+  recs = records_of(flawed, [0.0, 0.2, 0.4, 0.3], {1: 0.0, 2: 0.0, 3: 1.0, 4: 0.0})
+  with open(workdir / "metrics.jsonl", "w") as f:  # step 4 trained, not yet measured,
+    for r in sorted(recs, key=lambda r: r["step"]):  # and a line cut short
+      f.write(json.dumps(r) + "\n")
+    f.write('{"step": 4, "eval/ov')
+  args = ["--report_only", "--seeds", "0", "--runs", str(tmp_path / "runs"),
+          "--out", str(tmp_path / "out")]
+  with pytest.raises(SystemExit, match="not finished"):
+    diagnostic_phases.main(args)
+  diagnostic_phases.main(args + ["--partial"])
+  report = json.loads((tmp_path / "out" / "diagnostic_phases.json").read_text())
+  assert report["last_step_by_seed"] == [3] and report["unfinished_runs"]
+  rate = report["mean_change_per_step"]["flawed-procedure answer rate"]
+  assert rate["steps_per_seed"] == {"rl": 2, "opd": 1}  # step 4 not counted
+  assert rate["opd_step_change"]["mean"] == pytest.approx(0.1)
+  doc = "\n".join(results_doc.diagnostics_section(str(tmp_path / "out")))
+  assert "NOT FINISHED: steps 0 to [3]" in doc
