@@ -112,6 +112,53 @@ def estimator_comparison(top_k: dict, sampled: dict) -> dict:
           "multiple_comparisons": "Holm across the capabilities (p_holm)"}
 
 
+def merged_eval_by_step(workdir: str) -> dict[int, dict[str, float]]:
+  """{step: {cap: merged accuracy}} of a run's in-training evaluations (metrics.jsonl;
+  rl.eval_examples held-out items per capability, the first of the final eval's); a last
+  line cut short by a run still writing is dropped."""
+  path, out = os.path.join(workdir, "metrics.jsonl"), {}
+  if not os.path.exists(path):
+    return out
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        break
+      caps = {c: record[f"eval/merged/accuracy/{c}"] for c in reproduce.CAPS
+              if f"eval/merged/accuracy/{c}" in record}
+      if caps:
+        out[record["step"]] = caps
+  return out
+
+
+def estimator_interim(top_k_workdirs, reference_workdirs, seeds) -> dict:
+  """While the top-k runs train: at each step where a top-k run has evaluated (every
+  rl.eval_every steps), top_k - sampled_token merged accuracy in points per capability
+  and overall, against the reference run's evaluation at the same step and seed (the
+  same items). {'by_step': {step: {'seeds', cap | 'overall': mean over those seeds}}}.
+  Interim only: rl.eval_examples items, no interval."""
+  by_step: dict[int, dict] = {}
+  for seed, top_dir, ref_dir in zip(seeds, top_k_workdirs, reference_workdirs):
+    top, ref = merged_eval_by_step(top_dir), merged_eval_by_step(ref_dir)
+    for step in sorted(set(top) & set(ref)):
+      if step == 0:  # the same base: no difference to show
+        continue
+      d = {c: 100 * (top[step][c] - ref[step][c]) for c in top[step]}
+      d["overall"] = float(np.mean(list(d.values())))
+      by_step.setdefault(step, {}).setdefault("per_seed", {})[seed] = d
+  for step, entry in by_step.items():
+    per_seed = list(entry["per_seed"].values())
+    entry["seeds"] = list(entry["per_seed"])
+    for key in per_seed[0]:
+      entry[key] = round(float(np.mean([d[key] for d in per_seed])), 2)
+    entry["per_seed"] = {s: {k: round(v, 2) for k, v in d.items()}
+                         for s, d in entry["per_seed"].items()}
+  return {"by_step": {str(s): by_step[s] for s in sorted(by_step)},
+          "note": "interim: in-training evaluations (rl.eval_examples items per "
+                  "capability), no interval; the final comparison replaces it"}
+
+
 def markdown_report(command: str, seeds, eval_examples: int, summary: dict,
                     unfinished: list[str]) -> str:
   """ablation.md: one table per sweep, accuracy and paired difference to the reference."""
@@ -158,12 +205,14 @@ def main(argv=None):
   command = reproduce.command_line("ablate.py", argv)
   start = time.perf_counter()
 
-  def run_variant(name, overrides, root):
+  def workdirs_of(name, root):
     if name in REPRODUCE_RUN_OF:
-      workdirs = [f"{args.runs_reproduce}/seed{s}/{REPRODUCE_RUN_OF[name]}" for s in seeds]
-    else:
-      slug = "".join(ch if ch.isalnum() else "_" for ch in name)
-      workdirs = [f"{root}/{slug}/seed{s}" for s in seeds]
+      return [f"{args.runs_reproduce}/seed{s}/{REPRODUCE_RUN_OF[name]}" for s in seeds]
+    slug = "".join(ch if ch.isalnum() else "_" for ch in name)
+    return [f"{root}/{slug}/seed{s}" for s in seeds]
+
+  def run_variant(name, overrides, root):
+    workdirs = workdirs_of(name, root)
     if not args.report_only:
       for seed, workdir in zip(seeds, workdirs):
         reproduce.run_or_load(reproduce.make_config("copd", seed, workdir, args, **overrides))
@@ -187,6 +236,10 @@ def main(argv=None):
       if results.get(ESTIMATOR_VARIANT) is not None and results[REFERENCE] is not None:
         report["estimator"] = estimator_comparison(results[ESTIMATOR_VARIANT],
                                                    results[REFERENCE])
+      elif ESTIMATOR_VARIANT in results:  # running: the in-training evaluations so far
+        report["estimator_interim"] = estimator_interim(
+            workdirs_of(ESTIMATOR_VARIANT, f"{args.runs}/estimator"),
+            workdirs_of(REFERENCE, None), seeds)
       json.dump(report, f, indent=1)
     with open(os.path.join(args.out, "ablation.md"), "w") as f:
       f.write(markdown_report(command, seeds, args.eval_examples, summary, unfinished))

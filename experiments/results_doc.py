@@ -197,6 +197,24 @@ def ablation_section(out_dir: str) -> list[str]:
   return ["## Ablation sweep\n", "(`experiments/ablate.py`, from `ablation.json`.)\n"] + body[1:]
 
 
+def interim_estimator_lines(data: dict) -> list[str]:
+  """The estimator ablation while its runs train (ablation.json 'estimator_interim')."""
+  interim = (data.get("estimator_interim") or {}).get("by_step")
+  if not interim:
+    return []
+  caps = [c for c in next(iter(interim.values())) if c not in ("seeds", "per_seed")]
+  lines = ["## The OPD estimator: sampled token against top-k reverse KL (NOT FINISHED)\n",
+           "(`experiments/ablate.py --only estimator`, from `ablation.json`.) The top-k "
+           "(k = 16) CoPD runs have not finished: merged top-k − sampled-token accuracy in "
+           "points at the in-training evaluations so far (100 held-out items per capability, "
+           "the same items and step in both runs), mean over the seeds listed; no interval. "
+           "The final comparison (1,000 items, intervals, Holm) replaces this table.\n",
+           "| step | seeds | " + " | ".join(caps) + " |", "|---" * (2 + len(caps)) + "|"]
+  for step, e in interim.items():
+    lines.append(f"| {step} | {e['seeds']} | " + " | ".join(str(e[c]) for c in caps) + " |")
+  return lines
+
+
 def estimator_section(out_dir: str) -> list[str]:
   """The OPD estimator ablation (ablation.json 'estimator', written by ablate.py)."""
   path = os.path.join(out_dir, "ablation.json")
@@ -206,7 +224,7 @@ def estimator_section(out_dir: str) -> list[str]:
     data = json.load(f)
   est = data.get("estimator")
   if not est:
-    return []
+    return interim_estimator_lines(data)
   caps = [c for c in est["top_k_minus_sampled_token_points"] if c != "overall"]
   lines = ["## The OPD estimator: sampled token against top-k reverse KL\n",
            "(`experiments/ablate.py --only estimator`, from `ablation.json`; seeds "

@@ -150,3 +150,31 @@ def test_diagnostic_phases_partial_report_of_a_run_in_progress(tmp_path, monkeyp
   assert rate["opd_step_change"]["mean"] == pytest.approx(0.1)
   doc = "\n".join(results_doc.diagnostics_section(str(tmp_path / "out")))
   assert "NOT FINISHED: steps 0 to [3]" in doc
+
+
+def test_estimator_interim_pairs_in_training_evaluations_by_step_and_seed(tmp_path):
+  def run(name, evals, cut_short=False):
+    os.makedirs(tmp_path / name)
+    with open(tmp_path / name / "metrics.jsonl", "w") as f:
+      for step, (t, i, v) in evals.items():
+        f.write(json.dumps({"step": step, "eval/merged/accuracy/text": t,
+                            "eval/merged/accuracy/image": i,
+                            "eval/merged/accuracy/video": v}) + "\n")
+        f.write(json.dumps({"step": step, "train/loss": 0.1}) + "\n")
+      if cut_short:
+        f.write('{"step": 30, "eval/merged/accu')
+    return str(tmp_path / name)
+
+  # seed 0: top-k at step 10 (.50, .30, .40) vs reference (.45, .35, .40): +5, -5, 0 -> 0;
+  # step 20: (.60, .40, .50) vs (.50, .40, .50): +10, 0, 0 -> 3.33.
+  # seed 1: only step 10 so far: (.40, .40, .40) vs (.40, .30, .40): 0, +10, 0 -> 3.33.
+  top = [run("top0", {0: (.3, .3, .3), 10: (.5, .3, .4), 20: (.6, .4, .5)}, cut_short=True),
+         run("top1", {0: (.3, .3, .3), 10: (.4, .4, .4)})]
+  ref = [run("ref0", {0: (.3, .3, .3), 10: (.45, .35, .4), 20: (.5, .4, .5), 30: (.5, .4, .5)}),
+         run("ref1", {0: (.3, .3, .3), 10: (.4, .3, .4), 20: (.4, .3, .4)})]
+  got = ablate.estimator_interim(top, ref, [0, 1])["by_step"]
+  assert list(got) == ["10", "20"]  # step 0 is the shared base; 30 not reached by top-k
+  assert got["10"]["seeds"] == [0, 1]
+  assert got["10"]["text"] == pytest.approx(2.5) and got["10"]["image"] == pytest.approx(2.5)
+  assert got["10"]["overall"] == pytest.approx((0 + 10 / 3) / 2, abs=0.01)
+  assert got["20"]["seeds"] == [0] and got["20"]["overall"] == pytest.approx(3.33, abs=0.01)
