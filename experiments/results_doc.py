@@ -328,9 +328,9 @@ def write(path: str, result: dict, out_dir: str, caps, two_caps) -> None:
   lines += coverage_section(result) + [""]
   lines += [line.replace("{results}", rel) for line in dial_section(result)] + [""]
   lines += ablation_section(out_dir) + [""]
-  lines += estimator_section(out_dir) + [""]
-  lines += overlap_section(out_dir) + [""]
-  lines += [line.replace("{results}", rel) for line in diagnostics_section(out_dir)] + [""]
+  for section in (estimator_section(out_dir), overlap_section(out_dir),
+                  [line.replace("{results}", rel) for line in diagnostics_section(out_dir)]):
+    lines += section + [""] if section else []
   lines += [f"![accuracy]({rel}/accuracy_vs_step.png)\n",
             f"![overlap]({rel}/overlap_vs_step.png)\n"]
   with open(path, "w") as f:

@@ -79,12 +79,17 @@ def data_context_at(cfg, setup: RunSetup, seed: int) -> rollout_lib.DataContext:
   # process draws the same global prompts (cheap, deterministic in seed and step) and
   # moves only its own shards to its devices (sharding_lib.put_global).
   streams = data_lib.make_streams(cfg, setup.example_kwargs, seed)
-  sampling_cfg = sampling.SamplingConfig(
+  return rollout_lib.DataContext(setup.tokenizer, setup.encode_prompts, streams,
+                                 sampling_config(cfg, setup))
+
+
+def sampling_config(cfg, setup: RunSetup) -> sampling.SamplingConfig:
+  """The run's rollout sampling (config.sampling, the tokenizer's stop token)."""
+  return sampling.SamplingConfig(
       max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
       top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p,
       stop_token_ids=(setup.tokenizer.eos_id,),
       banned_token_ids=setup.banned_token_ids)
-  return rollout_lib.DataContext(setup.tokenizer, setup.encode_prompts, streams, sampling_cfg)
 
 
 def branch_names(stage: stages_lib.Stage) -> list[str]:
@@ -126,7 +131,6 @@ def branch_diagnostics(ctx: RunContext, stage: stages_lib.Stage, params) -> dict
   from training's, so how often it runs never changes the training data and every step's
   measurement pairs with every other's."""
   cfg, setup = ctx.cfg, ctx.setup
-  data = data_context(cfg, setup, seed_offset=777_000)  # its sampling config only
   n = cfg.rl.diagnostic_prompts
   examples = diagnostic_prompts(ctx, stage)
   batches = [setup.encode_prompts(exs) for exs in examples]
@@ -136,7 +140,7 @@ def branch_diagnostics(ctx: RunContext, stage: stages_lib.Stage, params) -> dict
   # The training sampler; the rest traced on the run's mesh: the Pallas kernels (loss,
   # splash) then run inside shard_map (kernels/sharded.py), as XLA cannot partition them.
   rollout = sampling.stacked_generate(ctx.sharding, params, setup.model_cfg, prompt_tokens,
-                                      prompt_mask, frames, keys, data.sampling, 1)
+                                      prompt_mask, frames, keys, sampling_config(cfg, setup), 1)
   with jax.set_mesh(ctx.sharding.mesh):
     rows = rollout_lib.build_rows(prompt_tokens, prompt_mask, frames, rollout,
                                   np.zeros((stage.num_students, n)),
