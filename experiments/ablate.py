@@ -237,9 +237,16 @@ def main(argv=None):
         report["estimator"] = estimator_comparison(results[ESTIMATOR_VARIANT],
                                                    results[REFERENCE])
       elif ESTIMATOR_VARIANT in results:  # running: the in-training evaluations so far
+        top_dirs = workdirs_of(ESTIMATOR_VARIANT, f"{args.runs}/estimator")
         report["estimator_interim"] = estimator_interim(
-            workdirs_of(ESTIMATOR_VARIANT, f"{args.runs}/estimator"),
-            workdirs_of(REFERENCE, None), seeds)
+            top_dirs, workdirs_of(REFERENCE, None), seeds)
+        done = [i for i, w in enumerate(top_dirs)
+                if os.path.exists(os.path.join(w, "summary.json"))]
+        if done and results[REFERENCE] is not None:  # the seeds that finished, final eval
+          top = variant_rewards([top_dirs[i] for i in done])
+          ref = {c: r[done] for c, r in results[REFERENCE].items()}
+          report["estimator_finished_seeds"] = dict(
+              estimator_comparison(top, ref), seeds=[seeds[i] for i in done])
       json.dump(report, f, indent=1)
     with open(os.path.join(args.out, "ablation.md"), "w") as f:
       f.write(markdown_report(command, seeds, args.eval_examples, summary, unfinished))

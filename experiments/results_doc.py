@@ -224,9 +224,16 @@ def estimator_section(out_dir: str) -> list[str]:
     data = json.load(f)
   est = data.get("estimator")
   if not est:
-    return interim_estimator_lines(data)
+    lines = interim_estimator_lines(data)
+    est = data.get("estimator_finished_seeds")
+    if not est:
+      return lines
+    lines += ["", f"Final evaluation of the seeds finished so far ({est['seeds']}; with one "
+              "seed the interval holds the item noise only):\n"]
+  else:
+    lines = []
   caps = [c for c in est["top_k_minus_sampled_token_points"] if c != "overall"]
-  lines = ["## The OPD estimator: sampled token against top-k reverse KL\n",
+  lines += [] if lines else ["## The OPD estimator: sampled token against top-k reverse KL\n",
            "(`experiments/ablate.py --only estimator`, from `ablation.json`; seeds "
            f"{data['seeds']}, {data['eval_examples_per_capability']} held-out items per "
            "capability.) Merged CoPD, the reproduction's config except "
