@@ -112,17 +112,17 @@ def changes_by_position(steps, overlap, is_opd) -> dict[str, list[float]]:
   return out
 
 
-def summarize(per_seed_records) -> dict:
+def summarize(per_seed_records, metric_keys=None) -> dict:
   """{metric name: {'rl_step_change', 'opd_step_change', 'opd_minus_rl',
   'change_by_place_in_phase'}}: mean change of the metric (a top-10 overlap or a symmetric
-  KL, METRIC_KEYS) per step of each phase (and per place within a phase: 'RL 1' is the
+  KL, METRIC_KEYS unless `metric_keys` names others) per step of each phase (and per place within a phase: 'RL 1' is the
   first RL step after an OPD phase), in the metric's units, with 95% intervals."""
   def cell(value_and_ci):
     value, (low, high) = value_and_ci
     return {"mean": round(value, 4), "ci95": [round(low, 4), round(high, 4)]}
 
   out = {}
-  for name, key in METRIC_KEYS.items():
+  for name, key in (METRIC_KEYS if metric_keys is None else metric_keys).items():
     measured = [overlap_and_phase(recs, key) for recs in per_seed_records]
     split = [changes_by_phase(*m) for m in measured]
     if not split or any(len(rl) == 0 or len(opd) == 0 for rl, opd in split):

@@ -197,6 +197,87 @@ def ablation_section(out_dir: str) -> list[str]:
   return ["## Ablation sweep\n", "(`experiments/ablate.py`, from `ablation.json`.)\n"] + body[1:]
 
 
+def interim_estimator_lines(data: dict) -> list[str]:
+  """The estimator ablation while its runs train (ablation.json 'estimator_interim')."""
+  interim = (data.get("estimator_interim") or {}).get("by_step")
+  if not interim:
+    return []
+  caps = [c for c in next(iter(interim.values())) if c not in ("seeds", "per_seed")]
+  lines = ["## The OPD estimator: sampled token against top-k reverse KL (NOT FINISHED)\n",
+           "(`experiments/ablate.py --only estimator`, from `ablation.json`.) The top-k "
+           "(k = 16) CoPD runs have not finished: merged top-k − sampled-token accuracy in "
+           "points at the in-training evaluations so far (100 held-out items per capability, "
+           "the same items and step in both runs), mean over the seeds listed; no interval. "
+           "The final comparison (1,000 items, intervals, Holm) replaces this table.\n",
+           "| step | seeds | " + " | ".join(caps) + " |", "|---" * (2 + len(caps)) + "|"]
+  for step, e in interim.items():
+    lines.append(f"| {step} | {e['seeds']} | " + " | ".join(str(e[c]) for c in caps) + " |")
+  return lines
+
+
+def estimator_section(out_dir: str) -> list[str]:
+  """The OPD estimator ablation (ablation.json 'estimator', written by ablate.py)."""
+  path = os.path.join(out_dir, "ablation.json")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    data = json.load(f)
+  est = data.get("estimator")
+  if not est:
+    lines = interim_estimator_lines(data)
+    est = data.get("estimator_finished_seeds")
+    if not est:
+      return lines
+    lines += ["", f"Final evaluation of the seeds finished so far ({est['seeds']}; with one "
+              "seed the interval holds the item noise only):\n"]
+  else:
+    lines = []
+  caps = [c for c in est["top_k_minus_sampled_token_points"] if c != "overall"]
+  lines += [] if lines else ["## The OPD estimator: sampled token against top-k reverse KL\n",
+           "(`experiments/ablate.py --only estimator`, from `ablation.json`; seeds "
+           f"{data['seeds']}, {data['eval_examples_per_capability']} held-out items per "
+           "capability.) Merged CoPD, the reproduction's config except "
+           "`rl.opd.estimator`: the paper's OPD signal (the teacher's log-prob of the "
+           "sampled token, the reference run) against a reverse KL on the teacher's top 16 "
+           "tokens, renormalised (`top_k`, k = 16). Accuracy in points [95% interval]:\n"]
+  lines += table({{"top_k": "top-k (k = 16)", "sampled_token": "sampled token (paper)"}[k]: v
+                  for k, v in est["accuracy_points"].items()}, [*caps, "overall"], "estimator")
+  lines += ["", f"top-k − sampled token, paired on items and seeds "
+            f"({est['multiple_comparisons']}; the overall row is not in the family):\n"]
+  lines += test_rows({c: est["top_k_minus_sampled_token_points"][c] for c in [*caps, "overall"]})
+  return lines
+
+
+def diagnostics_section(out_dir: str) -> list[str]:
+  """The fixed-prompt diagnostics by training phase (diagnostic_phases.json)."""
+  path = os.path.join(out_dir, "diagnostic_phases.json")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    data = json.load(f)
+  seeds = data["seeds"]
+  lines = ["## Diagnostics on fixed prompts by training phase\n",
+           "(`experiments/diagnostic_phases.py`, from `diagnostic_phases.json`; CoPD seeds "
+           f"{seeds}, {data['diagnostic_prompts_per_branch']} fixed prompts per branch, "
+           "measured after every step"
+           + (f"; NOT FINISHED: steps 0 to {data['last_step_by_seed']} of each seed's run so "
+              "far" if data.get("unfinished_runs") else "")
+           + ".) The same prompts and sampling keys at every step, so each step's change is paired on prompts. Flawed-procedure rate: the share of "
+           "a branch's sampled answers equal to the answer of the base's demonstrated "
+           "flawed procedure (among the prompts where that differs from the reference), "
+           "mean over branches. Mean change per step, by the phase of the step that made it"
+           + (" (one seed: the interval is over steps and holds no seed-to-seed variation)"
+              if len(seeds) == 1 else "") + ":\n",
+           "| metric | change per RL step | change per OPD step | OPD − RL | "
+           "before training → after (per seed) |", "|---|---|---|---|---|"]
+  for name, row in data["mean_change_per_step"].items():
+    levels = "; ".join(f"{lv['before']} → {lv['after']}" for lv in data["levels_by_seed"][name])
+    lines.append(f"| {name} | {cell(row['rl_step_change'])} | {cell(row['opd_step_change'])} | "
+                 f"{cell(row['opd_minus_rl'])} | {levels} |")
+  lines += ["", "![diagnostics by phase]({results}/diagnostic_phases.png)"]
+  return lines
+
+
 def overlap_section(out_dir: str) -> list[str]:
   path = os.path.join(out_dir, "overlap_phases.json")
   if not os.path.exists(path):
@@ -254,7 +335,9 @@ def write(path: str, result: dict, out_dir: str, caps, two_caps) -> None:
   lines += coverage_section(result) + [""]
   lines += [line.replace("{results}", rel) for line in dial_section(result)] + [""]
   lines += ablation_section(out_dir) + [""]
-  lines += overlap_section(out_dir) + [""]
+  for section in (estimator_section(out_dir), overlap_section(out_dir),
+                  [line.replace("{results}", rel) for line in diagnostics_section(out_dir)]):
+    lines += section + [""] if section else []
   lines += [f"![accuracy]({rel}/accuracy_vs_step.png)\n",
             f"![overlap]({rel}/overlap_vs_step.png)\n"]
   with open(path, "w") as f:

@@ -15,7 +15,7 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from copd_jax.data.answers import ANSWER_MARKER
+from copd_jax.data.answers import ANSWER_MARKER, canonical_integer, extract_answer
 from copd_jax.data.examples import Example, _check_int
 from copd_jax.data.toy_tasks import FAMILIES, _check_capability, compare_trace, is_shared_form
 
@@ -250,3 +250,48 @@ def with_flawed_demonstrations(examples: Iterator[Example], flaw_rate: Mapping[s
         example = dataclasses.replace(example, solution=flawed_solution(example))
       yield example
   return demonstrations()
+
+
+# ------------------------------------------------------------- classifying model answers
+
+CORRECT, FLAWED, OTHER = "correct", "flawed", "other"
+
+
+def flawed_answer(example: Example) -> str:
+  """The canonical answer the example's flawed procedure reaches (flawed_solution's)."""
+  return canonical_integer(flawed_solution(example).rsplit(ANSWER_MARKER, 1)[1])
+
+
+def flaw_distinguishable(example: Example) -> bool:
+  """True when the flawed procedure reaches another answer than the reference, so an
+  answer can tell the two procedures apart (a text item with no subtraction cannot)."""
+  return flawed_answer(example) != canonical_integer(example.answer)
+
+
+def classify_response(example: Example, response: str) -> str:
+  """CORRECT (the reference answer), FLAWED (the answer of the example's flawed
+  procedure, FLAW_KINDS, where that differs from the reference) or OTHER (any other
+  answer, or none: malformed model output is OTHER, never an error).
+
+  Judged on the final answer after ANSWER_MARKER (answers.extract_answer), not the
+  trace: a response that writes the flawed procedure's result is following that
+  procedure, whatever trace it wrote. example: a toy-suite example (FAMILIES)."""
+  answer = extract_answer(response)
+  if answer is None:
+    return OTHER
+  if answer == canonical_integer(example.answer):
+    return CORRECT
+  return FLAWED if answer == flawed_answer(example) else OTHER
+
+
+def flawed_answer_rate(examples: Sequence[Example], responses: Sequence[str]) -> tuple[float, int]:
+  """(share of FLAWED answers, count) over the examples whose flawed answer differs from
+  the reference (flaw_distinguishable); (nan, 0) when none does. examples[i] and
+  responses[i] pair up (same length)."""
+  if len(examples) != len(responses):
+    raise ValueError(f"{len(examples)} examples but {len(responses)} responses")
+  judged = [classify_response(ex, r) for ex, r in zip(examples, responses)
+            if flaw_distinguishable(ex)]
+  if not judged:
+    return float("nan"), 0
+  return sum(j == FLAWED for j in judged) / len(judged), len(judged)

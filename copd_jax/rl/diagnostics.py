@@ -1,21 +1,79 @@
-"""Behavioural diagnostics between branches (not losses): top-k overlap and symmetric KL.
+"""Behavioural diagnostics between branches (not losses): top-k overlap, symmetric KL and,
+on the toy suite, the rate of flawed-procedure answers.
 
 Overlap, the paper's definition: O(student, teacher) = mean over the student's on-policy
 states s of |TopK(pi_student(.|s)) & TopK(pi_teacher(.|s))| / K, K = 10. The states are
 the prefixes of the student's own rollouts (every response position).
+
+The prompts are FIXED (fixed_prompts): the same items, and the same sampling keys, at every
+diagnostic step and in every run of the same task suite (any cfg.seed, any method whose
+branch has that data domain), so a change between two steps or two runs is the policy's,
+not the draw's (the measurements pair up).
 """
 
 from __future__ import annotations
 
 import functools
+import zlib
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from copd_jax import kernels
+from copd_jax.data import toy_flaws, toy_tasks
+from copd_jax.data.examples import Example
 from copd_jax.models import decoder, lora, model_config, qwen3_vl_decode
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 from copd_jax.rl import rows as rows_lib
+
+# The diagnostics' own train stream: cfg.tasks.seed + this (training's streams use
+# cfg.tasks.seed + 1000 * cfg.seed + a small offset, so they never meet it).
+DIAGNOSTIC_STREAM_SEED = 9_999_000
+
+
+def domain_tag(capabilities: Sequence[str]) -> int:
+  """A stable 32-bit number for a branch's data domain ('text', 'text+image+video')."""
+  return zlib.crc32("+".join(capabilities).encode())
+
+
+def fixed_prompts(task_seed: int, domains: Sequence[Sequence[str]], n: int,
+                  draw: Callable[[int, Sequence[str], int, np.random.Generator], list[Example]]
+                  ) -> list[list[Example]]:
+  """The diagnostic prompts: n examples per branch domain, the same at every step and in
+  every run (they depend on the task seed and the domain only, not on cfg.seed, the
+  step or the other branches).
+
+  draw(stream_seed, capabilities, n, rng) -> n examples from fresh train streams of
+  that seed (loop.py: rollout.draw_examples on a new data context). Returns [S][n]."""
+  return [draw(task_seed + DIAGNOSTIC_STREAM_SEED, tuple(caps), n,
+               np.random.default_rng([task_seed, 99, domain_tag(caps)])) for caps in domains]
+
+
+def fixed_sampling_keys(task_seed: int, domains: Sequence[Sequence[str]]) -> jax.Array:
+  """One sampling key per branch, from its domain alone: key[S] (common random numbers,
+  so two steps or runs sample their fixed prompts with the same noise)."""
+  base = jax.random.key(task_seed)
+  return jnp.stack([jax.random.fold_in(base, domain_tag(caps) & 0x7FFFFFFF) for caps in domains])
+
+
+def is_toy_example(example: Example) -> bool:
+  """A toy-suite item (its flawed procedure is known): a task family with a worked trace."""
+  return (example.capability in toy_tasks.FAMILIES and example.verifier == "integer"
+          and bool(example.solution))
+
+
+def answer_rates(examples: Sequence[Example], responses: Sequence[str]) -> dict | None:
+  """{'flawed_rate', 'flaw_judged', 'correct_rate'} of one branch's answers to its fixed
+  prompts (toy_flaws.flawed_answer_rate: among the items whose flawed answer differs from
+  the reference; correct_rate among all), or None when any item is not a toy-suite one."""
+  if not examples or not all(is_toy_example(ex) for ex in examples):
+    return None
+  rate, judged = toy_flaws.flawed_answer_rate(examples, responses)
+  correct = np.mean([toy_flaws.classify_response(ex, r) == toy_flaws.CORRECT
+                     for ex, r in zip(examples, responses)])
+  return {"flawed_rate": rate, "flaw_judged": float(judged), "correct_rate": float(correct)}
 
 
 def top_k_overlap(ids_a, ids_b, mask):

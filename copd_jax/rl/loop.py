@@ -20,6 +20,7 @@ from copd_jax import (
   train_checkpoint,
 )
 from copd_jax.data import streams as data_lib
+from copd_jax.data.examples import decode_responses
 from copd_jax.models import stacked as stacked_lib
 from copd_jax.models.qwen3_vl_decode import PromptMedia
 from copd_jax.policy_setup import RunSetup
@@ -56,6 +57,8 @@ class RunContext:
   log_rewind_step: int | None = None
   # stage -> (branch names, UpdateCounts) of the stages run or restored (for the summary).
   update_counts: dict = dataclasses.field(default_factory=dict)
+  # (domains, n) -> the fixed diagnostic prompts [S][n] (loop.diagnostic_prompts).
+  diagnostic_examples: dict = dataclasses.field(default_factory=dict)
 
   def rewind_log(self) -> None:
     """Drops log lines a killed run wrote after the state this run resumed from."""
@@ -67,18 +70,26 @@ class RunContext:
 
 
 def data_context(cfg, setup: RunSetup, seed_offset: int) -> rollout_lib.DataContext:
-  seed = cfg.tasks.seed + cfg.seed * 1000 + seed_offset
+  return data_context_at(cfg, setup, cfg.tasks.seed + cfg.seed * 1000 + seed_offset)
+
+
+def data_context_at(cfg, setup: RunSetup, seed: int) -> rollout_lib.DataContext:
+  """Train streams of task seed `seed` (data_context: the run's own)."""
   # grain iterators (get_state / set_state), so a resumed run continues them. Every
   # process draws the same global prompts (cheap, deterministic in seed and step) and
   # moves only its own shards to its devices (sharding_lib.put_global).
   streams = data_lib.make_streams(cfg, setup.example_kwargs, seed)
-  sampling_cfg = sampling.SamplingConfig(
+  return rollout_lib.DataContext(setup.tokenizer, setup.encode_prompts, streams,
+                                 sampling_config(cfg, setup), setup.rewards)
+
+
+def sampling_config(cfg, setup: RunSetup) -> sampling.SamplingConfig:
+  """The run's rollout sampling (config.sampling, the tokenizer's stop token)."""
+  return sampling.SamplingConfig(
       max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
       top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p,
       stop_token_ids=(setup.tokenizer.eos_id,),
       banned_token_ids=setup.banned_token_ids)
-  return rollout_lib.DataContext(setup.tokenizer, setup.encode_prompts, streams, sampling_cfg,
-                                 setup.rewards)
 
 
 def branch_names(stage: stages_lib.Stage) -> list[str]:
@@ -97,24 +108,39 @@ def _log_branch_arrays(names, metrics: dict) -> dict:
   return out
 
 
+def diagnostic_prompts(ctx: RunContext, stage: stages_lib.Stage) -> list[list]:
+  """The stage's fixed diagnostic prompts, [S][rl.diagnostic_prompts] examples: the same
+  at every step and in every run (diagnostics.fixed_prompts); drawn once per stage."""
+  cfg, setup = ctx.cfg, ctx.setup
+  domains = tuple(caps or tuple(cfg.rl.capabilities) for caps in stage.student_data)
+  cache_key = (domains, int(cfg.rl.diagnostic_prompts))
+  if cache_key not in ctx.diagnostic_examples:
+    def draw(seed, caps, n, rng):
+      return rollout_lib.draw_examples(data_context_at(cfg, setup, seed), caps, n, rng)
+    ctx.diagnostic_examples[cache_key] = diagnostics.fixed_prompts(
+        cfg.tasks.seed, domains, cfg.rl.diagnostic_prompts, draw)
+  return ctx.diagnostic_examples[cache_key]
+
+
 def branch_diagnostics(ctx: RunContext, stage: stages_lib.Stage, params) -> dict:
   """Top-10 overlap and symmetric KL of each branch with every other branch and the base,
-  on the branch's own rollouts of its native prompts (the paper's definition).
+  on the branch's own rollouts of its fixed diagnostic prompts (the paper's definition),
+  and on the toy suite each branch's rate of flawed-procedure and of right answers there.
 
-  Uses its own prompts and keys, so how often it runs never changes the training data."""
+  Fixed prompts and sampling keys (diagnostics.fixed_prompts / fixed_sampling_keys), apart
+  from training's, so how often it runs never changes the training data and every step's
+  measurement pairs with every other's."""
   cfg, setup = ctx.cfg, ctx.setup
-  rng = np.random.default_rng([cfg.seed, 99, ctx.global_step])
-  data = data_context(cfg, setup, seed_offset=777_000 + ctx.global_step)
   n = cfg.rl.diagnostic_prompts
-  domains = [caps or tuple(cfg.rl.capabilities) for caps in stage.student_data]
-  batches = [setup.encode_prompts(rollout_lib.draw_examples(data, caps, n, rng)) for caps in domains]
+  examples = diagnostic_prompts(ctx, stage)
+  batches = [setup.encode_prompts(exs) for exs in examples]
   prompt_tokens, prompt_mask, frames = rollout_lib.stack_prompt_batches(batches)
-  keys = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed), ctx.global_step),
-                          stage.num_students)
+  domains = [caps or tuple(cfg.rl.capabilities) for caps in stage.student_data]
+  keys = diagnostics.fixed_sampling_keys(cfg.tasks.seed, domains)
   # The training sampler; the rest traced on the run's mesh: the Pallas kernels (loss,
   # splash) then run inside shard_map (kernels/sharded.py), as XLA cannot partition them.
   rollout = sampling.stacked_generate(ctx.sharding, params, setup.model_cfg, prompt_tokens,
-                                      prompt_mask, frames, keys, data.sampling, 1)
+                                      prompt_mask, frames, keys, sampling_config(cfg, setup), 1)
   with jax.set_mesh(ctx.sharding.mesh):
     rows = rollout_lib.build_rows(prompt_tokens, prompt_mask, frames, rollout,
                                   np.zeros((stage.num_students, n)),
@@ -125,9 +151,10 @@ def branch_diagnostics(ctx: RunContext, stage: stages_lib.Stage, params) -> dict
         rows.response_mask, rows.frames, kernel=cfg.rl.kernel,
         prompt_len=prompt_tokens.shape[-1] if isinstance(rows.frames, PromptMedia) else 0)
   diag = sharding_lib.to_host(diag)  # global arrays in a multi-process run
+  out = _answer_rate_scalars(branch_names(stage), examples, ctx.sharding.to_host(rollout),
+                             setup.tokenizer)
   overlap, sym_kl = np.asarray(diag["overlap"]), np.asarray(diag["sym_kl"])
   names = branch_names(stage) + ["base"]
-  out = {}
   for s, student in enumerate(names[:-1]):
     for m, other in enumerate(names):
       if m != s:
@@ -140,7 +167,32 @@ def branch_diagnostics(ctx: RunContext, stage: stages_lib.Stage, params) -> dict
   if stage.live_teachers and stage.topology.any():  # the pairs that actually distil
     linked = np.argwhere(stage.topology > 0)
     out["overlap/linked_mean"] = float(np.mean([overlap[s, m] for s, m in linked]))
+    out["sym_kl/linked_mean"] = float(np.mean([sym_kl[s, m] for s, m in linked]))
   out["overlap/with_base_mean"] = float(overlap[:, -1].mean())
+  out["sym_kl/with_base_mean"] = float(sym_kl[:, -1].mean())
+  return out
+
+
+def _answer_rate_scalars(names, examples, rollout, tokenizer) -> dict:
+  """{'flawed_rate/<branch>', 'correct_rate/<branch>', ..._mean}: each branch's answers to
+  its fixed prompts judged (diagnostics.answer_rates); {} off the toy suite, and no
+  flawed_rate of a branch none of whose prompts tells the procedures apart.
+  rollout: host arrays, tokens / mask [S, n, 1, R]."""
+  out, flawed, correct = {}, [], []
+  for s, (name, exs) in enumerate(zip(names, examples)):
+    responses = decode_responses(np.asarray(rollout.tokens[s, :, 0]),
+                                 np.asarray(rollout.mask[s, :, 0]), tokenizer)
+    rates = diagnostics.answer_rates(exs, responses)
+    if rates is None:
+      return {}
+    if rates["flaw_judged"] > 0:
+      out[f"flawed_rate/{name}"] = rates["flawed_rate"]
+      flawed.append(rates["flawed_rate"])
+    out[f"correct_rate/{name}"] = rates["correct_rate"]
+    correct.append(rates["correct_rate"])
+  if flawed:
+    out["flawed_rate/branches_mean"] = float(np.mean(flawed))
+  out["correct_rate/branches_mean"] = float(np.mean(correct))
   return out
 
 
