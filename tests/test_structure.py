@@ -92,7 +92,10 @@ def test_imports_run_one_way(graph):
       assert not ours(name, "copd_jax.data") and not ours(name, "copd_jax.rl"), name
     if name.startswith("copd_jax.data"):
       assert not ours(name, "copd_jax.rl"), name
-  assert graph["copd_jax.sharding"] == set()
+  # sharding sits under everything: it may know the LoRA branch container (a leaf module
+  # that itself imports nothing of ours), nothing else.
+  assert graph["copd_jax.sharding"] <= {"copd_jax.models.lora"}
+  assert graph["copd_jax.models.lora"] == set()
 
 
 def test_no_module_over_600_lines():
