@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -114,12 +115,13 @@ class TeacherRouting:
   teacher_prompts: tuple
   teacher_row_back: np.ndarray
 
+  def as_tree(self) -> dict:
+    """The fields as a pytree of numpy arrays ({name: array}, teacher_prompts a tuple)."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
   def as_arrays(self) -> dict:
     """The fields as device arrays, the `routing` argument of `update`."""
-    out = {k: jnp.asarray(v) for k, v in dataclasses.asdict(self).items()
-           if k != "teacher_prompts"}
-    out["teacher_prompts"] = tuple(jnp.asarray(p) for p in self.teacher_prompts)
-    return out
+    return jax.tree.map(jnp.asarray, self.as_tree())
 
   @property
   def samples(self) -> int:
