@@ -34,6 +34,13 @@ Figures (medians over repeated, interleaved runs after a warm-up; compile time e
     sampled_token estimator, same rollouts, updates timed interleaved.
   tis_applied: an OPD update with rl.loss.tis_cap = 2 reports tis/applied = 1 for every
     branch in its metrics (tis_weight_mean: its mean truncated importance weight).
+  teacher_useful_rows_fraction: per topology (hub_3, full_3, hub_6, full_6: hub or full
+    with 3 or 6 branches, this bench's prompts per branch), the cross rows that have a
+    teacher over the rows the teacher forwards of score_by_teachers compute, counted from
+    the traced program's shapes (analysis.teacher_rows: each teacher_forward call's output
+    shape, times its jax.lax.map trips) on one device. teacher_useful_rows_fraction_
+    expert_mesh: the same for the layout an `expert` axis of several device groups gets
+    (one call for all teachers at the largest load, as parameters never cross `expert`).
 Last line: one JSON object.
 """
 from __future__ import annotations
@@ -57,12 +64,14 @@ import numpy as np  # noqa: E402
 
 from copd_jax.config_lib import spec_of
 from copd_jax import default_config, policy_setup  # noqa: E402
+from copd_jax.analysis import teacher_rows as teacher_rows_audit  # noqa: E402
 from copd_jax.models import decoder as model_lib, model_config, stacked as experts
 from copd_jax.rl import (
   loop,
   methods,
   rollout as trainer,
   rows as rows_lib,
+  schedules as schedules_lib,
   scoring as scoring_lib,
   stages,
   stages as stages_lib,
@@ -70,6 +79,9 @@ from copd_jax.rl import (
   update as update_lib,
 )
 from experiments.bench_sampler import decode_flops_per_token, matmul_peak_flops, time_side_by_side  # noqa: E402
+
+# The jitted update's name in jax's "Finished XLA compilation of jit(<name>)" log lines.
+UPDATE_JIT_NAME = update_lib._update_on_mesh.__name__
 
 BENCH_MODEL = dict(d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
                    mlp_dim=768)
@@ -225,10 +237,52 @@ def scoring_comparison(b: Bench, params, got: trainer.Rollouts, repeats: int) ->
   t = time_side_by_side({"batched": lambda: batched(params, got.rows, b.routing), "loop": loop},
                      repeats)
   cross_rows = sum(len(idx) for _, _, idx in pairs)
-  routing = stages_lib.teacher_routing(b.assignment, len(b.stage.teacher_data), g, start)
+  computed, _ = teacher_rows_audit.traced_teacher_rows(batched, params, got.rows, b.routing)
   return {"batched_s": t["batched"], "loop_s": t["loop"], "cross_rows": cross_rows,
-          "teacher_forward_rows_batched": routing.teacher_forward_rows(),
+          "teacher_forward_rows_batched": computed,
           "speedup": t["loop"] / t["batched"]}
+
+
+def layout_fraction(b: Bench, rows: rows_lib.Rows, prompt_len: int, kind: str, branches: int,
+                    one_shape: bool) -> dict:
+  """Useful rows over computed rows of teacher scoring for `branches` branches in topology
+  `kind` (hub = branch 0), this bench's prompts per branch: the cross rows that have a
+  teacher (the stage's assignment) over what the traced score_by_teachers program's
+  teacher forwards compute (nothing runs: shapes only)."""
+  st = b.stage
+  names = tuple((f"b{i}",) for i in range(branches))
+  stage = dataclasses.replace(st, student_data=names, teacher_data=names,
+                              topology=schedules_lib.topology_matrix(branches, kind, hub=0),
+                              branch_beta=np.ones(branches, np.float32))
+  g, start = st.samples_per_prompt, st.native_prompts * st.samples_per_prompt
+  assignment = stages_lib.cross_teacher_assignment(stage)
+  routing = stages_lib.teacher_routing(assignment, branches, g, start)
+  useful = int(np.sum(assignment >= 0)) * g
+  params = jax.eval_shape(lambda k: experts.init_stacked(b.setup.model_cfg, k),
+                          jax.random.split(jax.random.key(0), branches))
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((branches,) + x.shape[1:], x.dtype),
+                        rows)
+
+  def score(p, r, ro):
+    return scoring_lib.score_by_teachers(p, r, ro, b.ucfg, cross_row_start=start,
+                                         prompt_len=prompt_len, one_shape=one_shape)
+  computed, calls = teacher_rows_audit.traced_teacher_rows(score, params, shapes,
+                                                          routing.as_arrays())
+  return {"useful": useful, "computed": computed, "fraction": useful / computed,
+          "calls": calls}
+
+
+def layout_fractions(b: Bench, got: trainer.Rollouts) -> dict:
+  out = {}
+  for kind in ("hub", "full"):
+    for branches in (3, 6):
+      for mesh, one_shape in (("one_device", False), ("expert_mesh", True)):
+        r = layout_fraction(b, got.rows, got.prompt_len, kind, branches, one_shape)
+        out.setdefault(mesh, {})[f"{kind}_{branches}"] = r
+        print(f"[teacher rows] {kind}_{branches} {mesh}: {r['useful']} useful of "
+              f"{r['computed']} computed ({r['fraction']:.3f}); calls (trips, shape) "
+              f"{r['calls']}", flush=True)
+  return out
 
 
 def with_loss(b: Bench, **loss) -> Bench:
@@ -281,12 +335,12 @@ def main(argv=None):
   compiles = {"rl": 0, "opd": 0}
   for step in range(2 * (repeats // 2 + 2)):
     kind = "rl" if step % 2 == 0 else "opd"
-    before = counter.counts.get("update", 0)
+    before = counter.counts.get(UPDATE_JIT_NAME, 0)
     result = step_lib.train_step(step_plan(b), step_lib.TrainState(params, opt_state), step,
                                  0.0 if kind == "rl" else 1.0, b.rng)
     params, opt_state = result.state.params, result.state.opt_state
     steps[kind].append({k: v for k, v in result.metrics.items() if k.startswith("time/")})
-    compiles[kind] += counter.counts.get("update", 0) - before
+    compiles[kind] += counter.counts.get(UPDATE_JIT_NAME, 0) - before
   print(f"update compiles over {sum(len(v) for v in steps.values())} alternating steps: "
         f"RL program {compiles['rl']}, OPD program {compiles['opd']}", flush=True)
 
@@ -315,6 +369,7 @@ def main(argv=None):
   print(f"[top-k OPD] update {t['topk_opd']:.2f} s vs sampled-token {t['opd']:.2f} s; whole "
         f"step ratio {topk_over_sampled:.2f}; TIS applied: {tis_applied}", flush=True)
   scoring = scoring_comparison(b, params, got, repeats)
+  fractions = layout_fractions(b, got)
   print(f"[same rollouts] update with OPD {t['opd']:.2f} s, without {t['rl']:.2f} s; whole "
         f"step ratio {opd_over_rl:.2f}", flush=True)
   print(f"[prompt once] RL update with every row whole {t_whole:.2f} s vs each prompt once "
@@ -361,6 +416,10 @@ def main(argv=None):
       "rl_step_useful_gflop": round(flops / 1e9, 1),
       "teacher_forward_rows": scoring["teacher_forward_rows_batched"],
       "cross_rows": scoring["cross_rows"],
+      "teacher_useful_rows_fraction": {k: round(v["fraction"], 3)
+                                       for k, v in fractions["one_device"].items()},
+      "teacher_useful_rows_fraction_expert_mesh": {
+          k: round(v["fraction"], 3) for k, v in fractions["expert_mesh"].items()},
       "compiles_per_stage": max(compiles.values()),
       "update_compiles": compiles,
   }

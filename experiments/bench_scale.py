@@ -19,10 +19,13 @@ set before jax is imported. Figures:
     log-probs cross), so a compile with fewer layers measures it exactly.
   whole_mesh_traffic_ratio: param_bytes_per_expert / (expert_axis_bytes_per_opd_step x all
     devices): one expert's parameters vs everything every device moves across experts.
-  teacher_forward_rows: rows the vmapped teacher forward scores per step, padding included
-    (students x teachers x slot width C of the all-to-all layout), vs
-    teacher_forward_rows_gather_layout = teachers x the largest teacher's rows, the
-    padding of the earlier global-gather layout; cross_rows = the rows that need a score.
+  teacher_forward_rows: rows the teacher forwards score per step on the config's mesh:
+    with an `expert` axis of several groups every teacher at the largest teacher's load
+    (one SPMD call; parameters never cross `expert`), else each teacher its own rows
+    (teacher_forward_rows_one_device); teacher_forward_rows_gather_layout = teachers x the
+    largest teacher's rows, the padding of the earlier global-gather layout (the
+    all-to-all layout before its compaction scored students x teachers x slot width C);
+    cross_rows = the rows that need a score.
   per_device_memory_4b: compiled.memory_analysis() of the 4B OPD update on the pod mesh:
     arguments (params, Adam state, teacher view, rows) + outputs + temporaries (activations,
     gradients, XLA workspace), per device, at num_layers_compiled layers. With fewer than
@@ -58,7 +61,9 @@ def routing_rows(cfg, topology: str) -> dict:
   assignment = stages_lib.cross_teacher_assignment(stage)
   routing = stages_lib.teacher_routing(assignment, s, rl.samples_per_prompt)
   per_teacher = [int((assignment == j).sum()) * rl.samples_per_prompt for j in range(s)]
-  return {"teacher_forward_rows": routing.teacher_forward_rows(),
+  return {"teacher_forward_rows": routing.teacher_forward_rows(
+              equal_loads=cfg.mesh.expert != 1),
+          "teacher_forward_rows_one_device": routing.teacher_forward_rows(),
           "teacher_forward_rows_gather_layout": s * max(per_teacher),
           "cross_rows": sum(per_teacher)}
 

@@ -18,6 +18,10 @@ Last line: JSON with
                           vision budget (PromptMedia): one bucket; target <= 1
   training_vision_once_per_prompt
                           true when the update's vision tower sees prompts, never sample rows
+  teacher_tower_prompt_slots, teacher_real_prompts
+                          per teacher (2 branches teaching each other 2 cross prompts each):
+                          the prompt slots its vision tower runs on in teacher scoring, and
+                          the real prompts it is assigned (equal: no padded vision work)
   teacher_bytes_per_vision_token
                           what a cross row's media cost to move to its teacher, per merged
                           vision token: "pixels" (the merge^2 f32 patches we send) or
@@ -92,6 +96,53 @@ def budget_prompts(cfg, length: int = 23) -> list[tuple]:
   return out
 
 
+def step_rows(cfg, stacked, prompts, step: int, samples: int, budget: int, run, config):
+  """(rows [2, 4*G, ...], prompt ids [2, 4, P]) of one training step: each of the two
+  students samples on 4 of the reference prompts (a rotation per step); the last 2 are its
+  cross prompts (beta 1)."""
+  ids, mask, media = [], [], []
+  for k in range(2):  # each student: 4 of the prompts, a different rotation each step
+    chosen = [prompts[(step + k + i) % 4] for i in range(4)]
+    ids.append(np.stack([c[0] for c in chosen]))
+    mask.append(np.stack([c[1] for c in chosen]))
+    media.append(qwen3_vl_decode.prompt_media(cfg, ids[-1], mask[-1], [c[2] for c in chosen],
+                                              budget))
+  ids, mask = jnp.asarray(np.stack(ids), jnp.int32), jnp.asarray(np.stack(mask), bool)
+  media = jax.tree.map(lambda *xs: jnp.stack(xs), *media)
+  rollout = sampling.stacked_generate(run, stacked, cfg, ids, mask, media,
+                                      jax.random.split(jax.random.key(step), 2), config,
+                                      samples)
+  beta = np.zeros((2, 4 * samples), np.float32)
+  beta[:, 2 * samples:] = 1.0
+  return rollout_lib.build_rows(ids, mask, media, rollout, np.zeros((2, 4 * samples)), beta,
+                                samples), ids
+
+
+def teacher_tower_prompts(cfg, params, samples: int, budget: int = 64) -> dict:
+  """What a teacher's vision tower sees in teacher scoring (score_by_teachers traced alone,
+  two branches teaching each other 2 cross prompts each): prompt slots per tower call
+  (one call per teacher, vmapped) against the real prompts each teacher is assigned."""
+  from copd_jax import policy_setup, sharding
+  from copd_jax.rl import scoring
+  stacked = jax.tree.map(lambda x: jnp.stack([x, x * 1.01]), params)
+  u = rows_lib.UpdateConfig(model=cfg, loss=losses.PolicyLossConfig(),
+                            kernel=kernels.KernelConfig(backend="chunked", vocab_tile=32,
+                                                        token_tile=64),
+                            samples_per_prompt=samples)
+  run = sharding.RunSharding.one_device(policy_setup.declared_param_axes(cfg))
+  config = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, stop_token_ids=(2,),
+                                   banned_token_ids=(IMAGE_PAD, VIDEO_PAD))
+  rows, ids = step_rows(cfg, stacked, budget_prompts(cfg), 0, samples, budget, run, config)
+  routing = stages.teacher_routing(np.array([[1, 1], [0, 0]], np.int32), 2, samples=samples,
+                                   native_rows=2 * samples)
+  with qwen3_vl_decode.vision_tower_calls() as calls:
+    jax.make_jaxpr(lambda p, r, ro: scoring.score_by_teachers(
+        p, r, ro, u, cross_row_start=2 * samples, prompt_len=ids.shape[-1]))(
+            stacked, rows, routing.as_arrays())
+  return {"tower_prompt_slots_per_teacher": [c[0] for c in calls],
+          "real_prompts_per_teacher": [n // samples for n in routing.teacher_loads()]}
+
+
 def training_compiles(cfg, params, samples: int, steps: int = 5, budget: int = 64):
   """(update programs compiled, tower calls seen, seconds per update after the first) over
   `steps` updates of two branches (image, video) with OPD between them; each step every
@@ -114,22 +165,7 @@ def training_compiles(cfg, params, samples: int, steps: int = 5, budget: int = 6
   update_lib.update_body = lambda *a, **k: (traced.append(1), real_body(*a, **k))[1]
   seen, times = [], []
   for step in range(steps):
-    ids, mask, media = [], [], []
-    for k in range(2):  # each student: 4 of the prompts, a different rotation each step
-      chosen = [prompts[(step + k + i) % 4] for i in range(4)]
-      ids.append(np.stack([c[0] for c in chosen]))
-      mask.append(np.stack([c[1] for c in chosen]))
-      media.append(qwen3_vl_decode.prompt_media(cfg, ids[-1], mask[-1], [c[2] for c in chosen],
-                                                budget))
-    ids, mask = jnp.asarray(np.stack(ids), jnp.int32), jnp.asarray(np.stack(mask), bool)
-    media = jax.tree.map(lambda *xs: jnp.stack(xs), *media)
-    rollout = sampling.stacked_generate(run, stacked, cfg, ids, mask, media,
-                                        jax.random.split(jax.random.key(step), 2), config,
-                                        samples)
-    beta = np.zeros((2, 4 * samples), np.float32)
-    beta[:, 2 * samples:] = 1.0
-    rows = rollout_lib.build_rows(ids, mask, media, rollout, np.zeros((2, 4 * samples)), beta,
-                                  samples)
+    rows, ids = step_rows(cfg, stacked, prompts, step, samples, budget, run, config)
     start = time.perf_counter()
     with qwen3_vl_decode.vision_tower_calls() as calls:
       stacked, opt_state, _ = jax.block_until_ready(update_lib.update(
@@ -209,6 +245,10 @@ def main():
       isinstance(c, tuple) and c[0] <= 4 for c in update_towers)  # <= 4 prompts, 4*G rows
   print(f"training: {compiled_updates} update program(s) over 5 steps; tower calls "
         f"(prompts, patches): {update_towers}; {update_s:.3f} s per update", flush=True)
+  teacher_towers = teacher_tower_prompts(cfg, params, samples)
+  print(f"teacher scoring: vision-tower prompt slots per teacher "
+        f"{teacher_towers['tower_prompt_slots_per_teacher']}, real prompts per teacher "
+        f"{teacher_towers['real_prompts_per_teacher']}", flush=True)
   media_bytes = {
       "fixture": teacher_bytes_per_vision_token(cfg.vision.patch_dim, cfg.vision.merge_unit,
                                                 cfg.text.d_model,
@@ -225,6 +265,9 @@ def main():
                     "training_vision_once_per_prompt": per_prompt,
                     "update_s": round(update_s, 3),
                     "teacher_bytes_per_vision_token": media_bytes,
+                    "teacher_tower_prompt_slots": teacher_towers[
+                        "tower_prompt_slots_per_teacher"],
+                    "teacher_real_prompts": teacher_towers["real_prompts_per_teacher"],
                     "samples_per_prompt": samples, "new_tokens": new_tokens,
                     "scope": "sampler and update"}))
 

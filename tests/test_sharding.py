@@ -135,7 +135,7 @@ def test_update_on_a_mesh_matches_one_device(unsharded_step, mesh_cfg, num_devic
                                  prompt_len=10)
   traces = update_traces(monkeypatch)
   sharded = run.shard_params(params)
-  host_routing = {k: np.asarray(v) for k, v in routing.as_arrays().items()}
+  host_routing = routing.as_tree()  # numpy, teacher_prompts a tuple (one per teacher)
   got = fn(sharded, state, sharded, rows, host_routing, None)
   got_params = got[0]
   assert got_params["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec[0] == "expert"
@@ -158,7 +158,7 @@ def test_opd_step_moves_no_parameter_sized_data_across_expert():
   fn = update_lib.update_program(run, ucfg, optimizer, distil=True, cross_row_start=start,
                                  prompt_len=10)
   sharded = run.shard_params(params)
-  host_routing = {k: np.asarray(v) for k, v in routing.as_arrays().items()}
+  host_routing = routing.as_tree()  # numpy, teacher_prompts a tuple (one per teacher)
   hlo = fn.lower(sharded, state, sharded, rows, host_routing, None).compile().as_text()
   param_bytes = abstract_step.tree_bytes(params) // 2
   assert param_bytes > 4_000_000

@@ -309,9 +309,9 @@ def abstract_programs(cfg, run: RunSharding, num_layers: int | None = None,
                               native_prompts=native, cross_prompts=cross)
   routing = stages.teacher_routing(stages.cross_teacher_assignment(stage), s, g,
                                    native_rows=native * g)
-  routing_args = {k: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
-                                          sharding=run.replicated)
-                  for k, x in dataclasses.asdict(routing).items()}
+  routing_args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
+                                                             sharding=run.replicated),
+                              routing.as_tree())
   params = abstract_params(model_cfg, s, cfg.lora)
   a_params = _with_shardings(params, run.stacked_params(params))
   opt_state = jax.eval_shape(lambda q: update_lib.init_optimizer_state(optimizer, q), params)

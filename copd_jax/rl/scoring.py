@@ -6,6 +6,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from copd_jax import kernels
 from copd_jax.models import decoder, partitioning, qwen3_vl_decode
@@ -115,9 +116,49 @@ def _identity(x):
   return x
 
 
+def teachers_share_one_shape() -> bool:
+  """True when every teacher's forward must take one shape: under a mesh whose `expert`
+  axis spreads the teachers over several device groups (one SPMD call, and parameters
+  never cross `expert`, so each group scores its own teacher's rows, padded to the
+  largest load). Otherwise (one device, or every branch on every device) each group of
+  teachers with equal loads runs its own call, on exactly its rows."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return (mesh is not None and not mesh.empty and "expert" in mesh.axis_names
+          and mesh.shape["expert"] > 1)
+
+
+def teacher_call_groups(loads, equal: bool) -> list[tuple[np.ndarray, int]]:
+  """[(teacher ids int[n], prompts each)]: one teacher call per entry. loads[j]: teacher
+  j's prompts. equal: one call over all teachers at the largest load; else one call per
+  distinct nonzero load (teachers nobody asks are skipped)."""
+  loads = np.asarray(loads)
+  if equal or not loads.any():  # (no teacher asked at all: one call on padding, unused)
+    return [(np.arange(len(loads)), max(1, int(loads.max(initial=0))))]
+  return [(np.flatnonzero(loads == n), int(n)) for n in np.unique(loads) if n > 0]
+
+
+def _take_teachers(tree, ids: np.ndarray, count: int):
+  """The stacked pytree [J, ...] restricted to teachers ids (static): itself when they are
+  all J in order, else a slice or a gather."""
+  if len(ids) == count and np.array_equal(ids, np.arange(count)):
+    return tree
+  if np.array_equal(ids, np.arange(ids[0], ids[0] + len(ids))):
+    return jax.tree.map(lambda x: x[ids[0]:ids[0] + len(ids)], tree)
+  return jax.tree.map(lambda x: jnp.take(x, jnp.asarray(ids), axis=0), tree)
+
+
+def _teacher_forward(fn: Callable) -> Callable:
+  """fn as its own (inlined) jit named teacher_forward: the teacher's work on one
+  micro-batch, which a benchmark can find and measure in the program's jaxpr."""
+  def teacher_forward(*args):
+    return fn(*args)
+  return jax.jit(teacher_forward)
+
+
 def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: UpdateConfig,
                       placement: tuple[Callable, Callable] | None = None,
-                      cross_row_start: int = 0, prompt_len: int = 0):
+                      cross_row_start: int = 0, prompt_len: int = 0,
+                      one_shape: bool | None = None):
   """Sampled-token log-probs of each cross row under its teacher, on the loss columns:
   f32[S, R, W] (W = T - P with prompt_len P > 0, else T; see loss_columns). With the
   top_k / full_vocab OPD estimators (opd_support_size k > 0) instead the teacher's top k
@@ -128,9 +169,13 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
        buffer [S, J, C, ...] (a local gather: nothing crosses experts);
     2. swapping the first two axes, [S, J, C] -> [J, S, C], is the exchange: each device
        sends only its own rows' tokens;
-    3. teacher j scores its [S*C] rows (one vmapped forward over teachers, in
-       micro-batches of ucfg.micro_batch_rows rows);
-    4. the scores swap back [J, S, C, W] -> [S, J, C, W] and each student unpacks its own.
+    3. each teacher compacts the rows it received to its real prompts (teacher_prompts:
+       a local gather; the exchange's padding is never scored) and scores them in
+       micro-batches of ucfg.micro_batch_rows rows: one vmapped call per group of
+       teachers with equal loads, or, when the teachers are spread over an `expert` axis
+       of several device groups (teachers_share_one_shape), one call at the largest load;
+    4. the scores go back to the received layout (teacher_row_back), swap back
+       [J, S, C, W] -> [S, J, C, W] and each student unpacks its own.
   What crosses: token ids with the token mask packed in (-1 = masked), the frames once
   per prompt, and f32 log-probs of the loss columns (k of them and k int32 ids per
   position for top-k OPD: never logits). Positions are recomputed from
@@ -146,20 +191,28 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
     sharding.RunSharding.regroup_placement: `exchange` pins a buffer [A, B, C, ...] to
     expert on axis A, its rows C spread over the devices of each expert group; `compute`
     pins teacher-side rows [J, N, ...] to expert x batch.
+  one_shape (static): every teacher in one call at the largest load (True) or one call
+    per load (False); None = teachers_share_one_shape() (what the mesh allows).
   """
   exchange, compute = placement or (_identity, _identity)
   teacher_axis = "expert" if placement is not None else None  # see update_body
   send_row, prompt_row = routing["send_row"], routing["send_prompt_row"]
   s, j, c = send_row.shape
-  g = c // prompt_row.shape[2]
+  cp = prompt_row.shape[2]
+  g = c // cp
   t = rows.tokens.shape[-1]
   if not 0 <= prompt_len < t:
     raise ValueError(f"prompt_len={prompt_len} must be in [0, rows' length {t})")
   if prompt_len and g != ucfg.samples_per_prompt:
     raise ValueError(f"routing groups {g} rows per prompt but ucfg.samples_per_prompt is "
                      f"{ucfg.samples_per_prompt}")
+  if is_qwen3_vl(ucfg) and not prompt_len:
+    raise ValueError("teacher scoring of Qwen3-VL rows needs prompt_len > 0")
   start = cross_row_start
   support = opd_support_size(ucfg)
+  loads = [int(x.shape[0]) for x in routing["teacher_prompts"]]
+  groups = teacher_call_groups(
+      loads, teachers_share_one_shape() if one_shape is None else one_shape)
 
   def local(x, index):  # x [S, R, ...], index [S, J, C'] -> [S, J, C', ...], per student
     return jax.vmap(lambda xk, ik: jnp.take(xk, ik, axis=0))(x[:, start:],
@@ -168,56 +221,97 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
   def swap(x):  # the all-to-all over `expert`: [A, B, ...] -> [B, A, ...]
     return exchange(jnp.swapaxes(exchange(x), 0, 1))
 
-  def teacher_rows(x):  # [J, S, C', ...] -> [J, S*C', ...] on the teachers' devices
-    return compute(x.reshape((j, -1) + x.shape[3:]))
+  def received(x, per_prompt_rows: int):  # [S, J, C', ...] -> [J, S*Cp, rows, ...]
+    x = swap(x)
+    return x.reshape((j, s * cp, per_prompt_rows) + x.shape[3:])
 
   packed = jnp.where(rows.token_mask, rows.tokens, -1)  # the mask travels inside the ids
-  valid = jnp.swapaxes(routing["send_valid"], 0, 1)  # [J, S, C]
-  # The media travel once per prompt (the toy's frames, or Qwen3-VL's PromptMedia).
-  frames = jax.tree.map(lambda x: teacher_rows(swap(local(x, prompt_row))), rows.frames)
+  # Teacher-side inputs, per received prompt slot [J, S*Cp, ...]; rows [J, S*Cp, G, ...].
+  frames = jax.tree.map(lambda x: received(local(x, prompt_row), 1)[:, :, 0], rows.frames)
   if prompt_len:
     p = prompt_len
-    prompt = swap(local(packed[..., :p], prompt_row))  # [J, S, C // G, P]
-    response = teacher_rows(swap(local(packed[..., p:], send_row)))  # [J, S*C, R]
-    # Padding slots' prompts attend to their last column only: a finite, unused softmax.
-    prompt_mask = teacher_rows(jnp.where(valid[:, :, ::g, None], prompt >= 0,
-                                         jnp.arange(p) == p - 1))
-    prompt_tokens = teacher_rows(jnp.maximum(prompt, 0))
-    response_mask = response >= 0
-    prompt_positions = decoder.positions_from_mask(
-        prompt_mask.reshape(-1, p)).reshape(prompt_mask.shape)
-    counts = jnp.repeat(prompt_mask.sum(-1), g, axis=1)[..., None]  # [J, S*C, 1]
-    response_positions = jnp.maximum(counts + jnp.cumsum(response_mask, -1) - 1, 0)
-
-    def one_teacher(params, p_tok, p_pos, p_msk, frm, r_tok, r_pos):
-      chunk = functools.partial(_continuation_logprobs, params, ucfg, support=support)
-      return _map_prompt_micro_batches(chunk, ucfg.micro_batch_rows, g,
-                                       (p_tok, p_pos, p_msk, frm), (r_tok, r_pos))
-
-    scores = partitioning.map_over_branches(
-        one_teacher, jax.lax.stop_gradient(teacher_params), prompt_tokens, prompt_positions,
-        prompt_mask, frames, jnp.maximum(response, 0), response_positions,
-        spmd_axis_name=teacher_axis)  # [J, S*C, R (, k)]
+    per_prompt = received(local(packed[..., :p], prompt_row), 1)[:, :, 0]  # [J, S*Cp, P]
+    per_row = received(local(packed[..., p:], send_row), g)  # [J, S*Cp, G, R]
   else:
-    if is_qwen3_vl(ucfg):
-      raise ValueError("teacher scoring of Qwen3-VL rows needs prompt_len > 0")
-    packed = swap(local(packed, send_row))  # [J, S, C, T]
+    per_prompt = None
+    per_row = received(local(packed, send_row), g)  # [J, S*Cp, G, T]
+
+  def compacted(ids, n):
+    """(prompt index [m, n] into the received prompt slots, valid bool[m, n]) of teachers
+    ids (static) at n prompts each; padding (equal loads only) repeats slot 0."""
+    index = jnp.stack([jnp.pad(routing["teacher_prompts"][i], (0, n - loads[i])) for i in ids])
+    valid = np.arange(n)[None, :] < np.asarray([loads[i] for i in ids])[:, None]
+    return index, valid
+
+  def gather(x, ids, index):  # [J, S*Cp, ...] -> [m, n, ...] (teachers ids' real prompts)
+    x = _take_teachers(x, ids, j)
+    return jax.vmap(lambda xj, ij: jnp.take(xj, ij, axis=0))(x, index)
+
+  def teacher_rows(x):  # [m, n, G, ...] -> [m, n*G, ...] on the teachers' devices
+    return compute(x.reshape((x.shape[0], -1) + x.shape[3:]))
+
+  def score_group(ids, n):
+    """Scores [m, n*G, W (, k)] of teachers ids on their compacted rows."""
+    index, valid = compacted(ids, n)
+    params = jax.lax.stop_gradient(_take_teachers(teacher_params, ids, j))
+    grp_frames = jax.tree.map(lambda x: compute(gather(x, ids, index)), frames)
+    row_tokens = gather(per_row, ids, index)  # [m, n, G, W']
+    if prompt_len:
+      prompt = gather(per_prompt, ids, index)  # [m, n, P]
+      # Padding slots' prompts attend to their last column only: a finite, unused softmax.
+      prompt_mask = compute(jnp.where(valid[..., None], prompt >= 0, jnp.arange(p) == p - 1))
+      prompt_tokens = compute(jnp.maximum(prompt, 0))
+      response = teacher_rows(row_tokens)  # [m, n*G, R]
+      response_mask = response >= 0
+      prompt_positions = decoder.positions_from_mask(
+          prompt_mask.reshape(-1, p)).reshape(prompt_mask.shape)
+      counts = jnp.repeat(prompt_mask.sum(-1), g, axis=1)[..., None]  # [m, n*G, 1]
+      response_positions = jnp.maximum(counts + jnp.cumsum(response_mask, -1) - 1, 0)
+
+      def one_teacher(params, p_tok, p_pos, p_msk, frm, r_tok, r_pos):
+        chunk = _teacher_forward(
+            functools.partial(_continuation_logprobs, params, ucfg, support=support))
+        return _map_prompt_micro_batches(chunk, ucfg.micro_batch_rows, g,
+                                         (p_tok, p_pos, p_msk, frm), (r_tok, r_pos))
+
+      return partitioning.map_over_branches(
+          one_teacher, params, prompt_tokens, prompt_positions, prompt_mask, grp_frames,
+          jnp.maximum(response, 0), response_positions, spmd_axis_name=teacher_axis)
     # Padding rows attend to their first column only, so their (unused) softmax stays finite.
-    mask = teacher_rows(jnp.where(valid[..., None], packed >= 0, jnp.arange(t) == 0))
-    tokens = teacher_rows(jnp.maximum(packed, 0))
-    if frames is not None:
-      frames = compute(jnp.repeat(frames.reshape((j, s, c // g) + frames.shape[2:]), g,
-                                  axis=2).reshape((j, s * c) + frames.shape[2:]))
+    mask = teacher_rows(jnp.where(valid[..., None, None], row_tokens >= 0,
+                                  jnp.arange(t) == 0))
+    tokens = teacher_rows(jnp.maximum(row_tokens, 0))
+    if grp_frames is not None:
+      grp_frames = compute(jnp.repeat(grp_frames, g, axis=1))
 
     def one_teacher(params, tok, msk, frm):
       def chunk(tk, mk, fr):
         return _sequence_logprobs(params, ucfg, tk, decoder.positions_from_mask(mk), mk, fr,
                                   support=support)
-      return map_row_micro_batches(chunk, ucfg.micro_batch_rows, tok, msk, frm)
+      return map_row_micro_batches(_teacher_forward(chunk), ucfg.micro_batch_rows, tok, msk,
+                                   frm)
 
-    scores = partitioning.map_over_branches(
-        one_teacher, jax.lax.stop_gradient(teacher_params), tokens, mask, frames,
-        spmd_axis_name=teacher_axis)  # [J, S*C, T (, k)]
+    return partitioning.map_over_branches(one_teacher, params, tokens, mask, grp_frames,
+                                          spmd_axis_name=teacher_axis)
+
+  # Each group's scores back into the received layout [m, S*C, W (, k)], teachers in order.
+  back = []
+  for ids, n in groups:
+    slot = _take_teachers(routing["teacher_row_back"], ids, j)  # [m, S*C]
+    scores = score_group(ids, n)
+    back.append(jax.tree.map(
+        lambda x, slot=slot: jax.vmap(lambda y, sl: jnp.take(y, sl, axis=0))(compute(x), slot),
+        scores))
+  order = np.concatenate([ids for ids, _ in groups])
+  missing = np.setdiff1d(np.arange(j), order)
+  if len(missing):  # teachers nobody asks: zeros, never read back
+    back.append(jax.tree.map(lambda x: jnp.zeros((len(missing),) + x.shape[1:], x.dtype),
+                             back[0]))
+    order = np.concatenate([order, missing])
+  scores = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *back) if len(back) > 1 \
+      else back[0]
+  if not np.array_equal(order, np.arange(j)):
+    scores = jax.tree.map(lambda x: jnp.take(x, jnp.asarray(np.argsort(order)), axis=0), scores)
 
   def back_to_students(x):  # [J, S*C, W, ...] -> [S, R, W, ...]
     x = swap(compute(x).reshape((j, s, c) + x.shape[2:])).reshape((s, j * c) + x.shape[2:])

@@ -292,7 +292,7 @@ def test_three_branches_on_an_expert_mesh_match_the_single_device_update(model, 
   traces = update_traces(monkeypatch)
   placed = run.shard_params(stacked)
   host_rows = jax.tree.map(np.asarray, rows)
-  host_routing = {k: np.asarray(v) for k, v in routing.as_arrays().items()}
+  host_routing = routing.as_tree()  # numpy, teacher_prompts a tuple (one per teacher)
   got = fn(placed, state, placed, host_rows, host_routing, None)
   assert got[0]["embed_tokens"]["embedding"].sharding.spec[0] == "expert"
   assert (np.asarray(want[2]["opd/tokens"]) > 0).all()

@@ -66,7 +66,17 @@ def test_cross_assignment_and_routing_hub():
   assert routing.send_valid.sum(axis=(0, 2)).tolist() == [16, 4, 4]
   # Slots are as wide as the largest (student, teacher) pair: a spoke's 8 rows to the hub.
   assert routing.send_row.shape == (3, 3, 8) and routing.samples == 2
-  assert routing.teacher_forward_rows() == 72
+  # ... but only the exchange pads: each teacher scores its own rows (8 + 8, 4, 4), or on
+  # an expert mesh (one call for all teachers) as many as the hub.
+  assert routing.teacher_loads() == [16, 4, 4]
+  assert routing.teacher_forward_rows() == 24
+  assert routing.teacher_forward_rows(equal_loads=True) == 48
+  # The hub received [student 0's 4 prompt slots (padding) | student 1's 4 | student 2's 4]
+  # and compacts them to the spokes' 8 real prompts; a spoke keeps the hub's first 2.
+  np.testing.assert_array_equal(routing.teacher_prompts[0], np.arange(4, 12))
+  np.testing.assert_array_equal(routing.teacher_prompts[1], [0, 1])
+  np.testing.assert_array_equal(routing.teacher_row_back[0, 8:], np.arange(16))
+  np.testing.assert_array_equal(routing.teacher_row_back[1, :4], np.arange(4))
   # Round trip: every cross row is sent once, to its own teacher, and its score comes back
   # to it; native rows are never sent.
   for k in range(3):
