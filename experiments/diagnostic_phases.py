@@ -119,12 +119,7 @@ def main(argv=None):
   args.quick = False
   seeds = [int(s) for s in args.seeds.split(",")]
   start = time.perf_counter()
-  workdirs = [f"{args.runs}/seed{s}" for s in seeds]
-  for seed, workdir in zip(seeds, workdirs):
-    if not args.report_only:
-      reproduce.run_or_load(reproduce.make_config(
-          "copd", seed, workdir, args, rl__diagnostics_every=1,
-          rl__diagnostic_prompts=args.diagnostic_prompts))
+  workdirs = overlap_phases.run_measured_copd(args, seeds)
   finished = [w for w in workdirs if os.path.exists(os.path.join(w, "summary.json"))]
   unfinished = sorted(set(workdirs) - set(finished))
   if unfinished and not (args.partial and args.report_only):

@@ -173,6 +173,19 @@ def plot(per_seed_records, seeds, path: str):
   plt.close(fig)
 
 
+def run_measured_copd(args, seeds) -> list[str]:
+  """The CoPD config with the diagnostics after every step (rl.diagnostics_every=1,
+  args.diagnostic_prompts per branch), one run per seed under args.runs: run, resumed or
+  read (with args.report_only, only named). Returns their run directories."""
+  workdirs = [f"{args.runs}/seed{s}" for s in seeds]
+  for seed, workdir in zip(seeds, workdirs):
+    if not args.report_only:
+      reproduce.run_or_load(reproduce.make_config(
+          "copd", seed, workdir, args, rl__diagnostics_every=1,
+          rl__diagnostic_prompts=args.diagnostic_prompts))
+  return workdirs
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seeds", default="0,1,2")
@@ -184,12 +197,7 @@ def main(argv=None):
   args.quick = False
   seeds = [int(s) for s in args.seeds.split(",")]
   start = time.perf_counter()
-  workdirs = [f"{args.runs}/seed{s}" for s in seeds]
-  for seed, workdir in zip(seeds, workdirs):
-    if not args.report_only:
-      reproduce.run_or_load(reproduce.make_config(
-          "copd", seed, workdir, args, rl__diagnostics_every=1,
-          rl__diagnostic_prompts=args.diagnostic_prompts))
+  workdirs = run_measured_copd(args, seeds)
   finished = [w for w in workdirs if os.path.exists(os.path.join(w, "summary.json"))]
   if len(finished) < len(workdirs):
     raise SystemExit(f"not finished: {sorted(set(workdirs) - set(finished))}; run without "
