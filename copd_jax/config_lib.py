@@ -223,11 +223,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> run_spec.RunSpec:
 
 def spec_of(cfg: ml_collections.ConfigDict) -> run_spec.RunSpec:
   """The RunSpec of cfg, unchecked (build checks first). Errors name the field."""
-  from copd_jax.models import lora
   fields = cfg.to_dict()
-  lora_fields = fields.get("model", {}).pop("lora", None)
   return dataclasses.replace(run_spec.from_dict(run_spec.RunSpec, fields),
-                             lora=lora.spec_from_dict(lora_fields),
                              config_json=json.loads(cfg.to_json_best_effort()))
 
 

@@ -442,6 +442,13 @@ def _value(hint, value, where: str):
 def from_dict(cls, fields: Mapping[str, Any], where: str = ""):
   """cls (a spec class) from a plain nested dict with the config's field names; a field
   cls lacks is a ValueError naming it, a missing field takes cls's default."""
+  model = fields.get("model") if cls is RunSpec else None
+  if isinstance(model, Mapping) and "lora" in model:  # config.model.lora -> spec.lora
+    from copd_jax.models import lora
+    lora_fields = model["lora"]
+    fields = dict(fields, model={k: v for k, v in model.items() if k != "lora"})
+    return dataclasses.replace(from_dict(cls, fields, where),
+                               lora=lora.spec_from_dict(lora_fields))
   hints = _hints(cls)
   names = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "config_json"]
   unknown = sorted(set(fields) - set(names))

@@ -15,7 +15,7 @@ from copd_jax.run_log import MetricsWriter
 @pytest.fixture(scope="module")
 def base():
   cfg = default_config.get("copd", "micro")
-  s = policy_setup.build_setup(cfg)
+  s = policy_setup.build_setup(config_lib.spec_of(cfg))
   return s, model_lib.init_params(s.model_cfg, jax.random.key(0))
 
 
@@ -38,7 +38,7 @@ def run_copd(tmp_path, base, seed, monkeypatch):
   s, params = base
   writer = MetricsWriter(cfg.workdir)
   try:
-    methods.run_rl_method(cfg, s, params, writer)
+    methods.run_rl_method(config_lib.spec_of(cfg), s, params, writer)
   finally:
     writer.close()
   branches = len(cfg.rl.capabilities)

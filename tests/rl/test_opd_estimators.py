@@ -205,7 +205,7 @@ def test_full_vocab_refused_on_a_mesh_and_config_errors_name_the_field():
   cfg.rl.opd.estimator = "full_vocab"
   cfg.mesh.data = 2
   with pytest.raises(ValueError, match=r"config\.rl\.opd: .*one device"):
-    config_lib.validate_rl(cfg)
+    config_lib.validate_config(cfg)
   with pytest.raises(ValueError, match="tis_cap"):
     PolicyLossConfig(tis_cap=-1.0)
 
