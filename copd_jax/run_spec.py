@@ -475,9 +475,18 @@ def replace(spec, dotted: str, value):
 
 def replace_fields(spec, changes: Mapping[str, Any]):
   """spec with every {dotted field: value} of changes set (a new spec)."""
+  # One dataclasses.replace per section, so that fields checked together (num_heads and
+  # num_kv_heads) change together.
+  direct, nested = {}, {}
   for dotted, value in changes.items():
-    spec = replace(spec, dotted, value)
-  return spec
+    head, _, rest = dotted.partition(".")
+    if rest:
+      nested.setdefault(head, {})[rest] = value
+    else:
+      direct[head] = value
+  for head, sub in nested.items():
+    direct[head] = replace_fields(getattr(spec, head), sub)
+  return dataclasses.replace(spec, **direct)
 
 
 def as_dict(section) -> dict:

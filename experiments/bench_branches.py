@@ -210,11 +210,11 @@ def lora_memory_4b(num_branches: int = 12, rank: int = 16) -> dict:
   import jax
 
   from configs import pod_4b
-  from copd_jax import policy_setup
+  from copd_jax import config_lib, policy_setup
   from copd_jax.analysis import tpu_compile
   from copd_jax.models import lora, stacked as stacked_lib
   from copd_jax.rl import update as update_lib
-  cfg = pod_4b.get_config()
+  cfg = config_lib.spec_of(pod_4b.get_config())
   model_cfg = tpu_compile.run_model_config(cfg)
   spec = lora.LoraSpec(rank=rank, alpha=2.0 * rank)
   optimizer = update_lib.make_optimizer(1e-6, 1.0)

@@ -188,8 +188,8 @@ def update_cost(n: int, topology: str, native: int, cross: int, samples: int) ->
 
 
 def teacher_rows(n: int, topology: str, cross: int, samples: int) -> dict:
-  """Rows the OPD update's teacher forward scores per step (every (student, teacher) slot
-  padded to the largest, as stages.teacher_routing lays them out) and the cross rows
+  """Rows the OPD update's teacher forward scores per step on one device (each teacher
+  compacts the rows it received to its real prompts: stages.teacher_routing) and the cross rows
   that carry a teacher's score, for N branches (host arithmetic, nothing compiled)."""
   from copd_jax.rl import stages
   stage = stages.Stage(

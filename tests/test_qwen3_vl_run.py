@@ -35,7 +35,8 @@ def vl_config(workdir, reward_module, **mesh):
   cfg = hf_vl_copd.get_config("math,chart,clip,micro")
   cfg.workdir = str(workdir)
   cfg.rl.opd.topology = "full"  # image <-> video teach each other too, not only the hub
-  cfg.reward.fn = f"{reward_module}:length"
+  if reward_module:  # None: the built-in verifier (tests that never score)
+    cfg.reward.fn = f"{reward_module}:length"
   cfg.reward.workers = 1
   cfg.log.completions_every = 1
   cfg.mesh.update(mesh)
@@ -131,7 +132,7 @@ def test_copd_trains_image_and_video_branches_and_the_export_reloads(finished_ru
     assert (out / name).is_file()
 
   # The reloaded model answers a prompt with an image exactly as the trained one does.
-  setup = policy_setup.build_setup(spec_of(vl_config(workdir, "unused")))
+  setup = policy_setup.build_setup(spec_of(vl_config(workdir, None)))
   example = records.RecordSource(hf_vl_copd.FIXTURE_FILES["chart"][0], capability="chart",
                                  native_media=True)[0]
   batch = setup.encode_prompts([example])
@@ -173,7 +174,7 @@ def test_bad_records_are_named_before_anything_compiles(tmp_path):
   image = os.path.join(os.path.dirname(hf_vl_copd.FIXTURE_FILES["chart"][0]), "image0.png")
   big.write_text(json.dumps({"id": "wide", "prompt": "Count.", "answer": "1",
                              "verifier": "integer", "images": [image] * 3}) + "\n")
-  cfg = vl_config(tmp_path / "run", "unused")
+  cfg = vl_config(tmp_path / "run", None)
   cfg.data.train_files["chart"] = str(big)
   cfg.data.vision_budget = 16  # three 32 x 48 images make 72 patches
   with pytest.raises(ValueError, match=r"big.jsonl:1 \(id wide\).*72 patches.*"
@@ -189,7 +190,7 @@ def test_bad_records_are_named_before_anything_compiles(tmp_path):
             for i in range(3)]
   no_fps.write_text(json.dumps({"id": "v", "prompt": "Count.", "answer": "1",
                                 "verifier": "integer", "video_frames": frames}) + "\n")
-  cfg = vl_config(tmp_path / "run", "unused")
+  cfg = vl_config(tmp_path / "run", None)
   cfg.data.eval_files["clip"] = str(no_fps)
   with pytest.raises(ValueError, match=r"no_fps.jsonl:1 \(id v\).*video_fps"):
     policy_setup.build_setup(spec_of(cfg))
@@ -199,11 +200,11 @@ def test_bad_records_are_named_before_anything_compiles(tmp_path):
   config = json.loads((checkpoint / "config.json").read_text())
   config["vision_config"]["hidden_act"] = "relu"
   (checkpoint / "config.json").write_text(json.dumps(config))
-  cfg = vl_config(tmp_path / "run", "unused")
+  cfg = vl_config(tmp_path / "run", None)
   cfg.init.hf_checkpoint = str(checkpoint)
   with pytest.raises(ValueError, match=r"relu_checkpoint/config.json: .*vision_config.hidden_act"):
     policy_setup.build_setup(spec_of(cfg))
-  cfg = vl_config(tmp_path / "run", "unused")
+  cfg = vl_config(tmp_path / "run", None)
   cfg.data.train_files = {}
   cfg.data.eval_files = {}
   with pytest.raises(ValueError, match="Qwen3-VL checkpoint, which trains on record files"):
@@ -211,7 +212,7 @@ def test_bad_records_are_named_before_anything_compiles(tmp_path):
 
 
 def test_prompt_batches_share_one_vision_budget():
-  cfg = vl_config("/tmp/unused", "unused")
+  cfg = vl_config("/tmp/unused", None)
   setup = policy_setup.build_setup(spec_of(cfg))
   examples = [records.RecordSource(hf_vl_copd.FIXTURE_FILES[d][0], capability=d,
                                    native_media=True)[i]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from copd_jax import kernels
-from copd_jax.models import decoder, partitioning, qwen3_vl_decode
+from copd_jax.models import decoder, lora, partitioning, qwen3_vl_decode
 from copd_jax.models.decoder import Params
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 from copd_jax.rl.rows import (
@@ -142,6 +142,8 @@ def _take_teachers(tree, ids: np.ndarray, count: int):
   all J in order, else a slice or a gather."""
   if len(ids) == count and np.array_equal(ids, np.arange(count)):
     return tree
+  if lora.is_lora(tree):  # the shared base is not stacked: take the teachers' adapters
+    return tree.replace(adapters=_take_teachers(tree.adapters, ids, count))
   if np.array_equal(ids, np.arange(ids[0], ids[0] + len(ids))):
     return jax.tree.map(lambda x: x[ids[0]:ids[0] + len(ids)], tree)
   return jax.tree.map(lambda x: jnp.take(x, jnp.asarray(ids), axis=0), tree)

@@ -91,16 +91,17 @@ def test_quick_study_writes_the_report(tmp_path):
   assert report["merged_minus_experts_points"] == stored["merged_minus_experts_points"]
 
 
-def test_teacher_rows_pad_every_slot_to_the_largest_by_hand():
+def test_teacher_rows_on_one_device_are_the_cross_rows_by_hand():
   # N = 3, 2 cross prompts, 1 sample. Hub (branch 0): the hub sends 1 prompt to each
-  # spoke, each spoke sends both of its prompts to the hub, so the largest (student,
-  # teacher) slot holds 2 rows and the teacher forward scores 3 x 3 x 2 = 18 rows for the
-  # 6 real cross rows. Full mesh: 1 prompt per pair -> 3 x 3 x 1 = 9.
-  assert scale_branches.teacher_rows(3, "hub", 2, 1) == {"teacher_forward_rows": 18,
+  # spoke, each spoke sends both of its prompts to the hub: 2 + 2 + 2 = 6 cross rows.
+  # Each teacher compacts what it received to its real prompts (no padded slots), so on
+  # one device the teacher forward scores exactly those 6 rows (the padded [S, J, C]
+  # layout scored 3 x 3 x 2 = 18). Full mesh: 1 prompt per pair, 6 rows.
+  assert scale_branches.teacher_rows(3, "hub", 2, 1) == {"teacher_forward_rows": 6,
                                                          "cross_rows": 6}
-  assert scale_branches.teacher_rows(3, "full", 2, 1) == {"teacher_forward_rows": 9,
+  assert scale_branches.teacher_rows(3, "full", 2, 1) == {"teacher_forward_rows": 6,
                                                           "cross_rows": 6}
-  # Ring at N = 6, 4 cross prompts, 2 samples: 2 prompts (4 rows) per neighbour ->
-  # 6 x 6 x 4 = 144 padded rows for 6 x 4 x 2 = 48 real ones.
-  assert scale_branches.teacher_rows(6, "ring", 4, 2) == {"teacher_forward_rows": 144,
+  # Ring at N = 6, 4 cross prompts, 2 samples: 2 prompts (4 rows) per neighbour,
+  # 6 x 4 x 2 = 48 rows (the padded layout: 6 x 6 x 4 = 144).
+  assert scale_branches.teacher_rows(6, "ring", 4, 2) == {"teacher_forward_rows": 48,
                                                           "cross_rows": 48}
