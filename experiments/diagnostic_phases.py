@@ -32,7 +32,6 @@ import os
 import sys
 import time
 
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import overlap_phases  # noqa: E402  (phase split, per-step changes, summary)
@@ -137,13 +136,8 @@ def main(argv=None):
             "mean_change_per_step": overlap_phases.summarize(records, METRIC_KEYS),
             "levels_by_seed": {name: [levels(r, key) for r in records]
                                for name, key in METRIC_KEYS.items()}}
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "diagnostic_phases.json"), "w") as f:
-    json.dump(report, f, indent=1)
-  try:
-    plot(records, seeds, os.path.join(args.out, "diagnostic_phases.png"))
-  except ImportError:
-    print("matplotlib not installed (pip install -e '.[plots]'): no plot", flush=True)
+  overlap_phases.write_report(args.out, "diagnostic_phases", report,
+                              lambda path: plot(records, seeds, path))
   print(json.dumps({"minutes": round((time.perf_counter() - start) / 60, 1), "seeds": seeds,
                     **{f"{name}: opd_minus_rl": report["mean_change_per_step"][name][
                         "opd_minus_rl"]["mean"] for name in MAIN

@@ -173,6 +173,17 @@ def plot(per_seed_records, seeds, path: str):
   plt.close(fig)
 
 
+def write_report(out_dir: str, name: str, report: dict, plot_to) -> None:
+  """<out_dir>/<name>.json, and <name>.png drawn by plot_to(path) when matplotlib is there."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  try:
+    plot_to(os.path.join(out_dir, f"{name}.png"))
+  except ImportError:
+    print("matplotlib not installed (pip install -e '.[plots]'): no plot", flush=True)
+
+
 def run_measured_copd(args, seeds) -> list[str]:
   """The CoPD config with the diagnostics after every step (rl.diagnostics_every=1,
   args.diagnostic_prompts per branch), one run per seed under args.runs: run, resumed or
@@ -206,13 +217,7 @@ def main(argv=None):
   report = {"command": reproduce.command_line("overlap_phases.py", argv),
             "seeds": seeds, "diagnostic_prompts_per_branch": args.diagnostic_prompts,
             "mean_overlap_change_per_step": summarize(records)}
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "overlap_phases.json"), "w") as f:
-    json.dump(report, f, indent=1)
-  try:
-    plot(records, seeds, os.path.join(args.out, "overlap_phases.png"))
-  except ImportError:
-    print("matplotlib not installed (pip install -e '.[plots]'): no plot", flush=True)
+  write_report(args.out, "overlap_phases", report, lambda path: plot(records, seeds, path))
   main_key = report["mean_overlap_change_per_step"].get("between branches (all pairs)", {})
   print(json.dumps({"minutes": round((time.perf_counter() - start) / 60, 1), "seeds": seeds,
                     **{k: v["mean"] for k, v in main_key.items() if isinstance(v, dict)
