@@ -10,3 +10,12 @@ FIXTURES = os.path.join(TESTS, "fixtures")
 HF_FIXTURES = os.path.join(FIXTURES, "hf")
 DATA_FIXTURES = os.path.join(FIXTURES, "data")
 EXPERIMENTS = os.path.join(REPO, "experiments")
+QWEN3_VL_TINY = os.path.join(HF_FIXTURES, "qwen3_vl_tiny")  # with reference.npz
+
+
+def reference_outputs(checkpoint_dir: str) -> dict:
+  """A fixture checkpoint's reference.npz (the Hugging Face implementation's outputs) as a
+  dict of numpy arrays."""
+  import numpy as np
+  with np.load(os.path.join(checkpoint_dir, "reference.npz")) as data:
+    return dict(data)

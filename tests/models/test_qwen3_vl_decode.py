@@ -1,6 +1,5 @@
 """Sampling Qwen3-VL with the shared decoder's KV cache, on the committed tiny random
 checkpoint (tests/fixtures/hf/qwen3_vl_tiny) and its reference prompt batches."""
-import os
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +10,7 @@ import paths
 from copd_jax import sampling
 from copd_jax.models import decoder, qwen3_vl, qwen3_vl_decode, qwen3_vl_import
 
-FIXTURE = os.path.join(paths.TESTS, "fixtures", "hf", "qwen3_vl_tiny")
+FIXTURE = paths.QWEN3_VL_TINY
 IMAGE_PAD, VIDEO_PAD, STOP = 100, 101, 2
 
 
@@ -22,8 +21,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def ref():
-  with np.load(os.path.join(FIXTURE, "reference.npz")) as data:
-    return dict(data)
+  return paths.reference_outputs(FIXTURE)
 
 
 def image_batch(cfg, ref):

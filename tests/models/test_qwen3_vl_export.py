@@ -8,6 +8,8 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+
+import paths
 from test_qwen3_vl_import import FIXTURE, _logits
 
 from copd_jax.models import hf_checkpoint, qwen3_vl, qwen3_vl_export, qwen3_vl_import
@@ -20,8 +22,7 @@ def loaded():
 
 @pytest.fixture(scope="module")
 def ref():
-  with np.load(os.path.join(FIXTURE, "reference.npz")) as data:
-    return dict(data)
+  return paths.reference_outputs(FIXTURE)
 
 
 def _tensors(directory):

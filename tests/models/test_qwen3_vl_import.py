@@ -14,7 +14,7 @@ import paths
 from copd_jax.data import vision_preprocess as vp
 from copd_jax.models import qwen3_vl, qwen3_vl_config, qwen3_vl_import
 
-FIXTURE = os.path.join(paths.TESTS, "fixtures", "hf", "qwen3_vl_tiny")
+FIXTURE = paths.QWEN3_VL_TINY
 # The fixture's processor settings: patch 8, merge 2, temporal 2, mean = std = 0.5.
 PRE = vp.VisionPreprocessConfig(patch_size=8, merge_size=2, temporal_patch_size=2,
                                 min_pixels=64, max_pixels=1 << 20)
@@ -22,8 +22,7 @@ PRE = vp.VisionPreprocessConfig(patch_size=8, merge_size=2, temporal_patch_size=
 
 @pytest.fixture(scope="module")
 def ref():
-  with np.load(os.path.join(FIXTURE, "reference.npz")) as data:
-    return dict(data)
+  return paths.reference_outputs(FIXTURE)
 
 
 @pytest.fixture(scope="module")

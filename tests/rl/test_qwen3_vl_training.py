@@ -9,7 +9,6 @@ video + image prompt share one compiled update.
 
 The oracle for every log-prob is the whole-call forward (qwen3_vl.forward_hidden over the
 whole row, positions from get_rope_index), the path whose logits match transformers'."""
-import os
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,7 @@ from copd_jax.rl import (
 from copd_jax.rl import update as update_lib
 from tiny_model import one_device_run, update_traces
 
-FIXTURE = os.path.join(paths.TESTS, "fixtures", "hf", "qwen3_vl_tiny")
+FIXTURE = paths.QWEN3_VL_TINY
 IMAGE_PAD, VIDEO_PAD, STOP = 100, 101, 2
 P, G, NEW, BUDGET = 23, 2, 5, 64
 
@@ -42,8 +41,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def ref():
-  with np.load(os.path.join(FIXTURE, "reference.npz")) as data:
-    return dict(data)
+  return paths.reference_outputs(FIXTURE)
 
 
 def _left_pad(ids, mask, length=P):
