@@ -74,17 +74,13 @@ def validate_model(m, prefix="model.") -> None:
           m.image_token_id)
 
 
-def validate_lora(m, prefix="model.", check_dims: bool = True) -> None:
-  """config.model.lora: rank >= 0, alpha > 0, known targets, and (check_dims) the rank at
-  most the smaller dimension of every target projection of config.model. A Hugging Face
-  checkpoint's own sizes are checked when its adapters are built (lora.init_adapters)."""
+def validate_lora_fits(spec: run_spec.RunSpec, model_fields) -> None:
+  """The LoRA rank at most the smaller dimension of every target projection of
+  config.model (rank, alpha and targets were checked when spec.lora was built). A Hugging
+  Face checkpoint's own sizes are checked when its adapters are built (lora.init_adapters)."""
   from copd_jax.models import lora
-  if m.get("lora", None) is None:
-    return
-  spec = lora.check_spec(m.lora.get("rank", 0), m.lora.get("alpha", 16.0),
-                         m.lora.get("targets", lora.DEFAULT_TARGETS), prefix=f"{prefix}lora.")
-  if check_dims:
-    lora.check_rank_fits(spec, lora.projection_dims(m), prefix=f"{prefix}lora.")
+  if spec.lora is not None and not spec.init.hf_checkpoint:
+    lora.check_rank_fits(spec.lora, lora.projection_dims(model_fields))
 
 
 def _check_lengths_fit_tasks(cfg, caps) -> None:
@@ -166,9 +162,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> run_spec.RunSpec:
     _fail("seed", "must be an integer", cfg.seed)
 
   validate_model(cfg.model)
-  validate_lora(cfg.model, check_dims=not cfg.init.get("hf_checkpoint", ""))
   validate_mesh(cfg)
-  spec = spec_of(cfg)  # each section's own checks (run_spec)
+  spec = spec_of(cfg)  # each section's own checks (run_spec), config.model.lora's included
+  validate_lora_fits(spec, cfg.model)
 
   caps = tuple(cfg.tasks.capabilities)
   if not caps:
