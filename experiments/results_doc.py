@@ -216,36 +216,43 @@ def interim_estimator_lines(data: dict) -> list[str]:
 
 
 def estimator_section(out_dir: str) -> list[str]:
-  """The OPD estimator ablation (ablation.json 'estimator', written by ablate.py)."""
+  """The OPD estimator ablation (ablation.json 'estimator', written by ablate.py): the final
+  comparison, or while seeds still train, the interim table and the seeds finished so far."""
   path = os.path.join(out_dir, "ablation.json")
   if not os.path.exists(path):
     return []
   with open(path) as f:
     data = json.load(f)
-  est = data.get("estimator")
-  if not est:
-    lines = interim_estimator_lines(data)
-    est = data.get("estimator_finished_seeds")
-    if not est:
-      return lines
-    lines += ["", f"Final evaluation of the seeds finished so far ({est['seeds']}; with one "
-              "seed the interval holds the item noise only):\n"]
-  else:
-    lines = []
+  if data.get("estimator"):
+    return _estimator_header(data) + _estimator_comparison(data["estimator"])
+  lines = interim_estimator_lines(data)
+  finished = data.get("estimator_finished_seeds")
+  if not finished:
+    return lines
+  lines = lines or ["## The OPD estimator: sampled token against top-k reverse KL (NOT FINISHED)\n"]
+  return lines + ["", f"Final evaluation of the seeds finished so far ({finished['seeds']}; with "
+                  "one seed the interval holds the item noise only):\n"] + _estimator_comparison(finished)
+
+
+def _estimator_header(data: dict) -> list[str]:
+  return ["## The OPD estimator: sampled token against top-k reverse KL\n",
+          "(`experiments/ablate.py --only estimator`, from `ablation.json`; seeds "
+          f"{data['seeds']}, {data['eval_examples_per_capability']} held-out items per "
+          "capability.) Merged CoPD, the reproduction's config except "
+          "`rl.opd.estimator`: the paper's OPD signal (the teacher's log-prob of the "
+          "sampled token, the reference run) against a reverse KL on the teacher's top 16 "
+          "tokens, renormalised (`top_k`, k = 16). Accuracy in points [95% interval]:\n"]
+
+
+def _estimator_comparison(est: dict) -> list[str]:
+  """Accuracy per estimator, then top-k - sampled token per capability with its test."""
   caps = [c for c in est["top_k_minus_sampled_token_points"] if c != "overall"]
-  lines += [] if lines else ["## The OPD estimator: sampled token against top-k reverse KL\n",
-           "(`experiments/ablate.py --only estimator`, from `ablation.json`; seeds "
-           f"{data['seeds']}, {data['eval_examples_per_capability']} held-out items per "
-           "capability.) Merged CoPD, the reproduction's config except "
-           "`rl.opd.estimator`: the paper's OPD signal (the teacher's log-prob of the "
-           "sampled token, the reference run) against a reverse KL on the teacher's top 16 "
-           "tokens, renormalised (`top_k`, k = 16). Accuracy in points [95% interval]:\n"]
-  lines += table({{"top_k": "top-k (k = 16)", "sampled_token": "sampled token (paper)"}[k]: v
-                  for k, v in est["accuracy_points"].items()}, [*caps, "overall"], "estimator")
+  names = {"top_k": "top-k (k = 16)", "sampled_token": "sampled token (paper)"}
+  lines = table({names[k]: v for k, v in est["accuracy_points"].items()}, [*caps, "overall"],
+                "estimator")
   lines += ["", f"top-k − sampled token, paired on items and seeds "
             f"({est['multiple_comparisons']}; the overall row is not in the family):\n"]
-  lines += test_rows({c: est["top_k_minus_sampled_token_points"][c] for c in [*caps, "overall"]})
-  return lines
+  return lines + test_rows({c: est["top_k_minus_sampled_token_points"][c] for c in [*caps, "overall"]})
 
 
 def diagnostics_section(out_dir: str) -> list[str]:
