@@ -149,6 +149,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> run_spec.RunSpec:
   """Raises ValueError naming the first invalid field of a run config; returns its RunSpec
   (whose sections check their own fields in __post_init__; the checks across sections,
   and against files and this machine, are here)."""
+  check_required_paths(cfg)
   for field, value in _nonfinite_fields(cfg, ""):  # inf / NaN are never a setting
     _fail(field, "must be a finite number", value)
   if not isinstance(cfg.workdir, str) or not cfg.workdir.strip():
@@ -217,8 +218,28 @@ def validate_config(cfg: ml_collections.ConfigDict) -> run_spec.RunSpec:
   return spec
 
 
+def without_unset_paths(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of cfg where the required paths still unset (unset_required_paths) read as
+  none given: no checkpoint (""), no record files for that domain."""
+  unset = unset_required_paths(cfg)
+  if not unset:
+    return cfg
+  cfg = cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    for field in unset:
+      section, name, *key = field.split(".")
+      if key:
+        del cfg[section][name][key[0]]
+      else:
+        cfg[section][name] = ""
+  return cfg
+
+
 def spec_of(cfg: ml_collections.ConfigDict) -> run_spec.RunSpec:
-  """The RunSpec of cfg, unchecked (build checks first). Errors name the field."""
+  """The RunSpec of cfg, unchecked (build checks first). Errors name the field. A real
+  config's unset checkpoint and record files read as none given (without_unset_paths):
+  the pod compile and the memory figures need neither."""
+  cfg = without_unset_paths(cfg)
   fields = cfg.to_dict()
   return dataclasses.replace(run_spec.from_dict(run_spec.RunSpec, fields),
                              config_json=json.loads(cfg.to_json_best_effort()))
@@ -269,50 +290,35 @@ def _check_record_files(cfg, field: str, caps) -> None:
             paths)
 
 
-FIXTURE_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "tests", "fixtures")
+# The path fields a real config leaves unset (default_config.required_path): None until
+# given on the command line or by the tests.
+REQUIRED_PATH_FIELDS = ("init.hf_checkpoint", "data.train_files", "data.eval_files")
 
 
-def is_test_fixture(path: str) -> bool:
-  """True for a path inside the repository's committed test fixtures (tests/fixtures/)."""
-  if not isinstance(path, str) or not path:
-    return False
-  real = os.path.realpath(path)
-  root = os.path.realpath(FIXTURE_ROOT)
-  return real == root or real.startswith(root + os.sep)
-
-
-def _fixture_entries(cfg) -> list[tuple[str, str]]:
-  """(field, path) of every tokenizer / record-file setting that points at a fixture."""
+def unset_required_paths(cfg) -> list[str]:
+  """The dotted fields among REQUIRED_PATH_FIELDS (each entry of a files mapping) that are
+  still unset (None), in that order."""
   out = []
-  if is_test_fixture(cfg.init.get("hf_tokenizer", "")):
-    out.append(("init.hf_tokenizer", cfg.init.hf_tokenizer))
-  for field in ("train_files", "eval_files"):
-    for cap, paths in cfg.data[field].items():
-      items = paths.split(",") if isinstance(paths, str) else list(paths)
-      out += [(f"data.{field}.{cap}", p.strip()) for p in items
-              if isinstance(p, str) and is_test_fixture(p.strip())]
-  for name, source in dict(cfg.data.get("sources", {})).items():
-    paths = source.get("path") or source.get("dataset") or ""
-    items = paths.split(",") if isinstance(paths, str) else list(paths)
-    out += [(f"data.sources.{name}", p.strip()) for p in items
-            if isinstance(p, str) and is_test_fixture(p.strip())]
+  for field in REQUIRED_PATH_FIELDS:
+    section, name = field.split(".")
+    value = cfg[section].get(name, "")
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      out += [f"{field}.{key}" for key, path in value.items() if path is None]
+    elif value is None:
+      out.append(field)
   return out
 
 
-def check_no_fixture_defaults(cfg) -> None:
-  """A real checkpoint (outside tests/fixtures/) must not run with the committed test
-  fixtures' tokenizer or records, which configs/hf_copd.py uses as defaults so that it runs
-  anywhere: a left-over default would silently train with a 330-token tokenizer or on
-  fixture records. The error names the field still pointing at the fixture."""
-  if is_test_fixture(cfg.init.hf_checkpoint):
-    return
-  for field, path in _fixture_entries(cfg):
-    hint = ("set it to the checkpoint's tokenizer directory, or '' to read the tokenizer "
-            "from config.init.hf_checkpoint" if field == "init.hf_tokenizer"
-            else "set it to your data file on the command line")
-    _fail(field, f"points at the committed test fixture while config.init.hf_checkpoint="
-          f"{cfg.init.hf_checkpoint!r} is a real checkpoint; {hint}", path)
+def check_required_paths(cfg) -> None:
+  """A real config (configs/hf_*.py, configs/pod_4b*.py) names no checkpoint or record
+  files of its own: each must be given. The error names the first field still unset."""
+  unset = unset_required_paths(cfg)
+  if unset:
+    what = ("a local Hugging Face checkpoint directory" if unset[0] == "init.hf_checkpoint"
+            else "record files (JSONL / Parquet / a saved dataset; comma-separated or a glob)")
+    _fail(unset[0], f"is required: this config trains a real checkpoint on your data; set "
+          f"--config.{unset[0]}=<{what}>" + (f" (also unset: {', '.join(unset[1:])})"
+                                            if unset[1:] else ""), None)
 
 
 def validate_records_and_init(cfg: ml_collections.ConfigDict) -> bool:
@@ -329,7 +335,6 @@ def validate_records_and_init(cfg: ml_collections.ConfigDict) -> bool:
     tokenizer_dir = cfg.init.get("hf_tokenizer", "") or checkpoint_dir
     field = "init.hf_tokenizer" if cfg.init.get("hf_tokenizer", "") else "init.hf_checkpoint"
     _check_dir_with(field, tokenizer_dir, "tokenizer.json")
-    check_no_fixture_defaults(cfg)
   columns = cfg.data.get("columns", {})
   from copd_jax.data import records as datasets
   for name, column in columns.items():

@@ -6,6 +6,7 @@ same thing in every method and ablating one is a command-line override.
 import os
 
 import ml_collections
+from ml_collections import config_dict
 
 CAPABILITIES = ("text", "image", "video")
 PRESETS = ("toy", "micro", "demo")
@@ -320,23 +321,35 @@ def demo_settings(c: ml_collections.ConfigDict, method: str) -> None:
   c.log.completions = 0
 
 
-def checkpoint_config(domains: tuple[str, ...], preset: str, *, checkpoint: str,
-                      tokenizer: str, files: dict, workdir: str,
+def required_path() -> config_dict.FieldReference:
+  """A path a real run must be given (--config.<field>=...): None until set, so that
+  config_lib.build fails naming the field (check_required_paths) instead of running on a
+  default. Lowering-only tools (config_lib.spec_of) read it as unset (no checkpoint)."""
+  return config_dict.placeholder(str)
+
+
+def require_paths(c: ml_collections.ConfigDict, domains) -> None:
+  """c's checkpoint and every domain's train / eval record files set to required_path()."""
+  c.init.hf_checkpoint = required_path()
+  c.data.train_files = {d: required_path() for d in domains}
+  c.data.eval_files = {d: required_path() for d in domains}
+
+
+def checkpoint_config(domains: tuple[str, ...], preset: str, *, workdir: str,
                       max_prompt_len: int, max_response_len: int) -> ml_collections.ConfigDict:
   """CoPD from a Hugging Face checkpoint on record files, one branch per domain, the
   first domain the hub (configs/hf_copd.py, configs/hf_vl_copd.py).
 
-  files: domain -> (train path, eval path); a domain without an entry gets empty paths
-  that must be set on the command line. preset 'micro': a tiny run (2 held-out items,
-  8 new tokens, a learning rate that moves a random fixture)."""
+  The checkpoint and every domain's train / eval files are required (require_paths);
+  the tokenizer defaults to the checkpoint's own ("" = its tokenizer files). preset
+  'micro': a tiny run (2 held-out items, 8 new tokens, a learning rate that moves a
+  random fixture)."""
   c = get("copd", preset)
   c.workdir = workdir + ("_micro" if preset == "micro" else "")
-  c.init.hf_checkpoint = checkpoint
-  c.init.hf_tokenizer = tokenizer  # "" = the checkpoint directory's tokenizer files
+  c.init.hf_tokenizer = ""  # "" = the checkpoint directory's tokenizer files
   c.tasks.capabilities = domains
   c.tasks.difficulty = {}  # the procedural suite's knob; unused with record files
-  c.data.train_files = {d: files.get(d, ("", ""))[0] for d in domains}
-  c.data.eval_files = {d: files.get(d, ("", ""))[1] for d in domains}
+  require_paths(c, domains)
   c.data.max_prompt_len = max_prompt_len
   c.data.max_response_len = max_response_len
   c.sampling.max_new_tokens = max_response_len

@@ -49,3 +49,15 @@ def inject_fixtures(cfg, config_name: str):
 def fixture_flags(config_name: str, domains) -> list[str]:
   """fixture_overrides as --config.<field>=value command-line flags."""
   return [f"--config.{k}={v}" for k, v in fixture_overrides(config_name, domains).items()]
+
+
+def load(config_name: str, arg: str | None = None):
+  """configs/<config_name>.py's config (get_config(arg); no argument when arg is None)
+  with its fixtures injected."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      config_name, os.path.join(paths.REPO, "configs", f"{config_name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return inject_fixtures(module.get_config() if arg is None else module.get_config(arg),
+                         config_name)

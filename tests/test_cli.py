@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+import fixture_configs
 import paths
 from copd_jax import cli, config_lib, default_config, run_dir
 
@@ -26,10 +27,8 @@ QWEN3_4B_CONFIG = {
 
 
 def hf_config(arg="micro"):
-  spec = importlib.util.spec_from_file_location("hf_copd", os.path.join(REPO, "configs", "hf_copd.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """configs/hf_copd.py:<arg> on the committed fixtures."""
+  return fixture_configs.load("hf_copd", arg)
 
 
 def real_checkpoint(tmp_path, with_tokenizer=False) -> str:
@@ -52,37 +51,48 @@ def user_data(tmp_path) -> dict:
   return out
 
 
-# ------------------------------------------------------------- 1. fixture defaults
+# ----------------------------------------------------- 1. real configs require paths
+
+# The real configs (a checkpoint trained on record files) and their domains.
+REAL_CONFIGS = {"hf_copd": ("math", "science"), "hf_vl_copd": ("math", "chart", "clip"),
+                "pod_4b": ("text", "image", "video"), "pod_4b_v5e": ("text", "image", "video")}
 
 
-def test_real_checkpoint_with_the_fixture_tokenizer_is_an_error(tmp_path):
-  cfg = hf_config()
-  cfg.init.hf_checkpoint = real_checkpoint(tmp_path)
-  with pytest.raises(ValueError, match=r"config\.init\.hf_tokenizer points at the committed "
-                                       r"test fixture while config\.init\.hf_checkpoint="):
-    config_lib.validate_config(cfg)
+@pytest.mark.parametrize("name", sorted(REAL_CONFIGS))
+def test_a_real_config_without_its_paths_fails_naming_the_field(name):
+  cfg = cli.load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
+  with pytest.raises(ValueError, match=r"config\.init\.hf_checkpoint is required: .*"
+                                       r"--config\.init\.hf_checkpoint="):
+    config_lib.build(cfg)
+  cfg.init.hf_checkpoint = "/data/checkpoint"  # given: the next unset field is named
+  first = sorted(REAL_CONFIGS[name])[0]
+  with pytest.raises(ValueError, match=rf"config\.data\.train_files\.{first} is required"):
+    config_lib.build(cfg)
+  for domain in REAL_CONFIGS[name]:
+    cfg.data.train_files[domain] = cfg.data.eval_files[domain] = "/data/records.jsonl"
+  cfg.data.eval_files[first] = None  # one left: still named
+  with pytest.raises(ValueError, match=rf"config\.data\.eval_files\.{first} is required"):
+    config_lib.build(cfg)
 
 
-def test_real_checkpoint_with_a_fixture_record_file_left_over_is_an_error(tmp_path):
-  cfg = hf_config()
+def test_the_cli_names_the_unset_checkpoint_and_starts_nothing(tmp_path):
+  result = main_cli(f"--config={REPO}/configs/hf_copd.py:micro", "--dry_run", cwd=tmp_path)
+  assert result.returncode == 1
+  assert "error: config.init.hf_checkpoint is required" in result.stderr
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_real_checkpoint_on_the_users_files_validates(tmp_path):
+  cfg = cli.load_config_file(os.path.join(REPO, "configs", "hf_copd.py:micro"))
   cfg.init.hf_checkpoint = real_checkpoint(tmp_path, with_tokenizer=True)
-  cfg.init.hf_tokenizer = ""  # the checkpoint's own tokenizer
   files = user_data(tmp_path)
-  cfg.data.train_files.math = files["math_train.jsonl"]
-  cfg.data.eval_files.math = files["math_eval.jsonl"]
-  cfg.data.train_files.science = files["science_train.parquet"]
-  # data.eval_files.science is left at its default: the fixture file.
-  with pytest.raises(ValueError, match=r"config\.data\.eval_files\.science points at the "
-                                       r"committed test fixture"):
-    config_lib.validate_config(cfg)
-  cfg.data.eval_files.science = files["science_eval.parquet"]
-  config_lib.validate_config(cfg)  # every path is the user's: valid
-
-
-def test_the_fixture_checkpoint_still_runs_on_fixtures():
-  cfg = hf_config()
-  assert config_lib.is_test_fixture(cfg.init.hf_checkpoint)  # the committed demo path ...
-  config_lib.validate_config(cfg)  # ... is valid: fixture data beside a fixture checkpoint
+  for domain, train, held_out in (("math", "math_train.jsonl", "math_eval.jsonl"),
+                                  ("science", "science_train.parquet", "science_eval.parquet")):
+    cfg.data.train_files[domain], cfg.data.eval_files[domain] = files[train], files[held_out]
+  spec = config_lib.build(cfg)  # the tokenizer from the checkpoint directory (hf_tokenizer='')
+  assert spec.init.hf_checkpoint == cfg.init.hf_checkpoint and spec.init.hf_tokenizer == ""
+  assert spec.data.eval_files == {"math": files["math_eval.jsonl"],
+                                  "science": files["science_eval.parquet"]}
 
 
 # --------------------------------------------------------------- 2. RL sampling
