@@ -8,6 +8,8 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from copd_jax.run_spec import METHODS  # noqa: F401 (the methods a config may name)
+
 CAPABILITIES = ("text", "image", "video")
 PRESETS = ("toy", "micro", "demo")
 # The toy base policy the committed results start from (docs/toy_testbed.md).
@@ -203,7 +205,6 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
   return c
 
 
-METHODS = ("base", "experts", "mixed_rlvr", "static_opd", "mopd", "copd")
 
 
 def rl_section(preset: str) -> ml_collections.ConfigDict:

@@ -1,18 +1,19 @@
 """Issue 15 items 1-4: no silent fixture defaults or sampling mismatches, run names, and the
 command line (--help, --dry_run, one-line errors, comma capability lists)."""
-import importlib.util
+import dataclasses
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import typing
 
 import pytest
 
 import fixture_configs
 import paths
-from copd_jax import cli, config_lib, default_config, run_dir
+from copd_jax import cli, config_lib, default_config, run_dir, run_spec
 
 REPO = paths.REPO
 FIXTURE_TOKENIZER = os.path.join(paths.FIXTURES, "hf", "qwen3_tiny", "tokenizer")
@@ -166,12 +167,75 @@ def test_help_lists_the_config_fields_with_defaults_and_meanings(tmp_path):
 
 
 def test_every_shipped_config_field_has_a_meaning():
-  for name in ("base", "copd", "hf_copd", "pod_4b"):
+  """--help's meanings are the RunSpec dataclasses' field docs: every field of every
+  shipped config has one."""
+  names = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py"))
+  for name in names:
     cfg = cli.load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
     flat = run_dir.flatten(cli.as_json(cfg))
-    from copd_jax import config_help
-    missing = [k for k in flat if not config_help.field_help(k)]
-    assert missing == [], f"configs/{name}.py fields without --help text: {missing}"
+    missing = [k for k in flat if not run_spec.field_doc(k)]
+    assert missing == [], f"configs/{name}.py fields without a doc in copd_jax/run_spec.py: {missing}"
+
+
+def _library_fields(cls, dotted: str) -> bool:
+  """Whether `dotted` ('vision.width') names a field of dataclass cls, or inside one."""
+  for part in dotted.split("."):
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    if part not in fields:
+      return False
+    hint = typing.get_type_hints(cls).get(part)
+    cls = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)
+  return True
+
+
+def stale_subfield_docs() -> list[str]:
+  """`fields=` docs of the library-type sections naming no field of the library class."""
+  from copd_jax import losses, kernels
+  from copd_jax.models import lora, model_config
+  from copd_jax.rl import schedules
+  library = {"model": model_config.ModelConfig, "model.lora": lora.LoraSpec,
+             "rl.loss": losses.PolicyLossConfig, "rl.kernel": kernels.KernelConfig,
+             "rl.opd.schedule": schedules.OPDSchedule}
+  docs = run_spec.field_docs()
+  out = []
+  for key in set(docs) - set(library):  # a section itself (model.lora) is RunSpec's own
+    owner = max((p for p in library if key.startswith(p + ".")), key=len, default=None)
+    if owner and not _library_fields(library[owner], key[len(owner) + 1:]):
+      out.append(key)
+  return out
+
+
+def test_every_run_spec_field_has_a_doc_and_no_doc_is_stale():
+  docs = run_spec.field_docs()
+  assert [k for k, meaning in docs.items() if not meaning] == []
+  assert {"rl.opd.beta", "model.vision.width", "model.lora.rank", "rl.loss.eps_low"} <= set(docs)
+  assert stale_subfield_docs() == []
+
+
+def test_a_field_without_a_doc_or_a_stale_doc_is_found():
+  from copd_jax import spec_fields
+
+  @dataclasses.dataclass(frozen=True, kw_only=True)
+  class Planted:
+    documented: int = spec_fields.doc("has a meaning", 1)
+    undocumented: int = 2  # declared without spec_fields.doc
+  assert run_spec.field_docs(Planted, "x.") == {"x.documented": "has a meaning",
+                                                "x.undocumented": ""}
+  from copd_jax.models import model_config
+  assert _library_fields(model_config.ModelConfig, "vision.width")
+  assert not _library_fields(model_config.ModelConfig, "vision.wdith")
+  with pytest.raises(ValueError, match="needs a one-line meaning"):
+    spec_fields.doc("  ")
+
+
+def test_help_lines_read_the_dataclass_docs():
+  [beta] = [f for f in dataclasses.fields(run_spec.OPDSpec) if f.name == "beta"]
+  [line] = cli.describe_fields({"rl.opd.beta": 1.0})
+  assert line.split("  ")[-1].strip() == beta.metadata["doc"] == "OPD rate of every branch"
+  # A dict field's entries read their field's doc; a library section's fields its fields= doc.
+  assert run_spec.field_doc("tasks.difficulty.text") == run_spec.field_docs()["tasks.difficulty"]
+  assert run_spec.field_doc("model.vision.width") == "ViT width"
+  assert run_spec.field_doc("no_such.field") == ""
 
 
 def test_dry_run_validates_prints_the_resolved_config_and_writes_nothing(tmp_path):
