@@ -571,12 +571,13 @@ def _run_field_docs() -> dict[str, str]:
 
 
 def field_doc(dotted: str) -> str:
-  """The meaning of a dotted config field: its own doc, or that of its longest documented
-  prefix (`tasks.difficulty.text` reads `tasks.difficulty`'s); '' when none."""
+  """The meaning of a dotted config field: its own doc, or, for an entry of a mapping field
+  (`tasks.difficulty.text`), that field's; '' when none (a declared field without a doc
+  reads '', never its section's)."""
   docs = _run_field_docs()
   parts = dotted.split(".")
   for n in range(len(parts), 0, -1):
-    meaning = docs.get(".".join(parts[:n]))
-    if meaning:
-      return meaning
+    key = ".".join(parts[:n])
+    if key in docs:
+      return docs[key]
   return ""
