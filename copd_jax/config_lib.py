@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from copd_jax import run_spec, spec_fields
-from copd_jax.data import examples, toy_tasks
+from copd_jax.data import toy_tasks
 from copd_jax.models.model_config import ATTENTION_KERNELS
 
 from copd_jax.models.model_config import COMPUTE_DTYPES
@@ -140,9 +140,11 @@ def validate_chat(spec: run_spec.RunSpec) -> None:
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> run_spec.RunSpec:
-  """Raises ValueError naming the first invalid field of a run config; returns its RunSpec
-  (whose sections check their own fields in __post_init__; the checks across sections,
-  and against files and this machine, are here)."""
+  """Raises ValueError naming the first invalid field of a run config; returns its RunSpec.
+  The RunSpec's dataclasses check their fields and most checks across sections
+  (__post_init__); here: unset required paths, non-finite values and the model fields
+  before anything is built, and the checks against the procedural suite, files and this
+  machine."""
   check_required_paths(cfg)
   for field, value in _nonfinite_fields(cfg, ""):  # inf / NaN are never a setting
     _fail(field, "must be a finite number", value)
@@ -317,7 +319,6 @@ def validate_records_and_init(cfg: ml_collections.ConfigDict) -> bool:
     if not checkpoint_dir:
       _fail("data.sources", "needs config.init.hf_checkpoint (a model and tokenizer for "
             "the records; the toy base only knows the procedural suite)", sorted(cfg.data.sources))
-    _check_domain_names(caps)
     _check_sources(sources_lib.all_sources(cfg.data), caps)
     _check_reader(cfg)
     return True
@@ -328,18 +329,10 @@ def validate_records_and_init(cfg: ml_collections.ConfigDict) -> bool:
   if not checkpoint_dir:
     _fail("data.train_files", "needs config.init.hf_checkpoint (a model and tokenizer for "
           "the records; the toy base only knows the procedural suite)", dict(cfg.data.train_files))
-  _check_domain_names(caps)
   _check_record_files(cfg, "train_files", caps)
   _check_record_files(cfg, "eval_files", caps)
   _check_reader(cfg)
   return True
-
-
-def _check_domain_names(caps) -> None:
-  for cap in caps:
-    if not examples.is_domain_name(cap):
-      _fail("tasks.capabilities", f"has {cap!r}; with record files (config.data.train_files "
-            "or sources) capabilities are domain names: [a-z][a-z0-9_]*", caps)
 
 
 def _check_reader(cfg) -> None:

@@ -427,6 +427,13 @@ class RunSpec:
            self.num_experts)
     if not isinstance(self.seed, numbers.Integral):
       fail("seed", "must be an integer", self.seed)
+    if self.data.train_files or self.data.sources:  # record files: domains, not task names
+      from copd_jax.data import examples
+      caps = self.tasks.capabilities
+      for cap in caps:
+        if not examples.is_domain_name(cap):
+          fail("tasks.capabilities", f"has {cap!r}; with record files (config.data."
+               "train_files or sources) capabilities are domain names: [a-z][a-z0-9_]*", caps)
     if self.method != "base":
       if self.rl is None:
         fail("rl", f"section is required for method {self.method!r}", None)
