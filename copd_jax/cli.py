@@ -237,6 +237,16 @@ def _wants_help(argv) -> bool:
   return any(a in HELP_FLAGS for a in argv[1:])
 
 
+class _Required:
+  """The value --help shows for a path a real config requires and nobody set yet."""
+
+  def __repr__(self) -> str:
+    return "<required>"
+
+
+REQUIRED = _Required()
+
+
 def describe_fields(flat) -> list[str]:
   """'  field = default    meaning' lines for a flattened config (run_dir.flatten); the
   meanings are the RunSpec dataclasses' field docs (run_spec.field_doc)."""
@@ -263,6 +273,9 @@ def help_text(argv, doc: str, modules) -> str:
     spec = config_flags.get_config_filename(flags.FLAGS["config"])
     lines += [f"Config fields of --config={spec} (override with --config.<field>=value):"]
     flat = run_dir.flatten(as_json(cfg))
+    from copd_jax import config_lib
+    for field in config_lib.unset_required_paths(cfg):  # a real config's unset paths
+      flat[field] = REQUIRED
     shown = {k: v for k, v in flat.items() if applies(k, cfg)}
     lines += describe_fields(shown)
     if len(shown) < len(flat):

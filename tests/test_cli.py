@@ -81,6 +81,11 @@ def test_the_cli_names_the_unset_checkpoint_and_starts_nothing(tmp_path):
   assert result.returncode == 1
   assert "error: config.init.hf_checkpoint is required" in result.stderr
   assert os.listdir(tmp_path) == []
+  shown = main_cli(f"--config={REPO}/configs/hf_copd.py:micro", "--help", cwd=tmp_path)
+  assert shown.returncode == 0, shown.stderr[-2000:]
+  required = {l.split(" = ")[0].strip() for l in shown.stdout.splitlines() if " = <required>" in l}
+  assert required == {"init.hf_checkpoint", "data.train_files.math", "data.eval_files.math",
+                      "data.train_files.science", "data.eval_files.science"}
 
 
 def test_a_real_checkpoint_on_the_users_files_validates(tmp_path):
