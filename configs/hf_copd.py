@@ -3,8 +3,9 @@
 The branches start from the checkpoint's weights (no SFT warm-start), read prompts from
 `data.train_files` (one entry per domain), are scored by each record's verifier (math /
 choice / exact / integer, copd_jax/data/verifiers.py), and are evaluated on `data.eval_files`.
-By default every path points at the committed tiny fixtures (a 2-layer random Qwen3 and a
-few records), so the command runs anywhere. A real run, from the repository root:
+The checkpoint and every domain's train and eval files are required: left unset, the run
+stops at once with an error naming the field (the tests point them at the committed tiny
+fixtures, tests/fixture_configs.py). A real run, from the repository root:
 
     python -m copd_jax.main --config=configs/hf_copd.py \
       --config.init.hf_checkpoint=/path/Qwen3-4B \
@@ -19,9 +20,10 @@ few records), so the command runs anywhere. A real run, from the repository root
 
 The config argument picks the domains (one CoPD branch each; the first is the hub) and,
 with `micro`, a tiny preset that runs in seconds: `configs/hf_copd.py:math,science,micro`.
-The default is `math,science`. Domains without fixture files start with empty paths that
-must be set on the command line. A file entry may be one path, comma-separated paths or
-a glob (`/data/shards/*.parquet`).
+The default is `math,science`. Every domain's files must be set on the command line
+(`--config.data.train_files.<domain>=...`). A file entry may be one path, comma-separated
+paths or a glob (`/data/shards/*.parquet`). The tokenizer defaults to the checkpoint's own
+(`config.init.hf_tokenizer=''`).
 
 Only config.model.dtype (the compute dtype), remat, attention_block and attention_kernel
 are read from config.model; the rest of the model comes from the checkpoint's config.json,
@@ -30,19 +32,7 @@ checkpoint's value. Prompts are chat-rendered by the
 tokenizer's template and must fit data.max_prompt_len (a longer record is an error that
 names its file and line).
 """
-import os
-
 from copd_jax import default_config
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURE_CHECKPOINT = os.path.join(_REPO, "tests", "fixtures", "hf", "qwen3_tiny", "untied_f32")
-FIXTURE_TOKENIZER = os.path.join(_REPO, "tests", "fixtures", "hf", "qwen3_tiny", "tokenizer")
-_DATA = os.path.join(_REPO, "tests", "fixtures", "data")
-FIXTURE_FILES = {
-    "math": (os.path.join(_DATA, "math_train.jsonl"), os.path.join(_DATA, "math_eval.jsonl")),
-    "science": (os.path.join(_DATA, "science_train.parquet"),
-                os.path.join(_DATA, "science_eval.parquet")),
-}
 
 
 def _parse_arg(arg: str) -> tuple[tuple[str, ...], str]:
@@ -55,5 +45,4 @@ def _parse_arg(arg: str) -> tuple[tuple[str, ...], str]:
 def get_config(arg: str = ""):
   domains, preset = _parse_arg(arg)
   return default_config.checkpoint_config(
-      domains, preset, checkpoint=FIXTURE_CHECKPOINT, tokenizer=FIXTURE_TOKENIZER,
-      files=FIXTURE_FILES, workdir="runs/hf_copd", max_prompt_len=64, max_response_len=32)
+      domains, preset, workdir="runs/hf_copd", max_prompt_len=64, max_response_len=32)

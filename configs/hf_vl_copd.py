@@ -6,9 +6,9 @@ number, any sizes) or `video_frames` with `video_fps`. Prompts are built with th
 checkpoint's own chat template and its preprocessor_config.json /
 video_preprocessor_config.json, and each prompt's media are padded to
 `data.vision_budget` patches (0 = the most any record needs), so a step compiles once
-for any mix of image sizes, videos and text. By default every path points at the
-committed tiny fixtures (a 2-layer random Qwen3-VL, a few records per domain; train and
-held-out files are the same few records there), so the command runs anywhere.
+for any mix of image sizes, videos and text. The checkpoint and every domain's train and
+eval files are required: left unset, the run stops at once with an error naming the field
+(the tests point them at the committed tiny fixtures, tests/fixture_configs.py).
 A real run, from the repository root:
 
     python -m copd_jax.main --config=configs/hf_vl_copd.py \
@@ -25,20 +25,10 @@ A real run, from the repository root:
 
 The config argument names the domains, text first (it is the hub), with `micro` for a
 preset that runs in a few minutes on a CPU: `configs/hf_vl_copd.py:math,chart,clip,micro`.
-The default is `math,chart,clip`. Domains without fixture files start with empty paths
-that must be set on the command line. Only config.model.dtype and the execution settings
+The default is `math,chart,clip`. Every domain's files must be set on the command line. Only config.model.dtype and the execution settings
 (remat, attention) are read from config.model; the rest comes from the checkpoint.
 """
-import os
-
 from copd_jax import default_config
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURE_CHECKPOINT = os.path.join(_REPO, "tests", "fixtures", "hf", "qwen3_vl_run")
-_DATA = os.path.join(_REPO, "tests", "fixtures", "data", "vl")
-# The fixture has a few records per domain: train and held-out files are the same.
-FIXTURE_FILES = {d: (os.path.join(_DATA, f"{kind}.jsonl"),) * 2
-                 for d, kind in (("math", "text"), ("chart", "image"), ("clip", "video"))}
 
 
 def _parse_arg(arg: str) -> tuple[tuple[str, ...], str]:
@@ -51,7 +41,6 @@ def _parse_arg(arg: str) -> tuple[tuple[str, ...], str]:
 def get_config(arg: str = ""):
   domains, preset = _parse_arg(arg)
   c = default_config.checkpoint_config(
-      domains, preset, checkpoint=FIXTURE_CHECKPOINT, tokenizer="", files=FIXTURE_FILES,
-      workdir="runs/hf_vl_copd", max_prompt_len=96, max_response_len=16)
+      domains, preset, workdir="runs/hf_vl_copd", max_prompt_len=96, max_response_len=16)
   c.data.vision_budget = 0  # the most any record needs
   return c

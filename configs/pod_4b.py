@@ -9,8 +9,9 @@ heads of 128, MLP 9728, vocabulary 151936, tied embeddings, interleaved MRoPE (2
 patches, 2 frames per temporal patch, 2 x 2 spatial merge into the decoder's 2560,
 deepstack features from blocks 5, 11 and 17. Each prompt's media are padded to 2048
 patches (512 vision tokens after the merge) inside its 1024 prompt tokens. A real run
-points config.init.hf_checkpoint at the checkpoint (the architecture is then read from
-it) and config.data.train_files / eval_files at record files; the pod compile
+must set config.init.hf_checkpoint to the checkpoint (the architecture is then read from
+it) and config.data.train_files / eval_files (text, image, video) to record files: left
+unset, a run stops at once with an error naming the field. The pod compile
 (`python experiments/compile_tpu.py --config=configs/pod_4b.py`) needs neither: it reads
 the architecture from config.pod.qwen3_vl and allocates nothing.
 
@@ -64,6 +65,9 @@ def pod_config(*, tpu: str, topology: str, num_chips: int, hbm_gib: int, mesh: d
   gradients accumulated over micro-batches of `micro_batch_rows` rows per branch."""
   c = default_config.get("copd", "toy")
   c.workdir = workdir
+  # A real run trains the checkpoint on record files: both required (the pod compile and
+  # the memory figures read neither, config_lib.spec_of).
+  default_config.require_paths(c, c.rl.capabilities)
   c.model.update(QWEN3_4B)
   c.pod = ml_collections.ConfigDict(dict(
       tpu=tpu, topology=topology, num_chips=num_chips, hbm_bytes_per_chip=hbm_gib * 2**30,

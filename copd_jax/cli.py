@@ -1,7 +1,8 @@
 """The command-line conventions every copd_jax entry point shares (absl flags).
 
 * `--help` / `--helpfull`: the module's usage, then (with `--config=...`) every config field
-  with its default and one-line meaning (copd_jax/config_help.py), then the flags; exit 0.
+  with its default and one-line meaning (the RunSpec dataclasses' field docs,
+  run_spec.field_doc), then the flags; exit 0.
 * A bad value prints one line `error: ...` naming the field and exits 1; `--traceback`
   shows the full traceback instead.
 * `--config.rl.capabilities=text,image` is a tuple of capabilities; `num_experts`, the
@@ -18,8 +19,6 @@ from typing import Any, Callable
 
 import ml_collections
 from absl import app, flags
-
-from copd_jax.config_help import CHECKPOINT_READ_MODEL_FIELDS, checkpoint_fixes
 
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback of an error "
                                "instead of one line.")
@@ -89,6 +88,36 @@ def derive_from_capabilities(cfg: ml_collections.ConfigDict, overridden) -> None
 
 
 # ------------------------------------------------------- fields a checkpoint fixes
+
+# What config.model still sets when config.init.hf_checkpoint is the model: how to
+# compute (dtype, remat, attention), never the architecture.
+CHECKPOINT_READ_MODEL_FIELDS = ("dtype", "remat", "attention_block", "attention_kernel", "lora")
+# With a checkpoint, the checkpoint is the base: no SFT warm-start, and the procedural
+# suite's difficulty knob is unused (the data are record files).
+UNUSED_WITH_CHECKPOINT = ("warm_start", "tasks.difficulty")
+
+
+def checkpoint_fixes(field: str) -> bool:
+  """True for a config.model field that a Hugging Face checkpoint's config.json decides."""
+  parts = field.split(".")
+  return parts[0] == "model" and len(parts) > 1 and parts[1] not in CHECKPOINT_READ_MODEL_FIELDS
+
+
+def starts_from_checkpoint(cfg: ml_collections.ConfigDict) -> bool:
+  """Whether cfg's base is a Hugging Face checkpoint: one is given, or required (a real
+  config's unset placeholder, None)."""
+  return "init" in cfg and cfg.init.get("hf_checkpoint", "") != ""
+
+
+def applies(field: str, cfg: ml_collections.ConfigDict) -> bool:
+  """Whether a dotted field does anything in this config: with a Hugging Face checkpoint,
+  the model fields its config.json fixes (checkpoint_fixes), the SFT warm-start and the
+  procedural tasks' difficulty do not."""
+  if not starts_from_checkpoint(cfg):
+    return True
+  if checkpoint_fixes(field):
+    return False
+  return not any(field == p or field.startswith(p + ".") for p in UNUSED_WITH_CHECKPOINT)
 
 
 def checkpoint_value(checkpoint_dir: str, field: str) -> Any:
@@ -208,9 +237,28 @@ def _wants_help(argv) -> bool:
   return any(a in HELP_FLAGS for a in argv[1:])
 
 
+class _Required:
+  """The value --help shows for a path a real config requires and nobody set yet."""
+
+  def __repr__(self) -> str:
+    return "<required>"
+
+
+REQUIRED = _Required()
+
+
+def describe_fields(flat) -> list[str]:
+  """'  field = default    meaning' lines for a flattened config (run_dir.flatten); the
+  meanings are the RunSpec dataclasses' field docs (run_spec.field_doc)."""
+  from copd_jax import run_spec
+  width = min(max((len(f"{k} = {v!r}") for k, v in flat.items()), default=0), 44)
+  return [f"  {f'{k} = {v!r}':<{width}}  {run_spec.field_doc(k)}".rstrip()
+          for k, v in flat.items()]
+
+
 def help_text(argv, doc: str, modules) -> str:
   """Usage, the config's fields (when --config is given) and the flags of `modules`."""
-  from copd_jax import config_help, run_dir
+  from copd_jax import run_dir
   rest = [a for a in argv if a not in HELP_FLAGS]
   lines = [doc.strip(), ""]
   try:
@@ -225,8 +273,11 @@ def help_text(argv, doc: str, modules) -> str:
     spec = config_flags.get_config_filename(flags.FLAGS["config"])
     lines += [f"Config fields of --config={spec} (override with --config.<field>=value):"]
     flat = run_dir.flatten(as_json(cfg))
-    shown = config_help.applicable_fields(flat, cfg)
-    lines += config_help.describe_fields(shown)
+    from copd_jax import config_lib
+    for field in config_lib.unset_required_paths(cfg):  # a real config's unset paths
+      flat[field] = REQUIRED
+    shown = {k: v for k, v in flat.items() if applies(k, cfg)}
+    lines += describe_fields(shown)
     if len(shown) < len(flat):
       lines += [f"  ({len(flat) - len(shown)} fields that do nothing with config.init."
                 "hf_checkpoint are not listed: the checkpoint fixes the model's architecture, "

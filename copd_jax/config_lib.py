@@ -1,37 +1,38 @@
-"""Checks a run's ml_collections config before anything is built or compiled.
+"""Checks a run's ml_collections config and translates it into a RunSpec (build), before
+anything is built or compiled.
 
 Every error names the offending field (`config.warm_start.batch_size ...`), so a typo
-on the command line fails in a second rather than deep inside a jitted function.
+on the command line fails in a second rather than deep inside a jitted function. The
+RunSpec's dataclasses check their own fields and those across sections (run_spec,
+__post_init__); the checks here need the raw config (non-finite values, unset required
+paths, the model before it is built), files, or this machine.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import numbers
 import os
 import sys
 from typing import Any, Mapping
 
 import ml_collections
 
-from copd_jax import default_config, run_spec
-from copd_jax.data import examples, toy_tasks
+from copd_jax import run_spec, spec_fields
+from copd_jax.data import toy_tasks
 from copd_jax.models.model_config import ATTENTION_KERNELS
 
-KNOWN_METHODS = default_config.METHODS
-COMPUTE_DTYPES = ("float32", "bfloat16")
+from copd_jax.models.model_config import COMPUTE_DTYPES
 
-
-_fail = run_spec.fail
+_fail = spec_fields.fail
 
 
 def _positive_int(cfg: Mapping[str, Any], field: str, prefix: str, allow_zero=False) -> int:
-  return run_spec.check_int(f"{prefix}{field}", cfg[field], allow_zero)
+  return spec_fields.check_int(f"{prefix}{field}", cfg[field], allow_zero)
 
 
 def _positive_float(cfg, field: str, prefix: str, allow_zero=False) -> float:
-  return run_spec.check_float(f"{prefix}{field}", cfg[field], allow_zero)
+  return spec_fields.check_float(f"{prefix}{field}", cfg[field], allow_zero)
 
 
 def _check_capability_dict(d, field: str, capabilities) -> None:
@@ -128,97 +129,87 @@ def validate_reward(r: run_spec.RewardSpec) -> None:
         _wrap("reward.fns", lambda: math_verifier.load_plugin(fn.spec))
 
 
-def validate_chat(cfg: ml_collections.ConfigDict) -> None:
+def validate_chat(spec: run_spec.RunSpec) -> None:
   """config.data.system_prompt / chat_template_kwargs: only a checkpoint's tokenizer has a
-  chat template to pass them to."""
-  system = cfg.data.get("system_prompt", "")
-  kwargs = cfg.data.get("chat_template_kwargs", {})
-  if not isinstance(system, str):
-    _fail("data.system_prompt", "must be a string ('' = no system message)", system)
-  if not isinstance(kwargs, (dict, ml_collections.ConfigDict)) or not all(
-      isinstance(k, str) and k.isidentifier() for k in kwargs):
-    _fail("data.chat_template_kwargs", "must map keyword names to values, e.g. "
-          "{'enable_thinking': False}", kwargs)
-  if (system or kwargs) and not cfg.init.hf_checkpoint:
+  chat template to pass them to (DataSpec checks their types)."""
+  system, kwargs = spec.data.system_prompt, spec.data.chat_template_kwargs
+  if (system or kwargs) and not spec.init.hf_checkpoint:
     field = "data.system_prompt" if system else "data.chat_template_kwargs"
     _fail(field, "needs config.init.hf_checkpoint (a tokenizer with a chat template); the "
           "toy tokenizer renders no chat", system or dict(kwargs))
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> run_spec.RunSpec:
-  """Raises ValueError naming the first invalid field of a run config; returns its RunSpec
-  (whose sections check their own fields in __post_init__; the checks across sections,
-  and against files and this machine, are here)."""
+  """Raises ValueError naming the first invalid field of a run config; returns its RunSpec.
+  The RunSpec's dataclasses check their fields and most checks across sections
+  (__post_init__); here: unset required paths, non-finite values and the model fields
+  before anything is built, and the checks against the procedural suite, files and this
+  machine."""
+  check_required_paths(cfg)
   for field, value in _nonfinite_fields(cfg, ""):  # inf / NaN are never a setting
     _fail(field, "must be a finite number", value)
-  if not isinstance(cfg.workdir, str) or not cfg.workdir.strip():
-    _fail("workdir", "must be a non-empty directory path", cfg.workdir)
-  if cfg.method not in KNOWN_METHODS:
-    _fail("method", f"must be one of {KNOWN_METHODS}", cfg.method)
-  _positive_int(cfg, "num_experts", "")
-  if cfg.method in ("base", "mixed_rlvr") and cfg.num_experts != 1:
-    _fail("num_experts", f"must be 1 for method {cfg.method!r} (one policy)", cfg.num_experts)
-  if not isinstance(cfg.seed, numbers.Integral):
-    _fail("seed", "must be an integer", cfg.seed)
-
-  validate_model(cfg.model)
+  validate_model(cfg.model)  # before spec_of builds models.ModelConfig, which checks too
+  spec = spec_of(cfg)  # each section's checks and RunSpec's across them (run_spec)
   validate_mesh(cfg)
-  spec = spec_of(cfg)  # each section's own checks (run_spec), config.model.lora's included
   validate_lora_fits(spec, cfg.model)
 
   caps = tuple(cfg.tasks.capabilities)
-  if not caps:
-    _fail("tasks.capabilities", "must name at least one capability", caps)
   records = validate_records_and_init(cfg)
   for cap in caps:
     if not records and cap not in toy_tasks.FAMILIES:
       _fail("tasks.capabilities", f"has unknown task {cap!r}; known: {toy_tasks.FAMILY_NAMES} "
             "(other domain names need record files in config.data.train_files)", caps)
-  if len(set(caps)) != len(caps):
-    _fail("tasks.capabilities", "must not repeat a capability", caps)
   if not records:  # difficulty and the length bounds describe the procedural suite only
     _check_capability_dict(cfg.tasks.difficulty, "tasks.difficulty", caps)
     for cap in caps:
       if cap not in cfg.tasks.difficulty:
         _fail("tasks.difficulty", f"needs an entry for {cap!r}", dict(cfg.tasks.difficulty))
       _positive_int(cfg.tasks.difficulty, cap, "tasks.difficulty.", allow_zero=True)
+    _check_lengths_fit_tasks(cfg, caps)  # record prompts are measured at setup
 
-  if not records:  # record prompts are measured against the lengths at setup
-    _check_lengths_fit_tasks(cfg, caps)
-
-  ws = cfg.warm_start
-  if not cfg.init.hf_checkpoint:  # the SFT mix is unused when a checkpoint is the base
+  # After the tasks' lengths: a too short data.max_response_len is the error to fix first.
+  if spec.sampling.max_new_tokens > spec.data.max_response_len:
+    _fail("sampling.max_new_tokens", f"must not exceed data.max_response_len="
+          f"{spec.data.max_response_len}", spec.sampling.max_new_tokens)
+  ws = spec.warm_start
+  if not spec.init.hf_checkpoint:  # the SFT mix is unused when a checkpoint is the base
     _check_capability_dict(ws.mix, "warm_start.mix", caps)
-    for cap, w in ws.mix.items():
-      _positive_float(ws.mix, cap, "warm_start.mix.", allow_zero=True)
     if sum(ws.mix.values()) <= 0:
       _fail("warm_start.mix", "must give some capability a positive weight", dict(ws.mix))
     _check_capability_dict(ws.flaw_rate, "warm_start.flaw_rate", caps)
-    for cap, rate in ws.flaw_rate.items():
-      _positive_float(ws.flaw_rate, cap, "warm_start.flaw_rate.", allow_zero=True)
-      if rate > 1:
-        _fail(f"warm_start.flaw_rate.{cap}", "must be a fraction in [0, 1]", rate)
 
   validate_reward(spec.reward)
-  validate_chat(cfg)
+  validate_chat(spec)
   validate_log(spec.log)
 
-  s = spec.sampling
-  if s.max_new_tokens > cfg.data.max_response_len:
-    _fail("sampling.max_new_tokens", f"must not exceed data.max_response_len="
-          f"{cfg.data.max_response_len}", s.max_new_tokens)
-  if cfg.method != "base":
-    if spec.rl is None:
-      _fail("rl", f"section is required for method {cfg.method!r}", None)
-    validate_rl(spec)
   # Last: the sizes, once every field is known valid; an error names the field.
   from copd_jax import memory_budget
   memory_budget.check(cfg)
   return spec
 
 
+def without_unset_paths(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of cfg where the required paths still unset (unset_required_paths) read as
+  none given: no checkpoint (""), no record files for that domain."""
+  unset = unset_required_paths(cfg)
+  if not unset:
+    return cfg
+  cfg = cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    for field in unset:
+      section, name, *key = field.split(".")
+      if key:
+        del cfg[section][name][key[0]]
+      else:
+        cfg[section][name] = ""
+  return cfg
+
+
 def spec_of(cfg: ml_collections.ConfigDict) -> run_spec.RunSpec:
-  """The RunSpec of cfg, unchecked (build checks first). Errors name the field."""
+  """The RunSpec of cfg, unchecked (build checks first). Errors name the field. A real
+  config's unset checkpoint and record files read as none given (without_unset_paths):
+  the pod compile and the memory figures need neither."""
+  cfg = without_unset_paths(cfg)
   fields = cfg.to_dict()
   return dataclasses.replace(run_spec.from_dict(run_spec.RunSpec, fields),
                              config_json=json.loads(cfg.to_json_best_effort()))
@@ -269,50 +260,35 @@ def _check_record_files(cfg, field: str, caps) -> None:
             paths)
 
 
-FIXTURE_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "tests", "fixtures")
+# The path fields a real config leaves unset (default_config.required_path): None until
+# given on the command line or by the tests.
+REQUIRED_PATH_FIELDS = ("init.hf_checkpoint", "data.train_files", "data.eval_files")
 
 
-def is_test_fixture(path: str) -> bool:
-  """True for a path inside the repository's committed test fixtures (tests/fixtures/)."""
-  if not isinstance(path, str) or not path:
-    return False
-  real = os.path.realpath(path)
-  root = os.path.realpath(FIXTURE_ROOT)
-  return real == root or real.startswith(root + os.sep)
-
-
-def _fixture_entries(cfg) -> list[tuple[str, str]]:
-  """(field, path) of every tokenizer / record-file setting that points at a fixture."""
+def unset_required_paths(cfg) -> list[str]:
+  """The dotted fields among REQUIRED_PATH_FIELDS (each entry of a files mapping) that are
+  still unset (None), in that order."""
   out = []
-  if is_test_fixture(cfg.init.get("hf_tokenizer", "")):
-    out.append(("init.hf_tokenizer", cfg.init.hf_tokenizer))
-  for field in ("train_files", "eval_files"):
-    for cap, paths in cfg.data[field].items():
-      items = paths.split(",") if isinstance(paths, str) else list(paths)
-      out += [(f"data.{field}.{cap}", p.strip()) for p in items
-              if isinstance(p, str) and is_test_fixture(p.strip())]
-  for name, source in dict(cfg.data.get("sources", {})).items():
-    paths = source.get("path") or source.get("dataset") or ""
-    items = paths.split(",") if isinstance(paths, str) else list(paths)
-    out += [(f"data.sources.{name}", p.strip()) for p in items
-            if isinstance(p, str) and is_test_fixture(p.strip())]
+  for field in REQUIRED_PATH_FIELDS:
+    section, name = field.split(".")
+    value = cfg[section].get(name, "")
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      out += [f"{field}.{key}" for key, path in value.items() if path is None]
+    elif value is None:
+      out.append(field)
   return out
 
 
-def check_no_fixture_defaults(cfg) -> None:
-  """A real checkpoint (outside tests/fixtures/) must not run with the committed test
-  fixtures' tokenizer or records, which configs/hf_copd.py uses as defaults so that it runs
-  anywhere: a left-over default would silently train with a 330-token tokenizer or on
-  fixture records. The error names the field still pointing at the fixture."""
-  if is_test_fixture(cfg.init.hf_checkpoint):
-    return
-  for field, path in _fixture_entries(cfg):
-    hint = ("set it to the checkpoint's tokenizer directory, or '' to read the tokenizer "
-            "from config.init.hf_checkpoint" if field == "init.hf_tokenizer"
-            else "set it to your data file on the command line")
-    _fail(field, f"points at the committed test fixture while config.init.hf_checkpoint="
-          f"{cfg.init.hf_checkpoint!r} is a real checkpoint; {hint}", path)
+def check_required_paths(cfg) -> None:
+  """A real config (configs/hf_*.py, configs/pod_4b*.py) names no checkpoint or record
+  files of its own: each must be given. The error names the first field still unset."""
+  unset = unset_required_paths(cfg)
+  if unset:
+    what = ("a local Hugging Face checkpoint directory" if unset[0] == "init.hf_checkpoint"
+            else "record files (JSONL / Parquet / a saved dataset; comma-separated or a glob)")
+    _fail(unset[0], f"is required: this config trains a real checkpoint on your data; set "
+          f"--config.{unset[0]}=<{what}>" + (f" (also unset: {', '.join(unset[1:])})"
+                                            if unset[1:] else ""), None)
 
 
 def validate_records_and_init(cfg: ml_collections.ConfigDict) -> bool:
@@ -329,7 +305,6 @@ def validate_records_and_init(cfg: ml_collections.ConfigDict) -> bool:
     tokenizer_dir = cfg.init.get("hf_tokenizer", "") or checkpoint_dir
     field = "init.hf_tokenizer" if cfg.init.get("hf_tokenizer", "") else "init.hf_checkpoint"
     _check_dir_with(field, tokenizer_dir, "tokenizer.json")
-    check_no_fixture_defaults(cfg)
   columns = cfg.data.get("columns", {})
   from copd_jax.data import records as datasets
   for name, column in columns.items():
@@ -344,7 +319,6 @@ def validate_records_and_init(cfg: ml_collections.ConfigDict) -> bool:
     if not checkpoint_dir:
       _fail("data.sources", "needs config.init.hf_checkpoint (a model and tokenizer for "
             "the records; the toy base only knows the procedural suite)", sorted(cfg.data.sources))
-    _check_domain_names(caps)
     _check_sources(sources_lib.all_sources(cfg.data), caps)
     _check_reader(cfg)
     return True
@@ -355,18 +329,10 @@ def validate_records_and_init(cfg: ml_collections.ConfigDict) -> bool:
   if not checkpoint_dir:
     _fail("data.train_files", "needs config.init.hf_checkpoint (a model and tokenizer for "
           "the records; the toy base only knows the procedural suite)", dict(cfg.data.train_files))
-  _check_domain_names(caps)
   _check_record_files(cfg, "train_files", caps)
   _check_record_files(cfg, "eval_files", caps)
   _check_reader(cfg)
   return True
-
-
-def _check_domain_names(caps) -> None:
-  for cap in caps:
-    if not examples.is_domain_name(cap):
-      _fail("tasks.capabilities", f"has {cap!r}; with record files (config.data.train_files "
-            "or sources) capabilities are domain names: [a-z][a-z0-9_]*", caps)
 
 
 def _check_reader(cfg) -> None:
@@ -429,68 +395,3 @@ def _wrap(field: str, build):
     return build()
   except (TypeError, ValueError) as e:
     raise ValueError(f"config.{field}: {e}") from None
-
-
-def check_rl_sampling(sampling) -> None:
-  """RL stages sample at temperature 1 over the full vocabulary: the loss, the old
-  log-probs and the teachers all score that distribution, so any other sampling
-  distribution would bias the gradient and make the OPD log-ratio measure another policy.
-  Other values are rejected rather than silently mis-trained."""
-  if sampling.temperature != 1.0:
-    _fail("sampling.temperature", "must be 1.0 for RL methods (the policy loss, old "
-          "log-probs and teachers score at temperature 1; eval.pass_temperature sets the "
-          "evaluation's)", sampling.temperature)
-  if sampling.top_k != 0:
-    _fail("sampling.top_k", "must be 0 (full vocabulary) for RL methods (the policy loss and "
-          "teachers score the untruncated distribution)", sampling.top_k)
-  if sampling.top_p != 1.0:
-    _fail("sampling.top_p", "must be 1.0 (no nucleus truncation) for RL methods (the policy "
-          "loss and teachers score the untruncated distribution)", sampling.top_p)
-
-
-def validate_rl(cfg: run_spec.RunSpec) -> None:
-  """Checks config.rl for the RL methods (experts, mixed_rlvr, static_opd, mopd, copd)
-  across sections (RLSpec and OPDSpec check their own fields)."""
-  from copd_jax import losses
-  rl = cfg.rl
-  check_rl_sampling(cfg.sampling)
-  caps = tuple(rl.capabilities)
-  if not caps or len(set(caps)) != len(caps):
-    _fail("rl.capabilities", "must name distinct capabilities", caps)
-  for cap in caps:
-    if cap not in cfg.tasks.capabilities:
-      _fail("rl.capabilities", f"has {cap!r}, which is not in config.tasks.capabilities "
-            f"{tuple(cfg.tasks.capabilities)} (the base never saw it)", caps)
-  if cfg.method not in ("mixed_rlvr",) and cfg.num_experts != len(caps):
-    _fail("num_experts", f"must equal the number of rl.capabilities ({len(caps)}) for method "
-          f"{cfg.method!r}: one expert branch per capability", cfg.num_experts)
-  if cfg.method in ("copd", "static_opd") and len(caps) < 2:
-    _fail("rl.capabilities", f"method {cfg.method!r} needs at least two capabilities", caps)
-  if cfg.method == "copd" and rl.cross_prompts == 0 and rl.opd.topology != "none":
-    _fail("rl.cross_prompts", "must be positive for CoPD with a teacher topology", 0)
-  opd = rl.opd
-  if opd.topology == "hub" and opd.hub not in caps:
-    _fail("rl.opd.hub", f"must be one of rl.capabilities {caps}", opd.hub)
-  _check_capability_dict(opd.branch_beta, "rl.opd.branch_beta", caps)
-  _wrap("rl.opd", lambda: losses.check_opd_estimator(  # vocab None: a checkpoint's, unknown
-      opd.estimator, opd.top_k, rl.kernel.backend,
-      None if cfg.init.hf_checkpoint else cfg.model.vocab_size,
-      one_device=cfg.pod is None and all(int(v) == 1 for v in cfg.mesh.sizes().values())))
-  _check_capability_dict(rl.merge_weights, "rl.merge_weights", caps)
-  if rl.merge_weights and set(rl.merge_weights) != set(caps):
-    _fail("rl.merge_weights", f"must give a weight to every branch {caps} (or be empty "
-          "for a uniform merge)", dict(rl.merge_weights))
-  if cfg.method in ("mopd", "static_opd") and not rl.opd.beta > 0:
-    _fail("rl.opd.beta", f"must be positive for method {cfg.method!r} (it only adds "
-          "distillation to the experts)", rl.opd.beta)
-  for cap in rl.merge_weights:
-    _positive_float(rl.merge_weights, cap, "rl.merge_weights.", allow_zero=True)
-  if rl.merge_weights and sum(rl.merge_weights.values()) <= 0:
-    _fail("rl.merge_weights", "must give some branch a positive weight", dict(rl.merge_weights))
-  if cfg.method == "static_opd":
-    t, s = rl.static_opd.teacher, rl.static_opd.student
-    for name, cap in (("teacher", t), ("student", s)):
-      if cap not in caps:
-        _fail(f"rl.static_opd.{name}", f"must be one of rl.capabilities {caps}", cap)
-    if t == s:
-      _fail("rl.static_opd.student", "must differ from rl.static_opd.teacher", s)

@@ -1,13 +1,20 @@
-"""Default run configs: the base recipe and the RL section every method shares.
+"""The shared skeleton of every run config; the recipes are in configs/*.py.
 
-The files in configs/ are thin wrappers around `get(method, preset)`, so a field means the
-same thing in every method and ablating one is a command-line override.
+`skeleton()` holds every section a run has, with the values no recipe is about (the toy
+testbed's model and data sizes, checkpoints, rewards, evaluation, logging), and
+`rl_skeleton()` the RL trainer's section (its cadence, limits and kernel, and the
+structural defaults of the OPD sections). Each file in configs/ states its recipe on top
+(configs/common.py: the toy base and the GRPO recipe every RL method shares; a method's
+own file: what makes it that method), then `apply_preset` shrinks it to a preset.
+`get(method, preset)` loads configs/<method>.py.
 """
 import os
 
 import ml_collections
+from ml_collections import config_dict
 
-CAPABILITIES = ("text", "image", "video")
+from copd_jax.run_spec import METHODS  # noqa: F401 (the methods a config may name)
+
 PRESETS = ("toy", "micro", "demo")
 # The toy base policy the committed results start from (docs/toy_testbed.md).
 COMMITTED_BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -38,9 +45,9 @@ def toy_model() -> ml_collections.ConfigDict:
   ))
 
 
-def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
-  if preset not in PRESETS:
-    raise ValueError(f"unknown config preset {preset!r}; use one of {', '.join(PRESETS)}")
+def skeleton() -> ml_collections.ConfigDict:
+  """Every section of a run config but `rl` (rl_skeleton), at the toy testbed's sizes; a
+  recipe (configs/*.py) states tasks, warm_start and rl on top."""
   c = ml_collections.ConfigDict()
   c.method = "base"
   c.seed = 0
@@ -56,13 +63,6 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
       rank=0, alpha=16.0,
       targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
 
-  c.tasks = ml_collections.ConfigDict(dict(
-      capabilities=CAPABILITIES,
-      # The difficulty knob of each generator (see copd_jax/data/toy_tasks.py). Level 1: the small
-      # base model is competent enough that the procedure, not perception, decides.
-      difficulty=dict(text=1, image=1, video=1),
-      seed=1234,  # task-suite seed: train stream and held-out set derive from it
-  ))
   c.data = ml_collections.ConfigDict(dict(
       max_prompt_len=64, max_response_len=24,
       # Record files (JSONL or Parquet, copd_jax/data/records.py) per capability; empty =
@@ -128,31 +128,6 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
       allow_unverified=False,
   ))
 
-  # SFT warm-start: the analog of the paper's instruction-tuned base. `mix` sets how
-  # much of each capability the base sees, i.e. where each capability starts.
-  c.warm_start = ml_collections.ConfigDict(dict(
-      seed=0,  # the base's own seed (init and SFT data); config.seed is the RL seed
-      # 1,500 steps (was 600): a base that still follows the flawed procedures greedily
-      # but gets the arithmetic right more often, so RL has more to gain (docs/history.md,
-      # "Recipe search", validation split).
-      steps=1500,
-      batch_size=48,
-      learning_rate=3e-3,
-      warmup_steps=100,
-      weight_decay=0.01,
-      grad_clip_norm=1.0,
-      mix=dict(text=1.0, image=1.0, video=1.0),
-      # Fraction of each capability's demonstrations that show its flawed procedure
-      # (copd_jax/data/toy_flaws.py, FLAW_KINDS): the base samples the right procedure at
-      # temperature 1 but does not prefer it greedily, so RL has something to sharpen.
-      # 0.7: greedy decoding follows the flawed procedure almost always, while about a
-      # third of temperature-1 samples use the right one (pass@8 >> pass@1).
-      flaw_rate=dict(text=0.7, image=0.7, video=0.7),
-      checkpoint_dir="",  # empty: <workdir>/base_policy
-      reuse_checkpoint=True,  # load a matching saved base instead of retraining
-      log_every=50,
-  ))
-
   # Rewards (copd_jax/data/verifiers.py): answers are compared in sandboxed worker processes.
   c.reward = ml_collections.ConfigDict(dict(
       fn="",                # 'module:function' plug-in fn(response, example) -> float for
@@ -191,58 +166,23 @@ def base_config(preset: str = "toy") -> ml_collections.ConfigDict:
   c.sampling = ml_collections.ConfigDict(dict(
       temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=24))
 
-  if preset == "micro":
-    c.workdir = "runs/micro"
-    c.model.update(dict(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1,
-                        head_dim=16, mlp_dim=64, dtype="float32"))
-    c.model.vision.update(dict(width=16, depth=1, num_heads=2, mlp_dim=32))
-    c.tasks.difficulty = dict(text=1, image=1, video=1)
-    c.warm_start.update(dict(steps=4, batch_size=6, warmup_steps=1, log_every=2))
-    c.eval.update(dict(num_examples=6, batch_size=6))
   return c
 
 
-METHODS = ("base", "experts", "mixed_rlvr", "static_opd", "mopd", "copd")
-
-
-def rl_section(preset: str) -> ml_collections.ConfigDict:
-  """Settings of the CoPD trainer shared by every RL method (see copd_jax/rl/methods.py)."""
-  rl = ml_collections.ConfigDict(dict(
-      # Budget: `steps` is ONE expert's optimizer steps. Experts: each branch runs `steps`;
-      # mixed RLVR: one branch runs steps x number of capabilities (the sum of the
-      # experts'); CoPD: each branch runs `steps` (same sum of branch-steps).
-      # Capabilities this method trains and evaluates (the base always sees all of
-      # config.tasks.capabilities); one branch each for experts / CoPD.
-      capabilities=CAPABILITIES,
-      steps=60,
-      native_prompts=16,      # GRPO prompts per branch per step
-      samples_per_prompt=8,   # G (the paper: 8)
-      cross_prompts=8,        # per branch, on OPD steps, from its teachers' data
-      # Chosen with experiments/tune_rl.py on the validation split (toy_tasks.validation_set),
-      # never on the eval set: 1e-3 made the experts worse within 10 steps, 3e-5 moved no
-      # weight by more than 1e-3 in 30 steps (docs/history.md).
-      learning_rate=3e-4,
-      # "constant" (the paper's) or "cosine": decay from learning_rate to
-      # lr_end_fraction x learning_rate over each stage's steps. Cosine keeps what the
-      # first steps gain (a constant 3e-4 swung accuracy by +-10 points); the floor of 0.3
-      # keeps independent experts drifting apart after mid-run (docs/history.md).
-      lr_schedule="cosine",
-      lr_end_fraction=0.3,
-      grad_clip_norm=1.0,
-      weight_decay=0.0,
-      scale_by_std=True,      # GRPO; False = Dr.GRPO
-      loss=dict(eps_low=0.2, eps_high=0.28, kl_coef=0.0, kl_estimator="k3",
-                entropy_coef=0.0, aggregation="token_mean", opd_student_logprob="old",
-                # Truncated importance sampling: weight each token's PG term by
-                # min(pi_trainer / pi_sampler, tis_cap); 0 = off (e.g. 2.0 with bf16 sampling).
-                tis_cap=0.0),
+def rl_skeleton() -> ml_collections.ConfigDict:
+  """The RL trainer's section (copd_jax/rl/methods.py) without the recipe: its cadence,
+  limits and fused-loss kernel, and the structural defaults of the method-specific
+  settings (OPD, the two-stage baselines), which the method that uses one restates in its
+  own config. The GRPO recipe every method trains with is configs/common.py's."""
+  return ml_collections.ConfigDict(dict(
       kernel=dict(backend="chunked", vocab_tile=64, token_tile=1024),
+      cross_prompts=8,        # per branch, on OPD steps, from its teachers' data
       opd=dict(
           topology="hub",     # hub | full | ring (each branch <-> its 2 neighbours) | none
-          hub="text",         # the paper's hub
+          hub="text",
           beta=1.0,           # OPD rate of every branch ...
           branch_beta={},     # ... or per capability, e.g. {'text': 0.5}: asymmetric rates
-          schedule=dict(kind="cycle", s_rl=3, s_opd=2,  # 1.5 : 1, the paper's best
+          schedule=dict(kind="cycle", s_rl=3, s_opd=2,
                         constant_weight=1.0, overlap_target=0.9, warmup_steps=0),
           # sampled_token (the paper's token advantage) | top_k (reverse KL renormalised
           # on the teacher's top_k tokens, which it sends instead of one log-prob) |
@@ -271,31 +211,45 @@ def rl_section(preset: str) -> ml_collections.ConfigDict:
       # Exact: the loss is accumulated as (sum, denominator). Teacher scoring is chunked too.
       micro_batch_rows=0,
   ))
-  if preset == "micro":
-    rl.update(dict(steps=2, native_prompts=2, samples_per_prompt=2, cross_prompts=2,
-                   distill_steps=2, eval_every=2, eval_examples=4, diagnostic_prompts=2,
-                   diagnostics_every=2))
-    rl.opd.schedule.update(dict(s_rl=1, s_opd=1))
-  return rl
+
+
+def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
+  """c (a recipe, configs/*.py) at `preset`, in place; returned.
+
+  toy: the recipe as stated. micro: a run of seconds for the tests (a 1-layer model, a
+  few SFT and RL steps, tiny batches and evaluations). demo: demo_settings. Every preset
+  names its run directory runs/<method>[_micro|_demo] and shares one saved base among
+  the methods (warm_start.checkpoint_dir)."""
+  if preset not in PRESETS:
+    raise ValueError(f"unknown config preset {preset!r}; use one of {', '.join(PRESETS)}")
+  micro = preset == "micro"
+  c.workdir = f"runs/{c.method}" + ("_micro" if micro else "")
+  c.warm_start.checkpoint_dir = "runs/base_policy" + ("_micro" if micro else "")
+  if micro:
+    c.model.update(dict(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                        head_dim=16, mlp_dim=64, dtype="float32"))
+    c.model.vision.update(dict(width=16, depth=1, num_heads=2, mlp_dim=32))
+    c.warm_start.update(dict(steps=4, batch_size=6, warmup_steps=1, log_every=2))
+    c.eval.update(dict(num_examples=6, batch_size=6))
+    c.rl.update(dict(steps=2, native_prompts=2, samples_per_prompt=2, cross_prompts=2,
+                     distill_steps=2, eval_every=2, eval_examples=4, diagnostic_prompts=2,
+                     diagnostics_every=2))
+    c.rl.opd.schedule.update(dict(s_rl=1, s_opd=1))
+  if preset == "demo":
+    demo_settings(c, c.method)
+  return c
+
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "configs")
 
 
 def get(method: str, preset: str = "toy") -> ml_collections.ConfigDict:
-  """The config of `method` at `preset` ('toy' or 'micro')."""
+  """The config of `method` at `preset` ('toy', 'micro' or 'demo'): configs/<method>.py's."""
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; known: {METHODS}")
-  c = base_config(preset)
-  c.method = method
-  c.workdir = f"runs/{method}" + ("_micro" if preset == "micro" else "")
-  c.warm_start.checkpoint_dir = "runs/base_policy" + ("_micro" if preset == "micro" else "")  # shared by all methods
-  c.rl = rl_section(preset)
-  if preset == "demo":
-    demo_settings(c, method)
-  if method == "static_opd":
-    c.rl.capabilities = ("text", "image")  # the paper's two-branch setting
-  # Expert branches: one per trained capability (the experts stage of static OPD and
-  # MOPD, the co-evolving branches of CoPD); 1 for base and mixed RLVR. Must match.
-  c.num_experts = 1 if method in ("base", "mixed_rlvr") else len(c.rl.capabilities)
-  return c
+  from copd_jax import config_files
+  return config_files.config_module(os.path.join(CONFIGS_DIR, f"{method}.py")).get_config(preset)
 
 
 def demo_settings(c: ml_collections.ConfigDict, method: str) -> None:
@@ -320,23 +274,35 @@ def demo_settings(c: ml_collections.ConfigDict, method: str) -> None:
   c.log.completions = 0
 
 
-def checkpoint_config(domains: tuple[str, ...], preset: str, *, checkpoint: str,
-                      tokenizer: str, files: dict, workdir: str,
+def required_path() -> config_dict.FieldReference:
+  """A path a real run must be given (--config.<field>=...): None until set, so that
+  config_lib.build fails naming the field (check_required_paths) instead of running on a
+  default. Lowering-only tools (config_lib.spec_of) read it as unset (no checkpoint)."""
+  return config_dict.placeholder(str)
+
+
+def require_paths(c: ml_collections.ConfigDict, domains) -> None:
+  """c's checkpoint and every domain's train / eval record files set to required_path()."""
+  c.init.hf_checkpoint = required_path()
+  c.data.train_files = {d: required_path() for d in domains}
+  c.data.eval_files = {d: required_path() for d in domains}
+
+
+def checkpoint_config(domains: tuple[str, ...], preset: str, *, workdir: str,
                       max_prompt_len: int, max_response_len: int) -> ml_collections.ConfigDict:
   """CoPD from a Hugging Face checkpoint on record files, one branch per domain, the
   first domain the hub (configs/hf_copd.py, configs/hf_vl_copd.py).
 
-  files: domain -> (train path, eval path); a domain without an entry gets empty paths
-  that must be set on the command line. preset 'micro': a tiny run (2 held-out items,
-  8 new tokens, a learning rate that moves a random fixture)."""
+  The checkpoint and every domain's train / eval files are required (require_paths);
+  the tokenizer defaults to the checkpoint's own ("" = its tokenizer files). preset
+  'micro': a tiny run (2 held-out items, 8 new tokens, a learning rate that moves a
+  random fixture)."""
   c = get("copd", preset)
   c.workdir = workdir + ("_micro" if preset == "micro" else "")
-  c.init.hf_checkpoint = checkpoint
-  c.init.hf_tokenizer = tokenizer  # "" = the checkpoint directory's tokenizer files
+  c.init.hf_tokenizer = ""  # "" = the checkpoint directory's tokenizer files
   c.tasks.capabilities = domains
   c.tasks.difficulty = {}  # the procedural suite's knob; unused with record files
-  c.data.train_files = {d: files.get(d, ("", ""))[0] for d in domains}
-  c.data.eval_files = {d: files.get(d, ("", ""))[1] for d in domains}
+  require_paths(c, domains)
   c.data.max_prompt_len = max_prompt_len
   c.data.max_response_len = max_response_len
   c.sampling.max_new_tokens = max_response_len

@@ -7,15 +7,17 @@ place such fallbacks live. A section that is already a library type is that type
 (config.model -> models.ModelConfig, config.rl.loss -> losses.PolicyLossConfig,
 config.rl.kernel -> kernels.KernelConfig, config.rl.opd.schedule -> rl.schedules.OPDSchedule).
 
-Adding a config field is one line in the section's class below, e.g.
-`rank: int = 0  # LoRA rank (0 = off)`; a new section is a new class and one field of its
-parent. `from_dict` fills the classes by name and rejects a config field no class has.
+Every field carries its one-line meaning (spec_fields.doc), which `--help` prints
+(field_docs); a section whose type is a library class documents that class's fields in
+its `fields=`. Adding a config field is one line in the section's class below, e.g.
+`rank: int = doc("LoRA rank (0 = off)", 0)`; a new section is a new class and one field
+of its parent. `from_dict` fills the classes by name and rejects a config field no class
+has. `__post_init__` checks a section's own fields; RunSpec's checks those across sections.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import numbers
 import types
 import typing
@@ -23,79 +25,54 @@ from typing import Any, Mapping
 
 from copd_jax.data import math_verifier
 from copd_jax.models.model_config import ModelConfig
+from copd_jax import spec_fields
+from copd_jax.spec_fields import (KERNEL_DOCS, LORA_DOCS, LOSS_DOCS, MODEL_DOCS, SCHEDULE_DOCS,
+                                  check_bools, check_float, check_fraction, check_int,
+                                  check_rl_methods, check_weights, dict_field, doc, fail,
+                                  section)
 
 _spec = functools.partial(dataclasses.dataclass, frozen=True, kw_only=True)
-
-
-def _dict():
-  return dataclasses.field(default_factory=dict)
-
-
-def _section(cls):
-  return dataclasses.field(default_factory=cls)
-
-
-# ------------------------------------------------ checks (errors name the config field)
-
-
-def fail(field: str, message: str, value: Any) -> None:
-  raise ValueError(f"config.{field} {message}, got {value!r}")
-
-
-def check_int(field: str, value, allow_zero: bool = False) -> int:
-  """value as an int, or a ValueError naming config.<field> unless a positive (or, with
-  allow_zero, non-negative) integer."""
-  ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-  if not ok or value < 0 or (value == 0 and not allow_zero):
-    fail(field, "must be a " + ("non-negative" if allow_zero else "positive") + " integer", value)
-  return int(value)
-
-
-def check_float(field: str, value, allow_zero: bool = False) -> float:
-  """value as a float, or a ValueError naming config.<field> unless a finite positive (or,
-  with allow_zero, non-negative) number."""
-  if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-    fail(field, "must be a finite number", value)
-  if value < 0 or (value == 0 and not allow_zero):
-    fail(field, "must be " + ("non-negative" if allow_zero else "positive"), value)
-  return float(value)
-
-
-def check_fraction(field: str, value) -> float:
-  if check_float(field, value, allow_zero=True) > 1:
-    fail(field, "must be a fraction in [0, 1]", value)
-  return float(value)
-
-
-def check_bools(section: str, spec, names) -> None:
-  for name in names:
-    if not isinstance(getattr(spec, name), bool):
-      fail(f"{section}.{name}", "must be True or False", getattr(spec, name))
 
 
 @_spec
 class TasksSpec:
   """config.tasks: the procedural task suite (copd_jax/data/toy_tasks.py)."""
-  capabilities: tuple[str, ...]
-  difficulty: dict = _dict()  # capability -> difficulty level of its generator
-  seed: int = 1234  # task-suite seed: train stream and held-out set derive from it
+  capabilities: tuple[str, ...] = doc("capabilities (or record domains) the base sees")
+  difficulty: dict = dict_field("difficulty knob of each procedural generator")
+  seed: int = doc("task-suite seed: train stream and held-out set derive from it", 1234)
+
+  def __post_init__(self):
+    caps = self.capabilities
+    if not caps:
+      fail("tasks.capabilities", "must name at least one capability", caps)
+    if len(set(caps)) != len(caps):
+      fail("tasks.capabilities", "must not repeat a capability", caps)
 
 
 @_spec
 class DataSpec:
   """config.data: prompt/response lengths and where records come from."""
-  max_prompt_len: int
-  max_response_len: int
-  train_files: dict = _dict()  # capability -> record files; {} = the procedural suite
-  eval_files: dict = _dict()
-  shuffle_seed: int = 0
-  vision_budget: int = 0  # Qwen3-VL patches per prompt; 0 = the most any record needs
-  reader: str = "builtin"  # builtin | datasets
-  columns: dict = _dict()  # record field -> column name
-  sources: dict = _dict()  # name -> {path | dataset, split, domain, columns, weight}
-  system_prompt: str = ""
-  chat_template_kwargs: dict = _dict()
-  conflict: float = 0.0  # the divergence dial (toy_tasks, CONFLICT_FAMILIES)
+  max_prompt_len: int = doc("prompt tokens per row (vision placeholders included)")
+  max_response_len: int = doc("response tokens per row")
+  train_files: dict = dict_field("record files per capability (JSONL / Parquet / saved HF "
+                                 "dataset; a path, comma-separated paths or a glob); {} = "
+                                 "the procedural suite")
+  eval_files: dict = dict_field("held-out record files per capability")
+  shuffle_seed: int = doc("shuffle seed of record datasets", 0)
+  vision_budget: int = doc("Qwen3-VL patches per prompt (media padded to it); 0 = the most "
+                           "any record needs", 0)
+  reader: str = doc("builtin (errors name the line) | datasets (HF datasets, offline)",
+                    "builtin")
+  columns: dict = dict_field("record field -> column name, e.g. {'prompt': 'question'} "
+                             "(every file; data.sources has columns per source)")
+  sources: dict = dict_field("per-source records {name: {path|dataset, split, domain, "
+                             "columns, weight}}; a domain's train sources mixed by weight "
+                             "(copd_jax/data/sources.py)")
+  system_prompt: str = doc("system message before every chat-rendered prompt ('' = none)", "")
+  chat_template_kwargs: dict = dict_field("chat-template arguments, e.g. "
+                                          "{'enable_thinking': False} (Qwen3)")
+  conflict: float = doc("divergence dial in [0, 1]: share of total/remain prompts in their "
+                        "shared, cue-only surface form (toy_tasks); 0 = none", 0.0)
 
   def __post_init__(self):
     check_int("data.shuffle_seed", self.shuffle_seed, allow_zero=True)
@@ -105,22 +82,31 @@ class DataSpec:
     check_int("data.max_prompt_len", self.max_prompt_len)
     check_int("data.max_response_len", self.max_response_len)
     check_fraction("data.conflict", self.conflict)
+    if not isinstance(self.system_prompt, str):
+      fail("data.system_prompt", "must be a string ('' = no system message)",
+           self.system_prompt)
+    kwargs = self.chat_template_kwargs
+    if not isinstance(kwargs, Mapping) or not all(
+        isinstance(k, str) and k.isidentifier() for k in kwargs):
+      fail("data.chat_template_kwargs", "must map keyword names to values, e.g. "
+           "{'enable_thinking': False}", kwargs)
 
 
 @_spec
 class InitSpec:
   """config.init: a local Hugging Face checkpoint to start from ("" = the toy base)."""
-  hf_checkpoint: str = ""
-  hf_tokenizer: str = ""  # tokenizer directory when not inside hf_checkpoint
+  hf_checkpoint: str = doc("local Hugging Face Qwen3 or Qwen3-VL checkpoint directory; '' = "
+                           "toy base", "")
+  hf_tokenizer: str = doc("tokenizer directory; '' = the checkpoint's own", "")
 
 
 @_spec
 class MeshSpec:
-  """config.mesh: sizes of the named mesh axes (one may be -1)."""
-  expert: int = 1
-  data: int = 1
-  fsdp: int = 1
-  tensor: int = 1
+  """config.mesh: sizes of the named mesh axes (one may be -1 = the devices left over)."""
+  expert: int = doc("mesh axis over branches (divides num_experts)", 1)
+  data: int = doc("mesh axis over the batch", 1)
+  fsdp: int = doc("mesh axis for fully sharded parameters", 1)
+  tensor: int = doc("mesh axis for tensor parallelism", 1)
 
   def sizes(self) -> dict[str, int]:
     return dataclasses.asdict(self)
@@ -129,15 +115,19 @@ class MeshSpec:
 @_spec
 class CheckpointSpec:
   """config.checkpoint: training-state checkpoints (copd_jax/train_checkpoint.py)."""
-  every_steps: int = 0
-  max_to_keep: int = 2
-  async_save: bool = True
-  resume: bool = True
-  save_on_sigterm: bool = True
-  resume_changed_config: bool = False
-  sigterm_grace_s: float = 120.0
-  fallback_on_corrupt: bool = False
-  allow_unverified: bool = False
+  every_steps: int = doc("save training state every K steps (0 = stage ends + SIGTERM)", 0)
+  max_to_keep: int = doc("checkpoints kept per stage", 2)
+  async_save: bool = doc("save in the background", True)
+  resume: bool = doc("resume from the newest checkpoint in workdir", True)
+  save_on_sigterm: bool = doc("SIGTERM saves at the next step boundary and exits 0", True)
+  resume_changed_config: bool = doc("resume a workdir whose training config differs, on "
+                                    "purpose", False)
+  sigterm_grace_s: float = doc("after SIGTERM, seconds to reach a step boundary and save "
+                               "before the process exits without saving", 120.0)
+  fallback_on_corrupt: bool = doc("a newest checkpoint failing its checksums: False = error, "
+                                  "True = restore the newest good one", False)
+  allow_unverified: bool = doc("a checkpoint without checksums (arrays, host state, config): "
+                               "False = error, True = resume it unverified", False)
 
   def __post_init__(self):
     check_int("checkpoint.every_steps", self.every_steps, allow_zero=True)
@@ -151,18 +141,20 @@ class CheckpointSpec:
 @_spec
 class WarmStartSpec:
   """config.warm_start: the SFT warm-start of the toy base policy."""
-  seed: int
-  steps: int
-  batch_size: int
-  learning_rate: float
-  warmup_steps: int
-  weight_decay: float
-  grad_clip_norm: float
-  mix: dict = _dict()  # capability -> SFT weight
-  flaw_rate: dict = _dict()  # capability -> fraction of flawed demonstrations
-  checkpoint_dir: str = ""  # "" = <workdir>/base_policy
-  reuse_checkpoint: bool = True
-  log_every: int = 50
+  seed: int = doc("the base's own seed (init and SFT data)")
+  steps: int = doc("SFT steps of the toy base")
+  batch_size: int = doc("SFT examples per step")
+  learning_rate: float = doc("SFT peak learning rate (warmup + cosine decay)")
+  warmup_steps: int = doc("SFT warmup steps")
+  weight_decay: float = doc("SFT AdamW weight decay")
+  grad_clip_norm: float = doc("SFT global gradient-norm clip")
+  mix: dict = dict_field("SFT sampling weight of each capability")
+  flaw_rate: dict = dict_field("fraction of each capability's SFT demonstrations showing its "
+                               "flawed procedure (toy_flaws.FLAW_KINDS), for RL to correct")
+  checkpoint_dir: str = doc("where the base is saved / reused ('' = <workdir>/base_policy)", "")
+  reuse_checkpoint: bool = doc("load a saved base with the same recipe instead of training",
+                               True)
+  log_every: int = doc("SFT steps between log lines", 50)
 
   def __post_init__(self):
     for name in ("steps", "seed", "warmup_steps"):
@@ -172,19 +164,32 @@ class WarmStartSpec:
     check_float("warm_start.learning_rate", self.learning_rate)
     check_float("warm_start.weight_decay", self.weight_decay, allow_zero=True)
     check_float("warm_start.grad_clip_norm", self.grad_clip_norm)
+    check_weights("warm_start.mix", self.mix)
+    check_weights("warm_start.flaw_rate", self.flaw_rate, fraction=True)
 
 
 @_spec
 class RewardSpec:
-  """config.reward: the verifiers' limits and plug-ins (copd_jax/data/verifiers.py)."""
-  fn: str = ""  # 'module:function' plug-in for every example; "" = each example's verifier
-  fns: str = ""  # comma-separated weighted reward functions ("" = the single `fn`)
-  weights: tuple = ()  # one per entry of fns (() = all 1.0)
-  timeout_s: float = math_verifier.DEFAULT_MATH_TIMEOUT_S  # per answer
-  step_budget_s: float = math_verifier.DEFAULT_STEP_BUDGET_S  # per step or eval batch
-  workers: int = math_verifier.DEFAULT_WORKERS  # verifier worker processes
-  worker_memory_mb: int = math_verifier.DEFAULT_WORKER_MEMORY_MB
-  max_error_fraction: float = math_verifier.DEFAULT_MAX_ERROR_FRACTION
+  """config.reward: how responses are scored (sandboxed verifier worker processes,
+  copd_jax/data/verifiers.py)."""
+  fn: str = doc("'module:function' plug-in fn(response, example) -> float; '' = each "
+                "example's own verifier", "")
+  fns: str = doc("several rewards: comma-separated 'verifier' (built-in) / 'module:function' "
+                 "entries, summed with reward.weights; '' = reward.fn alone", "")
+  weights: tuple = doc("one weight per reward.fns entry, e.g. (1.0, 0.2); () = all 1.0", ())
+  timeout_s: float = doc("per-answer time limit in seconds (over it: reward 0)",
+                         math_verifier.DEFAULT_MATH_TIMEOUT_S)
+  step_budget_s: float = doc("time budget in seconds for one step's (or eval batch's) answers",
+                             math_verifier.DEFAULT_STEP_BUDGET_S)
+  workers: int = doc("verifier worker processes (at most the CPUs this process may use)",
+                     math_verifier.DEFAULT_WORKERS)
+  worker_memory_mb: int = doc("each verifier worker's memory limit in MiB (over it: that "
+                              "answer scores 0, the worker is replaced and counted)",
+                              math_verifier.DEFAULT_WORKER_MEMORY_MB)
+  max_error_fraction: float = doc("fraction of a batch's responses whose plug-in fails "
+                                  "(raises, NaN, inf, non-number) at which the run stops; "
+                                  "1.0 = all of them, 0.0 = any",
+                                  math_verifier.DEFAULT_MAX_ERROR_FRACTION)
 
   def __post_init__(self):
     check_float("reward.timeout_s", self.timeout_s)
@@ -202,12 +207,13 @@ class RewardSpec:
 @_spec
 class EvalSpec:
   """config.eval: the held-out evaluation (greedy accuracy, optional pass@k)."""
-  num_examples: int
-  batch_size: int
-  pass_samples: int = 0
-  pass_k: tuple = (1,)
-  pass_temperature: float = 1.0
-  pass_threshold: float = 1.0  # a sample passes when its reward is >= this
+  num_examples: int = doc("held-out examples per capability in the final evaluation")
+  batch_size: int = doc("prompts per evaluation sampler call")
+  pass_samples: int = doc("samples per prompt for pass@k (0 = greedy accuracy only)", 0)
+  pass_k: tuple = doc("the k of pass@k (each <= pass_samples)", (1,))
+  pass_temperature: float = doc("sampling temperature of the pass@k samples", 1.0)
+  pass_threshold: float = doc("pass@k: a sample passes when its reward is >= this (1.0 = "
+                              "fully correct; partial credit below it is no pass)", 1.0)
 
   def __post_init__(self):
     check_int("eval.num_examples", self.num_examples)
@@ -229,11 +235,13 @@ class EvalSpec:
 @_spec
 class LogSpec:
   """config.log: completions and the optional Weights & Biases mirror (absent = off)."""
-  completions: int = 0
-  completions_every: int = 0
-  wandb: bool = False
-  wandb_project: str = "copd-jax"
-  wandb_mode: str = "offline"  # offline | online | disabled
+  completions: int = doc("prompts per capability/branch logged with their responses "
+                         "(0 = off)", 0)
+  completions_every: int = doc("RL steps between logged training completions (0 = evals "
+                               "only)", 0)
+  wandb: bool = doc("mirror the logs to Weights & Biases (needs the wandb extra)", False)
+  wandb_project: str = doc("wandb project name", "copd-jax")
+  wandb_mode: str = doc("wandb mode: offline (no network) | online | disabled", "offline")
 
   def __post_init__(self):
     check_int("log.completions", self.completions, allow_zero=True)
@@ -248,10 +256,10 @@ class LogSpec:
 @_spec
 class SamplingSpec:
   """config.sampling: the RL sampler's distribution and length."""
-  temperature: float
-  top_k: int
-  top_p: float
-  max_new_tokens: int
+  temperature: float = doc("rollout temperature (RL methods: must be 1)")
+  top_k: int = doc("rollout top-k (RL methods: must be 0 = full vocabulary)")
+  top_p: float = doc("rollout nucleus mass (RL methods: must be 1)")
+  max_new_tokens: int = doc("response tokens sampled at most")
 
   def __post_init__(self):
     check_float("sampling.temperature", self.temperature)
@@ -264,63 +272,70 @@ class SamplingSpec:
 @_spec
 class OPDSpec:
   """config.rl.opd: who teaches whom, how strongly, when, and with which estimator."""
-  topology: str  # hub | full | ring | none
-  hub: str
-  beta: float
-  schedule: "OPDSchedule"
-  branch_beta: dict = _dict()  # capability -> beta (asymmetric rates)
-  estimator: str = "sampled_token"  # sampled_token | top_k | full_vocab
-  top_k: int = 16
+  topology: str = doc("who teaches whom: hub | full | ring | none")
+  hub: str = doc("the hub branch of the hub topology (derived from rl.capabilities)")
+  beta: float = doc("OPD rate of every branch")
+  schedule: "OPDSchedule" = doc("when OPD is on (rl/schedules.py)", fields=SCHEDULE_DOCS)
+  branch_beta: dict = dict_field("per-capability OPD rates, e.g. {'text': 0.5}")
+  estimator: str = doc("OPD signal: sampled_token (the paper's) | top_k (reverse KL on the "
+                       "teacher's top k) | full_vocab (exact; one device, small vocab)",
+                       "sampled_token")
+  top_k: int = doc("k of the top_k estimator: tokens (ids + log-probs) a teacher sends", 16)
 
   def __post_init__(self):
     if self.topology not in ("hub", "full", "ring", "none"):
       fail("rl.opd.topology", "must be one of ('hub', 'full', 'ring', 'none')", self.topology)
     check_float("rl.opd.beta", self.beta, allow_zero=True)
-    for cap, beta in self.branch_beta.items():
-      check_float(f"rl.opd.branch_beta.{cap}", beta, allow_zero=True)
+    check_weights("rl.opd.branch_beta", self.branch_beta)
 
 
 @_spec
 class StaticOPDSpec:
-  teacher: str
-  student: str
+  """config.rl.static_opd: the one-way pair of the static OPD baseline."""
+  teacher: str = doc("static OPD: the frozen teacher expert")
+  student: str = doc("static OPD: the student expert")
 
 
 @_spec
 class MOPDSpec:
-  cross_outcome_reward: bool = False
+  """config.rl.mopd: the MOPD baseline's options."""
+  cross_outcome_reward: bool = doc("MOPD: add the outcome reward to distillation rows", False)
 
 
 @_spec
 class RLSpec:
   """config.rl: the CoPD trainer's settings shared by every RL method."""
-  capabilities: tuple[str, ...]
-  steps: int
-  native_prompts: int
-  samples_per_prompt: int
-  cross_prompts: int
-  learning_rate: float
-  grad_clip_norm: float
-  weight_decay: float
-  scale_by_std: bool
-  loss: "PolicyLossConfig"
-  kernel: "KernelConfig"
-  opd: OPDSpec
-  distill_steps: int
-  static_opd: StaticOPDSpec
-  eval_every: int
-  eval_examples: int
-  diagnostics_every: int
-  diagnostic_prompts: int
-  log_every: int
-  max_nonfinite_steps_in_row: int
-  lr_schedule: str = "constant"
-  lr_end_fraction: float = 0.0
-  merge_weights: dict = _dict()  # capability -> merge weight; {} = uniform
-  experts_dir: str = ""
-  mopd: MOPDSpec = _section(MOPDSpec)
-  max_nonfinite_steps_total: int | None = None  # None = no limit
-  micro_batch_rows: int = 0  # rows per gradient-accumulation micro-batch (0 = all)
+  capabilities: tuple[str, ...] = doc("capabilities trained, one branch each (text,image sets "
+                                      "num_experts=2)")
+  steps: int = doc("optimizer steps of ONE expert (mixed RLVR: x capabilities)")
+  native_prompts: int = doc("GRPO prompts per branch per step")
+  samples_per_prompt: int = doc("G: rollouts per prompt")
+  cross_prompts: int = doc("prompts per branch per OPD step from its teachers' data")
+  learning_rate: float = doc("RL (peak) learning rate")
+  grad_clip_norm: float = doc("RL global gradient-norm clip per branch")
+  weight_decay: float = doc("RL AdamW weight decay")
+  scale_by_std: bool = doc("GRPO advantages divided by the group std (False = Dr.GRPO)")
+  loss: "PolicyLossConfig" = doc("policy loss (copd_jax/losses.py PolicyLossConfig)",
+                                 fields=LOSS_DOCS)
+  kernel: "KernelConfig" = doc("fused LM-head loss implementation", fields=KERNEL_DOCS)
+  opd: OPDSpec = doc("on-policy distillation between the branches")
+  distill_steps: int = doc("steps of the static OPD / MOPD distillation stage")
+  static_opd: StaticOPDSpec = doc("the static OPD baseline's teacher and student")
+  eval_every: int = doc("RL steps between held-out evaluations")
+  eval_examples: int = doc("held-out examples per capability during training")
+  diagnostics_every: int = doc("RL steps between overlap / symmetric-KL diagnostics")
+  diagnostic_prompts: int = doc("prompts per branch for the diagnostics")
+  log_every: int = doc("RL steps between progress lines")
+  max_nonfinite_steps_in_row: int = doc("non-finite steps in a row that stop the run")
+  lr_schedule: str = doc("'constant' or 'cosine' (decay over each stage's steps)", "constant")
+  lr_end_fraction: float = doc("cosine schedule: final learning rate / rl.learning_rate", 0.0)
+  merge_weights: dict = dict_field("per-branch merge weights ({} = uniform average)")
+  experts_dir: str = doc("a finished experts run to reuse as stage 1 ('' = train them)", "")
+  mopd: MOPDSpec = section(MOPDSpec, "the MOPD baseline's options")
+  max_nonfinite_steps_total: int | None = doc("skipped (non-finite) updates in one stage, all "
+                                              "branches together, before the run stops "
+                                              "(None = no limit)", None)
+  micro_batch_rows: int = doc("rows per gradient-accumulation micro-batch (0 = all at once)", 0)
 
   def __post_init__(self):
     for name in ("steps", "native_prompts", "samples_per_prompt", "eval_every",
@@ -347,43 +362,82 @@ class RLSpec:
       fail("rl.lr_end_fraction", "must be a number in [0, 1]", end)
     check_float("rl.grad_clip_norm", self.grad_clip_norm)
     check_float("rl.weight_decay", self.weight_decay, allow_zero=True)
+    caps = tuple(self.capabilities)
+    if not caps or len(set(caps)) != len(caps):
+      fail("rl.capabilities", "must name distinct capabilities", caps)
+    check_weights("rl.merge_weights", self.merge_weights)
+    if self.merge_weights and sum(self.merge_weights.values()) <= 0:
+      fail("rl.merge_weights", "must give some branch a positive weight",
+           dict(self.merge_weights))
 
 
 @_spec
 class PodSpec:
   """config.pod: the TPU slice a pod config is sized for (lowering and memory only)."""
-  num_chips: int
-  tpu: str = ""
-  topology: str = ""
-  hbm_bytes_per_chip: int = 0
-  qwen3_vl: dict = _dict()  # the Qwen3-VL architecture the pod compile lowers
+  num_chips: int = doc("chips in the slice")
+  tpu: str = doc("TPU generation (v5p | v5e | v6e)", "")
+  topology: str = doc("the slice's chips as AxB[xC], multiplying to num_chips", "")
+  hbm_bytes_per_chip: int = doc("HBM bytes of one chip (the memory check's budget)", 0)
+  qwen3_vl: dict = dict_field("the Qwen3-VL architecture (config.json fields) the pod "
+                              "compile lowers")
+
+
+METHODS = ("base", "experts", "mixed_rlvr", "static_opd", "mopd", "copd")
 
 
 @_spec
 class RunSpec:
   """A run's settings; `config_json` is the config as resolved (the run directory's
   record and hash: copd_jax/run_dir.py)."""
-  method: str
-  seed: int
-  workdir: str
-  num_experts: int
-  model: ModelConfig
-  tasks: TasksSpec
-  data: DataSpec
-  warm_start: WarmStartSpec
-  eval: EvalSpec
-  sampling: SamplingSpec
-  init: InitSpec = _section(InitSpec)
-  mesh: MeshSpec = _section(MeshSpec)
-  checkpoint: CheckpointSpec = _section(CheckpointSpec)
-  reward: RewardSpec = _section(RewardSpec)
-  log: LogSpec = _section(LogSpec)
-  rl: RLSpec | None = None  # None for `base`
-  pod: PodSpec | None = None
+  method: str = doc("what runs: " + " | ".join(METHODS))
+  seed: int = doc("RL seed (prompt order, sampling keys); the base has warm_start.seed")
+  workdir: str = doc("run directory; unset = runs/<method>[-<overrides>]-<config hash>")
+  num_experts: int = doc("branches trained at once; derived from rl.capabilities when unset")
+  model: ModelConfig = doc("toy Qwen3-layout decoder; with init.hf_checkpoint only dtype, "
+                           "remat, attention_block and attention_kernel are read",
+                           fields=MODEL_DOCS)
+  tasks: TasksSpec = doc("the procedural task suite")
+  data: DataSpec = doc("prompt / response lengths and the record files")
+  warm_start: WarmStartSpec = doc("the SFT warm-start of the toy base")
+  eval: EvalSpec = doc("the held-out evaluation")
+  sampling: SamplingSpec = doc("the RL sampler")
+  init: InitSpec = section(InitSpec, "a Hugging Face checkpoint to start from")
+  mesh: MeshSpec = section(MeshSpec, "device mesh sizes (one may be -1 = the devices left "
+                                     "over)")
+  checkpoint: CheckpointSpec = section(CheckpointSpec, "training-state checkpoints")
+  reward: RewardSpec = section(RewardSpec, "how responses are scored (sandboxed verifier "
+                                           "worker processes)")
+  log: LogSpec = section(LogSpec, "logged completions and the wandb mirror")
+  rl: RLSpec | None = doc("the RL methods' trainer (None for `base`)", None)
+  pod: PodSpec | None = doc("the pod slice a pod config is sized for (lowering only)", None)
   # config.model.lora as a models.lora.LoraSpec (None: full fine-tuning). Kept out of
   # `model` so that a saved base's model fields never depend on how its branches train.
-  lora: Any = None
+  lora: Any = doc("LoRA branches: every branch a low-rank adapter on one shared frozen base",
+                  None, fields=LORA_DOCS, config_key="model.lora")
   config_json: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+  def __post_init__(self):
+    if not isinstance(self.workdir, str) or not self.workdir.strip():
+      fail("workdir", "must be a non-empty directory path", self.workdir)
+    if self.method not in METHODS:
+      fail("method", f"must be one of {METHODS}", self.method)
+    check_int("num_experts", self.num_experts)
+    if self.method in ("base", "mixed_rlvr") and self.num_experts != 1:
+      fail("num_experts", f"must be 1 for method {self.method!r} (one policy)",
+           self.num_experts)
+    if not isinstance(self.seed, numbers.Integral):
+      fail("seed", "must be an integer", self.seed)
+    if self.data.train_files or self.data.sources:  # record files: domains, not task names
+      from copd_jax.data import examples
+      caps = self.tasks.capabilities
+      for cap in caps:
+        if not examples.is_domain_name(cap):
+          fail("tasks.capabilities", f"has {cap!r}; with record files (config.data."
+               "train_files or sources) capabilities are domain names: [a-z][a-z0-9_]*", caps)
+    if self.method != "base":
+      if self.rl is None:
+        fail("rl", f"section is required for method {self.method!r}", None)
+      check_rl_methods(self)
 
 
 # --------------------------------------------------------------------------- building
@@ -492,3 +546,45 @@ def replace_fields(spec, changes: Mapping[str, Any]):
 def as_dict(section) -> dict:
   """A section (a spec or library dataclass) as a plain nested dict."""
   return dataclasses.asdict(section)
+
+
+# ---------------------------------------------------------------------- field meanings
+
+_NOT_CONFIG = ("config_json",)  # RunSpec fields that are no config setting
+
+
+def field_docs(cls=None, prefix: str = "") -> dict[str, str]:
+  """{dotted config field: its one-line meaning} for every field of cls (default RunSpec)
+  and of its sections, read from the fields' `doc` metadata (spec_fields.doc); a
+  library-type section contributes its `fields=` docs. '' marks a field without one."""
+  cls = RunSpec if cls is None else cls
+  out = {}
+  for f in dataclasses.fields(cls):
+    if f.name in _NOT_CONFIG:
+      continue
+    key = f.metadata.get(spec_fields.CONFIG_KEY) or prefix + f.name
+    out[key] = f.metadata.get(spec_fields.DOC, "")
+    for sub, meaning in f.metadata.get(spec_fields.SUBFIELDS, {}).items():
+      out[f"{key}.{sub}"] = meaning
+    hint = _strip_optional(_hints(cls)[f.name])
+    if _is_spec(hint):
+      out.update(field_docs(hint, key + "."))
+  return out
+
+
+@functools.cache
+def _run_field_docs() -> dict[str, str]:
+  return field_docs()
+
+
+def field_doc(dotted: str) -> str:
+  """The meaning of a dotted config field: its own doc, or, for an entry of a mapping field
+  (`tasks.difficulty.text`), that field's; '' when none (a declared field without a doc
+  reads '', never its section's)."""
+  docs = _run_field_docs()
+  parts = dotted.split(".")
+  for n in range(len(parts), 0, -1):
+    key = ".".join(parts[:n])
+    if key in docs:
+      return docs[key]
+  return ""

@@ -1,17 +1,19 @@
 """Issue 15 items 1-4: no silent fixture defaults or sampling mismatches, run names, and the
 command line (--help, --dry_run, one-line errors, comma capability lists)."""
-import importlib.util
+import dataclasses
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import typing
 
 import pytest
 
+import fixture_configs
 import paths
-from copd_jax import cli, config_lib, default_config, run_dir
+from copd_jax import cli, config_lib, default_config, run_dir, run_spec
 
 REPO = paths.REPO
 FIXTURE_TOKENIZER = os.path.join(paths.FIXTURES, "hf", "qwen3_tiny", "tokenizer")
@@ -26,10 +28,8 @@ QWEN3_4B_CONFIG = {
 
 
 def hf_config(arg="micro"):
-  spec = importlib.util.spec_from_file_location("hf_copd", os.path.join(REPO, "configs", "hf_copd.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """configs/hf_copd.py:<arg> on the committed fixtures."""
+  return fixture_configs.load("hf_copd", arg)
 
 
 def real_checkpoint(tmp_path, with_tokenizer=False) -> str:
@@ -52,37 +52,53 @@ def user_data(tmp_path) -> dict:
   return out
 
 
-# ------------------------------------------------------------- 1. fixture defaults
+# ----------------------------------------------------- 1. real configs require paths
+
+# The real configs (a checkpoint trained on record files) and their domains.
+REAL_CONFIGS = {"hf_copd": ("math", "science"), "hf_vl_copd": ("math", "chart", "clip"),
+                "pod_4b": ("text", "image", "video"), "pod_4b_v5e": ("text", "image", "video")}
 
 
-def test_real_checkpoint_with_the_fixture_tokenizer_is_an_error(tmp_path):
-  cfg = hf_config()
-  cfg.init.hf_checkpoint = real_checkpoint(tmp_path)
-  with pytest.raises(ValueError, match=r"config\.init\.hf_tokenizer points at the committed "
-                                       r"test fixture while config\.init\.hf_checkpoint="):
-    config_lib.validate_config(cfg)
+@pytest.mark.parametrize("name", sorted(REAL_CONFIGS))
+def test_a_real_config_without_its_paths_fails_naming_the_field(name):
+  cfg = cli.load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
+  with pytest.raises(ValueError, match=r"config\.init\.hf_checkpoint is required: .*"
+                                       r"--config\.init\.hf_checkpoint="):
+    config_lib.build(cfg)
+  cfg.init.hf_checkpoint = "/data/checkpoint"  # given: the next unset field is named
+  first = sorted(REAL_CONFIGS[name])[0]
+  with pytest.raises(ValueError, match=rf"config\.data\.train_files\.{first} is required"):
+    config_lib.build(cfg)
+  for domain in REAL_CONFIGS[name]:
+    cfg.data.train_files[domain] = cfg.data.eval_files[domain] = "/data/records.jsonl"
+  cfg.data.eval_files[first] = None  # one left: still named
+  with pytest.raises(ValueError, match=rf"config\.data\.eval_files\.{first} is required"):
+    config_lib.build(cfg)
 
 
-def test_real_checkpoint_with_a_fixture_record_file_left_over_is_an_error(tmp_path):
-  cfg = hf_config()
+def test_the_cli_names_the_unset_checkpoint_and_starts_nothing(tmp_path):
+  result = main_cli(f"--config={REPO}/configs/hf_copd.py:micro", "--dry_run", cwd=tmp_path)
+  assert result.returncode == 1
+  assert "error: config.init.hf_checkpoint is required" in result.stderr
+  assert os.listdir(tmp_path) == []
+  shown = main_cli(f"--config={REPO}/configs/hf_copd.py:micro", "--help", cwd=tmp_path)
+  assert shown.returncode == 0, shown.stderr[-2000:]
+  required = {l.split(" = ")[0].strip() for l in shown.stdout.splitlines() if " = <required>" in l}
+  assert required == {"init.hf_checkpoint", "data.train_files.math", "data.eval_files.math",
+                      "data.train_files.science", "data.eval_files.science"}
+
+
+def test_a_real_checkpoint_on_the_users_files_validates(tmp_path):
+  cfg = cli.load_config_file(os.path.join(REPO, "configs", "hf_copd.py:micro"))
   cfg.init.hf_checkpoint = real_checkpoint(tmp_path, with_tokenizer=True)
-  cfg.init.hf_tokenizer = ""  # the checkpoint's own tokenizer
   files = user_data(tmp_path)
-  cfg.data.train_files.math = files["math_train.jsonl"]
-  cfg.data.eval_files.math = files["math_eval.jsonl"]
-  cfg.data.train_files.science = files["science_train.parquet"]
-  # data.eval_files.science is left at its default: the fixture file.
-  with pytest.raises(ValueError, match=r"config\.data\.eval_files\.science points at the "
-                                       r"committed test fixture"):
-    config_lib.validate_config(cfg)
-  cfg.data.eval_files.science = files["science_eval.parquet"]
-  config_lib.validate_config(cfg)  # every path is the user's: valid
-
-
-def test_the_fixture_checkpoint_still_runs_on_fixtures():
-  cfg = hf_config()
-  assert config_lib.is_test_fixture(cfg.init.hf_checkpoint)  # the committed demo path ...
-  config_lib.validate_config(cfg)  # ... is valid: fixture data beside a fixture checkpoint
+  for domain, train, held_out in (("math", "math_train.jsonl", "math_eval.jsonl"),
+                                  ("science", "science_train.parquet", "science_eval.parquet")):
+    cfg.data.train_files[domain], cfg.data.eval_files[domain] = files[train], files[held_out]
+  spec = config_lib.build(cfg)  # the tokenizer from the checkpoint directory (hf_tokenizer='')
+  assert spec.init.hf_checkpoint == cfg.init.hf_checkpoint and spec.init.hf_tokenizer == ""
+  assert spec.data.eval_files == {"math": files["math_eval.jsonl"],
+                                  "science": files["science_eval.parquet"]}
 
 
 # --------------------------------------------------------------- 2. RL sampling
@@ -156,12 +172,76 @@ def test_help_lists_the_config_fields_with_defaults_and_meanings(tmp_path):
 
 
 def test_every_shipped_config_field_has_a_meaning():
-  for name in ("base", "copd", "hf_copd", "pod_4b"):
+  """--help's meanings are the RunSpec dataclasses' field docs: every field of every
+  shipped config has one."""
+  names = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
+                 if f.endswith(".py") and f != "common.py")  # common.py: the shared recipe
+  for name in names:
     cfg = cli.load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
     flat = run_dir.flatten(cli.as_json(cfg))
-    from copd_jax import config_help
-    missing = [k for k in flat if not config_help.field_help(k)]
-    assert missing == [], f"configs/{name}.py fields without --help text: {missing}"
+    missing = [k for k in flat if not run_spec.field_doc(k)]
+    assert missing == [], f"configs/{name}.py fields without a doc in copd_jax/run_spec.py: {missing}"
+
+
+def _library_fields(cls, dotted: str) -> bool:
+  """Whether `dotted` ('vision.width') names a field of dataclass cls, or inside one."""
+  for part in dotted.split("."):
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    if part not in fields:
+      return False
+    hint = typing.get_type_hints(cls).get(part)
+    cls = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)
+  return True
+
+
+def stale_subfield_docs() -> list[str]:
+  """`fields=` docs of the library-type sections naming no field of the library class."""
+  from copd_jax import losses, kernels
+  from copd_jax.models import lora, model_config
+  from copd_jax.rl import schedules
+  library = {"model": model_config.ModelConfig, "model.lora": lora.LoraSpec,
+             "rl.loss": losses.PolicyLossConfig, "rl.kernel": kernels.KernelConfig,
+             "rl.opd.schedule": schedules.OPDSchedule}
+  docs = run_spec.field_docs()
+  out = []
+  for key in set(docs) - set(library):  # a section itself (model.lora) is RunSpec's own
+    owner = max((p for p in library if key.startswith(p + ".")), key=len, default=None)
+    if owner and not _library_fields(library[owner], key[len(owner) + 1:]):
+      out.append(key)
+  return out
+
+
+def test_every_run_spec_field_has_a_doc_and_no_doc_is_stale():
+  docs = run_spec.field_docs()
+  assert [k for k, meaning in docs.items() if not meaning] == []
+  assert {"rl.opd.beta", "model.vision.width", "model.lora.rank", "rl.loss.eps_low"} <= set(docs)
+  assert stale_subfield_docs() == []
+
+
+def test_a_field_without_a_doc_or_a_stale_doc_is_found():
+  from copd_jax import spec_fields
+
+  @dataclasses.dataclass(frozen=True, kw_only=True)
+  class Planted:
+    documented: int = spec_fields.doc("has a meaning", 1)
+    undocumented: int = 2  # declared without spec_fields.doc
+  assert run_spec.field_docs(Planted, "x.") == {"x.documented": "has a meaning",
+                                                "x.undocumented": ""}
+  from copd_jax.models import model_config
+  assert _library_fields(model_config.ModelConfig, "vision.width")
+  assert not _library_fields(model_config.ModelConfig, "vision.wdith")
+  with pytest.raises(ValueError, match="needs a one-line meaning"):
+    spec_fields.doc("  ")
+
+
+def test_help_lines_read_the_dataclass_docs():
+  [beta] = [f for f in dataclasses.fields(run_spec.OPDSpec) if f.name == "beta"]
+  [line] = cli.describe_fields({"rl.opd.beta": 1.0})
+  assert line.split("  ")[-1].strip() == beta.metadata["doc"] == "OPD rate of every branch"
+  # A dict field's entries read their field's doc; a library section's fields its fields= doc.
+  assert run_spec.field_doc("tasks.difficulty.text") == run_spec.field_docs()["tasks.difficulty"]
+  assert run_spec.field_doc("model.vision.width") == "ViT width"
+  assert run_spec.field_doc("no_such.field") == ""
 
 
 def test_dry_run_validates_prints_the_resolved_config_and_writes_nothing(tmp_path):

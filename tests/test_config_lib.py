@@ -4,8 +4,9 @@ import os
 
 import pytest
 
+import fixture_configs
 import paths
-from copd_jax import config_lib, default_config
+from copd_jax import config_lib, default_config, run_spec
 
 REPO = paths.REPO
 
@@ -18,7 +19,8 @@ def load_config(name="base", preset="micro"):
 
 
 def test_every_shipped_config_validates_and_names_its_method():
-  names = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py"))
+  names = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
+                 if f.endswith(".py") and f != "common.py")  # common.py: the shared recipe
   assert set(default_config.METHODS) <= set(names)  # one config per method, named after it
   for name in default_config.METHODS:
     for preset in ("toy", "micro"):
@@ -26,8 +28,10 @@ def test_every_shipped_config_validates_and_names_its_method():
       assert cfg.method == name
       config_lib.validate_config(cfg)  # raises on any invalid field
   for name in sorted(set(names) - set(default_config.METHODS)):  # e.g. hf_copd, pod_4b
-    cfg = load_config(name, None)
+    cfg = fixture_configs.load(name)  # a real config's paths: the committed fixtures ...
     assert cfg.method in default_config.METHODS
+    if name.startswith("pod_4b"):  # ... or, without fixtures (a 4B pod), the rest checked
+      cfg = config_lib.without_unset_paths(cfg)
     config_lib.validate_config(cfg)
 
 
@@ -74,3 +78,20 @@ def test_difficulty_and_mix_must_match_capabilities():
   cfg.tasks.difficulty = dict(text=1, image=1)
   with pytest.raises(ValueError, match=r"config\.tasks\.difficulty needs an entry for 'video'"):
     config_lib.validate_config(cfg)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("method", "grpo", r"config\.method must be one of"),
+    ("num_experts", 2, r"config\.num_experts must equal the number of rl\.capabilities \(3\)"),
+    ("sampling.temperature", 0.7, r"config\.sampling\.temperature must be 1\.0 for RL methods"),
+    ("rl.opd.hub", "audio", r"config\.rl\.opd\.hub must be one of rl\.capabilities"),
+    ("rl.merge_weights", {"text": -1.0}, r"config\.rl\.merge_weights\.text must be non-negative"),
+    ("warm_start.flaw_rate", {"text": 1.5}, r"config\.warm_start\.flaw_rate\.text must be a fraction"),
+    ("tasks.capabilities", ("text", "text"), r"config\.tasks\.capabilities must not repeat"),
+])
+def test_a_run_spec_checks_itself_without_config_lib(field, value, message):
+  """The checks live in the dataclasses (__post_init__): a RunSpec changed after build
+  (run_spec.replace_fields, as tpu_compile.small_config does) is checked again."""
+  spec = config_lib.build(load_config("copd"))
+  with pytest.raises(ValueError, match=message):
+    run_spec.replace_fields(spec, {field: value})

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+import fixture_configs
 import paths
 from copd_jax.config_lib import spec_of
 from copd_jax import config_lib, policy_setup, warm_start
@@ -18,13 +19,11 @@ REPO = paths.REPO
 
 
 def hf_config(arg="micro"):
-  spec = importlib.util.spec_from_file_location("hf_copd", os.path.join(REPO, "configs", "hf_copd.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """configs/hf_copd.py:<arg> on the committed fixtures."""
+  return fixture_configs.load("hf_copd", arg)
 
 
-def test_shipped_hf_config_validates_and_points_at_fixtures():
+def test_shipped_hf_config_validates_on_the_injected_fixtures():
   for arg in ("", "micro", "math,science,micro"):
     cfg = hf_config(arg)
     config_lib.validate_config(cfg)

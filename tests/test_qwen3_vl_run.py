@@ -19,9 +19,10 @@ from copd_jax.data import records, vl_prompts
 from copd_jax.models import qwen3_vl_decode, qwen3_vl_import
 
 REPO = paths.REPO
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import hf_vl_copd  # noqa: E402
+import fixture_configs  # noqa: E402
 import xla_env  # noqa: E402
+
+VL_CHECKPOINT, _, VL_FILES = fixture_configs.FIXTURES["hf_vl_copd"]
 
 # A reward with spread inside every group, so the RL step moves each branch on its own
 # domain and the OPD step has something to distil (the random fixture never answers right).
@@ -32,7 +33,7 @@ def length(response, example):
 
 
 def vl_config(workdir, reward_module, **mesh):
-  cfg = hf_vl_copd.get_config("math,chart,clip,micro")
+  cfg = fixture_configs.load("hf_vl_copd", "math,chart,clip,micro")
   cfg.workdir = str(workdir)
   cfg.rl.opd.topology = "full"  # image <-> video teach each other too, not only the hub
   if reward_module:  # None: the built-in verifier (tests that never score)
@@ -81,14 +82,14 @@ def cross_pairs(workdir, step):
 
 
 def test_records_keep_several_images_of_their_own_sizes_and_the_video_rate(tmp_path):
-  source = records.RecordSource(hf_vl_copd.FIXTURE_FILES["chart"][0], capability="chart",
+  source = records.RecordSource(VL_FILES["chart"][0], capability="chart",
                                 native_media=True)
   sizes = {source[i].media.images[0].shape for i in range(len(source))}
   assert len(sizes) == 2  # the fixture's two image sizes
-  clip = records.RecordSource(hf_vl_copd.FIXTURE_FILES["clip"][0], capability="clip",
+  clip = records.RecordSource(VL_FILES["clip"][0], capability="clip",
                               native_media=True)[0]
   assert clip.media.video.shape[0] == 3 and clip.media.video_fps == 2.0
-  image = os.path.join(os.path.dirname(hf_vl_copd.FIXTURE_FILES["chart"][0]), "image0.png")
+  image = os.path.join(os.path.dirname(VL_FILES["chart"][0]), "image0.png")
   two = tmp_path / "two.jsonl"
   two.write_text(json.dumps({"prompt": "Which is larger?", "answer": "1",
                              "verifier": "integer", "images": [image, image]}) + "\n")
@@ -133,7 +134,7 @@ def test_copd_trains_image_and_video_branches_and_the_export_reloads(finished_ru
 
   # The reloaded model answers a prompt with an image exactly as the trained one does.
   setup = policy_setup.build_setup(spec_of(vl_config(workdir, None)))
-  example = records.RecordSource(hf_vl_copd.FIXTURE_FILES["chart"][0], capability="chart",
+  example = records.RecordSource(VL_FILES["chart"][0], capability="chart",
                                  native_media=True)[0]
   batch = setup.encode_prompts([example])
   logits = [qwen3_vl_decode.prefill(p, setup.model_cfg, batch.tokens, batch.mask,
@@ -149,7 +150,7 @@ def test_the_same_run_on_an_expert_mesh(finished_run, reward_module, tmp_path):
   module, folder = reward_module
   script = (
       "import sys; sys.path[:0] = [%r, %r]\n"
-      "import hf_vl_copd, test_qwen3_vl_run as t\n"
+      "import test_qwen3_vl_run as t\n"
       "from copd_jax import main\n"
       "main.run(t.vl_config(%r, %r, expert=3, data=2))\n"
   ) % (folder, paths.TESTS, str(mesh_dir), module)
@@ -171,7 +172,7 @@ def test_the_same_run_on_an_expert_mesh(finished_run, reward_module, tmp_path):
 
 def test_bad_records_are_named_before_anything_compiles(tmp_path):
   big = tmp_path / "big.jsonl"
-  image = os.path.join(os.path.dirname(hf_vl_copd.FIXTURE_FILES["chart"][0]), "image0.png")
+  image = os.path.join(os.path.dirname(VL_FILES["chart"][0]), "image0.png")
   big.write_text(json.dumps({"id": "wide", "prompt": "Count.", "answer": "1",
                              "verifier": "integer", "images": [image] * 3}) + "\n")
   cfg = vl_config(tmp_path / "run", None)
@@ -186,7 +187,7 @@ def test_bad_records_are_named_before_anything_compiles(tmp_path):
                      r"config.data.max_prompt_len=40"):
     policy_setup.build_setup(spec_of(cfg))
   no_fps = tmp_path / "no_fps.jsonl"
-  frames = [os.path.join(os.path.dirname(hf_vl_copd.FIXTURE_FILES["clip"][0]), f"video0_{i}.png")
+  frames = [os.path.join(os.path.dirname(VL_FILES["clip"][0]), f"video0_{i}.png")
             for i in range(3)]
   no_fps.write_text(json.dumps({"id": "v", "prompt": "Count.", "answer": "1",
                                 "verifier": "integer", "video_frames": frames}) + "\n")
@@ -196,7 +197,7 @@ def test_bad_records_are_named_before_anything_compiles(tmp_path):
     policy_setup.build_setup(spec_of(cfg))
   # A checkpoint whose vision config we do not support: named with its file and field.
   checkpoint = tmp_path / "relu_checkpoint"
-  shutil.copytree(hf_vl_copd.FIXTURE_CHECKPOINT, checkpoint)
+  shutil.copytree(VL_CHECKPOINT, checkpoint)
   config = json.loads((checkpoint / "config.json").read_text())
   config["vision_config"]["hidden_act"] = "relu"
   (checkpoint / "config.json").write_text(json.dumps(config))
@@ -214,7 +215,7 @@ def test_bad_records_are_named_before_anything_compiles(tmp_path):
 def test_prompt_batches_share_one_vision_budget():
   cfg = vl_config("/tmp/unused", None)
   setup = policy_setup.build_setup(spec_of(cfg))
-  examples = [records.RecordSource(hf_vl_copd.FIXTURE_FILES[d][0], capability=d,
+  examples = [records.RecordSource(VL_FILES[d][0], capability=d,
                                    native_media=True)[i]
               for d, i in (("chart", 0), ("chart", 3), ("clip", 0), ("math", 0))]
   batch = setup.encode_prompts(examples)

@@ -254,7 +254,6 @@ CONFIG_LAYER = {
     "copd_jax.config_lib": "checks the ConfigDict and translates it (build)",
     "copd_jax.default_config": "defines the configs (ConfigDicts)",
     "copd_jax.cli": "parses --config (ml_collections config_flags) for the entry points",
-    "copd_jax.config_help": "the --help text of the config's fields",
     "copd_jax.memory_budget": "a config check: run by config_lib.build on the ConfigDict and "
                               "by main --dry_run, before any run object exists",
 }

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+import fixture_configs
 import paths
 from copd_jax.config_lib import spec_of
 from copd_jax import cli, config_lib, default_config, export, main, policy_setup, run_dir
@@ -26,10 +27,12 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
 
 
 def hf_config(arg="micro"):
-  spec = importlib.util.spec_from_file_location("hf_copd", os.path.join(REPO, "configs", "hf_copd.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """configs/hf_copd.py:<arg> on the committed fixtures."""
+  return fixture_configs.load("hf_copd", arg)
+
+
+# configs/hf_copd.py:micro's required checkpoint and record files: the committed fixtures.
+HF_FIXTURE_FLAGS = fixture_configs.fixture_flags("hf_copd", ("math", "science"))
 
 
 def run_cli(module, *args, cwd):
@@ -143,6 +146,8 @@ def test_dotted_source_overrides_and_structured_values_in_the_run_name(tmp_path)
       f"SOURCES = json.loads({json.dumps(json.dumps(two_sources(tmp_path)))})\n"
       "def get_config():\n"
       "  c = hf.get_config('micro')\n"
+      f"  c.init.hf_checkpoint, c.init.hf_tokenizer = {fixture_configs.QWEN3_TINY!r}, "
+      f"{fixture_configs.QWEN3_TINY_TOKENIZER!r}\n"
       "  c.data.train_files, c.data.eval_files, c.data.sources = {}, {}, SOURCES\n"
       "  return c\n")
   result = run_cli("copd_jax.main", f"--config={config_file}", "--config.data.sources.gsm.weight=2.5",
@@ -163,7 +168,7 @@ def test_dotted_source_overrides_and_structured_values_in_the_run_name(tmp_path)
 
 
 def test_hf_config_rejects_an_overridden_architecture_field(tmp_path):
-  result = run_cli("copd_jax.main", f"--config={REPO}/configs/hf_copd.py:micro",
+  result = run_cli("copd_jax.main", f"--config={REPO}/configs/hf_copd.py:micro", *HF_FIXTURE_FLAGS,
                    "--config.model.d_model=4096", "--dry_run", cwd=tmp_path)
   assert result.returncode == 1
   [line] = error_lines(result)
@@ -171,13 +176,13 @@ def test_hf_config_rejects_an_overridden_architecture_field(tmp_path):
   assert "its config.json gives 48" in line  # the fixture checkpoint's hidden_size
   assert os.listdir(tmp_path) == []  # no run directory started
   # The compute dtype is still the config's to set.
-  ok = run_cli("copd_jax.main", f"--config={REPO}/configs/hf_copd.py:micro",
+  ok = run_cli("copd_jax.main", f"--config={REPO}/configs/hf_copd.py:micro", *HF_FIXTURE_FLAGS,
                "--config.model.dtype=bfloat16", "--dry_run", cwd=tmp_path)
   assert ok.returncode == 0, ok.stderr[-2000:]
 
 
 def test_help_lists_only_the_fields_that_apply(tmp_path):
-  hf = run_cli("copd_jax.main", f"--config={REPO}/configs/hf_copd.py:micro", "--help", cwd=tmp_path)
+  hf = run_cli("copd_jax.main", f"--config={REPO}/configs/hf_copd.py:micro", *HF_FIXTURE_FLAGS, "--help", cwd=tmp_path)
   assert hf.returncode == 0
   listed = {l.split(" = ")[0].strip() for l in hf.stdout.splitlines() if " = " in l}
   assert "model.dtype" in listed and "data.max_prompt_len" in listed

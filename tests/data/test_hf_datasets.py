@@ -13,6 +13,7 @@ import pytest
 
 hf_datasets = pytest.importorskip("datasets")
 
+import fixture_configs
 import paths
 from copd_jax.config_lib import spec_of
 from copd_jax import config_lib, policy_setup  # noqa: E402
@@ -119,10 +120,7 @@ def test_jsonl_through_datasets_names_the_bad_row(tmp_path):
 
 
 def hf_config():
-  spec = importlib.util.spec_from_file_location("hf_copd", os.path.join(REPO, "configs", "hf_copd.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config("math,micro")
+  cfg = fixture_configs.load("hf_copd", "math,micro")
   cfg.method, cfg.num_experts = "base", 1  # one domain: evaluate the checkpoint
   return cfg
 

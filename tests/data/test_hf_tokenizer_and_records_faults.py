@@ -23,8 +23,7 @@ REPO = paths.REPO
 TOKENIZER_DIR = os.path.join(paths.FIXTURES, "hf", "qwen3_tiny", "tokenizer")
 VL_CHECKPOINT = os.path.join(paths.FIXTURES, "hf", "qwen3_vl_run")
 VL_DATA = os.path.join(paths.FIXTURES, "data", "vl")
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import hf_vl_copd  # noqa: E402
+import fixture_configs  # noqa: E402
 
 
 def _tokenizer_dir(tmp_path):
@@ -138,7 +137,7 @@ def test_qwen3_vl_dry_run_rejects_corrupt_pixel_data_naming_the_record(tmp_path)
   shutil.copytree(VL_DATA, data)
   good = (data / "image2.png").read_bytes()
   (data / "image2.png").write_bytes(_corrupt_pixels_keep_checksums(good))
-  cfg = hf_vl_copd.get_config("math,chart,clip,micro")
+  cfg = fixture_configs.load("hf_vl_copd", "math,chart,clip,micro")
   cfg.workdir = str(tmp_path / "run")
   cfg.data.train_files.chart = str(data / "image.jsonl")
   with pytest.raises(ValueError, match=r"image\.jsonl:3 \(id i2\): images\[0\] is not a "

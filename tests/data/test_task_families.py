@@ -180,7 +180,7 @@ def test_flawed_procedures_by_hand(cap, question, solution, answer, flawed):
 
 @pytest.mark.parametrize("cap", NEW)
 def test_verifier_accepts_the_procedure_and_rejects_the_flaw(cap):
-  longest = default_config.base_config().data.max_response_len - 1
+  longest = default_config.skeleton().data.max_response_len - 1
   rejected = 0
   exs = items(cap, 200, difficulty=1, seed=3, conflict=0.5)
   for ex in exs:

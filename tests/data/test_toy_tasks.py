@@ -473,7 +473,7 @@ def test_flawed_solutions_are_consistent_and_fit(cap):
   # holds and the answer is the last result; and it fits the toy configs' response
   # budget (solution + eos).
   from copd_jax import default_config
-  longest = default_config.base_config().data.max_response_len - 1
+  longest = default_config.skeleton().data.max_response_len - 1
   changed = 0
   for ex in examples(cap, 300, difficulty=2, seed=3):
     flawed = toy_flaws.flawed_solution(ex)
