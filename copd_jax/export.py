@@ -1,7 +1,8 @@
 """Export a finished run's policy as a Hugging Face Qwen3 or Qwen3-VL checkpoint directory.
 
-    python -m copd_jax.main --config=configs/hf_copd.py:micro
-    python -m copd_jax.export --config=configs/hf_copd.py:micro --out=runs/hf_copd_micro_export
+    python -m copd_jax.main --config=configs/hf_copd.py --config.workdir=runs/qwen3_copd \
+        --config.init.hf_checkpoint=/models/qwen3 --config.data.train_files.math=... (etc.)
+    python -m copd_jax.export --workdir=runs/qwen3_copd --out=/models/qwen3-copd-merged
         [--branch=merged|<branch name>] [--dtype=bfloat16|float32] [--overwrite]
 
 --config with the training command's overrides finds the run directory as copd_jax.main
