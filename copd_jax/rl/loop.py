@@ -267,14 +267,9 @@ def stage_trainer(ctx: RunContext, stage: stages_lib.Stage, frozen_teachers,
 
 def initial_run(ctx: RunContext, trainer: step_lib.StageTrainer, params,
                 seed_offset: int) -> StageRun:
-  """The stage's first StageRun: params (stacked [S]) and a fresh optimizer state on the
-  mesh, the prompt RNG of (seed, seed_offset)."""
-  optimizer = trainer.update_fn.optimizer
-  opt_state = update_lib.init_optimizer_state(optimizer, params)
-  # On the mesh before the restore target is taken.
-  params = ctx.sharding.shard_params(params)
-  opt_state = sharding_lib.place(opt_state, ctx.sharding.opt_state(opt_state))
-  return StageRun(step_lib.TrainState(params, opt_state), 0,
+  """The stage's first StageRun: the trainer's first state of params (stacked [S]) and
+  the prompt RNG of (seed, seed_offset)."""
+  return StageRun(trainer.init_state(params), 0,
                   np.random.default_rng([ctx.cfg.seed, seed_offset]),
                   schedules.ScheduleState(), UpdateCounts.zeros(trainer.stage.num_students))
 

@@ -80,6 +80,10 @@ class StageTrainer:
   update_fn: StageUpdate
   frozen_teachers: Params | None = None
 
+  def init_state(self, params: Params) -> TrainState:
+    """The stage's first TrainState of params (stacked [S]), on the run's mesh."""
+    return self.update_fn.init_state(params)
+
   def rollout(self, state: TrainState, step: int, weight: float,
               rng: np.random.Generator) -> Rollouts:
     """The students' scored rollouts of step `step` (sampling key fold_in(key, step)) at

@@ -15,7 +15,7 @@ from copd_jax.models import decoder, lora, partitioning
 from copd_jax.models.decoder import Params
 from copd_jax.rl.rows import Rows, UpdateConfig, join_rows, loss_columns, loss_targets, split_rows
 from copd_jax.rl.scoring import _response_hidden, lm_head, reference_logprobs, score_by_teachers
-from copd_jax.sharding import MeshProgram, RunSharding
+from copd_jax.sharding import MeshProgram, RunSharding, place
 
 
 @flax.struct.dataclass
@@ -40,6 +40,14 @@ class StageUpdate:
   routing: dict
   cross_row_start: int
   ref_params: Params | None = None
+
+  def init_state(self, params: Params) -> TrainState:
+    """The stage's first TrainState: params (stacked [S]) and a fresh optimizer state
+    (init_optimizer_state), both placed on the run's mesh."""
+    opt_state = init_optimizer_state(self.optimizer, params)
+    # On the mesh before a checkpoint's restore target is taken from them.
+    return TrainState(self.run.shard_params(params),
+                      place(opt_state, self.run.opt_state(opt_state)))
 
   def apply_update(self, state: TrainState, batch, teachers: Params | None):
     """One optimizer step of every student on `batch` (rollout.Rollouts: its rows [S, R,
