@@ -306,6 +306,25 @@ def restore(ctx: RunContext, ckpt, run: StageRun, data: rollout_lib.DataContext)
   return host
 
 
+def stage_hooks(ctx: RunContext, stage: stages_lib.Stage, start_step: int, checkpoints,
+                merge_at_eval: bool) -> list:
+  """The stage's hooks in the order they run after a step: the step's log first (it
+  counts the update and stops a run past the non-finite budget), then diagnostics (the
+  adaptive schedule reads them next step), evaluation, and, with checkpoints = (the
+  stage's checkpoint manager, the data streams), the save before a preemption that
+  waits for it."""
+  short_eval = {c: ex[:ctx.cfg.rl.eval_examples] for c, ex in ctx.eval_sets.items()}
+  hooks = [hooks_lib.StepLog(ctx, stage, start_step),
+           hooks_lib.Diagnostics(ctx, stage, lambda p: branch_diagnostics(ctx, stage, p)),
+           hooks_lib.Evaluation(ctx, stage, lambda p: evaluate_branches(
+               ctx, stage, p, short_eval, merge=merge_at_eval))]
+  if checkpoints is not None:
+    ckpt, streams = checkpoints
+    hooks += [hooks_lib.Checkpointing(ctx, stage, ckpt, streams),
+              hooks_lib.Preemption(ctx, stage, ckpt)]
+  return hooks
+
+
 def train_loop(ctx: RunContext, trainer: step_lib.StageTrainer, run: StageRun,
                hooks: list) -> None:
   """Steps `run` to the end of its stage, calling the hooks before the first step and
@@ -354,14 +373,8 @@ def run_stage(ctx: RunContext, stage: stages_lib.Stage, params, frozen_teachers=
       if host.finished:
         ckpt.close()
         return run.state.params
-  short_eval = {c: ex[:ctx.cfg.rl.eval_examples] for c, ex in ctx.eval_sets.items()}
-  hooks = [hooks_lib.StepLog(ctx, stage, run.step),
-           hooks_lib.Diagnostics(ctx, stage, lambda p: branch_diagnostics(ctx, stage, p)),
-           hooks_lib.Evaluation(ctx, stage, lambda p: evaluate_branches(
-               ctx, stage, p, short_eval, merge=merge_at_eval))]
-  if ckpt is not None:
-    hooks += [hooks_lib.Checkpointing(ctx, stage, ckpt, data.streams),
-              hooks_lib.Preemption(ctx, stage, ckpt)]
+  hooks = stage_hooks(ctx, stage, run.step,
+                      None if ckpt is None else (ckpt, data.streams), merge_at_eval)
   ctx.rewind_log()
   try:
     train_loop(ctx, trainer, run, hooks)

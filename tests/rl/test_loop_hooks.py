@@ -106,3 +106,19 @@ def test_a_hook_error_stops_the_loop_after_that_step():
                     [Stop("preemption", events, ctx)])
   assert [e for e in events if e[0] == "step"] == [("step", 0, 0.0, 0), ("step", 1, 0.0, 1)]
   assert run.step == 2
+
+
+def test_run_stage_hooks_log_first_and_save_before_preempting():
+  """The real hook list: the log counts the step before anything reads the counts; the
+  checkpoint is written before a preemption raises (else a SIGTERM would lose the step);
+  without checkpoints neither is installed."""
+  from copd_jax.rl import hooks as hooks_lib
+  cfg = types.SimpleNamespace(rl=types.SimpleNamespace(eval_examples=2, log_every=1))
+  ctx = types.SimpleNamespace(cfg=cfg, eval_sets={"text": [1, 2, 3]})
+  stage = types.SimpleNamespace(name="s", steps=4, teacher_data=(("text",),),
+                                student_data=(("text",),))
+  kinds = [type(h) for h in loop.stage_hooks(ctx, stage, 0, (object(), {}), False)]
+  assert kinds == [hooks_lib.StepLog, hooks_lib.Diagnostics, hooks_lib.Evaluation,
+                   hooks_lib.Checkpointing, hooks_lib.Preemption]
+  kinds = [type(h) for h in loop.stage_hooks(ctx, stage, 0, None, False)]
+  assert kinds == [hooks_lib.StepLog, hooks_lib.Diagnostics, hooks_lib.Evaluation]
