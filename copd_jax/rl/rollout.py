@@ -195,8 +195,8 @@ class Rollouts:
   zero_variance bool[S, B] (groups with equal rewards); examples [S][B]; row_teacher,
   local [S, B] (see stage_prompts / load_local_examples); responses_of(flat row indices)
   decodes rows of the [S*B*G] rollout; rollout_tokens: response tokens sampled;
-  timings: seconds of sampling and verification; verify_stats: the verifier's counters
-  (verify_local)."""
+  timings: seconds of sampling and verification (StageTrainer.step adds the update's);
+  verify_stats: the verifier's counters (verify_local)."""
   rows: Rows
   distil: bool
   prompt_len: int
