@@ -9,7 +9,7 @@ Shape (the "bench shape"): the toy suite's Qwen3-layout decoder widened to d_mod
 tubelet ViT), three branches (text, image, video; hub = text), 16 native prompts x G = 8
 samples per branch, 8 cross prompts on OPD steps, prompts of 64 and responses of 24 tokens,
 random weights (so responses run to their full length). Everything runs through the
-library's own step (trainer.collect_rollouts + step_lib.apply_update), single device.
+library's own step (StageTrainer.rollout + StageTrainer.update), single device.
 
 Figures (medians over repeated, interleaved runs after a warm-up; compile time excluded):
   scoring_batched_vs_loop: one vmapped teacher call over all (student, teacher) pairs
@@ -178,21 +178,26 @@ def make_bench(dtype: str) -> Bench:
 _RUNS: dict = {}  # one RunSharding per bench: the programs compile once
 
 
-def step_plan(b: Bench) -> step_lib.StepPlan:
+def stage_trainer(b: Bench) -> step_lib.StageTrainer:
+  """The library's StageTrainer of the bench's stage (live teachers, no KL reference)."""
   if id(b) not in _RUNS:
-    _RUNS[id(b)] = methods.run_sharding(b.cfg, b.setup.model_cfg)
-  return step_lib.StepPlan(stage=b.stage, data=b.data, ucfg=b.ucfg, optimizer=b.optimizer,
-                           key=b.key, assignment=b.assignment, routing=b.routing,
-                           sharding=_RUNS[id(b)])
+    run = methods.run_sharding(b.cfg, b.setup.model_cfg)
+    _RUNS[id(b)] = step_lib.StageTrainer(
+        b.stage,
+        trainer.StageRollout(b.stage, b.data, run, b.ucfg.model, b.key, b.assignment,
+                             b.ucfg.scale_by_std),
+        update_lib.StageUpdate(run, b.ucfg, b.optimizer, jax.device_get(b.routing),
+                               b.stage.native_prompts * b.stage.samples_per_prompt))
+  return _RUNS[id(b)]
 
 
 def rollouts(b: Bench, params, step: int, weight: float) -> trainer.Rollouts:
-  return trainer.collect_rollouts(step_plan(b), params, step, weight, b.rng)
+  return stage_trainer(b).rollout(step_lib.TrainState(params, None), step, weight, b.rng)
 
 
 def update_fn(b: Bench, params, opt_state, got: trainer.Rollouts):
   state = step_lib.TrainState(params, opt_state)
-  return lambda: step_lib.apply_update(step_plan(b), state, got)[1]
+  return lambda: stage_trainer(b).update(state, got, params)[1]
 
 
 # --------------------------------------------------------------------- scoring vs a loop
@@ -336,8 +341,8 @@ def main(argv=None):
   for step in range(2 * (repeats // 2 + 2)):
     kind = "rl" if step % 2 == 0 else "opd"
     before = counter.counts.get(UPDATE_JIT_NAME, 0)
-    result = step_lib.train_step(step_plan(b), step_lib.TrainState(params, opt_state), step,
-                                 0.0 if kind == "rl" else 1.0, b.rng)
+    result = stage_trainer(b).step(step_lib.TrainState(params, opt_state), step,
+                                   0.0 if kind == "rl" else 1.0, b.rng)
     params, opt_state = result.state.params, result.state.opt_state
     steps[kind].append({k: v for k, v in result.metrics.items() if k.startswith("time/")})
     compiles[kind] += counter.counts.get(UPDATE_JIT_NAME, 0) - before

@@ -8,12 +8,10 @@ import sys
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from orbax.checkpoint import utils as ocp_utils
 
 from copd_jax import (
-  kernels,
   run_log,
   sampling,
   sharding as sharding_lib,
@@ -27,6 +25,7 @@ from copd_jax.policy_setup import RunSetup
 from copd_jax.rl import (
   diagnostics,
   evaluation,
+  hooks as hooks_lib,
   rollout as rollout_lib,
   rows as rows_lib,
   schedules,
@@ -34,7 +33,9 @@ from copd_jax.rl import (
   step as step_lib,
   update as update_lib,
 )
-from copd_jax.run_log import MetricsWriter, Phase, ProgressLine, branch_line
+from copd_jax.rl.hooks import StageRun, UpdateCounts, _log_branch_arrays, completions_to_log
+from copd_jax.rl.stages import branch_names
+from copd_jax.run_log import MetricsWriter, Phase, branch_line
 from copd_jax.run_spec import RunSpec
 
 
@@ -90,22 +91,6 @@ def sampling_config(cfg, setup: RunSetup) -> sampling.SamplingConfig:
       top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p,
       stop_token_ids=(setup.tokenizer.eos_id,),
       banned_token_ids=setup.banned_token_ids)
-
-
-def branch_names(stage: stages_lib.Stage) -> list[str]:
-  return ["+".join(caps) if caps else "student" for caps in stage.student_data]
-
-
-def _log_branch_arrays(names, metrics: dict) -> dict:
-  out = {}
-  for key, value in metrics.items():
-    value = np.asarray(value)
-    if value.ndim == 0:
-      out[key] = float(value)
-    else:
-      for name, v in zip(names, value):
-        out[f"{name}/{key}"] = float(v)
-  return out
 
 
 def diagnostic_prompts(ctx: RunContext, stage: stages_lib.Stage) -> list[list]:
@@ -196,11 +181,6 @@ def _answer_rate_scalars(names, examples, rollout, tokenizer) -> dict:
   return out
 
 
-def completions_to_log(cfg) -> int:
-  """config.log.completions: prompts per capability / branch in the completion log."""
-  return int(cfg.log.completions)
-
-
 def eval_completion_records(names, eval_sets, responses: dict, count: int,
                             rewards) -> list[dict]:
   """The first `count` held-out examples of every capability with each branch's greedy
@@ -214,21 +194,6 @@ def eval_completion_records(names, eval_sets, responses: dict, count: int,
                         "answer": str(ex.answer), "response": answers[i],
                         "reward": float(rewards.rewards_for([answers[i]], [ex])[0])})
   return records
-
-
-def train_completion_records(names, teacher_names, samples: list[dict], metrics: dict) -> list[dict]:
-  """rollout_lib.completion_samples with branch / teacher names; cross rows of an OPD step
-  carry the branch's mean teacher-student log-ratio on its cross tokens (opd/delta_mean)."""
-  delta = metrics.get("opd/delta_mean")
-  out = []
-  for sample in samples:
-    record = dict(sample, branch=names[sample["branch"]])
-    if sample["teacher"] is not None:
-      record["teacher"] = teacher_names[sample["teacher"]]
-      if delta is not None:
-        record["teacher_log_ratio"] = float(np.atleast_1d(delta)[sample["branch"]])
-    out.append(record)
-  return out
 
 
 def evaluate_branches(ctx: RunContext, stage: stages_lib.Stage, params, eval_sets, merge=False) -> dict:
@@ -277,54 +242,109 @@ def merged_params(cfg, stage: stages_lib.Stage, params):
   return stacked_lib.merge(params, weights)
 
 
-@dataclasses.dataclass
-class UpdateCounts:
-  """Per branch of a stage: updates applied, skipped as non-finite, and skipped in a row
-  just now (update_lib.update applies each branch's update only when it is finite)."""
-  applied: list
-  skipped: list
-  in_row: list
-  steps_with_skips: int = 0  # steps in which some branch's update was skipped
-
-  @classmethod
-  def zeros(cls, n: int) -> "UpdateCounts":
-    return cls([0] * n, [0] * n, [0] * n)
-
-  def record(self, applied: np.ndarray) -> list[int]:
-    """applied: [S] flags of this step -> the indices of the branches skipped."""
-    bad = [k for k, ok in enumerate(np.atleast_1d(applied)) if not ok]
-    for k in range(len(self.applied)):
-      if k in bad:
-        self.skipped[k] += 1
-        self.in_row[k] += 1
-      else:
-        self.applied[k] += 1
-        self.in_row[k] = 0
-    self.steps_with_skips += bool(bad)
-    return bad
-
-  def by_branch(self, names) -> dict:
-    return {n: {"applied": a, "skipped": s}
-            for n, a, s in zip(names, self.applied, self.skipped)}
+def stage_trainer(ctx: RunContext, stage: stages_lib.Stage, frozen_teachers,
+                  data: rollout_lib.DataContext, seed_offset: int) -> step_lib.StageTrainer:
+  """The stage's StageTrainer: its statics (routing, update settings, optimizer, the
+  stage's PRNG key, the mesh, the frozen teachers and the KL reference) fixed here."""
+  cfg = ctx.cfg
+  ucfg = rows_lib.update_config(cfg, ctx.setup.model_cfg)
+  assignment = stages_lib.cross_teacher_assignment(stage)
+  routing = stages_lib.teacher_routing(
+      assignment, len(stage.teacher_data), stage.samples_per_prompt,
+      native_rows=stage.native_prompts * stage.samples_per_prompt).as_arrays()
+  # Derived, not stored: a pure function of the seed; steps fold in their index.
+  key = jax.random.key(cfg.seed * 7919 + seed_offset)
+  rollout = rollout_lib.StageRollout(stage, data, ctx.sharding, ucfg.model, key, assignment,
+                                     ucfg.scale_by_std)
+  update = update_lib.StageUpdate(
+      ctx.sharding, ucfg, update_lib.optimizer_for_stage(cfg.rl, stage.steps),
+      jax.device_get(routing), stage.native_prompts * stage.samples_per_prompt,
+      ctx.base_params if ucfg.loss.kl_coef > 0 else None)
+  if frozen_teachers is not None:
+    frozen_teachers = ctx.sharding.shard_params(frozen_teachers)
+  return step_lib.StageTrainer(stage, rollout, update, frozen_teachers)
 
 
-def _check_nonfinite_budget(rl, stage, step: int, counts: UpdateCounts, bad, names, metrics):
-  """Raises NonFiniteTrainingError when a branch skipped rl.max_nonfinite_steps_in_row
-  updates in a row, or the stage skipped rl.max_nonfinite_steps_total in all."""
-  total = sum(counts.skipped)
-  limit_total = rl.max_nonfinite_steps_total
-  in_row = max(counts.in_row)
-  if in_row < rl.max_nonfinite_steps_in_row and (limit_total is None or total < limit_total):
-    return
-  why = (f"{in_row} non-finite updates in a row for branch "
-         f"{names[counts.in_row.index(in_row)]!r}" if in_row >= rl.max_nonfinite_steps_in_row
-         else f"{total} non-finite updates in total (config.rl.max_nonfinite_steps_total="
-              f"{limit_total})")
-  raise train_checkpoint.NonFiniteTrainingError(
-      f"stage {stage.name}: {why} (last: step {step + 1}, branch(es) "
-      f"{[names[k] for k in bad]}, loss {np.asarray(metrics['loss']).tolist()}, grad_norm "
-      f"{np.asarray(metrics['grad_norm']).tolist()}); stopping. Lower "
-      "config.rl.learning_rate or check the data")
+def initial_run(ctx: RunContext, trainer: step_lib.StageTrainer, params,
+                seed_offset: int) -> StageRun:
+  """The stage's first StageRun: the trainer's first state of params (stacked [S]) and
+  the prompt RNG of (seed, seed_offset)."""
+  return StageRun(trainer.init_state(params), 0,
+                  np.random.default_rng([ctx.cfg.seed, seed_offset]),
+                  schedules.ScheduleState(), UpdateCounts.zeros(trainer.stage.num_students))
+
+
+def restore(ctx: RunContext, ckpt, run: StageRun, data: rollout_lib.DataContext):
+  """Restores `run` (and the data streams) from the stage's latest checkpoint, if any.
+  Returns its train_checkpoint.HostState, or None without a checkpoint."""
+  abstract = jax.tree.map(ocp_utils.to_shape_dtype_struct,
+                          {"params": run.state.params, "opt_state": run.state.opt_state})
+  try:
+    restored = ckpt.restore_latest(abstract, ctx.checkpoints.fallback_on_corrupt)
+  except Exception:
+    # Close the manager before the error leaves: its background threads would otherwise
+    # print a traceback each at interpreter exit and bury this error.
+    ckpt.close()
+    raise
+  if restored is None:
+    return None
+  state, host = restored
+  n = len(run.counts.applied)
+  run.state = step_lib.TrainState(state["params"], state["opt_state"])
+  run.rng.bit_generator.state = host.numpy_rng
+  run.schedule = schedules.ScheduleState(**host.schedule)
+  run.last_overlap = host.last_overlap
+  train_checkpoint.restore_streams(data.streams, host.streams)
+  run.step, ctx.global_step = host.stage_step, host.global_step
+  if host.applied_per_branch is not None:
+    run.counts = UpdateCounts(list(host.applied_per_branch), list(host.skipped_per_branch),
+                              list(host.in_row_per_branch), host.steps_with_skips)
+  else:  # a checkpoint from before per-branch counts
+    run.counts = UpdateCounts([run.step] * n, [0] * n, [0] * n)
+  ctx.log_rewind_offset = host.metrics_offset
+  ctx.log_rewind_step = host.global_step + 1  # lines at the saved step are kept
+  return host
+
+
+def stage_hooks(ctx: RunContext, stage: stages_lib.Stage, start_step: int, checkpoints,
+                merge_at_eval: bool) -> list:
+  """The stage's hooks in the order they run after a step: the step's log first (it
+  counts the update and stops a run past the non-finite budget), then diagnostics (the
+  adaptive schedule reads them next step), evaluation, and, with checkpoints = (the
+  stage's checkpoint manager, the data streams), the save before a preemption that
+  waits for it."""
+  short_eval = {c: ex[:ctx.cfg.rl.eval_examples] for c, ex in ctx.eval_sets.items()}
+  hooks = [hooks_lib.StepLog(ctx, stage, start_step),
+           hooks_lib.Diagnostics(ctx, stage, lambda p: branch_diagnostics(ctx, stage, p)),
+           hooks_lib.Evaluation(ctx, stage, lambda p: evaluate_branches(
+               ctx, stage, p, short_eval, merge=merge_at_eval))]
+  if checkpoints is not None:
+    ckpt, streams = checkpoints
+    hooks += [hooks_lib.Checkpointing(ctx, stage, ckpt, streams),
+              hooks_lib.Preemption(ctx, stage, ckpt)]
+  return hooks
+
+
+def train_loop(ctx: RunContext, trainer: step_lib.StageTrainer, run: StageRun,
+               hooks: list) -> None:
+  """Steps `run` to the end of its stage, calling the hooks before the first step and
+  after every step."""
+  stage = trainer.stage
+  if run.step == 0:
+    for hook in hooks:
+      hook.start(run)
+  first = run.step
+  for step in range(first, stage.steps):
+    weight = schedules.opd_weight(stage.schedule, step, run.schedule, run.last_overlap)
+    # The first step of a stage compiles the sampler and the update for its shapes.
+    compiling = Phase(f"{stage.name} step {step + 1}: compiling and running") \
+        if step == first else contextlib.nullcontext()
+    with compiling:
+      result = trainer.step(run.state, step, weight, run.rng)
+    run.state, run.step = result.state, step + 1
+    ctx.global_step += 1
+    for hook in hooks:
+      hook.after_step(run, result)
 
 
 def run_stage(ctx: RunContext, stage: stages_lib.Stage, params, frozen_teachers=None, *,
@@ -337,157 +357,27 @@ def run_stage(ctx: RunContext, stage: stages_lib.Stage, params, frozen_teachers=
   a stop request (SIGTERM) saves at the step boundary and raises Preempted.
   A step whose loss or gradient norm is not finite is not applied (counted; too many in
   a row raise NonFiniteTrainingError)."""
-  cfg, rl = ctx.cfg, ctx.cfg.rl
-  ucfg = rows_lib.update_config(cfg, ctx.setup.model_cfg)
-  optimizer = update_lib.optimizer_for_stage(rl, stage.steps)
-  opt_state = update_lib.init_optimizer_state(optimizer, params)
-  # On the mesh before the restore target is taken.
-  params = ctx.sharding.shard_params(params)
-  opt_state = sharding_lib.place(opt_state, ctx.sharding.opt_state(opt_state))
-  if frozen_teachers is not None:
-    frozen_teachers = ctx.sharding.shard_params(frozen_teachers)
-  data = data_context(cfg, ctx.setup, seed_offset)
-  rng = np.random.default_rng([cfg.seed, seed_offset])
-  # Derived, not stored: a pure function of the seed; steps fold in their index.
-  key = jax.random.key(cfg.seed * 7919 + seed_offset)
-  assignment = stages_lib.cross_teacher_assignment(stage)
-  routing = stages_lib.teacher_routing(
-      assignment, len(stage.teacher_data), stage.samples_per_prompt,
-      native_rows=stage.native_prompts * stage.samples_per_prompt).as_arrays()
-  sched_state = schedules.ScheduleState()
-  names = branch_names(stage)
-  short_eval = {c: ex[: rl.eval_examples] for c, ex in ctx.eval_sets.items()}
-  last_overlap = None
-  start_step = 0
-  counts = UpdateCounts.zeros(len(names))
-
+  data = data_context(ctx.cfg, ctx.setup, seed_offset)
+  trainer = stage_trainer(ctx, stage, frozen_teachers, data, seed_offset)
+  run = initial_run(ctx, trainer, params, seed_offset)
   ckpt = None
   if ctx.checkpoints is not None:
     train_checkpoint.check_streams_checkpointable(data.streams)
-    ckpt = ctx.checkpoints.for_stage(stage.name, names)
-    abstract = jax.tree.map(ocp_utils.to_shape_dtype_struct,
-                            {"params": params, "opt_state": opt_state})
-    try:
-      restored = ckpt.restore_latest(abstract, ctx.checkpoints.fallback_on_corrupt)
-    except Exception:
-      # Close the manager before the error leaves: its background threads would otherwise
-      # print a traceback each at interpreter exit and bury this error.
-      ckpt.close()
-      raise
-    if restored is not None:
-      state, host = restored
-      params, opt_state = state["params"], state["opt_state"]
-      rng.bit_generator.state = host.numpy_rng
-      sched_state = schedules.ScheduleState(**host.schedule)
-      last_overlap = host.last_overlap
-      train_checkpoint.restore_streams(data.streams, host.streams)
-      start_step, ctx.global_step = host.stage_step, host.global_step
-      if host.applied_per_branch is not None:
-        counts = UpdateCounts(list(host.applied_per_branch), list(host.skipped_per_branch),
-                              list(host.in_row_per_branch), host.steps_with_skips)
-      else:  # a checkpoint from before per-branch counts
-        counts = UpdateCounts([start_step] * len(names), [0] * len(names), [0] * len(names))
-      ctx.update_counts[stage.name] = (names, counts)
-      ctx.log_rewind_offset = host.metrics_offset
-      ctx.log_rewind_step = host.global_step + 1  # lines at the saved step are kept
-      print(f"resumed stage {stage.name} at step {start_step}/{stage.steps}"
-            + (" (finished)" if host.finished else "") + f" from {ckpt.directory}", flush=True)
+    ckpt = ctx.checkpoints.for_stage(stage.name, branch_names(stage))
+    host = restore(ctx, ckpt, run, data)
+    if host is not None:
+      ctx.update_counts[stage.name] = (branch_names(stage), run.counts)
+      print(f"resumed stage {stage.name} at step {run.step}/{stage.steps}"
+            + (" (finished)" if host.finished else "") + f" from {ckpt.directory}",
+            flush=True)
       if host.finished:
         ckpt.close()
-        return params
-
-  def save(step: int, finished: bool):
-    host = train_checkpoint.HostState(
-        stage_step=step, global_step=ctx.global_step, finished=finished,
-        numpy_rng=rng.bit_generator.state, schedule=dataclasses.asdict(sched_state),
-        last_overlap=last_overlap, streams=train_checkpoint.streams_state(data.streams),
-        nonfinite_total=sum(counts.skipped), nonfinite_in_row=max(counts.in_row),
-        metrics_offset=ctx.writer.jsonl_size(), applied_per_branch=counts.applied,
-        skipped_per_branch=counts.skipped, in_row_per_branch=counts.in_row,
-        steps_with_skips=counts.steps_with_skips)
-    how = " (asynchronous: continues in the background)" if ctx.checkpoints.async_save else ""
-    with Phase(f"checkpoint {stage.name} step {step}{how}"):
-      ckpt.save({"params": params, "opt_state": opt_state}, host, names)
-
-  def measure_overlap():
-    nonlocal last_overlap
-    with Phase(f"diagnostics (overlap, symmetric KL) at step {ctx.global_step}"):
-      scalars = branch_diagnostics(ctx, stage, params)
-    # The adaptive schedule watches the pairs that exchange (hub <-> spokes).
-    last_overlap = scalars.get("overlap/linked_mean", scalars.get(
-        "overlap/branches_mean", scalars["overlap/with_base_mean"]))
-    ctx.writer.write(ctx.global_step, {f"eval/{k}": v for k, v in scalars.items()})
-
-  def evaluate_accuracy():
-    scalars = evaluate_branches(ctx, stage, params, short_eval, merge=merge_at_eval)
-    ctx.writer.write(ctx.global_step, {f"eval/{k}": v for k, v in scalars.items()})
-
+        return run.state.params
+  hooks = stage_hooks(ctx, stage, run.step,
+                      None if ckpt is None else (ckpt, data.streams), merge_at_eval)
   ctx.rewind_log()
-  progress = ProgressLine(stage.name, stage.steps, rl.log_every, start_step=start_step)
   try:
-    if start_step == 0:
-      evaluate_accuracy()
-      measure_overlap()
-    completions_every = int(cfg.log.completions_every)
-    teacher_names = ["+".join(caps) for caps in stage.teacher_data]
-    plan = step_lib.StepPlan(stage=stage, data=data, ucfg=ucfg, optimizer=optimizer, key=key,
-                             assignment=assignment, routing=routing, sharding=ctx.sharding,
-                             frozen_teachers=frozen_teachers, ref_params=ctx.base_params)
-    for step in range(start_step, stage.steps):
-      weight = schedules.opd_weight(stage.schedule, step, sched_state, last_overlap)
-      log_samples = completions_to_log(cfg) if (
-          completions_every and (step + 1) % completions_every == 0) else 0
-      # The first step of a stage compiles the sampler and the update for its shapes.
-      compiling = Phase(f"{stage.name} step {step + 1}: compiling and running") \
-          if step == start_step else contextlib.nullcontext()
-      with compiling:
-        result = step_lib.train_step(plan, step_lib.TrainState(params, opt_state), step, weight,
-                                     rng, log_samples)
-      # update_lib.update applied each branch's update only where it was finite (a skipped
-      # branch keeps its previous params and optimizer state; the others moved on).
-      params, opt_state = result.state.params, result.state.opt_state
-      bad = counts.record(np.asarray(result.metrics["update_applied"]) > 0.5)
-      ctx.update_counts[stage.name] = (names, counts)
-      ctx.global_step += 1
-      scalars = _log_branch_arrays(names, result.metrics)
-      step_time = sum(v for k, v in result.metrics.items() if k.startswith("time/"))
-      scalars["throughput/rollout_tokens_per_s"] = result.rollout_tokens / max(step_time, 1e-9)
-      scalars["nonfinite_skipped"] = float(len(bad))
-      scalars["nonfinite_skipped_total"] = float(sum(counts.skipped))
-      ctx.writer.write(ctx.global_step, {f"train/{k}": v for k, v in scalars.items()})
-      if result.samples:
-        ctx.writer.write_completions(ctx.global_step, "train", train_completion_records(
-            names, teacher_names, result.samples, result.metrics))
-      _check_nonfinite_budget(rl, stage, step, counts, bad, names, result.metrics)
-      if bad:
-        print(f"warning: stage {stage.name} step {step + 1}: non-finite update of "
-              f"branch(es) {[names[k] for k in bad]} not applied (the other branches' were; "
-              f"{sum(counts.skipped)} skipped in this stage)", flush=True)
-      loss = float(np.mean(result.metrics["loss"]))
-      reward = float(np.mean(result.metrics["reward/native" if stage.native_prompts
-                                            else "reward/cross"]))
-      per_branch = {}
-      if len(names) > 1:  # each branch's native (or cross) reward as it is measured
-        rewards = np.atleast_1d(result.metrics["reward/native" if stage.native_prompts
-                                               else "reward/cross"])
-        per_branch = {f"reward/{n}": float(r) for n, r in zip(names, rewards)}
-      progress.update(step + 1, result.rollout_tokens, loss=loss, reward=reward, **per_branch,
-                      opd=weight)
-      last = step + 1 == stage.steps
-      if (step + 1) % rl.diagnostics_every == 0 or last:
-        measure_overlap()
-      if (step + 1) % rl.eval_every == 0 or last:
-        evaluate_accuracy()
-      if ckpt is None:
-        continue
-      stopping = ctx.stop is not None and ctx.stop.requested
-      every = ctx.checkpoints.every_steps
-      if last or stopping or (every and (step + 1) % every == 0):
-        save(step + 1, finished=last)
-      if stopping:
-        ckpt.wait()
-        raise train_checkpoint.Preempted(stage.name, step + 1, ckpt.directory,
-                                         ctx.stop.signal_name)
+    train_loop(ctx, trainer, run, hooks)
   except (run_log.LogWriteError, train_checkpoint.CheckpointWriteError) as e:
     raise _storage_failure(e, ckpt) from e
   finally:
@@ -498,7 +388,7 @@ def run_stage(ctx: RunContext, stage: stages_lib.Stage, params, frozen_teachers=
       except train_checkpoint.CheckpointWriteError:
         if not failing:  # else the error already propagating is the one to report
           raise
-  return params
+  return run.state.params
 
 
 def _storage_failure(err: OSError, ckpt) -> train_checkpoint.StorageError:

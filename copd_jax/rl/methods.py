@@ -18,7 +18,6 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 
 from copd_jax import checkpoint, policy_setup, sharding as sharding_lib, train_checkpoint
 from copd_jax.models import stacked as stacked_lib

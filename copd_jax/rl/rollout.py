@@ -1,6 +1,6 @@
 """The host half of a step: draw prompts, sample G responses per prompt from every
 student (one vmapped sampler call), verify them, and build the update's typed batch (Rows)
-with group-normalised advantages and each cross row's teacher beta (collect_rollouts).
+with group-normalised advantages and each cross row's teacher beta (StageRollout).
 Each process loads and verifies only the prompts its devices hold."""
 
 from __future__ import annotations
@@ -188,15 +188,15 @@ def completion_samples(examples, row_teacher: np.ndarray, local: np.ndarray, res
 
 @dataclasses.dataclass
 class Rollouts:
-  """One step's scored rollouts of every student, ready for the update (collect_rollouts).
+  """One step's scored rollouts of every student, ready for the update (StageRollout).
 
   rows: Rows [S, B*G, P + R]; distil: whether this step distils (rows carry teacher
   betas); prompt_len: P; rewards f32[S, B*G]; is_native / is_cross bool[S, B*G];
   zero_variance bool[S, B] (groups with equal rewards); examples [S][B]; row_teacher,
   local [S, B] (see stage_prompts / load_local_examples); responses_of(flat row indices)
   decodes rows of the [S*B*G] rollout; rollout_tokens: response tokens sampled;
-  timings: seconds of sampling and verification; verify_stats: the verifier's counters
-  (verify_local)."""
+  timings: seconds of sampling and verification (StageTrainer.step adds the update's);
+  verify_stats: the verifier's counters (verify_local)."""
   rows: Rows
   distil: bool
   prompt_len: int
@@ -213,56 +213,94 @@ class Rollouts:
   verify_stats: dict
 
 
-def collect_rollouts(plan, params: Params, step: int, weight: float,
-                     rng: np.random.Generator) -> Rollouts:
-  """The rollout half of a step: draw prompts, sample G responses per prompt from every
-  student, verify them, and build the rows with their advantages and teacher betas.
+@dataclasses.dataclass(frozen=True, eq=False)
+class StageRollout:
+  """The host half of a stage's step, built once per stage (rl.step.StageTrainer):
+  `collect_rollouts(params, step, weight, rng) -> Rollouts` draws prompts, samples G responses per
+  prompt from every student, verifies them, and builds the rows with their advantages and
+  teacher betas.
 
-  plan: the stage's step.StepPlan (stage, data, ucfg, key, assignment, sharding); params:
-  the students' stacked params [S, ...]; step: the step index within the stage (its
-  sampling key is fold_in(plan.key, step)); weight: the step's OPD weight; rng: the host
-  RNG that draws prompts (advanced in place)."""
-  stage, data, run = plan.stage, plan.data, plan.sharding
-  beta = schedules.teacher_matrix(stage.topology, stage.branch_beta, weight)  # [S, J]
-  distil = stage.distils and weight > 0
-  timings = {}
-  t0 = time.perf_counter()
-  refs, row_teacher = stage_prompts(stage, data, distil, plan.assignment, rng)
-  # Each process loads (and later verifies) only the prompts its devices hold.
-  local = run.local_prompt_mask(row_teacher.shape)
-  examples = load_local_examples(data, refs, local)
-  batches = [data.encode_prompts(ex) for ex in examples]
-  prompt_tokens, prompt_mask, frames = stack_prompt_batches(batches)
-  keys = jax.random.split(jax.random.fold_in(plan.key, step), stage.num_students)
-  rollout = run.to_host(sampling.stacked_generate(
-      run, params, plan.ucfg.model, prompt_tokens, prompt_mask, frames, keys, data.sampling,
-      stage.samples_per_prompt))
-  timings["time/sample_s"] = time.perf_counter() - t0
+  stage: who samples which data; data: where prompts come from; run: the run's
+  sharding.RunSharding (the sampler runs on its mesh, rollouts come back to the host);
+  model_cfg: the students' model config; key: the stage's PRNG key (step k samples with
+  fold_in(key, k)); assignment int32[S, B_cross]: each cross prompt's teacher
+  (stages.cross_teacher_assignment); scale_by_std: GRPO (True) or Dr.GRPO (False)."""
+  stage: Stage
+  data: DataContext
+  run: Any
+  model_cfg: Any
+  key: Any
+  assignment: np.ndarray
+  scale_by_std: bool = True
 
-  t1 = time.perf_counter()
-  g = stage.samples_per_prompt
-  s, b = row_teacher.shape
-  tokens, masks = rollout.tokens.reshape(s * b * g, -1), rollout.mask.reshape(s * b * g, -1)
-  responses_of = lambda rows: decode_responses(tokens[rows], masks[rows], data.tokenizer)
-  # Each example names its verifier (integer for the toy tasks; math / choice / exact for
-  # record datasets).
-  rewarded = [[ex for ex in exs for _ in range(g)] for exs in examples]  # [S][B*G]
-  verify_stats = {}
-  rewards = verify_local(responses_of, rewarded, np.repeat(local, g, axis=1), verify_stats,
-                         data.rewards)
-  advantages, zero_variance = group_advantages(rewards, g, plan.ucfg.scale_by_std)
-  row_teacher_g = np.repeat(row_teacher, g, axis=1)  # [S, B*G]
-  is_native = row_teacher_g == NATIVE
-  is_cross = row_teacher_g >= 0
-  if not stage.cross_outcome_reward:
-    advantages = np.where(is_native, advantages, 0.0)
-  opd_beta = np.where(is_cross, beta[np.arange(s)[:, None], np.maximum(row_teacher_g, 0)], 0.0)
-  rows = build_rows(prompt_tokens, prompt_mask, frames, rollout, advantages, opd_beta, g)
-  if distil:
-    # Cross slots of students without a teacher carry nothing: mask them out.
-    dead = jnp.asarray(row_teacher_g == NO_TEACHER)
-    rows.response_mask = jnp.where(dead[..., None], 0.0, rows.response_mask)
-  timings["time/verify_s"] = time.perf_counter() - t1
-  return Rollouts(rows, distil, int(prompt_tokens.shape[-1]), rewards, is_native, is_cross,
-                  zero_variance, examples, row_teacher, local, responses_of,
-                  int(np.asarray(rollout.lengths).sum()), timings, verify_stats)
+  def collect_rollouts(self, params: Params, step: int, weight: float,
+                       rng: np.random.Generator) -> Rollouts:
+    """params: the students' stacked params [S, ...]; step: the step index within the
+    stage; weight: the step's OPD weight; rng: the host RNG that draws prompts (advanced
+    in place)."""
+    distil = self.stage.distils and weight > 0
+    t0 = time.perf_counter()
+    drawn = self._draw(distil, rng)
+    rollout = self._sample(params, drawn.prompts, step)
+    timings = {"time/sample_s": time.perf_counter() - t0}
+    t1 = time.perf_counter()
+    got = self._score(drawn, rollout, weight, distil)
+    timings["time/verify_s"] = time.perf_counter() - t1
+    return dataclasses.replace(got, timings=timings)
+
+  def _draw(self, distil: bool, rng: np.random.Generator) -> "DrawnPrompts":
+    refs, row_teacher = stage_prompts(self.stage, self.data, distil, self.assignment, rng)
+    # Each process loads (and later verifies) only the prompts its devices hold.
+    local = self.run.local_prompt_mask(row_teacher.shape)
+    examples = load_local_examples(self.data, refs, local)
+    batches = [self.data.encode_prompts(ex) for ex in examples]
+    return DrawnPrompts(examples, row_teacher, local, stack_prompt_batches(batches))
+
+  def _sample(self, params: Params, prompts, step: int) -> sampling.Rollout:
+    """prompts: (tokens [S, B, P], mask [S, B, P], frames) -> the rollout [S, B, G, R] as
+    host arrays."""
+    keys = jax.random.split(jax.random.fold_in(self.key, step), self.stage.num_students)
+    return self.run.to_host(sampling.stacked_generate(
+        self.run, params, self.model_cfg, *prompts, keys, self.data.sampling,
+        self.stage.samples_per_prompt))
+
+  def _score(self, drawn: "DrawnPrompts", rollout: sampling.Rollout, weight: float,
+             distil: bool) -> Rollouts:
+    stage, g = self.stage, self.stage.samples_per_prompt
+    s, b = drawn.row_teacher.shape
+    tokens, masks = rollout.tokens.reshape(s * b * g, -1), rollout.mask.reshape(s * b * g, -1)
+    tokenizer = self.data.tokenizer
+    responses_of = lambda rows: decode_responses(tokens[rows], masks[rows], tokenizer)
+    # Each example names its verifier (integer for the toy tasks; math / choice / exact
+    # for record datasets).
+    rewarded = [[ex for ex in exs for _ in range(g)] for exs in drawn.examples]  # [S][B*G]
+    verify_stats = {}
+    rewards = verify_local(responses_of, rewarded, np.repeat(drawn.local, g, axis=1),
+                           verify_stats, self.data.rewards)
+    advantages, zero_variance = group_advantages(rewards, g, self.scale_by_std)
+    row_teacher_g = np.repeat(drawn.row_teacher, g, axis=1)  # [S, B*G]
+    is_native, is_cross = row_teacher_g == NATIVE, row_teacher_g >= 0
+    if not stage.cross_outcome_reward:
+      advantages = np.where(is_native, advantages, 0.0)
+    beta = schedules.teacher_matrix(stage.topology, stage.branch_beta, weight)  # [S, J]
+    opd_beta = np.where(is_cross, beta[np.arange(s)[:, None], np.maximum(row_teacher_g, 0)],
+                        0.0)
+    rows = build_rows(*drawn.prompts, rollout, advantages, opd_beta, g)
+    if distil:
+      # Cross slots of students without a teacher carry nothing: mask them out.
+      dead = jnp.asarray(row_teacher_g == NO_TEACHER)
+      rows.response_mask = jnp.where(dead[..., None], 0.0, rows.response_mask)
+    return Rollouts(rows, distil, int(drawn.prompts[0].shape[-1]), rewards, is_native,
+                    is_cross, zero_variance, drawn.examples, drawn.row_teacher, drawn.local,
+                    responses_of, int(np.asarray(rollout.lengths).sum()), {}, verify_stats)
+
+
+@dataclasses.dataclass
+class DrawnPrompts:
+  """One step's prompts: examples [S][B] (stand-ins outside `local`), row_teacher and
+  local [S, B] (stage_prompts / load_local_examples) and the encoded prompts (tokens
+  [S, B, P], mask [S, B, P], frames) of stack_prompt_batches."""
+  examples: list
+  row_teacher: np.ndarray
+  local: np.ndarray
+  prompts: tuple

@@ -60,6 +60,11 @@ class Stage:
     return bool(np.any(self.topology * self.branch_beta[:, None] > 0)) and self.cross_prompts > 0
 
 
+def branch_names(stage: Stage) -> list[str]:
+  """Each student's name: its capabilities joined by '+' ('student' without any)."""
+  return ["+".join(caps) if caps else "student" for caps in stage.student_data]
+
+
 # Row kinds on the host: a native row, or a cross slot of a student that has no teacher
 # (kept only so every student has the same number of rows; fully masked). Cross rows
 # carry their teacher's index j >= 0.

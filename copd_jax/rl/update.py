@@ -1,9 +1,11 @@
 """The device half of a step: losses, gradients and one optimizer step of every branch."""
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Callable
+from typing import Any, Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -13,7 +15,54 @@ from copd_jax.models import decoder, lora, partitioning
 from copd_jax.models.decoder import Params
 from copd_jax.rl.rows import Rows, UpdateConfig, join_rows, loss_columns, loss_targets, split_rows
 from copd_jax.rl.scoring import _response_hidden, lm_head, reference_logprobs, score_by_teachers
-from copd_jax.sharding import MeshProgram, RunSharding
+from copd_jax.sharding import MeshProgram, RunSharding, place
+
+
+@flax.struct.dataclass
+class TrainState:
+  """The students' stacked params [S, ...] and optimizer state: what a step changes."""
+  params: Params
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StageUpdate:
+  """The device half of a stage's step, built once per stage (rl.step.StageTrainer):
+  `apply_update(state, batch, teachers)` with the stage's statics closed over.
+
+  run: the run's RunSharding; ucfg / optimizer: the update's settings; routing: the
+  stage's TeacherRouting as host arrays (stages.teacher_routing); cross_row_start: the
+  native rows per student; ref_params: the KL reference (one model) when
+  ucfg.loss.kl_coef > 0, else None."""
+  run: RunSharding
+  ucfg: UpdateConfig
+  optimizer: optax.GradientTransformation
+  routing: dict
+  cross_row_start: int
+  ref_params: Params | None = None
+
+  def init_state(self, params: Params) -> TrainState:
+    """The stage's first TrainState: params (stacked [S]) and a fresh optimizer state
+    (init_optimizer_state), both placed on the run's mesh."""
+    opt_state = init_optimizer_state(self.optimizer, params)
+    # On the mesh before a checkpoint's restore target is taken from them.
+    return TrainState(self.run.shard_params(params),
+                      place(opt_state, self.run.opt_state(opt_state)))
+
+  def apply_update(self, state: TrainState, batch, teachers: Params | None):
+    """One optimizer step of every student on `batch` (rollout.Rollouts: its rows [S, R,
+    ...], whether it distils and its prompt length P); teachers: stacked [J] (the students'
+    own params for live teachers, read before the update). Returns (new TrainState,
+    metrics as host arrays f32[S])."""
+    # Rows were built on the host: as numpy they enter through put_global.
+    rows = jax.device_get(batch.rows)
+    distil = batch.distil
+    program = update_program(self.run, self.ucfg, self.optimizer, distil,
+                             self.cross_row_start, batch.prompt_len)
+    params, opt_state, metrics = program(
+        state.params, state.opt_state, teachers if distil else None, rows,
+        self.routing if distil else None, self.ref_params)
+    return TrainState(params, opt_state), self.run.to_host(metrics)
 
 
 def student_loss_sum(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,

@@ -124,9 +124,9 @@ def test_rl_config_errors_name_the_field(method, field, value, message):
 def poison_steps(monkeypatch, bad_steps, branch=1):
   """Makes the GRPO advantages of `branch` NaN on `bad_steps`, so its loss (and update) is
   not finite there; update_lib.update must then keep that branch's params. Wraps
-  step_lib.train_step to return the (params, opt_state) each call received."""
+  StageTrainer.step to return the (params, opt_state) each call received."""
   from copd_jax.rl import rollout as trainer, step as step_lib
-  real_train_step, real_advantages, seen = step_lib.train_step, trainer.group_advantages, []
+  real_step, real_advantages, seen = step_lib.StageTrainer.step, trainer.group_advantages, []
 
   def poisoned_advantages(rewards, samples, scale_by_std):
     advantages, zero = real_advantages(rewards, samples, scale_by_std)
@@ -135,11 +135,11 @@ def poison_steps(monkeypatch, bad_steps, branch=1):
       advantages[branch] = np.nan
     return advantages, zero
 
-  def recording(plan, state, *args, **kwargs):
+  def recording(self, state, *args, **kwargs):
     seen.append((state.params, state.opt_state))
-    return real_train_step(plan, state, *args, **kwargs)
+    return real_step(self, state, *args, **kwargs)
   monkeypatch.setattr(trainer, "group_advantages", poisoned_advantages)
-  monkeypatch.setattr(step_lib, "train_step", recording)
+  monkeypatch.setattr(step_lib.StageTrainer, "step", recording)
   return seen
 
 
@@ -194,16 +194,16 @@ def test_nonfinite_steps_in_a_row_stop_the_run(tmp_path, base, monkeypatch):
 
 
 def crash_at_call(monkeypatch, n):
-  """Makes the n-th (1-based) step_lib.train_step call raise, like a crash mid-run."""
+  """Makes the n-th (1-based) StageTrainer.step call raise, like a crash mid-run."""
   from copd_jax.rl import step as step_lib
-  real, calls = step_lib.train_step, []
+  real, calls = step_lib.StageTrainer.step, []
 
   def crashing(*args, **kwargs):
     calls.append(1)
     if len(calls) == n:
       raise RuntimeError("simulated crash")
     return real(*args, **kwargs)
-  monkeypatch.setattr(step_lib, "train_step", crashing)
+  monkeypatch.setattr(step_lib.StageTrainer, "step", crashing)
 
 
 def static_opd_cfg(tmp_path, name):

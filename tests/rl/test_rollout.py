@@ -1,4 +1,4 @@
-"""The host half of a step (rollout.collect_rollouts), pinned to numpy written here.
+"""The host half of a step (rollout.StageRollout), pinned to numpy written here.
 
 Non-zero rewards (a reward plug-in), asymmetric per-branch OPD rates, one student without
 teachers and a schedule weight strictly between 0 and 1: the rows' GRPO advantages and
@@ -14,7 +14,7 @@ import reward_plugins
 from copd_jax.config_lib import spec_of
 from copd_jax import config_lib, default_config, policy_setup
 from copd_jax.models import stacked
-from copd_jax.rl import loop, rollout, rows as rows_lib, stages, step as step_lib
+from copd_jax.rl import loop, rollout, rows as rows_lib, stages
 from tiny_model import one_device_run
 
 CAPS = ("text", "image", "video")
@@ -39,11 +39,10 @@ def host_half(cfg, setup, params, weight: float, step: int = 0) -> rollout.Rollo
   stage = stages.copd_stage(spec_of(cfg).rl, list(CAPS))
   data = loop.data_context(spec_of(cfg), setup, seed_offset=1)
   ucfg = rows_lib.update_config(spec_of(cfg), setup.model_cfg)
-  plan = step_lib.StepPlan(stage=stage, data=data, ucfg=ucfg, optimizer=None,
-                           key=jax.random.key(0),
-                           assignment=stages.cross_teacher_assignment(stage), routing={},
-                           sharding=one_device_run(setup.model_cfg))
-  return rollout.collect_rollouts(plan, params, step, weight, np.random.default_rng(0))
+  host = rollout.StageRollout(stage, data, one_device_run(setup.model_cfg), ucfg.model,
+                              jax.random.key(0), stages.cross_teacher_assignment(stage),
+                              ucfg.scale_by_std)
+  return host.collect_rollouts(params, step, weight, np.random.default_rng(0))
 
 
 def oracle_advantages(rewards: np.ndarray, scale_by_std: bool) -> np.ndarray:
