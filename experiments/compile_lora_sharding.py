@@ -37,6 +37,7 @@ def compile_variant(variant: str, layers: int, rank: int, programs) -> dict:
   cfg = pod_4b.get_config()
   cfg.model.lora.rank = rank
   cfg.model.lora.alpha = 2.0 * rank
+  cfg = config_lib.spec_of(cfg)  # compile_run takes the run's RunSpec, not the raw config
   topology = f"{cfg.pod.tpu}:{cfg.pod.topology}"
   return tpu_compile.compile_run(cfg, topology, num_layers=layers, names=programs,
                                  log=lambda line: print(line, flush=True))
@@ -50,6 +51,7 @@ def shard_bytes(variant: str, rank: int) -> dict:
   import jax
 
   from configs import pod_4b
+  from copd_jax import config_lib
   from copd_jax.analysis import tpu_compile
   from copd_jax.models import lora
   from copd_jax.rl import update as update_lib
