@@ -13,6 +13,16 @@ Per-device bytes and bytes accessed of each variant (all 36 layers by default: t
 under one nn.scan, so the compile costs about one layer's; --layers=N cuts the decoder). Resumable: variants already in --out are
 skipped. --bytes_only: the per-device bytes of adapters, their AdamW state and the base
 from the shardings alone (seconds, no compile). Last line: one JSON object.
+
+Results (experiments/results/tpu/lora_sharding_bytes.json, --bytes_only, rank 16, all 36
+layers): per device, like_base holds 25.3 MB of adapters + 50.6 MB of AdamW moments,
+replicated 132.1 MB + 264.2 MB (5.2x); the base is 279.6 MB either way. Hence
+lora.ADAPTER_SHARDING = "like_base". The compile at reduced depth (--layers=2, the OPD
+update; experiments/results/tpu/lora_sharding_2layers.json) finished for like_base only:
+5.07 GB per device (arguments 1.76 GB, temporaries 3.31 GB), compiled in 2069 s on the
+shared 2-core CPU; the replicated variant was stopped unfinished (out of time), so no
+compiled comparison exists yet. Rerun the same command to add it: it writes each
+variant to --out as it finishes and skips those already there.
 """
 from __future__ import annotations
 
@@ -37,6 +47,7 @@ def compile_variant(variant: str, layers: int, rank: int, programs) -> dict:
   cfg = pod_4b.get_config()
   cfg.model.lora.rank = rank
   cfg.model.lora.alpha = 2.0 * rank
+  cfg = config_lib.spec_of(cfg)  # compile_run takes the run's RunSpec, not the raw config
   topology = f"{cfg.pod.tpu}:{cfg.pod.topology}"
   return tpu_compile.compile_run(cfg, topology, num_layers=layers, names=programs,
                                  log=lambda line: print(line, flush=True))
@@ -50,6 +61,7 @@ def shard_bytes(variant: str, rank: int) -> dict:
   import jax
 
   from configs import pod_4b
+  from copd_jax import config_lib
   from copd_jax.analysis import tpu_compile
   from copd_jax.models import lora
   from copd_jax.rl import update as update_lib

@@ -76,8 +76,12 @@ _SKIPPED_ROOTS = ("visual",)
 # --bytes_only`, nothing allocated; the base
 # is 279.6 MB per device either way). The per-layer gather of a sharded adapter is r / in
 # of its kernel's, noise next to the base's FSDP gathers. A deviceless compile of both
-# (experiments/compile_lora_sharding.py) would add temporaries and traffic; it was not
-# run (it needs ~8 GiB this shared machine did not have).
+# (experiments/compile_lora_sharding.py --layers=2: the OPD update at 2 of the 36
+# layers) was run for one variant only: like_base compiled to 5.07 GB per device
+# (args 1.76 GB, temps 3.31 GB; experiments/results/tpu/lora_sharding_2layers.json) in
+# 34 minutes on the shared 2-core CPU; the replicated compile was stopped unfinished
+# (out of time). So the choice still rests on the shard-shape byte count, which counts
+# the adapters and their AdamW state exactly but not the compiled temporaries.
 ADAPTER_SHARDING = "like_base"
 LORA_RANK_AXIS = "lora_rank"
 
