@@ -1,6 +1,12 @@
 """Test setup: CPU only, 8 simulated devices, set before jax is imported."""
 import os
 
+# COPD_TEST_NO_AMX=1: run as on a CPU without AMX (tests/no_amx.py), in this process and
+# every process it starts (the xdist workers and the tests' subprocesses inherit it).
+if os.environ.get("COPD_TEST_NO_AMX", "") not in ("", "0"):
+  import no_amx
+  no_amx.deny_amx()
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
@@ -25,6 +31,14 @@ _OWN_CACHE_DIR = None
 if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _OWN_CACHE_DIR = tempfile.mkdtemp(prefix="copd-jax-test-compile-cache-")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE_DIR
+# One directory per test run for what the workers share (tests/child_processes.py: the
+# lock that keeps multi-device child processes from running beside each other).
+import child_processes  # noqa: E402
+
+_OWN_SHARED_DIR = None
+if "PYTEST_XDIST_WORKER" not in os.environ and child_processes.SHARED_DIR_ENV not in os.environ:
+  _OWN_SHARED_DIR = tempfile.mkdtemp(prefix="copd-jax-tests-")
+  os.environ[child_processes.SHARED_DIR_ENV] = _OWN_SHARED_DIR
 # Cache every program, however small and quick to compile (reading one back is quicker).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
@@ -36,8 +50,9 @@ import pytest
 
 
 def pytest_unconfigure(config):
-  if _OWN_CACHE_DIR is not None:
-    shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
+  for own in (_OWN_CACHE_DIR, _OWN_SHARED_DIR):
+    if own is not None:
+      shutil.rmtree(own, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
