@@ -1,5 +1,6 @@
 """Test setup: CPU only, 8 simulated devices, set before jax is imported."""
 import os
+import re
 
 # COPD_TEST_NO_AMX=1: run as on a CPU without AMX (tests/no_amx.py), in this process and
 # every process it starts (the xdist workers and the tests' subprocesses inherit it).
@@ -11,11 +12,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
   flags = (flags + " --xla_force_host_platform_device_count=8").strip()
-# 8 simulated devices on 2 cores: collectives wait for a starved device thread instead of
-# aborting after 60 s (tests/xla_env.py). Subprocesses inherit these flags.
-from xla_env import with_collective_timeouts  # noqa: E402
+# 8 simulated devices on 2 cores (tests/xla_env.py): collectives wait for a starved device
+# thread instead of aborting after 60 s, and XLA's thread pools have room for the threads
+# a rendezvous blocks. Subprocesses inherit both.
+import xla_env  # noqa: E402
 
-os.environ["XLA_FLAGS"] = with_collective_timeouts(flags)
+os.environ["XLA_FLAGS"] = xla_env.with_collective_timeouts(flags)
+_devices = int(re.search(r"--xla_force_host_platform_device_count=(\d+)", flags).group(1))
+os.environ.setdefault("PJRT_NPROC", str(xla_env.pool_threads(_devices)))
 
 # One persistent compilation cache per test run, shared by the xdist workers and the
 # subprocesses tests start (they inherit the environment): most of the suite's time is

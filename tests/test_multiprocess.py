@@ -35,8 +35,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu",  # raised rendezvous timeouts (xla_env.py)
-             XLA_FLAGS=xla_env.cpu_devices_flags(devices))
+  env = xla_env.cpu_devices_env(devices, os.environ)  # rendezvous limits, pool size
   env.pop("JAX_COORDINATOR_ADDRESS", None)
   return env
 

@@ -155,9 +155,8 @@ def test_the_same_run_on_an_expert_mesh(finished_run, reward_module, tmp_path):
       "from copd_jax import main\n"
       "main.run(t.vl_config(%r, %r, expert=3, data=1))\n"
   ) % (folder, paths.TESTS, str(mesh_dir), module)
-  env = dict(os.environ, XLA_FLAGS=xla_env.cpu_devices_flags(3), JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join(
-                 [REPO, os.path.join(REPO, "configs"), os.environ.get("PYTHONPATH", "")]))
+  env = xla_env.cpu_devices_env(3, dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [REPO, os.path.join(REPO, "configs"), os.environ.get("PYTHONPATH", "")])))
   with child_processes.multi_device_slot():
     child_processes.finish(child_processes.start(child_processes.python_code(script),
                                                  cwd=REPO, env=env),
