@@ -72,3 +72,20 @@ def _release_compiled_programs():
   import jax
   jax.clear_caches()
   gc.collect()
+
+
+# The longest test files of a full run (pytest --durations; the scaling study's --quick run,
+# every method end to end, the multi-device child processes), started first: with whole
+# files per worker, a long file that starts last keeps one worker busy after the other has
+# run out of work.
+LONGEST_FILES_FIRST = (
+    "tests/experiments/test_scale_branches.py",
+    "tests/rl/test_methods.py",
+    "tests/test_multiprocess.py",
+    "tests/test_qwen3_vl_run.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+  rank = {path: i for i, path in enumerate(LONGEST_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable
