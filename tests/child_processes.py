@@ -125,8 +125,9 @@ def finish(procs, budget_s: float, what: str = "child") -> list[str]:
                     pytrace=False)
   finally:
     kill_all(procs)
-  for proc, out in zip(procs, outs):
-    assert proc.returncode == 0, f"{what} (pid {proc.pid}) exited {proc.returncode}:\n{out[-4000:]}"
+  failed = [f"--- pid {proc.pid} exited {proc.returncode}:\n{out[-4000:]}"
+            for proc, out in zip(procs, outs) if proc.returncode != 0]
+  assert not failed, f"{what}: {len(failed)} of {len(procs)} exited non-zero\n" + "\n".join(failed)
   return outs
 
 
