@@ -66,14 +66,14 @@ def test_two_processes_match_one_process(tmp_path):
     child_processes.finish(
         _main(RUN_ARGS + [f"--config.workdir={single}",
                           f"--config.warm_start.checkpoint_dir={base}"], _env(4)),
-        budget_s=900, what="the one-process run")
+        budget_s=1800, what="the one-process run")
     # 2 processes x 2 devices, loading that base.
     port = _free_port()
     procs = [_main(RUN_ARGS + [f"--config.workdir={multi}",
                                f"--config.warm_start.checkpoint_dir={base}",
                                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                                f"--process_id={i}"], _env(2)) for i in range(2)]
-    outs = child_processes.finish(procs, budget_s=900, what="the two-process run")
+    outs = child_processes.finish(procs, budget_s=1800, what="the two-process run")
   assert all("summary:" in out for out in outs)
 
   # Each process loads and verifies only the prompts its devices hold: with mesh

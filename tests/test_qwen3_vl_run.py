@@ -160,7 +160,7 @@ def test_the_same_run_on_an_expert_mesh(finished_run, reward_module, tmp_path):
   with child_processes.multi_device_slot():
     child_processes.finish(child_processes.start(child_processes.python_code(script),
                                                  cwd=REPO, env=env),
-                           budget_s=900, what="the expert-mesh run")
+                           budget_s=1800, what="the expert-mesh run")
   with open(mesh_dir / "summary.json") as f:
     summary = json.load(f)
   assert summary["updates"]["copd"]["chart"] == {"applied": 2, "skipped": 0}
