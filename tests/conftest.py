@@ -1,15 +1,25 @@
 """Test setup: CPU only, 8 simulated devices, set before jax is imported."""
 import os
+import re
+
+# COPD_TEST_NO_AMX=1: run as on a CPU without AMX (tests/no_amx.py), in this process and
+# every process it starts (the xdist workers and the tests' subprocesses inherit it).
+if os.environ.get("COPD_TEST_NO_AMX", "") not in ("", "0"):
+  import no_amx
+  no_amx.deny_amx()
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
   flags = (flags + " --xla_force_host_platform_device_count=8").strip()
-# 8 simulated devices on 2 cores: collectives wait for a starved device thread instead of
-# aborting after 60 s (tests/xla_env.py). Subprocesses inherit these flags.
-from xla_env import with_collective_timeouts  # noqa: E402
+# 8 simulated devices on 2 cores (tests/xla_env.py): collectives wait for a starved device
+# thread instead of aborting after 60 s, and XLA's thread pools have room for the threads
+# a rendezvous blocks. Subprocesses inherit both.
+import xla_env  # noqa: E402
 
-os.environ["XLA_FLAGS"] = with_collective_timeouts(flags)
+os.environ["XLA_FLAGS"] = xla_env.with_collective_timeouts(flags)
+_devices = int(re.search(r"--xla_force_host_platform_device_count=(\d+)", flags).group(1))
+os.environ.setdefault("PJRT_NPROC", str(xla_env.pool_threads(_devices)))
 
 # One persistent compilation cache per test run, shared by the xdist workers and the
 # subprocesses tests start (they inherit the environment): most of the suite's time is
@@ -25,6 +35,14 @@ _OWN_CACHE_DIR = None
 if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _OWN_CACHE_DIR = tempfile.mkdtemp(prefix="copd-jax-test-compile-cache-")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE_DIR
+# One directory per test run for what the workers share (tests/child_processes.py: the
+# lock that keeps multi-device child processes from running beside each other).
+import child_processes  # noqa: E402
+
+_OWN_SHARED_DIR = None
+if "PYTEST_XDIST_WORKER" not in os.environ and child_processes.SHARED_DIR_ENV not in os.environ:
+  _OWN_SHARED_DIR = tempfile.mkdtemp(prefix="copd-jax-tests-")
+  os.environ[child_processes.SHARED_DIR_ENV] = _OWN_SHARED_DIR
 # Cache every program, however small and quick to compile (reading one back is quicker).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
@@ -36,8 +54,9 @@ import pytest
 
 
 def pytest_unconfigure(config):
-  if _OWN_CACHE_DIR is not None:
-    shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
+  for own in (_OWN_CACHE_DIR, _OWN_SHARED_DIR):
+    if own is not None:
+      shutil.rmtree(own, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -53,3 +72,20 @@ def _release_compiled_programs():
   import jax
   jax.clear_caches()
   gc.collect()
+
+
+# The longest test files of a full run (pytest --durations; the scaling study's --quick run,
+# every method end to end, the multi-device child processes), started first: with whole
+# files per worker, a long file that starts last keeps one worker busy after the other has
+# run out of work.
+LONGEST_FILES_FIRST = (
+    "tests/experiments/test_scale_branches.py",
+    "tests/rl/test_methods.py",
+    "tests/test_multiprocess.py",
+    "tests/test_qwen3_vl_run.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+  rank = {path: i for i, path in enumerate(LONGEST_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable

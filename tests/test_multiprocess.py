@@ -1,26 +1,25 @@
-"""A CoPD run on 2 processes x 4 CPU devices (jax.distributed, gloo collectives on
-127.0.0.1) logs the same metrics as the same run in 1 process with 8 devices.
+"""A CoPD run on 2 processes x 2 CPU devices (jax.distributed, gloo collectives on
+127.0.0.1) logs the same metrics as the same run in 1 process with 4 devices.
 
-Both runs use the mesh expert=2 x data=4: with two processes each process holds one
-branch's devices, so every OPD step exchanges rollouts across the process boundary.
+Both runs use the mesh expert=2 x data=2: with two processes each process holds one
+branch's devices, so every OPD step exchanges rollouts across the process boundary, and
+each process loads only the prompts of its own devices (half of each step's batch).
 """
 import json
 import os
 import socket
-import subprocess
-import sys
 
 import numpy as np
-import pytest
-import xla_env
 
+import child_processes
 import paths
+import xla_env
 
 REPO = paths.REPO
 RUN_ARGS = [
     "--config=configs/copd.py:micro",
     "--config.rl.capabilities=('text','image')", "--config.num_experts=2",
-    "--config.rl.opd.hub=text", "--config.mesh.expert=2", "--config.mesh.data=4",
+    "--config.rl.opd.hub=text", "--config.mesh.expert=2", "--config.mesh.data=2",
     # Step 1 is an RL step, step 2 an OPD step (micro schedule: s_rl=1, s_opd=1).
     "--config.rl.steps=2",
 ]
@@ -36,26 +35,14 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu",  # raised rendezvous timeouts (xla_env.py)
-             XLA_FLAGS=xla_env.cpu_devices_flags(devices))
+  env = xla_env.cpu_devices_env(devices, os.environ)  # rendezvous limits, pool size
   env.pop("JAX_COORDINATOR_ADDRESS", None)
   return env
 
 
-def _main(args, env, **kw):
-  return subprocess.Popen([sys.executable, "-m", "copd_jax.main", *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-
-
-def _finish(proc, timeout=1800) -> str:
-  try:
-    out, _ = proc.communicate(timeout=timeout)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    out, _ = proc.communicate()
-    pytest.fail(f"run timed out:\n{out[-3000:]}")
-  assert proc.returncode == 0, out[-3000:]
-  return out
+def _main(args, env):
+  return child_processes.start(child_processes.python_module("copd_jax.main", *args),
+                               cwd=REPO, env=env)
 
 
 def _metrics(workdir, keep_loaded=False) -> dict:
@@ -74,19 +61,23 @@ def test_two_processes_match_one_process(tmp_path):
   base = str(tmp_path / "base")
   single = str(tmp_path / "single")
   multi = str(tmp_path / "multi")
-  # 1 process x 8 devices (also trains and saves the shared micro base policy).
-  _finish(_main(RUN_ARGS + [f"--config.workdir={single}",
-                            f"--config.warm_start.checkpoint_dir={base}"], _env(8)))
-  # 2 processes x 4 devices, loading that base.
-  port = _free_port()
-  procs = [_main(RUN_ARGS + [f"--config.workdir={multi}", f"--config.warm_start.checkpoint_dir={base}",
-                             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                             f"--process_id={i}"], _env(4)) for i in range(2)]
-  outs = [_finish(p) for p in procs]
+  with child_processes.multi_device_slot():
+    # 1 process x 4 devices (also trains and saves the shared micro base policy).
+    child_processes.finish(
+        _main(RUN_ARGS + [f"--config.workdir={single}",
+                          f"--config.warm_start.checkpoint_dir={base}"], _env(4)),
+        budget_s=1800, what="the one-process run")
+    # 2 processes x 2 devices, loading that base.
+    port = _free_port()
+    procs = [_main(RUN_ARGS + [f"--config.workdir={multi}",
+                               f"--config.warm_start.checkpoint_dir={base}",
+                               f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                               f"--process_id={i}"], _env(2)) for i in range(2)]
+    outs = child_processes.finish(procs, budget_s=1800, what="the two-process run")
   assert all("summary:" in out for out in outs)
 
   # Each process loads and verifies only the prompts its devices hold: with mesh
-  # expert=2 x data=4 and one branch per process, half of every step's batch.
+  # expert=2 x data=2 and one branch per process, half of every step's batch.
   loaded = lambda workdir: [v for (step, k), v in _metrics(workdir, keep_loaded=True).items()
                             if k == LOADED]
   assert loaded(single) and all(n > 0 for n in loaded(single))
