@@ -129,8 +129,12 @@ class PeerStep:
                                       samples_per_prompt=SAMPLES)
     self.optimizer = update_lib.make_optimizer(LEARNING_RATE, GRAD_CLIP)
     self.opt_state = update_lib.init_optimizer_state(self.optimizer, self.params)
+    # Placed as the update program returns them (the mesh's shardings, not a bare device):
+    # then the second step's arguments have the first's shardings, and nothing recompiles.
     self.params, self.opt_state, self.ref_params = jax.device_put(
-        (self.params, self.opt_state, self.ref_params), jax.devices()[0])
+        (self.params, self.opt_state, self.ref_params),
+        (self.run.stacked_params(self.params), self.run.opt_state(self.opt_state),
+         self.run.stacked_params(self.ref_params, stacked=False)))
     self.sampler = sampling.sampler_program(self.run, self.cfg, self.sampling, SAMPLES)
     self.ref_scoring = jax.jit(lambda ref, rows: scoring.reference_logprobs(
         ref, rows, self.ucfg, self.update_prompt_len))

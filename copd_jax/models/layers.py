@@ -27,6 +27,42 @@ def with_axes(init, axes: Axes | None):
   return init if axes is None else nn.with_logical_partitioning(init, tuple(axes))
 
 
+@jax.custom_vjp
+def project(x, kernel):
+  """x [..., in] @ kernel [in, out] -> f32[..., out] (f32 accumulation; x and kernel in the
+  same compute dtype).
+
+  The same products as jnp.einsum's own gradient, in the order XLA:CPU runs without
+  copies: autodiff writes the kernel's gradient as (dy^T x)^T, and XLA:CPU then copies the
+  [tokens, out] cotangent into a transposed [out, tokens] array before the dot and
+  transposes the result back; here it is x^T dy, one dot that contracts the token axes of
+  both operands in place."""
+  return _project(x, kernel)
+
+
+def _project(x, kernel):
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def _project_fwd(x, kernel):
+  return _project(x, kernel), (x, kernel)
+
+
+def _project_bwd(residuals, dy):
+  """dy f32[..., out] -> (dx [..., in], dkernel [in, out]) in the inputs' dtypes."""
+  x, kernel = residuals
+  tokens = tuple(range(x.ndim - 1))
+  dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+  dkernel = jax.lax.dot_general(x, dy, ((tokens, tokens), ((), ())),
+                                preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+project.defvjp(_project_fwd, _project_bwd)
+
+
 class Linear(nn.Module):
   """y = x @ kernel (+ bias); kernel f32 [in, out], matmul in `dtype`, f32 accumulation.
   axes: logical names of the kernel's (in, out) axes; the bias takes the out name.
@@ -41,8 +77,7 @@ class Linear(nn.Module):
   def __call__(self, x):
     kernel = self.param("kernel", with_axes(nn.initializers.lecun_normal(), self.axes),
                         (x.shape[-1], self.features), jnp.float32)
-    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
-                   preferred_element_type=jnp.float32)
+    y = project(x.astype(self.dtype), kernel.astype(self.dtype))
     if self.has_variable("params", "lora_a"):  # a LoRA branch (copd_jax.models.lora)
       y = y + self._low_rank(x)
     if self.use_bias:
