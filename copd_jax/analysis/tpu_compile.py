@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from copd_jax import sampling as sampling_lib
-from copd_jax.models import decoder, lora, model_config, stacked
+from copd_jax.models import lora, model_config, stacked
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 from copd_jax.rl import rows as rows_lib, schedules, scoring, stages, update as update_lib
 from copd_jax.run_spec import MeshSpec, RunSpec, replace_fields
@@ -255,9 +255,9 @@ class Program:
 
 def _score_on_mesh(run: RunSharding, ucfg, cross_row_start: int, prompt_len: int, teachers,
                    rows, routing):
-  with decoder.activation_sharding(run.constrain_rows):
-    return scoring.score_by_teachers(teachers, rows, routing, ucfg, run.regroup_placement(),
-                                     cross_row_start, prompt_len)
+  return scoring.score_by_teachers(teachers, rows, routing,
+                                   ucfg.with_constraint(run.constrain_rows),
+                                   run.regroup_placement(), cross_row_start, prompt_len)
 
 
 def _scoring_program(run: RunSharding, ucfg, cross_row_start: int, prompt_len: int):
