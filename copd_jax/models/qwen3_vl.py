@@ -376,8 +376,8 @@ class Qwen3VL(decoder.Decoder):
     x = self.embed(input_ids)
     tokens, deepstack = self.visual(media.patches, layout=media.layout)  # [B, M, D]
     # The sharded tower's outputs pinned to the residual stream's rows (decoder.Policy).
-    tokens = decoder._constrain_activations(tokens)
-    deepstack = tuple(decoder._constrain_activations(d) for d in deepstack)
+    tokens = self.constrain_activations(tokens)
+    deepstack = tuple(self.constrain_activations(d) for d in deepstack)
     is_image, is_video = input_ids == vl.image_token_id, input_ids == vl.video_token_id
     # Which of the prompt's vision tokens each position takes (-1: none): images first,
     # then the videos, in prompt order (as prompt_media lays the patches out).
