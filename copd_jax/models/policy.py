@@ -94,6 +94,14 @@ class Policy(Protocol):
   def check_sampler_media(self, media, shape: tuple, lead: tuple, sampling) -> None:
     """Clear errors for the sampler's media of prompts of shape [*lead, B, P]."""
 
+  @property
+  def media_token_ids(self) -> tuple[int, ...]:
+    """Ids that stand for media only (filled from the media, never generated)."""
+
+  def abstract_media(self, lead: tuple[int, ...], prompt_len: int, vision_budget: int):
+    """jax.ShapeDtypeStruct media [*lead, ...] of prompts of prompt_len tokens (None for a
+    text-only model); vision_budget: patches per prompt (Qwen3-VL's PromptMedia)."""
+
 
 def _same_shape_error(name: str, where: str, want, got) -> ValueError:
   return ValueError(f"{name} must be {where} = {want}, got {tuple(got)}")
@@ -165,6 +173,15 @@ class TextPolicy:
     if tuple(media.shape) != want:
       raise _same_shape_error("vision", f"f32[{'E, ' if lead else ''}B, num_frames, H, W, C]",
                               want, media.shape)
+
+  media_token_ids = ()  # the toy's <img> placeholder is banned by its tokenizer's specials
+
+  def abstract_media(self, lead, prompt_len, vision_budget):
+    v = self.cfg.vision
+    if v is None:
+      return None
+    return jax.ShapeDtypeStruct(lead + (v.num_frames, v.image_size, v.image_size, v.channels),
+                                jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +266,22 @@ class Qwen3VLPolicy:
     if not pads <= set(sampling.banned_token_ids):
       raise ValueError(f"sampling.banned_token_ids must hold the image / video pad tokens "
                        f"{sorted(pads)}: a generated pad token has no media to replace it")
+
+  @property
+  def media_token_ids(self):
+    return (self.cfg.image_token_id, self.cfg.video_token_id)
+
+  def abstract_media(self, lead, prompt_len, vision_budget):
+    n, unit = int(vision_budget), self.cfg.vision.merge_unit
+    if n <= 0 or n % unit:
+      raise ValueError(f"config.data.vision_budget={n}: a deviceless compile needs a fixed "
+                       f"positive budget, a multiple of {unit} patches")
+    sds, i32, f32 = jax.ShapeDtypeStruct, jnp.int32, jnp.float32
+    return qwen3_vl_decode.PromptMedia(
+        patches=sds(lead + (n, self.cfg.vision.patch_dim), f32),
+        layout=(sds(lead + (n, 4), i32), sds(lead + (n, 4), f32), sds(lead + (n, 2), i32),
+                sds(lead + (n,), i32)),
+        image_tokens=sds(lead, i32), position_ids=sds(lead + (3, prompt_len), i32))
 
 
 _POLICY_OF_CONFIG = {ModelConfig: TextPolicy, Qwen3VLConfig: Qwen3VLPolicy}
