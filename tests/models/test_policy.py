@@ -9,6 +9,7 @@ the logits of a full forward at the last prompt column and at every continuation
 shared_prefix_hidden (the scorers' path) gives them for the continuation; lm_head; the
 activation constraint reaches the residual stream; equal policies are one static jit
 argument."""
+import dataclasses
 import os
 
 import jax
@@ -18,7 +19,7 @@ import pytest
 
 import paths
 from copd_jax.models import decoder, hf_checkpoint, lora, qwen3_vl_decode, qwen3_vl_import
-from copd_jax.models.policy import Qwen3VLPolicy, TextPolicy, policy_of
+from copd_jax.models.policy import Policy, Qwen3VLPolicy, TextPolicy, policy_of
 from tiny_model import tiny_config
 from test_lora import random_branches
 
@@ -53,6 +54,15 @@ def scored_logits(policy, params, tokens, mask, media, k=K):
   _, hidden = policy.shared_prefix_hidden(params, tokens[:, :p], positions[:, :p], mask[:, :p],
                                           media, tokens[:, p:], positions[:, p:])
   return np.asarray(decoder.logits_from_hidden(hidden, policy.lm_head(params)))
+
+
+def test_both_policies_implement_every_member_of_the_contract():
+  members = {n for n in vars(Policy) if not n.startswith("_")} | set(Policy.__annotations__)
+  assert {"prefill", "decode_step", "shared_prefix_hidden", "rows_hidden", "lm_head"} <= members
+  for cls in (TextPolicy, Qwen3VLPolicy):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    assert sorted(m for m in members if not hasattr(cls, m) and m not in fields) == [], cls
+    assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen  # static, hashable
 
 
 # --------------------------------------------------------------------------- Qwen3 (text)
