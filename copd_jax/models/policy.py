@@ -102,6 +102,14 @@ class Policy(Protocol):
     """jax.ShapeDtypeStruct media [*lead, ...] of prompts of prompt_len tokens (None for a
     text-only model); vision_budget: patches per prompt (Qwen3-VL's PromptMedia)."""
 
+  def load_hf(self, directory: str):
+    """(the checkpoint's model config with this policy's execution settings, its f32
+    parameters, layers unrolled) of a Hugging Face checkpoint directory of this family."""
+
+  def export_hf(self, out_dir: str, params, *, source_dir: str, tokenizer_dir: str | None,
+                dtype: str, language_model_only: bool) -> None:
+    """Writes one policy's params as a Hugging Face checkpoint directory of this family."""
+
 
 def _same_shape_error(name: str, where: str, want, got) -> ValueError:
   return ValueError(f"{name} must be {where} = {want}, got {tuple(got)}")
@@ -182,6 +190,21 @@ class TextPolicy:
       return None
     return jax.ShapeDtypeStruct(lead + (v.num_frames, v.image_size, v.image_size, v.channels),
                                 jnp.float32)
+
+  def load_hf(self, directory):
+    from copd_jax.models import hf_checkpoint, model_config
+    cfg, params = hf_checkpoint.load_qwen3(directory, dtype=self.cfg.dtype)
+    return model_config.with_execution_of(cfg, self.cfg), params
+
+  def export_hf(self, out_dir, params, *, source_dir, tokenizer_dir, dtype,
+                language_model_only):
+    from copd_jax.models import hf_checkpoint
+    if self.cfg.vision is not None and not language_model_only:
+      raise ValueError("the run's model has a vision tower, which a Qwen3ForCausalLM "
+                       "checkpoint cannot hold; pass --language_model_only to export the "
+                       "language model without it")
+    hf_checkpoint.export_qwen3(out_dir, params, self.cfg, tokenizer_dir=tokenizer_dir,
+                               dtype=dtype, language_model_only=language_model_only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +305,18 @@ class Qwen3VLPolicy:
         layout=(sds(lead + (n, 4), i32), sds(lead + (n, 4), f32), sds(lead + (n, 2), i32),
                 sds(lead + (n,), i32)),
         image_tokens=sds(lead, i32), position_ids=sds(lead + (3, prompt_len), i32))
+
+  def load_hf(self, directory):
+    from copd_jax.models import qwen3_vl_import
+    cfg, params = qwen3_vl_import.load_qwen3_vl(directory, dtype=self.cfg.text.dtype)
+    return cfg.with_execution_of(self.cfg), params
+
+  def export_hf(self, out_dir, params, *, source_dir, tokenizer_dir, dtype,
+                language_model_only):
+    # config.json and the processor files: the source checkpoint's.
+    from copd_jax.models import qwen3_vl_export
+    qwen3_vl_export.export_qwen3_vl(out_dir, params, self.cfg, source_dir=source_dir,
+                                    dtype=dtype)
 
 
 _POLICY_OF_CONFIG = {ModelConfig: TextPolicy, Qwen3VLConfig: Qwen3VLPolicy}
