@@ -33,8 +33,8 @@ import numpy as np
 from absl import app, flags
 
 from copd_jax import checkpoint, cli, policy_setup, run_spec
-from copd_jax.models import hf_checkpoint, qwen3_vl_export, stacked as stacked_lib
-from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
+from copd_jax.models import stacked as stacked_lib
+from copd_jax.models.policy import policy_of
 
 MERGED = "merged"
 
@@ -86,23 +86,16 @@ def export_run(workdir: str, out_dir: str, *, branch: str = MERGED, dtype: str =
   check_out_dir(out_dir, overwrite)
   cfg, model_cfg, params = load_run_policy(workdir, branch)
   params = jax.tree.map(np.asarray, params)
-  is_vl = isinstance(model_cfg, Qwen3VLConfig)
-  if not is_vl and model_cfg.vision is not None and not language_model_only:
-    raise ValueError(f"{workdir}: the run's model has a vision tower, which a Qwen3ForCausalLM "
-                     "checkpoint cannot hold; pass --language_model_only to export the "
-                     "language model without it")
   staging = f"{os.path.abspath(out_dir).rstrip(os.sep)}.partial-{os.getpid()}"
   shutil.rmtree(staging, ignore_errors=True)
   try:
-    if is_vl:  # config.json and processor files: the source's
-      qwen3_vl_export.export_qwen3_vl(staging, params, model_cfg,
-                                      source_dir=cfg.init.hf_checkpoint, dtype=dtype)
-    else:
-      tokenizer_dir = None
-      if cfg.init.hf_checkpoint:
-        tokenizer_dir = policy_setup.hf_tokenizer_dir(cfg)
-      hf_checkpoint.export_qwen3(staging, params, model_cfg, tokenizer_dir=tokenizer_dir,
-                                 dtype=dtype, language_model_only=language_model_only)
+    try:
+      policy_of(model_cfg).export_hf(
+          staging, params, source_dir=cfg.init.hf_checkpoint,
+          tokenizer_dir=policy_setup.hf_tokenizer_dir(cfg) if cfg.init.hf_checkpoint else None,
+          dtype=dtype, language_model_only=language_model_only)
+    except ValueError as err:
+      raise ValueError(f"{workdir}: {err}") from err
     make_readable(staging)
     replace_dir(staging, out_dir)
   finally:

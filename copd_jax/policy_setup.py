@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from copd_jax.data.tokenizer import Tokenizer, ToyTokenizer
 from copd_jax.models import model_config
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 from copd_jax.run_spec import RunSpec
+
+if TYPE_CHECKING:
+  from copd_jax.models.policy import Policy
 
 
 def never_generated_ids(tokenizer) -> tuple[int, ...]:
@@ -62,6 +65,12 @@ class RunSetup:
   media_token_ids: tuple[int, ...] = ()
   # How responses are scored (config.reward): passed to every scorer, never a global.
   rewards: reward_fns.Rewards = reward_fns.Rewards()
+
+  @property
+  def policy(self) -> Policy:
+    """The models.policy Policy of model_cfg: what the sampler and the scorers run."""
+    from copd_jax.models.policy import policy_of  # the model code, imported when used
+    return policy_of(self.model_cfg)
 
   @property
   def banned_token_ids(self) -> tuple[int, ...]:
@@ -131,30 +140,25 @@ def vision_lengths(model_cfg: model_config.ModelConfig) -> dict:
 
 
 def init_policy_params(model_cfg, key):
-  """Fresh f32 parameters of one policy of either family (for shapes: eval_shape)."""
-  if isinstance(model_cfg, Qwen3VLConfig):
-    from copd_jax.models import qwen3_vl
-    return qwen3_vl.init_params(model_cfg, key)
-  from copd_jax.models import decoder
-  return decoder.init_params(model_cfg, key)
+  """Fresh f32 parameters of one policy of either family (for shapes: eval_shape).
+  model_cfg: a model config or a models.policy Policy."""
+  from copd_jax.models.policy import policy_of
+  return policy_of(model_cfg).init_params(key)
 
 
 def declared_param_axes(model_cfg) -> dict:
   """{parameter path: logical axes} that the layers of one policy of either family declare
   (for sharding.RunSharding(mesh, param_axes=...)); nothing is allocated."""
-  if isinstance(model_cfg, Qwen3VLConfig):
-    from copd_jax.models import qwen3_vl
-    return qwen3_vl.param_axes(model_cfg)
-  from copd_jax.models import decoder
-  return decoder.param_axes(model_cfg)
+  from copd_jax.models.policy import policy_of
+  return policy_of(model_cfg).param_axes()
 
 
 def to_model_layout(params, model_cfg, leading_axes: int = 0):
   """Params (unrolled `layers_{i}`, as the HF importers give them, or stacked) in the
   layer layout model_cfg runs with (ModelConfig.scan_layers: stacked `layers` [L, ...])."""
   from copd_jax.models import layer_stack
-  text = model_cfg.text if isinstance(model_cfg, Qwen3VLConfig) else model_cfg
-  return layer_stack.to_layout(params, text.scan_layers, leading_axes)
+  from copd_jax.models.policy import policy_of
+  return layer_stack.to_layout(params, policy_of(model_cfg).text.scan_layers, leading_axes)
 
 
 def is_qwen3_vl_checkpoint(directory: str) -> bool:

@@ -125,17 +125,8 @@ def train_base_policy(cfg: RunSpec, setup: RunSetup,
 def load_hf_base_policy(cfg: RunSpec, setup: RunSetup) -> Any:
   """The f32 parameters of config.init.hf_checkpoint (hf_checkpoint.load_qwen3); the
   checkpoint must still match the model config build_setup read from it."""
-  from copd_jax.models import hf_checkpoint, qwen3_vl_import
-  from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
-  if isinstance(setup.model_cfg, Qwen3VLConfig):
-    model_cfg, params = qwen3_vl_import.load_qwen3_vl(cfg.init.hf_checkpoint,
-                                                      dtype=setup.model_cfg.text.dtype)
-    # Compared without the execution settings build_setup took from config.model.
-    model_cfg = model_cfg.with_execution_of(setup.model_cfg)
-  else:
-    model_cfg, params = hf_checkpoint.load_qwen3(cfg.init.hf_checkpoint,
-                                                 dtype=setup.model_cfg.dtype)
-    model_cfg = model_config.with_execution_of(model_cfg, setup.model_cfg)
+  # Compared with the execution settings build_setup took from config.model.
+  model_cfg, params = setup.policy.load_hf(cfg.init.hf_checkpoint)
   if model_cfg != setup.model_cfg:
     raise ValueError(f"{cfg.init.hf_checkpoint}: config.json changed since the run was set up "
                      f"({model_cfg} != {setup.model_cfg})")

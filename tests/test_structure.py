@@ -365,3 +365,80 @@ def test_no_settings_held_in_module_globals():
              for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Global)
              for n in node.names}
   assert rebound <= set(ALLOWED_GLOBALS), sorted(rebound - set(ALLOWED_GLOBALS))
+
+
+_MUTATING_METHODS = {"append", "extend", "insert", "pop", "popitem", "remove", "clear",
+                     "update", "setdefault", "add", "discard", "appendleft", "popleft"}
+_MUTABLE_CALLS = {"list", "dict", "set", "deque", "defaultdict", "OrderedDict", "Counter"}
+
+
+def _is_mutable_container(value) -> bool:
+  if isinstance(value, (ast.List, ast.Dict, ast.Set, ast.ListComp, ast.DictComp, ast.SetComp)):
+    return True
+  if isinstance(value, ast.Call):
+    fn = value.func
+    name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", None)
+    return name in _MUTABLE_CALLS
+  return False
+
+
+def mutated_module_containers(source: str) -> list[str]:
+  """Module-level names bound to a list / dict / set (or deque, defaultdict, ...) that a
+  function mutates in place (x.append(...), x.pop(), x[k] = v, del x[k], ...): module state
+  without a `global` statement, e.g. a list used as a context stack."""
+  tree = ast.parse(source)
+  containers = set()
+  for node in tree.body:
+    targets, value = [], None
+    if isinstance(node, ast.Assign):
+      targets, value = node.targets, node.value
+    elif isinstance(node, ast.AnnAssign) and node.value is not None:
+      targets, value = [node.target], node.value
+    if value is not None and _is_mutable_container(value):
+      containers.update(t.id for t in targets if isinstance(t, ast.Name))
+  found = set()
+  for fn in ast.walk(tree):
+    if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+      continue
+    for node in ast.walk(fn):
+      if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+          node.func.attr in _MUTATING_METHODS and isinstance(node.func.value, ast.Name) and \
+          node.func.value.id in containers:
+        found.add(node.func.value.id)
+      targets = (node.targets if isinstance(node, (ast.Assign, ast.Delete)) else
+                 [node.target] if isinstance(node, ast.AugAssign) else [])
+      for t in targets:
+        if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name) and \
+            t.value.id in containers:
+          found.add(t.value.id)
+  return sorted(found)
+
+
+def test_mutable_container_finder_finds_a_planted_stack():
+  planted = textwrap.dedent("""
+      _STACK: list = []
+      _TABLE = {"a": 1}
+      _SEEN = set()
+      _FROZEN = (1, 2)
+      CONSTANT = {"read": "only"}
+      def push(x):
+        _STACK.append(x)
+      def remember(k, v):
+        _TABLE[k] = v
+        _SEEN.add(k)
+      def read(k):
+        local = []
+        local.append(k)
+        return CONSTANT[k], _FROZEN
+      """)
+  assert mutated_module_containers(planted) == ["_SEEN", "_STACK", "_TABLE"]
+
+
+# Module-level containers a function fills, and why each is not a setting.
+ALLOWED_MUTATED_CONTAINERS: dict[tuple[str, str], str] = {}
+
+
+def test_no_settings_held_in_module_level_containers():
+  found = {(name, n) for name, path in package_modules().items()
+           for n in mutated_module_containers(path.read_text())}
+  assert found <= set(ALLOWED_MUTATED_CONTAINERS), sorted(found - set(ALLOWED_MUTATED_CONTAINERS))

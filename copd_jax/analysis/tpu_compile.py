@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from copd_jax import sampling as sampling_lib
-from copd_jax.models import decoder, lora, model_config, stacked
+from copd_jax.models import lora, model_config, stacked
+from copd_jax.models.policy import policy_of
 from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 from copd_jax.rl import rows as rows_lib, schedules, scoring, stages, update as update_lib
 from copd_jax.run_spec import MeshSpec, RunSpec, replace_fields
@@ -162,7 +163,7 @@ def run_model_config(cfg, num_layers: int | None = None):
 
 
 def text_config(model_cfg) -> model_config.ModelConfig:
-  return model_cfg.text if isinstance(model_cfg, Qwen3VLConfig) else model_cfg
+  return policy_of(model_cfg).text
 
 
 def abstract_params(model_cfg, num_branches: int, lora_spec: lora.LoraSpec | None = None):
@@ -180,24 +181,8 @@ def abstract_params(model_cfg, num_branches: int, lora_spec: lora.LoraSpec | Non
 
 def _media(model_cfg, cfg, lead: tuple[int, ...], prompt_len: int):
   """Abstract prompt media [*lead, ...]: the toy's frames, or Qwen3-VL's PromptMedia padded
-  to config.data.vision_budget patches per prompt."""
-  sds = jax.ShapeDtypeStruct
-  if isinstance(model_cfg, Qwen3VLConfig):
-    from copd_jax.models import qwen3_vl_decode
-    n = int(cfg.data.vision_budget)
-    if n <= 0 or n % model_cfg.vision.merge_unit:
-      raise ValueError(f"config.data.vision_budget={n}: a deviceless compile needs a fixed "
-                       f"positive budget, a multiple of {model_cfg.vision.merge_unit} patches")
-    i32, f32 = jnp.int32, jnp.float32
-    return qwen3_vl_decode.PromptMedia(
-        patches=sds(lead + (n, model_cfg.vision.patch_dim), f32),
-        layout=(sds(lead + (n, 4), i32), sds(lead + (n, 4), f32), sds(lead + (n, 2), i32),
-                sds(lead + (n,), i32)),
-        image_tokens=sds(lead, i32), position_ids=sds(lead + (3, prompt_len), i32))
-  v = model_cfg.vision
-  if v is None:
-    return None
-  return sds(lead + (v.num_frames, v.image_size, v.image_size, v.channels), jnp.float32)
+  to config.data.vision_budget patches per prompt (Policy.abstract_media)."""
+  return policy_of(model_cfg).abstract_media(lead, prompt_len, int(cfg.data.vision_budget))
 
 
 def abstract_rows(model_cfg, cfg, num_branches: int, rows: int) -> rows_lib.Rows:
@@ -217,10 +202,9 @@ def sampling_config(cfg, model_cfg) -> sampling_lib.SamplingConfig:
   """The run's SamplingConfig (rl.loop.data_context); stop / banned ids only change
   constants of the program: the end-of-turn id, and for Qwen3-VL its media pad ids."""
   text = text_config(model_cfg)
-  banned = ()
+  banned = policy_of(model_cfg).media_token_ids
   stop = (min(2, text.vocab_size - 1),)
-  if isinstance(model_cfg, Qwen3VLConfig):
-    banned = (model_cfg.image_token_id, model_cfg.video_token_id)
+  if banned:  # a stop id clear of the media pads
     stop = (max(set(range(text.vocab_size - 3, text.vocab_size)) - set(banned)),)
   s = cfg.sampling
   return sampling_lib.SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
@@ -255,9 +239,9 @@ class Program:
 
 def _score_on_mesh(run: RunSharding, ucfg, cross_row_start: int, prompt_len: int, teachers,
                    rows, routing):
-  with decoder.activation_sharding(run.constrain_rows):
-    return scoring.score_by_teachers(teachers, rows, routing, ucfg, run.regroup_placement(),
-                                     cross_row_start, prompt_len)
+  return scoring.score_by_teachers(teachers, rows, routing,
+                                   ucfg.with_constraint(run.constrain_rows),
+                                   run.regroup_placement(), cross_row_start, prompt_len)
 
 
 def _scoring_program(run: RunSharding, ucfg, cross_row_start: int, prompt_len: int):

@@ -66,10 +66,9 @@ embeddings stay in f32.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import flax.struct
@@ -267,28 +266,6 @@ class DecoderLayer(nn.Module):
     return x, kv
 
 
-# Set while a sharded update is traced (activation_sharding): pins the residual stream's
-# rows to the mesh's batch axes after the embedding and after every layer.
-_ACTIVATION_CONSTRAINT: list = []
-
-
-@contextlib.contextmanager
-def activation_sharding(constrain):
-  """Within this context, Policy calls constrain(x) on its residual stream x [rows, T, D]
-  after the embedding and after each layer. Used by sharding.RunSharding while tracing
-  the sharded update: without it XLA's partitioner may follow the FSDP-sharded embedding
-  table (d_model over `fsdp`) and gather every row of a micro-batch onto every device."""
-  _ACTIVATION_CONSTRAINT.append(constrain)
-  try:
-    yield
-  finally:
-    _ACTIVATION_CONSTRAINT.pop()
-
-
-def _constrain_activations(x):
-  return _ACTIVATION_CONSTRAINT[-1](x) if _ACTIVATION_CONSTRAINT else x
-
-
 class Decoder(nn.Module):
   """The Qwen3 decoder every policy shares: token embedding, decoder layers over rotary
   angles the caller computes, final norm, and (untied) LM head. Subclasses add their
@@ -296,9 +273,17 @@ class Decoder(nn.Module):
   (multimodal positions, the Qwen3-VL vision tower, DeepStack features).
 
   embedding_std: the std of the random embedding init (None: d_model ** -0.5).
+  constrain: None, or constrain(x) -> x called on the residual stream x [rows, T, D] after
+    the embedding and after each layer (sharding.RunSharding.constrain_rows while the
+    update is traced: without it XLA's partitioner may follow the FSDP-sharded embedding
+    table (d_model over `fsdp`) and gather every row of a micro-batch onto every device).
   """
   cfg: ModelConfig
   embedding_std: float | None = None
+  constrain: Callable | None = None
+
+  def constrain_activations(self, x):
+    return x if self.constrain is None else self.constrain(x)
 
   def setup(self):
     cfg = self.cfg
@@ -340,7 +325,7 @@ class Decoder(nn.Module):
     returned keys/values) hold ONE entry whose arrays have a leading layer axis L
     (LayerCache prefix [L, B, K, P, Dh], (k, v) [L, N, K, T, Dh]).
     """
-    x = _constrain_activations(x)
+    x = self.constrain_activations(x)
     if cache is None:
       mask = key_mask  # [N, T]; attention adds causality
     else:
@@ -353,18 +338,20 @@ class Decoder(nn.Module):
       x, kv = layer(x, angles, mask, None if cache is None else cache[i])
       if after_layer is not None:
         x = after_layer(i, x)
-      x = _constrain_activations(x)
+      x = self.constrain_activations(x)
       new_kv.append(kv)
     return self.norm(x), tuple(new_kv)
 
   def _scanned_layers(self, x, angles, mask, cache, after_layer):
     """decode's layers as one nn.scan over the stacked layer parameters [L, ...]."""
+    constrain = self.constrain_activations
+
     def body(layer, x, per_layer):
       i, layer_cache = per_layer
       x, kv = layer(x, angles, mask, layer_cache)
       if after_layer is not None:
         x = after_layer(i, x)
-      return _constrain_activations(x), kv
+      return constrain(x), kv
 
     scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
                    length=self.cfg.num_layers,
@@ -395,7 +382,7 @@ class Policy(Decoder):
     if vision is not None:
       # Rows of the (sharded) vision tower's output pinned like the residual stream's, so
       # the placeholder gather stays on each device's own rows.
-      vision_embeds = _constrain_activations(self.visual(vision))
+      vision_embeds = self.constrain_activations(self.visual(vision))
       x = replace_placeholders(x, tokens, vision_embeds, cfg.image_token_id)
     angles = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
     return self.decode(x, angles, key_mask, cache, write_index)
@@ -466,24 +453,26 @@ def check_inputs(cfg: ModelConfig, tokens, positions, token_mask, vision) -> Non
                      f"{tuple(vision.shape)}")
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+@functools.partial(jax.jit, static_argnames=("cfg", "constrain"))
 def forward_hidden(params: Params, cfg: ModelConfig, tokens, positions, token_mask,
-                   vision=None):
+                   vision=None, constrain: Callable | None = None):
   """Final-normed hidden states f32[B, T, D] (hidden at t predicts token t+1).
 
   tokens: int32[B, T]; positions: int32[B, T] (see positions_from_mask);
   token_mask: bool[B, T] (False = padding, never attended to);
-  vision: f32[B, F, H, W, C] or None (replaces the image_token_id placeholders).
+  vision: f32[B, F, H, W, C] or None (replaces the image_token_id placeholders);
+  constrain: the residual stream's constraint (Decoder.constrain), static.
   """
   check_inputs(cfg, tokens, positions, token_mask, vision)
-  hidden, _ = Policy(cfg).apply(lora.variables(params), tokens, positions,
+  hidden, _ = Policy(cfg, constrain=constrain).apply(lora.variables(params), tokens, positions,
                                 token_mask.astype(bool), vision)
   return hidden
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+@functools.partial(jax.jit, static_argnames=("cfg", "constrain"))
 def forward_hidden_shared_prefix(params: Params, cfg: ModelConfig, prompt_tokens,
-                                 prompt_positions, prompt_mask, vision, tokens, positions):
+                                 prompt_positions, prompt_mask, vision, tokens, positions,
+                                 constrain: Callable | None = None):
   """Teacher forcing of G continuations per prompt with the prompt run ONCE, not G times.
 
   prompt_tokens, prompt_positions: int32[B, P]; prompt_mask: bool[B, P];
@@ -506,7 +495,7 @@ def forward_hidden_shared_prefix(params: Params, cfg: ModelConfig, prompt_tokens
   if tokens.shape[0] % prompt_tokens.shape[0]:
     raise ValueError(f"continuation rows ({tokens.shape[0]}) must be a multiple of the "
                      f"prompts ({prompt_tokens.shape[0]}): N = B * samples per prompt")
-  policy = Policy(cfg)
+  policy = Policy(cfg, constrain=constrain)
   prompt_mask = prompt_mask.astype(bool)
   prompt_hidden, prefix_kv = policy.apply(lora.variables(params), prompt_tokens, prompt_positions,
                                           prompt_mask, vision)
@@ -515,14 +504,15 @@ def forward_hidden_shared_prefix(params: Params, cfg: ModelConfig, prompt_tokens
   return prompt_hidden, hidden
 
 
-def prefill(params: Params, cfg: ModelConfig, tokens, positions, token_mask, vision=None):
+def prefill(params: Params, cfg: ModelConfig, tokens, positions, token_mask, vision=None,
+            constrain: Callable | None = None):
   """The prompt pass of the sampler: (hidden f32[B, P, D], per-layer (k, v) [B, K, P, Dh]).
 
   Same inputs as forward_hidden; the keys/values become the shared prefix of a cache
   (see init_decode_cache).
   """
-  return Policy(cfg).apply(lora.variables(params), tokens, positions, token_mask.astype(bool),
-                           vision)
+  return Policy(cfg, constrain=constrain).apply(lora.variables(params), tokens, positions,
+                                                token_mask.astype(bool), vision)
 
 
 def init_decode_cache(prefix_kv, num_samples: int, num_slots: int):
@@ -540,7 +530,7 @@ def init_decode_cache(prefix_kv, num_samples: int, num_slots: int):
 
 
 def decode_step(params: Params, cfg: ModelConfig, tokens, positions, prefix_mask, cache,
-                write_index):
+                write_index, constrain: Callable | None = None):
   """Runs tokens int32[N, T] (usually T = 1) that belong at response slots write_index ..
   write_index+T-1, reading (not writing) the cache.
 
@@ -551,8 +541,9 @@ def decode_step(params: Params, cfg: ModelConfig, tokens, positions, prefix_mask
   if tokens.shape[0] % prefix_mask.shape[0]:
     raise ValueError(f"decode_step: tokens rows ({tokens.shape[0]}) must be a multiple of "
                      f"prefix_mask rows ({prefix_mask.shape[0]}): N = B * samples per prompt")
-  return Policy(cfg).apply(lora.variables(params), tokens, positions, prefix_mask.astype(bool),
-                           None, cache, write_index)
+  return Policy(cfg, constrain=constrain).apply(
+      lora.variables(params), tokens, positions, prefix_mask.astype(bool), None, cache,
+      write_index)
 
 
 def write_decode_cache(cache, new_kv, write_index):

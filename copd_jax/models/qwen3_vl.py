@@ -49,7 +49,7 @@ Numerics as copd_jax.models.decoder: matmul inputs in `cfg.text.dtype`, f32 accu
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -376,8 +376,8 @@ class Qwen3VL(decoder.Decoder):
     x = self.embed(input_ids)
     tokens, deepstack = self.visual(media.patches, layout=media.layout)  # [B, M, D]
     # The sharded tower's outputs pinned to the residual stream's rows (decoder.Policy).
-    tokens = decoder._constrain_activations(tokens)
-    deepstack = tuple(decoder._constrain_activations(d) for d in deepstack)
+    tokens = self.constrain_activations(tokens)
+    deepstack = tuple(self.constrain_activations(d) for d in deepstack)
     is_image, is_video = input_ids == vl.image_token_id, input_ids == vl.video_token_id
     # Which of the prompt's vision tokens each position takes (-1: none): images first,
     # then the videos, in prompt order (as prompt_media lays the patches out).
@@ -414,8 +414,9 @@ class Qwen3VL(decoder.Decoder):
     return hidden
 
 
-def _module(cfg: Qwen3VLConfig) -> Qwen3VL:
-  return Qwen3VL(cfg.text, vl=cfg)
+def _module(cfg: Qwen3VLConfig, constrain: Callable | None = None) -> Qwen3VL:
+  """The module of cfg; constrain: the residual stream's constraint (Decoder.constrain)."""
+  return Qwen3VL(cfg.text, vl=cfg, constrain=constrain)
 
 
 def _boxed_params(cfg: Qwen3VLConfig, key):
@@ -467,18 +468,20 @@ def lm_head(params: Params, cfg: Qwen3VLConfig):
   return params["lm_head"]["kernel"]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "image_grids", "video_grids"))
+@functools.partial(jax.jit, static_argnames=("cfg", "image_grids", "video_grids", "constrain"))
 def forward_hidden(params: Params, cfg: Qwen3VLConfig, input_ids, attention_mask, position_ids,
                    pixel_values=None, image_grids: tuple[Grid, ...] = (),
-                   pixel_values_videos=None, video_grids: tuple[Grid, ...] = ()):
+                   pixel_values_videos=None, video_grids: tuple[Grid, ...] = (),
+                   constrain: Callable | None = None):
   """Jitted core: final-normed hidden f32[B, T, D].
 
   input_ids, attention_mask: int[B, T]; position_ids: int[3, B, T] (get_rope_index);
   pixel_values: f32[N_img, patch_dim] with static image_grids (tuple of (t, h, w));
   pixel_values_videos: f32[N_vid, patch_dim] with static video_grids.
   """
-  hidden, _ = _module(cfg).apply(lora.variables(params), input_ids, attention_mask, position_ids,
-                                 pixel_values, image_grids, pixel_values_videos, video_grids)
+  hidden, _ = _module(cfg, constrain).apply(
+      lora.variables(params), input_ids, attention_mask, position_ids, pixel_values,
+      image_grids, pixel_values_videos, video_grids)
   return hidden
 
 

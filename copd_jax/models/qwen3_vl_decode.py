@@ -9,7 +9,7 @@ text, so t = h = w, continuing one past the prompt's largest position (what HF's
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -149,15 +149,19 @@ def _position_ids(vision) -> jax.Array:
   return vision.position_ids
 
 
-def prefill(params: Params, cfg: Qwen3VLConfig, tokens, token_mask, vision):
+def prefill(params: Params, cfg: Qwen3VLConfig, tokens, token_mask, vision,
+            constrain: Callable | None = None):
   """The prompt pass: (hidden f32[B, P, D], per-layer (k, v) [B, K, P, Dh]).
-  vision: VisionInputs (the batch's media in one tower call) or PromptMedia (per prompt)."""
+  vision: VisionInputs (the batch's media in one tower call) or PromptMedia (per prompt);
+  constrain: the residual stream's constraint (decoder.Decoder.constrain)."""
   if isinstance(vision, PromptMedia):
-    return _module(cfg).apply(lora.variables(params), tokens, token_mask.astype(bool), vision,
-                              method=Qwen3VL.forward_prompts)
-  return _module(cfg).apply(lora.variables(params), tokens, token_mask.astype(bool),
-                            vision.position_ids, vision.pixel_values, vision.image_grids,
-                            vision.pixel_values_videos, vision.video_grids)
+    return _module(cfg, constrain).apply(lora.variables(params), tokens,
+                                         token_mask.astype(bool), vision,
+                                         method=Qwen3VL.forward_prompts)
+  return _module(cfg, constrain).apply(lora.variables(params), tokens, token_mask.astype(bool),
+                                       vision.position_ids, vision.pixel_values,
+                                       vision.image_grids, vision.pixel_values_videos,
+                                       vision.video_grids)
 
 
 def first_decode_positions(token_mask, vision):
@@ -167,28 +171,30 @@ def first_decode_positions(token_mask, vision):
 
 
 def forward_hidden_shared_prefix(params: Params, cfg: Qwen3VLConfig, prompt_tokens,
-                                 prompt_mask, media: PromptMedia, tokens):
+                                 prompt_mask, media: PromptMedia, tokens,
+                                 constrain: Callable | None = None):
   """Teacher forcing of G continuations per prompt, each prompt (and its media) run once.
 
   prompt_tokens: int32[B, P]; prompt_mask: bool[B, P]; media: PromptMedia [B];
   tokens: int32[N, R], N = B*G, row b*G + j continues prompt b (text: positions continue
   one past the prompt's largest, as in sampling). Returns (prompt hidden f32[B, P, D],
   continuation hidden f32[N, R, D]) -- as decoder.forward_hidden_shared_prefix."""
-  prompt_hidden, prefix_kv = prefill(params, cfg, prompt_tokens, prompt_mask, media)
+  prompt_hidden, prefix_kv = prefill(params, cfg, prompt_tokens, prompt_mask, media, constrain)
   g = tokens.shape[0] // prompt_tokens.shape[0]
   cache = decoder.init_decode_cache(prefix_kv, g, 0)
   start = jnp.repeat(first_decode_positions(prompt_mask, media), g)
   positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-  hidden, _ = decode_step(params, cfg, tokens, positions, prompt_mask, cache, 0)
+  hidden, _ = decode_step(params, cfg, tokens, positions, prompt_mask, cache, 0, constrain)
   return prompt_hidden, hidden
 
 
 def decode_step(params: Params, cfg: Qwen3VLConfig, tokens, positions, prefix_mask, cache,
-                write_index):
+                write_index, constrain: Callable | None = None):
   """Generated tokens int32[N, T] at 1-D positions int32[N, T] over the prompts' cache
   (as decoder.decode_step): (hidden f32[N, T, D], their (k, v))."""
-  return _module(cfg).apply(lora.variables(params), tokens, positions, prefix_mask.astype(bool),
-                            cache, write_index, method=Qwen3VL.decode_tokens)
+  return _module(cfg, constrain).apply(lora.variables(params), tokens, positions,
+                                       prefix_mask.astype(bool), cache, write_index,
+                                       method=Qwen3VL.decode_tokens)
 
 
 def sequence_positions(token_mask, vision: VisionInputs, num_samples: int, num_new: int):

@@ -24,8 +24,8 @@ import numpy as np
 from copd_jax import kernels
 from copd_jax.data import toy_flaws, toy_tasks
 from copd_jax.data.examples import Example
-from copd_jax.models import decoder, lora, model_config, qwen3_vl_decode
-from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
+from copd_jax.models import lora, model_config
+from copd_jax.models.policy import Policy, policy_of
 from copd_jax.rl import rows as rows_lib
 
 # The diagnostics' own train stream: cfg.tasks.seed + this (training's streams use
@@ -93,21 +93,23 @@ def masked_mean(values, mask):
   return jnp.sum(values * m) / jnp.maximum(m.sum(), 1.0)
 
 
-def _rows_hidden(params, cfg, tokens, positions, token_mask, frames, prompt_len: int):
+def _rows_hidden(params, policy: Policy, tokens, positions, token_mask, frames,
+                 prompt_len: int):
   """Hidden states of one student's rows [N, T] under one model: f32[N, T, D] over every
-  column; for Qwen3-VL f32[N, T - P, D] over the loss columns (rows.loss_columns), each
-  row's prompt and media run once and the response continues from the prompt's 3-D
-  positions (positions unused)."""
-  if isinstance(cfg, Qwen3VLConfig):
-    p = prompt_len
-    prompt_hidden, hidden = qwen3_vl_decode.forward_hidden_shared_prefix(
-        params, cfg, tokens[:, :p], token_mask[:, :p], frames, tokens[:, p:])
-    return jnp.concatenate([prompt_hidden[:, -1:], hidden[:, :-1]], axis=1)
-  return decoder.forward_hidden(params, cfg, tokens, positions, token_mask, frames)
+  column; for a policy that needs_prompt_len (Qwen3-VL) f32[N, T - P, D] over the loss
+  columns (rows.loss_columns), each row's prompt and media run once and the response
+  continues from the prompt's positions."""
+  if not policy.needs_prompt_len:
+    return policy.rows_hidden(params, tokens, positions, token_mask, frames)
+  p = prompt_len
+  prompt_hidden, hidden = policy.shared_prefix_hidden(
+      params, tokens[:, :p], positions[:, :p], token_mask[:, :p], frames, tokens[:, p:],
+      positions[:, p:])
+  return jnp.concatenate([prompt_hidden[:, -1:], hidden[:, :-1]], axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "k", "kernel", "prompt_len"))
-def pairwise_diagnostics(models, cfg: model_config.ModelConfig | Qwen3VLConfig, tokens,
+def pairwise_diagnostics(models, cfg: model_config.ModelConfig | Policy, tokens,
                          positions, token_mask, response_mask, frames, *, k: int = 10,
                          kernel: kernels.KernelConfig = kernels.KernelConfig(),
                          prompt_len: int = 0):
@@ -121,14 +123,14 @@ def pairwise_diagnostics(models, cfg: model_config.ModelConfig | Qwen3VLConfig, 
   Returns {'overlap': f32[S, M], 'sym_kl': f32[S, M]}; entry [s, m] compares student s
   with model m on student s's own rollouts (the diagonal is 1 and 0).
   """
-  vl = isinstance(cfg, Qwen3VLConfig)
+  policy = policy_of(cfg)
+  vl = policy.needs_prompt_len
   if vl and not prompt_len:
     raise ValueError("Qwen3-VL rows need prompt_len (their prompt columns)")
-  heads = jax.vmap(lambda p: decoder.lm_head(p, cfg.text if vl else cfg),
-                   in_axes=(lora.branch_axes(models),))(models)
+  heads = jax.vmap(policy.lm_head, in_axes=(lora.branch_axes(models),))(models)
 
   def hidden_of(params):  # one model on every student's rows -> [S, N, W, D]
-    return jax.vmap(lambda t, p, m, f: _rows_hidden(params, cfg, t, p, m, f, prompt_len))(
+    return jax.vmap(lambda t, p, m, f: _rows_hidden(params, policy, t, p, m, f, prompt_len))(
         tokens, positions, token_mask, frames)
 
   # [M, S, N, W, D]; map keeps memory at one model (LoRA: over the adapters, one base).

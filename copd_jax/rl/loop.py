@@ -20,7 +20,6 @@ from copd_jax import (
 from copd_jax.data import streams as data_lib
 from copd_jax.data.examples import decode_responses
 from copd_jax.models import stacked as stacked_lib
-from copd_jax.models.qwen3_vl_decode import PromptMedia
 from copd_jax.policy_setup import RunSetup
 from copd_jax.rl import (
   diagnostics,
@@ -134,7 +133,7 @@ def branch_diagnostics(ctx: RunContext, stage: stages_lib.Stage, params) -> dict
     diag = diagnostics.pairwise_diagnostics(
         models, setup.model_cfg, rows.tokens, rows.positions, rows.token_mask,
         rows.response_mask, rows.frames, kernel=cfg.rl.kernel,
-        prompt_len=prompt_tokens.shape[-1] if isinstance(rows.frames, PromptMedia) else 0)
+        prompt_len=prompt_tokens.shape[-1] if setup.policy.needs_prompt_len else 0)
   diag = sharding_lib.to_host(diag)  # global arrays in a multi-process run
   out = _answer_rate_scalars(branch_names(stage), examples, ctx.sharding.to_host(rollout),
                              setup.tokenizer)

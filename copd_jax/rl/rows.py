@@ -11,12 +11,15 @@ import numpy as np
 
 from copd_jax import kernels, losses, sampling
 from copd_jax.models import decoder, model_config
+from copd_jax.models.policy import Policy, policy_of
 
 
 @dataclasses.dataclass(frozen=True)
 class UpdateConfig:
   """Static settings of the jitted update (hashable)."""
-  model: model_config.ModelConfig  # or a Qwen3VLConfig (rows' frames: PromptMedia)
+  # The policy model: a models.policy Policy, or its model config (a ModelConfig or a
+  # Qwen3VLConfig, whose rows' frames are PromptMedia); the scorers use `policy`.
+  model: model_config.ModelConfig
   loss: losses.PolicyLossConfig
   kernel: kernels.KernelConfig
   scale_by_std: bool = True  # GRPO (True) or Dr.GRPO (False) group advantages
@@ -38,6 +41,17 @@ class UpdateConfig:
       raise ValueError(
           f"UpdateConfig.micro_batch_rows ({self.micro_batch_rows}) must be a multiple of "
           f"samples_per_prompt ({self.samples_per_prompt}): a micro-batch holds whole prompts")
+    policy_of(self.model)  # a clear error now for what is not a model
+
+  @property
+  def policy(self) -> Policy:
+    """The models.policy Policy that scores the rows."""
+    return policy_of(self.model)
+
+  def with_constraint(self, constrain) -> "UpdateConfig":
+    """These settings with the policy's residual stream constrained by constrain(x)
+    (decoder.Decoder.constrain; RunSharding.constrain_rows while the update is traced)."""
+    return dataclasses.replace(self, model=self.policy.with_constraint(constrain))
 
 
 @jax.tree_util.register_dataclass

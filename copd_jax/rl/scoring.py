@@ -9,9 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from copd_jax import kernels
-from copd_jax.models import decoder, lora, partitioning, qwen3_vl_decode
+from copd_jax.models import decoder, lora, partitioning
 from copd_jax.models.decoder import Params
-from copd_jax.models.qwen3_vl_config import Qwen3VLConfig
 from copd_jax.rl.rows import (
   Rows,
   UpdateConfig,
@@ -23,14 +22,9 @@ from copd_jax.rl.rows import (
 )
 
 
-def is_qwen3_vl(ucfg: UpdateConfig) -> bool:
-  """True when the policies are Qwen3-VL (rows' media: qwen3_vl_decode.PromptMedia)."""
-  return isinstance(ucfg.model, Qwen3VLConfig)
-
-
 def lm_head(params: Params, ucfg: UpdateConfig):
   """f32[D, V]: the policy's LM head (the embedding transposed when tied)."""
-  return decoder.lm_head(params, ucfg.model.text if is_qwen3_vl(ucfg) else ucfg.model)
+  return ucfg.policy.lm_head(params)
 
 
 def opd_support_size(ucfg: UpdateConfig) -> int:
@@ -41,7 +35,7 @@ def opd_support_size(ucfg: UpdateConfig) -> int:
     return 0
   if estimator == "top_k":
     return ucfg.loss.opd_top_k
-  return (ucfg.model.text if is_qwen3_vl(ucfg) else ucfg.model).vocab_size
+  return ucfg.policy.text.vocab_size
 
 
 def _teacher_scores(hidden, head, targets, ucfg: UpdateConfig, support: int):
@@ -59,16 +53,11 @@ def _shared_prefix_hidden(params: Params, ucfg: UpdateConfig, prompt_tokens, pro
 
   prompt_*: [B, P] (frames: the prompts' media [B, ...] or None); tokens, positions:
   int32[N, R], row b*G + j continues prompt b. Each prompt runs once for its G rows
-  (forward_hidden_shared_prefix); the prompt's last column predicts token 0. Qwen3-VL
+  (Policy.shared_prefix_hidden); the prompt's last column predicts token 0. Qwen3-VL
   takes its positions from the media (PromptMedia.position_ids): the 1-D ones are unused."""
   g = tokens.shape[0] // prompt_tokens.shape[0]
-  if is_qwen3_vl(ucfg):
-    prompt_hidden, hidden = qwen3_vl_decode.forward_hidden_shared_prefix(
-        params, ucfg.model, prompt_tokens, prompt_mask, frames, tokens)
-  else:
-    prompt_hidden, hidden = decoder.forward_hidden_shared_prefix(
-        params, ucfg.model, prompt_tokens, prompt_positions, prompt_mask, frames, tokens,
-        positions)
+  prompt_hidden, hidden = ucfg.policy.shared_prefix_hidden(
+      params, prompt_tokens, prompt_positions, prompt_mask, frames, tokens, positions)
   b, _, d = prompt_hidden.shape
   last = jnp.broadcast_to(prompt_hidden[:, None, -1:], (b, g, 1, d)).reshape(b * g, 1, d)
   return jnp.concatenate([last, hidden[:, :-1]], axis=1)
@@ -82,11 +71,8 @@ def _response_hidden(params: Params, ucfg: UpdateConfig, tokens, positions, toke
   their prompt (columns < P, and frames): each prompt runs once for its G rows and only
   the response columns run per row (_shared_prefix_hidden). With P = 0 every row runs
   whole."""
-  if not prompt_len:
-    if is_qwen3_vl(ucfg):
-      raise ValueError("Qwen3-VL rows need their prompt length (prompt_len > 0): the media "
-                       "belong to the prompt, which runs once for its samples")
-    return decoder.forward_hidden(params, ucfg.model, tokens, positions, token_mask, frames)
+  if not prompt_len:  # (Qwen3-VL refuses: its media belong to the prompt)
+    return ucfg.policy.rows_hidden(params, tokens, positions, token_mask, frames)
   p, g = prompt_len, ucfg.samples_per_prompt
   first = lambda x: jax.tree.map(lambda y: first_of_groups(y, g), x)  # noqa: E731
   return _shared_prefix_hidden(params, ucfg, first(tokens[:, :p]), first(positions[:, :p]),
@@ -208,7 +194,7 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
   if prompt_len and g != ucfg.samples_per_prompt:
     raise ValueError(f"routing groups {g} rows per prompt but ucfg.samples_per_prompt is "
                      f"{ucfg.samples_per_prompt}")
-  if is_qwen3_vl(ucfg) and not prompt_len:
+  if ucfg.policy.needs_prompt_len and not prompt_len:
     raise ValueError("teacher scoring of Qwen3-VL rows needs prompt_len > 0")
   start = cross_row_start
   support = opd_support_size(ucfg)

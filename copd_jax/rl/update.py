@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from copd_jax import kernels, losses
-from copd_jax.models import decoder, lora, partitioning
+from copd_jax.models import lora, partitioning
 from copd_jax.models.decoder import Params
 from copd_jax.rl.rows import Rows, UpdateConfig, join_rows, loss_columns, loss_targets, split_rows
 from copd_jax.rl.scoring import _response_hidden, lm_head, reference_logprobs, score_by_teachers
@@ -311,10 +311,10 @@ def init_optimizer_state(optimizer, params: Params):
 def _update_on_mesh(run: RunSharding, ucfg: UpdateConfig, optimizer, distil: bool,
                     cross_row_start: int, prompt_len: int, params, opt_state, teachers, rows,
                     routing, ref):
-  with decoder.activation_sharding(run.constrain_rows):
-    return update_body(params, opt_state, teachers, rows, routing, ref, ucfg=ucfg,
-                       optimizer=optimizer, distil=distil, placement=run.regroup_placement(),
-                       cross_row_start=cross_row_start, prompt_len=prompt_len)
+  return update_body(params, opt_state, teachers, rows, routing, ref,
+                     ucfg=ucfg.with_constraint(run.constrain_rows), optimizer=optimizer,
+                     distil=distil, placement=run.regroup_placement(),
+                     cross_row_start=cross_row_start, prompt_len=prompt_len)
 
 
 def update_program(run: RunSharding, ucfg: UpdateConfig, optimizer, distil: bool,
