@@ -37,6 +37,13 @@ def cfg():
   return default_config.get("copd", "micro")
 
 
+def only_capabilities(cfg, caps):
+  """A run on `caps` alone: the base's tasks, the RL branches and their number agree (the
+  RunSpec checks that they do)."""
+  cfg.tasks.capabilities = cfg.rl.capabilities = caps
+  cfg.num_experts = len(caps)
+
+
 # ------------------------------------------------------------- procedural task streams
 
 def test_make_streams_equal_train_stream(cfg):
@@ -153,7 +160,7 @@ def fake_datasets(monkeypatch):
 
 
 def test_record_files_are_shuffled_repeated_and_resumable(cfg, fake_datasets):
-  cfg.tasks.capabilities = ("text", "image")
+  only_capabilities(cfg, ("text", "image"))
   cfg.data.train_files = {"text": "a.jsonl", "image": ["b.parquet", "c.parquet"]}
   streams = data.make_streams(spec_of(cfg), KW, seed=5)
   text = [ex.question for ex in take(streams["text"], 6)]
@@ -183,7 +190,7 @@ def test_record_files_must_cover_every_capability(cfg, fake_datasets):
 
 
 def test_record_domains_stream(cfg, fake_datasets):
-  cfg.tasks.capabilities = ("text", "math")
+  only_capabilities(cfg, ("text", "math"))
   cfg.warm_start.mix = dict(text=1.0, image=1.0, math=3.0)  # image: not in this run
   with pytest.raises(ValueError, match="no procedural generator"):
     data.make_streams(spec_of(cfg), KW, seed=0)
