@@ -166,6 +166,11 @@ class StepLog:
                          opd=result.metrics["opd_weight"])
 
 
+def due(step: int, every: int, last: int) -> bool:
+  """A periodic hook's turn: every `every` steps and at the stage's last step."""
+  return step % every == 0 or step == last
+
+
 class Diagnostics:
   """Overlap and symmetric KL between branches at the start, every rl.diagnostics_every
   steps and at the end; the adaptive schedule reads the last one. measure(params) ->
@@ -178,7 +183,7 @@ class Diagnostics:
     self._measure(run)
 
   def after_step(self, run: StageRun, result) -> None:
-    if run.step % self.ctx.cfg.rl.diagnostics_every == 0 or run.step == self.stage.steps:
+    if due(run.step, self.ctx.cfg.rl.diagnostics_every, self.stage.steps):
       self._measure(run)
 
   def _measure(self, run: StageRun) -> None:
@@ -203,7 +208,7 @@ class Evaluation:
     self._evaluate(run)
 
   def after_step(self, run: StageRun, result) -> None:
-    if run.step % self.ctx.cfg.rl.eval_every == 0 or run.step == self.stage.steps:
+    if due(run.step, self.ctx.cfg.rl.eval_every, self.stage.steps):
       self._evaluate(run)
 
   def _evaluate(self, run: StageRun) -> None:

@@ -9,24 +9,13 @@ import jax
 import numpy as np
 import pytest
 
-from copd_jax.models import lora, qwen3_vl_import, stacked
+from copd_jax.models import lora, stacked
 from copd_jax.rl import update as update_lib
-from test_qwen3_vl_training import (FIXTURE, G, P, make_rows, oracle_logprobs, routing_arrays,
-                                    ucfg)
+from test_qwen3_vl_training import (  # noqa: F401 (model, ref: the module fixtures)
+    FIXTURE, G, P, make_rows, model, oracle_logprobs, ref, routing_arrays, ucfg)
 from tiny_model import one_device_run
 
 RANK, ALPHA = 2, 4.0
-
-
-@pytest.fixture(scope="module")
-def model():
-  return qwen3_vl_import.load_qwen3_vl(FIXTURE)
-
-
-@pytest.fixture(scope="module")
-def ref():
-  import paths
-  return paths.reference_outputs(FIXTURE)
 
 
 def lora_branches(base, num=2, seed=0):
