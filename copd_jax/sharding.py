@@ -6,8 +6,8 @@ slice:
 
     run = RunSharding.from_config(spec.mesh.sizes(), param_axes=...)  # expert, data, fsdp, tensor
     params = run.shard_params(params)                # stacked [S, ...] -> expert x fsdp/tensor
-    params, opt_state, metrics = rl.update.update(params, opt_state, teachers, rows, routing,
-                                                  run=run, ucfg=..., optimizer=..., distil=True)
+    fn = rl.update.UpdateFn(run, ucfg, optimizer)     # the update's statics, bound once
+    state, metrics = rl.update.update(fn, state, rows, teachers)
 
 Mesh axes
 ---------

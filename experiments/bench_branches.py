@@ -93,25 +93,27 @@ def toy_problem(n: int, topology: str, native: int, cross: int, g: int = 8, p: i
 
 
 def measure_toy(n: int, topology: str, native: int, cross: int, repeats: int) -> dict:
+  import dataclasses
+
   import jax
 
   from copd_jax.analysis import abstract_step
-  from copd_jax.rl import update as update_lib
+  from copd_jax.rl import scoring, update as update_lib
   params, opt_state, rows, routing, ucfg, optimizer, start, p = toy_problem(
       n, topology, native, cross)
-  arrays = routing.as_arrays()
+  rows = dataclasses.replace(rows, prompt_len=p)
+  teachers = scoring.Teachers(params, routing.as_arrays(), start)
+  state = update_lib.TrainState(params, opt_state)
   from copd_jax import policy_setup, sharding
   run = sharding.RunSharding.one_device(policy_setup.declared_param_axes(ucfg.model))
-  kwargs = dict(run=run, ucfg=ucfg, optimizer=optimizer, distil=True, cross_row_start=start,
-                prompt_len=p)
-  compiled = update_lib.update_program(run, ucfg, optimizer, True, start, p).lower(
-      params, opt_state, params, rows, arrays, None).compile()
+  fn = update_lib.UpdateFn(run, ucfg, optimizer)
+  compiled = update_lib.update_program(fn).lower(state, rows, teachers, None).compile()
   memory = abstract_step.compiled_memory_bytes(compiled)
-  jax.block_until_ready(update_lib.update(params, opt_state, params, rows, arrays, **kwargs))
+  jax.block_until_ready(update_lib.update(fn, state, rows, teachers))
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(update_lib.update(params, opt_state, params, rows, arrays, **kwargs))
+    jax.block_until_ready(update_lib.update(fn, state, rows, teachers))
     times.append(time.perf_counter() - t0)
   return {"n": n, "topology": topology, "step_s": float(np.median(times)),
           "peak_bytes": int(memory["total_bytes"]), "temp_bytes": int(memory["temp_bytes"]),

@@ -186,7 +186,8 @@ def stage_trainer(b: Bench) -> step_lib.StageTrainer:
         b.stage,
         trainer.StageRollout(b.stage, b.data, run, b.ucfg.model, b.key, b.assignment,
                              b.ucfg.scale_by_std),
-        update_lib.StageUpdate(run, b.ucfg, b.optimizer, jax.device_get(b.routing),
+        update_lib.StageUpdate(update_lib.UpdateFn(run, b.ucfg, b.optimizer),
+                               jax.device_get(b.routing),
                                b.stage.native_prompts * b.stage.samples_per_prompt))
   return _RUNS[id(b)]
 
@@ -216,8 +217,8 @@ def per_pair_scoring(b: Bench, params, rows: rows_lib.Rows, prompt_len: int):
 
   @jax.jit
   def score(teacher, tokens, positions, mask, frames):
-    return scoring_lib._sequence_logprobs(teacher, b.ucfg, tokens, positions, mask, frames,
-                                      prompt_len)
+    return scoring_lib._sequence_logprobs(
+        teacher, b.ucfg, rows_lib.RowInputs(tokens, positions, mask, frames), prompt_len)
 
   host = jax.device_get(rows)
   inputs = [(jax.tree.map(lambda x: x[j], params),
@@ -232,7 +233,7 @@ def per_pair_scoring(b: Bench, params, rows: rows_lib.Rows, prompt_len: int):
 def scoring_comparison(b: Bench, params, got: trainer.Rollouts, repeats: int) -> dict:
   g = b.stage.samples_per_prompt
   start = b.stage.native_prompts * g
-  batched = jax.jit(batched_scoring(b, start, got.prompt_len))
+  batched = jax.jit(batched_scoring(b, start))
   loop, pairs = per_pair_scoring(b, params, got.rows, got.prompt_len)
   # Same numbers: the batched layout returns each cross row's score in its own row.
   want = np.asarray(batched(params, got.rows, b.routing))
@@ -268,9 +269,11 @@ def layout_fraction(b: Bench, rows: rows_lib.Rows, prompt_len: int, kind: str, b
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((branches,) + x.shape[1:], x.dtype),
                         rows)
 
+  shapes = dataclasses.replace(shapes, prompt_len=prompt_len)
+
   def score(p, r, ro):
-    return scoring_lib.score_by_teachers(p, r, ro, b.ucfg, cross_row_start=start,
-                                         prompt_len=prompt_len, one_shape=one_shape)
+    return scoring_lib.score_by_teachers(scoring_lib.Teachers(p, ro, start), r, b.ucfg,
+                                         one_shape=one_shape)
   computed, calls = teacher_rows_audit.traced_teacher_rows(score, params, shapes,
                                                           routing.as_arrays())
   return {"useful": useful, "computed": computed, "fraction": useful / computed,
@@ -296,11 +299,12 @@ def with_loss(b: Bench, **loss) -> Bench:
   return dataclasses.replace(b, ucfg=ucfg)
 
 
-def batched_scoring(b: Bench, start: int, prompt_len: int):
-  """score_by_teachers for the stage's routing: (params, rows, routing) -> f32[S, R, W]."""
+def batched_scoring(b: Bench, start: int):
+  """score_by_teachers for the stage's routing: (params, rows, routing) -> f32[S, R, W]
+  (rows.prompt_len: their prompt columns)."""
   def score(params, rows, routing):
-    return scoring_lib.score_by_teachers(params, rows, routing, b.ucfg, cross_row_start=start,
-                                     prompt_len=prompt_len)
+    return scoring_lib.score_by_teachers(scoring_lib.Teachers(params, routing, start), rows,
+                                         b.ucfg)
   return score
 
 

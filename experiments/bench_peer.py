@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -135,9 +136,10 @@ class PeerStep:
         (self.params, self.opt_state, self.ref_params),
         (self.run.stacked_params(self.params), self.run.opt_state(self.opt_state),
          self.run.stacked_params(self.ref_params, stacked=False)))
-    self.sampler = sampling.sampler_program(self.run, self.cfg, self.sampling, SAMPLES)
-    self.ref_scoring = jax.jit(lambda ref, rows: scoring.reference_logprobs(
-        ref, rows, self.ucfg, self.update_prompt_len))
+    self.sampler = sampling.sampler_program(
+        self.run, sampling.Sampler(self.cfg, self.sampling, SAMPLES))
+    self.update_fn = update_lib.UpdateFn(self.run, self.ucfg, self.optimizer)
+    self.ref_scoring = jax.jit(lambda ref, rows: scoring.reference_logprobs(ref, rows, self.ucfg))
     rng = np.random.default_rng(seed)
     tokens, mask = make_prompts(rng, PROMPTS, PROMPT_LEN, self.cfg.vocab_size)
     self.prompt_tokens, self.prompt_mask = tokens[None], mask[None]  # [S = 1, B, P]
@@ -146,7 +148,7 @@ class PeerStep:
 
   def sample(self):
     key = jax.random.key_data(jax.random.fold_in(jax.random.key(1), self.step_index))[None]
-    return self.sampler(self.params, self.prompt_tokens, self.prompt_mask, None,
+    return self.sampler(self.params, sampling.Prompts(self.prompt_tokens, self.prompt_mask),
                         np.asarray(key))
 
   def rows(self, rollout) -> rows_lib.Rows:
@@ -154,13 +156,15 @@ class PeerStep:
     host = jax.device_get(rollout)
     rewards = toy_rewards(host.tokens, host.mask).reshape(1, -1)  # [S, B*G]
     advantages, _ = rollout_lib.group_advantages(rewards, SAMPLES, self.ucfg.scale_by_std)
-    return rollout_lib.build_rows(self.prompt_tokens, self.prompt_mask, None, host,
-                                  advantages, np.zeros_like(advantages), SAMPLES)
+    rows = rollout_lib.build_rows(sampling.Prompts(self.prompt_tokens, self.prompt_mask), host,
+                                  advantages, np.zeros_like(advantages))
+    return dataclasses.replace(rows, prompt_len=self.update_prompt_len)
 
   def update(self, rows):
-    return update_lib.update(self.params, self.opt_state, None, rows, None, self.ref_params,
-                             run=self.run, ucfg=self.ucfg, optimizer=self.optimizer,
-                             distil=False, cross_row_start=0, prompt_len=self.update_prompt_len)
+    state, metrics = update_lib.update(self.update_fn,
+                                       update_lib.TrainState(self.params, self.opt_state), rows,
+                                       None, self.ref_params)
+    return state.params, state.opt_state, metrics
 
   def step(self) -> dict:
     """One whole GRPO step (the parameters and optimizer state advance). Returns the

@@ -109,10 +109,11 @@ def main():
 
   # 1. KV cache vs full recompute (one sample per prompt).
   tokens, mask, _ = make_prompts(jax.random.key(2), batch, prompt_len, cfg, False)
+  one = sampling.Sampler(cfg, sample, 1)
+  text = sampling.Prompts(tokens, mask)
   t = time_side_by_side({
-      "cache": lambda: sampling.generate(params, cfg, tokens, mask, None, key, sample, 1),
-      "recompute": lambda: sampling.generate_by_recompute(params, cfg, tokens, mask, None, key,
-                                                          sample, 1),
+      "cache": lambda: sampling.generate(params, one, text, key),
+      "recompute": lambda: sampling.generate_by_recompute(params, one, text, key),
   }, repeats)
   results["kv_cache_speedup"] = t["recompute"] / t["cache"]
   print(f"[kv cache] {batch} prompts x {new_tokens} tokens: cache {t['cache'] * 1e3:.0f} ms, "
@@ -123,14 +124,17 @@ def main():
     name = "vision" if with_vision else "text"
     tokens, mask, clip = make_prompts(jax.random.key(3), batch, prompt_len, cfg, with_vision)
     rep = lambda x: None if x is None else jnp.repeat(x, group, axis=0)  # noqa: E731
+    shared = sampling.Prompts(tokens, mask, clip)
+    repeated = sampling.Prompts(rep(tokens), rep(mask), rep(clip))
     t = time_side_by_side({
-        "shared": lambda: sampling.generate(params, cfg, tokens, mask, clip, key, sample, group),
-        "per_sample": lambda: sampling.generate(params, cfg, rep(tokens), rep(mask), rep(clip),
-                                                key, sample, 1),
-        "shared_prefill": lambda: sampling.generate(params, cfg, tokens, mask, clip, key,
-                                                    prefill_only, group),
-        "per_sample_prefill": lambda: sampling.generate(params, cfg, rep(tokens), rep(mask),
-                                                        rep(clip), key, prefill_only, 1),
+        "shared": lambda: sampling.generate(
+            params, sampling.Sampler(cfg, sample, group), shared, key),
+        "per_sample": lambda: sampling.generate(
+            params, sampling.Sampler(cfg, sample, 1), repeated, key),
+        "shared_prefill": lambda: sampling.generate(
+            params, sampling.Sampler(cfg, prefill_only, group), shared, key),
+        "per_sample_prefill": lambda: sampling.generate(
+            params, sampling.Sampler(cfg, prefill_only, 1), repeated, key),
     }, repeats)
     suffix = "" if name == "text" else "_vision"
     results["prefix_share_speedup" + suffix] = t["per_sample"] / t["shared"]
@@ -157,12 +161,14 @@ def main():
   from copd_jax import policy_setup, sharding
   run = sharding.RunSharding.one_device(policy_setup.declared_param_axes(cfg))
 
+  e_sampler = sampling.Sampler(cfg, e_sample, group)
+
   def loop():
-    return [sampling.generate(singles[k], cfg, e_tokens[k], e_mask[k], None, keys[k], e_sample,
-                              group) for k in range(num_experts)]
+    return [sampling.generate(singles[k], e_sampler, sampling.Prompts(e_tokens[k], e_mask[k]),
+                              keys[k]) for k in range(num_experts)]
   t = time_side_by_side({
-      "stacked": lambda: sampling.stacked_generate(run, stacked, cfg, e_tokens, e_mask, None,
-                                                   keys, e_sample, group),
+      "stacked": lambda: sampling.stacked_generate(run, stacked, e_sampler,
+                                                   sampling.Prompts(e_tokens, e_mask), keys),
       "loop": loop,
   }, repeats)
   results["stacked_vs_loop"] = t["loop"] / t["stacked"]

@@ -53,7 +53,7 @@ from copd_jax.sampling import decode as sampling_decode  # noqa: E402
 from copd_jax.models import qwen3_vl_decode, qwen3_vl_import  # noqa: E402
 from copd_jax import losses  # noqa: E402
 from copd_jax.rl import rollout as rollout_lib, rows as rows_lib  # noqa: E402
-from copd_jax.rl import stages, update as update_lib  # noqa: E402
+from copd_jax.rl import scoring, stages, update as update_lib  # noqa: E402
 
 FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests",
                        "fixtures", "hf", "qwen3_vl_tiny")
@@ -109,13 +109,12 @@ def step_rows(cfg, stacked, prompts, step: int, samples: int, budget: int, run, 
                                               budget))
   ids, mask = jnp.asarray(np.stack(ids), jnp.int32), jnp.asarray(np.stack(mask), bool)
   media = jax.tree.map(lambda *xs: jnp.stack(xs), *media)
-  rollout = sampling.stacked_generate(run, stacked, cfg, ids, mask, media,
-                                      jax.random.split(jax.random.key(step), 2), config,
-                                      samples)
+  prompts_ = sampling.Prompts(ids, mask, media)
+  rollout = sampling.stacked_generate(run, stacked, sampling.Sampler(cfg, config, samples),
+                                      prompts_, jax.random.split(jax.random.key(step), 2))
   beta = np.zeros((2, 4 * samples), np.float32)
   beta[:, 2 * samples:] = 1.0
-  return rollout_lib.build_rows(ids, mask, media, rollout, np.zeros((2, 4 * samples)), beta,
-                                samples), ids
+  return rollout_lib.build_rows(prompts_, rollout, np.zeros((2, 4 * samples)), beta), ids
 
 
 def teacher_tower_prompts(cfg, params, samples: int, budget: int = 64) -> dict:
@@ -123,7 +122,6 @@ def teacher_tower_prompts(cfg, params, samples: int, budget: int = 64) -> dict:
   two branches teaching each other 2 cross prompts each): prompt slots per tower call
   (one call per teacher, vmapped) against the real prompts each teacher is assigned."""
   from copd_jax import policy_setup, sharding
-  from copd_jax.rl import scoring
   stacked = jax.tree.map(lambda x: jnp.stack([x, x * 1.01]), params)
   u = rows_lib.UpdateConfig(model=cfg, loss=losses.PolicyLossConfig(),
                             kernel=kernels.KernelConfig(backend="chunked", vocab_tile=32,
@@ -137,8 +135,7 @@ def teacher_tower_prompts(cfg, params, samples: int, budget: int = 64) -> dict:
                                    native_rows=2 * samples)
   with qwen3_vl_decode.vision_tower_calls() as calls:
     jax.make_jaxpr(lambda p, r, ro: scoring.score_by_teachers(
-        p, r, ro, u, cross_row_start=2 * samples, prompt_len=ids.shape[-1]))(
-            stacked, rows, routing.as_arrays())
+        scoring.Teachers(p, ro, 2 * samples), r, u))(stacked, rows, routing.as_arrays())
   return {"tower_prompt_slots_per_teacher": [c[0] for c in calls],
           "real_prompts_per_teacher": [n // samples for n in routing.teacher_loads()]}
 
@@ -154,23 +151,23 @@ def training_compiles(cfg, params, samples: int, steps: int = 5, budget: int = 6
                                                         token_tile=64),
                             samples_per_prompt=samples)
   optimizer = update_lib.make_optimizer(1e-4, 1.0)
-  opt_state = update_lib.init_optimizer_state(optimizer, stacked)
+  state = update_lib.TrainState(stacked, update_lib.init_optimizer_state(optimizer, stacked))
   routing = stages.teacher_routing(np.array([[1, 1], [0, 0]], np.int32), 2, samples=samples,
                                    native_rows=2 * samples).as_arrays()
   config = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0, stop_token_ids=(2,),
                                    banned_token_ids=(IMAGE_PAD, VIDEO_PAD))
   from copd_jax import policy_setup, sharding
   run = sharding.RunSharding.one_device(policy_setup.declared_param_axes(cfg))
+  fn = update_lib.UpdateFn(run, u, optimizer)
   traced, real_body = [], update_lib.update_body  # each trace of the update is a compile
   update_lib.update_body = lambda *a, **k: (traced.append(1), real_body(*a, **k))[1]
   seen, times = [], []
   for step in range(steps):
-    rows, ids = step_rows(cfg, stacked, prompts, step, samples, budget, run, config)
+    rows, _ = step_rows(cfg, state.params, prompts, step, samples, budget, run, config)
     start = time.perf_counter()
     with qwen3_vl_decode.vision_tower_calls() as calls:
-      stacked, opt_state, _ = jax.block_until_ready(update_lib.update(
-          stacked, opt_state, stacked, rows, routing, run=run, ucfg=u, optimizer=optimizer,
-          distil=True, cross_row_start=2 * samples, prompt_len=ids.shape[-1]))
+      teachers = scoring.Teachers(state.params, routing, 2 * samples)
+      state, _ = jax.block_until_ready(update_lib.update(fn, state, rows, teachers))
     times.append(time.perf_counter() - start)
     seen += calls
   update_lib.update_body = real_body
@@ -208,6 +205,8 @@ def main():
                                    stop_token_ids=(), banned_token_ids=(IMAGE_PAD, VIDEO_PAD))
   batches = prompt_batches(cfg)
   ids, mask, vision = batches["image"]
+  image_prompts = sampling.Prompts(ids, mask, vision)
+  sampler = sampling.Sampler(cfg, config, samples)
   key = jax.random.key(0)
   print(f"Qwen3-VL fixture: {ids.shape[0]} prompts of {ids.shape[1]} tokens, G={samples}, "
         f"{new_tokens} new tokens (no stop token: full length); CPU: {cpu_name()}",
@@ -216,25 +215,23 @@ def main():
   jit = sampling_decode._generate_jit  # cached sampler programs, counted over the whole run
   programs_at_start = jit._cache_size()
   patches = int(vision.pixel_values.shape[0])
-  seen = tower_patches(lambda: sampling.generate(params, cfg, ids, mask, vision, key, config,
-                                                 samples))
+  seen = tower_patches(lambda: sampling.generate(params, sampler, image_prompts, key))
   once = seen == [patches]
   print(f"vision tower calls of the cached sampler: {seen} patches (the batch has {patches}; "
         f"per sample it would be {samples * patches})", flush=True)
 
   times = time_side_by_side({
-      "cached": lambda: sampling.generate(params, cfg, ids, mask, vision, key, config, samples),
-      "recompute": lambda: sampling.generate_by_recompute(params, cfg, ids, mask, vision, key,
-                                                          config, samples)}, repeats)
+      "cached": lambda: sampling.generate(params, sampler, image_prompts, key),
+      "recompute": lambda: sampling.generate_by_recompute(params, sampler, image_prompts, key)},
+      repeats)
   speedup = times["recompute"] / times["cached"]
   print(f"sampling: cached {times['cached']:.3f} s, recompute {times['recompute']:.3f} s -> "
         f"{speedup:.1f}x", flush=True)
 
   order = ["image", "video", "image", "video", "image"]
   for step, name in enumerate(order):
-    b_ids, b_mask, b_vision = batches[name]
-    jax.block_until_ready(sampling.generate(params, cfg, b_ids, b_mask, b_vision,
-                                            jax.random.fold_in(key, step), config, samples))
+    jax.block_until_ready(sampling.generate(params, sampler, sampling.Prompts(*batches[name]),
+                                            jax.random.fold_in(key, step)))
   # Every program the cached sampler compiled in this run (the image bucket's first, above).
   compiled = jit._cache_size() - programs_at_start
   per_bucket = compiled / len(set(order))

@@ -171,15 +171,18 @@ def run_order(args):
 def update_cost(n: int, topology: str, native: int, cross: int, samples: int) -> dict:
   """The OPD update program at the study's shapes (toy model, N branches): XLA's compiled
   memory (arguments + outputs + temporaries, this CPU) and the teacher forward rows."""
+  import dataclasses
+
   import bench_branches  # experiments/bench_branches.py: the toy problem of N branches
   from copd_jax import policy_setup, sharding
   from copd_jax.analysis import abstract_step
-  from copd_jax.rl import update as update_lib
+  from copd_jax.rl import scoring, update as update_lib
   params, opt_state, rows, routing, ucfg, optimizer, start, p = bench_branches.toy_problem(
       n, topology, native, cross, g=samples)
   run = sharding.RunSharding.one_device(policy_setup.declared_param_axes(ucfg.model))
-  compiled = update_lib.update_program(run, ucfg, optimizer, True, start, p).lower(
-      params, opt_state, params, rows, routing.as_arrays(), None).compile()
+  compiled = update_lib.update_program(update_lib.UpdateFn(run, ucfg, optimizer)).lower(
+      update_lib.TrainState(params, opt_state), dataclasses.replace(rows, prompt_len=p),
+      scoring.Teachers(params, routing.as_arrays(), start), None).compile()
   memory = abstract_step.compiled_memory_bytes(compiled)
   return {"update_memory_bytes": int(memory["total_bytes"]),
           "update_temp_bytes": int(memory["temp_bytes"]),

@@ -54,7 +54,9 @@ _jit_decode_step = jax.jit(M.decode_step, static_argnames=("cfg",))
 @pytest.fixture(scope="module")
 def stop_rollout(cfg, params, prompts):
   tokens, mask = prompts
-  return S.generate(params, cfg, tokens, mask, None, jax.random.key(12), WITH_STOPS, G)
+  return S.generate(params,
+                    S.Sampler(cfg, WITH_STOPS, G),
+                    S.Prompts(tokens, mask, None), jax.random.key(12))
 
 
 def test_cached_decode_logits_equal_full_forward(cfg, params):
@@ -91,8 +93,10 @@ def test_cached_decode_logits_equal_full_forward(cfg, params):
 def test_generate_matches_full_recompute(cfg, params, prompts, sampling):
   tokens, mask = prompts
   key = jax.random.key(3)
-  cached = S.generate(params, cfg, tokens, mask, None, key, sampling, G)
-  recomputed = S.generate_by_recompute(params, cfg, tokens, mask, None, key, sampling, G)
+  cached = S.generate(params, S.Sampler(cfg, sampling, G), S.Prompts(tokens, mask, None), key)
+  recomputed = S.generate_by_recompute(params,
+                                       S.Sampler(cfg, sampling, G),
+                                       S.Prompts(tokens, mask, None), key)
   assert cached.tokens.shape == (3, G, R)
   np.testing.assert_array_equal(cached.tokens, recomputed.tokens)
   np.testing.assert_allclose(cached.logprobs, recomputed.logprobs, atol=1e-5)
@@ -107,21 +111,32 @@ def test_generate_with_vision_matches_full_recompute(cfg, params):
   tokens = tokens.at[1, :n].set(0)  # row 1 is a text prompt, left-padded
   mask = jnp.ones(tokens.shape, bool).at[1, :n].set(False)
   clip = jax.random.uniform(jax.random.key(5), (2, 4, 16, 16, 3))
-  cached = S.generate(params, cfg, tokens, mask, clip, jax.random.key(0), GREEDY, G)
-  recomputed = S.generate_by_recompute(params, cfg, tokens, mask, clip, jax.random.key(0),
-                                       GREEDY, G)
+  cached = S.generate(params,
+                      S.Sampler(cfg, GREEDY, G),
+                      S.Prompts(tokens, mask, clip), jax.random.key(0))
+  recomputed = S.generate_by_recompute(params,
+                                       S.Sampler(cfg, GREEDY, G),
+                                       S.Prompts(tokens, mask, clip), jax.random.key(0))
   np.testing.assert_array_equal(cached.tokens, recomputed.tokens)
   np.testing.assert_allclose(cached.raw_logprobs, recomputed.raw_logprobs, atol=1e-5)
-  other = S.generate(params, cfg, tokens, mask, clip[::-1], jax.random.key(0), GREEDY, G)
+  other = S.generate(params,
+                     S.Sampler(cfg, GREEDY, G),
+                     S.Prompts(tokens, mask, clip[::-1]), jax.random.key(0))
   np.testing.assert_allclose(other.raw_logprobs[1], cached.raw_logprobs[1], atol=1e-5)
   assert np.abs(other.raw_logprobs[0] - cached.raw_logprobs[0]).max() > 1e-4
 
 
 def test_sampling_is_reproducible_per_key(cfg, params, prompts):
   tokens, mask = prompts
-  a = S.generate(params, cfg, tokens, mask, None, jax.random.key(7), TRUNCATED, G)
-  b = S.generate(params, cfg, tokens, mask, None, jax.random.key(7), TRUNCATED, G)
-  c = S.generate(params, cfg, tokens, mask, None, jax.random.key(8), TRUNCATED, G)
+  a = S.generate(params,
+                 S.Sampler(cfg, TRUNCATED, G),
+                 S.Prompts(tokens, mask, None), jax.random.key(7))
+  b = S.generate(params,
+                 S.Sampler(cfg, TRUNCATED, G),
+                 S.Prompts(tokens, mask, None), jax.random.key(7))
+  c = S.generate(params,
+                 S.Sampler(cfg, TRUNCATED, G),
+                 S.Prompts(tokens, mask, None), jax.random.key(8))
   np.testing.assert_array_equal(a.tokens, b.tokens)
   np.testing.assert_array_equal(a.logprobs, b.logprobs)
   assert np.any(np.asarray(a.tokens) != np.asarray(c.tokens))
@@ -132,8 +147,12 @@ def test_sampling_is_reproducible_per_key(cfg, params, prompts):
 def test_greedy_samples_share_the_prefix(cfg, params, prompts):
   """G greedy samples from one shared prefill all equal the G=1 greedy answer."""
   tokens, mask = prompts
-  g1 = S.generate(params, cfg, tokens, mask, None, jax.random.key(0), GREEDY, 1)
-  g2 = S.generate(params, cfg, tokens, mask, None, jax.random.key(1), GREEDY, G)
+  g1 = S.generate(params,
+                  S.Sampler(cfg, GREEDY, 1),
+                  S.Prompts(tokens, mask, None), jax.random.key(0))
+  g2 = S.generate(params,
+                  S.Sampler(cfg, GREEDY, G),
+                  S.Prompts(tokens, mask, None), jax.random.key(1))
   np.testing.assert_array_equal(g2.tokens, jnp.repeat(g1.tokens, G, axis=1))
   np.testing.assert_allclose(g2.raw_logprobs, jnp.repeat(g1.raw_logprobs, G, axis=1),
                              atol=1e-6)
@@ -141,9 +160,12 @@ def test_greedy_samples_share_the_prefix(cfg, params, prompts):
 
 def test_top_k_one_equals_greedy(cfg, params, prompts):
   tokens, mask = prompts
-  greedy = S.generate(params, cfg, tokens, mask, None, jax.random.key(0), GREEDY, G)
-  top1 = S.generate(params, cfg, tokens, mask, None, jax.random.key(5),
-                    sampled(top_k=1, temperature=1.3), G)
+  greedy = S.generate(params,
+                      S.Sampler(cfg, GREEDY, G),
+                      S.Prompts(tokens, mask, None), jax.random.key(0))
+  top1 = S.generate(params,
+                    S.Sampler(cfg, sampled(top_k=1, temperature=1.3), G),
+                    S.Prompts(tokens, mask, None), jax.random.key(5))
   np.testing.assert_array_equal(top1.tokens, greedy.tokens)
   np.testing.assert_allclose(top1.raw_logprobs, greedy.raw_logprobs, atol=1e-6)
   # logprobs are at the sampling temperature, raw_logprobs at temperature 1.
@@ -154,8 +176,12 @@ def test_more_left_padding_gives_the_same_rollout(cfg, params, prompts):
   tokens, mask = prompts
   wider_tokens = jnp.pad(tokens, ((0, 0), (4, 0)))
   wider_mask = jnp.pad(mask, ((0, 0), (4, 0)))
-  a = S.generate(params, cfg, tokens, mask, None, jax.random.key(11), TRUNCATED, G)
-  b = S.generate(params, cfg, wider_tokens, wider_mask, None, jax.random.key(11), TRUNCATED, G)
+  a = S.generate(params,
+                 S.Sampler(cfg, TRUNCATED, G),
+                 S.Prompts(tokens, mask, None), jax.random.key(11))
+  b = S.generate(params,
+                 S.Sampler(cfg, TRUNCATED, G),
+                 S.Prompts(wider_tokens, wider_mask, None), jax.random.key(11))
   np.testing.assert_array_equal(a.tokens, b.tokens)
   np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
@@ -219,11 +245,14 @@ def test_stacked_generate_equals_each_expert(cfg, params, prompts):
   e_tokens = jnp.stack([tokens, tokens[::-1]])
   e_mask = jnp.stack([mask, mask[::-1]])
   keys = jax.random.split(jax.random.key(15), 2)
-  out = S.stacked_generate(one_device_run(cfg), stacked, cfg, e_tokens, e_mask, None, keys, WITH_STOPS, G)
+  out = S.stacked_generate(one_device_run(cfg), stacked,
+                           S.Sampler(cfg, WITH_STOPS, G),
+                           S.Prompts(e_tokens, e_mask, None), keys)
   assert out.tokens.shape == (2, 3, G, R) and out.lengths.shape == (2, 3, G)
   for k in range(2):
-    own = S.generate(X.take_expert(stacked, k), cfg, e_tokens[k], e_mask[k], None, keys[k],
-                     WITH_STOPS, G)
+    own = S.generate(X.take_expert(stacked, k),
+                     S.Sampler(cfg, WITH_STOPS, G),
+                     S.Prompts(e_tokens[k], e_mask[k], None), keys[k])
     np.testing.assert_array_equal(out.tokens[k], own.tokens)
     np.testing.assert_allclose(out.raw_logprobs[k], own.raw_logprobs, atol=1e-5)
     np.testing.assert_array_equal(out.mask[k], own.mask)
@@ -232,7 +261,9 @@ def test_stacked_generate_equals_each_expert(cfg, params, prompts):
 def test_bf16_generation_runs(params, prompts):
   cfg16 = tiny_config(dtype="bfloat16")
   tokens, mask = prompts
-  ro = S.generate(params, cfg16, tokens, mask, None, jax.random.key(0), TRUNCATED, G)
+  ro = S.generate(params,
+                  S.Sampler(cfg16, TRUNCATED, G),
+                  S.Prompts(tokens, mask, None), jax.random.key(0))
   assert np.all(np.isfinite(ro.raw_logprobs)) and np.all(np.asarray(ro.raw_logprobs) <= 0)
 
 
@@ -259,21 +290,28 @@ def test_generate_argument_errors(cfg, params, prompts):
   tokens, mask = prompts
   key = jax.random.key(0)
   with pytest.raises(ValueError, match="left-padded"):
-    S.generate(params, cfg, tokens, mask[:, ::-1], None, key, sampled(), 1)
+    S.generate(params, S.Sampler(cfg, sampled(), 1), S.Prompts(tokens, mask[:, ::-1], None), key)
   with pytest.raises(ValueError, match="empty prompt"):
-    S.generate(params, cfg, tokens, mask.at[0].set(False), None, key, sampled(), 1)
+    S.generate(params,
+               S.Sampler(cfg, sampled(), 1),
+               S.Prompts(tokens, mask.at[0].set(False), None), key)
   with pytest.raises(ValueError, match="stop_token_ids"):
-    S.generate(params, cfg, tokens, mask, None, key, sampled(stop_token_ids=(48,)), 1)
+    S.generate(params,
+               S.Sampler(cfg, sampled(stop_token_ids=(48,)), 1),
+               S.Prompts(tokens, mask, None), key)
   with pytest.raises(ValueError, match="num_samples"):
-    S.generate(params, cfg, tokens, mask, None, key, sampled(), 0)
+    S.generate(params, S.Sampler(cfg, sampled(), 0), S.Prompts(tokens, mask, None), key)
   with pytest.raises(ValueError, match="prompt_mask"):
-    S.generate(params, cfg, tokens, mask[:, 1:], None, key, sampled(), 1)
+    S.generate(params, S.Sampler(cfg, sampled(), 1), S.Prompts(tokens, mask[:, 1:], None), key)
   with pytest.raises(ValueError, match="vision"):
-    S.generate(params, cfg, tokens, mask, jnp.zeros((3, 2, 16, 16, 3)), key, sampled(), 1)
+    S.generate(params,
+               S.Sampler(cfg, sampled(), 1),
+               S.Prompts(tokens, mask, jnp.zeros((3, 2, 16, 16, 3))), key)
   with pytest.raises(ValueError, match="keys"):
-    S.stacked_generate(one_device_run(cfg), X.broadcast_params(params, 2), cfg,
-                       tokens[None].repeat(2, 0),
-                       mask[None].repeat(2, 0), None, jax.random.split(key, 3), sampled(), 1)
+    S.stacked_generate(one_device_run(cfg), X.broadcast_params(params, 2),
+                       S.Sampler(cfg, sampled(), 1),
+                       S.Prompts(tokens[None].repeat(2, 0), mask[None].repeat(2, 0), None),
+                       jax.random.split(key, 3))
 
 
 def test_rollout_is_a_pytree(stop_rollout):

@@ -15,7 +15,7 @@ from copd_jax import config_lib, kernels, losses, sharding
 from copd_jax.analysis import abstract_step, hlo_audit
 from copd_jax.models import decoder, stacked as experts
 from copd_jax.models.model_config import ModelConfig
-from copd_jax.rl import rows as trainer, stages, update as update_lib
+from copd_jax.rl import rows as trainer, scoring, stages, update as update_lib
 from tests.tiny_model import one_device_run, tiny_config, update_traces
 
 SMALL_VISION = dict(image_size=8, patch_size=8, num_frames=2, tubelet=2, width=16, depth=1,
@@ -113,8 +113,9 @@ def unsharded_step():
   params, rows, routing, ucfg, start = opd_problem(cfg)
   optimizer = optax.sgd(0.05)  # adam would amplify ulp-level gradient noise on ~0 grads
   state = update_lib.init_optimizer_state(optimizer, params)
-  want = update_lib.update(params, state, params, jax.tree.map(jnp.asarray, rows),
-                        routing.as_arrays(), run=one_device_run(ucfg.model), ucfg=ucfg, optimizer=optimizer, distil=True)
+  want = update_lib.update(update_lib.UpdateFn(one_device_run(ucfg.model), ucfg, optimizer),
+                           update_lib.TrainState(params, state), jax.tree.map(jnp.asarray, rows),
+                           scoring.Teachers(params, routing.as_arrays()))
   return params, rows, routing, ucfg, start, optimizer, state, want
 
 
@@ -132,18 +133,19 @@ def test_update_on_a_mesh_matches_one_device(unsharded_step, mesh_cfg, num_devic
   ucfg = dataclasses.replace(ucfg, micro_batch_rows=micro_batch_rows)
   run = sharding.RunSharding(sharding.make_mesh(mesh_cfg, jax.devices()[:num_devices]),
                              param_axes=decoder.param_axes(ucfg.model))
-  fn = update_lib.update_program(run, ucfg, optimizer, distil=True, cross_row_start=start,
-                                 prompt_len=10)
   traces = update_traces(monkeypatch)
+  fn = update_lib.update_program(update_lib.UpdateFn(run, ucfg, optimizer))
   sharded = run.shard_params(params)
   host_routing = routing.as_tree()  # numpy, teacher_prompts a tuple (one per teacher)
-  got = fn(sharded, state, sharded, rows, host_routing, None)
-  got_params = got[0]
+  rows = dataclasses.replace(rows, prompt_len=10)
+  got = fn(update_lib.TrainState(sharded, state), rows,
+           scoring.Teachers(sharded, host_routing, start), None)
+  got_params = got[0].params
   assert got_params["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec[0] == "expert"
-  assert float(np.abs(np.asarray(want[2]["opd/tokens"])).min()) > 0
+  assert float(np.abs(np.asarray(want[1]["opd/tokens"])).min()) > 0
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(run.to_host(got))):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
-  fn(got[0], got[1], got[0], rows, host_routing, None)
+  fn(got[0], rows, scoring.Teachers(got_params, host_routing, start), None)
   assert len(traces) == 1  # one compile per stage
 
 
@@ -156,11 +158,11 @@ def test_opd_step_moves_no_parameter_sized_data_across_expert():
                              param_axes=decoder.param_axes(cfg))
   optimizer = update_lib.make_optimizer(1e-3, 1.0)
   state = update_lib.init_optimizer_state(optimizer, params)
-  fn = update_lib.update_program(run, ucfg, optimizer, distil=True, cross_row_start=start,
-                                 prompt_len=10)
+  fn = update_lib.update_program(update_lib.UpdateFn(run, ucfg, optimizer))
   sharded = run.shard_params(params)
   host_routing = routing.as_tree()  # numpy, teacher_prompts a tuple (one per teacher)
-  hlo = fn.lower(sharded, state, sharded, rows, host_routing, None).compile().as_text()
+  hlo = fn.lower(update_lib.TrainState(sharded, state), dataclasses.replace(rows, prompt_len=10),
+                 scoring.Teachers(sharded, host_routing, start), None).compile().as_text()
   param_bytes = abstract_step.tree_bytes(params) // 2
   assert param_bytes > 4_000_000
   # HLO shapes are per device: compare with one expert's parameter bytes per device.

@@ -132,6 +132,69 @@ def test_the_step_functions_take_at_most_five_parameters():
   assert too_many == {}
 
 
+# The modules of one step: what StageTrainer.step reaches in the stage trainer, the host
+# rollout, the update, teacher scoring, the rows and the sampler.
+STEP_MODULES = ("copd_jax/rl/step.py", "copd_jax/rl/rollout.py", "copd_jax/rl/update.py",
+                "copd_jax/rl/scoring.py", "copd_jax/rl/rows.py", "copd_jax/sampling/api.py",
+                "copd_jax/sampling/decode.py")
+MAX_PARAMETERS = 5
+
+
+def parameter_names(node) -> list[str]:
+  """A def's or lambda's positional and keyword-only parameters, a leading self / cls left
+  out (*args and **kwargs are not counted)."""
+  args = node.args
+  names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+  return names[1:] if names[:1] in (["self"], ["cls"]) else names
+
+
+def functions_over(source: str, limit: int = MAX_PARAMETERS) -> list[str]:
+  """'Qualified.name:line (k)' of every function, method, nested function and lambda of
+  `source` with more than `limit` parameters (parameter_names)."""
+  found = []
+
+  def visit(node, prefix):
+    for child in ast.iter_child_nodes(node):
+      if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        name = prefix + getattr(child, "name", "<lambda>")
+        count = len(parameter_names(child))
+        if count > limit:
+          found.append(f"{name}:{child.lineno} ({count})")
+        visit(child, name + ".")
+      elif isinstance(child, ast.ClassDef):
+        visit(child, prefix + child.name + ".")
+      else:
+        visit(child, prefix)
+  visit(ast.parse(source), "")
+  return found
+
+
+def test_functions_over_counts_positional_and_keyword_only_parameters():
+  source = textwrap.dedent("""
+      def five(a, b, c, d, e): ...
+      def six(a, b, /, c, *rest, d, e=1, f=2, **options): ...
+      class Holder:
+        def method(self, a, b, c, d, e): ...
+        @classmethod
+        def build(cls, a, b, c, d, e, f): ...
+      def outer(x):
+        def inner(a, b, c, d, e, f=0): ...
+        return lambda a, b, c, d, e, f: a
+      """)
+  assert functions_over(source) == ["six:3 (6)", "Holder.build:7 (6)", "outer.inner:9 (6)",
+                                    "outer.<lambda>:10 (6)"]
+
+
+def test_no_function_of_the_step_takes_more_than_five_parameters():
+  """No function of a step's modules (nested ones and lambdas too) carries more than five
+  parameters: the stage's statics are bound when the step is built (update.UpdateFn,
+  sampling.Sampler), and what travels together travels as one value (TrainState, Rows,
+  Teachers, sampling.Prompts, rows.RowInputs)."""
+  found = {path: over for path in STEP_MODULES
+           if (over := functions_over((ROOT / path).read_text()))}
+  assert found == {}
+
+
 def reachable(graph, start: str) -> set[str]:
   """Every module importing `start` imports, transitively; importing a.b.c also runs the
   packages a and a.b, so they count too."""

@@ -186,7 +186,8 @@ def _media(model_cfg, cfg, lead: tuple[int, ...], prompt_len: int):
 
 
 def abstract_rows(model_cfg, cfg, num_branches: int, rows: int) -> rows_lib.Rows:
-  """Training rows [S, R, P + R_new] of one step (rollout.build_rows' layout)."""
+  """Training rows [S, R, P + R_new] of one step (rollout.build_rows' layout, prompt_len
+  P = data.max_prompt_len)."""
   sds = jax.ShapeDtypeStruct
   s, t = num_branches, cfg.data.max_prompt_len + cfg.data.max_response_len
   f32, i32 = jnp.float32, jnp.int32
@@ -195,7 +196,8 @@ def abstract_rows(model_cfg, cfg, num_branches: int, rows: int) -> rows_lib.Rows
       token_mask=sds((s, rows, t), jnp.bool_), response_mask=sds((s, rows, t), f32),
       old_logprobs=sds((s, rows, t), f32), advantages=sds((s, rows), f32),
       opd_beta=sds((s, rows), f32),
-      frames=_media(model_cfg, cfg, (s, rows), cfg.data.max_prompt_len))
+      frames=_media(model_cfg, cfg, (s, rows), cfg.data.max_prompt_len),
+      prompt_len=int(cfg.data.max_prompt_len))
 
 
 def sampling_config(cfg, model_cfg) -> sampling_lib.SamplingConfig:
@@ -237,24 +239,24 @@ class Program:
   shared_bytes: int = 0
 
 
-def _score_on_mesh(run: RunSharding, ucfg, cross_row_start: int, prompt_len: int, teachers,
-                   rows, routing):
-  return scoring.score_by_teachers(teachers, rows, routing,
-                                   ucfg.with_constraint(run.constrain_rows),
-                                   run.regroup_placement(), cross_row_start, prompt_len)
+def _score_on_mesh(fn: update_lib.UpdateFn, teachers: scoring.Teachers, rows):
+  return scoring.score_by_teachers(teachers, rows, fn.ucfg.with_constraint(fn.run.constrain_rows),
+                                   fn.run.regroup_placement())
 
 
-def _scoring_program(run: RunSharding, ucfg, cross_row_start: int, prompt_len: int):
-  """score_by_teachers as a program on run's mesh, as the update runs it (same placement
-  and activation constraint): program(teacher_params, rows, routing) -> f32[S, R, W]."""
+def _scoring_program(fn: update_lib.UpdateFn):
+  """score_by_teachers as a program on fn.run's mesh, as the update runs it (same placement
+  and activation constraint): program(teachers, rows) -> f32[S, R, W]."""
+  run = fn.run
+
   def shardings(args):
-    teachers, rows, _ = args
+    teachers, rows = args
     s, r = rows.tokens.shape[:2]
-    width = rows.tokens.shape[2] - prompt_len
-    return ((run.stacked_params(teachers), run.rows(rows), run.replicated),
-            run.per_branch((s, r, width), 1))
-  return MeshProgram(_score_on_mesh, (run, ucfg, cross_row_start, prompt_len), run.mesh,
-                     shardings)
+    width = rows.tokens.shape[2] - rows.prompt_len
+    teachers_sh = teachers.replace(params=run.stacked_params(teachers.params),
+                                   routing=run.replicated)
+    return ((teachers_sh, run.rows(rows)), run.per_branch((s, r, width), 1))
+  return MeshProgram(_score_on_mesh, (fn,), run.mesh, shardings)
 
 
 def merge_program(run: RunSharding, params, weights=None):
@@ -286,7 +288,7 @@ def abstract_programs(cfg, run: RunSharding, num_layers: int | None = None,
   g, p = rl.samples_per_prompt, cfg.data.max_prompt_len
   native, cross = rl.native_prompts, rl.cross_prompts
   stage = stages.copd_stage(rl, caps)
-  optimizer = update_lib.optimizer_for_stage(rl, stage.steps)
+  update_fn = update_lib.UpdateFn(run, ucfg, update_lib.optimizer_for_stage(rl, stage.steps))
   topology = rl.opd.topology if rl.opd.topology != "none" else "full"
   hub = caps.index(rl.opd.hub) if topology == "hub" else 0
   stage = dataclasses.replace(stage, topology=schedules.topology_matrix(s, topology, hub=hub),
@@ -298,8 +300,10 @@ def abstract_programs(cfg, run: RunSharding, num_layers: int | None = None,
                               routing.as_tree())
   params = abstract_params(model_cfg, s, cfg.lora)
   a_params = _with_shardings(params, run.stacked_params(params))
-  opt_state = jax.eval_shape(lambda q: update_lib.init_optimizer_state(optimizer, q), params)
-  a_opt = _with_shardings(opt_state, run.opt_state(opt_state))
+  opt_state = jax.eval_shape(
+      lambda q: update_lib.init_optimizer_state(update_fn.optimizer, q), params)
+  a_state = update_lib.TrainState(a_params, _with_shardings(opt_state, run.opt_state(opt_state)))
+  a_teachers = scoring.Teachers(a_params, routing_args, native * g)
   ref = None
   if ucfg.loss.kl_coef > 0:  # the frozen base: one unstacked policy
     single = (params.base if lora.is_lora(params) else  # LoRA: the shared base itself
@@ -319,24 +323,22 @@ def abstract_programs(cfg, run: RunSharding, num_layers: int | None = None,
       mask = jax.ShapeDtypeStruct((s, b, p), jnp.bool_)
       media = _media(model_cfg, cfg, (s, b), p)
       key_data = jax.ShapeDtypeStruct((s, 2), jnp.uint32)
-      fn = sampling_lib.sampler_program(run, model_cfg, sampling_cfg, g)
+      fn = sampling_lib.sampler_program(run, sampling_lib.Sampler(model_cfg, sampling_cfg, g))
       # The input shardings sampler_program declares: prompts (and media) expert x batch.
       def shard(x, batch_dims=1):
         return jax.ShapeDtypeStruct(x.shape, x.dtype,
                                     sharding=run.per_branch(x.shape, batch_dims))
-      out.append(Program(name, fn, (a_params, shard(tokens), shard(mask),
-                                    jax.tree.map(shard, media), shard(key_data, 0))))
+      prompts = sampling_lib.Prompts(shard(tokens), shard(mask), jax.tree.map(shard, media))
+      out.append(Program(name, fn, (a_params, prompts, shard(key_data, 0))))
     elif name == "teacher_scoring":
-      fn = _scoring_program(run, ucfg, native * g, p)
-      out.append(Program(name, fn, (a_params, rows_of(native + cross), routing_args)))
+      fn = _scoring_program(update_fn)
+      out.append(Program(name, fn, (a_teachers, rows_of(native + cross))))
     elif name == "rl_update":
-      fn = update_lib.update_program(run, ucfg, optimizer, distil=False, prompt_len=p)
-      out.append(Program(name, fn, (a_params, a_opt, None, rows_of(native), None, ref)))
+      fn = update_lib.update_program(update_fn)
+      out.append(Program(name, fn, (a_state, rows_of(native), None, ref)))
     elif name == "opd_update":
-      fn = update_lib.update_program(run, ucfg, optimizer, distil=True,
-                                     cross_row_start=native * g, prompt_len=p)
-      out.append(Program(name, fn, (a_params, a_opt, a_params, rows_of(native + cross),
-                                    routing_args, ref),
+      fn = update_lib.update_program(update_fn)
+      out.append(Program(name, fn, (a_state, rows_of(native + cross), a_teachers, ref),
                          shared_bytes=per_device_bytes(a_params)))
     elif name == "merge":
       weights = None

@@ -72,6 +72,7 @@ def sampled_correct_counts(stacked: Any, setup: RunSetup, examples: Sequence[exa
       max_new_tokens=max_new_tokens, temperature=temperature,
       stop_token_ids=(setup.tokenizer.eos_id,),
       banned_token_ids=setup.banned_token_ids)
+  sampler = sampling.Sampler(setup.model_cfg, sampling_cfg, num_samples)
   num = stacked_lib.num_experts(stacked)
   prompts_per_call = max(1, batch_size // num_samples)
   counts = np.zeros((num, len(examples)), np.int64)
@@ -80,9 +81,8 @@ def sampled_correct_counts(stacked: Any, setup: RunSetup, examples: Sequence[exa
     batch = setup.encode_prompts(_pad_to(chunk, prompts_per_call))
     tile = functools.partial(_tile, num=num)
     keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), start), num)
-    rollout = sampling.stacked_generate(
-        run, stacked, setup.model_cfg, tile(batch.tokens), tile(batch.mask), tile(batch.frames),
-        keys, sampling_cfg, num_samples)
+    prompts = sampling.Prompts(tile(batch.tokens), tile(batch.mask), tile(batch.frames))
+    rollout = sampling.stacked_generate(run, stacked, sampler, prompts, keys)
     tokens, mask = run.to_host((rollout.tokens, rollout.mask))
     tokens = np.asarray(tokens)[:, : len(chunk)]  # [S, B, G, R]
     mask = np.asarray(mask)[:, : len(chunk)]
@@ -103,15 +103,16 @@ def greedy_responses_stacked(stacked: Any, setup: RunSetup, examples: Sequence[e
   sampling_cfg = sampling.SamplingConfig(
       max_new_tokens=max_new_tokens, greedy=True, stop_token_ids=(setup.tokenizer.eos_id,),
       banned_token_ids=setup.banned_token_ids)
+  sampler = sampling.Sampler(setup.model_cfg, sampling_cfg, 1)
   num = stacked_lib.num_experts(stacked)
   out: list[list[str]] = [[] for _ in range(num)]
   for start in range(0, len(examples), batch_size):
     chunk = examples[start:start + batch_size]
     batch = setup.encode_prompts(_pad_to(chunk, batch_size))
     tile = functools.partial(_tile, num=num)
-    rollout = sampling.stacked_generate(
-        run, stacked, setup.model_cfg, tile(batch.tokens), tile(batch.mask), tile(batch.frames),
-        jax.random.split(jax.random.key(0), num), sampling_cfg, 1)
+    prompts = sampling.Prompts(tile(batch.tokens), tile(batch.mask), tile(batch.frames))
+    rollout = sampling.stacked_generate(run, stacked, sampler, prompts,
+                                        jax.random.split(jax.random.key(0), num))
     rollout = run.to_host((rollout.tokens, rollout.mask))  # global arrays on the mesh
     tokens = np.asarray(rollout[0])[:, : len(chunk), 0]
     mask = np.asarray(rollout[1])[:, : len(chunk), 0]

@@ -118,22 +118,21 @@ def branch_diagnostics(ctx: RunContext, stage: stages_lib.Stage, params) -> dict
   n = cfg.rl.diagnostic_prompts
   examples = diagnostic_prompts(ctx, stage)
   batches = [setup.encode_prompts(exs) for exs in examples]
-  prompt_tokens, prompt_mask, frames = rollout_lib.stack_prompt_batches(batches)
+  prompts = rollout_lib.stack_prompt_batches(batches)
   domains = [caps or tuple(cfg.rl.capabilities) for caps in stage.student_data]
   keys = diagnostics.fixed_sampling_keys(cfg.tasks.seed, domains)
   # The training sampler; the rest traced on the run's mesh: the Pallas kernels (loss,
   # splash) then run inside shard_map (kernels/sharded.py), as XLA cannot partition them.
-  rollout = sampling.stacked_generate(ctx.sharding, params, setup.model_cfg, prompt_tokens,
-                                      prompt_mask, frames, keys, sampling_config(cfg, setup), 1)
+  sampler = sampling.Sampler(setup.model_cfg, sampling_config(cfg, setup), 1)
+  rollout = sampling.stacked_generate(ctx.sharding, params, sampler, prompts, keys)
   with jax.set_mesh(ctx.sharding.mesh):
-    rows = rollout_lib.build_rows(prompt_tokens, prompt_mask, frames, rollout,
-                                  np.zeros((stage.num_students, n)),
-                                  np.zeros((stage.num_students, n)), 1)
+    rows = rollout_lib.build_rows(prompts, rollout, np.zeros((stage.num_students, n)),
+                                  np.zeros((stage.num_students, n)))
     models = stacked_lib.append_model(params, ctx.base_params)
     diag = diagnostics.pairwise_diagnostics(
         models, setup.model_cfg, rows.tokens, rows.positions, rows.token_mask,
         rows.response_mask, rows.frames, kernel=cfg.rl.kernel,
-        prompt_len=prompt_tokens.shape[-1] if setup.policy.needs_prompt_len else 0)
+        prompt_len=rows.prompt_len if setup.policy.needs_prompt_len else 0)
   diag = sharding_lib.to_host(diag)  # global arrays in a multi-process run
   out = _answer_rate_scalars(branch_names(stage), examples, ctx.sharding.to_host(rollout),
                              setup.tokenizer)
@@ -255,9 +254,10 @@ def stage_trainer(ctx: RunContext, stage: stages_lib.Stage, frozen_teachers,
   key = jax.random.key(cfg.seed * 7919 + seed_offset)
   rollout = rollout_lib.StageRollout(stage, data, ctx.sharding, ucfg.model, key, assignment,
                                      ucfg.scale_by_std)
+  update_fn = update_lib.UpdateFn(ctx.sharding, ucfg,
+                                  update_lib.optimizer_for_stage(cfg.rl, stage.steps))
   update = update_lib.StageUpdate(
-      ctx.sharding, ucfg, update_lib.optimizer_for_stage(cfg.rl, stage.steps),
-      jax.device_get(routing), stage.native_prompts * stage.samples_per_prompt,
+      update_fn, jax.device_get(routing), stage.native_prompts * stage.samples_per_prompt,
       ctx.base_params if ucfg.loss.kl_coef > 0 else None)
   if frozen_teachers is not None:
     frozen_teachers = ctx.sharding.shard_params(frozen_teachers)

@@ -126,12 +126,13 @@ def verify_local(responses_of, examples, local_rows: np.ndarray,
   return (every_r * every_m).sum(0) / np.maximum(every_m.sum(0), 1)
 
 
-def stack_prompt_batches(batches: Sequence[examples_lib.PromptBatch]):
-  """Per-student PromptBatches -> (tokens [S, B, P], mask [S, B, P], frames
-  [S, B, F, H, W, C] -- or Qwen3-VL's PromptMedia [S, B, ...], or None for a text-only
-  model)."""
+def stack_prompt_batches(batches: Sequence[examples_lib.PromptBatch]) -> sampling.Prompts:
+  """Per-student PromptBatches -> the students' sampling.Prompts: tokens [S, B, P], mask
+  [S, B, P], media: frames [S, B, F, H, W, C] -- or Qwen3-VL's PromptMedia [S, B, ...],
+  or None for a text-only model."""
   frames = jax.tree.map(lambda *parts: np.stack(parts), *[b.frames for b in batches])
-  return (np.stack([b.tokens for b in batches]), np.stack([b.mask for b in batches]), frames)
+  return sampling.Prompts(np.stack([b.tokens for b in batches]),
+                          np.stack([b.mask for b in batches]), frames)
 
 
 def group_advantages(rewards: np.ndarray, samples: int, scale_by_std: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -143,33 +144,36 @@ def group_advantages(rewards: np.ndarray, samples: int, scale_by_std: bool) -> t
   return np.asarray(adv.advantages).reshape(s, n), zero
 
 
-def build_rows(prompt_tokens, prompt_mask, frames, rollout: sampling.Rollout,
-               advantages, opd_beta, samples: int) -> Rows:
-  """Stacked prompts [S, B, P] + rollout [S, B, G, R] -> Rows [S, B*G, P+R].
+def build_rows(prompts: sampling.Prompts, rollout: sampling.Rollout, advantages,
+               opd_beta) -> Rows:
+  """Stacked prompts [S, B, P] + their rollout [S, B, G, R] -> Rows [S, B*G, P+R] with
+  prompt_len P; advantages, opd_beta: f32[S, B*G].
 
-  frames: the prompts' media [S, B, ...] (the toy's frames, or Qwen3-VL's PromptMedia),
-  repeated for each prompt's G rows; or None."""
+  prompts.media: the prompts' media [S, B, ...] (the toy's frames, or Qwen3-VL's
+  PromptMedia), repeated for each prompt's G rows; or None."""
+  prompt_len, samples = prompts.tokens.shape[-1], rollout.tokens.shape[2]
   tokens, positions, token_mask, response_mask = jax.vmap(rows_lib.rollout_to_sequences)(
-      prompt_tokens, prompt_mask, rollout)
+      prompts.tokens, prompts.mask, rollout)
   old = jax.vmap(rows_lib.align_response_values, in_axes=(0, None))(
-      rollout.raw_logprobs, prompt_tokens.shape[-1])
+      rollout.raw_logprobs, prompt_len)
   return Rows(tokens=tokens, positions=positions, token_mask=token_mask,
               response_mask=response_mask, old_logprobs=old,
               advantages=jnp.asarray(advantages, jnp.float32),
               opd_beta=jnp.asarray(opd_beta, jnp.float32),
-              frames=jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), samples, axis=1), frames))
+              frames=jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), samples, axis=1),
+                                  prompts.media),
+              prompt_len=int(prompt_len))
 
 
-def completion_samples(examples, row_teacher: np.ndarray, local: np.ndarray, responses_of,
-                       rewards: np.ndarray, samples_per_prompt: int, per_kind: int) -> list[dict]:
+def completion_samples(got: "Rollouts", per_kind: int) -> list[dict]:
   """The first sample of the first `per_kind` native and `per_kind` cross prompts of every
-  branch that this process holds: {'branch' (index), 'row' ('native' | 'cross'),
-  'teacher' (index, or None), 'prompt', 'answer', 'response', 'reward'}.
-
-  examples[S][B]; row_teacher, local: [S, B]; rewards f32[S, B*G]; responses_of(flat row
-  indices) decodes rows of the [S*B*G] rollout."""
+  branch that this process holds, from a step's rollouts: {'branch' (index), 'row'
+  ('native' | 'cross'), 'teacher' (index, or None), 'prompt', 'answer', 'response',
+  'reward'} (got.examples[S][B]; got.row_teacher, got.local: [S, B]; got.rewards
+  f32[S, B*G]; got.responses_of decodes rows of the [S*B*G] rollout)."""
+  row_teacher, local, examples = got.row_teacher, got.local, got.examples
   s_count, b_count = row_teacher.shape
-  g = samples_per_prompt
+  g = got.rewards.shape[1] // b_count  # B*G // B
   out = []
   for s in range(s_count):
     for kind, is_kind in (("native", row_teacher[s] == NATIVE), ("cross", row_teacher[s] >= 0)):
@@ -177,12 +181,12 @@ def completion_samples(examples, row_teacher: np.ndarray, local: np.ndarray, res
       if not picked:
         continue
       rows = [(s * b_count + b) * g for b in picked]
-      for b, row, response in zip(picked, rows, responses_of(np.array(rows))):
+      for b, row, response in zip(picked, rows, got.responses_of(np.array(rows))):
         ex = examples[s][b]
         out.append({"branch": s, "row": kind,
                     "teacher": int(row_teacher[s, b]) if kind == "cross" else None,
                     "prompt": ex.question, "answer": str(ex.answer), "response": response,
-                    "reward": float(rewards[s, b * g])})
+                    "reward": float(got.rewards[s, b * g])})
   return out
 
 
@@ -190,8 +194,8 @@ def completion_samples(examples, row_teacher: np.ndarray, local: np.ndarray, res
 class Rollouts:
   """One step's scored rollouts of every student, ready for the update (StageRollout).
 
-  rows: Rows [S, B*G, P + R]; distil: whether this step distils (rows carry teacher
-  betas); prompt_len: P; rewards f32[S, B*G]; is_native / is_cross bool[S, B*G];
+  rows: Rows [S, B*G, P + R] (rows.prompt_len = P); distil: whether this step distils
+  (rows carry teacher betas); rewards f32[S, B*G]; is_native / is_cross bool[S, B*G];
   zero_variance bool[S, B] (groups with equal rewards); examples [S][B]; row_teacher,
   local [S, B] (see stage_prompts / load_local_examples); responses_of(flat row indices)
   decodes rows of the [S*B*G] rollout; rollout_tokens: response tokens sampled;
@@ -199,7 +203,6 @@ class Rollouts:
   verify_stats: the verifier's counters (verify_local)."""
   rows: Rows
   distil: bool
-  prompt_len: int
   rewards: np.ndarray
   is_native: np.ndarray
   is_cross: np.ndarray
@@ -211,6 +214,11 @@ class Rollouts:
   rollout_tokens: int
   timings: dict
   verify_stats: dict
+
+  @property
+  def prompt_len(self) -> int:
+    """P: the prompt columns of the rows."""
+    return self.rows.prompt_len
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -256,13 +264,16 @@ class StageRollout:
     batches = [self.data.encode_prompts(ex) for ex in examples]
     return DrawnPrompts(examples, row_teacher, local, stack_prompt_batches(batches))
 
-  def _sample(self, params: Params, prompts, step: int) -> sampling.Rollout:
-    """prompts: (tokens [S, B, P], mask [S, B, P], frames) -> the rollout [S, B, G, R] as
-    host arrays."""
+  @property
+  def sampler(self) -> sampling.Sampler:
+    """The stage's sampler: the students' policy, the data's settings, G per prompt."""
+    return sampling.Sampler(self.model_cfg, self.data.sampling, self.stage.samples_per_prompt)
+
+  def _sample(self, params: Params, prompts: sampling.Prompts, step: int) -> sampling.Rollout:
+    """prompts [S, B, P] -> the rollout [S, B, G, R] as host arrays."""
     keys = jax.random.split(jax.random.fold_in(self.key, step), self.stage.num_students)
-    return self.run.to_host(sampling.stacked_generate(
-        self.run, params, self.model_cfg, *prompts, keys, self.data.sampling,
-        self.stage.samples_per_prompt))
+    return self.run.to_host(sampling.stacked_generate(self.run, params, self.sampler,
+                                                      prompts, keys))
 
   def _score(self, drawn: "DrawnPrompts", rollout: sampling.Rollout, weight: float,
              distil: bool) -> Rollouts:
@@ -285,22 +296,22 @@ class StageRollout:
     beta = schedules.teacher_matrix(stage.topology, stage.branch_beta, weight)  # [S, J]
     opd_beta = np.where(is_cross, beta[np.arange(s)[:, None], np.maximum(row_teacher_g, 0)],
                         0.0)
-    rows = build_rows(*drawn.prompts, rollout, advantages, opd_beta, g)
+    rows = build_rows(drawn.prompts, rollout, advantages, opd_beta)
     if distil:
       # Cross slots of students without a teacher carry nothing: mask them out.
       dead = jnp.asarray(row_teacher_g == NO_TEACHER)
       rows.response_mask = jnp.where(dead[..., None], 0.0, rows.response_mask)
-    return Rollouts(rows, distil, int(drawn.prompts[0].shape[-1]), rewards, is_native,
-                    is_cross, zero_variance, drawn.examples, drawn.row_teacher, drawn.local,
-                    responses_of, int(np.asarray(rollout.lengths).sum()), {}, verify_stats)
+    return Rollouts(rows, distil, rewards, is_native, is_cross, zero_variance, drawn.examples,
+                    drawn.row_teacher, drawn.local, responses_of,
+                    int(np.asarray(rollout.lengths).sum()), {}, verify_stats)
 
 
 @dataclasses.dataclass
 class DrawnPrompts:
   """One step's prompts: examples [S][B] (stand-ins outside `local`), row_teacher and
-  local [S, B] (stage_prompts / load_local_examples) and the encoded prompts (tokens
-  [S, B, P], mask [S, B, P], frames) of stack_prompt_batches."""
+  local [S, B] (stage_prompts / load_local_examples) and the encoded prompts
+  (sampling.Prompts [S, B, P], stack_prompt_batches)."""
   examples: list
   row_teacher: np.ndarray
   local: np.ndarray
-  prompts: tuple
+  prompts: sampling.Prompts

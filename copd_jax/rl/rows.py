@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +67,11 @@ class Rows:
   row's teacher, 0 for native rows); frames: the row's prompt media -- f32[S, R, F, H, W, C]
   for the toy model, a qwen3_vl_decode.PromptMedia with leading [S, R] for Qwen3-VL (its
   positions come from there), or None.
+  prompt_len (static: part of the pytree's structure, as jit's cache key): the prompt
+  columns P of every row (rollout.build_rows sets it), or 0 = unknown. With P > 0 every
+  prompt runs once for its UpdateConfig.samples_per_prompt rows and only the response
+  columns go through the LM head and the loss (loss_columns): the same loss as P = 0,
+  for a fraction of the work.
   """
   tokens: jax.Array
   positions: jax.Array
@@ -76,6 +81,23 @@ class Rows:
   advantages: jax.Array
   opd_beta: jax.Array
   frames: jax.Array
+  prompt_len: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+  @property
+  def inputs(self) -> "RowInputs":
+    """What a model reads of these rows."""
+    return RowInputs(self.tokens, self.positions, self.token_mask, self.frames)
+
+
+class RowInputs(NamedTuple):
+  """What a model reads of teacher-forcing rows (or of their prompts): tokens,
+  positions int32[N, T]; token_mask bool[N, T]; frames: the rows' media [N, ...] (the
+  toy's frames or Qwen3-VL's PromptMedia) or None. Leading axes before N are allowed (a
+  vmap or a micro-batch split maps over them)."""
+  tokens: Any
+  positions: Any
+  token_mask: Any
+  frames: Any
 
 
 def rollout_to_sequences(prompt_tokens, prompt_mask, rollout: sampling.Rollout):

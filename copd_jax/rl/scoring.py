@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +13,7 @@ from copd_jax import kernels
 from copd_jax.models import decoder, lora, partitioning
 from copd_jax.models.decoder import Params
 from copd_jax.rl.rows import (
+  RowInputs,
   Rows,
   UpdateConfig,
   first_of_groups,
@@ -47,55 +49,58 @@ def _teacher_scores(hidden, head, targets, ucfg: UpdateConfig, support: int):
   return kernels.teacher_top_k(hidden, head, support, kernel=ucfg.kernel)
 
 
-def _shared_prefix_hidden(params: Params, ucfg: UpdateConfig, prompt_tokens, prompt_positions,
-                          prompt_mask, frames, tokens, positions):
+def _shared_prefix_hidden(params: Params, ucfg: UpdateConfig, prompt: RowInputs, tokens,
+                          positions):
   """Hidden states f32[N, R, D] that predict the R continuation tokens of N = B*G rows.
 
-  prompt_*: [B, P] (frames: the prompts' media [B, ...] or None); tokens, positions:
-  int32[N, R], row b*G + j continues prompt b. Each prompt runs once for its G rows
-  (Policy.shared_prefix_hidden); the prompt's last column predicts token 0. Qwen3-VL
+  prompt: the prompts' RowInputs [B, P] (frames: their media [B, ...] or None); tokens,
+  positions: int32[N, R], row b*G + j continues prompt b. Each prompt runs once for its G
+  rows (Policy.shared_prefix_hidden); the prompt's last column predicts token 0. Qwen3-VL
   takes its positions from the media (PromptMedia.position_ids): the 1-D ones are unused."""
-  g = tokens.shape[0] // prompt_tokens.shape[0]
+  g = tokens.shape[0] // prompt.tokens.shape[0]
   prompt_hidden, hidden = ucfg.policy.shared_prefix_hidden(
-      params, prompt_tokens, prompt_positions, prompt_mask, frames, tokens, positions)
+      params, prompt.tokens, prompt.positions, prompt.token_mask, prompt.frames, tokens,
+      positions)
   b, _, d = prompt_hidden.shape
   last = jnp.broadcast_to(prompt_hidden[:, None, -1:], (b, g, 1, d)).reshape(b * g, 1, d)
   return jnp.concatenate([last, hidden[:, :-1]], axis=1)
 
 
-def _response_hidden(params: Params, ucfg: UpdateConfig, tokens, positions, token_mask,
-                     frames, prompt_len: int):
-  """Hidden states f32[N, W, D] of the loss columns (loss_columns) of rows [N, T].
+def _response_hidden(params: Params, ucfg: UpdateConfig, inputs: RowInputs, prompt_len: int):
+  """Hidden states f32[N, W, D] of the loss columns (loss_columns) of rows [N, T]
+  (inputs: their RowInputs).
 
   With prompt_len P > 0 the rows come in groups of G = ucfg.samples_per_prompt that share
   their prompt (columns < P, and frames): each prompt runs once for its G rows and only
   the response columns run per row (_shared_prefix_hidden). With P = 0 every row runs
   whole."""
   if not prompt_len:  # (Qwen3-VL refuses: its media belong to the prompt)
-    return ucfg.policy.rows_hidden(params, tokens, positions, token_mask, frames)
+    return ucfg.policy.rows_hidden(params, *inputs)
   p, g = prompt_len, ucfg.samples_per_prompt
   first = lambda x: jax.tree.map(lambda y: first_of_groups(y, g), x)  # noqa: E731
-  return _shared_prefix_hidden(params, ucfg, first(tokens[:, :p]), first(positions[:, :p]),
-                               first(token_mask[:, :p]), first(frames),
-                               tokens[:, p:], positions[:, p:])
+  tokens, positions, token_mask, frames = inputs
+  prompt = RowInputs(first(tokens[:, :p]), first(positions[:, :p]), first(token_mask[:, :p]),
+                     first(frames))
+  return _shared_prefix_hidden(params, ucfg, prompt, tokens[:, p:], positions[:, p:])
 
 
-def _sequence_logprobs(params: Params, ucfg: UpdateConfig, tokens, positions, token_mask,
-                       frames, prompt_len: int = 0, support: int = 0):
-  """Sampled-token log-probs f32[N, W] of rows under one model, on the loss columns (no
-  gradient use); with support k > 0 the model's top k instead (_teacher_scores)."""
-  hidden = _response_hidden(params, ucfg, tokens, positions, token_mask, frames, prompt_len)
-  return _teacher_scores(hidden, lm_head(params, ucfg), loss_targets(tokens, prompt_len), ucfg,
-                         support)
+def _sequence_logprobs(params: Params, ucfg: UpdateConfig, inputs: RowInputs,
+                       prompt_len: int = 0, support: int = 0):
+  """Sampled-token log-probs f32[N, W] of rows [N, T] (inputs: their RowInputs) under one
+  model, on the loss columns (no gradient use); with support k > 0 the model's top k
+  instead (_teacher_scores)."""
+  hidden = _response_hidden(params, ucfg, inputs, prompt_len)
+  return _teacher_scores(hidden, lm_head(params, ucfg), loss_targets(inputs.tokens, prompt_len),
+                         ucfg, support)
 
 
-def _continuation_logprobs(params: Params, ucfg: UpdateConfig, prompt_tokens, prompt_positions,
-                           prompt_mask, frames, tokens, positions, support: int = 0):
-  """Log-probs f32[N, R] of the continuation tokens int32[N, R] (see _shared_prefix_hidden),
-  or with support k > 0 the top k (_teacher_scores)."""
-  hidden = _shared_prefix_hidden(params, ucfg, prompt_tokens, prompt_positions, prompt_mask,
-                                 frames, tokens, positions)
-  return _teacher_scores(hidden, lm_head(params, ucfg), tokens, ucfg, support)
+def _continuation_logprobs(params: Params, ucfg: UpdateConfig, prompt: RowInputs, tokens,
+                           positions):
+  """A teacher's scores of the continuation tokens int32[N, R] (see _shared_prefix_hidden):
+  their log-probs f32[N, R], or for the top_k / full_vocab OPD estimators its top k
+  (opd_support_size, _teacher_scores)."""
+  hidden = _shared_prefix_hidden(params, ucfg, prompt, tokens, positions)
+  return _teacher_scores(hidden, lm_head(params, ucfg), tokens, ucfg, opd_support_size(ucfg))
 
 
 def _identity(x):
@@ -143,9 +148,23 @@ def _teacher_forward(fn: Callable) -> Callable:
   return jax.jit(teacher_forward)
 
 
-def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: UpdateConfig,
+@flax.struct.dataclass
+class Teachers:
+  """A distilling step's teachers and the way its cross rows reach them.
+
+  params: stacked [J] (for live teachers the students' own params, read before the
+    update); always scored under stop-gradient.
+  routing: the stage's stages.TeacherRouting as arrays (TeacherRouting.as_tree or
+    as_arrays): which rows each student sends to each teacher, and the way back.
+  native_rows (static): the native rows at the head of each student's R rows (the rows
+    the routing was built for: teacher_routing's native_rows); they are never sent."""
+  params: Params
+  routing: dict
+  native_rows: int = flax.struct.field(pytree_node=False, default=0)
+
+
+def score_by_teachers(teachers: Teachers, rows: Rows, ucfg: UpdateConfig,
                       placement: tuple[Callable, Callable] | None = None,
-                      cross_row_start: int = 0, prompt_len: int = 0,
                       one_shape: bool | None = None):
   """Sampled-token log-probs of each cross row under its teacher, on the loss columns:
   f32[S, R, W] (W = T - P with prompt_len P > 0, else T; see loss_columns). With the
@@ -170,11 +189,11 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
   the mask on the teacher side (rows' positions are positions_from_mask(token_mask), as
   rows.rollout_to_sequences builds them).
 
-  cross_row_start (static): rows before it are native rows, never sent (the local gather
-    reads rows [cross_row_start:] only).
-  prompt_len (static, 0 = unknown): the prompt columns P. With it the prompt tokens move
-    once per prompt (not once per sample), the teacher runs each prompt once for its G
-    rows (_response_hidden), and only the scores of the response columns travel back.
+  teachers.native_rows (static): rows before it are native rows, never sent (the local
+    gather reads the cross rows [native_rows:] only).
+  rows.prompt_len (static, 0 = unknown): the prompt columns P. With it the prompt tokens
+    move once per prompt (not once per sample), the teacher runs each prompt once for its
+    G rows (_response_hidden), and only the scores of the response columns travel back.
   placement: optional (exchange, compute) sharding constraints from
     sharding.RunSharding.regroup_placement: `exchange` pins a buffer [A, B, C, ...] to
     expert on axis A, its rows C spread over the devices of each expert group; `compute`
@@ -184,19 +203,20 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
   """
   exchange, compute = placement or (_identity, _identity)
   teacher_axis = "expert" if placement is not None else None  # see update_body
+  routing, prompt_len = teachers.routing, rows.prompt_len
   send_row, prompt_row = routing["send_row"], routing["send_prompt_row"]
   s, j, c = send_row.shape
   cp = prompt_row.shape[2]
   g = c // cp
   t = rows.tokens.shape[-1]
   if not 0 <= prompt_len < t:
-    raise ValueError(f"prompt_len={prompt_len} must be in [0, rows' length {t})")
+    raise ValueError(f"rows.prompt_len={prompt_len} must be in [0, rows' length {t})")
   if prompt_len and g != ucfg.samples_per_prompt:
     raise ValueError(f"routing groups {g} rows per prompt but ucfg.samples_per_prompt is "
                      f"{ucfg.samples_per_prompt}")
   if ucfg.policy.needs_prompt_len and not prompt_len:
-    raise ValueError("teacher scoring of Qwen3-VL rows needs prompt_len > 0")
-  start = cross_row_start
+    raise ValueError("teacher scoring of Qwen3-VL rows needs rows.prompt_len > 0")
+  start = teachers.native_rows
   support = opd_support_size(ucfg)
   loads = [int(x.shape[0]) for x in routing["teacher_prompts"]]
   groups = teacher_call_groups(
@@ -241,7 +261,7 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
   def score_group(ids, n):
     """Scores [m, n*G, W (, k)] of teachers ids on their compacted rows."""
     index, valid = compacted(ids, n)
-    params = jax.lax.stop_gradient(_take_teachers(teacher_params, ids, j))
+    params = jax.lax.stop_gradient(_take_teachers(teachers.params, ids, j))
     grp_frames = jax.tree.map(lambda x: compute(gather(x, ids, index)), frames)
     row_tokens = gather(per_row, ids, index)  # [m, n, G, W']
     if prompt_len:
@@ -256,15 +276,15 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
       counts = jnp.repeat(prompt_mask.sum(-1), g, axis=1)[..., None]  # [m, n*G, 1]
       response_positions = jnp.maximum(counts + jnp.cumsum(response_mask, -1) - 1, 0)
 
-      def one_teacher(params, p_tok, p_pos, p_msk, frm, r_tok, r_pos):
-        chunk = _teacher_forward(
-            functools.partial(_continuation_logprobs, params, ucfg, support=support))
-        return _map_prompt_micro_batches(chunk, ucfg.micro_batch_rows, g,
-                                         (p_tok, p_pos, p_msk, frm), (r_tok, r_pos))
+      def one_teacher(params, prompt: RowInputs, r_tok, r_pos):
+        chunk = _teacher_forward(functools.partial(_continuation_logprobs, params, ucfg))
+        return _map_prompt_micro_batches(chunk, ucfg.micro_batch_rows, g, prompt,
+                                         (r_tok, r_pos))
 
+      prompts = RowInputs(prompt_tokens, prompt_positions, prompt_mask, grp_frames)
       return partitioning.map_over_branches(
-          one_teacher, params, prompt_tokens, prompt_positions, prompt_mask, grp_frames,
-          jnp.maximum(response, 0), response_positions, spmd_axis_name=teacher_axis)
+          one_teacher, params, prompts, jnp.maximum(response, 0), response_positions,
+          spmd_axis_name=teacher_axis)
     # Padding rows attend to their first column only, so their (unused) softmax stays finite.
     mask = teacher_rows(jnp.where(valid[..., None, None], row_tokens >= 0,
                                   jnp.arange(t) == 0))
@@ -274,7 +294,8 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
 
     def one_teacher(params, tok, msk, frm):
       def chunk(tk, mk, fr):
-        return _sequence_logprobs(params, ucfg, tk, decoder.positions_from_mask(mk), mk, fr,
+        return _sequence_logprobs(params, ucfg,
+                                  RowInputs(tk, decoder.positions_from_mask(mk), mk, fr),
                                   support=support)
       return map_row_micro_batches(_teacher_forward(chunk), ucfg.micro_batch_rows, tok, msk,
                                    frm)
@@ -307,30 +328,31 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
   return jax.tree.map(back_to_students, scores)
 
 
-def _map_prompt_micro_batches(fn: Callable, micro_batch_rows: int, group: int,
-                              prompt_arrays: tuple, row_arrays: tuple):
-  """fn(*prompt_arrays, *row_arrays) -> [N, ...] over micro-batches of whole prompts:
-  prompt_arrays [B, ...] (None allowed), row_arrays [N = B*G, ...] (row b*G + j belongs to
-  prompt b); each micro-batch holds micro_batch_rows // G prompts and their rows."""
+def _map_prompt_micro_batches(fn: Callable, micro_batch_rows: int, group: int, prompts,
+                              row_arrays: tuple):
+  """fn(prompts, *row_arrays) -> [N, ...] over micro-batches of whole prompts: prompts a
+  pytree of [B, ...] arrays (None allowed), row_arrays [N = B*G, ...] (row b*G + j belongs
+  to prompt b); each micro-batch holds micro_batch_rows // G prompts and their rows."""
   count = row_arrays[0].shape[0]
   if not micro_batch_rows or micro_batch_rows >= count:
-    return fn(*prompt_arrays, *row_arrays)
+    return fn(prompts, *row_arrays)
   per = micro_batch_rows // group
-  prompts = jax.tree.map(lambda x: split_rows(x, per), prompt_arrays)
+  prompts = jax.tree.map(lambda x: split_rows(x, per), prompts)
   rows = jax.tree.map(lambda x: split_rows(x, micro_batch_rows, group), row_arrays)
-  out = jax.lax.map(lambda chunk: fn(*chunk[0], *chunk[1]), (prompts, rows))
+  out = jax.lax.map(lambda chunk: fn(chunk[0], *chunk[1]), (prompts, rows))
   return jax.tree.map(lambda x: join_rows(x, count, group), out)
 
 
-def reference_logprobs(ref_params: Params, rows: Rows, ucfg: UpdateConfig, prompt_len: int = 0):
+def reference_logprobs(ref_params: Params, rows: Rows, ucfg: UpdateConfig):
   """Sampled-token log-probs of every student's rows under one frozen reference policy
   (the shared base) on the loss columns: f32[S, R, W], for the KL-to-reference penalty (in
   micro-batches of ucfg.micro_batch_rows rows)."""
   ref_params = jax.lax.stop_gradient(ref_params)
+  prompt_len = rows.prompt_len
   group = ucfg.samples_per_prompt if prompt_len else 1
 
   def one_student(r):
     return map_row_micro_batches(
-        functools.partial(_sequence_logprobs, ref_params, ucfg, prompt_len=prompt_len),
-        ucfg.micro_batch_rows, r.tokens, r.positions, r.token_mask, r.frames, group=group)
+        lambda inputs: _sequence_logprobs(ref_params, ucfg, inputs, prompt_len),
+        ucfg.micro_batch_rows, r.inputs, group=group)
   return jax.vmap(one_student)(rows)

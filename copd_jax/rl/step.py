@@ -60,10 +60,7 @@ class StepResult:
   def samples(self, per_kind: int) -> list[dict]:
     """The first sample of `per_kind` native and cross prompts of every branch
     (rollout.completion_samples)."""
-    got = self.rollouts
-    samples_per_prompt = got.rewards.shape[1] // got.row_teacher.shape[1]  # B*G // B
-    return completion_samples(got.examples, got.row_teacher, got.local, got.responses_of,
-                              got.rewards, samples_per_prompt, per_kind)
+    return completion_samples(self.rollouts, per_kind)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

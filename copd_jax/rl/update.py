@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -14,7 +14,13 @@ from copd_jax import kernels, losses
 from copd_jax.models import lora, partitioning
 from copd_jax.models.decoder import Params
 from copd_jax.rl.rows import Rows, UpdateConfig, join_rows, loss_columns, loss_targets, split_rows
-from copd_jax.rl.scoring import _response_hidden, lm_head, reference_logprobs, score_by_teachers
+from copd_jax.rl.scoring import (
+  Teachers,
+  _response_hidden,
+  lm_head,
+  reference_logprobs,
+  score_by_teachers,
+)
 from copd_jax.sharding import MeshProgram, RunSharding, place
 
 
@@ -25,56 +31,68 @@ class TrainState:
   opt_state: Any
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class StageUpdate:
-  """The device half of a stage's step, built once per stage (rl.step.StageTrainer):
-  `apply_update(state, batch, teachers)` with the stage's statics closed over.
+@dataclasses.dataclass(frozen=True)
+class UpdateFn:
+  """A run's update with its statics bound once, when the step is built (big_vision's
+  update_fn(train_state, rng, batch)): the mesh, the update's settings and the optimizer.
+  A step passes only what changes: update(fn, state, rows, teachers, ref_params).
 
-  run: the run's RunSharding; ucfg / optimizer: the update's settings; routing: the
-  stage's TeacherRouting as host arrays (stages.teacher_routing); cross_row_start: the
-  native rows per student; ref_params: the KL reference (one model) when
-  ucfg.loss.kl_coef > 0, else None."""
+  Hashable (the RunSharding by identity, the UpdateConfig and the cached optimizer of
+  make_optimizer by value): it is the one static argument of the jitted program
+  (update_program), so updates with equal settings share one compile."""
   run: RunSharding
   ucfg: UpdateConfig
   optimizer: optax.GradientTransformation
-  routing: dict
-  cross_row_start: int
-  ref_params: Params | None = None
 
   def init_state(self, params: Params) -> TrainState:
-    """The stage's first TrainState: params (stacked [S]) and a fresh optimizer state
+    """The first TrainState of params (stacked [S]): them and a fresh optimizer state
     (init_optimizer_state), both placed on the run's mesh."""
     opt_state = init_optimizer_state(self.optimizer, params)
     # On the mesh before a checkpoint's restore target is taken from them.
     return TrainState(self.run.shard_params(params),
                       place(opt_state, self.run.opt_state(opt_state)))
 
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StageUpdate:
+  """The device half of a stage's step, built once per stage (rl.step.StageTrainer):
+  `apply_update(state, batch, teachers)` with the stage's statics closed over.
+
+  fn: the run's UpdateFn (mesh, settings, the stage's optimizer); routing: the stage's
+  TeacherRouting as host arrays (stages.teacher_routing); native_rows: the native rows
+  per student (the routing's); ref_params: the KL reference (one model) when
+  ucfg.loss.kl_coef > 0, else None."""
+  fn: UpdateFn
+  routing: dict
+  native_rows: int
+  ref_params: Params | None = None
+
+  def init_state(self, params: Params) -> TrainState:
+    """The stage's first TrainState (UpdateFn.init_state)."""
+    return self.fn.init_state(params)
+
   def apply_update(self, state: TrainState, batch, teachers: Params | None):
     """One optimizer step of every student on `batch` (rollout.Rollouts: its rows [S, R,
-    ...], whether it distils and its prompt length P); teachers: stacked [J] (the students'
-    own params for live teachers, read before the update). Returns (new TrainState,
-    metrics as host arrays f32[S])."""
+    ...] and whether it distils); teachers: stacked [J] (the students' own params for
+    live teachers, read before the update). Returns (new TrainState, metrics as host
+    arrays f32[S])."""
     # Rows were built on the host: as numpy they enter through put_global.
     rows = jax.device_get(batch.rows)
-    distil = batch.distil
-    program = update_program(self.run, self.ucfg, self.optimizer, distil,
-                             self.cross_row_start, batch.prompt_len)
-    params, opt_state, metrics = program(
-        state.params, state.opt_state, teachers if distil else None, rows,
-        self.routing if distil else None, self.ref_params)
-    return TrainState(params, opt_state), self.run.to_host(metrics)
+    step_teachers = Teachers(teachers, self.routing, self.native_rows) if batch.distil else None
+    new_state, metrics = update(self.fn, state, rows, step_teachers, self.ref_params)
+    return new_state, self.fn.run.to_host(metrics)
 
 
 def student_loss_sum(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
-                     ucfg: UpdateConfig, prompt_len: int = 0):
+                     ucfg: UpdateConfig):
   """One student's (loss_sum, (denominator, aux)) on its rows (Rows without the S axis):
   the pair whose sums over micro-batches give the exact full-batch loss. teacher_logprobs,
   ref_logprobs: f32[R, W] on the loss columns (or None); for the top_k / full_vocab OPD
   estimators teacher_logprobs is the teacher's support (log-probs f32[R, W, k], ids
   int32[R, W, k]) (score_by_teachers); aux: [R, W] arrays. Only the loss columns are
   computed: the others have response_mask 0 and add nothing to the loss."""
-  hidden = _response_hidden(params, ucfg, rows.tokens, rows.positions, rows.token_mask,
-                            rows.frames, prompt_len)
+  prompt_len = rows.prompt_len
+  hidden = _response_hidden(params, ucfg, rows.inputs, prompt_len)
   head = lm_head(params, ucfg)
   response_mask = loss_columns(rows.response_mask, prompt_len)
   opd_beta = None
@@ -91,16 +109,15 @@ def student_loss_sum(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
   return loss_sum, (denominator, aux)
 
 
-def student_loss(params: Params, rows: Rows, teacher_logprobs, ref_logprobs, ucfg: UpdateConfig,
-                 prompt_len: int = 0):
+def student_loss(params: Params, rows: Rows, teacher_logprobs, ref_logprobs, ucfg: UpdateConfig):
   """One student's token-mean loss on its rows. rows: Rows without the S axis."""
   loss_sum, (denominator, aux) = student_loss_sum(params, rows, teacher_logprobs, ref_logprobs,
-                                                  ucfg, prompt_len)
+                                                  ucfg)
   return losses.mean_from_sum(loss_sum, denominator), aux
 
 
 def student_grads(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
-                  ucfg: UpdateConfig, prompt_len: int = 0):
+                  ucfg: UpdateConfig):
   """(loss, aux of [R, W] arrays, grads) of one student, accumulated over micro-batches of
   ucfg.micro_batch_rows rows (jax.lax.scan; only one micro-batch's activations live; with
   a prompt length, micro-batches hold whole prompts).
@@ -109,6 +126,7 @@ def student_grads(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
   the parameters, so grad = (sum of micro-batch grad(loss_sum)) / (sum of denominators)."""
   count = rows.tokens.shape[0]
   size = ucfg.micro_batch_rows
+  prompt_len = rows.prompt_len
   # Gradients of what trains only: a LoRA branch's adapters (its base is frozen), else
   # every parameter.
   weights = lora.trainable(params)
@@ -121,7 +139,7 @@ def student_grads(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
 
   if not size or size >= count:
     (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(
-        weights, rows, teacher_logprobs, ref_logprobs, ucfg, prompt_len)
+        weights, rows, teacher_logprobs, ref_logprobs, ucfg)
     return loss, aux, grads
   group = ucfg.samples_per_prompt if prompt_len else 1
   chunks = jax.tree.map(lambda x: split_rows(x, size, group),
@@ -129,7 +147,7 @@ def student_grads(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
 
   def accumulate(total, chunk):
     (loss_sum, (denominator, aux)), grads = jax.value_and_grad(loss_sum_of, has_aux=True)(
-        weights, *chunk, ucfg, prompt_len)
+        weights, *chunk, ucfg)
     return jax.tree.map(jnp.add, total, (grads, loss_sum, denominator)), aux
 
   zero = jnp.zeros((), jnp.float32)
@@ -141,11 +159,11 @@ def student_grads(params: Params, rows: Rows, teacher_logprobs, ref_logprobs,
   return losses.mean_from_sum(loss_sum, denominator), aux, grads
 
 
-def _branch_metrics(rows: Rows, prompt_len: int, aux: dict, teacher_logprobs, loss,
-                    tis_cap: float = 0.0) -> dict:
+def _branch_metrics(rows: Rows, aux: dict, teacher_logprobs, loss, tis_cap: float = 0.0) -> dict:
   """Per-branch scalars from one student's rows (Rows without the S axis), its loss aux
   ([R, W] arrays on the loss columns, see loss_columns) and loss. With TIS (tis_cap > 0):
   tis/applied (1), tis/weight_mean and tis/clipped_fraction over the response tokens."""
+  prompt_len = rows.prompt_len
   m = loss_columns(rows.response_mask, prompt_len)
   mean = lambda x, w=m: jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
   out = {"loss": loss, "entropy": mean(aux["entropy"]),
@@ -174,52 +192,40 @@ def _branch_metrics(rows: Rows, prompt_len: int, aux: dict, teacher_logprobs, lo
   return out
 
 
-def update(params: Params, opt_state, teacher_params: Params | None, rows: Rows,
-           routing: dict | None, ref_params: Params | None = None, *, run: RunSharding,
-           ucfg: UpdateConfig, optimizer: optax.GradientTransformation, distil: bool,
-           cross_row_start: int = 0, prompt_len: int = 0):
-  """One optimizer step for every student branch, on run's mesh (one device: a mesh of
-  size 1). Returns (params, opt_state, metrics), global arrays on the mesh.
+def update(fn: UpdateFn, state: TrainState, rows: Rows, teachers: Teachers | None = None,
+           ref_params: Params | None = None):
+  """One optimizer step for every student branch, on fn.run's mesh (one device: a mesh of
+  size 1). Returns (new TrainState, metrics), global arrays on the mesh.
 
-  params, opt_state: stacked [S]; teacher_params: stacked [J] or None (live teachers:
-  pass the same params — they are read before the update, under stop-gradient);
-  rows: Rows [S, R, ...] (device or host arrays); routing: TeacherRouting fields as arrays
-  (distil steps only); ref_params: one single-model pytree (the base), required when
-  ucfg.loss.kl_coef > 0.
-  cross_row_start: the native rows per student (never regrouped, see score_by_teachers).
-  prompt_len: the prompt columns P of rows, or 0. With P > 0 every prompt runs once for its
-    ucfg.samples_per_prompt rows and only the response columns go through the LM head and
-    the loss (_response_hidden): the same loss as P = 0, for a fraction of the work.
+  state: the students' stacked [S] params and optimizer state; rows: Rows [S, R, ...]
+  (device or host arrays; rows.prompt_len P > 0 runs each prompt once, see Rows);
+  teachers: the step's Teachers when it distils, else None; ref_params: one
+  single-model pytree (the base), required when fn.ucfg.loss.kl_coef > 0.
   metrics: dict of f32[S]."""
-  program = update_program(run, ucfg, optimizer, distil, cross_row_start, prompt_len)
-  return program(params, opt_state, teacher_params if distil else None, rows,
-                 routing if distil else None, ref_params)
+  return update_program(fn)(state, rows, teachers, ref_params)
 
 
-def update_body(params: Params, opt_state, teacher_params: Params | None, rows: Rows,
-                routing: dict | None, ref_params: Params | None = None, *,
-                ucfg: UpdateConfig, optimizer: optax.GradientTransformation, distil: bool,
-                placement: tuple[Callable, Callable], cross_row_start: int = 0,
-                prompt_len: int = 0):
-  """The traceable body of `update` (same arguments), traced on the run's mesh;
-  placement (RunSharding.regroup_placement), cross_row_start and prompt_len: see
-  score_by_teachers. Gradients accumulate over micro-batches of
-  ucfg.micro_batch_rows rows (student_grads)."""
+def update_body(fn: UpdateFn, state: TrainState, rows: Rows, teachers: Teachers | None,
+                ref_params: Params | None):
+  """The traceable body of `update` (same arguments), traced on fn.run's mesh
+  (_update_on_mesh): teacher scoring (score_by_teachers, its rows placed by
+  RunSharding.regroup_placement), the losses and the optimizer step. Gradients accumulate
+  over micro-batches of ucfg.micro_batch_rows rows (student_grads)."""
+  ucfg, params, opt_state = fn.ucfg, state.params, state.opt_state
   teacher_logprobs = None
-  if distil:
-    teacher_logprobs = score_by_teachers(teacher_params, rows, routing, ucfg, placement,
-                                         cross_row_start, prompt_len)
+  if teachers is not None:
+    teacher_logprobs = score_by_teachers(teachers, rows, ucfg, fn.run.regroup_placement())
   ref_lp = None
   if ucfg.loss.kl_coef > 0:
     if ref_params is None:
       raise ValueError("ref_params (the reference policy) are required when kl_coef > 0")
-    ref_lp = reference_logprobs(ref_params, rows, ucfg, prompt_len)
+    ref_lp = reference_logprobs(ref_params, rows, ucfg)
 
   def one_branch(p, r, t_lp, ref):
-    loss, aux, grads = student_grads(p, r, t_lp, ref, ucfg, prompt_len)
-    metrics = _branch_metrics(r, prompt_len, aux, t_lp, loss, ucfg.loss.tis_cap)
+    loss, aux, grads = student_grads(p, r, t_lp, ref, ucfg)
+    metrics = _branch_metrics(r, aux, t_lp, loss, ucfg.loss.tis_cap)
     if ref is not None:
-      m = loss_columns(r.response_mask, prompt_len)
+      m = loss_columns(r.response_mask, r.prompt_len)
       metrics["kl_to_reference"] = jnp.sum(aux["kl"] * m) / jnp.maximum(jnp.sum(m), 1.0)
     return grads, metrics
 
@@ -231,7 +237,7 @@ def update_body(params: Params, opt_state, teacher_params: Params | None, rows: 
   metrics["grad_norm"] = jax.vmap(optax.tree_utils.tree_norm)(grads)
   # What the optimizer steps: every parameter, or a LoRA run's adapters (lora.trainable).
   trained = lora.trainable(params)
-  updates, new_opt_state = jax.vmap(optimizer.update)(grads, opt_state, trained)
+  updates, new_opt_state = jax.vmap(fn.optimizer.update)(grads, opt_state, trained)
   # How far the step moves each branch: the global norm of the update and its largest
   # entry (RL that does not learn often moves the weights by almost nothing).
   metrics["update_norm"] = jax.vmap(optax.tree_utils.tree_norm)(updates)
@@ -249,8 +255,9 @@ def update_body(params: Params, opt_state, teacher_params: Params | None, rows: 
              & jnp.isfinite(float_norm_per_branch(new_trained))
              & jnp.isfinite(float_norm_per_branch(new_opt_state)))
   metrics["update_applied"] = applied.astype(jnp.float32)
-  return (lora.with_trainable(params, select_branches(applied, new_trained, trained)),
-          select_branches(applied, new_opt_state, opt_state), metrics)
+  new_state = TrainState(lora.with_trainable(params, select_branches(applied, new_trained, trained)),
+                         select_branches(applied, new_opt_state, opt_state))
+  return new_state, metrics
 
 
 def float_norm_per_branch(tree) -> jax.Array:
@@ -272,34 +279,38 @@ def select_branches(take_new, new_tree, old_tree):
 
 
 @functools.lru_cache(maxsize=None)
-def make_optimizer(learning_rate: float, grad_clip_norm: float, weight_decay: float = 0.0,
-                   schedule: str = "constant", decay_steps: int = 0,
-                   end_fraction: float = 0.0):
-  """AdamW with global-norm clipping per branch.
-
-  schedule "constant" (the paper's) keeps `learning_rate`; "cosine" decays it from
-  `learning_rate` to `end_fraction * learning_rate` over `decay_steps` optimizer steps
-  (a stage's length) and holds it there. The step count lives in the optimizer state,
-  so a resumed stage continues on the same curve.
-
-  Cached: the optimizer is a static argument of the jitted update, so equal settings must
-  give the same object, or every stage and run would recompile."""
+def learning_rate_schedule(learning_rate: float, schedule: str = "constant",
+                           decay_steps: int = 0, end_fraction: float = 0.0):
+  """The learning rate of each optimizer step: "constant" (the paper's) keeps
+  `learning_rate` (returned as the float); "cosine" decays it from `learning_rate` to
+  `end_fraction * learning_rate` over `decay_steps` optimizer steps (a stage's length) and
+  holds it there (an optax schedule). The step count lives in the optimizer state, so a
+  resumed stage continues on the same curve. Cached, as make_optimizer is."""
   if schedule == "constant":
-    rate = learning_rate
-  elif schedule == "cosine":
+    return learning_rate
+  if schedule == "cosine":
     if decay_steps < 1:
       raise ValueError(f"a cosine learning-rate schedule needs decay_steps >= 1, got {decay_steps}")
-    rate = optax.cosine_decay_schedule(learning_rate, decay_steps, alpha=end_fraction)
-  else:
-    raise ValueError(f"unknown learning-rate schedule {schedule!r}; use 'constant' or 'cosine'")
+    return optax.cosine_decay_schedule(learning_rate, decay_steps, alpha=end_fraction)
+  raise ValueError(f"unknown learning-rate schedule {schedule!r}; use 'constant' or 'cosine'")
+
+
+@functools.lru_cache(maxsize=None)
+def make_optimizer(learning_rate, grad_clip_norm: float, weight_decay: float = 0.0):
+  """AdamW with global-norm clipping per branch. learning_rate: a float or a
+  learning_rate_schedule.
+
+  Cached: the optimizer is part of the jitted update's static argument (UpdateFn), so
+  equal settings must give the same object, or every stage and run would recompile."""
   return optax.chain(optax.clip_by_global_norm(grad_clip_norm),
-                     optax.adamw(rate, weight_decay=weight_decay))
+                     optax.adamw(learning_rate, weight_decay=weight_decay))
 
 
 def optimizer_for_stage(rl, steps: int):
   """The optimizer of a stage of `steps` optimizer steps under config.rl's settings."""
-  return make_optimizer(rl.learning_rate, rl.grad_clip_norm, rl.weight_decay,
-                        rl.lr_schedule, max(int(steps), 1), float(rl.lr_end_fraction))
+  rate = learning_rate_schedule(rl.learning_rate, rl.lr_schedule, max(int(steps), 1),
+                                float(rl.lr_end_fraction))
+  return make_optimizer(rate, rl.grad_clip_norm, rl.weight_decay)
 
 
 def init_optimizer_state(optimizer, params: Params):
@@ -308,32 +319,30 @@ def init_optimizer_state(optimizer, params: Params):
   return jax.vmap(optimizer.init)(lora.trainable(params))
 
 
-def _update_on_mesh(run: RunSharding, ucfg: UpdateConfig, optimizer, distil: bool,
-                    cross_row_start: int, prompt_len: int, params, opt_state, teachers, rows,
-                    routing, ref):
-  return update_body(params, opt_state, teachers, rows, routing, ref,
-                     ucfg=ucfg.with_constraint(run.constrain_rows), optimizer=optimizer,
-                     distil=distil, placement=run.regroup_placement(),
-                     cross_row_start=cross_row_start, prompt_len=prompt_len)
+def _update_on_mesh(fn: UpdateFn, state: TrainState, rows: Rows, teachers: Teachers | None,
+                    ref_params: Params | None):
+  """update_body with the policy's residual stream pinned to the mesh (the activation
+  constraint of RunSharding.constrain_rows, which exists only while traced on it)."""
+  on_mesh = dataclasses.replace(fn, ucfg=fn.ucfg.with_constraint(fn.run.constrain_rows))
+  return update_body(on_mesh, state, rows, teachers, ref_params)
 
 
-def update_program(run: RunSharding, ucfg: UpdateConfig, optimizer, distil: bool,
-                   cross_row_start: int = 0, prompt_len: int = 0) -> MeshProgram:
-  """`update` as a program on run's mesh: program(params, opt_state, teacher_params,
-  rows, routing, ref_params) (None where unused) runs it, program.lower(...) lowers it
-  (arguments may be jax.ShapeDtypeStruct). Parameters and optimizer state shard as the
-  model's layers declare them (and come back so), rows expert x batch, routing
+def update_program(fn: UpdateFn) -> MeshProgram:
+  """`update` as a program on fn.run's mesh: program(state, rows, teachers, ref_params)
+  (None where unused) runs it, program.lower(...) lowers it (arguments may be
+  jax.ShapeDtypeStruct). Parameters and optimizer state shard as the model's layers
+  declare them (and come back so), rows expert x batch, the teachers' routing
   replicated, metrics f32[S] over expert. No buffer donation: with live teachers the
-  same params arrive as `teacher_params`."""
-  def shardings(args):
-    params, opt_state, teachers, rows, routing, ref = args
-    p_sh, o_sh = run.stacked_params(params), run.opt_state(opt_state)
-    s = jax.tree_util.tree_leaves(lora.trainable(params))[0].shape[0]
-    return ((p_sh, o_sh, None if teachers is None else run.stacked_params(teachers),
-             run.rows(rows), None if routing is None else run.replicated,
-             None if ref is None else run.stacked_params(ref, stacked=False)),
-            (p_sh, o_sh, run.per_branch((s,))))
-  return MeshProgram(_update_on_mesh,
-                     (run, ucfg, optimizer, distil, cross_row_start, prompt_len), run.mesh,
-                     shardings)
+  same params arrive as the teachers' params."""
+  run = fn.run
 
+  def shardings(args):
+    state, rows, teachers, ref = args
+    state_sh = TrainState(run.stacked_params(state.params), run.opt_state(state.opt_state))
+    s = jax.tree_util.tree_leaves(lora.trainable(state.params))[0].shape[0]
+    teachers_sh = None if teachers is None else teachers.replace(
+        params=run.stacked_params(teachers.params), routing=run.replicated)
+    return ((state_sh, run.rows(rows), teachers_sh,
+             None if ref is None else run.stacked_params(ref, stacked=False)),
+            (state_sh, run.per_branch((s,))))
+  return MeshProgram(_update_on_mesh, (fn,), run.mesh, shardings)

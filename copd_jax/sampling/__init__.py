@@ -1,6 +1,6 @@
 """Jitted autoregressive sampling with a KV cache, for one policy or vmapped over experts.
 
-    rollout = generate(params, cfg, prompt_tokens, prompt_mask, vision, key, sampling, G)
+    rollout = generate(params, Sampler(policy, sampling_config, G), Prompts(tokens, mask, media), key)
 
 1. Prefill: the B left-padded prompts (and their vision clips) go through the model ONCE.
    Their per-layer keys/values become the shared prefix of the cache: stored once per
@@ -24,14 +24,15 @@ Parts: tokens.py (SamplingConfig, Rollout, one token's draw), decode.py (the dec
 api.py (the checked entry points, and the sampler as a program on a run's mesh).
 """
 from copd_jax.sampling.api import (
+  Sampler,
   check_stacked_generate_args,
   generate,
   generate_by_recompute,
   sampler_program,
   stacked_generate,
 )
-from copd_jax.sampling.tokens import PAD_ID, Rollout, SamplingConfig, process_logits, sample_tokens
+from copd_jax.sampling.tokens import PAD_ID, Prompts, Rollout, SamplingConfig, process_logits, sample_tokens
 
-__all__ = ["PAD_ID", "Rollout", "SamplingConfig", "check_stacked_generate_args", "generate",
+__all__ = ["PAD_ID", "Prompts", "Rollout", "Sampler", "SamplingConfig", "check_stacked_generate_args", "generate",
            "generate_by_recompute", "process_logits", "sample_tokens", "sampler_program",
            "stacked_generate"]

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from copd_jax.models import decoder, lora
-from copd_jax.models.policy import Policy
 from copd_jax.sampling.tokens import (
+  Prompts,
   _Buffers,
   _Draw,
   _draw,
@@ -32,32 +32,35 @@ class _DecodeState:
   bufs: _Buffers
 
 
-def _start(params, policy: Policy, prompt_tokens, prompt_mask, vision, key, sampling,
-           num_samples):
-  """Prefill each prompt once, share its keys with its G rows, draw token 0 of every row."""
-  prompt_mask = prompt_mask.astype(bool)
-  g = num_samples
-  hidden, prefix_kv = policy.prefill(params, prompt_tokens, prompt_mask, vision)
+def _start(params, sampler, prompts: Prompts, key):
+  """Prefill each prompt once, share its keys with its G rows, draw token 0 of every row.
+  sampler: the sampling.api.Sampler (policy, config, num_samples); prompts [B, P]."""
+  policy, sampling, g = sampler.policy, sampler.config, sampler.num_samples
+  prompt_mask = prompts.mask.astype(bool)
+  hidden, prefix_kv = policy.prefill(params, prompts.tokens, prompt_mask, prompts.media)
   # Left padding: the last column holds every prompt's last token.
   logits = decoder.logits_from_hidden(hidden[:, -1], policy.lm_head(params))
-  n = prompt_tokens.shape[0] * g
+  n = prompts.tokens.shape[0] * g
   bufs = _sample_and_record(_empty_buffers(n, sampling.max_new_tokens),
                             jnp.repeat(logits, g, axis=0), key, 0, sampling)
   return _DecodeState(
       cache=decoder.init_decode_cache(prefix_kv, g, sampling.max_new_tokens),
       prefix_mask=prompt_mask,
-      next_position=jnp.repeat(policy.first_positions(prompt_mask, vision), g),
+      next_position=jnp.repeat(policy.first_positions(prompt_mask, prompts.media), g),
       bufs=bufs)
 
 
-def _next_draw(params, policy: Policy, state: _DecodeState, prev, key, sampling, step):
-  """Runs token step-1 (prev int32[N, 1], response slot step-1) and draws token `step`.
+def _next_draw(params, sampler, state: _DecodeState, key, step):
+  """Runs token step-1 (response slot step-1, read from the state's buffers) and draws
+  token `step`.
 
   Reads the state only; returns (the new keys/values per layer, the draw). Vmappable."""
+  policy = sampler.policy
+  prev = _previous_tokens(state, step)  # int32[N, 1]
   hidden, new_kv = policy.decode_step(params, prev, (state.next_position + step - 1)[:, None],
                                       state.prefix_mask, state.cache, step - 1)
   logits = decoder.logits_from_hidden(hidden[:, 0], policy.lm_head(params))
-  return new_kv, _draw(logits, key, step, state.bufs.done, sampling)
+  return new_kv, _draw(logits, key, step, state.bufs.done, sampler.config)
 
 
 def _store(state: _DecodeState, new_kv, draw: _Draw, step) -> _DecodeState:
@@ -80,49 +83,48 @@ def _decode_loop(advance, state: _DecodeState, max_new_tokens: int) -> _Buffers:
   return state.bufs
 
 
-def _generate_one(params, policy: Policy, prompt_tokens, prompt_mask, vision, key, sampling,
-                  num_samples):
-  params = policy.cast(params)  # once, not on every decode step
-  state = _start(params, policy, prompt_tokens, prompt_mask, vision, key, sampling, num_samples)
+def _generate_one(params, sampler, prompts: Prompts, key):
+  """One policy's rollout [B, G, R] of prompts [B, P] (the body of sampling.generate)."""
+  params = sampler.policy.cast(params)  # once, not on every decode step
+  state = _start(params, sampler, prompts, key)
 
   def advance(step, st):
-    new_kv, draw = _next_draw(params, policy, st, _previous_tokens(st, step), key, sampling, step)
+    new_kv, draw = _next_draw(params, sampler, st, key, step)
     return _store(st, new_kv, draw, step)
-  bufs = _decode_loop(advance, state, sampling.max_new_tokens)
-  return _to_rollout(bufs, prompt_tokens.shape[0], num_samples)
+  bufs = _decode_loop(advance, state, sampler.config.max_new_tokens)
+  return _to_rollout(bufs, prompts.tokens.shape[0], sampler.num_samples)
 
 
-def _stacked_generate_one(stacked, policy: Policy, prompt_tokens, prompt_mask, vision, keys, sampling,
-                          num_samples):
+def _stacked_generate_one(stacked, sampler, prompts: Prompts, keys):
+  """E experts' rollouts [E, B, G, R] of their prompts [E, B, P], keys [E] (the body of
+  sampling.stacked_generate)."""
   # Only the per-expert compute is vmapped. The loop stays outside, so its predicate is one
   # scalar (a vmapped while_loop with per-expert predicates selects -- copies -- the whole
   # carry every step), and so do the cache/buffer writes (a vmapped dynamic_update_slice
   # becomes a scatter that copies the cache every step).
-  stacked = policy.cast(stacked)
+  stacked = sampler.policy.cast(stacked)
   params_axes = lora.branch_axes(stacked)  # LoRA branches: the shared base is not mapped
-  state = jax.vmap(lambda prm, tok, m, vis, key: _start(prm, policy, tok, m, vis, key, sampling,
-                                                        num_samples),
-                   in_axes=(params_axes, 0, 0, 0, 0))(
-      stacked, prompt_tokens, prompt_mask, vision, keys)
+  state = jax.vmap(lambda prm, pr, key: _start(prm, sampler, pr, key),
+                   in_axes=(params_axes, 0, 0))(stacked, prompts, keys)
 
   def advance(step, st):
-    new_kv, draw = jax.vmap(
-        lambda prm, s, prev, key: _next_draw(prm, policy, s, prev, key, sampling, step),
-        in_axes=(params_axes, 0, 0, 0))(stacked, st, _previous_tokens(st, step), keys)
+    new_kv, draw = jax.vmap(lambda prm, s, key: _next_draw(prm, sampler, s, key, step),
+                            in_axes=(params_axes, 0, 0))(stacked, st, keys)
     return _store(st, new_kv, draw, step)
-  bufs = _decode_loop(advance, state, sampling.max_new_tokens)
-  return jax.vmap(lambda bf: _to_rollout(bf, prompt_tokens.shape[1], num_samples))(bufs)
+  bufs = _decode_loop(advance, state, sampler.config.max_new_tokens)
+  return jax.vmap(lambda bf: _to_rollout(bf, prompts.tokens.shape[1], sampler.num_samples))(bufs)
 
 
-def _generate_by_recompute_one(params, policy: Policy, prompt_tokens, prompt_mask, vision, key,
-                               sampling, num_samples, row_vision=None):
+def _generate_by_recompute_one(params, sampler, prompts: Prompts, key, row_media=None):
   """The cache-free oracle: a full forward over [N, P+R] for every new token.
-  row_vision: the media repeated for every sample row (Policy.sample_rows_media)."""
+  row_media: the media repeated for every sample row (Policy.sample_rows_media)."""
+  policy, sampling = sampler.policy, sampler.config
+  prompt_tokens, vision = prompts.tokens, prompts.media
   b, p = prompt_tokens.shape
-  g, r = num_samples, sampling.max_new_tokens
+  g, r = sampler.num_samples, sampling.max_new_tokens
   n = b * g
   head = policy.lm_head(params)
-  prompt_mask = jnp.repeat(prompt_mask.astype(bool), g, axis=0)
+  prompt_mask = jnp.repeat(prompts.mask.astype(bool), g, axis=0)
   sequence = jnp.concatenate([jnp.repeat(prompt_tokens, g, axis=0),
                               jnp.zeros((n, r), prompt_tokens.dtype)], axis=1)
 
@@ -130,7 +132,7 @@ def _generate_by_recompute_one(params, policy: Policy, prompt_tokens, prompt_mas
     step, sequence, bufs = state  # draw token `step` from the hidden at column P+step-1
     generated = jnp.broadcast_to(jnp.arange(r)[None, :] < step, (n, r))
     token_mask = jnp.concatenate([prompt_mask, generated], axis=1)
-    hidden = policy.recompute_hidden(params, sequence, token_mask, row_vision, vision, r)
+    hidden = policy.recompute_hidden(params, sequence, token_mask, row_media, vision, r)
     last = jax.lax.dynamic_index_in_dim(hidden, p + step - 1, axis=1, keepdims=False)
     bufs = _sample_and_record(bufs, decoder.logits_from_hidden(last, head), key, step,
                               sampling)
@@ -143,6 +145,7 @@ def _generate_by_recompute_one(params, policy: Policy, prompt_tokens, prompt_mas
   return _to_rollout(bufs, b, g)
 
 
-_STATIC = ("policy", "sampling", "num_samples")
-_generate_jit = jax.jit(_generate_one, static_argnames=_STATIC)
-_generate_by_recompute_jit = jax.jit(_generate_by_recompute_one, static_argnames=_STATIC)
+# The sampler (sampling.api.Sampler: policy, settings, G) is static: hashable, so equal
+# samplers share one compile.
+_generate_jit = jax.jit(_generate_one, static_argnums=1)
+_generate_by_recompute_jit = jax.jit(_generate_by_recompute_one, static_argnums=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -11,6 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 
 PAD_ID = 0
+
+
+class Prompts(NamedTuple):
+  """The sampler's prompts. tokens: int[..., B, P] LEFT-padded (every prompt ends in the
+  last column); mask: bool[..., B, P]; media: the toy model's frames f32[..., B, F, H, W,
+  C], Qwen3-VL's PromptMedia or VisionInputs with the same leading axes, or None (a
+  text-only model). The leading axes are () for one policy, [E] for stacked experts."""
+  tokens: Any
+  mask: Any
+  media: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -179,9 +179,12 @@ def test_toy_scanned_sampler_draws_the_same_tokens(toy):
   cfg = dataclasses.replace(cfg, dtype="float32")
   tokens, _, mask, vision = toy_batch(cfg)
   sc = sampling.SamplingConfig(max_new_tokens=4, temperature=1.0, stop_token_ids=(1,))
-  want = sampling.generate(params, cfg, tokens, mask, vision, jax.random.key(3), sc, 2)
-  got = sampling.generate(layer_stack.stack_layers(params), scanned(cfg), tokens, mask, vision,
-                          jax.random.key(3), sc, 2)
+  want = sampling.generate(params,
+                           sampling.Sampler(cfg, sc, 2),
+                           sampling.Prompts(tokens, mask, vision), jax.random.key(3))
+  got = sampling.generate(layer_stack.stack_layers(params),
+                          sampling.Sampler(scanned(cfg), sc, 2),
+                          sampling.Prompts(tokens, mask, vision), jax.random.key(3))
   np.testing.assert_array_equal(got.tokens, want.tokens)
   np.testing.assert_allclose(got.raw_logprobs, want.raw_logprobs, atol=1e-4)
 
@@ -267,9 +270,12 @@ def test_qwen3_vl_scanned_sampler_draws_the_same_tokens(vl4):
                                          ref["image_grid_thw"])
   sc = sampling.SamplingConfig(max_new_tokens=5, temperature=1.0, stop_token_ids=(2,),
                                banned_token_ids=(cfg.image_token_id, cfg.video_token_id))
-  want = sampling.generate(params, cfg, ids, mask, vision, jax.random.key(3), sc, 2)
-  got = sampling.generate(layer_stack.stack_layers(params), scanned_vl(cfg), ids, mask, vision,
-                          jax.random.key(3), sc, 2)
+  want = sampling.generate(params,
+                           sampling.Sampler(cfg, sc, 2),
+                           sampling.Prompts(ids, mask, vision), jax.random.key(3))
+  got = sampling.generate(layer_stack.stack_layers(params),
+                          sampling.Sampler(scanned_vl(cfg), sc, 2),
+                          sampling.Prompts(ids, mask, vision), jax.random.key(3))
   np.testing.assert_array_equal(got.tokens, want.tokens)
   np.testing.assert_allclose(got.raw_logprobs, want.raw_logprobs, atol=1e-4)
 

@@ -49,7 +49,9 @@ def test_rollout_rescored_by_teacher_forcing_reproduces_the_sampler(model, ref):
   cfg, params = model
   ids, mask, vision = image_batch(cfg, ref)
   g, r = 2, 6
-  rollout = sampling.generate(params, cfg, ids, mask, vision, jax.random.key(0), sampler(r), g)
+  rollout = sampling.generate(params,
+                              sampling.Sampler(cfg, sampler(r), g),
+                              sampling.Prompts(ids, mask, vision), jax.random.key(0))
   tokens = np.asarray(rollout.tokens).reshape(-1, r)
   rows = np.concatenate([np.repeat(np.asarray(ids), g, axis=0), tokens], axis=1)
   row_mask = np.concatenate([np.repeat(np.asarray(mask), g, axis=0),
@@ -77,7 +79,8 @@ def test_rollout_rescored_by_teacher_forcing_reproduces_the_sampler(model, ref):
 def test_cached_sampler_draws_what_recomputing_every_row_draws(model, ref):
   cfg, params = model
   ids, mask, vision = video_batch(cfg, ref)
-  args = (params, cfg, ids, mask, vision, jax.random.key(3), sampler(5), 3)
+  args = (params, sampling.Sampler(cfg, sampler(5), 3), sampling.Prompts(ids, mask, vision),
+          jax.random.key(3))
   cached, recomputed = sampling.generate(*args), sampling.generate_by_recompute(*args)
   np.testing.assert_array_equal(cached.tokens, recomputed.tokens)
   np.testing.assert_allclose(cached.raw_logprobs, recomputed.raw_logprobs, atol=2e-4)
@@ -94,11 +97,11 @@ def test_vision_tower_runs_once_per_prompt_not_per_sample(model, ref):
   ids, mask, vision = image_batch(cfg, ref)
   patches = int(ref["image_pixel_values"].shape[0])
   g = 4  # a sample count no other test uses: generate traces anew
-  cached = tower_patch_counts(lambda: sampling.generate(
-      params, cfg, ids, mask, vision, jax.random.key(1), sampler(3), g))
+  args = (params, sampling.Sampler(cfg, sampler(3), g), sampling.Prompts(ids, mask, vision),
+          jax.random.key(1))
+  cached = tower_patch_counts(lambda: sampling.generate(*args))
   assert cached == [patches]
-  recomputed = tower_patch_counts(lambda: sampling.generate_by_recompute(
-      params, cfg, ids, mask, vision, jax.random.key(1), sampler(3), g))
+  recomputed = tower_patch_counts(lambda: sampling.generate_by_recompute(*args))
   assert recomputed and set(recomputed) == {g * patches}  # the baseline: every sample whole
 
 
@@ -106,10 +109,13 @@ def test_bad_prompt_batches_are_named(model, ref):
   cfg, params = model
   ids, mask, vision = image_batch(cfg, ref)
   with pytest.raises(ValueError, match="banned_token_ids must hold the image / video pad"):
-    sampling.generate(params, cfg, ids, mask, vision, jax.random.key(0),
-                      sampling.SamplingConfig(max_new_tokens=2), 1)
+    sampling.generate(params,
+                      sampling.Sampler(cfg, sampling.SamplingConfig(max_new_tokens=2), 1),
+                      sampling.Prompts(ids, mask, vision), jax.random.key(0))
   with pytest.raises(ValueError, match="needs vision=qwen3_vl_decode.VisionInputs"):
-    sampling.generate(params, cfg, ids, mask, None, jax.random.key(0), sampler(2), 1)
+    sampling.generate(params,
+                      sampling.Sampler(cfg, sampler(2), 1),
+                      sampling.Prompts(ids, mask, None), jax.random.key(0))
   with pytest.raises(ValueError, match="image_grid_thw"):
     qwen3_vl_decode.vision_inputs(cfg, ref["image_input_ids"], ref["image_attention_mask"],
                                   ref["image_pixel_values"], ref["image_grid_thw"][:1])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from copd_jax.models import lora, stacked
-from copd_jax.rl import update as update_lib
+from copd_jax.rl import scoring, update as update_lib
 from test_qwen3_vl_training import (  # noqa: F401 (model, ref: the module fixtures)
     FIXTURE, G, P, make_rows, model, oracle_logprobs, ref, routing_arrays, ucfg)
 from tiny_model import one_device_run
@@ -80,9 +80,12 @@ def test_lora_opd_update_with_adamw_moves_only_the_adapters(model, ref):
   big = [tuple(x.shape) for x in jax.tree.leaves(state) if x.ndim >= 2]
   assert big and set(big) <= adapter_shapes, set(big) - adapter_shapes
   u = ucfg(cfg)
-  new, new_state, metrics = update_lib.update(
-      branches, state, branches, rows, routing_arrays(), run=one_device_run(u.model),
-      ucfg=u, optimizer=optimizer, distil=True, cross_row_start=2 * G, prompt_len=P)
+  new_train_state, metrics = update_lib.update(
+      update_lib.UpdateFn(one_device_run(u.model), u, optimizer),
+      update_lib.TrainState(branches, state), rows,
+      scoring.Teachers(branches, routing_arrays(), 2 * G))
+  new, new_state = new_train_state.params, new_train_state.opt_state
+  assert rows.prompt_len == P
   assert isinstance(new, lora.LoraBranches)
   assert np.asarray(metrics["update_applied"]).tolist() == [1.0, 1.0]
   assert (np.asarray(metrics["opd/tokens"]) > 0).all()

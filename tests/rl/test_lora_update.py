@@ -2,6 +2,8 @@
 restricted to the rank-r subspace (the same loss on W + scale B A, differentiated by hand
 with plain jax.grad), the base gets no gradient and no optimizer state, and teachers
 score as their shared base plus their own adapter."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,16 +45,18 @@ def sampled_rows(setup_obj, params, caps, n_prompts=2, g=2, seed=0):
   batches = [setup_obj.encode_prompts(
       [tasks.make_example(c, i, seed=seed, difficulty=1, **setup_obj.example_kwargs)
        for i in range(n_prompts)]) for c in caps]
-  prompt_tokens, prompt_mask, frames = rollout_lib.stack_prompt_batches(batches)
+  prompts = rollout_lib.stack_prompt_batches(batches)
   s = len(caps)
-  rollout = sampling.stacked_generate(
-      one_device_run(setup_obj.model_cfg), params, setup_obj.model_cfg, prompt_tokens,
-      prompt_mask, frames, jax.random.split(jax.random.key(seed), s),
+  sampler = sampling.Sampler(
+      setup_obj.model_cfg,
       sampling.SamplingConfig(max_new_tokens=6, stop_token_ids=(2,),
                               banned_token_ids=policy_setup.never_generated_ids(
                                   setup_obj.tokenizer)), g)
-  rows = rollout_lib.build_rows(prompt_tokens, prompt_mask, frames, rollout,
-                                np.zeros((s, n_prompts * g)), np.zeros((s, n_prompts * g)), g)
+  rollout = sampling.stacked_generate(one_device_run(setup_obj.model_cfg), params, sampler,
+                                      prompts, jax.random.split(jax.random.key(seed), s))
+  rows = rollout_lib.build_rows(prompts, rollout, np.zeros((s, n_prompts * g)),
+                                np.zeros((s, n_prompts * g)))
+  rows = dataclasses.replace(rows, prompt_len=0)  # every column scored, as below by hand
   rows.advantages = jnp.asarray(np.random.default_rng(seed).normal(size=rows.advantages.shape),
                                 jnp.float32)
   return rows
@@ -76,10 +80,10 @@ def test_lora_update_is_full_fine_tuning_restricted_to_the_rank_r_subspace(setup
   ucfg = ucfg_for(s)
   lr = 0.05
   optimizer = optax.sgd(lr)
-  opt_state = update_lib.init_optimizer_state(optimizer, branches)
-  new, _, metrics = update_lib.update(branches, opt_state, None, rows, None,
-                                      run=one_device_run(ucfg.model), ucfg=ucfg,
-                                      optimizer=optimizer, distil=False)
+  fn = update_lib.UpdateFn(one_device_run(ucfg.model), ucfg, optimizer)
+  state = update_lib.TrainState(branches, update_lib.init_optimizer_state(optimizer, branches))
+  new_state, metrics = update_lib.update(fn, state, rows)
+  new = new_state.params
   assert isinstance(new, lora.LoraBranches)
   # The shared base is untouched and unstacked.
   for a, b in zip(jax.tree.leaves(new.base), jax.tree.leaves(branches.base)):
@@ -126,7 +130,7 @@ def test_teachers_score_with_the_shared_base_plus_their_own_adapter(setup):
   assignment = np.array([[1, 1], [2, 2], [0, 0]], np.int32)  # student k -> teacher k+1
   routing = stages.teacher_routing(assignment, 3, samples=2).as_arrays()
   ucfg = ucfg_for(s)
-  got = scoring.score_by_teachers(branches, rows, routing, ucfg)
+  got = scoring.score_by_teachers(scoring.Teachers(branches, routing), rows, ucfg)
   for k in range(3):
     teacher = stacked.take_expert(branches, (k + 1) % 3)  # W + scale B_j A_j, plain
     hidden = M.forward_hidden(teacher, s.model_cfg, rows.tokens[k], rows.positions[k],
@@ -142,8 +146,6 @@ def test_teachers_score_with_the_shared_base_plus_their_own_adapter(setup):
     # Both branches on every device (expert=1): they run one after the other (lax.map).
     dict(expert=1, data=1, fsdp=4, tensor=2)])
 def test_lora_opd_update_on_a_mesh_matches_one_device(mesh_cfg):
-  import dataclasses
-
   from copd_jax import sharding
   from test_sharding import SMALL_VISION, opd_problem
   from tiny_model import tiny_config
@@ -157,11 +159,12 @@ def test_lora_opd_update_on_a_mesh_matches_one_device(mesh_cfg):
   branches = branches.replace(adapters=jax.tree.unflatten(
       tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
   optimizer = optax.sgd(0.05)
-  state = update_lib.init_optimizer_state(optimizer, branches)
+  opt_state = update_lib.init_optimizer_state(optimizer, branches)
   host_routing = {k: np.asarray(v) for k, v in routing.as_arrays().items()}
-  want = update_lib.update(branches, state, branches, jax.tree.map(jnp.asarray, rows),
-                           host_routing, run=one_device_run(cfg), ucfg=ucfg,
-                           optimizer=optimizer, distil=True, cross_row_start=start)
+  want = update_lib.update(update_lib.UpdateFn(one_device_run(cfg), ucfg, optimizer),
+                           update_lib.TrainState(branches, opt_state),
+                           jax.tree.map(jnp.asarray, rows),
+                           scoring.Teachers(branches, host_routing, start))
   run = sharding.RunSharding(sharding.make_mesh(mesh_cfg, jax.devices()[:8]),
                              param_axes=policy_setup.declared_param_axes(cfg))
   mesh_ucfg = dataclasses.replace(ucfg, micro_batch_rows=4)
@@ -169,9 +172,10 @@ def test_lora_opd_update_on_a_mesh_matches_one_device(mesh_cfg):
   # The base is sharded like today's parameters (no expert axis), the adapters lead with it.
   assert placed.base["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec[0] != "expert"
   assert placed.adapters["layers_0"]["mlp"]["up_proj"]["lora_a"].sharding.spec[0] == "expert"
-  got = update_lib.update(placed, state, placed, rows, host_routing, run=run, ucfg=mesh_ucfg,
-                          optimizer=optimizer, distil=True, cross_row_start=start,
-                          prompt_len=10)
-  assert float(np.abs(np.asarray(want[2]["opd/tokens"])).min()) > 0
+  got = update_lib.update(update_lib.UpdateFn(run, mesh_ucfg, optimizer),
+                          update_lib.TrainState(placed, opt_state),
+                          dataclasses.replace(rows, prompt_len=10),
+                          scoring.Teachers(placed, host_routing, start))
+  assert float(np.abs(np.asarray(want[1]["opd/tokens"])).min()) > 0
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(run.to_host(got))):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)

@@ -42,6 +42,8 @@ def test_update_with_non_finite_new_params_is_not_applied_to_that_branch_only():
   from copd_jax import kernels, policy_setup, sampling
   from copd_jax.models import stacked as experts
   from copd_jax import losses
+  import dataclasses
+
   from copd_jax.rl import rollout as trainer, rows as rows_lib, update as update_lib
   cfg = default_config.get("copd", "micro")
   s = policy_setup.build_setup(spec_of(cfg))
@@ -49,23 +51,25 @@ def test_update_with_non_finite_new_params_is_not_applied_to_that_branch_only():
   caps = ("text", "image")
   batches = [s.encode_prompts([tasks.make_example(c, i, seed=0, difficulty=1, **s.example_kwargs)
                                for i in range(2)]) for c in caps]
-  tokens, mask, frames = trainer.stack_prompt_batches(batches)
+  prompts = trainer.stack_prompt_batches(batches)
   from tiny_model import one_device_run
-  rollout = sampling.stacked_generate(one_device_run(s.model_cfg), params, s.model_cfg,
-                                      tokens, mask, frames,
-                                      jax.random.split(jax.random.key(0), 2),
-                                      sampling.SamplingConfig(max_new_tokens=6, stop_token_ids=(2,)), 2)
+  sampler = sampling.Sampler(s.model_cfg,
+                             sampling.SamplingConfig(max_new_tokens=6, stop_token_ids=(2,)), 2)
+  rollout = sampling.stacked_generate(one_device_run(s.model_cfg), params, sampler, prompts,
+                                      jax.random.split(jax.random.key(0), 2))
   advantages = np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)
-  rows = trainer.build_rows(tokens, mask, frames, rollout, advantages, np.zeros((2, 4)), 2)
+  rows = trainer.build_rows(prompts, rollout, advantages, np.zeros((2, 4)))
+  rows = dataclasses.replace(rows, prompt_len=0)  # every column scored
   ucfg = rows_lib.UpdateConfig(model=s.model_cfg, loss=losses.PolicyLossConfig(),
                               kernel=kernels.KernelConfig(backend="chunked", vocab_tile=32,
                                                           token_tile=64))
   optimizer = _poison_optimizer()
   opt_state = update_lib.init_optimizer_state(optimizer, params)
   opt_state = (opt_state[0], {"scale": jnp.array([1.0, jnp.inf])})  # branch 1 blows up
-  new_params, new_opt, metrics = update_lib.update(params, opt_state, None, rows, None,
-                                                 run=one_device_run(ucfg.model), ucfg=ucfg,
-                                                optimizer=optimizer, distil=False)
+  new_state, metrics = update_lib.update(
+      update_lib.UpdateFn(one_device_run(ucfg.model), ucfg, optimizer),
+      update_lib.TrainState(params, opt_state), rows)
+  new_params = new_state.params
   assert np.isfinite(np.asarray(metrics["loss"])).all()
   assert np.isfinite(np.asarray(metrics["grad_norm"])).all()
   np.testing.assert_array_equal(np.asarray(metrics["update_applied"]), [1.0, 0.0])

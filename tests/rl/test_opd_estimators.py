@@ -222,7 +222,7 @@ def test_top_k_scores_cross_the_all_to_all_to_their_students():
   params = stacked.init_stacked(s.model_cfg, jax.random.split(jax.random.key(1), 3))
   rows = fixed_rows(s, params, ("text", "image", "video"))
   routing = stages.teacher_routing(np.array([[1, 1], [2, 2], [0, 0]], np.int32), 3, samples=2)
-  lp_k, ids = scoring.score_by_teachers(params, rows, routing.as_arrays(),
+  lp_k, ids = scoring.score_by_teachers(scoring.Teachers(params, routing.as_arrays()), rows,
                                         ucfg_for(s, opd_estimator="top_k", opd_top_k=8))
   assert lp_k.shape == ids.shape == rows.tokens.shape + (8,)
   for k in range(3):
@@ -243,7 +243,7 @@ def test_top_k_opd_update_lowers_the_kl_and_tis_is_reported(estimator):
   from test_update import fixed_rows, ucfg_for
   from copd_jax import default_config, policy_setup
   from copd_jax.models import stacked
-  from copd_jax.rl import stages, update as update_lib
+  from copd_jax.rl import scoring, stages, update as update_lib
   s = policy_setup.build_setup(spec_of(default_config.get("copd", "micro")))
   student = stacked.init_stacked(s.model_cfg, jax.random.split(jax.random.key(2), 1))
   teacher = stacked.init_stacked(s.model_cfg, jax.random.split(jax.random.key(3), 1))
@@ -251,13 +251,10 @@ def test_top_k_opd_update_lowers_the_kl_and_tis_is_reported(estimator):
   arrays = stages.teacher_routing(np.zeros((1, 4), np.int32), 1, samples=2).as_arrays()
   ucfg = ucfg_for(s, opd_estimator=estimator, opd_top_k=8, tis_cap=2.0)
   optimizer = update_lib.make_optimizer(3e-3, 1.0)
-  opt_state = update_lib.init_optimizer_state(optimizer, student)
-  params, kls = student, []
-  run = one_device_run(s.model_cfg)
+  state = update_lib.TrainState(student, update_lib.init_optimizer_state(optimizer, student))
+  fn, kls = update_lib.UpdateFn(one_device_run(s.model_cfg), ucfg, optimizer), []
   for _ in range(5):
-    params, opt_state, metrics = update_lib.update(params, opt_state, teacher, rows, arrays,
-                                                   run=run, ucfg=ucfg, optimizer=optimizer,
-                                                   distil=True)
+    state, metrics = update_lib.update(fn, state, rows, scoring.Teachers(teacher, arrays))
     kls.append(float(metrics["opd/kl_mean"][0]))
   assert kls[0] > 0.05 and kls[-1] < 0.8 * kls[0], kls
   assert float(metrics["tis/applied"][0]) == 1.0

@@ -105,12 +105,15 @@ def sampler():
 
 def make_rows(cfg, ref, stacked, opd_beta=1.0, seed=0):
   """Rows [2, 8, P + NEW] of the image (0) and video (1) students; rows 4..7 are cross."""
-  ids, mask, media = student_prompts(cfg, ref, [("image", "video"), ("video", "image")])
-  rollout = sampling.stacked_generate(one_device_run(cfg), stacked, cfg, ids, mask, media,
-                                      jax.random.split(jax.random.key(seed), 2), sampler(), G)
+  prompts_ = sampling.Prompts(*student_prompts(cfg, ref, [("image", "video"), ("video", "image")]))
+  rollout = sampling.stacked_generate(one_device_run(cfg), stacked,
+                                      sampling.Sampler(cfg, sampler(), G), prompts_,
+                                      jax.random.split(jax.random.key(seed), 2))
   beta = np.zeros((2, 4 * G), np.float32)
   beta[:, 2 * G:] = opd_beta
-  return rollout_lib.build_rows(ids, mask, media, rollout, np.zeros((2, 4 * G)), beta, G)
+  rows = rollout_lib.build_rows(prompts_, rollout, np.zeros((2, 4 * G)), beta)
+  assert rows.prompt_len == P
+  return rows
 
 
 def routing_arrays():
@@ -162,7 +165,7 @@ def test_rows_reproduce_the_sampler_and_teachers_score_cross_rows_like_the_oracl
   rows = make_rows(cfg, ref, stacked)
   live = np.asarray(rows.response_mask[:, :, P - 1:-1]) > 0  # [2, 8, NEW]
   assert live[:, :, 0].all()
-  teacher = scoring.score_by_teachers(stacked, rows, routing_arrays(), ucfg(cfg), prompt_len=P)
+  teacher = scoring.score_by_teachers(scoring.Teachers(stacked, routing_arrays()), rows, ucfg(cfg))
   for k in range(2):
     rows_k = jax.tree.map(lambda x: x[k], rows)
     own = oracle_logprobs(stacked_lib.take_expert(stacked, k), cfg, ref, k, rows_k)
@@ -185,9 +188,11 @@ def test_opd_update_moves_each_student_toward_its_teacher_and_compiles_once(mode
   optimizer = update_lib.make_optimizer(1e-3, 1.0)
   opt_state = update_lib.init_optimizer_state(optimizer, stacked)
   u = ucfg(cfg)
+  fn = update_lib.UpdateFn(one_device_run(u.model), u, optimizer)
   traces = update_traces(monkeypatch)
-  new, _, metrics = update_lib.update(stacked, opt_state, stacked, rows, routing_arrays(),
-                                      run=one_device_run(u.model), ucfg=u, optimizer=optimizer, distil=True, prompt_len=P)
+  new_state, metrics = update_lib.update(fn, update_lib.TrainState(stacked, opt_state), rows,
+                                         scoring.Teachers(stacked, routing_arrays()))
+  new = new_state.params
   assert np.asarray(metrics["update_applied"]).tolist() == [1.0, 1.0]
   assert (np.asarray(metrics["opd/tokens"]) > 0).all()
   for k in range(2):
@@ -205,8 +210,8 @@ def test_opd_update_moves_each_student_toward_its_teacher_and_compiles_once(mode
     assert np.dot(delta, moved) > 0, (k, np.dot(delta, moved))
   # Other media (a second rollout: other responses, same budget) reuse the program.
   rows2 = make_rows(cfg, ref, new, seed=2)
-  update_lib.update(new, opt_state, new, rows2, routing_arrays(), run=one_device_run(u.model), ucfg=u, optimizer=optimizer,
-                    distil=True, prompt_len=P)
+  update_lib.update(fn, update_lib.TrainState(new, opt_state), rows2,
+                    scoring.Teachers(new, routing_arrays()))
   assert len(traces) == 1
 
 
@@ -219,9 +224,10 @@ def test_vision_tower_runs_once_per_prompt_in_the_update(model, ref):
   opt_state = update_lib.init_optimizer_state(optimizer, stacked)
   with qwen3_vl_decode.vision_tower_calls() as seen:
     # micro_batch_rows changes the static config, so the update traces anew here.
-    update_lib.update(stacked, opt_state, stacked, rows, routing_arrays(),
-                      run=one_device_run(u.model), ucfg=rows_lib.UpdateConfig(**{**u.__dict__, "micro_batch_rows": 2 * G}),
-                      optimizer=optimizer, distil=True, prompt_len=P)
+    micro = rows_lib.UpdateConfig(**{**u.__dict__, "micro_batch_rows": 2 * G})
+    update_lib.update(update_lib.UpdateFn(one_device_run(u.model), micro, optimizer),
+                      update_lib.TrainState(stacked, opt_state), rows,
+                      scoring.Teachers(stacked, routing_arrays()))
   # (prompts, patches) per traced tower call: students run their 4 prompts (8 rows) in
   # micro-batches of 2 prompts (4 rows); each teacher runs its 2 cross prompts (4 rows).
   # Prompts, never sample rows.
@@ -241,7 +247,7 @@ def test_bad_media_are_named_before_anything_compiles(model, ref):
   with pytest.raises(ValueError, match="positive multiple of merge_size"):
     qwen3_vl_decode.prompt_media(cfg, ids, mask, media, budget=30)
   with pytest.raises(ValueError, match="prompt_len > 0"):
-    scoring._response_hidden(None, ucfg(cfg), None, None, None, None, 0)
+    scoring._response_hidden(None, ucfg(cfg), rows_lib.RowInputs(None, None, None, None), 0)
 
 
 def test_three_branches_on_an_expert_mesh_match_the_single_device_update(model, ref,
@@ -268,35 +274,38 @@ def test_three_branches_on_an_expert_mesh_match_the_single_device_update(model, 
   ids, mask = jnp.asarray(np.stack(ids), jnp.int32), jnp.asarray(np.stack(mask), bool)
   media = jax.tree.map(lambda *xs: jnp.stack(xs), *media)
   stacked = branches(params, count=3)
-  rollout = sampling.stacked_generate(one_device_run(cfg), stacked, cfg, ids, mask, media,
-                                      jax.random.split(jax.random.key(4), 3), sampler(), G)
+  prompts_ = sampling.Prompts(ids, mask, media)
+  rollout = sampling.stacked_generate(one_device_run(cfg), stacked,
+                                      sampling.Sampler(cfg, sampler(), G), prompts_,
+                                      jax.random.split(jax.random.key(4), 3))
   beta = np.zeros((3, 4 * G), np.float32)
   beta[:, 2 * G:] = 0.5
   advantages = np.random.default_rng(5).normal(size=(3, 4 * G)).astype(np.float32)
-  rows = rollout_lib.build_rows(ids, mask, media, rollout, advantages, beta, G)
+  rows = rollout_lib.build_rows(prompts_, rollout, advantages, beta)
+  assert rows.prompt_len == P
   assignment = np.array([[1, 2], [0, 0], [0, 0]], np.int32)  # hub = text
   routing = stages.teacher_routing(assignment, 3, samples=G, native_rows=2 * G)
   optimizer = __import__("optax").sgd(0.05)
   state = update_lib.init_optimizer_state(optimizer, stacked)
   u = ucfg(cfg)
-  want = update_lib.update(stacked, state, stacked, rows, routing.as_arrays(),
-                           run=one_device_run(u.model), ucfg=u, optimizer=optimizer,
-                           distil=True, cross_row_start=2 * G, prompt_len=P)
+  want = update_lib.update(update_lib.UpdateFn(one_device_run(u.model), u, optimizer),
+                           update_lib.TrainState(stacked, state), rows,
+                           scoring.Teachers(stacked, routing.as_arrays(), 2 * G))
   run = sharding.RunSharding(sharding.make_mesh(dict(expert=3, data=2, fsdp=1, tensor=1),
                                                 jax.devices()[:6]),
                              param_axes=qwen3_vl.param_axes(cfg))
-  fn = update_lib.update_program(run, u, optimizer, distil=True, cross_row_start=2 * G,
-                                 prompt_len=P)
+  fn = update_lib.update_program(update_lib.UpdateFn(run, u, optimizer))
   traces = update_traces(monkeypatch)
   placed = run.shard_params(stacked)
   host_rows = jax.tree.map(np.asarray, rows)
   host_routing = routing.as_tree()  # numpy, teacher_prompts a tuple (one per teacher)
-  got = fn(placed, state, placed, host_rows, host_routing, None)
-  assert got[0]["embed_tokens"]["embedding"].sharding.spec[0] == "expert"
-  assert (np.asarray(want[2]["opd/tokens"]) > 0).all()
+  got = fn(update_lib.TrainState(placed, state), host_rows,
+           scoring.Teachers(placed, host_routing, 2 * G), None)
+  assert got[0].params["embed_tokens"]["embedding"].sharding.spec[0] == "expert"
+  assert (np.asarray(want[1]["opd/tokens"]) > 0).all()
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(run.to_host(got))):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=2e-5)
-  fn(got[0], got[1], got[0], host_rows, host_routing, None)
+  fn(got[0], host_rows, scoring.Teachers(got[0].params, host_routing, 2 * G), None)
   assert len(traces) == 1  # one compile for two steps
 
 

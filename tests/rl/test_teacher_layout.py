@@ -66,7 +66,8 @@ def problem():
                        token_mask=jnp.asarray(mask), response_mask=jnp.asarray(response),
                        old_logprobs=jnp.zeros((S, n, t)), advantages=jnp.asarray(zeros),
                        opd_beta=jnp.asarray(zeros),
-                       frames=jnp.asarray(frames.reshape((S, n) + frames.shape[3:])))
+                       frames=jnp.asarray(frames.reshape((S, n) + frames.shape[3:])),
+                       prompt_len=P)
   ucfg = rows_lib.UpdateConfig(
       model=cfg, loss=losses.PolicyLossConfig(),
       kernel=kernels.KernelConfig(backend="chunked", vocab_tile=16, token_tile=8),
@@ -94,7 +95,7 @@ def oracle_logprobs(cfg, params, rows, teachers) -> np.ndarray:
 def scored(params, rows, routing, ucfg, **kw) -> np.ndarray:
   """score_by_teachers' cross rows f32[S, CROSS*G, R] (the native rows carry no score)."""
   fn = jax.jit(lambda p, r, ro: scoring.score_by_teachers(
-      p, r, ro, ucfg, cross_row_start=NATIVE * G, prompt_len=P, **kw))
+      scoring.Teachers(p, ro, NATIVE * G), r, ucfg, **kw))
   return np.asarray(fn(params, rows, routing))[:, NATIVE * G:]
 
 
@@ -120,8 +121,8 @@ def test_teacher_layout_matches_per_pair_oracle(problem, kind):
     assert_matches_oracle(got, want, rows)
   # Only the assigned rows are computed (one device): hub 16 + 4 + 4 rows per spoke pair.
   rows_computed, _ = teacher_rows_audit.traced_teacher_rows(
-      lambda p, r, ro: scoring.score_by_teachers(p, r, ro, ucfg, cross_row_start=NATIVE * G,
-                                                 prompt_len=P, one_shape=False),
+      lambda p, r, ro: scoring.score_by_teachers(scoring.Teachers(p, ro, NATIVE * G), r, ucfg,
+                                                 one_shape=False),
       params, rows, routing.as_arrays())
   assert rows_computed == S * CROSS * G
 
@@ -134,8 +135,8 @@ def test_top_k_through_the_compacted_layout(problem):
       kernel=ucfg.kernel, samples_per_prompt=G)
   routing = stages.teacher_routing(np.array(TEACHERS["hub"], np.int32), S, G,
                                    native_rows=NATIVE * G)
-  lp, ids = scoring.score_by_teachers(params, rows, routing.as_arrays(), ucfg,
-                                      cross_row_start=NATIVE * G, prompt_len=P)
+  lp, ids = scoring.score_by_teachers(
+      scoring.Teachers(params, routing.as_arrays(), NATIVE * G), rows, ucfg)
   for k in range(S):
     for b in range(CROSS):
       teacher = jax.tree.map(lambda x: x[TEACHERS["hub"][k][b]], params)
@@ -164,8 +165,8 @@ def test_teacher_layout_on_an_expert_mesh_matches_oracle(problem, kind):
 
   def score(p, r, ro):
     assert scoring.teachers_share_one_shape()  # the mesh's layout: one call, largest load
-    return scoring.score_by_teachers(p, r, ro, ucfg, placement=run.regroup_placement(),
-                                     cross_row_start=NATIVE * G, prompt_len=P)
+    return scoring.score_by_teachers(scoring.Teachers(p, ro, NATIVE * G), r, ucfg,
+                                     placement=run.regroup_placement())
   fn = jax.jit(score, in_shardings=(run.stacked_params(params), run.rows(rows), run.replicated))
   with jax.set_mesh(run.mesh):
     got = np.asarray(fn(run.shard_params(params), rows, routing.as_arrays()))[:, NATIVE * G:]

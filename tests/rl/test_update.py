@@ -1,5 +1,7 @@
 """The CoPD update: teacher routing, OPD learning signal, independence of branches,
 merge, and the overlap diagnostic."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,20 +38,29 @@ def ucfg_for(setup_obj, **loss):
 
 
 def fixed_rows(setup_obj, params, caps, n_prompts=2, g=2, seed=0, opd_beta=0.0):
-  """Rollouts of each stacked branch on its capability's prompts, as rows_lib.Rows."""
+  """Rollouts of each stacked branch on its capability's prompts, as rows_lib.Rows whose
+  prompt length is unknown (prompt_len 0: every column scored), as the tests below want
+  unless they set it."""
   batches = [setup_obj.encode_prompts(
       [tasks.make_example(c, i, seed=seed, difficulty=1, **setup_obj.example_kwargs)
        for i in range(n_prompts)]) for c in caps]
-  prompt_tokens, prompt_mask, frames = trainer.stack_prompt_batches(batches)
+  prompts = trainer.stack_prompt_batches(batches)
   s = len(caps)
-  rollout = sampling.stacked_generate(
-      one_device_run(setup_obj.model_cfg), params, setup_obj.model_cfg, prompt_tokens, prompt_mask, frames,
-      jax.random.split(jax.random.key(seed), s),
+  sampler = sampling.Sampler(
+      setup_obj.model_cfg,
       sampling.SamplingConfig(max_new_tokens=6, stop_token_ids=(2,),
                               banned_token_ids=policy_setup.never_generated_ids(
                                   setup_obj.tokenizer)), g)
-  return trainer.build_rows(prompt_tokens, prompt_mask, frames, rollout,
-                            np.zeros((s, n_prompts * g)), np.full((s, n_prompts * g), opd_beta), g)
+  rollout = sampling.stacked_generate(one_device_run(setup_obj.model_cfg), params, sampler,
+                                      prompts, jax.random.split(jax.random.key(seed), s))
+  rows = trainer.build_rows(prompts, rollout, np.zeros((s, n_prompts * g)),
+                            np.full((s, n_prompts * g), opd_beta))
+  return dataclasses.replace(rows, prompt_len=0)
+
+
+def update_fn(ucfg, optimizer):
+  """The update's statics on one device."""
+  return update_lib.UpdateFn(one_device_run(ucfg.model), ucfg, optimizer)
 
 
 def test_cross_assignment_and_routing_hub():
@@ -102,7 +113,7 @@ def test_teacher_scoring_matches_direct_per_pair_scoring(setup):
   routing = stages.teacher_routing(assignment, 3, samples=2)
   arrays = routing.as_arrays()
   ucfg = ucfg_for(s)
-  got = scoring_lib.score_by_teachers(params, rows, arrays, ucfg)
+  got = scoring_lib.score_by_teachers(scoring_lib.Teachers(params, arrays), rows, ucfg)
   for k in range(3):
     j = (k + 1) % 3
     teacher = experts.take_expert(params, j)
@@ -134,14 +145,13 @@ def test_opd_only_update_lowers_reverse_kl_to_teacher(setup):
   arrays = routing.as_arrays()
   ucfg = ucfg_for(s)
   optimizer = update_lib.make_optimizer(3e-3, 1.0)
-  opt_state = update_lib.init_optimizer_state(optimizer, student)
+  fn = update_fn(ucfg, optimizer)
+  state = update_lib.TrainState(student, update_lib.init_optimizer_state(optimizer, student))
   one = lambda tree: jax.tree.map(lambda x: x[0], tree)
   before = sampled_reverse_kl(one(student), one(teacher), one(rows), s.model_cfg)
-  params = student
   for _ in range(5):  # fixed rollouts: advantages are 0, only the OPD signal acts
-    params, opt_state, metrics = update_lib.update(params, opt_state, teacher, rows, arrays,
-                                                run=one_device_run(ucfg.model), ucfg=ucfg, optimizer=optimizer, distil=True)
-  after = sampled_reverse_kl(one(params), one(teacher), one(rows), s.model_cfg)
+    state, metrics = update_lib.update(fn, state, rows, scoring_lib.Teachers(teacher, arrays))
+  after = sampled_reverse_kl(one(state.params), one(teacher), one(rows), s.model_cfg)
   assert before > 0.1
   assert after < 0.8 * before, (before, after)
   assert float(metrics["opd/tokens"][0]) > 0
@@ -157,13 +167,12 @@ def test_branches_update_independently_like_separate_runs(setup):
   ucfg = ucfg_for(s)
   # Plain SGD: Adam's normalisation would amplify float noise in near-zero gradients.
   optimizer = optax.sgd(0.1)
-  both, _, _ = update_lib.update(params, update_lib.init_optimizer_state(optimizer, params), None,
-                              rows, None, run=one_device_run(ucfg.model), ucfg=ucfg, optimizer=optimizer, distil=False)
+  fn = update_fn(ucfg, optimizer)
+  state_of = lambda p: update_lib.TrainState(p, update_lib.init_optimizer_state(optimizer, p))
+  both = update_lib.update(fn, state_of(params), rows)[0].params
   for k in range(2):
     pick = lambda tree: jax.tree.map(lambda x: x[k:k + 1], tree)
-    alone, _, _ = update_lib.update(pick(params), update_lib.init_optimizer_state(optimizer, pick(params)),
-                                 None, pick(rows), None, run=one_device_run(ucfg.model), ucfg=ucfg, optimizer=optimizer,
-                                 distil=False)
+    alone = update_lib.update(fn, state_of(pick(params)), pick(rows))[0].params
     for a, b in zip(jax.tree.leaves(pick(both)), jax.tree.leaves(alone)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
   # And the update did change the parameters.
@@ -226,17 +235,15 @@ def test_kl_to_reference_is_zero_against_itself_and_positive_after_drift(setup):
   ucfg = ucfg_for(s, kl_coef=0.1)
   optimizer = optax.sgd(1.0)
   reference = jax.tree.map(lambda x: x[0], params)
-  state = update_lib.init_optimizer_state(optimizer, params)
+  fn = update_fn(ucfg, optimizer)
+  state = update_lib.TrainState(params, update_lib.init_optimizer_state(optimizer, params))
   rows.advantages = jnp.ones_like(rows.advantages)
-  moved, state, metrics = update_lib.update(params, state, None, rows, None, reference, run=one_device_run(ucfg.model), ucfg=ucfg,
-                                         optimizer=optimizer, distil=False)
+  moved, metrics = update_lib.update(fn, state, rows, None, reference)
   assert abs(float(metrics["kl_to_reference"][0])) < 1e-5
-  _, _, metrics = update_lib.update(moved, state, None, rows, None, reference, run=one_device_run(ucfg.model), ucfg=ucfg,
-                                 optimizer=optimizer, distil=False)
+  _, metrics = update_lib.update(fn, moved, rows, None, reference)
   assert float(metrics["kl_to_reference"][0]) > 1e-4
   with pytest.raises(ValueError, match="ref_params"):
-    update_lib.update(params, state, None, rows, None, None, run=one_device_run(ucfg.model), ucfg=ucfg, optimizer=optimizer,
-                   distil=False)
+    update_lib.update(fn, state, rows, None, None)
 
 
 def test_banned_tokens_are_never_sampled(setup):
@@ -246,8 +253,10 @@ def test_banned_tokens_are_never_sampled(setup):
                                                **s.example_kwargs) for i in range(2)])
   banned = policy_setup.never_generated_ids(s.tokenizer)
   config = sampling.SamplingConfig(max_new_tokens=8, temperature=3.0, banned_token_ids=banned)
-  rollout = sampling.generate(jax.tree.map(lambda x: x[0], params), s.model_cfg, batch.tokens,
-                              batch.mask, batch.frames, jax.random.key(0), config, 16)
+  rollout = sampling.generate(jax.tree.map(lambda x: x[0], params),
+                              sampling.Sampler(s.model_cfg, config, 16),
+                              sampling.Prompts(batch.tokens, batch.mask, batch.frames),
+                              jax.random.key(0))
   sampled = np.asarray(rollout.tokens)[np.asarray(rollout.mask) > 0]
   assert sampled.size > 100
   assert not np.isin(sampled, banned).any()
@@ -259,7 +268,6 @@ def test_micro_batched_remat_update_equals_full_batch(setup):
   """Gradient accumulation over row micro-batches (with padding: 6 rows in micro-batches of
   4), chunked teacher / reference scoring, prompt-once exchange and per-layer remat give
   the full-batch update."""
-  import dataclasses
   cfg, s = setup
   params = experts.init_stacked(s.model_cfg, jax.random.split(jax.random.key(11), 2))
   rows = fixed_rows(s, params, ("text", "image"), n_prompts=3, g=2, opd_beta=0.5)
@@ -270,7 +278,8 @@ def test_micro_batched_remat_update_equals_full_batch(setup):
                                     samples=2).as_arrays()
   reference = jax.tree.map(lambda x: x[1], params)
   optimizer = optax.sgd(0.1)
-  state = update_lib.init_optimizer_state(optimizer, params)
+  state = update_lib.TrainState(params, update_lib.init_optimizer_state(optimizer, params))
+  teachers = scoring_lib.Teachers(params, routing)
   full_cfg = ucfg_for(s, kl_coef=0.05)
   remat_model = dataclasses.replace(s.model_cfg, remat=True)
   micro_cfg = dataclasses.replace(full_cfg, model=remat_model, micro_batch_rows=4,
@@ -278,11 +287,12 @@ def test_micro_batched_remat_update_equals_full_batch(setup):
   # Remat keeps the parameter names.
   assert jax.tree.structure(model_lib.init_params(remat_model, jax.random.key(0))) == \
       jax.tree.structure(jax.tree.map(lambda x: x[0], params))
-  run = lambda ucfg, p_len: update_lib.update(params, state, params, rows, routing, reference,
-                                           run=one_device_run(ucfg.model), ucfg=ucfg, optimizer=optimizer, distil=True,
-                                           prompt_len=p_len)
-  want_params, _, want = run(full_cfg, 0)
-  got_params, _, got = run(micro_cfg, prompt_len)
+  run = lambda ucfg, p_len: update_lib.update(
+      update_fn(ucfg, optimizer), state, dataclasses.replace(rows, prompt_len=p_len), teachers,
+      reference)
+  want_state, want = run(full_cfg, 0)
+  got_state, got = run(micro_cfg, prompt_len)
+  want_params, got_params = want_state.params, got_state.params
   moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in
               zip(jax.tree.leaves(want_params), jax.tree.leaves(params)))
   assert moved > 1e-4
@@ -299,7 +309,8 @@ def test_micro_batched_remat_update_equals_full_batch(setup):
 def test_cosine_learning_rate_decays_over_the_stage_and_holds():
   """Adam's first step moves a weight by the learning rate; with a cosine schedule over 10
   steps from 1.0 to 0.1 the k-th step's rate is 0.1 + 0.9 * (1 + cos(pi k / 10)) / 2."""
-  optimizer = update_lib.make_optimizer(1.0, 1e9, 0.0, "cosine", 10, 0.1)
+  optimizer = update_lib.make_optimizer(
+      update_lib.learning_rate_schedule(1.0, "cosine", 10, 0.1), 1e9)
   params = {"w": jnp.zeros(())}
   state = optimizer.init(params)
   rates = []
@@ -314,4 +325,4 @@ def test_cosine_learning_rate_decays_over_the_stage_and_holds():
     updates, state = constant.update({"w": jnp.ones(())}, state, params)
   assert abs(-float(updates["w"]) - 1.0) < 1e-4
   with pytest.raises(ValueError, match="schedule"):
-    update_lib.make_optimizer(1.0, 1.0, 0.0, "linear", 10)
+    update_lib.learning_rate_schedule(1.0, "linear", 10)

@@ -7,6 +7,8 @@ a plain forward + log_softmax (the oracle) and check:
   - which columns carry the loss: only response tokens (response_mask), so values in the
     prompt columns or past the stop token change neither the loss nor the gradients.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,7 @@ from tiny_model import one_device_run, tiny_config
 
 from copd_jax import kernels, losses
 from copd_jax.models import decoder, stacked
-from copd_jax.rl import rows as rows_lib, update as update_lib
+from copd_jax.rl import rows as rows_lib, scoring, update as update_lib
 
 PROMPT = [5, 6, 7, 8]
 # Two samples of the same prompt; the first stops (token 2) after two tokens, then pads (0).
@@ -74,8 +76,9 @@ def test_positive_advantage_raises_and_negative_lowers_logprob(model, prompt_onc
   ucfg = update_config(cfg, prompt_once)
   prompt_len = len(PROMPT) if prompt_once else 0
   optimizer = update_lib.make_optimizer(1e-2, 1.0)
-  opt_state = update_lib.init_optimizer_state(optimizer, params)
-  rows = make_rows()
+  fn = update_lib.UpdateFn(one_device_run(ucfg.model), ucfg, optimizer)
+  state = update_lib.TrainState(params, update_lib.init_optimizer_state(optimizer, params))
+  rows = dataclasses.replace(make_rows(), prompt_len=prompt_len)
   mask = np.asarray(rows.response_mask[0])
 
   def sequence_logprobs(p):  # [2]: sum of each response's token log-probs
@@ -83,11 +86,9 @@ def test_positive_advantage_raises_and_negative_lowers_logprob(model, prompt_onc
   before = sequence_logprobs(params)
   for _ in range(3):
     # On-policy rows: the sampler's log-probs are the current policy's (ratio 1).
-    rows.old_logprobs = jnp.asarray(oracle_token_logprobs(params, cfg, rows))[None]
-    params, opt_state, _ = update_lib.update(params, opt_state, None, rows, None, run=one_device_run(ucfg.model), ucfg=ucfg,
-                                             optimizer=optimizer, distil=False,
-                                             prompt_len=prompt_len)
-  after = sequence_logprobs(params)
+    rows.old_logprobs = jnp.asarray(oracle_token_logprobs(state.params, cfg, rows))[None]
+    state, _ = update_lib.update(fn, state, rows)
+  after = sequence_logprobs(state.params)
   assert after[0] > before[0] + 0.05, (before, after)  # advantage +1: more likely
   assert after[1] < before[1] - 0.05, (before, after)  # advantage -1: less likely
 
@@ -95,8 +96,8 @@ def test_positive_advantage_raises_and_negative_lowers_logprob(model, prompt_onc
 def loss_and_grads(params, cfg, rows, prompt_once: bool):
   ucfg = update_config(cfg, prompt_once)
   one = lambda tree: jax.tree.map(lambda x: x[0], tree)
-  loss, _, grads = update_lib.student_grads(one(params), one(rows), None, None, ucfg,
-                                            len(PROMPT) if prompt_once else 0)
+  rows = dataclasses.replace(rows, prompt_len=len(PROMPT) if prompt_once else 0)
+  loss, _, grads = update_lib.student_grads(one(params), one(rows), None, None, ucfg)
   return float(loss), grads
 
 
@@ -158,8 +159,6 @@ def test_clipped_opd_update_matches_the_hand_written_loss(model, mode):
   frozen teacher, sampler log-probs far from the current policy's (ratios well outside the
   clip band, both sides), RL advantages of both signs and beta 0.7: equal to the gradient of
   the loss written above, in both student-log-prob modes."""
-  import dataclasses
-
   import optax
 
   from copd_jax.rl import stages
@@ -176,10 +175,11 @@ def test_clipped_opd_update_matches_the_hand_written_loss(model, mode):
       loss=losses.PolicyLossConfig(opd_student_logprob=mode))
   routing = stages.teacher_routing(np.zeros((1, 1), np.int32), 1, samples=2).as_arrays()
   optimizer = optax.sgd(1.0)
-  new, _, metrics = update_lib.update(params, update_lib.init_optimizer_state(optimizer, params),
-                                      teacher, rows, routing, run=one_device_run(cfg),
-                                      ucfg=ucfg, optimizer=optimizer, distil=True,
-                                      prompt_len=len(PROMPT))
+  new_state, metrics = update_lib.update(
+      update_lib.UpdateFn(one_device_run(cfg), ucfg, optimizer),
+      update_lib.TrainState(params, update_lib.init_optimizer_state(optimizer, params)),
+      dataclasses.replace(rows, prompt_len=len(PROMPT)), scoring.Teachers(teacher, routing))
+  new = new_state.params
   (want_loss, clipped), = [(float(l), c) for l, c in
                            [oracle_clipped_opd_loss(params, teacher, cfg, rows, mode)]]
   want_grads = jax.grad(lambda p: oracle_clipped_opd_loss(p, teacher, cfg, rows, mode)[0])(params)
