@@ -351,9 +351,11 @@ def main(argv=None):
   s, g = b.stage.num_students, b.stage.samples_per_prompt
   p_len, r_len = cfg.data.max_prompt_len, cfg.sampling.max_new_tokens
   params = experts.init_stacked(mc, jax.random.split(jax.random.key(1), s))
-  opt_state = update_lib.init_optimizer_state(b.optimizer, params)
-  # As methods.run_stage does: committed, so every step's inputs match the first's.
-  params, opt_state = jax.device_put((params, opt_state), jax.devices()[0])
+  # As a stage starts (StageTrainer.init_state): on the run's shardings, as the update's
+  # outputs are, so later steps' inputs key jit's cache like the first's (a plain
+  # device_put gives a SingleDeviceSharding: the RL program compiled twice).
+  first = stage_trainer(b).init_state(params)
+  params, opt_state = first.params, first.opt_state
   print(f"bench shape: {model_lib.count_params(jax.tree.map(lambda x: x[0], params)):,} params "
         f"per branch, {s} branches, dtype {args.dtype}, {b.stage.native_prompts} native + "
         f"{b.stage.cross_prompts} cross prompts x G={g}, prompt {p_len} + response {r_len}; "
