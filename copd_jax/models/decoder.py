@@ -177,6 +177,63 @@ def _attend_with_shared_prefix(q, k, v, cache: LayerCache, mask):
   return out.transpose(0, 3, 1, 2, 4)
 
 
+def _attend_prefix_and_slots(q, cache: LayerCache, mask):
+  """Decode-time attention over the shared prompt prefix and the response slots, which
+  already hold this call's keys (written in place before attention).
+
+  q: [N, T, K, H/K, Dh] (scaled); mask = (prefix_mask bool[B, P], visible bool[T, R]:
+  slot s is visible to query t when it was filled before, or holds query t's own token or
+  an earlier one of this call). Returns out f32[N, T, K, H/K, Dh]. One softmax spans both
+  key sets."""
+  prefix_mask, visible = mask
+  (b, p), (n, t, kv_heads, groups, hd) = prefix_mask.shape, q.shape
+  r = cache.k.shape[2]
+  g = n // b  # samples per prompt
+  f32 = dict(preferred_element_type=jnp.float32)
+  q_by_prompt = q.reshape(b, g, t, kv_heads, groups, hd)
+  scores = jnp.concatenate([
+      jnp.einsum("bjtkgd,bksd->bjkgts", q_by_prompt, cache.prefix_k, **f32)
+      .reshape(n, kv_heads, groups, t, p),
+      jnp.einsum("btkgd,bksd->bkgts", q, cache.k, **f32)], axis=-1)
+  full_mask = jnp.concatenate([
+      jnp.broadcast_to(jnp.repeat(prefix_mask, g, axis=0)[:, None, :], (n, t, p)),
+      jnp.broadcast_to(visible[None], (n, t, r))], axis=-1)
+  probs = _attention_weights(scores, full_mask[:, None, None]).astype(q.dtype)
+  prefix_probs = probs[..., :p].reshape(b, g, kv_heads, groups, t, p)
+  out = (jnp.einsum("bjkgts,bksd->bjkgtd", prefix_probs, cache.prefix_v, **f32)
+         .reshape(n, kv_heads, groups, t, hd)
+         + jnp.einsum("bkgts,bksd->bkgtd", probs[..., p:], cache.v, **f32))
+  return out.transpose(0, 3, 1, 2, 4)
+
+
+@jax.custom_batching.custom_vmap
+def _update_slots(slots, new, write_index):
+  return jax.lax.dynamic_update_slice_in_dim(slots, new, write_index, axis=slots.ndim - 2)
+
+
+@_update_slots.def_vmap
+def _update_slots_vmap(axis_size, in_batched, slots, new, write_index):
+  """Under vmap (e.g. over stacked experts) with one write index for all: still a
+  dynamic_update_slice over the batched slots, not jax's default scatter (which XLA:CPU
+  does by copying the whole cache every decode step)."""
+  slots_b, new_b, index_b = in_batched
+  if index_b:  # a write index per batch element: the general scatter
+    return jax.vmap(jax.lax.dynamic_update_slice_in_dim, in_axes=(0, 0, 0, None))(
+        slots if slots_b else jnp.broadcast_to(slots, (axis_size,) + slots.shape),
+        new if new_b else jnp.broadcast_to(new, (axis_size,) + new.shape),
+        write_index, slots.ndim - 2 + slots_b), True
+  slots = slots if slots_b else jnp.broadcast_to(slots, (axis_size,) + slots.shape)
+  new = new if new_b else jnp.broadcast_to(new, (axis_size,) + new.shape)
+  return _update_slots(slots, new, write_index), True
+
+
+def write_slots(slots, new, write_index):
+  """slots [..., K, R, Dh] with new [..., K, T, Dh] stored at slots write_index ..
+  write_index+T-1: a dynamic_update_slice, in place when the old slots are not read
+  again, also under jax.vmap with one write index (_update_slots_vmap)."""
+  return _update_slots(slots, new.astype(slots.dtype), jnp.asarray(write_index, jnp.int32))
+
+
 def _splash_attention(q, k, v, cache: LayerCache | None, mask, block: int):
   """Attention through the Pallas splash kernel (kernels/attention.py), the same values as
   the xla paths: causal self-attention over a key mask (cache None, mask bool[N, T]), or
@@ -233,6 +290,26 @@ class Attention(nn.Module):
     def causal(query_index):  # bool[block, T]
       return jnp.arange(t)[None, :] <= query_index[:, None]
 
+    if cache is not None and len(mask) == 3 and cache.k.shape[2]:
+      # Decoding: the new keys go into their response slots first (in place: the old
+      # slots are never read again), then attention reads the updated slots only, so
+      # the loop carries one copy of the cache and returns it (no second one per step).
+      prefix_mask, _, write_index = mask
+      k_slots = write_slots(cache.k, k.transpose(0, 2, 1, 3), write_index)
+      v_slots = write_slots(cache.v, v.transpose(0, 2, 1, 3), write_index)
+      # One write, read by attention and carried: without the barrier XLA duplicates the
+      # write into the attention's operand fusion, and each copy needs its own buffer.
+      k_slots, v_slots = jax.lax.optimization_barrier((k_slots, v_slots))
+      updated = cache.replace(k=k_slots, v=v_slots)
+      r = cache.k.shape[2]
+
+      def attend_slots(qb, query_index):  # query i sits at slot write_index + i
+        visible = jnp.arange(r)[None, :] <= write_index + query_index[:, None]
+        return _attend_prefix_and_slots(qb, updated, (prefix_mask, visible))
+      out = in_query_blocks(attend_slots, q, cfg.attention_block)
+      out = Linear(cfg.d_model, dt, axes=("heads", "embed"), name="o_proj")(
+          out.reshape(n, t, heads * hd))
+      return out, (k_slots, v_slots)
     if cfg.uses_splash_attention and (cache is None or cache.k.shape[2] == 0):
       out = _splash_attention(q, k, v, cache, mask, cfg.attention_block or 512)
     else:
@@ -240,7 +317,7 @@ class Attention(nn.Module):
         def attend(qb, query_index):
           return _dense_attention(qb, k, v, causal(query_index)[None] & mask[:, None, :])
       else:
-        prefix_mask, filled_slots = mask
+        prefix_mask, filled_slots = mask[:2]
 
         def attend(qb, query_index):
           return _attend_with_shared_prefix(qb, k, v, cache,
@@ -333,6 +410,8 @@ class Decoder(nn.Module):
       mask = (key_mask, filled_slots)
     if self.cfg.scan_layers:
       return self._scanned_layers(x, angles, mask, cache, after_layer)
+    if cache is not None:  # unscanned layers write their new keys into the slots in place
+      mask = (key_mask, filled_slots, write_index)
     new_kv = []
     for i, layer in enumerate(self.layers):
       x, kv = layer(x, angles, mask, None if cache is None else cache[i])
@@ -547,12 +626,14 @@ def decode_step(params: Params, cfg: ModelConfig, tokens, positions, prefix_mask
 
 
 def write_decode_cache(cache, new_kv, write_index):
-  """Stores each layer's new keys/values [..., K, T, Dh] at response slots write_index ..
-  write_index+T-1. Works with any leading axes (e.g. a stacked expert axis), so callers can
-  keep this in-place update outside jax.vmap."""
+  """The cache after a decode step: each layer's new keys/values [..., K, T, Dh] stored
+  at response slots write_index .. write_index+T-1, or, where decode_step already wrote
+  them (unscanned layers return the whole updated slots [..., K, R, Dh]), those slots
+  as they are. Works with any leading axes (e.g. a stacked expert axis)."""
   def write(slots, new):
-    return jax.lax.dynamic_update_slice_in_dim(slots, new.astype(slots.dtype), write_index,
-                                               axis=slots.ndim - 2)
+    if new.shape == slots.shape:  # already the updated slots (same values either way)
+      return new
+    return write_slots(slots, new, write_index)
   return tuple(c.replace(k=write(c.k, k), v=write(c.v, v)) for c, (k, v) in zip(cache, new_kv))
 
 
