@@ -311,15 +311,11 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
     inputs = (chunks(per_prompt) if prompt_len else None, chunks(per_row),
               jax.tree.map(chunks, frames), np.swapaxes(valid, 0, 1))
     params = jax.lax.stop_gradient(teacher_params)
-    own = np.arange(lanes) % j
-    if trips == 1 and np.array_equal(plan.teacher[:, 0], own):
-      out = jax.tree.map(lambda x: x[None], score_compacted(
-          params, *jax.tree.map(lambda x: x[0], inputs)))
-    else:
-      def trip(args):  # lane l runs its chunk's teacher: the hub's overflow copies its
-        lane_teacher, chunk_inputs = args  # parameters to the lanes that take it
-        return score_compacted(_take_teachers_dynamic(params, lane_teacher), *chunk_inputs)
-      out = jax.lax.map(trip, (jnp.asarray(plan.teacher.T), inputs))  # [trips, lanes, n*G, ...]
+
+    def trip(args):  # lane l runs its chunk's teacher: the hub's overflow copies its
+      lane_teacher, chunk_inputs = args  # parameters to the lanes that take it
+      return score_compacted(_take_teachers_dynamic(params, lane_teacher), *chunk_inputs)
+    out = jax.lax.map(trip, (jnp.asarray(plan.teacher.T), inputs))  # [trips, lanes, n*G, ...]
     # Flat computed rows [(lane * trips + trip) * n*G + row in chunk, ...].
     flat = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[3:]), out)
     # Teacher j's compacted row r sits in its chunk r // (n*G) at offset r % (n*G).
@@ -332,11 +328,16 @@ def score_by_teachers(teacher_params: Params, rows: Rows, routing: dict, ucfg: U
     return jax.tree.map(lambda x: compute(jnp.take(x, back, axis=0)), flat)
 
   lanes = teachers_share_one_shape() if one_shape is None else one_shape
-  if lanes and any(loads):
-    scores = score_lanes(teacher_lanes.lane_plan(loads))
-  else:  # (nobody asks at all: teacher_call_groups gives one call on padding, unused)
-    scores = _scores_by_groups(score_group, teacher_call_groups(loads, equal=False),
-                               routing, compute, j)
+  plan = teacher_lanes.lane_plan(loads) if lanes and any(loads) else None
+  if plan is not None and not plan.is_one_round_own_teachers():
+    scores = score_lanes(plan)
+  else:
+    # One device: a call per load. Lanes of equal loads (one round, each lane its own
+    # teacher): one call over all, each teacher's rows gathered on its own lane. (Nobody
+    # asks at all: one call on padding, unused.)
+    groups = ([(np.arange(j), plan.bucket)] if plan is not None
+              else teacher_call_groups(loads, equal=False))
+    scores = _scores_by_groups(score_group, groups, routing, compute, j)
 
   def back_to_students(x):  # [J, S*C, W, ...] -> [S, R, W, ...]
     x = swap(compute(x).reshape((j, s, c) + x.shape[2:])).reshape((s, j * c) + x.shape[2:])

@@ -45,6 +45,11 @@ class LanePlan:
     """Prompt slots the teacher forwards compute, padding included."""
     return self.lanes * self.trips * self.bucket
 
+  def is_one_round_own_teachers(self) -> bool:
+    """One round in which every lane runs its own teacher (equal loads): nothing but
+    the token exchange crosses lanes."""
+    return self.trips == 1 and np.array_equal(self.teacher[:, 0], np.arange(self.lanes))
+
   def chunk_place(self, teacher: int) -> np.ndarray:
     """int[chunks of `teacher`]: the flat (lane * trips + trip) index of each of its
     chunks, in prompt order."""
