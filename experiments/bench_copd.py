@@ -4,6 +4,12 @@ step's useful FLOP rate against this machine's matmul peak, and compiles per sta
 
     python experiments/bench_copd.py [--quick] [--dtype float32]
 
+--quick measures every figure at a smaller shape (QUICK_SHAPE: 4 native + 4 cross prompts
+x G = 4 per branch, 16 response tokens; the same model) with 2 repeats and 4 steps: a few
+minutes and under 3 GiB on a 2-core CPU (the full shape's whole-row update alone holds
+about 3 GiB of activations). Its figures are ratios of the same kind as the full run's,
+at a shape where fixed per-call costs weigh more.
+
 Shape (the "bench shape"): the toy suite's Qwen3-layout decoder widened to d_model 256
 (4 layers, 4 query / 2 KV heads of 64, SwiGLU 768, vocabulary 64 = the toy tokenizer's,
 tubelet ViT), three branches (text, image, video; hub = text), 16 native prompts x G = 8
@@ -40,7 +46,8 @@ Figures (medians over repeated, interleaved runs after a warm-up; compile time e
     the traced program's shapes (analysis.teacher_rows: each teacher_forward call's output
     shape, times its jax.lax.map trips) on one device. teacher_useful_rows_fraction_
     expert_mesh: the same for the layout an `expert` axis of several device groups gets
-    (one call for all teachers at the largest load, as parameters never cross `expert`).
+    (calls of one shape over the lanes, in rounds of the balanced lane plan
+    teacher_lanes.lane_plan: the hub's overflow chunks run on the spokes' lanes).
 Last line: one JSON object.
 """
 from __future__ import annotations
@@ -51,6 +58,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -85,6 +93,18 @@ UPDATE_JIT_NAME = update_lib._update_on_mesh.__name__
 
 BENCH_MODEL = dict(d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
                    mlp_dim=768)
+# --quick: fewer rows per branch (4 + 4 prompts x G = 4 = 32 rows instead of 192) and
+# shorter responses; the model, the three branches and the hub topology stay.
+QUICK_SHAPE = dict(native_prompts=4, cross_prompts=4, samples_per_prompt=4, max_new_tokens=16)
+
+
+def peak_rss_gib() -> float:
+  """This process's peak resident memory so far (GiB; Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def progress(phase: str) -> None:
+  print(f"[memory] after {phase}: peak RSS {peak_rss_gib():.2f} GiB", flush=True)
 
 
 def cpu_name() -> str:
@@ -139,9 +159,14 @@ class CompileCounter(logging.Handler):
 
 # --------------------------------------------------------------------------------- setup
 
-def bench_config(dtype: str):
+def bench_config(dtype: str, quick: bool = False):
   cfg = default_config.get("copd")
   cfg.model.update(dict(BENCH_MODEL, dtype=dtype))
+  if quick:
+    q = QUICK_SHAPE
+    cfg.rl.update(dict(native_prompts=q["native_prompts"], cross_prompts=q["cross_prompts"],
+                       samples_per_prompt=q["samples_per_prompt"]))
+    cfg.sampling.max_new_tokens = q["max_new_tokens"]
   cfg.workdir = "/tmp/bench_copd"
   return cfg
 
@@ -160,8 +185,8 @@ class Bench:
   rng: np.random.Generator
 
 
-def make_bench(dtype: str) -> Bench:
-  cfg = spec_of(bench_config(dtype))
+def make_bench(dtype: str, quick: bool = False) -> Bench:
+  cfg = spec_of(bench_config(dtype, quick))
   setup = policy_setup.build_setup(cfg)
   caps = tuple(cfg.rl.capabilities)
   stage = stages.copd_stage(cfg.rl, caps)
@@ -312,10 +337,11 @@ def batched_scoring(b: Bench, start: int):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="fewer repeats")
+  parser.add_argument("--quick", action="store_true",
+                      help="a smaller shape (QUICK_SHAPE), 2 repeats, 4 steps")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   args = parser.parse_args(argv)
-  repeats = 3 if args.quick else 7
+  repeats = 2 if args.quick else 7
   # jax_log_compiles makes jax log every compilation; the counter takes those records (and
   # any other jax log line) instead of the console.
   counter = CompileCounter()
@@ -324,14 +350,16 @@ def main(argv=None):
   jax_logger.propagate = False
   jax.config.update("jax_log_compiles", True)
 
-  b = make_bench(args.dtype)
+  b = make_bench(args.dtype, args.quick)
   cfg, mc = b.cfg, b.setup.model_cfg
   s, g = b.stage.num_students, b.stage.samples_per_prompt
   p_len, r_len = cfg.data.max_prompt_len, cfg.sampling.max_new_tokens
   params = experts.init_stacked(mc, jax.random.split(jax.random.key(1), s))
-  opt_state = update_lib.init_optimizer_state(b.optimizer, params)
-  # As methods.run_stage does: committed, so every step's inputs match the first's.
-  params, opt_state = jax.device_put((params, opt_state), jax.devices()[0])
+  # As a stage starts (StageTrainer.init_state): on the run's shardings, as the update's
+  # outputs are, so later steps' inputs key jit's cache like the first's (a plain
+  # device_put gives a SingleDeviceSharding: the RL program compiled twice).
+  first = stage_trainer(b).init_state(params)
+  params, opt_state = first.params, first.opt_state
   print(f"bench shape: {model_lib.count_params(jax.tree.map(lambda x: x[0], params)):,} params "
         f"per branch, {s} branches, dtype {args.dtype}, {b.stage.native_prompts} native + "
         f"{b.stage.cross_prompts} cross prompts x G={g}, prompt {p_len} + response {r_len}; "
@@ -342,7 +370,8 @@ def main(argv=None):
   # A stage's steps in the order CoPD runs them (RL, OPD, RL, OPD, ...), each timed whole.
   steps = {"rl": [], "opd": []}
   compiles = {"rl": 0, "opd": 0}
-  for step in range(2 * (repeats // 2 + 2)):
+  # Each program's first step compiles and is skipped: at least 2 steps of each kind.
+  for step in range(4 if args.quick else 2 * (repeats // 2 + 2)):
     kind = "rl" if step % 2 == 0 else "opd"
     before = counter.counts.get(UPDATE_JIT_NAME, 0)
     result = stage_trainer(b).step(step_lib.TrainState(params, opt_state), step,
@@ -352,6 +381,7 @@ def main(argv=None):
     compiles[kind] += counter.counts.get(UPDATE_JIT_NAME, 0) - before
   print(f"update compiles over {sum(len(v) for v in steps.values())} alternating steps: "
         f"RL program {compiles['rl']}, OPD program {compiles['opd']}", flush=True)
+  progress("the stage's steps")
 
   def phase_medians(kind):  # skip each program's first (compiling) step
     rest = steps[kind][1:]
@@ -367,18 +397,22 @@ def main(argv=None):
                                             params, opt_state, got)}, repeats)
   tis_metrics = update_fn(with_loss(b, tis_cap=2.0), params, opt_state, got)()
   tis_applied = bool(np.all(np.asarray(tis_metrics.get("tis/applied", 0.0)) == 1.0))
+  progress("OPD / RL / top-k / TIS updates")
   # Before / after the prompt-once update: the same RL update with every row run whole
   # over all its columns (prompt_len 0, the old path) and with prompt_len P.
   whole_rows = dataclasses.replace(rl_view, prompt_len=0)
   t_whole = time_side_by_side({"whole": update_fn(b, params, opt_state, whole_rows)},
                            repeats)["whole"]
+  progress("the whole-row update")
   sample_verify = got.timings["time/sample_s"] + got.timings["time/verify_s"]
   opd_over_rl = (sample_verify + t["opd"]) / (sample_verify + t["rl"])
   topk_over_sampled = (sample_verify + t["topk_opd"]) / (sample_verify + t["opd"])
   print(f"[top-k OPD] update {t['topk_opd']:.2f} s vs sampled-token {t['opd']:.2f} s; whole "
         f"step ratio {topk_over_sampled:.2f}; TIS applied: {tis_applied}", flush=True)
   scoring = scoring_comparison(b, params, got, repeats)
+  progress("batched vs per-pair scoring")
   fractions = layout_fractions(b, got)
+  progress("the layout audit")
   print(f"[same rollouts] update with OPD {t['opd']:.2f} s, without {t['rl']:.2f} s; whole "
         f"step ratio {opd_over_rl:.2f}", flush=True)
   print(f"[prompt once] RL update with every row whole {t_whole:.2f} s vs each prompt once "
@@ -409,6 +443,9 @@ def main(argv=None):
         flush=True)
   out = {
       "bench": "copd_step", "quick": args.quick, "dtype": args.dtype, "cpu": cpu_name(),
+      "shape": {"branches": s, "native_prompts": b.stage.native_prompts,
+                "cross_prompts": b.stage.cross_prompts, "samples": g, "prompt_len": p_len,
+                "response_len": r_len},
       "scoring_batched_vs_loop": round(scoring["speedup"], 3),
       "opd_step_over_rl_step": round(opd_over_rl, 3),
       "opd_update_over_rl_update": round(t["opd"] / t["rl"], 3),
@@ -431,6 +468,7 @@ def main(argv=None):
           k: round(v["fraction"], 3) for k, v in fractions["expert_mesh"].items()},
       "compiles_per_stage": max(compiles.values()),
       "update_compiles": compiles,
+      "peak_rss_gib": round(peak_rss_gib(), 2),
   }
   print(json.dumps(out))
   return out

@@ -216,3 +216,23 @@ def collectives_crossing_axis(hlo_text: str, mesh: Mesh, axis: str = "expert") -
   return {"count": len(crossing), "total_bytes": sum(c.bytes_per_step for c in crossing),
           "total_bytes_leaving_device": sum(c.bytes_leaving_device_per_step for c in crossing),
           "max_bytes": max((c.bytes for c in crossing), default=0), "collectives": crossing}
+
+
+def loop_body_copies(hlo_text: str, dims: Sequence[int]) -> int:
+  """How many `copy` instructions of shape dims (any dtype and layout) the bodies of the
+  while loops in compiled HLO text hold at their top level (a copy there is a whole
+  buffer copied on every trip; copies inside fused computations are not counted)."""
+  bodies = set(re.findall(r"body=%([\w.\-]+)", hlo_text))
+  shape = re.escape(",".join(str(int(d)) for d in dims))
+  copy_re = re.compile(rf"=\s*\w+\[{shape}\]\{{[^}}]*\}}\s+copy\(")
+  count, current = 0, None
+  for raw in hlo_text.splitlines():
+    cm = _COMPUTATION_RE.match(raw.strip())
+    if cm and raw.rstrip().endswith("{"):
+      current = cm.group(1)
+      continue
+    if raw.startswith("}"):
+      current = None
+    elif current in bodies and copy_re.search(raw):
+      count += 1
+  return count

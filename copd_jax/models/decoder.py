@@ -71,131 +71,23 @@ import math
 from typing import Any, Callable
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 
-from copd_jax.kernels import attention as attention_kernels
 from copd_jax.models import lora, partitioning
 from copd_jax.models.layers import Linear, RMSNorm, SwiGLU, rope_angles, rotate_with_angles
 from copd_jax.models.model_config import ModelConfig
 from copd_jax.models.toy_vision import VisionEncoder, replace_placeholders
+# Attention arithmetic and the KV cache live in cached_attention; LayerCache,
+# in_query_blocks and write_slots stay importable from here.
+from copd_jax.models.cached_attention import (  # noqa: F401 (re-exported)
+    LayerCache, _attend_prefix_and_slots, _attend_with_shared_prefix, _dense_attention,
+    _splash_attention, in_query_blocks, write_slots)
 
 # The logical name of the leading layer axis of scanned (stacked) layer parameters.
 LAYER_AXIS = "layers"
 
-# Finite (not -inf) so a query whose keys are all padding gets uniform weights, not NaN.
-_MASKED_SCORE = -1e30
-
-
 Params = Any  # a nested dict of f32 arrays
-
-
-@flax.struct.dataclass
-class LayerCache:
-  """One layer's keys/values while decoding; the prompt prefix is stored once per prompt.
-
-  prefix_k, prefix_v: [B, K, P, Dh]  the prompts' keys/values from prefill, shared by the
-                                      G = N // B rows b*G .. b*G+G-1 of prompt b
-  k, v:               [N, K, R, Dh]  per-row slots for generated tokens
-  Heads-major layout ([.., K, slots, Dh]) so attention reads the cache without a transpose
-  on every step. All in the compute dtype.
-  """
-  prefix_k: jax.Array
-  prefix_v: jax.Array
-  k: jax.Array
-  v: jax.Array
-
-
-def _attention_weights(scores, mask):
-  """Softmax over keys in f32; masked keys get exactly zero weight."""
-  return jax.nn.softmax(jnp.where(mask, scores, _MASKED_SCORE), axis=-1)
-
-
-def _dense_attention(q, k, v, mask):
-  """q: [N, T, K, H/K, Dh] (scaled); k, v: [N, S, K, Dh]; mask: bool[N, T, S].
-  Returns f32[N, T, K, H/K, Dh]."""
-  f32 = dict(preferred_element_type=jnp.float32)
-  probs = _attention_weights(jnp.einsum("btkgd,bskd->bkgts", q, k, **f32), mask[:, None, None])
-  return jnp.einsum("bkgts,bskd->btkgd", probs.astype(q.dtype), v, **f32)
-
-
-def in_query_blocks(attend, q, block: int):
-  """attend(q, query_index) computed `block` queries at a time.
-
-  q: [N, T, ...]; attend(q_block [N, b, ...], query_index int32[b]) -> [N, b, ...] builds
-  whatever masks it needs from the queries' indices. Blocks run one after another
-  (jax.lax.map) and each block's intermediate scores are recomputed in the backward pass
-  (jax.checkpoint), so the live scores are [block, keys], never [T, keys]. Queries are
-  padded up to a multiple of block (indices >= T; their outputs are dropped).
-  Returns attend's [N, T, ...]."""
-  t = q.shape[1]
-  if not block or block >= t:
-    return attend(q, jnp.arange(t))
-  n = -(-t // block)
-  q_blocks = jnp.pad(q, [(0, 0), (0, n * block - t)] + [(0, 0)] * (q.ndim - 2))
-  q_blocks = jnp.moveaxis(q_blocks.reshape((q.shape[0], n, block) + q.shape[2:]), 1, 0)
-  index_blocks = jnp.arange(n * block).reshape(n, block)
-  out = jax.lax.map(jax.checkpoint(lambda args: attend(*args)),
-                    (q_blocks, index_blocks))  # [n, N, block, ...]
-  out = jnp.moveaxis(out, 0, 1)
-  return out.reshape((out.shape[0], n * block) + out.shape[3:])[:, :t]
-
-
-def _attend_with_shared_prefix(q, k, v, cache: LayerCache, mask):
-  """Decode-time attention: shared prompt prefix + filled response slots + the new tokens.
-
-  q: [N, T, K, H/K, Dh] (scaled); k, v: [N, T, K, Dh] the new tokens' keys/values;
-  mask = (prefix_mask bool[B, P], filled_slots bool[R], causal bool[T, T]).
-  Returns out f32[N, T, K, H/K, Dh]. One softmax spans all three key sets. The cache is
-  only read here: the caller writes the new keys afterwards (write_decode_cache), so the
-  write can sit outside any vmap (a vmapped dynamic_update_slice becomes a copying scatter).
-  """
-  prefix_mask, filled_slots, causal = mask
-  (b, p), (n, t, kv_heads, groups, hd) = prefix_mask.shape, q.shape
-  r = cache.k.shape[2]
-  g = n // b  # samples per prompt
-  f32 = dict(preferred_element_type=jnp.float32)
-  q_by_prompt = q.reshape(b, g, t, kv_heads, groups, hd)
-  scores = jnp.concatenate([
-      jnp.einsum("bjtkgd,bksd->bjkgts", q_by_prompt, cache.prefix_k, **f32)
-      .reshape(n, kv_heads, groups, t, p),
-      jnp.einsum("btkgd,bksd->bkgts", q, cache.k, **f32),
-      jnp.einsum("btkgd,bskd->bkgts", q, k, **f32)], axis=-1)
-  full_mask = jnp.concatenate([
-      jnp.broadcast_to(jnp.repeat(prefix_mask, g, axis=0)[:, None, :], (n, t, p)),
-      jnp.broadcast_to(filled_slots[None, None, :], (n, t, r)),
-      jnp.broadcast_to(causal[None], (n,) + causal.shape)], axis=-1)
-  probs = _attention_weights(scores, full_mask[:, None, None]).astype(q.dtype)
-  prefix_probs = probs[..., :p].reshape(b, g, kv_heads, groups, t, p)
-  # Heads-major outputs ("...gtd"): with the other operand order XLA:CPU emits an unfused
-  # bf16 x bf16 -> f32 dot it cannot run.
-  out = (jnp.einsum("bjkgts,bksd->bjkgtd", prefix_probs, cache.prefix_v, **f32)
-         .reshape(n, kv_heads, groups, t, hd)
-         + jnp.einsum("bkgts,bksd->bkgtd", probs[..., p:p + r], cache.v, **f32)
-         + jnp.einsum("bkgts,bskd->bkgtd", probs[..., p + r:], v, **f32))
-  return out.transpose(0, 3, 1, 2, 4)
-
-
-def _splash_attention(q, k, v, cache: LayerCache | None, mask, block: int):
-  """Attention through the Pallas splash kernel (kernels/attention.py), the same values as
-  the xla paths: causal self-attention over a key mask (cache None, mask bool[N, T]), or
-  teacher forcing after a shared prompt (a cache with no response slots; mask =
-  (prefix_mask bool[B, P], _)): each row's queries see its prompt's valid keys and its own
-  keys causally. q: [N, T, K, H/K, Dh] (scaled); k, v: [N, T, K, Dh]."""
-  if cache is None:
-    return attention_kernels.splash_attention(q, k, v, mask, mask, block=block)
-  prefix_mask = mask[0]
-  g = q.shape[0] // prefix_mask.shape[0]
-  per_row = lambda x: jnp.repeat(x, g, axis=0).transpose(0, 2, 1, 3)  # noqa: E731 [N, P, K, Dh]
-  keys = jnp.concatenate([per_row(cache.prefix_k), k], axis=1)
-  values = jnp.concatenate([per_row(cache.prefix_v), v], axis=1)
-  # The continuation has no key mask (see forward_hidden_shared_prefix).
-  row_valid = jnp.ones(q.shape[:2], bool)
-  key_valid = jnp.concatenate([jnp.repeat(prefix_mask, g, axis=0), row_valid], axis=1)
-  return attention_kernels.splash_attention(q, keys, values, row_valid, key_valid,
-                                            prefix_len=prefix_mask.shape[1], block=block)
-
 
 class Attention(nn.Module):
   """Grouped-query attention with Qwen3 q/k RMSNorm and RoPE.
@@ -233,6 +125,26 @@ class Attention(nn.Module):
     def causal(query_index):  # bool[block, T]
       return jnp.arange(t)[None, :] <= query_index[:, None]
 
+    if cache is not None and len(mask) == 3 and cache.k.shape[2]:
+      # Decoding: the new keys go into their response slots first (in place: the old
+      # slots are never read again), then attention reads the updated slots only, so
+      # the loop carries one copy of the cache and returns it (no second one per step).
+      prefix_mask, _, write_index = mask
+      k_slots = write_slots(cache.k, k.transpose(0, 2, 1, 3), write_index)
+      v_slots = write_slots(cache.v, v.transpose(0, 2, 1, 3), write_index)
+      # One write, read by attention and carried: without the barrier XLA duplicates the
+      # write into the attention's operand fusion, and each copy needs its own buffer.
+      k_slots, v_slots = jax.lax.optimization_barrier((k_slots, v_slots))
+      updated = cache.replace(k=k_slots, v=v_slots)
+      r = cache.k.shape[2]
+
+      def attend_slots(qb, query_index):  # query i sits at slot write_index + i
+        visible = jnp.arange(r)[None, :] <= write_index + query_index[:, None]
+        return _attend_prefix_and_slots(qb, updated, (prefix_mask, visible))
+      out = in_query_blocks(attend_slots, q, cfg.attention_block)
+      out = Linear(cfg.d_model, dt, axes=("heads", "embed"), name="o_proj")(
+          out.reshape(n, t, heads * hd))
+      return out, (k_slots, v_slots)
     if cfg.uses_splash_attention and (cache is None or cache.k.shape[2] == 0):
       out = _splash_attention(q, k, v, cache, mask, cfg.attention_block or 512)
     else:
@@ -240,7 +152,7 @@ class Attention(nn.Module):
         def attend(qb, query_index):
           return _dense_attention(qb, k, v, causal(query_index)[None] & mask[:, None, :])
       else:
-        prefix_mask, filled_slots = mask
+        prefix_mask, filled_slots = mask[:2]
 
         def attend(qb, query_index):
           return _attend_with_shared_prefix(qb, k, v, cache,
@@ -333,6 +245,8 @@ class Decoder(nn.Module):
       mask = (key_mask, filled_slots)
     if self.cfg.scan_layers:
       return self._scanned_layers(x, angles, mask, cache, after_layer)
+    if cache is not None:  # unscanned layers write their new keys into the slots in place
+      mask = (key_mask, filled_slots, write_index)
     new_kv = []
     for i, layer in enumerate(self.layers):
       x, kv = layer(x, angles, mask, None if cache is None else cache[i])
@@ -547,12 +461,14 @@ def decode_step(params: Params, cfg: ModelConfig, tokens, positions, prefix_mask
 
 
 def write_decode_cache(cache, new_kv, write_index):
-  """Stores each layer's new keys/values [..., K, T, Dh] at response slots write_index ..
-  write_index+T-1. Works with any leading axes (e.g. a stacked expert axis), so callers can
-  keep this in-place update outside jax.vmap."""
+  """The cache after a decode step: each layer's new keys/values [..., K, T, Dh] stored
+  at response slots write_index .. write_index+T-1, or, where decode_step already wrote
+  them (unscanned layers return the whole updated slots [..., K, R, Dh]), those slots
+  as they are. Works with any leading axes (e.g. a stacked expert axis)."""
   def write(slots, new):
-    return jax.lax.dynamic_update_slice_in_dim(slots, new.astype(slots.dtype), write_index,
-                                               axis=slots.ndim - 2)
+    if new.shape == slots.shape:  # already the updated slots (same values either way)
+      return new
+    return write_slots(slots, new, write_index)
   return tuple(c.replace(k=write(c.k, k), v=write(c.v, v)) for c, (k, v) in zip(cache, new_kv))
 
 

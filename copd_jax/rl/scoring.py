@@ -12,6 +12,7 @@ import numpy as np
 from copd_jax import kernels
 from copd_jax.models import decoder, lora, partitioning
 from copd_jax.models.decoder import Params
+from copd_jax.rl import teacher_lanes
 from copd_jax.rl.rows import (
   RowInputs,
   Rows,
@@ -109,10 +110,10 @@ def _identity(x):
 
 def teachers_share_one_shape() -> bool:
   """True when every teacher's forward must take one shape: under a mesh whose `expert`
-  axis spreads the teachers over several device groups (one SPMD call, and parameters
-  never cross `expert`, so each group scores its own teacher's rows, padded to the
-  largest load). Otherwise (one device, or every branch on every device) each group of
-  teachers with equal loads runs its own call, on exactly its rows."""
+  axis spreads the teachers over several device groups (one SPMD call per round over
+  the lanes; see teacher_lanes). Otherwise (one device, or every branch on every
+  device) each group of teachers with equal loads runs its own call, on exactly its
+  rows."""
   mesh = jax.sharding.get_abstract_mesh()
   return (mesh is not None and not mesh.empty and "expert" in mesh.axis_names
           and mesh.shape["expert"] > 1)
@@ -180,7 +181,9 @@ def score_by_teachers(teachers: Teachers, rows: Rows, ucfg: UpdateConfig,
        a local gather; the exchange's padding is never scored) and scores them in
        micro-batches of ucfg.micro_batch_rows rows: one vmapped call per group of
        teachers with equal loads, or, when the teachers are spread over an `expert` axis
-       of several device groups (teachers_share_one_shape), one call at the largest load;
+       of several device groups (teachers_share_one_shape), rounds of one call over all
+       lanes whose chunks balance the loads (teacher_lanes.lane_plan: the hub's overflow
+       runs on the spokes' lanes, with the hub's parameters copied there);
     4. the scores go back to the received layout (teacher_row_back), swap back
        [J, S, C, W] -> [S, J, C, W] and each student unpacks its own.
   What crosses: token ids with the token mask packed in (-1 = masked), the frames once
@@ -198,8 +201,10 @@ def score_by_teachers(teachers: Teachers, rows: Rows, ucfg: UpdateConfig,
     sharding.RunSharding.regroup_placement: `exchange` pins a buffer [A, B, C, ...] to
     expert on axis A, its rows C spread over the devices of each expert group; `compute`
     pins teacher-side rows [J, N, ...] to expert x batch.
-  one_shape (static): every teacher in one call at the largest load (True) or one call
-    per load (False); None = teachers_share_one_shape() (what the mesh allows).
+  one_shape (static): the teachers' calls all take one shape, in rounds over the lanes
+    of the balanced lane plan (True), or one call per load (False); None =
+    teachers_share_one_shape() (what the mesh allows). Either way only a chunk's padding
+    prompts are computed beyond the assigned rows (none for the bench's hub and full).
   """
   exchange, compute = placement or (_identity, _identity)
   teacher_axis = "expert" if placement is not None else None  # see update_body
@@ -219,8 +224,6 @@ def score_by_teachers(teachers: Teachers, rows: Rows, ucfg: UpdateConfig,
   start = teachers.native_rows
   support = opd_support_size(ucfg)
   loads = [int(x.shape[0]) for x in routing["teacher_prompts"]]
-  groups = teacher_call_groups(
-      loads, teachers_share_one_shape() if one_shape is None else one_shape)
 
   def local(x, index):  # x [S, R, ...], index [S, J, C'] -> [S, J, C', ...], per student
     return jax.vmap(lambda xk, ik: jnp.take(xk, ik, axis=0))(x[:, start:],
@@ -258,14 +261,12 @@ def score_by_teachers(teachers: Teachers, rows: Rows, ucfg: UpdateConfig,
   def teacher_rows(x):  # [m, n, G, ...] -> [m, n*G, ...] on the teachers' devices
     return compute(x.reshape((x.shape[0], -1) + x.shape[3:]))
 
-  def score_group(ids, n):
-    """Scores [m, n*G, W (, k)] of teachers ids on their compacted rows."""
-    index, valid = compacted(ids, n)
-    params = jax.lax.stop_gradient(_take_teachers(teachers.params, ids, j))
-    grp_frames = jax.tree.map(lambda x: compute(gather(x, ids, index)), frames)
-    row_tokens = gather(per_row, ids, index)  # [m, n, G, W']
+  def score_compacted(params, prompt, row_tokens, grp_frames, valid):
+    """Scores [m, n*G, W (, k)] of m teachers (params [m, ...]) on their compacted prompts:
+    prompt [m, n, P] (or None), row_tokens [m, n, G, W'], grp_frames [m, n, ...] (or
+    None), valid bool[m, n] (False: a padding prompt)."""
+    grp_frames = jax.tree.map(compute, grp_frames)
     if prompt_len:
-      prompt = gather(per_prompt, ids, index)  # [m, n, P]
       # Padding slots' prompts attend to their last column only: a finite, unused softmax.
       prompt_mask = compute(jnp.where(valid[..., None], prompt >= 0, jnp.arange(p) == p - 1))
       prompt_tokens = compute(jnp.maximum(prompt, 0))
@@ -303,7 +304,71 @@ def score_by_teachers(teachers: Teachers, rows: Rows, ucfg: UpdateConfig,
     return partitioning.map_over_branches(one_teacher, params, tokens, mask, grp_frames,
                                           spmd_axis_name=teacher_axis)
 
-  # Each group's scores back into the received layout [m, S*C, W (, k)], teachers in order.
+  def score_group(ids, n):
+    """Scores [m, n*G, W (, k)] of teachers ids on their compacted rows."""
+    index, valid = compacted(ids, n)
+    params = jax.lax.stop_gradient(_take_teachers(teachers.params, ids, j))
+    return score_compacted(
+        params, gather(per_prompt, ids, index) if prompt_len else None,
+        gather(per_row, ids, index), jax.tree.map(lambda x: gather(x, ids, index), frames),
+        valid)
+
+  def score_lanes(plan):
+    """Scores in the received layout [J, S*C, W (, k)] through the balanced lane plan
+    (teacher_lanes.lane_plan): trips rounds of one call over the J lanes each."""
+    lanes, trips, n = plan.lanes, plan.trips, plan.bucket
+    # Each (lane, trip) chunk's prompts, as flat indices into [J * S*Cp] received slots.
+    index = jnp.stack([jnp.stack([
+        plan.teacher[l, i] * s * cp + jnp.pad(
+            routing["teacher_prompts"][plan.teacher[l, i]][
+                plan.first[l, i]:plan.first[l, i] + plan.count[l, i]],
+            (0, n - plan.count[l, i]))
+        for i in range(trips)]) for l in range(lanes)])  # [lanes, trips, n]
+    valid = np.arange(n) < plan.count[..., None]  # [lanes, trips, n]
+
+    def chunks(x):  # [J, S*Cp, ...] -> [trips, lanes, n, ...]
+      flat = x.reshape((j * s * cp,) + x.shape[2:])
+      return jnp.swapaxes(jnp.take(flat, index, axis=0), 0, 1)
+    inputs = (chunks(per_prompt) if prompt_len else None, chunks(per_row),
+              jax.tree.map(chunks, frames), np.swapaxes(valid, 0, 1))
+    params = jax.lax.stop_gradient(teachers.params)
+
+    def trip(args):  # lane l runs its chunk's teacher: the hub's overflow copies its
+      lane_teacher, chunk_inputs = args  # parameters to the lanes that take it
+      return score_compacted(_take_teachers_dynamic(params, lane_teacher), *chunk_inputs)
+    out = jax.lax.map(trip, (jnp.asarray(plan.teacher.T), inputs))  # [trips, lanes, n*G, ...]
+    # Flat computed rows [(lane * trips + trip) * n*G + row in chunk, ...].
+    flat = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[3:]), out)
+    # Teacher j's compacted row r sits in its chunk r // (n*G) at offset r % (n*G).
+    chunk_base = np.zeros((j, max(1, max(-(-ld // n) for ld in loads))), np.int32)
+    for jj in range(j):
+      place = plan.chunk_place(jj)
+      chunk_base[jj, :len(place)] = place * n * g
+    row = routing["teacher_row_back"]  # [J, S*C]
+    back = jnp.take_along_axis(jnp.asarray(chunk_base), row // (n * g), axis=1) + row % (n * g)
+    return jax.tree.map(lambda x: compute(jnp.take(x, back, axis=0)), flat)
+
+  lanes = teachers_share_one_shape() if one_shape is None else one_shape
+  plan = teacher_lanes.lane_plan(loads) if lanes and any(loads) else None
+  if plan is not None and not plan.is_one_round_own_teachers():
+    scores = score_lanes(plan)
+  else:
+    # One device: a call per load. Lanes of equal loads (one round, each lane its own
+    # teacher): one call over all, each teacher's rows gathered on its own lane. (Nobody
+    # asks at all: one call on padding, unused.)
+    groups = ([(np.arange(j), plan.bucket)] if plan is not None
+              else teacher_call_groups(loads, equal=False))
+    scores = _scores_by_groups(score_group, groups, routing, compute, j)
+
+  def back_to_students(x):  # [J, S*C, W, ...] -> [S, R, W, ...]
+    x = swap(compute(x).reshape((j, s, c) + x.shape[2:])).reshape((s, j * c) + x.shape[2:])
+    return jax.vmap(lambda y, slot: jnp.take(y, slot, axis=0))(x, routing["receive_slot"])
+  return jax.tree.map(back_to_students, scores)
+
+
+def _scores_by_groups(score_group: Callable, groups, routing: dict, compute: Callable, j: int):
+  """Each group's scores back into the received layout [J, S*C, W (, k)], teachers in
+  order (teachers nobody asks: zeros, never read back)."""
   back = []
   for ids, n in groups:
     slot = _take_teachers(routing["teacher_row_back"], ids, j)  # [m, S*C]
@@ -313,7 +378,7 @@ def score_by_teachers(teachers: Teachers, rows: Rows, ucfg: UpdateConfig,
         scores))
   order = np.concatenate([ids for ids, _ in groups])
   missing = np.setdiff1d(np.arange(j), order)
-  if len(missing):  # teachers nobody asks: zeros, never read back
+  if len(missing):
     back.append(jax.tree.map(lambda x: jnp.zeros((len(missing),) + x.shape[1:], x.dtype),
                              back[0]))
     order = np.concatenate([order, missing])
@@ -321,11 +386,15 @@ def score_by_teachers(teachers: Teachers, rows: Rows, ucfg: UpdateConfig,
       else back[0]
   if not np.array_equal(order, np.arange(j)):
     scores = jax.tree.map(lambda x: jnp.take(x, jnp.asarray(np.argsort(order)), axis=0), scores)
+  return scores
 
-  def back_to_students(x):  # [J, S*C, W, ...] -> [S, R, W, ...]
-    x = swap(compute(x).reshape((j, s, c) + x.shape[2:])).reshape((s, j * c) + x.shape[2:])
-    return jax.vmap(lambda y, slot: jnp.take(y, slot, axis=0))(x, routing["receive_slot"])
-  return jax.tree.map(back_to_students, scores)
+
+def _take_teachers_dynamic(tree, ids):
+  """The stacked pytree [J, ...] at teachers ids int32[m] (traced): a gather on the
+  leading axis (LoRA: the adapters only; the shared base is not stacked)."""
+  if lora.is_lora(tree):
+    return tree.replace(adapters=_take_teachers_dynamic(tree.adapters, ids))
+  return jax.tree.map(lambda x: jnp.take(x, ids, axis=0), tree)
 
 
 def _map_prompt_micro_batches(fn: Callable, micro_batch_rows: int, group: int, prompts,

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from copd_jax.rl import schedules
+from copd_jax.rl import schedules, teacher_lanes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,10 +145,13 @@ class TeacherRouting:
   def teacher_forward_rows(self, equal_loads: bool = False) -> int:
     """Rows the teacher forwards score per step, all teachers: the assigned rows alone
     (each teacher its own load, as on one device or an `expert` axis of size 1), or with
-    equal_loads every teacher padded to the largest load (one call spread over an
-    `expert` axis of several device groups, where parameters never cross it)."""
+    equal_loads the calls of one shape an `expert` axis of several device groups runs:
+    the balanced lane plan's chunks, padding included (teacher_lanes.lane_plan)."""
     loads = self.teacher_loads()
-    return len(loads) * max(loads) if equal_loads else sum(loads)
+    if not equal_loads:
+      return sum(loads)
+    prompts = [len(p) for p in self.teacher_prompts]
+    return teacher_lanes.lane_plan(prompts).computed_prompts() * self.samples
 
 
 def teacher_routing(assignment: np.ndarray, num_teachers: int, samples: int,

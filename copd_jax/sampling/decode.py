@@ -54,7 +54,9 @@ def _next_draw(params, sampler, state: _DecodeState, key, step):
   """Runs token step-1 (response slot step-1, read from the state's buffers) and draws
   token `step`.
 
-  Reads the state only; returns (the new keys/values per layer, the draw). Vmappable."""
+  Returns (per layer the response slots with the new keys/values written in, or with
+  scanned layers the new keys/values alone (see decoder.write_decode_cache), the draw).
+  Reads the state only. Vmappable."""
   policy = sampler.policy
   prev = _previous_tokens(state, step)  # int32[N, 1]
   hidden, new_kv = policy.decode_step(params, prev, (state.next_position + step - 1)[:, None],
@@ -100,8 +102,16 @@ def _stacked_generate_one(stacked, sampler, prompts: Prompts, keys):
   sampling.stacked_generate)."""
   # Only the per-expert compute is vmapped. The loop stays outside, so its predicate is one
   # scalar (a vmapped while_loop with per-expert predicates selects -- copies -- the whole
-  # carry every step), and so do the cache/buffer writes (a vmapped dynamic_update_slice
-  # becomes a scatter that copies the cache every step).
+  # carry every step), and so do the buffer writes. decode_step writes the new keys into
+  # the cache itself, as a dynamic_update_slice even under this vmap
+  # (decoder.write_slots), before attention reads them: one in-place write per step.
+  if not lora.is_lora(stacked) and jax.tree.leaves(stacked)[0].shape[0] == 1:
+    # One expert: the single-policy loop, without a vmap of size 1 (through its squeezed
+    # axis XLA:CPU duplicates the cache writes of decode_step and copies every cache
+    # twice a step).
+    first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
+    one = _generate_one(first(stacked), sampler, first(prompts), keys[0])
+    return jax.tree.map(lambda x: x[None], one)
   stacked = sampler.policy.cast(stacked)
   params_axes = lora.branch_axes(stacked)  # LoRA branches: the shared base is not mapped
   state = jax.vmap(lambda prm, pr, key: _start(prm, sampler, pr, key),

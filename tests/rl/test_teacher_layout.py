@@ -14,7 +14,7 @@ from tiny_model import IMG, tiny_config
 from copd_jax import kernels, losses, sharding
 from copd_jax.analysis import teacher_rows as teacher_rows_audit
 from copd_jax.models import decoder, stacked
-from copd_jax.rl import rows as rows_lib, schedules, scoring, stages
+from copd_jax.rl import rows as rows_lib, schedules, scoring, stages, teacher_lanes
 
 S, G, NATIVE, CROSS, P, R = 3, 2, 1, 4, 12, 5
 VISION = dict(image_size=8, patch_size=4, num_frames=2, tubelet=2, width=16, depth=1,
@@ -119,12 +119,14 @@ def test_teacher_layout_matches_per_pair_oracle(problem, kind):
   for one_shape in (False, True):  # one call per load (one device) / one call at the max
     got = scored(params, rows, routing.as_arrays(), ucfg, one_shape=one_shape)
     assert_matches_oracle(got, want, rows)
-  # Only the assigned rows are computed (one device): hub 16 + 4 + 4 rows per spoke pair.
-  rows_computed, _ = teacher_rows_audit.traced_teacher_rows(
-      lambda p, r, ro: scoring.score_by_teachers(scoring.Teachers(p, ro, NATIVE * G), r, ucfg,
-                                                 one_shape=False),
-      params, rows, routing.as_arrays())
-  assert rows_computed == S * CROSS * G
+  # Only the assigned rows are computed, per load (one device) and in calls of one shape
+  # (an expert mesh's lanes): hub 16 + 4 + 4 rows per spoke pair.
+  for one_shape in (False, True):
+    rows_computed, _ = teacher_rows_audit.traced_teacher_rows(
+        lambda p, r, ro, one_shape=one_shape: scoring.score_by_teachers(
+            scoring.Teachers(p, ro, NATIVE * G), r, ucfg, one_shape=one_shape),
+        params, rows, routing.as_arrays())
+    assert rows_computed == S * CROSS * G
 
 
 def test_top_k_through_the_compacted_layout(problem):
@@ -170,4 +172,46 @@ def test_teacher_layout_on_an_expert_mesh_matches_oracle(problem, kind):
   fn = jax.jit(score, in_shardings=(run.stacked_params(params), run.rows(rows), run.replicated))
   with jax.set_mesh(run.mesh):
     got = np.asarray(fn(run.shard_params(params), rows, routing.as_arrays()))[:, NATIVE * G:]
+    # The hub's lane no longer sets the pace: its overflow runs on the spokes' lanes, so
+    # the mesh computes the assigned rows only (padding to the hub's load: 2x for hub).
+    rows_computed, _ = teacher_rows_audit.traced_teacher_rows(score, params, rows,
+                                                              routing.as_arrays())
+  assert rows_computed == S * CROSS * G
   assert_matches_oracle(got, oracle_logprobs(cfg, params, rows, TEACHERS[kind]), rows)
+
+
+def test_lane_plan_by_hand():
+  """Hub of 3 at 8 + 2 + 2 prompts (the hub is teacher 1): chunks of 2, 2 rounds; the
+  hub's lane runs its first 2 chunks, its other 2 go to the spokes' lanes in round 2."""
+  plan = teacher_lanes.lane_plan([2, 8, 2])
+  assert (plan.bucket, plan.trips) == (2, 2)
+  np.testing.assert_array_equal(plan.teacher, [[0, 1], [1, 1], [2, 1]])
+  np.testing.assert_array_equal(plan.first, [[0, 4], [0, 2], [0, 6]])
+  np.testing.assert_array_equal(plan.count, [[2, 2], [2, 2], [2, 2]])
+  assert plan.computed_prompts() == 12
+  # Equal loads: one round, every lane its own teacher (no parameter leaves its lane).
+  even = teacher_lanes.lane_plan([8, 8, 8])
+  np.testing.assert_array_equal(even.teacher, [[0], [1], [2]])
+  assert (even.bucket, even.trips) == (8, 1)
+
+
+@pytest.mark.parametrize("loads", [[16, 4, 4], [40, 2, 2, 2, 1, 1], [3, 5, 0, 7], [0, 4, 0],
+                                   [6, 6, 6, 6, 6, 6]])
+def test_lane_plan_scores_every_prompt_once(loads):
+  """Every teacher's prompts 0..L_j-1 are in exactly one chunk of that teacher; no chunk
+  is larger than the bucket; the hub and full topologies of 3 and 6 branches compute no
+  padding."""
+  plan = teacher_lanes.lane_plan(loads)
+  assert plan.teacher.shape == (len(loads), plan.trips)
+  covered = {j: [] for j in range(len(loads))}
+  for lane in range(plan.lanes):
+    for trip in range(plan.trips):
+      j, first, count = plan.teacher[lane, trip], plan.first[lane, trip], plan.count[lane, trip]
+      assert 0 <= count <= plan.bucket
+      covered[int(j)] += list(range(first, first + count))
+  for j, load in enumerate(loads):
+    assert sorted(covered[j]) == list(range(load))
+    assert len(plan.chunk_place(j)) == -(-load // plan.bucket)
+  assert plan.computed_prompts() >= sum(loads)
+  if loads in ([16, 4, 4], [40, 2, 2, 2, 1, 1], [6, 6, 6, 6, 6, 6]):
+    assert plan.computed_prompts() == sum(loads)

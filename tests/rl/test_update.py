@@ -77,11 +77,13 @@ def test_cross_assignment_and_routing_hub():
   assert routing.send_valid.sum(axis=(0, 2)).tolist() == [16, 4, 4]
   # Slots are as wide as the largest (student, teacher) pair: a spoke's 8 rows to the hub.
   assert routing.send_row.shape == (3, 3, 8) and routing.samples == 2
-  # ... but only the exchange pads: each teacher scores its own rows (8 + 8, 4, 4), or on
-  # an expert mesh (one call for all teachers) as many as the hub.
+  # ... but only the exchange pads: each teacher scores its own rows (8 + 8, 4, 4), and on
+  # an expert mesh (calls of one shape) the hub's 8 prompts are cut into chunks of 2 and
+  # its overflow runs on the spokes' lanes: 3 lanes x 2 rounds x 2 prompts x G, no padding
+  # (padding every teacher to the hub's load would compute 48).
   assert routing.teacher_loads() == [16, 4, 4]
   assert routing.teacher_forward_rows() == 24
-  assert routing.teacher_forward_rows(equal_loads=True) == 48
+  assert routing.teacher_forward_rows(equal_loads=True) == 24
   # The hub received [student 0's 4 prompt slots (padding) | student 1's 4 | student 2's 4]
   # and compacts them to the spokes' 8 real prompts; a spoke keeps the hub's first 2.
   np.testing.assert_array_equal(routing.teacher_prompts[0], np.arange(4, 12))
