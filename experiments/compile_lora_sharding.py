@@ -18,10 +18,11 @@ Results (experiments/results/tpu/lora_sharding_bytes.json, --bytes_only, rank 16
 layers): per device, like_base holds 25.3 MB of adapters + 50.6 MB of AdamW moments,
 replicated 132.1 MB + 264.2 MB (5.2x); the base is 279.6 MB either way. Hence
 lora.ADAPTER_SHARDING = "like_base". The compile at reduced depth (--layers=2, the OPD
-update; experiments/results/tpu/lora_sharding_2layers.json) finished for like_base only:
-5.07 GB per device (arguments 1.76 GB, temporaries 3.31 GB), compiled in 2069 s on the
-shared 2-core CPU; the replicated variant was stopped unfinished (out of time), so no
-compiled comparison exists yet. Rerun the same command to add it: it writes each
+update; experiments/results/tpu/lora_sharding_2layers.json) agrees: per device, like_base
+5,071,312,832 B (arguments 1.76 GB, temporaries 3.31 GB), replicated 5,105,208,384 B
+(+33.9 MB, +0.67%: the adapters and their moments whole on every device of a branch, as
+arguments and outputs; temporaries equal within 1.1 MB); compiled in 2069 s and 820 s on
+the shared 2-core CPU. Resumable: it writes each
 variant to --out as it finishes and skips those already there.
 """
 from __future__ import annotations

@@ -27,8 +27,8 @@ Per configuration (N, topology, arm) the report gives
     update, the first OPD step left out: it compiles), from the run's metrics, mean over
     seeds; step_seconds_per_branch = that / N; the fitted exponent k of step_seconds ~ N^k
     per topology (`growth`, least squares in log-log);
-  - teacher forward rows per OPD step (the routing pads every (student, teacher) slot to
-    the largest; host arithmetic) and their fitted exponent in N; with `--preset toy`
+  - teacher forward rows per OPD step (each teacher scores the rows it received,
+    compacted to its real prompts; host arithmetic) and their fitted exponent in N; with `--preset toy`
     also XLA's compiled memory (arguments + outputs + temporaries) of the OPD update
     program at the study's shapes, measured here (not for the micro preset);
   - 4B-scale memory: bytes of N branches' parameters plus AdamW state (f32) of
@@ -388,8 +388,8 @@ def markdown(report: dict) -> str:
     lines.append("\nFitted exponent k of step time ~ N^k: "
                  + ", ".join(f"{t} {_num(k, '{:.2f}')}" for t, k in growth.items()) + "\n")
   rows = report["growth_teacher_forward_rows"]
-  lines.append("Teacher forward rows ~ N^k (the routing pads every (student, teacher) slot "
-               "to the largest): " + ", ".join(f"{t} {_num(k, '{:.2f}')}" for t, k in rows.items())
+  lines.append("Teacher forward rows per OPD step ~ N^k (each teacher scores the rows it "
+               "received, compacted to its real prompts): " + ", ".join(f"{t} {_num(k, '{:.2f}')}" for t, k in rows.items())
                + "\n")
   return "\n".join(lines)
 

@@ -77,11 +77,9 @@ _SKIPPED_ROOTS = ("visual",)
 # is 279.6 MB per device either way). The per-layer gather of a sharded adapter is r / in
 # of its kernel's, noise next to the base's FSDP gathers. A deviceless compile of both
 # (experiments/compile_lora_sharding.py --layers=2: the OPD update at 2 of the 36
-# layers) was run for one variant only: like_base compiled to 5.07 GB per device
-# (args 1.76 GB, temps 3.31 GB; experiments/results/tpu/lora_sharding_2layers.json) in
-# 34 minutes on the shared 2-core CPU; the replicated compile was stopped unfinished
-# (out of time). So the choice still rests on the shard-shape byte count, which counts
-# the adapters and their AdamW state exactly but not the compiled temporaries.
+# layers; experiments/results/tpu/lora_sharding_2layers.json) agrees: like_base 5.071 GB
+# per device, replicated 5.105 GB (+33.9 MB: the replicated adapters and their AdamW
+# moments as arguments and outputs; the temporaries are equal within 1.1 MB).
 ADAPTER_SHARDING = "like_base"
 LORA_RANK_AXIS = "lora_rank"
 

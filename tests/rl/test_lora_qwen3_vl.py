@@ -1,6 +1,7 @@
 """LoRA branches on Qwen3-VL (the committed tiny random checkpoint): the sampler of a LoRA
-run draws from each branch's effective weights W + scale * B A, and the OPD update with
-AdamW moves only the adapters.
+run draws from each branch's effective weights W + scale * B A, a teacher scores another
+branch's rows with ITS effective weights, and the OPD update with AdamW moves only the
+adapters.
 
 The oracle for a branch is its full weights written out by hand in numpy (kernel [in, out]
 + scale * (B @ A)^T per target projection) run through the transformers-parity whole-row
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 
 from copd_jax.models import lora, stacked
-from copd_jax.rl import scoring, update as update_lib
+from copd_jax.rl import scoring
+from copd_jax.rl import update as update_lib
 from test_qwen3_vl_training import (  # noqa: F401 (model, ref: the module fixtures)
     FIXTURE, G, P, make_rows, model, oracle_logprobs, ref, routing_arrays, ucfg)
 from tiny_model import one_device_run
@@ -106,3 +108,32 @@ def test_lora_opd_update_with_adamw_moves_only_the_adapters(model, ref):
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
   moments = [x for x in jax.tree.leaves(new_state) if x.ndim >= 2]
   assert all(np.abs(np.asarray(x)).max() > 0 for x in moments)
+
+
+def test_lora_teachers_score_cross_rows_with_their_own_merged_weights(model, ref):
+  """Each student's cross rows are scored by the OTHER branch: the shared base plus that
+  teacher's adapter, i.e. a plain forward of W + scale * B_t A_t written out by hand --
+  not the student's adapter, not the bare base."""
+  cfg, base = model
+  branches = lora_branches(base, seed=5)
+  rows = make_rows(cfg, ref, branches, seed=4)
+  live = np.asarray(rows.response_mask[:, :, P - 1:-1]) > 0  # [2, 8, NEW]
+  teacher = scoring.score_by_teachers(scoring.Teachers(branches, routing_arrays()), rows,
+                                      ucfg(cfg))
+  scale = ALPHA / RANK
+  for k in range(2):
+    rows_k = jax.tree.map(lambda x, k=k: x[k], rows)
+    cross = live[k].copy()
+    cross[:2 * G] = False  # rows 0..3 native (never scored by a teacher), 4..7 cross
+    assert cross.any()
+    want = oracle_logprobs(effective_by_hand(base, branches.adapters, 1 - k, scale),
+                           cfg, ref, k, rows_k)
+    got = np.asarray(teacher[k])
+    np.testing.assert_allclose(got[cross], want[cross], atol=2e-4)
+    # The check can tell teachers apart: the student's own merged weights (and the base)
+    # score these tokens differently.
+    own = oracle_logprobs(effective_by_hand(base, branches.adapters, k, scale),
+                          cfg, ref, k, rows_k)
+    plain = oracle_logprobs(base, cfg, ref, k, rows_k)
+    assert np.abs(own[cross] - want[cross]).max() > 1e-3
+    assert np.abs(plain[cross] - want[cross]).max() > 1e-3
