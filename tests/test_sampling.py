@@ -93,10 +93,9 @@ def test_cached_decode_logits_equal_full_forward(cfg, params):
 def test_generate_matches_full_recompute(cfg, params, prompts, sampling):
   tokens, mask = prompts
   key = jax.random.key(3)
-  cached = S.generate(params, S.Sampler(cfg, sampling, G), S.Prompts(tokens, mask, None), key)
-  recomputed = S.generate_by_recompute(params,
-                                       S.Sampler(cfg, sampling, G),
-                                       S.Prompts(tokens, mask, None), key)
+  sampler, batch = S.Sampler(cfg, sampling, G), S.Prompts(tokens, mask, None)
+  cached = S.generate(params, sampler, batch, key)
+  recomputed = S.generate_by_recompute(params, sampler, batch, key)
   assert cached.tokens.shape == (3, G, R)
   np.testing.assert_array_equal(cached.tokens, recomputed.tokens)
   np.testing.assert_allclose(cached.logprobs, recomputed.logprobs, atol=1e-5)
@@ -111,32 +110,23 @@ def test_generate_with_vision_matches_full_recompute(cfg, params):
   tokens = tokens.at[1, :n].set(0)  # row 1 is a text prompt, left-padded
   mask = jnp.ones(tokens.shape, bool).at[1, :n].set(False)
   clip = jax.random.uniform(jax.random.key(5), (2, 4, 16, 16, 3))
-  cached = S.generate(params,
-                      S.Sampler(cfg, GREEDY, G),
-                      S.Prompts(tokens, mask, clip), jax.random.key(0))
-  recomputed = S.generate_by_recompute(params,
-                                       S.Sampler(cfg, GREEDY, G),
-                                       S.Prompts(tokens, mask, clip), jax.random.key(0))
+  sampler = S.Sampler(cfg, GREEDY, G)
+  cached = S.generate(params, sampler, S.Prompts(tokens, mask, clip), jax.random.key(0))
+  recomputed = S.generate_by_recompute(params, sampler, S.Prompts(tokens, mask, clip),
+                                       jax.random.key(0))
   np.testing.assert_array_equal(cached.tokens, recomputed.tokens)
   np.testing.assert_allclose(cached.raw_logprobs, recomputed.raw_logprobs, atol=1e-5)
-  other = S.generate(params,
-                     S.Sampler(cfg, GREEDY, G),
-                     S.Prompts(tokens, mask, clip[::-1]), jax.random.key(0))
+  other = S.generate(params, sampler, S.Prompts(tokens, mask, clip[::-1]), jax.random.key(0))
   np.testing.assert_allclose(other.raw_logprobs[1], cached.raw_logprobs[1], atol=1e-5)
   assert np.abs(other.raw_logprobs[0] - cached.raw_logprobs[0]).max() > 1e-4
 
 
 def test_sampling_is_reproducible_per_key(cfg, params, prompts):
   tokens, mask = prompts
-  a = S.generate(params,
-                 S.Sampler(cfg, TRUNCATED, G),
-                 S.Prompts(tokens, mask, None), jax.random.key(7))
-  b = S.generate(params,
-                 S.Sampler(cfg, TRUNCATED, G),
-                 S.Prompts(tokens, mask, None), jax.random.key(7))
-  c = S.generate(params,
-                 S.Sampler(cfg, TRUNCATED, G),
-                 S.Prompts(tokens, mask, None), jax.random.key(8))
+  sampler, batch = S.Sampler(cfg, TRUNCATED, G), S.Prompts(tokens, mask, None)
+  a = S.generate(params, sampler, batch, jax.random.key(7))
+  b = S.generate(params, sampler, batch, jax.random.key(7))
+  c = S.generate(params, sampler, batch, jax.random.key(8))
   np.testing.assert_array_equal(a.tokens, b.tokens)
   np.testing.assert_array_equal(a.logprobs, b.logprobs)
   assert np.any(np.asarray(a.tokens) != np.asarray(c.tokens))
@@ -176,12 +166,10 @@ def test_more_left_padding_gives_the_same_rollout(cfg, params, prompts):
   tokens, mask = prompts
   wider_tokens = jnp.pad(tokens, ((0, 0), (4, 0)))
   wider_mask = jnp.pad(mask, ((0, 0), (4, 0)))
-  a = S.generate(params,
-                 S.Sampler(cfg, TRUNCATED, G),
-                 S.Prompts(tokens, mask, None), jax.random.key(11))
-  b = S.generate(params,
-                 S.Sampler(cfg, TRUNCATED, G),
-                 S.Prompts(wider_tokens, wider_mask, None), jax.random.key(11))
+  sampler = S.Sampler(cfg, TRUNCATED, G)
+  a = S.generate(params, sampler, S.Prompts(tokens, mask, None), jax.random.key(11))
+  b = S.generate(params, sampler, S.Prompts(wider_tokens, wider_mask, None),
+                 jax.random.key(11))
   np.testing.assert_array_equal(a.tokens, b.tokens)
   np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
@@ -245,13 +233,12 @@ def test_stacked_generate_equals_each_expert(cfg, params, prompts):
   e_tokens = jnp.stack([tokens, tokens[::-1]])
   e_mask = jnp.stack([mask, mask[::-1]])
   keys = jax.random.split(jax.random.key(15), 2)
-  out = S.stacked_generate(one_device_run(cfg), stacked,
-                           S.Sampler(cfg, WITH_STOPS, G),
+  sampler = S.Sampler(cfg, WITH_STOPS, G)
+  out = S.stacked_generate(one_device_run(cfg), stacked, sampler,
                            S.Prompts(e_tokens, e_mask, None), keys)
   assert out.tokens.shape == (2, 3, G, R) and out.lengths.shape == (2, 3, G)
   for k in range(2):
-    own = S.generate(X.take_expert(stacked, k),
-                     S.Sampler(cfg, WITH_STOPS, G),
+    own = S.generate(X.take_expert(stacked, k), sampler,
                      S.Prompts(e_tokens[k], e_mask[k], None), keys[k])
     np.testing.assert_array_equal(out.tokens[k], own.tokens)
     np.testing.assert_allclose(out.raw_logprobs[k], own.raw_logprobs, atol=1e-5)

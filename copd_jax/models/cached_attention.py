@@ -68,38 +68,57 @@ def in_query_blocks(attend, q, block: int):
   return out.reshape((out.shape[0], n * block) + out.shape[3:])[:, :t]
 
 
+_F32 = dict(preferred_element_type=jnp.float32)
+
+
+def _prefix_scores_and_mask(q, cache: LayerCache, prefix_mask):
+  """The prompt-prefix part shared by both decode-time attentions: scores f32[N, K, H/K,
+  T, P] of q [N, T, K, H/K, Dh] against each row's prompt keys (stored once per prompt,
+  rows b*G .. b*G+G-1 share prompt b), and their mask bool[N, T, P]."""
+  (b, p), (n, t, kv_heads, groups, hd) = prefix_mask.shape, q.shape
+  q_by_prompt = q.reshape(b, n // b, t, kv_heads, groups, hd)
+  scores = jnp.einsum("bjtkgd,bksd->bjkgts", q_by_prompt, cache.prefix_k, **_F32)
+  mask = jnp.broadcast_to(jnp.repeat(prefix_mask, n // b, axis=0)[:, None, :], (n, t, p))
+  return scores.reshape(n, kv_heads, groups, t, p), mask
+
+
+def _prefix_output(prefix_probs, cache: LayerCache):
+  """prefix_probs [N, K, H/K, T, P] times the prompts' values: f32[N, K, H/K, T, Dh]."""
+  n, kv_heads, groups, t, p = prefix_probs.shape
+  b = cache.prefix_v.shape[0]
+  # Heads-major outputs ("...gtd"): with the other operand order XLA:CPU emits an unfused
+  # bf16 x bf16 -> f32 dot it cannot run.
+  return (jnp.einsum("bjkgts,bksd->bjkgtd", prefix_probs.reshape(b, n // b, kv_heads, groups,
+                                                                 t, p),
+                     cache.prefix_v, **_F32)
+          .reshape(n, kv_heads, groups, t, cache.prefix_v.shape[-1]))
+
+
 def _attend_with_shared_prefix(q, k, v, cache: LayerCache, mask):
   """Decode-time attention: shared prompt prefix + filled response slots + the new tokens.
 
   q: [N, T, K, H/K, Dh] (scaled); k, v: [N, T, K, Dh] the new tokens' keys/values;
   mask = (prefix_mask bool[B, P], filled_slots bool[R], causal bool[T, T]).
   Returns out f32[N, T, K, H/K, Dh]. One softmax spans all three key sets. The cache is
-  only read here: the caller writes the new keys afterwards (write_decode_cache), so the
-  write can sit outside any vmap (a vmapped dynamic_update_slice becomes a copying scatter).
+  only read here: the caller writes the new keys afterwards (write_decode_cache); this is
+  the scanned layers' path (the unscanned one writes first, _attend_prefix_and_slots).
   """
   prefix_mask, filled_slots, causal = mask
-  (b, p), (n, t, kv_heads, groups, hd) = prefix_mask.shape, q.shape
-  r = cache.k.shape[2]
-  g = n // b  # samples per prompt
-  f32 = dict(preferred_element_type=jnp.float32)
-  q_by_prompt = q.reshape(b, g, t, kv_heads, groups, hd)
+  n, t = q.shape[:2]
+  p, r = prefix_mask.shape[1], cache.k.shape[2]
+  prefix_scores, prefix_visible = _prefix_scores_and_mask(q, cache, prefix_mask)
   scores = jnp.concatenate([
-      jnp.einsum("bjtkgd,bksd->bjkgts", q_by_prompt, cache.prefix_k, **f32)
-      .reshape(n, kv_heads, groups, t, p),
-      jnp.einsum("btkgd,bksd->bkgts", q, cache.k, **f32),
-      jnp.einsum("btkgd,bskd->bkgts", q, k, **f32)], axis=-1)
+      prefix_scores,
+      jnp.einsum("btkgd,bksd->bkgts", q, cache.k, **_F32),
+      jnp.einsum("btkgd,bskd->bkgts", q, k, **_F32)], axis=-1)
   full_mask = jnp.concatenate([
-      jnp.broadcast_to(jnp.repeat(prefix_mask, g, axis=0)[:, None, :], (n, t, p)),
+      prefix_visible,
       jnp.broadcast_to(filled_slots[None, None, :], (n, t, r)),
       jnp.broadcast_to(causal[None], (n,) + causal.shape)], axis=-1)
   probs = _attention_weights(scores, full_mask[:, None, None]).astype(q.dtype)
-  prefix_probs = probs[..., :p].reshape(b, g, kv_heads, groups, t, p)
-  # Heads-major outputs ("...gtd"): with the other operand order XLA:CPU emits an unfused
-  # bf16 x bf16 -> f32 dot it cannot run.
-  out = (jnp.einsum("bjkgts,bksd->bjkgtd", prefix_probs, cache.prefix_v, **f32)
-         .reshape(n, kv_heads, groups, t, hd)
-         + jnp.einsum("bkgts,bksd->bkgtd", probs[..., p:p + r], cache.v, **f32)
-         + jnp.einsum("bkgts,bskd->bkgtd", probs[..., p + r:], v, **f32))
+  out = (_prefix_output(probs[..., :p], cache)
+         + jnp.einsum("bkgts,bksd->bkgtd", probs[..., p:p + r], cache.v, **_F32)
+         + jnp.einsum("bkgts,bskd->bkgtd", probs[..., p + r:], v, **_F32))
   return out.transpose(0, 3, 1, 2, 4)
 
 
@@ -112,23 +131,16 @@ def _attend_prefix_and_slots(q, cache: LayerCache, mask):
   an earlier one of this call). Returns out f32[N, T, K, H/K, Dh]. One softmax spans both
   key sets."""
   prefix_mask, visible = mask
-  (b, p), (n, t, kv_heads, groups, hd) = prefix_mask.shape, q.shape
-  r = cache.k.shape[2]
-  g = n // b  # samples per prompt
-  f32 = dict(preferred_element_type=jnp.float32)
-  q_by_prompt = q.reshape(b, g, t, kv_heads, groups, hd)
+  n, t = q.shape[:2]
+  p, r = prefix_mask.shape[1], cache.k.shape[2]
+  prefix_scores, prefix_visible = _prefix_scores_and_mask(q, cache, prefix_mask)
   scores = jnp.concatenate([
-      jnp.einsum("bjtkgd,bksd->bjkgts", q_by_prompt, cache.prefix_k, **f32)
-      .reshape(n, kv_heads, groups, t, p),
-      jnp.einsum("btkgd,bksd->bkgts", q, cache.k, **f32)], axis=-1)
+      prefix_scores, jnp.einsum("btkgd,bksd->bkgts", q, cache.k, **_F32)], axis=-1)
   full_mask = jnp.concatenate([
-      jnp.broadcast_to(jnp.repeat(prefix_mask, g, axis=0)[:, None, :], (n, t, p)),
-      jnp.broadcast_to(visible[None], (n, t, r))], axis=-1)
+      prefix_visible, jnp.broadcast_to(visible[None], (n, t, r))], axis=-1)
   probs = _attention_weights(scores, full_mask[:, None, None]).astype(q.dtype)
-  prefix_probs = probs[..., :p].reshape(b, g, kv_heads, groups, t, p)
-  out = (jnp.einsum("bjkgts,bksd->bjkgtd", prefix_probs, cache.prefix_v, **f32)
-         .reshape(n, kv_heads, groups, t, hd)
-         + jnp.einsum("bkgts,bksd->bkgtd", probs[..., p:], cache.v, **f32))
+  out = (_prefix_output(probs[..., :p], cache)
+         + jnp.einsum("bkgts,bksd->bkgtd", probs[..., p:], cache.v, **_F32))
   return out.transpose(0, 3, 1, 2, 4)
 
 
