@@ -137,8 +137,9 @@ def test_copd_trains_image_and_video_branches_and_the_export_reloads(finished_ru
   example = records.RecordSource(VL_FILES["chart"][0], capability="chart",
                                  native_media=True)[0]
   batch = setup.encode_prompts([example])
-  logits = [qwen3_vl_decode.prefill(p, setup.model_cfg, batch.tokens, batch.mask,
-                                    batch.frames)[0] for p in (merged, reloaded)]
+  prefill = jax.jit(qwen3_vl_decode.prefill, static_argnums=1)  # one program, not eager ops
+  logits = [prefill(p, setup.model_cfg, batch.tokens, batch.mask, batch.frames)[0]
+            for p in (merged, reloaded)]
   np.testing.assert_array_equal(np.asarray(logits[0]), np.asarray(logits[1]))
 
 

@@ -88,15 +88,16 @@ def test_lora_update_is_full_fine_tuning_restricted_to_the_rank_r_subspace(setup
   # The shared base is untouched and unstacked.
   for a, b in zip(jax.tree.leaves(new.base), jax.tree.leaves(branches.base)):
     np.testing.assert_array_equal(a, b)
+
+  def loss_on_full_weights(adapters, base, rows_k):  # the RL loss of W + scale B A, by hand
+    params = by_hand_effective(base, adapters, branches.scale)
+    return update_lib.student_loss(params, rows_k, None, None, ucfg)[0]
+  grad_on_full_weights = jax.jit(jax.grad(loss_on_full_weights))  # one program, 2 branches
   moved = 0.0
   for k in range(2):
     rows_k = jax.tree.map(lambda x, k=k: x[k], rows)
     adapters_k = jax.tree.map(lambda x, k=k: x[k], branches.adapters)
-
-    def loss_on_full_weights(adapters):  # the RL loss of W + scale B A, by hand
-      params = by_hand_effective(branches.base, adapters, branches.scale)
-      return update_lib.student_loss(params, rows_k, None, None, ucfg)[0]
-    grads = jax.grad(loss_on_full_weights)(adapters_k)
+    grads = grad_on_full_weights(adapters_k, branches.base, rows_k)
     want = jax.tree.map(lambda p, g: p - lr * g, adapters_k, grads)
     got = jax.tree.map(lambda x, k=k: x[k], new.adapters)
     for path, g, w in zip(jax.tree_util.tree_flatten_with_path(got)[0],
