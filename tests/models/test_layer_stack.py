@@ -5,6 +5,7 @@ Independent oracles: transformers' logits on the committed Qwen3 and Qwen3-VL fi
 scanned model with the unrolled one on the same weights (stack_layers).
 """
 import dataclasses
+import functools
 import os
 import re
 
@@ -128,8 +129,9 @@ def test_toy_scanned_gradients_equal_unrolled(toy, remat):
     logp = jax.nn.log_softmax(logits[:, :-1])
     return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
 
-  g_unrolled = jax.grad(loss)(params, cfg)
-  g_scanned = jax.grad(loss)(layer_stack.stack_layers(params), scanned(cfg))
+  grad = jax.jit(jax.grad(loss), static_argnums=1)  # as the update runs it: one program
+  g_unrolled = grad(params, cfg)
+  g_scanned = grad(layer_stack.stack_layers(params), scanned(cfg))
   want = layer_stack.stack_layers(g_unrolled)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
                g_scanned, want)
@@ -141,18 +143,20 @@ def test_toy_scanned_decode_with_cache_equals_unrolled(toy):
   tokens, positions, mask, vision = toy_batch(cfg)
   g, slots = 2, 3
   stacked, cfg_s = layer_stack.stack_layers(params), scanned(cfg)
-  results = []
-  for p, c in ((params, cfg), (stacked, cfg_s)):
+  new = jax.random.randint(jax.random.key(5), (tokens.shape[0] * g, 1), 4, cfg.vocab_size)
+
+  @functools.partial(jax.jit, static_argnums=1)  # as the sampler runs it: one program
+  def prefill_and_decode(p, c):
     hidden, prefix_kv = M.prefill(p, c, tokens, positions, mask, vision)
     cache = M.init_decode_cache(prefix_kv, g, slots)
-    new = jax.random.randint(jax.random.key(5), (tokens.shape[0] * g, 1), 4, c.vocab_size)
     steps = []
     for step in range(slots):
       pos = jnp.repeat(mask.sum(-1), g)[:, None] + step
       h, kv = M.decode_step(p, c, new + step, pos, mask, cache, step)
       cache = M.write_decode_cache(cache, kv, step)
       steps.append(h)
-    results.append((hidden, cache, jnp.concatenate(steps, 1)))
+    return hidden, cache, jnp.concatenate(steps, 1)
+  results = [prefill_and_decode(p, c) for p, c in ((params, cfg), (stacked, cfg_s))]
   (h0, cache0, d0), (h1, cache1, d1) = results
   assert len(cache1) == 1 and cache1[0].k.shape == (3, 4, 2, slots, 8)
   np.testing.assert_allclose(h1, h0, atol=2e-5, rtol=2e-5)
@@ -240,12 +244,21 @@ def test_qwen3_vl_scanned_matches_transformers_with_deepstack(vl):
 
 @pytest.fixture(scope="module")
 def vl4(vl):
-  """The fixture's shapes with 4 decoder layers (random weights): DeepStack feeds only the
-  first two, so the scanned body must add nothing after the others."""
-  cfg, _, ref = vl
+  """The fixture with 4 decoder layers: DeepStack feeds only the first two, so the scanned
+  body must add nothing after the others. Layers 2 and 3 are layers 0 and 1 plus seeded
+  noise (numpy: no random-init program to compile), so no two layers are alike."""
+  cfg, params, ref = vl
   cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_layers=4))
   assert len(cfg.vision.deepstack_visual_indexes) == 2
-  return cfg, qwen3_vl.init_params(cfg, jax.random.key(2)), ref
+  rng = np.random.default_rng(2)
+
+  def noisy(x):
+    return np.asarray(x) + 0.02 * rng.standard_normal(x.shape).astype(np.float32)
+  params = dict(params, layers_2=jax.tree.map(noisy, params["layers_0"]),
+                layers_3=jax.tree.map(noisy, params["layers_1"]))
+  assert jax.tree.structure(params) == jax.tree.structure(
+      jax.eval_shape(lambda: qwen3_vl.init_params(cfg, jax.random.key(0))))
+  return cfg, params, ref
 
 
 def test_qwen3_vl_scanned_forward_equals_unrolled_past_deepstack(vl4):
@@ -293,16 +306,18 @@ def test_qwen3_vl_scanned_prompt_media_scoring_and_gradients(vl4):
       budget)
   cont = jax.random.randint(jax.random.key(4), (4, 3), 3, 90)
 
-  def loss(p, c):
+  def loss(p, c, ids, mask, media, cont):
     prompt_hidden, hidden = qwen3_vl_decode.forward_hidden_shared_prefix(p, c, ids, mask,
                                                                          media, cont)
     head = qwen3_vl.lm_head(p, c)
     return (jnp.where(mask[..., None], M.logits_from_hidden(prompt_hidden, head), 0).std()
             + M.logits_from_hidden(hidden, head).std()), (prompt_hidden, hidden)
 
+  # Jitted, as the update runs them: one program each instead of one per eager op.
+  value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
   cfg_s, stacked = scanned_vl(cfg), layer_stack.stack_layers(params)
-  (_, want), g_want = jax.value_and_grad(loss, has_aux=True)(params, cfg)
-  (_, got), g_got = jax.value_and_grad(loss, has_aux=True)(stacked, cfg_s)
+  (_, want), g_want = value_and_grad(params, cfg, ids, mask, media, cont)
+  (_, got), g_got = value_and_grad(stacked, cfg_s, ids, mask, media, cont)
   np.testing.assert_allclose(np.asarray(got[0])[np.asarray(mask)],
                              np.asarray(want[0])[np.asarray(mask)], atol=2e-5, rtol=2e-5)
   np.testing.assert_allclose(got[1], want[1], atol=2e-5, rtol=2e-5)

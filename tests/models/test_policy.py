@@ -10,6 +10,7 @@ shared_prefix_hidden (the scorers' path) gives them for the continuation; lm_hea
 activation constraint reaches the residual stream; equal policies are one static jit
 argument."""
 import dataclasses
+import functools
 import os
 
 import jax
@@ -31,7 +32,12 @@ K = 2  # continuation tokens fed through decode_step
 def decoded_logits(policy, params, tokens, mask, media, k=K):
   """f32[B, k+1, V]: the logits of the last prompt column (prefill) and of each of the k
   continuation tokens (tokens[:, -k:]) fed one at a time through decode_step over a cache
-  of one sample per prompt."""
+  of one sample per prompt. Jitted, as the sampler runs it (one program, not one per op)."""
+  return np.asarray(_decoded_logits(policy, params, tokens, mask, media, k))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _decoded_logits(policy, params, tokens, mask, media, k):
   p = tokens.shape[1] - k
   prompt, prompt_mask = tokens[:, :p], mask[:, :p]
   head = policy.lm_head(params)
@@ -44,16 +50,22 @@ def decoded_logits(policy, params, tokens, mask, media, k=K):
                                    prompt_mask, cache, i)
     cache = decoder.write_decode_cache(cache, new_kv, i)
     out.append(decoder.logits_from_hidden(h[:, 0], head))
-  return np.asarray(jnp.stack(out, axis=1))
+  return jnp.stack(out, axis=1)
 
 
 def scored_logits(policy, params, tokens, mask, media, k=K):
-  """f32[B, k, V]: the continuation's own logits by shared_prefix_hidden (G = 1)."""
+  """f32[B, k, V]: the continuation's own logits by shared_prefix_hidden (G = 1), jitted as
+  the scorers run it."""
+  return np.asarray(_scored_logits(policy, params, tokens, mask, media, k))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _scored_logits(policy, params, tokens, mask, media, k):
   p = tokens.shape[1] - k
   positions = decoder.positions_from_mask(mask)
   _, hidden = policy.shared_prefix_hidden(params, tokens[:, :p], positions[:, :p], mask[:, :p],
                                           media, tokens[:, p:], positions[:, p:])
-  return np.asarray(decoder.logits_from_hidden(hidden, policy.lm_head(params)))
+  return decoder.logits_from_hidden(hidden, policy.lm_head(params))
 
 
 def test_both_policies_implement_every_member_of_the_contract():
