@@ -24,13 +24,15 @@ def test_vision_tower_remat_keeps_values_and_gradients_and_rematerialises_each_b
   n = 4 * m * m
   patches = jnp.asarray(np.random.default_rng(0).normal(size=(n, vcfg.patch_dim)), jnp.float32)
   towers = {r: qwen3_vl.VisionTower(vcfg, jnp.float32, remat=r) for r in (False, True)}
-  params = towers[False].init(jax.random.key(0), patches, grids)
+  params = jax.jit(towers[False].init, static_argnums=2)(jax.random.key(0), patches, grids)
 
   def loss(p, tower):
     tokens, deepstack = tower.apply(p, patches, grids)
     return jnp.sum(jnp.sin(tokens)) + sum(jnp.sum(d ** 2) for d in deepstack)
 
-  out = {r: jax.value_and_grad(loss)(params, towers[r]) for r in towers}
+  # Jitted, as the update runs the tower: one program per tower, not one per eager op.
+  value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  out = {r: value_and_grad(params, towers[r]) for r in towers}
   np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(out[True][1]), jax.tree.leaves(out[False][1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
