@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import paths
+import xla_env
 from copd_jax.config_lib import spec_of
 from copd_jax import checkpoint, default_config, policy_setup, warm_start
 from copd_jax.models import decoder as model_lib
@@ -32,7 +33,10 @@ def shared(tmp_path_factory):
   base = model_lib.init_params(setup.model_cfg, jax.random.key(0))
   # Saved under the recipe's metadata, so the runs load it instead of warm-starting.
   checkpoint.save_policy(str(root / "base"), base, warm_start.base_policy_metadata(spec_of(cfg)))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+  # One device, as a user runs the micro config; the suite's other XLA flags (compiler
+  # settings) carry over.
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=xla_env.cpu_devices_flags(1, os.environ.get("XLA_FLAGS", "")),
              # Later runs load compiled executables instead of recompiling (same results).
              JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
