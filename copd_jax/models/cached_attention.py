@@ -21,7 +21,7 @@ _MASKED_SCORE = -1e30
 def einsum_f32(spec: str, a, b):
   """jnp.einsum(spec, a, b) accumulated in f32 (a, b in one compute dtype), whose gradient
   dots also take their inputs in the compute dtype with f32 accumulation: the f32
-  cotangent is rounded to a's dtype first (a no-op in f32), as layers.project does.
+  cotangent is rounded to a's dtype first, as layers.project does (f32 is unchanged).
   Without it jax's own gradient promotes a bf16 operand to f32 and runs f32 dots, with an
   f32 copy of every bf16 operand. spec: "A,B->C" where every index of A appears in B or C
   and every index of B in A or C (no index summed within one operand)."""
@@ -33,8 +33,12 @@ def _einsum_f32_fwd(spec, a, b):
 
 
 def _einsum_f32_bwd(spec, residuals, ct):
-  """da = einsum("C,B->A", ct, b), db = einsum("C,A->B", ct, a), in the operands' dtypes."""
+  """da = einsum("C,B->A", ct, b), db = einsum("C,A->B", ct, a), in the operands' dtypes.
+  In f32: jax's own gradient of the einsum (the same values, bit for bit)."""
   a, b = residuals
+  if a.dtype == jnp.float32 and b.dtype == jnp.float32:
+    return jax.vjp(lambda x, y: jnp.einsum(spec, x, y, preferred_element_type=jnp.float32),
+                   a, b)[1](ct)
   operands, out = spec.split("->")
   in_a, in_b = operands.split(",")
   ct = ct.astype(a.dtype)
