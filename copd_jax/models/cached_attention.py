@@ -5,6 +5,8 @@ Pallas splash path. Shapes: N rows = B prompts x G samples, K key/value heads, H
 heads, Dh head size, P prompt columns, R response slots, T new columns."""
 from __future__ import annotations
 
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,49 @@ from copd_jax.kernels import attention as attention_kernels
 _MASKED_SCORE = -1e30
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum_f32(spec: str, a, b):
+  """jnp.einsum(spec, a, b) accumulated in f32 (a, b in one compute dtype), whose gradient
+  dots also take their inputs in the compute dtype with f32 accumulation: the f32
+  cotangent is rounded to a's dtype first, as layers.project does (f32 is unchanged).
+  Without it jax's own gradient promotes a bf16 operand to f32 and runs f32 dots, with an
+  f32 copy of every bf16 operand. spec: "A,B->C" where every index of A appears in B or C
+  and every index of B in A or C (no index summed within one operand)."""
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _einsum_f32_fwd(spec, a, b):
+  return einsum_f32(spec, a, b), (a, b)
+
+
+def _einsum_f32_bwd(spec, residuals, ct):
+  """da = einsum("C,B->A", ct, b), db = einsum("C,A->B", ct, a), in the operands' dtypes.
+  In f32: jax's own gradient of the einsum (the same values, bit for bit)."""
+  a, b = residuals
+  if a.dtype == jnp.float32 and b.dtype == jnp.float32:
+    return jax.vjp(lambda x, y: jnp.einsum(spec, x, y, preferred_element_type=jnp.float32),
+                   a, b)[1](ct)
+  operands, out = spec.split("->")
+  in_a, in_b = operands.split(",")
+  ct = ct.astype(a.dtype)
+  da = _einsum_canonical(out, in_b, in_a, ct, b).astype(a.dtype)
+  db = _einsum_canonical(out, in_a, in_b, ct, a).astype(b.dtype)
+  return da, db
+
+
+def _einsum_canonical(x_spec: str, y_spec: str, out_spec: str, x, y):
+  """einsum(f"{x_spec},{y_spec}->{out_spec}", x, y) accumulated in f32, computed in dot
+  order -- batch indices (in both operands and the output), then x's free indices, then
+  y's -- and transposed to out_spec: XLA:CPU runs a bf16 x bf16 -> f32 dot in that order,
+  not in every order an einsum may ask for."""
+  batch = [i for i in x_spec if i in y_spec and i in out_spec]
+  free = [i for i in x_spec + y_spec if i in out_spec and i not in batch]
+  dot_spec = "".join(batch + free)
+  z = jnp.einsum(f"{x_spec},{y_spec}->{dot_spec}", x, y, preferred_element_type=jnp.float32)
+  return z.transpose([dot_spec.index(i) for i in out_spec])
+
+
+einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
 
 
 @flax.struct.dataclass
@@ -41,9 +86,8 @@ def _attention_weights(scores, mask):
 def _dense_attention(q, k, v, mask):
   """q: [N, T, K, H/K, Dh] (scaled); k, v: [N, S, K, Dh]; mask: bool[N, T, S].
   Returns f32[N, T, K, H/K, Dh]."""
-  f32 = dict(preferred_element_type=jnp.float32)
-  probs = _attention_weights(jnp.einsum("btkgd,bskd->bkgts", q, k, **f32), mask[:, None, None])
-  return jnp.einsum("bkgts,bskd->btkgd", probs.astype(q.dtype), v, **f32)
+  probs = _attention_weights(einsum_f32("btkgd,bskd->bkgts", q, k), mask[:, None, None])
+  return einsum_f32("bkgts,bskd->btkgd", probs.astype(q.dtype), v)
 
 
 def in_query_blocks(attend, q, block: int):
@@ -68,16 +112,13 @@ def in_query_blocks(attend, q, block: int):
   return out.reshape((out.shape[0], n * block) + out.shape[3:])[:, :t]
 
 
-_F32 = dict(preferred_element_type=jnp.float32)
-
-
 def _prefix_scores_and_mask(q, cache: LayerCache, prefix_mask):
   """The prompt-prefix part shared by both decode-time attentions: scores f32[N, K, H/K,
   T, P] of q [N, T, K, H/K, Dh] against each row's prompt keys (stored once per prompt,
   rows b*G .. b*G+G-1 share prompt b), and their mask bool[N, T, P]."""
   (b, p), (n, t, kv_heads, groups, hd) = prefix_mask.shape, q.shape
   q_by_prompt = q.reshape(b, n // b, t, kv_heads, groups, hd)
-  scores = jnp.einsum("bjtkgd,bksd->bjkgts", q_by_prompt, cache.prefix_k, **_F32)
+  scores = einsum_f32("bjtkgd,bksd->bjkgts", q_by_prompt, cache.prefix_k)
   mask = jnp.broadcast_to(jnp.repeat(prefix_mask, n // b, axis=0)[:, None, :], (n, t, p))
   return scores.reshape(n, kv_heads, groups, t, p), mask
 
@@ -88,9 +129,8 @@ def _prefix_output(prefix_probs, cache: LayerCache):
   b = cache.prefix_v.shape[0]
   # Heads-major outputs ("...gtd"): with the other operand order XLA:CPU emits an unfused
   # bf16 x bf16 -> f32 dot it cannot run.
-  return (jnp.einsum("bjkgts,bksd->bjkgtd", prefix_probs.reshape(b, n // b, kv_heads, groups,
-                                                                 t, p),
-                     cache.prefix_v, **_F32)
+  return (einsum_f32("bjkgts,bksd->bjkgtd",
+                     prefix_probs.reshape(b, n // b, kv_heads, groups, t, p), cache.prefix_v)
           .reshape(n, kv_heads, groups, t, cache.prefix_v.shape[-1]))
 
 
@@ -109,16 +149,16 @@ def _attend_with_shared_prefix(q, k, v, cache: LayerCache, mask):
   prefix_scores, prefix_visible = _prefix_scores_and_mask(q, cache, prefix_mask)
   scores = jnp.concatenate([
       prefix_scores,
-      jnp.einsum("btkgd,bksd->bkgts", q, cache.k, **_F32),
-      jnp.einsum("btkgd,bskd->bkgts", q, k, **_F32)], axis=-1)
+      einsum_f32("btkgd,bksd->bkgts", q, cache.k),
+      einsum_f32("btkgd,bskd->bkgts", q, k)], axis=-1)
   full_mask = jnp.concatenate([
       prefix_visible,
       jnp.broadcast_to(filled_slots[None, None, :], (n, t, r)),
       jnp.broadcast_to(causal[None], (n,) + causal.shape)], axis=-1)
   probs = _attention_weights(scores, full_mask[:, None, None]).astype(q.dtype)
   out = (_prefix_output(probs[..., :p], cache)
-         + jnp.einsum("bkgts,bksd->bkgtd", probs[..., p:p + r], cache.v, **_F32)
-         + jnp.einsum("bkgts,bskd->bkgtd", probs[..., p + r:], v, **_F32))
+         + einsum_f32("bkgts,bksd->bkgtd", probs[..., p:p + r], cache.v)
+         + einsum_f32("bkgts,bskd->bkgtd", probs[..., p + r:], v))
   return out.transpose(0, 3, 1, 2, 4)
 
 
@@ -135,12 +175,12 @@ def _attend_prefix_and_slots(q, cache: LayerCache, mask):
   p, r = prefix_mask.shape[1], cache.k.shape[2]
   prefix_scores, prefix_visible = _prefix_scores_and_mask(q, cache, prefix_mask)
   scores = jnp.concatenate([
-      prefix_scores, jnp.einsum("btkgd,bksd->bkgts", q, cache.k, **_F32)], axis=-1)
+      prefix_scores, einsum_f32("btkgd,bksd->bkgts", q, cache.k)], axis=-1)
   full_mask = jnp.concatenate([
       prefix_visible, jnp.broadcast_to(visible[None], (n, t, r))], axis=-1)
   probs = _attention_weights(scores, full_mask[:, None, None]).astype(q.dtype)
   out = (_prefix_output(probs[..., :p], cache)
-         + jnp.einsum("bkgts,bksd->bkgtd", probs[..., p:], cache.v, **_F32))
+         + einsum_f32("bkgts,bksd->bkgtd", probs[..., p:], cache.v))
   return out.transpose(0, 3, 1, 2, 4)
 
 

@@ -17,7 +17,9 @@ def weighted_sum(project_fn, weights):
   return lambda x, kernel: jnp.sum(jnp.sin(project_fn(x, kernel)) * weights)
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+# bf16: project's gradient dots round the cotangent to bf16 (einsum's own gradient keeps it
+# f32), so they differ by a bf16 rounding; test_mixed_precision_grads pins the bf16 values.
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
 @pytest.mark.parametrize("leading", [(7,), (2, 3, 5)])
 def test_project_matches_einsum_values_and_gradients(dtype, tol, leading):
   kx, kw, kt = jax.random.split(jax.random.key(0), 3)
