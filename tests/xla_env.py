@@ -32,14 +32,23 @@ COLLECTIVE_TIMEOUT_FLAGS = (
 )
 
 
-def with_collective_timeouts(flags: str) -> str:
-  """`flags` plus COLLECTIVE_TIMEOUT_FLAGS (a flag already given keeps its value)."""
+COMPILE_SPEED_FLAGS = ("--xla_backend_optimization_level=0",)
+
+
+def with_defaults(flags: str, defaults) -> str:
+  """`flags` plus each of `defaults` whose name it does not give (a flag already given
+  keeps its value)."""
   out = flags.split()
-  for flag in COLLECTIVE_TIMEOUT_FLAGS:
+  for flag in defaults:
     name = flag.split("=")[0]
     if not any(f.split("=")[0] == name for f in out):
       out.append(flag)
   return " ".join(out)
+
+
+def with_collective_timeouts(flags: str) -> str:
+  """`flags` plus COLLECTIVE_TIMEOUT_FLAGS (a flag already given keeps its value)."""
+  return with_defaults(flags, COLLECTIVE_TIMEOUT_FLAGS)
 
 
 def cpu_devices_flags(devices: int, flags: str = "") -> str:
