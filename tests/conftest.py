@@ -17,6 +17,9 @@ if "xla_force_host_platform_device_count" not in flags:
 # a rendezvous blocks. Subprocesses inherit both.
 import xla_env  # noqa: E402
 
+# Compile at LLVM's optimisation level 0 (tests/xla_env.py: most of the suite's time is
+# compiling; the level changes rounding, not results); a level given in XLA_FLAGS wins.
+flags = xla_env.with_defaults(flags, xla_env.COMPILE_SPEED_FLAGS)
 os.environ["XLA_FLAGS"] = xla_env.with_collective_timeouts(flags)
 _devices = int(re.search(r"--xla_force_host_platform_device_count=(\d+)", flags).group(1))
 os.environ.setdefault("PJRT_NPROC", str(xla_env.pool_threads(_devices)))
@@ -74,15 +77,49 @@ def _release_compiled_programs():
   gc.collect()
 
 
-# The longest test files of a full run (pytest --durations; the scaling study's --quick run,
-# every method end to end, the multi-device child processes), started first: with whole
-# files per worker, a long file that starts last keeps one worker busy after the other has
-# run out of work.
+@pytest.fixture
+def shared_one_device_programs(monkeypatch):
+  """Single-device runs of one model config within a test module share their compiled
+  programs (tests/micro_runs.share_one_device_programs). A module opts in with
+  `pytestmark = pytest.mark.usefixtures("shared_one_device_programs")`."""
+  import micro_runs
+  micro_runs.share_one_device_programs(monkeypatch)
+
+
+# The longest test files of a full run, longest first (the per-file sums of
+# `pytest --durations=0` under COPD_TEST_NO_AMX=1, each over about 50 worker-seconds), and
+# started in this order: with whole files per worker, a long file that starts last keeps
+# one worker busy after the other has run out of work (longest first is the classic
+# greedy schedule for two machines). Files not listed follow in collection order.
 LONGEST_FILES_FIRST = (
-    "tests/experiments/test_scale_branches.py",
     "tests/rl/test_methods.py",
-    "tests/test_multiprocess.py",
+    "tests/test_resume.py",
     "tests/test_qwen3_vl_run.py",
+    "tests/rl/test_lora_resume.py",
+    "tests/kernels/test_pallas_tpu.py",
+    "tests/models/test_layer_stack.py",
+    "tests/test_sharding.py",
+    "tests/experiments/test_scale_branches.py",
+    "tests/rl/test_qwen3_vl_training.py",
+    "tests/rl/test_update.py",
+    "tests/test_multiprocess.py",
+    "tests/rl/test_opd_estimators.py",
+    "tests/kernels/test_sharded.py",
+    "tests/kernels/test_ops.py",
+    "tests/test_hf_path.py",
+    "tests/models/test_policy.py",
+    "tests/rl/test_lora_update.py",
+    "tests/rl/test_teacher_layout.py",
+    "tests/models/test_decoder.py",
+    "tests/rl/test_lora_runs.py",
+    "tests/rl/test_grpo_end_to_end.py",
+    "tests/test_run_log.py",
+    "tests/rl/test_update_semantics.py",
+    "tests/models/test_lora.py",
+    "tests/test_run_dir.py",
+    "tests/rl/test_diagnostic_prompts.py",
+    "tests/rl/test_nonfinite_updates.py",
+    "tests/test_sampling.py",
 )
 
 

@@ -62,6 +62,22 @@ def test_the_suite_and_its_subprocesses_wait_for_starved_device_threads():
   assert "--xla_force_host_platform_device_count=8" not in child["XLA_FLAGS"].split()
 
 
+def level_flags(flags: str) -> list[str]:
+  return [f for f in flags.split() if f.split("=")[0] == "--xla_backend_optimization_level"]
+
+
+def test_the_suite_and_its_subprocesses_compile_at_llvm_level_0_unless_told_otherwise():
+  """tests/xla_env.py: the suite compiles at LLVM's level 0 (COMPILE_SPEED_FLAGS), its
+  child processes inherit it, and a level given in XLA_FLAGS is kept."""
+  child = xla_env.cpu_devices_env(3, os.environ)
+  for flags in (os.environ["XLA_FLAGS"], child["XLA_FLAGS"]):
+    assert len(level_flags(flags)) == 1, flags
+  assert level_flags(xla_env.with_defaults("--a=1", xla_env.COMPILE_SPEED_FLAGS)) == [
+      "--xla_backend_optimization_level=0"]
+  given = "--xla_backend_optimization_level=2 --xla_force_host_platform_device_count=8"
+  assert xla_env.with_defaults(given, xla_env.COMPILE_SPEED_FLAGS) == given
+
+
 def test_xla_thread_pools_have_room_beyond_the_threads_a_rendezvous_blocks():
   """tests/xla_env.py: one thread per device may block in a rendezvous and one more may
   wait for its parallel tasks; the pools (PJRT_NPROC) have more threads than both."""
