@@ -19,8 +19,8 @@ import xla_env  # noqa: E402
 
 # Compile at LLVM's optimisation level 0 (tests/xla_env.py: most of the suite's time is
 # compiling; the level changes rounding, not results); a level given in XLA_FLAGS wins.
-flags = xla_env.with_defaults(flags, xla_env.COMPILE_SPEED_FLAGS)
-os.environ["XLA_FLAGS"] = xla_env.with_collective_timeouts(flags)
+os.environ["XLA_FLAGS"] = xla_env.with_defaults(
+    flags, xla_env.COLLECTIVE_TIMEOUT_FLAGS + xla_env.COMPILE_SPEED_FLAGS)
 _devices = int(re.search(r"--xla_force_host_platform_device_count=(\d+)", flags).group(1))
 os.environ.setdefault("PJRT_NPROC", str(xla_env.pool_threads(_devices)))
 

@@ -178,19 +178,25 @@ def test_toy_scanned_teacher_scoring_equals_unrolled(toy):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
 
 
+def assert_scanned_sampler_draws_the_same(params, cfgs, sc, prompts):
+  """The sampler (G = 2, one key) on the unrolled model `cfgs[0]` and on its scanned twin
+  `cfgs[1]` (stacked params) draws the same tokens, with log-probs within 1e-4."""
+  unrolled_cfg, scanned_cfg = cfgs
+  want = sampling.generate(params, sampling.Sampler(unrolled_cfg, sc, 2), prompts,
+                           jax.random.key(3))
+  got = sampling.generate(layer_stack.stack_layers(params),
+                          sampling.Sampler(scanned_cfg, sc, 2), prompts, jax.random.key(3))
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_allclose(got.raw_logprobs, want.raw_logprobs, atol=1e-4)
+
+
 def test_toy_scanned_sampler_draws_the_same_tokens(toy):
   cfg, params = toy
   cfg = dataclasses.replace(cfg, dtype="float32")
   tokens, _, mask, vision = toy_batch(cfg)
   sc = sampling.SamplingConfig(max_new_tokens=4, temperature=1.0, stop_token_ids=(1,))
-  want = sampling.generate(params,
-                           sampling.Sampler(cfg, sc, 2),
-                           sampling.Prompts(tokens, mask, vision), jax.random.key(3))
-  got = sampling.generate(layer_stack.stack_layers(params),
-                          sampling.Sampler(scanned(cfg), sc, 2),
-                          sampling.Prompts(tokens, mask, vision), jax.random.key(3))
-  np.testing.assert_array_equal(got.tokens, want.tokens)
-  np.testing.assert_allclose(got.raw_logprobs, want.raw_logprobs, atol=1e-4)
+  assert_scanned_sampler_draws_the_same(params, (cfg, scanned(cfg)), sc,
+                                         sampling.Prompts(tokens, mask, vision))
 
 
 # --------------------------------------------------------------------------- Qwen3 (HF)
@@ -283,14 +289,8 @@ def test_qwen3_vl_scanned_sampler_draws_the_same_tokens(vl4):
                                          ref["image_grid_thw"])
   sc = sampling.SamplingConfig(max_new_tokens=5, temperature=1.0, stop_token_ids=(2,),
                                banned_token_ids=(cfg.image_token_id, cfg.video_token_id))
-  want = sampling.generate(params,
-                           sampling.Sampler(cfg, sc, 2),
-                           sampling.Prompts(ids, mask, vision), jax.random.key(3))
-  got = sampling.generate(layer_stack.stack_layers(params),
-                          sampling.Sampler(scanned_vl(cfg), sc, 2),
-                          sampling.Prompts(ids, mask, vision), jax.random.key(3))
-  np.testing.assert_array_equal(got.tokens, want.tokens)
-  np.testing.assert_allclose(got.raw_logprobs, want.raw_logprobs, atol=1e-4)
+  assert_scanned_sampler_draws_the_same(params, (cfg, scanned_vl(cfg)), sc,
+                                         sampling.Prompts(ids, mask, vision))
 
 
 def test_qwen3_vl_scanned_prompt_media_scoring_and_gradients(vl4):
