@@ -221,19 +221,27 @@ def _rewards_if_done(workdir: str):
   return reproduce.load_rewards(workdir) if done else None
 
 
+def _other(cap: str) -> str:
+  return next(c for c in CAPS if c != cap)
+
+
 def level_models(level: float, seeds, args) -> tuple[dict, dict]:
   """({model: {seed: {cap: f32[N]}}}, {seed: divergence}) of the finished runs of a level."""
   keys = {"Experts (own capability)": ("experts", lambda c: f"branch/{c}/{c}"),
           "Merged experts": ("merged_experts", lambda c: f"merged/{c}"),
           "Mixed RLVR": ("mixed_rlvr", lambda c: f"branch/{MIXED_BRANCH}/{c}"),
           "MOPD": ("mopd", lambda c: f"branch/student/{c}"),
-          "CoPD (merged)": ("copd", lambda c: f"merged/{c}")}
+          "CoPD (merged)": ("copd", lambda c: f"merged/{c}"),
+          # Each family's items answered by the branch trained on the other family: does
+          # a branch learn the other's skill (CoPD's OPD) or stay a specialist?
+          "Experts (other family)": ("experts", lambda c: f"branch/{_other(c)}/{c}"),
+          "CoPD branches (other family)": ("copd", lambda c: f"branch/{_other(c)}/{c}")}
   models, divergence = {name: {} for name in keys}, {}
   for seed in seeds:
     root = os.path.join(args.runs, level_name(level), f"seed{seed}")
     for name, (run, key_of) in keys.items():
       rewards = _rewards_if_done(os.path.join(root, run))
-      if rewards is not None:
+      if rewards is not None and all(key_of(c) in rewards for c in CAPS):
         models[name][seed] = {c: rewards[key_of(c)] for c in CAPS}
     path = os.path.join(root, "experts", "divergence.json")
     if os.path.exists(path):
@@ -248,7 +256,8 @@ def _stack(per_seed: dict, seeds) -> dict:
 
 def _difference(models, a: str, b: str) -> dict | None:
   """a - b over both capabilities, paired on the seeds both finished: points with a 95%
-  interval (experiments/stats.py: seeds x items), as {'mean', 'ci95', 'seeds'}."""
+  interval (experiments/stats.py: seeds x items), as {'mean', 'ci95', 'seeds',
+  'per_capability', 'per_seed' (each seed's mean difference, points)}."""
   seeds = sorted(set(models[a]) & set(models[b]))
   if not seeds:
     return None
@@ -258,6 +267,8 @@ def _difference(models, a: str, b: str) -> dict | None:
   out["per_capability"] = {c: reproduce.points(stats.paired_difference_ci(ra[c], rb[c]))
                            for c in CAPS}
   out["seeds"] = seeds
+  per_seed = (reproduce.overall(ra, CAPS) - reproduce.overall(rb, CAPS)).mean(axis=-1)
+  out["per_seed"] = {str(s): round(100 * float(d), 2) for s, d in zip(seeds, per_seed)}
   return out
 
 
@@ -278,6 +289,8 @@ def level_report(level: float, seeds, args) -> dict:
   gap = _difference(models, "Experts (own capability)", "Merged experts")
   copd_vs_merged = _difference(models, "CoPD (merged)", "Merged experts")
   mopd_vs_experts = _difference(models, "MOPD", "Experts (own capability)")
+  copd_vs_mopd = _difference(models, "CoPD (merged)", "MOPD")
+  copd_vs_mixed = _difference(models, "CoPD (merged)", "Mixed RLVR")
   kl = [divergence[s]["sym_kl"] for s in sorted(divergence)]
   return {
       "level": level, "conflict": level,
@@ -290,6 +303,10 @@ def level_report(level: float, seeds, args) -> dict:
       "mopd_minus_experts": _triple(mopd_vs_experts),
       "copd_minus_merged_experts_detail": copd_vs_merged,
       "mopd_minus_experts_detail": mopd_vs_experts,
+      "copd_minus_mopd": _triple(copd_vs_mopd),
+      "copd_minus_mixed_rlvr": _triple(copd_vs_mixed),
+      "copd_minus_mopd_detail": copd_vs_mopd,
+      "copd_minus_mixed_rlvr_detail": copd_vs_mixed,
       "accuracy_points": accuracy,
   }
 
@@ -351,7 +368,9 @@ def write_report(args, levels, seeds, command: str, minutes: float) -> dict:
     lines.append(f"- experts − merged experts (own capabilities): "
                  f"{_cell(_triple(entry['merged_experts_own_gap_points']))}")
     lines.append(f"- CoPD − merged experts: {_cell(entry['copd_minus_merged_experts'])}")
-    lines.append(f"- MOPD − experts (own capabilities): {_cell(entry['mopd_minus_experts'])}\n")
+    lines.append(f"- MOPD − experts (own capabilities): {_cell(entry['mopd_minus_experts'])}")
+    lines.append(f"- CoPD − MOPD: {_cell(entry['copd_minus_mopd'])}; CoPD − mixed RLVR: "
+                 f"{_cell(entry['copd_minus_mixed_rlvr'])}\n")
     table = {k: v for k, v in entry["accuracy_points"].items()}
     if table:
       lines.append("| model | " + " | ".join(CAPS) + " | overall | seeds |")

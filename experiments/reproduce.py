@@ -624,6 +624,10 @@ def dial_levels(runs: str) -> list[dict]:
         "copd_minus_merged_experts_seeds": (entry["copd_minus_merged_experts_detail"] or {}).get("seeds"),
         "mopd_minus_experts": entry["mopd_minus_experts"],
         "mopd_minus_experts_seeds": (entry["mopd_minus_experts_detail"] or {}).get("seeds"),
+        "copd_minus_merged_experts_per_seed":
+            (entry["copd_minus_merged_experts_detail"] or {}).get("per_seed"),
+        "copd_minus_mopd": entry["copd_minus_mopd"],
+        "copd_minus_mixed_rlvr": entry["copd_minus_mixed_rlvr"],
         "accuracy_points": entry["accuracy_points"]})
   return out
 

@@ -169,7 +169,8 @@ def dial_section(result: dict) -> list[str]:
            "interval holds the item noise only, with two the t quantile has 1 degree of "
            "freedom.\n",
            "| conflict | seeds | experts' symmetric KL | experts − merged experts (own) | "
-           "CoPD − merged experts | MOPD − experts (own) |", "|---|---|---|---|---|---|"]
+           "CoPD − merged experts | MOPD − experts (own) | CoPD − MOPD | CoPD − mixed RLVR |",
+           "|---|---|---|---|---|---|---|---|"]
   for e in levels:
     kl = e["expert_divergence_sym_kl"]
     gap = e["merged_experts_own_gap_points"]
@@ -177,7 +178,8 @@ def dial_section(result: dict) -> list[str]:
         f"| {e['level']:g} | {e['seeds']} | {'—' if kl is None else round(kl, 3)} | "
         f"{cell(gap)} | {cell(e['copd_minus_merged_experts'])} "
         f"{e.get('copd_minus_merged_experts_seeds') or ''} | "
-        f"{cell(e['mopd_minus_experts'])} {e.get('mopd_minus_experts_seeds') or ''} |")
+        f"{cell(e['mopd_minus_experts'])} {e.get('mopd_minus_experts_seeds') or ''} | "
+        f"{cell(e.get('copd_minus_mopd'))} | {cell(e.get('copd_minus_mixed_rlvr'))} |")
   for e in levels:
     if e["accuracy_points"]:
       lines += ["", f"Accuracy at conflict {e['level']:g} (points):\n"]

@@ -44,7 +44,9 @@ def test_report_gap_and_differences_by_hand(tmp_path):
     write_run(root, "experts", {f"branch/{c}/{d}": ones if c == d else 0 * ones
                                 for c in dial.CAPS for d in dial.CAPS})
     write_run(root, "merged_experts", {f"merged/{c}": half for c in dial.CAPS})
-    write_run(root, "copd", {f"merged/{c}": threeq for c in dial.CAPS})
+    write_run(root, "copd", {**{f"merged/{c}": threeq for c in dial.CAPS},
+                             **{f"branch/{c}/{d}": ones if c == d else half
+                                for c in dial.CAPS for d in dial.CAPS}})
     write_run(root, "mopd", {f"branch/student/{c}": threeq for c in dial.CAPS})
     with open(os.path.join(root, "experts", "divergence.json"), "w") as f:
       f.write('{"sym_kl": %s}' % (0.2 + seed))
@@ -56,7 +58,13 @@ def test_report_gap_and_differences_by_hand(tmp_path):
   assert entry["expert_divergence_sym_kl"] == pytest.approx(0.7)
   low, high = entry["merged_experts_own_gap_points"]["ci95"]
   assert low <= 50.0 <= high
+  assert entry["copd_minus_merged_experts_detail"]["per_seed"] == {"0": 25.0, "1": 25.0}
+  assert entry["copd_minus_mopd"][0] == pytest.approx(0.0)
+  # Each branch on the other family's items: the experts' 0, CoPD's branches half.
+  assert entry["accuracy_points"]["Experts (other family)"]["overall"]["mean"] == 0.0
+  assert entry["accuracy_points"]["CoPD branches (other family)"]["overall"]["mean"] == 50.0
   assert "Mixed RLVR" not in entry["accuracy_points"]  # not run: left out, not zero
+  assert entry["copd_minus_mixed_rlvr"] is None
   # A level with no finished run reports nothing rather than failing.
   empty = dial.level_report(0.0, [0, 1], args)
   assert empty["merged_experts_own_gap_points"] is None and empty["seeds"] == []
