@@ -720,6 +720,9 @@ def write_results(args, seeds, done, command, minutes, out_dir) -> dict:
   import results_doc
   doc = args.doc or os.path.join(out_dir, "RESULTS.md")
   results_doc.write(doc, result, out_dir, CAPS, TWO)
+  if getattr(args, "readme", None):  # the README's results paragraph, from these reports
+    import readme_results
+    readme_results.update(args.readme, result, out_dir)
   return result
 
 
@@ -746,6 +749,9 @@ def main(argv=None):
   parser.add_argument("--doc", default=None,
                       help="the results document to write (default experiments/RESULTS.md for "
                            "the default --out, else <out>/RESULTS.md)")
+  parser.add_argument("--readme", default=None,
+                      help="a README whose results block (experiments/readme_results.py) "
+                           "to rewrite (default README.md for the default --out; '' none)")
   args = parser.parse_args(argv)
   seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
   args.eval_examples = args.eval_examples or (300 if args.quick else 1000)
@@ -754,6 +760,8 @@ def main(argv=None):
   args.runs = run_archive.runs_dir(args.runs, args.report_only)  # an earlier recipe's .tar.xz
   if args.doc is None and os.path.normpath(args.out) == os.path.normpath("experiments/results"):
     args.doc = "experiments/RESULTS.md"
+    if args.readme is None and not args.quick:
+      args.readme = "README.md"
   os.makedirs(args.out, exist_ok=True)
   flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report_only"]
   command = " ".join(["python experiments/reproduce.py"] + flags)  # the command that runs
