@@ -13,6 +13,7 @@ serves every level. Per level and seed this runs:
   - experts: one branch per family, trained apart (method `experts`);
   - merged experts: the uniform average of those experts' weights, scored here;
   - mixed RLVR, MOPD (from those experts) and CoPD (2 branches, hub = total);
+  - with `--only copd_opd_heavy`: CoPD with an S_RL : S_OPD = 1 : 2 schedule;
 and records each model's per-item rewards (eval_rewards.npz), plus the experts'
 divergence: symmetric KL between the two expert policies, teacher-forced on the reference
 solutions of fixed diagnostic prompts (64 validation items per family at conflict 0.5,
@@ -43,6 +44,12 @@ from copd_jax.config_lib import spec_of
 CAPS = ("total", "remain")
 HUB = "total"
 METHODS = ("experts", "mixed_rlvr", "mopd", "copd")
+# Run only when named in --only: CoPD with twice as many OPD as RL steps in each cycle
+# (S_RL : S_OPD = 1 : 2, the ablation sweep's most-OPD schedule; the reference is 3 : 2),
+# to ask whether more distillation lets CoPD's branches learn the other family where the
+# families' prompts look alike.
+EXTRA_METHODS = ("copd_opd_heavy",)
+OPD_HEAVY = dict(rl__opd__schedule__s_rl=1, rl__opd__schedule__s_opd=2)
 DIAGNOSTIC_PROMPTS = 64  # per family, validation split
 DIAGNOSTIC_CONFLICT = 0.5  # the probe's mix of forms, fixed across levels
 # Every run of the dial (base included): the conflict pair only, text prompts (32 tokens
@@ -83,7 +90,7 @@ def seed_plan(level: float, seed: int, args) -> dict:
   reuse = (dict(rl__experts_dir=experts_dir)
            if os.path.exists(os.path.join(experts_dir, "final_params")) else {})
   runs = {"experts": ("experts", {}), "copd": ("copd", {}), "mopd": ("mopd", reuse),
-          "mixed_rlvr": ("mixed_rlvr", {})}
+          "mixed_rlvr": ("mixed_rlvr", {}), "copd_opd_heavy": ("copd", OPD_HEAVY)}
   return {name: (m, o, os.path.join(root, name)) for name, (m, o) in runs.items()}
 
 
@@ -91,7 +98,7 @@ def run_order(levels, seeds, args):
   """(level, seed, name) in the order they run: seed by seed; within a seed the experts
   of every level first (the dial's own measurement), then the other methods."""
   for seed in seeds:
-    for name in METHODS:
+    for name in METHODS + EXTRA_METHODS:
       for level in sorted(levels, reverse=True):
         yield level, seed, name
 
@@ -235,7 +242,10 @@ def level_models(level: float, seeds, args) -> tuple[dict, dict]:
           # Each family's items answered by the branch trained on the other family: does
           # a branch learn the other's skill (CoPD's OPD) or stay a specialist?
           "Experts (other family)": ("experts", lambda c: f"branch/{_other(c)}/{c}"),
-          "CoPD branches (other family)": ("copd", lambda c: f"branch/{_other(c)}/{c}")}
+          "CoPD branches (other family)": ("copd", lambda c: f"branch/{_other(c)}/{c}"),
+          "CoPD 1:2 (merged)": ("copd_opd_heavy", lambda c: f"merged/{c}"),
+          "CoPD 1:2 branches (other family)":
+              ("copd_opd_heavy", lambda c: f"branch/{_other(c)}/{c}")}
   models, divergence = {name: {} for name in keys}, {}
   for seed in seeds:
     root = os.path.join(args.runs, level_name(level), f"seed{seed}")
@@ -291,6 +301,8 @@ def level_report(level: float, seeds, args) -> dict:
   mopd_vs_experts = _difference(models, "MOPD", "Experts (own capability)")
   copd_vs_mopd = _difference(models, "CoPD (merged)", "MOPD")
   copd_vs_mixed = _difference(models, "CoPD (merged)", "Mixed RLVR")
+  heavy_vs_merged = _difference(models, "CoPD 1:2 (merged)", "Merged experts")
+  heavy_vs_copd = _difference(models, "CoPD 1:2 (merged)", "CoPD (merged)")
   kl = [divergence[s]["sym_kl"] for s in sorted(divergence)]
   return {
       "level": level, "conflict": level,
@@ -307,6 +319,8 @@ def level_report(level: float, seeds, args) -> dict:
       "copd_minus_mixed_rlvr": _triple(copd_vs_mixed),
       "copd_minus_mopd_detail": copd_vs_mopd,
       "copd_minus_mixed_rlvr_detail": copd_vs_mixed,
+      "copd_opd_heavy_minus_merged_experts": _triple(heavy_vs_merged),
+      "copd_opd_heavy_minus_copd": _triple(heavy_vs_copd),
       "accuracy_points": accuracy,
   }
 
@@ -370,7 +384,12 @@ def write_report(args, levels, seeds, command: str, minutes: float) -> dict:
     lines.append(f"- CoPD − merged experts: {_cell(entry['copd_minus_merged_experts'])}")
     lines.append(f"- MOPD − experts (own capabilities): {_cell(entry['mopd_minus_experts'])}")
     lines.append(f"- CoPD − MOPD: {_cell(entry['copd_minus_mopd'])}; CoPD − mixed RLVR: "
-                 f"{_cell(entry['copd_minus_mixed_rlvr'])}\n")
+                 f"{_cell(entry['copd_minus_mixed_rlvr'])}")
+    if entry["copd_opd_heavy_minus_copd"] is not None:
+      lines.append(f"- CoPD 1:2 − merged experts: "
+                   f"{_cell(entry['copd_opd_heavy_minus_merged_experts'])}; CoPD 1:2 − CoPD: "
+                   f"{_cell(entry['copd_opd_heavy_minus_copd'])}")
+    lines.append("")
     table = {k: v for k, v in entry["accuracy_points"].items()}
     if table:
       lines.append("| model | " + " | ".join(CAPS) + " | overall | seeds |")
@@ -392,7 +411,9 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--levels", default="0,0.5,1", help="dial levels (data.conflict)")
   parser.add_argument("--seeds", default="0,1,2,3,4")
-  parser.add_argument("--only", default="", help=f"comma-separated subset of {METHODS}")
+  parser.add_argument("--only", default="",
+                      help=f"comma-separated subset of {METHODS + EXTRA_METHODS} (the last "
+                           "runs only when named)")
   parser.add_argument("--runs", default="experiments/results/dial/runs")
   parser.add_argument("--out", default="experiments/results/dial")
   reproduce.add_rerun_arguments(parser, "dial.{json,md}")
@@ -402,9 +423,9 @@ def main(argv=None):
   levels = [float(x) for x in args.levels.split(",")]
   seeds = [int(s) for s in args.seeds.split(",")]
   only = [m for m in args.only.split(",") if m]
-  unknown = set(only) - set(METHODS)
+  unknown = set(only) - set(METHODS + EXTRA_METHODS)
   if unknown:
-    raise SystemExit(f"--only takes methods of {METHODS}, got {sorted(unknown)}")
+    raise SystemExit(f"--only takes methods of {METHODS + EXTRA_METHODS}, got {sorted(unknown)}")
   command = reproduce.command_line("dial.py", argv)
   start = time.perf_counter()
   if args.report_only:
@@ -413,7 +434,7 @@ def main(argv=None):
     reproduce.run_or_load(base_config(args))
     report = write_report(args, levels, seeds, command, 0.0)
     for level, seed, name in run_order(levels, seeds, args):
-      if only and name not in only:
+      if (only and name not in only) or (not only and name in EXTRA_METHODS):
         continue
       method, overrides, workdir = seed_plan(level, seed, args)[name]
       cfg = dial_config(method, seed, workdir, args, level, **overrides)

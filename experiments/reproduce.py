@@ -628,6 +628,8 @@ def dial_levels(runs: str) -> list[dict]:
             (entry["copd_minus_merged_experts_detail"] or {}).get("per_seed"),
         "copd_minus_mopd": entry["copd_minus_mopd"],
         "copd_minus_mixed_rlvr": entry["copd_minus_mixed_rlvr"],
+        "copd_opd_heavy_minus_merged_experts": entry["copd_opd_heavy_minus_merged_experts"],
+        "copd_opd_heavy_minus_copd": entry["copd_opd_heavy_minus_copd"],
         "accuracy_points": entry["accuracy_points"]})
   return out
 

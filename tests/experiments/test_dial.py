@@ -48,6 +48,8 @@ def test_report_gap_and_differences_by_hand(tmp_path):
                              **{f"branch/{c}/{d}": ones if c == d else half
                                 for c in dial.CAPS for d in dial.CAPS}})
     write_run(root, "mopd", {f"branch/student/{c}": threeq for c in dial.CAPS})
+    if seed == 0:  # the opt-in variant finished on one seed only
+      write_run(root, "copd_opd_heavy", {f"merged/{c}": ones for c in dial.CAPS})
     with open(os.path.join(root, "experts", "divergence.json"), "w") as f:
       f.write('{"sym_kl": %s}' % (0.2 + seed))
   entry = dial.level_report(1.0, [0, 1], args)
@@ -65,6 +67,10 @@ def test_report_gap_and_differences_by_hand(tmp_path):
   assert entry["accuracy_points"]["CoPD branches (other family)"]["overall"]["mean"] == 50.0
   assert "Mixed RLVR" not in entry["accuracy_points"]  # not run: left out, not zero
   assert entry["copd_minus_mixed_rlvr"] is None
+  # The variant pairs on the seed it finished: merged 1 against the merge's 1/2, CoPD's 3/4.
+  assert entry["copd_opd_heavy_minus_merged_experts"][0] == pytest.approx(50.0)
+  assert entry["copd_opd_heavy_minus_copd"][0] == pytest.approx(25.0)
+  assert entry["accuracy_points"]["CoPD 1:2 (merged)"]["seeds"] == [0]
   # A level with no finished run reports nothing rather than failing.
   empty = dial.level_report(0.0, [0, 1], args)
   assert empty["merged_experts_own_gap_points"] is None and empty["seeds"] == []
