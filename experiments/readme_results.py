@@ -78,13 +78,21 @@ def dial(levels: list[dict]) -> str:
     other = (f"; a CoPD branch scores {acc['CoPD branches (other family)']['overall']['mean']:.1f} "
              f"on the other family's items (an expert "
              f"{acc['Experts (other family)']['overall']['mean']:.1f})")
+  heavy = ""
+  if far.get("copd_opd_heavy_minus_copd") is not None:
+    branches = acc.get("CoPD 1:2 branches (other family)")
+    heavy = (f" CoPD with twice as many OPD as RL steps (1:2): − merged experts "
+             f"{signed(far['copd_opd_heavy_minus_merged_experts'])}, − CoPD "
+             f"{signed(far['copd_opd_heavy_minus_copd'])}"
+             + (f"; its branch scores {branches['overall']['mean']:.1f} on the other family"
+                if branches else "") + ".")
   return (
       f"Dial (two capabilities that conflict on look-alike prompts; "
       f"{' or '.join(map(str, seeds))} seeds per level), experts − merged experts on their own "
       f"capabilities: {gaps}. At conflict {far['level']:g}: CoPD − merged experts "
       f"{signed(far['copd_minus_merged_experts'])}{spread}, − MOPD "
       f"{signed(far['copd_minus_mopd'])}, − mixed RLVR {signed(far['copd_minus_mixed_rlvr'])}; "
-      f"MOPD − experts {signed(far['mopd_minus_experts'])}{other}.")
+      f"MOPD − experts {signed(far['mopd_minus_experts'])}{other}.{heavy}")
 
 
 def estimator(ablation: dict | None) -> str:

@@ -45,7 +45,8 @@ def _hand_result():
 
 
 def test_paragraph_from_a_hand_built_result(tmp_path):
-  text = readme_results.paragraph(_hand_result(), str(tmp_path))  # no other report there
+  result = _hand_result()
+  text = readme_results.paragraph(result, str(tmp_path))  # no other report there
   assert "merged CoPD scores 60.3 [56.2, 64.4]; mixed RLVR 56.0, MOPD 59.3" in text
   assert "CoPD − mixed RLVR +4.3 [-0.7, 9.4], − merged experts +0.6 [-1.4, 2.6]" in text
   assert "− strong merge +0.6 [-1.1, 2.3]" in text
@@ -54,6 +55,12 @@ def test_paragraph_from_a_hand_built_result(tmp_path):
   assert "CoPD − merged experts +18.0 [-0.8, 36.9] (per seed -6.5 to +35.1)" in text
   assert "− MOPD -18.4 [-36.0, -0.7]" in text
   assert "Top-k" not in text and "diagnostic" not in text  # their reports are absent
+  assert "1:2" not in text  # the opt-in dial variant did not run
+  far = result["dial"][-1]
+  far.update(copd_opd_heavy_minus_merged_experts=[30.0, 10.0, 50.0],
+             copd_opd_heavy_minus_copd=[12.0, -2.0, 26.0])
+  text = readme_results.paragraph(result, str(tmp_path))
+  assert "(1:2): − merged experts +30.0 [10.0, 50.0], − CoPD +12.0 [-2.0, 26.0]." in text
 
 
 def test_block_is_replaced_between_the_markers_only():
