@@ -10,6 +10,7 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from copd_jax.kernels import attention as attention_kernels
 
@@ -48,14 +49,26 @@ def _einsum_f32_bwd(spec, residuals, ct):
 
 
 def _einsum_canonical(x_spec: str, y_spec: str, out_spec: str, x, y):
-  """einsum(f"{x_spec},{y_spec}->{out_spec}", x, y) accumulated in f32, computed in dot
-  order -- batch indices (in both operands and the output), then x's free indices, then
-  y's -- and transposed to out_spec: XLA:CPU runs a bf16 x bf16 -> f32 dot in that order,
-  not in every order an einsum may ask for."""
+  """einsum(f"{x_spec},{y_spec}->{out_spec}", x, y) accumulated in f32, computed as one
+  batched matmul [B, M, K] x [B, K, N] (the batch indices, x's free indices, the summed
+  indices and y's free indices each flattened into one axis), then reshaped and transposed
+  to out_spec. XLA:CPU runs a bf16 x bf16 -> f32 dot only where a matmul library takes it:
+  a dot with several batch axes and its summed axis in the middle was left to its generic
+  dot, which has no bf16 x bf16 -> f32 kernel and failed at run time ("Unsupported element
+  type for DotThunk::Execute") in the vmapped update of the shared-prefix forward."""
   batch = [i for i in x_spec if i in y_spec and i in out_spec]
-  free = [i for i in x_spec + y_spec if i in out_spec and i not in batch]
-  dot_spec = "".join(batch + free)
-  z = jnp.einsum(f"{x_spec},{y_spec}->{dot_spec}", x, y, preferred_element_type=jnp.float32)
+  x_free = [i for i in x_spec if i in out_spec and i not in batch]
+  y_free = [i for i in y_spec if i in out_spec and i not in batch]
+  contract = [i for i in x_spec if i in y_spec and i not in out_spec]
+  size = dict(zip(x_spec, x.shape)) | dict(zip(y_spec, y.shape))
+  count = lambda idx: int(np.prod([size[i] for i in idx], dtype=np.int64))  # noqa: E731
+  xm = x.transpose([x_spec.index(i) for i in batch + x_free + contract]).reshape(
+      count(batch), count(x_free), count(contract))
+  ym = y.transpose([y_spec.index(i) for i in batch + contract + y_free]).reshape(
+      count(batch), count(contract), count(y_free))
+  z = jax.lax.dot_general(xm, ym, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+  dot_spec = "".join(batch + x_free + y_free)
+  z = z.reshape([size[i] for i in dot_spec])
   return z.transpose([dot_spec.index(i) for i in out_spec])
 
 
