@@ -376,6 +376,22 @@ class RunSharding:
     device = jax.local_devices()[0] if device is None else device
     return cls(make_mesh(dict.fromkeys(MESH_AXES, 1), [device]), param_axes=param_axes)
 
+  # Equal by value: the mesh, the rules and the declared axes. A RunSharding is a static
+  # argument of every jitted program, so two runs on the same mesh and model (a sweep in one
+  # process, the tests) share compiled programs instead of retracing them per run.
+  def _value(self) -> tuple:
+    value = self.__dict__.get("_value_cache")
+    if value is None:
+      axes = None if self.param_axes is None else tuple(sorted(self.param_axes.items()))
+      value = self.__dict__["_value_cache"] = (self.mesh, tuple(self.rules), axes)
+    return value
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, RunSharding) and (self is other or self._value() == other._value())
+
+  def __hash__(self) -> int:
+    return hash(self._value())
+
   @property
   def size(self) -> int:
     return int(self.mesh.devices.size)

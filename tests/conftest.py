@@ -77,15 +77,6 @@ def _release_compiled_programs():
   gc.collect()
 
 
-@pytest.fixture
-def shared_one_device_programs(monkeypatch):
-  """Single-device runs of one model config within a test module share their compiled
-  programs (tests/micro_runs.share_one_device_programs). A module opts in with
-  `pytestmark = pytest.mark.usefixtures("shared_one_device_programs")`."""
-  import micro_runs
-  micro_runs.share_one_device_programs(monkeypatch)
-
-
 # The longest test files of a full run, longest first (the per-file sums of
 # `pytest --durations=0` under COPD_TEST_NO_AMX=1, each over about 50 worker-seconds), and
 # started in this order: with whole files per worker, a long file that starts last keeps

@@ -34,20 +34,3 @@ def run_method(cfg, base):
     return methods.run_rl_method(spec_of(cfg), setup, params, writer)
   finally:
     writer.close()
-
-
-def share_one_device_programs(monkeypatch) -> None:
-  """Single-device runs of one model config in this test process get one RunSharding
-  (tiny_model.one_device_run), so a run reuses the sampler, update and evaluation programs
-  an earlier run of the same shapes traced and compiled. rl.methods.run_sharding builds a
-  new one per run (compared by identity, it is part of every program's static arguments),
-  which retraces and relowers each program in every run of a test module. Multi-device
-  meshes keep methods.run_sharding's own."""
-  from copd_jax.rl import methods
-  from tiny_model import one_device_run
-  real = methods.run_sharding
-
-  def shared(cfg, model_cfg):
-    one = real(cfg, model_cfg)  # (its checks of the mesh config)
-    return one_device_run(model_cfg) if one.size == 1 else one
-  monkeypatch.setattr(methods, "run_sharding", shared)

@@ -10,9 +10,6 @@ import pytest
 
 import micro_runs
 
-# Runs in this module share compiled programs (tests/micro_runs.share_one_device_programs).
-pytestmark = pytest.mark.usefixtures("shared_one_device_programs")
-
 
 @pytest.fixture(scope="module")
 def micro_base():

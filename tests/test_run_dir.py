@@ -16,9 +16,6 @@ from copd_jax.config_lib import spec_of
 from copd_jax import checkpoint, cli, default_config, main, policy_setup, run_dir, warm_start
 from copd_jax.models import decoder as model_lib
 
-# Runs in this module share compiled programs (tests/micro_runs.share_one_device_programs).
-pytestmark = pytest.mark.usefixtures("shared_one_device_programs")
-
 
 def snapshot(directory) -> dict:
   """{relative path: sha256 of its bytes} of every file under `directory`."""

@@ -16,9 +16,6 @@ from copd_jax.config_lib import spec_of
 from copd_jax import default_config, run_log
 from copd_jax.run_log import MetricsWriter
 
-# Runs in this module share compiled programs (tests/micro_runs.share_one_device_programs).
-pytestmark = pytest.mark.usefixtures("shared_one_device_programs")
-
 
 def read_events(logdir):
   """Every Event of the event files directly in `logdir`, files in name order (the order

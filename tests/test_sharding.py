@@ -22,6 +22,29 @@ SMALL_VISION = dict(image_size=8, patch_size=8, num_frames=2, tubelet=2, width=1
                     num_heads=2, mlp_dim=32)
 
 
+def test_run_shardings_are_equal_by_value_so_runs_share_programs():
+  # Each run builds its own RunSharding; it is a static argument of every program, so
+  # equal settings must compare (and hash) equal or every run would retrace.
+  axes = {("w",): ("embed", "mlp"), ("b",): ("mlp",)}
+  a = sharding.RunSharding.one_device(param_axes=axes)
+  b = sharding.RunSharding.one_device(param_axes=dict(reversed(list(axes.items()))))
+  assert a == b and hash(a) == hash(b)
+  assert a != sharding.RunSharding.one_device(param_axes={**axes, ("w",): ("mlp", "embed")})
+  assert a != sharding.RunSharding.one_device()  # rows only: no parameter axes
+  assert a != sharding.RunSharding(sharding.make_mesh(dict(expert=2, data=1, fsdp=2, tensor=2)),
+                                   param_axes=axes)
+  assert a != dataclasses.replace(a, rules=a.rules[1:])
+  traces = []
+
+  def body(run, x):
+    traces.append(run)
+    return x + 1
+  program = jax.jit(body, static_argnums=0)
+  program(a, 1.0)
+  program(b, 1.0)
+  assert len(traces) == 1
+
+
 def test_mesh_shape_resolves_minus_one_and_names_bad_axes():
   assert sharding.mesh_shape(dict(expert=2, data=-1, fsdp=2, tensor=1), 8) == dict(
       expert=2, data=2, fsdp=2, tensor=1)

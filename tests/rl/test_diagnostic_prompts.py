@@ -11,9 +11,6 @@ from copd_jax.models import decoder as model_lib
 from copd_jax.rl import diagnostics, loop, methods
 from copd_jax.run_log import MetricsWriter
 
-# Runs in this module share compiled programs (tests/micro_runs.share_one_device_programs).
-pytestmark = pytest.mark.usefixtures("shared_one_device_programs")
-
 
 @pytest.fixture(scope="module")
 def base():

@@ -12,9 +12,6 @@ from copd_jax.models import decoder as model_lib, stacked as experts
 from copd_jax.rl import loop, methods, stages as stages_lib
 from copd_jax.run_log import MetricsWriter
 
-# Runs in this module share compiled programs (tests/micro_runs.share_one_device_programs).
-pytestmark = pytest.mark.usefixtures("shared_one_device_programs")
-
 
 def micro(method, tmp_path, **rl):
   cfg = default_config.get(method, "micro")

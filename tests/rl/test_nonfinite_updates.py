@@ -10,9 +10,6 @@ from copd_jax.config_lib import spec_of
 from copd_jax import default_config
 from copd_jax.data import toy_tasks as tasks
 
-# Runs in this module share compiled programs (tests/micro_runs.share_one_device_programs).
-pytestmark = pytest.mark.usefixtures("shared_one_device_programs")
-
 
 @pytest.fixture(scope="module")
 def micro_base():
