@@ -379,18 +379,21 @@ class RunSharding:
   # Equal by value: the mesh, the rules and the declared axes. A RunSharding is a static
   # argument of every jitted program, so two runs on the same mesh and model (a sweep in one
   # process, the tests) share compiled programs instead of retracing them per run.
+  # Computed once: jit hashes its static arguments on every call.
+  @functools.cached_property
   def _value(self) -> tuple:
-    value = self.__dict__.get("_value_cache")
-    if value is None:
-      axes = None if self.param_axes is None else tuple(sorted(self.param_axes.items()))
-      value = self.__dict__["_value_cache"] = (self.mesh, tuple(self.rules), axes)
-    return value
+    axes = None if self.param_axes is None else tuple(sorted(self.param_axes.items()))
+    return (self.mesh, tuple(self.rules), axes)
+
+  @functools.cached_property
+  def _hash(self) -> int:
+    return hash(self._value)
 
   def __eq__(self, other) -> bool:
-    return isinstance(other, RunSharding) and (self is other or self._value() == other._value())
+    return isinstance(other, RunSharding) and (self is other or self._value == other._value)
 
   def __hash__(self) -> int:
-    return hash(self._value())
+    return self._hash
 
   @property
   def size(self) -> int:

@@ -272,12 +272,12 @@ def _difference(models, a: str, b: str) -> dict | None:
   if not seeds:
     return None
   ra, rb = _stack(models[a], seeds), _stack(models[b], seeds)
-  out = reproduce.points(stats.paired_difference_ci(reproduce.overall(ra, CAPS),
-                                                    reproduce.overall(rb, CAPS)))
+  overall_a, overall_b = reproduce.overall(ra, CAPS), reproduce.overall(rb, CAPS)
+  out = reproduce.points(stats.paired_difference_ci(overall_a, overall_b))
   out["per_capability"] = {c: reproduce.points(stats.paired_difference_ci(ra[c], rb[c]))
                            for c in CAPS}
   out["seeds"] = seeds
-  per_seed = (reproduce.overall(ra, CAPS) - reproduce.overall(rb, CAPS)).mean(axis=-1)
+  per_seed = (overall_a - overall_b).mean(axis=-1)
   out["per_seed"] = {str(s): round(100 * float(d), 2) for s, d in zip(seeds, per_seed)}
   return out
 
@@ -423,6 +423,7 @@ def main(argv=None):
   levels = [float(x) for x in args.levels.split(",")]
   seeds = [int(s) for s in args.seeds.split(",")]
   only = [m for m in args.only.split(",") if m]
+  wanted = only or METHODS  # the extra methods run only when named
   unknown = set(only) - set(METHODS + EXTRA_METHODS)
   if unknown:
     raise SystemExit(f"--only takes methods of {METHODS + EXTRA_METHODS}, got {sorted(unknown)}")
@@ -434,7 +435,7 @@ def main(argv=None):
     reproduce.run_or_load(base_config(args))
     report = write_report(args, levels, seeds, command, 0.0)
     for level, seed, name in run_order(levels, seeds, args):
-      if (only and name not in only) or (not only and name in EXTRA_METHODS):
+      if name not in wanted:
         continue
       method, overrides, workdir = seed_plan(level, seed, args)[name]
       cfg = dial_config(method, seed, workdir, args, level, **overrides)

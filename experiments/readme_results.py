@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 
 BEGIN = "<!-- results: written by experiments/reproduce.py from experiments/results; do not edit -->"
 END = "<!-- end of the written results -->"
@@ -132,17 +133,6 @@ def paragraph(result: dict, out_dir: str) -> str:
   return " ".join(p for p in pieces if p)
 
 
-def wrap(text: str, width: int = 92) -> str:
-  lines, line = [], ""
-  for word in text.split(" "):
-    if line and len(line) + 1 + len(word) > width:
-      lines.append(line)
-      line = word
-    else:
-      line = f"{line} {word}" if line else word
-  return "\n".join(lines + [line])
-
-
 def replace_block(readme: str, block: str) -> str:
   """readme with the text between BEGIN and END (each on its own line) replaced by block."""
   start, end = readme.find(BEGIN + "\n"), readme.find("\n" + END)
@@ -152,10 +142,17 @@ def replace_block(readme: str, block: str) -> str:
   return readme[:start + len(BEGIN) + 1] + block + readme[end:]
 
 
+def rewritten(readme: str, result: dict, out_dir: str) -> str:
+  """readme with its results block written from `result` and the reports in `out_dir`."""
+  block = textwrap.fill(paragraph(result, out_dir), width=92, break_long_words=False,
+                        break_on_hyphens=False)
+  return replace_block(readme, block)
+
+
 def update(readme_path: str, result: dict, out_dir: str) -> None:
   with open(readme_path) as f:
     text = f.read()
-  new = replace_block(text, wrap(paragraph(result, out_dir)))
+  new = rewritten(text, result, out_dir)
   if new != text:
     with open(readme_path, "w") as f:
       f.write(new)

@@ -129,11 +129,12 @@ def run_or_load(cfg) -> dict:
     raise SystemExit(f"{cfg.workdir}: preempted; rerun the same command to resume")
   print(f"== {cfg.method} seed {cfg.seed}: {time.perf_counter() - start:.0f}s -> {cfg.workdir}",
         flush=True)
-  # A study runs dozens of runs in one process, and each run compiles its own programs (a
-  # new mesh per run). XLA:CPU maps every compiled program's code into memory; kept alive by
-  # jax's caches, the mappings reach the kernel's per-process limit (vm.max_map_count,
-  # 65,530) after about 17 runs of the 12-branch scaling study, and the next compile fails
-  # with "LLVM compilation error: Cannot allocate memory". The next run recompiles anyway.
+  # A study runs dozens of runs in one process, most with programs of their own (other
+  # branch counts, recipes, configs). XLA:CPU maps every compiled program's code into
+  # memory; kept alive by jax's caches, the mappings reach the kernel's per-process limit
+  # (vm.max_map_count, 65,530) after about 17 runs of the 12-branch scaling study, and the
+  # next compile fails with "LLVM compilation error: Cannot allocate memory". A next run of
+  # the same shapes (equal RunShardings share programs) pays one compile for it.
   import jax  # (here: --report_only never imports jax)
   jax.clear_caches()
   return summary

@@ -6,11 +6,11 @@ heads, Dh head size, P prompt columns, R response slots, T new columns."""
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from copd_jax.kernels import attention as attention_kernels
 
@@ -61,11 +61,12 @@ def _einsum_canonical(x_spec: str, y_spec: str, out_spec: str, x, y):
   y_free = [i for i in y_spec if i in out_spec and i not in batch]
   contract = [i for i in x_spec if i in y_spec and i not in out_spec]
   size = dict(zip(x_spec, x.shape)) | dict(zip(y_spec, y.shape))
-  count = lambda idx: int(np.prod([size[i] for i in idx], dtype=np.int64))  # noqa: E731
+  n_batch, n_x, n_contract, n_y = (math.prod(size[i] for i in idx)
+                                   for idx in (batch, x_free, contract, y_free))
   xm = x.transpose([x_spec.index(i) for i in batch + x_free + contract]).reshape(
-      count(batch), count(x_free), count(contract))
+      n_batch, n_x, n_contract)
   ym = y.transpose([y_spec.index(i) for i in batch + contract + y_free]).reshape(
-      count(batch), count(contract), count(y_free))
+      n_batch, n_contract, n_y)
   z = jax.lax.dot_general(xm, ym, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
   dot_spec = "".join(batch + x_free + y_free)
   z = z.reshape([size[i] for i in dot_spec])

@@ -78,7 +78,5 @@ def test_committed_readme_says_what_the_committed_reports_hold():
     result = json.load(f)
   with open(os.path.join(paths.REPO, "README.md")) as f:
     readme = f.read()
-  expected = readme_results.replace_block(
-      readme, readme_results.wrap(readme_results.paragraph(result, RESULTS)))
-  assert readme == expected, ("README.md's results block differs from the reports: run "
+  assert readme == readme_results.rewritten(readme, result, RESULTS), ("README.md's results block differs from the reports: run "
                               "`python experiments/reproduce.py --report_only`")

@@ -9,11 +9,11 @@ import json
 import jax
 import numpy as np
 
+import micro_runs
+
 from copd_jax import config_lib, default_config, policy_setup
 from copd_jax.config_lib import spec_of
 from copd_jax.models import decoder
-from copd_jax.rl import methods
-from copd_jax.run_log import MetricsWriter
 
 
 def test_copd_runs_an_rl_and_an_opd_step_in_bf16_with_two_kv_heads(tmp_path):
@@ -22,14 +22,9 @@ def test_copd_runs_an_rl_and_an_opd_step_in_bf16_with_two_kv_heads(tmp_path):
   cfg.model.update(dict(dtype="bfloat16", num_heads=4, num_kv_heads=2))
   cfg.rl.update(dict(steps=2, eval_every=1000))  # micro schedule 1:1: one RL, one OPD step
   config_lib.validate_config(cfg)
-  spec = spec_of(cfg)
-  setup = policy_setup.build_setup(spec)
-  params = decoder.init_params(setup.model_cfg, jax.random.key(0))
-  writer = MetricsWriter(cfg.workdir)
-  try:
-    summary = methods.run_rl_method(spec, setup, params, writer)
-  finally:
-    writer.close()
+  setup = policy_setup.build_setup(spec_of(cfg))
+  summary = micro_runs.run_method(cfg, (setup, decoder.init_params(setup.model_cfg,
+                                                                   jax.random.key(0))))
   assert summary["steps"] == 2
   for branch, counts in summary["updates"]["copd"].items():
     assert counts == {"applied": 2, "skipped": 0}, (branch, counts)
